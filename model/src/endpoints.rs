@@ -1,0 +1,202 @@
+//! Endpoint slices: where a Service's traffic may go.
+
+use std::net::IpAddr;
+
+use crate::Protocol;
+use crate::error::{Collector, ValidationErrors};
+use crate::service::{ServiceKey, is_dns_label, is_dns_subdomain, object_name};
+
+/// `addressType` of a slice. FQDN slices are not proxied (kube-proxy ignores
+/// them too), so sources drop them before they reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddressType {
+    /// IPv4 addresses.
+    #[default]
+    IPv4,
+    /// IPv6 addresses.
+    IPv6,
+}
+
+/// The state of one endpoint, with Kubernetes' defaults already applied
+/// (`ready` unset means ready; `serving` unset means `ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointConditions {
+    /// Ready for new connections.
+    pub ready: bool,
+    /// Able to serve, regardless of terminating.
+    pub serving: bool,
+    /// Shutting down.
+    pub terminating: bool,
+}
+
+impl Default for EndpointConditions {
+    fn default() -> Self {
+        Self {
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+}
+
+/// One backend, as an EndpointSlice carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    /// Its addresses, all of the slice's family (proxies use the first).
+    pub addresses: Vec<IpAddr>,
+    /// Ready / serving / terminating.
+    pub conditions: EndpointConditions,
+    /// `hostname`, used by headless-Service DNS records.
+    pub hostname: Option<String>,
+    /// `nodeName`, for traffic policy Local.
+    pub node_name: Option<String>,
+    /// `zone`, for topology-aware routing.
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`.
+    pub hint_zones: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub hint_nodes: Vec<String>,
+}
+
+/// One entry of a slice's `ports`: the number the endpoints of this slice
+/// listen on for the Service port with the same name and protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Name of the Service port this resolves (empty for an unnamed single port).
+    pub name: String,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// The port on the endpoints.
+    pub port: u16,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice, already attached to its Service
+/// (via the `kubernetes.io/service-name` label).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointSlice {
+    /// The slice's own name.
+    pub name: String,
+    /// IPv4 or IPv6.
+    pub address_type: AddressType,
+    /// Its endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Its ports.
+    pub ports: Vec<EndpointPort>,
+}
+
+impl EndpointSlice {
+    /// How errors name this object.
+    pub fn object_name(&self, service: &ServiceKey) -> String {
+        let key = ServiceKey::new(&service.cluster, &service.namespace, &self.name);
+        object_name("EndpointSlice", &key)
+    }
+
+    /// The port endpoints of this slice use for the Service port `name`/`protocol`.
+    pub fn port_for(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+
+    /// Checks addresses against the family, names and ports.
+    pub fn validate(&self, service: &ServiceKey) -> Result<(), ValidationErrors> {
+        let mut errs = Collector::new(self.object_name(service));
+        if !is_dns_subdomain(&self.name) {
+            errs.push(
+                "metadata.name",
+                format!("{:?} is not a DNS name", self.name),
+            );
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let at = format!("endpoints[{i}]");
+            if e.addresses.is_empty() {
+                errs.push(
+                    format!("{at}.addresses"),
+                    "at least one address is required",
+                );
+            }
+            for (j, a) in e.addresses.iter().enumerate() {
+                let family_ok = match self.address_type {
+                    AddressType::IPv4 => a.is_ipv4(),
+                    AddressType::IPv6 => a.is_ipv6(),
+                };
+                if !family_ok {
+                    errs.push(
+                        format!("{at}.addresses[{j}]"),
+                        format!("{a} does not match addressType {:?}", self.address_type),
+                    );
+                }
+                if a.is_unspecified() || a.is_multicast() {
+                    errs.push(format!("{at}.addresses[{j}]"), format!("{a} is not usable"));
+                }
+            }
+            if let Some(h) = &e.hostname
+                && !is_dns_label(h)
+            {
+                errs.push(
+                    format!("{at}.hostname"),
+                    format!("{h:?} is not a DNS label"),
+                );
+            }
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
+                errs.push(format!("ports[{i}].port"), "must be between 1 and 65535");
+            }
+            if self.ports[..i]
+                .iter()
+                .any(|q| q.name == p.name && q.protocol == p.protocol)
+            {
+                errs.push(
+                    format!("ports[{i}].name"),
+                    format!("{:?}/{} appears twice", p.name, p.protocol),
+                );
+            }
+        }
+        errs.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice() -> EndpointSlice {
+        EndpointSlice {
+            name: "web-abc12".into(),
+            address_type: AddressType::IPv4,
+            endpoints: vec![Endpoint {
+                addresses: vec!["10.244.1.5".parse().expect("ip")],
+                hostname: Some("web-0".into()),
+                node_name: Some("node-a".into()),
+                ..Endpoint::default()
+            }],
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+        }
+    }
+
+    #[test]
+    fn valid_slice() {
+        let key = ServiceKey::new("default", "shop", "web");
+        slice().validate(&key).expect("valid");
+        assert_eq!(slice().port_for("http", Protocol::Tcp), Some(8080));
+        assert_eq!(slice().port_for("http", Protocol::Udp), None);
+    }
+
+    #[test]
+    fn family_mismatch_names_the_address() {
+        let key = ServiceKey::new("default", "shop", "web");
+        let mut s = slice();
+        s.endpoints[0]
+            .addresses
+            .push("fd00::1".parse().expect("ip"));
+        let e = s.validate(&key).expect_err("mixed family");
+        assert_eq!(e.first().object, "EndpointSlice shop/web-abc12");
+        assert_eq!(e.first().field, "endpoints[0].addresses[1]");
+    }
+}
