@@ -1,1 +1,3 @@
-
+//! Switchyard control plane.
+pub mod k8s;
+pub mod source;

@@ -1,0 +1,77 @@
+//! Sources: where Services and EndpointSlices come from.
+//!
+//! Each source runs as its own task and publishes its *whole* current view
+//! through a `tokio::sync::watch` channel as a [`SourceState`]. The index
+//! (see `crate::index`) merges the latest state of every source into one
+//! snapshot. Publishing whole states (rather than events) keeps a source's
+//! relist, a file reload or a Docker resync atomic: the index never sees a
+//! half-applied change, so no agent sees a Service vanish and come back.
+//!
+//! ```text
+//!   file:PATH ──┐
+//!   kube      ──┼─ watch<SourceState> ─▶ index ─▶ watch<Arc<Snapshot>> ─▶ streams
+//!   docker    ──┘
+//! ```
+
+pub mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use switchyard_model::{EndpointSlice, Service, ServiceKey};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A Service as a source saw it. `service.cluster_ips` may be empty for a
+/// non-headless Service: the index allocates one from `--service-cidr`.
+pub type SourceService = Service;
+
+/// An EndpointSlice with the Service it belongs to (its
+/// `kubernetes.io/service-name` label, in the slice's namespace and cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSlice {
+    /// The owning Service.
+    pub service: ServiceKey,
+    /// The slice.
+    pub slice: EndpointSlice,
+}
+
+/// An object a source had to skip, or a file it could not read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectError {
+    /// Which source reported it (for example `file:/etc/switchyard`).
+    pub source: String,
+    /// The object (`Service ns/name`) or the file and document (`/path/a.yaml#2`).
+    pub object: String,
+    /// The field at fault, empty when the whole object or file is unreadable.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Everything one source currently knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceState {
+    /// True once the source has completed its first full read (list, scan).
+    pub synced: bool,
+    /// Every Service, in no particular order.
+    pub services: Vec<SourceService>,
+    /// Every IPv4/IPv6 EndpointSlice (FQDN slices are dropped by the source).
+    pub slices: Vec<SourceSlice>,
+    /// Objects skipped and files not read, with the reason.
+    pub errors: Vec<ObjectError>,
+}
+
+/// A running source: it publishes into `state` until `shutdown` is cancelled.
+pub trait Source: Send + 'static {
+    /// A stable, human-readable name (`file:/path`, `kube:context`).
+    fn name(&self) -> String;
+
+    /// Runs the source. It must publish a state with `synced: true` once its
+    /// first full read is done, and whole new states after every change.
+    fn run(
+        self: Box<Self>,
+        state: watch::Sender<SourceState>,
+        shutdown: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
