@@ -1,3 +1,233 @@
 //! Switchyard control plane.
+//!
+//! Watches sources of Services and EndpointSlices, merges them into one
+//! versioned [`snapshot::Snapshot`], and streams it to every node agent over
+//! gRPC (see `proto/switchyard/v1/snapshot.proto` for the contract).
+//!
+//! ```text
+//!  sources ──watch<SourceState>──▶ index ──watch<Arc<Snapshot>>──▶ one task per agent stream
+//!  (file, …)                     (debounce, IPAM,                 (delta from the ACKed snapshot,
+//!                                 validation)                      one update in flight)
+//!                                      │                                   │
+//!                                      └────────────▶ status ◀─────────────┘ ──▶ admin HTTP
+//! ```
+//!
+//! [`start`] binds the listeners and spawns everything; `main.rs` only parses
+//! arguments and waits for a signal.
+
+pub mod admin;
+pub mod config;
+pub mod index;
+pub mod ipam;
 pub mod k8s;
+pub mod metrics;
+pub mod server;
+pub mod snapshot;
 pub mod source;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+pub use config::Args;
+use config::SourceSpec;
+use metrics::Metrics;
+use server::SnapshotService;
+use snapshot::Snapshot;
+use source::{Source, SourceState};
+use status::Status;
+use switchyard_proto::v1::snapshot_discovery_server::SnapshotDiscoveryServer;
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// Where the gRPC service listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// Shared status (what `/status` serves).
+    pub status: Arc<Status>,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+    /// The latest snapshot.
+    pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl ControlPlane {
+    /// Stops gracefully: streams end, listeners close.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops at once, as a crash would: every task is aborted and every
+    /// connection dropped without a goodbye.
+    pub async fn kill(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until every task has ended (after `shutdown` is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Binds the listeners named in `args` and starts.
+pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<ControlPlane> {
+    let grpc = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding --grpc-listen {}", args.grpc_listen))?;
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?;
+    let sources = sources_from_args(&args);
+    start_with(args, grpc, admin, sources, shutdown).await
+}
+
+/// The sources `--source` names.
+pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
+    args.sources
+        .iter()
+        .map(|spec| match spec {
+            SourceSpec::File(path) => Box::new(source::file::FileSource::new(
+                vec![path.clone()],
+                args.cluster.clone(),
+                args.debounce,
+            )) as Box<dyn Source>,
+        })
+        .collect()
+}
+
+/// Starts on the given listeners with the given sources (tests inject both).
+pub async fn start_with(
+    args: Args,
+    grpc: TcpListener,
+    admin: TcpListener,
+    sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ControlPlane> {
+    let grpc_addr = grpc.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let status = Arc::new(Status::default());
+    let metrics = Arc::new(Metrics::new());
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let mut tasks = JoinSet::new();
+
+    let mut receivers = Vec::new();
+    for src in sources {
+        let (tx, rx) = watch::channel(SourceState::default());
+        receivers.push((src.name(), rx));
+        tasks.spawn(src.run(tx, shutdown.clone()));
+    }
+    let index_config = index::IndexConfig {
+        service_cidrs: args.service_cidrs.clone(),
+        debounce: args.debounce,
+        max_delay: args.max_delay,
+        state_dir: Some(args.state_dir.clone()),
+    };
+    tasks.spawn(index::run(
+        index_config,
+        receivers,
+        snapshot_tx,
+        status.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+    let mtls = args.tls_client_ca.is_some();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let service = SnapshotService::new(
+        snapshot_rx.clone(),
+        status.clone(),
+        metrics.clone(),
+        mtls,
+        shutdown.clone(),
+    );
+    // gRPC health follows readiness: NOT_SERVING until the first snapshot.
+    {
+        let mut rx = snapshot_rx.clone();
+        let reporter = health_reporter.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            reporter
+                .set_not_serving::<SnapshotDiscoveryServer<SnapshotService>>()
+                .await;
+            let ready = tokio::select! {
+                r = rx.wait_for(Option::is_some) => r.is_ok(),
+                _ = shutdown.cancelled() => false,
+            };
+            if ready {
+                reporter
+                    .set_serving::<SnapshotDiscoveryServer<SnapshotService>>()
+                    .await;
+            }
+        });
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            SnapshotDiscoveryServer::new(service)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(256 << 20),
+        );
+    let grpc_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_shutdown.cancelled())
+            .await
+        {
+            tracing::error!("gRPC server failed: {e}");
+        }
+    });
+
+    let admin_router = admin::router(status.clone(), metrics.clone());
+    let admin_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!("admin server failed: {e}");
+        }
+    });
+    tracing::info!(%grpc_addr, %admin_addr, "control plane started");
+    Ok(ControlPlane {
+        grpc_addr,
+        admin_addr,
+        status,
+        metrics,
+        snapshots: snapshot_rx,
+        shutdown,
+        tasks,
+    })
+}

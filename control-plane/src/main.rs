@@ -1,1 +1,30 @@
-fn main() {}
+//! `switchyard-control-plane`: see `--help`.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = switchyard_control_plane::Args::parse();
+    let shutdown = CancellationToken::new();
+    let cp = switchyard_control_plane::start(args, shutdown.clone()).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    cp.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

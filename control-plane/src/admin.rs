@@ -1,0 +1,53 @@
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/status`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+use crate::status::Status;
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+}
+
+/// The admin routes.
+pub fn router(status: Arc<Status>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status_json))
+        .with_state(AdminState { status, metrics })
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.status.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for every source to sync\n",
+        )
+    }
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn status_json(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(s.status.document())
+}

@@ -1,0 +1,126 @@
+//! Command-line configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+/// Where Services and EndpointSlices come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `file:PATH`: a YAML file or a directory of them, reloaded on change.
+    File(PathBuf),
+}
+
+impl FromStr for SourceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
+            _ => Err(format!(
+                "{s:?} is not a source; supported: file:PATH (a YAML file or directory)"
+            )),
+        }
+    }
+}
+
+/// Parses `100ms`, `2s`, `1m` or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "ms"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 100ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 100ms, 2s or 1m")),
+    }
+}
+
+/// `switchyard-control-plane`: watches sources and streams snapshots to agents.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchyard-control-plane", version, about, long_about = None)]
+pub struct Args {
+    /// A source of Services and EndpointSlices; repeatable. `file:PATH` reads
+    /// Kubernetes-shaped YAML (a file or a directory) and reloads on change.
+    #[arg(
+        long = "source",
+        value_name = "SOURCE",
+        default_value = "file:examples"
+    )]
+    pub sources: Vec<SourceSpec>,
+
+    /// Cluster id for objects whose source does not name one.
+    #[arg(long, default_value = switchyard_model::DEFAULT_CLUSTER)]
+    pub cluster: String,
+
+    /// Address of the gRPC snapshot service.
+    #[arg(long, default_value = "0.0.0.0:18000")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /status).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin_listen: SocketAddr,
+
+    /// Range for cluster IPs of Services that set none.
+    #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
+    pub service_cidrs: Vec<IpNet>,
+
+    /// Quiet time that ends a burst of source changes before a snapshot is built.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+
+    /// Longest a continuous burst may delay a snapshot.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub max_delay: Duration,
+
+    /// Directory for state kept across restarts (allocated cluster IPs).
+    #[arg(long, default_value = "/var/lib/switchyard/control-plane")]
+    pub state_dir: PathBuf,
+
+    /// PEM certificate of the gRPC server; enables TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the gRPC server.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle that client certificates must chain to; enables mutual
+    /// TLS, in which each agent's certificate Common Name is its node name.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_and_durations() {
+        assert_eq!(
+            "file:/etc/sy".parse::<SourceSpec>(),
+            Ok(SourceSpec::File("/etc/sy".into()))
+        );
+        let err = "kube".parse::<SourceSpec>().expect_err("unsupported");
+        assert!(err.contains("file:PATH"), "{err}");
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
+        assert!(parse_duration("2h").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let a = Args::try_parse_from(["cp"]).expect("defaults");
+        assert_eq!(a.sources, vec![SourceSpec::File("examples".into())]);
+        assert_eq!(a.debounce, Duration::from_millis(100));
+    }
+}

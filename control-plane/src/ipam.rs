@@ -1,0 +1,230 @@
+//! Cluster IP allocation for Services that name none (file and Docker sources;
+//! in Kubernetes the API server allocates).
+//!
+//! An address is derived from a hash of the Service's key, probing forward on
+//! collision, and then remembered: sticky in memory and, with a state file,
+//! across restarts. So a Service keeps its IP while it exists, whatever is
+//! added around it, and two control planes given the same objects and no
+//! collisions agree without talking to each other.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use switchyard_model::ServiceKey;
+
+/// Why an allocation failed or the state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// Every address of the range is taken.
+    #[error("no free address left in {0}")]
+    Exhausted(IpNet),
+    /// The state file could not be written.
+    #[error("writing {path}: {source}")]
+    Persist {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Hands out cluster IPs from one range.
+#[derive(Debug)]
+pub struct ClusterIpAllocator {
+    range: IpNet,
+    assigned: BTreeMap<ServiceKey, IpAddr>,
+    state_file: Option<PathBuf>,
+}
+
+impl ClusterIpAllocator {
+    /// An allocator over `range`, loading earlier assignments from
+    /// `state_file` when it exists (a broken file is ignored with a warning).
+    pub fn new(range: IpNet, state_file: Option<PathBuf>) -> Self {
+        let mut assigned = BTreeMap::new();
+        if let Some(path) = &state_file {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, IpAddr>>(&bytes) {
+                    Ok(map) => {
+                        for (k, ip) in map {
+                            if let Ok(key) = k.parse::<ServiceKey>()
+                                && range.contains(&ip)
+                            {
+                                assigned.insert(key, ip);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cluster IP state")
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cluster IP state")
+                }
+            }
+        }
+        Self {
+            range,
+            assigned,
+            state_file,
+        }
+    }
+
+    /// Assigns addresses to `wanting` (Services without a cluster IP), never
+    /// handing out one of `taken` (addresses set explicitly). Forgets
+    /// Services no longer present and persists when anything changed.
+    /// Returns the address of each Service, or the error for it.
+    pub fn assign(
+        &mut self,
+        wanting: &[ServiceKey],
+        taken: &HashSet<IpAddr>,
+    ) -> Vec<(ServiceKey, Result<IpAddr, IpamError>)> {
+        let before = self.assigned.clone();
+        let wanted: HashSet<&ServiceKey> = wanting.iter().collect();
+        self.assigned
+            .retain(|k, ip| wanted.contains(k) && !taken.contains(ip));
+        let mut used: HashSet<IpAddr> = taken.clone();
+        used.extend(self.assigned.values().copied());
+        let mut out = Vec::with_capacity(wanting.len());
+        let mut sorted: Vec<&ServiceKey> = wanting.iter().collect();
+        sorted.sort();
+        for key in sorted {
+            if let Some(ip) = self.assigned.get(key) {
+                out.push((key.clone(), Ok(*ip)));
+                continue;
+            }
+            let result = self.probe(key, &used);
+            if let Ok(ip) = result {
+                used.insert(ip);
+                self.assigned.insert(key.clone(), ip);
+            }
+            out.push((key.clone(), result));
+        }
+        if self.assigned != before
+            && let Err(e) = self.persist()
+        {
+            tracing::warn!(error = %e, "cluster IPs stay in memory only");
+        }
+        out
+    }
+
+    /// Usable offsets are 1..size-1 (the network and, for IPv4, the broadcast
+    /// address are never handed out); offset 1 is left for the API service,
+    /// as Kubernetes does.
+    fn probe(&self, key: &ServiceKey, used: &HashSet<IpAddr>) -> Result<IpAddr, IpamError> {
+        let host_bits = u32::from(self.range.max_prefix_len() - self.range.prefix_len()).min(64);
+        let size: u128 = 1u128 << host_bits;
+        if size <= 4 {
+            return Err(IpamError::Exhausted(self.range));
+        }
+        let first = 2u128;
+        let span = size - 3;
+        let digest = Sha256::digest(key.to_string().as_bytes());
+        let mut h = [0u8; 16];
+        h.copy_from_slice(&digest[..16]);
+        let start = u128::from_be_bytes(h) % span;
+        // Bounded probing: a nearly full range fails rather than scanning forever.
+        for i in 0..span.min(1 << 20) {
+            let offset = first + (start + i) % span;
+            let ip = offset_ip(self.range.network(), offset);
+            if !used.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+        Err(IpamError::Exhausted(self.range))
+    }
+
+    fn persist(&self) -> Result<(), IpamError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let map: BTreeMap<String, IpAddr> = self
+            .assigned
+            .iter()
+            .map(|(k, ip)| (k.to_string(), *ip))
+            .collect();
+        let err = |source| IpamError::Persist {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(&map).map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, body).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+fn offset_ip(network: IpAddr, offset: u128) -> IpAddr {
+    match network {
+        IpAddr::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(
+            (u128::from(u32::from(n)) + offset) as u32,
+        )),
+        IpAddr::V6(n) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(n) + offset)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> ServiceKey {
+        ServiceKey::new("default", "ns", n)
+    }
+
+    #[test]
+    fn stable_across_restarts_and_additions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cluster-ips.json");
+        let range: IpNet = "10.96.0.0/24".parse().expect("cidr");
+        let mut a = ClusterIpAllocator::new(range, Some(file.clone()));
+        let first = a.assign(&[key("b")], &HashSet::new());
+        let ip_b = *first[0].1.as_ref().expect("allocated");
+        assert!(range.contains(&ip_b));
+        // Many more Services later: b keeps its address.
+        let many: Vec<_> = (0..200)
+            .map(|i| key(&format!("s{i}")))
+            .chain([key("b")])
+            .collect();
+        let all = a.assign(&many, &HashSet::new());
+        let ips: HashSet<_> = all
+            .iter()
+            .map(|(_, r)| *r.as_ref().expect("allocated"))
+            .collect();
+        assert_eq!(ips.len(), 201, "distinct addresses");
+        // A restart reads the same assignment back.
+        let mut b = ClusterIpAllocator::new(range, Some(file));
+        let again = b.assign(&many, &HashSet::new());
+        assert_eq!(
+            all.iter()
+                .map(|(_, r)| r.as_ref().ok().copied())
+                .collect::<Vec<_>>(),
+            again
+                .iter()
+                .map(|(_, r)| r.as_ref().ok().copied())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn explicit_addresses_are_never_handed_out_and_exhaustion_is_reported() {
+        let range: IpNet = "10.96.0.0/29".parse().expect("cidr"); // offsets 2..=6
+        let mut a = ClusterIpAllocator::new(range, None);
+        let taken: HashSet<IpAddr> = ["10.96.0.2".parse().expect("ip")].into();
+        let keys: Vec<_> = (0..5).map(|i| key(&format!("s{i}"))).collect();
+        let out = a.assign(&keys, &taken);
+        let ok: Vec<_> = out.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+        assert_eq!(ok.len(), 4);
+        assert!(!ok.contains(&&"10.96.0.2".parse::<IpAddr>().expect("ip")));
+        assert!(
+            out.iter()
+                .any(|(_, r)| matches!(r, Err(IpamError::Exhausted(_))))
+        );
+    }
+}

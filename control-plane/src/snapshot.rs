@@ -1,0 +1,381 @@
+//! Versioned snapshots and the differences between them.
+//!
+//! A [`Snapshot`] is immutable and shared by every agent stream through an
+//! `Arc`. Resources that did not change between two snapshots are the same
+//! `Arc<Resource>`, so a new snapshot costs only what changed, and a stream
+//! remembers what an agent holds by keeping the `Arc<Snapshot>` it last
+//! ACKed: no per-agent copy of any resource.
+//!
+//! Differences are computed once per (view, base version) and cached on the
+//! newer snapshot, so a thousand agents at the same version share one
+//! [`Delta`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use switchyard_model::ServiceState;
+use switchyard_proto::convert::encode_state;
+use switchyard_proto::v1;
+
+/// One resource as it goes on the wire, with its content version.
+pub type Resource = v1::Resource;
+
+/// The immutable state at one version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Unique across control-plane restarts: `<epoch>-<sequence>`.
+    pub version: String,
+    /// When the oldest source change folded into this snapshot was seen
+    /// (Unix nanoseconds); carried to agents for programming latency.
+    pub changed_at_unix_nanos: i64,
+    /// Every resource by name (`cluster/namespace/name`), in name order, so a
+    /// cluster's resources form one contiguous range.
+    pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    deltas: Mutex<HashMap<DeltaKey, Arc<Delta>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct DeltaKey {
+    cluster: String,
+    base_version: String,
+}
+
+/// What to send to move an agent from one state to another.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Resources added or changed.
+    pub changed: Vec<Arc<Resource>>,
+    /// Names removed.
+    pub removed: Vec<Arc<str>>,
+}
+
+impl Delta {
+    /// Whether the two states were equal.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Makes snapshot versions: a per-process epoch and a sequence number.
+#[derive(Debug)]
+pub struct VersionSource {
+    epoch: String,
+    next: u64,
+}
+
+impl VersionSource {
+    /// A new epoch from the clock and randomness, so versions never repeat
+    /// across restarts or replicas.
+    pub fn new() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let salt: u16 = rand::random();
+        Self {
+            epoch: format!("{:x}{:04x}", nanos / 1_000_000, salt),
+            next: 1,
+        }
+    }
+
+    /// The next version of this epoch.
+    pub fn next_version(&mut self) -> String {
+        let v = format!("{}-{}", self.epoch, self.next);
+        self.next += 1;
+        v
+    }
+}
+
+impl Default for VersionSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The content version of a resource: a hash of its deterministic encoding.
+/// (prost encodes fields in tag order and the message has no maps.)
+pub fn content_version(state: &v1::ServiceState) -> String {
+    let digest = Sha256::digest(state.encode_to_vec());
+    hex::encode(&digest[..8])
+}
+
+/// Wraps one Service state as a wire resource with its version.
+pub fn make_resource(state: &ServiceState) -> Resource {
+    let encoded = encode_state(state);
+    v1::Resource {
+        name: state.service.key.to_string(),
+        version: content_version(&encoded),
+        service_state: Some(encoded),
+    }
+}
+
+impl Snapshot {
+    /// An empty snapshot (used before the first build, and in tests).
+    pub fn empty(version: String) -> Self {
+        Self {
+            version,
+            changed_at_unix_nanos: 0,
+            resources: BTreeMap::new(),
+            deltas: Mutex::default(),
+        }
+    }
+
+    /// Builds the next snapshot from the full desired state. Resources equal
+    /// to the previous snapshot's keep their `Arc`. Returns `None` when
+    /// nothing changed, so the version moves only with the content.
+    pub fn next(
+        previous: &Snapshot,
+        states: impl IntoIterator<Item = ServiceState>,
+        versions: &mut VersionSource,
+        changed_at_unix_nanos: i64,
+    ) -> Option<Snapshot> {
+        let mut resources = BTreeMap::new();
+        let mut changed = false;
+        for state in states {
+            let name: Arc<str> = Arc::from(state.service.key.to_string());
+            let encoded = encode_state(&state);
+            let entry = match previous.resources.get_key_value(&name) {
+                Some((old_name, old)) if old.service_state.as_ref() == Some(&encoded) => {
+                    resources.insert(old_name.clone(), old.clone());
+                    continue;
+                }
+                _ => Arc::new(v1::Resource {
+                    name: name.to_string(),
+                    version: content_version(&encoded),
+                    service_state: Some(encoded),
+                }),
+            };
+            changed = true;
+            resources.insert(name, entry);
+        }
+        if !changed && resources.len() == previous.resources.len() {
+            return None;
+        }
+        Some(Snapshot {
+            version: versions.next_version(),
+            changed_at_unix_nanos,
+            resources,
+            deltas: Mutex::default(),
+        })
+    }
+
+    /// The range of names that belong to `cluster`.
+    fn view<'a>(
+        &'a self,
+        cluster: &str,
+    ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {
+        let prefix = format!("{cluster}/");
+        self.resources
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(name, _)| name.starts_with(&prefix))
+    }
+
+    /// How many resources the view of `cluster` holds.
+    pub fn view_len(&self, cluster: &str) -> usize {
+        self.view(cluster).count()
+    }
+
+    /// The difference from `base` (an older snapshot an agent ACKed) to this
+    /// snapshot, restricted to `cluster`'s view. Cached per base version.
+    pub fn delta_from(&self, base: &Snapshot, cluster: &str) -> Arc<Delta> {
+        let key = DeltaKey {
+            cluster: cluster.to_owned(),
+            base_version: base.version.clone(),
+        };
+        if let Some(d) = self.lock_deltas().get(&key) {
+            return d.clone();
+        }
+        let delta = Arc::new(diff(base.view(cluster), self.view(cluster)));
+        let mut cache = self.lock_deltas();
+        // A handful of base versions is normal; a large cache means agents are
+        // spread over many versions, where recomputing is cheaper than memory.
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.insert(key, delta.clone());
+        delta
+    }
+
+    /// The difference from the versions an agent announced on (re)connect.
+    pub fn delta_from_versions(&self, held: &HashMap<String, String>, cluster: &str) -> Delta {
+        let mut delta = Delta::default();
+        let mut seen = 0usize;
+        for (name, res) in self.view(cluster) {
+            match held.get(&**name) {
+                Some(v) if *v == res.version => seen += 1,
+                Some(_) => {
+                    seen += 1;
+                    delta.changed.push(res.clone());
+                }
+                None => delta.changed.push(res.clone()),
+            }
+        }
+        if seen < held.len() {
+            let mut removed: Vec<Arc<str>> = held
+                .keys()
+                .filter(|n| {
+                    !self.resources.contains_key(n.as_str())
+                        || !n.starts_with(&format!("{cluster}/"))
+                })
+                .map(|n| Arc::from(n.as_str()))
+                .collect();
+            removed.sort();
+            delta.removed = removed;
+        }
+        delta
+    }
+
+    /// The full view of `cluster`, as a delta from nothing.
+    pub fn full(&self, cluster: &str) -> Delta {
+        self.delta_from_versions(&HashMap::new(), cluster)
+    }
+
+    fn lock_deltas(&self) -> std::sync::MutexGuard<'_, HashMap<DeltaKey, Arc<Delta>>> {
+        self.deltas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Merge-walks two name-ordered views.
+fn diff<'a>(
+    old: impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)>,
+    new: impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)>,
+) -> Delta {
+    let mut delta = Delta::default();
+    let mut old = old.peekable();
+    let mut new = new.peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((on, _)), None) => {
+                delta.removed.push((*on).clone());
+                old.next();
+            }
+            (None, Some((_, nr))) => {
+                delta.changed.push((*nr).clone());
+                new.next();
+            }
+            (Some((on, or)), Some((nn, nr))) => match on.cmp(nn) {
+                std::cmp::Ordering::Less => {
+                    delta.removed.push((*on).clone());
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    delta.changed.push((*nr).clone());
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(or, nr) && or.version != nr.version {
+                        delta.changed.push((*nr).clone());
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    delta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, TargetPort};
+
+    fn state(cluster: &str, name: &str, port: u16) -> ServiceState {
+        ServiceState::new(Service {
+            cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port,
+                target_port: TargetPort::Number(port),
+                node_port: None,
+            }],
+            ..Service::new(ServiceKey::new(cluster, "ns", name))
+        })
+    }
+
+    #[test]
+    fn version_moves_only_with_content() {
+        let mut vs = VersionSource::new();
+        let s0 = Snapshot::empty("0".into());
+        let s1 = Snapshot::next(&s0, [state("c", "a", 80), state("c", "b", 80)], &mut vs, 1)
+            .expect("changed");
+        assert!(
+            Snapshot::next(&s1, [state("c", "a", 80), state("c", "b", 80)], &mut vs, 2).is_none()
+        );
+        let s2 = Snapshot::next(&s1, [state("c", "a", 80), state("c", "b", 81)], &mut vs, 3)
+            .expect("changed");
+        assert_ne!(s1.version, s2.version);
+        assert!(
+            Arc::ptr_eq(&s1.resources["c/ns/a"], &s2.resources["c/ns/a"]),
+            "unchanged resource is shared"
+        );
+        let s3 =
+            Snapshot::next(&s2, [state("c", "a", 80)], &mut vs, 4).expect("removal is a change");
+        let d = s3.delta_from(&s2, "c");
+        assert!(d.changed.is_empty());
+        assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/b")]);
+    }
+
+    #[test]
+    fn delta_is_per_cluster_and_cached() {
+        let mut vs = VersionSource::new();
+        let s0 = Snapshot::empty("0".into());
+        let s1 = Snapshot::next(
+            &s0,
+            [state("c1", "a", 80), state("c2", "a", 80)],
+            &mut vs,
+            1,
+        )
+        .expect("changed");
+        let s2 = Snapshot::next(
+            &s1,
+            [state("c1", "a", 81), state("c2", "a", 80)],
+            &mut vs,
+            2,
+        )
+        .expect("changed");
+        let d1 = s2.delta_from(&s1, "c1");
+        assert_eq!(d1.changed.len(), 1);
+        assert!(s2.delta_from(&s1, "c2").is_empty());
+        assert!(Arc::ptr_eq(&d1, &s2.delta_from(&s1, "c1")), "cached");
+        assert_eq!(s2.view_len("c1"), 1);
+        assert_eq!(s2.view_len("c"), 0, "prefix must be a whole cluster id");
+    }
+
+    #[test]
+    fn delta_from_announced_versions() {
+        let mut vs = VersionSource::new();
+        let s1 = Snapshot::next(
+            &Snapshot::empty("0".into()),
+            [state("c", "a", 80), state("c", "b", 80)],
+            &mut vs,
+            1,
+        )
+        .expect("changed");
+        let mut held = HashMap::new();
+        held.insert("c/ns/a".to_owned(), s1.resources["c/ns/a"].version.clone());
+        held.insert("c/ns/gone".to_owned(), "x".to_owned());
+        let d = s1.delta_from_versions(&held, "c");
+        let changed: Vec<_> = d.changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(changed, ["c/ns/b"]);
+        assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/gone")]);
+        assert_eq!(s1.full("c").changed.len(), 2);
+    }
+
+    #[test]
+    fn versions_are_content_hashes() {
+        let a = make_resource(&state("c", "a", 80));
+        let b = make_resource(&state("c", "a", 80));
+        let c = make_resource(&state("c", "a", 81));
+        assert_eq!(a.version, b.version);
+        assert_ne!(a.version, c.version);
+        assert_eq!(a.version.len(), 16);
+    }
+}

@@ -1,0 +1,202 @@
+//! What the control plane knows about itself and its agents, shared by the
+//! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::source::ObjectError;
+
+/// One agent's stream, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentStatus {
+    /// Node name (from the certificate when mTLS is on).
+    pub node: String,
+    /// Cluster id the agent announced.
+    pub cluster: String,
+    /// Zone the agent announced.
+    pub zone: String,
+    /// Whether a stream is open now.
+    pub connected: bool,
+    /// The last snapshot version the agent ACKed on its current or last stream.
+    pub acked_version: Option<String>,
+    /// The version it last rejected, while parked on it.
+    pub nacked_version: Option<String>,
+    /// The error of its last NACK; cleared by the next ACK.
+    pub last_error: Option<String>,
+    /// Updates sent on the current stream.
+    pub pushes: u64,
+    /// Resources sent on the current stream (changed ones only).
+    pub resources_sent: u64,
+    #[serde(skip)]
+    stream_id: u64,
+}
+
+/// One source, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    /// The source's name.
+    pub name: String,
+    /// Whether its first full read is done.
+    pub synced: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    version: Option<String>,
+    resources: usize,
+    sources: Vec<SourceStatus>,
+    invalid_objects: Vec<ObjectError>,
+    agents: BTreeMap<String, AgentStatus>,
+    next_stream: u64,
+}
+
+/// The status document served at `/status`.
+#[derive(Debug, Serialize)]
+pub struct StatusDocument {
+    /// Current snapshot version; null before the first snapshot.
+    pub version: Option<String>,
+    /// Whether every source has synced and a snapshot exists.
+    pub ready: bool,
+    /// Resources (Services) in the current snapshot.
+    pub resources: usize,
+    /// Sources and whether they synced.
+    pub sources: Vec<SourceStatus>,
+    /// Objects skipped, with the reason.
+    pub invalid_objects: Vec<ObjectError>,
+    /// Every agent seen since start, by node name.
+    pub agents: Vec<AgentStatus>,
+}
+
+/// Shared, lock-protected status. Critical sections are a few field writes.
+#[derive(Debug, Default)]
+pub struct Status {
+    inner: Mutex<Inner>,
+}
+
+/// Identifies one stream of one node, so a stale stream's end does not mark
+/// a reconnected agent as gone.
+#[derive(Debug, Clone)]
+pub struct StreamHandle {
+    node: String,
+    id: u64,
+}
+
+impl Status {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new snapshot and what the index skipped.
+    pub fn set_snapshot(&self, version: &str, resources: usize, invalid: Vec<ObjectError>) {
+        let mut s = self.lock();
+        s.version = Some(version.to_owned());
+        s.resources = resources;
+        s.invalid_objects = invalid;
+    }
+
+    /// Records the skipped objects when the snapshot itself did not change.
+    pub fn set_invalid(&self, invalid: Vec<ObjectError>) {
+        self.lock().invalid_objects = invalid;
+    }
+
+    /// Records the sources' sync state.
+    pub fn set_sources(&self, sources: Vec<SourceStatus>) {
+        self.lock().sources = sources;
+    }
+
+    /// Ready once a snapshot exists (the index builds one only after every source synced).
+    pub fn ready(&self) -> bool {
+        self.lock().version.is_some()
+    }
+
+    /// The current snapshot version.
+    pub fn version(&self) -> Option<String> {
+        self.lock().version.clone()
+    }
+
+    /// A stream for `node` opened.
+    pub fn connected(&self, node: &str, cluster: &str, zone: &str) -> StreamHandle {
+        let mut s = self.lock();
+        s.next_stream += 1;
+        let id = s.next_stream;
+        let prev = s.agents.remove(node);
+        s.agents.insert(
+            node.to_owned(),
+            AgentStatus {
+                node: node.to_owned(),
+                cluster: cluster.to_owned(),
+                zone: zone.to_owned(),
+                connected: true,
+                acked_version: prev.as_ref().and_then(|p| p.acked_version.clone()),
+                nacked_version: None,
+                last_error: None,
+                pushes: 0,
+                resources_sent: 0,
+                stream_id: id,
+            },
+        );
+        StreamHandle {
+            node: node.to_owned(),
+            id,
+        }
+    }
+
+    fn with_agent(&self, h: &StreamHandle, f: impl FnOnce(&mut AgentStatus)) {
+        let mut s = self.lock();
+        if let Some(a) = s.agents.get_mut(&h.node)
+            && a.stream_id == h.id
+        {
+            f(a);
+        }
+    }
+
+    /// An update went out.
+    pub fn pushed(&self, h: &StreamHandle, resources: usize) {
+        self.with_agent(h, |a| {
+            a.pushes += 1;
+            a.resources_sent += resources as u64;
+        });
+    }
+
+    /// The agent ACKed `version`.
+    pub fn acked(&self, h: &StreamHandle, version: &str) {
+        self.with_agent(h, |a| {
+            a.acked_version = Some(version.to_owned());
+            a.nacked_version = None;
+            a.last_error = None;
+        });
+    }
+
+    /// The agent NACKed `version` with `error`.
+    pub fn nacked(&self, h: &StreamHandle, version: &str, error: &str) {
+        self.with_agent(h, |a| {
+            a.nacked_version = Some(version.to_owned());
+            a.last_error = Some(error.to_owned());
+        });
+    }
+
+    /// The stream ended.
+    pub fn disconnected(&self, h: &StreamHandle) {
+        self.with_agent(h, |a| a.connected = false);
+    }
+
+    /// How many agents are connected now.
+    pub fn connected_agents(&self) -> usize {
+        self.lock().agents.values().filter(|a| a.connected).count()
+    }
+
+    /// The document for `/status`.
+    pub fn document(&self) -> StatusDocument {
+        let s = self.lock();
+        StatusDocument {
+            version: s.version.clone(),
+            ready: s.version.is_some(),
+            resources: s.resources,
+            sources: s.sources.clone(),
+            invalid_objects: s.invalid_objects.clone(),
+            agents: s.agents.values().cloned().collect(),
+        }
+    }
+}
