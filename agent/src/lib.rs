@@ -1,1 +1,150 @@
+//! Switchyard node agent.
+//!
+//! One agent runs on every node. It keeps the last good snapshot on disk,
+//! puts it in force through a data plane before it even talks to the
+//! control plane, and then follows the control plane's stream:
+//!
+//! ```text
+//!   start ─▶ Store::load ─▶ DataPlane::apply ─▶ serve ─▶ connect (backoff) ─▶ Hello{versions held}
+//!                                                           ▲                      │
+//!                                                           └── stream breaks ◀── updates: apply, persist, ACK/NACK
+//! ```
+//!
+//! Modules: [`state`] (what is held and how an update changes it),
+//! [`store`] (sled persistence with checked frames), [`dataplane`] (the
+//! trait and `none`), [`applier`] (the apply pipeline), [`client`] (the
+//! stream and its backoff), [`status`] and [`admin`].
 
+pub mod admin;
+pub mod applier;
+pub mod client;
+pub mod config;
+pub mod dataplane;
+pub mod state;
+pub mod status;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Args;
+use config::DataPlaneKind;
+use dataplane::{DataPlane, NoneDataPlane};
+use state::AgentState;
+use status::{Metrics, Status};
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// Shared status (what `/status` serves).
+    pub status: Arc<Status>,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+    /// The state in force.
+    pub state: watch::Receiver<Arc<AgentState>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Agent {
+    /// Stops: the stream closes; the data plane's rules stay in force.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until every task ended (after the shutdown token is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The data plane `--dataplane` names.
+pub fn dataplane_from_args(args: &Args) -> Box<dyn DataPlane> {
+    match args.dataplane {
+        DataPlaneKind::None => Box::new(NoneDataPlane::default()),
+    }
+}
+
+/// Binds the admin listener and starts with the data plane `args` names.
+pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?;
+    let dp = dataplane_from_args(&args);
+    start_with(args, admin, dp, shutdown).await
+}
+
+/// Starts on the given admin listener with the given data plane (tests inject both).
+pub async fn start_with(
+    args: Args,
+    admin: TcpListener,
+    dataplane: Box<dyn DataPlane>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Agent> {
+    let node = args.node();
+    let admin_addr = admin.local_addr()?;
+    let status = Arc::new(Status::new(
+        node.clone(),
+        args.cluster.clone(),
+        args.zone.clone(),
+        dataplane.name(),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
+    let state_dir = args.state_dir.clone();
+    let (store, discarded) = tokio::task::spawn_blocking(move || store::Store::open(&state_dir))
+        .await
+        .context("opening the state store")??;
+    if let Some(reason) = discarded {
+        status.update(|s| s.discarded_state = Some(format!("state database moved aside: {reason}")));
+    }
+    let mut applier = applier::Applier::new(store, dataplane, status.clone(), metrics.clone());
+    applier.restore().await;
+    let state = applier.subscribe();
+
+    let mut tasks = JoinSet::new();
+    let router = admin::router(status.clone(), metrics.clone());
+    let admin_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(admin, router)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!("admin server failed: {e}");
+        }
+    });
+
+    let connector = client::Connector::from_args(&args)?;
+    let who = client::NodeIdentity {
+        node,
+        cluster: args.cluster.clone(),
+        zone: args.zone.clone().unwrap_or_default(),
+    };
+    tasks.spawn(client::run(connector, who, applier, shutdown.clone()));
+    tracing::info!(%admin_addr, "agent started");
+    Ok(Agent {
+        admin_addr,
+        status,
+        metrics,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Now, in Unix nanoseconds.
+pub(crate) fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

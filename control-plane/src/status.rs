@@ -70,9 +70,21 @@ pub struct StatusDocument {
 }
 
 /// Shared, lock-protected status. Critical sections are a few field writes.
-#[derive(Debug, Default)]
+/// Every change bumps a generation that [`Status::subscribe`] follows, so
+/// observers wait for events instead of polling.
+#[derive(Debug)]
 pub struct Status {
     inner: Mutex<Inner>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// Identifies one stream of one node, so a stale stream's end does not mark
@@ -88,22 +100,35 @@ impl Status {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` under the lock, then wakes subscribers.
+    fn change<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.generation.send_modify(|g| *g += 1);
+        out
+    }
+
+    /// Wakes on every change of the status.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Records a new snapshot and what the index skipped.
     pub fn set_snapshot(&self, version: &str, resources: usize, invalid: Vec<ObjectError>) {
-        let mut s = self.lock();
-        s.version = Some(version.to_owned());
-        s.resources = resources;
-        s.invalid_objects = invalid;
+        self.change(|s| {
+            s.version = Some(version.to_owned());
+            s.resources = resources;
+            s.invalid_objects = invalid;
+        });
     }
 
     /// Records the skipped objects when the snapshot itself did not change.
     pub fn set_invalid(&self, invalid: Vec<ObjectError>) {
-        self.lock().invalid_objects = invalid;
+        self.change(|s| s.invalid_objects = invalid);
     }
 
     /// Records the sources' sync state.
     pub fn set_sources(&self, sources: Vec<SourceStatus>) {
-        self.lock().sources = sources;
+        self.change(|s| s.sources = sources);
     }
 
     /// Ready once a snapshot exists (the index builds one only after every source synced).
@@ -118,7 +143,10 @@ impl Status {
 
     /// A stream for `node` opened.
     pub fn connected(&self, node: &str, cluster: &str, zone: &str) -> StreamHandle {
-        let mut s = self.lock();
+        self.change(|s| Self::connect_locked(s, node, cluster, zone))
+    }
+
+    fn connect_locked(s: &mut Inner, node: &str, cluster: &str, zone: &str) -> StreamHandle {
         s.next_stream += 1;
         let id = s.next_stream;
         let prev = s.agents.remove(node);
@@ -144,12 +172,13 @@ impl Status {
     }
 
     fn with_agent(&self, h: &StreamHandle, f: impl FnOnce(&mut AgentStatus)) {
-        let mut s = self.lock();
-        if let Some(a) = s.agents.get_mut(&h.node)
-            && a.stream_id == h.id
-        {
-            f(a);
-        }
+        self.change(|s| {
+            if let Some(a) = s.agents.get_mut(&h.node)
+                && a.stream_id == h.id
+            {
+                f(a);
+            }
+        });
     }
 
     /// An update went out.

@@ -1,1 +1,230 @@
+//! Test harness: a control plane and agents running in this process on
+//! real sockets (`127.0.0.1:0`), with real YAML files, real sled state
+//! directories and real certificates.
+//!
+//! Everything waits on events (watch channels of the control plane's status
+//! and of each agent's state) with a bounded deadline and a message saying
+//! what did not happen; nothing sleeps to synchronise.
 
+pub mod certs;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard_agent::Agent;
+use switchyard_agent::dataplane::{ApplyError, Change, DataPlane, NoneDataPlane, Recorded};
+use switchyard_control_plane::ControlPlane;
+use switchyard_control_plane::status::StatusDocument;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Default bound for waiting on one event.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Installs a log subscriber once (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Awaits `fut` for at most `WAIT`, panicking with `what` on time-out.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// TLS material for a control plane.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// Server certificate.
+    pub cert: PathBuf,
+    /// Server key.
+    pub key: PathBuf,
+    /// CA for client certificates (mTLS), if any.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Control-plane arguments for a test: sources, a state dir, a short debounce.
+pub fn cp_args(manifests: &Path, state_dir: &Path, tls: Option<&ServerTls>) -> switchyard_control_plane::Args {
+    let mut argv: Vec<String> = vec![
+        "switchyard-control-plane".into(),
+        "--source".into(),
+        format!("file:{}", manifests.display()),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+        "--debounce".into(),
+        "20ms".into(),
+    ];
+    if let Some(t) = tls {
+        argv.extend(["--tls-cert".into(), t.cert.display().to_string()]);
+        argv.extend(["--tls-key".into(), t.key.display().to_string()]);
+        if let Some(ca) = &t.client_ca {
+            argv.extend(["--tls-client-ca".into(), ca.display().to_string()]);
+        }
+    }
+    <switchyard_control_plane::Args as clap::Parser>::parse_from(argv)
+}
+
+/// A control plane on fresh loopback ports.
+pub async fn start_cp(args: switchyard_control_plane::Args) -> ControlPlane {
+    start_cp_on(args, "127.0.0.1:0").await
+}
+
+/// A control plane whose gRPC listener binds `grpc` (to restart on the same port).
+pub async fn start_cp_on(args: switchyard_control_plane::Args, grpc: &str) -> ControlPlane {
+    let grpc = TcpListener::bind(grpc).await.expect("binding gRPC listener");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("binding admin listener");
+    let sources = switchyard_control_plane::sources_from_args(&args);
+    switchyard_control_plane::start_with(args, grpc, admin, sources, CancellationToken::new())
+        .await
+        .expect("control plane starts")
+}
+
+/// Waits until the control plane's status satisfies `pred`; returns that status.
+pub async fn cp_status_until(
+    cp: &ControlPlane,
+    what: &str,
+    mut pred: impl FnMut(&StatusDocument) -> bool,
+) -> StatusDocument {
+    let mut rx = cp.status.subscribe();
+    within(what, async {
+        loop {
+            let doc = cp.status.document();
+            if pred(&doc) {
+                return doc;
+            }
+            rx.changed().await.expect("status channel open");
+        }
+    })
+    .await
+}
+
+/// Waits until the agent's status satisfies `pred`; returns that status.
+pub async fn agent_status_until(
+    agent: &Agent,
+    what: &str,
+    mut pred: impl FnMut(&switchyard_agent::status::StatusDocument) -> bool,
+) -> switchyard_agent::status::StatusDocument {
+    let mut rx = agent.status.subscribe();
+    within(what, async {
+        loop {
+            let doc = agent.status.document();
+            if pred(&doc) {
+                return doc;
+            }
+            rx.changed().await.expect("status channel open");
+        }
+    })
+    .await
+}
+
+/// Agent arguments for a test.
+pub fn agent_args(node: &str, cp_url: &str, state_dir: &Path) -> switchyard_agent::Args {
+    <switchyard_agent::Args as clap::Parser>::parse_from([
+        "switchyard-agent",
+        "--control-plane",
+        cp_url,
+        "--node-name",
+        node,
+        "--state-dir",
+        &state_dir.display().to_string(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+}
+
+/// Starts an agent with `dataplane`.
+pub async fn start_agent(args: switchyard_agent::Args, dataplane: Box<dyn DataPlane>) -> Agent {
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("binding admin listener");
+    switchyard_agent::start_with(args, admin, dataplane, CancellationToken::new())
+        .await
+        .expect("agent starts")
+}
+
+/// Starts an agent with the recording `none` data plane; returns what it records.
+pub async fn start_recording_agent(args: switchyard_agent::Args) -> (Agent, Arc<Mutex<Recorded>>) {
+    let dp = NoneDataPlane::default();
+    let rec = dp.recorded();
+    (start_agent(args, Box::new(dp)).await, rec)
+}
+
+/// Waits until the agent has `version` in force.
+pub async fn agent_at_version(agent: &Agent, version: &str) {
+    let mut rx = agent.state.clone();
+    within(&format!("agent to apply {version}"), rx.wait_for(|s| s.version == version))
+        .await
+        .expect("agent state channel open");
+}
+
+/// A data plane that rejects any state holding a Service whose name starts
+/// with `reject-`, and records every version it was asked to apply.
+#[derive(Debug, Default, Clone)]
+pub struct PickyDataPlane {
+    /// Versions offered, in order, with whether they were accepted.
+    pub offered: Arc<Mutex<Vec<(String, bool)>>>,
+}
+
+impl DataPlane for PickyDataPlane {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let bad = change
+            .state
+            .resources
+            .values()
+            .find(|r| r.state.service.key.name.starts_with("reject-"));
+        let ok = bad.is_none();
+        self.offered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((change.state.version.clone(), ok));
+        match bad {
+            Some(r) => Err(ApplyError(format!(
+                "Service {}: refused by the test data plane",
+                r.state.service.key
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// GETs `http://addr/path` and parses JSON.
+pub async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("admin endpoint answers")
+        .json()
+        .await
+        .expect("JSON body")
+}
+
+/// GETs `http://addr/path` and returns status and body.
+pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("admin endpoint answers");
+    (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+/// A Service manifest with one port and an EndpointSlice of `endpoints` addresses.
+pub fn service_yaml(ns: &str, name: &str, port: u16, endpoints: &[&str]) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: {ns}\n  name: {name}\nspec:\n  ports:\n  - name: http\n    port: {port}\n    targetPort: 8080\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: {ns}\n  name: {name}-1\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n"
+    );
+    for ip in endpoints {
+        y.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n"));
+    }
+    y
+}

@@ -1,0 +1,72 @@
+//! Data planes: what the agent does with a state.
+//!
+//! The agent calls [`DataPlane::apply`] with the complete new state and what
+//! changed; only when it returns `Ok` is the state persisted and ACKed. A
+//! data plane that fails must leave the previous state in force (iptables
+//! does so with one `iptables-restore` transaction). `none` only records.
+
+use std::sync::{Arc, Mutex};
+
+use crate::state::{AgentState, ChangeSet};
+
+/// A data plane rejected a state.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub String);
+
+/// One application of a state.
+#[derive(Debug)]
+pub struct Change<'a> {
+    /// The complete state to put in force.
+    pub state: &'a AgentState,
+    /// What differs from the state last applied (everything on a full sync).
+    pub changes: &'a ChangeSet,
+    /// True at start-up and after errors: the data plane should not trust
+    /// what it programmed before.
+    pub full: bool,
+}
+
+/// Programs a node from a state.
+pub trait DataPlane: Send + 'static {
+    /// Short name for logs and `/status` (`none`, `iptables`).
+    fn name(&self) -> &'static str;
+
+    /// Puts `change.state` in force, or fails leaving the previous one.
+    /// Called from a blocking thread: it may run commands.
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError>;
+}
+
+/// What the `none` data plane has seen.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    /// Snapshot versions applied, oldest first.
+    pub versions: Vec<String>,
+    /// Resources in the last state.
+    pub resources: usize,
+}
+
+/// `--dataplane none`: applies nothing, records what it was given.
+#[derive(Debug, Default, Clone)]
+pub struct NoneDataPlane {
+    recorded: Arc<Mutex<Recorded>>,
+}
+
+impl NoneDataPlane {
+    /// What was applied so far (shared handle).
+    pub fn recorded(&self) -> Arc<Mutex<Recorded>> {
+        self.recorded.clone()
+    }
+}
+
+impl DataPlane for NoneDataPlane {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        r.versions.push(change.state.version.clone());
+        r.resources = change.state.resources.len();
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! The agent's view of the world: every resource it holds, at one snapshot
+//! version, and how an update turns one state into the next.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use switchyard_model::ServiceState;
+use switchyard_proto::convert::{DecodeError, decode_state};
+use switchyard_proto::v1;
+
+/// One resource the agent holds.
+#[derive(Debug, Clone)]
+pub struct HeldResource {
+    /// Its content version, as the control plane computed it.
+    pub version: String,
+    /// The decoded, validated Service and endpoints.
+    pub state: Arc<ServiceState>,
+}
+
+/// A complete, validated state. Cheap to clone: resources are `Arc`s.
+#[derive(Debug, Clone, Default)]
+pub struct AgentState {
+    /// The snapshot version this state corresponds to (empty when none).
+    pub version: String,
+    /// Resources by name (`cluster/namespace/name`).
+    pub resources: BTreeMap<String, HeldResource>,
+}
+
+/// What an update changed, for data planes that work incrementally.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeSet {
+    /// Names added or replaced.
+    pub changed: Vec<String>,
+    /// Names removed.
+    pub removed: Vec<String>,
+}
+
+impl AgentState {
+    /// Resource name -> version, as announced in a Hello.
+    pub fn versions(&self) -> std::collections::HashMap<String, String> {
+        self.resources
+            .iter()
+            .map(|(n, r)| (n.clone(), r.version.clone()))
+            .collect()
+    }
+
+    /// Decodes and validates every resource of `update` and returns the
+    /// state after it. Nothing is changed when any resource is invalid.
+    pub fn apply(&self, update: &v1::SnapshotUpdate) -> Result<(AgentState, ChangeSet), DecodeError> {
+        let mut next = self.clone();
+        let mut changes = ChangeSet::default();
+        for r in &update.resources {
+            let wire = r.service_state.as_ref().ok_or_else(|| DecodeError::Field {
+                resource: r.name.clone(),
+                field: "service_state".into(),
+                message: "missing".into(),
+            })?;
+            let state = decode_state(&r.name, wire)?;
+            if state.service.key.to_string() != r.name {
+                return Err(DecodeError::Field {
+                    resource: r.name.clone(),
+                    field: "name".into(),
+                    message: format!("does not match the Service it carries ({})", state.service.key),
+                });
+            }
+            next.resources.insert(
+                r.name.clone(),
+                HeldResource {
+                    version: r.version.clone(),
+                    state: Arc::new(state),
+                },
+            );
+            changes.changed.push(r.name.clone());
+        }
+        for name in &update.removed_resources {
+            if next.resources.remove(name).is_some() {
+                changes.removed.push(name.clone());
+            }
+        }
+        next.version = update.snapshot_version.clone();
+        Ok((next, changes))
+    }
+}

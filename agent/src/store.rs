@@ -1,0 +1,298 @@
+//! The last good state on disk, in sled.
+//!
+//! Layout of the database under `--state-dir`:
+//!
+//! ```text
+//!   tree "resources":  name -> frame(v1::Resource)      one entry per resource
+//!   key  "meta":       frame(Meta)                      snapshot version and count
+//! ```
+//!
+//! Every value is a frame: `b"SWYS"`, format version (u16 BE), payload
+//! length (u32 BE), CRC-32 of the payload (u32 BE), payload (protobuf). An
+//! update is written as one atomic sled batch per tree and flushed before
+//! the agent ACKs, so the store always holds a state the data plane applied
+//! in full.
+//!
+//! Loading checks the magic, the format version, the length, the checksum,
+//! the resource count and each resource's validity. Anything wrong discards
+//! the whole store (the caller resyncs from the control plane); a database
+//! sled itself cannot open is moved aside, never a crash loop.
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use switchyard_proto::v1;
+
+use crate::state::{AgentState, ChangeSet};
+
+const MAGIC: &[u8; 4] = b"SWYS";
+/// Bumped whenever the frame or payload layout changes incompatibly.
+pub const FORMAT_VERSION: u16 = 1;
+const HEADER_LEN: usize = 4 + 2 + 4 + 4;
+/// Frames larger than this are corrupt by definition (a Service with
+/// thousands of endpoints is well below it).
+const MAX_FRAME: usize = 64 << 20;
+const META_KEY: &[u8] = b"meta";
+const RESOURCES_TREE: &[u8] = b"resources";
+
+/// The metadata frame's payload.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Meta {
+    #[prost(string, tag = "1")]
+    snapshot_version: String,
+    #[prost(uint64, tag = "2")]
+    resource_count: u64,
+    #[prost(int64, tag = "3")]
+    saved_at_unix_nanos: i64,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("state database {path}: {source}")]
+    Db {
+        /// The database directory.
+        path: PathBuf,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// The content on disk is not a state this agent wrote.
+    #[error("state in {path} is unusable: {reason}")]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// What check failed.
+        reason: String,
+    },
+}
+
+/// What loading found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// A complete state.
+    State(AgentState),
+    /// Nothing was stored yet.
+    Empty,
+    /// The store was unusable and has been cleared; the reason is given.
+    Discarded(String),
+}
+
+/// The persisted last good state.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    resources: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. A database sled cannot open is
+    /// moved to `dir.corrupt-<unix seconds>` and a fresh one created.
+    pub fn open(dir: &Path) -> Result<(Self, Option<String>), StoreError> {
+        let path = dir.join("state.sled");
+        match Self::open_db(&path) {
+            Ok(store) => Ok((store, None)),
+            Err(reason) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = dir.join(format!("state.sled.corrupt-{secs}"));
+                tracing::error!(path = %path.display(), %reason, aside = %aside.display(), "state database unusable; moving it aside");
+                if let Err(e) = std::fs::rename(&path, &aside) {
+                    tracing::warn!(error = %e, "could not move the state aside; removing it");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                let store = Self::open_db(&path).map_err(|reason| StoreError::Corrupt {
+                    path: path.clone(),
+                    reason,
+                })?;
+                Ok((store, Some(reason)))
+            }
+        }
+    }
+
+    fn open_db(path: &Path) -> Result<Self, String> {
+        // sled may panic on some kinds of damaged files; treat that as corrupt too.
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("sled panicked while opening the database".into()),
+        };
+        let resources = db.open_tree(RESOURCES_TREE).map_err(|e| e.to_string())?;
+        Ok(Self {
+            path: path.to_owned(),
+            db,
+            resources,
+        })
+    }
+
+    /// Loads the last good state, discarding (and clearing) anything that
+    /// fails a check.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        match self.try_load() {
+            Ok(Some(state)) => Ok(Loaded::State(state)),
+            Ok(None) => Ok(Loaded::Empty),
+            Err(reason) => {
+                tracing::error!(path = %self.path.display(), %reason, "discarding persisted state; a full resync follows");
+                self.clear()?;
+                Ok(Loaded::Discarded(reason))
+            }
+        }
+    }
+
+    fn try_load(&self) -> Result<Option<AgentState>, String> {
+        let Some(meta) = self.db.get(META_KEY).map_err(|e| e.to_string())? else {
+            if self.resources.is_empty() {
+                return Ok(None);
+            }
+            return Err("resources present without metadata".into());
+        };
+        let meta = Meta::decode(unframe(&meta).map_err(|e| format!("metadata: {e}"))?)
+            .map_err(|e| format!("metadata: {e}"))?;
+        let mut state = AgentState {
+            version: meta.snapshot_version.clone(),
+            ..AgentState::default()
+        };
+        let mut update = v1::SnapshotUpdate {
+            snapshot_version: meta.snapshot_version,
+            ..Default::default()
+        };
+        for entry in self.resources.iter() {
+            let (key, value) = entry.map_err(|e| e.to_string())?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let payload = unframe(&value).map_err(|e| format!("resource {name}: {e}"))?;
+            let resource = v1::Resource::decode(payload).map_err(|e| format!("resource {name}: {e}"))?;
+            if resource.name != name {
+                return Err(format!("resource {name}: stored under the wrong key"));
+            }
+            update.resources.push(resource);
+        }
+        if update.resources.len() as u64 != meta.resource_count {
+            return Err(format!(
+                "{} resources stored, metadata says {} (truncated write?)",
+                update.resources.len(),
+                meta.resource_count
+            ));
+        }
+        let (loaded, _) = state.apply(&update).map_err(|e| e.to_string())?;
+        state = loaded;
+        Ok(Some(state))
+    }
+
+    /// Writes the change that led to `state` and flushes it to disk.
+    pub async fn save(
+        &self,
+        state: &AgentState,
+        update: &v1::SnapshotUpdate,
+        changes: &ChangeSet,
+    ) -> Result<(), StoreError> {
+        let db_err = |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        };
+        let mut batch = sled::Batch::default();
+        for r in &update.resources {
+            batch.insert(r.name.as_bytes(), frame(&r.encode_to_vec()));
+        }
+        for name in &changes.removed {
+            batch.remove(name.as_bytes());
+        }
+        self.resources.apply_batch(batch).map_err(db_err)?;
+        let meta = Meta {
+            snapshot_version: state.version.clone(),
+            resource_count: state.resources.len() as u64,
+            saved_at_unix_nanos: now_nanos(),
+        };
+        self.db
+            .insert(META_KEY, frame(&meta.encode_to_vec()))
+            .map_err(db_err)?;
+        self.db.flush_async().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Removes everything stored.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        let db_err = |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        };
+        self.resources.clear().map_err(db_err)?;
+        self.db.remove(META_KEY).map_err(db_err)?;
+        self.db.flush().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Test and tooling access: overwrite a raw value (used to simulate damage).
+    pub fn raw_db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// Wraps a payload in the checked frame.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks a frame and returns its payload.
+pub fn unframe(bytes: &[u8]) -> Result<&[u8], String> {
+    if bytes.len() < HEADER_LEN {
+        return Err(format!("{} bytes is shorter than a frame header", bytes.len()));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let version = u16::from_be_bytes([bytes[4], bytes[5]]);
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version}, this agent reads {FORMAT_VERSION}"));
+    }
+    let len = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
+    if len > MAX_FRAME {
+        return Err(format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte bound"));
+    }
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() != len {
+        return Err(format!("truncated: {} of {len} payload bytes", payload.len()));
+    }
+    let crc = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_checks() {
+        let f = frame(b"hello");
+        assert_eq!(unframe(&f), Ok(&b"hello"[..]));
+        assert!(unframe(&f[..f.len() - 1]).expect_err("truncated").contains("truncated"));
+        let mut bad = f.clone();
+        bad[HEADER_LEN] ^= 1;
+        assert_eq!(unframe(&bad), Err("checksum mismatch".into()));
+        let mut old = f.clone();
+        old[5] = 9;
+        assert!(unframe(&old).expect_err("version").contains("format version 9"));
+        let mut magic = f;
+        magic[0] = b'X';
+        assert_eq!(unframe(&magic), Err("bad magic".into()));
+        assert!(unframe(b"SWY").is_err());
+    }
+}
