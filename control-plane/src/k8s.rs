@@ -1,1 +1,855 @@
 //! Conversion from Kubernetes API objects to the domain model.
+//!
+//! Both the `file:PATH` source and a Kubernetes watcher read the same
+//! k8s-openapi types, so the mapping (and Kubernetes' defaulting rules) lives
+//! here once:
+//!
+//! ```text
+//!   core/v1 Service ───────────▶ service()        ─▶ model::Service (not validated)
+//!   discovery/v1 EndpointSlice ▶ endpoint_slice() ─▶ SourceSlice     (validated)
+//! ```
+//!
+//! Errors are [`ValidationError`]s that name the object the way the model
+//! does (`Service shop/web`) and the field by its Kubernetes path
+//! (`spec.ports[1].targetPort`), so a user can find the line at fault.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use switchyard_model::{
+    AddressType, DEFAULT_AFFINITY_TIMEOUT_SECONDS, Endpoint, EndpointConditions, EndpointPort,
+    EndpointSlice, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
+    TrafficPolicy, ValidationError, ValidationErrors,
+};
+
+use crate::source::SourceSlice;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The namespace Kubernetes assumes when an object names none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Converts a `core/v1` Service seen in `cluster`.
+///
+/// Kubernetes' defaults are applied (type ClusterIP, protocol TCP, target
+/// port = port, affinity timeout three hours, traffic policies Cluster).
+/// Only conversion errors are reported: the result is *not* validated,
+/// because a Service without a cluster IP is valid input here (the index
+/// allocates one) but not a valid [`Service`]. Callers validate once the
+/// cluster IPs are known, or use [`validate_unallocated`] before that.
+pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, ValidationErrors> {
+    let key = ServiceKey::new(
+        cluster,
+        namespace(svc.metadata.namespace.as_deref()),
+        svc.metadata.name.clone().unwrap_or_default(),
+    );
+    let mut out = Service::new(key);
+    let mut errs = Errors::new(out.object_name());
+    let default_spec = core::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+
+    out.service_type = match non_empty(&spec.type_) {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            errs.push("spec.type", format!("unknown Service type {other:?}"));
+            ServiceType::ClusterIp
+        }
+    };
+
+    convert_cluster_ips(spec, &mut out, &mut errs);
+
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        if let Some(port) = convert_service_port(i, p, &mut errs) {
+            out.ports.push(port);
+        }
+    }
+
+    out.session_affinity_timeout = match non_empty(&spec.session_affinity) {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
+                // Out-of-range positive values are left for `validate`.
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) => Some(t),
+                    Err(_) => {
+                        errs.push(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{t} is negative"),
+                        );
+                        None
+                    }
+                },
+            }
+        }
+        Some(other) => {
+            errs.push(
+                "spec.sessionAffinity",
+                format!("{other:?} is not None or ClientIP"),
+            );
+            None
+        }
+    };
+
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if let Some(ip) = parse_ip(ip, format!("spec.externalIPs[{i}]"), &mut errs) {
+            out.external_ips.push(ip);
+        }
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        // Hostname-only ingresses (some cloud load balancers) have nothing to proxy.
+        if let Some(ip) = non_empty(&ing.ip)
+            && let Some(ip) = parse_ip(
+                ip,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                &mut errs,
+            )
+        {
+            out.load_balancer_ips.push(ip);
+        }
+    }
+    for (i, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        // kube-proxy tolerates surrounding blanks, so do we.
+        match range.trim().parse::<IpNet>() {
+            Ok(net) => out.load_balancer_source_ranges.push(net),
+            Err(_) => errs.push(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{range:?} is not a CIDR"),
+            ),
+        }
+    }
+
+    out.external_traffic_policy = match non_empty(&spec.external_traffic_policy) {
+        // "Global" is the pre-1.0 spelling of Cluster that the API server still accepts.
+        None | Some("Cluster") | Some("Global") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            errs.push(
+                "spec.externalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local"),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+    out.internal_traffic_policy = match non_empty(&spec.internal_traffic_policy) {
+        None | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            errs.push(
+                "spec.internalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local"),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+
+    out.health_check_node_port = optional_port(
+        spec.health_check_node_port,
+        "spec.healthCheckNodePort",
+        &mut errs,
+    );
+    out.publish_not_ready_addresses = spec.publish_not_ready_addresses.unwrap_or(false);
+    out.external_name = non_empty(&spec.external_name).map(str::to_owned);
+    out.traffic_distribution = non_empty(&spec.traffic_distribution).map(str::to_owned);
+
+    errs.finish(out)
+}
+
+/// Validates a converted Service whose cluster IPs may still be unallocated:
+/// everything [`Service::validate`] checks except that a cluster IP is set.
+pub fn validate_unallocated(svc: &Service) -> Result<(), ValidationErrors> {
+    let Err(ValidationErrors(errs)) = svc.validate() else {
+        return Ok(());
+    };
+    let unallocated = svc.wants_cluster_ip() && svc.cluster_ips.is_empty();
+    let errs: Vec<_> = errs
+        .into_iter()
+        .filter(|e| !(unallocated && e.field == "spec.clusterIP"))
+        .collect();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(errs))
+    }
+}
+
+/// Converts and validates a `discovery/v1` EndpointSlice seen in `cluster`.
+///
+/// Returns `Ok(None)` for an FQDN slice: like kube-proxy, Switchyard does not
+/// proxy to names. Kubernetes' defaults are applied to conditions (`ready`
+/// unset means true, `serving` unset means `ready`, `terminating` unset means
+/// false) and ports (name `""`, protocol TCP); a port without a number means
+/// "all ports" in Kubernetes, which a proxy cannot use, so it is dropped.
+pub fn endpoint_slice(
+    cluster: &str,
+    slice: &discovery::EndpointSlice,
+) -> Result<Option<SourceSlice>, ValidationErrors> {
+    let namespace = namespace(slice.metadata.namespace.as_deref());
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned();
+    let service = ServiceKey::new(cluster, namespace, service_name.clone().unwrap_or_default());
+    let mut out = EndpointSlice {
+        name: slice.metadata.name.clone().unwrap_or_default(),
+        ..EndpointSlice::default()
+    };
+    let mut errs = Errors::new(out.object_name(&service));
+    if service_name.as_deref().is_none_or(str::is_empty) {
+        errs.push(
+            "metadata.labels",
+            format!("the {SERVICE_NAME_LABEL} label is required"),
+        );
+    }
+
+    out.address_type = match slice.address_type.as_str() {
+        "IPv4" => AddressType::IPv4,
+        "IPv6" => AddressType::IPv6,
+        "FQDN" => return Ok(None),
+        other => {
+            errs.push(
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            );
+            AddressType::IPv4
+        }
+    };
+
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        out.endpoints.push(convert_endpoint(i, e, &mut errs));
+    }
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(number) = p.port else { continue };
+        let at = format!("ports[{i}]");
+        let protocol = protocol(&p.protocol, format!("{at}.protocol"), &mut errs);
+        let Some(port) = port_number(number, format!("{at}.port"), &mut errs) else {
+            continue;
+        };
+        out.ports.push(EndpointPort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+        });
+    }
+
+    let out = errs.finish(out)?;
+    out.validate(&service)?;
+    Ok(Some(SourceSlice {
+        service,
+        slice: out,
+    }))
+}
+
+fn convert_cluster_ips(spec: &core::ServiceSpec, out: &mut Service, errs: &mut Errors) {
+    let single = non_empty(&spec.cluster_ip);
+    let many: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if single == Some("None") || many.first() == Some(&"None") {
+        out.headless = true;
+        if many.len() > 1 {
+            errs.push("spec.clusterIPs", "a headless Service has only \"None\"");
+        }
+        return;
+    }
+    if let (Some(single), Some(first)) = (single, many.first())
+        && single != *first
+    {
+        errs.push(
+            "spec.clusterIPs[0]",
+            format!("{first:?} must equal spec.clusterIP {single:?}"),
+        );
+        return;
+    }
+    if !many.is_empty() {
+        for (i, ip) in many.iter().enumerate() {
+            if let Some(ip) = parse_ip(ip, format!("spec.clusterIPs[{i}]"), errs) {
+                out.cluster_ips.push(ip);
+            }
+        }
+    } else if let Some(ip) = single.and_then(|ip| parse_ip(ip, "spec.clusterIP".into(), errs)) {
+        out.cluster_ips.push(ip);
+    }
+    if out.service_type == ServiceType::ExternalName && !out.cluster_ips.is_empty() {
+        errs.push("spec.clusterIP", "must be empty for type ExternalName");
+        out.cluster_ips.clear();
+    }
+}
+
+fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> Option<ServicePort> {
+    let at = format!("spec.ports[{i}]");
+    let protocol = protocol(&p.protocol, format!("{at}.protocol"), errs);
+    let node_port = optional_port(p.node_port, &format!("{at}.nodePort"), errs);
+    let port = port_number(p.port, format!("{at}.port"), errs)?;
+    // The API server defaults a missing, zero or empty targetPort to the port.
+    let target_port = match &p.target_port {
+        None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
+        Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+        Some(IntOrString::Int(n)) => {
+            TargetPort::Number(port_number(*n, format!("{at}.targetPort"), errs)?)
+        }
+        Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
+    };
+    Some(ServicePort {
+        name: p.name.clone().unwrap_or_default(),
+        protocol,
+        port,
+        target_port,
+        node_port,
+    })
+}
+
+fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> Endpoint {
+    let at = format!("endpoints[{i}]");
+    let addresses = e
+        .addresses
+        .iter()
+        .enumerate()
+        .filter_map(|(j, a)| parse_ip(a, format!("{at}.addresses[{j}]"), errs))
+        .collect();
+    let conditions = e
+        .conditions
+        .as_ref()
+        .map_or_else(EndpointConditions::default, |c| {
+            let ready = c.ready.unwrap_or(true);
+            EndpointConditions {
+                ready,
+                serving: c.serving.unwrap_or(ready),
+                terminating: c.terminating.unwrap_or(false),
+            }
+        });
+    let hints = e.hints.as_ref();
+    Endpoint {
+        addresses,
+        conditions,
+        hostname: non_empty(&e.hostname).map(str::to_owned),
+        node_name: non_empty(&e.node_name).map(str::to_owned),
+        zone: non_empty(&e.zone).map(str::to_owned),
+        hint_zones: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect(),
+        hint_nodes: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect(),
+    }
+}
+
+fn namespace(ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if !ns.is_empty() => ns.to_owned(),
+        _ => DEFAULT_NAMESPACE.to_owned(),
+    }
+}
+
+fn non_empty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|s| !s.is_empty())
+}
+
+fn protocol(p: &Option<String>, field: String, errs: &mut Errors) -> Protocol {
+    match non_empty(p) {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some("SCTP") => Protocol::Sctp,
+        Some(other) => {
+            errs.push(field, format!("{other:?} is not TCP, UDP or SCTP"));
+            Protocol::Tcp
+        }
+    }
+}
+
+fn port_number(n: i32, field: String, errs: &mut Errors) -> Option<u16> {
+    match u16::try_from(n) {
+        Ok(p) if p != 0 => Some(p),
+        _ => {
+            errs.push(field, format!("{n} is not between 1 and 65535"));
+            None
+        }
+    }
+}
+
+/// A port Kubernetes leaves unset as 0 (`nodePort`, `healthCheckNodePort`).
+fn optional_port(n: Option<i32>, field: &str, errs: &mut Errors) -> Option<u16> {
+    match n {
+        None | Some(0) => None,
+        Some(n) => port_number(n, field.to_owned(), errs),
+    }
+}
+
+fn parse_ip(s: &str, field: String, errs: &mut Errors) -> Option<IpAddr> {
+    match s.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            errs.push(field, format!("{s:?} is not an IP address"));
+            None
+        }
+    }
+}
+
+/// The conversion errors of one object (the model's collector is private to it).
+struct Errors {
+    object: String,
+    errors: Vec<ValidationError>,
+}
+
+impl Errors {
+    fn new(object: String) -> Self {
+        Self {
+            object,
+            errors: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors
+            .push(ValidationError::new(self.object.clone(), field, message));
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ValidationErrors(self.errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn mk_service(v: serde_json::Value) -> core::Service {
+        serde_json::from_value(v).expect("a k8s Service")
+    }
+
+    fn mk_slice(v: serde_json::Value) -> discovery::EndpointSlice {
+        serde_json::from_value(v).expect("a k8s EndpointSlice")
+    }
+
+    fn fields(e: &ValidationErrors) -> Vec<&str> {
+        e.0.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn cluster_ip_service_with_defaults() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "10.96.0.10",
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": "web"},
+                    {"name": "metrics", "port": 9090},
+                ],
+            },
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert_eq!(s.key, ServiceKey::new("default", "shop", "web"));
+        assert_eq!(s.service_type, ServiceType::ClusterIp);
+        assert!(!s.headless);
+        assert_eq!(s.cluster_ips, [ip("10.96.0.10")]);
+        assert_eq!(
+            s.ports,
+            [
+                ServicePort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Name("web".into()),
+                    node_port: None,
+                },
+                ServicePort {
+                    name: "metrics".into(),
+                    protocol: Protocol::Tcp,
+                    port: 9090,
+                    target_port: TargetPort::Number(9090),
+                    node_port: None,
+                },
+            ]
+        );
+        assert_eq!(s.session_affinity_timeout, None);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
+        assert!(!s.publish_not_ready_addresses);
+        s.validate().expect("valid");
+    }
+
+    #[test]
+    fn missing_namespace_is_default_and_cluster_is_kept() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"ports": [{"port": 80, "targetPort": 0}]},
+        }));
+        let s = service("east", &svc).expect("converts");
+        assert_eq!(s.key, ServiceKey::new("east", "default", "web"));
+        assert!(s.cluster_ips.is_empty(), "left for allocation");
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(80));
+        assert_eq!(
+            s.validate().expect_err("unallocated").first().field,
+            "spec.clusterIP"
+        );
+        validate_unallocated(&s).expect("valid apart from its cluster IP");
+    }
+
+    #[test]
+    fn full_load_balancer_service() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "lb", "namespace": "edge"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIPs": ["10.96.1.1", "fd00:96::1"],
+                "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 5353, "nodePort": 30053}],
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
+                "externalIPs": ["192.0.2.10"],
+                "loadBalancerSourceRanges": ["203.0.113.0/24", " 2001:db8::/32 "],
+                "externalTrafficPolicy": "Local",
+                "internalTrafficPolicy": "Local",
+                "healthCheckNodePort": 31000,
+                "publishNotReadyAddresses": true,
+                "trafficDistribution": "PreferClose",
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}, {"hostname": "lb.example.com"}]}},
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert_eq!(s.service_type, ServiceType::LoadBalancer);
+        assert_eq!(s.cluster_ips, [ip("10.96.1.1"), ip("fd00:96::1")]);
+        assert_eq!(s.ports[0].protocol, Protocol::Udp);
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(5353));
+        assert_eq!(s.ports[0].node_port, Some(30053));
+        assert_eq!(s.session_affinity_timeout, Some(600));
+        assert_eq!(s.external_ips, [ip("192.0.2.10")]);
+        assert_eq!(s.load_balancer_ips, [ip("198.51.100.7")]);
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            [
+                "203.0.113.0/24".parse::<IpNet>().expect("net"),
+                "2001:db8::/32".parse().expect("net")
+            ]
+        );
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.health_check_node_port, Some(31000));
+        assert!(s.publish_not_ready_addresses);
+        assert_eq!(s.traffic_distribution.as_deref(), Some("PreferClose"));
+        s.validate().expect("valid");
+    }
+
+    #[test]
+    fn client_ip_affinity_defaults_to_three_hours() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}], "sessionAffinity": "ClientIP"},
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert_eq!(s.session_affinity_timeout, Some(10_800));
+    }
+
+    #[test]
+    fn legacy_global_policy_is_cluster() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "np"},
+            "spec": {"type": "NodePort", "externalTrafficPolicy": "Global", "ports": [{"port": 80, "nodePort": 30080}]},
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert_eq!(s.service_type, ServiceType::NodePort);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+    }
+
+    #[test]
+    fn headless_and_external_name() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 5432}]},
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert!(s.headless);
+        assert!(s.cluster_ips.is_empty());
+        assert!(!s.wants_cluster_ip());
+        s.validate().expect("valid headless");
+
+        let svc = mk_service(json!({
+            "metadata": {"name": "ext", "namespace": "shop"},
+            "spec": {"type": "ExternalName", "externalName": "db.example.com"},
+        }));
+        let s = service("default", &svc).expect("converts");
+        assert_eq!(s.service_type, ServiceType::ExternalName);
+        assert_eq!(s.external_name.as_deref(), Some("db.example.com"));
+        s.validate().expect("valid ExternalName");
+    }
+
+    #[test]
+    fn conversion_errors_name_object_and_field() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {
+                "type": "Magic",
+                "clusterIPs": ["10.96.0.1", "not-an-ip"],
+                "ports": [
+                    {"name": "a", "port": 70000},
+                    {"name": "b", "port": 80, "protocol": "QUIC", "targetPort": -1},
+                    {"name": "c", "port": 81, "nodePort": 99999},
+                ],
+                "sessionAffinity": "Sticky",
+                "externalIPs": ["1.2.3"],
+                "loadBalancerSourceRanges": ["10.0.0.0/33"],
+                "externalTrafficPolicy": "Nearby",
+                "internalTrafficPolicy": "Global",
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "x"}]}},
+        }));
+        let e = service("default", &svc).expect_err("invalid");
+        assert_eq!(
+            fields(&e),
+            [
+                "spec.type",
+                "spec.clusterIPs[1]",
+                "spec.ports[0].port",
+                "spec.ports[1].protocol",
+                "spec.ports[1].targetPort",
+                "spec.ports[2].nodePort",
+                "spec.sessionAffinity",
+                "spec.externalIPs[0]",
+                "status.loadBalancer.ingress[0].ip",
+                "spec.loadBalancerSourceRanges[0]",
+                "spec.externalTrafficPolicy",
+                "spec.internalTrafficPolicy",
+            ]
+        );
+        assert!(e.0.iter().all(|e| e.object == "Service shop/bad"));
+    }
+
+    #[test]
+    fn single_cluster_ip_errors_name_cluster_ip() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]},
+        }));
+        let e = service("east", &svc).expect_err("invalid");
+        assert_eq!(fields(&e), ["spec.clusterIP"]);
+        assert_eq!(e.first().object, "Service east/default/web");
+
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.2"], "ports": [{"port": 80}]},
+        }));
+        let e = service("default", &svc).expect_err("mismatch");
+        assert_eq!(fields(&e), ["spec.clusterIPs[0]"]);
+
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": -5}}},
+        }));
+        let e = service("default", &svc).expect_err("negative timeout");
+        assert_eq!(
+            fields(&e),
+            ["spec.sessionAffinityConfig.clientIP.timeoutSeconds"]
+        );
+    }
+
+    #[test]
+    fn external_name_with_cluster_ip_is_rejected() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "ext"},
+            "spec": {"type": "ExternalName", "externalName": "a.example", "clusterIP": "10.96.0.5"},
+        }));
+        let e = service("default", &svc).expect_err("invalid");
+        assert_eq!(fields(&e), ["spec.clusterIP"]);
+    }
+
+    #[test]
+    fn validate_unallocated_keeps_other_errors() {
+        let svc = mk_service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"ports": [{"port": 80}, {"port": 81}]},
+        }));
+        let s = service("default", &svc).expect("converts");
+        let e = validate_unallocated(&s).expect_err("unnamed ports");
+        assert_eq!(fields(&e), ["spec.ports[0].name", "spec.ports[1].name"]);
+    }
+
+    fn web_slice() -> serde_json::Value {
+        json!({
+            "metadata": {
+                "name": "web-abc12",
+                "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {
+                    "addresses": ["10.244.1.5"],
+                    "hostname": "web-0",
+                    "nodeName": "node-a",
+                    "zone": "zone-1",
+                    "hints": {"forZones": [{"name": "zone-1"}], "forNodes": [{"name": "node-a"}]},
+                },
+                {"addresses": ["10.244.2.7"], "conditions": {"ready": false}},
+                {"addresses": ["10.244.2.8"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ],
+            "ports": [
+                {"name": "http", "port": 8080},
+                {"name": "dns", "protocol": "UDP", "port": 53},
+                {"name": "all"},
+            ],
+        })
+    }
+
+    #[test]
+    fn slice_with_defaults() {
+        let s = endpoint_slice("default", &mk_slice(web_slice()))
+            .expect("valid")
+            .expect("not FQDN");
+        assert_eq!(s.service, ServiceKey::new("default", "shop", "web"));
+        assert_eq!(s.slice.name, "web-abc12");
+        assert_eq!(s.slice.address_type, AddressType::IPv4);
+        let e = &s.slice.endpoints;
+        assert_eq!(e[0].addresses, [ip("10.244.1.5")]);
+        assert_eq!(e[0].conditions, EndpointConditions::default());
+        assert_eq!(e[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(e[0].node_name.as_deref(), Some("node-a"));
+        assert_eq!(e[0].zone.as_deref(), Some("zone-1"));
+        assert_eq!(e[0].hint_zones, ["zone-1"]);
+        assert_eq!(e[0].hint_nodes, ["node-a"]);
+        assert_eq!(
+            e[1].conditions,
+            EndpointConditions {
+                ready: false,
+                serving: false,
+                terminating: false
+            },
+            "serving follows ready when unset"
+        );
+        assert_eq!(
+            e[2].conditions,
+            EndpointConditions {
+                ready: false,
+                serving: true,
+                terminating: true
+            }
+        );
+        assert_eq!(
+            s.slice.ports,
+            [
+                EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080
+                },
+                EndpointPort {
+                    name: "dns".into(),
+                    protocol: Protocol::Udp,
+                    port: 53
+                },
+            ],
+            "a port without a number is dropped"
+        );
+    }
+
+    #[test]
+    fn ipv6_slice_and_unnamed_port() {
+        let s = endpoint_slice(
+            "default",
+            &mk_slice(json!({
+                "metadata": {"name": "web-v6", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv6",
+                "endpoints": [{"addresses": ["fd00:244::5"]}],
+                "ports": [{"port": 8080}],
+            })),
+        )
+        .expect("valid")
+        .expect("not FQDN");
+        assert_eq!(s.service, ServiceKey::new("default", "default", "web"));
+        assert_eq!(s.slice.address_type, AddressType::IPv6);
+        assert_eq!(s.slice.port_for("", Protocol::Tcp), Some(8080));
+    }
+
+    #[test]
+    fn fqdn_slice_is_ignored() {
+        let got = endpoint_slice(
+            "default",
+            &mk_slice(json!({
+                "metadata": {"name": "ext-1", "labels": {"kubernetes.io/service-name": "ext"}},
+                "addressType": "FQDN",
+                "endpoints": [{"addresses": ["db.example.com"]}],
+            })),
+        )
+        .expect("not an error");
+        assert_eq!(got, None);
+    }
+
+    #[test]
+    fn slice_errors_name_object_and_field() {
+        let mut v = web_slice();
+        v["metadata"]["labels"] = json!({});
+        v["endpoints"][1]["addresses"] = json!(["10.244.2.300"]);
+        v["ports"][0]["protocol"] = json!("ICMP");
+        v["ports"][1]["port"] = json!(0);
+        let e = endpoint_slice("default", &mk_slice(v)).expect_err("invalid");
+        assert_eq!(
+            fields(&e),
+            [
+                "metadata.labels",
+                "endpoints[1].addresses[0]",
+                "ports[0].protocol",
+                "ports[1].port"
+            ]
+        );
+        assert!(
+            e.0.iter()
+                .all(|e| e.object == "EndpointSlice shop/web-abc12")
+        );
+
+        let mut v = web_slice();
+        v["addressType"] = json!("IPX");
+        let e = endpoint_slice("default", &mk_slice(v)).expect_err("invalid");
+        assert_eq!(fields(&e), ["addressType"]);
+    }
+
+    #[test]
+    fn slice_is_validated_after_conversion() {
+        let mut v = web_slice();
+        v["endpoints"][0]["addresses"] = json!(["fd00::1"]);
+        let e = endpoint_slice("c2", &mk_slice(v)).expect_err("family mismatch");
+        assert_eq!(fields(&e), ["endpoints[0].addresses[0]"]);
+        assert_eq!(e.first().object, "EndpointSlice c2/shop/web-abc12");
+    }
+}
