@@ -24,7 +24,10 @@ pub fn router(status: Arc<Status>, metrics: Arc<Metrics>) -> Router {
             "/metrics",
             get(|State(s): State<AdminState>| async move {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
                     s.metrics.encode(),
                 )
             }),
@@ -35,4 +38,3 @@ pub fn router(status: Arc<Status>, metrics: Arc<Metrics>) -> Router {
         )
         .with_state(AdminState { status, metrics })
 }
-

@@ -81,7 +81,9 @@ impl Applier {
                     }
                 }
             }
-            Ok(Loaded::Empty) => tracing::info!("no persisted state; waiting for the control plane"),
+            Ok(Loaded::Empty) => {
+                tracing::info!("no persisted state; waiting for the control plane")
+            }
             Ok(Loaded::Discarded(reason)) => {
                 self.status.update(|s| s.discarded_state = Some(reason));
             }
@@ -123,9 +125,8 @@ impl Applier {
         let current = self.state();
         let (next, changes) = current.apply(update).map_err(|e| e.to_string())?;
         let next = Arc::new(next);
-        let unchanged = changes.changed.is_empty()
-            && changes.removed.is_empty()
-            && !current.version.is_empty();
+        let unchanged =
+            changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
         if !unchanged {
             self.program(next.clone(), changes.clone(), false).await?;
         }
@@ -134,12 +135,19 @@ impl Applier {
             .save(&next, update, &changes)
             .await
             .map_err(|e| format!("persisting the state: {e}"))?;
-        self.metrics.persist_seconds.observe(t.elapsed().as_secs_f64());
+        self.metrics
+            .persist_seconds
+            .observe(t.elapsed().as_secs_f64());
         self.publish(next, Origin::ControlPlane);
         Ok(())
     }
 
-    async fn program(&self, state: Arc<AgentState>, changes: ChangeSet, full: bool) -> Result<(), String> {
+    async fn program(
+        &self,
+        state: Arc<AgentState>,
+        changes: ChangeSet,
+        full: bool,
+    ) -> Result<(), String> {
         let dataplane = self.dataplane.clone();
         let t = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -152,7 +160,9 @@ impl Applier {
         })
         .await
         .map_err(|e| format!("data plane task failed: {e}"))?;
-        self.metrics.apply_seconds.observe(t.elapsed().as_secs_f64());
+        self.metrics
+            .apply_seconds
+            .observe(t.elapsed().as_secs_f64());
         result.map_err(|e| format!("data plane: {e}"))
     }
 

@@ -140,7 +140,10 @@ async fn session(
     applier: &mut Applier,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let channel = connector.connect().await.map_err(|e| format!("connecting: {e}"))?;
+    let channel = connector
+        .connect()
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
     let mut client = SnapshotDiscoveryClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(64 << 20);
@@ -156,11 +159,19 @@ async fn session(
         })),
     };
     drop(state);
-    tx.send(hello).await.map_err(|_| "stream closed before Hello")?;
+    tx.send(hello)
+        .await
+        .map_err(|_| "stream closed before Hello")?;
     let mut inbound = client
         .stream_snapshots(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("control plane refused the stream: {}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            format!(
+                "control plane refused the stream: {}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     applier.status.update(|s| s.connected = true);
     applier.metrics.connected.set(1);

@@ -106,7 +106,8 @@ pub async fn start_with(
         .await
         .context("opening the state store")??;
     if let Some(reason) = discarded {
-        status.update(|s| s.discarded_state = Some(format!("state database moved aside: {reason}")));
+        status
+            .update(|s| s.discarded_state = Some(format!("state database moved aside: {reason}")));
     }
     let mut applier = applier::Applier::new(store, dataplane, status.clone(), metrics.clone());
     applier.restore().await;

@@ -46,7 +46,10 @@ impl AgentState {
 
     /// Decodes and validates every resource of `update` and returns the
     /// state after it. Nothing is changed when any resource is invalid.
-    pub fn apply(&self, update: &v1::SnapshotUpdate) -> Result<(AgentState, ChangeSet), DecodeError> {
+    pub fn apply(
+        &self,
+        update: &v1::SnapshotUpdate,
+    ) -> Result<(AgentState, ChangeSet), DecodeError> {
         let mut next = self.clone();
         let mut changes = ChangeSet::default();
         for r in &update.resources {
@@ -60,7 +63,10 @@ impl AgentState {
                 return Err(DecodeError::Field {
                     resource: r.name.clone(),
                     field: "name".into(),
-                    message: format!("does not match the Service it carries ({})", state.service.key),
+                    message: format!(
+                        "does not match the Service it carries ({})",
+                        state.service.key
+                    ),
                 });
             }
             next.resources.insert(

@@ -59,7 +59,12 @@ pub struct Status {
 
 impl Status {
     /// Status for a node before anything is applied.
-    pub fn new(node: String, cluster: String, zone: Option<String>, dataplane: &'static str) -> Self {
+    pub fn new(
+        node: String,
+        cluster: String,
+        zone: Option<String>,
+        dataplane: &'static str,
+    ) -> Self {
         Self {
             doc: Mutex::new(StatusDocument {
                 node,
@@ -145,10 +150,22 @@ impl Metrics {
         registry.register("acks", "Updates applied and ACKed", m.acks.clone());
         registry.register("nacks", "Updates rejected", m.nacks.clone());
         registry.register("connects", "Stream connection attempts", m.connects.clone());
-        registry.register("connected", "1 while a stream to the control plane is open", m.connected.clone());
+        registry.register(
+            "connected",
+            "1 while a stream to the control plane is open",
+            m.connected.clone(),
+        );
         registry.register("resources", "Services in force", m.resources.clone());
-        registry.register("apply_seconds", "Data plane apply duration", m.apply_seconds.clone());
-        registry.register("persist_seconds", "State persistence duration", m.persist_seconds.clone());
+        registry.register(
+            "apply_seconds",
+            "Data plane apply duration",
+            m.apply_seconds.clone(),
+        );
+        registry.register(
+            "persist_seconds",
+            "State persistence duration",
+            m.persist_seconds.clone(),
+        );
         registry.register(
             "network_programming_latency_seconds",
             "From the control plane seeing a change to the change in force on this node",

@@ -164,7 +164,8 @@ impl Store {
             let (key, value) = entry.map_err(|e| e.to_string())?;
             let name = String::from_utf8_lossy(&key).into_owned();
             let payload = unframe(&value).map_err(|e| format!("resource {name}: {e}"))?;
-            let resource = v1::Resource::decode(payload).map_err(|e| format!("resource {name}: {e}"))?;
+            let resource =
+                v1::Resource::decode(payload).map_err(|e| format!("resource {name}: {e}"))?;
             if resource.name != name {
                 return Err(format!("resource {name}: stored under the wrong key"));
             }
@@ -251,22 +252,32 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 /// Checks a frame and returns its payload.
 pub fn unframe(bytes: &[u8]) -> Result<&[u8], String> {
     if bytes.len() < HEADER_LEN {
-        return Err(format!("{} bytes is shorter than a frame header", bytes.len()));
+        return Err(format!(
+            "{} bytes is shorter than a frame header",
+            bytes.len()
+        ));
     }
     if &bytes[..4] != MAGIC {
         return Err("bad magic".into());
     }
     let version = u16::from_be_bytes([bytes[4], bytes[5]]);
     if version != FORMAT_VERSION {
-        return Err(format!("format version {version}, this agent reads {FORMAT_VERSION}"));
+        return Err(format!(
+            "format version {version}, this agent reads {FORMAT_VERSION}"
+        ));
     }
     let len = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
     if len > MAX_FRAME {
-        return Err(format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte bound"));
+        return Err(format!(
+            "frame of {len} bytes exceeds the {MAX_FRAME}-byte bound"
+        ));
     }
     let payload = &bytes[HEADER_LEN..];
     if payload.len() != len {
-        return Err(format!("truncated: {} of {len} payload bytes", payload.len()));
+        return Err(format!(
+            "truncated: {} of {len} payload bytes",
+            payload.len()
+        ));
     }
     let crc = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
     if crc32fast::hash(payload) != crc {
@@ -283,13 +294,21 @@ mod tests {
     fn frame_checks() {
         let f = frame(b"hello");
         assert_eq!(unframe(&f), Ok(&b"hello"[..]));
-        assert!(unframe(&f[..f.len() - 1]).expect_err("truncated").contains("truncated"));
+        assert!(
+            unframe(&f[..f.len() - 1])
+                .expect_err("truncated")
+                .contains("truncated")
+        );
         let mut bad = f.clone();
         bad[HEADER_LEN] ^= 1;
         assert_eq!(unframe(&bad), Err("checksum mismatch".into()));
         let mut old = f.clone();
         old[5] = 9;
-        assert!(unframe(&old).expect_err("version").contains("format version 9"));
+        assert!(
+            unframe(&old)
+                .expect_err("version")
+                .contains("format version 9")
+        );
         let mut magic = f;
         magic[0] = b'X';
         assert_eq!(unframe(&magic), Err("bad magic".into()));

@@ -70,10 +70,12 @@ impl ControlPlane {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Stops at once, as a crash would: every task is aborted and every
-    /// connection dropped without a goodbye.
+    /// Stops at once, as close to a crash as a library can: every task is
+    /// aborted mid-flight (no snapshot is finished, no stream says goodbye)
+    /// and the stream tasks, which hold the connections, are cancelled.
     pub async fn kill(mut self) {
         self.tasks.abort_all();
+        self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
 

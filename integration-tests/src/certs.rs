@@ -23,7 +23,9 @@ impl TestCa {
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "switchyard test CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "switchyard test CA");
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key).expect("CA certificate");
         let ca_pem = dir.join("ca.pem");
@@ -35,7 +37,13 @@ impl TestCa {
         }
     }
 
-    fn issue(&self, file: &str, cn: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {
+    fn issue(
+        &self,
+        file: &str,
+        cn: &str,
+        sans: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(sans).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -60,6 +68,11 @@ impl TestCa {
 
     /// A client certificate naming `node`.
     pub fn client(&self, node: &str) -> (PathBuf, PathBuf) {
-        self.issue(&format!("client-{node}"), node, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(
+            &format!("client-{node}"),
+            node,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
     }
 }

@@ -27,8 +27,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -54,7 +53,11 @@ pub struct ServerTls {
 }
 
 /// Control-plane arguments for a test: sources, a state dir, a short debounce.
-pub fn cp_args(manifests: &Path, state_dir: &Path, tls: Option<&ServerTls>) -> switchyard_control_plane::Args {
+pub fn cp_args(
+    manifests: &Path,
+    state_dir: &Path,
+    tls: Option<&ServerTls>,
+) -> switchyard_control_plane::Args {
     let mut argv: Vec<String> = vec![
         "switchyard-control-plane".into(),
         "--source".into(),
@@ -81,8 +84,12 @@ pub async fn start_cp(args: switchyard_control_plane::Args) -> ControlPlane {
 
 /// A control plane whose gRPC listener binds `grpc` (to restart on the same port).
 pub async fn start_cp_on(args: switchyard_control_plane::Args, grpc: &str) -> ControlPlane {
-    let grpc = TcpListener::bind(grpc).await.expect("binding gRPC listener");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("binding admin listener");
+    let grpc = TcpListener::bind(grpc)
+        .await
+        .expect("binding gRPC listener");
+    let admin = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding admin listener");
     let sources = switchyard_control_plane::sources_from_args(&args);
     switchyard_control_plane::start_with(args, grpc, admin, sources, CancellationToken::new())
         .await
@@ -144,7 +151,9 @@ pub fn agent_args(node: &str, cp_url: &str, state_dir: &Path) -> switchyard_agen
 
 /// Starts an agent with `dataplane`.
 pub async fn start_agent(args: switchyard_agent::Args, dataplane: Box<dyn DataPlane>) -> Agent {
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("binding admin listener");
+    let admin = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding admin listener");
     switchyard_agent::start_with(args, admin, dataplane, CancellationToken::new())
         .await
         .expect("agent starts")
@@ -160,9 +169,12 @@ pub async fn start_recording_agent(args: switchyard_agent::Args) -> (Agent, Arc<
 /// Waits until the agent has `version` in force.
 pub async fn agent_at_version(agent: &Agent, version: &str) {
     let mut rx = agent.state.clone();
-    within(&format!("agent to apply {version}"), rx.wait_for(|s| s.version == version))
-        .await
-        .expect("agent state channel open");
+    within(
+        &format!("agent to apply {version}"),
+        rx.wait_for(|s| s.version == version),
+    )
+    .await
+    .expect("agent state channel open");
 }
 
 /// A data plane that rejects any state holding a Service whose name starts
@@ -224,7 +236,9 @@ pub fn service_yaml(ns: &str, name: &str, port: u16, endpoints: &[&str]) -> Stri
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: {ns}\n  name: {name}-1\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n"
     );
     for ip in endpoints {
-        y.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n"));
+        y.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n"
+        ));
     }
     y
 }

@@ -44,10 +44,12 @@ async fn current_version(cp: &switchyard_control_plane::ControlPlane) -> String 
 
 /// Waits for a snapshot version other than `old`.
 async fn next_version(cp: &switchyard_control_plane::ControlPlane, old: &str) -> String {
-    cp_status_until(cp, "a new snapshot version", |s| s.version.as_deref().is_some_and(|v| v != old))
-        .await
-        .version
-        .expect("version")
+    cp_status_until(cp, "a new snapshot version", |s| {
+        s.version.as_deref().is_some_and(|v| v != old)
+    })
+    .await
+    .version
+    .expect("version")
 }
 
 async fn all_acked(cp: &switchyard_control_plane::ControlPlane, nodes: &[&str], version: &str) {
@@ -64,8 +66,14 @@ async fn all_acked(cp: &switchyard_control_plane::ControlPlane, nodes: &[&str], 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_converge_and_follow_a_file_change() {
     let env = Env::new();
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10", "10.244.2.10"]));
-    env.write("api.yaml", &service_yaml("shop", "api", 8080, &["10.244.1.11"]));
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10", "10.244.2.10"]),
+    );
+    env.write(
+        "api.yaml",
+        &service_yaml("shop", "api", 8080, &["10.244.1.11"]),
+    );
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
 
@@ -84,9 +92,15 @@ async fn three_agents_converge_and_follow_a_file_change() {
     let status = get_json(cp.admin_addr, "/status").await;
     assert_eq!(status["version"], v1.as_str());
     assert_eq!(status["agents"].as_array().expect("agents").len(), 3);
-    assert!(status["agents"].as_array().expect("agents").iter().all(|a| a["connected"] == true
-        && a["acked_version"] == v1.as_str()
-        && a["last_error"].is_null()));
+    assert!(
+        status["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .all(|a| a["connected"] == true
+                && a["acked_version"] == v1.as_str()
+                && a["last_error"].is_null())
+    );
     assert_eq!(get_text(cp.admin_addr, "/readyz").await.0, 200);
     let agent_status = get_json(agents[0].0.admin_addr, "/status").await;
     assert_eq!(agent_status["node"], "node-a");
@@ -95,29 +109,52 @@ async fn three_agents_converge_and_follow_a_file_change() {
     assert_eq!(agent_status["connected"], true);
 
     // One endpoint added: every agent gets exactly that resource and ACKs.
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10", "10.244.2.10", "10.244.3.10"]));
+    env.write(
+        "web.yaml",
+        &service_yaml(
+            "shop",
+            "web",
+            80,
+            &["10.244.1.10", "10.244.2.10", "10.244.3.10"],
+        ),
+    );
     let v2 = next_version(&cp, &v1).await;
     all_acked(&cp, &["node-a", "node-b", "node-c"], &v2).await;
     let web = "default/shop/web";
     for (agent, _) in &agents {
         agent_at_version(agent, &v2).await;
         let state = agent.state.borrow().clone();
-        let endpoints: usize = state.resources[web].state.slices.iter().map(|s| s.endpoints.len()).sum();
+        let endpoints: usize = state.resources[web]
+            .state
+            .slices
+            .iter()
+            .map(|s| s.endpoints.len())
+            .sum();
         assert_eq!(endpoints, 3);
     }
     let status = cp.status.document();
     for a in &status.agents {
         assert_eq!(a.pushes, 2, "{}: one full update, one delta", a.node);
-        assert_eq!(a.resources_sent, 3, "{}: two resources, then only the changed one", a.node);
+        assert_eq!(
+            a.resources_sent, 3,
+            "{}: two resources, then only the changed one",
+            a.node
+        );
     }
     let metrics = get_text(cp.admin_addr, "/metrics").await.1;
-    assert!(metrics.contains("switchyard_control_plane_acks_total 6"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_control_plane_acks_total 6"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_document_is_skipped_and_reported() {
     let env = Env::new();
-    env.write("good.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10"]));
+    env.write(
+        "good.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
     env.write(
         "bad.yaml",
         "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\n  name: broken\nspec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 999999\n  ports:\n  - port: 80\n",
@@ -127,44 +164,79 @@ async fn an_invalid_document_is_skipped_and_reported() {
     let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
     agent_at_version(&agent, &v1).await;
     let names: Vec<String> = agent.state.borrow().resources.keys().cloned().collect();
-    assert_eq!(names, ["default/shop/web"], "the valid Service is served, the invalid one is not");
+    assert_eq!(
+        names,
+        ["default/shop/web"],
+        "the valid Service is served, the invalid one is not"
+    );
 
     let status = get_json(cp.admin_addr, "/status").await;
-    let invalid = status["invalid_objects"].as_array().expect("invalid_objects");
+    let invalid = status["invalid_objects"]
+        .as_array()
+        .expect("invalid_objects");
     assert_eq!(invalid.len(), 1, "{invalid:?}");
     assert_eq!(invalid[0]["object"], "Service shop/broken");
-    assert_eq!(invalid[0]["field"], "spec.sessionAffinityConfig.clientIP.timeoutSeconds");
+    assert_eq!(
+        invalid[0]["field"],
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    );
     let metrics = get_text(cp.admin_addr, "/metrics").await.1;
-    assert!(metrics.contains("switchyard_control_plane_invalid_objects 1"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_control_plane_invalid_objects 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_snapshot_is_nacked_shown_and_not_resent() {
     let env = Env::new();
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10"]));
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
     let picky = PickyDataPlane::default();
     let offered = picky.offered.clone();
-    let agent = start_agent(agent_args("node-a", &url(&cp), &env.state("a")), Box::new(picky)).await;
+    let agent = start_agent(
+        agent_args("node-a", &url(&cp), &env.state("a")),
+        Box::new(picky),
+    )
+    .await;
     agent_at_version(&agent, &v1).await;
 
-    env.write("reject.yaml", &service_yaml("shop", "reject-me", 81, &["10.244.1.12"]));
+    env.write(
+        "reject.yaml",
+        &service_yaml("shop", "reject-me", 81, &["10.244.1.12"]),
+    );
     let v2 = next_version(&cp, &v1).await;
     let status = cp_status_until(&cp, "the NACK to show", |s| {
-        s.agents.iter().any(|a| a.nacked_version.as_deref() == Some(v2.as_str()))
+        s.agents
+            .iter()
+            .any(|a| a.nacked_version.as_deref() == Some(v2.as_str()))
     })
     .await;
     let a = &status.agents[0];
-    assert_eq!(a.acked_version.as_deref(), Some(v1.as_str()), "last good version stays");
+    assert_eq!(
+        a.acked_version.as_deref(),
+        Some(v1.as_str()),
+        "last good version stays"
+    );
     let err = a.last_error.as_deref().expect("error shown");
     assert!(err.contains("default/shop/reject-me"), "{err}");
     assert_eq!(a.pushes, 2);
-    assert_eq!(agent.state.borrow().version, v1, "the agent keeps its last good state");
+    assert_eq!(
+        agent.state.borrow().version,
+        v1,
+        "the agent keeps its last good state"
+    );
 
     // The next change ends the parking: exactly one more update arrives,
     // carrying the new version; v2 was never offered again.
-    env.write("reject.yaml", &service_yaml("shop", "fine", 81, &["10.244.1.12"]));
+    env.write(
+        "reject.yaml",
+        &service_yaml("shop", "fine", 81, &["10.244.1.12"]),
+    );
     let v3 = next_version(&cp, &v2).await;
     all_acked(&cp, &["node-a"], &v3).await;
     let offered = offered.lock().expect("lock").clone();
@@ -181,8 +253,14 @@ async fn a_rejected_snapshot_is_nacked_shown_and_not_resent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
     let env = Env::new();
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10"]));
-    env.write("api.yaml", &service_yaml("shop", "api", 81, &["10.244.1.11"]));
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
+    env.write(
+        "api.yaml",
+        &service_yaml("shop", "api", 81, &["10.244.1.11"]),
+    );
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
     let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
@@ -192,9 +270,15 @@ async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
     cp.kill().await;
     let st = agent.state.clone();
     // The stream breaks; the state in force does not change.
-    agent_status_until(&agent, "the agent to notice the control plane died", |s| !s.connected).await;
+    agent_status_until(&agent, "the agent to notice the control plane died", |s| {
+        !s.connected
+    })
+    .await;
     assert!(!st.has_changed().expect("open"), "state untouched");
-    assert_eq!(agent.status.document().version.as_deref(), Some(v1.as_str()));
+    assert_eq!(
+        agent.status.document().version.as_deref(),
+        Some(v1.as_str())
+    );
 
     // Restart the agent with the control plane still down: it serves from disk.
     agent.shutdown().await;
@@ -203,7 +287,11 @@ async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
     assert_eq!(doc.version.as_deref(), Some(v1.as_str()));
     assert_eq!(doc.origin, switchyard_agent::status::Origin::Persisted);
     assert_eq!(doc.resources, 2);
-    assert_eq!(rec.lock().expect("lock").versions, vec![v1.clone()], "applied before any connection");
+    assert_eq!(
+        rec.lock().expect("lock").versions,
+        vec![v1.clone()],
+        "applied before any connection"
+    );
     let http = get_json(agent.admin_addr, "/status").await;
     assert_eq!(http["origin"], "persisted");
     assert_eq!(http["connected"], false);
@@ -213,7 +301,10 @@ async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
 async fn a_restarted_control_plane_sends_only_the_differences() {
     let env = Env::new();
     for i in 0..5 {
-        env.write(&format!("s{i}.yaml"), &service_yaml("shop", &format!("s{i}"), 80, &["10.244.1.10"]));
+        env.write(
+            &format!("s{i}.yaml"),
+            &service_yaml("shop", &format!("s{i}"), 80, &["10.244.1.10"]),
+        );
     }
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
@@ -227,14 +318,21 @@ async fn a_restarted_control_plane_sends_only_the_differences() {
     cp.kill().await;
 
     // While it is down, one Service changes.
-    env.write("s3.yaml", &service_yaml("shop", "s3", 80, &["10.244.1.10", "10.244.2.10"]));
+    env.write(
+        "s3.yaml",
+        &service_yaml("shop", "s3", 80, &["10.244.1.10", "10.244.2.10"]),
+    );
     let cp = start_cp_on(env.cp_args(), &grpc.to_string()).await;
     let v2 = current_version(&cp).await;
     assert_ne!(v1, v2, "versions are unique across restarts");
     all_acked(&cp, &nodes, &v2).await;
     for a in cp.status.document().agents {
         assert_eq!(a.pushes, 1, "{}", a.node);
-        assert_eq!(a.resources_sent, 1, "{}: only the changed Service is sent", a.node);
+        assert_eq!(
+            a.resources_sent, 1,
+            "{}: only the changed Service is sent",
+            a.node
+        );
     }
     for (agent, _) in &agents {
         agent_at_version(agent, &v2).await;
@@ -245,7 +343,10 @@ async fn a_restarted_control_plane_sends_only_the_differences() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_state_is_discarded_and_resynced() {
     let env = Env::new();
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10"]));
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
     let dir = env.state("a");
@@ -269,7 +370,10 @@ async fn corrupt_state_is_discarded_and_resynced() {
     let why = doc.discarded_state.expect("discard reported");
     assert!(why.contains("checksum mismatch"), "{why}");
     agent_at_version(&agent, &v1).await;
-    assert_eq!(agent.status.document().origin, switchyard_agent::status::Origin::ControlPlane);
+    assert_eq!(
+        agent.status.document().origin,
+        switchyard_agent::status::Origin::ControlPlane
+    );
     agent.shutdown().await;
 
     // Garbage where sled's files are: moved aside, full resync, no crash.
@@ -281,17 +385,27 @@ async fn corrupt_state_is_discarded_and_resynced() {
         }
     }
     let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &dir)).await;
-    assert!(agent.status.document().discarded_state.is_some(), "damage reported");
+    assert!(
+        agent.status.document().discarded_state.is_some(),
+        "damage reported"
+    );
     agent_at_version(&agent, &v1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_binds_the_node_name_to_the_certificate() {
     let env = Env::new();
-    env.write("web.yaml", &service_yaml("shop", "web", 80, &["10.244.1.10"]));
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
     let ca = certs::TestCa::new(env.dir.path());
     let (cert, key) = ca.server();
-    let tls = ServerTls { cert, key, client_ca: Some(ca.ca_pem.clone()) };
+    let tls = ServerTls {
+        cert,
+        key,
+        client_ca: Some(ca.ca_pem.clone()),
+    };
     let cp = start_cp(cp_args(&env.manifests(), &env.state("cp"), Some(&tls))).await;
     let v1 = current_version(&cp).await;
     let https = format!("https://localhost:{}", cp.grpc_addr.port());
@@ -312,12 +426,26 @@ async fn mutual_tls_binds_the_node_name_to_the_certificate() {
     // A certificate for node-a used by an agent claiming node-b: refused.
     let (bad, _) = start_recording_agent(tls_agent_args("node-b", "node-a")).await;
     let rx = bad.state.clone();
-    let err = agent_status_until(&bad, "the refusal to be reported", |s| s.last_error.is_some())
-        .await
-        .last_error
-        .expect("error");
-    assert!(err.contains("PermissionDenied") || err.contains("permission"), "{err}");
-    assert!(err.contains("does not match the client certificate"), "{err}");
+    let err = agent_status_until(&bad, "the refusal to be reported", |s| {
+        s.last_error.is_some()
+    })
+    .await
+    .last_error
+    .expect("error");
+    assert!(
+        err.contains("PermissionDenied") || err.contains("permission"),
+        "{err}"
+    );
+    assert!(
+        err.contains("does not match the client certificate"),
+        "{err}"
+    );
     assert!(!rx.has_changed().expect("open"), "nothing was applied");
-    assert!(cp.status.document().agents.iter().all(|a| a.node != "node-b"));
+    assert!(
+        cp.status
+            .document()
+            .agents
+            .iter()
+            .all(|a| a.node != "node-b")
+    );
 }

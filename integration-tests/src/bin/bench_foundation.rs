@@ -1,0 +1,735 @@
+//! `bench_foundation`: the numbers behind the snapshot protocol, measured in
+//! one run and printed as a Markdown table (progress goes to stderr).
+//!
+//! ```text
+//!  main process                                 fan-out process (one per --streams entry)
+//!  1. YAML dir ─▶ control plane (file:DIR)      3. BenchSource ─▶ control plane ◀─ gRPC ─▶ client fleet process
+//!     time to first snapshot                        (programmatic)     │                 (N streams, one HTTP/2
+//!  2. real agent (sled, none data plane)            one endpoint change ─▶ all N ACKs     connection each, ACK all)
+//!     time to hold the full state, x3            4. VmRSS before/after the N streams ACKed the full state
+//! ```
+//!
+//! Each fan-out run is a fresh process so that its memory figures start from
+//! a clean heap; its clients are a further process so they never count.
+//! Waits follow the control plane's status watch, never a sleep.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use switchyard_agent::dataplane::NoneDataPlane;
+use switchyard_control_plane::ControlPlane;
+use switchyard_control_plane::index::{Index, IndexConfig};
+use switchyard_control_plane::source::{Source, SourceSlice, SourceState};
+use switchyard_model::{
+    Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort, TargetPort,
+};
+use switchyard_proto::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
+use switchyard_proto::v1::{self, agent_message};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for any single event before the bench gives up.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// Services per YAML file.
+const SERVICES_PER_FILE: usize = 100;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench_foundation", about = "Snapshot protocol benchmarks")]
+struct Cli {
+    /// Services in the snapshot.
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Endpoints per Service (one EndpointSlice each).
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Agent stream counts for the fan-out measurement.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    streams: Vec<usize>,
+    /// Endpoint changes timed per stream count.
+    #[arg(long, default_value_t = 50)]
+    changes: usize,
+    /// Fresh agents timed to the full state.
+    #[arg(long, default_value_t = 3)]
+    agent_runs: usize,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// One fan-out run (control plane in this process); prints JSON.
+    #[command(hide = true)]
+    Fanout {
+        #[arg(long)]
+        streams: usize,
+    },
+    /// The client fleet: `count` streams to `url`, each ACKing every update.
+    #[command(hide = true)]
+    Clients {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match &cli.role {
+        None => rt.block_on(run_all(&cli)),
+        Some(Role::Fanout { streams }) => {
+            let result = rt.block_on(fanout(&cli, *streams))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Some(Role::Clients { url, count }) => rt.block_on(clients(url.clone(), *count)),
+    }
+}
+
+// ---------------------------------------------------------------- workload
+
+fn endpoint_ip(k: usize) -> std::net::IpAddr {
+    // 10.128.0.1 onwards: 100,000 endpoints fit well inside 10.128.0.0/9.
+    let base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    std::net::IpAddr::V4((base + 1 + k as u32).into())
+}
+
+fn service_name(i: usize) -> String {
+    format!("svc-{i:05}")
+}
+
+fn namespace(i: usize) -> String {
+    format!("bench-{:03}", i / SERVICES_PER_FILE)
+}
+
+/// The same objects the YAML files hold, built directly.
+fn source_state(services: usize, endpoints: usize) -> SourceState {
+    let mut state = SourceState {
+        synced: true,
+        ..SourceState::default()
+    };
+    for i in 0..services {
+        let key = ServiceKey::new(
+            switchyard_model::DEFAULT_CLUSTER,
+            namespace(i),
+            service_name(i),
+        );
+        state.services.push(Service {
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: TargetPort::Number(8080),
+                node_port: None,
+            }],
+            ..Service::new(key.clone())
+        });
+        state.slices.push(SourceSlice {
+            service: key,
+            slice: EndpointSlice {
+                name: format!("{}-1", service_name(i)),
+                endpoints: (0..endpoints)
+                    .map(|j| Endpoint {
+                        addresses: vec![endpoint_ip(i * endpoints + j)],
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+                ports: vec![EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+                ..EndpointSlice::default()
+            },
+        });
+    }
+    state
+}
+
+/// Change number `c`: one Service's first endpoint moves to a new address.
+fn mutate(state: &mut SourceState, c: usize) {
+    let i = (c * 7919) % state.slices.len();
+    let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0));
+    if let Some(ep) = state.slices[i].slice.endpoints.first_mut() {
+        ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())];
+    }
+}
+
+fn write_yaml(dir: &Path, services: usize, endpoints: usize) -> anyhow::Result<()> {
+    for (f, first) in (0..services).step_by(SERVICES_PER_FILE).enumerate() {
+        let mut doc = String::new();
+        for i in first..(first + SERVICES_PER_FILE).min(services) {
+            let ips: Vec<String> = (0..endpoints)
+                .map(|j| endpoint_ip(i * endpoints + j).to_string())
+                .collect();
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            if !doc.is_empty() {
+                doc.push_str("---\n");
+            }
+            doc.push_str(&switchyard_integration_tests::service_yaml(
+                &namespace(i),
+                &service_name(i),
+                80,
+                &ips,
+            ));
+        }
+        std::fs::write(dir.join(format!("services-{f:03}.yaml")), doc)?;
+    }
+    Ok(())
+}
+
+/// A source the bench drives: it hands its watch sender back, so the bench
+/// publishes whole new states itself.
+struct BenchSource {
+    initial: SourceState,
+    handle: oneshot::Sender<watch::Sender<SourceState>>,
+}
+
+impl std::fmt::Debug for BenchSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BenchSource")
+    }
+}
+
+impl Source for BenchSource {
+    fn name(&self) -> String {
+        "bench".into()
+    }
+
+    fn run(
+        self: Box<Self>,
+        state: watch::Sender<SourceState>,
+        shutdown: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let BenchSource { initial, handle } = *self;
+            state.send_replace(initial);
+            let _ = handle.send(state);
+            shutdown.cancelled().await;
+        })
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn cp_args(source: &str, state_dir: &Path) -> switchyard_control_plane::Args {
+    <switchyard_control_plane::Args as clap::Parser>::parse_from([
+        "switchyard-control-plane",
+        "--source",
+        source,
+        "--state-dir",
+        &state_dir.display().to_string(),
+        "--debounce",
+        "0ms",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+}
+
+async fn start_cp(
+    args: switchyard_control_plane::Args,
+    sources: Vec<Box<dyn Source>>,
+) -> anyhow::Result<ControlPlane> {
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    switchyard_control_plane::start_with(args, grpc, admin, sources, CancellationToken::new()).await
+}
+
+/// Waits on the control plane's status watch until `done` holds.
+///
+/// The ACK counter is incremented just *after* the status generation moves
+/// (server.rs `on_message`), so the last ACK can bump the generation before
+/// the counter shows it; a 1 ms re-check covers that window. Returns how
+/// often the re-check found the condition true (the latency of those samples
+/// may be up to 1 ms late).
+async fn until(cp: &ControlPlane, what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<u32> {
+    let mut rx = cp.status.subscribe();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        rx.borrow_and_update();
+        if done() {
+            return Ok(0);
+        }
+        tokio::select! {
+            r = rx.changed() => r.context("status channel closed")?,
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                if done() {
+                    return Ok(1);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => bail!("timed out after {DEADLINE:?} waiting for {what}"),
+        }
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The value of one line of a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------- fan-out
+
+async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> {
+    let rss_start = rss_kib();
+    let state = source_state(cli.services, cli.endpoints);
+    let rss_state = rss_kib();
+
+    let tmp = tempfile::tempdir()?;
+    let (handle_tx, handle_rx) = oneshot::channel();
+    let source = BenchSource {
+        initial: state,
+        handle: handle_tx,
+    };
+    let t = Instant::now();
+    let cp = start_cp(cp_args("file:/nonexistent", tmp.path()), vec![Box::new(source)]).await?;
+    let publisher = handle_rx.await.context("bench source did not start")?;
+    until(&cp, "the first snapshot", || cp.status.version().is_some()).await?;
+    let first_snapshot = t.elapsed();
+    let resources = cp.status.document().resources;
+    let rss_snapshot = rss_kib();
+
+    // The client fleet, in its own process.
+    let url = format!("http://{}", cp.grpc_addr);
+    let exe = std::env::current_exe()?;
+    let mut fleet = tokio::process::Command::new(exe)
+        .args(["clients", "--url", &url, "--count", &streams.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the client fleet")?;
+    let t = Instant::now();
+    let n = streams as u64;
+    until(&cp, "every stream to ACK the full state", || {
+        cp.metrics.acks.get() >= n
+    })
+    .await?;
+    let initial_all_acked = t.elapsed();
+    let rss_acked = rss_kib();
+    let full_pushes = cp.metrics.pushes.get();
+
+    let metrics_before = cp.metrics.encode();
+    let mut latencies = Vec::with_capacity(cli.changes);
+    let mut to_snapshot = Vec::with_capacity(cli.changes);
+    let mut rechecks = 0;
+    for c in 0..cli.changes {
+        let base = cp.metrics.acks.get();
+        let old_version = cp.status.version();
+        let mut snap_at = None;
+        let t0 = Instant::now();
+        publisher.send_modify(|s| mutate(s, c));
+        rechecks += until(&cp, "every stream to ACK a change", || {
+            if snap_at.is_none() && cp.status.version() != old_version {
+                snap_at = Some(t0.elapsed());
+            }
+            cp.metrics.acks.get() >= base + n
+        })
+        .await?;
+        latencies.push(ms(t0.elapsed()));
+        to_snapshot.push(snap_at.map_or(f64::NAN, ms));
+        if let Some(status) = fleet.try_wait()? {
+            bail!("the client fleet exited early: {status}");
+        }
+    }
+    let rss_changes = rss_kib();
+    let metrics_after = cp.metrics.encode();
+    let build_sum = metric(&metrics_after, "switchyard_control_plane_snapshot_build_seconds_sum")
+        - metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_sum");
+    let build_count = metric(&metrics_after, "switchyard_control_plane_snapshot_build_seconds_count")
+        - metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_count");
+    let first_build = metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_sum");
+
+    fleet.kill().await.ok();
+    cp.kill().await;
+    Ok(serde_json::json!({
+        "streams": streams,
+        "resources": resources,
+        "rss_start_kib": rss_start,
+        "rss_state_kib": rss_state,
+        "rss_snapshot_kib": rss_snapshot,
+        "rss_acked_kib": rss_acked,
+        "rss_changes_kib": rss_changes,
+        "first_snapshot_ms": ms(first_snapshot),
+        "first_build_ms": first_build * 1e3,
+        "initial_all_acked_ms": ms(initial_all_acked),
+        "full_pushes": full_pushes,
+        "latencies_ms": latencies,
+        "to_snapshot_ms": to_snapshot,
+        "build_avg_ms": build_sum / build_count * 1e3,
+        "rechecks": rechecks,
+    }))
+}
+
+// ---------------------------------------------------------------- client fleet
+
+async fn clients(url: String, count: usize) -> anyhow::Result<()> {
+    // Bounded connection concurrency keeps the listen backlog from overflowing;
+    // every stream still asks for its full state at about the same time.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let url = url.clone();
+        let connecting = connecting.clone();
+        set.spawn(async move {
+            let permit = connecting.acquire_owned().await?;
+            // One Channel from `connect()` is one HTTP/2 connection.
+            let channel = tonic::transport::Endpoint::from_shared(url)?
+                .connect()
+                .await
+                .context("connecting")?;
+            drop(permit);
+            let mut client =
+                SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(v1::AgentMessage {
+                kind: Some(agent_message::Kind::Hello(v1::Hello {
+                    node_name: format!("bench-node-{i:05}"),
+                    cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
+                    ..v1::Hello::default()
+                })),
+            })
+            .await?;
+            let mut updates = client
+                .stream_snapshots(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            while let Some(u) = updates.message().await? {
+                tx.send(v1::AgentMessage {
+                    kind: Some(agent_message::Kind::Ack(v1::Ack {
+                        nonce: u.nonce,
+                        snapshot_version: u.snapshot_version,
+                    })),
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r? {
+            eprintln!("client fleet: a stream failed: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- main run
+
+struct Row {
+    measurement: String,
+    result: String,
+    target: String,
+    limit: String,
+}
+
+fn row(measurement: impl Into<String>, result: impl Into<String>, target: &str, limit: &str) -> Row {
+    Row {
+        measurement: measurement.into(),
+        result: result.into(),
+        target: target.into(),
+        limit: limit.into(),
+    }
+}
+
+fn verdict(value: f64, target: f64) -> &'static str {
+    if value <= target { "met" } else { "MISSED" }
+}
+
+async fn run_all(cli: &Cli) -> anyhow::Result<()> {
+    let (s, e) = (cli.services, cli.endpoints);
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    // 0. Index::build alone on the same objects, first build and one change.
+    let mut state = source_state(s, e);
+    let mut index = Index::new(&IndexConfig {
+        service_cidrs: vec!["10.96.0.0/12".parse()?],
+        debounce: Duration::ZERO,
+        max_delay: Duration::from_secs(1),
+        state_dir: None,
+    });
+    let t = Instant::now();
+    let first = index.build(&[("bench".into(), state.clone())], 0);
+    let index_first = t.elapsed();
+    let mut rebuilds = Vec::new();
+    let mut clones = Vec::new();
+    for c in 0..10 {
+        mutate(&mut state, c);
+        let t = Instant::now();
+        let states = [("bench".to_owned(), state.clone())];
+        clones.push(ms(t.elapsed()));
+        let b = index.build(&states, 0);
+        rebuilds.push(ms(t.elapsed()));
+        anyhow::ensure!(b.snapshot.is_some(), "a change must make a snapshot");
+    }
+    rebuilds.sort_by(f64::total_cmp);
+    clones.sort_by(f64::total_cmp);
+    let built = first.snapshot.map_or(0, |s| s.resources.len());
+    eprintln!(
+        "index: first build {:.0} ms ({built} resources), rebuild after one change p50 {:.1} ms (of which cloning the source state {:.1} ms)",
+        ms(index_first),
+        percentile(&rebuilds, 50.0),
+        percentile(&clones, 50.0)
+    );
+    drop(index);
+    drop(state);
+
+    // 1. Snapshot from files.
+    let yaml = tempfile::tempdir()?;
+    write_yaml(yaml.path(), s, e)?;
+    let cp_state = tempfile::tempdir()?;
+    let t = Instant::now();
+    let file_cp = start_cp(
+        cp_args(&format!("file:{}", yaml.path().display()), cp_state.path()),
+        switchyard_control_plane::sources_from_args(&cp_args(
+            &format!("file:{}", yaml.path().display()),
+            cp_state.path(),
+        )),
+    )
+    .await?;
+    until(&file_cp, "the first snapshot from files", || {
+        file_cp.status.version().is_some()
+    })
+    .await?;
+    let from_files = t.elapsed();
+    let file_resources = file_cp.status.document().resources;
+    let file_build = metric(
+        &file_cp.metrics.encode(),
+        "switchyard_control_plane_snapshot_build_seconds_sum",
+    );
+    eprintln!(
+        "file source: first snapshot after {:.0} ms with {file_resources} resources (index build {:.0} ms)",
+        ms(from_files),
+        file_build * 1e3
+    );
+    let files_ok = file_resources == s;
+    rows.push(row(
+        format!("Snapshot from files ({s} Services x {e} endpoints, {} files): start to first snapshot", s.div_ceil(SERVICES_PER_FILE)),
+        if files_ok {
+            format!("{:.0} ms (index build {:.0} ms of it)", ms(from_files), file_build * 1e3)
+        } else {
+            format!("not measured: the file source produced {file_resources} of {s} Services")
+        },
+        "-",
+        "-",
+    ));
+    rows.push(row(
+        "Index::build alone on the same objects: first build / rebuild after one endpoint change (p50 of 10)",
+        format!(
+            "{:.0} ms / {:.1} ms (cloning the source state: {:.1} ms of it)",
+            ms(index_first),
+            percentile(&rebuilds, 50.0),
+            percentile(&clones, 50.0)
+        ),
+        "-",
+        "-",
+    ));
+
+    // 2. A fresh agent to the full state (against the file control plane when
+    // it holds everything, otherwise against a programmatic one).
+    let mut _keep_source = None;
+    let (agent_cp, what) = if files_ok {
+        (file_cp, "file source")
+    } else {
+        file_cp.kill().await;
+        notes.push("The file source was still a placeholder: the agent was timed against a control plane fed by the bench's own source (same objects).".to_owned());
+        let (tx, rx) = oneshot::channel();
+        let cp = start_cp(
+            cp_args("file:/nonexistent", cp_state.path()),
+            vec![Box::new(BenchSource {
+                initial: source_state(s, e),
+                handle: tx,
+            })],
+        )
+        .await?;
+        _keep_source = Some(rx.await?);
+        until(&cp, "the first snapshot", || cp.status.version().is_some()).await?;
+        (cp, "bench source")
+    };
+    let version = agent_cp.status.version().unwrap_or_default();
+    let url = format!("http://{}", agent_cp.grpc_addr);
+    let mut agent_times = Vec::new();
+    let mut breakdown = Vec::new();
+    for run in 0..cli.agent_runs {
+        let dir = tempfile::tempdir()?;
+        let args = switchyard_integration_tests::agent_args(&format!("bench-agent-{run}"), &url, dir.path());
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let t = Instant::now();
+        let agent = switchyard_agent::start_with(
+            args,
+            admin,
+            Box::new(NoneDataPlane::default()),
+            CancellationToken::new(),
+        )
+        .await?;
+        let started = t.elapsed();
+        let mut rx = agent.state.clone();
+        tokio::time::timeout(DEADLINE, rx.wait_for(|st| st.version == version))
+            .await
+            .context("agent never reached the control plane's version")??;
+        let took = t.elapsed();
+        let m = agent.metrics.encode();
+        breakdown.push(format!(
+            "start_with {:.0} ms, apply {:.0} ms, persist {:.0} ms",
+            ms(started),
+            metric(&m, "switchyard_agent_apply_seconds_sum") * 1e3,
+            metric(&m, "switchyard_agent_persist_seconds_sum") * 1e3,
+        ));
+        eprintln!("agent run {run}: full state in {:.0} ms ({})", ms(took), breakdown[run]);
+        agent_times.push(ms(took));
+        agent.shutdown().await;
+    }
+    agent_cp.kill().await;
+    let mut sorted = agent_times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = percentile(&sorted, 50.0);
+    rows.push(row(
+        format!("Fresh agent (sled state, none data plane) to the full state, {} runs ({what})", cli.agent_runs),
+        format!(
+            "{} ms; median {median:.0} ms ({})",
+            agent_times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(" / "),
+            verdict(median, 1000.0)
+        ),
+        "< 1 s",
+        "3 MB message to a fresh stream 7-9 ms (prost encode 0.34 ms, decode 1.4 ms)",
+    ));
+    notes.push(format!("Agent breakdown per run: {}.", breakdown.join("; ")));
+
+    // 3 and 4. Fan-out, one fresh process per stream count.
+    for &n in &cli.streams {
+        eprintln!("fan-out: {n} streams ...");
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--services",
+                &s.to_string(),
+                "--endpoints",
+                &e.to_string(),
+                "--changes",
+                &cli.changes.to_string(),
+                "fanout",
+                "--streams",
+                &n.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "fan-out run with {n} streams failed: {}", out.status);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!("fan-out {n}: {r}");
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let mut lat: Vec<f64> = r["latencies_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        lat.sort_by(f64::total_cmp);
+        let mut snap: Vec<f64> = r["to_snapshot_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        snap.sort_by(f64::total_cmp);
+        let p99 = percentile(&lat, 99.0);
+        let (target, limit) = if n >= 1000 {
+            ("p99 < 100 ms", "1,000 streams, one connection each: p50 19 ms, p99 26 ms")
+        } else {
+            ("-", "100 streams, one connection each: p50 2.3 ms, p99 3.7 ms")
+        };
+        rows.push(row(
+            format!("Fan-out: one endpoint change until all {n} streams ACKed ({} changes)", lat.len()),
+            format!(
+                "p50 {:.1} ms, p99 {p99:.1} ms, max {:.1} ms{}; change to snapshot published p50 {:.1} ms (index build avg {:.1} ms)",
+                percentile(&lat, 50.0),
+                lat.last().copied().unwrap_or(f64::NAN),
+                if n >= 1000 { format!(" ({})", verdict(p99, 100.0)) } else { String::new() },
+                percentile(&snap, 50.0),
+                f("build_avg_ms"),
+            ),
+            target,
+            limit,
+        ));
+        rows.push(row(
+            format!("Fan-out: all {n} streams connected and ACKed the full state"),
+            format!("{:.0} ms", f("initial_all_acked_ms")),
+            "-",
+            "3 MB to a fresh stream 7-9 ms each",
+        ));
+        let per_agent = (f("rss_acked_kib") - f("rss_snapshot_kib")) / n as f64;
+        rows.push(row(
+            format!("Control-plane memory per connected agent, {n} streams (VmRSS after all ACKed the full state minus before they connected, / N)"),
+            format!(
+                "{per_agent:.0} KiB ({}); after {} changes {:.0} KiB",
+                verdict(per_agent, 64.0),
+                lat.len(),
+                (f("rss_changes_kib") - f("rss_snapshot_kib")) / n as f64
+            ),
+            "< 64 KiB",
+            "34 KB per idle connection, 48 KB after traffic",
+        ));
+        rows.push(row(
+            format!("Shared snapshot ({} resources), fan-out process with {n} streams", r["resources"]),
+            format!(
+                "source objects {:.0} MiB; control plane start to first snapshot {:.0} MiB more ({:.0} ms, build {:.0} ms)",
+                (f("rss_state_kib") - f("rss_start_kib")) / 1024.0,
+                (f("rss_snapshot_kib") - f("rss_state_kib")) / 1024.0,
+                f("first_snapshot_ms"),
+                f("first_build_ms"),
+            ),
+            "-",
+            "-",
+        ));
+        if f("rechecks") > 0.0 {
+            notes.push(format!(
+                "{n} streams: {} of the waits ended on the 1 ms re-check (the ACK counter moves after the status generation), so those samples can be up to 1 ms late.",
+                f("rechecks")
+            ));
+        }
+    }
+
+    println!("| measurement | result | target | physical limit measured here |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!("| {} | {} | {} | {} |", r.measurement, r.result, r.target, r.limit);
+    }
+    println!();
+    for n in &notes {
+        println!("- {n}");
+    }
+    Ok(())
+}

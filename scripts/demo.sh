@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs Switchyard locally with built-in defaults: a control plane serving the
+# manifests in examples/ and one agent (data plane "none": it records what it
+# would program). State goes under ./.switchyard/. Stop with Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked -p switchyard-control-plane -p switchyard-agent
+bin=target/release
+state=.switchyard
+mkdir -p "$state"
+
+"$bin/switchyard-control-plane" --source file:examples --state-dir "$state/control-plane" &
+cp_pid=$!
+"$bin/switchyard-agent" --node-name demo-node --dataplane none --state-dir "$state/agent" &
+agent_pid=$!
+trap 'kill $cp_pid $agent_pid 2>/dev/null; wait' EXIT INT TERM
+
+cat <<TXT
+
+Switchyard is running.
+  control plane status:  curl -s localhost:9901/status
+  control plane metrics: curl -s localhost:9901/metrics
+  agent status:          curl -s localhost:9902/status
+Edit a file in examples/ and watch the version move on both.
+TXT
+wait
