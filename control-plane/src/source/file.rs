@@ -1,37 +1,726 @@
-//! The `file:PATH` source (placeholder until the real one lands).
-use super::{Source, SourceState};
+//! The `file:PATH` source: Services and EndpointSlices from YAML manifests.
+//!
+//! Each PATH is a manifest file or a directory searched recursively for
+//! `*.yaml`, `*.yml` and `*.json` files (hidden entries skipped, so the
+//! `..data` links of a mounted ConfigMap are read once). A file holds
+//! Kubernetes-shaped documents separated by `---`, or a `List`; only
+//! `v1 Service` and `discovery.k8s.io/v1 EndpointSlice` are used, other kinds
+//! are ignored. The annotation `switchyard.io/cluster` moves one object to
+//! another cluster than the source's.
+//!
+//! ```text
+//!   notify callback ─ relevant? ─▶ mpsc(1) ─▶ debounce ─▶ reload (blocking pool)
+//!                                                          │ list files, hash each,
+//!                                                          │ re-parse changed ones
+//!                                                          ▼
+//!                                 watch<SourceState> ◀─ publish if different
+//! ```
+//!
+//! Failures stay local. A document that does not convert is skipped and
+//! reported (as `Service ns/name`, or `PATH#N` for the N-th non-empty
+//! document when it has no usable name); a file that is not valid YAML keeps
+//! serving what it held before and is reported as a whole; when two files
+//! define the same object, the first one in path order wins.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::watch;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use switchyard_model::{EndpointSlice, Service, ServiceKey, ValidationErrors};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-/// Placeholder.
-#[derive(Debug)]
+
+use super::{ObjectError, Source, SourceService, SourceSlice, SourceState};
+use crate::k8s;
+
+/// The annotation that puts one object in another cluster than the source's.
+pub const CLUSTER_ANNOTATION: &str = "switchyard.io/cluster";
+
+/// File name extensions read from directories.
+const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// However long a burst of events lasts, a reload waits at most this many
+/// debounce windows after its first event.
+const MAX_DEBOUNCE_WINDOWS: u32 = 4;
+
+/// Serves the Services and EndpointSlices of manifest files, reloading on change.
+#[derive(Debug, Clone)]
 pub struct FileSource {
     paths: Vec<PathBuf>,
+    cluster: String,
+    debounce: Duration,
 }
+
 impl FileSource {
-    /// Placeholder.
-    pub fn new(paths: Vec<PathBuf>, _cluster: String, _debounce: Duration) -> Self {
-        Self { paths }
+    /// A source reading `paths` (files or directories) for cluster `cluster`.
+    /// Changes closer together than `debounce` coalesce into one reload.
+    pub fn new(paths: Vec<PathBuf>, cluster: String, debounce: Duration) -> Self {
+        Self {
+            paths,
+            cluster,
+            debounce,
+        }
     }
 }
+
 impl Source for FileSource {
     fn name(&self) -> String {
-        format!("file:{}", self.paths[0].display())
+        let paths: Vec<_> = self.paths.iter().map(|p| p.display().to_string()).collect();
+        format!("file:{}", paths.join(","))
     }
+
     fn run(
         self: Box<Self>,
         state: watch::Sender<SourceState>,
         shutdown: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(async move {
-            state.send_replace(SourceState {
-                synced: true,
-                ..Default::default()
-            });
-            shutdown.cancelled().await;
+        Box::pin(run(*self, state, shutdown))
+    }
+}
+
+async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: CancellationToken) {
+    let name = source.name();
+    // Events carry paths as the watched path was spelled, so make them
+    // absolute once: a relative PATH would not match `./PATH` events.
+    let paths: Vec<PathBuf> = source
+        .paths
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+
+    let (tx, mut events) = mpsc::channel::<()>(1);
+    let filter = EventFilter {
+        roots: paths.clone(),
+    };
+    let watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+        match event {
+            Ok(event) if !filter.is_relevant(&event) => return,
+            Ok(_) => {}
+            // Events may have been lost: a reload rescans everything.
+            Err(e) => tracing::warn!(error = %e, "file watcher error"),
+        }
+        // A full channel already holds a pending reload; that one will see this change.
+        let _ = tx.try_send(());
+    });
+    let (watcher, watcher_error) = match watcher {
+        Ok(w) => (Some(w), None),
+        Err(e) => {
+            tracing::error!(source = %name, error = %e, "cannot watch files; serving the first read only");
+            (None, Some(format!("cannot watch for changes: {e}")))
+        }
+    };
+    let mut loader = Loader {
+        source: name.clone(),
+        paths,
+        cluster: source.cluster,
+        files: HashMap::new(),
+        watcher,
+        watched: BTreeMap::new(),
+        watcher_error,
+    };
+
+    loop {
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let state = loader.reload();
+            (loader, state)
         })
+        .await;
+        let new_state = match reloaded {
+            Ok((l, s)) => {
+                loader = l;
+                s
+            }
+            Err(e) => {
+                tracing::error!(source = %name, error = %e, "file reload failed; source stopped");
+                return;
+            }
+        };
+        let changed = state.send_if_modified(|current| {
+            if *current == new_state {
+                false
+            } else {
+                *current = new_state;
+                true
+            }
+        });
+        if changed {
+            let s = state.borrow();
+            tracing::info!(
+                source = %name,
+                services = s.services.len(),
+                slices = s.slices.len(),
+                errors = s.errors.len(),
+                "files loaded"
+            );
+        }
+        if !next_change(&mut events, source.debounce, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Waits for a relevant event, then for the burst it starts to end. Returns
+/// false on shutdown.
+async fn next_change(
+    events: &mut mpsc::Receiver<()>,
+    debounce: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        got = events.recv() => if got.is_none() {
+            // No watcher: nothing will ever change.
+            shutdown.cancelled().await;
+            return false;
+        },
+    }
+    let last_chance = Instant::now() + debounce * MAX_DEBOUNCE_WINDOWS;
+    let mut deadline = Instant::now() + debounce;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep_until(deadline) => return true,
+            Some(()) = events.recv() => deadline = (Instant::now() + debounce).min(last_chance),
+        }
+    }
+}
+
+/// Decides, inside notify's callback, whether an event can change what we serve.
+struct EventFilter {
+    roots: Vec<PathBuf>,
+}
+
+impl EventFilter {
+    fn is_relevant(&self, event: &Event) -> bool {
+        if event.need_rescan() {
+            return true;
+        }
+        if let EventKind::Access(kind) = event.kind {
+            // Our own reads open and close files; only a finished write matters.
+            return kind == AccessKind::Close(AccessMode::Write);
+        }
+        event.paths.iter().any(|p| self.concerns(p))
+    }
+
+    fn concerns(&self, path: &Path) -> bool {
+        self.roots.iter().any(|root| {
+            // A watched path itself, or a missing path's ancestor appearing.
+            path == root
+                || root.starts_with(path)
+                // Inside a watched directory: a manifest, or something that may
+                // be a directory (no extension, or a ConfigMap's `..data` link).
+                || (path.starts_with(root)
+                    && (is_manifest(path)
+                        || path.extension().is_none()
+                        || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".."))))
+        })
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        MANIFEST_EXTENSIONS
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(e))
+    })
+}
+
+/// Everything the source knows between reloads. Lives on the blocking pool
+/// while a reload runs.
+struct Loader {
+    source: String,
+    paths: Vec<PathBuf>,
+    cluster: String,
+    files: HashMap<PathBuf, LoadedFile>,
+    watcher: Option<RecommendedWatcher>,
+    /// Watched directories, with whether the watch is recursive.
+    watched: BTreeMap<PathBuf, bool>,
+    watcher_error: Option<String>,
+}
+
+impl fmt::Debug for Loader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loader")
+            .field("source", &self.source)
+            .field("files", &self.files.len())
+            .field("watched", &self.watched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One manifest file as last read.
+#[derive(Debug)]
+struct LoadedFile {
+    /// SHA-256 of the content last read, parsable or not.
+    digest: [u8; 32],
+    /// What the last parsable content held.
+    objects: FileObjects,
+    /// Why the current content could not be used, if it could not.
+    unreadable: Option<String>,
+}
+
+/// The objects and per-object errors of one file, in document order.
+#[derive(Debug, Default)]
+struct FileObjects {
+    services: Vec<Located<SourceService>>,
+    slices: Vec<Located<SourceSlice>>,
+    errors: Vec<ObjectError>,
+}
+
+/// An object with the document it came from (`PATH#N`).
+#[derive(Debug)]
+struct Located<T> {
+    at: String,
+    value: T,
+}
+
+impl Loader {
+    /// Brings the watches up to date, reads every file and returns the whole new state.
+    fn reload(&mut self) -> SourceState {
+        let mut errors = Vec::new();
+        // Watch before reading, so that a file written in between is not missed.
+        self.update_watches(&mut errors);
+        let files = self.list_files(&mut errors);
+        for path in &files {
+            self.read_file(path);
+        }
+        let listed: HashSet<&PathBuf> = files.iter().collect();
+        self.files.retain(|p, _| listed.contains(p));
+        self.assemble(&files, errors)
+    }
+
+    fn error(
+        &self,
+        object: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ObjectError {
+        ObjectError {
+            source: self.source.clone(),
+            object: object.into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn update_watches(&mut self, errors: &mut Vec<ObjectError>) {
+        if let Some(message) = &self.watcher_error {
+            errors.push(self.error("", "", message.clone()));
+        }
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        let mut wanted: BTreeMap<PathBuf, bool> = BTreeMap::new();
+        for root in &self.paths {
+            if root.is_dir() {
+                wanted.insert(root.clone(), true);
+            } else if let Some(dir) = root.ancestors().skip(1).find(|a| a.is_dir()) {
+                // Editors replace a file by renaming over it, which a watch on
+                // the file itself would not survive; its directory sees it.
+                wanted.entry(dir.to_path_buf()).or_insert(false);
+            }
+        }
+        let stale: Vec<PathBuf> = self
+            .watched
+            .iter()
+            .filter(|(p, r)| wanted.get(*p) != Some(*r))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in stale {
+            // The directory may be gone already, taking its watch with it.
+            let _ = watcher.unwatch(&path);
+            self.watched.remove(&path);
+        }
+        let mut failed = Vec::new();
+        for (path, recursive) in wanted {
+            if self.watched.contains_key(&path) {
+                continue;
+            }
+            let mode = if recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match watcher.watch(&path, mode) {
+                Ok(()) => {
+                    self.watched.insert(path, recursive);
+                }
+                Err(e) => failed.push((path, e)),
+            }
+        }
+        for (path, e) in failed {
+            errors.push(self.error(path.display().to_string(), "", format!("cannot watch: {e}")));
+        }
+    }
+
+    /// Every manifest file, in path order; a file named twice is listed once.
+    fn list_files(&self, errors: &mut Vec<ObjectError>) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        let mut seen = HashSet::new();
+        for root in &self.paths {
+            let mut found = Vec::new();
+            match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => {
+                    self.walk(root, &mut found, errors);
+                    found.sort();
+                }
+                Ok(m) if m.is_file() => found.push(root.clone()),
+                Ok(_) => errors.push(self.error(
+                    root.display().to_string(),
+                    "",
+                    "not a file or a directory",
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => errors.push(self.error(
+                    root.display().to_string(),
+                    "",
+                    "does not exist (watching for it to appear)",
+                )),
+                Err(e) => errors.push(self.error(root.display().to_string(), "", e.to_string())),
+            }
+            files.extend(found.into_iter().filter(|f| seen.insert(f.clone())));
+        }
+        files
+    }
+
+    fn walk(&self, dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<ObjectError>) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                errors.push(self.error(dir.display().to_string(), "", e.to_string()));
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                self.walk(&path, found, errors);
+            } else if is_manifest(&path)
+                // A symlink counts when it leads to a file; linked directories
+                // are not followed, so there are no loops.
+                && std::fs::metadata(&path).is_ok_and(|m| m.is_file())
+            {
+                found.push(path);
+            }
+        }
+    }
+
+    /// Reads one file and re-parses it if its content changed.
+    fn read_file(&mut self, path: &Path) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            // Removed since it was listed: the next event will tell.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                let entry = self
+                    .files
+                    .entry(path.to_path_buf())
+                    .or_insert_with(|| LoadedFile {
+                        digest: [0; 32],
+                        objects: FileObjects::default(),
+                        unreadable: None,
+                    });
+                // Forget the digest so that the content is parsed once readable again.
+                entry.digest = [0; 32];
+                entry.unreadable = Some(format!("cannot read: {e}"));
+                return;
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if self.files.get(path).is_some_and(|f| f.digest == digest) {
+            return;
+        }
+        let parsed = Parser {
+            source: &self.source,
+            cluster: &self.cluster,
+        }
+        .file(path, &bytes);
+        match parsed {
+            Ok(objects) => {
+                self.files.insert(
+                    path.to_path_buf(),
+                    LoadedFile {
+                        digest,
+                        objects,
+                        unreadable: None,
+                    },
+                );
+            }
+            Err(message) => {
+                tracing::warn!(path = %path.display(), %message, "keeping the previous content of a broken file");
+                let entry = self
+                    .files
+                    .entry(path.to_path_buf())
+                    .or_insert_with(|| LoadedFile {
+                        digest,
+                        objects: FileObjects::default(),
+                        unreadable: None,
+                    });
+                entry.digest = digest;
+                entry.unreadable = Some(message);
+            }
+        }
+    }
+
+    /// Merges the files in path order: the first definition of an object wins.
+    fn assemble(&self, files: &[PathBuf], mut errors: Vec<ObjectError>) -> SourceState {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        let mut first_service: HashMap<&ServiceKey, &str> = HashMap::new();
+        let mut first_slice: HashMap<(&str, &str, &str), &str> = HashMap::new();
+        for path in files {
+            let Some(file) = self.files.get(path) else {
+                continue;
+            };
+            if let Some(message) = &file.unreadable {
+                errors.push(self.error(path.display().to_string(), "", message.clone()));
+            }
+            errors.extend(file.objects.errors.iter().cloned());
+            for s in &file.objects.services {
+                match first_service.get(&s.value.key) {
+                    None => {
+                        first_service.insert(&s.value.key, &s.at);
+                        services.push(s.value.clone());
+                    }
+                    Some(first) => errors.push(self.error(
+                        s.value.object_name(),
+                        "",
+                        format!("defined again in {}; the one in {first} is used", s.at),
+                    )),
+                }
+            }
+            for s in &file.objects.slices {
+                let key = (
+                    s.value.service.cluster.as_str(),
+                    s.value.service.namespace.as_str(),
+                    s.value.slice.name.as_str(),
+                );
+                match first_slice.get(&key) {
+                    None => {
+                        first_slice.insert(key, &s.at);
+                        slices.push(s.value.clone());
+                    }
+                    Some(first) => errors.push(self.error(
+                        s.value.slice.object_name(&s.value.service),
+                        "",
+                        format!("defined again in {}; the one in {first} is used", s.at),
+                    )),
+                }
+            }
+        }
+        SourceState {
+            synced: true,
+            services,
+            slices,
+            errors,
+        }
+    }
+}
+
+/// Turns one file's bytes into objects.
+struct Parser<'a> {
+    source: &'a str,
+    cluster: &'a str,
+}
+
+/// Where an object sits: its document, and its item when in a List.
+struct Place<'a> {
+    at: &'a str,
+    item: Option<usize>,
+}
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.item {
+            Some(i) => write!(f, "{} items[{i}]", self.at),
+            None => f.write_str(self.at),
+        }
+    }
+}
+
+impl Parser<'_> {
+    /// The objects of a file, or why it is not YAML at all.
+    fn file(&self, path: &Path, bytes: &[u8]) -> Result<FileObjects, String> {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+        let options = serde_saphyr::options! { with_snippet: false };
+        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
+            .map_err(|e| format!("not valid YAML: {e}"))?;
+        let mut out = FileObjects::default();
+        for (n, doc) in docs.into_iter().enumerate() {
+            let at = format!("{}#{}", path.display(), n + 1);
+            self.document(&at, doc, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn document(&self, at: &str, doc: Value, out: &mut FileObjects) {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let Some(items) = doc.get("items").and_then(Value::as_array) else {
+            self.object(&Place { at, item: None }, &doc, None, out);
+            return;
+        };
+        if kind != "List" && !kind.ends_with("List") {
+            self.object(&Place { at, item: None }, &doc, None, out);
+            return;
+        }
+        // Items of a typed list (`ServiceList`) from the API carry no apiVersion or kind.
+        let defaults = kind
+            .strip_suffix("List")
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                let api_version = doc
+                    .get("apiVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                (api_version, k)
+            });
+        for (i, item) in items.iter().enumerate() {
+            self.object(&Place { at, item: Some(i) }, item, defaults, out);
+        }
+    }
+
+    fn object(
+        &self,
+        place: &Place<'_>,
+        obj: &Value,
+        defaults: Option<(&str, &str)>,
+        out: &mut FileObjects,
+    ) {
+        let located = |field: &str| match place.item {
+            Some(i) if field.is_empty() => format!("items[{i}]"),
+            Some(i) => format!("items[{i}].{field}"),
+            None => field.to_owned(),
+        };
+        if !obj.is_object() {
+            out.errors.push(self.error(
+                place.at,
+                located(""),
+                "not a Kubernetes object (a mapping)",
+            ));
+            return;
+        }
+        let field = |name: &str| obj.get(name).and_then(Value::as_str);
+        let api_version = field("apiVersion").or(defaults.map(|d| d.0));
+        let kind = field("kind").or(defaults.map(|d| d.1));
+        let (Some(api_version), Some(kind)) = (api_version, kind) else {
+            out.errors.push(self.error(
+                place.at,
+                located("kind"),
+                "apiVersion and kind are required",
+            ));
+            return;
+        };
+        let cluster = obj
+            .pointer("/metadata/annotations/switchyard.io~1cluster")
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())
+            .unwrap_or(self.cluster);
+        let meta = |name: &str| {
+            obj.get("metadata")
+                .and_then(|m| m.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let namespace = meta("namespace")
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        let name = meta("name").filter(|n| !n.is_empty());
+        match (api_version, kind) {
+            ("v1", "Service") => {
+                let object = name
+                    .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
+                let svc = match serde_json::from_value::<core::Service>(obj.clone()) {
+                    Ok(svc) => svc,
+                    Err(e) => {
+                        return out
+                            .errors
+                            .push(self.unparsable(place, object, &located(""), e));
+                    }
+                };
+                let converted = k8s::service(cluster, &svc)
+                    .and_then(|s| k8s::validate_unallocated(&s).map(|()| s));
+                match converted {
+                    Ok(s) => out.services.push(Located {
+                        at: place.to_string(),
+                        value: s,
+                    }),
+                    Err(e) => out.errors.extend(self.invalid(place, e)),
+                }
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let object = name.map(|n| {
+                    let slice = EndpointSlice {
+                        name: n,
+                        ..EndpointSlice::default()
+                    };
+                    slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
+                });
+                let slice = match serde_json::from_value::<discovery::EndpointSlice>(obj.clone()) {
+                    Ok(slice) => slice,
+                    Err(e) => {
+                        return out
+                            .errors
+                            .push(self.unparsable(place, object, &located(""), e));
+                    }
+                };
+                match k8s::endpoint_slice(cluster, &slice) {
+                    Ok(Some(s)) => out.slices.push(Located {
+                        at: place.to_string(),
+                        value: s,
+                    }),
+                    Ok(None) => tracing::debug!(at = %place, "FQDN EndpointSlice ignored"),
+                    Err(e) => out.errors.extend(self.invalid(place, e)),
+                }
+            }
+            _ => {
+                tracing::debug!(at = %place, api_version, kind, "not a Service or EndpointSlice; ignored")
+            }
+        }
+    }
+
+    fn error(&self, object: &str, field: String, message: impl Into<String>) -> ObjectError {
+        ObjectError {
+            source: self.source.to_owned(),
+            object: object.to_owned(),
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// An object whose fields have the wrong shape for its kind.
+    fn unparsable(
+        &self,
+        place: &Place<'_>,
+        object: Option<String>,
+        field: &str,
+        e: serde_json::Error,
+    ) -> ObjectError {
+        match object {
+            Some(object) => self.error(&object, String::new(), format!("{e} (in {place})")),
+            None => self.error(place.at, field.to_owned(), e.to_string()),
+        }
+    }
+
+    /// Conversion or validation errors, one per field.
+    fn invalid(&self, place: &Place<'_>, e: ValidationErrors) -> Vec<ObjectError> {
+        e.0.into_iter()
+            .map(|e| self.error(&e.object, e.field, format!("{} (in {place})", e.message)))
+            .collect()
     }
 }
