@@ -267,8 +267,9 @@ async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
     agent_at_version(&agent, &v1).await;
     let cp_url = url(&cp);
 
+    let mut st = agent.state.clone();
+    st.mark_unchanged();
     cp.kill().await;
-    let st = agent.state.clone();
     // The stream breaks; the state in force does not change.
     agent_status_until(&agent, "the agent to notice the control plane died", |s| {
         !s.connected
@@ -425,7 +426,8 @@ async fn mutual_tls_binds_the_node_name_to_the_certificate() {
 
     // A certificate for node-a used by an agent claiming node-b: refused.
     let (bad, _) = start_recording_agent(tls_agent_args("node-b", "node-a")).await;
-    let rx = bad.state.clone();
+    let mut rx = bad.state.clone();
+    rx.mark_unchanged();
     let err = agent_status_until(&bad, "the refusal to be reported", |s| {
         s.last_error.is_some()
     })
