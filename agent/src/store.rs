@@ -225,11 +225,6 @@ impl Store {
         self.db.flush().map_err(db_err)?;
         Ok(())
     }
-
-    /// Test and tooling access: overwrite a raw value (used to simulate damage).
-    pub fn raw_db(&self) -> &sled::Db {
-        &self.db
-    }
 }
 
 fn now_nanos() -> i64 {
@@ -289,6 +284,93 @@ pub fn unframe(bytes: &[u8]) -> Result<&[u8], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, ServiceState, TargetPort};
+
+    fn update(version: &str, names: &[&str]) -> v1::SnapshotUpdate {
+        v1::SnapshotUpdate {
+            snapshot_version: version.into(),
+            nonce: "1".into(),
+            resources: names
+                .iter()
+                .map(|n| {
+                    let state = ServiceState::new(Service {
+                        cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+                        ports: vec![ServicePort {
+                            name: String::new(),
+                            protocol: Protocol::Tcp,
+                            port: 80,
+                            target_port: TargetPort::Number(80),
+                            node_port: None,
+                        }],
+                        ..Service::new(ServiceKey::new("default", "ns", *n))
+                    });
+                    v1::Resource {
+                        name: format!("default/ns/{n}"),
+                        version: format!("v-{n}"),
+                        service_state: Some(switchyard_proto::convert::encode_state(&state)),
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn saved(dir: &Path) -> Store {
+        let (store, discarded) = Store::open(dir).expect("open");
+        assert!(discarded.is_none());
+        let u = update("v1", &["a", "b"]);
+        let (state, changes) = AgentState::default().apply(&u).expect("valid");
+        store.save(&state, &u, &changes).await.expect("save");
+        store
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_incremental_removal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = saved(dir.path()).await;
+        let Loaded::State(s) = store.load().expect("load") else {
+            panic!("state expected")
+        };
+        assert_eq!(s.version, "v1");
+        assert_eq!(s.resources.len(), 2);
+        let mut u = update("v2", &[]);
+        u.removed_resources = vec!["default/ns/a".into()];
+        let (next, changes) = s.apply(&u).expect("valid");
+        store.save(&next, &u, &changes).await.expect("save");
+        drop(store);
+        let (store, _) = Store::open(dir.path()).expect("reopen");
+        let Loaded::State(s) = store.load().expect("load") else {
+            panic!("state expected")
+        };
+        assert_eq!(s.version, "v2");
+        assert_eq!(s.resources.keys().collect::<Vec<_>>(), ["default/ns/b"]);
+    }
+
+    #[tokio::test]
+    async fn truncated_and_wrong_version_states_are_discarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = saved(dir.path()).await;
+        // A torn write: one resource missing while meta still counts two.
+        store.resources.remove(b"default/ns/a").expect("remove");
+        match store.load().expect("load") {
+            Loaded::Discarded(why) => assert!(why.contains("truncated"), "{why}"),
+            other => panic!("expected a discard, got {other:?}"),
+        }
+        assert!(
+            matches!(store.load().expect("load"), Loaded::Empty),
+            "cleared"
+        );
+
+        let store2_dir = tempfile::tempdir().expect("tempdir");
+        let store = saved(store2_dir.path()).await;
+        let mut meta = store.db.get(META_KEY).expect("get").expect("meta").to_vec();
+        meta[4..6].copy_from_slice(&7u16.to_be_bytes());
+        store.db.insert(META_KEY, meta).expect("insert");
+        match store.load().expect("load") {
+            Loaded::Discarded(why) => assert!(why.contains("format version 7"), "{why}"),
+            other => panic!("expected a discard, got {other:?}"),
+        }
+    }
 
     #[test]
     fn frame_checks() {
