@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use switchyard_model::{ServiceKey, ServiceState};
+use switchyard_model::{EndpointSlice, Service, ServiceKey, ServiceState, ValidationError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ipam::ClusterIpAllocator;
 use crate::metrics::Metrics;
-use crate::snapshot::{Snapshot, VersionSource};
+use crate::snapshot::{Resource, Snapshot, VersionSource, make_resource};
 use crate::source::{ObjectError, SourceState};
 use crate::status::{SourceStatus, Status};
 
@@ -47,6 +47,40 @@ pub struct Index {
     allocators: Vec<ClusterIpAllocator>,
     versions: VersionSource,
     current: Arc<Snapshot>,
+    /// What each Service was built from last time, and the result, so a
+    /// rebuild re-validates and re-encodes only the Services whose inputs
+    /// changed: its cost is a comparison per Service plus the changes.
+    cache: HashMap<ServiceKey, Built>,
+    build_id: u64,
+}
+
+/// One Service's inputs and what they produced.
+#[derive(Debug)]
+struct Built {
+    /// The Service as its source gave it (before IP allocation).
+    service: Service,
+    /// The address allocated to it, if it named none.
+    allocated: Option<IpAddr>,
+    /// Its slices, ordered by name.
+    slices: Vec<EndpointSlice>,
+    /// The resource, or why the Service is invalid.
+    result: Result<(Arc<str>, Arc<Resource>), Vec<ValidationError>>,
+    /// The build that last saw this Service.
+    seen: u64,
+}
+
+impl Built {
+    fn same_inputs(
+        &self,
+        service: &Service,
+        allocated: Option<IpAddr>,
+        slices: &[&EndpointSlice],
+    ) -> bool {
+        self.allocated == allocated
+            && self.service == *service
+            && self.slices.len() == slices.len()
+            && self.slices.iter().zip(slices).all(|(a, b)| a == *b)
+    }
 }
 
 /// What one build produced.
@@ -74,71 +108,81 @@ impl Index {
                 ClusterIpAllocator::new(*range, file)
             })
             .collect();
-        let versions = VersionSource::new();
         Self {
             allocators,
-            versions,
+            versions: VersionSource::new(),
             current: Arc::new(Snapshot::empty(String::new())),
+            cache: HashMap::new(),
+            build_id: 0,
         }
     }
 
     /// Builds the next snapshot from every source's state (in source order:
-    /// the first source to name an object wins).
-    pub fn build(
-        &mut self,
-        sources: &[(String, SourceState)],
-        changed_at_unix_nanos: i64,
-    ) -> Build {
+    /// the first source to name an object wins). Returns a snapshot only when
+    /// the content changed; the first build always returns one.
+    pub fn build(&mut self, sources: &[(&str, &SourceState)], changed_at_unix_nanos: i64) -> Build {
+        self.build_id += 1;
+        let build_id = self.build_id;
         let mut invalid: Vec<ObjectError> = Vec::new();
-        let mut services: BTreeMap<ServiceKey, (usize, switchyard_model::Service)> =
-            BTreeMap::new();
+        let mut services: BTreeMap<&ServiceKey, (usize, &Service)> = BTreeMap::new();
         for (i, (name, state)) in sources.iter().enumerate() {
             invalid.extend(state.errors.iter().cloned());
             for svc in &state.services {
                 if let Some((first, _)) = services.get(&svc.key) {
                     invalid.push(ObjectError {
-                        source: name.clone(),
+                        source: (*name).to_owned(),
                         object: svc.object_name(),
                         field: String::new(),
                         message: format!("also defined by {}; that one is used", sources[*first].0),
                     });
                     continue;
                 }
-                services.insert(svc.key.clone(), (i, svc.clone()));
+                services.insert(&svc.key, (i, svc));
             }
         }
 
-        self.allocate_cluster_ips(&mut services, sources, &mut invalid);
+        let allocated = self.allocate_cluster_ips(&mut services, sources, &mut invalid);
 
-        let mut slices: HashMap<&ServiceKey, Vec<switchyard_model::EndpointSlice>> = HashMap::new();
+        let mut slices: HashMap<&ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
         for (_, state) in sources {
             for s in &state.slices {
                 if services.contains_key(&s.service) {
-                    slices.entry(&s.service).or_default().push(s.slice.clone());
+                    slices.entry(&s.service).or_default().push(&s.slice);
                 }
             }
         }
-        let mut states = Vec::with_capacity(services.len());
-        for (key, (src, service)) in &services {
-            let mut state = ServiceState {
-                service: service.clone(),
-                slices: slices.remove(key).unwrap_or_default(),
+
+        let mut resources = BTreeMap::new();
+        for (key, (src, service)) in services {
+            let mut group = slices.remove(key).unwrap_or_default();
+            group.sort_by(|a, b| a.name.cmp(&b.name));
+            let ip = allocated.get(key).copied();
+            let built = match self.cache.get_mut(key) {
+                Some(b) if b.same_inputs(service, ip, &group) => b,
+                _ => {
+                    let fresh = self.rebuild(service, ip, &group);
+                    self.cache.insert(key.clone(), fresh);
+                    self.cache.get_mut(key).expect("just inserted")
+                }
             };
-            state.normalize();
-            match state.validate() {
-                Ok(()) => states.push(state),
-                Err(errs) => invalid.extend(errs.0.into_iter().map(|e| ObjectError {
-                    source: sources[*src].0.clone(),
-                    object: e.object,
-                    field: e.field,
-                    message: e.message,
+            built.seen = build_id;
+            match &built.result {
+                Ok((name, resource)) => {
+                    resources.insert(name.clone(), resource.clone());
+                }
+                Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
+                    source: sources[src].0.to_owned(),
+                    object: e.object.clone(),
+                    field: e.field.clone(),
+                    message: e.message.clone(),
                 })),
             }
         }
+        self.cache.retain(|_, b| b.seen == build_id);
 
-        let snapshot = Snapshot::next(
+        let snapshot = Snapshot::from_resources(
             &self.current,
-            states,
+            resources,
             &mut self.versions,
             changed_at_unix_nanos,
         )
@@ -149,31 +193,65 @@ impl Index {
         Build { snapshot, invalid }
     }
 
+    /// Validates and encodes one Service whose inputs changed. A resource
+    /// whose content turns out equal to the current one keeps its `Arc`.
+    fn rebuild(
+        &self,
+        service: &Service,
+        allocated: Option<IpAddr>,
+        slices: &[&EndpointSlice],
+    ) -> Built {
+        let mut state = ServiceState {
+            service: service.clone(),
+            slices: slices.iter().map(|s| (*s).clone()).collect(),
+        };
+        state.service.cluster_ips.extend(allocated);
+        let result = match state.validate() {
+            Ok(()) => {
+                let fresh = make_resource(&state);
+                Ok(
+                    match self.current.resources.get_key_value(fresh.name.as_str()) {
+                        Some((name, old)) if **old == fresh => (name.clone(), old.clone()),
+                        _ => (Arc::from(fresh.name.as_str()), Arc::new(fresh)),
+                    },
+                )
+            }
+            Err(errs) => Err(errs.0),
+        };
+        Built {
+            service: service.clone(),
+            allocated,
+            slices: state.slices,
+            result,
+            seen: 0,
+        }
+    }
+
     /// Gives each proxied Service without an address one from the range of
-    /// the cluster's primary family; conflicting explicit addresses make the
-    /// later Service (in key order) invalid.
+    /// the primary family; conflicting explicit addresses make the later
+    /// Service (in key order) invalid. Returns the allocated addresses.
     fn allocate_cluster_ips(
         &mut self,
-        services: &mut BTreeMap<ServiceKey, (usize, switchyard_model::Service)>,
-        sources: &[(String, SourceState)],
+        services: &mut BTreeMap<&ServiceKey, (usize, &Service)>,
+        sources: &[(&str, &SourceState)],
         invalid: &mut Vec<ObjectError>,
-    ) {
-        let mut owner: HashMap<(String, IpAddr), ServiceKey> = HashMap::new();
+    ) -> HashMap<ServiceKey, IpAddr> {
+        let mut owner: HashMap<(&str, IpAddr), &ServiceKey> = HashMap::new();
         let mut conflicts = Vec::new();
         for (key, (src, svc)) in services.iter() {
             for ip in &svc.cluster_ips {
-                match owner.get(&(key.cluster.clone(), *ip)) {
-                    Some(other) => conflicts.push((key.clone(), *src, *ip, other.clone())),
+                match owner.get(&(key.cluster.as_str(), *ip)) {
+                    Some(other) => conflicts.push((*key, *src, *ip, (*other).clone())),
                     None => {
-                        owner.insert((key.cluster.clone(), *ip), key.clone());
+                        owner.insert((key.cluster.as_str(), *ip), key);
                     }
                 }
             }
         }
         for (key, src, ip, other) in conflicts {
-            if let Some((_, svc)) = services.remove(&key) {
+            if let Some((_, svc)) = services.remove(key) {
                 invalid.push(ObjectError {
-                    source: sources[src].0.clone(),
+                    source: sources[src].0.to_owned(),
                     object: svc.object_name(),
                     field: "spec.clusterIP".into(),
                     message: format!(
@@ -183,34 +261,35 @@ impl Index {
                 });
             }
         }
+        let mut allocated = HashMap::new();
         let Some(alloc) = self.allocators.first_mut() else {
-            return;
+            return allocated;
         };
-        let wanting: Vec<ServiceKey> = services
+        let wanting: Vec<&ServiceKey> = services
             .iter()
             .filter(|(_, (_, s))| s.wants_cluster_ip() && s.cluster_ips.is_empty())
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         let taken: HashSet<IpAddr> = owner.keys().map(|(_, ip)| *ip).collect();
-        for (key, result) in alloc.assign(&wanting, &taken) {
-            let Some((src, svc)) = services.get_mut(&key) else {
-                continue;
-            };
+        let results = alloc.assign(&wanting, &taken);
+        for (key, result) in wanting.into_iter().zip(results) {
             match result {
-                Ok(ip) => svc.cluster_ips.push(ip),
+                Ok(ip) => {
+                    allocated.insert(key.clone(), ip);
+                }
                 Err(e) => {
-                    let src = *src;
-                    let name = svc.object_name();
-                    services.remove(&key);
-                    invalid.push(ObjectError {
-                        source: sources[src].0.clone(),
-                        object: name,
-                        field: "spec.clusterIP".into(),
-                        message: e.to_string(),
-                    });
+                    if let Some((src, svc)) = services.remove(key) {
+                        invalid.push(ObjectError {
+                            source: sources[src].0.to_owned(),
+                            object: svc.object_name(),
+                            field: "spec.clusterIP".into(),
+                            message: e.to_string(),
+                        });
+                    }
                 }
             }
         }
+        allocated
     }
 }
 
@@ -261,25 +340,35 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
             }
-            let states: Vec<(String, SourceState)> = sources
+            // Read every source's state in place: sources wait for the
+            // duration of a build instead of the index copying their state.
+            let guards: Vec<_> = sources
                 .iter()
-                .map(|(name, rx)| (name.clone(), rx.borrow().clone()))
+                .map(|(name, rx)| (name.as_str(), rx.borrow()))
                 .collect();
+            let states: Vec<(&str, &SourceState)> =
+                guards.iter().map(|(n, g)| (*n, &**g)).collect();
             status.set_sources(
                 states
                     .iter()
                     .map(|(name, s)| SourceStatus {
-                        name: name.clone(),
+                        name: (*name).to_owned(),
                         synced: s.synced,
                     })
                     .collect(),
             );
-            if states.iter().all(|(_, s)| s.synced) {
+            let all_synced = states.iter().all(|(_, s)| s.synced);
+            let build = all_synced.then(|| {
                 let t = Instant::now();
                 let build = index.build(&states, changed_at);
                 metrics
                     .snapshot_build_seconds
                     .observe(t.elapsed().as_secs_f64());
+                build
+            });
+            drop(states);
+            drop(guards);
+            if let Some(build) = build {
                 metrics.invalid_objects.set(build.invalid.len() as i64);
                 for e in &build.invalid {
                     tracing::warn!(source = %e.source, object = %e.object, field = %e.field, "skipped: {}", e.message);
@@ -296,13 +385,7 @@ pub async fn run(
                         );
                         snapshots.send_replace(Some(snapshot));
                     }
-                    None if status.ready() => status.set_invalid(build.invalid),
-                    None => {
-                        // Every source synced and there is nothing at all: an empty snapshot is still a snapshot.
-                        let empty = index.publish_empty();
-                        status.set_snapshot(&empty.version, 0, build.invalid);
-                        snapshots.send_replace(Some(empty));
-                    }
+                    None => status.set_invalid(build.invalid),
                 }
             }
         }
@@ -313,18 +396,6 @@ pub async fn run(
             }
             _ = shutdown.cancelled() => return,
         }
-    }
-}
-
-impl Index {
-    fn publish_empty(&mut self) -> Arc<Snapshot> {
-        let s = Arc::new(Snapshot::empty(self.versions_next()));
-        self.current = s.clone();
-        s
-    }
-
-    fn versions_next(&mut self) -> String {
-        self.versions.next_version()
     }
 }
 

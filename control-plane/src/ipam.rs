@@ -7,7 +7,7 @@
 //! added around it, and two control planes given the same objects and no
 //! collisions agree without talking to each other.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -77,39 +77,52 @@ impl ClusterIpAllocator {
     /// Assigns addresses to `wanting` (Services without a cluster IP), never
     /// handing out one of `taken` (addresses set explicitly). Forgets
     /// Services no longer present and persists when anything changed.
-    /// Returns the address of each Service, or the error for it.
+    /// Returns the address (or the error) of each Service, in input order.
     pub fn assign(
         &mut self,
-        wanting: &[ServiceKey],
+        wanting: &[&ServiceKey],
         taken: &HashSet<IpAddr>,
-    ) -> Vec<(ServiceKey, Result<IpAddr, IpamError>)> {
-        let before = self.assigned.clone();
-        let wanted: HashSet<&ServiceKey> = wanting.iter().collect();
+    ) -> Vec<Result<IpAddr, IpamError>> {
+        let wanted: HashSet<&ServiceKey> = wanting.iter().copied().collect();
+        let before = self.assigned.len();
         self.assigned
             .retain(|k, ip| wanted.contains(k) && !taken.contains(ip));
+        let mut dirty = self.assigned.len() != before;
         let mut used: HashSet<IpAddr> = taken.clone();
         used.extend(self.assigned.values().copied());
-        let mut out = Vec::with_capacity(wanting.len());
-        let mut sorted: Vec<&ServiceKey> = wanting.iter().collect();
-        sorted.sort();
-        for key in sorted {
-            if let Some(ip) = self.assigned.get(key) {
-                out.push((key.clone(), Ok(*ip)));
-                continue;
+        // New Services are placed in key order, so the same set of objects
+        // gives the same addresses on every control plane.
+        let mut fresh: Vec<&ServiceKey> = wanting
+            .iter()
+            .copied()
+            .filter(|k| !self.assigned.contains_key(*k))
+            .collect();
+        fresh.sort();
+        let mut failed = HashMap::new();
+        for key in fresh {
+            match self.probe(key, &used) {
+                Ok(ip) => {
+                    used.insert(ip);
+                    self.assigned.insert(key.clone(), ip);
+                    dirty = true;
+                }
+                Err(e) => {
+                    failed.insert(key, e);
+                }
             }
-            let result = self.probe(key, &used);
-            if let Ok(ip) = result {
-                used.insert(ip);
-                self.assigned.insert(key.clone(), ip);
-            }
-            out.push((key.clone(), result));
         }
-        if self.assigned != before
-            && let Err(e) = self.persist()
-        {
+        if dirty && let Err(e) = self.persist() {
             tracing::warn!(error = %e, "cluster IPs stay in memory only");
         }
-        out
+        wanting
+            .iter()
+            .map(|k| match self.assigned.get(*k) {
+                Some(ip) => Ok(*ip),
+                None => Err(failed
+                    .remove(*k)
+                    .unwrap_or(IpamError::Exhausted(self.range))),
+            })
+            .collect()
     }
 
     /// Usable offsets are 1..size-1 (the network and, for IPv4, the broadcast
@@ -184,30 +197,37 @@ mod tests {
         let file = dir.path().join("cluster-ips.json");
         let range: IpNet = "10.96.0.0/24".parse().expect("cidr");
         let mut a = ClusterIpAllocator::new(range, Some(file.clone()));
-        let first = a.assign(&[key("b")], &HashSet::new());
-        let ip_b = *first[0].1.as_ref().expect("allocated");
+        let b = key("b");
+        let first = a.assign(&[&b], &HashSet::new());
+        let ip_b = *first[0].as_ref().expect("allocated");
         assert!(range.contains(&ip_b));
         // Many more Services later: b keeps its address.
-        let many: Vec<_> = (0..200)
+        let owned: Vec<_> = (0..200)
             .map(|i| key(&format!("s{i}")))
             .chain([key("b")])
             .collect();
+        let many: Vec<&ServiceKey> = owned.iter().collect();
         let all = a.assign(&many, &HashSet::new());
         let ips: HashSet<_> = all
             .iter()
-            .map(|(_, r)| *r.as_ref().expect("allocated"))
+            .map(|r| *r.as_ref().expect("allocated"))
             .collect();
         assert_eq!(ips.len(), 201, "distinct addresses");
+        assert_eq!(
+            *all[200].as_ref().expect("allocated"),
+            ip_b,
+            "b keeps its address"
+        );
         // A restart reads the same assignment back.
-        let mut b = ClusterIpAllocator::new(range, Some(file));
-        let again = b.assign(&many, &HashSet::new());
+        let mut again = ClusterIpAllocator::new(range, Some(file));
+        let second = again.assign(&many, &HashSet::new());
         assert_eq!(
             all.iter()
-                .map(|(_, r)| r.as_ref().ok().copied())
+                .map(|r| r.as_ref().ok().copied())
                 .collect::<Vec<_>>(),
-            again
+            second
                 .iter()
-                .map(|(_, r)| r.as_ref().ok().copied())
+                .map(|r| r.as_ref().ok().copied())
                 .collect::<Vec<_>>()
         );
     }
@@ -217,14 +237,15 @@ mod tests {
         let range: IpNet = "10.96.0.0/29".parse().expect("cidr"); // offsets 2..=6
         let mut a = ClusterIpAllocator::new(range, None);
         let taken: HashSet<IpAddr> = ["10.96.0.2".parse().expect("ip")].into();
-        let keys: Vec<_> = (0..5).map(|i| key(&format!("s{i}"))).collect();
+        let owned: Vec<_> = (0..5).map(|i| key(&format!("s{i}"))).collect();
+        let keys: Vec<&ServiceKey> = owned.iter().collect();
         let out = a.assign(&keys, &taken);
-        let ok: Vec<_> = out.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+        let ok: Vec<_> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
         assert_eq!(ok.len(), 4);
         assert!(!ok.contains(&&"10.96.0.2".parse::<IpAddr>().expect("ip")));
         assert!(
             out.iter()
-                .any(|(_, r)| matches!(r, Err(IpamError::Exhausted(_))))
+                .any(|r| matches!(r, Err(IpamError::Exhausted(_))))
         );
     }
 }

@@ -122,35 +122,44 @@ impl Snapshot {
         }
     }
 
-    /// Builds the next snapshot from the full desired state. Resources equal
-    /// to the previous snapshot's keep their `Arc`. Returns `None` when
-    /// nothing changed, so the version moves only with the content.
+    /// Builds the next snapshot from the full desired state, reusing the
+    /// previous snapshot's `Arc` for every resource whose content is equal.
+    /// Returns `None` when nothing changed. (The index uses
+    /// [`Snapshot::from_resources`] with its own cache; this is the simple form.)
     pub fn next(
         previous: &Snapshot,
         states: impl IntoIterator<Item = ServiceState>,
         versions: &mut VersionSource,
         changed_at_unix_nanos: i64,
     ) -> Option<Snapshot> {
-        let mut resources = BTreeMap::new();
-        let mut changed = false;
-        for state in states {
-            let name: Arc<str> = Arc::from(state.service.key.to_string());
-            let encoded = encode_state(&state);
-            let entry = match previous.resources.get_key_value(&name) {
-                Some((old_name, old)) if old.service_state.as_ref() == Some(&encoded) => {
-                    resources.insert(old_name.clone(), old.clone());
-                    continue;
+        let resources = states
+            .into_iter()
+            .map(|state| {
+                let fresh = make_resource(&state);
+                let name: Arc<str> = Arc::from(fresh.name.as_str());
+                match previous.resources.get_key_value(&name) {
+                    Some((n, old)) if **old == fresh => (n.clone(), old.clone()),
+                    _ => (name, Arc::new(fresh)),
                 }
-                _ => Arc::new(v1::Resource {
-                    name: name.to_string(),
-                    version: content_version(&encoded),
-                    service_state: Some(encoded),
-                }),
-            };
-            changed = true;
-            resources.insert(name, entry);
-        }
-        if !changed && resources.len() == previous.resources.len() {
+            })
+            .collect();
+        Self::from_resources(previous, resources, versions, changed_at_unix_nanos)
+    }
+
+    /// Wraps `resources` as the next snapshot unless every one of them is
+    /// the very `Arc` the previous snapshot holds under the same name.
+    pub fn from_resources(
+        previous: &Snapshot,
+        resources: BTreeMap<Arc<str>, Arc<Resource>>,
+        versions: &mut VersionSource,
+        changed_at_unix_nanos: i64,
+    ) -> Option<Snapshot> {
+        let unchanged = resources.len() == previous.resources.len()
+            && resources
+                .iter()
+                .zip(&previous.resources)
+                .all(|((n, r), (pn, pr))| n == pn && Arc::ptr_eq(r, pr));
+        if unchanged && !previous.version.is_empty() {
             return None;
         }
         Some(Snapshot {
