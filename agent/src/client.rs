@@ -176,12 +176,16 @@ async fn session(
     applier.status.update(|s| s.connected = true);
     applier.metrics.connected.set(1);
     tracing::info!(node = %who.node, "connected to the control plane");
-    while let Some(update) = inbound
+    let mut assembling: Option<v1::SnapshotUpdate> = None;
+    while let Some(part) = inbound
         .message()
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
     {
         backoff.reset();
+        let Some(update) = assemble(&mut assembling, part) else {
+            continue;
+        };
         let reply = match applier.apply_update(&update).await {
             Ok(()) => agent_message::Kind::Ack(v1::Ack {
                 nonce: update.nonce.clone(),
@@ -200,9 +204,70 @@ async fn session(
     Ok(())
 }
 
+/// Collects the parts of one update (protocol rule 7). Returns the whole
+/// update once its last part arrived. A part with another nonce abandons an
+/// unfinished update: the control plane never interleaves updates, so that
+/// only happens after a protocol error, and the new update stands alone.
+fn assemble(
+    assembling: &mut Option<v1::SnapshotUpdate>,
+    part: v1::SnapshotUpdate,
+) -> Option<v1::SnapshotUpdate> {
+    let update = match assembling.take() {
+        Some(mut acc) if acc.nonce == part.nonce => {
+            acc.resources.extend(part.resources);
+            acc.removed_resources.extend(part.removed_resources);
+            acc.continued = part.continued;
+            acc
+        }
+        Some(acc) => {
+            tracing::warn!(nonce = %acc.nonce, "abandoning an update whose last part never came");
+            part
+        }
+        None => part,
+    };
+    if update.continued {
+        *assembling = Some(update);
+        None
+    } else {
+        Some(update)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(nonce: &str, names: &[&str], continued: bool) -> v1::SnapshotUpdate {
+        v1::SnapshotUpdate {
+            nonce: nonce.into(),
+            snapshot_version: "v".into(),
+            resources: names
+                .iter()
+                .map(|n| v1::Resource {
+                    name: (*n).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            continued,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn parts_are_assembled_into_one_update() {
+        let mut acc = None;
+        assert!(assemble(&mut acc, part("1", &["a"], true)).is_none());
+        assert!(assemble(&mut acc, part("1", &["b"], true)).is_none());
+        let whole = assemble(&mut acc, part("1", &["c"], false)).expect("complete");
+        let names: Vec<_> = whole.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(acc.is_none());
+        // An unfinished update is abandoned by the next nonce.
+        assert!(assemble(&mut acc, part("2", &["x"], true)).is_none());
+        let next = assemble(&mut acc, part("3", &["y"], false)).expect("complete");
+        assert_eq!(next.nonce, "3");
+        assert_eq!(next.resources.len(), 1);
+    }
 
     #[test]
     fn backoff_grows_jitters_and_resets() {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use switchyard_model::ServiceState;
-use switchyard_proto::convert::{DecodeError, decode_state};
+use switchyard_proto::convert::{DecodeError, decode_state_bytes};
 use switchyard_proto::v1;
 
 /// One resource the agent holds.
@@ -53,12 +53,7 @@ impl AgentState {
         let mut next = self.clone();
         let mut changes = ChangeSet::default();
         for r in &update.resources {
-            let wire = r.service_state.as_ref().ok_or_else(|| DecodeError::Field {
-                resource: r.name.clone(),
-                field: "service_state".into(),
-                message: "missing".into(),
-            })?;
-            let state = decode_state(&r.name, wire)?;
+            let state = decode_state_bytes(&r.name, &r.service_state)?;
             if state.service.key.to_string() != r.name {
                 return Err(DecodeError::Field {
                     resource: r.name.clone(),

@@ -307,7 +307,7 @@ mod tests {
                     v1::Resource {
                         name: format!("default/ns/{n}"),
                         version: format!("v-{n}"),
-                        service_state: Some(switchyard_proto::convert::encode_state(&state)),
+                        service_state: switchyard_proto::convert::encode_state_bytes(&state),
                     }
                 })
                 .collect(),

@@ -25,6 +25,11 @@ use crate::status::{Status as CpStatus, StreamHandle};
 /// How long an agent may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Resource bytes per message of an update (protocol rule 7). The gRPC
+/// encoder keeps a buffer as large as the largest message it encoded for the
+/// life of the stream, so this bounds what each connected agent costs.
+pub const MAX_PART_BYTES: usize = 16 * 1024;
+
 /// The `SnapshotDiscovery` service.
 #[derive(Debug, Clone)]
 pub struct SnapshotService {
@@ -147,6 +152,45 @@ impl SnapshotDiscovery for SnapshotService {
     }
 }
 
+/// Builds the messages of one update. Resources are cheap to copy: their
+/// payload is shared `Bytes`. The removed names travel in the first part.
+fn split_into_parts(
+    delta: &Delta,
+    version: &str,
+    nonce: &str,
+    changed_at_unix_nanos: i64,
+) -> Vec<v1::SnapshotUpdate> {
+    let part = |resources: Vec<v1::Resource>, removed_resources: Vec<String>| v1::SnapshotUpdate {
+        snapshot_version: version.to_owned(),
+        nonce: nonce.to_owned(),
+        resources,
+        removed_resources,
+        changed_at_unix_nanos,
+        continued: true,
+    };
+    let mut parts = Vec::new();
+    let mut removed: Vec<String> = delta.removed.iter().map(|n| n.to_string()).collect();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for r in &delta.changed {
+        let size = r.service_state.len() + r.name.len() + r.version.len();
+        if !current.is_empty() && bytes + size > MAX_PART_BYTES {
+            parts.push(part(
+                std::mem::take(&mut current),
+                std::mem::take(&mut removed),
+            ));
+            bytes = 0;
+        }
+        current.push((**r).clone());
+        bytes += size;
+    }
+    parts.push(part(current, removed));
+    if let Some(last) = parts.last_mut() {
+        last.continued = false;
+    }
+    parts
+}
+
 /// What the agent holds.
 #[derive(Debug)]
 enum Baseline {
@@ -179,12 +223,15 @@ impl AgentStream {
             if self.in_flight.is_none() {
                 let current = snapshots.borrow_and_update().clone();
                 if let Some(current) = current
-                    && let Some(update) = self.next_update(&current)
+                    && let Some(parts) = self.next_update(&current)
                 {
-                    let count = update.resources.len();
-                    tx.send(Ok(update))
-                        .await
-                        .map_err(|_| "agent went away".to_owned())?;
+                    let count: usize = parts.iter().map(|p| p.resources.len()).sum();
+                    for part in parts {
+                        tokio::select! {
+                            sent = tx.send(Ok(part)) => sent.map_err(|_| "agent went away".to_owned())?,
+                            _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
+                        }
+                    }
                     svc.status.pushed(&self.handle, count);
                     svc.metrics.pushes.inc();
                     svc.metrics.resources_sent.inc_by(count as u64);
@@ -203,8 +250,9 @@ impl AgentStream {
         }
     }
 
-    /// The update that brings the agent to `current`, if it needs one.
-    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<v1::SnapshotUpdate> {
+    /// The update that brings the agent to `current`, if it needs one, in
+    /// parts of at most [`MAX_PART_BYTES`] of resources each.
+    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<Vec<v1::SnapshotUpdate>> {
         if self.parked_on.as_deref() == Some(current.version.as_str()) {
             return None;
         }
@@ -217,13 +265,12 @@ impl AgentStream {
         let nonce = self.next_nonce.to_string();
         self.next_nonce += 1;
         self.in_flight = Some((nonce.clone(), current.clone()));
-        Some(v1::SnapshotUpdate {
-            snapshot_version: current.version.clone(),
-            nonce,
-            resources: delta.changed.iter().map(|r| (**r).clone()).collect(),
-            removed_resources: delta.removed.iter().map(|n| n.to_string()).collect(),
-            changed_at_unix_nanos: current.changed_at_unix_nanos,
-        })
+        Some(split_into_parts(
+            &delta,
+            &current.version,
+            &nonce,
+            current.changed_at_unix_nanos,
+        ))
     }
 
     fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) {
@@ -254,6 +301,56 @@ impl AgentStream {
             Some(agent_message::Kind::Hello(_)) | None => {
                 tracing::debug!(node = %self.node, "ignoring a repeated Hello");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(name: &str, size: usize) -> Arc<v1::Resource> {
+        Arc::new(v1::Resource {
+            name: name.into(),
+            version: "v".into(),
+            service_state: bytes::Bytes::from(vec![0u8; size]),
+        })
+    }
+
+    #[test]
+    fn large_updates_are_split_and_small_ones_are_not() {
+        let small = Delta {
+            changed: vec![resource("a", 100)],
+            removed: vec![Arc::from("gone")],
+        };
+        let parts = split_into_parts(&small, "v1", "7", 5);
+        assert_eq!(parts.len(), 1);
+        assert!(!parts[0].continued);
+        assert_eq!(parts[0].removed_resources, ["gone"]);
+
+        let big = Delta {
+            changed: (0..100).map(|i| resource(&format!("r{i}"), 1000)).collect(),
+            removed: vec![Arc::from("gone")],
+        };
+        let parts = split_into_parts(&big, "v2", "8", 5);
+        assert!(parts.len() >= 6, "{} parts", parts.len());
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.nonce == "8" && p.snapshot_version == "v2")
+        );
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.continued));
+        assert!(!parts[parts.len() - 1].continued);
+        let total: usize = parts.iter().map(|p| p.resources.len()).sum();
+        assert_eq!(total, 100);
+        let removed: Vec<_> = parts
+            .iter()
+            .flat_map(|p| p.removed_resources.clone())
+            .collect();
+        assert_eq!(removed, ["gone"]);
+        for p in &parts {
+            let bytes: usize = p.resources.iter().map(|r| r.service_state.len()).sum();
+            assert!(bytes <= MAX_PART_BYTES, "{bytes}");
         }
     }
 }

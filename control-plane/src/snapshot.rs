@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prost::Message;
 use sha2::{Digest, Sha256};
 use switchyard_model::ServiceState;
-use switchyard_proto::convert::encode_state;
+use switchyard_proto::convert::encode_state_bytes;
 use switchyard_proto::v1;
 
 /// One resource as it goes on the wire, with its content version.
@@ -94,20 +93,21 @@ impl Default for VersionSource {
     }
 }
 
-/// The content version of a resource: a hash of its deterministic encoding.
-/// (prost encodes fields in tag order and the message has no maps.)
-pub fn content_version(state: &v1::ServiceState) -> String {
-    let digest = Sha256::digest(state.encode_to_vec());
+/// The content version of a resource payload: a hash of its deterministic
+/// encoding (prost encodes fields in tag order and the message has no maps).
+pub fn content_version(payload: &[u8]) -> String {
+    let digest = Sha256::digest(payload);
     hex::encode(&digest[..8])
 }
 
-/// Wraps one Service state as a wire resource with its version.
+/// Wraps one Service state as a wire resource with its version. The payload
+/// is encoded here once; every stream sends these same bytes.
 pub fn make_resource(state: &ServiceState) -> Resource {
-    let encoded = encode_state(state);
+    let payload = encode_state_bytes(state);
     v1::Resource {
         name: state.service.key.to_string(),
-        version: content_version(&encoded),
-        service_state: Some(encoded),
+        version: content_version(&payload),
+        service_state: payload,
     }
 }
 

@@ -140,6 +140,22 @@ fn strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
 
+/// Encodes one Service with its slices as a resource payload.
+pub fn encode_state_bytes(state: &m::ServiceState) -> bytes::Bytes {
+    bytes::Bytes::from(prost::Message::encode_to_vec(&encode_state(state)))
+}
+
+/// Decodes and validates a resource payload (`Resource.service_state`).
+pub fn decode_state_bytes(resource: &str, payload: &[u8]) -> Result<m::ServiceState, DecodeError> {
+    let wire =
+        <v1::ServiceState as prost::Message>::decode(payload).map_err(|e| DecodeError::Field {
+            resource: resource.to_owned(),
+            field: "service_state".into(),
+            message: format!("undecodable: {e}"),
+        })?;
+    decode_state(resource, &wire)
+}
+
 /// Decodes and validates one resource. `resource` is its name, used in errors.
 pub fn decode_state(
     resource: &str,
@@ -420,6 +436,22 @@ mod tests {
         let wire = encode_state(&state);
         let back = decode_state("east/shop/web", &wire).expect("decodes");
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn payload_round_trip_and_garbage() {
+        let state = full_state();
+        let bytes = encode_state_bytes(&state);
+        assert_eq!(
+            decode_state_bytes("east/shop/web", &bytes).expect("decodes"),
+            state
+        );
+        let err = decode_state_bytes("east/shop/web", b"\xff\xff").expect_err("garbage");
+        assert!(
+            err.to_string()
+                .starts_with("resource east/shop/web: service_state: undecodable"),
+            "{err}"
+        );
     }
 
     #[test]
