@@ -282,8 +282,9 @@ impl AgentStream {
                     return;
                 };
                 tracing::debug!(node = %self.node, %nonce, version = %snapshot.version, "ACK");
-                svc.status.acked(&self.handle, &snapshot.version);
+                // Count first: status watchers that wake on the ACK may read the counter.
                 svc.metrics.acks.inc();
+                svc.status.acked(&self.handle, &snapshot.version);
                 self.parked_on = None;
                 self.baseline = Baseline::Acked(snapshot);
             }
