@@ -7,6 +7,7 @@
 //! what did not happen; nothing sleeps to synchronise.
 
 pub mod certs;
+pub mod dns;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

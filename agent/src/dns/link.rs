@@ -58,9 +58,42 @@ pub fn notrack_rules(listen: SocketAddr) -> Vec<Vec<String>> {
     rules
 }
 
-/// Creates the interface and the NOTRACK rules for `listen`.
-pub fn install(listen: SocketAddr) -> Result<(), String> {
-    for (i, cmd) in interface_commands(listen.ip()).iter().enumerate() {
+/// Creates the interface and the NOTRACK rules for `listen`; returns the
+/// interface holding the address. A kernel without the dummy driver gets
+/// the address on `lo` instead.
+pub fn install(listen: SocketAddr) -> Result<&'static str, String> {
+    let interface = match put_on_dummy(listen.ip()) {
+        Ok(()) => INTERFACE,
+        Err(e) if e.contains("Unknown device type") || e.contains("not supported") => {
+            let prefix = if listen.is_ipv4() { "32" } else { "128" };
+            let args: Vec<String> = [
+                "addr",
+                "replace",
+                &format!("{}/{prefix}", listen.ip()),
+                "dev",
+                "lo",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let out = run("ip", &args)?;
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            "lo"
+        }
+        Err(e) => return Err(e),
+    };
+    notrack(listen)?;
+    Ok(interface)
+}
+
+fn put_on_dummy(addr: IpAddr) -> Result<(), String> {
+    for (i, cmd) in interface_commands(addr).iter().enumerate() {
         let out = run(&cmd[0], &cmd[1..])?;
         // The interface may exist from an earlier run.
         let exists = i == 0 && String::from_utf8_lossy(&out.stderr).contains("File exists");
@@ -72,6 +105,10 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
             ));
         }
     }
+    Ok(())
+}
+
+fn notrack(listen: SocketAddr) -> Result<(), String> {
     let iptables = if listen.is_ipv4() {
         "iptables"
     } else {

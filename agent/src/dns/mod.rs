@@ -256,8 +256,8 @@ pub fn prepare_listen(listen: SocketAddr) {
         return;
     }
     match link::install(listen) {
-        Ok(()) => {
-            tracing::info!(%listen, interface = link::INTERFACE, "DNS address on the dummy interface, NOTRACK rules in place")
+        Ok(interface) => {
+            tracing::info!(%listen, interface, "DNS address in place, with NOTRACK rules")
         }
         Err(e) => tracing::error!("setting up the DNS address: {e}"),
     }
