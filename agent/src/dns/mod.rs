@@ -65,10 +65,8 @@ impl DnsConfig {
     /// The configuration `args` describe, listening on `listen`. Call after
     /// the listen address exists, so the default access list includes it.
     pub fn from_args(args: &Args, listen: SocketAddr) -> anyhow::Result<Self> {
-        let mut zone = Name::from_ascii(args.cluster_domain.trim_end_matches('.'))
-            .with_context(|| format!("--cluster-domain {:?}", args.cluster_domain))?
-            .to_lowercase();
-        zone.set_fqdn(true);
+        let zone = zone_name(&args.cluster_domain)
+            .with_context(|| format!("--cluster-domain {:?}", args.cluster_domain))?;
         let upstreams = if args.dns_upstreams.is_empty() {
             resolv_conf_upstreams(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
@@ -91,6 +89,13 @@ impl DnsConfig {
             max_inflight: args.dns_max_inflight.max(1),
         })
     }
+}
+
+/// The zone `domain` names, lower-cased and fully qualified.
+pub fn zone_name(domain: &str) -> anyhow::Result<Name> {
+    let mut zone = Name::from_ascii(domain.trim_end_matches('.'))?.to_lowercase();
+    zone.set_fqdn(true);
+    Ok(zone)
 }
 
 /// The nameservers of a resolv.conf, without the stub's own address.
