@@ -228,6 +228,8 @@ pub struct DnsMetrics {
     pub responses: [Counter; 7],
     /// Queries forwarded upstream.
     pub forwarded: Counter,
+    /// Queries for other names answered from the cache of upstream answers.
+    pub cache_hits: Counter,
     /// Forwarded queries no upstream answered.
     pub forward_failures: Counter,
     /// Queries refused because the forwarding limit was reached.
@@ -257,6 +259,7 @@ impl Default for DnsMetrics {
             by_rcode,
             responses,
             forwarded: Counter::default(),
+            cache_hits: Counter::default(),
             forward_failures: Counter::default(),
             forward_overload: Counter::default(),
             refused_sources: Counter::default(),
@@ -279,6 +282,11 @@ impl DnsMetrics {
             "forwarded",
             "Queries forwarded upstream",
             self.forwarded.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Queries answered from the cache of upstream answers",
+            self.cache_hits.clone(),
         );
         r.register(
             "forward_failures",

@@ -252,8 +252,27 @@ async fn other_names_are_forwarded_to_the_upstream() {
     // Reverse names we do not know fall through to the upstream too.
     let rev = dig(c.dns, &["-x", "192.0.2.99"]).await;
     assert_eq!(rev.status, "NOERROR", "{}", rev.raw);
+    // Asked again: answered from the cache, the TTL counting down from 60.
+    let again = dig(c.dns, &["WWW.example.org", "A"]).await;
+    assert_eq!(again.data(), ["192.0.2.7"]);
+    let ttl: u32 = again.answers[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .expect("ttl");
+    assert!(
+        ttl <= 30,
+        "positive answers are kept 30 s at most: {}",
+        again.raw
+    );
+    assert_eq!(c.upstream.queries.load(Ordering::Relaxed) - before, 3);
     let status = get_json(c.agent.admin_addr, "/status").await;
     assert_eq!(status["dns"]["forwarded"], 3, "{status}");
+    let metrics = get_text(c.agent.admin_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("switchyard_agent_dns_cache_hits_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,9 +13,8 @@ use super::handler::{EDNS_PAYLOAD, Forward, Reply, finish, response};
 /// How long one upstream gets to answer.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Asks the upstreams and builds the answer to the client: SERVFAIL when
-/// none answers.
-pub async fn forward(fwd: &Forward, upstreams: &[SocketAddr]) -> (Reply, bool) {
+/// Asks the upstreams in turn; `None` when none answers.
+pub async fn ask_upstreams(fwd: &Forward, upstreams: &[SocketAddr]) -> Option<Message> {
     let mut query = Message::query();
     query.metadata.recursion_desired = true;
     query.add_query(fwd.query.clone());
@@ -24,17 +23,20 @@ pub async fn forward(fwd: &Forward, upstreams: &[SocketAddr]) -> (Reply, bool) {
     query.set_edns(edns);
     for upstream in upstreams {
         match ask(&query, *upstream).await {
-            Ok(answer) => return (relay(fwd, answer), true),
+            Ok(answer) => return Some(answer),
             Err(e) => tracing::debug!(%upstream, "upstream failed: {e}"),
         }
     }
-    (
-        finish(response(&fwd.request, ResponseCode::ServFail), fwd.limit),
-        false,
-    )
+    None
 }
 
-fn relay(fwd: &Forward, answer: Message) -> Reply {
+/// SERVFAIL for `fwd`: no upstream answered.
+pub fn servfail(fwd: &Forward) -> Reply {
+    finish(response(&fwd.request, ResponseCode::ServFail), fwd.limit)
+}
+
+/// The answer to the client from the upstream's `answer`.
+pub fn relay(fwd: &Forward, answer: Message) -> Reply {
     let mut resp = response(&fwd.request, answer.metadata.response_code);
     resp.answers.extend(fwd.cname.iter().cloned());
     resp.answers.extend(answer.answers);

@@ -5,7 +5,7 @@
 //!  Applier ──watch<Arc<AgentState>>──▶ IndexCell ──(build on change)──▶ Arc<DnsIndex>
 //!                                          │ one index per query: answers switch atomically
 //!   UDP/TCP socket ─▶ handler::handle(index, acl, bytes) ─▶ Reply ─▶ socket
-//!                                                        └▶ Forward ─▶ forward::forward (bounded) ─▶ socket
+//!                                                        └▶ Forward ─▶ cache? ─▶ forward (bounded) ─▶ socket
 //! ```
 //!
 //! Every use of hickory lives in this module. We use `hickory-proto` for
@@ -21,6 +21,7 @@
 //! from it.
 
 pub mod acl;
+pub mod cache;
 pub mod forward;
 pub mod handler;
 pub mod index;

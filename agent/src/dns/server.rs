@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hickory_proto::op::ResponseCode;
@@ -11,12 +11,15 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::cache::AnswerCache;
 use super::handler::{self, Forward, Outcome, Reply, Transport};
 use super::{DnsConfig, IndexCell, forward};
 use crate::status::Metrics;
 
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Upstream answers kept (about 1 KiB each).
+const CACHE_ENTRIES: usize = 10_000;
 /// Most TCP connections at once; more are closed at once.
 const TCP_CONNECTIONS: usize = 256;
 
@@ -52,6 +55,7 @@ struct Ctx {
     cell: Arc<IndexCell>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
+    cache: AnswerCache,
 }
 
 impl Ctx {
@@ -68,7 +72,17 @@ impl Ctx {
 
     /// Forwards within the in-flight bound; over it, REFUSED (as CoreDNS's
     /// `forward` does at `max_concurrent`).
+    /// A cached upstream answer, if there is one.
+    fn cached(&self, f: &Forward) -> Option<Reply> {
+        let r = self.cache.get(f, Instant::now())?;
+        self.metrics.dns.cache_hits.inc();
+        Some(r)
+    }
+
     async fn forward(&self, f: Box<Forward>) -> Reply {
+        if let Some(r) = self.cached(&f) {
+            return r;
+        }
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
             self.metrics.dns.forward_overload.inc();
             return handler::finish(
@@ -77,11 +91,16 @@ impl Ctx {
             );
         };
         self.metrics.dns.forwarded.inc();
-        let (reply, answered) = forward::forward(&f, &self.cfg.upstreams).await;
-        if !answered {
-            self.metrics.dns.forward_failures.inc();
+        match forward::ask_upstreams(&f, &self.cfg.upstreams).await {
+            Some(answer) => {
+                self.cache.put(&f, &answer, Instant::now());
+                forward::relay(&f, answer)
+            }
+            None => {
+                self.metrics.dns.forward_failures.inc();
+                forward::servfail(&f)
+            }
         }
-        reply
     }
 }
 
@@ -103,6 +122,7 @@ pub(super) async fn serve(
     };
     let ctx = Arc::new(Ctx {
         permits: Arc::new(Semaphore::new(cfg.max_inflight)),
+        cache: AnswerCache::new(CACHE_ENTRIES),
         cfg,
         cell,
         metrics,
@@ -130,6 +150,11 @@ pub(super) async fn serve(
                 let _ = udp.send_to(&r.bytes, src).await;
             }
             Outcome::Forward(f) => {
+                if let Some(r) = ctx.cached(&f) {
+                    ctx.count(&r);
+                    let _ = udp.send_to(&r.bytes, src).await;
+                    continue;
+                }
                 let (ctx, udp) = (ctx.clone(), udp.clone());
                 tokio::spawn(async move {
                     let r = ctx.forward(f).await;
