@@ -34,7 +34,16 @@ pub fn router(status: Arc<Status>, metrics: Arc<Metrics>) -> Router {
         )
         .route(
             "/status",
-            get(|State(s): State<AdminState>| async move { Json(s.status.document()) }),
+            get(|State(s): State<AdminState>| async move {
+                let mut doc = s.status.document();
+                if let Some(dns) = doc.dns.as_mut() {
+                    let m = &s.metrics.dns;
+                    dns.queries = m.responses_by_rcode();
+                    dns.forwarded = m.forwarded.get();
+                    dns.refused_sources = m.refused_sources.get();
+                }
+                Json(doc)
+            }),
         )
         .with_state(AdminState { status, metrics })
 }

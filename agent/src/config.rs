@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 
 /// Which data plane programs the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +61,85 @@ pub struct Args {
     /// Name to verify in the control plane's certificate (default: the URL's host).
     #[arg(long)]
     pub tls_server_name: Option<String>,
+
+    /// Pod address ranges of the cluster (repeatable). DNS answers them by default.
+    #[arg(long = "cluster-cidr", default_value = "10.244.0.0/16")]
+    pub cluster_cidrs: Vec<IpNet>,
+
+    /// Where the DNS stub listens (UDP and TCP), or `none`. The default
+    /// link-local address is put on a dummy interface, with NOTRACK rules,
+    /// when the agent may (CAP_NET_ADMIN); any other address is just bound.
+    #[arg(long, default_value = DEFAULT_DNS_LISTEN, value_parser = parse_dns_listen)]
+    pub dns_listen: DnsListen,
+
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Upstream DNS server for names outside the cluster (repeatable; port 53
+    /// when none is given). Default: the nameservers in /etc/resolv.conf other
+    /// than the stub itself.
+    #[arg(long = "dns-upstream", value_parser = parse_upstream)]
+    pub dns_upstreams: Vec<SocketAddr>,
+
+    /// TTL of the cluster's records.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub dns_ttl: Duration,
+
+    /// Sources allowed to query (repeatable). Default: this node's own
+    /// addresses and the --cluster-cidr ranges; everyone else is REFUSED.
+    #[arg(long = "dns-allow")]
+    pub dns_allow: Vec<IpNet>,
+
+    /// Most forwarded queries in flight at once; beyond it queries are REFUSED.
+    #[arg(long, default_value_t = 1024)]
+    pub dns_max_inflight: usize,
+}
+
+/// The default `--dns-listen`, NodeLocal DNSCache's customary address.
+pub const DEFAULT_DNS_LISTEN: &str = "169.254.20.10:53";
+
+/// Where the DNS stub listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsListen {
+    /// No DNS stub.
+    None,
+    /// UDP and TCP on this address.
+    Addr(SocketAddr),
+}
+
+fn parse_dns_listen(s: &str) -> Result<DnsListen, String> {
+    if s == "none" {
+        return Ok(DnsListen::None);
+    }
+    s.parse()
+        .map(DnsListen::Addr)
+        .map_err(|e| format!("{s:?}: {e} (expected ADDR:PORT or none)"))
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|e| format!("{s:?}: {e} (expected IP or IP:PORT)"))
+}
+
+/// Parses `5s`, `500ms`, `1m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    }
 }
 
 impl Args {

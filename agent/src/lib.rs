@@ -13,13 +13,15 @@
 //! Modules: [`state`] (what is held and how an update changes it),
 //! [`store`] (sled persistence with checked frames), [`dataplane`] (the
 //! trait and `none`), [`applier`] (the apply pipeline), [`client`] (the
-//! stream and its backoff), [`status`] and [`admin`].
+//! stream and its backoff), [`dns`] (the node-local DNS stub), [`status`]
+//! and [`admin`].
 
 pub mod admin;
 pub mod applier;
 pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -34,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Args;
-use config::DataPlaneKind;
+use config::{DataPlaneKind, DnsListen};
 use dataplane::{DataPlane, NoneDataPlane};
 use state::AgentState;
 use status::{Metrics, Status};
@@ -44,6 +46,8 @@ use status::{Metrics, Status};
 pub struct Agent {
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
+    /// Where the DNS stub listens (UDP and TCP); `None` with `--dns-listen none`.
+    pub dns_addr: Option<SocketAddr>,
     /// Shared status (what `/status` serves).
     pub status: Arc<Status>,
     /// Shared metrics.
@@ -114,6 +118,21 @@ pub async fn start_with(
     let state = applier.subscribe();
 
     let mut tasks = JoinSet::new();
+    let dns_addr = match args.dns_listen {
+        DnsListen::None => None,
+        DnsListen::Addr(listen) => {
+            dns::prepare_listen(listen);
+            let cfg = dns::DnsConfig::from_args(&args, listen)?;
+            Some(dns::start(
+                cfg,
+                state.clone(),
+                status.clone(),
+                metrics.clone(),
+                &mut tasks,
+                shutdown.clone(),
+            )?)
+        }
+    };
     let router = admin::router(status.clone(), metrics.clone());
     let admin_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -135,6 +154,7 @@ pub async fn start_with(
     tracing::info!(%admin_addr, "agent started");
     Ok(Agent {
         admin_addr,
+        dns_addr,
         status,
         metrics,
         state,

@@ -47,6 +47,31 @@ pub struct StatusDocument {
     pub rejected: u64,
     /// Why the persisted state was discarded at start-up, if it was.
     pub discarded_state: Option<String>,
+    /// The DNS stub; null when `--dns-listen none`.
+    pub dns: Option<DnsStatus>,
+}
+
+/// The DNS stub's part of `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DnsStatus {
+    /// Where it listens (UDP and TCP).
+    pub listen: String,
+    /// The cluster domain.
+    pub zone: String,
+    /// Upstream servers for other names.
+    pub upstreams: Vec<String>,
+    /// Snapshot version the answers come from (null before the first).
+    pub index_version: Option<String>,
+    /// Names answered (zone names, empty non-terminals, reverse names).
+    pub names: usize,
+    /// How long the last index build took, in milliseconds.
+    pub index_build_ms: f64,
+    /// Queries answered by response code (filled from the metrics).
+    pub queries: std::collections::BTreeMap<String, u64>,
+    /// Queries forwarded upstream.
+    pub forwarded: u64,
+    /// Queries refused because of their source address.
+    pub refused_sources: u64,
 }
 
 /// Shared status. Every change bumps a generation that [`Status::subscribe`]
@@ -79,6 +104,7 @@ impl Status {
                 updates: 0,
                 rejected: 0,
                 discarded_state: None,
+                dns: None,
             }),
             generation: tokio::sync::watch::Sender::new(0),
         }
@@ -126,6 +152,8 @@ pub struct Metrics {
     pub persist_seconds: Histogram,
     /// From the control plane seeing a change to this node having it in force.
     pub programming_latency_seconds: Histogram,
+    /// The DNS stub's figures.
+    pub dns: DnsMetrics,
     registry: Registry,
 }
 
@@ -144,6 +172,7 @@ impl Metrics {
             apply_seconds: buckets(),
             persist_seconds: buckets(),
             programming_latency_seconds: buckets(),
+            dns: DnsMetrics::default(),
             registry: Registry::default(),
         };
         registry.register("updates", "Snapshot updates received", m.updates.clone());
@@ -171,6 +200,7 @@ impl Metrics {
             "From the control plane seeing a change to the change in force on this node",
             m.programming_latency_seconds.clone(),
         );
+        m.dns.register(registry.sub_registry_with_prefix("dns"));
         Self { registry, ..m }
     }
 
@@ -179,6 +209,135 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Response codes counted one by one; anything else is `other`.
+pub const DNS_RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+];
+
+type RcodeFamily = prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>;
+
+/// Counters of the DNS stub. Per-rcode counters are resolved once, so
+/// counting a query is one atomic add.
+#[derive(Debug)]
+pub struct DnsMetrics {
+    by_rcode: RcodeFamily,
+    /// Answers sent, by response code, in [`DNS_RCODES`] order.
+    pub responses: [Counter; 7],
+    /// Queries forwarded upstream.
+    pub forwarded: Counter,
+    /// Queries for other names answered from the cache of upstream answers.
+    pub cache_hits: Counter,
+    /// Forwarded queries no upstream answered.
+    pub forward_failures: Counter,
+    /// Queries refused because the forwarding limit was reached.
+    pub forward_overload: Counter,
+    /// Queries refused because of their source address.
+    pub refused_sources: Counter,
+    /// Messages dropped (too short, or not queries).
+    pub dropped: Counter,
+    /// UDP answers truncated so that the client retries over TCP.
+    pub truncated: Counter,
+    /// Index build duration.
+    pub index_build_seconds: Histogram,
+    /// Names in the index.
+    pub names: Gauge,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        let by_rcode = RcodeFamily::default();
+        // Each counter is resolved once and shared with the family.
+        let responses = DNS_RCODES.map(|code| {
+            by_rcode
+                .get_or_create(&vec![("rcode".into(), code.into())])
+                .clone()
+        });
+        Self {
+            by_rcode,
+            responses,
+            forwarded: Counter::default(),
+            cache_hits: Counter::default(),
+            forward_failures: Counter::default(),
+            forward_overload: Counter::default(),
+            refused_sources: Counter::default(),
+            dropped: Counter::default(),
+            truncated: Counter::default(),
+            index_build_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            names: Gauge::default(),
+        }
+    }
+}
+
+impl DnsMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "responses",
+            "DNS answers sent, by response code",
+            self.by_rcode.clone(),
+        );
+        r.register(
+            "forwarded",
+            "Queries forwarded upstream",
+            self.forwarded.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Queries answered from the cache of upstream answers",
+            self.cache_hits.clone(),
+        );
+        r.register(
+            "forward_failures",
+            "Forwarded queries no upstream answered (SERVFAIL)",
+            self.forward_failures.clone(),
+        );
+        r.register(
+            "forward_overload",
+            "Queries refused at the --dns-max-inflight limit",
+            self.forward_overload.clone(),
+        );
+        r.register(
+            "refused_sources",
+            "Queries refused because of their source address",
+            self.refused_sources.clone(),
+        );
+        r.register(
+            "dropped",
+            "Messages dropped unanswered",
+            self.dropped.clone(),
+        );
+        r.register(
+            "truncated",
+            "UDP answers truncated (client retries over TCP)",
+            self.truncated.clone(),
+        );
+        r.register(
+            "index_build_seconds",
+            "Time to build the DNS index from a snapshot",
+            self.index_build_seconds.clone(),
+        );
+        r.register("names", "Names in the DNS index", self.names.clone());
+    }
+
+    /// Counts one answer with response code `rcode` (its numeric value).
+    pub fn count_response(&self, rcode: u16) {
+        let i = match rcode {
+            0..=5 => usize::from(rcode),
+            _ => 6,
+        };
+        self.responses[i].inc();
+    }
+
+    /// Answers by response code.
+    pub fn responses_by_rcode(&self) -> std::collections::BTreeMap<String, u64> {
+        DNS_RCODES
+            .iter()
+            .zip(&self.responses)
+            .filter(|(_, c)| c.get() > 0)
+            .map(|(n, c)| ((*n).to_owned(), c.get()))
+            .collect()
     }
 }
 

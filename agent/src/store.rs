@@ -114,12 +114,23 @@ impl Store {
     }
 
     fn open_db(path: &Path) -> Result<Self, String> {
-        // sled may panic on some kinds of damaged files; treat that as corrupt too.
-        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("sled panicked while opening the database".into()),
+        // Another handle (a previous agent in this process, or one still
+        // exiting) may hold sled's file lock for a moment: that is not
+        // damage, so wait for it, boundedly, before judging the files.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            // sled may panic on some kinds of damaged files; treat that as corrupt too.
+            let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+            match opened {
+                Ok(Ok(db)) => break db,
+                Ok(Err(sled::Error::Io(e)))
+                    if is_lock_contention(&e) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("sled panicked while opening the database".into()),
+            }
         };
         let resources = db.open_tree(RESOURCES_TREE).map_err(|e| e.to_string())?;
         Ok(Self {
@@ -225,6 +236,11 @@ impl Store {
         self.db.flush().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// sled reports a held file lock as an I/O error.
+fn is_lock_contention(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock")
 }
 
 fn now_nanos() -> i64 {

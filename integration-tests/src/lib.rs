@@ -7,6 +7,7 @@
 //! what did not happen; nothing sleeps to synchronise.
 
 pub mod certs;
+pub mod dns;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,10 @@ pub fn agent_args(node: &str, cp_url: &str, state_dir: &Path) -> switchyard_agen
         &state_dir.display().to_string(),
         "--admin-listen",
         "127.0.0.1:0",
+        // Tests never create interfaces in the root namespace; DNS tests
+        // set their own address.
+        "--dns-listen",
+        "none",
     ])
 }
 

@@ -1,0 +1,131 @@
+//! A small cache of upstream answers, as NodeLocal DNSCache keeps one:
+//! positive answers for at most 30 s, negative ones for at most 5 s, and
+//! never longer than their own TTLs. Bounded: when full it starts over.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, LowerName, RData, Record, RecordType};
+
+use super::handler::{Forward, Reply};
+
+const MAX_POSITIVE: u32 = 30;
+const MAX_NEGATIVE: u32 = 5;
+
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct Key {
+    name: LowerName,
+    qtype: RecordType,
+    qclass: DNSClass,
+}
+
+impl Key {
+    fn of(q: &Query) -> Self {
+        Self {
+            name: LowerName::new(&q.name),
+            qtype: q.query_type,
+            qclass: q.query_class,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    answer: Message,
+    stored: Instant,
+    ttl: u32,
+}
+
+/// Upstream answers by question.
+#[derive(Debug)]
+pub struct AnswerCache {
+    entries: Mutex<HashMap<Key, Entry>>,
+    capacity: usize,
+}
+
+impl AnswerCache {
+    /// A cache of at most `capacity` answers (0: no caching).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// The cached answer to `fwd`, with TTLs counted down.
+    pub fn get(&self, fwd: &Forward, now: Instant) -> Option<Reply> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let e = entries.get(&Key::of(&fwd.query))?;
+        let age =
+            u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
+        if age >= e.ttl {
+            return None;
+        }
+        let mut answer = e.answer.clone();
+        let e_ttl = e.ttl;
+        drop(entries);
+        for r in answer
+            .answers
+            .iter_mut()
+            .chain(answer.authorities.iter_mut())
+            .chain(answer.additionals.iter_mut())
+        {
+            r.ttl = r.ttl.min(e_ttl).saturating_sub(age);
+        }
+        Some(super::forward::relay(fwd, answer))
+    }
+
+    /// Keeps `answer` to `fwd` if it is cacheable.
+    pub fn put(&self, fwd: &Forward, answer: &Message, now: Instant) {
+        if self.capacity == 0 || answer.metadata.truncation {
+            return;
+        }
+        let ttl = match answer.metadata.response_code {
+            ResponseCode::NoError if !answer.answers.is_empty() => {
+                min_ttl(&answer.answers).min(MAX_POSITIVE)
+            }
+            ResponseCode::NoError | ResponseCode::NXDomain => {
+                negative_ttl(answer).min(MAX_NEGATIVE)
+            }
+            _ => return,
+        };
+        if ttl == 0 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.capacity {
+            entries.retain(|_, e| {
+                now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl))
+            });
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            Key::of(&fwd.query),
+            Entry {
+                answer: answer.clone(),
+                stored: now,
+                ttl,
+            },
+        );
+    }
+}
+
+fn min_ttl(records: &[Record]) -> u32 {
+    records.iter().map(|r| r.ttl).min().unwrap_or(0)
+}
+
+/// RFC 2308: the SOA's TTL, capped by its minimum field.
+fn negative_ttl(answer: &Message) -> u32 {
+    answer
+        .authorities
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,331 @@
+//! The cluster zone as a hashed index, built from one [`AgentState`].
+//!
+//! ```text
+//!  AgentState ──build──▶ DnsIndex { names: lower-cased name ─▶ records, reverse: arpa name ─▶ PTR }
+//! ```
+//!
+//! Every name that exists holds its records; empty non-terminals (such as
+//! `svc.<zone>`, `<ns>.svc.<zone>` and `_tcp.<svc>...`) are present with no
+//! records, so a miss is one hash lookup (NXDOMAIN) and never a scan.
+//! An index is immutable: a new snapshot builds a new one.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use switchyard_model::{Endpoint, ServiceState, ServiceType};
+
+use crate::state::AgentState;
+
+/// The schema version of the Kubernetes DNS specification we implement.
+pub const SCHEMA_VERSION: &str = "1.1.0";
+
+/// The records of one name (empty for an empty non-terminal).
+#[derive(Debug, Default)]
+pub(crate) struct Node {
+    pub(crate) records: Vec<Record>,
+}
+
+/// The cluster zone and the reverse names of one agent state.
+#[derive(Debug)]
+pub struct DnsIndex {
+    /// The snapshot version the index was built from (empty: no snapshot yet).
+    pub version: String,
+    /// The state the index was built from; queries compare it with the state in force.
+    pub(crate) source: Arc<AgentState>,
+    pub(crate) zone: LowerName,
+    pub(crate) names: HashMap<LowerName, Node>,
+    pub(crate) reverse: HashMap<LowerName, Vec<Record>>,
+    pub(crate) soa: Record,
+    /// How long the build took.
+    pub build_time: Duration,
+}
+
+impl DnsIndex {
+    /// Builds the index of `state` for `zone` with records of `ttl` seconds.
+    pub fn build(state: Arc<AgentState>, zone: &Name, ttl: u32) -> Self {
+        let started = Instant::now();
+        let zone = zone.to_lowercase();
+        let mut b = Builder {
+            zone: zone.clone(),
+            ttl,
+            names: HashMap::new(),
+            reverse: HashMap::new(),
+        };
+        let serial = crate::unix_nanos() / 1_000_000_000;
+        let soa = Record::from_rdata(
+            zone.clone(),
+            ttl,
+            RData::SOA(SOA::new(
+                b.sub(&["ns", "dns"]),
+                b.sub(&["hostmaster"]),
+                u32::try_from(serial).unwrap_or(u32::MAX),
+                7200,
+                1800,
+                86400,
+                ttl,
+            )),
+        );
+        b.add(&zone, soa.data.clone());
+        b.add(&zone, RData::NS(NS(b.sub(&["ns", "dns"]))));
+        b.add(
+            &b.sub(&["dns-version"]),
+            RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
+        );
+        b.ensure(&b.sub(&["svc"]));
+        for held in state.resources.values() {
+            b.service(&held.state);
+        }
+        for node in b.names.values_mut() {
+            sort_by_type(&mut node.records);
+        }
+        Self {
+            version: state.version.clone(),
+            source: state,
+            zone: LowerName::new(&zone),
+            names: b.names,
+            reverse: b.reverse,
+            soa,
+            build_time: started.elapsed(),
+        }
+    }
+
+    /// Names answered: zone names (empty non-terminals included) and reverse names.
+    pub fn len(&self) -> usize {
+        self.names.len() + self.reverse.len()
+    }
+
+    /// Whether the index holds no name at all (never true: the apex exists).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a snapshot was in force when the index was built.
+    pub fn has_snapshot(&self) -> bool {
+        !self.version.is_empty()
+    }
+}
+
+struct Builder {
+    zone: Name,
+    ttl: u32,
+    names: HashMap<LowerName, Node>,
+    reverse: HashMap<LowerName, Vec<Record>>,
+}
+
+impl Builder {
+    /// `labels` (most specific first) under the zone.
+    fn sub(&self, labels: &[&str]) -> Name {
+        let mut name = self.zone.clone();
+        for l in labels.iter().rev() {
+            name = name.prepend_label(*l).unwrap_or_else(|_| self.zone.clone());
+        }
+        name
+    }
+
+    /// Makes `name` and every ancestor down to the zone exist.
+    fn ensure(&mut self, name: &Name) {
+        let mut n = name.clone();
+        while n.num_labels() >= self.zone.num_labels() {
+            let key = LowerName::new(&n);
+            if self.names.contains_key(&key) {
+                break;
+            }
+            self.names.insert(key, Node::default());
+            if n.num_labels() == 0 {
+                break;
+            }
+            n = n.base_name();
+        }
+    }
+
+    fn add(&mut self, name: &Name, data: RData) {
+        self.ensure(name);
+        let record = Record::from_rdata(name.clone(), self.ttl, data);
+        let node = self.names.entry(LowerName::new(name)).or_default();
+        if !node.records.contains(&record) {
+            node.records.push(record);
+        }
+    }
+
+    fn add_address(&mut self, name: &Name, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => self.add(name, RData::A(A(v4))),
+            IpAddr::V6(v6) => self.add(name, RData::AAAA(AAAA(v6))),
+        }
+    }
+
+    fn add_ptr(&mut self, ip: IpAddr, target: &Name) {
+        let Ok(arpa) = Name::from_ascii(reverse_name(ip)) else {
+            return;
+        };
+        let record = Record::from_rdata(arpa.clone(), self.ttl, RData::PTR(PTR(target.clone())));
+        let v = self.reverse.entry(LowerName::new(&arpa)).or_default();
+        if !v.contains(&record) {
+            v.push(record);
+        }
+    }
+
+    fn service(&mut self, st: &ServiceState) {
+        let svc = &st.service;
+        let ns = self.sub(&[&svc.key.namespace, "svc"]);
+        self.ensure(&ns);
+        let Ok(base) = ns.prepend_label(svc.key.name.as_str()) else {
+            return;
+        };
+        if svc.service_type == ServiceType::ExternalName {
+            if let Some(target) = svc
+                .external_name
+                .as_deref()
+                .and_then(|n| Name::from_ascii(n).ok())
+            {
+                let mut target = target.to_lowercase();
+                target.set_fqdn(true);
+                self.add(&base, RData::CNAME(CNAME(target)));
+            }
+            return;
+        }
+        if !svc.headless {
+            for ip in &svc.cluster_ips {
+                self.add_address(&base, *ip);
+                self.add_ptr(*ip, &base);
+            }
+            let named = svc.ports.iter().filter(|p| !p.name.is_empty());
+            for p in named {
+                if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
+                    self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
+                }
+            }
+            return;
+        }
+        // Headless: the endpoints themselves, each under its own host name.
+        let publish_all = svc.publish_not_ready_addresses;
+        let mut srvs: Vec<(Name, u16, Name)> = Vec::new();
+        for slice in &st.slices {
+            for ep in slice
+                .endpoints
+                .iter()
+                .filter(|e| publish_all || e.conditions.ready)
+            {
+                for ip in &ep.addresses {
+                    let Ok(host) = base.prepend_label(host_label(ep, *ip).as_str()) else {
+                        continue;
+                    };
+                    self.add_address(&base, *ip);
+                    self.add_address(&host, *ip);
+                    self.add_ptr(*ip, &host);
+                    for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
+                        if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
+                            srvs.push((srv, p.port, host.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for (srv, port, host) in srvs {
+            self.add(&srv, RData::SRV(SRV::new(0, 100, port, host)));
+        }
+    }
+}
+
+/// Groups a name's records by type (stable), so a lookup returns one slice.
+fn sort_by_type(records: &mut [Record]) {
+    records.sort_by_key(|r| u16::from(r.record_type()));
+}
+
+fn srv_name(base: &Name, port: &str, proto: &str) -> Option<Name> {
+    base.prepend_label(format!("_{proto}"))
+        .and_then(|n| n.prepend_label(format!("_{port}")))
+        .ok()
+}
+
+/// An endpoint's label: its hostname, else its address with dashes
+/// (`10-1-2-3`, `fd00--1`).
+fn host_label(ep: &Endpoint, ip: IpAddr) -> String {
+    match &ep.hostname {
+        Some(h) => h.clone(),
+        None => ip.to_string().replace(['.', ':'], "-"),
+    }
+}
+
+/// `4.3.2.1.in-addr.arpa.` or the full-nibble `ip6.arpa.` name of `ip`.
+pub fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::with_capacity(73);
+            for b in v6.octets().iter().rev() {
+                s.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+                s.push('.');
+                s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+                s.push('.');
+            }
+            s.push_str("ip6.arpa.");
+            s
+        }
+    }
+}
+
+/// What a name holds for a query type.
+#[derive(Debug)]
+pub(crate) enum Lookup<'a> {
+    /// Records of the asked type (or a CNAME standing for any type).
+    Records(&'a [Record], RecordType),
+    /// The name exists, without records of that type.
+    NoData,
+    /// The name does not exist in the zone.
+    NxDomain,
+}
+
+impl DnsIndex {
+    pub(crate) fn in_zone(&self, name: &LowerName) -> bool {
+        self.zone.zone_of(name)
+    }
+
+    pub(crate) fn node(&self, name: &LowerName) -> Option<&Node> {
+        self.names.get(name)
+    }
+
+    pub(crate) fn ptr(&self, name: &LowerName) -> Option<&[Record]> {
+        self.reverse.get(name).map(Vec::as_slice)
+    }
+
+    /// Records of `name` and `qtype`; an empty answer is `NoData`.
+    pub(crate) fn lookup(&self, name: &LowerName, qtype: RecordType) -> Lookup<'_> {
+        let Some(node) = self.names.get(name) else {
+            return Lookup::NxDomain;
+        };
+        if node.records.is_empty() {
+            return Lookup::NoData;
+        }
+        if qtype == RecordType::ANY {
+            return Lookup::Records(&node.records, qtype);
+        }
+        // Records of one name are grouped by type at build, see `sort_by_type`.
+        if let Some(first) = node.records.iter().position(|r| r.record_type() == qtype) {
+            let len = node.records[first..]
+                .iter()
+                .take_while(|r| r.record_type() == qtype)
+                .count();
+            return Lookup::Records(&node.records[first..first + len], qtype);
+        }
+        if let Some(c) = node
+            .records
+            .iter()
+            .position(|r| r.record_type() == RecordType::CNAME)
+        {
+            return Lookup::Records(&node.records[c..=c], RecordType::CNAME);
+        }
+        Lookup::NoData
+    }
+
+    pub(crate) fn soa(&self) -> &Record {
+        &self.soa
+    }
+}

@@ -1,0 +1,273 @@
+//! The node-local DNS stub: the cluster zone answered from the state in
+//! force, every other name forwarded to the upstreams.
+//!
+//! ```text
+//!  Applier ──watch<Arc<AgentState>>──▶ IndexCell ──(build on change)──▶ Arc<DnsIndex>
+//!                                          │ one index per query: answers switch atomically
+//!   UDP/TCP socket ─▶ handler::handle(index, acl, bytes) ─▶ Reply ─▶ socket
+//!                                                        └▶ Forward ─▶ cache? ─▶ forward (bounded) ─▶ socket
+//! ```
+//!
+//! Every use of hickory lives in this module. We use `hickory-proto` for
+//! the wire format and serve with our own tokio loops on a current-thread
+//! runtime of our own: hickory-server's `Server` cannot send bytes a pure
+//! handler produced, and the loop is what the speed target needs (see
+//! BENCHMARKS.md).
+//!
+//! A query after the agent published a state is answered from that state:
+//! [`IndexCell::current`] compares the index's source with the state in
+//! force and builds the new index on the spot if the background build has
+//! not finished yet, so once the agent has ACKed a snapshot, DNS answers
+//! from it.
+
+pub mod acl;
+pub mod cache;
+pub mod forward;
+pub mod handler;
+pub mod index;
+pub mod link;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use hickory_proto::rr::Name;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::Args;
+use crate::state::AgentState;
+use crate::status::{DnsStatus, Metrics, Status};
+pub use acl::Acl;
+pub use handler::{Outcome, Transport, handle, handle_bytes};
+pub use index::DnsIndex;
+
+/// What the stub serves and how.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// UDP and TCP listen address.
+    pub listen: SocketAddr,
+    /// The cluster domain.
+    pub zone: Name,
+    /// TTL of the cluster's records, in seconds.
+    pub ttl: u32,
+    /// Where other names go.
+    pub upstreams: Vec<SocketAddr>,
+    /// Who may ask.
+    pub acl: Acl,
+    /// Most forwarded queries in flight.
+    pub max_inflight: usize,
+}
+
+impl DnsConfig {
+    /// The configuration `args` describe, listening on `listen`. Call after
+    /// the listen address exists, so the default access list includes it.
+    pub fn from_args(args: &Args, listen: SocketAddr) -> anyhow::Result<Self> {
+        let zone = zone_name(&args.cluster_domain)
+            .with_context(|| format!("--cluster-domain {:?}", args.cluster_domain))?;
+        let upstreams = if args.dns_upstreams.is_empty() {
+            resolv_conf_upstreams(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                listen,
+            )
+        } else {
+            args.dns_upstreams.clone()
+        };
+        let acl = if args.dns_allow.is_empty() {
+            Acl::node_local(&args.cluster_cidrs)
+        } else {
+            Acl::new(args.dns_allow.clone())
+        };
+        Ok(Self {
+            listen,
+            zone,
+            ttl: u32::try_from(args.dns_ttl.as_secs()).unwrap_or(u32::MAX),
+            upstreams,
+            acl,
+            max_inflight: args.dns_max_inflight.max(1),
+        })
+    }
+}
+
+/// The zone `domain` names, lower-cased and fully qualified.
+pub fn zone_name(domain: &str) -> anyhow::Result<Name> {
+    let mut zone = Name::from_ascii(domain.trim_end_matches('.'))?.to_lowercase();
+    zone.set_fqdn(true);
+    Ok(zone)
+}
+
+/// The nameservers of a resolv.conf, without the stub's own address.
+pub fn resolv_conf_upstreams(text: &str, listen: SocketAddr) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().split('%').next()?.parse().ok())
+        .filter(|ip| *ip != listen.ip())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| *a != listen)
+        .collect()
+}
+
+/// The index in force, rebuilt when the agent's state changes.
+#[derive(Debug)]
+pub struct IndexCell {
+    current: ArcSwap<DnsIndex>,
+    state: watch::Receiver<Arc<AgentState>>,
+    building: Mutex<()>,
+    zone: Name,
+    ttl: u32,
+    status: Option<Arc<Status>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl IndexCell {
+    /// A cell following `state`.
+    pub fn new(
+        state: watch::Receiver<Arc<AgentState>>,
+        zone: Name,
+        ttl: u32,
+        status: Option<Arc<Status>>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let first = Arc::new(DnsIndex::build(state.borrow().clone(), &zone, ttl));
+        let cell = Self {
+            current: ArcSwap::new(first.clone()),
+            state,
+            building: Mutex::new(()),
+            zone,
+            ttl,
+            status,
+            metrics,
+        };
+        cell.report(&first);
+        cell
+    }
+
+    /// The index of the state in force now; builds it if it is not built yet.
+    pub fn current(&self) -> Arc<DnsIndex> {
+        let index = self.current.load_full();
+        if Arc::ptr_eq(&index.source, &self.state.borrow()) {
+            return index;
+        }
+        let _one_build = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.borrow().clone();
+        let index = self.current.load_full();
+        if Arc::ptr_eq(&index.source, &state) {
+            return index;
+        }
+        let next = Arc::new(DnsIndex::build(state, &self.zone, self.ttl));
+        self.current.store(next.clone());
+        self.report(&next);
+        next
+    }
+
+    fn report(&self, index: &DnsIndex) {
+        tracing::debug!(version = %index.version, names = index.len(), took = ?index.build_time, "DNS index built");
+        if let Some(m) = &self.metrics {
+            m.dns
+                .names
+                .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+            m.dns
+                .index_build_seconds
+                .observe(index.build_time.as_secs_f64());
+        }
+        if let Some(s) = &self.status {
+            s.update(|d| {
+                if let Some(dns) = d.dns.as_mut() {
+                    dns.index_version = index.has_snapshot().then(|| index.version.clone());
+                    dns.names = index.len();
+                    dns.index_build_ms = index.build_time.as_secs_f64() * 1e3;
+                }
+            });
+        }
+    }
+}
+
+/// Binds `cfg.listen` (UDP and TCP), starts serving on a thread of its own
+/// and follows `state`. Returns the bound address.
+pub fn start(
+    mut cfg: DnsConfig,
+    state: watch::Receiver<Arc<AgentState>>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let (udp, tcp) = server::bind(cfg.listen)?;
+    cfg.listen = udp.local_addr()?;
+    status.update(|d| {
+        d.dns = Some(DnsStatus {
+            listen: cfg.listen.to_string(),
+            zone: cfg.zone.to_ascii(),
+            upstreams: cfg.upstreams.iter().map(ToString::to_string).collect(),
+            ..DnsStatus::default()
+        })
+    });
+    let cell = Arc::new(IndexCell::new(
+        state.clone(),
+        cfg.zone.clone(),
+        cfg.ttl,
+        Some(status),
+        Some(metrics.clone()),
+    ));
+    let listen = cfg.listen;
+    tracing::info!(%listen, zone = %cfg.zone, upstreams = ?cfg.upstreams, "DNS stub listening");
+
+    // Build each new index as soon as the state changes, off the serving thread.
+    let follower = cell.clone();
+    let mut changes = state;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            let c = follower.clone();
+            let _ = tokio::task::spawn_blocking(move || c.current()).await;
+        }
+    });
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("dns".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(server::serve(cfg, cell, metrics, udp, tcp, shutdown)),
+                Err(e) => tracing::error!("DNS runtime: {e}"),
+            }
+            let _ = done_tx.send(());
+        })
+        .context("starting the DNS thread")?;
+    tasks.spawn(async move {
+        let _ = done_rx.await;
+    });
+    Ok(listen)
+}
+
+/// Sets up the listen address when it is link-local and we may: the dummy
+/// interface and the NOTRACK rules. Other addresses are bound as they are.
+pub fn prepare_listen(listen: SocketAddr) {
+    let link_local = matches!(listen.ip(), std::net::IpAddr::V4(v4) if v4.is_link_local());
+    if !link_local {
+        return;
+    }
+    if !link::has_net_admin() {
+        tracing::warn!(%listen, "no CAP_NET_ADMIN: binding the DNS address without creating it");
+        return;
+    }
+    match link::install(listen) {
+        Ok(interface) => {
+            tracing::info!(%listen, interface, "DNS address in place, with NOTRACK rules")
+        }
+        Err(e) => tracing::error!("setting up the DNS address: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,621 @@
+//! The handler fed with messages, no sockets (STYLE rule 11).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use rand::{Rng, SeedableRng};
+use switchyard_model::{
+    AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
+    ServiceKey, ServicePort, ServiceState, ServiceType, TargetPort,
+};
+
+use super::handler::{Outcome, Transport, handle, handle_bytes};
+use super::{Acl, DnsIndex};
+use crate::state::{AgentState, HeldResource};
+
+const LOCAL: &str = "127.0.0.1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn port(name: &str, p: u16) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        port: p,
+        target_port: TargetPort::Number(8080),
+        node_port: None,
+    }
+}
+
+fn mk_service(ns: &str, name: &str, ips: &[&str]) -> ServiceState {
+    ServiceState::new(Service {
+        cluster_ips: ips.iter().map(|s| ip(s)).collect(),
+        ports: vec![port("http", 80), port("metrics", 9090)],
+        ..Service::new(ServiceKey::new("default", ns, name))
+    })
+}
+
+fn endpoint(addr: &str, hostname: Option<&str>, ready: bool) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip(addr)],
+        conditions: EndpointConditions {
+            ready,
+            ..EndpointConditions::default()
+        },
+        hostname: hostname.map(String::from),
+        ..Endpoint::default()
+    }
+}
+
+fn mk_headless(ns: &str, name: &str, endpoints: Vec<Endpoint>) -> ServiceState {
+    let mut st = ServiceState::new(Service {
+        headless: true,
+        ports: vec![port("http", 80)],
+        ..Service::new(ServiceKey::new("default", ns, name))
+    });
+    let v6 = endpoints.first().is_some_and(|e| e.addresses[0].is_ipv6());
+    st.slices.push(EndpointSlice {
+        name: format!("{name}-1"),
+        address_type: if v6 {
+            AddressType::IPv6
+        } else {
+            AddressType::IPv4
+        },
+        endpoints,
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+    });
+    st
+}
+
+fn mk_external(ns: &str, name: &str, target: &str) -> ServiceState {
+    ServiceState::new(Service {
+        service_type: ServiceType::ExternalName,
+        external_name: Some(target.into()),
+        ..Service::new(ServiceKey::new("default", ns, name))
+    })
+}
+
+fn mk_state(version: &str, services: Vec<ServiceState>) -> Arc<AgentState> {
+    let resources: BTreeMap<String, HeldResource> = services
+        .into_iter()
+        .map(|s| {
+            (
+                s.service.key.to_string(),
+                HeldResource {
+                    version: "v".into(),
+                    state: Arc::new(s),
+                },
+            )
+        })
+        .collect();
+    Arc::new(AgentState {
+        version: version.into(),
+        resources,
+    })
+}
+
+fn zone() -> Name {
+    Name::from_ascii("cluster.local.").expect("zone")
+}
+
+fn cluster() -> DnsIndex {
+    let many: Vec<Endpoint> = (0..60)
+        .map(|i| endpoint(&format!("10.1.1.{i}"), None, true))
+        .collect();
+    DnsIndex::build(
+        mk_state(
+            "s1",
+            vec![
+                mk_service("shop", "web", &["10.96.0.10", "fd00::10"]),
+                mk_headless(
+                    "shop",
+                    "db",
+                    vec![
+                        endpoint("10.1.0.1", Some("db-0"), true),
+                        endpoint("10.1.0.2", None, true),
+                        endpoint("10.1.0.3", Some("db-2"), false),
+                    ],
+                ),
+                mk_headless("shop", "v6", vec![endpoint("fd00::1:2", None, true)]),
+                mk_headless("shop", "empty", vec![endpoint("10.1.0.9", None, false)]),
+                mk_headless("shop", "big", many),
+                mk_external("shop", "pay", "pay.example.com"),
+                mk_external("shop", "alias", "web.shop.svc.cluster.local"),
+            ],
+        ),
+        &zone(),
+        5,
+    )
+}
+
+fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().expect("encode")
+}
+
+fn ask_with(
+    index: &DnsIndex,
+    name: &str,
+    qtype: RecordType,
+    edns: Option<u16>,
+    t: Transport,
+) -> Message {
+    let q = query_bytes(name, qtype, edns);
+    match handle(index, &Acl::node_local(&[]), &q, ip(LOCAL), t) {
+        Outcome::Reply(r) => {
+            let m = Message::from_vec(&r.bytes).expect("decodable answer");
+            assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
+            assert_eq!(m.metadata.response_code, r.rcode);
+            m
+        }
+        other => panic!("expected an answer for {name} {qtype}, got {other:?}"),
+    }
+}
+
+fn ask(index: &DnsIndex, name: &str, qtype: RecordType) -> Message {
+    ask_with(index, name, qtype, None, Transport::Udp)
+}
+
+fn rdata(m: &Message) -> Vec<String> {
+    m.answers.iter().map(|r| r.data.to_string()).collect()
+}
+
+fn assert_negative(m: &Message, rcode: ResponseCode) {
+    assert_eq!(m.metadata.response_code, rcode);
+    assert!(m.answers.is_empty(), "{:?}", m.answers);
+    assert!(m.metadata.authoritative);
+    assert_eq!(m.authorities.len(), 1);
+    assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+    assert_eq!(m.authorities[0].name, zone());
+}
+
+#[test]
+fn cluster_ip_service_has_a_and_aaaa() {
+    let idx = cluster();
+    let a = ask(&idx, "web.shop.svc.cluster.local.", RecordType::A);
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(rdata(&a), ["10.96.0.10"]);
+    assert_eq!(a.answers[0].ttl, 5);
+    let aaaa = ask(&idx, "web.shop.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(rdata(&aaaa), ["fd00::10"]);
+}
+
+#[test]
+fn names_match_case_insensitively_and_answers_keep_the_case_asked() {
+    let idx = cluster();
+    let a = ask(&idx, "WeB.sHoP.SVC.Cluster.Local.", RecordType::A);
+    assert_eq!(rdata(&a), ["10.96.0.10"]);
+    assert_eq!(a.answers[0].name.to_ascii(), "WeB.sHoP.SVC.Cluster.Local.");
+    assert_eq!(a.queries[0].name.to_ascii(), "WeB.sHoP.SVC.Cluster.Local.");
+}
+
+#[test]
+fn srv_for_named_ports_with_target_addresses() {
+    let idx = cluster();
+    let srv = ask(
+        &idx,
+        "_http._tcp.web.shop.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(rdata(&srv), ["0 100 80 web.shop.svc.cluster.local."]);
+    let extra: Vec<_> = srv.additionals.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(extra, ["10.96.0.10", "fd00::10"]);
+    let m = ask(
+        &idx,
+        "_metrics._tcp.web.shop.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(rdata(&m), ["0 100 9090 web.shop.svc.cluster.local."]);
+    // Wrong protocol: the name does not exist.
+    let udp = ask(
+        &idx,
+        "_http._udp.web.shop.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_negative(&udp, ResponseCode::NXDomain);
+    // `_tcp.<svc>` is an empty non-terminal.
+    let ent = ask(&idx, "_tcp.web.shop.svc.cluster.local.", RecordType::SRV);
+    assert_negative(&ent, ResponseCode::NoError);
+}
+
+#[test]
+fn ptr_for_ipv4_and_ipv6() {
+    let idx = cluster();
+    let v4 = ask(&idx, "10.0.96.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(rdata(&v4), ["web.shop.svc.cluster.local."]);
+    let nibbles = "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+    let v6 = ask(&idx, nibbles, RecordType::PTR);
+    assert_eq!(rdata(&v6), ["web.shop.svc.cluster.local."]);
+    let ep = ask(&idx, "1.0.1.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(rdata(&ep), ["db-0.db.shop.svc.cluster.local."]);
+    // Addresses we do not know go upstream (CoreDNS `fallthrough`).
+    let q = query_bytes("9.9.9.9.in-addr.arpa.", RecordType::PTR, None);
+    assert!(matches!(
+        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
+        Outcome::Forward(_)
+    ));
+}
+
+#[test]
+fn headless_service_answers_ready_endpoints_and_their_hostnames() {
+    let idx = cluster();
+    let a = ask(&idx, "db.shop.svc.cluster.local.", RecordType::A);
+    let mut got = rdata(&a);
+    got.sort();
+    assert_eq!(got, ["10.1.0.1", "10.1.0.2"]);
+    assert_eq!(
+        rdata(&ask(&idx, "db-0.db.shop.svc.cluster.local.", RecordType::A)),
+        ["10.1.0.1"]
+    );
+    assert_eq!(
+        rdata(&ask(
+            &idx,
+            "10-1-0-2.db.shop.svc.cluster.local.",
+            RecordType::A
+        )),
+        ["10.1.0.2"]
+    );
+    // Not ready: not published.
+    let nr = ask(&idx, "db-2.db.shop.svc.cluster.local.", RecordType::A);
+    assert_negative(&nr, ResponseCode::NXDomain);
+    let srv = ask(
+        &idx,
+        "_http._tcp.db.shop.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    let mut got = rdata(&srv);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "0 100 8080 10-1-0-2.db.shop.svc.cluster.local.",
+            "0 100 8080 db-0.db.shop.svc.cluster.local."
+        ]
+    );
+    assert_eq!(srv.additionals.len(), 2);
+    // IPv6 endpoints: AAAA and the dashed address.
+    let v6 = ask(
+        &idx,
+        "fd00--1-2.v6.shop.svc.cluster.local.",
+        RecordType::AAAA,
+    );
+    assert_eq!(rdata(&v6), ["fd00::1:2"]);
+    // No ready endpoint at all: the service name does not exist.
+    let empty = ask(&idx, "empty.shop.svc.cluster.local.", RecordType::A);
+    assert_negative(&empty, ResponseCode::NXDomain);
+}
+
+#[test]
+fn publish_not_ready_addresses_publishes_them() {
+    let mut st = mk_headless(
+        "shop",
+        "db",
+        vec![endpoint("10.1.0.3", Some("db-2"), false)],
+    );
+    st.service.publish_not_ready_addresses = true;
+    let idx = DnsIndex::build(mk_state("s", vec![st]), &zone(), 5);
+    assert_eq!(
+        rdata(&ask(&idx, "db-2.db.shop.svc.cluster.local.", RecordType::A)),
+        ["10.1.0.3"]
+    );
+}
+
+#[test]
+fn external_name_is_a_cname() {
+    let idx = cluster();
+    let c = ask(&idx, "pay.shop.svc.cluster.local.", RecordType::CNAME);
+    assert_eq!(rdata(&c), ["pay.example.com."]);
+    // An address query is answered with the CNAME plus what the upstream says.
+    let q = query_bytes("pay.shop.svc.cluster.local.", RecordType::A, None);
+    match handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp) {
+        Outcome::Forward(f) => {
+            assert_eq!(f.query.name.to_ascii(), "pay.example.com.");
+            assert_eq!(f.query.query_type, RecordType::A);
+            assert_eq!(f.cname.expect("cname").data.to_string(), "pay.example.com.");
+        }
+        other => panic!("expected a forward, got {other:?}"),
+    }
+    // A target inside the zone is followed here.
+    let alias = ask(&idx, "alias.shop.svc.cluster.local.", RecordType::A);
+    assert_eq!(rdata(&alias), ["web.shop.svc.cluster.local.", "10.96.0.10"]);
+}
+
+#[test]
+fn dns_version_txt() {
+    let idx = cluster();
+    let t = ask(&idx, "dns-version.cluster.local.", RecordType::TXT);
+    assert_eq!(rdata(&t), ["1.1.0"]);
+}
+
+#[test]
+fn nodata_and_nxdomain_carry_the_soa() {
+    let idx = cluster();
+    // Existing name, other type.
+    assert_negative(
+        &ask(&idx, "web.shop.svc.cluster.local.", RecordType::TXT),
+        ResponseCode::NoError,
+    );
+    assert_negative(
+        &ask(&idx, "db.shop.svc.cluster.local.", RecordType::AAAA),
+        ResponseCode::NoError,
+    );
+    // Empty non-terminals.
+    assert_negative(
+        &ask(&idx, "shop.svc.cluster.local.", RecordType::A),
+        ResponseCode::NoError,
+    );
+    assert_negative(
+        &ask(&idx, "svc.cluster.local.", RecordType::A),
+        ResponseCode::NoError,
+    );
+    // Unknown names.
+    assert_negative(
+        &ask(&idx, "nope.shop.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    assert_negative(
+        &ask(&idx, "web.other.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    assert_negative(
+        &ask(&idx, "x.web.shop.svc.cluster.local.", RecordType::A),
+        ResponseCode::NXDomain,
+    );
+    // The apex has an SOA and NS.
+    let soa = ask(&idx, "cluster.local.", RecordType::SOA);
+    assert_eq!(soa.answers[0].record_type(), RecordType::SOA);
+    let ns = ask(&idx, "cluster.local.", RecordType::NS);
+    assert_eq!(rdata(&ns), ["ns.dns.cluster.local."]);
+}
+
+#[test]
+fn servfail_before_the_first_snapshot() {
+    let idx = DnsIndex::build(Arc::new(AgentState::default()), &zone(), 5);
+    let m = ask(&idx, "web.shop.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    // Other names are still forwarded.
+    let q = query_bytes("example.com.", RecordType::A, None);
+    assert!(matches!(
+        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
+        Outcome::Forward(_)
+    ));
+}
+
+#[test]
+fn edns_is_echoed_and_an_unknown_version_is_badvers() {
+    let idx = cluster();
+    let m = ask_with(
+        &idx,
+        "web.shop.svc.cluster.local.",
+        RecordType::A,
+        Some(4096),
+        Transport::Udp,
+    );
+    let edns = m.edns.expect("OPT in the answer");
+    assert_eq!(edns.max_payload(), 1232);
+    let plain = ask(&idx, "web.shop.svc.cluster.local.", RecordType::A);
+    assert!(plain.edns.is_none());
+
+    let mut q = Message::query();
+    q.add_query(Query::query(
+        Name::from_ascii("web.shop.svc.cluster.local.").expect("name"),
+        RecordType::A,
+    ));
+    let mut e = Edns::new();
+    e.set_version(1);
+    q.set_edns(e);
+    let bytes = q.to_vec().expect("encode");
+    let Some(out) = handle_bytes(
+        &idx,
+        &Acl::node_local(&[]),
+        &bytes,
+        ip(LOCAL),
+        Transport::Udp,
+    ) else {
+        panic!("no answer");
+    };
+    let m = Message::from_vec(&out).expect("decode");
+    // BADVERS and BADSIG share code 16.
+    assert_eq!(u16::from(m.metadata.response_code), 16);
+    assert!(m.edns.is_some());
+}
+
+#[test]
+fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
+    let idx = cluster();
+    let udp = ask(&idx, "big.shop.svc.cluster.local.", RecordType::A);
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+    let edns = ask_with(
+        &idx,
+        "big.shop.svc.cluster.local.",
+        RecordType::A,
+        Some(1232),
+        Transport::Udp,
+    );
+    assert!(!edns.metadata.truncation, "60 A records fit in 1232 bytes");
+    assert_eq!(edns.answers.len(), 60);
+    let srv = ask_with(
+        &idx,
+        "_http._tcp.big.shop.svc.cluster.local.",
+        RecordType::SRV,
+        Some(1232),
+        Transport::Udp,
+    );
+    assert!(srv.metadata.truncation, "60 SRV + 60 A do not");
+    let tcp = ask_with(
+        &idx,
+        "_http._tcp.big.shop.svc.cluster.local.",
+        RecordType::SRV,
+        None,
+        Transport::Tcp,
+    );
+    assert!(!tcp.metadata.truncation);
+    assert_eq!(tcp.answers.len(), 60);
+    assert_eq!(tcp.additionals.len(), 60);
+}
+
+#[test]
+fn sources_outside_the_allowed_ranges_are_refused() {
+    let idx = cluster();
+    let acl = Acl::new(vec!["10.244.0.0/16".parse().expect("net")]);
+    let q = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    let Outcome::Reply(r) = handle(&idx, &acl, &q, ip("192.0.2.1"), Transport::Udp) else {
+        panic!("expected REFUSED");
+    };
+    assert!(r.refused_source);
+    assert_eq!(r.rcode, ResponseCode::Refused);
+    let fwd = query_bytes("example.com.", RecordType::A, None);
+    assert!(matches!(
+        handle(&idx, &acl, &fwd, ip("192.0.2.1"), Transport::Udp),
+        Outcome::Reply(_)
+    ));
+    assert!(matches!(
+        handle(&idx, &acl, &q, ip("10.244.1.1"), Transport::Udp),
+        Outcome::Reply(Reply {
+            refused_source: false,
+            ..
+        })
+    ));
+}
+
+use super::handler::Reply;
+
+#[test]
+fn other_names_are_forwarded() {
+    let idx = cluster();
+    let q = query_bytes("example.com.", RecordType::A, None);
+    assert!(matches!(
+        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
+        Outcome::Forward(_)
+    ));
+}
+
+#[test]
+fn malformed_messages_get_formerr_or_nothing() {
+    let idx = cluster();
+    let acl = Acl::node_local(&[]);
+    // Too short for a header, or a response: dropped.
+    assert!(handle_bytes(&idx, &acl, &[1, 2, 3], ip(LOCAL), Transport::Udp).is_none());
+    let mut resp = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    resp[2] |= 0x80;
+    assert!(handle_bytes(&idx, &acl, &resp, ip(LOCAL), Transport::Udp).is_none());
+    // A header that promises a question that is not there: FORMERR, same id.
+    let bad = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'x'];
+    let out = handle_bytes(&idx, &acl, &bad, ip(LOCAL), Transport::Udp).expect("FORMERR");
+    assert_eq!(&out[..2], &[0xab, 0xcd]);
+    assert_eq!(out[3] & 0x0f, 1);
+    // Two questions: FORMERR.
+    let mut two = Message::query();
+    for n in ["a.cluster.local.", "b.cluster.local."] {
+        two.add_query(Query::query(
+            Name::from_ascii(n).expect("name"),
+            RecordType::A,
+        ));
+    }
+    let out = handle_bytes(
+        &idx,
+        &acl,
+        &two.to_vec().expect("encode"),
+        ip(LOCAL),
+        Transport::Udp,
+    )
+    .expect("FORMERR");
+    assert_eq!(out[3] & 0x0f, 1);
+    // A class other than IN in our zone.
+    let mut ch = Message::query();
+    let mut q = Query::query(
+        Name::from_ascii("web.shop.svc.cluster.local.").expect("name"),
+        RecordType::TXT,
+    );
+    q.query_class = DNSClass::CH;
+    ch.add_query(q);
+    let out = handle_bytes(
+        &idx,
+        &acl,
+        &ch.to_vec().expect("encode"),
+        ip(LOCAL),
+        Transport::Udp,
+    )
+    .expect("REFUSED");
+    assert_eq!(out[3] & 0x0f, 5);
+}
+
+/// Random bytes, and valid queries with random bytes flipped: every answer
+/// decodes and carries the query's id; nothing panics.
+#[test]
+fn random_and_mutated_packets_never_crash() {
+    let idx = cluster();
+    let acl = Acl::node_local(&[]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let seeds: Vec<Vec<u8>> = [
+        ("web.shop.svc.cluster.local.", RecordType::A),
+        ("_http._tcp.db.shop.svc.cluster.local.", RecordType::SRV),
+        ("10.0.96.10.in-addr.arpa.", RecordType::PTR),
+        ("pay.shop.svc.cluster.local.", RecordType::A),
+        ("big.shop.svc.cluster.local.", RecordType::ANY),
+    ]
+    .iter()
+    .map(|(n, t)| query_bytes(n, *t, Some(1232)))
+    .collect();
+    for i in 0..50_000 {
+        let packet: Vec<u8> = if i % 2 == 0 {
+            let len = rng.random_range(0..300);
+            (0..len).map(|_| rng.random()).collect()
+        } else {
+            let mut p = seeds[i % seeds.len()].clone();
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..p.len());
+                p[at] = rng.random();
+            }
+            if rng.random_bool(0.2) {
+                p.truncate(rng.random_range(0..p.len()));
+            }
+            p
+        };
+        for t in [Transport::Udp, Transport::Tcp] {
+            if let Some(out) = handle_bytes(&idx, &acl, &packet, ip(LOCAL), t) {
+                assert!(out.len() >= 12);
+                assert_eq!(out[..2], packet[..2]);
+                assert!(t == Transport::Tcp || out.len() <= 1232);
+            }
+        }
+    }
+}
+
+#[test]
+fn resolv_conf_upstreams_skip_ourselves() {
+    let text =
+        "search x\nnameserver 169.254.20.10\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\n";
+    let got = super::resolv_conf_upstreams(text, "169.254.20.10:53".parse().expect("addr"));
+    let want: Vec<std::net::SocketAddr> = vec![
+        "10.96.0.10:53".parse().expect("a"),
+        "[fe80::1]:53".parse().expect("a"),
+    ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn records_have_the_configured_ttl() {
+    let idx = cluster();
+    let all: Vec<&Record> = idx.names.values().flat_map(|n| n.records.iter()).collect();
+    assert!(all.iter().all(|r| r.ttl == 5));
+    assert!(matches!(idx.soa().data, RData::SOA(ref s) if s.minimum == 5));
+}

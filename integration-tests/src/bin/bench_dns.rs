@@ -1,0 +1,410 @@
+//! DNS stub benchmark: the agent's DNS serving 10,000 Services x 10
+//! endpoints against unbound serving the same names as `local-data`, both
+//! measured by dnsperf in one run on this machine.
+//!
+//! Run it pinned, the servers on CPU 0 and dnsperf on CPU 1:
+//!
+//! ```text
+//! cargo build --release -p switchyard-integration-tests --bin bench_dns
+//! taskset -c 0 target/release/bench_dns [--services 10000] [--seconds 5] [--load 20000]
+//! ```
+//!
+//! For each query class (hit, NXDOMAIN, NODATA, forwarded) and server it
+//! runs dnsperf twice: unlimited (QPS), then at a fixed offered load with
+//! per-query output (p99 latency, and server CPU per query from
+//! /proc/<pid>/stat). Forwarded names go to a second unbound (the
+//! "upstream", on CPU 1) answering `*.example.org`; the unbound under test
+//! caches them, the stub forwards every one (it has no cache).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use switchyard_agent::dns::{Acl, DnsConfig};
+use switchyard_agent::state::{AgentState, HeldResource};
+use switchyard_agent::status::{Metrics, Status};
+use switchyard_model::{
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
+    ServiceState, TargetPort,
+};
+use tokio_util::sync::CancellationToken;
+
+const ZONE: &str = "cluster.local";
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn service_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
+}
+
+fn name(i: usize) -> (String, String) {
+    (format!("svc-{i}"), format!("ns-{}", i % 100))
+}
+
+fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
+    let mut resources = BTreeMap::new();
+    for i in 0..services {
+        let (svc, ns) = name(i);
+        let mut st = ServiceState::new(Service {
+            cluster_ips: vec![IpAddr::V4(service_ip(i))],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: TargetPort::Number(8080),
+                node_port: None,
+            }],
+            ..Service::new(ServiceKey::new("default", &ns, &svc))
+        });
+        let base = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * endpoints) as u32;
+        st.slices.push(EndpointSlice {
+            name: format!("{svc}-1"),
+            address_type: AddressType::IPv4,
+            endpoints: (0..endpoints)
+                .map(|k| Endpoint {
+                    addresses: vec![IpAddr::V4(Ipv4Addr::from(base + k as u32))],
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+        });
+        let key = st.service.key.to_string();
+        resources.insert(
+            key,
+            HeldResource {
+                version: "bench".into(),
+                state: Arc::new(st),
+            },
+        );
+    }
+    Arc::new(AgentState {
+        version: "bench-1".into(),
+        resources,
+    })
+}
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of `pid`, in seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn unbound_conf(dir: &Path, port: u16, body: &str) -> String {
+    format!(
+        "server:\n  interface: 127.0.0.1\n  port: {port}\n  num-threads: 1\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n  directory: \"{}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n  access-control: 127.0.0.0/8 allow\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  qname-minimisation: no\n  so-reuseport: no\n{body}",
+        dir.display()
+    )
+}
+
+fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Child> {
+    let path = dir.join(file);
+    std::fs::write(&path, conf)?;
+    let check = Command::new("unbound-checkconf").arg(&path).output()?;
+    if !check.status.success() {
+        bail!("{file}: {}", String::from_utf8_lossy(&check.stdout));
+    }
+    Ok(Command::new("taskset")
+        .args(["-c", cpu, "unbound", "-d", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+fn wait_answering(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "+tries=1",
+                "+time=1",
+                "dns-version.cluster.local",
+                "TXT",
+            ])
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).contains("status:") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("nothing answers on port {port}")
+}
+
+/// The dnsperf input line for service number `i`.
+type QueryLine = Box<dyn Fn(usize) -> String>;
+
+struct Run {
+    qps: f64,
+    p99_us: f64,
+    avg_us: f64,
+    cpu_us: f64,
+    lost: u64,
+}
+
+fn dnsperf(
+    port: u16,
+    file: &Path,
+    seconds: u64,
+    load: Option<u64>,
+    verbose: bool,
+) -> anyhow::Result<String> {
+    let mut cmd = Command::new("taskset");
+    cmd.args([
+        "-c",
+        "1",
+        "dnsperf",
+        "-s",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ])
+    .arg("-d")
+    .arg(file)
+    .args(["-l", &seconds.to_string(), "-q", "200", "-t", "2"]);
+    if let Some(q) = load {
+        cmd.args(["-Q", &q.to_string()]);
+    }
+    if verbose {
+        cmd.arg("-v");
+    }
+    let out = cmd.output().context("dnsperf (apt-get install dnsperf)")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn field(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow::Result<Run> {
+    let max = dnsperf(port, file, seconds, None, false)?;
+    let qps = field(&max, "Queries per second:");
+    let lost = field(&max, "Queries lost:") as u64;
+    let cpu0 = cpu_seconds(pid);
+    let fixed = dnsperf(port, file, seconds, Some(load), true)?;
+    let cpu = cpu_seconds(pid) - cpu0;
+    let completed = field(&fixed, "Queries completed:");
+    let mut lat: Vec<f64> = fixed
+        .lines()
+        .filter(|l| l.starts_with("> "))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or(0.0) * 1e6;
+    let avg = lat.iter().sum::<f64>() / lat.len().max(1) as f64 * 1e6;
+    Ok(Run {
+        qps,
+        p99_us: p99,
+        avg_us: avg,
+        cpu_us: if completed > 0.0 {
+            cpu / completed * 1e6
+        } else {
+            0.0
+        },
+        lost,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let services = arg("--services", 10_000) as usize;
+    let endpoints = arg("--endpoints", 10) as usize;
+    let seconds = arg("--seconds", 5);
+    let load = arg("--load", 20_000);
+    let dir = tempfile::tempdir()?;
+    let me = std::process::id().to_string();
+
+    // The agent's side: the state as the applier would publish it, and the
+    // DNS stub following it, exactly as in the agent.
+    let rss_start = rss_kib(&me);
+    let state = build_state(services, endpoints);
+    let rss_state = rss_kib(&me);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let upstream_port = free_port()?;
+    let mut upstream = start_unbound(
+        dir.path(),
+        "upstream.conf",
+        &unbound_conf(
+            dir.path(),
+            upstream_port,
+            "  local-zone: \"example.org.\" redirect\n  local-data: \"example.org. 60 IN A 192.0.2.7\"\n",
+        ),
+        "1",
+    )?;
+    let (_tx, rx) = tokio::sync::watch::channel(state.clone());
+    let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let cfg = DnsConfig {
+        listen: "127.0.0.1:0".parse()?,
+        zone: switchyard_agent::dns::zone_name(ZONE)?,
+        ttl: 5,
+        upstreams: vec![SocketAddr::from(([127, 0, 0, 1], upstream_port))],
+        acl: Acl::node_local(&[]),
+        max_inflight: 1024,
+    };
+    let stub = rt.block_on(async {
+        switchyard_agent::dns::start(
+            cfg,
+            rx,
+            status.clone(),
+            metrics.clone(),
+            &mut tasks,
+            shutdown.clone(),
+        )
+    })?;
+    let rss_index = rss_kib(&me);
+    let doc = status.document().dns.unwrap_or_default();
+
+    // unbound with the same names as local-data.
+    let mut local = String::from(
+        "  local-zone: \"cluster.local.\" static\n  local-data: \"cluster.local. 5 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 5\"\n  local-data: 'dns-version.cluster.local. 5 IN TXT \"1.1.0\"'\n",
+    );
+    for i in 0..services {
+        let (svc, ns) = name(i);
+        let fq = format!("{svc}.{ns}.svc.{ZONE}.");
+        let _ = writeln!(local, "  local-data: \"{fq} 5 IN A {}\"", service_ip(i));
+        let _ = writeln!(
+            local,
+            "  local-data: \"_http._tcp.{fq} 5 IN SRV 0 100 80 {fq}\""
+        );
+        let _ = writeln!(local, "  local-data-ptr: \"{} {fq}\"", service_ip(i));
+    }
+    let unbound_port = free_port()?;
+    let mut unbound = start_unbound(
+        dir.path(),
+        "unbound.conf",
+        &unbound_conf(
+            dir.path(),
+            unbound_port,
+            &format!(
+                "{local}forward-zone:\n  name: \".\"\n  forward-addr: 127.0.0.1@{upstream_port}\n"
+            ),
+        ),
+        "0",
+    )?;
+    wait_answering(stub.port())?;
+    wait_answering(unbound_port)?;
+    wait_answering(upstream_port)?;
+    let unbound_pid = unbound.id().to_string();
+    let unbound_rss = rss_kib(&unbound_pid);
+
+    // Query files: every service name in a scrambled order.
+    let order: Vec<usize> = (0..services).map(|k| k * 7919 % services).collect();
+    let classes: [(&str, QueryLine); 4] = [
+        (
+            "hit (A)",
+            Box::new(|i| {
+                let (s, n) = name(i);
+                format!("{s}.{n}.svc.{ZONE} A")
+            }),
+        ),
+        (
+            "NXDOMAIN",
+            Box::new(|i| {
+                let (s, n) = name(i);
+                format!("{s}.{n}.svc.{ZONE}.{n}.svc.{ZONE} A")
+            }),
+        ),
+        (
+            "NODATA (AAAA)",
+            Box::new(|i| {
+                let (s, n) = name(i);
+                format!("{s}.{n}.svc.{ZONE} AAAA")
+            }),
+        ),
+        ("forwarded", Box::new(|i| format!("host-{i}.example.org A"))),
+    ];
+    println!(
+        "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU\n"
+    );
+    println!(
+        "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (label, make) in &classes {
+        let file = dir
+            .path()
+            .join(format!("{}.txt", label.split(' ').next().unwrap_or("q")));
+        let body: String = order.iter().map(|i| make(*i) + "\n").collect();
+        std::fs::write(&file, body)?;
+        for (server, pid, port) in [
+            ("switchyard", me.as_str(), stub.port()),
+            ("unbound 1.17", unbound_pid.as_str(), unbound_port),
+        ] {
+            let r = measure(pid, port, &file, seconds, load)?;
+            println!(
+                "| {label} | {server} | {:.0} | {} | {:.0} us | {:.0} us | {:.1} us |",
+                r.qps, r.lost, r.p99_us, r.avg_us, r.cpu_us
+            );
+        }
+    }
+    println!();
+    println!(
+        "Memory: the state of {services} services x {endpoints} endpoints {:.1} MiB; the DNS stub (index of {} names, runtime, sockets) {:.1} MiB more; unbound with the same names as local-data: {:.1} MiB RSS.",
+        rss_state.saturating_sub(rss_start) as f64 / 1024.0,
+        doc.names,
+        rss_index.saturating_sub(rss_state) as f64 / 1024.0,
+        unbound_rss as f64 / 1024.0
+    );
+    println!("Index build: {:.1} ms.", doc.index_build_ms);
+    let m = &metrics.dns;
+    println!(
+        "Stub counters: {:?}, forwarded {}, forward failures {}, overload {}.",
+        m.responses_by_rcode(),
+        m.forwarded.get(),
+        m.forward_failures.get(),
+        m.forward_overload.get()
+    );
+    shutdown.cancel();
+    let _ = unbound.kill();
+    let _ = upstream.kill();
+    let _ = unbound.wait();
+    let _ = upstream.wait();
+    Ok(())
+}
