@@ -456,18 +456,30 @@ async fn mutual_tls_binds_the_node_name_to_the_certificate() {
 async fn a_large_state_arrives_in_parts_and_is_applied_once() {
     let env = Env::new();
     let docs: Vec<String> = (0..400)
-        .map(|i| service_yaml("bulk", &format!("svc-{i}"), 80, &["10.244.1.10", "10.244.2.10"]))
+        .map(|i| {
+            service_yaml(
+                "bulk",
+                &format!("svc-{i}"),
+                80,
+                &["10.244.1.10", "10.244.2.10"],
+            )
+        })
         .collect();
     env.write("bulk.yaml", &docs.join("---\n"));
     let cp = start_cp(env.cp_args()).await;
     let v1 = current_version(&cp).await;
-    let (agent, rec) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
+    let (agent, rec) =
+        start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
     agent_at_version(&agent, &v1).await;
     all_acked(&cp, &["node-a"], &v1).await;
     assert_eq!(agent.state.borrow().resources.len(), 400);
     let doc = agent.status.document();
     assert_eq!(doc.updates, 1, "the parts make one update");
-    assert_eq!(rec.lock().expect("lock").versions, vec![v1.clone()], "applied once");
+    assert_eq!(
+        rec.lock().expect("lock").versions,
+        vec![v1.clone()],
+        "applied once"
+    );
     let a = &cp.status.document().agents[0];
     assert_eq!((a.pushes, a.resources_sent), (1, 400));
     // More than one message went over the wire.
