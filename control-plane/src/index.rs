@@ -18,14 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use switchyard_model::{EndpointSlice, Service, ServiceKey, ServiceState, ValidationError};
+use switchyard_model::{Service, ServiceKey, ServiceState, ValidationError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ipam::ClusterIpAllocator;
 use crate::metrics::Metrics;
 use crate::snapshot::{Resource, Snapshot, VersionSource, make_resource};
-use crate::source::{ObjectError, SourceState};
+use crate::source::{ObjectError, SourceSlice, SourceState};
 use crate::status::{SourceStatus, Status};
 
 /// How the index builds snapshots.
@@ -52,17 +52,20 @@ pub struct Index {
     /// changed: its cost is a comparison per Service plus the changes.
     cache: HashMap<ServiceKey, Built>,
     build_id: u64,
+    /// The Services that got an address last build, in key order, and the
+    /// addresses: reused while the same Services want one.
+    last_allocation: Vec<(ServiceKey, IpAddr)>,
 }
 
 /// One Service's inputs and what they produced.
 #[derive(Debug)]
 struct Built {
     /// The Service as its source gave it (before IP allocation).
-    service: Service,
+    service: Arc<Service>,
     /// The address allocated to it, if it named none.
     allocated: Option<IpAddr>,
     /// Its slices, ordered by name.
-    slices: Vec<EndpointSlice>,
+    slices: Vec<Arc<SourceSlice>>,
     /// The resource, or why the Service is invalid.
     result: Result<(Arc<str>, Arc<Resource>), Vec<ValidationError>>,
     /// The build that last saw this Service.
@@ -70,16 +73,23 @@ struct Built {
 }
 
 impl Built {
+    /// Sources hand out the same `Arc` for an unchanged object, so pointer
+    /// equality is the test. (An equal object in a new `Arc` only costs a
+    /// rebuild, which then finds the resource unchanged and keeps it.)
     fn same_inputs(
         &self,
-        service: &Service,
+        service: &Arc<Service>,
         allocated: Option<IpAddr>,
-        slices: &[&EndpointSlice],
+        slices: &[&Arc<SourceSlice>],
     ) -> bool {
         self.allocated == allocated
-            && self.service == *service
+            && Arc::ptr_eq(&self.service, service)
             && self.slices.len() == slices.len()
-            && self.slices.iter().zip(slices).all(|(a, b)| a == *b)
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
 
@@ -114,6 +124,7 @@ impl Index {
             current: Arc::new(Snapshot::empty(String::new())),
             cache: HashMap::new(),
             build_id: 0,
+            last_allocation: Vec::new(),
         }
     }
 
@@ -124,7 +135,7 @@ impl Index {
         self.build_id += 1;
         let build_id = self.build_id;
         let mut invalid: Vec<ObjectError> = Vec::new();
-        let mut services: BTreeMap<&ServiceKey, (usize, &Service)> = BTreeMap::new();
+        let mut services: BTreeMap<&ServiceKey, (usize, &Arc<Service>)> = BTreeMap::new();
         for (i, (name, state)) in sources.iter().enumerate() {
             invalid.extend(state.errors.iter().cloned());
             for svc in &state.services {
@@ -143,11 +154,11 @@ impl Index {
 
         let allocated = self.allocate_cluster_ips(&mut services, sources, &mut invalid);
 
-        let mut slices: HashMap<&ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
+        let mut slices: HashMap<&ServiceKey, Vec<&Arc<SourceSlice>>> = HashMap::new();
         for (_, state) in sources {
             for s in &state.slices {
                 if services.contains_key(&s.service) {
-                    slices.entry(&s.service).or_default().push(&s.slice);
+                    slices.entry(&s.service).or_default().push(s);
                 }
             }
         }
@@ -155,7 +166,7 @@ impl Index {
         let mut resources = BTreeMap::new();
         for (key, (src, service)) in services {
             let mut group = slices.remove(key).unwrap_or_default();
-            group.sort_by(|a, b| a.name.cmp(&b.name));
+            group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
             let ip = allocated.get(key).copied();
             let built = match self.cache.get_mut(key) {
                 Some(b) if b.same_inputs(service, ip, &group) => b,
@@ -197,13 +208,13 @@ impl Index {
     /// whose content turns out equal to the current one keeps its `Arc`.
     fn rebuild(
         &self,
-        service: &Service,
+        service: &Arc<Service>,
         allocated: Option<IpAddr>,
-        slices: &[&EndpointSlice],
+        slices: &[&Arc<SourceSlice>],
     ) -> Built {
         let mut state = ServiceState {
-            service: service.clone(),
-            slices: slices.iter().map(|s| (*s).clone()).collect(),
+            service: (**service).clone(),
+            slices: slices.iter().map(|s| s.slice.clone()).collect(),
         };
         state.service.cluster_ips.extend(allocated);
         let result = match state.validate() {
@@ -219,9 +230,9 @@ impl Index {
             Err(errs) => Err(errs.0),
         };
         Built {
-            service: service.clone(),
+            service: Arc::clone(service),
             allocated,
-            slices: state.slices,
+            slices: slices.iter().map(|s| Arc::clone(s)).collect(),
             result,
             seen: 0,
         }
@@ -230,12 +241,12 @@ impl Index {
     /// Gives each proxied Service without an address one from the range of
     /// the primary family; conflicting explicit addresses make the later
     /// Service (in key order) invalid. Returns the allocated addresses.
-    fn allocate_cluster_ips(
+    fn allocate_cluster_ips<'a>(
         &mut self,
-        services: &mut BTreeMap<&ServiceKey, (usize, &Service)>,
+        services: &mut BTreeMap<&'a ServiceKey, (usize, &'a Arc<Service>)>,
         sources: &[(&str, &SourceState)],
         invalid: &mut Vec<ObjectError>,
-    ) -> HashMap<ServiceKey, IpAddr> {
+    ) -> HashMap<&'a ServiceKey, IpAddr> {
         let mut owner: HashMap<(&str, IpAddr), &ServiceKey> = HashMap::new();
         let mut conflicts = Vec::new();
         for (key, (src, svc)) in services.iter() {
@@ -270,14 +281,32 @@ impl Index {
             .filter(|(_, (_, s))| s.wants_cluster_ip() && s.cluster_ips.is_empty())
             .map(|(k, _)| *k)
             .collect();
+        // The common case: the same Services want addresses as last time
+        // (only endpoints changed), and no explicit address now collides.
+        let unchanged = self.last_allocation.len() == wanting.len()
+            && self
+                .last_allocation
+                .iter()
+                .zip(&wanting)
+                .all(|((k, ip), w)| k == *w && !owner.contains_key(&(k.cluster.as_str(), *ip)));
+        if unchanged {
+            for ((_, ip), key) in self.last_allocation.iter().zip(wanting) {
+                allocated.insert(key, *ip);
+            }
+            return allocated;
+        }
         let taken: HashSet<IpAddr> = owner.keys().map(|(_, ip)| *ip).collect();
         let results = alloc.assign(&wanting, &taken);
+        self.last_allocation.clear();
+        let mut complete = true;
         for (key, result) in wanting.into_iter().zip(results) {
             match result {
                 Ok(ip) => {
-                    allocated.insert(key.clone(), ip);
+                    allocated.insert(key, ip);
+                    self.last_allocation.push((key.clone(), ip));
                 }
                 Err(e) => {
+                    complete = false;
                     if let Some((src, svc)) = services.remove(key) {
                         invalid.push(ObjectError {
                             source: sources[src].0.to_owned(),
@@ -288,6 +317,10 @@ impl Index {
                     }
                 }
             }
+        }
+        if !complete {
+            // Retry the allocator next time rather than trusting a partial list.
+            self.last_allocation.clear();
         }
         allocated
     }
@@ -404,4 +437,110 @@ pub fn unix_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::{Endpoint, EndpointSlice, Protocol, ServicePort, TargetPort};
+
+    fn source(n: usize) -> SourceState {
+        let mut state = SourceState {
+            synced: true,
+            ..SourceState::default()
+        };
+        for i in 0..n {
+            let key = ServiceKey::new("default", "ns", format!("s{i}"));
+            state.services.push(Arc::new(Service {
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Number(8080),
+                    node_port: None,
+                }],
+                ..Service::new(key.clone())
+            }));
+            state.slices.push(Arc::new(SourceSlice {
+                service: key,
+                slice: EndpointSlice {
+                    name: format!("s{i}-1"),
+                    endpoints: vec![Endpoint {
+                        addresses: vec![format!("10.244.0.{}", i + 1).parse().expect("ip")],
+                        ..Endpoint::default()
+                    }],
+                    ..EndpointSlice::default()
+                },
+            }));
+        }
+        state
+    }
+
+    fn index() -> Index {
+        Index::new(&IndexConfig {
+            service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
+            debounce: Duration::ZERO,
+            max_delay: Duration::ZERO,
+            state_dir: None,
+        })
+    }
+
+    #[test]
+    fn a_rebuild_touches_only_what_changed() {
+        let mut idx = index();
+        let mut state = source(20);
+        let first = idx
+            .build(&[("t", &state)], 1)
+            .snapshot
+            .expect("first snapshot");
+        assert_eq!(first.resources.len(), 20);
+        assert!(
+            idx.build(&[("t", &state)], 2).snapshot.is_none(),
+            "no change, no version"
+        );
+
+        Arc::make_mut(&mut state.slices[7]).slice.endpoints[0].addresses =
+            vec!["10.244.9.9".parse().expect("ip")];
+        let second = idx.build(&[("t", &state)], 3).snapshot.expect("a change");
+        for (name, r) in &second.resources {
+            let same = Arc::ptr_eq(r, &first.resources[name]);
+            assert_eq!(same, &**name != "default/ns/s7", "{name}");
+        }
+        // Allocated cluster IPs do not move.
+        let ips = |snap: &Snapshot, name: &str| {
+            switchyard_proto::convert::decode_state_bytes(name, &snap.resources[name].service_state)
+                .expect("decodes")
+                .service
+                .cluster_ips
+        };
+        for name in first.resources.keys() {
+            assert_eq!(ips(&first, name), ips(&second, name), "{name}");
+            assert_eq!(ips(&first, name).len(), 1);
+        }
+    }
+
+    #[test]
+    fn an_equal_object_in_a_new_arc_keeps_the_version() {
+        let mut idx = index();
+        let state = source(3);
+        let first = idx
+            .build(&[("t", &state)], 1)
+            .snapshot
+            .expect("first snapshot");
+        let copy = SourceState {
+            services: state
+                .services
+                .iter()
+                .map(|s| Arc::new((**s).clone()))
+                .collect(),
+            slices: state
+                .slices
+                .iter()
+                .map(|s| Arc::new((**s).clone()))
+                .collect(),
+            ..state.clone()
+        };
+        assert!(idx.build(&[("t", &copy)], 2).snapshot.is_none());
+        assert_eq!(idx.current.version, first.version);
+    }
 }

@@ -398,7 +398,7 @@ async fn the_examples_load_cleanly() {
             .map(|sl| sl.slice.clone())
             .collect();
         let mut full = switchyard_model::ServiceState {
-            service: s.clone(),
+            service: (**s).clone(),
             slices,
         };
         full.normalize();

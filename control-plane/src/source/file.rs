@@ -41,6 +41,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use super::{ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
 
@@ -273,8 +275,8 @@ struct LoadedFile {
 /// The objects and per-object errors of one file, in document order.
 #[derive(Debug, Default)]
 struct FileObjects {
-    services: Vec<Located<SourceService>>,
-    slices: Vec<Located<SourceSlice>>,
+    services: Vec<Located<Arc<SourceService>>>,
+    slices: Vec<Located<Arc<SourceSlice>>>,
     errors: Vec<ObjectError>,
 }
 
@@ -658,7 +660,7 @@ impl Parser<'_> {
                 match converted {
                     Ok(s) => out.services.push(Located {
                         at: place.to_string(),
-                        value: s,
+                        value: Arc::new(s),
                     }),
                     Err(e) => out.errors.extend(self.invalid(place, e)),
                 }
@@ -682,7 +684,7 @@ impl Parser<'_> {
                 match k8s::endpoint_slice(cluster, &slice) {
                     Ok(Some(s)) => out.slices.push(Located {
                         at: place.to_string(),
-                        value: s,
+                        value: Arc::new(s),
                     }),
                     Ok(None) => tracing::debug!(at = %place, "FQDN EndpointSlice ignored"),
                     Err(e) => out.errors.extend(self.invalid(place, e)),

@@ -17,6 +17,7 @@ pub mod file;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use switchyard_model::{EndpointSlice, Service, ServiceKey};
 use tokio::sync::watch;
@@ -50,14 +51,19 @@ pub struct ObjectError {
 }
 
 /// Everything one source currently knows.
+///
+/// Objects are shared `Arc`s, and a source hands out the *same* `Arc` for an
+/// object that did not change between two states it publishes: the index
+/// recognises unchanged objects by pointer, so a rebuild costs what changed
+/// plus one pointer comparison per object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceState {
     /// True once the source has completed its first full read (list, scan).
     pub synced: bool,
     /// Every Service, in no particular order.
-    pub services: Vec<SourceService>,
+    pub services: Vec<Arc<SourceService>>,
     /// Every IPv4/IPv6 EndpointSlice (FQDN slices are dropped by the source).
-    pub slices: Vec<SourceSlice>,
+    pub slices: Vec<Arc<SourceSlice>>,
     /// Objects skipped and files not read, with the reason.
     pub errors: Vec<ObjectError>,
 }

@@ -128,7 +128,7 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
             namespace(i),
             service_name(i),
         );
-        state.services.push(Service {
+        state.services.push(Arc::new(Service {
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -137,8 +137,8 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
                 node_port: None,
             }],
             ..Service::new(key.clone())
-        });
-        state.slices.push(SourceSlice {
+        }));
+        state.slices.push(Arc::new(SourceSlice {
             service: key,
             slice: EndpointSlice {
                 name: format!("{}-1", service_name(i)),
@@ -155,16 +155,21 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
                 }],
                 ..EndpointSlice::default()
             },
-        });
+        }));
     }
     state
 }
 
 /// Change number `c`: one Service's first endpoint moves to a new address.
+/// Like a real source, only the changed object gets a new `Arc`.
 fn mutate(state: &mut SourceState, c: usize) {
     let i = (c * 7919) % state.slices.len();
     let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0));
-    if let Some(ep) = state.slices[i].slice.endpoints.first_mut() {
+    if let Some(ep) = Arc::make_mut(&mut state.slices[i])
+        .slice
+        .endpoints
+        .first_mut()
+    {
         ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())];
     }
 }
