@@ -271,6 +271,8 @@ pub async fn run(
                     .map(|(name, s)| SourceStatus {
                         name: name.clone(),
                         synced: s.synced,
+                        last_error: s.last_error.clone(),
+                        nodes: s.nodes.clone(),
                     })
                     .collect(),
             );

@@ -529,6 +529,7 @@ impl Loader {
             services,
             slices,
             errors,
+            ..SourceState::default()
         }
     }
 }
