@@ -13,6 +13,9 @@ use ipnet::IpNet;
 pub enum SourceSpec {
     /// `file:PATH`: a YAML file or a directory of them, reloaded on change.
     File(PathBuf),
+    /// `kube` (in-cluster configuration or the kubeconfig's current context)
+    /// or `kube:CONTEXT` (a named kubeconfig context).
+    Kube(Option<String>),
 }
 
 impl FromStr for SourceSpec {
@@ -21,8 +24,13 @@ impl FromStr for SourceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(path.into())),
+            None if s == "kube" => Ok(SourceSpec::Kube(None)),
+            Some(("kube", context)) if !context.is_empty() => {
+                Ok(SourceSpec::Kube(Some(context.to_owned())))
+            }
             _ => Err(format!(
-                "{s:?} is not a source; supported: file:PATH (a YAML file or directory)"
+                "{s:?} is not a source; supported: file:PATH (a YAML file or directory), \
+                 kube (in-cluster or current kubeconfig context), kube:CONTEXT"
             )),
         }
     }
@@ -85,6 +93,20 @@ pub struct Args {
     #[arg(long, default_value = "/var/lib/switchyard/control-plane")]
     pub state_dir: PathBuf,
 
+    /// Kubeconfig for `kube` sources; default: `$KUBECONFIG`, then
+    /// `~/.kube/config`, then the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Watch Services and EndpointSlices of this namespace only (`kube` sources).
+    #[arg(long, value_name = "NS")]
+    pub kube_namespace: Option<String>,
+
+    /// Watch only Services and EndpointSlices matching this label selector
+    /// (`kube` sources), for example `switchyard.io/proxy!=off`.
+    #[arg(long, value_name = "SELECTOR")]
+    pub kube_label_selector: Option<String>,
+
     /// PEM certificate of the gRPC server; enables TLS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -109,8 +131,18 @@ mod tests {
             "file:/etc/sy".parse::<SourceSpec>(),
             Ok(SourceSpec::File("/etc/sy".into()))
         );
-        let err = "kube".parse::<SourceSpec>().expect_err("unsupported");
-        assert!(err.contains("file:PATH"), "{err}");
+        assert_eq!("kube".parse::<SourceSpec>(), Ok(SourceSpec::Kube(None)));
+        assert_eq!(
+            "kube:prod-eu".parse::<SourceSpec>(),
+            Ok(SourceSpec::Kube(Some("prod-eu".into())))
+        );
+        for bad in ["kube:", "docker", "file:"] {
+            let err = bad.parse::<SourceSpec>().expect_err("unsupported");
+            assert!(
+                err.contains("file:PATH") && err.contains("kube:CONTEXT"),
+                "{err}"
+            );
+        }
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));

@@ -387,6 +387,8 @@ pub async fn run(
                     .map(|(name, s)| SourceStatus {
                         name: (*name).to_owned(),
                         synced: s.synced,
+                        last_error: s.last_error.clone(),
+                        nodes: s.nodes.clone(),
                     })
                     .collect(),
             );

@@ -107,6 +107,16 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
                 args.cluster.clone(),
                 args.debounce,
             )) as Box<dyn Source>,
+            SourceSpec::Kube(context) => Box::new(source::kubernetes::KubeSource::new(
+                source::kubernetes::KubeSourceConfig {
+                    context: context.clone(),
+                    kubeconfig: args.kubeconfig.clone(),
+                    namespace: args.kube_namespace.clone(),
+                    label_selector: args.kube_label_selector.clone(),
+                    cluster: args.cluster.clone(),
+                    debounce: args.debounce,
+                },
+            )),
         })
         .collect()
 }

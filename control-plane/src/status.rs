@@ -40,6 +40,12 @@ pub struct SourceStatus {
     pub name: String,
     /// Whether its first full read is done.
     pub synced: bool,
+    /// Why it cannot currently follow its origin (it keeps serving what it had).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Nodes and their zones, for sources that watch them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<crate::source::NodeInfo>,
 }
 
 #[derive(Debug, Default)]

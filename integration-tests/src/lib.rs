@@ -6,6 +6,7 @@
 //! and of each agent's state) with a bounded deadline and a message saying
 //! what did not happen; nothing sleeps to synchronise.
 
+pub mod apiserver;
 pub mod certs;
 pub mod dns;
 
@@ -246,4 +247,93 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: {n
         ));
     }
     y
+}
+
+/// Control-plane arguments for a `kube` source reading `kubeconfig` (the
+/// path is passed as a flag: tests run in parallel threads and must not
+/// touch the process environment), plus `extra` flags (a 20 ms debounce
+/// unless they set one).
+pub fn kube_cp_args(
+    kubeconfig: &Path,
+    state_dir: &Path,
+    extra: &[&str],
+) -> switchyard_control_plane::Args {
+    let mut argv: Vec<String> = vec![
+        "switchyard-control-plane".into(),
+        "--source".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+    ];
+    if !extra.contains(&"--debounce") {
+        argv.extend(["--debounce".into(), "20ms".into()]);
+    }
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    <switchyard_control_plane::Args as clap::Parser>::parse_from(argv)
+}
+
+/// One state a data plane was asked to apply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// Its snapshot version.
+    pub version: String,
+    /// Resource names (`cluster/namespace/name`) and their resource versions.
+    pub resources: std::collections::BTreeMap<String, String>,
+}
+
+/// A data plane that records every state it applies, in order (a watch on
+/// the agent's state could skip a short-lived one; this cannot).
+#[derive(Debug, Default, Clone)]
+pub struct HistoryDataPlane {
+    /// Every state applied, oldest first.
+    pub history: Arc<Mutex<Vec<Applied>>>,
+}
+
+impl DataPlane for HistoryDataPlane {
+    fn name(&self) -> &'static str {
+        "history"
+    }
+
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let resources = change
+            .state
+            .resources
+            .iter()
+            .map(|(name, r)| (name.clone(), r.version.clone()))
+            .collect();
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Applied {
+                version: change.state.version.clone(),
+                resources,
+            });
+        Ok(())
+    }
+}
+
+impl HistoryDataPlane {
+    /// Names that disappeared from an applied state after being in an
+    /// earlier one, except those in `allowed` (really deleted).
+    pub fn flapped(&self, allowed: &[&str]) -> Vec<String> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut flapped = std::collections::BTreeSet::new();
+        for state in history.iter() {
+            for name in &seen {
+                if !state.resources.contains_key(name) && !allowed.contains(&name.as_str()) {
+                    flapped.insert(name.clone());
+                }
+            }
+            seen.extend(state.resources.keys().cloned());
+        }
+        flapped.into_iter().collect()
+    }
+
+    /// How many states were applied.
+    pub fn applied(&self) -> usize {
+        self.history.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }

@@ -531,6 +531,7 @@ impl Loader {
             services,
             slices,
             errors,
+            ..SourceState::default()
         }
     }
 }

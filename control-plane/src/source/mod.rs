@@ -14,6 +14,7 @@
 //! ```
 
 pub mod file;
+pub mod kubernetes;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,20 @@ pub struct SourceState {
     pub slices: Vec<Arc<SourceSlice>>,
     /// Objects skipped and files not read, with the reason.
     pub errors: Vec<ObjectError>,
+    /// Nodes and their topology zones (sources that know nodes: kube).
+    pub nodes: Vec<NodeInfo>,
+    /// Why the source cannot currently follow its origin (an unreachable
+    /// API server, a failing watch); it keeps serving what it had.
+    pub last_error: Option<String>,
+}
+
+/// A cluster node as a source saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
 }
 
 /// A running source: it publishes into `state` until `shutdown` is cancelled.

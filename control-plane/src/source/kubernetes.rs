@@ -1,0 +1,486 @@
+//! The `kube` source: Services, EndpointSlices and Nodes from a Kubernetes
+//! API server, through kube-rs watchers and reflector stores.
+//!
+//! ```text
+//!  Api<Service>       ─ watcher ─ backoff ─ reflector(store) ─┐
+//!  Api<EndpointSlice> ─ watcher ─ backoff ─ reflector(store) ─┼─ signals ─▶ coalesce ─▶ convert changed
+//!  Api<Node>          ─ watcher ─ backoff ─ reflector(store) ─┘             objects (cache by rv)
+//!                                                                          ─▶ watch<SourceState>
+//! ```
+//!
+//! Each watcher lists (paged) and then watches with bookmarks; after a
+//! 410 Gone, a restart or a dropped watch it relists. A reflector store
+//! applies a relist (`Init` .. `InitApply` .. `InitDone`) atomically: it
+//! buffers the listed objects and swaps them in at `InitDone`. This source
+//! additionally publishes nothing while any kind is relisting, so a relist
+//! becomes exactly one new state and no agent sees a Service vanish and
+//! come back. The state is `synced` once all three kinds have been listed.
+//!
+//! Bursts of events coalesce: a state is published once the stream has been
+//! quiet for the debounce window (capped at four windows). Converting an
+//! object is cached by its resourceVersion, so a publish converts only what
+//! changed. Objects that do not convert are skipped and reported, the rest
+//! keep flowing. FQDN EndpointSlices are ignored, as kube-proxy ignores them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config, Resource, ResourceExt};
+use switchyard_model::ValidationErrors;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
+use crate::k8s;
+use crate::source::file::CLUSTER_ANNOTATION;
+
+/// The label that carries a Node's topology zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// However long a burst of events lasts, a publish waits at most this many
+/// debounce windows after its first event.
+const MAX_DEBOUNCE_WINDOWS: u32 = 4;
+
+/// How to reach the API server and what to watch.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSourceConfig {
+    /// Context of the kubeconfig to use; `None` is the current context, or
+    /// the in-cluster configuration when there is no kubeconfig.
+    pub context: Option<String>,
+    /// Kubeconfig file; `None` is `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch Services and EndpointSlices of this namespace only.
+    pub namespace: Option<String>,
+    /// Watch only Services and EndpointSlices with these labels.
+    pub label_selector: Option<String>,
+    /// Cluster id of the objects (the `switchyard.io/cluster` annotation overrides it).
+    pub cluster: String,
+    /// Quiet time that ends a burst of events.
+    pub debounce: Duration,
+}
+
+/// Why the source cannot talk to the API server at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kubeconfig could not be read or does not hold the context.
+    #[error("kubeconfig")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    /// Neither a kubeconfig nor an in-cluster configuration was found.
+    #[error("no kubeconfig and not running in a cluster")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built from the configuration.
+    #[error("building the Kubernetes client")]
+    Client(#[from] kube::Error),
+}
+
+/// Serves what a Kubernetes API server holds.
+#[derive(Debug, Clone)]
+pub struct KubeSource {
+    config: KubeSourceConfig,
+}
+
+impl KubeSource {
+    /// A source configured by `config`.
+    pub fn new(config: KubeSourceConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Source for KubeSource {
+    fn name(&self) -> String {
+        match &self.config.context {
+            Some(c) => format!("kube:{c}"),
+            None => "kube".to_owned(),
+        }
+    }
+
+    fn run(
+        self: Box<Self>,
+        state: watch::Sender<SourceState>,
+        shutdown: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(run(*self, state, shutdown))
+    }
+}
+
+/// Builds a client from the configured kubeconfig, context or environment.
+pub async fn client(config: &KubeSourceConfig) -> Result<Client, Error> {
+    let options = KubeConfigOptions {
+        context: config.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let config = match (&config.kubeconfig, &config.context) {
+        (Some(path), _) => {
+            Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?
+        }
+        (None, Some(_)) => Config::from_kubeconfig(&options).await?,
+        (None, None) => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The kinds watched, as indexes into per-kind arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Service = 0,
+    Slice = 1,
+    Node = 2,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::Slice => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
+}
+
+/// What a watcher stream told us, without the object (the store has it).
+#[derive(Debug)]
+enum Signal {
+    /// A relist started: the store keeps its old content until `InitDone`.
+    Init,
+    /// A relist finished and the store was replaced.
+    InitDone,
+    /// An object was added, changed or deleted.
+    Changed,
+    /// The watch or list failed; the watcher retries after a backoff.
+    Failed(String),
+}
+
+fn signals<K>(
+    kind: Kind,
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+) -> Pin<Box<dyn Stream<Item = (Kind, Signal)> + Send>>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let events = reflector::reflector(writer, watcher(api, config).default_backoff());
+    events
+        .filter_map(move |r| async move {
+            let signal = match r {
+                Ok(watcher::Event::Init) => Signal::Init,
+                Ok(watcher::Event::InitApply(_)) => return None,
+                Ok(watcher::Event::InitDone) => Signal::InitDone,
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
+                Err(e) => Signal::Failed(error_chain(&e)),
+            };
+            Some((kind, signal))
+        })
+        .boxed()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: CancellationToken) {
+    let name = source.name();
+    let config = source.config;
+    let mut backoff = Duration::from_millis(500);
+    let client = loop {
+        match client(&config).await {
+            Ok(c) => break c,
+            Err(e) => {
+                let message = error_chain(&e);
+                tracing::error!(source = %name, error = %message, "cannot configure the Kubernetes client; retrying");
+                state.send_if_modified(|s| {
+                    let new = Some(message.clone());
+                    (s.last_error != new).then(|| s.last_error = new).is_some()
+                });
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+
+    let mut wc = watcher::Config::default();
+    if let Some(sel) = &config.label_selector {
+        wc = wc.labels(sel);
+    }
+    let namespaced = |client: Client| match &config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (services, slices): (Api<core::Service>, Api<discovery::EndpointSlice>) =
+        namespaced(client.clone());
+    let nodes: Api<core::Node> = Api::all(client);
+    let (service_store, w1) = reflector::store();
+    let (slice_store, w2) = reflector::store();
+    let (node_store, w3) = reflector::store();
+    let mut stream = futures::stream::select_all([
+        signals(Kind::Service, w1, services, wc.clone()),
+        signals(Kind::Slice, w2, slices, wc),
+        signals(Kind::Node, w3, nodes, watcher::Config::default()),
+    ]);
+
+    let mut view = View {
+        source: name.clone(),
+        cluster: config.cluster.clone(),
+        services: service_store,
+        slices: slice_store,
+        nodes: node_store,
+        service_cache: HashMap::new(),
+        slice_cache: HashMap::new(),
+    };
+    let mut listing = [true; 3];
+    let mut listed = [false; 3];
+    let mut errors: [Option<String>; 3] = Default::default();
+    let mut dirty = false;
+    loop {
+        // One burst: the first signal, then everything until a quiet window.
+        let mut burst_end: Option<(Instant, Instant)> = None;
+        loop {
+            let next = match burst_end {
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = stream.next() => n,
+                },
+                Some((quiet, cap)) => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(quiet.min(cap)) => break,
+                    n = stream.next() => n,
+                },
+            };
+            let Some((kind, signal)) = next else {
+                // The watchers retry forever; an ended stream means shutdown.
+                return;
+            };
+            let i = kind as usize;
+            match signal {
+                Signal::Init => {
+                    listing[i] = true;
+                    if listed[i] {
+                        tracing::info!(source = %name, kind = kind.name(), "relisting");
+                    }
+                }
+                Signal::InitDone => {
+                    listing[i] = false;
+                    listed[i] = true;
+                    errors[i] = None;
+                    dirty = true;
+                }
+                Signal::Changed => {
+                    errors[i] = None;
+                    dirty = true;
+                }
+                Signal::Failed(message) => {
+                    tracing::warn!(source = %name, kind = kind.name(), error = %message, "watch failed; retrying with backoff");
+                    errors[i] = Some(format!("{}: {message}", kind.name()));
+                }
+            }
+            let now = Instant::now();
+            let cap = burst_end.map_or(now + config.debounce * MAX_DEBOUNCE_WINDOWS, |b| b.1);
+            burst_end = Some((now + config.debounce, cap));
+        }
+
+        let last_error = {
+            let all: Vec<&str> = errors.iter().flatten().map(String::as_str).collect();
+            (!all.is_empty()).then(|| all.join("; "))
+        };
+        let synced = listed.iter().all(|l| *l);
+        // Publish objects only when every kind holds a complete list: never
+        // a partial initial list, never in the middle of a relist.
+        if dirty && synced && !listing.iter().any(|l| *l) {
+            dirty = false;
+            let mut new = view.build();
+            new.last_error = last_error;
+            let changed = state.send_if_modified(|current| {
+                if *current == new {
+                    false
+                } else {
+                    *current = new;
+                    true
+                }
+            });
+            if changed {
+                let s = state.borrow();
+                tracing::info!(
+                    source = %name,
+                    services = s.services.len(),
+                    slices = s.slices.len(),
+                    nodes = s.nodes.len(),
+                    errors = s.errors.len(),
+                    "cluster state published"
+                );
+            }
+        } else {
+            state.send_if_modified(|s| {
+                let changed = s.last_error != last_error;
+                s.last_error.clone_from(&last_error);
+                changed
+            });
+        }
+    }
+}
+
+/// A converted object, remembered with the resourceVersion it came from.
+#[derive(Debug)]
+struct Converted<T> {
+    resource_version: String,
+    value: Result<T, Vec<ObjectError>>,
+}
+
+/// The reflector stores and the conversions of their objects.
+struct View {
+    source: String,
+    cluster: String,
+    services: Store<core::Service>,
+    slices: Store<discovery::EndpointSlice>,
+    nodes: Store<core::Node>,
+    service_cache: HashMap<(String, String), Converted<Arc<SourceService>>>,
+    slice_cache: HashMap<(String, String), Converted<Option<Arc<SourceSlice>>>>,
+}
+
+impl View {
+    /// The whole state from the stores, converting only objects whose
+    /// resourceVersion changed since the last build.
+    fn build(&mut self) -> SourceState {
+        let mut out = SourceState {
+            synced: true,
+            ..SourceState::default()
+        };
+        let (source, cluster) = (self.source.as_str(), self.cluster.as_str());
+        let services = self.services.state();
+        refresh(&mut self.service_cache, &services, |svc| {
+            let cluster = cluster_of(svc, cluster);
+            k8s::service(cluster, svc)
+                .and_then(|s| k8s::validate_unallocated(&s).map(|()| Arc::new(s)))
+                .map_err(|e| object_errors(source, e))
+        });
+        for c in self.service_cache.values() {
+            match &c.value {
+                Ok(s) => out.services.push(s.clone()),
+                Err(e) => out.errors.extend(e.iter().cloned()),
+            }
+        }
+        let slices = self.slices.state();
+        refresh(&mut self.slice_cache, &slices, |slice| {
+            let cluster = cluster_of(slice, cluster);
+            k8s::endpoint_slice(cluster, slice)
+                .map(|s| s.map(Arc::new))
+                .map_err(|e| object_errors(source, e))
+        });
+        for c in self.slice_cache.values() {
+            match &c.value {
+                Ok(Some(s)) => out.slices.push(s.clone()),
+                Ok(None) => {}
+                Err(e) => out.errors.extend(e.iter().cloned()),
+            }
+        }
+        out.nodes = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| NodeInfo {
+                name: n.name_any(),
+                zone: n.labels().get(ZONE_LABEL).cloned(),
+            })
+            .collect();
+        // Stores are hash maps: sort so that equal content compares equal.
+        out.services.sort_by(|a, b| a.key.cmp(&b.key));
+        out.slices
+            .sort_by(|a, b| (&a.service, &a.slice.name).cmp(&(&b.service, &b.slice.name)));
+        out.errors
+            .sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        out.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("source", &self.source)
+            .field("services", &self.service_cache.len())
+            .field("slices", &self.slice_cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Brings `cache` in line with `objects`: converts new and changed objects,
+/// forgets deleted ones.
+fn refresh<K, T>(
+    cache: &mut HashMap<(String, String), Converted<T>>,
+    objects: &[Arc<K>],
+    convert: impl Fn(&K) -> Result<T, Vec<ObjectError>>,
+) where
+    K: Resource,
+{
+    let mut seen = std::collections::HashSet::with_capacity(objects.len());
+    for obj in objects {
+        let key = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let rv = obj.resource_version().unwrap_or_default();
+        let fresh = cache
+            .get(&key)
+            .is_some_and(|c| !rv.is_empty() && c.resource_version == rv);
+        if !fresh {
+            cache.insert(
+                key.clone(),
+                Converted {
+                    resource_version: rv,
+                    value: convert(obj),
+                },
+            );
+        }
+        seen.insert(key);
+    }
+    if seen.len() != cache.len() {
+        cache.retain(|k, _| seen.contains(k));
+    }
+}
+
+fn cluster_of<'a, K: Resource>(obj: &'a K, default: &'a str) -> &'a str {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CLUSTER_ANNOTATION))
+        .map(String::as_str)
+        .filter(|c| !c.is_empty())
+        .unwrap_or(default)
+}
+
+fn object_errors(source: &str, e: ValidationErrors) -> Vec<ObjectError> {
+    e.0.into_iter()
+        .map(|e| ObjectError {
+            source: source.to_owned(),
+            object: e.object,
+            field: e.field,
+            message: e.message,
+        })
+        .collect()
+}

@@ -1,0 +1,848 @@
+//! A Kubernetes API server stand-in, faithful at the protocol level for
+//! Services, EndpointSlices (discovery.k8s.io/v1) and Nodes, so that the
+//! unmodified kube client (and kubectl) can list, watch and write them.
+//!
+//! ```text
+//!  kube watcher / kubectl ──HTTP/1.1──▶ axum fallback ─▶ route(path) ─┬─ discovery documents
+//!                                                                     ├─ list (selectors, limit/continue)
+//!                                                                     ├─ get/create/put/patch/delete ─▶ Store
+//!                                                                     └─ watch: NDJSON stream ◀─ Store broadcast
+//!  test hooks: compact(), drop_watches(), fail_next(..), restart on the same port with the same Store
+//! ```
+//!
+//! What it implements (and what it does not):
+//! - one global decimal `resourceVersion`, `uid`, `creationTimestamp`,
+//!   `generation`; PUT with a stale `resourceVersion` is a 409;
+//! - lists honour `labelSelector`, `fieldSelector` (metadata.name and
+//!   metadata.namespace), `limit` and `continue` (a continue token older than
+//!   the compaction point is a 410), and always serve the latest state;
+//! - watches: `resourceVersion` unset or `0` starts with synthetic ADDED
+//!   events for the current state; `N` replays the log after `N`; `N` older
+//!   than the compaction point yields one ERROR event with code 410 inside an
+//!   HTTP 200 stream; `allowWatchBookmarks` gives periodic BOOKMARKs;
+//!   `sendInitialEvents=true` ends the initial ADDED events with a BOOKMARK
+//!   annotated `k8s.io/initial-events-end`; the stream closes at
+//!   `timeoutSeconds`; a watcher that falls too far behind is disconnected;
+//! - PATCH: merge patch and JSON patch; a strategic merge patch is applied
+//!   as a merge patch (lists replaced whole); server-side apply is a 415;
+//! - objects are checked against the k8s-openapi types only, not against the
+//!   API's validation rules, so tests can store objects a real API server
+//!   would reject;
+//! - no authentication, no admission, no OpenAPI documents (run kubectl
+//!   writes with `--validate=false`), no Table output (kubectl prints client-side).
+
+pub mod patch;
+pub mod select;
+pub mod store;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use select::Selector;
+pub use store::{ApiError, Kind, Store};
+
+/// How the stand-in behaves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Interval of BOOKMARK events on watches that allow them.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// An error to inject: the next `times` requests whose method matches (any,
+/// if `None`) and whose path and query contain `contains` get `code`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Method to match, or any.
+    pub method: Option<Method>,
+    /// Substring of `path?query` to match.
+    pub contains: String,
+    /// HTTP status to answer with (a `Status` body).
+    pub code: u16,
+    /// How many requests to fail.
+    pub times: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: Store,
+    config: ServerConfig,
+    addr: SocketAddr,
+    /// Bumped to end every open watch.
+    watch_epoch: watch::Sender<u64>,
+    faults: Mutex<Vec<Fault>>,
+    /// Requests served, by `VERB plural` (`LIST services`, `WATCH nodes`,
+    /// `GONE services` for a 410 sent on a watch), for tests that count.
+    requests: Mutex<HashMap<String, u64>>,
+}
+
+/// A running stand-in.
+#[derive(Debug)]
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl FakeApiServer {
+    /// Starts on `listener` with a fresh store.
+    pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Self> {
+        Self::start_with(listener, Store::default(), config)
+    }
+
+    /// Binds `127.0.0.1:0` and starts with a fresh store.
+    pub async fn start_local() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start(listener, ServerConfig::default())
+    }
+
+    /// Starts on `listener` serving `store` (a restart keeps the store).
+    pub fn start_with(
+        listener: TcpListener,
+        store: Store,
+        config: ServerConfig,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            store,
+            config,
+            addr,
+            watch_epoch: watch::Sender::new(0),
+            faults: Mutex::default(),
+            requests: Mutex::default(),
+        });
+        let shutdown = CancellationToken::new();
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!("API server stand-in failed: {e}");
+            }
+        });
+        Ok(Self {
+            shared,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    /// The object store (survives [`FakeApiServer::stop`]).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Forgets the event log: watches resuming from before now get 410.
+    pub fn compact(&self) {
+        self.shared.store.compact();
+    }
+
+    /// Ends every open watch stream (clients resume from their last rv).
+    pub fn drop_watches(&self) {
+        self.shared.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Fails matching requests (see [`Fault`]).
+    pub fn fail_next(&self, fault: Fault) {
+        lock(&self.shared.faults).push(fault);
+    }
+
+    /// Forgets every injected fault.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
+    /// How many requests matched `key` (`LIST services`, `WATCH nodes`,
+    /// `GONE services`: 410s sent on watches, ...).
+    pub fn requests(&self, key: &str) -> u64 {
+        lock(&self.shared.requests).get(key).copied().unwrap_or(0)
+    }
+
+    /// Stops like a crashing server: every watch ends, the listener closes.
+    /// Returns the store, to start again with [`FakeApiServer::start_with`].
+    pub async fn stop(self) -> Store {
+        self.drop_watches();
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self.shared.store.clone()
+    }
+
+    /// Writes a kubeconfig whose one context (`standin`, also current)
+    /// points at this server over plain HTTP.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, kubeconfig(&self.url()))
+    }
+}
+
+/// A kubeconfig with one context `standin` (current) for `server`.
+pub fn kubeconfig(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {server}\n\
+users:\n- name: standin\n  user: {{}}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
+current-context: standin\n"
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn json_response(code: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error_response(e: &ApiError) -> Response {
+    json_response(e.code, &e.status())
+}
+
+/// What a URL path names.
+#[derive(Debug)]
+enum Target {
+    Discovery(Value),
+    Collection {
+        kind: Kind,
+        namespace: Option<String>,
+    },
+    Item {
+        kind: Kind,
+        namespace: String,
+        name: String,
+    },
+}
+
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query: HashMap<String, String> = uri
+        .query()
+        .map(|q| {
+            url_pairs(q)
+                .into_iter()
+                .collect::<HashMap<String, String>>()
+        })
+        .unwrap_or_default();
+    let path_and_query = uri
+        .path_and_query()
+        .map_or(uri.path().to_owned(), |p| p.to_string());
+    if let Some(e) = s.take_fault(&method, &path_and_query) {
+        return error_response(&e);
+    }
+    let target = match route(&s, uri.path()) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e),
+    };
+    let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    match (target, method.clone()) {
+        (Target::Discovery(doc), Method::GET) => json_response(200, &doc),
+        (Target::Collection { kind, namespace }, Method::GET) if watching => {
+            s.count(&format!("WATCH {}", kind.plural()));
+            watch_response(&s, kind, namespace, &query)
+        }
+        (Target::Collection { kind, namespace }, Method::GET) => {
+            s.count(&format!("LIST {}", kind.plural()));
+            result(list(&s, kind, namespace.as_deref(), &query), 200)
+        }
+        (Target::Collection { kind, namespace }, Method::POST) => {
+            s.count(&format!("CREATE {}", kind.plural()));
+            result(create(&s, kind, namespace.as_deref(), &body), 201)
+        }
+        (
+            Target::Item {
+                kind,
+                namespace,
+                name,
+            },
+            m,
+        ) => {
+            let key = (kind, namespace, name);
+            let r = match m {
+                Method::GET => s
+                    .store
+                    .get(&key)
+                    .map(|o| (*o).clone())
+                    .ok_or_else(|| not_found(&key)),
+                Method::PUT => put(&s, &key, &body),
+                Method::PATCH => patch(&s, &key, &headers, &body),
+                Method::DELETE => s.store.delete(&key).map(|o| (*o).clone()),
+                _ => Err(method_not_allowed(&method)),
+            };
+            s.count(&format!("{m} {}", kind.plural()));
+            result(r, 200)
+        }
+        (_, m) => error_response(&method_not_allowed(&m)),
+    }
+}
+
+impl Shared {
+    fn take_fault(&self, method: &Method, path: &str) -> Option<ApiError> {
+        let mut faults = lock(&self.faults);
+        let i = faults.iter().position(|f| {
+            f.times > 0
+                && f.method.as_ref().is_none_or(|m| m == method)
+                && path.contains(&f.contains)
+        })?;
+        faults[i].times -= 1;
+        let code = faults[i].code;
+        faults.retain(|f| f.times > 0);
+        Some(ApiError::new(code, "InternalError", "injected by the test"))
+    }
+
+    fn count(&self, key: &str) {
+        *lock(&self.requests).entry(key.to_owned()).or_default() += 1;
+    }
+}
+
+fn result(r: Result<Value, ApiError>, code: u16) -> Response {
+    match r {
+        Ok(v) => json_response(code, &v),
+        Err(e) => error_response(&e),
+    }
+}
+
+fn not_found(key: &store::ObjectKey) -> ApiError {
+    ApiError::new(
+        404,
+        "NotFound",
+        format!("{} {:?} not found", key.0.plural(), key.2),
+    )
+}
+
+fn method_not_allowed(m: &Method) -> ApiError {
+    ApiError::new(
+        405,
+        "MethodNotAllowed",
+        format!("the server does not allow {m} here"),
+    )
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(400, "BadRequest", message)
+}
+
+/// Splits `a=b&c=d` and percent-decodes (with `+` as space).
+fn url_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let unknown = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    };
+    let (group_version, rest): (String, &[&str]) = match parts.as_slice() {
+        ["version"] => return Ok(Target::Discovery(version())),
+        ["api"] => return Ok(Target::Discovery(api_versions(s.addr))),
+        ["apis"] => return Ok(Target::Discovery(api_groups())),
+        ["apis", "discovery.k8s.io"] => return Ok(Target::Discovery(discovery_group())),
+        ["api", "v1"] => return Ok(Target::Discovery(resource_list("v1"))),
+        ["apis", "discovery.k8s.io", "v1"] => {
+            return Ok(Target::Discovery(resource_list("discovery.k8s.io/v1")));
+        }
+        ["api", "v1", rest @ ..] => ("v1".into(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => return Err(unknown()),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
+        _ => (None, rest),
+    };
+    let (plural, name) = match rest {
+        [plural] => (*plural, None),
+        [plural, name] => (*plural, Some((*name).to_owned())),
+        _ => return Err(unknown()),
+    };
+    let kind = Kind::from_path(&group_version, plural).ok_or_else(unknown)?;
+    if kind.namespaced() != namespace.is_some() && (name.is_some() || !kind.namespaced()) {
+        return Err(unknown());
+    }
+    Ok(match name {
+        None => Target::Collection { kind, namespace },
+        Some(name) => Target::Item {
+            kind,
+            namespace: namespace.unwrap_or_default(),
+            name,
+        },
+    })
+}
+
+fn selectors(query: &HashMap<String, String>) -> Result<(Selector, Selector), ApiError> {
+    let labels = Selector::labels(query.get("labelSelector").map_or("", String::as_str))
+        .map_err(bad_request)?;
+    let fields = Selector::fields(query.get("fieldSelector").map_or("", String::as_str))
+        .map_err(bad_request)?;
+    Ok((labels, fields))
+}
+
+fn list(
+    s: &Shared,
+    kind: Kind,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Result<Value, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let limit: usize = match query.get("limit").map(String::as_str) {
+        None | Some("" | "0") => usize::MAX,
+        Some(l) => l
+            .parse()
+            .map_err(|_| bad_request("limit is not a number"))?,
+    };
+    // A continue token is `rv/namespace/name` of the last item served, hex-encoded.
+    let token = match query.get("continue").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(t) => {
+            let raw = hex::decode(t)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| bad_request("continue token is malformed"))?;
+            let mut it = raw.splitn(3, '/');
+            match (
+                it.next().and_then(|r| r.parse::<u64>().ok()),
+                it.next(),
+                it.next(),
+            ) {
+                (Some(rv), Some(ns), Some(name)) => Some((rv, ns.to_owned(), name.to_owned())),
+                _ => return Err(bad_request("continue token is malformed")),
+            }
+        }
+    };
+    if let Some((rv, ..)) = &token
+        && *rv < s.store.compacted()
+    {
+        return Err(ApiError::new(
+            410,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+        ));
+    }
+    let (all, now) = s.store.list(
+        kind,
+        namespace,
+        token.as_ref().map(|(_, ns, n)| (ns.as_str(), n.as_str())),
+    );
+    let rv = token.as_ref().map_or(now, |t| t.0);
+    let mut items = Vec::new();
+    let mut more = false;
+    for obj in all {
+        if !(labels.matches_labels(&obj) && fields.matches_fields(&obj)) {
+            continue;
+        }
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(obj);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more && let Some(last) = items.last() {
+        let ns = last["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = last["metadata"]["name"].as_str().unwrap_or_default();
+        metadata["continue"] = json!(hex::encode(format!("{rv}/{ns}/{name}")));
+    }
+    let items: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+    Ok(json!({
+        "kind": format!("{}List", kind.kind()),
+        "apiVersion": kind.api_version(),
+        "metadata": metadata,
+        "items": items,
+    }))
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    // kubectl sends JSON; YAML is accepted too (JSON is YAML).
+    serde_json::from_slice(body)
+        .or_else(|_| {
+            std::str::from_utf8(body)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_saphyr::from_str::<Value>(t).map_err(|e| e.to_string()))
+        })
+        .map_err(|e| bad_request(format!("the body is not a JSON object: {e}")))
+}
+
+fn check_type(kind: Kind, obj: &Value) -> Result<(), ApiError> {
+    for (field, want) in [("kind", kind.kind()), ("apiVersion", kind.api_version())] {
+        if let Some(got) = obj.get(field).and_then(Value::as_str)
+            && got != want
+        {
+            return Err(bad_request(format!(
+                "{field} {got:?} does not match {want:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn create(
+    s: &Shared,
+    kind: Kind,
+    namespace: Option<&str>,
+    body: &Bytes,
+) -> Result<Value, ApiError> {
+    let mut obj = parse_body(body)?;
+    check_type(kind, &obj)?;
+    if let Some(ns) = namespace {
+        match obj.pointer("/metadata/namespace").and_then(Value::as_str) {
+            Some(given) if !given.is_empty() && given != ns => {
+                return Err(bad_request(format!(
+                    "the namespace of the object ({given}) does not match the namespace on the request ({ns})"
+                )));
+            }
+            _ => obj["metadata"]["namespace"] = json!(ns),
+        }
+    }
+    s.store.create(kind, obj).map(|o| (*o).clone())
+}
+
+fn check_key(key: &store::ObjectKey, obj: &Value) -> Result<(), ApiError> {
+    let got = store::key_of(key.0, obj)?;
+    if got != *key {
+        return Err(bad_request(
+            "the name or namespace of the object does not match the request",
+        ));
+    }
+    Ok(())
+}
+
+fn put(s: &Shared, key: &store::ObjectKey, body: &Bytes) -> Result<Value, ApiError> {
+    let mut obj = parse_body(body)?;
+    check_type(key.0, &obj)?;
+    if key.0.namespaced() && obj.pointer("/metadata/namespace").is_none() {
+        obj["metadata"]["namespace"] = json!(key.1);
+    }
+    check_key(key, &obj)?;
+    s.store.update(key.0, obj).map(|o| (*o).clone())
+}
+
+fn patch(
+    s: &Shared,
+    key: &store::ObjectKey,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Value, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let current = s.store.get(key).ok_or_else(|| not_found(key))?;
+    let mut obj = (*current).clone();
+    let p = parse_body(body)?;
+    match content_type.split(';').next().unwrap_or_default().trim() {
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            patch::merge(&mut obj, &p);
+        }
+        "application/json-patch+json" => {
+            patch::json_patch(&mut obj, &p).map_err(|e| ApiError::new(422, "Invalid", e))?;
+        }
+        other => {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!("the patch type {other:?} is not supported"),
+            ));
+        }
+    }
+    check_key(key, &obj)?;
+    // A patch naming no resourceVersion applies to the latest object.
+    if p.pointer("/metadata/resourceVersion").is_none() {
+        obj["metadata"]["resourceVersion"] = Value::Null;
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+    }
+    s.store.update(key.0, obj).map(|o| (*o).clone())
+}
+
+fn watch_line(event: &str, object: &Value) -> Bytes {
+    let mut line =
+        serde_json::to_vec(&json!({"type": event, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn watch_response(
+    s: &Arc<Shared>,
+    kind: Kind,
+    namespace: Option<String>,
+    query: &HashMap<String, String>,
+) -> Response {
+    let (labels, fields) = match selectors(query) {
+        Ok(sel) => sel,
+        Err(e) => return error_response(&e),
+    };
+    let flag = |name: &str| matches!(query.get(name).map(String::as_str), Some("1" | "true"));
+    let bookmarks = flag("allowWatchBookmarks");
+    let send_initial = flag("sendInitialEvents");
+    let rv = query
+        .get("resourceVersion")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let from = match rv {
+        "" | "0" => None,
+        n => match n.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return error_response(&bad_request("resourceVersion is not a number")),
+        },
+    };
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0)
+        .map(Duration::from_secs);
+    let matches = move |obj: &Value| {
+        namespace
+            .as_deref()
+            .is_none_or(|ns| obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns))
+            && labels.matches_labels(obj)
+            && fields.matches_fields(obj)
+    };
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let subscription = s.store.subscribe(
+        kind,
+        from.is_none() || send_initial,
+        from.filter(|_| !send_initial),
+    );
+    let mut epoch = s.watch_epoch.subscribe();
+    epoch.mark_unchanged();
+    let interval = s.config.bookmark_interval;
+    let shared = s.clone();
+    tokio::spawn(async move {
+        let mut sub = match subscription {
+            Ok(sub) => sub,
+            Err(e) => {
+                shared.count(&format!("GONE {}", kind.plural()));
+                let _ = tx.send(Ok(watch_line("ERROR", &e.status()))).await;
+                return;
+            }
+        };
+        // After drop_watches() nothing more is sent, not even what was queued.
+        let gate = epoch.clone();
+        let send = |line: Bytes| {
+            let tx = tx.clone();
+            let dropped = gate.has_changed().unwrap_or(true);
+            async move { !dropped && tx.send(Ok(line)).await.is_ok() }
+        };
+        for obj in std::mem::take(&mut sub.objects) {
+            if matches(&obj) && !send(watch_line("ADDED", &obj)).await {
+                return;
+            }
+        }
+        let mut progress = sub.rv;
+        let bookmark = |rv: u64, initial_end: bool| {
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if initial_end {
+                meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            }
+            watch_line(
+                "BOOKMARK",
+                &json!({"kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": meta}),
+            )
+        };
+        if send_initial && !send(bookmark(progress, true)).await {
+            return;
+        }
+        for change in std::mem::take(&mut sub.replay) {
+            if let Some(line) = event_line(&change, &matches)
+                && !send(line).await
+            {
+                return;
+            }
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut ticks = tokio::time::interval(interval);
+        ticks.reset();
+        loop {
+            tokio::select! {
+                biased;
+                _ = epoch.changed() => return,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => return,
+                _ = ticks.tick(), if bookmarks => {
+                    if !send(bookmark(progress, false)).await { return }
+                }
+                got = sub.events.recv() => match got {
+                    Ok(change) => {
+                        if change.rv <= progress { continue }
+                        progress = change.rv;
+                        if change.kind != kind { continue }
+                        if let Some(line) = event_line(&change, &matches) && !send(line).await {
+                            return;
+                        }
+                    }
+                    // Too slow a reader: close, as the API server does; the
+                    // client resumes from its last resourceVersion.
+                    Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The watch line for one change as a filtered watch sees it: an object
+/// moving into the filter is ADDED, one moving out is DELETED.
+fn event_line(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Option<Bytes> {
+    let was = change.old.as_deref().is_some_and(matches);
+    let is = matches(&change.new);
+    let event = match change.event {
+        store::EventType::Added if is => "ADDED",
+        store::EventType::Modified if was && is => "MODIFIED",
+        store::EventType::Modified if is => "ADDED",
+        store::EventType::Modified if was => "DELETED",
+        store::EventType::Deleted if was => "DELETED",
+        _ => return None,
+    };
+    Some(watch_line(event, &change.new))
+}
+
+fn version() -> Value {
+    json!({
+        "major": "1", "minor": "33", "gitVersion": "v1.33.0-switchyard-standin",
+        "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+        "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+fn api_versions(addr: SocketAddr) -> Value {
+    json!({
+        "kind": "APIVersions", "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}],
+    })
+}
+
+fn discovery_group() -> Value {
+    let v = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": "discovery.k8s.io", "versions": [v], "preferredVersion": v})
+}
+
+fn api_groups() -> Value {
+    let mut group = discovery_group();
+    if let Some(g) = group.as_object_mut() {
+        g.remove("kind");
+        g.remove("apiVersion");
+    }
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+}
+
+fn resource_list(group_version: &str) -> Value {
+    let verbs = [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ];
+    let resources: Vec<Value> = Kind::ALL
+        .into_iter()
+        .filter(|k| k.api_version() == group_version)
+        .map(|k| {
+            let short: &[&str] = match k {
+                Kind::Service => &["svc"],
+                Kind::Node => &["no"],
+                Kind::EndpointSlice => &[],
+            };
+            json!({
+                "name": k.plural(), "singularName": k.kind().to_lowercase(),
+                "namespaced": k.namespaced(), "kind": k.kind(), "verbs": verbs,
+                "shortNames": short,
+                "categories": if k == Kind::Service { json!(["all"]) } else { json!([]) },
+            })
+        })
+        .collect();
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode() {
+        let pairs = url_pairs("labelSelector=app%3Dweb%2Ctier+in+%28a%29&watch=true&x");
+        assert_eq!(
+            pairs[0],
+            ("labelSelector".into(), "app=web,tier in (a)".into())
+        );
+        assert_eq!(pairs[1], ("watch".into(), "true".into()));
+        assert_eq!(pairs[2], ("x".into(), String::new()));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

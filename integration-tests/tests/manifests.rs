@@ -1,0 +1,186 @@
+//! Every manifest in `deploy/kubernetes/` parses into its Kubernetes type,
+//! with no field the type does not know; the RBAC is read-only; container
+//! arguments parse with the binaries' own command-line parsers.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
+}
+
+/// Every document of every YAML file, with where it came from.
+fn documents() -> Vec<(String, Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(manifests_dir())
+        .expect("deploy/kubernetes exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests found");
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("readable");
+        let parsed: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", file.display()));
+        for (i, doc) in parsed.into_iter().enumerate() {
+            if !doc.is_null() {
+                docs.push((format!("{}#{}", file.display(), i + 1), doc));
+            }
+        }
+    }
+    docs
+}
+
+/// Paths present in `original` but absent from `roundtrip`: fields the type dropped.
+fn dropped(original: &Value, roundtrip: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, roundtrip) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                match b.get(k) {
+                    Some(w) => dropped(v, w, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, v) in a.iter().enumerate() {
+                match b.get(i) {
+                    Some(w) => dropped(v, w, &format!("{path}[{i}]"), out),
+                    None => out.push(format!("{path}[{i}]")),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn parse<T: DeserializeOwned + Serialize>(at: &str, doc: &Value) -> T {
+    let typed: T =
+        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: does not parse: {e}"));
+    let back = serde_json::to_value(&typed).expect("serializes");
+    let mut unknown = Vec::new();
+    dropped(doc, &back, "", &mut unknown);
+    assert!(unknown.is_empty(), "{at}: unknown fields {unknown:?}");
+    typed
+}
+
+fn args(c: &Container) -> Vec<String> {
+    let mut argv = c.command.clone().unwrap_or_default();
+    argv.extend(c.args.clone().unwrap_or_default());
+    argv
+}
+
+#[test]
+fn every_manifest_is_a_known_kind_with_known_fields() {
+    let mut kinds = Vec::new();
+    for (at, doc) in documents() {
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_owned();
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => drop(parse::<Namespace>(&at, &doc)),
+            ("v1", "ServiceAccount") => drop(parse::<ServiceAccount>(&at, &doc)),
+            ("v1", "Secret") => drop(parse::<Secret>(&at, &doc)),
+            ("v1", "Service") => drop(parse::<Service>(&at, &doc)),
+            ("policy/v1", "PodDisruptionBudget") => drop(parse::<PodDisruptionBudget>(&at, &doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                let role: ClusterRole = parse(&at, &doc);
+                for rule in role.rules.unwrap_or_default() {
+                    for verb in &rule.verbs {
+                        assert!(
+                            ["list", "watch"].contains(&verb.as_str()),
+                            "{at}: verb {verb} is more than read access"
+                        );
+                    }
+                    let resources = rule.resources.unwrap_or_default();
+                    assert!(!resources.iter().any(|r| r == "*"), "{at}: wildcard");
+                    for r in resources {
+                        assert!(
+                            ["services", "nodes", "endpointslices"].contains(&r.as_str()),
+                            "{at}: resource {r} is not needed"
+                        );
+                    }
+                }
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                drop(parse::<ClusterRoleBinding>(&at, &doc))
+            }
+            ("apps/v1", "Deployment") => {
+                let d: Deployment = parse(&at, &doc);
+                let spec = d.spec.expect("spec");
+                assert_eq!(spec.replicas, Some(2), "{at}: two replicas");
+                let pod = spec.template.spec.expect("pod spec");
+                assert_eq!(
+                    pod.service_account_name.as_deref(),
+                    Some("switchyard-control-plane")
+                );
+                for c in &pod.containers {
+                    let argv = args(c);
+                    let parsed =
+                        <switchyard_control_plane::Args as clap::Parser>::try_parse_from(&argv)
+                            .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
+                    assert!(parsed.tls_client_ca.is_some(), "{at}: mTLS on");
+                }
+            }
+            ("apps/v1", "DaemonSet") => {
+                let ds: DaemonSet = parse(&at, &doc);
+                let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+                assert_eq!(pod.host_network, Some(true), "{at}: host network");
+                assert!(
+                    pod.volumes.unwrap_or_default().iter().any(|v| v
+                        .host_path
+                        .as_ref()
+                        .is_some_and(|h| h.path == "/var/lib/switchyard/agent")),
+                    "{at}: state on a hostPath"
+                );
+                for c in &pod.containers {
+                    let caps = c
+                        .security_context
+                        .as_ref()
+                        .and_then(|s| s.capabilities.as_ref())
+                        .and_then(|c| c.add.clone())
+                        .unwrap_or_default();
+                    assert!(caps.iter().any(|c| c == "NET_ADMIN"), "{at}: NET_ADMIN");
+                    let argv = args(c);
+                    let parsed = <switchyard_agent::Args as clap::Parser>::try_parse_from(&argv)
+                        .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
+                    assert!(
+                        parsed.tls_cert.is_some() && parsed.tls_ca.is_some(),
+                        "{at}: mTLS on"
+                    );
+                }
+            }
+            other => panic!("{at}: unexpected kind {other:?}"),
+        }
+        kinds.push(kind);
+    }
+    for wanted in [
+        "Deployment",
+        "DaemonSet",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Service",
+        "Secret",
+    ] {
+        assert!(kinds.iter().any(|k| k == wanted), "no {wanted} manifest");
+    }
+}
+
+#[test]
+fn unknown_fields_are_caught() {
+    let doc: Value = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "x"}, "spec": {"prots": [{"port": 80}]},
+    });
+    let r = std::panic::catch_unwind(|| parse::<Service>("test", &doc));
+    assert!(r.is_err(), "a misspelt field must fail");
+}
