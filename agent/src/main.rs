@@ -11,6 +11,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = switchyard_agent::Args::parse();
+    if let Some(switchyard_agent::config::Command::Cleanup) = args.command {
+        return switchyard_agent::iptables::cleanup(&switchyard_agent::iptables::Runner::host())
+            .map_err(Into::into);
+    }
     let shutdown = CancellationToken::new();
     let agent = switchyard_agent::start(args, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -146,6 +146,9 @@ pub fn agent_args(node: &str, cp_url: &str, state_dir: &Path) -> switchyard_agen
         &state_dir.display().to_string(),
         "--admin-listen",
         "127.0.0.1:0",
+        // In-process agents share the test's (root) network namespace: never program it.
+        "--dataplane",
+        "none",
     ])
 }
 

@@ -255,7 +255,11 @@ async fn start_cp(
 /// the counter shows it; a 1 ms re-check covers that window. Returns how
 /// often the re-check found the condition true (the latency of those samples
 /// may be up to 1 ms late).
-async fn until(cp: &ControlPlane, what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<u32> {
+async fn until(
+    cp: &ControlPlane,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<u32> {
     let mut rx = cp.status.subscribe();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
@@ -319,7 +323,11 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         handle: handle_tx,
     };
     let t = Instant::now();
-    let cp = start_cp(cp_args("file:/nonexistent", tmp.path()), vec![Box::new(source)]).await?;
+    let cp = start_cp(
+        cp_args("file:/nonexistent", tmp.path()),
+        vec![Box::new(source)],
+    )
+    .await?;
     let publisher = handle_rx.await.context("bench source did not start")?;
     until(&cp, "the first snapshot", || cp.status.version().is_some()).await?;
     let first_snapshot = t.elapsed();
@@ -371,11 +379,24 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     }
     let rss_changes = rss_kib();
     let metrics_after = cp.metrics.encode();
-    let build_sum = metric(&metrics_after, "switchyard_control_plane_snapshot_build_seconds_sum")
-        - metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_sum");
-    let build_count = metric(&metrics_after, "switchyard_control_plane_snapshot_build_seconds_count")
-        - metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_count");
-    let first_build = metric(&metrics_before, "switchyard_control_plane_snapshot_build_seconds_sum");
+    let build_sum = metric(
+        &metrics_after,
+        "switchyard_control_plane_snapshot_build_seconds_sum",
+    ) - metric(
+        &metrics_before,
+        "switchyard_control_plane_snapshot_build_seconds_sum",
+    );
+    let build_count = metric(
+        &metrics_after,
+        "switchyard_control_plane_snapshot_build_seconds_count",
+    ) - metric(
+        &metrics_before,
+        "switchyard_control_plane_snapshot_build_seconds_count",
+    );
+    let first_build = metric(
+        &metrics_before,
+        "switchyard_control_plane_snapshot_build_seconds_sum",
+    );
 
     fleet.kill().await.ok();
     cp.kill().await;
@@ -460,7 +481,12 @@ struct Row {
     limit: String,
 }
 
-fn row(measurement: impl Into<String>, result: impl Into<String>, target: &str, limit: &str) -> Row {
+fn row(
+    measurement: impl Into<String>,
+    result: impl Into<String>,
+    target: &str,
+    limit: &str,
+) -> Row {
     Row {
         measurement: measurement.into(),
         result: result.into(),
@@ -542,9 +568,16 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     );
     let files_ok = file_resources == s;
     rows.push(row(
-        format!("Snapshot from files ({s} Services x {e} endpoints, {} files): start to first snapshot", s.div_ceil(SERVICES_PER_FILE)),
+        format!(
+            "Snapshot from files ({s} Services x {e} endpoints, {} files): start to first snapshot",
+            s.div_ceil(SERVICES_PER_FILE)
+        ),
         if files_ok {
-            format!("{:.0} ms (index build {:.0} ms of it)", ms(from_files), file_build * 1e3)
+            format!(
+                "{:.0} ms (index build {:.0} ms of it)",
+                ms(from_files),
+                file_build * 1e3
+            )
         } else {
             format!("not measured: the file source produced {file_resources} of {s} Services")
         },
@@ -590,7 +623,11 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     let mut breakdown = Vec::new();
     for run in 0..cli.agent_runs {
         let dir = tempfile::tempdir()?;
-        let args = switchyard_integration_tests::agent_args(&format!("bench-agent-{run}"), &url, dir.path());
+        let args = switchyard_integration_tests::agent_args(
+            &format!("bench-agent-{run}"),
+            &url,
+            dir.path(),
+        );
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         let t = Instant::now();
         let agent = switchyard_agent::start_with(
@@ -613,7 +650,11 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             metric(&m, "switchyard_agent_apply_seconds_sum") * 1e3,
             metric(&m, "switchyard_agent_persist_seconds_sum") * 1e3,
         ));
-        eprintln!("agent run {run}: full state in {:.0} ms ({})", ms(took), breakdown[run]);
+        eprintln!(
+            "agent run {run}: full state in {:.0} ms ({})",
+            ms(took),
+            breakdown[run]
+        );
         agent_times.push(ms(took));
         agent.shutdown().await;
     }
@@ -622,16 +663,26 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = percentile(&sorted, 50.0);
     rows.push(row(
-        format!("Fresh agent (sled state, none data plane) to the full state, {} runs ({what})", cli.agent_runs),
+        format!(
+            "Fresh agent (sled state, none data plane) to the full state, {} runs ({what})",
+            cli.agent_runs
+        ),
         format!(
             "{} ms; median {median:.0} ms ({})",
-            agent_times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(" / "),
+            agent_times
+                .iter()
+                .map(|t| format!("{t:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
             verdict(median, 1000.0)
         ),
         "< 1 s",
         "3 MB message to a fresh stream 7-9 ms (prost encode 0.34 ms, decode 1.4 ms)",
     ));
-    notes.push(format!("Agent breakdown per run: {}.", breakdown.join("; ")));
+    notes.push(format!(
+        "Agent breakdown per run: {}.",
+        breakdown.join("; ")
+    ));
 
     // 3 and 4. Fan-out, one fresh process per stream count.
     for &n in &cli.streams {
@@ -651,7 +702,11 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             .stderr(Stdio::inherit())
             .output()
             .await?;
-        anyhow::ensure!(out.status.success(), "fan-out run with {n} streams failed: {}", out.status);
+        anyhow::ensure!(
+            out.status.success(),
+            "fan-out run with {n} streams failed: {}",
+            out.status
+        );
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         eprintln!("fan-out {n}: {r}");
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
@@ -667,9 +722,15 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
         snap.sort_by(f64::total_cmp);
         let p99 = percentile(&lat, 99.0);
         let (target, limit) = if n >= 1000 {
-            ("p99 < 100 ms", "1,000 streams, one connection each: p50 19 ms, p99 26 ms")
+            (
+                "p99 < 100 ms",
+                "1,000 streams, one connection each: p50 19 ms, p99 26 ms",
+            )
         } else {
-            ("-", "100 streams, one connection each: p50 2.3 ms, p99 3.7 ms")
+            (
+                "-",
+                "100 streams, one connection each: p50 2.3 ms, p99 3.7 ms",
+            )
         };
         rows.push(row(
             format!("Fan-out: one endpoint change until all {n} streams ACKed ({} changes)", lat.len()),
@@ -725,7 +786,10 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     println!("| measurement | result | target | physical limit measured here |");
     println!("|---|---|---|---|");
     for r in &rows {
-        println!("| {} | {} | {} | {} |", r.measurement, r.result, r.target, r.limit);
+        println!(
+            "| {} | {} | {} | {} |",
+            r.measurement, r.result, r.target, r.limit
+        );
     }
     println!();
     for n in &notes {
