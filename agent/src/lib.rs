@@ -88,6 +88,25 @@ pub fn node_config(args: &Args) -> iptables::NodeConfig {
     }
 }
 
+/// What `main` does: `cleanup`, or run until SIGINT/SIGTERM. Rules stay in
+/// the kernel when the agent exits, so a restart does not drop traffic.
+pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
+    if let Some(config::Command::Cleanup) = args.command {
+        return iptables::cleanup(&iptables::Runner::host()).map_err(Into::into);
+    }
+    let shutdown = CancellationToken::new();
+    let agent = start(args, shutdown.clone()).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; the data plane stays in force");
+    shutdown.cancel();
+    agent.wait().await;
+    Ok(())
+}
+
 /// Binds the admin listener and starts with the data plane `args` names.
 pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Agent> {
     let admin = TcpListener::bind(args.admin_listen)

@@ -7,6 +7,7 @@
 //! what did not happen; nothing sleeps to synchronise.
 
 pub mod certs;
+pub mod netns;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
