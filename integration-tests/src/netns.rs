@@ -359,7 +359,9 @@ impl Cluster {
         ]);
         self.sh(
             &nodens,
-            &format!("sysctl -qw net.ipv4.conf.{port}.proxy_arp=1 net.ipv4.neigh.{port}.proxy_delay=0"),
+            &format!(
+                "sysctl -qw net.ipv4.conf.{port}.proxy_arp=1 net.ipv4.neigh.{port}.proxy_delay=0"
+            ),
         );
         let server = self.spawn_in(
             &pod,

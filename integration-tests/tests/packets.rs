@@ -187,7 +187,10 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     // conntrack entry goes and the same flow moves to the live endpoint.
     let first = {
         let u = c.echo("client", &["udp", "10.96.0.11:80", "2"]);
-        u["replies"][0].as_str().unwrap_or_else(|| panic!("{u}")).to_owned()
+        u["replies"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{u}"))
+            .to_owned()
     };
     assert!(first == "a1" || first == "b1", "{first}");
     let live = if first == "a1" { "b1" } else { "a1" };
