@@ -49,6 +49,11 @@ impl Applier {
         }
     }
 
+    /// The data plane, shared with the maintenance task.
+    pub(crate) fn dataplane(&self) -> Arc<Mutex<Box<dyn DataPlane>>> {
+        self.dataplane.clone()
+    }
+
     /// The state in force.
     pub fn state(&self) -> Arc<AgentState> {
         self.current.borrow().clone()
@@ -103,11 +108,6 @@ impl Applier {
         match &result {
             Ok(()) => {
                 self.metrics.acks.inc();
-                if update.changed_at_unix_nanos > 0 {
-                    let now = crate::unix_nanos();
-                    let latency = (now - update.changed_at_unix_nanos).max(0) as f64 / 1e9;
-                    self.metrics.programming_latency_seconds.observe(latency);
-                }
             }
             Err(e) => {
                 tracing::warn!(version = %update.snapshot_version, "rejecting update: {e}");
@@ -129,6 +129,12 @@ impl Applier {
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
         if !unchanged {
             self.program(next.clone(), changes.clone(), false).await?;
+            // Network programming latency: the control plane's change to rules in force here.
+            if update.changed_at_unix_nanos > 0 {
+                let now = crate::unix_nanos();
+                let latency = (now - update.changed_at_unix_nanos).max(0) as f64 / 1e9;
+                self.metrics.programming_latency_seconds.observe(latency);
+            }
         }
         let t = Instant::now();
         self.store

@@ -1,23 +1,63 @@
 //! Command-line configuration.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 /// Which data plane programs the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DataPlaneKind {
+    /// kube-proxy-shaped iptables/ip6tables rules, programmed with iptables-restore.
+    Iptables,
     /// Program nothing; record what would be applied (development, tests).
     None,
+}
+
+impl DataPlaneKind {
+    /// iptables on Linux, `none` elsewhere.
+    pub const fn default_for_os() -> Self {
+        if cfg!(target_os = "linux") {
+            Self::Iptables
+        } else {
+            Self::None
+        }
+    }
+}
+
+/// Subcommands; without one the agent runs.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Remove every rule and chain Switchyard owns (both families), then exit.
+    Cleanup,
+}
+
+/// Parses `100ms`, `2s`, `1m` (a bare number is milliseconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "ms"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 100ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 100ms, 2s or 1m")),
+    }
 }
 
 /// `switchyard-agent`: the per-node agent.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "switchyard-agent", version, about, long_about = None)]
 pub struct Args {
+    /// `cleanup`, or nothing to run the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// gRPC URL of the control plane (`https://` for TLS).
     #[arg(long, default_value = "http://127.0.0.1:18000")]
     pub control_plane: String,
@@ -43,8 +83,33 @@ pub struct Args {
     pub admin_listen: SocketAddr,
 
     /// What programs the node.
-    #[arg(long, value_enum, default_value = "none")]
+    #[arg(long, value_enum, default_value_t = DataPlaneKind::default_for_os())]
     pub dataplane: DataPlaneKind,
+
+    /// Pod CIDR of the cluster (repeatable, one per family or more): traffic
+    /// to a cluster IP from outside these is masqueraded, and the DNS stub
+    /// answers these sources by default.
+    #[arg(long = "cluster-cidr", default_value = "10.244.0.0/16")]
+    pub cluster_cidrs: Vec<IpNet>,
+
+    /// Node addresses that accept NodePort traffic, as CIDRs (comma-separated
+    /// or repeated). Default: every local address.
+    #[arg(long = "nodeport-addresses", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<IpNet>,
+
+    /// Bit of the packet mark that flags traffic for masquerading (0-31).
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub masquerade_bit: u8,
+
+    /// Address the healthCheckNodePort servers of externalTrafficPolicy Local
+    /// Services listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub healthz_bind_address: IpAddr,
+
+    /// How often the iptables data plane checks its canary chains (a flush by
+    /// someone else) and retries a pending full sync.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub iptables_sync_period: Duration,
 
     /// PEM CA bundle that the control plane's certificate must chain to.
     #[arg(long)]
@@ -61,10 +126,6 @@ pub struct Args {
     /// Name to verify in the control plane's certificate (default: the URL's host).
     #[arg(long)]
     pub tls_server_name: Option<String>,
-
-    /// Pod address ranges of the cluster (repeatable). DNS answers them by default.
-    #[arg(long = "cluster-cidr", default_value = "10.244.0.0/16")]
-    pub cluster_cidrs: Vec<IpNet>,
 
     /// Where the DNS stub listens (UDP and TCP), or `none`. The default
     /// link-local address is put on a dummy interface, with NOTRACK rules,
@@ -121,25 +182,9 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    s.parse::<std::net::IpAddr>()
+    s.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
         .map_err(|e| format!("{s:?}: {e} (expected IP or IP:PORT)"))
-}
-
-/// Parses `5s`, `500ms`, `1m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 5s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
-    }
 }
 
 impl Args {

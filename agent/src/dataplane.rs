@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::state::{AgentState, ChangeSet};
+use crate::status::Metrics;
 
 /// A data plane rejected a state.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,16 @@ pub trait DataPlane: Send + 'static {
     /// Puts `change.state` in force, or fails leaving the previous one.
     /// Called from a blocking thread: it may run commands.
     fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError>;
+
+    /// Called every sync period on a blocking thread: check that what was
+    /// programmed is still there (a canary) and repair it from the last
+    /// state applied. Default: nothing to check.
+    fn maintain(&mut self) -> Result<(), ApplyError> {
+        Ok(())
+    }
+
+    /// Gives the data plane the agent's metrics to report into.
+    fn attach_metrics(&mut self, _metrics: Arc<Metrics>) {}
 }
 
 /// What the `none` data plane has seen.

@@ -22,6 +22,8 @@ pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod healthcheck;
+pub mod iptables;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -75,7 +77,38 @@ impl Agent {
 pub fn dataplane_from_args(args: &Args) -> Box<dyn DataPlane> {
     match args.dataplane {
         DataPlaneKind::None => Box::new(NoneDataPlane::default()),
+        DataPlaneKind::Iptables => Box::new(iptables::IptablesDataPlane::new(node_config(args))),
     }
+}
+
+/// The settings of this node that shape its rules.
+pub fn node_config(args: &Args) -> iptables::NodeConfig {
+    iptables::NodeConfig {
+        node: args.node(),
+        zone: args.zone.clone(),
+        cluster_cidrs: args.cluster_cidrs.clone(),
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        masquerade_mark: 1 << args.masquerade_bit,
+    }
+}
+
+/// What `main` does: `cleanup`, or run until SIGINT/SIGTERM. Rules stay in
+/// the kernel when the agent exits, so a restart does not drop traffic.
+pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
+    if let Some(config::Command::Cleanup) = args.command {
+        return iptables::cleanup(&iptables::Runner::host()).map_err(Into::into);
+    }
+    let shutdown = CancellationToken::new();
+    let agent = start(args, shutdown.clone()).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; the data plane stays in force");
+    shutdown.cancel();
+    agent.wait().await;
+    Ok(())
 }
 
 /// Binds the admin listener and starts with the data plane `args` names.
@@ -91,7 +124,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ag
 pub async fn start_with(
     args: Args,
     admin: TcpListener,
-    dataplane: Box<dyn DataPlane>,
+    mut dataplane: Box<dyn DataPlane>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Agent> {
     let node = args.node();
@@ -103,6 +136,7 @@ pub async fn start_with(
         dataplane.name(),
     ));
     let metrics = Arc::new(Metrics::new());
+    dataplane.attach_metrics(metrics.clone());
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
     let state_dir = args.state_dir.clone();
@@ -133,6 +167,19 @@ pub async fn start_with(
             )?)
         }
     };
+    tasks.spawn(maintain(
+        applier.dataplane(),
+        args.iptables_sync_period,
+        shutdown.clone(),
+    ));
+    if args.dataplane == DataPlaneKind::Iptables {
+        tasks.spawn(healthcheck::run(
+            node.clone(),
+            args.healthz_bind_address,
+            state.clone(),
+            shutdown.clone(),
+        ));
+    }
     let router = admin::router(status.clone(), metrics.clone());
     let admin_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -161,6 +208,33 @@ pub async fn start_with(
         shutdown,
         tasks,
     })
+}
+
+/// Every `period`, lets the data plane check its rules and repair them.
+async fn maintain(
+    dataplane: Arc<std::sync::Mutex<Box<dyn DataPlane>>>,
+    period: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let dp = dataplane.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            dp.lock().unwrap_or_else(|e| e.into_inner()).maintain()
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("data plane maintenance failed: {e}"),
+            Err(e) => tracing::error!("data plane maintenance task failed: {e}"),
+        }
+    }
 }
 
 /// Now, in Unix nanoseconds.

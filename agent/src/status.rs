@@ -154,6 +154,16 @@ pub struct Metrics {
     pub programming_latency_seconds: Histogram,
     /// The DNS stub's figures.
     pub dns: DnsMetrics,
+    /// iptables: duration of full syncs.
+    pub iptables_full_sync_seconds: Histogram,
+    /// iptables: duration of partial syncs.
+    pub iptables_partial_sync_seconds: Histogram,
+    /// iptables: restore transactions the kernel refused.
+    pub iptables_restore_failures: Counter,
+    /// iptables: full resyncs because the canary was gone.
+    pub iptables_canary_resyncs: Counter,
+    /// iptables: rules we own (all families and tables).
+    pub iptables_rules: Gauge,
     registry: Registry,
 }
 
@@ -173,6 +183,11 @@ impl Metrics {
             persist_seconds: buckets(),
             programming_latency_seconds: buckets(),
             dns: DnsMetrics::default(),
+            iptables_full_sync_seconds: buckets(),
+            iptables_partial_sync_seconds: buckets(),
+            iptables_restore_failures: Counter::default(),
+            iptables_canary_resyncs: Counter::default(),
+            iptables_rules: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("updates", "Snapshot updates received", m.updates.clone());
@@ -201,6 +216,31 @@ impl Metrics {
             m.programming_latency_seconds.clone(),
         );
         m.dns.register(registry.sub_registry_with_prefix("dns"));
+        registry.register(
+            "iptables_sync_seconds_full",
+            "iptables full sync duration (save, generate, restore)",
+            m.iptables_full_sync_seconds.clone(),
+        );
+        registry.register(
+            "iptables_sync_seconds_partial",
+            "iptables partial sync duration (changed Services only)",
+            m.iptables_partial_sync_seconds.clone(),
+        );
+        registry.register(
+            "iptables_restore_failures",
+            "iptables-restore transactions that failed",
+            m.iptables_restore_failures.clone(),
+        );
+        registry.register(
+            "iptables_canary_resyncs",
+            "Full resyncs after the canary chain was found flushed",
+            m.iptables_canary_resyncs.clone(),
+        );
+        registry.register(
+            "iptables_rules",
+            "iptables rules Switchyard owns",
+            m.iptables_rules.clone(),
+        );
         Self { registry, ..m }
     }
 

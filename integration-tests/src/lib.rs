@@ -9,6 +9,7 @@
 pub mod apiserver;
 pub mod certs;
 pub mod dns;
+pub mod netns;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,9 @@ pub fn agent_args(node: &str, cp_url: &str, state_dir: &Path) -> switchyard_agen
         // Tests never create interfaces in the root namespace; DNS tests
         // set their own address.
         "--dns-listen",
+        "none",
+        // In-process agents share the test's (root) network namespace: never program it.
+        "--dataplane",
         "none",
     ])
 }

@@ -1,0 +1,149 @@
+//! `healthCheckNodePort` servers for Services with
+//! `externalTrafficPolicy: Local`: load balancers ask each node whether it
+//! has local endpoints. 200 with the count when it has, 503 when not.
+//!
+//! ```text
+//!  watch<AgentState> ─▶ desired {port -> (Service, local endpoints)} ─▶ one listener per port
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use switchyard_model::{ServiceState, TrafficPolicy};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AgentState;
+
+/// What one health-check port reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthTarget {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+    /// Endpoints on this node that take traffic.
+    pub local_endpoints: usize,
+}
+
+/// The health-check ports `state` asks for on `node`.
+pub fn targets(state: &AgentState, node: &str) -> BTreeMap<u16, HealthTarget> {
+    let mut out = BTreeMap::new();
+    for held in state.resources.values() {
+        let svc = &held.state.service;
+        if svc.external_traffic_policy != TrafficPolicy::Local {
+            continue;
+        }
+        if let Some(port) = svc.health_check_node_port {
+            out.insert(
+                port,
+                HealthTarget {
+                    namespace: svc.key.namespace.clone(),
+                    name: svc.key.name.clone(),
+                    local_endpoints: local_endpoints(&held.state, node),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Distinct local endpoint addresses that are ready, or serving and
+/// terminating when none is ready (what the rules would use).
+fn local_endpoints(state: &ServiceState, node: &str) -> usize {
+    let local = || {
+        state
+            .slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.node_name.as_deref() == Some(node))
+    };
+    let ready: BTreeSet<_> = local()
+        .filter(|e| e.conditions.ready)
+        .filter_map(|e| e.addresses.first())
+        .collect();
+    if !ready.is_empty() {
+        return ready.len();
+    }
+    local()
+        .filter(|e| e.conditions.serving && e.conditions.terminating)
+        .filter_map(|e| e.addresses.first())
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+type Shared = Arc<Mutex<Option<HealthTarget>>>;
+
+async fn answer(State(target): State<Shared>) -> impl IntoResponse {
+    let t = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(t) = t else {
+        return (StatusCode::SERVICE_UNAVAILABLE, String::new());
+    };
+    let body = serde_json::json!({
+        "service": {"namespace": t.namespace, "name": t.name},
+        "localEndpoints": t.local_endpoints,
+        "serviceProxyHealthy": true,
+    })
+    .to_string();
+    let code = if t.local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+/// Follows the state in force and keeps one listener per health-check port.
+pub async fn run(
+    node: String,
+    bind: IpAddr,
+    mut state: watch::Receiver<Arc<AgentState>>,
+    shutdown: CancellationToken,
+) {
+    let mut servers: BTreeMap<u16, (Shared, CancellationToken)> = BTreeMap::new();
+    loop {
+        let wanted = targets(&state.borrow_and_update(), &node);
+        servers.retain(|port, (_, stop)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for (port, target) in wanted {
+            if let Some((shared, _)) = servers.get(&port) {
+                *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(target);
+                continue;
+            }
+            let addr = SocketAddr::new(bind, port);
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let shared: Shared = Arc::new(Mutex::new(Some(target)));
+                    let stop = shutdown.child_token();
+                    let app = axum::Router::new()
+                        .fallback(answer)
+                        .with_state(shared.clone());
+                    let until = stop.clone().cancelled_owned();
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(listener, app)
+                            .with_graceful_shutdown(until)
+                            .await
+                        {
+                            tracing::warn!(%addr, "health check server failed: {e}");
+                        }
+                    });
+                    servers.insert(port, (shared, stop));
+                }
+                Err(e) => tracing::warn!(%addr, "cannot serve healthCheckNodePort: {e}"),
+            }
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `--dataplane iptables`: kube-proxy-shaped rules under the `SWY-` prefix,
+//! programmed with one `iptables-restore --noflush` transaction per family
+//! and change.
+//!
+//! ```text
+//!  Change ─▶ full? ──yes──▶ iptables-save (what of ours exists) ─▶ sync::FamilyTables::full ─┐
+//!             │no                                                                          ├─▶ runner::restore ─▶ conntrack -D
+//!             └──────────▶ sync::FamilyTables::partial (changed Services, their buckets) ───┘        │ error
+//!                                                                  full sync of the last good state ◀─┘ (and NACK)
+//! ```
+//!
+//! Modules: [`rules`] (rule text, pure), [`sync`] (what is programmed and
+//! the transactions that change it, pure), [`runner`] (every command line).
+//! Rules stay in the kernel when the agent exits; [`cleanup`] removes them.
+
+pub mod rules;
+pub mod runner;
+pub mod sync;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::dataplane::{ApplyError, Change, DataPlane};
+use crate::state::AgentState;
+use crate::status::Metrics;
+
+pub use rules::{Family, NodeConfig, Table};
+pub use runner::Runner;
+use sync::{Existing, FamilyTables};
+
+/// The iptables data plane.
+#[derive(Debug)]
+pub struct IptablesDataPlane {
+    cfg: NodeConfig,
+    families: Vec<Family>,
+    tables: Vec<FamilyTables>,
+    needs_full: bool,
+    last_good: Option<AgentState>,
+    metrics: Option<Arc<Metrics>>,
+    runner: Runner,
+}
+
+impl IptablesDataPlane {
+    /// A data plane for this node; IPv6 is programmed when ip6tables works here.
+    pub fn new(cfg: NodeConfig) -> Self {
+        let runner = Runner::host();
+        let families = Family::ALL
+            .into_iter()
+            .filter(|f| *f == Family::V4 || runner.available(*f))
+            .collect();
+        Self::with_runner(cfg, families, runner)
+    }
+
+    /// A data plane for exactly these families, running its commands through `runner`.
+    pub fn with_runner(cfg: NodeConfig, families: Vec<Family>, runner: Runner) -> Self {
+        Self {
+            cfg,
+            families,
+            tables: Vec::new(),
+            needs_full: true,
+            last_good: None,
+            metrics: None,
+            runner,
+        }
+    }
+
+    /// Rules we own, over all families.
+    pub fn rule_count(&self) -> usize {
+        self.tables.iter().map(FamilyTables::rule_count).sum()
+    }
+
+    /// Rewrites everything we own from `state`, deleting leftovers.
+    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        self.needs_full = true;
+        let mut next = Vec::new();
+        for &family in &self.families {
+            let mut existing = Existing::default();
+            for table in Table::ALL {
+                let saved = self
+                    .runner
+                    .save(family, table)
+                    .map_err(|e| ApplyError(e.to_string()))?;
+                existing.parse(table, &saved);
+            }
+            let (tables, tx) = FamilyTables::full(state, &self.cfg, &existing, family);
+            self.runner
+                .restore(family, &tx.text)
+                .map_err(|e| self.failed(e))?;
+            next.push(tables);
+        }
+        self.tables = next;
+        self.needs_full = false;
+        if let Some(m) = &self.metrics {
+            m.iptables_full_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.iptables_rules.set(self.rule_count() as i64);
+        }
+        tracing::info!(
+            resources = state.resources.len(),
+            rules = self.rule_count(),
+            elapsed = ?t.elapsed(),
+            "iptables full sync"
+        );
+        Ok(())
+    }
+
+    fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        let mut flushes = Vec::new();
+        for i in 0..self.tables.len() {
+            let family = self.tables[i].family();
+            let tx = self.tables[i].partial(change.state, change.changes, &self.cfg);
+            if !tx.text.is_empty() {
+                self.runner
+                    .restore(family, &tx.text)
+                    .map_err(|e| self.failed(e))?;
+            }
+            flushes.push((family, tx.conntrack));
+        }
+        if let Some(m) = &self.metrics {
+            m.iptables_partial_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.iptables_rules.set(self.rule_count() as i64);
+        }
+        for (family, list) in flushes {
+            for f in list {
+                if let Err(e) = self.runner.conntrack_flush(family, &f) {
+                    tracing::warn!("clearing stale UDP conntrack entries ({f:?}): {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&self, e: runner::RunError) -> ApplyError {
+        if let Some(m) = &self.metrics {
+            m.iptables_restore_failures.inc();
+        }
+        ApplyError(e.to_string())
+    }
+
+    /// A full sync of the last state that went in, if there is one.
+    fn resync(&mut self) -> Result<(), ApplyError> {
+        match self.last_good.take() {
+            Some(state) => {
+                let r = self.full_sync(&state);
+                self.last_good = Some(state);
+                r
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl DataPlane for IptablesDataPlane {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let result = if change.full || self.needs_full {
+            self.full_sync(change.state)
+        } else {
+            self.partial_sync(change)
+        };
+        match result {
+            Ok(()) => {
+                self.last_good = Some(change.state.clone());
+                Ok(())
+            }
+            Err(e) => {
+                // The failed transaction changed nothing in the kernel, but our
+                // record may have moved: put the last good state back in full.
+                tracing::warn!("iptables sync failed: {e}; resyncing the last good state");
+                self.needs_full = true;
+                if let Err(again) = self.resync() {
+                    tracing::error!("full resync failed too: {again}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn maintain(&mut self) -> Result<(), ApplyError> {
+        if self.last_good.is_none() {
+            return Ok(());
+        }
+        if !self.needs_full {
+            for &family in &self.families {
+                for table in Table::ALL {
+                    let present = self
+                        .runner
+                        .canary_present(family, table)
+                        .map_err(|e| ApplyError(e.to_string()))?;
+                    if !present {
+                        tracing::warn!(
+                            ?family,
+                            table = table.name(),
+                            "canary chain flushed: someone removed our rules; full resync"
+                        );
+                        if let Some(m) = &self.metrics {
+                            m.iptables_canary_resyncs.inc();
+                        }
+                        self.needs_full = true;
+                    }
+                }
+            }
+        }
+        if self.needs_full {
+            return self.resync();
+        }
+        Ok(())
+    }
+
+    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+}
+
+/// `switchyard-agent cleanup`: removes every chain and rule of ours, in
+/// each family whose tools work, in one transaction per family.
+pub fn cleanup(runner: &Runner) -> Result<(), runner::RunError> {
+    for family in Family::ALL {
+        if family == Family::V6 && !runner.available(family) {
+            continue;
+        }
+        let mut existing = Existing::default();
+        for table in Table::ALL {
+            existing.parse(table, &runner.save(family, table)?);
+        }
+        let text = sync::cleanup(&existing);
+        if !text.is_empty() {
+            runner.restore(family, &text)?;
+        }
+        tracing::info!(
+            ?family,
+            chains = existing.chains.len(),
+            "removed Switchyard's rules"
+        );
+    }
+    Ok(())
+}

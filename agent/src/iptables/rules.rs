@@ -1,0 +1,822 @@
+//! Rule text: pure functions from a Service (and this node's settings) to
+//! the iptables lines that proxy it, in one address family.
+//!
+//! The layout follows kube-proxy's iptables mode with our own prefix:
+//!
+//! ```text
+//! nat   PREROUTING, OUTPUT ─▶ SWY-SERVICES ─┬─▶ SWY-SB-<last byte of dst> ─▶ SWY-SVC/SVL/EXT/FW-<hash> ─▶ SWY-SEP-<hash> (DNAT)
+//!                                          └─▶ (dst LOCAL) SWY-NODEPORTS ─▶ SWY-EXT-<hash>
+//! nat   POSTROUTING ─▶ SWY-POSTROUTING (MASQUERADE what SWY-MARK-MASQ marked)
+//! filter INPUT, FORWARD, OUTPUT (ctstate NEW) ─▶ SWY-SERVICES ─┬─▶ SWY-FB-<last byte of dst> (REJECT/DROP)
+//!                                                            └─▶ (dst LOCAL) SWY-NODEPORTS
+//! filter FORWARD ─▶ SWY-FORWARD
+//! ```
+//!
+//! The one departure from kube-proxy is the second dispatch level: a
+//! Service's dispatch rules live in the bucket chain of its destination
+//! address's last byte, so a change rewrites one bucket of a few dozen rules
+//! instead of the whole dispatch chain (see ARCHITECTURE.md).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use switchyard_model::{
+    AddressType, Protocol, Service, ServicePort, ServiceState, ServiceType, TrafficPolicy,
+    affinity_timeout_or_default,
+};
+
+/// Every chain we own starts with this.
+pub const PREFIX: &str = "SWY-";
+/// Dispatch chain (nat and filter).
+pub const SERVICES: &str = "SWY-SERVICES";
+/// NodePort dispatch (nat and filter).
+pub const NODEPORTS: &str = "SWY-NODEPORTS";
+/// Marks a packet for masquerading.
+pub const MARK_MASQ: &str = "SWY-MARK-MASQ";
+/// Masquerades marked packets.
+pub const POSTROUTING: &str = "SWY-POSTROUTING";
+/// Marks packets whose source is outside every cluster CIDR.
+pub const OFF_CLUSTER: &str = "SWY-OFF-CLUSTER";
+/// Accepts forwarded service traffic (filter).
+pub const FORWARD: &str = "SWY-FORWARD";
+/// Holds one rule; if it is gone, someone flushed our rules.
+pub const CANARY: &str = "SWY-CANARY";
+
+/// An address family: which tool (`iptables` or `ip6tables`) programs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4, `iptables`.
+    V4,
+    /// IPv6, `ip6tables`.
+    V6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// Whether `ip` belongs to this family.
+    pub fn has(self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == (self == Family::V4)
+    }
+
+    /// Whether `net` belongs to this family.
+    pub fn has_net(self, net: &IpNet) -> bool {
+        matches!(net, IpNet::V4(_)) == (self == Family::V4)
+    }
+
+    fn host(self, ip: &IpAddr) -> String {
+        match self {
+            Family::V4 => format!("{ip}/32"),
+            Family::V6 => format!("{ip}/128"),
+        }
+    }
+
+    fn socket(self, ip: &IpAddr, port: u16) -> String {
+        match self {
+            Family::V4 => format!("{ip}:{port}"),
+            Family::V6 => format!("[{ip}]:{port}"),
+        }
+    }
+
+    fn address_type(self) -> AddressType {
+        match self {
+            Family::V4 => AddressType::IPv4,
+            Family::V6 => AddressType::IPv6,
+        }
+    }
+}
+
+/// The two tables we program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// `nat`: dispatch, load balancing, DNAT, masquerade.
+    Nat,
+    /// `filter`: REJECT/DROP for Services without endpoints, firewalls.
+    Filter,
+}
+
+impl Table {
+    /// Both tables, in the order a transaction writes them.
+    pub const ALL: [Table; 2] = [Table::Nat, Table::Filter];
+
+    /// The name iptables uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+/// A shared dispatch chain that Services contribute rules to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    /// The bucket of destinations whose last address byte is this.
+    Bucket(u8),
+    /// `SWY-NODEPORTS`.
+    NodePorts,
+}
+
+impl Slot {
+    /// The chain holding this slot's rules in `table`.
+    pub fn chain(self, table: Table) -> String {
+        match (self, table) {
+            (Slot::Bucket(b), Table::Nat) => format!("SWY-SB-{b:02X}"),
+            (Slot::Bucket(b), Table::Filter) => format!("SWY-FB-{b:02X}"),
+            (Slot::NodePorts, _) => NODEPORTS.to_owned(),
+        }
+    }
+}
+
+/// The bucket a destination address falls in.
+pub fn bucket_of(ip: &IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    }
+}
+
+/// The `SWY-SERVICES` rule spec that sends a bucket's destinations to its chain.
+pub fn bucket_jump(family: Family, table: Table, bucket: u8) -> String {
+    let m = match family {
+        Family::V4 => format!("0.0.0.{bucket}/0.0.0.255"),
+        Family::V6 => format!("::{bucket:x}/::ff"),
+    };
+    format!("-d {m} -j {}", Slot::Bucket(bucket).chain(table))
+}
+
+/// This node's settings that shape the rules.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name (for traffic policy Local).
+    pub node: String,
+    /// This node's zone (for topology-aware routing).
+    pub zone: Option<String>,
+    /// Pod CIDRs: sources inside are "in the cluster".
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Node addresses that accept NodePorts (empty: every local address).
+    pub nodeport_addresses: Vec<IpNet>,
+    /// The masquerade mark bit (`1 << --masquerade-bit`).
+    pub masquerade_mark: u32,
+}
+
+impl NodeConfig {
+    fn cidrs(&self, family: Family) -> impl Iterator<Item = &IpNet> {
+        self.cluster_cidrs.iter().filter(move |c| family.has_net(c))
+    }
+}
+
+/// A chain we own, with its complete content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedChain {
+    /// Its table.
+    pub table: Table,
+    /// Its name.
+    pub name: String,
+    /// Rule specs, in order, without the `-A <chain>` head.
+    pub rules: Vec<String>,
+}
+
+impl OwnedChain {
+    fn new(table: Table, name: impl Into<String>) -> Self {
+        Self {
+            table,
+            name: name.into(),
+            rules: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, spec: impl Into<String>) {
+        self.rules.push(spec.into());
+    }
+}
+
+/// One rule a Service puts in a shared dispatch chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchRule {
+    /// Its table.
+    pub table: Table,
+    /// Which shared chain.
+    pub slot: Slot,
+    /// The rule spec, without the `-A <chain>` head.
+    pub spec: String,
+}
+
+/// Where a UDP flow to a Service arrives, for clearing conntrack entries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UdpDestination {
+    /// A cluster, external or load-balancer IP and the Service port.
+    Ip(IpAddr, u16),
+    /// A node port (any local address).
+    NodePort(u16),
+}
+
+/// A UDP destination and the endpoint addresses it currently DNATs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpTargets {
+    /// Where the flows arrive.
+    pub destination: UdpDestination,
+    /// Endpoint addresses in use.
+    pub endpoints: BTreeSet<IpAddr>,
+}
+
+/// Everything one Service contributes in one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRules {
+    /// Chains only this Service uses.
+    pub chains: Vec<OwnedChain>,
+    /// Its rules in shared dispatch chains.
+    pub dispatch: Vec<DispatchRule>,
+    /// Its UDP destinations.
+    pub udp: Vec<UdpTargets>,
+}
+
+/// First 16 characters of base32(sha256(input)), as kube-proxy names chains.
+fn hash16(input: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(input.as_bytes());
+    // 16 base32 characters are 80 bits: the first 10 bytes.
+    let mut bits: u128 = 0;
+    for b in &digest[..10] {
+        bits = (bits << 8) | u128::from(*b);
+    }
+    (0..16)
+        .rev()
+        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// One resolved endpoint of a Service port.
+#[derive(Debug, Clone)]
+struct Backend<'a> {
+    ip: IpAddr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
+    hint_zones: &'a [String],
+}
+
+fn backends<'a>(state: &'a ServiceState, sp: &ServicePort, family: Family) -> Vec<Backend<'a>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in &state.slices {
+        if slice.address_type != family.address_type() {
+            continue;
+        }
+        let Some(port) = slice.port_for(&sp.name, sp.protocol) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let Some(ip) = ep.addresses.first() else {
+                continue;
+            };
+            if !seen.insert((*ip, port)) {
+                continue;
+            }
+            out.push(Backend {
+                ip: *ip,
+                port,
+                ready: ep.conditions.ready,
+                serving: ep.conditions.serving,
+                terminating: ep.conditions.terminating,
+                node: ep.node_name.as_deref(),
+                zone: ep.zone.as_deref(),
+                hint_zones: &ep.hint_zones,
+            });
+        }
+    }
+    out
+}
+
+/// Ready endpoints; with none ready, the serving+terminating ones.
+fn usable<'a>(all: impl Iterator<Item = &'a Backend<'a>> + Clone) -> Vec<&'a Backend<'a>> {
+    let ready: Vec<_> = all.clone().filter(|b| b.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    all.filter(|b| b.serving && b.terminating).collect()
+}
+
+/// Narrows ready endpoints to this node's zone when topology allows it:
+/// either every ready endpoint carries zone hints and one names our zone
+/// (kube-proxy's rule), or the Service asks for `trafficDistribution`
+/// PreferClose/PreferSameZone and an endpoint is in our zone.
+fn topology_filter<'a>(
+    svc: &Service,
+    ready: Vec<&'a Backend<'a>>,
+    zone: Option<&str>,
+) -> Vec<&'a Backend<'a>> {
+    let Some(zone) = zone else { return ready };
+    let hinted = !ready.is_empty()
+        && ready.iter().all(|b| !b.hint_zones.is_empty())
+        && ready.iter().any(|b| b.hint_zones.iter().any(|z| z == zone));
+    if hinted {
+        return ready
+            .into_iter()
+            .filter(|b| b.hint_zones.iter().any(|z| z == zone))
+            .collect();
+    }
+    let prefers_close = matches!(
+        svc.traffic_distribution.as_deref(),
+        Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
+    );
+    let all_unhinted = ready.iter().all(|b| b.hint_zones.is_empty());
+    if prefers_close && all_unhinted && ready.iter().any(|b| b.zone == Some(zone)) {
+        return ready.into_iter().filter(|b| b.zone == Some(zone)).collect();
+    }
+    ready
+}
+
+fn proto_match(p: Protocol, port: u16) -> String {
+    let p = p.as_lowercase();
+    format!("-p {p} -m {p} --dport {port}")
+}
+
+/// The rules of every port of `state` in `family` (nothing when the
+/// Service is not proxied or has no address of the family).
+pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> ServiceRules {
+    let svc = &state.service;
+    let mut out = ServiceRules::default();
+    if !svc.wants_cluster_ip() {
+        return out;
+    }
+    let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.has(ip)).copied() else {
+        return out;
+    };
+    for sp in &svc.ports {
+        port_rules(&mut out, state, sp, cluster_ip, family, cfg);
+    }
+    out
+}
+
+fn port_rules(
+    out: &mut ServiceRules,
+    state: &ServiceState,
+    sp: &ServicePort,
+    cluster_ip: IpAddr,
+    family: Family,
+    cfg: &NodeConfig,
+) {
+    let svc = &state.service;
+    let name = if sp.name.is_empty() {
+        format!("{}/{}", svc.key.namespace, svc.key.name)
+    } else {
+        format!("{}/{}:{}", svc.key.namespace, svc.key.name, sp.name)
+    };
+    let base = format!("{}:{}{}", svc.key, sp.name, sp.protocol.as_lowercase());
+    let h = hash16(&base);
+    let svc_chain = format!("SWY-SVC-{h}");
+    let svl_chain = format!("SWY-SVL-{h}");
+    let ext_chain = format!("SWY-EXT-{h}");
+    let fw_chain = format!("SWY-FW-{h}");
+    let pm = proto_match(sp.protocol, sp.port);
+
+    let all = backends(state, sp, family);
+    let ready: Vec<&Backend> = all.iter().filter(|b| b.ready).collect();
+    let cluster_eps = if ready.is_empty() {
+        usable(all.iter())
+    } else {
+        topology_filter(svc, ready, cfg.zone.as_deref())
+    };
+    let local_eps = usable(all.iter().filter(|b| b.node == Some(cfg.node.as_str())));
+
+    let itp_local = svc.internal_traffic_policy == TrafficPolicy::Local;
+    let etp_local = svc.external_traffic_policy == TrafficPolicy::Local;
+    let external_ips: Vec<IpAddr> = svc
+        .external_ips
+        .iter()
+        .filter(|ip| family.has(ip))
+        .copied()
+        .collect();
+    let lb_ips: Vec<IpAddr> = if svc.service_type == ServiceType::LoadBalancer {
+        svc.load_balancer_ips
+            .iter()
+            .filter(|ip| family.has(ip))
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let node_port = sp.node_port.filter(|_| {
+        matches!(
+            svc.service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        )
+    });
+    let externally_accessible =
+        !external_ips.is_empty() || !lb_ips.is_empty() || node_port.is_some();
+
+    let (internal_chain, internal_eps) = if itp_local {
+        (&svl_chain, &local_eps)
+    } else {
+        (&svc_chain, &cluster_eps)
+    };
+    let external_eps = if etp_local { &local_eps } else { &cluster_eps };
+    let has_endpoints = !cluster_eps.is_empty() || !local_eps.is_empty();
+    let uses_cluster =
+        !cluster_eps.is_empty() && (!itp_local || (externally_accessible && !etp_local));
+    let uses_local = !local_eps.is_empty() && (itp_local || (externally_accessible && etp_local));
+
+    // Filter verdicts for destinations that cannot be served.
+    let (internal_verdict, external_verdict) = if !has_endpoints {
+        (
+            Some(("REJECT", "has no endpoints")),
+            Some(("REJECT", "has no endpoints")),
+        )
+    } else {
+        (
+            internal_eps
+                .is_empty()
+                .then_some(("DROP", "has no local endpoints")),
+            external_eps
+                .is_empty()
+                .then_some(("DROP", "has no local endpoints")),
+        )
+    };
+
+    let dispatch = |out: &mut ServiceRules, table: Table, slot: Slot, spec: String| {
+        out.dispatch.push(DispatchRule { table, slot, spec });
+    };
+
+    // Cluster IP.
+    let cip = family.host(&cluster_ip);
+    match internal_verdict {
+        None => dispatch(
+            out,
+            Table::Nat,
+            Slot::Bucket(bucket_of(&cluster_ip)),
+            format!("-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {internal_chain}"),
+        ),
+        Some((verdict, why)) => dispatch(
+            out,
+            Table::Filter,
+            Slot::Bucket(bucket_of(&cluster_ip)),
+            format!("-d {cip} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
+        ),
+    }
+
+    // External IPs and load-balancer IPs.
+    let has_external_eps = !external_eps.is_empty();
+    let lb_target = if svc.load_balancer_source_ranges.is_empty() {
+        &ext_chain
+    } else {
+        &fw_chain
+    };
+    for (ip, what, target) in external_ips
+        .iter()
+        .map(|ip| (ip, "external IP", &ext_chain))
+        .chain(lb_ips.iter().map(|ip| (ip, "loadbalancer IP", lb_target)))
+    {
+        let d = family.host(ip);
+        let slot = Slot::Bucket(bucket_of(ip));
+        if has_external_eps {
+            dispatch(
+                out,
+                Table::Nat,
+                slot,
+                format!("-d {d} {pm} -m comment --comment \"{name} {what}\" -j {target}"),
+            );
+        }
+        if let Some((verdict, why)) = external_verdict {
+            dispatch(
+                out,
+                Table::Filter,
+                slot,
+                format!("-d {d} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
+            );
+        }
+    }
+    if !svc.load_balancer_source_ranges.is_empty() {
+        // Whatever the FW chain did not send on keeps the LB address and is dropped here.
+        for ip in &lb_ips {
+            dispatch(
+                out,
+                Table::Filter,
+                Slot::Bucket(bucket_of(ip)),
+                format!(
+                    "-d {} {pm} -m comment --comment \"{name} traffic not accepted by {fw_chain}\" -j DROP",
+                    family.host(ip)
+                ),
+            );
+        }
+    }
+
+    // Node ports.
+    if let Some(np) = node_port {
+        let npm = proto_match(sp.protocol, np);
+        if has_external_eps {
+            dispatch(
+                out,
+                Table::Nat,
+                Slot::NodePorts,
+                format!("{npm} -m comment --comment \"{name}\" -j {ext_chain}"),
+            );
+        }
+        if let Some((verdict, why)) = external_verdict {
+            dispatch(
+                out,
+                Table::Filter,
+                Slot::NodePorts,
+                format!("{npm} -m comment --comment \"{name} {why}\" -j {verdict}"),
+            );
+        }
+    }
+    if etp_local
+        && let Some(hc) = svc.health_check_node_port
+        && sp == &svc.ports[0]
+    {
+        dispatch(
+            out,
+            Table::Filter,
+            Slot::NodePorts,
+            format!(
+                "-p tcp -m tcp --dport {hc} -m comment --comment \"{}/{} health check node port\" -j ACCEPT",
+                svc.key.namespace, svc.key.name
+            ),
+        );
+    }
+
+    // Chains that balance and translate.
+    let masq_off_cluster = {
+        let cidrs: Vec<&IpNet> = cfg.cidrs(family).collect();
+        match cidrs.as_slice() {
+            [] => None,
+            [one] => Some(format!(
+                "! -s {one} -d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {MARK_MASQ}"
+            )),
+            _ => Some(format!(
+                "-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {OFF_CLUSTER}"
+            )),
+        }
+    };
+    let affinity = svc
+        .session_affinity_timeout
+        .map(|t| affinity_timeout_or_default(Some(t)));
+    let mut endpoint_chains: Vec<(String, IpAddr, u16)> = Vec::new();
+    let mut balance = |chain: &str, eps: &[&Backend<'_>], masq: bool| -> OwnedChain {
+        let mut c = OwnedChain::new(Table::Nat, chain);
+        if masq && let Some(m) = &masq_off_cluster {
+            c.push(m.clone());
+        }
+        let seps: Vec<String> = eps
+            .iter()
+            .map(|b| {
+                let sep = format!(
+                    "SWY-SEP-{}",
+                    hash16(&format!("{base}{}", family.socket(&b.ip, b.port)))
+                );
+                if !endpoint_chains.iter().any(|(n, _, _)| *n == sep) {
+                    endpoint_chains.push((sep.clone(), b.ip, b.port));
+                }
+                sep
+            })
+            .collect();
+        if let Some(t) = affinity {
+            for sep in &seps {
+                c.push(format!(
+                    "-m recent --name {sep} --rcheck --seconds {t} --reap -j {sep}"
+                ));
+            }
+        }
+        let n = seps.len();
+        for (i, sep) in seps.iter().enumerate() {
+            if i + 1 < n {
+                c.push(format!(
+                    "-m statistic --mode random --probability {:.10} -j {sep}",
+                    1.0 / (n - i) as f64
+                ));
+            } else {
+                c.push(format!("-j {sep}"));
+            }
+        }
+        c
+    };
+    if uses_cluster {
+        let c = balance(&svc_chain, &cluster_eps, !itp_local);
+        out.chains.push(c);
+    }
+    if uses_local {
+        let c = balance(&svl_chain, &local_eps, itp_local);
+        out.chains.push(c);
+    }
+    if externally_accessible && has_external_eps {
+        let mut c = OwnedChain::new(Table::Nat, &ext_chain);
+        if etp_local {
+            if uses_cluster {
+                for cidr in cfg.cidrs(family) {
+                    c.push(format!(
+                        "-s {cidr} -m comment --comment \"pod traffic for {name} external destinations\" -j {svc_chain}"
+                    ));
+                }
+            }
+            c.push(format!(
+                "-m addrtype --src-type LOCAL -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -j {MARK_MASQ}"
+            ));
+            if uses_cluster {
+                c.push(format!(
+                    "-m addrtype --src-type LOCAL -m comment --comment \"route LOCAL traffic for {name} external destinations\" -j {svc_chain}"
+                ));
+            }
+            c.push(format!("-j {svl_chain}"));
+        } else {
+            c.push(format!(
+                "-m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
+            ));
+            c.push(format!("-j {svc_chain}"));
+        }
+        out.chains.push(c);
+        if !svc.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty() {
+            let mut fw = OwnedChain::new(Table::Nat, &fw_chain);
+            for src in svc
+                .load_balancer_source_ranges
+                .iter()
+                .filter(|n| family.has_net(n))
+            {
+                fw.push(format!(
+                    "-s {src} -m comment --comment \"{name} loadbalancer IP\" -j {ext_chain}"
+                ));
+            }
+            for ip in &lb_ips {
+                // The load balancer itself may forward with its own address as source.
+                fw.push(format!(
+                    "-s {} -m comment --comment \"{name} loadbalancer IP\" -j {ext_chain}",
+                    family.host(ip)
+                ));
+            }
+            out.chains.push(fw);
+        }
+    }
+    for (sep, ip, port) in endpoint_chains {
+        let mut c = OwnedChain::new(Table::Nat, &sep);
+        c.push(format!("-s {} -j {MARK_MASQ}", family.host(&ip)));
+        let p = sp.protocol.as_lowercase();
+        let set = if affinity.is_some() {
+            format!(" -m recent --name {sep} --set")
+        } else {
+            String::new()
+        };
+        c.push(format!(
+            "-p {p} -m {p}{set} -j DNAT --to-destination {}",
+            family.socket(&ip, port)
+        ));
+        out.chains.push(c);
+    }
+
+    // UDP destinations, for clearing stale conntrack entries.
+    if sp.protocol == Protocol::Udp {
+        let internal: BTreeSet<IpAddr> = if internal_verdict.is_none() {
+            internal_eps.iter().map(|b| b.ip).collect()
+        } else {
+            BTreeSet::new()
+        };
+        let external: BTreeSet<IpAddr> = external_eps.iter().map(|b| b.ip).collect();
+        out.udp.push(UdpTargets {
+            destination: UdpDestination::Ip(cluster_ip, sp.port),
+            endpoints: internal,
+        });
+        for ip in external_ips.iter().chain(&lb_ips) {
+            out.udp.push(UdpTargets {
+                destination: UdpDestination::Ip(*ip, sp.port),
+                endpoints: external.clone(),
+            });
+        }
+        if let Some(np) = node_port {
+            out.udp.push(UdpTargets {
+                destination: UdpDestination::NodePort(np),
+                endpoints: external,
+            });
+        }
+    }
+}
+
+/// The chains every node has, whatever the Services: masquerading, the
+/// off-cluster check, forwarding accepts, the canary, and the heads of the
+/// dispatch chains (their bucket jumps come from the sync).
+pub fn static_chains(family: Family, cfg: &NodeConfig) -> Vec<OwnedChain> {
+    let mark = format!("{:#x}", cfg.masquerade_mark);
+    let mut masq = OwnedChain::new(Table::Nat, MARK_MASQ);
+    masq.push(format!("-j MARK --or-mark {mark}"));
+    let mut post = OwnedChain::new(Table::Nat, POSTROUTING);
+    post.push(format!("-m mark ! --mark {mark}/{mark} -j RETURN"));
+    // Clear the bit so a packet re-traversing the stack is not masqueraded twice.
+    post.push(format!("-j MARK --xor-mark {mark}"));
+    post.push("-m comment --comment \"switchyard service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+    let mut off = OwnedChain::new(Table::Nat, OFF_CLUSTER);
+    for cidr in cfg.cidrs(family) {
+        off.push(format!("-s {cidr} -j RETURN"));
+    }
+    off.push(format!("-j {MARK_MASQ}"));
+    let mut fwd = OwnedChain::new(Table::Filter, FORWARD);
+    fwd.push("-m conntrack --ctstate INVALID -j DROP");
+    fwd.push(format!(
+        "-m mark --mark {mark}/{mark} -m comment --comment \"switchyard forwarding rules\" -j ACCEPT"
+    ));
+    fwd.push("-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"switchyard forwarding conntrack rule\" -j ACCEPT");
+    let mut out = vec![masq, post, off, fwd];
+    for table in Table::ALL {
+        let mut canary = OwnedChain::new(table, CANARY);
+        canary.push(CANARY_RULE);
+        out.push(canary);
+    }
+    out
+}
+
+/// The one rule of each canary chain.
+pub const CANARY_RULE: &str = "-m comment --comment \"switchyard canary\" -j RETURN";
+
+/// The last rules of `SWY-SERVICES` in `table`: NodePort traffic (to a local
+/// address, within `--nodeport-addresses`) goes to `SWY-NODEPORTS`.
+pub fn services_tail(family: Family, cfg: &NodeConfig) -> Vec<String> {
+    let cidrs: Vec<&IpNet> = cfg
+        .nodeport_addresses
+        .iter()
+        .filter(|n| family.has_net(n))
+        .collect();
+    let comment = "-m comment --comment \"switchyard service nodeports; NOTE: this must be the last rule in this chain\"";
+    if cfg.nodeport_addresses.is_empty() {
+        vec![format!(
+            "-m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"
+        )]
+    } else {
+        cidrs
+            .iter()
+            .map(|c| format!("-d {c} -m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"))
+            .collect()
+    }
+}
+
+/// A rule we place in a built-in chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltinJump {
+    /// Its table.
+    pub table: Table,
+    /// The built-in chain.
+    pub chain: &'static str,
+    /// Our chain it jumps to (unique per built-in chain, so it identifies the rule).
+    pub target: &'static str,
+    /// The rule spec.
+    pub spec: &'static str,
+}
+
+/// Every rule outside our chains, inserted at the top of its built-in chain.
+pub const BUILTIN_JUMPS: [BuiltinJump; 7] = [
+    BuiltinJump {
+        table: Table::Nat,
+        chain: "PREROUTING",
+        target: SERVICES,
+        spec: "-m comment --comment \"switchyard service portals\" -j SWY-SERVICES",
+    },
+    BuiltinJump {
+        table: Table::Nat,
+        chain: "OUTPUT",
+        target: SERVICES,
+        spec: "-m comment --comment \"switchyard service portals\" -j SWY-SERVICES",
+    },
+    BuiltinJump {
+        table: Table::Nat,
+        chain: "POSTROUTING",
+        target: POSTROUTING,
+        spec: "-m comment --comment \"switchyard postrouting rules\" -j SWY-POSTROUTING",
+    },
+    BuiltinJump {
+        table: Table::Filter,
+        chain: "INPUT",
+        target: SERVICES,
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"switchyard service portals\" -j SWY-SERVICES",
+    },
+    BuiltinJump {
+        table: Table::Filter,
+        chain: "FORWARD",
+        target: SERVICES,
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"switchyard service portals\" -j SWY-SERVICES",
+    },
+    BuiltinJump {
+        table: Table::Filter,
+        chain: "OUTPUT",
+        target: SERVICES,
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"switchyard service portals\" -j SWY-SERVICES",
+    },
+    BuiltinJump {
+        table: Table::Filter,
+        chain: "FORWARD",
+        target: FORWARD,
+        spec: "-m comment --comment \"switchyard forwarding rules\" -j SWY-FORWARD",
+    },
+];
+
+/// Appends `-A chain spec` lines.
+pub fn write_chain(out: &mut String, chain: &str, rules: &[String]) {
+    for r in rules {
+        let _ = writeln!(out, "-A {chain} {r}");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

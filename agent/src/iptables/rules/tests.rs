@@ -1,0 +1,492 @@
+use super::*;
+use switchyard_model::{
+    Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ServiceKey, TargetPort,
+};
+
+pub(crate) fn cfg() -> NodeConfig {
+    NodeConfig {
+        node: "node-a".into(),
+        zone: Some("zone-a".into()),
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        nodeport_addresses: Vec::new(),
+        masquerade_mark: 0x4000,
+    }
+}
+
+pub(crate) fn ep(ip: &str, node: &str) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.parse().expect("ip")],
+        node_name: Some(node.into()),
+        ..Endpoint::default()
+    }
+}
+
+pub(crate) fn slice(name: &str, proto: Protocol, port: u16, eps: Vec<Endpoint>) -> EndpointSlice {
+    let v6 = eps.first().is_some_and(|e| e.addresses[0].is_ipv6());
+    EndpointSlice {
+        name: name.into(),
+        address_type: if v6 {
+            AddressType::IPv6
+        } else {
+            AddressType::IPv4
+        },
+        endpoints: eps,
+        ports: vec![EndpointPort {
+            name: "p".into(),
+            protocol: proto,
+            port,
+        }],
+    }
+}
+
+/// A Service `shop/web` on 10.96.0.10:80 with port name `p`.
+pub(crate) fn svc(proto: Protocol, slices: Vec<EndpointSlice>) -> ServiceState {
+    let mut s = Service::new(ServiceKey::new("default", "shop", "web"));
+    s.cluster_ips = vec!["10.96.0.10".parse().expect("ip")];
+    s.ports = vec![ServicePort {
+        name: "p".into(),
+        protocol: proto,
+        port: 80,
+        target_port: TargetPort::Number(8080),
+        node_port: None,
+    }];
+    ServiceState { service: s, slices }
+}
+
+fn chain<'a>(r: &'a ServiceRules, prefix: &str) -> &'a OwnedChain {
+    r.chains
+        .iter()
+        .find(|c| c.name.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} chain in {r:#?}"))
+}
+
+fn dnat_targets(r: &ServiceRules) -> Vec<String> {
+    let mut v: Vec<String> = r
+        .chains
+        .iter()
+        .flat_map(|c| &c.rules)
+        .filter_map(|rule| rule.split("--to-destination ").nth(1).map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn chain_names_fit_iptables() {
+    let h = hash16("default/shop/web:ptcp");
+    assert_eq!(h.len(), 16);
+    assert!(
+        h.chars()
+            .all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c))
+    );
+    assert_eq!(h, hash16("default/shop/web:ptcp"), "stable");
+    assert!(format!("SWY-SEP-{h}").len() <= 28);
+}
+
+#[test]
+fn cluster_ip_balances_over_endpoints() {
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "web-1",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
+        )],
+    );
+    let r = service_rules(&s, Family::V4, &cfg());
+    assert_eq!(r.dispatch.len(), 1);
+    let d = &r.dispatch[0];
+    assert_eq!((d.table, d.slot), (Table::Nat, Slot::Bucket(10)));
+    let svc_chain = chain(&r, "SWY-SVC-");
+    assert_eq!(
+        d.spec,
+        format!(
+            "-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"shop/web:p cluster IP\" -j {}",
+            svc_chain.name
+        )
+    );
+    assert_eq!(svc_chain.rules.len(), 3);
+    assert!(
+        svc_chain.rules[0]
+            .starts_with("! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80")
+    );
+    assert!(svc_chain.rules[0].ends_with("-j SWY-MARK-MASQ"));
+    assert!(
+        svc_chain.rules[1]
+            .starts_with("-m statistic --mode random --probability 0.5000000000 -j SWY-SEP-")
+    );
+    assert!(svc_chain.rules[2].starts_with("-j SWY-SEP-"));
+    let sep = chain(&r, "SWY-SEP-");
+    assert_eq!(sep.rules[0], "-s 10.244.1.2/32 -j SWY-MARK-MASQ", "hairpin");
+    assert_eq!(
+        sep.rules[1],
+        "-p tcp -m tcp -j DNAT --to-destination 10.244.1.2:8080"
+    );
+    assert_eq!(dnat_targets(&r), ["10.244.1.2:8080", "10.244.2.2:8080"]);
+    assert!(r.udp.is_empty());
+    // Nothing in the other family.
+    assert_eq!(
+        service_rules(&s, Family::V6, &cfg()),
+        ServiceRules::default()
+    );
+}
+
+#[test]
+fn no_endpoints_rejects_in_filter() {
+    let s = svc(Protocol::Udp, Vec::new());
+    let r = service_rules(&s, Family::V4, &cfg());
+    assert!(r.chains.is_empty());
+    assert_eq!(r.dispatch.len(), 1);
+    assert_eq!(r.dispatch[0].table, Table::Filter);
+    assert_eq!(
+        r.dispatch[0].spec,
+        "-d 10.96.0.10/32 -p udp -m udp --dport 80 -m comment --comment \"shop/web:p has no endpoints\" -j REJECT"
+    );
+}
+
+#[test]
+fn named_target_port_resolves_per_slice() {
+    let s = svc(
+        Protocol::Tcp,
+        vec![
+            slice(
+                "web-1",
+                Protocol::Tcp,
+                8080,
+                vec![ep("10.244.1.2", "node-a")],
+            ),
+            slice(
+                "web-2",
+                Protocol::Tcp,
+                9090,
+                vec![ep("10.244.2.2", "node-b")],
+            ),
+            // A slice without the port contributes nothing to it.
+            slice(
+                "web-3",
+                Protocol::Udp,
+                7070,
+                vec![ep("10.244.3.2", "node-b")],
+            ),
+        ],
+    );
+    let r = service_rules(&s, Family::V4, &cfg());
+    assert_eq!(dnat_targets(&r), ["10.244.1.2:8080", "10.244.2.2:9090"]);
+}
+
+#[test]
+fn terminating_endpoints_serve_when_none_is_ready() {
+    let mut a = ep("10.244.1.2", "node-a");
+    a.conditions = EndpointConditions {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+    let mut b = ep("10.244.2.2", "node-b");
+    b.conditions = EndpointConditions {
+        ready: false,
+        serving: false,
+        terminating: true,
+    };
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice("w", Protocol::Tcp, 8080, vec![a.clone(), b])],
+    );
+    let r = service_rules(&s, Family::V4, &cfg());
+    assert_eq!(dnat_targets(&r), ["10.244.1.2:8080"]);
+    // With a ready endpoint, terminating ones are not used.
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![a, ep("10.244.3.3", "node-c")],
+        )],
+    );
+    assert_eq!(
+        dnat_targets(&service_rules(&s, Family::V4, &cfg())),
+        ["10.244.3.3:8080"]
+    );
+}
+
+#[test]
+fn zone_hints_and_prefer_close() {
+    let mut a = ep("10.244.1.2", "node-b");
+    a.hint_zones = vec!["zone-a".into()];
+    a.zone = Some("zone-a".into());
+    let mut b = ep("10.244.2.2", "node-c");
+    b.hint_zones = vec!["zone-b".into()];
+    b.zone = Some("zone-b".into());
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice("w", Protocol::Tcp, 8080, vec![a.clone(), b.clone()])],
+    );
+    assert_eq!(
+        dnat_targets(&service_rules(&s, Family::V4, &cfg())),
+        ["10.244.1.2:8080"]
+    );
+    // One endpoint without hints: hints are ignored.
+    let mut c = ep("10.244.3.3", "node-c");
+    c.zone = Some("zone-b".into());
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![a.clone(), b, c.clone()],
+        )],
+    );
+    assert_eq!(
+        dnat_targets(&service_rules(&s, Family::V4, &cfg())).len(),
+        3
+    );
+    // No hints, but trafficDistribution PreferClose and an endpoint in our zone.
+    a.hint_zones.clear();
+    let mut s = svc(
+        Protocol::Tcp,
+        vec![slice("w", Protocol::Tcp, 8080, vec![a, c])],
+    );
+    assert_eq!(
+        dnat_targets(&service_rules(&s, Family::V4, &cfg())).len(),
+        2
+    );
+    s.service.traffic_distribution = Some("PreferClose".into());
+    assert_eq!(
+        dnat_targets(&service_rules(&s, Family::V4, &cfg())),
+        ["10.244.1.2:8080"]
+    );
+}
+
+#[test]
+fn session_affinity_uses_recent() {
+    let mut s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
+        )],
+    );
+    s.service.session_affinity_timeout = Some(600);
+    let r = service_rules(&s, Family::V4, &cfg());
+    let c = chain(&r, "SWY-SVC-");
+    let sep = chain(&r, "SWY-SEP-");
+    assert_eq!(
+        c.rules[1],
+        format!(
+            "-m recent --name {0} --rcheck --seconds 600 --reap -j {0}",
+            c.rules[1].rsplit(' ').next().expect("target")
+        )
+    );
+    assert!(c.rules.iter().filter(|r| r.contains("--rcheck")).count() == 2);
+    assert!(sep.rules[1].contains(&format!("-m recent --name {} --set -j DNAT", sep.name)));
+}
+
+#[test]
+fn nodeport_with_local_policy() {
+    let mut s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
+        )],
+    );
+    s.service.service_type = ServiceType::NodePort;
+    s.service.ports[0].node_port = Some(30080);
+    s.service.external_traffic_policy = TrafficPolicy::Local;
+    s.service.health_check_node_port = Some(32000);
+    let r = service_rules(&s, Family::V4, &cfg());
+    let ext = chain(&r, "SWY-EXT-");
+    let svc_name = &chain(&r, "SWY-SVC-").name;
+    let svl = chain(&r, "SWY-SVL-");
+    assert_eq!(ext.rules.len(), 4);
+    assert!(ext.rules[0].starts_with("-s 10.244.0.0/16 "));
+    assert!(ext.rules[0].ends_with(&format!("-j {svc_name}")));
+    assert!(
+        ext.rules[1].starts_with("-m addrtype --src-type LOCAL")
+            && ext.rules[1].ends_with("-j SWY-MARK-MASQ")
+    );
+    assert_eq!(ext.rules[3], format!("-j {}", svl.name));
+    // The local chain holds only the local endpoint.
+    assert_eq!(svl.rules.len(), 1);
+    let np = r
+        .dispatch
+        .iter()
+        .find(|d| d.table == Table::Nat && d.slot == Slot::NodePorts)
+        .expect("nodeport rule");
+    assert_eq!(
+        np.spec,
+        format!(
+            "-p tcp -m tcp --dport 30080 -m comment --comment \"shop/web:p\" -j {}",
+            ext.name
+        )
+    );
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Filter
+        && d.spec.starts_with("-p tcp -m tcp --dport 32000 ")
+        && d.spec.ends_with("-j ACCEPT")));
+
+    // On a node without a local endpoint, external traffic is dropped.
+    let mut other = cfg();
+    other.node = "node-z".into();
+    let r = service_rules(&s, Family::V4, &other);
+    assert!(
+        r.chains
+            .iter()
+            .all(|c| !c.name.starts_with("SWY-SVL-") && !c.name.starts_with("SWY-EXT-"))
+    );
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Filter
+        && d.slot == Slot::NodePorts
+        && d.spec.contains("--dport 30080")
+        && d.spec.ends_with("has no local endpoints\" -j DROP")));
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    let mut s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
+        )],
+    );
+    s.service.internal_traffic_policy = TrafficPolicy::Local;
+    let r = service_rules(&s, Family::V4, &cfg());
+    assert!(r.chains.iter().all(|c| !c.name.starts_with("SWY-SVC-")));
+    let svl = chain(&r, "SWY-SVL-");
+    assert!(r.dispatch[0].spec.ends_with(&format!("-j {}", svl.name)));
+    assert_eq!(dnat_targets(&r), ["10.244.1.2:8080"]);
+    let mut other = cfg();
+    other.node = "node-z".into();
+    let r = service_rules(&s, Family::V4, &other);
+    assert!(
+        r.dispatch[0]
+            .spec
+            .ends_with("has no local endpoints\" -j DROP")
+    );
+}
+
+#[test]
+fn load_balancer_with_source_ranges_and_external_ips() {
+    let mut s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a")],
+        )],
+    );
+    s.service.service_type = ServiceType::LoadBalancer;
+    s.service.ports[0].node_port = Some(30080);
+    s.service.load_balancer_ips = vec!["192.0.2.7".parse().expect("ip")];
+    s.service.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().expect("net")];
+    s.service.external_ips = vec!["192.0.2.8".parse().expect("ip")];
+    let r = service_rules(&s, Family::V4, &cfg());
+    let fw = chain(&r, "SWY-FW-");
+    let ext = chain(&r, "SWY-EXT-");
+    assert_eq!(fw.rules.len(), 2);
+    assert!(fw.rules[0].starts_with("-s 198.51.100.0/24 ") && fw.rules[0].ends_with(&ext.name));
+    let lb = r
+        .dispatch
+        .iter()
+        .find(|d| d.table == Table::Nat && d.spec.starts_with("-d 192.0.2.7/32"))
+        .expect("LB dispatch");
+    assert_eq!(lb.slot, Slot::Bucket(7));
+    assert!(lb.spec.ends_with(&format!("-j {}", fw.name)));
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Filter
+        && d.spec.starts_with("-d 192.0.2.7/32")
+        && d.spec.ends_with("-j DROP")));
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Nat
+        && d.slot == Slot::Bucket(8)
+        && d.spec.starts_with("-d 192.0.2.8/32")
+        && d.spec.ends_with(&format!("-j {}", ext.name))));
+    assert_eq!(ext.rules[0].rsplit(' ').next(), Some("SWY-MARK-MASQ"));
+}
+
+#[test]
+fn ipv6_and_udp_targets() {
+    let mut s = svc(
+        Protocol::Udp,
+        vec![
+            slice("w4", Protocol::Udp, 5353, vec![ep("10.244.1.2", "node-a")]),
+            slice("w6", Protocol::Udp, 5353, vec![ep("fd00:244::2", "node-a")]),
+        ],
+    );
+    s.service
+        .cluster_ips
+        .push("fd00:96::a".parse().expect("ip"));
+    let r6 = service_rules(&s, Family::V6, &cfg());
+    assert_eq!(dnat_targets(&r6), ["[fd00:244::2]:5353"]);
+    assert!(
+        r6.dispatch[0]
+            .spec
+            .starts_with("-d fd00:96::a/128 -p udp -m udp --dport 80")
+    );
+    assert_eq!(r6.dispatch[0].slot, Slot::Bucket(0x0a));
+    // No IPv6 cluster CIDR: no off-cluster masquerade rule.
+    assert!(
+        chain(&r6, "SWY-SVC-")
+            .rules
+            .iter()
+            .all(|r| !r.contains("MARK-MASQ"))
+    );
+    assert_eq!(
+        bucket_jump(Family::V6, Table::Nat, 0x0a),
+        "-d ::a/::ff -j SWY-SB-0A"
+    );
+    let r4 = service_rules(&s, Family::V4, &cfg());
+    assert_eq!(r4.udp.len(), 1);
+    assert_eq!(
+        r4.udp[0].destination,
+        UdpDestination::Ip("10.96.0.10".parse().expect("ip"), 80)
+    );
+    assert_eq!(r4.udp[0].endpoints.len(), 1);
+}
+
+#[test]
+fn several_cluster_cidrs_use_the_off_cluster_chain() {
+    let mut c = cfg();
+    c.cluster_cidrs.push("10.245.0.0/16".parse().expect("cidr"));
+    let s = svc(
+        Protocol::Tcp,
+        vec![slice(
+            "w",
+            Protocol::Tcp,
+            8080,
+            vec![ep("10.244.1.2", "node-a")],
+        )],
+    );
+    let r = service_rules(&s, Family::V4, &c);
+    assert!(chain(&r, "SWY-SVC-").rules[0].ends_with("-j SWY-OFF-CLUSTER"));
+    let statics = static_chains(Family::V4, &c);
+    let off = statics
+        .iter()
+        .find(|c| c.name == OFF_CLUSTER)
+        .expect("chain");
+    assert_eq!(
+        off.rules,
+        [
+            "-s 10.244.0.0/16 -j RETURN",
+            "-s 10.245.0.0/16 -j RETURN",
+            "-j SWY-MARK-MASQ"
+        ]
+    );
+}
+
+#[test]
+fn nodeport_addresses_restrict_the_services_tail() {
+    let mut c = cfg();
+    assert_eq!(services_tail(Family::V4, &c).len(), 1);
+    c.nodeport_addresses = vec!["192.168.7.0/24".parse().expect("cidr")];
+    let t = services_tail(Family::V4, &c);
+    assert!(t[0].starts_with("-d 192.168.7.0/24 -m addrtype --dst-type LOCAL"));
+    assert!(services_tail(Family::V6, &c).is_empty());
+}

@@ -1,0 +1,219 @@
+//! Every command line the iptables data plane runs is produced here:
+//! `iptables-restore --noflush`, `iptables-save`, the canary check and
+//! `conntrack -D`, for both families.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Output, Stdio};
+
+use super::rules::{CANARY, Family, Table, UdpDestination};
+use super::sync::ConntrackFlush;
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The command could not be started (not installed?).
+    #[error("running {command}")]
+    Spawn {
+        /// The program.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran and failed.
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        /// The program and its arguments.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it said, with the offending input line when it named one.
+        stderr: String,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = RunError> = std::result::Result<T, E>;
+
+/// Runs the tools, in this network namespace or, for tests and benchmarks,
+/// through `ip netns exec NAME`.
+#[derive(Debug, Clone, Default)]
+pub struct Runner {
+    netns: Option<String>,
+}
+
+impl Runner {
+    /// Runs in the agent's own network namespace.
+    pub fn host() -> Self {
+        Self::default()
+    }
+
+    /// Runs every command inside the named network namespace.
+    pub fn in_netns(name: impl Into<String>) -> Self {
+        Self {
+            netns: Some(name.into()),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+        }
+    }
+}
+
+fn tool(family: Family, base: &str) -> String {
+    match family {
+        Family::V4 => base.to_owned(),
+        Family::V6 => base.replacen("ip", "ip6", 1),
+    }
+}
+
+fn run(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
+    let command = format!("{cmd:?}").replace('"', "");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A write error means the tool exited early; its status tells why.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| RunError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(out);
+    }
+    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if let Some(text) = stdin
+        && let Some(n) = failed_line(&stderr)
+        && let Some(line) = text.lines().nth(n.saturating_sub(1))
+    {
+        stderr.push_str(&format!(" (line {n}: {line})"));
+    }
+    Err(RunError::Failed {
+        command,
+        status: out.status,
+        stderr,
+    })
+}
+
+/// The input line iptables-restore names in `line N failed`.
+fn failed_line(stderr: &str) -> Option<usize> {
+    let at = stderr.find("line ")?;
+    stderr[at + 5..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Runner {
+    /// Applies `text` as one transaction, leaving chains it does not name alone.
+    pub fn restore(&self, family: Family, text: &str) -> Result<()> {
+        let mut cmd = self.command(&tool(family, "iptables-restore"));
+        cmd.args(["-w", "5", "--noflush"]);
+        run(cmd, Some(text)).map(|_| ())
+    }
+
+    /// `iptables-save -t <table>`.
+    pub fn save(&self, family: Family, table: Table) -> Result<String> {
+        let mut cmd = self.command(&tool(family, "iptables-save"));
+        cmd.args(["-t", table.name()]);
+        run(cmd, None).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Whether the family's tools work here (ip6tables may be missing or IPv6 disabled).
+    pub fn available(&self, family: Family) -> bool {
+        let mut cmd = self.command(&tool(family, "iptables"));
+        cmd.args(["-w", "5", "-t", "nat", "-S", "POSTROUTING"]);
+        run(cmd, None).is_ok()
+    }
+
+    /// Whether the canary rule is still in `table`; `false` means someone
+    /// flushed or deleted our chains.
+    pub fn canary_present(&self, family: Family, table: Table) -> Result<bool> {
+        let mut cmd = self.command(&tool(family, "iptables"));
+        cmd.args(["-w", "5", "-t", table.name(), "-S", CANARY]);
+        match run(cmd, None) {
+            Ok(o) => Ok(String::from_utf8_lossy(&o.stdout).contains("switchyard canary")),
+            Err(RunError::Failed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the conntrack entries `flush` names. Finding none is success.
+    pub fn conntrack_flush(&self, family: Family, flush: &ConntrackFlush) -> Result<()> {
+        let mut cmd = self.command("conntrack");
+        cmd.args([
+            "-D",
+            "-f",
+            match family {
+                Family::V4 => "ipv4",
+                Family::V6 => "ipv6",
+            },
+            "-p",
+            "udp",
+        ]);
+        let (destination, endpoint): (&UdpDestination, Option<&IpAddr>) = match flush {
+            ConntrackFlush::Endpoint {
+                destination,
+                endpoint,
+            } => (destination, Some(endpoint)),
+            ConntrackFlush::Destination(d) => (d, None),
+        };
+        match destination {
+            UdpDestination::Ip(ip, port) => {
+                cmd.arg("--orig-dst")
+                    .arg(ip.to_string())
+                    .arg("--orig-port-dst")
+                    .arg(port.to_string());
+            }
+            UdpDestination::NodePort(port) => {
+                cmd.arg("--orig-port-dst").arg(port.to_string());
+            }
+        }
+        if let Some(ep) = endpoint {
+            cmd.arg("--dst-nat").arg(ep.to_string());
+        }
+        match run(cmd, None) {
+            Ok(_) => Ok(()),
+            // conntrack exits 1 when nothing matched.
+            Err(RunError::Failed { stderr, .. }) if stderr.contains("0 flow entries") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names() {
+        assert_eq!(tool(Family::V4, "iptables-restore"), "iptables-restore");
+        assert_eq!(tool(Family::V6, "iptables-restore"), "ip6tables-restore");
+        assert_eq!(tool(Family::V6, "iptables-save"), "ip6tables-save");
+    }
+
+    #[test]
+    fn failed_line_is_found() {
+        assert_eq!(failed_line("iptables-restore: line 7 failed"), Some(7));
+        assert_eq!(failed_line("Bad argument"), None);
+    }
+}

@@ -1,0 +1,388 @@
+//! What we programmed in one family, and the `iptables-restore --noflush`
+//! transactions that move it to a new state. Pure: no commands run here.
+//!
+//! A full sync rewrites every chain we own and deletes our chains the state
+//! no longer needs (the caller lists what the kernel holds). A partial sync
+//! touches only the changed Services: their own chains, the dispatch
+//! buckets their rules live in, and `SWY-NODEPORTS` when a node-port rule
+//! changed. Nothing else is read or written, so its cost follows the change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use crate::state::{AgentState, ChangeSet};
+
+use super::rules::{
+    self, BUILTIN_JUMPS, Family, NodeConfig, OwnedChain, PREFIX, SERVICES, ServiceRules, Slot,
+    Table, UdpDestination, UdpTargets,
+};
+
+/// Conntrack entries to delete after a transaction succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConntrackFlush {
+    /// UDP flows to `destination` that were DNATed to `endpoint`, now gone.
+    Endpoint {
+        /// Where the flows arrive.
+        destination: UdpDestination,
+        /// The endpoint no longer in use.
+        endpoint: IpAddr,
+    },
+    /// Every UDP flow to `destination`: it had no endpoints and now has some.
+    Destination(UdpDestination),
+}
+
+/// What `iptables-save` showed of ours in one family.
+#[derive(Debug, Clone, Default)]
+pub struct Existing {
+    /// Our chains, by table.
+    pub chains: BTreeSet<(Table, String)>,
+    /// Our rules in built-in chains, exactly as saved: (table, chain, target, rule line).
+    pub jumps: Vec<(Table, String, String, String)>,
+}
+
+impl Existing {
+    /// Reads the output of `iptables-save -t <table>` for `table`.
+    pub fn parse(&mut self, table: Table, saved: &str) {
+        for line in saved.lines() {
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(PREFIX) {
+                    self.chains.insert((table, name.to_owned()));
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split_whitespace().next().unwrap_or_default();
+                if chain.starts_with(PREFIX) {
+                    continue;
+                }
+                if let Some(target) = rule
+                    .split(" -j ")
+                    .nth(1)
+                    .and_then(|t| t.split_whitespace().next())
+                    .filter(|t| t.starts_with(PREFIX))
+                {
+                    self.jumps
+                        .push((table, chain.to_owned(), target.to_owned(), line.to_owned()));
+                }
+            }
+        }
+    }
+}
+
+/// What one Service put in the kernel.
+#[derive(Debug, Clone, Default)]
+struct Programmed {
+    chains: Vec<(Table, String)>,
+    slots: Vec<(Table, Slot)>,
+    udp: Vec<UdpTargets>,
+    rules: usize,
+}
+
+/// Everything we programmed in one family.
+#[derive(Debug, Clone)]
+pub struct FamilyTables {
+    family: Family,
+    services: HashMap<String, Programmed>,
+    slots: HashMap<(Table, Slot), BTreeMap<String, Vec<String>>>,
+    jumped: HashSet<(Table, u8)>,
+    static_rules: usize,
+    rules: usize,
+}
+
+/// A transaction for one family's restore tool.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    /// The `iptables-restore` input (empty: nothing to do).
+    pub text: String,
+    /// Conntrack entries to delete once it is in force.
+    pub conntrack: Vec<ConntrackFlush>,
+}
+
+#[derive(Debug, Default)]
+struct TableText {
+    decls: String,
+    rules: String,
+    deletes: String,
+}
+
+impl TableText {
+    fn chain(&mut self, name: &str, rules: &[String]) {
+        let _ = writeln!(self.decls, ":{name} - [0:0]");
+        rules::write_chain(&mut self.rules, name, rules);
+    }
+
+    fn delete(&mut self, name: &str) {
+        let _ = writeln!(self.decls, ":{name} - [0:0]");
+        let _ = writeln!(self.deletes, "-X {name}");
+    }
+
+    fn is_empty(&self) -> bool {
+        self.decls.is_empty() && self.rules.is_empty() && self.deletes.is_empty()
+    }
+}
+
+fn assemble(tables: BTreeMap<Table, TableText>) -> String {
+    let mut out = String::new();
+    for (table, t) in tables {
+        if t.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{}", table.name());
+        out.push_str(&t.decls);
+        out.push_str(&t.rules);
+        out.push_str(&t.deletes);
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+impl FamilyTables {
+    /// Nothing programmed yet.
+    pub fn new(family: Family) -> Self {
+        Self {
+            family,
+            services: HashMap::new(),
+            slots: HashMap::new(),
+            jumped: HashSet::new(),
+            static_rules: 0,
+            rules: 0,
+        }
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// Rules we own in this family (for the rule-count metric).
+    pub fn rule_count(&self) -> usize {
+        self.rules + self.static_rules
+    }
+
+    fn record(&mut self, name: &str, r: ServiceRules) -> (Programmed, Vec<OwnedChain>) {
+        let mut p = Programmed {
+            rules: r.dispatch.len() + r.chains.iter().map(|c| c.rules.len()).sum::<usize>(),
+            udp: r.udp,
+            ..Programmed::default()
+        };
+        for c in &r.chains {
+            p.chains.push((c.table, c.name.clone()));
+        }
+        for d in r.dispatch {
+            let key = (d.table, d.slot);
+            if !p.slots.contains(&key) {
+                p.slots.push(key);
+            }
+            self.slots
+                .entry(key)
+                .or_default()
+                .entry(name.to_owned())
+                .or_default()
+                .push(d.spec);
+        }
+        self.rules += p.rules;
+        (p, r.chains)
+    }
+
+    /// Rewrites everything: a fresh record of `state`, and the transaction
+    /// that replaces whatever of ours `existing` lists.
+    pub fn full(
+        state: &AgentState,
+        cfg: &NodeConfig,
+        existing: &Existing,
+        family: Family,
+    ) -> (Self, Transaction) {
+        let mut me = Self::new(family);
+        let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+        let mut wanted: HashSet<(Table, String)> = HashSet::new();
+        for c in rules::static_chains(family, cfg) {
+            me.static_rules += c.rules.len();
+            tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+            wanted.insert((c.table, c.name));
+        }
+        for (name, held) in &state.resources {
+            let r = rules::service_rules(&held.state, family, cfg);
+            let (p, chains) = me.record(name, r);
+            for c in chains {
+                tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+                wanted.insert((c.table, c.name));
+            }
+            me.services.insert(name.clone(), p);
+        }
+        let mut slots: Vec<_> = me.slots.keys().copied().collect();
+        slots.sort();
+        for table in Table::ALL {
+            let mut head = Vec::new();
+            for &(t, slot) in &slots {
+                if let (true, Slot::Bucket(b)) = (t == table, slot) {
+                    head.push(rules::bucket_jump(family, table, b));
+                    me.jumped.insert((table, b));
+                }
+            }
+            head.extend(rules::services_tail(family, cfg));
+            me.static_rules += head.len();
+            let text = tables.entry(table).or_default();
+            text.chain(SERVICES, &head);
+            wanted.insert((table, SERVICES.to_owned()));
+            let np = me.slot_rules(table, Slot::NodePorts);
+            text.chain(rules::NODEPORTS, &np);
+            wanted.insert((table, rules::NODEPORTS.to_owned()));
+        }
+        for &(table, slot) in &slots {
+            if slot == Slot::NodePorts {
+                continue;
+            }
+            let name = slot.chain(table);
+            let r = me.slot_rules(table, slot);
+            tables.entry(table).or_default().chain(&name, &r);
+            wanted.insert((table, name));
+        }
+        for (table, name) in &existing.chains {
+            if !wanted.contains(&(*table, name.clone())) {
+                tables.entry(*table).or_default().delete(name);
+            }
+        }
+        for j in BUILTIN_JUMPS {
+            let present = existing
+                .jumps
+                .iter()
+                .any(|(t, c, target, _)| *t == j.table && c == j.chain && target == j.target);
+            if !present {
+                let _ = writeln!(
+                    tables.entry(j.table).or_default().deletes,
+                    "-I {} 1 {}",
+                    j.chain,
+                    j.spec
+                );
+            }
+        }
+        me.static_rules += BUILTIN_JUMPS.len();
+        let text = assemble(tables);
+        (
+            me,
+            Transaction {
+                text,
+                conntrack: Vec::new(),
+            },
+        )
+    }
+
+    fn slot_rules(&self, table: Table, slot: Slot) -> Vec<String> {
+        self.slots
+            .get(&(table, slot))
+            .map(|m| m.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Moves the record to `state` for the Services `changes` names and
+    /// returns the transaction that does the same in the kernel. On failure
+    /// the caller must fall back to [`FamilyTables::full`]: the record is
+    /// already updated.
+    pub fn partial(
+        &mut self,
+        state: &AgentState,
+        changes: &ChangeSet,
+        cfg: &NodeConfig,
+    ) -> Transaction {
+        let family = self.family;
+        let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+        let mut dirty: BTreeSet<(Table, Slot)> = BTreeSet::new();
+        let mut conntrack = BTreeSet::new();
+        let names: BTreeSet<&String> = changes.changed.iter().chain(&changes.removed).collect();
+        for name in names {
+            let old = self.services.remove(name).unwrap_or_default();
+            self.rules -= old.rules;
+            for key in &old.slots {
+                if let Some(m) = self.slots.get_mut(key) {
+                    m.remove(name.as_str());
+                }
+                dirty.insert(*key);
+            }
+            let new = state
+                .resources
+                .get(name)
+                .map(|held| rules::service_rules(&held.state, family, cfg))
+                .unwrap_or_default();
+            let (p, chains) = self.record(name, new);
+            dirty.extend(p.slots.iter().copied());
+            for c in &chains {
+                tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+            }
+            for (table, chain) in &old.chains {
+                if !p.chains.iter().any(|(t, c)| t == table && c == chain) {
+                    tables.entry(*table).or_default().delete(chain);
+                }
+            }
+            udp_changes(&old.udp, &p.udp, &mut conntrack);
+            if p.chains.is_empty() && p.slots.is_empty() && !state.resources.contains_key(name) {
+                continue;
+            }
+            self.services.insert(name.clone(), p);
+        }
+        for (table, slot) in dirty {
+            let r = self.slot_rules(table, slot);
+            let text = tables.entry(table).or_default();
+            text.chain(&slot.chain(table), &r);
+            if let Slot::Bucket(b) = slot
+                && !r.is_empty()
+                && self.jumped.insert((table, b))
+            {
+                // A new bucket: one insert, the rest of SWY-SERVICES stays.
+                let _ = writeln!(
+                    text.rules,
+                    "-I {SERVICES} 1 {}",
+                    rules::bucket_jump(family, table, b)
+                );
+                self.static_rules += 1;
+            }
+            if r.is_empty() {
+                self.slots.remove(&(table, slot));
+            }
+        }
+        Transaction {
+            text: assemble(tables),
+            conntrack: conntrack.into_iter().collect(),
+        }
+    }
+}
+
+fn udp_changes(old: &[UdpTargets], new: &[UdpTargets], out: &mut BTreeSet<ConntrackFlush>) {
+    let empty = BTreeSet::new();
+    for o in old {
+        let now = new
+            .iter()
+            .find(|n| n.destination == o.destination)
+            .map_or(&empty, |n| &n.endpoints);
+        for ep in o.endpoints.difference(now) {
+            out.insert(ConntrackFlush::Endpoint {
+                destination: o.destination.clone(),
+                endpoint: *ep,
+            });
+        }
+    }
+    for n in new {
+        let before = old
+            .iter()
+            .find(|o| o.destination == n.destination)
+            .map_or(&empty, |o| &o.endpoints);
+        if before.is_empty() && !n.endpoints.is_empty() {
+            out.insert(ConntrackFlush::Destination(n.destination.clone()));
+        }
+    }
+}
+
+/// The transaction that removes everything of ours `existing` lists.
+pub fn cleanup(existing: &Existing) -> String {
+    let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+    for (table, _chain, _target, line) in &existing.jumps {
+        let t = tables.entry(*table).or_default();
+        let _ = writeln!(t.rules, "-D{}", &line[2..]);
+    }
+    for (table, name) in &existing.chains {
+        tables.entry(*table).or_default().delete(name);
+    }
+    assemble(tables)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! The iptables data plane against the real kernel, inside a network
+//! namespace this test creates (and deletes, also on failure): full and
+//! partial syncs, a refused transaction, the canary, cleanup.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use switchyard_agent::dataplane::{Change, DataPlane};
+use switchyard_agent::iptables::{Family, IptablesDataPlane, NodeConfig, Runner, cleanup};
+use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
+use switchyard_model::{
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
+    ServiceState, TargetPort,
+};
+
+/// A network namespace that is deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Self> {
+        let name = format!("swy-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: cannot create a network namespace (needs root and iproute2)");
+            return None;
+        }
+        Some(Self(name))
+    }
+
+    fn sh(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
+    let mut s = Service::new(ServiceKey::new("default", "shop", name));
+    s.cluster_ips = vec![ip.parse().expect("ip")];
+    s.ports = vec![ServicePort {
+        name: "p".into(),
+        protocol: Protocol::Udp,
+        port: 53,
+        target_port: TargetPort::Number(5353),
+        node_port: None,
+    }];
+    ServiceState {
+        service: s,
+        slices: vec![EndpointSlice {
+            name: format!("{name}-1"),
+            address_type: AddressType::IPv4,
+            endpoints: eps
+                .iter()
+                .map(|ip| Endpoint {
+                    addresses: vec![ip.parse().expect("ip")],
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ports: vec![EndpointPort {
+                name: "p".into(),
+                protocol: Protocol::Udp,
+                port: 5353,
+            }],
+        }],
+    }
+}
+
+fn state(version: &str, services: Vec<ServiceState>) -> AgentState {
+    let mut s = AgentState {
+        version: version.into(),
+        ..AgentState::default()
+    };
+    for svc in services {
+        s.resources.insert(
+            svc.service.key.to_string(),
+            HeldResource {
+                version: version.into(),
+                state: Arc::new(svc),
+            },
+        );
+    }
+    s
+}
+
+fn cfg() -> NodeConfig {
+    NodeConfig {
+        node: "node-a".into(),
+        zone: None,
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        nodeport_addresses: Vec::new(),
+        masquerade_mark: 0x4000,
+    }
+}
+
+fn changed(names: &[&str]) -> ChangeSet {
+    ChangeSet {
+        changed: names.iter().map(|n| format!("default/shop/{n}")).collect(),
+        removed: Vec::new(),
+    }
+}
+
+fn apply(
+    dp: &mut IptablesDataPlane,
+    s: &AgentState,
+    names: &[&str],
+    full: bool,
+) -> Result<(), String> {
+    dp.apply(&Change {
+        state: s,
+        changes: &changed(names),
+        full,
+    })
+    .map_err(|e| e.0)
+}
+
+/// The name of the endpoint chain that DNATs to `ip`.
+fn sep_chain_for(saved: &str, ip: &str) -> String {
+    saved
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .find(|l| l.starts_with("SWY-SEP-") && l.contains(&format!("--to-destination {ip}:")))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("an endpoint chain")
+        .to_owned()
+}
+
+const PORTALS: &str =
+    "-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES";
+
+#[test]
+fn syncs_canary_failure_and_cleanup_in_a_namespace() {
+    let Some(ns) = Netns::new("dp") else { return };
+    let runner = || Runner::in_netns(&ns.0);
+    let families = vec![Family::V4, Family::V6];
+    let mut dp = IptablesDataPlane::with_runner(cfg(), families.clone(), runner());
+    // Someone else's rules, which we must never touch.
+    ns.sh("iptables -t nat -N OTHER && iptables -t nat -A PREROUTING -j OTHER && iptables -t nat -A OTHER -j RETURN");
+
+    let s1 = state(
+        "v1",
+        vec![
+            service("dns", "10.96.0.10", &["10.244.1.2", "10.244.2.2"]),
+            service("web", "10.96.0.20", &["10.244.1.3"]),
+        ],
+    );
+    apply(&mut dp, &s1, &["dns", "web"], true).expect("full sync");
+    let nat = ns.sh("iptables-save -t nat | grep -v '^#'");
+    assert!(nat.contains(PORTALS), "{nat}");
+    assert_eq!(nat.matches("-j DNAT").count(), 3, "{nat}");
+    assert!(
+        nat.contains("-A SWY-SB-0A -d 10.96.0.10/32 -p udp"),
+        "{nat}"
+    );
+    let rules = dp.rule_count();
+
+    // A second full sync (a restarted agent) is idempotent: no duplicate jumps.
+    let mut restarted = IptablesDataPlane::with_runner(cfg(), families, runner());
+    apply(&mut restarted, &s1, &["dns", "web"], true).expect("full sync again");
+    assert_eq!(ns.sh("iptables-save -t nat | grep -v '^#'"), nat);
+    assert_eq!(restarted.rule_count(), rules);
+
+    // Partial: one endpoint goes.
+    let s2 = state(
+        "v2",
+        vec![
+            service("dns", "10.96.0.10", &["10.244.1.2"]),
+            service("web", "10.96.0.20", &["10.244.1.3"]),
+        ],
+    );
+    apply(&mut dp, &s2, &["dns"], false).expect("partial sync");
+    let nat2 = ns.sh("iptables-save -t nat");
+    assert_eq!(nat2.matches("-j DNAT").count(), 2, "{nat2}");
+    assert!(!nat2.contains("10.244.2.2"));
+    assert!(nat2.contains("-A OTHER -j RETURN"));
+
+    // A transaction the kernel refuses: a chain of ours that someone else
+    // references cannot be deleted. The error is iptables'; the last good
+    // rules stay in force.
+    let sep = sep_chain_for(&nat2, "10.244.1.3");
+    ns.sh(&format!("iptables -t nat -A OTHER -j {sep}"));
+    let s3 = state(
+        "v3",
+        vec![
+            service("dns", "10.96.0.10", &["10.244.1.2"]),
+            service("web", "10.96.0.20", &["10.244.1.4"]),
+        ],
+    );
+    let err = apply(&mut dp, &s3, &["web"], false).expect_err("refused");
+    assert!(err.contains("iptables-restore"), "{err}");
+    let nat3 = ns.sh("iptables-save -t nat");
+    assert!(
+        nat3.contains("10.244.1.3:5353") && !nat3.contains("10.244.1.4"),
+        "{nat3}"
+    );
+    ns.sh(&format!("iptables -t nat -D OTHER -j {sep}"));
+    apply(&mut dp, &s3, &["web"], false).expect("accepted once the reference is gone");
+    assert!(ns.sh("iptables-save -t nat").contains("10.244.1.4:5353"));
+
+    // Someone flushes the nat table: the canary sees it, the rules come back.
+    ns.sh("iptables -t nat -F");
+    dp.maintain().expect("maintain");
+    let nat4 = ns.sh("iptables-save -t nat");
+    assert!(nat4.contains(PORTALS), "{nat4}");
+    assert!(nat4.contains("10.244.1.4:5353"), "{nat4}");
+    dp.maintain().expect("nothing to do");
+
+    // Cleanup leaves nothing of ours, and others' rules in place.
+    ns.sh("iptables -t nat -A PREROUTING -j OTHER");
+    cleanup(&runner()).expect("cleanup");
+    let all = ns.sh("iptables-save; ip6tables-save");
+    assert!(!all.contains("SWY-"), "{all}");
+    assert!(all.contains("-A PREROUTING -j OTHER"), "{all}");
+}

@@ -1,0 +1,510 @@
+//! A small cluster made of network namespaces, for tests with real packets.
+//!
+//! ```text
+//!  infra ns: br0 10.99.0.1/24, the control plane (gRPC on 10.99.0.1:18000)
+//!    ├── node-1 ns: eth0 10.99.0.11, the agent (--dataplane iptables), pods 10.244.1.k/32 on veths
+//!    ├── node-2 ns: eth0 10.99.0.12, the agent, pods 10.244.2.k/32
+//!    └── ext ns:    eth0 10.99.0.100 (a client outside the cluster)
+//! ```
+//!
+//! Pods are routed, not bridged (a /32 per pod, proxy ARP on the node side,
+//! as Calico does), so every pod packet crosses its node's iptables. Every
+//! namespace and process belongs to the [`Cluster`]; dropping it (also on a
+//! panic) kills the processes and deletes the namespaces. Nothing is
+//! configured in the namespace the test runs in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The binaries the cluster runs (the test passes `env!("CARGO_BIN_EXE_...")`).
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `sy_agent`.
+    pub agent: PathBuf,
+    /// `sy_control_plane`.
+    pub control_plane: PathBuf,
+    /// `sy_echo`.
+    pub echo: PathBuf,
+}
+
+/// The control plane's gRPC address inside the cluster.
+pub const CONTROL_PLANE: &str = "10.99.0.1:18000";
+
+/// Whether this process can build namespaces (root, iproute2, iptables).
+pub fn supported() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let tools = ["ip", "iptables-restore"].iter().all(|t| {
+        Command::new(t)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    root && tools
+}
+
+/// Runs `cmd`, panicking with its output when it fails.
+fn run(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The cluster; see the module docs.
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    bins: Bins,
+    /// Scratch directory: manifests, state directories, logs.
+    pub dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    control_plane: Option<Child>,
+    agents: BTreeMap<u8, Child>,
+    servers: Vec<Child>,
+    pods: BTreeMap<String, (u8, String)>,
+    nodes: u8,
+}
+
+impl Cluster {
+    /// Builds the infra namespace, `nodes` nodes and the external client.
+    pub fn new(bins: Bins, nodes: u8) -> Self {
+        let prefix = format!(
+            "sy{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut c = Self {
+            prefix,
+            bins,
+            dir: tempfile::tempdir().expect("tempdir"),
+            namespaces: Vec::new(),
+            control_plane: None,
+            agents: BTreeMap::new(),
+            servers: Vec::new(),
+            pods: BTreeMap::new(),
+            nodes,
+        };
+        std::fs::create_dir(c.manifests()).expect("manifests dir");
+        let infra = c.add_ns("infra");
+        run(&["ip", "-n", &infra, "link", "add", "br0", "type", "bridge"]);
+        run(&[
+            "ip",
+            "-n",
+            &infra,
+            "addr",
+            "add",
+            "10.99.0.1/24",
+            "dev",
+            "br0",
+        ]);
+        run(&["ip", "-n", &infra, "link", "set", "br0", "up"]);
+        for i in 1..=nodes {
+            let node = c.add_ns(&format!("n{i}"));
+            c.attach(&node, &format!("n{i}"), &format!("10.99.0.1{i}/24"));
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.99.0.1",
+            ]);
+            c.sh(&node, "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0");
+            for j in 1..=nodes {
+                if j != i {
+                    run(&[
+                        "ip",
+                        "-n",
+                        &node,
+                        "route",
+                        "add",
+                        &format!("10.244.{j}.0/24"),
+                        "via",
+                        &format!("10.99.0.1{j}"),
+                    ]);
+                }
+            }
+        }
+        let ext = c.add_ns("ext");
+        c.attach(&ext, "x0", "10.99.0.100/24");
+        c
+    }
+
+    fn add_ns(&mut self, short: &str) -> String {
+        let name = format!("{}-{short}", self.prefix);
+        run(&["ip", "netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+
+    /// A veth from the infra bridge to `ns`'s eth0 with `cidr`.
+    fn attach(&self, ns: &str, port: &str, cidr: &str) {
+        let infra = self.ns("infra");
+        run(&[
+            "ip", "-n", &infra, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            "netns", ns,
+        ]);
+        run(&[
+            "ip", "-n", &infra, "link", "set", port, "master", "br0", "up",
+        ]);
+        run(&["ip", "-n", ns, "addr", "add", cidr, "dev", "eth0"]);
+        run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+    }
+
+    /// The full name of a namespace (`infra`, `n1`, `ext`, a pod name).
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    /// Runs a shell command in a namespace; returns stdout (failures are not checked).
+    pub fn sh(&self, ns: &str, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", cmd])
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The manifests directory the control plane reads.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes a manifest (write + rename).
+    pub fn write_manifest(&self, file: &str, body: &str) {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body).expect("writing manifest");
+        std::fs::rename(&tmp, self.manifests().join(file)).expect("renaming manifest");
+    }
+
+    fn log(&self, name: &str) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file")
+            .into()
+    }
+
+    fn spawn_in(&self, ns: &str, program: &Path, args: &[String], log: &str) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(self.log(log))
+            .stderr(self.log(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()))
+    }
+
+    /// Starts the control plane in the infra namespace.
+    pub fn start_control_plane(&mut self) {
+        let args: Vec<String> = [
+            "--source",
+            &format!("file:{}", self.manifests().display()),
+            "--state-dir",
+            &self.dir.path().join("cp").display().to_string(),
+            "--debounce",
+            "20ms",
+            "--grpc-listen",
+            CONTROL_PLANE,
+            "--admin-listen",
+            "127.0.0.1:9901",
+        ]
+        .map(String::from)
+        .to_vec();
+        let child = self.spawn_in(
+            &self.ns("infra"),
+            &self.bins.control_plane,
+            &args,
+            "control-plane",
+        );
+        self.control_plane = Some(child);
+    }
+
+    /// Stops the control plane (SIGKILL: as if it died).
+    pub fn stop_control_plane(&mut self) {
+        if let Some(mut c) = self.control_plane.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent of node `i` (`node-i`, zone `zone-i`).
+    pub fn start_agent(&mut self, i: u8) {
+        let args: Vec<String> = [
+            "--control-plane",
+            &format!("http://{CONTROL_PLANE}"),
+            "--node-name",
+            &format!("node-{i}"),
+            "--zone",
+            &format!("zone-{i}"),
+            "--state-dir",
+            &self
+                .dir
+                .path()
+                .join(format!("node-{i}"))
+                .display()
+                .to_string(),
+            "--admin-listen",
+            "127.0.0.1:9902",
+            "--dataplane",
+            "iptables",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--iptables-sync-period",
+            "300ms",
+        ]
+        .map(String::from)
+        .to_vec();
+        let child = self.spawn_in(
+            &self.ns(&format!("n{i}")),
+            &self.bins.agent,
+            &args,
+            &format!("node-{i}"),
+        );
+        self.agents.insert(i, child);
+    }
+
+    /// Starts every node's agent.
+    pub fn start_agents(&mut self) {
+        for i in 1..=self.nodes {
+            self.start_agent(i);
+        }
+    }
+
+    /// Stops node `i`'s agent with SIGKILL (rules stay, as on any exit).
+    pub fn kill_agent(&mut self, i: u8) {
+        if let Some(mut c) = self.agents.remove(&i) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Adds pod `name` with address 10.244.`node`.`k` on node `node`, running
+    /// an echo server on port 8080 (TCP and UDP) that answers with `name`.
+    pub fn add_pod(&mut self, name: &str, node: u8, k: u8) -> String {
+        let pod = self.add_ns(name);
+        let nodens = self.ns(&format!("n{node}"));
+        let ip = format!("10.244.{node}.{k}");
+        let port = format!("p{k}");
+        run(&[
+            "ip", "-n", &nodens, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &pod,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &pod,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "eth0",
+        ]);
+        run(&["ip", "-n", &pod, "link", "set", "eth0", "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &pod,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+        ]);
+        run(&["ip", "-n", &nodens, "link", "set", &port, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &nodens,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &port,
+        ]);
+        self.sh(
+            &nodens,
+            &format!(
+                "sysctl -qw net.ipv4.conf.{port}.proxy_arp=1 net.ipv4.neigh.{port}.proxy_delay=0"
+            ),
+        );
+        let server = self.spawn_in(
+            &pod,
+            &self.bins.echo,
+            &["serve".into(), name.into(), "8080".into()],
+            name,
+        );
+        self.servers.push(server);
+        self.pods.insert(name.into(), (node, ip.clone()));
+        // The server is ready when it answers on its own address.
+        self.wait_until(&format!("{name} to serve"), || {
+            self.echo(name, &["tcp", &format!("{ip}:8080"), "1"])["replies"][name] == 1
+        });
+        ip
+    }
+
+    /// Runs `sy_echo ARGS` in namespace `short` and parses its JSON line.
+    pub fn echo(&self, short: &str, args: &[&str]) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .arg(&self.bins.echo)
+            .args(args)
+            .output()
+            .expect("running sy_echo");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Starts `sy_echo ARGS` in namespace `short`; [`finish_echo`] reads its result.
+    pub fn spawn_echo(&self, short: &str, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .arg(&self.bins.echo)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting sy_echo")
+    }
+
+    /// Runs `sy_echo http ADDR PATH` in `short`: (status, body).
+    pub fn http(&self, short: &str, addr: &str, path: &str) -> (u16, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .arg(&self.bins.echo)
+            .args(["http", addr, path])
+            .output()
+            .expect("running sy_echo");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (code, body) = text.split_once(' ').unwrap_or((&text, ""));
+        (code.parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// `iptables-save` of node `i` (both tables).
+    pub fn rules(&self, i: u8) -> String {
+        self.sh(
+            &self.ns(&format!("n{i}")),
+            "iptables-save -t nat; iptables-save -t filter",
+        )
+    }
+
+    /// Polls `pred` (processes in other namespaces cannot be awaited) for at most 20 s.
+    pub fn wait_until(&self, what: &str, mut pred: impl FnMut() -> bool) {
+        let deadline = Instant::now() + crate::WAIT;
+        while !pred() {
+            if Instant::now() > deadline {
+                let logs: String = std::fs::read_dir(self.dir.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                    .map(|e| {
+                        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                        format!(
+                            "--- {}\n{}\n",
+                            e.path().display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                panic!("timed out waiting for {what}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every node's rules contain `needle`.
+    pub fn wait_rules(&self, what: &str, needle: &str) {
+        self.wait_until(what, || {
+            (1..=self.nodes).all(|i| self.rules(i).contains(needle))
+        });
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let children = self
+            .servers
+            .iter_mut()
+            .chain(self.agents.values_mut())
+            .chain(self.control_plane.as_mut());
+        for c in children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Waits for a client started with [`Cluster::spawn_echo`]; its JSON line.
+pub fn finish_echo(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("sy_echo");
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// A Service manifest on port 80 (`port_extra`: lines for the port item,
+/// indented 4; `spec_extra`: lines for `spec`, indented 2) with one slice
+/// of endpoints `(ip, node, ready)` resolving the named target port `http`
+/// to 8080.
+pub fn service_manifest(
+    name: &str,
+    cluster_ip: &str,
+    proto: &str,
+    port_extra: &str,
+    spec_extra: &str,
+    endpoints: &[(&str, u8, bool)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: test\n  name: {name}\nspec:\n  clusterIP: {cluster_ip}\n{spec_extra}  ports:\n  - name: http\n    protocol: {proto}\n    port: 80\n    targetPort: http\n{port_extra}---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: test\n  name: {name}-1\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: {proto}\n"
+    );
+    y.push_str(if endpoints.is_empty() {
+        "endpoints: []\n"
+    } else {
+        "endpoints:\n"
+    });
+    for (ip, node, ready) in endpoints {
+        y.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: node-{node}\n  conditions:\n    ready: {ready}\n"
+        ));
+    }
+    y
+}

@@ -1,0 +1,283 @@
+//! The iptables data plane with real packets, in a cluster of network
+//! namespaces (see `switchyard_integration_tests::netns`): the real agent
+//! and control plane processes, real TCP and UDP between pod namespaces.
+//! Skipped (with a message) when not root.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_integration_tests::netns::{
+    Bins, Cluster, finish_echo, service_manifest, supported,
+};
+
+fn bins() -> Bins {
+    Bins {
+        agent: env!("CARGO_BIN_EXE_sy_agent").into(),
+        control_plane: env!("CARGO_BIN_EXE_sy_control_plane").into(),
+        echo: env!("CARGO_BIN_EXE_sy_echo").into(),
+    }
+}
+
+fn count(v: &Value, key: &str, id: &str) -> u64 {
+    v[key][id].as_u64().unwrap_or(0)
+}
+
+fn failures(v: &Value) -> u64 {
+    v["refused"].as_u64().unwrap_or(0)
+        + v["timeout"].as_u64().unwrap_or(0)
+        + v["other"].as_array().map_or(0, |a| a.len() as u64)
+}
+
+const PORTALS: &str =
+    "-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES";
+
+#[test]
+fn service_features_with_real_packets() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let a1 = c.add_pod("a1", 1, 2);
+    let a2 = c.add_pod("a2", 1, 3);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let all = [
+        (a1.as_str(), 1, true),
+        (a2.as_str(), 1, true),
+        (b1.as_str(), 2, true),
+    ];
+    c.write_manifest(
+        "web.yaml",
+        &service_manifest("web", "10.96.0.10", "TCP", "", "", &all),
+    );
+    c.write_manifest(
+        "dns.yaml",
+        &service_manifest(
+            "dns",
+            "10.96.0.11",
+            "UDP",
+            "",
+            "",
+            &[(&a1, 1, true), (&b1, 2, true)],
+        ),
+    );
+    c.write_manifest(
+        "sticky.yaml",
+        &service_manifest(
+            "sticky",
+            "10.96.0.12",
+            "TCP",
+            "",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
+            &all,
+        ),
+    );
+    c.write_manifest(
+        "empty.yaml",
+        &service_manifest("empty", "10.96.0.13", "TCP", "", "", &[]),
+    );
+    c.write_manifest(
+        "np.yaml",
+        &service_manifest(
+            "np",
+            "10.96.0.14",
+            "TCP",
+            "    nodePort: 30080\n",
+            "  type: NodePort\n",
+            &[(&b1, 2, true)],
+        ),
+    );
+    c.write_manifest(
+        "local.yaml",
+        &service_manifest(
+            "local",
+            "10.96.0.15",
+            "TCP",
+            "    nodePort: 30081\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n",
+            &[(&a1, 1, true), (&a2, 1, true)],
+        ),
+    );
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("every service programmed", "10.96.0.15");
+    c.wait_rules("the reject rule", "-d 10.96.0.13/32");
+
+    // ClusterIP from a pod on another node reaches every backend, roughly evenly.
+    let r = c.echo("client", &["tcp", "10.96.0.10:80", "300"]);
+    assert_eq!(failures(&r), 0, "{r}");
+    for id in ["a1", "a2", "b1"] {
+        let n = count(&r, "replies", id);
+        assert!((60..=140).contains(&n), "{id} got {n} of 300: {r}");
+    }
+    // Pod sources are inside the cluster CIDR: not masqueraded.
+    assert_eq!(count(&r, "peers", "10.244.2.9"), 300, "{r}");
+
+    // UDP.
+    let u = c.echo("client", &["udp", "10.96.0.11:80", "5"]);
+    let replies: Vec<&str> = u["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(replies.iter().all(|r| *r == "a1" || *r == "b1"), "{u}");
+
+    // Session affinity: one backend for one client.
+    let s = c.echo("client", &["tcp", "10.96.0.12:80", "40"]);
+    assert_eq!(failures(&s), 0, "{s}");
+    assert_eq!(s["replies"].as_object().expect("replies").len(), 1, "{s}");
+
+    // No endpoints: refused at once, not a time-out.
+    let e = c.echo("client", &["tcp", "10.96.0.13:80", "1"]);
+    assert_eq!(e["refused"], 1, "{e}");
+    assert!(e["elapsed_ms"].as_u64().expect("elapsed") < 1000, "{e}");
+
+    // NodePort from outside the cluster, to a node without the endpoint.
+    let n = c.echo("ext", &["tcp", "10.99.0.11:30080", "20"]);
+    assert_eq!(count(&n, "replies", "b1"), 20, "{n}");
+    // Masqueraded to node-1's address on the way to node-2.
+    assert_eq!(count(&n, "peers", "10.99.0.11"), 20, "{n}");
+
+    // externalTrafficPolicy Local: local endpoints only, client address kept.
+    let l = c.echo("ext", &["tcp", "10.99.0.11:30081", "40"]);
+    assert_eq!(
+        count(&l, "replies", "a1") + count(&l, "replies", "a2"),
+        40,
+        "{l}"
+    );
+    assert_eq!(count(&l, "peers", "10.99.0.100"), 40, "{l}");
+    // Node 2 has no local endpoint: dropped there.
+    let d = c.echo("ext", &["tcp", "10.99.0.12:30081", "1"]);
+    assert_eq!(d["timeout"], 1, "{d}");
+
+    // healthCheckNodePort.
+    let (code, body) = c.http("ext", "10.99.0.11:32001", "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\":2"), "{body}");
+    let (code, body) = c.http("ext", "10.99.0.12:32001", "/healthz");
+    assert_eq!(code, 503, "{body}");
+}
+
+#[test]
+fn endpoint_changes_flush_restart_and_cleanup() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let both = [(a1.as_str(), 1, true), (b1.as_str(), 2, true)];
+    c.write_manifest(
+        "web.yaml",
+        &service_manifest("web", "10.96.0.10", "TCP", "", "", &both),
+    );
+    c.write_manifest(
+        "dns.yaml",
+        &service_manifest("dns", "10.96.0.11", "UDP", "", "", &both),
+    );
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("both services", "10.96.0.11/32");
+
+    // A UDP flow sticks to one endpoint; when that endpoint is removed, its
+    // conntrack entry goes and the same flow moves to the live endpoint. Both
+    // runs use one source port, so they are one conntrack flow.
+    let first = {
+        let u = c.echo("client", &["udp", "10.96.0.11:80", "2", "40400"]);
+        u["replies"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{u}"))
+            .to_owned()
+    };
+    assert!(first == "a1" || first == "b1", "{first}");
+    let live = if first == "a1" { "b1" } else { "a1" };
+    let live_ep = if first == "a1" {
+        (b1.as_str(), 2, true)
+    } else {
+        (a1.as_str(), 1, true)
+    };
+    let client = c.spawn_echo("client", &["udp", "10.96.0.11:80", "40", "40400"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    c.write_manifest(
+        "dns.yaml",
+        &service_manifest("dns", "10.96.0.11", "UDP", "", "", &[live_ep]),
+    );
+    let flow = finish_echo(client);
+    let replies: Vec<&str> = flow["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(replies.len() == 40, "{flow}");
+    assert_eq!(replies[0], first, "the flow starts on one endpoint: {flow}");
+    assert_eq!(replies[39], live, "and moves to the live one: {flow}");
+    assert!(!replies[20..].contains(&first.as_str()), "{flow}");
+
+    // An endpoint removed: no new connection reaches it. (The UDP Service
+    // may still point at a1, so count a1's DNAT rules: web's one must go.)
+    let dnat_to_a1 = || {
+        c.rules(2)
+            .matches(&format!("--to-destination {a1}:8080"))
+            .count()
+    };
+    let before = dnat_to_a1();
+    assert!(before >= 1, "web has a DNAT rule to a1");
+    c.write_manifest(
+        "web.yaml",
+        &service_manifest("web", "10.96.0.10", "TCP", "", "", &[(&b1, 2, true)]),
+    );
+    c.wait_until("a1 gone from web on node 2", || dnat_to_a1() == before - 1);
+    let r = c.echo("client", &["tcp", "10.96.0.10:80", "100"]);
+    assert_eq!(count(&r, "replies", "b1"), 100, "{r}");
+
+    // Someone flushes our rules by hand: the canary notices, rules come back.
+    let n2 = c.ns("n2");
+    c.sh(&n2, "iptables -t nat -F; iptables -t filter -F");
+    assert!(!c.rules(2).contains(PORTALS));
+    c.wait_until("rules restored after the flush", || {
+        c.rules(2).contains(PORTALS)
+    });
+    let r = c.echo("client", &["tcp", "10.96.0.10:80", "20"]);
+    assert_eq!(count(&r, "replies", "b1"), 20, "{r}");
+
+    // Restart the agents while the control plane is down, under a
+    // continuous client loop: no connection fails.
+    let client = c.spawn_echo("client", &["loop", "10.96.0.10:80", "5000"]);
+    std::thread::sleep(Duration::from_millis(500));
+    c.stop_control_plane();
+    c.kill_agent(1);
+    c.kill_agent(2);
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_agents();
+    let looped = finish_echo(client);
+    assert_eq!(failures(&looped), 0, "{looped}");
+    assert!(count(&looped, "replies", "b1") > 50, "{looped}");
+    // The restarted agents did a full sync of their persisted state.
+    let r = c.echo("client", &["tcp", "10.96.0.10:80", "10"]);
+    assert_eq!(count(&r, "replies", "b1"), 10, "{r}");
+
+    // Cleanup leaves no Switchyard rule behind.
+    c.kill_agent(1);
+    c.kill_agent(2);
+    for i in 1..=2u8 {
+        let ns = c.ns(&format!("n{i}"));
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(env!("CARGO_BIN_EXE_sy_agent"))
+            .arg("cleanup")
+            .output()
+            .expect("cleanup");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let saved = c.sh(&ns, "iptables-save; ip6tables-save");
+        assert!(!saved.contains("SWY-"), "{saved}");
+    }
+}
