@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, LowerName, RData, Record, RecordType};
 
-use super::handler::{Forward, Reply};
-
 const MAX_POSITIVE: u32 = 30;
 const MAX_NEGATIVE: u32 = 5;
 
@@ -54,10 +52,10 @@ impl AnswerCache {
         }
     }
 
-    /// The cached answer to `fwd`, with TTLs counted down.
-    pub fn get(&self, fwd: &Forward, now: Instant) -> Option<Reply> {
+    /// The cached answer to `query`, with TTLs counted down.
+    pub fn get(&self, query: &Query, now: Instant) -> Option<Message> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let e = entries.get(&Key::of(&fwd.query))?;
+        let e = entries.get(&Key::of(query))?;
         let age =
             u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= e.ttl {
@@ -74,11 +72,11 @@ impl AnswerCache {
         {
             r.ttl = r.ttl.min(e_ttl).saturating_sub(age);
         }
-        Some(super::forward::relay(fwd, answer))
+        Some(answer)
     }
 
-    /// Keeps `answer` to `fwd` if it is cacheable.
-    pub fn put(&self, fwd: &Forward, answer: &Message, now: Instant) {
+    /// Keeps `answer` to `query` if it is cacheable.
+    pub fn put(&self, query: &Query, answer: &Message, now: Instant) {
         if self.capacity == 0 || answer.metadata.truncation {
             return;
         }
@@ -104,7 +102,7 @@ impl AnswerCache {
             }
         }
         entries.insert(
-            Key::of(&fwd.query),
+            Key::of(query),
             Entry {
                 answer: answer.clone(),
                 stored: now,
