@@ -40,9 +40,12 @@ pub struct Answer<'i> {
     pub authoritative: bool,
     /// Refused because of the source address (for metrics).
     pub refused_source: bool,
-    /// Answer section. Borrowed from the index unless the question's case
-    /// differs from the index's lower case (answers keep the case asked).
-    pub answers: Vec<Cow<'i, Record>>,
+    /// Answer section: the name's records, borrowed from the index unless
+    /// the question's case differs from the index's lower case (answers
+    /// keep the case asked).
+    pub answers: Cow<'i, [Record]>,
+    /// Answer section, continued: the records of an in-zone CNAME target.
+    pub chased: &'i [Record],
     /// The zone's SOA in the authority section (negative answers).
     pub soa: Option<&'i Record>,
     /// Additional section (addresses of SRV targets).
@@ -181,9 +184,7 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
         return;
     }
     match index.lookup(&target, qtype) {
-        Lookup::Records(records, rtype) if rtype == qtype => {
-            answer.answers.extend(records.iter().map(Cow::Borrowed))
-        }
+        Lookup::Records(records, rtype) if rtype == qtype => answer.chased = records,
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
             answer.soa = Some(index.soa());
@@ -198,13 +199,12 @@ fn follow_outside(index: &DnsIndex, answer: &Answer<'_>) -> Option<(Record, Name
     let RData::CNAME(target) = &last.data else {
         return None;
     };
-    (!index.in_zone(&LowerName::new(&target.0)))
-        .then(|| (last.clone().into_owned(), target.0.clone()))
+    (!index.in_zone(&LowerName::new(&target.0))).then(|| (last.clone(), target.0.clone()))
 }
 
 fn add_targets<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>) {
     let mut extra = Vec::new();
-    for r in &answer.answers {
+    for r in answer.answers.iter() {
         if let RData::SRV(srv) = &r.data
             && let Some(node) = index.node(&LowerName::new(&srv.target))
         {
@@ -219,18 +219,17 @@ fn add_targets<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>) {
 }
 
 /// `records` owned by `name` as asked: borrowed when the case is the
-/// index's, copied with the asked name otherwise.
-fn owned_by<'i>(records: &'i [Record], name: &Name) -> Vec<Cow<'i, Record>> {
+/// index's (no copy, no allocation), copied with the asked name otherwise.
+fn owned_by<'i>(records: &'i [Record], name: &Name) -> Cow<'i, [Record]> {
+    if records.iter().all(|r| same_bytes(&r.name, name)) {
+        return Cow::Borrowed(records);
+    }
     records
         .iter()
         .map(|r| {
-            if same_bytes(&r.name, name) {
-                Cow::Borrowed(r)
-            } else {
-                let mut r = r.clone();
-                r.name = name.clone();
-                Cow::Owned(r)
-            }
+            let mut r = r.clone();
+            r.name = name.clone();
+            r
         })
         .collect()
 }

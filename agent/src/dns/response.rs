@@ -56,7 +56,7 @@ pub(crate) async fn answer<R: ResponseHandler>(
         request,
         answer.rcode,
         answer.authoritative,
-        answer.answers.iter().map(AsRef::as_ref),
+        answer.answers.iter().chain(answer.chased),
         answer.soa.into_iter(),
         answer.additionals.iter().copied(),
         handle,

@@ -648,12 +648,12 @@ fn answers_in_the_index_case_are_borrowed_not_copied() {
     let Decision::Answer(a) = decide_bytes(&idx, &acl, &lower, ip(LOCAL)) else {
         panic!("expected an answer");
     };
-    assert!(matches!(a.answers[..], [Cow::Borrowed(_)]));
+    assert!(matches!(a.answers, Cow::Borrowed([_])));
     let mixed = query_bytes("Web.shop.svc.cluster.local.", RecordType::A, None);
     let Decision::Answer(a) = decide_bytes(&idx, &acl, &mixed, ip(LOCAL)) else {
         panic!("expected an answer");
     };
-    assert!(matches!(a.answers[..], [Cow::Owned(_)]));
+    assert!(matches!(&a.answers, Cow::Owned(v) if v.len() == 1));
     // A negative answer carries the index's SOA itself.
     let nx = query_bytes("nope.shop.svc.cluster.local.", RecordType::A, None);
     let Decision::Answer(a) = decide_bytes(&idx, &acl, &nx, ip(LOCAL)) else {
@@ -689,4 +689,32 @@ fn responses_are_dropped_by_the_core() {
         decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)),
         Decision::Drop
     ));
+}
+
+#[test]
+fn cached_answers_count_down_and_are_shared_within_a_second() {
+    use std::time::{Duration, Instant};
+
+    use hickory_proto::rr::rdata::A;
+
+    let cache = super::cache::AnswerCache::new(10);
+    let q = Query::query(
+        Name::from_ascii("x.example.org.").expect("name"),
+        RecordType::A,
+    );
+    let mut answer = Message::query();
+    answer.add_query(q.clone());
+    answer.answers.push(Record::from_rdata(
+        q.name.clone(),
+        300,
+        RData::A(A::new(192, 0, 2, 1)),
+    ));
+    let t0 = Instant::now();
+    cache.put(&q, &answer, t0);
+    let first = cache.get(&q, t0).expect("cached");
+    assert_eq!(first.answers[0].ttl, 30, "capped at 30 s");
+    assert!(Arc::ptr_eq(&first, &cache.get(&q, t0).expect("cached")));
+    let later = cache.get(&q, t0 + Duration::from_secs(2)).expect("cached");
+    assert_eq!(later.answers[0].ttl, 28);
+    assert!(cache.get(&q, t0 + Duration::from_secs(30)).is_none());
 }
