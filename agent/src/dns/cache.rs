@@ -3,13 +3,11 @@
 //! never longer than their own TTLs. Bounded: when full it starts over.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, LowerName, RData, Record, RecordType};
-
-use super::handler::{Forward, Reply};
 
 const MAX_POSITIVE: u32 = 30;
 const MAX_NEGATIVE: u32 = 5;
@@ -36,6 +34,24 @@ struct Entry {
     answer: Message,
     stored: Instant,
     ttl: u32,
+    /// The answer with TTLs counted down to `aged_at` seconds: shared by
+    /// every hit within that second instead of copied for each.
+    aged: Arc<Message>,
+    aged_at: u32,
+}
+
+/// `answer` as it is `age` seconds after it was stored for `ttl` seconds.
+fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
+    let mut answer = answer.clone();
+    for r in answer
+        .answers
+        .iter_mut()
+        .chain(answer.authorities.iter_mut())
+        .chain(answer.additionals.iter_mut())
+    {
+        r.ttl = r.ttl.min(ttl).saturating_sub(age);
+    }
+    answer
 }
 
 /// Upstream answers by question.
@@ -54,31 +70,24 @@ impl AnswerCache {
         }
     }
 
-    /// The cached answer to `fwd`, with TTLs counted down.
-    pub fn get(&self, fwd: &Forward, now: Instant) -> Option<Reply> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let e = entries.get(&Key::of(&fwd.query))?;
+    /// The cached answer to `query`, with TTLs counted down.
+    pub fn get(&self, query: &Query, now: Instant) -> Option<Arc<Message>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let e = entries.get_mut(&Key::of(query))?;
         let age =
             u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= e.ttl {
             return None;
         }
-        let mut answer = e.answer.clone();
-        let e_ttl = e.ttl;
-        drop(entries);
-        for r in answer
-            .answers
-            .iter_mut()
-            .chain(answer.authorities.iter_mut())
-            .chain(answer.additionals.iter_mut())
-        {
-            r.ttl = r.ttl.min(e_ttl).saturating_sub(age);
+        if age != e.aged_at {
+            e.aged = Arc::new(count_down(&e.answer, e.ttl, age));
+            e.aged_at = age;
         }
-        Some(super::forward::relay(fwd, answer))
+        Some(e.aged.clone())
     }
 
-    /// Keeps `answer` to `fwd` if it is cacheable.
-    pub fn put(&self, fwd: &Forward, answer: &Message, now: Instant) {
+    /// Keeps `answer` to `query` if it is cacheable.
+    pub fn put(&self, query: &Query, answer: &Message, now: Instant) {
         if self.capacity == 0 || answer.metadata.truncation {
             return;
         }
@@ -103,14 +112,14 @@ impl AnswerCache {
                 entries.clear();
             }
         }
-        entries.insert(
-            Key::of(&fwd.query),
-            Entry {
-                answer: answer.clone(),
-                stored: now,
-                ttl,
-            },
-        );
+        let entry = Entry {
+            answer: answer.clone(),
+            stored: now,
+            ttl,
+            aged: Arc::new(count_down(answer, ttl, 0)),
+            aged_at: 0,
+        };
+        entries.insert(Key::of(query), entry);
     }
 }
 

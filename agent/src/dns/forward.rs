@@ -4,20 +4,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, ResponseCode};
+use hickory_proto::op::{Edns, Message, Query};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::handler::{EDNS_PAYLOAD, Forward, Reply, finish, response};
+use super::handler::EDNS_PAYLOAD;
 
 /// How long one upstream gets to answer.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Asks the upstreams in turn; `None` when none answers.
-pub async fn ask_upstreams(fwd: &Forward, upstreams: &[SocketAddr]) -> Option<Message> {
+pub async fn ask_upstreams(question: &Query, upstreams: &[SocketAddr]) -> Option<Message> {
     let mut query = Message::query();
     query.metadata.recursion_desired = true;
-    query.add_query(fwd.query.clone());
+    query.add_query(question.clone());
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     query.set_edns(edns);
@@ -28,21 +28,6 @@ pub async fn ask_upstreams(fwd: &Forward, upstreams: &[SocketAddr]) -> Option<Me
         }
     }
     None
-}
-
-/// SERVFAIL for `fwd`: no upstream answered.
-pub fn servfail(fwd: &Forward) -> Reply {
-    finish(response(&fwd.request, ResponseCode::ServFail), fwd.limit)
-}
-
-/// The answer to the client from the upstream's `answer`.
-pub fn relay(fwd: &Forward, answer: Message) -> Reply {
-    let mut resp = response(&fwd.request, answer.metadata.response_code);
-    resp.answers.extend(fwd.cname.iter().cloned());
-    resp.answers.extend(answer.answers);
-    resp.authorities = answer.authorities;
-    resp.additionals = answer.additionals;
-    finish(resp, fwd.limit)
 }
 
 async fn ask(query: &Message, upstream: SocketAddr) -> std::io::Result<Message> {

@@ -4,15 +4,17 @@
 //! ```text
 //!  Applier ──watch<Arc<AgentState>>──▶ IndexCell ──(build on change)──▶ Arc<DnsIndex>
 //!                                          │ one index per query: answers switch atomically
-//!   UDP/TCP socket ─▶ handler::handle(index, acl, bytes) ─▶ Reply ─▶ socket
-//!                                                        └▶ Forward ─▶ cache? ─▶ forward (bounded) ─▶ socket
+//!   hickory-server Server (UDP + TCP) ─▶ StubHandler ─▶ handler::decide(index, acl, request)
+//!                                            ├▶ Answer ─▶ MessageResponseBuilder ─▶ client
+//!                                            └▶ Forward ─▶ cache? ─▶ upstreams (bounded) ─▶ client
 //! ```
 //!
-//! Every use of hickory lives in this module. We use `hickory-proto` for
-//! the wire format and serve with our own tokio loops on a current-thread
-//! runtime of our own: hickory-server's `Server` cannot send bytes a pure
-//! handler produced, and the loop is what the speed target needs (see
-//! BENCHMARKS.md).
+//! Every use of hickory lives in this module. `hickory-server`'s `Server`
+//! serves UDP and TCP on a current-thread runtime on a thread of its own
+//! (`server.rs`); our `RequestHandler` runs the core (`handler.rs`), a pure
+//! function from the parsed request to records borrowed from the index, and
+//! builds the response with hickory-server's `MessageResponseBuilder`
+//! (`response.rs`). `hickory-proto` is the wire format.
 //!
 //! A query after the agent published a state is answered from that state:
 //! [`IndexCell::current`] compares the index's source with the state in
@@ -26,6 +28,7 @@ pub mod forward;
 pub mod handler;
 pub mod index;
 pub mod link;
+pub mod response;
 mod server;
 
 use std::net::SocketAddr;
@@ -42,8 +45,13 @@ use crate::Args;
 use crate::state::AgentState;
 use crate::status::{DnsStatus, Metrics, Status};
 pub use acl::Acl;
-pub use handler::{Outcome, Transport, handle, handle_bytes};
+pub use handler::{Answer, Decision, Forward, decide};
 pub use index::DnsIndex;
+pub use response::{Transport, handle_bytes};
+
+/// The agent's default log filter: hickory-server logs every response at
+/// `info`, which is one log line per DNS query.
+pub const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn";
 
 /// What the stub serves and how.
 #[derive(Debug, Clone)]

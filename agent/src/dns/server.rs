@@ -1,4 +1,14 @@
-//! Sockets: the UDP loop, TCP connections, and bounded forwarding.
+//! The hickory-server side: one `Server` with the UDP socket and the TCP
+//! listener, and the `RequestHandler` that runs the core on each request
+//! and forwards within a bound.
+//!
+//! ```text
+//!  Server (UDP: a task per datagram; TCP: requests of a connection in turn)
+//!    └▶ StubHandler::handle_request ─▶ IndexCell::current ─▶ decide
+//!         ├▶ Answer  ─▶ response::answer ─▶ ResponseHandler
+//!         ├▶ Forward ─▶ cache? ─▶ upstreams (at most --dns-max-inflight, else REFUSED) ─▶ response::relay
+//!         └▶ Drop
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,22 +16,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hickory_proto::op::ResponseCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::AnswerCache;
-use super::handler::{self, Forward, Outcome, Reply, Transport};
-use super::{DnsConfig, IndexCell, forward};
+use super::handler::{Decision, Forward, decide};
+use super::{DnsConfig, IndexCell, forward, response};
 use crate::status::Metrics;
 
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Answers queued for sending per TCP connection.
+const TCP_RESPONSE_BUFFER: usize = 32;
 /// Upstream answers kept (about 1 KiB each).
 const CACHE_ENTRIES: usize = 10_000;
-/// Most TCP connections at once; more are closed at once.
-const TCP_CONNECTIONS: usize = 256;
 
 /// Binds UDP and TCP on one address (on one free port when the port is 0).
 pub(super) fn bind(
@@ -50,7 +62,8 @@ pub(super) fn bind(
     ))
 }
 
-struct Ctx {
+/// Runs the core for hickory-server, counts what it answered.
+struct StubHandler {
     cfg: DnsConfig,
     cell: Arc<IndexCell>,
     metrics: Arc<Metrics>,
@@ -58,47 +71,66 @@ struct Ctx {
     cache: AnswerCache,
 }
 
-impl Ctx {
-    fn count(&self, r: &Reply) {
+#[async_trait::async_trait]
+impl RequestHandler for StubHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        let index = self.cell.current();
+        let (info, refused_source) =
+            match decide(&index, &self.cfg.acl, request, request.src().ip()) {
+                Decision::Answer(a) => (
+                    response::answer(request, &a, response).await,
+                    a.refused_source,
+                ),
+                Decision::Forward(f) => (self.forward(request, f, response).await, false),
+                Decision::Drop => {
+                    self.metrics.dns.dropped.inc();
+                    return response::unanswered(request, ResponseCode::NoError);
+                }
+            };
         let d = &self.metrics.dns;
-        d.count_response(u16::from(r.rcode));
-        if r.refused_source {
+        d.count_response(u16::from(info.response_code));
+        if refused_source {
             d.refused_sources.inc();
         }
-        if r.truncated {
+        if info.truncation {
             d.truncated.inc();
         }
+        info
     }
+}
 
-    /// Forwards within the in-flight bound; over it, REFUSED (as CoreDNS's
-    /// `forward` does at `max_concurrent`).
-    /// A cached upstream answer, if there is one.
-    fn cached(&self, f: &Forward) -> Option<Reply> {
-        let r = self.cache.get(f, Instant::now())?;
-        self.metrics.dns.cache_hits.inc();
-        Some(r)
-    }
-
-    async fn forward(&self, f: Box<Forward>) -> Reply {
-        if let Some(r) = self.cached(&f) {
-            return r;
+impl StubHandler {
+    /// Answers from the cache or the upstreams, within the in-flight bound;
+    /// over it, REFUSED (as CoreDNS's `forward` does at `max_concurrent`).
+    async fn forward<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        f: Box<Forward>,
+        response: R,
+    ) -> ResponseInfo {
+        if let Some(answer) = self.cache.get(&f.query, Instant::now()) {
+            self.metrics.dns.cache_hits.inc();
+            return response::relay(request, &f, &answer, response).await;
         }
-        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+        let Ok(permit) = self.permits.try_acquire() else {
             self.metrics.dns.forward_overload.inc();
-            return handler::finish(
-                handler::response(&f.request, ResponseCode::Refused),
-                f.limit,
-            );
+            return response::error(request, ResponseCode::Refused, response).await;
         };
         self.metrics.dns.forwarded.inc();
-        match forward::ask_upstreams(&f, &self.cfg.upstreams).await {
+        let answer = forward::ask_upstreams(&f.query, &self.cfg.upstreams).await;
+        drop(permit);
+        match answer {
             Some(answer) => {
-                self.cache.put(&f, &answer, Instant::now());
-                forward::relay(&f, answer)
+                self.cache.put(&f.query, &answer, Instant::now());
+                response::relay(request, &f, &answer, response).await
             }
             None => {
                 self.metrics.dns.forward_failures.inc();
-                forward::servfail(&f)
+                response::error(request, ResponseCode::ServFail, response).await
             }
         }
     }
@@ -114,119 +146,27 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) {
     let (udp, tcp) = match (UdpSocket::from_std(udp), TcpListener::from_std(tcp)) {
-        (Ok(u), Ok(t)) => (Arc::new(u), t),
+        (Ok(u), Ok(t)) => (u, t),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!("DNS sockets: {e}");
             return;
         }
     };
-    let ctx = Arc::new(Ctx {
+    let mut server = Server::new(StubHandler {
         permits: Arc::new(Semaphore::new(cfg.max_inflight)),
         cache: AnswerCache::new(CACHE_ENTRIES),
         cfg,
         cell,
         metrics,
     });
-    let tcp_task = tokio::spawn(serve_tcp(ctx.clone(), tcp, shutdown.clone()));
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let (n, src) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = udp.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!("DNS UDP receive: {e}");
-                    continue;
-                }
-            },
-        };
-        let index = ctx.cell.current();
-        match handler::handle(&index, &ctx.cfg.acl, &buf[..n], src.ip(), Transport::Udp) {
-            Outcome::Drop => {
-                ctx.metrics.dns.dropped.inc();
-            }
-            Outcome::Reply(r) => {
-                ctx.count(&r);
-                let _ = udp.send_to(&r.bytes, src).await;
-            }
-            Outcome::Forward(f) => {
-                if let Some(r) = ctx.cached(&f) {
-                    ctx.count(&r);
-                    let _ = udp.send_to(&r.bytes, src).await;
-                    continue;
-                }
-                let (ctx, udp) = (ctx.clone(), udp.clone());
-                tokio::spawn(async move {
-                    let r = ctx.forward(f).await;
-                    ctx.count(&r);
-                    let _ = udp.send_to(&r.bytes, src).await;
-                });
-            }
-        }
-    }
-    let _ = tcp_task.await;
-}
-
-async fn serve_tcp(ctx: Arc<Ctx>, listener: TcpListener, shutdown: CancellationToken) {
-    let connections = Arc::new(Semaphore::new(TCP_CONNECTIONS));
-    loop {
-        let (stream, src) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!("DNS TCP accept: {e}");
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (ctx, stop) = (ctx.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = serve_connection(&ctx, stream, src) => {}
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// Answers length-prefixed queries in order until the client goes quiet.
-async fn serve_connection(ctx: &Ctx, mut stream: TcpStream, src: SocketAddr) {
-    let mut buf = Vec::new();
-    loop {
-        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-            Ok(Ok(n)) => usize::from(n),
-            _ => return,
-        };
-        buf.resize(len, 0);
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await,
-            Ok(Ok(_))
-        ) {
-            return;
-        }
-        let index = ctx.cell.current();
-        let reply = match handler::handle(&index, &ctx.cfg.acl, &buf, src.ip(), Transport::Tcp) {
-            Outcome::Drop => {
-                ctx.metrics.dns.dropped.inc();
-                return;
-            }
-            Outcome::Reply(r) => r,
-            Outcome::Forward(f) => ctx.forward(f).await,
-        };
-        ctx.count(&reply);
-        let Ok(n) = u16::try_from(reply.bytes.len()) else {
-            return;
-        };
-        let mut out = Vec::with_capacity(reply.bytes.len() + 2);
-        out.extend_from_slice(&n.to_be_bytes());
-        out.extend_from_slice(&reply.bytes);
-        if stream.write_all(&out).await.is_err() {
-            return;
-        }
+    server.register_socket(udp);
+    server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
+    let stop = server.shutdown_token().clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.cancel();
+    });
+    if let Err(e) = server.block_until_done().await {
+        tracing::error!("DNS server stopped: {e}");
     }
 }

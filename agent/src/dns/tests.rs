@@ -1,7 +1,8 @@
 //! The handler fed with messages, no sockets (STYLE rule 11).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
@@ -12,7 +13,11 @@ use switchyard_model::{
     ServiceKey, ServicePort, ServiceState, ServiceType, TargetPort,
 };
 
-use super::handler::{Outcome, Transport, handle, handle_bytes};
+use hickory_server::net::xfer::Protocol as NetProtocol;
+use hickory_server::server::Request;
+
+use super::handler::{Answer, Decision, decide};
+use super::response::{Transport, handle_bytes};
 use super::{Acl, DnsIndex};
 use crate::state::{AgentState, HeldResource};
 
@@ -149,6 +154,20 @@ fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
     m.to_vec().expect("encode")
 }
 
+/// The request as hickory-server parses it.
+fn parsed(bytes: &[u8]) -> Request {
+    Request::from_bytes(
+        bytes.to_vec(),
+        SocketAddr::new(ip(LOCAL), 5353),
+        NetProtocol::Udp,
+    )
+    .expect("parsable")
+}
+
+fn decide_bytes<'i>(index: &'i DnsIndex, acl: &Acl, bytes: &[u8], src: IpAddr) -> Decision<'i> {
+    decide(index, acl, &parsed(bytes), src)
+}
+
 fn ask_with(
     index: &DnsIndex,
     name: &str,
@@ -157,15 +176,12 @@ fn ask_with(
     t: Transport,
 ) -> Message {
     let q = query_bytes(name, qtype, edns);
-    match handle(index, &Acl::node_local(&[]), &q, ip(LOCAL), t) {
-        Outcome::Reply(r) => {
-            let m = Message::from_vec(&r.bytes).expect("decodable answer");
-            assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
-            assert_eq!(m.metadata.response_code, r.rcode);
-            m
-        }
-        other => panic!("expected an answer for {name} {qtype}, got {other:?}"),
-    }
+    let Some(bytes) = handle_bytes(index, &Acl::node_local(&[]), &q, ip(LOCAL), t) else {
+        panic!("expected an answer for {name} {qtype}");
+    };
+    let m = Message::from_vec(&bytes).expect("decodable answer");
+    assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
+    m
 }
 
 fn ask(index: &DnsIndex, name: &str, qtype: RecordType) -> Message {
@@ -248,8 +264,8 @@ fn ptr_for_ipv4_and_ipv6() {
     // Addresses we do not know go upstream (CoreDNS `fallthrough`).
     let q = query_bytes("9.9.9.9.in-addr.arpa.", RecordType::PTR, None);
     assert!(matches!(
-        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
-        Outcome::Forward(_)
+        decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)),
+        Decision::Forward(_)
     ));
 }
 
@@ -324,8 +340,8 @@ fn external_name_is_a_cname() {
     assert_eq!(rdata(&c), ["pay.example.com."]);
     // An address query is answered with the CNAME plus what the upstream says.
     let q = query_bytes("pay.shop.svc.cluster.local.", RecordType::A, None);
-    match handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp) {
-        Outcome::Forward(f) => {
+    match decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)) {
+        Decision::Forward(f) => {
             assert_eq!(f.query.name.to_ascii(), "pay.example.com.");
             assert_eq!(f.query.query_type, RecordType::A);
             assert_eq!(f.cname.expect("cname").data.to_string(), "pay.example.com.");
@@ -393,8 +409,8 @@ fn servfail_before_the_first_snapshot() {
     // Other names are still forwarded.
     let q = query_bytes("example.com.", RecordType::A, None);
     assert!(matches!(
-        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
-        Outcome::Forward(_)
+        decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)),
+        Decision::Forward(_)
     ));
 }
 
@@ -440,9 +456,11 @@ fn edns_is_echoed_and_an_unknown_version_is_badvers() {
 #[test]
 fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
     let idx = cluster();
+    // hickory-server keeps the records that fit and sets TC (RFC 2181 §9
+    // allows either that or an empty answer; the client retries over TCP).
     let udp = ask(&idx, "big.shop.svc.cluster.local.", RecordType::A);
     assert!(udp.metadata.truncation);
-    assert!(udp.answers.is_empty());
+    assert!(udp.answers.len() < 60, "{}", udp.answers.len());
     let edns = ask_with(
         &idx,
         "big.shop.svc.cluster.local.",
@@ -477,34 +495,35 @@ fn sources_outside_the_allowed_ranges_are_refused() {
     let idx = cluster();
     let acl = Acl::new(vec!["10.244.0.0/16".parse().expect("net")]);
     let q = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
-    let Outcome::Reply(r) = handle(&idx, &acl, &q, ip("192.0.2.1"), Transport::Udp) else {
+    let Decision::Answer(a) = decide_bytes(&idx, &acl, &q, ip("192.0.2.1")) else {
         panic!("expected REFUSED");
     };
-    assert!(r.refused_source);
-    assert_eq!(r.rcode, ResponseCode::Refused);
+    assert!(a.refused_source);
+    assert_eq!(a.rcode, ResponseCode::Refused);
     let fwd = query_bytes("example.com.", RecordType::A, None);
     assert!(matches!(
-        handle(&idx, &acl, &fwd, ip("192.0.2.1"), Transport::Udp),
-        Outcome::Reply(_)
+        decide_bytes(&idx, &acl, &fwd, ip("192.0.2.1")),
+        Decision::Answer(Answer {
+            refused_source: true,
+            ..
+        })
     ));
     assert!(matches!(
-        handle(&idx, &acl, &q, ip("10.244.1.1"), Transport::Udp),
-        Outcome::Reply(Reply {
+        decide_bytes(&idx, &acl, &q, ip("10.244.1.1")),
+        Decision::Answer(Answer {
             refused_source: false,
             ..
         })
     ));
 }
 
-use super::handler::Reply;
-
 #[test]
 fn other_names_are_forwarded() {
     let idx = cluster();
     let q = query_bytes("example.com.", RecordType::A, None);
     assert!(matches!(
-        handle(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp),
-        Outcome::Forward(_)
+        decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)),
+        Decision::Forward(_)
     ));
 }
 
@@ -517,7 +536,8 @@ fn malformed_messages_get_formerr_or_nothing() {
     let mut resp = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
     resp[2] |= 0x80;
     assert!(handle_bytes(&idx, &acl, &resp, ip(LOCAL), Transport::Udp).is_none());
-    // A header that promises a question that is not there: FORMERR, same id.
+    // A header that promises a question that is not there: FORMERR, same id
+    // (hickory-server answers it before our handler sees it).
     let bad = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'x'];
     let out = handle_bytes(&idx, &acl, &bad, ip(LOCAL), Transport::Udp).expect("FORMERR");
     assert_eq!(&out[..2], &[0xab, 0xcd]);
@@ -605,7 +625,7 @@ fn resolv_conf_upstreams_skip_ourselves() {
     let text =
         "search x\nnameserver 169.254.20.10\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\n";
     let got = super::resolv_conf_upstreams(text, "169.254.20.10:53".parse().expect("addr"));
-    let want: Vec<std::net::SocketAddr> = vec![
+    let want: Vec<SocketAddr> = vec![
         "10.96.0.10:53".parse().expect("a"),
         "[fe80::1]:53".parse().expect("a"),
     ];
@@ -618,4 +638,83 @@ fn records_have_the_configured_ttl() {
     let all: Vec<&Record> = idx.names.values().flat_map(|n| n.records.iter()).collect();
     assert!(all.iter().all(|r| r.ttl == 5));
     assert!(matches!(idx.soa().data, RData::SOA(ref s) if s.minimum == 5));
+}
+
+#[test]
+fn answers_in_the_index_case_are_borrowed_not_copied() {
+    let idx = cluster();
+    let acl = Acl::node_local(&[]);
+    let lower = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    let Decision::Answer(a) = decide_bytes(&idx, &acl, &lower, ip(LOCAL)) else {
+        panic!("expected an answer");
+    };
+    assert!(matches!(a.answers, Cow::Borrowed([_])));
+    let mixed = query_bytes("Web.shop.svc.cluster.local.", RecordType::A, None);
+    let Decision::Answer(a) = decide_bytes(&idx, &acl, &mixed, ip(LOCAL)) else {
+        panic!("expected an answer");
+    };
+    assert!(matches!(&a.answers, Cow::Owned(v) if v.len() == 1));
+    // A negative answer carries the index's SOA itself.
+    let nx = query_bytes("nope.shop.svc.cluster.local.", RecordType::A, None);
+    let Decision::Answer(a) = decide_bytes(&idx, &acl, &nx, ip(LOCAL)) else {
+        panic!("expected an answer");
+    };
+    assert!(std::ptr::eq(a.soa.expect("soa"), idx.soa()));
+}
+
+#[test]
+fn a_smaller_client_edns_size_is_the_limit() {
+    let idx = cluster();
+    let m = ask_with(
+        &idx,
+        "big.shop.svc.cluster.local.",
+        RecordType::A,
+        Some(600),
+        Transport::Udp,
+    );
+    assert!(m.metadata.truncation);
+    assert_eq!(m.edns.expect("OPT").max_payload(), 600);
+    let q = query_bytes("big.shop.svc.cluster.local.", RecordType::A, Some(600));
+    let out =
+        handle_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp).expect("answer");
+    assert!(out.len() <= 600, "{}", out.len());
+}
+
+#[test]
+fn responses_are_dropped_by_the_core() {
+    let idx = cluster();
+    let mut q = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    q[2] |= 0x80;
+    assert!(matches!(
+        decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)),
+        Decision::Drop
+    ));
+}
+
+#[test]
+fn cached_answers_count_down_and_are_shared_within_a_second() {
+    use std::time::{Duration, Instant};
+
+    use hickory_proto::rr::rdata::A;
+
+    let cache = super::cache::AnswerCache::new(10);
+    let q = Query::query(
+        Name::from_ascii("x.example.org.").expect("name"),
+        RecordType::A,
+    );
+    let mut answer = Message::query();
+    answer.add_query(q.clone());
+    answer.answers.push(Record::from_rdata(
+        q.name.clone(),
+        300,
+        RData::A(A::new(192, 0, 2, 1)),
+    ));
+    let t0 = Instant::now();
+    cache.put(&q, &answer, t0);
+    let first = cache.get(&q, t0).expect("cached");
+    assert_eq!(first.answers[0].ttl, 30, "capped at 30 s");
+    assert!(Arc::ptr_eq(&first, &cache.get(&q, t0).expect("cached")));
+    let later = cache.get(&q, t0 + Duration::from_secs(2)).expect("cached");
+    assert_eq!(later.answers[0].ttl, 28);
+    assert!(cache.get(&q, t0 + Duration::from_secs(30)).is_none());
 }

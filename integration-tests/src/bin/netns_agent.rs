@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| switchyard_agent::dns::DEFAULT_LOG_FILTER.into()),
         )
         .init();
     let args = switchyard_agent::Args::parse();
