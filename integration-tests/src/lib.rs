@@ -44,6 +44,58 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// A temporary directory holding a `manifests/` directory (what the
+/// control plane's file source reads) and state directories.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// The directory; removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// A fresh environment (and logging, once per process).
+    pub fn new() -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("manifests")).expect("manifests dir");
+        Self { dir }
+    }
+
+    /// Where manifests go.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes a manifest by write-then-rename, as editors and config
+    /// management do.
+    pub fn write(&self, file: &str, body: &str) {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body).expect("writing manifest");
+        std::fs::rename(&tmp, self.manifests().join(file)).expect("renaming manifest");
+    }
+
+    /// Removes a manifest.
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.manifests().join(file)).expect("removing manifest");
+    }
+
+    /// A state directory named `name` (created by whoever uses it).
+    pub fn state(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Control-plane arguments over the manifests, plain gRPC.
+    pub fn cp_args(&self) -> switchyard_control_plane::Args {
+        cp_args(&self.manifests(), &self.state("cp"), None)
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// TLS material for a control plane.
 #[derive(Debug, Clone)]
 pub struct ServerTls {

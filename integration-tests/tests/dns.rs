@@ -9,32 +9,7 @@ use switchyard_agent::config::DnsListen;
 use switchyard_integration_tests::dns::{FakeUpstream, dig};
 use switchyard_integration_tests::*;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        init_logging();
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("manifests")).expect("manifests dir");
-        Self { dir }
-    }
-    fn manifests(&self) -> std::path::PathBuf {
-        self.dir.path().join("manifests")
-    }
-    fn write(&self, file: &str, body: &str) {
-        let tmp = self.dir.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, body).expect("writing manifest");
-        std::fs::rename(&tmp, self.manifests().join(file)).expect("renaming manifest");
-    }
-    fn remove(&self, file: &str) {
-        std::fs::remove_file(self.manifests().join(file)).expect("removing manifest");
-    }
-    fn state(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-}
+type Env = TestEnv;
 
 const HEADLESS: &str = "apiVersion: v1
 kind: Service

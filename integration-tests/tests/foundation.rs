@@ -3,33 +3,7 @@
 
 use switchyard_integration_tests::*;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        init_logging();
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("manifests")).expect("manifests dir");
-        Self { dir }
-    }
-    fn manifests(&self) -> std::path::PathBuf {
-        self.dir.path().join("manifests")
-    }
-    fn write(&self, file: &str, body: &str) {
-        // Write then rename, as editors and config management do.
-        let tmp = self.dir.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, body).expect("writing manifest");
-        std::fs::rename(&tmp, self.manifests().join(file)).expect("renaming manifest");
-    }
-    fn state(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-    fn cp_args(&self) -> switchyard_control_plane::Args {
-        cp_args(&self.manifests(), &self.state("cp"), None)
-    }
-}
+type Env = TestEnv;
 
 fn url(cp: &switchyard_control_plane::ControlPlane) -> String {
     format!("http://{}", cp.grpc_addr)
