@@ -148,24 +148,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
                 return;
             }
         };
-        let changed = state.send_if_modified(|current| {
-            if *current == new_state {
-                false
-            } else {
-                *current = new_state;
-                true
-            }
-        });
-        if changed {
-            let s = state.borrow();
-            tracing::info!(
-                source = %name,
-                services = s.services.len(),
-                slices = s.slices.len(),
-                errors = s.errors.len(),
-                "files loaded"
-            );
-        }
+        super::publish(&state, &name, new_state);
         if !next_change(&mut events, source.debounce, &shutdown).await {
             return;
         }

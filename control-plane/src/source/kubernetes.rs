@@ -319,25 +319,7 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             dirty = false;
             let mut new = view.build();
             new.last_error = last_error;
-            let changed = state.send_if_modified(|current| {
-                if *current == new {
-                    false
-                } else {
-                    *current = new;
-                    true
-                }
-            });
-            if changed {
-                let s = state.borrow();
-                tracing::info!(
-                    source = %name,
-                    services = s.services.len(),
-                    slices = s.slices.len(),
-                    nodes = s.nodes.len(),
-                    errors = s.errors.len(),
-                    "cluster state published"
-                );
-            }
+            super::publish(&state, &name, new);
         } else {
             state.send_if_modified(|s| {
                 let changed = s.last_error != last_error;

@@ -96,3 +96,28 @@ pub trait Source: Send + 'static {
         shutdown: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
+
+/// Publishes `new` unless it equals the current state, logging a summary
+/// when it changed. Returns whether it did.
+pub fn publish(state: &watch::Sender<SourceState>, name: &str, new: SourceState) -> bool {
+    let changed = state.send_if_modified(|current| {
+        if *current == new {
+            false
+        } else {
+            *current = new;
+            true
+        }
+    });
+    if changed {
+        let s = state.borrow();
+        tracing::info!(
+            source = %name,
+            services = s.services.len(),
+            slices = s.slices.len(),
+            nodes = s.nodes.len(),
+            errors = s.errors.len(),
+            "source state published"
+        );
+    }
+    changed
+}
