@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Switchyard locally with built-in defaults: a control plane serving the
 # manifests in examples/ and one agent (data plane "none": it records what it
-# would program). State goes under ./.switchyard/. Stop with Ctrl-C.
+# would program; DNS on 127.0.0.1:5353, so nothing on the host changes).
+# State goes under ./.switchyard/. Stop with Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,8 @@ mkdir -p "$state"
 
 "$bin/switchyard-control-plane" --source file:examples --state-dir "$state/control-plane" &
 cp_pid=$!
-"$bin/switchyard-agent" --node-name demo-node --dataplane none --state-dir "$state/agent" &
+"$bin/switchyard-agent" --node-name demo-node --dataplane none --state-dir "$state/agent" \
+  --dns-listen 127.0.0.1:5353 &
 agent_pid=$!
 trap 'kill $cp_pid $agent_pid 2>/dev/null; wait' EXIT INT TERM
 
@@ -22,6 +24,7 @@ Switchyard is running.
   control plane status:  curl -s localhost:9901/status
   control plane metrics: curl -s localhost:9901/metrics
   agent status:          curl -s localhost:9902/status
+  DNS from the agent:    dig @127.0.0.1 -p 5353 web.shop.svc.cluster.local
 Edit a file in examples/ and watch the version move on both.
 TXT
 wait
