@@ -37,6 +37,24 @@ async fn all_acked(cp: &switchyard_control_plane::ControlPlane, nodes: &[&str], 
     .await;
 }
 
+/// A control plane over the environment's manifests and one recording agent
+/// (`node-a`, state in `a/`) that has applied the first snapshot.
+async fn cp_with_agent(
+    env: &Env,
+) -> (
+    switchyard_control_plane::ControlPlane,
+    String,
+    switchyard_agent::Agent,
+    std::sync::Arc<std::sync::Mutex<switchyard_agent::dataplane::Recorded>>,
+) {
+    let cp = start_cp(env.cp_args()).await;
+    let v1 = current_version(&cp).await;
+    let (agent, rec) =
+        start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
+    agent_at_version(&agent, &v1).await;
+    (cp, v1, agent, rec)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_converge_and_follow_a_file_change() {
     let env = Env::new();
@@ -133,10 +151,7 @@ async fn an_invalid_document_is_skipped_and_reported() {
         "bad.yaml",
         "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\n  name: broken\nspec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 999999\n  ports:\n  - port: 80\n",
     );
-    let cp = start_cp(env.cp_args()).await;
-    let v1 = current_version(&cp).await;
-    let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
-    agent_at_version(&agent, &v1).await;
+    let (cp, _v1, agent, _) = cp_with_agent(&env).await;
     let names: Vec<String> = agent.state.borrow().resources.keys().cloned().collect();
     assert_eq!(
         names,
@@ -235,10 +250,7 @@ async fn control_plane_death_and_agent_restart_keep_the_last_good_state() {
         "api.yaml",
         &service_yaml("shop", "api", 81, &["10.244.1.11"]),
     );
-    let cp = start_cp(env.cp_args()).await;
-    let v1 = current_version(&cp).await;
-    let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
-    agent_at_version(&agent, &v1).await;
+    let (cp, v1, agent, _) = cp_with_agent(&env).await;
     let cp_url = url(&cp);
 
     let mut st = agent.state.clone();
@@ -322,11 +334,8 @@ async fn corrupt_state_is_discarded_and_resynced() {
         "web.yaml",
         &service_yaml("shop", "web", 80, &["10.244.1.10"]),
     );
-    let cp = start_cp(env.cp_args()).await;
-    let v1 = current_version(&cp).await;
+    let (cp, v1, agent, _) = cp_with_agent(&env).await;
     let dir = env.state("a");
-    let (agent, _) = start_recording_agent(agent_args("node-a", &url(&cp), &dir)).await;
-    agent_at_version(&agent, &v1).await;
     agent.shutdown().await;
 
     // Flip a byte inside the stored resource, through sled itself.
@@ -440,11 +449,7 @@ async fn a_large_state_arrives_in_parts_and_is_applied_once() {
         })
         .collect();
     env.write("bulk.yaml", &docs.join("---\n"));
-    let cp = start_cp(env.cp_args()).await;
-    let v1 = current_version(&cp).await;
-    let (agent, rec) =
-        start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
-    agent_at_version(&agent, &v1).await;
+    let (cp, v1, agent, rec) = cp_with_agent(&env).await;
     all_acked(&cp, &["node-a"], &v1).await;
     assert_eq!(agent.state.borrow().resources.len(), 400);
     let doc = agent.status.document();
