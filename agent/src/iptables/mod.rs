@@ -1,12 +1,12 @@
 //! `--dataplane iptables`: kube-proxy-shaped rules under the `SWY-` prefix,
-//! programmed with one `iptables-restore --noflush` transaction per family
-//! and change.
+//! programmed with `iptables-restore --noflush`: one transaction per family
+//! and change, and a few in sequence for a full sync.
 //!
 //! ```text
-//!  Change ─▶ full? ──yes──▶ iptables-save (what of ours exists) ─▶ sync::FamilyTables::full ─┐
-//!             │no                                                                          ├─▶ runner::restore ─▶ conntrack -D
-//!             └──────────▶ sync::FamilyTables::partial (changed Services, their buckets) ───┘        │ error
-//!                                                                  full sync of the last good state ◀─┘ (and NACK)
+//!  Change ─▶ full? ──yes──▶ nft list chains + iptables -S (what of ours exists) ─▶ sync::FamilyTables::full ─┐ restores, in order
+//!             │no                                                                                         ├─▶ runner::restore ─▶ conntrack -D
+//!             └──────────▶ sync::FamilyTables::partial (changed Services, their buckets) ──────────────────┘        │ error
+//!                                                                                 full sync of the last good state ◀─┘ (and NACK)
 //! ```
 //!
 //! Modules: [`rules`] (rule text, pure), [`sync`] (what is programmed and
@@ -26,7 +26,13 @@ use crate::status::Metrics;
 
 pub use rules::{Family, NodeConfig, Table};
 pub use runner::Runner;
-use sync::{Existing, FamilyTables};
+use sync::FamilyTables;
+
+/// A full sync splits its `iptables-restore --noflush` input into pieces of
+/// about this many chains: iptables-nft 1.8.9's cost per transaction grows
+/// with the square of the chains it names (BENCHMARKS.md, "iptables data
+/// plane").
+pub const CHAINS_PER_RESTORE: usize = 1000;
 
 /// The iptables data plane.
 #[derive(Debug)]
@@ -75,18 +81,17 @@ impl IptablesDataPlane {
         self.needs_full = true;
         let mut next = Vec::new();
         for &family in &self.families {
-            let mut existing = Existing::default();
-            for table in Table::ALL {
-                let saved = self
-                    .runner
-                    .save(family, table)
-                    .map_err(|e| ApplyError(e.to_string()))?;
-                existing.parse(table, &saved);
+            let existing = self
+                .runner
+                .existing(family)
+                .map_err(|e| ApplyError(e.to_string()))?;
+            let (tables, restores) =
+                FamilyTables::full(state, &self.cfg, &existing, family, CHAINS_PER_RESTORE);
+            for text in &restores {
+                self.runner
+                    .restore(family, text)
+                    .map_err(|e| self.failed(e))?;
             }
-            let (tables, tx) = FamilyTables::full(state, &self.cfg, &existing, family);
-            self.runner
-                .restore(family, &tx.text)
-                .map_err(|e| self.failed(e))?;
             next.push(tables);
         }
         self.tables = next;
@@ -219,18 +224,14 @@ impl DataPlane for IptablesDataPlane {
 }
 
 /// `switchyard-agent cleanup`: removes every chain and rule of ours, in
-/// each family whose tools work, in one transaction per family.
+/// each family whose tools work: our jumps first, then our chains.
 pub fn cleanup(runner: &Runner) -> Result<(), runner::RunError> {
     for family in Family::ALL {
         if family == Family::V6 && !runner.available(family) {
             continue;
         }
-        let mut existing = Existing::default();
-        for table in Table::ALL {
-            existing.parse(table, &runner.save(family, table)?);
-        }
-        let text = sync::cleanup(&existing);
-        if !text.is_empty() {
+        let existing = runner.existing(family)?;
+        for text in sync::cleanup(&existing, CHAINS_PER_RESTORE) {
             runner.restore(family, &text)?;
         }
         tracing::info!(

@@ -32,7 +32,8 @@ pub enum ConntrackFlush {
     Destination(UdpDestination),
 }
 
-/// What `iptables-save` showed of ours in one family.
+/// What of ours the kernel holds in one family: our chains, and our jumps
+/// from the built-in chains.
 #[derive(Debug, Clone, Default)]
 pub struct Existing {
     /// Our chains, by table.
@@ -42,7 +43,28 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// Reads the output of `iptables-save -t <table>` for `table`.
+    /// Reads the output of `nft list chains ip` (or `ip6`): our chains in
+    /// the nat and filter tables.
+    pub fn parse_nft_chains(&mut self, listing: &str) {
+        let mut table = None;
+        for line in listing.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["table", _family, name, ..] => {
+                    table = Table::ALL.into_iter().find(|t| t.name() == *name);
+                }
+                ["chain", name, ..] if name.starts_with(PREFIX) => {
+                    if let Some(t) = table {
+                        self.chains.insert((t, (*name).to_owned()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads the output of `iptables-save -t <table>`, or of
+    /// `iptables -t <table> -S <chain>`, for `table`.
     pub fn parse(&mut self, table: Table, saved: &str) {
         for line in saved.lines() {
             if let Some(decl) = line.strip_prefix(':') {
@@ -136,6 +158,77 @@ fn assemble(tables: BTreeMap<Table, TableText>) -> String {
     out
 }
 
+/// Restore inputs under construction: chains go into the open input,
+/// which is sealed once it names `limit` chains.
+struct Batches {
+    limit: usize,
+    open: BTreeMap<Table, TableText>,
+    chains: usize,
+    done: Vec<String>,
+}
+
+impl Batches {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            open: BTreeMap::new(),
+            chains: 0,
+            done: Vec::new(),
+        }
+    }
+
+    fn chain(&mut self, table: Table, name: &str, rules: &[String]) {
+        self.open.entry(table).or_default().chain(name, rules);
+        self.chains += 1;
+    }
+
+    fn insert_jump(&mut self, table: Table, line: &str) {
+        let _ = writeln!(self.open.entry(table).or_default().deletes, "{line}");
+    }
+
+    fn seal_if_full(&mut self) {
+        if self.chains >= self.limit {
+            self.seal();
+        }
+    }
+
+    fn seal(&mut self) {
+        let text = assemble(std::mem::take(&mut self.open));
+        if !text.is_empty() {
+            self.done.push(text);
+        }
+        self.chains = 0;
+    }
+
+    /// Deletes `chains`. They may jump to each other, so when they do not
+    /// fit in one input, inputs that flush them all come before the ones
+    /// that delete them.
+    fn delete(&mut self, chains: &[&(Table, String)]) {
+        if chains.len() <= self.limit {
+            for (table, name) in chains {
+                self.open.entry(*table).or_default().delete(name);
+            }
+            self.seal();
+            return;
+        }
+        for part in chains.chunks(self.limit) {
+            for (table, name) in part {
+                let _ = writeln!(
+                    self.open.entry(*table).or_default().decls,
+                    ":{name} - [0:0]"
+                );
+            }
+            self.seal();
+        }
+        for part in chains.chunks(self.limit) {
+            for (table, name) in part {
+                let _ = writeln!(self.open.entry(*table).or_default().deletes, "-X {name}");
+            }
+            self.seal();
+        }
+    }
+}
+
 impl FamilyTables {
     /// Nothing programmed yet.
     pub fn new(family: Family) -> Self {
@@ -184,31 +277,48 @@ impl FamilyTables {
         (p, r.chains)
     }
 
-    /// Rewrites everything: a fresh record of `state`, and the transaction
-    /// that replaces whatever of ours `existing` lists.
+    /// Rewrites everything: a fresh record of `state`, and the
+    /// `iptables-restore --noflush` inputs that replace whatever of ours
+    /// `existing` lists, to be run in order. Each input holds at most about
+    /// `chains_per_restore` chains (one Service's chains are never split):
+    /// iptables-nft's `--noflush` cost grows with the square of the chains
+    /// one transaction names, so 10,000 Services in one input take minutes
+    /// where batches take seconds (BENCHMARKS.md).
+    ///
+    /// Every prefix of the sequence leaves the kernel consistent: the first
+    /// inputs (re)write the static chains and the Services' own chains,
+    /// which nothing but the dispatch chains reference; the next one
+    /// rewrites the dispatch chains and the jumps from the built-in chains
+    /// in one transaction; the last ones delete what is no longer
+    /// referenced.
     pub fn full(
         state: &AgentState,
         cfg: &NodeConfig,
         existing: &Existing,
         family: Family,
-    ) -> (Self, Transaction) {
+        chains_per_restore: usize,
+    ) -> (Self, Vec<String>) {
         let mut me = Self::new(family);
-        let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+        let mut out = Batches::new(chains_per_restore);
         let mut wanted: HashSet<(Table, String)> = HashSet::new();
         for c in rules::static_chains(family, cfg) {
             me.static_rules += c.rules.len();
-            tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+            out.chain(c.table, &c.name, &c.rules);
             wanted.insert((c.table, c.name));
         }
         for (name, held) in &state.resources {
             let r = rules::service_rules(&held.state, family, cfg);
             let (p, chains) = me.record(name, r);
             for c in chains {
-                tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+                out.chain(c.table, &c.name, &c.rules);
                 wanted.insert((c.table, c.name));
             }
             me.services.insert(name.clone(), p);
+            out.seal_if_full();
         }
+        out.seal();
+
+        // The dispatch: one transaction.
         let mut slots: Vec<_> = me.slots.keys().copied().collect();
         slots.sort();
         for table in Table::ALL {
@@ -219,28 +329,23 @@ impl FamilyTables {
                     me.jumped.insert((table, b));
                 }
             }
+            for &(t, slot) in &slots {
+                if t == table && slot != Slot::NodePorts {
+                    let name = slot.chain(table);
+                    out.chain(table, &name, &me.slot_rules(table, slot));
+                    wanted.insert((table, name));
+                }
+            }
             head.extend(rules::services_tail(family, cfg));
             me.static_rules += head.len();
-            let text = tables.entry(table).or_default();
-            text.chain(SERVICES, &head);
+            out.chain(table, SERVICES, &head);
             wanted.insert((table, SERVICES.to_owned()));
-            let np = me.slot_rules(table, Slot::NodePorts);
-            text.chain(rules::NODEPORTS, &np);
+            out.chain(
+                table,
+                rules::NODEPORTS,
+                &me.slot_rules(table, Slot::NodePorts),
+            );
             wanted.insert((table, rules::NODEPORTS.to_owned()));
-        }
-        for &(table, slot) in &slots {
-            if slot == Slot::NodePorts {
-                continue;
-            }
-            let name = slot.chain(table);
-            let r = me.slot_rules(table, slot);
-            tables.entry(table).or_default().chain(&name, &r);
-            wanted.insert((table, name));
-        }
-        for (table, name) in &existing.chains {
-            if !wanted.contains(&(*table, name.clone())) {
-                tables.entry(*table).or_default().delete(name);
-            }
         }
         for j in BUILTIN_JUMPS {
             let present = existing
@@ -248,23 +353,19 @@ impl FamilyTables {
                 .iter()
                 .any(|(t, c, target, _)| *t == j.table && c == j.chain && target == j.target);
             if !present {
-                let _ = writeln!(
-                    tables.entry(j.table).or_default().deletes,
-                    "-I {} 1 {}",
-                    j.chain,
-                    j.spec
-                );
+                out.insert_jump(j.table, &format!("-I {} 1 {}", j.chain, j.spec));
             }
         }
         me.static_rules += BUILTIN_JUMPS.len();
-        let text = assemble(tables);
-        (
-            me,
-            Transaction {
-                text,
-                conntrack: Vec::new(),
-            },
-        )
+        out.seal();
+
+        let leftovers: Vec<&(Table, String)> = existing
+            .chains
+            .iter()
+            .filter(|c| !wanted.contains(*c))
+            .collect();
+        out.delete(&leftovers);
+        (me, out.done)
     }
 
     fn slot_rules(&self, table: Table, slot: Slot) -> Vec<String> {
@@ -371,17 +472,23 @@ fn udp_changes(old: &[UdpTargets], new: &[UdpTargets], out: &mut BTreeSet<Conntr
     }
 }
 
-/// The transaction that removes everything of ours `existing` lists.
-pub fn cleanup(existing: &Existing) -> String {
-    let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+/// The restore inputs that remove everything of ours `existing` lists, in
+/// order: the jumps from the built-in chains first, then our chains.
+pub fn cleanup(existing: &Existing, chains_per_restore: usize) -> Vec<String> {
+    let mut out = Batches::new(chains_per_restore);
     for (table, _chain, _target, line) in &existing.jumps {
-        let t = tables.entry(*table).or_default();
-        let _ = writeln!(t.rules, "-D{}", &line[2..]);
+        let _ = writeln!(
+            out.open.entry(*table).or_default().rules,
+            "-D{}",
+            &line[2..]
+        );
     }
-    for (table, name) in &existing.chains {
-        tables.entry(*table).or_default().delete(name);
+    out.seal();
+    let chains: Vec<&(Table, String)> = existing.chains.iter().collect();
+    if !chains.is_empty() {
+        out.delete(&chains);
     }
-    assemble(tables)
+    out.done
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
 //! Benchmark of the iptables data plane, in network namespaces it creates
 //! and deletes. For each size (services x 10 endpoints):
-//! - full sync (save + generate + one restore) into a fresh namespace,
-//!   beside a plain `iptables-restore --noflush` of the same text into
-//!   another fresh namespace;
+//! - full sync (discovery + generate + batched `--noflush` restores) into a
+//!   fresh namespace, beside a plain `iptables-restore` (flushing the
+//!   table, one transaction) of the same rules into another fresh
+//!   namespace, and, up to 2,000 Services, beside one `--noflush`
+//!   transaction of the same rules (minutes at 10,000);
+//! - a full sync by a new data plane over the rules already there (an agent
+//!   restart);
 //! - one endpoint changed (partial sync), median of several;
-//! - resident memory of the state plus the data plane's record.
+//! - resident memory of the state plus the data plane's record;
+//! - `cleanup`.
 //!
-//! Run as root: `cargo run --release -p switchyard-integration-tests --bin bench_iptables`.
+//! Run as root: `cargo run --release -p switchyard-integration-tests --bin bench_iptables -- 1000 10000`.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -14,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use switchyard_agent::dataplane::{Change, DataPlane};
 use switchyard_agent::iptables::sync::{Existing, FamilyTables};
-use switchyard_agent::iptables::{Family, IptablesDataPlane, NodeConfig, Runner};
+use switchyard_agent::iptables::{
+    CHAINS_PER_RESTORE, Family, IptablesDataPlane, NodeConfig, Runner, cleanup,
+};
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
@@ -121,10 +128,62 @@ fn rss_kib() -> u64 {
 struct Row {
     services: usize,
     lines: usize,
+    restores: usize,
     full: Duration,
     plain: Duration,
+    one_noflush: Option<Duration>,
+    restart: Duration,
     partial: Duration,
+    floor: Duration,
     rss_mib: f64,
+    cleanup: Duration,
+}
+
+/// The restore inputs merged into one transaction per table (a plain
+/// restore flushes a table at each of its `*table` lines).
+fn one_transaction(restores: &[String]) -> String {
+    let mut tables: Vec<(String, String, String)> = Vec::new();
+    let mut at = 0;
+    for line in restores.iter().flat_map(|r| r.lines()) {
+        if let Some(name) = line.strip_prefix('*') {
+            at = match tables.iter().position(|t| t.0 == name) {
+                Some(i) => i,
+                None => {
+                    tables.push((name.to_owned(), String::new(), String::new()));
+                    tables.len() - 1
+                }
+            };
+        } else if line.starts_with(':') {
+            tables[at].1.push_str(line);
+            tables[at].1.push('\n');
+        } else if line != "COMMIT" {
+            tables[at].2.push_str(line);
+            tables[at].2.push('\n');
+        }
+    }
+    tables
+        .into_iter()
+        .map(|(name, decls, rules)| format!("*{name}\n{decls}{rules}COMMIT\n"))
+        .collect()
+}
+
+/// Restores `text` in a fresh namespace with `args`, timed.
+fn timed_restore(text: &str, args: &[&str]) -> Duration {
+    let file = std::env::temp_dir().join(format!("swy-bench-{}.rules", std::process::id()));
+    std::fs::write(&file, text).expect("writing rules");
+    let ns = Netns::new("plain");
+    let t = Instant::now();
+    let ok = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "iptables-restore", "-w", "5"])
+        .args(args)
+        .stdin(std::fs::File::open(&file).expect("rules file"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let took = t.elapsed();
+    assert!(ok, "iptables-restore {args:?} failed");
+    let _ = std::fs::remove_file(&file);
+    took
 }
 
 fn measure(n: usize) -> Row {
@@ -138,34 +197,19 @@ fn measure(n: usize) -> Row {
         removed: Vec::new(),
     };
 
-    // The text a full sync writes into an empty namespace, restored plainly.
-    let (_, tx) = FamilyTables::full(&state, &cfg(), &Existing::default(), Family::V4);
-    let lines = tx.text.lines().count();
-    let file = std::env::temp_dir().join(format!("swy-bench-{n}.rules"));
-    std::fs::write(&file, &tx.text).expect("writing rules");
-    let plain_ns = Netns::new("plain");
-    let t = Instant::now();
-    let ok = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &plain_ns.0,
-            "iptables-restore",
-            "-w",
-            "5",
-            "--noflush",
-        ])
-        .stdin(std::fs::File::open(&file).expect("rules file"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let plain = t.elapsed();
-    assert!(ok, "plain iptables-restore failed");
-    drop(plain_ns);
-    let _ = std::fs::remove_file(&file);
+    // The rules a full sync writes into an empty namespace, as one text.
+    let full_text =
+        |limit| FamilyTables::full(&state, &cfg(), &Existing::default(), Family::V4, limit).1;
+    let text = one_transaction(&full_text(usize::MAX));
+    let lines = text.lines().count();
+    let restores = full_text(CHAINS_PER_RESTORE).len();
+    let plain = timed_restore(&text, &[]);
+    let one_noflush = (n <= 2_000).then(|| timed_restore(&text, &["--noflush"]));
+    drop(text);
 
     let ns = Netns::new("dp");
-    let mut dp = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&ns.0));
+    let runner = Runner::in_netns(&ns.0);
+    let mut dp = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
     let t = Instant::now();
     dp.apply(&Change {
         state: &state,
@@ -175,6 +219,19 @@ fn measure(n: usize) -> Row {
     .expect("full sync");
     let full = t.elapsed();
     let rss_mib = rss_kib().saturating_sub(rss0) as f64 / 1024.0;
+
+    // An agent restart: a new data plane rewrites what is there.
+    let mut again = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
+    let t = Instant::now();
+    again
+        .apply(&Change {
+            state: &state,
+            changes: &all,
+            full: true,
+        })
+        .expect("full sync over existing rules");
+    let restart = t.elapsed();
+    drop(again);
 
     let mut partials = Vec::new();
     for round in 1..=7u32 {
@@ -196,13 +253,38 @@ fn measure(n: usize) -> Row {
         state = next;
     }
     partials.sort();
+    // The floor: the smallest transaction that adds a rule to this nat
+    // table. The kernel revalidates every rule reachable from the built-in
+    // chains at each such commit, so this grows with the table.
+    let mut floors = Vec::new();
+    for round in 0..7 {
+        let t = Instant::now();
+        runner
+            .restore(
+                Family::V4,
+                &format!(
+                    "*nat\n:SWY-BENCH-{round} - [0:0]\n-A SWY-BENCH-{round} -j RETURN\nCOMMIT\n"
+                ),
+            )
+            .expect("floor transaction");
+        floors.push(t.elapsed());
+    }
+    floors.sort();
+    let t = Instant::now();
+    cleanup(&runner).expect("cleanup");
+    let cleanup = t.elapsed();
     Row {
         services: n,
         lines,
+        restores,
         full,
         plain,
+        one_noflush,
+        restart,
         partial: partials[partials.len() / 2],
+        floor: floors[floors.len() / 2],
         rss_mib,
+        cleanup,
     }
 }
 
@@ -218,19 +300,27 @@ fn main() {
     };
     let rows: Vec<Row> = sizes.into_iter().map(measure).collect();
     println!(
-        "| services x 10 endpoints | restore lines | full sync | plain iptables-restore | ratio | one endpoint changed (median of 7) | RSS of state + record |"
+        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | RSS of state + record | cleanup |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s | {:.2} s | {:.2} | {:.1} ms | {:.1} MiB |",
+            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} MiB | {:.2} s |",
             r.services,
             r.lines,
             r.full.as_secs_f64(),
+            r.restores,
             r.plain.as_secs_f64(),
             r.full.as_secs_f64() / r.plain.as_secs_f64(),
+            r.one_noflush.map_or("not run".to_owned(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            )),
+            r.restart.as_secs_f64(),
             r.partial.as_secs_f64() * 1e3,
+            r.floor.as_secs_f64() * 1e3,
             r.rss_mib,
+            r.cleanup.as_secs_f64(),
         );
     }
 }

@@ -61,20 +61,33 @@ fn full_sync_writes_everything_and_removes_leftovers() {
         "*nat\n:PREROUTING ACCEPT [0:0]\n:SWY-SEP-OLD - [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n",
     );
     assert_eq!(existing.jumps.len(), 1);
-    let (tables, tx) = FamilyTables::full(
+    let (tables, restores) = FamilyTables::full(
         &two_services(&["10.244.1.1"]),
         &cfg(),
         &existing,
         Family::V4,
+        1000,
     );
-    let t = &tx.text;
-    assert!(t.starts_with("*nat\n"));
+    // Service chains, then the dispatch, then the leftovers.
+    assert_eq!(restores.len(), 3, "{restores:#?}");
+    let (chains, dispatch, deletes) = (&restores[0], &restores[1], &restores[2]);
+    assert!(chains.starts_with("*nat\n"));
+    assert!(chains.contains(":SWY-MARK-MASQ - [0:0]\n"));
+    assert!(chains.contains(":SWY-SVC-"));
+    assert!(!chains.contains("SWY-SERVICES"));
+    let t = dispatch;
     assert_eq!(t.matches("COMMIT").count(), 2);
     assert!(t.contains(":SWY-SERVICES - [0:0]\n"));
     assert!(t.contains("-A SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n"));
     assert!(t.contains("-A SWY-SERVICES -d 0.0.0.11/0.0.0.255 -j SWY-SB-0B\n"));
-    assert!(t.contains("-X SWY-SEP-OLD\n"), "leftover chain deleted");
-    assert!(!t.contains("KUBE-"), "chains we do not own are never named");
+    assert_eq!(
+        deletes,
+        "*nat\n:SWY-SEP-OLD - [0:0]\n-X SWY-SEP-OLD\nCOMMIT\n"
+    );
+    assert!(
+        !restores.concat().contains("KUBE-"),
+        "chains we do not own are never named"
+    );
     // PREROUTING's jump exists; the others are inserted.
     assert!(!t.contains("-I PREROUTING"));
     assert!(t.contains(
@@ -95,7 +108,8 @@ fn full_sync_writes_everything_and_removes_leftovers() {
 #[test]
 fn partial_sync_touches_only_the_changed_service() {
     let before = two_services(&["10.244.1.1", "10.244.1.2"]);
-    let (mut tables, _) = FamilyTables::full(&before, &cfg(), &Existing::default(), Family::V4);
+    let (mut tables, _) =
+        FamilyTables::full(&before, &cfg(), &Existing::default(), Family::V4, 1000);
     let rules_before = tables.rule_count();
     let after = two_services(&["10.244.1.1"]);
     let changes = ChangeSet {
@@ -172,7 +186,7 @@ fn partial_sync_touches_only_the_changed_service() {
     assert!(tx.text.contains(":SWY-SB-0A - [0:0]\n"));
     assert!(!tx.text.contains("-A SWY-SB-0A"));
     assert_eq!(tables.rule_count(), {
-        let (fresh, _) = FamilyTables::full(&gone, &cfg(), &Existing::default(), Family::V4);
+        let (fresh, _) = FamilyTables::full(&gone, &cfg(), &Existing::default(), Family::V4, 1000);
         // Three bucket jumps (nat 0A and 0B, filter 0A) stay until the next full sync.
         fresh.rule_count() + 3
     });
@@ -185,10 +199,202 @@ fn cleanup_removes_our_jumps_and_chains_only() {
         Table::Nat,
         ":PREROUTING ACCEPT [0:0]\n:SWY-SERVICES - [0:0]\n:DOCKER - [0:0]\n-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n-A SWY-SERVICES -j SWY-NODEPORTS\n",
     );
-    let t = cleanup(&existing);
+    let t = cleanup(&existing, 1000);
     assert_eq!(
         t,
-        "*nat\n:SWY-SERVICES - [0:0]\n-D PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES\n-X SWY-SERVICES\nCOMMIT\n"
+        vec![
+            "*nat\n-D PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES\nCOMMIT\n",
+            "*nat\n:SWY-SERVICES - [0:0]\n-X SWY-SERVICES\nCOMMIT\n",
+        ]
     );
-    assert_eq!(cleanup(&Existing::default()), "");
+    assert!(cleanup(&Existing::default(), 1000).is_empty());
+}
+
+#[test]
+fn nft_chain_listing_names_our_chains_per_table() {
+    let mut existing = Existing::default();
+    existing.parse_nft_chains(
+        "table ip nat {\n\tchain PREROUTING {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}\n\tchain SWY-SERVICES {\n\t}\n\tchain DOCKER {\n\t}\n}\ntable ip filter {\n\tchain SWY-SERVICES {\n\t}\n}\ntable ip mangle {\n\tchain SWY-ODD {\n\t}\n}\n",
+    );
+    let chains: Vec<_> = existing.chains.iter().cloned().collect();
+    assert_eq!(
+        chains,
+        vec![
+            (Table::Nat, "SWY-SERVICES".to_owned()),
+            (Table::Filter, "SWY-SERVICES".to_owned()),
+        ]
+    );
+}
+
+/// What iptables-restore would hold, enough to check that every input of a
+/// sequence is accepted and leaves no jump to a missing chain.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Kernel {
+    chains: BTreeMap<(Table, String), Vec<String>>,
+}
+
+fn jump_target(rule: &str) -> Option<&str> {
+    rule.split(" -j ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .filter(|t| t.starts_with(PREFIX))
+}
+
+impl Kernel {
+    fn restore(&mut self, text: &str) {
+        let mut next = self.clone();
+        let mut table = Table::Nat;
+        for line in text.lines() {
+            let builtin = |n: &str| !n.starts_with(PREFIX);
+            if let Some(t) = line.strip_prefix('*') {
+                table = Table::ALL
+                    .into_iter()
+                    .find(|x| x.name() == t)
+                    .expect("table");
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().expect("name");
+                next.chains.insert((table, name.to_owned()), Vec::new());
+            } else if line == "COMMIT" {
+                for ((t, c), rules) in &next.chains {
+                    for r in rules {
+                        if let Some(target) = jump_target(r) {
+                            assert!(
+                                next.chains.contains_key(&(*t, target.to_owned())),
+                                "{c} jumps to missing {target} after:\n{text}"
+                            );
+                        }
+                    }
+                }
+            } else {
+                let (op, rest) = line.split_at(2);
+                let rest = rest.trim_start();
+                let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+                let key = (table, chain.to_owned());
+                if builtin(chain) {
+                    next.chains.entry(key.clone()).or_default();
+                }
+                let rules = next
+                    .chains
+                    .get_mut(&key)
+                    .unwrap_or_else(|| panic!("{line}: no chain {chain} in:\n{text}"));
+                match op {
+                    "-A" => rules.push(rule.to_owned()),
+                    "-I" => {
+                        let rule = rule.strip_prefix("1 ").expect("position 1");
+                        rules.insert(0, rule.to_owned());
+                    }
+                    "-D" => {
+                        let at = rules
+                            .iter()
+                            .position(|r| r == rule)
+                            .unwrap_or_else(|| panic!("{line}: no such rule"));
+                        rules.remove(at);
+                    }
+                    "-X" => {
+                        assert!(rules.is_empty(), "{line}: chain not empty");
+                        next.chains.remove(&key);
+                        let used = next.chains.iter().any(|((t, _), rs)| {
+                            *t == table && rs.iter().any(|r| jump_target(r) == Some(chain))
+                        });
+                        assert!(!used, "{line}: chain still referenced in:\n{text}");
+                    }
+                    _ => panic!("unexpected line {line}"),
+                }
+            }
+        }
+        *self = next;
+    }
+
+    fn existing(&self) -> Existing {
+        let mut e = Existing::default();
+        for ((table, chain), rules) in &self.chains {
+            let mut saved = format!(":{chain} - [0:0]\n");
+            for r in rules {
+                saved.push_str(&format!("-A {chain} {r}\n"));
+            }
+            e.parse(*table, &saved);
+        }
+        e
+    }
+
+    fn ours(&self) -> BTreeMap<(Table, String), Vec<String>> {
+        self.chains
+            .iter()
+            .filter(|((_, c), _)| c.starts_with(PREFIX) && c != SERVICES)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+fn many(n: usize, endpoints: usize, generation: usize) -> AgentState {
+    state(
+        (0..n)
+            .map(|i| {
+                let eps = (0..endpoints)
+                    .map(|e| ep(&format!("10.244.{i}.{}", e + generation + 1), "node-b"))
+                    .collect();
+                named(
+                    svc(Protocol::Tcp, vec![slice("s", Protocol::Tcp, 8080, eps)]),
+                    &format!("svc-{i}"),
+                    &format!("10.96.1.{}", i + 1),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn batched_full_syncs_keep_every_step_consistent() {
+    let mut kernel = Kernel::default();
+    kernel.restore("*nat\n:DOCKER - [0:0]\n-A PREROUTING -j DOCKER\nCOMMIT\n");
+    let before = many(12, 3, 0);
+    let (_, restores) = FamilyTables::full(&before, &cfg(), &kernel.existing(), Family::V4, 5);
+    assert!(restores.len() > 4, "split into several inputs");
+    for r in &restores {
+        kernel.restore(r);
+    }
+
+    // A different state over the old one: fewer Services, other endpoints,
+    // so there are more leftovers than one input holds.
+    let after = many(4, 2, 7);
+    let (mut tables, restores) =
+        FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+    for r in &restores {
+        kernel.restore(r);
+    }
+    let mut fresh = Kernel::default();
+    for r in FamilyTables::full(&after, &cfg(), &Existing::default(), Family::V4, 1000).1 {
+        fresh.restore(&r);
+    }
+    assert_eq!(kernel.ours(), fresh.ours(), "leftovers all deleted");
+
+    // Partial syncs land on the same rules as a full sync of the same state.
+    let changed = many(4, 3, 1);
+    let tx = tables.partial(
+        &changed,
+        &ChangeSet {
+            changed: changed.resources.keys().cloned().collect(),
+            removed: Vec::new(),
+        },
+        &cfg(),
+    );
+    kernel.restore(&tx.text);
+    let mut fresh = Kernel::default();
+    for r in FamilyTables::full(&changed, &cfg(), &Existing::default(), Family::V4, 1000).1 {
+        fresh.restore(&r);
+    }
+    assert_eq!(kernel.ours(), fresh.ours());
+
+    // Cleanup leaves only what is not ours.
+    for r in cleanup(&kernel.existing(), 5) {
+        kernel.restore(&r);
+    }
+    assert!(
+        kernel.chains.keys().all(|(_, c)| !c.starts_with(PREFIX)),
+        "{kernel:#?}"
+    );
+    assert_eq!(
+        kernel.chains[&(Table::Nat, "PREROUTING".to_owned())],
+        vec!["-j DOCKER".to_owned()]
+    );
 }
