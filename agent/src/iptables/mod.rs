@@ -32,7 +32,7 @@ use sync::FamilyTables;
 /// about this many chains: iptables-nft 1.8.9's cost per transaction grows
 /// with the square of the chains it names (BENCHMARKS.md, "iptables data
 /// plane").
-pub const CHAINS_PER_RESTORE: usize = 1000;
+pub const CHAINS_PER_RESTORE: usize = 500;
 
 /// The iptables data plane.
 #[derive(Debug)]

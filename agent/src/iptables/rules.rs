@@ -17,7 +17,7 @@
 //! address's last byte, so a change rewrites one bucket of a few dozen rules
 //! instead of the whole dispatch chain (see ARCHITECTURE.md).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -237,8 +237,12 @@ pub struct ServiceRules {
 
 /// First 16 characters of base32(sha256(input)), as kube-proxy names chains.
 fn hash16(input: &str) -> String {
+    base32_16(&Sha256::digest(input.as_bytes()))
+}
+
+/// The first 16 base32 characters of a digest.
+fn base32_16(digest: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let digest = Sha256::digest(input.as_bytes());
     // 16 base32 characters are 80 bits: the first 10 bytes.
     let mut bits: u128 = 0;
     for b in &digest[..10] {
@@ -353,7 +357,85 @@ pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> 
     for sp in &svc.ports {
         port_rules(&mut out, state, sp, cluster_ip, family, cfg);
     }
+    name_by_content(&mut out);
     out
+}
+
+/// Renames the Service's chains after their content: the kind
+/// (`SWY-SEP-`, `SWY-SVC-`, ...) and 16 base32 characters of SHA-256 over
+/// the stable name (service port, protocol, endpoint) and the rules, whose
+/// jumps already name the renamed targets. One name therefore always holds
+/// the same rules: a sync leaves a chain alone when that name is in the
+/// kernel already, and a changed chain is written under a new name and the
+/// old one deleted once nothing jumps to it. `-m recent` list names keep
+/// the stable names, so affinity survives endpoint changes.
+fn name_by_content(out: &mut ServiceRules) {
+    let index: HashMap<String, usize> = out
+        .chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.clone(), i))
+        .collect();
+    let mut renamed = HashMap::with_capacity(index.len());
+    for i in 0..out.chains.len() {
+        rename(i, &mut out.chains, &index, &mut renamed);
+    }
+    for d in &mut out.dispatch {
+        retarget(&mut d.spec, &renamed);
+    }
+    for c in &mut out.chains {
+        if let Some(n) = renamed.get(&c.name) {
+            c.name.clone_from(n);
+        }
+    }
+}
+
+/// Names chain `i` after renaming the chains it jumps to (depth first; the
+/// chains of one Service form a DAG at most four deep).
+fn rename(
+    i: usize,
+    chains: &mut [OwnedChain],
+    index: &HashMap<String, usize>,
+    renamed: &mut HashMap<String, String>,
+) {
+    if renamed.contains_key(&chains[i].name) {
+        return;
+    }
+    let targets: Vec<usize> = chains[i]
+        .rules
+        .iter()
+        .filter_map(|r| index.get(jump_target(r)?).copied())
+        .filter(|&j| j != i)
+        .collect();
+    for j in targets {
+        rename(j, chains, index, renamed);
+    }
+    let c = &mut chains[i];
+    let mut h = Sha256::new();
+    h.update(c.name.as_bytes());
+    for r in &mut c.rules {
+        retarget(r, renamed);
+        h.update(b"\n");
+        h.update(r.as_bytes());
+    }
+    let kind = &c.name[..c.name.rfind('-').map_or(0, |d| d + 1)];
+    let name = format!("{kind}{}", base32_16(&h.finalize()));
+    renamed.insert(c.name.clone(), name);
+}
+
+/// The chain a rule jumps to: the word after its last `-j`.
+fn jump_target(rule: &str) -> Option<&str> {
+    let at = rule.rfind("-j ")? + 3;
+    rule[at..].split(' ').next()
+}
+
+fn retarget(rule: &mut String, renamed: &HashMap<String, String>) {
+    if let Some(at) = rule.rfind("-j ").map(|a| a + 3) {
+        let end = rule[at..].find(' ').map_or(rule.len(), |e| at + e);
+        if let Some(n) = renamed.get(&rule[at..end]) {
+            rule.replace_range(at..end, n);
+        }
+    }
 }
 
 fn port_rules(
@@ -501,7 +583,7 @@ fn port_rules(
                 Table::Filter,
                 Slot::Bucket(bucket_of(ip)),
                 format!(
-                    "-d {} {pm} -m comment --comment \"{name} traffic not accepted by {fw_chain}\" -j DROP",
+                    "-d {} {pm} -m comment --comment \"{name} traffic outside loadBalancerSourceRanges\" -j DROP",
                     family.host(ip)
                 ),
             );

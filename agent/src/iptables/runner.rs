@@ -161,6 +161,11 @@ impl Runner {
             match run(cmd, None) {
                 Ok(out) => {
                     existing.parse_nft_chains(&String::from_utf8_lossy(&out.stdout));
+                    for table in Table::ALL {
+                        if self.canary_present(family, table)? {
+                            existing.canaries.insert(table);
+                        }
+                    }
                     let mut seen = Vec::new();
                     for j in BUILTIN_JUMPS {
                         if seen.contains(&(j.table, j.chain)) {

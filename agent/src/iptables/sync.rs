@@ -40,9 +40,19 @@ pub struct Existing {
     pub chains: BTreeSet<(Table, String)>,
     /// Our rules in built-in chains, exactly as saved: (table, chain, target, rule line).
     pub jumps: Vec<(Table, String, String, String)>,
+    /// Tables whose canary rule is in place: nobody flushed them since we
+    /// last wrote them.
+    pub canaries: BTreeSet<Table>,
 }
 
 impl Existing {
+    /// Whether every table's canary is in place. Chains are named after
+    /// their content, so then a chain of ours that exists holds the rules
+    /// its name stands for, and a full sync need not write it again.
+    pub fn intact(&self) -> bool {
+        Table::ALL.iter().all(|t| self.canaries.contains(t))
+    }
+
     /// Reads the output of `nft list chains ip` (or `ip6`): our chains in
     /// the nat and filter tables.
     pub fn parse_nft_chains(&mut self, listing: &str) {
@@ -74,6 +84,9 @@ impl Existing {
                 }
             } else if let Some(rule) = line.strip_prefix("-A ") {
                 let chain = rule.split_whitespace().next().unwrap_or_default();
+                if chain == rules::CANARY && rule.contains(rules::CANARY_RULE) {
+                    self.canaries.insert(table);
+                }
                 if chain.starts_with(PREFIX) {
                     continue;
                 }
@@ -306,12 +319,16 @@ impl FamilyTables {
             out.chain(c.table, &c.name, &c.rules);
             wanted.insert((c.table, c.name));
         }
+        let trusted = existing.intact();
         for (name, held) in &state.resources {
             let r = rules::service_rules(&held.state, family, cfg);
             let (p, chains) = me.record(name, r);
             for c in chains {
-                out.chain(c.table, &c.name, &c.rules);
-                wanted.insert((c.table, c.name));
+                let key = (c.table, c.name);
+                if !(trusted && existing.chains.contains(&key)) {
+                    out.chain(key.0, &key.1, &c.rules);
+                }
+                wanted.insert(key);
             }
             me.services.insert(name.clone(), p);
             out.seal_if_full();
@@ -406,8 +423,12 @@ impl FamilyTables {
                 .unwrap_or_default();
             let (p, chains) = self.record(name, new);
             dirty.extend(p.slots.iter().copied());
+            let had: HashSet<&(Table, String)> = old.chains.iter().collect();
             for c in &chains {
-                tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+                // Named after their content: a chain we had holds these rules.
+                if !had.contains(&(c.table, c.name.clone())) {
+                    tables.entry(c.table).or_default().chain(&c.name, &c.rules);
+                }
             }
             for (table, chain) in &old.chains {
                 if !p.chains.iter().any(|(t, c)| t == table && c == chain) {

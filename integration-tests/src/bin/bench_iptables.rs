@@ -64,13 +64,16 @@ fn service(i: usize, generation: u32) -> ServiceState {
     }];
     let endpoints = (0..10u32)
         .map(|e| {
-            let n = i as u32 * 10 + e + generation * 7;
+            let n = i as u32 * 10 + e;
+            // Generation g > 0 moves the first endpoint to 10.200.g.x: one
+            // endpoint changed.
+            let ip = if e == 0 && generation > 0 {
+                format!("10.200.{generation}.{}", i % 250 + 1)
+            } else {
+                format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
+            };
             Endpoint {
-                addresses: vec![
-                    format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
-                        .parse()
-                        .expect("ip"),
-                ],
+                addresses: vec![ip.parse().expect("ip")],
                 node_name: Some(format!("node-{}", e % 5)),
                 ..Endpoint::default()
             }

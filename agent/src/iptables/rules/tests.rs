@@ -274,16 +274,55 @@ fn session_affinity_uses_recent() {
     s.service.session_affinity_timeout = Some(600);
     let r = service_rules(&s, Family::V4, &cfg());
     let c = chain(&r, "SWY-SVC-");
-    let sep = chain(&r, "SWY-SEP-");
-    assert_eq!(
-        c.rules[1],
-        format!(
-            "-m recent --name {0} --rcheck --seconds 600 --reap -j {0}",
-            c.rules[1].rsplit(' ').next().expect("target")
-        )
-    );
     assert!(c.rules.iter().filter(|r| r.contains("--rcheck")).count() == 2);
-    assert!(sep.rules[1].contains(&format!("-m recent --name {} --set -j DNAT", sep.name)));
+    // Each check names the list its endpoint chain sets; the list keeps its
+    // name when the chain is renamed after new content.
+    let words: Vec<&str> = c.rules[1].split(' ').collect();
+    assert_eq!(
+        words[..3].join(" ") + " " + &words[4..9].join(" "),
+        "-m recent --name --rcheck --seconds 600 --reap -j"
+    );
+    let (list, target) = (words[3], words[9]);
+    let sep = r
+        .chains
+        .iter()
+        .find(|c| c.name == target)
+        .expect("the endpoint chain");
+    assert!(sep.rules[1].contains(&format!("-m recent --name {list} --set -j DNAT")));
+    assert_ne!(list, target);
+}
+
+#[test]
+fn chains_are_named_after_their_content() {
+    let web = |eps: Vec<Endpoint>| {
+        service_rules(
+            &svc(Protocol::Tcp, vec![slice("w", Protocol::Tcp, 8080, eps)]),
+            Family::V4,
+            &cfg(),
+        )
+    };
+    let two = web(vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")]);
+    let again = web(vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")]);
+    assert_eq!(two, again, "same content, same names");
+    let one = web(vec![ep("10.244.1.2", "node-a")]);
+    let names = |r: &ServiceRules| -> BTreeSet<String> {
+        r.chains.iter().map(|c| c.name.clone()).collect()
+    };
+    let (a, b) = (names(&two), names(&one));
+    // The balancing chain changed, so its name did; the kept endpoint's did not.
+    assert_ne!(chain(&two, "SWY-SVC-").name, chain(&one, "SWY-SVC-").name);
+    assert_eq!(a.intersection(&b).count(), 1);
+    // Every jump to a Service chain names a chain of the Service.
+    for rule in two
+        .chains
+        .iter()
+        .flat_map(|c| &c.rules)
+        .chain(two.dispatch.iter().map(|d| &d.spec))
+    {
+        if let Some(t) = jump_target(rule).filter(|t| t.starts_with("SWY-S")) {
+            assert!(a.contains(t), "{rule} jumps to a chain the Service lacks");
+        }
+    }
 }
 
 #[test]

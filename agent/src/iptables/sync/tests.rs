@@ -368,6 +368,31 @@ fn batched_full_syncs_keep_every_step_consistent() {
     }
     assert_eq!(kernel.ours(), fresh.ours(), "leftovers all deleted");
 
+    // A full sync over intact rules of the same state writes no Service
+    // chain; after a flush (the canary gone) it writes them all again.
+    let (_, restores) = FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+    assert!(kernel.existing().intact());
+    assert!(!restores.concat().contains(":SWY-SVC-"), "{restores:#?}");
+    for r in &restores {
+        kernel.restore(r);
+    }
+    assert_eq!(kernel.ours(), fresh.ours());
+    for ((_, chain), rules) in kernel.chains.iter_mut() {
+        if chain.starts_with(PREFIX) {
+            rules.clear();
+        }
+    }
+    assert!(!kernel.existing().intact());
+    let (_, restores) = FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+    for r in &restores {
+        kernel.restore(r);
+    }
+    assert_eq!(
+        kernel.ours(),
+        fresh.ours(),
+        "everything rewritten after a flush"
+    );
+
     // Partial syncs land on the same rules as a full sync of the same state.
     let changed = many(4, 3, 1);
     let tx = tables.partial(
