@@ -85,13 +85,16 @@ impl IptablesDataPlane {
                 .runner
                 .existing(family)
                 .map_err(|e| ApplyError(e.to_string()))?;
-            let (tables, restores) =
-                FamilyTables::full(state, &self.cfg, &existing, family, CHAINS_PER_RESTORE);
-            for text in &restores {
-                self.runner
-                    .restore(family, text)
-                    .map_err(|e| self.failed(e))?;
-            }
+            let runner = &self.runner;
+            let tables = FamilyTables::full(
+                state,
+                &self.cfg,
+                &existing,
+                family,
+                CHAINS_PER_RESTORE,
+                &mut |text| runner.restore(family, &text),
+            )
+            .map_err(|e| self.failed(e))?;
             next.push(tables);
         }
         self.tables = next;

@@ -172,22 +172,29 @@ fn assemble(tables: BTreeMap<Table, TableText>) -> String {
 }
 
 /// Restore inputs under construction: chains go into the open input,
-/// which is sealed once it names `limit` chains.
-struct Batches {
+/// which is handed to `emit` once it names `limit` chains. After `emit`
+/// fails, nothing more is emitted and the error is kept.
+struct Batches<'a, E> {
     limit: usize,
     open: BTreeMap<Table, TableText>,
     chains: usize,
-    done: Vec<String>,
+    emit: &'a mut dyn FnMut(String) -> Result<(), E>,
+    error: Option<E>,
 }
 
-impl Batches {
-    fn new(limit: usize) -> Self {
+impl<'a, E> Batches<'a, E> {
+    fn new(limit: usize, emit: &'a mut dyn FnMut(String) -> Result<(), E>) -> Self {
         Self {
             limit: limit.max(1),
             open: BTreeMap::new(),
             chains: 0,
-            done: Vec::new(),
+            emit,
+            error: None,
         }
+    }
+
+    fn finish(self) -> Result<(), E> {
+        self.error.map_or(Ok(()), Err)
     }
 
     fn chain(&mut self, table: Table, name: &str, rules: &[String]) {
@@ -207,10 +214,13 @@ impl Batches {
 
     fn seal(&mut self) {
         let text = assemble(std::mem::take(&mut self.open));
-        if !text.is_empty() {
-            self.done.push(text);
-        }
         self.chains = 0;
+        if !text.is_empty()
+            && self.error.is_none()
+            && let Err(e) = (self.emit)(text)
+        {
+            self.error = Some(e);
+        }
     }
 
     /// Deletes `chains`. They may jump to each other, so when they do not
@@ -290,9 +300,31 @@ impl FamilyTables {
         (p, r.chains)
     }
 
+    /// [`FamilyTables::full`], collecting the inputs.
+    pub fn full_texts(
+        state: &AgentState,
+        cfg: &NodeConfig,
+        existing: &Existing,
+        family: Family,
+        chains_per_restore: usize,
+    ) -> (Self, Vec<String>) {
+        let mut texts = Vec::new();
+        let me = Self::full(state, cfg, existing, family, chains_per_restore, &mut |t| {
+            texts.push(t);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match me {
+            Ok(me) => (me, texts),
+            Err(never) => match never {},
+        }
+    }
+
     /// Rewrites everything: a fresh record of `state`, and the
     /// `iptables-restore --noflush` inputs that replace whatever of ours
-    /// `existing` lists, to be run in order. Each input holds at most about
+    /// `existing` lists, handed to `emit` in the order they must run (each
+    /// one as soon as it is complete, so only one is held in memory); the
+    /// first error of `emit` stops the sequence and is returned. Each input
+    /// holds at most about
     /// `chains_per_restore` chains (one Service's chains are never split):
     /// iptables-nft's `--noflush` cost grows with the square of the chains
     /// one transaction names, so 10,000 Services in one input take minutes
@@ -304,15 +336,16 @@ impl FamilyTables {
     /// rewrites the dispatch chains and the jumps from the built-in chains
     /// in one transaction; the last ones delete what is no longer
     /// referenced.
-    pub fn full(
+    pub fn full<E>(
         state: &AgentState,
         cfg: &NodeConfig,
         existing: &Existing,
         family: Family,
         chains_per_restore: usize,
-    ) -> (Self, Vec<String>) {
+        emit: &mut dyn FnMut(String) -> Result<(), E>,
+    ) -> Result<Self, E> {
         let mut me = Self::new(family);
-        let mut out = Batches::new(chains_per_restore);
+        let mut out = Batches::new(chains_per_restore, emit);
         let mut wanted: HashSet<(Table, String)> = HashSet::new();
         for c in rules::static_chains(family, cfg) {
             me.static_rules += c.rules.len();
@@ -382,7 +415,7 @@ impl FamilyTables {
             .filter(|c| !wanted.contains(*c))
             .collect();
         out.delete(&leftovers);
-        (me, out.done)
+        out.finish().map(|()| me)
     }
 
     fn slot_rules(&self, table: Table, slot: Slot) -> Vec<String> {
@@ -444,18 +477,31 @@ impl FamilyTables {
         for (table, slot) in dirty {
             let r = self.slot_rules(table, slot);
             let text = tables.entry(table).or_default();
-            text.chain(&slot.chain(table), &r);
-            if let Slot::Bucket(b) = slot
-                && !r.is_empty()
-                && self.jumped.insert((table, b))
-            {
-                // A new bucket: one insert, the rest of SWY-SERVICES stays.
-                let _ = writeln!(
-                    text.rules,
-                    "-I {SERVICES} 1 {}",
-                    rules::bucket_jump(family, table, b)
-                );
-                self.static_rules += 1;
+            let chain = slot.chain(table);
+            match slot {
+                Slot::Bucket(b) if r.is_empty() => {
+                    // The bucket's last rule went: its jump and the chain go too.
+                    if self.jumped.remove(&(table, b)) {
+                        let _ = writeln!(
+                            text.rules,
+                            "-D {SERVICES} {}",
+                            rules::bucket_jump(family, table, b)
+                        );
+                        self.static_rules -= 1;
+                    }
+                    text.delete(&chain);
+                }
+                Slot::Bucket(b) if self.jumped.insert((table, b)) => {
+                    // A new bucket: one insert, the rest of SWY-SERVICES stays.
+                    text.chain(&chain, &r);
+                    let _ = writeln!(
+                        text.rules,
+                        "-I {SERVICES} 1 {}",
+                        rules::bucket_jump(family, table, b)
+                    );
+                    self.static_rules += 1;
+                }
+                _ => text.chain(&chain, &r),
             }
             if r.is_empty() {
                 self.slots.remove(&(table, slot));
@@ -496,7 +542,12 @@ fn udp_changes(old: &[UdpTargets], new: &[UdpTargets], out: &mut BTreeSet<Conntr
 /// The restore inputs that remove everything of ours `existing` lists, in
 /// order: the jumps from the built-in chains first, then our chains.
 pub fn cleanup(existing: &Existing, chains_per_restore: usize) -> Vec<String> {
-    let mut out = Batches::new(chains_per_restore);
+    let mut texts = Vec::new();
+    let mut emit = |t| {
+        texts.push(t);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let mut out = Batches::new(chains_per_restore, &mut emit);
     for (table, _chain, _target, line) in &existing.jumps {
         let _ = writeln!(
             out.open.entry(*table).or_default().rules,
@@ -509,7 +560,8 @@ pub fn cleanup(existing: &Existing, chains_per_restore: usize) -> Vec<String> {
     if !chains.is_empty() {
         out.delete(&chains);
     }
-    out.done
+    drop(out);
+    texts
 }
 
 #[cfg(test)]

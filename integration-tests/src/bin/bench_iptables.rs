@@ -116,12 +116,13 @@ fn cfg() -> NodeConfig {
     }
 }
 
-fn rss_kib() -> u64 {
+/// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -138,8 +139,14 @@ struct Row {
     restart: Duration,
     partial: Duration,
     floor: Duration,
+    state_mib: f64,
     rss_mib: f64,
+    peak_mib: f64,
     cleanup: Duration,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// The restore inputs merged into one transaction per table (a plain
@@ -190,7 +197,9 @@ fn timed_restore(text: &str, args: &[&str]) -> Duration {
 }
 
 fn measure(n: usize) -> Row {
-    let rss0 = rss_kib();
+    // The agent's side first, so the baselines' buffers do not sit in the
+    // allocator when memory is read.
+    let rss0 = status_kib("VmRSS:");
     let mut state = AgentState::default();
     for i in 0..n {
         insert(&mut state, service(i, 0));
@@ -199,16 +208,7 @@ fn measure(n: usize) -> Row {
         changed: state.resources.keys().cloned().collect(),
         removed: Vec::new(),
     };
-
-    // The rules a full sync writes into an empty namespace, as one text.
-    let full_text =
-        |limit| FamilyTables::full(&state, &cfg(), &Existing::default(), Family::V4, limit).1;
-    let text = one_transaction(&full_text(usize::MAX));
-    let lines = text.lines().count();
-    let restores = full_text(CHAINS_PER_RESTORE).len();
-    let plain = timed_restore(&text, &[]);
-    let one_noflush = (n <= 2_000).then(|| timed_restore(&text, &["--noflush"]));
-    drop(text);
+    let state_mib = mib(status_kib("VmRSS:").saturating_sub(rss0));
 
     let ns = Netns::new("dp");
     let runner = Runner::in_netns(&ns.0);
@@ -221,7 +221,8 @@ fn measure(n: usize) -> Row {
     })
     .expect("full sync");
     let full = t.elapsed();
-    let rss_mib = rss_kib().saturating_sub(rss0) as f64 / 1024.0;
+    let rss_mib = mib(status_kib("VmRSS:").saturating_sub(rss0));
+    let peak_mib = mib(status_kib("VmHWM:").saturating_sub(rss0));
 
     // An agent restart: a new data plane rewrites what is there.
     let mut again = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
@@ -276,6 +277,16 @@ fn measure(n: usize) -> Row {
     let t = Instant::now();
     cleanup(&runner).expect("cleanup");
     let cleanup = t.elapsed();
+    drop(ns);
+
+    // The baselines: the same rules as one text, into fresh namespaces.
+    let full_text =
+        |limit| FamilyTables::full_texts(&state, &cfg(), &Existing::default(), Family::V4, limit).1;
+    let text = one_transaction(&full_text(usize::MAX));
+    let lines = text.lines().count();
+    let restores = full_text(CHAINS_PER_RESTORE).len();
+    let plain = timed_restore(&text, &[]);
+    let one_noflush = (n <= 2_000).then(|| timed_restore(&text, &["--noflush"]));
     Row {
         services: n,
         lines,
@@ -286,7 +297,9 @@ fn measure(n: usize) -> Row {
         restart,
         partial: partials[partials.len() / 2],
         floor: floors[floors.len() / 2],
+        state_mib,
         rss_mib,
+        peak_mib,
         cleanup,
     }
 }
@@ -303,12 +316,12 @@ fn main() {
     };
     let rows: Vec<Row> = sizes.into_iter().map(measure).collect();
     println!(
-        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | RSS of state + record | cleanup |"
+        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | agent RSS: state / after full sync / peak | cleanup |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} MiB | {:.2} s |",
+            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
             r.services,
             r.lines,
             r.full.as_secs_f64(),
@@ -322,7 +335,9 @@ fn main() {
             r.restart.as_secs_f64(),
             r.partial.as_secs_f64() * 1e3,
             r.floor.as_secs_f64() * 1e3,
+            r.state_mib,
             r.rss_mib,
+            r.peak_mib,
             r.cleanup.as_secs_f64(),
         );
     }

@@ -61,7 +61,7 @@ fn full_sync_writes_everything_and_removes_leftovers() {
         "*nat\n:PREROUTING ACCEPT [0:0]\n:SWY-SEP-OLD - [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n",
     );
     assert_eq!(existing.jumps.len(), 1);
-    let (tables, restores) = FamilyTables::full(
+    let (tables, restores) = FamilyTables::full_texts(
         &two_services(&["10.244.1.1"]),
         &cfg(),
         &existing,
@@ -109,7 +109,7 @@ fn full_sync_writes_everything_and_removes_leftovers() {
 fn partial_sync_touches_only_the_changed_service() {
     let before = two_services(&["10.244.1.1", "10.244.1.2"]);
     let (mut tables, _) =
-        FamilyTables::full(&before, &cfg(), &Existing::default(), Family::V4, 1000);
+        FamilyTables::full_texts(&before, &cfg(), &Existing::default(), Family::V4, 1000);
     let rules_before = tables.rule_count();
     let after = two_services(&["10.244.1.1"]);
     let changes = ChangeSet {
@@ -159,6 +159,12 @@ fn partial_sync_touches_only_the_changed_service() {
     );
     assert!(tx.text.contains("-j REJECT"));
     assert!(lines_starting(&tx.text, "-X SWY-SVC-").len() == 1);
+    // Its nat bucket is empty now: the jump and the chain go.
+    assert!(
+        tx.text
+            .contains("-D SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n")
+    );
+    assert!(tx.text.contains("-X SWY-SB-0A\n"));
     // An endpoint comes back: flows that were refused are cleared.
     let tx = tables.partial(&before, &changes, &cfg());
     assert!(
@@ -168,10 +174,12 @@ fn partial_sync_touches_only_the_changed_service() {
                 80
             )))
     );
-    assert!(
-        !tx.text.contains("-I SWY-SERVICES"),
-        "the bucket jump exists already"
+    assert_eq!(
+        lines_starting(&tx.text, "-I SWY-SERVICES"),
+        vec!["-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A"],
+        "the nat bucket is back; the filter one goes"
     );
+    assert!(tx.text.contains("-X SWY-FB-0A\n"));
 
     // Removal deletes its chains and empties its bucket.
     let gone = state(vec![]);
@@ -183,13 +191,12 @@ fn partial_sync_touches_only_the_changed_service() {
         },
         &cfg(),
     );
-    assert!(tx.text.contains(":SWY-SB-0A - [0:0]\n"));
+    assert!(tx.text.contains("-X SWY-SB-0A\n"));
+    assert!(tx.text.contains("-X SWY-SB-0B\n"));
     assert!(!tx.text.contains("-A SWY-SB-0A"));
-    assert_eq!(tables.rule_count(), {
-        let (fresh, _) = FamilyTables::full(&gone, &cfg(), &Existing::default(), Family::V4, 1000);
-        // Three bucket jumps (nat 0A and 0B, filter 0A) stay until the next full sync.
-        fresh.rule_count() + 3
-    });
+    let (fresh, _) =
+        FamilyTables::full_texts(&gone, &cfg(), &Existing::default(), Family::V4, 1000);
+    assert_eq!(tables.rule_count(), fresh.rule_count());
 }
 
 #[test]
@@ -320,8 +327,16 @@ impl Kernel {
     fn ours(&self) -> BTreeMap<(Table, String), Vec<String>> {
         self.chains
             .iter()
-            .filter(|((_, c), _)| c.starts_with(PREFIX) && c != SERVICES)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter(|((_, c), _)| c.starts_with(PREFIX))
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                if k.1 == SERVICES {
+                    // Partial syncs insert bucket jumps at the top; order
+                    // among them does not matter (they match disjoint addresses).
+                    v.sort();
+                }
+                (k.clone(), v)
+            })
             .collect()
     }
 }
@@ -348,7 +363,8 @@ fn batched_full_syncs_keep_every_step_consistent() {
     let mut kernel = Kernel::default();
     kernel.restore("*nat\n:DOCKER - [0:0]\n-A PREROUTING -j DOCKER\nCOMMIT\n");
     let before = many(12, 3, 0);
-    let (_, restores) = FamilyTables::full(&before, &cfg(), &kernel.existing(), Family::V4, 5);
+    let (_, restores) =
+        FamilyTables::full_texts(&before, &cfg(), &kernel.existing(), Family::V4, 5);
     assert!(restores.len() > 4, "split into several inputs");
     for r in &restores {
         kernel.restore(r);
@@ -358,19 +374,19 @@ fn batched_full_syncs_keep_every_step_consistent() {
     // so there are more leftovers than one input holds.
     let after = many(4, 2, 7);
     let (mut tables, restores) =
-        FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+        FamilyTables::full_texts(&after, &cfg(), &kernel.existing(), Family::V4, 5);
     for r in &restores {
         kernel.restore(r);
     }
     let mut fresh = Kernel::default();
-    for r in FamilyTables::full(&after, &cfg(), &Existing::default(), Family::V4, 1000).1 {
+    for r in FamilyTables::full_texts(&after, &cfg(), &Existing::default(), Family::V4, 1000).1 {
         fresh.restore(&r);
     }
     assert_eq!(kernel.ours(), fresh.ours(), "leftovers all deleted");
 
     // A full sync over intact rules of the same state writes no Service
     // chain; after a flush (the canary gone) it writes them all again.
-    let (_, restores) = FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+    let (_, restores) = FamilyTables::full_texts(&after, &cfg(), &kernel.existing(), Family::V4, 5);
     assert!(kernel.existing().intact());
     assert!(!restores.concat().contains(":SWY-SVC-"), "{restores:#?}");
     for r in &restores {
@@ -383,7 +399,7 @@ fn batched_full_syncs_keep_every_step_consistent() {
         }
     }
     assert!(!kernel.existing().intact());
-    let (_, restores) = FamilyTables::full(&after, &cfg(), &kernel.existing(), Family::V4, 5);
+    let (_, restores) = FamilyTables::full_texts(&after, &cfg(), &kernel.existing(), Family::V4, 5);
     for r in &restores {
         kernel.restore(r);
     }
@@ -405,7 +421,33 @@ fn batched_full_syncs_keep_every_step_consistent() {
     );
     kernel.restore(&tx.text);
     let mut fresh = Kernel::default();
-    for r in FamilyTables::full(&changed, &cfg(), &Existing::default(), Family::V4, 1000).1 {
+    for r in FamilyTables::full_texts(&changed, &cfg(), &Existing::default(), Family::V4, 1000).1 {
+        fresh.restore(&r);
+    }
+    assert_eq!(kernel.ours(), fresh.ours());
+
+    // Services come and go: buckets appear and empty ones disappear.
+    let mut moved = many(6, 2, 3);
+    moved.resources.remove("default/shop/svc-0");
+    let tx = tables.partial(
+        &moved,
+        &ChangeSet {
+            changed: moved.resources.keys().cloned().collect(),
+            removed: vec!["default/shop/svc-0".into()],
+        },
+        &cfg(),
+    );
+    assert!(tx.text.contains("-X SWY-SB-01\n"), "{}", tx.text);
+    kernel.restore(&tx.text);
+    let services = &kernel.chains[&(Table::Nat, SERVICES.to_owned())];
+    assert!(
+        services
+            .last()
+            .is_some_and(|r| r.ends_with("-j SWY-NODEPORTS")),
+        "new bucket jumps go before the node-port jump: {services:#?}"
+    );
+    let mut fresh = Kernel::default();
+    for r in FamilyTables::full_texts(&moved, &cfg(), &Existing::default(), Family::V4, 1000).1 {
         fresh.restore(&r);
     }
     assert_eq!(kernel.ours(), fresh.ours());
