@@ -97,6 +97,12 @@ pub struct Args {
     #[arg(long = "nodeport-addresses", value_delimiter = ',')]
     pub nodeport_addresses: Vec<IpNet>,
 
+    /// Serve IPv4 node ports on 127.0.0.1 too, as kube-proxy does (sets
+    /// net.ipv4.conf.all.route_localnet=1 when loopback is a node-port
+    /// address; `false` leaves the sysctl alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub iptables_localhost_nodeports: bool,
+
     /// Bit of the packet mark that flags traffic for masquerading (0-31).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
     pub masquerade_bit: u8,

@@ -89,6 +89,7 @@ pub fn node_config(args: &Args) -> iptables::NodeConfig {
         cluster_cidrs: args.cluster_cidrs.clone(),
         nodeport_addresses: args.nodeport_addresses.clone(),
         masquerade_mark: 1 << args.masquerade_bit,
+        localhost_nodeports: args.iptables_localhost_nodeports,
     }
 }
 

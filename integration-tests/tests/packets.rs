@@ -281,3 +281,110 @@ fn endpoint_changes_flush_restart_and_cleanup() {
         assert!(!saved.contains("SWY-"), "{saved}");
     }
 }
+
+/// `service_manifest` with a load-balancer ingress address in the Service's status.
+fn with_ingress(manifest: String, ip: &str) -> String {
+    manifest.replacen(
+        "---\n",
+        &format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n---\n"),
+        1,
+    )
+}
+
+#[test]
+fn topology_source_ranges_and_localhost_node_ports() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let a1 = c.add_pod("a1", 1, 2);
+    let a2 = c.add_pod("a2", 1, 3);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("near", 1, 9);
+    c.add_pod("client", 2, 9);
+
+    // Topology hints: every endpoint is hinted for its own zone (node-i is
+    // in zone-i), so each node uses its zone's endpoints only.
+    let mut zoned = service_manifest("zoned", "10.96.0.20", "TCP", "", "", &[]);
+    zoned = zoned.replace("endpoints: []\n", "endpoints:\n");
+    for (ip, node) in [(&a1, 1), (&a2, 1), (&b1, 2)] {
+        zoned.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: node-{node}\n  zone: zone-{node}\n  conditions:\n    ready: true\n  hints:\n    forZones:\n    - name: zone-{node}\n"
+        ));
+    }
+    c.write_manifest("zoned.yaml", &zoned);
+
+    // loadBalancerSourceRanges: one Service admits the external client,
+    // the other admits only an address nobody has.
+    let all = [
+        (a1.as_str(), 1, true),
+        (a2.as_str(), 1, true),
+        (b1.as_str(), 2, true),
+    ];
+    let lb = |name: &str, cluster_ip: &str, node_port: u16, range: &str, ingress: &str| {
+        with_ingress(
+            service_manifest(
+                name,
+                cluster_ip,
+                "TCP",
+                &format!("    nodePort: {node_port}\n"),
+                &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{range}\"]\n"),
+                &all,
+            ),
+            ingress,
+        )
+    };
+    c.write_manifest(
+        "open.yaml",
+        &lb("open", "10.96.0.21", 30091, "10.99.0.100/32", "10.98.0.1"),
+    );
+    c.write_manifest(
+        "closed.yaml",
+        &lb("closed", "10.96.0.22", 30092, "10.99.0.200/32", "10.98.0.2"),
+    );
+    c.sh(&c.ns("ext"), "ip route add 10.98.0.0/24 via 10.99.0.11");
+
+    // A NodePort for the node's own loopback clients.
+    c.write_manifest(
+        "np.yaml",
+        &service_manifest(
+            "np",
+            "10.96.0.23",
+            "TCP",
+            "    nodePort: 30093\n",
+            "  type: NodePort\n",
+            &[(&b1, 2, true)],
+        ),
+    );
+
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("every service programmed", "10.96.0.23");
+
+    let z = c.echo("client", &["tcp", "10.96.0.20:80", "30"]);
+    assert_eq!(count(&z, "replies", "b1"), 30, "zone-2 client: {z}");
+    let z = c.echo("near", &["tcp", "10.96.0.20:80", "60"]);
+    assert_eq!(failures(&z), 0, "{z}");
+    assert_eq!(count(&z, "replies", "b1"), 0, "zone-1 client: {z}");
+    assert!(
+        count(&z, "replies", "a1") > 0 && count(&z, "replies", "a2") > 0,
+        "{z}"
+    );
+
+    let open = c.echo("ext", &["tcp", "10.98.0.1:80", "20"]);
+    assert_eq!(failures(&open), 0, "an admitted source: {open}");
+    let closed = c.echo("ext", &["tcp", "10.98.0.2:80", "1"]);
+    assert_eq!(
+        closed["timeout"], 1,
+        "a source outside the ranges: {closed}"
+    );
+    // The ranges guard the load-balancer address only, not the node port.
+    let np = c.echo("ext", &["tcp", "10.99.0.11:30092", "5"]);
+    assert_eq!(failures(&np), 0, "{np}");
+
+    // Node ports answer on the node's loopback address too (kube-proxy's
+    // localhost node ports), forwarded to an endpoint on the other node.
+    let local = c.echo("n1", &["tcp", "127.0.0.1:30093", "10"]);
+    assert_eq!(count(&local, "replies", "b1"), 10, "{local}");
+}

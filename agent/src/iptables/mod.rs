@@ -85,6 +85,12 @@ impl IptablesDataPlane {
                 .runner
                 .existing(family)
                 .map_err(|e| ApplyError(e.to_string()))?;
+            if family == Family::V4 && self.cfg.localhost_node_ports() {
+                // Lets DNATed packets from 127.0.0.1 leave the node.
+                if let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1") {
+                    tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
+                }
+            }
             let runner = &self.runner;
             let tables = FamilyTables::full(
                 state,

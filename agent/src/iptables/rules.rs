@@ -162,11 +162,30 @@ pub struct NodeConfig {
     pub nodeport_addresses: Vec<IpNet>,
     /// The masquerade mark bit (`1 << --masquerade-bit`).
     pub masquerade_mark: u32,
+    /// Whether IPv4 node ports answer on 127.0.0.1 too, as kube-proxy's
+    /// `--iptables-localhost-nodeports` (when `nodeport_addresses` admits
+    /// loopback).
+    pub localhost_nodeports: bool,
 }
 
 impl NodeConfig {
     fn cidrs(&self, family: Family) -> impl Iterator<Item = &IpNet> {
         self.cluster_cidrs.iter().filter(move |c| family.has_net(c))
+    }
+
+    /// Whether node ports are served on the IPv4 loopback address: asked
+    /// for, and loopback is a node-port address. This needs
+    /// `net.ipv4.conf.all.route_localnet=1` (the data plane sets it) and a
+    /// rule that drops loopback-addressed traffic from elsewhere
+    /// (CVE-2020-8558), which [`services_tail`] adds.
+    pub fn localhost_node_ports(&self) -> bool {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        self.localhost_nodeports
+            && (self.nodeport_addresses.is_empty()
+                || self
+                    .nodeport_addresses
+                    .iter()
+                    .any(|n| n.contains(&loopback)))
     }
 }
 
@@ -815,23 +834,26 @@ pub const CANARY_RULE: &str = "-m comment --comment \"switchyard canary\" -j RET
 
 /// The last rules of `SWY-SERVICES` in `table`: NodePort traffic (to a local
 /// address, within `--nodeport-addresses`) goes to `SWY-NODEPORTS`.
-pub fn services_tail(family: Family, cfg: &NodeConfig) -> Vec<String> {
-    let cidrs: Vec<&IpNet> = cfg
-        .nodeport_addresses
-        .iter()
-        .filter(|n| family.has_net(n))
-        .collect();
+pub fn services_tail(family: Family, table: Table, cfg: &NodeConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if family == Family::V4 && table == Table::Filter && cfg.localhost_node_ports() {
+        // route_localnet would otherwise let other hosts reach 127.0.0.1.
+        out.push("-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -m comment --comment \"switchyard: block incoming localnet connections\" -j DROP".to_owned());
+    }
     let comment = "-m comment --comment \"switchyard service nodeports; NOTE: this must be the last rule in this chain\"";
     if cfg.nodeport_addresses.is_empty() {
-        vec![format!(
+        out.push(format!(
             "-m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"
-        )]
+        ));
     } else {
-        cidrs
-            .iter()
-            .map(|c| format!("-d {c} -m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"))
-            .collect()
+        out.extend(
+            cfg.nodeport_addresses
+                .iter()
+                .filter(|n| family.has_net(n))
+                .map(|c| format!("-d {c} -m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}")),
+        );
     }
+    out
 }
 
 /// A rule we place in a built-in chain.

@@ -196,6 +196,13 @@ impl Runner {
         run(cmd, None).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables"))
     }
 
+    /// `sysctl -w KEY=VALUE` (in the runner's network namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let mut cmd = self.command("sysctl");
+        cmd.args(["-q", "-w", &format!("{key}={value}")]);
+        run(cmd, None).map(|_| ())
+    }
+
     /// Whether the family's tools work here (ip6tables may be missing or IPv6 disabled).
     pub fn available(&self, family: Family) -> bool {
         let mut cmd = self.command(&tool(family, "iptables"));

@@ -386,7 +386,7 @@ impl FamilyTables {
                     wanted.insert((table, name));
                 }
             }
-            head.extend(rules::services_tail(family, cfg));
+            head.extend(rules::services_tail(family, table, cfg));
             me.static_rules += head.len();
             out.chain(table, SERVICES, &head);
             wanted.insert((table, SERVICES.to_owned()));

@@ -113,6 +113,7 @@ fn cfg() -> NodeConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
         nodeport_addresses: Vec::new(),
         masquerade_mark: 0x4000,
+        localhost_nodeports: true,
     }
 }
 

@@ -10,6 +10,7 @@ pub(crate) fn cfg() -> NodeConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
         nodeport_addresses: Vec::new(),
         masquerade_mark: 0x4000,
+        localhost_nodeports: true,
     }
 }
 
@@ -523,9 +524,31 @@ fn several_cluster_cidrs_use_the_off_cluster_chain() {
 #[test]
 fn nodeport_addresses_restrict_the_services_tail() {
     let mut c = cfg();
-    assert_eq!(services_tail(Family::V4, &c).len(), 1);
+    assert_eq!(services_tail(Family::V4, Table::Nat, &c).len(), 1);
     c.nodeport_addresses = vec!["192.168.7.0/24".parse().expect("cidr")];
-    let t = services_tail(Family::V4, &c);
+    let t = services_tail(Family::V4, Table::Nat, &c);
     assert!(t[0].starts_with("-d 192.168.7.0/24 -m addrtype --dst-type LOCAL"));
-    assert!(services_tail(Family::V6, &c).is_empty());
+    assert!(services_tail(Family::V6, Table::Nat, &c).is_empty());
+}
+
+#[test]
+fn localhost_node_ports_guard_loopback() {
+    let mut c = cfg();
+    assert!(c.localhost_node_ports());
+    let filter = services_tail(Family::V4, Table::Filter, &c);
+    assert_eq!(filter.len(), 2);
+    assert!(filter[0].starts_with(
+        "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT"
+    ));
+    assert!(filter[0].ends_with("-j DROP"));
+    assert_eq!(services_tail(Family::V4, Table::Nat, &c).len(), 1);
+    assert_eq!(services_tail(Family::V6, Table::Filter, &c).len(), 1);
+    // Loopback not among the node-port addresses, or turned off: no guard.
+    c.nodeport_addresses = vec!["192.168.7.0/24".parse().expect("cidr")];
+    assert!(!c.localhost_node_ports());
+    assert_eq!(services_tail(Family::V4, Table::Filter, &c).len(), 1);
+    c.nodeport_addresses = vec!["127.0.0.0/8".parse().expect("cidr")];
+    assert!(c.localhost_node_ports());
+    c.localhost_nodeports = false;
+    assert!(!c.localhost_node_ports());
 }
