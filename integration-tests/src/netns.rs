@@ -1,14 +1,17 @@
 //! A small cluster made of network namespaces, for tests with real packets.
 //!
 //! ```text
-//!  infra ns: br0 10.99.0.1/24, the control plane (gRPC on 10.99.0.1:18000)
-//!    ├── node-1 ns: eth0 10.99.0.11, the agent (--dataplane iptables), pods 10.244.1.k/32 on veths
-//!    ├── node-2 ns: eth0 10.99.0.12, the agent, pods 10.244.2.k/32
-//!    └── ext ns:    eth0 10.99.0.100 (a client outside the cluster)
+//!  infra ns: br0 10.99.0.1/24 + fd00:99::1/64, the control plane (gRPC on 10.99.0.1:18000)
+//!    ├── node-1 ns: eth0 10.99.0.11 + fd00:99::11, the agent (--dataplane iptables),
+//!    │              pods 10.244.1.k/32 + fd00:244:1::k/128 on veths
+//!    ├── node-2 ns: eth0 10.99.0.12 + fd00:99::12, the agent, pods 10.244.2.k + fd00:244:2::k
+//!    └── ext ns:    eth0 10.99.0.100 + fd00:99::100 (a client outside the cluster)
 //! ```
 //!
 //! Pods are routed, not bridged (a /32 per pod, proxy ARP on the node side,
-//! as Calico does), so every pod packet crosses its node's iptables. Every
+//! as Calico does; for IPv6 a /128 per pod and a default route to fe80::1,
+//! which the node's end of the veth holds), so every pod packet crosses its
+//! node's iptables or ip6tables. Every
 //! namespace and process belongs to the [`Cluster`]; dropping it (also on a
 //! panic) kills the processes and deletes the namespaces. Nothing is
 //! configured in the namespace the test runs in.
@@ -116,9 +119,14 @@ impl Cluster {
             "br0",
         ]);
         run(&["ip", "-n", &infra, "link", "set", "br0", "up"]);
+        c.sh(&infra, "ip -6 addr add fd00:99::1/64 dev br0 nodad");
         for i in 1..=nodes {
             let node = c.add_ns(&format!("n{i}"));
             c.attach(&node, &format!("n{i}"), &format!("10.99.0.1{i}/24"));
+            c.sh(
+                &node,
+                &format!("ip -6 addr add fd00:99::1{i}/64 dev eth0 nodad && ip -6 route add default via fd00:99::1 && sysctl -qw net.ipv6.conf.all.forwarding=1"),
+            );
             run(&[
                 "ip",
                 "-n",
@@ -142,11 +150,16 @@ impl Cluster {
                         "via",
                         &format!("10.99.0.1{j}"),
                     ]);
+                    c.sh(
+                        &node,
+                        &format!("ip -6 route add fd00:244:{j}::/64 via fd00:99::1{j}"),
+                    );
                 }
             }
         }
         let ext = c.add_ns("ext");
         c.attach(&ext, "x0", "10.99.0.100/24");
+        c.sh(&ext, "ip -6 addr add fd00:99::100/64 dev eth0 nodad");
         c
     }
 
@@ -155,6 +168,12 @@ impl Cluster {
         run(&["ip", "netns", "add", &name]);
         self.namespaces.push(name.clone());
         run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        // No duplicate address detection: a tentative address (even the
+        // link-local one) would lose the first packets of a test.
+        self.sh(
+            &name,
+            "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
+        );
         name
     }
 
@@ -275,6 +294,8 @@ impl Cluster {
             "iptables",
             "--cluster-cidr",
             "10.244.0.0/16",
+            "--cluster-cidr",
+            "fd00:244::/32",
             "--iptables-sync-period",
             "300ms",
         ]
@@ -361,6 +382,19 @@ impl Cluster {
             &nodens,
             &format!(
                 "sysctl -qw net.ipv4.conf.{port}.proxy_arp=1 net.ipv4.neigh.{port}.proxy_delay=0"
+            ),
+        );
+        // IPv6: the pod's /128 routed to its veth; the pod's default route
+        // goes to a link-local address the node's end holds.
+        let ip6 = pod_ip6(&ip);
+        self.sh(
+            &pod,
+            &format!("ip -6 addr add {ip6}/128 dev eth0 nodad && ip -6 route add default via fe80::1 dev eth0"),
+        );
+        self.sh(
+            &nodens,
+            &format!(
+                "ip -6 addr add fe80::1/64 dev {port} nodad && ip -6 route add {ip6}/128 dev {port}"
             ),
         );
         let server = self.spawn_in(
@@ -484,6 +518,12 @@ pub fn finish_echo(child: Child) -> serde_json::Value {
 /// indented 4; `spec_extra`: lines for `spec`, indented 2) with one slice
 /// of endpoints `(ip, node, ready)` resolving the named target port `http`
 /// to 8080.
+/// A pod's IPv6 address: `10.244.N.K` has `fd00:244:N::K`.
+pub fn pod_ip6(ip4: &str) -> String {
+    let parts: Vec<&str> = ip4.split('.').collect();
+    format!("fd00:244:{}::{}", parts[2], parts[3])
+}
+
 pub fn service_manifest(
     name: &str,
     cluster_ip: &str,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard_integration_tests::netns::{
-    Bins, Cluster, finish_echo, service_manifest, supported,
+    Bins, Cluster, finish_echo, pod_ip6, service_manifest, supported,
 };
 
 fn bins() -> Bins {
@@ -387,4 +387,93 @@ fn topology_source_ranges_and_localhost_node_ports() {
     // localhost node ports), forwarded to an endpoint on the other node.
     let local = c.echo("n1", &["tcp", "127.0.0.1:30093", "10"]);
     assert_eq!(count(&local, "replies", "b1"), 10, "{local}");
+}
+
+#[test]
+fn dual_stack_with_real_packets() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    let client = c.add_pod("client", 2, 9);
+    let slice = |family: &str, eps: &[(&str, u8)]| {
+        let mut y = format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: test\n  name: web-{}\n  labels:\n    kubernetes.io/service-name: web\naddressType: {family}\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:{}\n",
+            family.to_lowercase(),
+            if eps.is_empty() { " []" } else { "" }
+        );
+        for (ip, node) in eps {
+            y.push_str(&format!(
+                "- addresses: [\"{ip}\"]\n  nodeName: node-{node}\n  conditions:\n    ready: true\n"
+            ));
+        }
+        y
+    };
+    let (a6, b6) = (pod_ip6(&a1), pod_ip6(&b1));
+    let web = |v6: &[(&str, u8)]| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: test\n  name: web\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.30\n  clusterIPs: [10.96.0.30, \"fd00:96::30\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: http\n    nodePort: 30094\n{}{}",
+            slice("IPv4", &[(&a1, 1), (&b1, 2)]),
+            slice("IPv6", v6),
+        )
+    };
+    c.write_manifest("web.yaml", &web(&[(&a6, 1), (&b6, 2)]));
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_until("the IPv6 cluster IP programmed on node 2", || {
+        c.sh(&c.ns("n2"), "ip6tables-save -t nat")
+            .contains("fd00:96::30")
+    });
+
+    // The IPv6 cluster IP reaches both IPv6 endpoints; pod sources are kept.
+    let r = c.echo("client", &["tcp", "[fd00:96::30]:80", "100"]);
+    assert_eq!(failures(&r), 0, "{r}");
+    assert!(
+        count(&r, "replies", "a1") > 20 && count(&r, "replies", "b1") > 20,
+        "{r}"
+    );
+    assert_eq!(count(&r, "peers", &pod_ip6(&client)), 100, "{r}");
+    // The IPv4 cluster IP of the same Service still works.
+    let r = c.echo("client", &["tcp", "10.96.0.30:80", "20"]);
+    assert_eq!(failures(&r), 0, "{r}");
+    assert_eq!(count(&r, "peers", &client), 20, "{r}");
+
+    // An IPv6 node port from outside: masqueraded to the node's address
+    // when the endpoint is on the other node.
+    let n = c.echo("ext", &["tcp", "[fd00:99::11]:30094", "40"]);
+    assert_eq!(failures(&n), 0, "{n}");
+    assert_eq!(
+        count(&n, "peers", "fd00:99::11") + count(&n, "peers", "fd00:99::100"),
+        40,
+        "{n}"
+    );
+    assert!(count(&n, "replies", "b1") > 0, "{n}");
+    assert_eq!(
+        count(&n, "peers", "fd00:99::11"),
+        count(&n, "replies", "b1") + count(&n, "replies", "a1"),
+        "every node-port connection is masqueraded (externalTrafficPolicy Cluster): {n}"
+    );
+
+    // An IPv6 endpoint removed: no new connection reaches it.
+    c.write_manifest("web.yaml", &web(&[(&b6, 2)]));
+    c.wait_until("a1's IPv6 endpoint gone on node 2", || {
+        !c.sh(&c.ns("n2"), "ip6tables-save -t nat").contains(&a6)
+    });
+    let r = c.echo("client", &["tcp", "[fd00:96::30]:80", "40"]);
+    assert_eq!(count(&r, "replies", "b1"), 40, "{r}");
+
+    // No IPv6 endpoints: refused at once, and IPv4 is not affected.
+    c.write_manifest("web.yaml", &web(&[]));
+    c.wait_until("the IPv6 reject rule on node 2", || {
+        c.sh(&c.ns("n2"), "ip6tables-save -t filter")
+            .contains("-d fd00:96::30/128")
+    });
+    let e = c.echo("client", &["tcp", "[fd00:96::30]:80", "1"]);
+    assert_eq!(e["refused"], 1, "{e}");
+    assert!(e["elapsed_ms"].as_u64().expect("elapsed") < 1000, "{e}");
+    let r = c.echo("client", &["tcp", "10.96.0.30:80", "10"]);
+    assert_eq!(failures(&r), 0, "{r}");
 }

@@ -525,11 +525,20 @@ fn port_rules(
         !cluster_eps.is_empty() && (!itp_local || (externally_accessible && !etp_local));
     let uses_local = !local_eps.is_empty() && (itp_local || (externally_accessible && etp_local));
 
-    // Filter verdicts for destinations that cannot be served.
+    // Filter verdicts for destinations that cannot be served. TCP is
+    // refused with a reset (kube-proxy sends ICMP port unreachable): in the
+    // IPv6 packet test the ICMPv6 error reached the client but its connect
+    // failed only when the SYN was retransmitted a second later; a reset
+    // refuses at once in both families.
+    let reject = if sp.protocol == Protocol::Tcp {
+        "REJECT --reject-with tcp-reset"
+    } else {
+        "REJECT"
+    };
     let (internal_verdict, external_verdict) = if !has_endpoints {
         (
-            Some(("REJECT", "has no endpoints")),
-            Some(("REJECT", "has no endpoints")),
+            Some((reject, "has no endpoints")),
+            Some((reject, "has no endpoints")),
         )
     } else {
         (

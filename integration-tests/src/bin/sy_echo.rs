@@ -51,19 +51,23 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn serve(id: String, port: u16) {
-    let udp = UdpSocket::bind(("0.0.0.0", port)).expect("binding UDP");
+    // Dual-stack sockets: IPv4 peers show as IPv4 addresses.
+    let udp = UdpSocket::bind(("::", port)).expect("binding UDP");
     let uid = id.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("{uid} {}", peer.ip()).as_bytes(), peer);
+            let _ = udp.send_to(
+                format!("{uid} {}", peer.ip().to_canonical()).as_bytes(),
+                peer,
+            );
         }
     });
-    let tcp = TcpListener::bind(("0.0.0.0", port)).expect("binding TCP");
+    let tcp = TcpListener::bind(("::", port)).expect("binding TCP");
     for conn in tcp.incoming().flatten() {
         let peer = conn
             .peer_addr()
-            .map(|p| p.ip().to_string())
+            .map(|p| p.ip().to_canonical().to_string())
             .unwrap_or_default();
         let mut conn = conn;
         let _ = writeln!(conn, "{id} {peer}");
@@ -166,7 +170,12 @@ fn run_loop(to: SocketAddr, millis: u64) {
 }
 
 fn udp(to: SocketAddr, count: u32, source_port: u16) {
-    let sock = UdpSocket::bind(("0.0.0.0", source_port)).expect("binding UDP");
+    let any: std::net::IpAddr = if to.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let sock = UdpSocket::bind((any, source_port)).expect("binding UDP");
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
     let mut seen = Vec::new();

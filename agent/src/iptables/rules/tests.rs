@@ -144,6 +144,15 @@ fn no_endpoints_rejects_in_filter() {
         r.dispatch[0].spec,
         "-d 10.96.0.10/32 -p udp -m udp --dport 80 -m comment --comment \"shop/web:p has no endpoints\" -j REJECT"
     );
+    // TCP is refused with a reset.
+    let r = service_rules(&svc(Protocol::Tcp, Vec::new()), Family::V6, &cfg());
+    assert!(r.dispatch.is_empty(), "no IPv6 cluster IP, no rules");
+    let r = service_rules(&svc(Protocol::Tcp, Vec::new()), Family::V4, &cfg());
+    assert!(
+        r.dispatch[0]
+            .spec
+            .ends_with("-j REJECT --reject-with tcp-reset")
+    );
 }
 
 #[test]
