@@ -223,32 +223,39 @@ impl<'a, E> Batches<'a, E> {
         }
     }
 
-    /// Deletes `chains`. They may jump to each other, so when they do not
-    /// fit in one input, inputs that flush them all come before the ones
-    /// that delete them.
+    /// Deletes `chains` (each flushed and deleted in one transaction),
+    /// referrers first: a chain is deleted only after every chain of ours
+    /// that can jump to it (see [`delete_rank`]).
     fn delete(&mut self, chains: &[&(Table, String)]) {
-        if chains.len() <= self.limit {
-            for (table, name) in chains {
+        let mut chains = chains.to_vec();
+        chains.sort_by_key(|(table, name)| (delete_rank(name), *table, name.clone()));
+        for part in chains.chunks(self.limit) {
+            for (table, name) in part {
                 self.open.entry(*table).or_default().delete(name);
             }
             self.seal();
-            return;
         }
-        for part in chains.chunks(self.limit) {
-            for (table, name) in part {
-                let _ = writeln!(
-                    self.open.entry(*table).or_default().decls,
-                    ":{name} - [0:0]"
-                );
-            }
-            self.seal();
-        }
-        for part in chains.chunks(self.limit) {
-            for (table, name) in part {
-                let _ = writeln!(self.open.entry(*table).or_default().deletes, "-X {name}");
-            }
-            self.seal();
-        }
+    }
+}
+
+/// Where a chain comes in a deletion: after the chains that jump to it.
+/// Dispatch heads jump to buckets and node ports, those to firewall and
+/// external chains, those to Service chains, those to endpoint chains, and
+/// all of them to the masquerade chains. Names we do not know go first:
+/// nothing of ours jumps to them.
+fn delete_rank(name: &str) -> u8 {
+    let kind = |k: &str| name.starts_with(k);
+    match name {
+        _ if name == SERVICES => 1,
+        _ if name == rules::NODEPORTS || kind("SWY-SB-") || kind("SWY-FB-") => 2,
+        _ if kind("SWY-FW-") => 3,
+        _ if kind("SWY-EXT-") => 4,
+        _ if kind("SWY-SVC-") || kind("SWY-SVL-") => 5,
+        _ if kind("SWY-SEP-") => 6,
+        _ if name == rules::OFF_CLUSTER => 7,
+        _ if name == rules::MARK_MASQ => 8,
+        _ if name == rules::POSTROUTING || name == rules::FORWARD || name == rules::CANARY => 8,
+        _ => 0,
     }
 }
 

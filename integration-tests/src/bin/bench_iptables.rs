@@ -7,7 +7,10 @@
 //!   transaction of the same rules (minutes at 10,000);
 //! - a full sync by a new data plane over the rules already there (an agent
 //!   restart);
-//! - one endpoint changed (partial sync), median of several;
+//! - one endpoint changed (partial sync), median of several, beside the
+//!   smallest transaction that adds a rule to the same nat table (the
+//!   kernel revalidates the table at each commit) and beside rewriting a
+//!   flat dispatch chain as kube-proxy's partial sync does;
 //! - resident memory of the state plus the data plane's record;
 //! - `cleanup`.
 //!
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use switchyard_agent::dataplane::{Change, DataPlane};
 use switchyard_agent::iptables::sync::{Existing, FamilyTables};
 use switchyard_agent::iptables::{
-    CHAINS_PER_RESTORE, Family, IptablesDataPlane, NodeConfig, Runner, cleanup,
+    CHAINS_PER_RESTORE, Family, IptablesDataPlane, NodeConfig, Runner, Table, cleanup, rules,
 };
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
 use switchyard_model::{
@@ -140,6 +143,7 @@ struct Row {
     restart: Duration,
     partial: Duration,
     floor: Duration,
+    flat: Duration,
     state_mib: f64,
     rss_mib: f64,
     peak_mib: f64,
@@ -275,6 +279,26 @@ fn measure(n: usize) -> Row {
         floors.push(t.elapsed());
     }
     floors.sort();
+    // kube-proxy's way for the same change: its partial sync rewrites the
+    // whole dispatch chain, one rule per Service, in the same transaction.
+    let mut flat = String::from("*nat\n:SWY-BENCH-FLAT - [0:0]\n");
+    for held in state.resources.values() {
+        for d in rules::service_rules(&held.state, Family::V4, &cfg()).dispatch {
+            if d.table == Table::Nat {
+                flat.push_str(&format!("-A SWY-BENCH-FLAT {}\n", d.spec));
+            }
+        }
+    }
+    flat.push_str("COMMIT\n");
+    let mut flats = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        runner
+            .restore(Family::V4, &flat)
+            .expect("flat dispatch transaction");
+        flats.push(t.elapsed());
+    }
+    flats.sort();
     let t = Instant::now();
     cleanup(&runner).expect("cleanup");
     let cleanup = t.elapsed();
@@ -298,6 +322,7 @@ fn measure(n: usize) -> Row {
         restart,
         partial: partials[partials.len() / 2],
         floor: floors[floors.len() / 2],
+        flat: flats[flats.len() / 2],
         state_mib,
         rss_mib,
         peak_mib,
@@ -317,12 +342,12 @@ fn main() {
     };
     let rows: Vec<Row> = sizes.into_iter().map(measure).collect();
     println!(
-        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | agent RSS: state / after full sync / peak | cleanup |"
+        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | rewriting a flat dispatch chain, kube-proxy's way (median of 3) | agent RSS: state / after full sync / peak | cleanup |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
+            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
             r.services,
             r.lines,
             r.full.as_secs_f64(),
@@ -336,6 +361,7 @@ fn main() {
             r.restart.as_secs_f64(),
             r.partial.as_secs_f64() * 1e3,
             r.floor.as_secs_f64() * 1e3,
+            r.flat.as_secs_f64() * 1e3,
             r.state_mib,
             r.rss_mib,
             r.peak_mib,
