@@ -142,13 +142,12 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                     "{at}: state on a hostPath"
                 );
                 for c in &pod.containers {
-                    let caps = c
-                        .security_context
-                        .as_ref()
-                        .and_then(|s| s.capabilities.as_ref())
-                        .and_then(|c| c.add.clone())
-                        .unwrap_or_default();
-                    assert!(caps.iter().any(|c| c == "NET_ADMIN"), "{at}: NET_ADMIN");
+                    let sc = c.security_context.clone().unwrap_or_default();
+                    let caps = sc.capabilities.and_then(|c| c.add).unwrap_or_default();
+                    assert!(
+                        sc.privileged == Some(true) || caps.iter().any(|c| c == "NET_ADMIN"),
+                        "{at}: privileged or NET_ADMIN"
+                    );
                     let argv = args(c);
                     let parsed = <switchyard_agent::Args as clap::Parser>::try_parse_from(&argv)
                         .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
@@ -156,6 +155,12 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                         parsed.tls_cert.is_some() && parsed.tls_ca.is_some(),
                         "{at}: mTLS on"
                     );
+                    if matches!(
+                        parsed.dataplane,
+                        switchyard_agent::config::DataPlaneKind::Iptables
+                    ) {
+                        assert_eq!(sc.privileged, Some(true), "{at}: iptables needs privileged");
+                    }
                 }
             }
             other => panic!("{at}: unexpected kind {other:?}"),

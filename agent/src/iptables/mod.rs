@@ -28,11 +28,18 @@ pub use rules::{Family, NodeConfig, Table};
 pub use runner::Runner;
 use sync::FamilyTables;
 
-/// A full sync splits its `iptables-restore --noflush` input into pieces of
-/// about this many chains: iptables-nft 1.8.9's cost per transaction grows
-/// with the square of the chains it names (BENCHMARKS.md, "iptables data
-/// plane").
+/// How many chains one `iptables-restore --noflush` input may name before a
+/// sync is split into pieces. Two costs pull apart: iptables-nft's
+/// userspace cost per transaction grows with the square of the chains it
+/// names (1,000 Services in one transaction: 5 s), and every nat commit
+/// makes the kernel revalidate all rules reachable from the built-in chains
+/// (250 ms at 10,000 Services, a few ms while nothing of ours is hooked).
+/// So pieces are small while our chains are not hooked (a first full sync)
+/// and larger once they are (BENCHMARKS.md, "iptables data plane").
 pub const CHAINS_PER_RESTORE: usize = 500;
+
+/// The piece size once our chains are hooked into the built-in chains.
+pub const CHAINS_PER_RESTORE_HOOKED: usize = 1500;
 
 /// The iptables data plane.
 #[derive(Debug)]
@@ -97,7 +104,11 @@ impl IptablesDataPlane {
                 &self.cfg,
                 &existing,
                 family,
-                CHAINS_PER_RESTORE,
+                if existing.jumps.is_empty() {
+                    CHAINS_PER_RESTORE
+                } else {
+                    CHAINS_PER_RESTORE_HOOKED
+                },
                 &mut |text| runner.restore(family, &text),
             )
             .map_err(|e| self.failed(e))?;
@@ -124,10 +135,15 @@ impl IptablesDataPlane {
         let mut flushes = Vec::new();
         for i in 0..self.tables.len() {
             let family = self.tables[i].family();
-            let tx = self.tables[i].partial(change.state, change.changes, &self.cfg);
-            if !tx.text.is_empty() {
+            let tx = self.tables[i].partial(
+                change.state,
+                change.changes,
+                &self.cfg,
+                CHAINS_PER_RESTORE_HOOKED,
+            );
+            for text in &tx.texts {
                 self.runner
-                    .restore(family, &tx.text)
+                    .restore(family, text)
                     .map_err(|e| self.failed(e))?;
             }
             flushes.push((family, tx.conntrack));

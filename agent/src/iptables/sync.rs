@@ -124,11 +124,12 @@ pub struct FamilyTables {
     rules: usize,
 }
 
-/// A transaction for one family's restore tool.
+/// A partial sync for one family's restore tool.
 #[derive(Debug, Clone, Default)]
 pub struct Transaction {
-    /// The `iptables-restore` input (empty: nothing to do).
-    pub text: String,
+    /// The `iptables-restore` inputs, to run in order (usually one; none:
+    /// nothing to do).
+    pub texts: Vec<String>,
     /// Conntrack entries to delete once it is in force.
     pub conntrack: Vec<ConntrackFlush>,
 }
@@ -436,14 +437,23 @@ impl FamilyTables {
     /// returns the transaction that does the same in the kernel. On failure
     /// the caller must fall back to [`FamilyTables::full`]: the record is
     /// already updated.
+    ///
+    /// A change is one restore when it names at most `chains_per_restore`
+    /// chains (every nat commit costs a revalidation of the whole table, so
+    /// a usual change pays it once). A larger one (a storm, a big Service
+    /// replaced) is split like a full sync: new chains in pieces, then the
+    /// dispatch chains in one transaction, then the deletions.
     pub fn partial(
         &mut self,
         state: &AgentState,
         changes: &ChangeSet,
         cfg: &NodeConfig,
+        chains_per_restore: usize,
     ) -> Transaction {
         let family = self.family;
-        let mut tables: BTreeMap<Table, TableText> = BTreeMap::new();
+        // New chains, one group per Service: a group never spans two restores.
+        let mut fresh: Vec<Vec<OwnedChain>> = Vec::new();
+        let mut gone: Vec<(Table, String)> = Vec::new();
         let mut dirty: BTreeSet<(Table, Slot)> = BTreeSet::new();
         let mut conntrack = BTreeSet::new();
         let names: BTreeSet<&String> = changes.changed.iter().chain(&changes.removed).collect();
@@ -464,26 +474,44 @@ impl FamilyTables {
             let (p, chains) = self.record(name, new);
             dirty.extend(p.slots.iter().copied());
             let had: HashSet<&(Table, String)> = old.chains.iter().collect();
-            for c in &chains {
-                // Named after their content: a chain we had holds these rules.
-                if !had.contains(&(c.table, c.name.clone())) {
-                    tables.entry(c.table).or_default().chain(&c.name, &c.rules);
-                }
-            }
-            for (table, chain) in &old.chains {
-                if !p.chains.iter().any(|(t, c)| t == table && c == chain) {
-                    tables.entry(*table).or_default().delete(chain);
-                }
-            }
+            let has: HashSet<&(Table, String)> = p.chains.iter().collect();
+            // Named after their content: a chain we had holds these rules.
+            fresh.push(
+                chains
+                    .into_iter()
+                    .filter(|c| !had.contains(&(c.table, c.name.clone())))
+                    .collect(),
+            );
+            gone.extend(old.chains.iter().filter(|c| !has.contains(c)).cloned());
             udp_changes(&old.udp, &p.udp, &mut conntrack);
             if p.chains.is_empty() && p.slots.is_empty() && !state.resources.contains_key(name) {
                 continue;
             }
             self.services.insert(name.clone(), p);
         }
+
+        let split = fresh.iter().map(Vec::len).sum::<usize>() + dirty.len() + gone.len()
+            > chains_per_restore;
+        let mut texts = Vec::new();
+        let mut emit = |t| {
+            texts.push(t);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let mut out = Batches::new(chains_per_restore, &mut emit);
+        for group in &fresh {
+            for c in group {
+                out.chain(c.table, &c.name, &c.rules);
+            }
+            if split {
+                out.seal_if_full();
+            }
+        }
+        if split {
+            out.seal();
+        }
         for (table, slot) in dirty {
             let r = self.slot_rules(table, slot);
-            let text = tables.entry(table).or_default();
+            let text = out.open.entry(table).or_default();
             let chain = slot.chain(table);
             match slot {
                 Slot::Bucket(b) if r.is_empty() => {
@@ -514,8 +542,18 @@ impl FamilyTables {
                 self.slots.remove(&(table, slot));
             }
         }
+        if split {
+            out.seal();
+            out.delete(&gone.iter().collect::<Vec<_>>());
+        } else {
+            for (table, chain) in &gone {
+                out.open.entry(*table).or_default().delete(chain);
+            }
+            out.seal();
+        }
+        drop(out);
         Transaction {
-            text: assemble(tables),
+            texts,
             conntrack: conntrack.into_iter().collect(),
         }
     }

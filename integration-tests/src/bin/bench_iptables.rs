@@ -11,6 +11,7 @@
 //!   smallest transaction that adds a rule to the same nat table (the
 //!   kernel revalidates the table at each commit) and beside rewriting a
 //!   flat dispatch chain as kube-proxy's partial sync does;
+//! - a tenth of the Services changed in one update (one endpoint each);
 //! - resident memory of the state plus the data plane's record;
 //! - `cleanup`.
 //!
@@ -143,6 +144,8 @@ struct Row {
     restart: Duration,
     partial: Duration,
     floor: Duration,
+    storm_services: usize,
+    storm: Duration,
     flat: Duration,
     state_mib: f64,
     rss_mib: f64,
@@ -262,6 +265,26 @@ fn measure(n: usize) -> Row {
         state = next;
     }
     partials.sort();
+    // A storm: a tenth of the Services change in one update.
+    let mut next = state.clone();
+    let changed: Vec<String> = (0..n)
+        .step_by(10)
+        .map(|i| insert(&mut next, service(i, 50)))
+        .collect();
+    let storm_services = changed.len();
+    let changes = ChangeSet {
+        changed,
+        removed: Vec::new(),
+    };
+    let t = Instant::now();
+    dp.apply(&Change {
+        state: &next,
+        changes: &changes,
+        full: false,
+    })
+    .expect("storm");
+    let storm = t.elapsed();
+    state = next;
     // The floor: the smallest transaction that adds a rule to this nat
     // table. The kernel revalidates every rule reachable from the built-in
     // chains at each such commit, so this grows with the table.
@@ -322,6 +345,8 @@ fn measure(n: usize) -> Row {
         restart,
         partial: partials[partials.len() / 2],
         floor: floors[floors.len() / 2],
+        storm_services,
+        storm,
         flat: flats[flats.len() / 2],
         state_mib,
         rss_mib,
@@ -342,12 +367,12 @@ fn main() {
     };
     let rows: Vec<Row> = sizes.into_iter().map(measure).collect();
     println!(
-        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | rewriting a flat dispatch chain, kube-proxy's way (median of 3) | agent RSS: state / after full sync / peak | cleanup |"
+        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | rewriting a flat dispatch chain, kube-proxy's way (median of 3) | a tenth of the Services changed in one update | agent RSS: state / after full sync / peak | cleanup |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
+            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} s ({}) | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
             r.services,
             r.lines,
             r.full.as_secs_f64(),
@@ -362,6 +387,8 @@ fn main() {
             r.partial.as_secs_f64() * 1e3,
             r.floor.as_secs_f64() * 1e3,
             r.flat.as_secs_f64() * 1e3,
+            r.storm.as_secs_f64(),
+            r.storm_services,
             r.state_mib,
             r.rss_mib,
             r.peak_mib,

@@ -49,6 +49,12 @@ fn two_services(web_eps: &[&str]) -> AgentState {
     ])
 }
 
+/// The one restore input of a small partial sync.
+fn one(tx: &Transaction) -> String {
+    assert_eq!(tx.texts.len(), 1, "{:#?}", tx.texts);
+    tx.texts[0].clone()
+}
+
 fn lines_starting<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.starts_with(prefix)).collect()
 }
@@ -116,8 +122,8 @@ fn partial_sync_touches_only_the_changed_service() {
         changed: vec!["default/shop/web".into()],
         removed: Vec::new(),
     };
-    let tx = tables.partial(&after, &changes, &cfg());
-    let t = &tx.text;
+    let tx = tables.partial(&after, &changes, &cfg(), 1000);
+    let t = &one(&tx);
     assert!(
         !t.contains(":SWY-SERVICES "),
         "dispatch chain not rewritten: {t}"
@@ -151,22 +157,16 @@ fn partial_sync_touches_only_the_changed_service() {
 
     // The last endpoint goes: the service moves to a REJECT in a new filter bucket.
     let empty = two_services(&[]);
-    let tx = tables.partial(&empty, &changes, &cfg());
-    assert!(tx.text.contains("*filter\n:SWY-FB-0A - [0:0]\n"));
-    assert!(
-        tx.text
-            .contains("-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-FB-0A\n")
-    );
-    assert!(tx.text.contains("-j REJECT"));
-    assert!(lines_starting(&tx.text, "-X SWY-SVC-").len() == 1);
+    let tx = tables.partial(&empty, &changes, &cfg(), 1000);
+    assert!(one(&tx).contains("*filter\n:SWY-FB-0A - [0:0]\n"));
+    assert!(one(&tx).contains("-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-FB-0A\n"));
+    assert!(one(&tx).contains("-j REJECT"));
+    assert!(lines_starting(&one(&tx), "-X SWY-SVC-").len() == 1);
     // Its nat bucket is empty now: the jump and the chain go.
-    assert!(
-        tx.text
-            .contains("-D SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n")
-    );
-    assert!(tx.text.contains("-X SWY-SB-0A\n"));
+    assert!(one(&tx).contains("-D SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n"));
+    assert!(one(&tx).contains("-X SWY-SB-0A\n"));
     // An endpoint comes back: flows that were refused are cleared.
-    let tx = tables.partial(&before, &changes, &cfg());
+    let tx = tables.partial(&before, &changes, &cfg(), 1000);
     assert!(
         tx.conntrack
             .contains(&ConntrackFlush::Destination(UdpDestination::Ip(
@@ -175,11 +175,11 @@ fn partial_sync_touches_only_the_changed_service() {
             )))
     );
     assert_eq!(
-        lines_starting(&tx.text, "-I SWY-SERVICES"),
+        lines_starting(&one(&tx), "-I SWY-SERVICES"),
         vec!["-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A"],
         "the nat bucket is back; the filter one goes"
     );
-    assert!(tx.text.contains("-X SWY-FB-0A\n"));
+    assert!(one(&tx).contains("-X SWY-FB-0A\n"));
 
     // Removal deletes its chains and empties its bucket.
     let gone = state(vec![]);
@@ -190,10 +190,11 @@ fn partial_sync_touches_only_the_changed_service() {
             removed: vec!["default/shop/web".into(), "default/shop/api".into()],
         },
         &cfg(),
+        1000,
     );
-    assert!(tx.text.contains("-X SWY-SB-0A\n"));
-    assert!(tx.text.contains("-X SWY-SB-0B\n"));
-    assert!(!tx.text.contains("-A SWY-SB-0A"));
+    assert!(one(&tx).contains("-X SWY-SB-0A\n"));
+    assert!(one(&tx).contains("-X SWY-SB-0B\n"));
+    assert!(!one(&tx).contains("-A SWY-SB-0A"));
     let (fresh, _) =
         FamilyTables::full_texts(&gone, &cfg(), &Existing::default(), Family::V4, 1000);
     assert_eq!(tables.rule_count(), fresh.rule_count());
@@ -418,8 +419,11 @@ fn batched_full_syncs_keep_every_step_consistent() {
             removed: Vec::new(),
         },
         &cfg(),
+        5,
     );
-    kernel.restore(&tx.text);
+    for text in &tx.texts {
+        kernel.restore(text);
+    }
     let mut fresh = Kernel::default();
     for r in FamilyTables::full_texts(&changed, &cfg(), &Existing::default(), Family::V4, 1000).1 {
         fresh.restore(&r);
@@ -436,9 +440,17 @@ fn batched_full_syncs_keep_every_step_consistent() {
             removed: vec!["default/shop/svc-0".into()],
         },
         &cfg(),
+        5,
     );
-    assert!(tx.text.contains("-X SWY-SB-01\n"), "{}", tx.text);
-    kernel.restore(&tx.text);
+    assert!(tx.texts.len() > 1, "a large change is split");
+    assert!(
+        tx.texts.concat().contains("-X SWY-SB-01\n"),
+        "{:#?}",
+        tx.texts
+    );
+    for text in &tx.texts {
+        kernel.restore(text);
+    }
     let services = &kernel.chains[&(Table::Nat, SERVICES.to_owned())];
     assert!(
         services
