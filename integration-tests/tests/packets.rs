@@ -18,6 +18,16 @@ fn bins() -> Bins {
     }
 }
 
+/// A two-node cluster, or `None` (with a message) where packet tests
+/// cannot run.
+fn cluster() -> Option<Cluster> {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return None;
+    }
+    Some(Cluster::new(bins(), 2))
+}
+
 fn count(v: &Value, key: &str, id: &str) -> u64 {
     v[key][id].as_u64().unwrap_or(0)
 }
@@ -33,11 +43,7 @@ const PORTALS: &str =
 
 #[test]
 fn service_features_with_real_packets() {
-    if !supported() {
-        eprintln!("skipping: packet tests need root, iproute2 and iptables");
-        return;
-    }
-    let mut c = Cluster::new(bins(), 2);
+    let Some(mut c) = cluster() else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let a2 = c.add_pod("a2", 1, 3);
     let b1 = c.add_pod("b1", 2, 2);
@@ -162,11 +168,7 @@ fn service_features_with_real_packets() {
 
 #[test]
 fn endpoint_changes_flush_restart_and_cleanup() {
-    if !supported() {
-        eprintln!("skipping: packet tests need root, iproute2 and iptables");
-        return;
-    }
-    let mut c = Cluster::new(bins(), 2);
+    let Some(mut c) = cluster() else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     c.add_pod("client", 2, 9);
@@ -293,11 +295,7 @@ fn with_ingress(manifest: String, ip: &str) -> String {
 
 #[test]
 fn topology_source_ranges_and_localhost_node_ports() {
-    if !supported() {
-        eprintln!("skipping: packet tests need root, iproute2 and iptables");
-        return;
-    }
-    let mut c = Cluster::new(bins(), 2);
+    let Some(mut c) = cluster() else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let a2 = c.add_pod("a2", 1, 3);
     let b1 = c.add_pod("b1", 2, 2);
@@ -391,11 +389,7 @@ fn topology_source_ranges_and_localhost_node_ports() {
 
 #[test]
 fn dual_stack_with_real_packets() {
-    if !supported() {
-        eprintln!("skipping: packet tests need root, iproute2 and iptables");
-        return;
-    }
-    let mut c = Cluster::new(bins(), 2);
+    let Some(mut c) = cluster() else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     let client = c.add_pod("client", 2, 9);

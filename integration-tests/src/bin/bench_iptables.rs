@@ -204,6 +204,18 @@ fn timed_restore(text: &str, args: &[&str]) -> Duration {
     took
 }
 
+/// Applies `changes` as a partial sync, timed.
+fn timed_partial(dp: &mut IptablesDataPlane, state: &AgentState, changes: &ChangeSet) -> Duration {
+    let t = Instant::now();
+    dp.apply(&Change {
+        state,
+        changes,
+        full: false,
+    })
+    .expect("partial sync");
+    t.elapsed()
+}
+
 fn measure(n: usize) -> Row {
     // The agent's side first, so the baselines' buffers do not sit in the
     // allocator when memory is read.
@@ -254,14 +266,7 @@ fn measure(n: usize) -> Row {
             changed: vec![name],
             removed: Vec::new(),
         };
-        let t = Instant::now();
-        dp.apply(&Change {
-            state: &next,
-            changes: &changes,
-            full: false,
-        })
-        .expect("partial sync");
-        partials.push(t.elapsed());
+        partials.push(timed_partial(&mut dp, &next, &changes));
         state = next;
     }
     partials.sort();
@@ -276,14 +281,7 @@ fn measure(n: usize) -> Row {
         changed,
         removed: Vec::new(),
     };
-    let t = Instant::now();
-    dp.apply(&Change {
-        state: &next,
-        changes: &changes,
-        full: false,
-    })
-    .expect("storm");
-    let storm = t.elapsed();
+    let storm = timed_partial(&mut dp, &next, &changes);
     state = next;
     // The floor: the smallest transaction that adds a rule to this nat
     // table. The kernel revalidates every rule reachable from the built-in
