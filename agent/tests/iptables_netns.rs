@@ -1,6 +1,7 @@
 //! The iptables data plane against the real kernel, inside a network
 //! namespace this test creates (and deletes, also on failure): full and
-//! partial syncs, a refused transaction, the canary, cleanup.
+//! partial syncs, a refused transaction, the canary, cleanup, and syncs
+//! large enough to be split into pieces.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -222,4 +223,108 @@ fn syncs_canary_failure_and_cleanup_in_a_namespace() {
     let all = ns.sh("iptables-save; ip6tables-save");
     assert!(!all.contains("SWY-"), "{all}");
     assert!(all.contains("-A PREROUTING -j OTHER"), "{all}");
+}
+
+/// Our lines in a namespace's rules, sorted (partial syncs insert bucket
+/// jumps at the top of `SWY-SERVICES`, full syncs write them in order).
+fn ours(ns: &Netns) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .sh("iptables-save")
+        .lines()
+        .filter(|l| l.contains("SWY-"))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+/// `n` TCP Services with three endpoints each; `generation` moves every
+/// endpoint. (TCP: no conntrack clean-up runs for the moved endpoints.)
+fn many(n: usize, generation: usize) -> AgentState {
+    let services = (0..n)
+        .map(|i| {
+            let eps: Vec<String> = (0..3)
+                .map(|e| {
+                    format!(
+                        "10.{}.{}.{}",
+                        128 + e + 3 * generation,
+                        i / 250,
+                        i % 250 + 1
+                    )
+                })
+                .collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let mut s = service(
+                &format!("s{i}"),
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                &eps,
+            );
+            s.service.ports[0].protocol = Protocol::Tcp;
+            s.slices[0].ports[0].protocol = Protocol::Tcp;
+            s
+        })
+        .collect();
+    state("v", services)
+}
+
+#[test]
+fn large_syncs_in_pieces_match_one_transaction() {
+    use switchyard_agent::iptables::sync::{Existing, FamilyTables};
+
+    let Some(split) = Netns::new("split") else {
+        return;
+    };
+    let Some(whole) = Netns::new("whole") else {
+        return;
+    };
+    let restore = |ns: &Netns, texts: &[String]| {
+        for t in texts {
+            Runner::in_netns(&ns.0)
+                .restore(Family::V4, t)
+                .expect("restore");
+        }
+    };
+
+    // 700 Services: about 2,800 chains, so the data plane's full sync runs
+    // in several pieces; the other namespace gets the same rules unsplit.
+    let before = many(700, 0);
+    let mut dp =
+        IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&split.0));
+    let names: Vec<String> = (0..700).map(|i| format!("s{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    apply(&mut dp, &before, &names, true).expect("full sync");
+    let (mut record, texts) = FamilyTables::full_texts(
+        &before,
+        &cfg(),
+        &Existing::default(),
+        Family::V4,
+        usize::MAX,
+    );
+    restore(&whole, &texts);
+    assert_eq!(ours(&split), ours(&whole));
+
+    // 500 of them change every endpoint in one update: a partial sync of
+    // about 4,000 chains, which the data plane splits.
+    let mut after = many(700, 1);
+    for i in 500..700 {
+        let name = format!("default/shop/s{i}");
+        let kept = before.resources[&name].clone();
+        after.resources.insert(name, kept);
+    }
+    apply(&mut dp, &after, &names[..500], false).expect("partial sync");
+    let tx = record.partial(&after, &changed(&names[..500]), &cfg(), usize::MAX);
+    assert_eq!(tx.texts.len(), 1);
+    restore(&whole, &tx.texts);
+    let split_rules = ours(&split);
+    assert_eq!(split_rules, ours(&whole));
+    assert_eq!(
+        split_rules.iter().filter(|l| l.contains("-j DNAT")).count(),
+        2100
+    );
+
+    // A restarted agent over these rules changes nothing.
+    let mut restarted =
+        IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&split.0));
+    apply(&mut restarted, &after, &names, true).expect("full sync over intact rules");
+    assert_eq!(ours(&split), split_rules);
 }
