@@ -328,3 +328,41 @@ fn large_syncs_in_pieces_match_one_transaction() {
     apply(&mut restarted, &after, &names, true).expect("full sync over intact rules");
     assert_eq!(ours(&split), split_rules);
 }
+
+#[test]
+fn a_udp_storm_clears_only_stale_flows() {
+    let Some(ns) = Netns::new("ct") else { return };
+    let mut dp = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&ns.0));
+    let udp = |generation: usize, changed: usize| {
+        let services = (0..10)
+            .map(|i| {
+                let g = if i < changed { generation } else { 0 };
+                let eps: Vec<String> = (0..3)
+                    .map(|e| format!("10.{}.0.{}", 128 + e + 3 * g, i + 1))
+                    .collect();
+                let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+                service(&format!("u{i}"), &format!("10.96.0.{}", i + 1), &eps)
+            })
+            .collect();
+        state("v", services)
+    };
+    let names: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    apply(&mut dp, &udp(0, 0), &names, true).expect("full sync");
+    // One live flow per Service: a datagram from this namespace, DNATed by
+    // our rules on its way out of a veth.
+    ns.sh("ip link add v0 type veth peer name v1 && ip addr add 10.0.0.1/8 dev v0 && ip link set v0 up && ip link set v1 up");
+    for i in 0..10 {
+        ns.sh(&format!("bash -c 'echo x > /dev/udp/10.96.0.{}/53'", i + 1));
+    }
+    assert_eq!(ns.sh("conntrack -L -p udp 2>/dev/null").lines().count(), 10);
+
+    // Five Services move every endpoint in one update (15 stale filters:
+    // the data plane lists the table once and deletes what matches).
+    apply(&mut dp, &udp(1, 5), &names[..5], false).expect("partial sync");
+    let left = ns.sh("conntrack -L -p udp 2>/dev/null");
+    assert_eq!(left.lines().count(), 5, "{left}");
+    for i in 5..10 {
+        assert!(left.contains(&format!("dst=10.96.0.{} ", i + 1)), "{left}");
+    }
+}

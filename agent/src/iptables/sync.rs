@@ -32,6 +32,35 @@ pub enum ConntrackFlush {
     Destination(UdpDestination),
 }
 
+/// One UDP conntrack entry, as far as stale-flow clean-up needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    /// The original destination address.
+    pub destination: IpAddr,
+    /// The original destination port.
+    pub port: u16,
+    /// The reply's source: the endpoint the flow was DNATed to.
+    pub endpoint: IpAddr,
+}
+
+impl ConntrackFlush {
+    /// Whether `conntrack -D` with this filter would delete `entry`.
+    pub fn matches(&self, entry: &ConntrackEntry) -> bool {
+        let (destination, endpoint) = match self {
+            ConntrackFlush::Endpoint {
+                destination,
+                endpoint,
+            } => (destination, Some(endpoint)),
+            ConntrackFlush::Destination(d) => (d, None),
+        };
+        let to = match destination {
+            UdpDestination::Ip(ip, port) => entry.destination == *ip && entry.port == *port,
+            UdpDestination::NodePort(port) => entry.port == *port,
+        };
+        to && endpoint.is_none_or(|ep| entry.endpoint == *ep)
+    }
+}
+
 /// What of ours the kernel holds in one family: our chains, and our jumps
 /// from the built-in chains.
 #[derive(Debug, Clone, Default)]

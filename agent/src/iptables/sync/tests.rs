@@ -477,3 +477,24 @@ fn batched_full_syncs_keep_every_step_consistent() {
         vec!["-j DOCKER".to_owned()]
     );
 }
+
+#[test]
+fn conntrack_filters_match_like_conntrack_delete() {
+    let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+    let entry = ConntrackEntry {
+        destination: ip("10.96.0.10"),
+        port: 53,
+        endpoint: ip("10.244.1.2"),
+    };
+    let to = UdpDestination::Ip(ip("10.96.0.10"), 53);
+    let endpoint = |d: UdpDestination, e: &str| ConntrackFlush::Endpoint {
+        destination: d,
+        endpoint: ip(e),
+    };
+    assert!(endpoint(to.clone(), "10.244.1.2").matches(&entry));
+    assert!(!endpoint(to.clone(), "10.244.1.3").matches(&entry));
+    assert!(!endpoint(UdpDestination::Ip(ip("10.96.0.11"), 53), "10.244.1.2").matches(&entry));
+    assert!(endpoint(UdpDestination::NodePort(53), "10.244.1.2").matches(&entry));
+    assert!(ConntrackFlush::Destination(to).matches(&entry));
+    assert!(!ConntrackFlush::Destination(UdpDestination::NodePort(54)).matches(&entry));
+}
