@@ -163,11 +163,15 @@ pub struct Transaction {
     pub conntrack: Vec<ConntrackFlush>,
 }
 
+/// One table's part of a restore input, in the order iptables-restore
+/// needs: chain declarations (which create or flush), then rules, then the
+/// lines that need both in place (chain deletions, jumps from built-in
+/// chains into chains declared above).
 #[derive(Debug, Default)]
 struct TableText {
     decls: String,
     rules: String,
-    deletes: String,
+    tail: String,
 }
 
 impl TableText {
@@ -178,11 +182,11 @@ impl TableText {
 
     fn delete(&mut self, name: &str) {
         let _ = writeln!(self.decls, ":{name} - [0:0]");
-        let _ = writeln!(self.deletes, "-X {name}");
+        let _ = writeln!(self.tail, "-X {name}");
     }
 
     fn is_empty(&self) -> bool {
-        self.decls.is_empty() && self.rules.is_empty() && self.deletes.is_empty()
+        self.decls.is_empty() && self.rules.is_empty() && self.tail.is_empty()
     }
 }
 
@@ -195,7 +199,7 @@ fn assemble(tables: BTreeMap<Table, TableText>) -> String {
         let _ = writeln!(out, "*{}", table.name());
         out.push_str(&t.decls);
         out.push_str(&t.rules);
-        out.push_str(&t.deletes);
+        out.push_str(&t.tail);
         out.push_str("COMMIT\n");
     }
     out
@@ -233,7 +237,7 @@ impl<'a, E> Batches<'a, E> {
     }
 
     fn insert_jump(&mut self, table: Table, line: &str) {
-        let _ = writeln!(self.open.entry(table).or_default().deletes, "{line}");
+        let _ = writeln!(self.open.entry(table).or_default().tail, "{line}");
     }
 
     fn seal_if_full(&mut self) {
