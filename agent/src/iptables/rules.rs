@@ -851,8 +851,16 @@ pub fn services_tail(family: Family, table: Table, cfg: &NodeConfig) -> Vec<Stri
     }
     let comment = "-m comment --comment \"switchyard service nodeports; NOTE: this must be the last rule in this chain\"";
     if cfg.nodeport_addresses.is_empty() {
+        // Loopback is LOCAL too: keep it out unless node ports are served
+        // there (never for IPv6, where route_localnet does not exist), so a
+        // node's own process on 127.0.0.1 is not shadowed.
+        let not_loopback = match family {
+            Family::V6 => "! -d ::1/128 ",
+            Family::V4 if !cfg.localhost_node_ports() => "! -d 127.0.0.0/8 ",
+            Family::V4 => "",
+        };
         out.push(format!(
-            "-m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"
+            "{not_loopback}-m addrtype --dst-type LOCAL {comment} -j {NODEPORTS}"
         ));
     } else {
         out.extend(

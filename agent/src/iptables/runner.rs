@@ -207,8 +207,9 @@ impl Runner {
                     }
                     return Ok(existing);
                 }
-                Err(RunError::Spawn { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!("nft list chains failed ({e}); reading iptables-save instead");
+                }
             }
         }
         for table in Table::ALL {

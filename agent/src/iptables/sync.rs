@@ -388,10 +388,19 @@ impl FamilyTables {
         let mut me = Self::new(family);
         let mut out = Batches::new(chains_per_restore, emit);
         let mut wanted: HashSet<(Table, String)> = HashSet::new();
+        // The canaries vouch for every chain of ours, so they are written
+        // with the dispatch, after the Service chains: a sync interrupted
+        // before then leaves them missing, and the next full sync trusts
+        // nothing.
+        let mut canaries = Vec::new();
         for c in rules::static_chains(family, cfg) {
             me.static_rules += c.rules.len();
-            out.chain(c.table, &c.name, &c.rules);
-            wanted.insert((c.table, c.name));
+            wanted.insert((c.table, c.name.clone()));
+            if c.name == rules::CANARY {
+                canaries.push(c);
+            } else {
+                out.chain(c.table, &c.name, &c.rules);
+            }
         }
         let trusted = existing.intact();
         for (name, held) in &state.resources {
@@ -409,7 +418,10 @@ impl FamilyTables {
         }
         out.seal();
 
-        // The dispatch: one transaction.
+        // The dispatch and the canaries: one transaction.
+        for c in &canaries {
+            out.chain(c.table, &c.name, &c.rules);
+        }
         let mut slots: Vec<_> = me.slots.keys().copied().collect();
         slots.sort();
         for table in Table::ALL {

@@ -560,4 +560,14 @@ fn localhost_node_ports_guard_loopback() {
     assert!(c.localhost_node_ports());
     c.localhost_nodeports = false;
     assert!(!c.localhost_node_ports());
+
+    // Loopback stays out of the node-port jump when not served there, and
+    // always for IPv6.
+    let mut c = cfg();
+    let nat = |c: &NodeConfig, f| services_tail(f, Table::Nat, c)[0].clone();
+    assert!(nat(&c, Family::V4).starts_with("-m addrtype --dst-type LOCAL"));
+    assert!(nat(&c, Family::V6).starts_with("! -d ::1/128 -m addrtype --dst-type LOCAL"));
+    c.localhost_nodeports = false;
+    assert!(nat(&c, Family::V4).starts_with("! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL"));
+    assert_eq!(services_tail(Family::V4, Table::Filter, &c).len(), 1);
 }

@@ -498,3 +498,38 @@ fn conntrack_filters_match_like_conntrack_delete() {
     assert!(ConntrackFlush::Destination(to).matches(&entry));
     assert!(!ConntrackFlush::Destination(UdpDestination::NodePort(54)).matches(&entry));
 }
+
+#[test]
+fn an_interrupted_full_sync_is_not_trusted_later() {
+    let mut kernel = Kernel::default();
+    let s = many(12, 3, 0);
+    for r in FamilyTables::full_texts(&s, &cfg(), &kernel.existing(), Family::V4, 5).1 {
+        kernel.restore(&r);
+    }
+    let good = kernel.ours();
+    // Someone flushes our chains (they stay, empty)...
+    for ((_, chain), rules) in kernel.chains.iter_mut() {
+        if chain.starts_with(PREFIX) {
+            rules.clear();
+        }
+    }
+    // ...and the full sync that repairs them stops after its first piece.
+    let existing = kernel.existing();
+    assert!(!existing.intact());
+    let mut pieces = 0;
+    let stopped = FamilyTables::full(&s, &cfg(), &existing, Family::V4, 5, &mut |t| {
+        if pieces == 1 {
+            return Err("interrupted");
+        }
+        pieces += 1;
+        kernel.restore(&t);
+        Ok(())
+    });
+    assert!(stopped.is_err());
+    assert!(!kernel.existing().intact(), "the canaries are written last");
+    // The next full sync trusts nothing and repairs everything.
+    for r in FamilyTables::full_texts(&s, &cfg(), &kernel.existing(), Family::V4, 5).1 {
+        kernel.restore(&r);
+    }
+    assert_eq!(kernel.ours(), good);
+}
