@@ -56,6 +56,13 @@ pub fn supported() -> bool {
 }
 
 /// Runs `cmd`, panicking with its output when it fails.
+/// `ip -n NS ARGS` (ARGS split on spaces), which must succeed.
+fn ip_in(ns: &str, args: &str) {
+    let mut cmd = vec!["ip", "-n", ns];
+    cmd.extend(args.split_whitespace());
+    run(&cmd);
+}
+
 fn run(cmd: &[&str]) -> String {
     let out = Command::new(cmd[0])
         .args(&cmd[1..])
@@ -107,59 +114,34 @@ impl Cluster {
         };
         std::fs::create_dir(c.manifests()).expect("manifests dir");
         let infra = c.add_ns("infra");
-        run(&["ip", "-n", &infra, "link", "add", "br0", "type", "bridge"]);
-        run(&[
-            "ip",
-            "-n",
-            &infra,
-            "addr",
-            "add",
-            "10.99.0.1/24",
-            "dev",
-            "br0",
-        ]);
-        run(&["ip", "-n", &infra, "link", "set", "br0", "up"]);
-        c.sh(&infra, "ip -6 addr add fd00:99::1/64 dev br0 nodad");
+        ip_in(&infra, "link add br0 type bridge");
+        ip_in(&infra, "addr add 10.99.0.1/24 dev br0");
+        ip_in(&infra, "-6 addr add fd00:99::1/64 dev br0 nodad");
+        ip_in(&infra, "link set br0 up");
         for i in 1..=nodes {
             let node = c.add_ns(&format!("n{i}"));
             c.attach(&node, &format!("n{i}"), &format!("10.99.0.1{i}/24"));
-            c.sh(
+            ip_in(
                 &node,
-                &format!("ip -6 addr add fd00:99::1{i}/64 dev eth0 nodad && ip -6 route add default via fd00:99::1 && sysctl -qw net.ipv6.conf.all.forwarding=1"),
+                &format!("-6 addr add fd00:99::1{i}/64 dev eth0 nodad"),
             );
-            run(&[
-                "ip",
-                "-n",
-                &node,
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.99.0.1",
-            ]);
-            c.sh(&node, "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0");
-            for j in 1..=nodes {
-                if j != i {
-                    run(&[
-                        "ip",
-                        "-n",
-                        &node,
-                        "route",
-                        "add",
-                        &format!("10.244.{j}.0/24"),
-                        "via",
-                        &format!("10.99.0.1{j}"),
-                    ]);
-                    c.sh(
-                        &node,
-                        &format!("ip -6 route add fd00:244:{j}::/64 via fd00:99::1{j}"),
-                    );
-                }
+            ip_in(&node, "route add default via 10.99.0.1");
+            ip_in(&node, "-6 route add default via fd00:99::1");
+            c.sh(&node, "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv6.conf.all.forwarding=1");
+            for j in (1..=nodes).filter(|&j| j != i) {
+                ip_in(
+                    &node,
+                    &format!("route add 10.244.{j}.0/24 via 10.99.0.1{j}"),
+                );
+                ip_in(
+                    &node,
+                    &format!("-6 route add fd00:244:{j}::/64 via fd00:99::1{j}"),
+                );
             }
         }
         let ext = c.add_ns("ext");
         c.attach(&ext, "x0", "10.99.0.100/24");
-        c.sh(&ext, "ip -6 addr add fd00:99::100/64 dev eth0 nodad");
+        ip_in(&ext, "-6 addr add fd00:99::100/64 dev eth0 nodad");
         c
     }
 
@@ -167,7 +149,7 @@ impl Cluster {
         let name = format!("{}-{short}", self.prefix);
         run(&["ip", "netns", "add", &name]);
         self.namespaces.push(name.clone());
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        ip_in(&name, "link set lo up");
         // No duplicate address detection: a tentative address (even the
         // link-local one) would lose the first packets of a test.
         self.sh(
@@ -187,8 +169,8 @@ impl Cluster {
         run(&[
             "ip", "-n", &infra, "link", "set", port, "master", "br0", "up",
         ]);
-        run(&["ip", "-n", ns, "addr", "add", cidr, "dev", "eth0"]);
-        run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        ip_in(ns, &format!("addr add {cidr} dev eth0"));
+        ip_in(ns, "link set eth0 up");
     }
 
     /// The full name of a namespace (`infra`, `n1`, `ext`, a pod name).
@@ -336,48 +318,12 @@ impl Cluster {
             "ip", "-n", &nodens, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
             "netns", &pod,
         ]);
-        run(&[
-            "ip",
-            "-n",
-            &pod,
-            "addr",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            "eth0",
-        ]);
-        run(&["ip", "-n", &pod, "link", "set", "eth0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &pod,
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &pod,
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-        ]);
-        run(&["ip", "-n", &nodens, "link", "set", &port, "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &nodens,
-            "route",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            &port,
-        ]);
+        ip_in(&pod, &format!("addr add {ip}/32 dev eth0"));
+        ip_in(&pod, "link set eth0 up");
+        ip_in(&pod, "route add 169.254.1.1 dev eth0");
+        ip_in(&pod, "route add default via 169.254.1.1");
+        ip_in(&nodens, &format!("link set {port} up"));
+        ip_in(&nodens, &format!("route add {ip}/32 dev {port}"));
         self.sh(
             &nodens,
             &format!(
@@ -387,16 +333,10 @@ impl Cluster {
         // IPv6: the pod's /128 routed to its veth; the pod's default route
         // goes to a link-local address the node's end holds.
         let ip6 = pod_ip6(&ip);
-        self.sh(
-            &pod,
-            &format!("ip -6 addr add {ip6}/128 dev eth0 nodad && ip -6 route add default via fe80::1 dev eth0"),
-        );
-        self.sh(
-            &nodens,
-            &format!(
-                "ip -6 addr add fe80::1/64 dev {port} nodad && ip -6 route add {ip6}/128 dev {port}"
-            ),
-        );
+        ip_in(&pod, &format!("-6 addr add {ip6}/128 dev eth0 nodad"));
+        ip_in(&pod, "-6 route add default via fe80::1 dev eth0");
+        ip_in(&nodens, &format!("-6 addr add fe80::1/64 dev {port} nodad"));
+        ip_in(&nodens, &format!("-6 route add {ip6}/128 dev {port}"));
         let server = self.spawn_in(
             &pod,
             &self.bins.echo,

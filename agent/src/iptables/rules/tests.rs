@@ -54,6 +54,16 @@ pub(crate) fn svc(proto: Protocol, slices: Vec<EndpointSlice>) -> ServiceState {
     ServiceState { service: s, slices }
 }
 
+/// A TCP Service whose one slice (`w`, port 8080) holds `eps`.
+fn tcp_w(eps: Vec<Endpoint>) -> ServiceState {
+    svc(Protocol::Tcp, vec![slice("w", Protocol::Tcp, 8080, eps)])
+}
+
+/// One endpoint on node-a and one on node-b.
+fn two_nodes() -> Vec<Endpoint> {
+    vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")]
+}
+
 fn chain<'a>(r: &'a ServiceRules, prefix: &str) -> &'a OwnedChain {
     r.chains
         .iter()
@@ -272,15 +282,7 @@ fn zone_hints_and_prefer_close() {
 
 #[test]
 fn session_affinity_uses_recent() {
-    let mut s = svc(
-        Protocol::Tcp,
-        vec![slice(
-            "w",
-            Protocol::Tcp,
-            8080,
-            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
-        )],
-    );
+    let mut s = tcp_w(two_nodes());
     s.service.session_affinity_timeout = Some(600);
     let r = service_rules(&s, Family::V4, &cfg());
     let c = chain(&r, "SWY-SVC-");
@@ -304,15 +306,9 @@ fn session_affinity_uses_recent() {
 
 #[test]
 fn chains_are_named_after_their_content() {
-    let web = |eps: Vec<Endpoint>| {
-        service_rules(
-            &svc(Protocol::Tcp, vec![slice("w", Protocol::Tcp, 8080, eps)]),
-            Family::V4,
-            &cfg(),
-        )
-    };
-    let two = web(vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")]);
-    let again = web(vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")]);
+    let web = |eps: Vec<Endpoint>| service_rules(&tcp_w(eps), Family::V4, &cfg());
+    let two = web(two_nodes());
+    let again = web(two_nodes());
     assert_eq!(two, again, "same content, same names");
     let one = web(vec![ep("10.244.1.2", "node-a")]);
     let names = |r: &ServiceRules| -> BTreeSet<String> {
@@ -337,15 +333,7 @@ fn chains_are_named_after_their_content() {
 
 #[test]
 fn nodeport_with_local_policy() {
-    let mut s = svc(
-        Protocol::Tcp,
-        vec![slice(
-            "w",
-            Protocol::Tcp,
-            8080,
-            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
-        )],
-    );
+    let mut s = tcp_w(two_nodes());
     s.service.service_type = ServiceType::NodePort;
     s.service.ports[0].node_port = Some(30080);
     s.service.external_traffic_policy = TrafficPolicy::Local;
@@ -397,15 +385,7 @@ fn nodeport_with_local_policy() {
 
 #[test]
 fn internal_traffic_policy_local() {
-    let mut s = svc(
-        Protocol::Tcp,
-        vec![slice(
-            "w",
-            Protocol::Tcp,
-            8080,
-            vec![ep("10.244.1.2", "node-a"), ep("10.244.2.2", "node-b")],
-        )],
-    );
+    let mut s = tcp_w(two_nodes());
     s.service.internal_traffic_policy = TrafficPolicy::Local;
     let r = service_rules(&s, Family::V4, &cfg());
     assert!(r.chains.iter().all(|c| !c.name.starts_with("SWY-SVC-")));
