@@ -417,9 +417,11 @@ fn dual_stack_with_real_packets() {
     c.write_manifest("web.yaml", &web(&[(&a6, 1), (&b6, 2)]));
     c.start_control_plane();
     c.start_agents();
-    c.wait_until("the IPv6 cluster IP programmed on node 2", || {
-        c.sh(&c.ns("n2"), "ip6tables-save -t nat")
-            .contains("fd00:96::30")
+    c.wait_until("the IPv6 rules programmed on both nodes", || {
+        ["n1", "n2"].iter().all(|n| {
+            let nat = c.sh(&c.ns(n), "ip6tables-save -t nat");
+            nat.contains("fd00:96::30") && nat.contains("--dport 30094")
+        })
     });
 
     // The IPv6 cluster IP reaches both IPv6 endpoints; pod sources are kept.
