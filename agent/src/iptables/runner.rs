@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 
 use super::rules::{BUILTIN_JUMPS, CANARY, Family, Table, UdpDestination};
 use super::sync::{ConntrackEntry, ConntrackFlush, Existing};
@@ -41,6 +42,8 @@ pub type Result<T, E = RunError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Default)]
 pub struct Runner {
     netns: Option<String>,
+    /// Per family, once asked: whether iptables is the nf_tables variant.
+    nf_tables: [OnceLock<bool>; 2],
 }
 
 impl Runner {
@@ -53,6 +56,7 @@ impl Runner {
     pub fn in_netns(name: impl Into<String>) -> Self {
         Self {
             netns: Some(name.into()),
+            nf_tables: Default::default(),
         }
     }
 
@@ -218,11 +222,13 @@ impl Runner {
         Ok(existing)
     }
 
-    /// Whether the family's iptables is the nf_tables variant.
+    /// Whether the family's iptables is the nf_tables variant (asked once).
     fn nf_tables(&self, family: Family) -> bool {
-        let mut cmd = self.command(&tool(family, "iptables"));
-        cmd.arg("-V");
-        run(cmd, None).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables"))
+        *self.nf_tables[family as usize].get_or_init(|| {
+            let mut cmd = self.command(&tool(family, "iptables"));
+            cmd.arg("-V");
+            run(cmd, None).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables"))
+        })
     }
 
     /// `sysctl -w KEY=VALUE` (in the runner's network namespace).

@@ -8,6 +8,7 @@
 //! changed. Nothing else is read or written, so its cost follows the change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -350,14 +351,11 @@ impl FamilyTables {
         chains_per_restore: usize,
     ) -> (Self, Vec<String>) {
         let mut texts = Vec::new();
-        let me = Self::full(state, cfg, existing, family, chains_per_restore, &mut |t| {
+        let Ok(me) = Self::full(state, cfg, existing, family, chains_per_restore, &mut |t| {
             texts.push(t);
-            Ok::<(), std::convert::Infallible>(())
+            Ok::<(), Infallible>(())
         });
-        match me {
-            Ok(me) => (me, texts),
-            Err(never) => match never {},
-        }
+        (me, texts)
     }
 
     /// Rewrites everything: a fresh record of `state`, and the
@@ -537,66 +535,61 @@ impl FamilyTables {
 
         let split = fresh.iter().map(Vec::len).sum::<usize>() + dirty.len() + gone.len()
             > chains_per_restore;
-        let mut texts = Vec::new();
-        let mut emit = |t| {
-            texts.push(t);
-            Ok::<(), std::convert::Infallible>(())
-        };
-        let mut out = Batches::new(chains_per_restore, &mut emit);
-        for group in &fresh {
-            for c in group {
-                out.chain(c.table, &c.name, &c.rules);
+        let texts = collected(chains_per_restore, |out| {
+            for group in &fresh {
+                for c in group {
+                    out.chain(c.table, &c.name, &c.rules);
+                }
+                if split {
+                    out.seal_if_full();
+                }
             }
             if split {
-                out.seal_if_full();
+                out.seal();
             }
-        }
-        if split {
-            out.seal();
-        }
-        for (table, slot) in dirty {
-            let r = self.slot_rules(table, slot);
-            let text = out.open.entry(table).or_default();
-            let chain = slot.chain(table);
-            match slot {
-                Slot::Bucket(b) if r.is_empty() => {
-                    // The bucket's last rule went: its jump and the chain go too.
-                    if self.jumped.remove(&(table, b)) {
+            for (table, slot) in dirty {
+                let r = self.slot_rules(table, slot);
+                let text = out.open.entry(table).or_default();
+                let chain = slot.chain(table);
+                match slot {
+                    Slot::Bucket(b) if r.is_empty() => {
+                        // The bucket's last rule went: its jump and the chain go too.
+                        if self.jumped.remove(&(table, b)) {
+                            let _ = writeln!(
+                                text.rules,
+                                "-D {SERVICES} {}",
+                                rules::bucket_jump(family, table, b)
+                            );
+                            self.static_rules -= 1;
+                        }
+                        text.delete(&chain);
+                    }
+                    Slot::Bucket(b) if self.jumped.insert((table, b)) => {
+                        // A new bucket: one insert, the rest of SWY-SERVICES stays.
+                        text.chain(&chain, &r);
                         let _ = writeln!(
                             text.rules,
-                            "-D {SERVICES} {}",
+                            "-I {SERVICES} 1 {}",
                             rules::bucket_jump(family, table, b)
                         );
-                        self.static_rules -= 1;
+                        self.static_rules += 1;
                     }
-                    text.delete(&chain);
+                    _ => text.chain(&chain, &r),
                 }
-                Slot::Bucket(b) if self.jumped.insert((table, b)) => {
-                    // A new bucket: one insert, the rest of SWY-SERVICES stays.
-                    text.chain(&chain, &r);
-                    let _ = writeln!(
-                        text.rules,
-                        "-I {SERVICES} 1 {}",
-                        rules::bucket_jump(family, table, b)
-                    );
-                    self.static_rules += 1;
+                if r.is_empty() {
+                    self.slots.remove(&(table, slot));
                 }
-                _ => text.chain(&chain, &r),
             }
-            if r.is_empty() {
-                self.slots.remove(&(table, slot));
+            if split {
+                out.seal();
+                out.delete(&gone.iter().collect::<Vec<_>>());
+            } else {
+                for (table, chain) in &gone {
+                    out.open.entry(*table).or_default().delete(chain);
+                }
+                out.seal();
             }
-        }
-        if split {
-            out.seal();
-            out.delete(&gone.iter().collect::<Vec<_>>());
-        } else {
-            for (table, chain) in &gone {
-                out.open.entry(*table).or_default().delete(chain);
-            }
-            out.seal();
-        }
-        drop(out);
+        });
         Transaction {
             texts,
             conntrack: conntrack.into_iter().collect(),
@@ -632,25 +625,30 @@ fn udp_changes(old: &[UdpTargets], new: &[UdpTargets], out: &mut BTreeSet<Conntr
 /// The restore inputs that remove everything of ours `existing` lists, in
 /// order: the jumps from the built-in chains first, then our chains.
 pub fn cleanup(existing: &Existing, chains_per_restore: usize) -> Vec<String> {
+    collected(chains_per_restore, |out| {
+        for (table, _chain, _target, line) in &existing.jumps {
+            let _ = writeln!(
+                out.open.entry(*table).or_default().rules,
+                "-D{}",
+                &line[2..]
+            );
+        }
+        out.seal();
+        let chains: Vec<&(Table, String)> = existing.chains.iter().collect();
+        if !chains.is_empty() {
+            out.delete(&chains);
+        }
+    })
+}
+
+/// The restore inputs `build` writes, collected.
+fn collected(limit: usize, build: impl FnOnce(&mut Batches<'_, Infallible>)) -> Vec<String> {
     let mut texts = Vec::new();
     let mut emit = |t| {
         texts.push(t);
-        Ok::<(), std::convert::Infallible>(())
+        Ok(())
     };
-    let mut out = Batches::new(chains_per_restore, &mut emit);
-    for (table, _chain, _target, line) in &existing.jumps {
-        let _ = writeln!(
-            out.open.entry(*table).or_default().rules,
-            "-D{}",
-            &line[2..]
-        );
-    }
-    out.seal();
-    let chains: Vec<&(Table, String)> = existing.chains.iter().collect();
-    if !chains.is_empty() {
-        out.delete(&chains);
-    }
-    drop(out);
+    build(&mut Batches::new(limit, &mut emit));
     texts
 }
 
