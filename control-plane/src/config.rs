@@ -16,6 +16,9 @@ pub enum SourceSpec {
     /// `kube` (in-cluster configuration or the kubeconfig's current context)
     /// or `kube:CONTEXT` (a named kubeconfig context).
     Kube(Option<String>),
+    /// `docker` (`$DOCKER_HOST`, else the local socket) or `docker:HOST`
+    /// (`unix:///path`, `tcp://host:port`): labelled containers.
+    Docker(Option<String>),
 }
 
 impl FromStr for SourceSpec {
@@ -28,9 +31,14 @@ impl FromStr for SourceSpec {
             Some(("kube", context)) if !context.is_empty() => {
                 Ok(SourceSpec::Kube(Some(context.to_owned())))
             }
+            None if s == "docker" => Ok(SourceSpec::Docker(None)),
+            Some(("docker", host)) if !host.is_empty() => {
+                Ok(SourceSpec::Docker(Some(host.to_owned())))
+            }
             _ => Err(format!(
                 "{s:?} is not a source; supported: file:PATH (a YAML file or directory), \
-                 kube (in-cluster or current kubeconfig context), kube:CONTEXT"
+                 kube (in-cluster or current kubeconfig context), kube:CONTEXT, \
+                 docker (the local Docker engine), docker:HOST (unix:///path or tcp://host:port)"
             )),
         }
     }
@@ -57,7 +65,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[command(name = "switchyard-control-plane", version, about, long_about = None)]
 pub struct Args {
     /// A source of Services and EndpointSlices; repeatable. `file:PATH` reads
-    /// Kubernetes-shaped YAML (a file or a directory) and reloads on change.
+    /// Kubernetes-shaped YAML (a file or a directory) and reloads on change;
+    /// `kube` / `kube:CONTEXT` watches an API server; `docker` /
+    /// `docker:HOST` follows the labelled containers of a Docker engine.
     #[arg(
         long = "source",
         value_name = "SOURCE",
@@ -136,10 +146,17 @@ mod tests {
             "kube:prod-eu".parse::<SourceSpec>(),
             Ok(SourceSpec::Kube(Some("prod-eu".into())))
         );
-        for bad in ["kube:", "docker", "file:"] {
+        assert_eq!("docker".parse::<SourceSpec>(), Ok(SourceSpec::Docker(None)));
+        assert_eq!(
+            "docker:unix:///run/docker.sock".parse::<SourceSpec>(),
+            Ok(SourceSpec::Docker(Some("unix:///run/docker.sock".into())))
+        );
+        for bad in ["kube:", "docker:", "file:", "podman"] {
             let err = bad.parse::<SourceSpec>().expect_err("unsupported");
             assert!(
-                err.contains("file:PATH") && err.contains("kube:CONTEXT"),
+                err.contains("file:PATH")
+                    && err.contains("kube:CONTEXT")
+                    && err.contains("docker:HOST"),
                 "{err}"
             );
         }

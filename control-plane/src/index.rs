@@ -26,7 +26,7 @@ use crate::ipam::ClusterIpAllocator;
 use crate::metrics::Metrics;
 use crate::snapshot::{Resource, Snapshot, VersionSource, make_resource};
 use crate::source::{ObjectError, SourceSlice, SourceState};
-use crate::status::{SourceStatus, Status};
+use crate::status::{ServiceSummary, SourceStatus, Status};
 
 /// How the index builds snapshots.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ struct Built {
     /// Its slices, ordered by name.
     slices: Vec<Arc<SourceSlice>>,
     /// The resource, or why the Service is invalid.
-    result: Result<(Arc<str>, Arc<Resource>), Vec<ValidationError>>,
+    result: Result<Valid, Vec<ValidationError>>,
     /// The build that last saw this Service.
     seen: u64,
 }
@@ -93,6 +93,14 @@ impl Built {
     }
 }
 
+/// A valid Service's resource, under its name, and its `/status` line.
+#[derive(Debug)]
+struct Valid {
+    name: Arc<str>,
+    resource: Arc<Resource>,
+    summary: Arc<ServiceSummary>,
+}
+
 /// What one build produced.
 #[derive(Debug)]
 pub struct Build {
@@ -100,6 +108,8 @@ pub struct Build {
     pub snapshot: Option<Arc<Snapshot>>,
     /// Objects skipped, with the reason.
     pub invalid: Vec<ObjectError>,
+    /// Every Service in the snapshot, in key order, as `/status` lists them.
+    pub services: Vec<Arc<ServiceSummary>>,
 }
 
 impl Index {
@@ -164,6 +174,7 @@ impl Index {
         }
 
         let mut resources = BTreeMap::new();
+        let mut summaries = Vec::with_capacity(services.len());
         for (key, (src, service)) in services {
             let mut group = slices.remove(key).unwrap_or_default();
             group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
@@ -178,8 +189,9 @@ impl Index {
             };
             built.seen = build_id;
             match &built.result {
-                Ok((name, resource)) => {
-                    resources.insert(name.clone(), resource.clone());
+                Ok(valid) => {
+                    resources.insert(valid.name.clone(), valid.resource.clone());
+                    summaries.push(valid.summary.clone());
                 }
                 Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
                     source: sources[src].0.to_owned(),
@@ -201,7 +213,11 @@ impl Index {
         if let Some(s) = &snapshot {
             self.current = s.clone();
         }
-        Build { snapshot, invalid }
+        Build {
+            snapshot,
+            invalid,
+            services: summaries,
+        }
     }
 
     /// Validates and encodes one Service whose inputs changed. A resource
@@ -214,18 +230,23 @@ impl Index {
     ) -> Built {
         let mut state = ServiceState {
             service: (**service).clone(),
-            slices: slices.iter().map(|s| s.slice.clone()).collect(),
+            slices: slices.iter().map(|s| s.resolved(service)).collect(),
         };
         state.service.cluster_ips.extend(allocated);
         let result = match state.validate() {
             Ok(()) => {
                 let fresh = make_resource(&state);
-                Ok(
+                let summary = Arc::new(ServiceSummary::of(&state));
+                let (name, resource) =
                     match self.current.resources.get_key_value(fresh.name.as_str()) {
                         Some((name, old)) if **old == fresh => (name.clone(), old.clone()),
                         _ => (Arc::from(fresh.name.as_str()), Arc::new(fresh)),
-                    },
-                )
+                    };
+                Ok(Valid {
+                    name,
+                    resource,
+                    summary,
+                })
             }
             Err(errs) => Err(errs.0),
         };
@@ -417,6 +438,7 @@ pub async fn run(
                             &snapshot.version,
                             snapshot.resources.len(),
                             build.invalid,
+                            build.services,
                         );
                         snapshots.send_replace(Some(snapshot));
                     }
@@ -444,6 +466,7 @@ pub fn unix_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::SlicePorts;
     use switchyard_model::{Endpoint, EndpointSlice, Protocol, ServicePort, TargetPort};
 
     fn source(n: usize) -> SourceState {
@@ -473,6 +496,7 @@ mod tests {
                     }],
                     ..EndpointSlice::default()
                 },
+                ports: SlicePorts::AsGiven,
             }));
         }
         state
@@ -519,6 +543,46 @@ mod tests {
             assert_eq!(ips(&first, name), ips(&second, name), "{name}");
             assert_eq!(ips(&first, name).len(), 1);
         }
+    }
+
+    #[test]
+    fn slices_of_another_source_take_the_services_target_ports() {
+        let mut idx = index();
+        let files = source(1);
+        let key = files.services[0].key.clone();
+        let docker = SourceState {
+            synced: true,
+            slices: vec![Arc::new(SourceSlice {
+                service: key,
+                slice: EndpointSlice {
+                    name: "s0-docker-ipv4".into(),
+                    endpoints: vec![Endpoint {
+                        addresses: vec!["172.30.0.5".parse().expect("ip")],
+                        ..Endpoint::default()
+                    }],
+                    ..EndpointSlice::default()
+                },
+                ports: SlicePorts::FromServiceTargets,
+            })],
+            ..SourceState::default()
+        };
+        let build = idx.build(&[("file", &files), ("docker", &docker)], 1);
+        let snap = build.snapshot.expect("snapshot");
+        let name = "default/ns/s0";
+        let state = switchyard_proto::convert::decode_state_bytes(
+            name,
+            &snap.resources[name].service_state,
+        )
+        .expect("decodes");
+        let slice = state
+            .slices
+            .iter()
+            .find(|s| s.name == "s0-docker-ipv4")
+            .expect("the docker slice");
+        assert_eq!(slice.port_for("", Protocol::Tcp), Some(8080));
+        assert_eq!(build.services.len(), 1);
+        assert_eq!(build.services[0].endpoints, 2);
+        assert_eq!(build.services[0].ready_endpoints, 2);
     }
 
     #[test]

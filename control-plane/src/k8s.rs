@@ -25,7 +25,7 @@ use switchyard_model::{
     TrafficPolicy, ValidationError, ValidationErrors,
 };
 
-use crate::source::SourceSlice;
+use crate::source::{SlicePorts, SourceSlice};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -261,6 +261,7 @@ pub fn endpoint_slice(
     Ok(Some(SourceSlice {
         service,
         slice: out,
+        ports: SlicePorts::AsGiven,
     }))
 }
 

@@ -117,6 +117,12 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
                     debounce: args.debounce,
                 },
             )),
+            SourceSpec::Docker(host) => Box::new(source::docker::DockerSource::new(
+                source::docker::DockerSourceConfig {
+                    host: host.clone(),
+                    cluster: args.cluster.clone(),
+                },
+            )),
         })
         .collect()
 }

@@ -2,7 +2,7 @@
 //! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
@@ -48,12 +48,69 @@ pub struct SourceStatus {
     pub nodes: Vec<crate::source::NodeInfo>,
 }
 
+/// One Service of the snapshot, as `/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSummary {
+    /// `namespace/name`.
+    pub name: String,
+    /// Its cluster.
+    pub cluster: String,
+    /// `ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalName`, or `Headless`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Cluster IPs (allocated ones included); empty when headless.
+    pub cluster_ips: Vec<String>,
+    /// Ports as `[name ]port/PROTOCOL`.
+    pub ports: Vec<String>,
+    /// Endpoints over all slices.
+    pub endpoints: usize,
+    /// Of those, ready ones.
+    pub ready_endpoints: usize,
+}
+
+impl ServiceSummary {
+    /// The summary of one validated Service and its slices.
+    pub fn of(state: &switchyard_model::ServiceState) -> Self {
+        use switchyard_model::ServiceType;
+        let svc = &state.service;
+        let kind = match svc.service_type {
+            ServiceType::ExternalName => "ExternalName",
+            _ if svc.headless => "Headless",
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        };
+        let endpoints = state.slices.iter().flat_map(|s| &s.endpoints);
+        Self {
+            name: format!("{}/{}", svc.key.namespace, svc.key.name),
+            cluster: svc.key.cluster.clone(),
+            kind,
+            cluster_ips: svc.cluster_ips.iter().map(ToString::to_string).collect(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let name = if p.name.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{} ", p.name)
+                    };
+                    format!("{name}{}/{}", p.port, p.protocol)
+                })
+                .collect(),
+            endpoints: endpoints.clone().count(),
+            ready_endpoints: endpoints.filter(|e| e.conditions.ready).count(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     version: Option<String>,
     resources: usize,
     sources: Vec<SourceStatus>,
     invalid_objects: Vec<ObjectError>,
+    services: Vec<Arc<ServiceSummary>>,
     agents: BTreeMap<String, AgentStatus>,
     next_stream: u64,
 }
@@ -73,6 +130,8 @@ pub struct StatusDocument {
     pub invalid_objects: Vec<ObjectError>,
     /// Every agent seen since start, by node name.
     pub agents: Vec<AgentStatus>,
+    /// Every Service of the snapshot, by cluster, namespace and name.
+    pub services: Vec<Arc<ServiceSummary>>,
 }
 
 /// Shared, lock-protected status. Critical sections are a few field writes.
@@ -118,12 +177,19 @@ impl Status {
         self.generation.subscribe()
     }
 
-    /// Records a new snapshot and what the index skipped.
-    pub fn set_snapshot(&self, version: &str, resources: usize, invalid: Vec<ObjectError>) {
+    /// Records a new snapshot, its Services and what the index skipped.
+    pub fn set_snapshot(
+        &self,
+        version: &str,
+        resources: usize,
+        invalid: Vec<ObjectError>,
+        services: Vec<Arc<ServiceSummary>>,
+    ) {
         self.change(|s| {
             s.version = Some(version.to_owned());
             s.resources = resources;
             s.invalid_objects = invalid;
+            s.services = services;
         });
     }
 
@@ -232,6 +298,7 @@ impl Status {
             sources: s.sources.clone(),
             invalid_objects: s.invalid_objects.clone(),
             agents: s.agents.values().cloned().collect(),
+            services: s.services.clone(),
         }
     }
 }

@@ -233,6 +233,16 @@ impl Runner {
 
     /// `sysctl -w KEY=VALUE` (in the runner's network namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        // Read first: where /proc/sys is read-only (a container given the
+        // setting by its runtime, as compose `sysctls:` does) a write fails
+        // even when the value is already right.
+        let mut read = self.command("sysctl");
+        read.args(["-n", key]);
+        if let Ok(out) = run(read, None)
+            && String::from_utf8_lossy(&out.stdout).trim() == value
+        {
+            return Ok(());
+        }
         let mut cmd = self.command("sysctl");
         cmd.args(["-q", "-w", &format!("{key}={value}")]);
         run(cmd, None).map(|_| ())

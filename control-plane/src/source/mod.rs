@@ -13,14 +13,16 @@
 //!   docker    ──┘
 //! ```
 
+pub mod docker;
 pub mod file;
 pub mod kubernetes;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use switchyard_model::{EndpointSlice, Service, ServiceKey};
+use switchyard_model::{EndpointPort, EndpointSlice, Service, ServiceKey, TargetPort};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +38,46 @@ pub struct SourceSlice {
     pub service: ServiceKey,
     /// The slice.
     pub slice: EndpointSlice,
+    /// Where the endpoints' port numbers come from.
+    pub ports: SlicePorts,
+}
+
+impl SourceSlice {
+    /// The slice with its port numbers, as the agents receive it.
+    pub fn resolved(&self, service: &Service) -> EndpointSlice {
+        match self.ports {
+            SlicePorts::AsGiven => self.slice.clone(),
+            SlicePorts::FromServiceTargets => EndpointSlice {
+                ports: service
+                    .ports
+                    .iter()
+                    .filter_map(|p| match p.target_port {
+                        TargetPort::Number(port) => Some(EndpointPort {
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                            port,
+                        }),
+                        // No container declares named ports: such a
+                        // Service port has no endpoints here.
+                        TargetPort::Name(_) => None,
+                    })
+                    .collect(),
+                ..self.slice.clone()
+            },
+        }
+    }
+}
+
+/// Where a slice's port numbers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlicePorts {
+    /// The slice's own `ports`, as Kubernetes' EndpointSlices carry them.
+    #[default]
+    AsGiven,
+    /// The owning Service's numeric `targetPort`s, filled in by the index
+    /// once it knows the Service: a source that knows endpoints but not the
+    /// Service (Docker containers backing a Service declared in a file).
+    FromServiceTargets,
 }
 
 /// An object a source had to skip, or a file it could not read.
@@ -95,6 +137,33 @@ pub trait Source: Send + 'static {
         state: watch::Sender<SourceState>,
         shutdown: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Gives `next` the `Arc`s of `prev` for every object that did not change,
+/// so the index recognises them by pointer (see [`SourceState`]). For
+/// sources that rebuild their objects from scratch on every change.
+pub fn share_unchanged(prev: &SourceState, next: &mut SourceState) {
+    let services: HashMap<&ServiceKey, &Arc<SourceService>> =
+        prev.services.iter().map(|s| (&s.key, s)).collect();
+    for s in &mut next.services {
+        if let Some(old) = services.get(&s.key)
+            && **old == *s
+        {
+            *s = Arc::clone(old);
+        }
+    }
+    let slices: HashMap<(&ServiceKey, &str), &Arc<SourceSlice>> = prev
+        .slices
+        .iter()
+        .map(|s| ((&s.service, s.slice.name.as_str()), s))
+        .collect();
+    for s in &mut next.slices {
+        if let Some(old) = slices.get(&(&s.service, s.slice.name.as_str()))
+            && **old == *s
+        {
+            *s = Arc::clone(old);
+        }
+    }
 }
 
 /// Publishes `new` unless it equals the current state, logging a summary

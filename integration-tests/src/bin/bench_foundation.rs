@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use switchyard_agent::dataplane::NoneDataPlane;
 use switchyard_control_plane::ControlPlane;
 use switchyard_control_plane::index::{Index, IndexConfig};
-use switchyard_control_plane::source::{Source, SourceSlice, SourceState};
+use switchyard_control_plane::source::{SlicePorts, Source, SourceSlice, SourceState};
 use switchyard_model::{
     Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort, TargetPort,
 };
@@ -155,6 +155,7 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
                 }],
                 ..EndpointSlice::default()
             },
+            ports: SlicePorts::AsGiven,
         }));
     }
     state
