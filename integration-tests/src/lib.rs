@@ -7,9 +7,11 @@
 //! what did not happen; nothing sleeps to synchronise.
 
 pub mod apiserver;
+pub mod bench;
 pub mod certs;
 pub mod dns;
 pub mod netns;
+pub mod testbed;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,62 @@
+//! Helpers the bench binaries share: percentiles, process memory and load.
+
+use std::time::Duration;
+
+/// The `p`-th percentile (nearest rank) of ascending `sorted`; NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// p50, p99 and max of `values` (sorted here), rounded to 0.1.
+pub fn summary(values: &mut [f64]) -> serde_json::Value {
+    values.sort_by(f64::total_cmp);
+    let r = |v: f64| (v * 10.0).round() / 10.0;
+    serde_json::json!({
+        "n": values.len(),
+        "p50": r(percentile(values, 50.0)),
+        "p99": r(percentile(values, 99.0)),
+        "max": r(values.last().copied().unwrap_or(f64::NAN)),
+    })
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`); `pid` may be `self`.
+pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` has them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 50.0), 2.0);
+        assert_eq!(percentile(&v, 99.0), 4.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert!(proc_status_kib("self", "VmRSS") > 0);
+    }
+}
