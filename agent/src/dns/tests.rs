@@ -1,4 +1,4 @@
-//! The handler fed with messages, no sockets (STYLE rule 11).
+//! The handler fed with messages, no sockets (as hickory-dns's own catalog tests do).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
