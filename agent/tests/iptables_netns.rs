@@ -73,6 +73,7 @@ fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
                 protocol: Protocol::Udp,
                 port: 5353,
             }],
+            cluster: None,
         }],
     }
 }

@@ -44,6 +44,76 @@ impl FromStr for SourceSpec {
     }
 }
 
+/// One `--source`: where objects come from and the cluster they belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceArg {
+    /// What to read.
+    pub spec: SourceSpec,
+    /// The cluster of its objects (`SPEC=CLUSTER`); `None` is `--cluster`.
+    pub cluster: Option<String>,
+}
+
+impl FromStr for SourceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // `=CLUSTER` at the end names the cluster; a path or URL may hold
+        // `=` itself, so only a last part that is a cluster id counts.
+        if let Some((spec, cluster)) = s.rsplit_once('=')
+            && !cluster.contains(['/', ':'])
+        {
+            check_cluster_id(cluster).map_err(|e| format!("{s:?}: {e}"))?;
+            return Ok(Self {
+                spec: spec.parse()?,
+                cluster: Some(cluster.to_owned()),
+            });
+        }
+        Ok(Self {
+            spec: s.parse()?,
+            cluster: None,
+        })
+    }
+}
+
+/// A cluster id is an RFC 1123 DNS label (KEP-2149), and not the name the
+/// clusterset view is kept under.
+pub fn check_cluster_id(id: &str) -> Result<(), String> {
+    if id == switchyard_model::CLUSTERSET {
+        return Err(format!(
+            "{id:?} is reserved for the clusterset view; name the cluster otherwise"
+        ));
+    }
+    if !switchyard_model::is_dns_label(id) {
+        return Err(format!(
+            "{id:?} is not a cluster id (a DNS label: at most 63 lowercase letters, digits and '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// What `--cluster-down` says about a cluster whose sources all fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterDown {
+    /// Keep its last known endpoints in the clusterset.
+    Keep,
+    /// Drop its exports from the clusterset once it has been down this long.
+    DropAfter(Duration),
+}
+
+impl FromStr for ClusterDown {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            None if s == "keep" => Ok(Self::Keep),
+            Some(("drop-after", d)) => parse_duration(d).map(Self::DropAfter),
+            _ => Err(format!(
+                "{s:?}: expected keep or drop-after=DURATION (for example drop-after=5m)"
+            )),
+        }
+    }
+}
+
 /// Parses `100ms`, `2s`, `1m` or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
@@ -68,16 +138,35 @@ pub struct Args {
     /// Kubernetes-shaped YAML (a file or a directory) and reloads on change;
     /// `kube` / `kube:CONTEXT` watches an API server; `docker` /
     /// `docker:HOST` follows the labelled containers of a Docker engine.
+    /// `SOURCE=CLUSTER` puts its objects in cluster CLUSTER (default:
+    /// --cluster), so one control plane serves several clusters.
     #[arg(
         long = "source",
-        value_name = "SOURCE",
+        value_name = "SOURCE[=CLUSTER]",
         default_value = "file:examples"
     )]
-    pub sources: Vec<SourceSpec>,
+    pub sources: Vec<SourceArg>,
 
     /// Cluster id for objects whose source does not name one.
-    #[arg(long, default_value = switchyard_model::DEFAULT_CLUSTER)]
+    #[arg(long, default_value = switchyard_model::DEFAULT_CLUSTER, value_parser = parse_cluster_id)]
     pub cluster: String,
+
+    /// Export every Service of every source to the clusterset, as if each
+    /// had a ServiceExport (testbeds); otherwise only Services with a
+    /// ServiceExport (multicluster.x-k8s.io/v1alpha1) are exported.
+    #[arg(long)]
+    pub export_all: bool,
+
+    /// Range for the ClusterSet IPs of imported (exported, merged) Services;
+    /// stable across restarts.
+    #[arg(long = "clusterset-cidr", default_value = "10.112.0.0/12")]
+    pub clusterset_cidrs: Vec<IpNet>,
+
+    /// What to do with the exports of a cluster whose sources all fail:
+    /// `keep` its last known endpoints in the clusterset, or
+    /// `drop-after=DURATION` of being down.
+    #[arg(long, default_value = "keep")]
+    pub cluster_down: ClusterDown,
 
     /// Address of the gRPC snapshot service.
     #[arg(long, default_value = "0.0.0.0:18000")]
@@ -131,6 +220,10 @@ pub struct Args {
     pub tls_client_ca: Option<PathBuf>,
 }
 
+fn parse_cluster_id(s: &str) -> Result<String, String> {
+    check_cluster_id(s).map(|()| s.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +253,24 @@ mod tests {
                 "{err}"
             );
         }
+        let east: SourceArg = "kube:prod-eu=east".parse().expect("valid");
+        assert_eq!(east.spec, SourceSpec::Kube(Some("prod-eu".into())));
+        assert_eq!(east.cluster.as_deref(), Some("east"));
+        let plain: SourceArg = "file:/etc/sy".parse().expect("valid");
+        assert_eq!(plain.cluster, None);
+        let url: SourceArg = "docker:tcp://h:2375".parse().expect("valid");
+        assert_eq!(url.cluster, None);
+        assert!("docker=West".parse::<SourceArg>().is_err());
+        let reserved = "kube=clusterset"
+            .parse::<SourceArg>()
+            .expect_err("reserved");
+        assert!(reserved.contains("reserved"), "{reserved}");
+        assert_eq!("keep".parse(), Ok(ClusterDown::Keep));
+        assert_eq!(
+            "drop-after=5m".parse(),
+            Ok(ClusterDown::DropAfter(Duration::from_secs(300)))
+        );
+        assert!("drop".parse::<ClusterDown>().is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
@@ -169,7 +280,13 @@ mod tests {
     #[test]
     fn defaults_parse() {
         let a = Args::try_parse_from(["cp"]).expect("defaults");
-        assert_eq!(a.sources, vec![SourceSpec::File("examples".into())]);
+        assert_eq!(
+            a.sources,
+            vec![SourceArg {
+                spec: SourceSpec::File("examples".into()),
+                cluster: None
+            }]
+        );
         assert_eq!(a.debounce, Duration::from_millis(100));
     }
 }

@@ -1,38 +1,52 @@
 //! The index: merges every source's state into one snapshot.
 //!
 //! ```text
-//!  watch<SourceState> × N ──▶ debounce ──▶ merge ─▶ allocate IPs ─▶ group slices
-//!                                          ─▶ validate ─▶ Snapshot::next ─▶ watch<Arc<Snapshot>>
+//!  watch<SourceState> × N ──▶ debounce ──▶ merge (crate::merge) ─▶ allocate cluster IPs
+//!        ─▶ per Service: validate + encode (cached by input pointers)
+//!        ─▶ per export group: import (cached) ─▶ allocate ClusterSet IPs ─▶ validate + encode
+//!        ─▶ Snapshot::from_resources (version moves only with content or readiness)
+//!        ─▶ watch<Arc<Snapshot>>
 //! ```
 //!
-//! The first snapshot is published only after every source has synced, so
-//! an agent never receives a partial view that a later sync would have to
-//! repair. After that, a burst of changes within the debounce window (capped
-//! at `max_delay`) becomes one snapshot; a rebuild that changes nothing keeps
-//! the version.
+//! A cluster is served once every source of that cluster has synced, so an
+//! agent never receives a partial view of its own cluster that a later
+//! sync would have to repair, and one unreachable API server does not hold
+//! back the other clusters. The clusterset view is served once every source
+//! has synced (an import missing a cluster's endpoints would remove them
+//! from every agent). After that, a burst of changes within the debounce
+//! window (capped at `max_delay`) becomes one snapshot; a rebuild that
+//! changes nothing keeps the version.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use switchyard_model::{Service, ServiceKey, ServiceState, ValidationError};
+use switchyard_model::{CLUSTERSET, Service, ServiceKey, ServiceState, ValidationError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::ipam::ClusterIpAllocator;
+use crate::config::ClusterDown;
+use crate::ipam::{ClusterIpAllocator, IpamError};
+use crate::merge::{self, ClustersetIssue, Exported, Input};
 use crate::metrics::Metrics;
 use crate::snapshot::{Resource, Snapshot, VersionSource, make_resource};
 use crate::source::{ObjectError, SourceSlice, SourceState};
-use crate::status::{ServiceSummary, SourceStatus, Status};
+use crate::status::{ClusterStatus, ServiceSummary, SourceStatus, Status};
 
 /// How the index builds snapshots.
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
     /// Ranges for cluster IPs of Services that name none, at most one per family.
     pub service_cidrs: Vec<IpNet>,
+    /// Ranges for the ClusterSet IPs of imports.
+    pub clusterset_cidrs: Vec<IpNet>,
+    /// Every Service counts as exported.
+    pub export_all: bool,
+    /// What happens to the exports of a cluster whose sources all fail.
+    pub cluster_down: ClusterDown,
     /// Quiet time that ends a burst of changes.
     pub debounce: Duration,
     /// Longest a burst may delay a snapshot.
@@ -41,20 +55,88 @@ pub struct IndexConfig {
     pub state_dir: Option<PathBuf>,
 }
 
+impl IndexConfig {
+    /// A configuration for tests and benchmarks: one service range, no
+    /// clusterset range beyond the default, nothing persisted.
+    pub fn in_memory(service_cidr: IpNet) -> Self {
+        Self {
+            service_cidrs: vec![service_cidr],
+            clusterset_cidrs: vec!["10.112.0.0/12".parse().expect("a CIDR")],
+            export_all: false,
+            cluster_down: ClusterDown::Keep,
+            debounce: Duration::ZERO,
+            max_delay: Duration::ZERO,
+            state_dir: None,
+        }
+    }
+}
+
+/// An allocator that remembers its last answer: while the same keys want
+/// addresses (only endpoints changed), a build costs one comparison per key.
+#[derive(Debug)]
+struct StickyAllocator {
+    allocator: ClusterIpAllocator,
+    last: Vec<(ServiceKey, IpAddr)>,
+}
+
+impl StickyAllocator {
+    fn new(range: IpNet, state_dir: Option<&PathBuf>, prefix: &str) -> Self {
+        let file = state_dir.map(|d| {
+            d.join(format!(
+                "{prefix}-{}.json",
+                range.to_string().replace(['/', ':'], "_")
+            ))
+        });
+        Self {
+            allocator: ClusterIpAllocator::new(range, file),
+            last: Vec::new(),
+        }
+    }
+
+    /// An address for each of `wanting` (in key order), never one of `taken`.
+    fn assign(
+        &mut self,
+        wanting: &[&ServiceKey],
+        taken: &HashSet<IpAddr>,
+    ) -> Vec<Result<IpAddr, IpamError>> {
+        let unchanged = self.last.len() == wanting.len()
+            && self
+                .last
+                .iter()
+                .zip(wanting)
+                .all(|((k, ip), w)| k == *w && !taken.contains(ip));
+        if unchanged {
+            return self.last.iter().map(|(_, ip)| Ok(*ip)).collect();
+        }
+        let results = self.allocator.assign(wanting, taken);
+        self.last = wanting
+            .iter()
+            .zip(&results)
+            .filter_map(|(k, r)| r.as_ref().ok().map(|ip| ((*k).clone(), *ip)))
+            .collect();
+        if self.last.len() != wanting.len() {
+            // Ask the allocator again next time rather than trust a partial list.
+            self.last.clear();
+        }
+        results
+    }
+}
+
 /// The merging state carried between builds.
 #[derive(Debug)]
 pub struct Index {
-    allocators: Vec<ClusterIpAllocator>,
+    cluster_ips: Option<StickyAllocator>,
+    clusterset_ips: Option<StickyAllocator>,
+    export_all: bool,
     versions: VersionSource,
     current: Arc<Snapshot>,
     /// What each Service was built from last time, and the result, so a
     /// rebuild re-validates and re-encodes only the Services whose inputs
     /// changed: its cost is a comparison per Service plus the changes.
     cache: HashMap<ServiceKey, Built>,
+    /// The same for the clusterset's imports, by (namespace, name).
+    imports: HashMap<(String, String), BuiltImport>,
     build_id: u64,
-    /// The Services that got an address last build, in key order, and the
-    /// addresses: reused while the same Services want one.
-    last_allocation: Vec<(ServiceKey, IpAddr)>,
 }
 
 /// One Service's inputs and what they produced.
@@ -67,7 +149,7 @@ struct Built {
     /// Its slices, ordered by name.
     slices: Vec<Arc<SourceSlice>>,
     /// The resource, or why the Service is invalid.
-    result: Result<Valid, Vec<ValidationError>>,
+    result: Encoded,
     /// The build that last saw this Service.
     seen: u64,
 }
@@ -93,6 +175,33 @@ impl Built {
     }
 }
 
+/// One import's inputs (the exporting clusters' resources, oldest export
+/// first) and what they produced.
+#[derive(Debug)]
+struct BuiltImport {
+    inputs: Vec<(String, Arc<Resource>)>,
+    /// The merged Service before its ClusterSet IP, and what disagreed.
+    plan: Option<ServiceState>,
+    issues: Vec<ClustersetIssue>,
+    /// The ClusterSet IP the result was made with, and the result.
+    result: Option<(Option<IpAddr>, Encoded)>,
+    seen: u64,
+}
+
+impl BuiltImport {
+    fn same_inputs(&self, inputs: &[(&str, &Arc<Resource>)]) -> bool {
+        self.inputs.len() == inputs.len()
+            && self
+                .inputs
+                .iter()
+                .zip(inputs)
+                .all(|((c, r), (c2, r2))| c == c2 && Arc::ptr_eq(r, r2))
+    }
+}
+
+/// A resource, or why its Service is invalid.
+type Encoded = Result<Valid, Vec<ValidationError>>;
+
 /// A valid Service's resource, under its name, and its `/status` line.
 #[derive(Debug)]
 struct Valid {
@@ -104,87 +213,88 @@ struct Valid {
 /// What one build produced.
 #[derive(Debug)]
 pub struct Build {
-    /// The new snapshot, if the content changed.
+    /// The new snapshot, if the content (or what is served) changed.
     pub snapshot: Option<Arc<Snapshot>>,
     /// Objects skipped, with the reason.
     pub invalid: Vec<ObjectError>,
-    /// Every Service in the snapshot, in key order, as `/status` lists them.
+    /// Every Service in the snapshot, in key order, as `/status` lists them
+    /// (the clusterset's imports included).
     pub services: Vec<Arc<ServiceSummary>>,
+    /// What did not agree between the exports of the clusterset.
+    pub issues: Vec<ClustersetIssue>,
+}
+
+/// Which clusters a build serves, and whose exports it leaves out.
+#[derive(Debug, Clone, Default)]
+pub struct Serving {
+    /// Clusters whose sources have all synced; [`CLUSTERSET`] once every
+    /// source has.
+    pub ready: BTreeSet<String>,
+    /// Clusters down for longer than `--cluster-down drop-after` allows:
+    /// their exports leave the clusterset.
+    pub dropped: BTreeSet<String>,
+}
+
+impl Serving {
+    /// Every cluster of `inputs` and the clusterset ready, nothing dropped.
+    pub fn all(inputs: &[Input<'_>]) -> Self {
+        let mut ready: BTreeSet<String> = inputs.iter().map(|i| i.cluster.to_owned()).collect();
+        ready.insert(CLUSTERSET.to_owned());
+        Self {
+            ready,
+            dropped: BTreeSet::new(),
+        }
+    }
 }
 
 impl Index {
     /// A fresh index.
     pub fn new(config: &IndexConfig) -> Self {
-        let allocators = config
-            .service_cidrs
-            .iter()
-            .map(|range| {
-                let file = config.state_dir.as_ref().map(|d| {
-                    d.join(format!(
-                        "cluster-ips-{}.json",
-                        range.to_string().replace(['/', ':'], "_")
-                    ))
-                });
-                ClusterIpAllocator::new(*range, file)
-            })
-            .collect();
+        let state_dir = config.state_dir.as_ref();
         Self {
-            allocators,
+            cluster_ips: config
+                .service_cidrs
+                .first()
+                .map(|r| StickyAllocator::new(*r, state_dir, "cluster-ips")),
+            clusterset_ips: config
+                .clusterset_cidrs
+                .first()
+                .map(|r| StickyAllocator::new(*r, state_dir, "clusterset-ips")),
+            export_all: config.export_all,
             versions: VersionSource::new(),
             current: Arc::new(Snapshot::empty(String::new())),
             cache: HashMap::new(),
+            imports: HashMap::new(),
             build_id: 0,
-            last_allocation: Vec::new(),
         }
     }
 
     /// Builds the next snapshot from every source's state (in source order:
     /// the first source to name an object wins). Returns a snapshot only when
-    /// the content changed; the first build always returns one.
-    pub fn build(&mut self, sources: &[(&str, &SourceState)], changed_at_unix_nanos: i64) -> Build {
+    /// the content or what is served changed; the first build always returns one.
+    pub fn build(
+        &mut self,
+        inputs: &[Input<'_>],
+        serving: &Serving,
+        changed_at_unix_nanos: i64,
+    ) -> Build {
         self.build_id += 1;
         let build_id = self.build_id;
-        let mut invalid: Vec<ObjectError> = Vec::new();
-        let mut services: BTreeMap<&ServiceKey, (usize, &Arc<Service>)> = BTreeMap::new();
-        for (i, (name, state)) in sources.iter().enumerate() {
-            invalid.extend(state.errors.iter().cloned());
-            for svc in &state.services {
-                if let Some((first, _)) = services.get(&svc.key) {
-                    invalid.push(ObjectError {
-                        source: (*name).to_owned(),
-                        object: svc.object_name(),
-                        field: String::new(),
-                        message: format!("also defined by {}; that one is used", sources[*first].0),
-                    });
-                    continue;
-                }
-                services.insert(&svc.key, (i, svc));
-            }
-        }
-
-        let allocated = self.allocate_cluster_ips(&mut services, sources, &mut invalid);
-
-        let mut slices: HashMap<&ServiceKey, Vec<&Arc<SourceSlice>>> = HashMap::new();
-        for (_, state) in sources {
-            for s in &state.slices {
-                if services.contains_key(&s.service) {
-                    slices.entry(&s.service).or_default().push(s);
-                }
-            }
-        }
+        let mut merged = merge::merge(inputs, self.export_all);
+        let mut invalid = std::mem::take(&mut merged.errors);
+        let allocated = self.allocate_cluster_ips(&mut merged.services, inputs, &mut invalid);
 
         let mut resources = BTreeMap::new();
-        let mut summaries = Vec::with_capacity(services.len());
-        for (key, (src, service)) in services {
-            let mut group = slices.remove(key).unwrap_or_default();
-            group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
+        let mut summaries = Vec::with_capacity(merged.services.len());
+        for (key, (src, service)) in &merged.services {
+            let group = merged.slices.remove(key).unwrap_or_default();
             let ip = allocated.get(key).copied();
-            let built = match self.cache.get_mut(key) {
+            let built = match self.cache.get_mut(*key) {
                 Some(b) if b.same_inputs(service, ip, &group) => b,
                 _ => {
                     let fresh = self.rebuild(service, ip, &group);
-                    self.cache.insert(key.clone(), fresh);
-                    self.cache.get_mut(key).expect("just inserted")
+                    self.cache.insert((*key).clone(), fresh);
+                    self.cache.get_mut(*key).expect("just inserted")
                 }
             };
             built.seen = build_id;
@@ -194,7 +304,7 @@ impl Index {
                     summaries.push(valid.summary.clone());
                 }
                 Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
-                    source: sources[src].0.to_owned(),
+                    source: inputs[*src].name.to_owned(),
                     object: e.object.clone(),
                     field: e.field.clone(),
                     message: e.message.clone(),
@@ -203,9 +313,19 @@ impl Index {
         }
         self.cache.retain(|_, b| b.seen == build_id);
 
+        let mut issues = std::mem::take(&mut merged.issues);
+        self.build_imports(
+            &merged,
+            serving,
+            &mut resources,
+            &mut summaries,
+            &mut issues,
+        );
+
         let snapshot = Snapshot::from_resources(
             &self.current,
             resources,
+            serving.ready.clone(),
             &mut self.versions,
             changed_at_unix_nanos,
         )
@@ -217,6 +337,7 @@ impl Index {
             snapshot,
             invalid,
             services: summaries,
+            issues,
         }
     }
 
@@ -233,104 +354,190 @@ impl Index {
             slices: slices.iter().map(|s| s.resolved(service)).collect(),
         };
         state.service.cluster_ips.extend(allocated);
-        let result = match state.validate() {
-            Ok(()) => {
-                let fresh = make_resource(&state);
-                let summary = Arc::new(ServiceSummary::of(&state));
-                let (name, resource) =
-                    match self.current.resources.get_key_value(fresh.name.as_str()) {
-                        Some((name, old)) if **old == fresh => (name.clone(), old.clone()),
-                        _ => (Arc::from(fresh.name.as_str()), Arc::new(fresh)),
-                    };
-                Ok(Valid {
-                    name,
-                    resource,
-                    summary,
-                })
-            }
-            Err(errs) => Err(errs.0),
-        };
         Built {
             service: Arc::clone(service),
             allocated,
             slices: slices.iter().map(|s| Arc::clone(s)).collect(),
-            result,
+            result: self.encode(&state),
             seen: 0,
         }
     }
 
+    /// Validates and encodes `state`, keeping the current `Arc` when equal.
+    fn encode(&self, state: &ServiceState) -> Encoded {
+        state.validate().map_err(|e| e.0)?;
+        let fresh = make_resource(state);
+        let summary = Arc::new(ServiceSummary::of(state));
+        let (name, resource) = match self.current.resources.get_key_value(fresh.name.as_str()) {
+            Some((name, old)) if **old == fresh => (name.clone(), old.clone()),
+            _ => (Arc::from(fresh.name.as_str()), Arc::new(fresh)),
+        };
+        Ok(Valid {
+            name,
+            resource,
+            summary,
+        })
+    }
+
+    /// The clusterset's imports: one per exported namespace/name whose
+    /// exporting clusters built valid Services, merged by
+    /// [`merge::import`], with a ClusterSet IP unless headless.
+    fn build_imports(
+        &mut self,
+        merged: &merge::Merged<'_>,
+        serving: &Serving,
+        resources: &mut BTreeMap<Arc<str>, Arc<Resource>>,
+        summaries: &mut Vec<Arc<ServiceSummary>>,
+        issues: &mut Vec<ClustersetIssue>,
+    ) {
+        let build_id = self.build_id;
+        let mut plans: Vec<(String, String)> = Vec::new();
+        for ((namespace, name), exporters) in &merged.exports {
+            let inputs: Vec<(&str, &Arc<Resource>)> = exporters
+                .iter()
+                .filter(|e| !serving.dropped.contains(&e.key.cluster))
+                .filter_map(|e| match self.cache.get(e.key).map(|b| &b.result) {
+                    Some(Ok(valid)) => Some((e.key.cluster.as_str(), &valid.resource)),
+                    _ => None,
+                })
+                .collect();
+            if inputs.is_empty() {
+                continue;
+            }
+            let key = ((*namespace).to_owned(), (*name).to_owned());
+            let reuse = self
+                .imports
+                .get(&key)
+                .is_some_and(|b| b.same_inputs(&inputs));
+            if !reuse {
+                let states: Vec<(&str, ServiceState)> = inputs
+                    .iter()
+                    .filter_map(|(cluster, r)| {
+                        switchyard_proto::convert::decode_state_bytes(&r.name, &r.service_state)
+                            .ok()
+                            .map(|s| (*cluster, s))
+                    })
+                    .collect();
+                let exported: Vec<Exported<'_>> = states
+                    .iter()
+                    .map(|(cluster, state)| Exported { cluster, state })
+                    .collect();
+                let (plan, found) = merge::import(namespace, name, &exported);
+                self.imports.insert(
+                    key.clone(),
+                    BuiltImport {
+                        inputs: inputs
+                            .iter()
+                            .map(|(c, r)| ((*c).to_owned(), Arc::clone(r)))
+                            .collect(),
+                        plan,
+                        issues: found,
+                        result: None,
+                        seen: 0,
+                    },
+                );
+            }
+            let built = self.imports.get_mut(&key).expect("present");
+            built.seen = build_id;
+            issues.extend(built.issues.iter().cloned());
+            if built.plan.is_some() {
+                plans.push(key);
+            }
+        }
+        self.imports.retain(|_, b| b.seen == build_id);
+
+        let keys: Vec<ServiceKey> = plans
+            .iter()
+            .filter(|k| {
+                self.imports[*k]
+                    .plan
+                    .as_ref()
+                    .is_some_and(|p| !p.service.headless)
+            })
+            .map(|(ns, n)| ServiceKey::new(CLUSTERSET, ns, n))
+            .collect();
+        let wanting: Vec<&ServiceKey> = keys.iter().collect();
+        let mut ips: HashMap<(String, String), Result<IpAddr, IpamError>> = HashMap::new();
+        if let Some(alloc) = &mut self.clusterset_ips {
+            for (key, r) in wanting.iter().zip(alloc.assign(&wanting, &HashSet::new())) {
+                ips.insert((key.namespace.clone(), key.name.clone()), r);
+            }
+        }
+        for key in plans {
+            let ip = match ips.remove(&key) {
+                Some(Ok(ip)) => Some(ip),
+                Some(Err(e)) => {
+                    issues.push(ClustersetIssue {
+                        service: format!("{}/{}", key.0, key.1),
+                        cluster: CLUSTERSET.to_owned(),
+                        reason: "NoClusterSetIP",
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+                None => None,
+            };
+            let built = self.imports.get(&key).expect("present");
+            let fresh = match &built.result {
+                Some((made_with, _)) if *made_with == ip => None,
+                _ => {
+                    let mut state = built.plan.clone().expect("a plan");
+                    state.service.cluster_ips = ip.into_iter().collect();
+                    Some(self.encode(&state))
+                }
+            };
+            let built = self.imports.get_mut(&key).expect("present");
+            if let Some(result) = fresh {
+                built.result = Some((ip, result));
+            }
+            match built.result.as_ref().map(|(_, r)| r) {
+                Some(Ok(valid)) => {
+                    resources.insert(valid.name.clone(), valid.resource.clone());
+                    summaries.push(valid.summary.clone());
+                }
+                Some(Err(errs)) => issues.extend(errs.iter().map(|e| ClustersetIssue {
+                    service: format!("{}/{}", key.0, key.1),
+                    cluster: CLUSTERSET.to_owned(),
+                    reason: "Invalid",
+                    message: format!("{}: {}", e.field, e.message),
+                })),
+                None => {}
+            }
+        }
+    }
+
     /// Gives each proxied Service without an address one from the range of
-    /// the primary family; conflicting explicit addresses make the later
-    /// Service (in key order) invalid. Returns the allocated addresses.
+    /// the primary family (the merge already refused conflicting explicit
+    /// addresses). Returns the allocated addresses.
     fn allocate_cluster_ips<'a>(
         &mut self,
         services: &mut BTreeMap<&'a ServiceKey, (usize, &'a Arc<Service>)>,
-        sources: &[(&str, &SourceState)],
+        inputs: &[Input<'_>],
         invalid: &mut Vec<ObjectError>,
     ) -> HashMap<&'a ServiceKey, IpAddr> {
-        let mut owner: HashMap<(&str, IpAddr), &ServiceKey> = HashMap::new();
-        let mut conflicts = Vec::new();
-        for (key, (src, svc)) in services.iter() {
-            for ip in &svc.cluster_ips {
-                match owner.get(&(key.cluster.as_str(), *ip)) {
-                    Some(other) => conflicts.push((*key, *src, *ip, (*other).clone())),
-                    None => {
-                        owner.insert((key.cluster.as_str(), *ip), key);
-                    }
-                }
-            }
-        }
-        for (key, src, ip, other) in conflicts {
-            if let Some((_, svc)) = services.remove(key) {
-                invalid.push(ObjectError {
-                    source: sources[src].0.to_owned(),
-                    object: svc.object_name(),
-                    field: "spec.clusterIP".into(),
-                    message: format!(
-                        "{ip} is already used by Service {}/{}",
-                        other.namespace, other.name
-                    ),
-                });
-            }
-        }
         let mut allocated = HashMap::new();
-        let Some(alloc) = self.allocators.first_mut() else {
+        let Some(alloc) = &mut self.cluster_ips else {
             return allocated;
         };
+        let taken: HashSet<IpAddr> = services
+            .values()
+            .flat_map(|(_, s)| s.cluster_ips.iter().copied())
+            .collect();
         let wanting: Vec<&ServiceKey> = services
             .iter()
             .filter(|(_, (_, s))| s.wants_cluster_ip() && s.cluster_ips.is_empty())
             .map(|(k, _)| *k)
             .collect();
-        // The common case: the same Services want addresses as last time
-        // (only endpoints changed), and no explicit address now collides.
-        let unchanged = self.last_allocation.len() == wanting.len()
-            && self
-                .last_allocation
-                .iter()
-                .zip(&wanting)
-                .all(|((k, ip), w)| k == *w && !owner.contains_key(&(k.cluster.as_str(), *ip)));
-        if unchanged {
-            for ((_, ip), key) in self.last_allocation.iter().zip(wanting) {
-                allocated.insert(key, *ip);
-            }
-            return allocated;
-        }
-        let taken: HashSet<IpAddr> = owner.keys().map(|(_, ip)| *ip).collect();
         let results = alloc.assign(&wanting, &taken);
-        self.last_allocation.clear();
-        let mut complete = true;
         for (key, result) in wanting.into_iter().zip(results) {
             match result {
                 Ok(ip) => {
                     allocated.insert(key, ip);
-                    self.last_allocation.push((key.clone(), ip));
                 }
                 Err(e) => {
-                    complete = false;
                     if let Some((src, svc)) = services.remove(key) {
                         invalid.push(ObjectError {
-                            source: sources[src].0.to_owned(),
+                            source: inputs[src].name.to_owned(),
                             object: svc.object_name(),
                             field: "spec.clusterIP".into(),
                             message: e.to_string(),
@@ -339,11 +546,85 @@ impl Index {
                 }
             }
         }
-        if !complete {
-            // Retry the allocator next time rather than trusting a partial list.
-            self.last_allocation.clear();
-        }
         allocated
+    }
+}
+
+/// One source, as the index follows it.
+#[derive(Debug)]
+pub struct SourceFeed {
+    /// Its name.
+    pub name: String,
+    /// The cluster of its objects.
+    pub cluster: String,
+    /// Its states.
+    pub state: watch::Receiver<SourceState>,
+}
+
+/// Since when each cluster's sources have been failing, for `/status` and
+/// `--cluster-down`.
+#[derive(Debug, Default)]
+struct ClusterHealth {
+    down_since: HashMap<String, (Instant, SystemTime)>,
+}
+
+impl ClusterHealth {
+    /// Updates from the sources' states; returns the status of each cluster.
+    fn observe(&mut self, inputs: &[Input<'_>], policy: ClusterDown) -> Vec<ClusterStatus> {
+        let mut by_cluster: BTreeMap<&str, Vec<&Input<'_>>> = BTreeMap::new();
+        for i in inputs {
+            by_cluster.entry(i.cluster).or_default().push(i);
+        }
+        self.down_since
+            .retain(|c, _| by_cluster.contains_key(c.as_str()));
+        by_cluster
+            .into_iter()
+            .map(|(cluster, sources)| {
+                let errors: Vec<String> = sources
+                    .iter()
+                    .filter_map(|i| {
+                        i.state
+                            .last_error
+                            .as_ref()
+                            .map(|e| format!("{}: {e}", i.name))
+                    })
+                    .collect();
+                // Down: every source of the cluster fails (one healthy source
+                // still brings news of it).
+                let down = errors.len() == sources.len();
+                if down {
+                    self.down_since
+                        .entry(cluster.to_owned())
+                        .or_insert((Instant::now(), SystemTime::now()));
+                } else {
+                    self.down_since.remove(cluster);
+                }
+                let since = self.down_since.get(cluster);
+                ClusterStatus {
+                    cluster: cluster.to_owned(),
+                    synced: sources.iter().all(|i| i.state.synced),
+                    healthy: !down,
+                    last_error: (!errors.is_empty()).then(|| errors.join("; ")),
+                    down_since_unix: since.map(|(_, t)| {
+                        t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    }),
+                    stale_seconds: since.map_or(0, |(t, _)| t.elapsed().as_secs()),
+                    exports_dropped: matches!(policy, ClusterDown::DropAfter(d) if since.is_some_and(|(t, _)| t.elapsed() >= d)),
+                }
+            })
+            .collect()
+    }
+
+    /// When the next cluster's exports are due to be dropped.
+    fn next_drop(&self, policy: ClusterDown) -> Option<Instant> {
+        let ClusterDown::DropAfter(d) = policy else {
+            return None;
+        };
+        self.down_since
+            .values()
+            .map(|(t, _)| *t + d)
+            .filter(|at| *at > Instant::now())
+            .min()
     }
 }
 
@@ -351,19 +632,20 @@ impl Index {
 /// source changes and publishes snapshots whose content changed.
 pub async fn run(
     config: IndexConfig,
-    sources: Vec<(String, watch::Receiver<SourceState>)>,
+    sources: Vec<SourceFeed>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut index = Index::new(&config);
+    let mut health = ClusterHealth::default();
     // Each source's watch channel wakes one shared Notify: a burst of
     // changes leaves at most one stored permit, and no state is cloned until
     // the index actually rebuilds.
     let changes = Arc::new(tokio::sync::Notify::new());
-    for (_, rx) in &sources {
-        let mut rx = rx.clone();
+    for feed in &sources {
+        let mut rx = feed.state.clone();
         let changes = changes.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -396,38 +678,69 @@ pub async fn run(
             }
             // Read every source's state in place: sources wait for the
             // duration of a build instead of the index copying their state.
-            let guards: Vec<_> = sources
+            let guards: Vec<_> = sources.iter().map(|f| (f, f.state.borrow())).collect();
+            let inputs: Vec<Input<'_>> = guards
                 .iter()
-                .map(|(name, rx)| (name.as_str(), rx.borrow()))
+                .map(|(f, g)| Input {
+                    name: &f.name,
+                    cluster: &f.cluster,
+                    state: g,
+                })
                 .collect();
-            let states: Vec<(&str, &SourceState)> =
-                guards.iter().map(|(n, g)| (*n, &**g)).collect();
             status.set_sources(
-                states
+                inputs
                     .iter()
-                    .map(|(name, s)| SourceStatus {
-                        name: (*name).to_owned(),
-                        synced: s.synced,
-                        last_error: s.last_error.clone(),
-                        nodes: s.nodes.clone(),
+                    .map(|i| SourceStatus {
+                        name: i.name.to_owned(),
+                        cluster: i.cluster.to_owned(),
+                        synced: i.state.synced,
+                        last_error: i.state.last_error.clone(),
+                        nodes: i.state.nodes.clone(),
                     })
                     .collect(),
             );
-            let all_synced = states.iter().all(|(_, s)| s.synced);
-            let build = all_synced.then(|| {
+            let clusters = health.observe(&inputs, config.cluster_down);
+            let all_synced = inputs.iter().all(|i| i.state.synced);
+            let mut serving = Serving::default();
+            for c in &clusters {
+                if c.synced {
+                    serving.ready.insert(c.cluster.clone());
+                }
+                if c.exports_dropped {
+                    serving.dropped.insert(c.cluster.clone());
+                }
+            }
+            if all_synced {
+                serving.ready.insert(CLUSTERSET.to_owned());
+            }
+            metrics
+                .clusters_down
+                .set(clusters.iter().filter(|c| !c.healthy).count() as i64);
+            status.set_clusters(clusters, all_synced);
+            let build = (!serving.ready.is_empty()).then(|| {
                 let t = Instant::now();
-                let build = index.build(&states, changed_at);
+                let build = index.build(&inputs, &serving, changed_at);
                 metrics
                     .snapshot_build_seconds
                     .observe(t.elapsed().as_secs_f64());
                 build
             });
-            drop(states);
+            drop(inputs);
             drop(guards);
             if let Some(build) = build {
                 metrics.invalid_objects.set(build.invalid.len() as i64);
+                metrics.clusterset_conflicts.set(
+                    build
+                        .issues
+                        .iter()
+                        .filter(|i| i.reason.ends_with("Conflict"))
+                        .count() as i64,
+                );
                 for e in &build.invalid {
                     tracing::warn!(source = %e.source, object = %e.object, field = %e.field, "skipped: {}", e.message);
+                }
+                for i in &build.issues {
+                    tracing::warn!(service = %i.service, cluster = %i.cluster, reason = i.reason, "clusterset: {}", i.message);
                 }
                 match build.snapshot {
                     Some(snapshot) => {
@@ -439,15 +752,21 @@ pub async fn run(
                             snapshot.resources.len(),
                             build.invalid,
                             build.services,
+                            build.issues,
                         );
                         snapshots.send_replace(Some(snapshot));
                     }
-                    None => status.set_invalid(build.invalid),
+                    None => status.set_invalid(build.invalid, build.issues),
                 }
             }
         }
+        let next_drop = health.next_drop(config.cluster_down);
         tokio::select! {
             _ = changes.notified() => {
+                first_change = Some(Instant::now());
+                changed_at = unix_nanos();
+            }
+            _ = tokio::time::sleep_until(next_drop.unwrap_or_else(Instant::now).into()), if next_drop.is_some() => {
                 first_change = Some(Instant::now());
                 changed_at = unix_nanos();
             }
@@ -503,31 +822,42 @@ mod tests {
     }
 
     fn index() -> Index {
-        Index::new(&IndexConfig {
-            service_cidrs: vec!["10.96.0.0/16".parse().expect("cidr")],
-            debounce: Duration::ZERO,
-            max_delay: Duration::ZERO,
-            state_dir: None,
-        })
+        Index::new(&IndexConfig::in_memory(
+            "10.96.0.0/16".parse().expect("cidr"),
+        ))
+    }
+
+    /// Builds from `(source name, state)`s of cluster `default`, everything served.
+    fn build(idx: &mut Index, sources: &[(&str, &SourceState)], at: i64) -> Build {
+        let inputs: Vec<Input<'_>> = sources
+            .iter()
+            .map(|(name, state)| Input {
+                name,
+                cluster: "default",
+                state,
+            })
+            .collect();
+        idx.build(&inputs, &Serving::all(&inputs), at)
     }
 
     #[test]
     fn a_rebuild_touches_only_what_changed() {
         let mut idx = index();
         let mut state = source(20);
-        let first = idx
-            .build(&[("t", &state)], 1)
+        let first = build(&mut idx, &[("t", &state)], 1)
             .snapshot
             .expect("first snapshot");
         assert_eq!(first.resources.len(), 20);
         assert!(
-            idx.build(&[("t", &state)], 2).snapshot.is_none(),
+            build(&mut idx, &[("t", &state)], 2).snapshot.is_none(),
             "no change, no version"
         );
 
         Arc::make_mut(&mut state.slices[7]).slice.endpoints[0].addresses =
             vec!["10.244.9.9".parse().expect("ip")];
-        let second = idx.build(&[("t", &state)], 3).snapshot.expect("a change");
+        let second = build(&mut idx, &[("t", &state)], 3)
+            .snapshot
+            .expect("a change");
         for (name, r) in &second.resources {
             let same = Arc::ptr_eq(r, &first.resources[name]);
             assert_eq!(same, &**name != "default/ns/s7", "{name}");
@@ -566,7 +896,7 @@ mod tests {
             })],
             ..SourceState::default()
         };
-        let build = idx.build(&[("file", &files), ("docker", &docker)], 1);
+        let build = build(&mut idx, &[("file", &files), ("docker", &docker)], 1);
         let snap = build.snapshot.expect("snapshot");
         let name = "default/ns/s0";
         let state = switchyard_proto::convert::decode_state_bytes(
@@ -585,12 +915,102 @@ mod tests {
         assert_eq!(build.services[0].ready_endpoints, 2);
     }
 
+    /// `source(1)` moved into cluster `cluster`, exporting its Service.
+    fn exporting(cluster: &str, endpoint: &str, created: i64) -> SourceState {
+        let mut st = source(1);
+        let key = ServiceKey::new(cluster, "ns", "s0");
+        let svc = Arc::make_mut(&mut st.services[0]);
+        svc.key = key.clone();
+        let slice = Arc::make_mut(&mut st.slices[0]);
+        slice.service = key.clone();
+        slice.slice.endpoints[0].addresses = vec![endpoint.parse().expect("ip")];
+        st.exports.push(crate::source::Export {
+            key,
+            created_unix: Some(created),
+        });
+        st
+    }
+
+    #[test]
+    fn exports_of_two_clusters_become_one_import_with_a_clusterset_ip() {
+        let mut idx = index();
+        let east = exporting("east", "10.1.0.1", 20);
+        let west = exporting("west", "10.2.0.1", 10);
+        let inputs = [
+            Input {
+                name: "kube=east",
+                cluster: "east",
+                state: &east,
+            },
+            Input {
+                name: "kube=west",
+                cluster: "west",
+                state: &west,
+            },
+        ];
+        let first = idx.build(&inputs, &Serving::all(&inputs), 1);
+        let snap = first.snapshot.expect("snapshot");
+        let name = "clusterset/ns/s0";
+        let import = switchyard_proto::convert::decode_state_bytes(
+            name,
+            &snap.resources[name].service_state,
+        )
+        .expect("an import");
+        let ip = import.service.cluster_ips[0];
+        assert!(
+            "10.112.0.0/12"
+                .parse::<IpNet>()
+                .expect("cidr")
+                .contains(&ip),
+            "{ip}"
+        );
+        let mut clusters: Vec<_> = import.slices.iter().map(|s| s.cluster.clone()).collect();
+        clusters.sort();
+        assert_eq!(clusters, [Some("east".to_owned()), Some("west".to_owned())]);
+        assert!(first.issues.is_empty(), "{:?}", first.issues);
+        let summary = first
+            .services
+            .iter()
+            .find(|s| s.cluster == CLUSTERSET)
+            .expect("listed");
+        assert_eq!(summary.endpoints, 2);
+
+        // Unchanged inputs: same resource, no new version.
+        assert!(
+            idx.build(&inputs, &Serving::all(&inputs), 2)
+                .snapshot
+                .is_none()
+        );
+
+        // East down past --cluster-down drop-after: its endpoints leave the
+        // clusterset; its own view stays; the ClusterSet IP stays.
+        let mut serving = Serving::all(&inputs);
+        serving.dropped.insert("east".into());
+        let dropped = idx.build(&inputs, &serving, 3).snapshot.expect("a change");
+        let import = switchyard_proto::convert::decode_state_bytes(
+            name,
+            &dropped.resources[name].service_state,
+        )
+        .expect("an import");
+        assert_eq!(import.slices.len(), 1);
+        assert_eq!(import.service.cluster_ips[0], ip);
+        assert!(dropped.resources.contains_key("east/ns/s0"));
+
+        // Before every source synced, the clusterset is not served.
+        let mut partial = Serving::all(&inputs);
+        partial.ready.remove(CLUSTERSET);
+        let s = idx
+            .build(&inputs, &partial, 4)
+            .snapshot
+            .expect("readiness changed");
+        assert!(s.serves("east") && !s.complete());
+    }
+
     #[test]
     fn an_equal_object_in_a_new_arc_keeps_the_version() {
         let mut idx = index();
         let state = source(3);
-        let first = idx
-            .build(&[("t", &state)], 1)
+        let first = build(&mut idx, &[("t", &state)], 1)
             .snapshot
             .expect("first snapshot");
         let copy = SourceState {
@@ -606,7 +1026,7 @@ mod tests {
                 .collect(),
             ..state.clone()
         };
-        assert!(idx.build(&[("t", &copy)], 2).snapshot.is_none());
+        assert!(build(&mut idx, &[("t", &copy)], 2).snapshot.is_none());
         assert_eq!(idx.current.version, first.version);
     }
 }

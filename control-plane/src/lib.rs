@@ -20,6 +20,7 @@ pub mod config;
 pub mod index;
 pub mod ipam;
 pub mod k8s;
+pub mod merge;
 pub mod metrics;
 pub mod server;
 pub mod snapshot;
@@ -101,28 +102,31 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Co
 pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
     args.sources
         .iter()
-        .map(|spec| match spec {
-            SourceSpec::File(path) => Box::new(source::file::FileSource::new(
-                vec![path.clone()],
-                args.cluster.clone(),
-                args.debounce,
-            )) as Box<dyn Source>,
-            SourceSpec::Kube(context) => Box::new(source::kubernetes::KubeSource::new(
-                source::kubernetes::KubeSourceConfig {
-                    context: context.clone(),
-                    kubeconfig: args.kubeconfig.clone(),
-                    namespace: args.kube_namespace.clone(),
-                    label_selector: args.kube_label_selector.clone(),
-                    cluster: args.cluster.clone(),
-                    debounce: args.debounce,
-                },
-            )),
-            SourceSpec::Docker(host) => Box::new(source::docker::DockerSource::new(
-                source::docker::DockerSourceConfig {
-                    host: host.clone(),
-                    cluster: args.cluster.clone(),
-                },
-            )),
+        .map(|arg| {
+            let cluster = arg.cluster.clone().unwrap_or_else(|| args.cluster.clone());
+            match &arg.spec {
+                SourceSpec::File(path) => Box::new(source::file::FileSource::new(
+                    vec![path.clone()],
+                    cluster,
+                    args.debounce,
+                )) as Box<dyn Source>,
+                SourceSpec::Kube(context) => Box::new(source::kubernetes::KubeSource::new(
+                    source::kubernetes::KubeSourceConfig {
+                        context: context.clone(),
+                        kubeconfig: args.kubeconfig.clone(),
+                        namespace: args.kube_namespace.clone(),
+                        label_selector: args.kube_label_selector.clone(),
+                        cluster,
+                        debounce: args.debounce,
+                    },
+                )),
+                SourceSpec::Docker(host) => Box::new(source::docker::DockerSource::new(
+                    source::docker::DockerSourceConfig {
+                        host: host.clone(),
+                        cluster,
+                    },
+                )),
+            }
         })
         .collect()
 }
@@ -145,11 +149,18 @@ pub async fn start_with(
     let mut receivers = Vec::new();
     for src in sources {
         let (tx, rx) = watch::channel(SourceState::default());
-        receivers.push((src.name(), rx));
+        receivers.push(index::SourceFeed {
+            name: src.name(),
+            cluster: src.cluster(),
+            state: rx,
+        });
         tasks.spawn(src.run(tx, shutdown.clone()));
     }
     let index_config = index::IndexConfig {
         service_cidrs: args.service_cidrs.clone(),
+        clusterset_cidrs: args.clusterset_cidrs.clone(),
+        export_all: args.export_all,
+        cluster_down: args.cluster_down,
         debounce: args.debounce,
         max_delay: args.max_delay,
         state_dir: Some(args.state_dir.clone()),
@@ -190,7 +201,7 @@ pub async fn start_with(
         mtls,
         shutdown.clone(),
     );
-    // gRPC health follows readiness: NOT_SERVING until the first snapshot.
+    // gRPC health follows readiness: NOT_SERVING until every source synced.
     {
         let mut rx = snapshot_rx.clone();
         let reporter = health_reporter.clone();
@@ -200,7 +211,7 @@ pub async fn start_with(
                 .set_not_serving::<SnapshotDiscoveryServer<SnapshotService>>()
                 .await;
             let ready = tokio::select! {
-                r = rx.wait_for(Option::is_some) => r.is_ok(),
+                r = rx.wait_for(|s| s.as_ref().is_some_and(|s| s.complete())) => r.is_ok(),
                 _ = shutdown.cancelled() => false,
             };
             if ready {

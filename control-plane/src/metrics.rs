@@ -26,6 +26,10 @@ pub struct Metrics {
     pub acks: Counter,
     /// NACKs received.
     pub nacks: Counter,
+    /// Clusters whose sources all fail.
+    pub clusters_down: Gauge,
+    /// Exports whose properties conflict with an older export's.
+    pub clusterset_conflicts: Gauge,
     registry: Registry,
 }
 
@@ -43,6 +47,8 @@ impl Metrics {
             resources_sent: Counter::default(),
             acks: Counter::default(),
             nacks: Counter::default(),
+            clusters_down: Gauge::default(),
+            clusterset_conflicts: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -82,6 +88,16 @@ impl Metrics {
         );
         registry.register("acks", "ACKs received from agents", m.acks.clone());
         registry.register("nacks", "NACKs received from agents", m.nacks.clone());
+        registry.register(
+            "clusters_down",
+            "Clusters whose sources all fail",
+            m.clusters_down.clone(),
+        );
+        registry.register(
+            "clusterset_conflicts",
+            "Exports whose properties conflict with an older export of the same Service",
+            m.clusterset_conflicts.clone(),
+        );
         Self { registry, ..m }
     }
 

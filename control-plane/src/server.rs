@@ -122,6 +122,11 @@ impl SnapshotDiscovery for SnapshotService {
         } else {
             hello.cluster_id.clone()
         };
+        if cluster == switchyard_model::CLUSTERSET {
+            return Err(Status::invalid_argument(format!(
+                "Hello.cluster_id {cluster:?} is reserved for the clusterset's imports; an agent names its own cluster"
+            )));
+        }
         let handle = self
             .status
             .connected(&hello.node_name, &cluster, &hello.zone);
@@ -254,6 +259,10 @@ impl AgentStream {
     /// parts of at most [`MAX_PART_BYTES`] of resources each.
     fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<Vec<v1::SnapshotUpdate>> {
         if self.parked_on.as_deref() == Some(current.version.as_str()) {
+            return None;
+        }
+        // Until every source of its cluster has synced, the agent keeps what it has.
+        if !current.serves(&self.cluster) {
             return None;
         }
         let delta: Arc<Delta> = match &self.baseline {

@@ -10,12 +10,12 @@
 //! newer snapshot, so a thousand agents at the same version share one
 //! [`Delta`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use switchyard_model::ServiceState;
+use switchyard_model::{CLUSTERSET, ServiceState};
 use switchyard_proto::convert::encode_state_bytes;
 use switchyard_proto::v1;
 
@@ -31,8 +31,12 @@ pub struct Snapshot {
     /// (Unix nanoseconds); carried to agents for programming latency.
     pub changed_at_unix_nanos: i64,
     /// Every resource by name (`cluster/namespace/name`), in name order, so a
-    /// cluster's resources form one contiguous range.
+    /// cluster's resources form one contiguous range; the clusterset's
+    /// imports are the range of cluster [`CLUSTERSET`].
     pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    /// The clusters whose view is complete and may be sent to agents (all
+    /// their sources synced), and [`CLUSTERSET`] once every source has.
+    pub ready: BTreeSet<String>,
     deltas: Mutex<HashMap<DeltaKey, Arc<Delta>>>,
 }
 
@@ -118,21 +122,23 @@ impl Snapshot {
             version,
             changed_at_unix_nanos: 0,
             resources: BTreeMap::new(),
+            ready: BTreeSet::new(),
             deltas: Mutex::default(),
         }
     }
 
     /// Builds the next snapshot from the full desired state, reusing the
     /// previous snapshot's `Arc` for every resource whose content is equal.
-    /// Returns `None` when nothing changed. (The index uses
-    /// [`Snapshot::from_resources`] with its own cache; this is the simple form.)
+    /// Returns `None` when nothing changed. Every cluster named, and the
+    /// clusterset, are ready. (The index uses [`Snapshot::from_resources`]
+    /// with its own cache; this is the simple form.)
     pub fn next(
         previous: &Snapshot,
         states: impl IntoIterator<Item = ServiceState>,
         versions: &mut VersionSource,
         changed_at_unix_nanos: i64,
     ) -> Option<Snapshot> {
-        let resources = states
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> = states
             .into_iter()
             .map(|state| {
                 let fresh = make_resource(&state);
@@ -143,18 +149,27 @@ impl Snapshot {
                 }
             })
             .collect();
-        Self::from_resources(previous, resources, versions, changed_at_unix_nanos)
+        let mut ready: BTreeSet<String> = resources
+            .keys()
+            .filter_map(|n| n.split('/').next())
+            .map(str::to_owned)
+            .collect();
+        ready.insert(CLUSTERSET.to_owned());
+        Self::from_resources(previous, resources, ready, versions, changed_at_unix_nanos)
     }
 
     /// Wraps `resources` as the next snapshot unless every one of them is
-    /// the very `Arc` the previous snapshot holds under the same name.
+    /// the very `Arc` the previous snapshot holds under the same name and
+    /// the same clusters are ready.
     pub fn from_resources(
         previous: &Snapshot,
         resources: BTreeMap<Arc<str>, Arc<Resource>>,
+        ready: BTreeSet<String>,
         versions: &mut VersionSource,
         changed_at_unix_nanos: i64,
     ) -> Option<Snapshot> {
         let unchanged = resources.len() == previous.resources.len()
+            && ready == previous.ready
             && resources
                 .iter()
                 .zip(&previous.resources)
@@ -166,12 +181,23 @@ impl Snapshot {
             version: versions.next_version(),
             changed_at_unix_nanos,
             resources,
+            ready,
             deltas: Mutex::default(),
         })
     }
 
-    /// The range of names that belong to `cluster`.
-    fn view<'a>(
+    /// Whether the view of `cluster` is complete and may be sent.
+    pub fn serves(&self, cluster: &str) -> bool {
+        self.ready.contains(cluster)
+    }
+
+    /// Whether every source has synced (the clusterset is served).
+    pub fn complete(&self) -> bool {
+        self.serves(CLUSTERSET)
+    }
+
+    /// The resources of one cluster's range (`cluster/…`).
+    fn range<'a>(
         &'a self,
         cluster: &str,
     ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {
@@ -184,13 +210,37 @@ impl Snapshot {
             .take_while(move |(name, _)| name.starts_with(&prefix))
     }
 
-    /// How many resources the view of `cluster` holds.
+    /// The ranges an agent of `cluster` receives: its own cluster's, and
+    /// the clusterset's imports (the clusterset's alone for a relay asking
+    /// for it).
+    fn ranges(cluster: &str) -> Vec<&str> {
+        if cluster == CLUSTERSET {
+            vec![CLUSTERSET]
+        } else {
+            vec![cluster, CLUSTERSET]
+        }
+    }
+
+    /// The range of `cluster` if this snapshot serves it, else nothing.
+    fn served_range<'a>(
+        &'a self,
+        cluster: &str,
+    ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {
+        let served = self.serves(cluster);
+        self.range(cluster).filter(move |_| served)
+    }
+
+    /// How many resources an agent of `cluster` receives now.
     pub fn view_len(&self, cluster: &str) -> usize {
-        self.view(cluster).count()
+        Self::ranges(cluster)
+            .into_iter()
+            .map(|c| self.served_range(c).count())
+            .sum()
     }
 
     /// The difference from `base` (an older snapshot an agent ACKed) to this
-    /// snapshot, restricted to `cluster`'s view. Cached per base version.
+    /// snapshot, restricted to what an agent of `cluster` receives. Cached
+    /// per base version.
     pub fn delta_from(&self, base: &Snapshot, cluster: &str) -> Arc<Delta> {
         let key = DeltaKey {
             cluster: cluster.to_owned(),
@@ -199,7 +249,13 @@ impl Snapshot {
         if let Some(d) = self.lock_deltas().get(&key) {
             return d.clone();
         }
-        let delta = Arc::new(diff(base.view(cluster), self.view(cluster)));
+        let mut delta = Delta::default();
+        for c in Self::ranges(cluster) {
+            let part = diff(base.served_range(c), self.served_range(c));
+            delta.changed.extend(part.changed);
+            delta.removed.extend(part.removed);
+        }
+        let delta = Arc::new(delta);
         let mut cache = self.lock_deltas();
         // A handful of base versions is normal; a large cache means agents are
         // spread over many versions, where recomputing is cheaper than memory.
@@ -214,22 +270,32 @@ impl Snapshot {
     pub fn delta_from_versions(&self, held: &HashMap<String, String>, cluster: &str) -> Delta {
         let mut delta = Delta::default();
         let mut seen = 0usize;
-        for (name, res) in self.view(cluster) {
-            match held.get(&**name) {
-                Some(v) if *v == res.version => seen += 1,
-                Some(_) => {
-                    seen += 1;
-                    delta.changed.push(res.clone());
+        let ranges = Self::ranges(cluster);
+        for c in &ranges {
+            for (name, res) in self.served_range(c) {
+                match held.get(&**name) {
+                    Some(v) if *v == res.version => seen += 1,
+                    Some(_) => {
+                        seen += 1;
+                        delta.changed.push(res.clone());
+                    }
+                    None => delta.changed.push(res.clone()),
                 }
-                None => delta.changed.push(res.clone()),
             }
         }
         if seen < held.len() {
+            let in_range = |n: &str, c: &str| {
+                n.len() > c.len() && n.starts_with(c) && n.as_bytes()[c.len()] == b'/'
+            };
             let mut removed: Vec<Arc<str>> = held
                 .keys()
-                .filter(|n| {
-                    !self.resources.contains_key(n.as_str())
-                        || !n.starts_with(&format!("{cluster}/"))
+                .filter(|n| match ranges.iter().find(|c| in_range(n, c)) {
+                    // A range not served yet (the clusterset before every
+                    // source synced) keeps what the agent holds.
+                    Some(c) if !self.serves(c) => false,
+                    Some(_) => !self.resources.contains_key(n.as_str()),
+                    // Another cluster's resource: not the agent's.
+                    None => true,
                 })
                 .map(|n| Arc::from(n.as_str()))
                 .collect();
@@ -376,6 +442,60 @@ mod tests {
         assert_eq!(changed, ["c/ns/b"]);
         assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/gone")]);
         assert_eq!(s1.full("c").changed.len(), 2);
+    }
+
+    #[test]
+    fn an_agent_gets_its_cluster_and_the_clusterset_once_each_is_ready() {
+        let mut vs = VersionSource::new();
+        let resources = |states: &[ServiceState]| -> BTreeMap<Arc<str>, Arc<Resource>> {
+            states
+                .iter()
+                .map(|s| {
+                    let r = make_resource(s);
+                    (Arc::from(r.name.as_str()), Arc::new(r))
+                })
+                .collect()
+        };
+        let all = [
+            state("east", "a", 80),
+            state("west", "a", 80),
+            state(CLUSTERSET, "a", 80),
+        ];
+        let ready = |cs: &[&str]| cs.iter().map(|c| (*c).to_owned()).collect::<BTreeSet<_>>();
+        let s1 = Snapshot::from_resources(
+            &Snapshot::empty(String::new()),
+            resources(&all),
+            ready(&["east"]),
+            &mut vs,
+            1,
+        )
+        .expect("first");
+        assert!(s1.serves("east") && !s1.serves("west") && !s1.complete());
+        let names = |d: &Delta| d.changed.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&s1.full("east")), ["east/ns/a"]);
+        // A reconnecting agent keeps the imports it holds while the
+        // clusterset is not served yet.
+        let mut held = HashMap::new();
+        held.insert("clusterset/ns/a".to_owned(), "old".to_owned());
+        held.insert("north/ns/x".to_owned(), "v".to_owned());
+        let d = s1.delta_from_versions(&held, "east");
+        assert_eq!(d.removed, vec![Arc::<str>::from("north/ns/x")]);
+        // Readiness alone is a new version.
+        let s2 = Snapshot::from_resources(
+            &s1,
+            s1.resources.clone(),
+            ready(&["east", "west", CLUSTERSET]),
+            &mut vs,
+            2,
+        )
+        .expect("readiness changed");
+        assert_eq!(names(&s2.delta_from(&s1, "east")), ["clusterset/ns/a"]);
+        assert_eq!(names(&s2.full(CLUSTERSET)), ["clusterset/ns/a"]);
+        assert_eq!(s2.view_len("west"), 2);
+        assert!(
+            Snapshot::from_resources(&s2, s2.resources.clone(), s2.ready.clone(), &mut vs, 3)
+                .is_none()
+        );
     }
 
     #[test]

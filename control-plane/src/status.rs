@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::merge::ClustersetIssue;
 use crate::source::ObjectError;
 
 /// One agent's stream, as `/status` shows it.
@@ -38,6 +39,8 @@ pub struct AgentStatus {
 pub struct SourceStatus {
     /// The source's name.
     pub name: String,
+    /// The cluster of its objects.
+    pub cluster: String,
     /// Whether its first full read is done.
     pub synced: bool,
     /// Why it cannot currently follow its origin (it keeps serving what it had).
@@ -46,6 +49,28 @@ pub struct SourceStatus {
     /// Nodes and their zones, for sources that watch them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<crate::source::NodeInfo>,
+}
+
+/// One cluster, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    /// Its id.
+    pub cluster: String,
+    /// Every source of the cluster has synced: its agents are served.
+    pub synced: bool,
+    /// Not every source of the cluster fails.
+    pub healthy: bool,
+    /// Why its sources fail, if they do (`source: error`; ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Since when every source of it fails (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_since_unix: Option<u64>,
+    /// How old its data is: seconds since its sources last followed their
+    /// origin (0 while healthy).
+    pub stale_seconds: u64,
+    /// `--cluster-down drop-after` has taken its exports out of the clusterset.
+    pub exports_dropped: bool,
 }
 
 /// One Service of the snapshot, as `/status` lists it.
@@ -111,6 +136,9 @@ struct Inner {
     sources: Vec<SourceStatus>,
     invalid_objects: Vec<ObjectError>,
     services: Vec<Arc<ServiceSummary>>,
+    clusters: Vec<ClusterStatus>,
+    clusterset_issues: Vec<ClustersetIssue>,
+    all_synced: bool,
     agents: BTreeMap<String, AgentStatus>,
     next_stream: u64,
 }
@@ -130,8 +158,13 @@ pub struct StatusDocument {
     pub invalid_objects: Vec<ObjectError>,
     /// Every agent seen since start, by node name.
     pub agents: Vec<AgentStatus>,
-    /// Every Service of the snapshot, by cluster, namespace and name.
+    /// Every Service of the snapshot, by cluster, namespace and name; the
+    /// clusterset's imports under cluster `clusterset`.
     pub services: Vec<Arc<ServiceSummary>>,
+    /// Every cluster the sources name: synced, healthy, how old its data is.
+    pub clusters: Vec<ClusterStatus>,
+    /// Exports that conflict or cannot be used (KEP-1645 conditions).
+    pub clusterset_issues: Vec<ClustersetIssue>,
 }
 
 /// Shared, lock-protected status. Critical sections are a few field writes.
@@ -184,18 +217,31 @@ impl Status {
         resources: usize,
         invalid: Vec<ObjectError>,
         services: Vec<Arc<ServiceSummary>>,
+        issues: Vec<ClustersetIssue>,
     ) {
         self.change(|s| {
             s.version = Some(version.to_owned());
             s.resources = resources;
             s.invalid_objects = invalid;
             s.services = services;
+            s.clusterset_issues = issues;
         });
     }
 
     /// Records the skipped objects when the snapshot itself did not change.
-    pub fn set_invalid(&self, invalid: Vec<ObjectError>) {
-        self.change(|s| s.invalid_objects = invalid);
+    pub fn set_invalid(&self, invalid: Vec<ObjectError>, issues: Vec<ClustersetIssue>) {
+        self.change(|s| {
+            s.invalid_objects = invalid;
+            s.clusterset_issues = issues;
+        });
+    }
+
+    /// Records each cluster's state and whether every source has synced.
+    pub fn set_clusters(&self, clusters: Vec<ClusterStatus>, all_synced: bool) {
+        self.change(|s| {
+            s.clusters = clusters;
+            s.all_synced = all_synced;
+        });
     }
 
     /// Records the sources' sync state.
@@ -203,9 +249,10 @@ impl Status {
         self.change(|s| s.sources = sources);
     }
 
-    /// Ready once a snapshot exists (the index builds one only after every source synced).
+    /// Ready once every source has synced and a snapshot exists.
     pub fn ready(&self) -> bool {
-        self.lock().version.is_some()
+        let s = self.lock();
+        s.all_synced && s.version.is_some()
     }
 
     /// The current snapshot version.
@@ -293,12 +340,14 @@ impl Status {
         let s = self.lock();
         StatusDocument {
             version: s.version.clone(),
-            ready: s.version.is_some(),
+            ready: s.all_synced && s.version.is_some(),
             resources: s.resources,
             sources: s.sources.clone(),
             invalid_objects: s.invalid_objects.clone(),
             agents: s.agents.values().cloned().collect(),
             services: s.services.clone(),
+            clusters: s.clusters.clone(),
+            clusterset_issues: s.clusterset_issues.clone(),
         }
     }
 }

@@ -38,6 +38,7 @@ fn index() -> &'static DnsIndex {
                 })
                 .collect(),
             ports: Vec::new(),
+            cluster: None,
         });
         let pay = ServiceState::new(Service {
             service_type: ServiceType::ExternalName,

@@ -82,6 +82,9 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
     /// Its ports.
     pub ports: Vec<EndpointPort>,
+    /// The cluster its endpoints are in, when not the Service's own: each
+    /// slice of a clusterset import comes from one exporting cluster.
+    pub cluster: Option<String>,
 }
 
 impl EndpointSlice {
@@ -107,6 +110,11 @@ impl EndpointSlice {
                 "metadata.name",
                 format!("{:?} is not a DNS name", self.name),
             );
+        }
+        if let Some(c) = &self.cluster
+            && !is_dns_label(c)
+        {
+            errs.push("cluster", format!("{c:?} is not a cluster id"));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
             let at = format!("endpoints[{i}]");
@@ -177,6 +185,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            cluster: None,
         }
     }
 

@@ -29,6 +29,11 @@ pub use service::{
 /// The cluster id used when a deployment does not name one.
 pub const DEFAULT_CLUSTER: &str = "default";
 
+/// The cluster id under which the clusterset's imports (Services exported by
+/// one or more clusters, merged; KEP-1645's ServiceImports) are kept. It is
+/// not a valid cluster id for a source or an agent.
+pub const CLUSTERSET: &str = "clusterset";
+
 /// Longest `sessionAffinityConfig.clientIP.timeoutSeconds` Kubernetes accepts (one day).
 pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
 

@@ -88,6 +88,7 @@ fn encode_port(p: &m::ServicePort) -> v1::ServicePort {
 fn encode_slice(s: &m::EndpointSlice) -> v1::EndpointSlice {
     v1::EndpointSlice {
         name: s.name.clone(),
+        cluster: s.cluster.clone().unwrap_or_default(),
         address_type: match s.address_type {
             m::AddressType::IPv4 => v1::AddressType::Ipv4,
             m::AddressType::IPv6 => v1::AddressType::Ipv6,
@@ -310,6 +311,7 @@ impl Decoder<'_> {
             address_type,
             endpoints,
             ports,
+            cluster: non_empty(&s.cluster),
         })
     }
 
@@ -426,6 +428,7 @@ mod tests {
                     protocol: m::Protocol::Tcp,
                     port: 8080,
                 }],
+                cluster: None,
             }],
         }
     }

@@ -105,6 +105,10 @@ impl Source for DockerSource {
         }
     }
 
+    fn cluster(&self) -> String {
+        self.config.cluster.clone()
+    }
+
     fn run(
         self: Box<Self>,
         state: watch::Sender<SourceState>,
@@ -312,6 +316,7 @@ impl View {
             services: assembled.services,
             slices: assembled.slices,
             errors: assembled.errors,
+            exports: assembled.exports,
             ..SourceState::default()
         };
         super::share_unchanged(&state.borrow(), &mut new);

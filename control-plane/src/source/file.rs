@@ -4,7 +4,8 @@
 //! `*.yaml`, `*.yml` and `*.json` files (hidden entries skipped, so the
 //! `..data` links of a mounted ConfigMap are read once). A file holds
 //! Kubernetes-shaped documents separated by `---`, or a `List`; only
-//! `v1 Service` and `discovery.k8s.io/v1 EndpointSlice` are used, other kinds
+//! `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and the MCS API's
+//! `multicluster.x-k8s.io/v1alpha1 ServiceExport` are used, other kinds
 //! are ignored. The annotation `switchyard.io/cluster` moves one object to
 //! another cluster than the source's.
 //!
@@ -43,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use super::{ObjectError, Source, SourceService, SourceSlice, SourceState};
+use super::{Export, ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
 
 /// The annotation that puts one object in another cluster than the source's.
@@ -80,6 +81,10 @@ impl Source for FileSource {
     fn name(&self) -> String {
         let paths: Vec<_> = self.paths.iter().map(|p| p.display().to_string()).collect();
         format!("file:{}", paths.join(","))
+    }
+
+    fn cluster(&self) -> String {
+        self.cluster.clone()
     }
 
     fn run(
@@ -260,6 +265,7 @@ struct LoadedFile {
 struct FileObjects {
     services: Vec<Located<Arc<SourceService>>>,
     slices: Vec<Located<Arc<SourceSlice>>>,
+    exports: Vec<Located<Export>>,
     errors: Vec<ObjectError>,
 }
 
@@ -469,6 +475,7 @@ impl Loader {
         let mut slices = Vec::new();
         let mut first_service: HashMap<&ServiceKey, &str> = HashMap::new();
         let mut first_slice: HashMap<(&str, &str, &str), &str> = HashMap::new();
+        let mut exports: Vec<Export> = Vec::new();
         for path in files {
             let Some(file) = self.files.get(path) else {
                 continue;
@@ -488,6 +495,11 @@ impl Loader {
                         "",
                         format!("defined again in {}; the one in {first} is used", s.at),
                     )),
+                }
+            }
+            for e in &file.objects.exports {
+                if !exports.iter().any(|x| x.key == e.value.key) {
+                    exports.push(e.value.clone());
                 }
             }
             for s in &file.objects.slices {
@@ -514,6 +526,7 @@ impl Loader {
             services,
             slices,
             errors,
+            exports,
             ..SourceState::default()
         }
     }
@@ -674,8 +687,26 @@ impl Parser<'_> {
                     Err(e) => out.errors.extend(self.invalid(place, e)),
                 }
             }
+            ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => match name {
+                Some(n) if switchyard_model::is_dns_label(&n) => out.exports.push(Located {
+                    at: place.to_string(),
+                    value: Export {
+                        key: ServiceKey::new(cluster, &namespace, n),
+                        created_unix: obj
+                            .pointer("/metadata/creationTimestamp")
+                            .and_then(Value::as_str)
+                            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                            .map(|t| t.as_second()),
+                    },
+                }),
+                _ => out.errors.push(self.error(
+                    place.at,
+                    located("metadata.name"),
+                    "a ServiceExport names the Service it exports (a DNS label)",
+                )),
+            },
             _ => {
-                tracing::debug!(at = %place, api_version, kind, "not a Service or EndpointSlice; ignored")
+                tracing::debug!(at = %place, api_version, kind, "not a Service, EndpointSlice or ServiceExport; ignored")
             }
         }
     }

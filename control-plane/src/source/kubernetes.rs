@@ -32,16 +32,17 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use kube::api::{ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource, ResourceExt};
-use switchyard_model::ValidationErrors;
+use switchyard_model::{ServiceKey, ValidationErrors};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
+use super::{Export, NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
 use crate::source::file::CLUSTER_ANNOTATION;
 
@@ -105,6 +106,10 @@ impl Source for KubeSource {
         }
     }
 
+    fn cluster(&self) -> String {
+        self.config.cluster.clone()
+    }
+
     fn run(
         self: Box<Self>,
         state: watch::Sender<SourceState>,
@@ -136,6 +141,7 @@ enum Kind {
     Service = 0,
     Slice = 1,
     Node = 2,
+    Export = 3,
 }
 
 impl Kind {
@@ -144,7 +150,32 @@ impl Kind {
             Kind::Service => "services",
             Kind::Slice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Export => "serviceexports",
         }
+    }
+}
+
+/// The MCS API's ServiceExport (`multicluster.x-k8s.io/v1alpha1`), watched
+/// as a dynamic object: only its name, namespace and creation time matter.
+pub fn service_export_resource() -> ApiResource {
+    ApiResource {
+        group: "multicluster.x-k8s.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "multicluster.x-k8s.io/v1alpha1".into(),
+        kind: "ServiceExport".into(),
+        plural: "serviceexports".into(),
+    }
+}
+
+/// Whether a watch error says the resource is not served (a 404: the MCS
+/// CRDs are not installed), which means "nothing is exported", not a failure.
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
     }
 }
 
@@ -159,6 +190,8 @@ enum Signal {
     Changed,
     /// The watch or list failed; the watcher retries after a backoff.
     Failed(String),
+    /// The API server does not serve the kind (404); retried like a failure.
+    NotServed,
 }
 
 fn signals<K>(
@@ -168,13 +201,8 @@ fn signals<K>(
     config: watcher::Config,
 ) -> Pin<Box<dyn Stream<Item = (Kind, Signal)> + Send>>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
     let events = reflector::reflector(writer, watcher(api, config).default_backoff());
     events
@@ -184,6 +212,7 @@ where
                 Ok(watcher::Event::InitApply(_)) => return None,
                 Ok(watcher::Event::InitDone) => Signal::InitDone,
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
+                Err(e) if not_served(&e) => Signal::NotServed,
                 Err(e) => Signal::Failed(error_chain(&e)),
             };
             Some((kind, signal))
@@ -238,14 +267,24 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     };
     let (services, slices): (Api<core::Service>, Api<discovery::EndpointSlice>) =
         namespaced(client.clone());
-    let nodes: Api<core::Node> = Api::all(client);
+    let nodes: Api<core::Node> = Api::all(client.clone());
+    let export_resource = service_export_resource();
+    let exports: Api<DynamicObject> = match &config.namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &export_resource),
+        None => Api::all_with(client, &export_resource),
+    };
     let (service_store, w1) = reflector::store();
     let (slice_store, w2) = reflector::store();
     let (node_store, w3) = reflector::store();
+    let w4 = reflector::store::Writer::new(export_resource);
+    let export_store = w4.as_reader();
     let mut stream = futures::stream::select_all([
         signals(Kind::Service, w1, services, wc.clone()),
         signals(Kind::Slice, w2, slices, wc),
         signals(Kind::Node, w3, nodes, watcher::Config::default()),
+        // Exports are not filtered by the label selector: a ServiceExport
+        // names its Service and carries no labels of it.
+        signals(Kind::Export, w4, exports, watcher::Config::default()),
     ]);
 
     let mut view = View {
@@ -254,12 +293,13 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         services: service_store,
         slices: slice_store,
         nodes: node_store,
+        exports: export_store,
         service_cache: HashMap::new(),
         slice_cache: HashMap::new(),
     };
-    let mut listing = [true; 3];
-    let mut listed = [false; 3];
-    let mut errors: [Option<String>; 3] = Default::default();
+    let mut listing = [true; 4];
+    let mut listed = [false; 4];
+    let mut errors: [Option<String>; 4] = Default::default();
     let mut dirty = false;
     loop {
         // One burst: the first signal, then everything until a quiet window.
@@ -302,6 +342,15 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                     tracing::warn!(source = %name, kind = kind.name(), error = %message, "watch failed; retrying with backoff");
                     errors[i] = Some(format!("{}: {message}", kind.name()));
                 }
+                Signal::NotServed => {
+                    // No MCS CRDs: nothing is exported, which is no failure.
+                    if !listed[i] {
+                        tracing::info!(source = %name, kind = kind.name(), "not served by the API server (MCS CRDs not installed?); nothing is exported from it");
+                    }
+                    listed[i] = true;
+                    listing[i] = false;
+                    errors[i] = None;
+                }
             }
             let now = Instant::now();
             let cap = burst_end.map_or(now + config.debounce * MAX_DEBOUNCE_WINDOWS, |b| b.1);
@@ -312,10 +361,12 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             let all: Vec<&str> = errors.iter().flatten().map(String::as_str).collect();
             (!all.is_empty()).then(|| all.join("; "))
         };
-        let synced = listed.iter().all(|l| *l);
+        // Exports only add to the clusterset: the source is synced once
+        // Services, slices and Nodes are listed.
+        let synced = listed[..3].iter().all(|l| *l);
         // Publish objects only when every kind holds a complete list: never
         // a partial initial list, never in the middle of a relist.
-        if dirty && synced && !listing.iter().any(|l| *l) {
+        if dirty && synced && !listing[..3].iter().any(|l| *l) && !(listed[3] && listing[3]) {
             dirty = false;
             let mut new = view.build();
             new.last_error = last_error;
@@ -344,6 +395,7 @@ struct View {
     services: Store<core::Service>,
     slices: Store<discovery::EndpointSlice>,
     nodes: Store<core::Node>,
+    exports: Store<DynamicObject>,
     service_cache: HashMap<(String, String), Converted<Arc<SourceService>>>,
     slice_cache: HashMap<(String, String), Converted<Option<Arc<SourceSlice>>>>,
 }
@@ -393,6 +445,21 @@ impl View {
                 zone: n.labels().get(ZONE_LABEL).cloned(),
             })
             .collect();
+        out.exports = self
+            .exports
+            .state()
+            .iter()
+            .map(|e| Export {
+                // The object's own cluster, as for Services (the annotation).
+                key: ServiceKey::new(
+                    cluster_of(&**e, cluster),
+                    e.namespace().unwrap_or_else(|| "default".into()),
+                    e.name_any(),
+                ),
+                created_unix: e.creation_timestamp().map(|t| t.0.as_second()),
+            })
+            .collect();
+        out.exports.sort_by(|a, b| a.key.cmp(&b.key));
         // Stores are hash maps: sort so that equal content compares equal.
         out.services.sort_by(|a, b| a.key.cmp(&b.key));
         out.slices

@@ -111,9 +111,22 @@ pub struct SourceState {
     pub errors: Vec<ObjectError>,
     /// Nodes and their topology zones (sources that know nodes: kube).
     pub nodes: Vec<NodeInfo>,
+    /// Services exported to the clusterset (ServiceExports; KEP-1645).
+    pub exports: Vec<Export>,
     /// Why the source cannot currently follow its origin (an unreachable
     /// API server, a failing watch); it keeps serving what it had.
     pub last_error: Option<String>,
+}
+
+/// A ServiceExport: the Service of the same namespace and name in the
+/// same cluster is part of the clusterset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// The exported Service (the export's own cluster, namespace and name).
+    pub key: ServiceKey,
+    /// The ServiceExport's `metadata.creationTimestamp`, Unix seconds, when
+    /// the source knows it: the oldest export's properties win a conflict.
+    pub created_unix: Option<i64>,
 }
 
 /// A cluster node as a source saw it.
@@ -129,6 +142,9 @@ pub struct NodeInfo {
 pub trait Source: Send + 'static {
     /// A stable, human-readable name (`file:/path`, `kube:context`).
     fn name(&self) -> String;
+
+    /// The cluster its objects belong to.
+    fn cluster(&self) -> String;
 
     /// Runs the source. It must publish a state with `synced: true` once its
     /// first full read is done, and whole new states after every change.

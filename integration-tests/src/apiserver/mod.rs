@@ -62,12 +62,16 @@ pub use store::{ApiError, Kind, Store};
 pub struct ServerConfig {
     /// Interval of BOOKMARK events on watches that allow them.
     pub bookmark_interval: Duration,
+    /// Serve the MCS API's ServiceExports, as a cluster with the MCS CRDs
+    /// installed does (a 404 for them otherwise).
+    pub mcs: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             bookmark_interval: Duration::from_secs(1),
+            mcs: true,
         }
     }
 }
@@ -411,11 +415,25 @@ fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
     let (group_version, rest): (String, &[&str]) = match parts.as_slice() {
         ["version"] => return Ok(Target::Discovery(version())),
         ["api"] => return Ok(Target::Discovery(api_versions(s.addr))),
-        ["apis"] => return Ok(Target::Discovery(api_groups())),
-        ["apis", "discovery.k8s.io"] => return Ok(Target::Discovery(discovery_group())),
+        ["apis"] => return Ok(Target::Discovery(api_groups(s.config.mcs))),
+        ["apis", "discovery.k8s.io"] => {
+            return Ok(Target::Discovery(group("discovery.k8s.io", "v1", true)));
+        }
+        ["apis", "multicluster.x-k8s.io"] if s.config.mcs => {
+            return Ok(Target::Discovery(group(
+                "multicluster.x-k8s.io",
+                "v1alpha1",
+                true,
+            )));
+        }
         ["api", "v1"] => return Ok(Target::Discovery(resource_list("v1"))),
         ["apis", "discovery.k8s.io", "v1"] => {
             return Ok(Target::Discovery(resource_list("discovery.k8s.io/v1")));
+        }
+        ["apis", "multicluster.x-k8s.io", "v1alpha1"] if s.config.mcs => {
+            return Ok(Target::Discovery(resource_list(
+                "multicluster.x-k8s.io/v1alpha1",
+            )));
         }
         ["api", "v1", rest @ ..] => ("v1".into(), rest),
         ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
@@ -430,7 +448,9 @@ fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
         [plural, name] => (*plural, Some((*name).to_owned())),
         _ => return Err(unknown()),
     };
-    let kind = Kind::from_path(&group_version, plural).ok_or_else(unknown)?;
+    let kind = Kind::from_path(&group_version, plural)
+        .filter(|k| s.config.mcs || *k != Kind::ServiceExport)
+        .ok_or_else(unknown)?;
     if kind.namespaced() != namespace.is_some() && (name.is_some() || !kind.namespaced()) {
         return Err(unknown());
     }
@@ -792,18 +812,23 @@ fn api_versions(addr: SocketAddr) -> Value {
     })
 }
 
-fn discovery_group() -> Value {
-    let v = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
-    json!({"kind": "APIGroup", "apiVersion": "v1", "name": "discovery.k8s.io", "versions": [v], "preferredVersion": v})
+/// An `APIGroup` document (with `kind`/`apiVersion` when it stands alone).
+fn group(name: &str, version: &str, alone: bool) -> Value {
+    let v = json!({"groupVersion": format!("{name}/{version}"), "version": version});
+    let mut g = json!({"name": name, "versions": [v], "preferredVersion": v});
+    if alone {
+        g["kind"] = json!("APIGroup");
+        g["apiVersion"] = json!("v1");
+    }
+    g
 }
 
-fn api_groups() -> Value {
-    let mut group = discovery_group();
-    if let Some(g) = group.as_object_mut() {
-        g.remove("kind");
-        g.remove("apiVersion");
+fn api_groups(mcs: bool) -> Value {
+    let mut groups = vec![group("discovery.k8s.io", "v1", false)];
+    if mcs {
+        groups.push(group("multicluster.x-k8s.io", "v1alpha1", false));
     }
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]})
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 fn resource_list(group_version: &str) -> Value {
@@ -818,6 +843,7 @@ fn resource_list(group_version: &str) -> Value {
                 Kind::Service => &["svc"],
                 Kind::Node => &["no"],
                 Kind::EndpointSlice => &[],
+                Kind::ServiceExport => &["svcex"],
             };
             json!({
                 "name": k.plural(), "singularName": k.kind().to_lowercase(),

@@ -27,11 +27,18 @@ pub enum Kind {
     EndpointSlice,
     /// `v1 Node`, cluster-scoped.
     Node,
+    /// `multicluster.x-k8s.io/v1alpha1 ServiceExport` (the MCS API's CRD), namespaced.
+    ServiceExport,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ServiceExport,
+    ];
 
     /// `kind` of one object.
     pub fn kind(self) -> &'static str {
@@ -39,6 +46,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceExport => "ServiceExport",
         }
     }
 
@@ -47,6 +55,7 @@ impl Kind {
         match self {
             Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
         }
     }
 
@@ -56,6 +65,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::ServiceExport => "serviceexports",
         }
     }
 
@@ -80,6 +90,12 @@ impl Kind {
                 serde_json::from_value::<discovery::EndpointSlice>(obj.clone()).map(drop)
             }
             Kind::Node => serde_json::from_value::<core::Node>(obj.clone()).map(drop),
+            // A CRD with a permissive schema (its spec is optional): only
+            // the object metadata must have the right shape.
+            Kind::ServiceExport => serde_json::from_value::<
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            >(obj.get("metadata").cloned().unwrap_or_default())
+            .map(drop),
         };
         r.map_err(|e| e.to_string())
     }

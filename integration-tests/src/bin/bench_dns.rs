@@ -83,6 +83,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            cluster: None,
         });
         let key = st.service.key.to_string();
         resources.insert(

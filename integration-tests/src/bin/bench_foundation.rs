@@ -23,7 +23,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use switchyard_agent::dataplane::NoneDataPlane;
 use switchyard_control_plane::ControlPlane;
-use switchyard_control_plane::index::{Index, IndexConfig};
+use switchyard_control_plane::index::{Index, IndexConfig, Serving};
+use switchyard_control_plane::merge::Input;
 use switchyard_control_plane::source::{SlicePorts, Source, SourceSlice, SourceState};
 use switchyard_model::{
     Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort, TargetPort,
@@ -214,6 +215,10 @@ impl std::fmt::Debug for BenchSource {
 impl Source for BenchSource {
     fn name(&self) -> String {
         "bench".into()
+    }
+
+    fn cluster(&self) -> String {
+        switchyard_model::DEFAULT_CLUSTER.into()
     }
 
     fn run(
@@ -537,20 +542,24 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
 
     // 0. Index::build alone on the same objects, first build and one change.
     let mut state = source_state(s, e);
-    let mut index = Index::new(&IndexConfig {
-        service_cidrs: vec!["10.96.0.0/12".parse()?],
-        debounce: Duration::ZERO,
-        max_delay: Duration::from_secs(1),
-        state_dir: None,
-    });
+    let mut index = Index::new(&IndexConfig::in_memory("10.96.0.0/12".parse()?));
+    fn input(state: &SourceState) -> Input<'_> {
+        Input {
+            name: "bench",
+            cluster: switchyard_model::DEFAULT_CLUSTER,
+            state,
+        }
+    }
     let t = Instant::now();
-    let first = index.build(&[("bench", &state)], 0);
+    let inputs = [input(&state)];
+    let first = index.build(&inputs, &Serving::all(&inputs), 0);
     let index_first = t.elapsed();
     let mut rebuilds = Vec::new();
     for c in 0..10 {
         mutate(&mut state, c);
         let t = Instant::now();
-        let b = index.build(&[("bench", &state)], 0);
+        let inputs = [input(&state)];
+        let b = index.build(&inputs, &Serving::all(&inputs), 0);
         rebuilds.push(ms(t.elapsed()));
         anyhow::ensure!(b.snapshot.is_some(), "a change must make a snapshot");
     }

@@ -94,6 +94,7 @@ fn service(i: usize, generation: u32) -> ServiceState {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            cluster: None,
         }],
     }
 }

@@ -160,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         store.clone(),
         ServerConfig {
             bookmark_interval: Duration::from_secs(60),
+            ..ServerConfig::default()
         },
     )?;
     let kubeconfig = dir.path().join("kubeconfig");

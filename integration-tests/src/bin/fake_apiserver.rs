@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let config = ServerConfig {
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        ..ServerConfig::default()
     };
     let server = FakeApiServer::start_with(listener, store, config)?;
     if let Some(out) = &args.kubeconfig_out {

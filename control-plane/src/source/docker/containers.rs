@@ -20,6 +20,7 @@
 //! | `switchyard.io/cluster-ip` | a fixed cluster IP instead of one from `--service-cidr` |
 //! | `switchyard.io/hostname` | the endpoint's hostname (headless DNS `<hostname>.<svc>.<ns>.svc.<zone>`) |
 //! | `switchyard.io/network` | which network's address to use when the container is on several |
+//! | `switchyard.io/export` | `true`: the Service is exported to the clusterset, as a ServiceExport would |
 //!
 //! Conditions follow Kubernetes' pods: running, not paused, and healthy (or
 //! without a health check) is ready; a running container whose stop signal
@@ -36,7 +37,7 @@ use switchyard_model::{
 };
 
 use crate::k8s;
-use crate::source::{ObjectError, SlicePorts, SourceService, SourceSlice};
+use crate::source::{Export, ObjectError, SlicePorts, SourceService, SourceSlice};
 
 /// The label that opts a container in: the Service it backs.
 pub const SERVICE_LABEL: &str = "switchyard.io/service";
@@ -52,6 +53,8 @@ pub const CLUSTER_IP_LABEL: &str = "switchyard.io/cluster-ip";
 pub const HOSTNAME_LABEL: &str = "switchyard.io/hostname";
 /// The network whose address is the endpoint's.
 pub const NETWORK_LABEL: &str = "switchyard.io/network";
+/// `true`: the Service is exported to the clusterset (as a ServiceExport would).
+pub const EXPORT_LABEL: &str = "switchyard.io/export";
 
 /// A container's health check state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -140,6 +143,7 @@ struct Wanted {
     service: Option<Service>,
     hostname: Option<String>,
     network: Option<String>,
+    export: bool,
 }
 
 /// The Services, slices and errors of a set of containers.
@@ -151,6 +155,8 @@ pub struct Assembled {
     pub slices: Vec<Arc<SourceSlice>>,
     /// Containers skipped, with the reason.
     pub errors: Vec<ObjectError>,
+    /// Services a container exports (`switchyard.io/export: "true"`).
+    pub exports: Vec<Export>,
 }
 
 /// Builds Services and endpoints from `containers` (any order).
@@ -212,6 +218,12 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
         if let Some((_, service)) = group.declared {
             out.services.push(Arc::new(service));
         }
+        if group.members.iter().any(|(_, w)| w.export) {
+            out.exports.push(Export {
+                key: key.clone(),
+                created_unix: None,
+            });
+        }
         for family in [AddressType::IPv4, AddressType::IPv6] {
             let mut endpoints = Vec::new();
             for (c, wanted) in &group.members {
@@ -246,6 +258,7 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
                     address_type: family,
                     endpoints,
                     ports: Vec::new(),
+                    cluster: None,
                 },
                 ports: SlicePorts::FromServiceTargets,
             }));
@@ -342,6 +355,11 @@ fn parse_labels(c: &Container, cluster: &str) -> Result<Wanted, (&'static str, S
         h => h.map(str::to_owned),
     };
     let network = label(NETWORK_LABEL).map(str::to_owned);
+    let export = match label(EXPORT_LABEL) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err((EXPORT_LABEL, format!("{other:?} is not true or false"))),
+    };
     let cluster_ip = match label(CLUSTER_IP_LABEL) {
         None => None,
         Some(ip) => Some(
@@ -391,6 +409,7 @@ fn parse_labels(c: &Container, cluster: &str) -> Result<Wanted, (&'static str, S
         service,
         hostname,
         network,
+        export,
     })
 }
 
@@ -583,10 +602,15 @@ mod tests {
         )];
         let out = assemble(&cs, "east", "docker");
         assert!(out.services.is_empty());
+        assert!(out.exports.is_empty());
         assert_eq!(
             out.slices[0].service,
             ServiceKey::new("east", "shop", "api")
         );
+        let mut exported = cs[0].clone();
+        exported.labels.insert(EXPORT_LABEL.into(), "true".into());
+        let out = assemble(&[exported], "east", "docker");
+        assert_eq!(out.exports[0].key, ServiceKey::new("east", "shop", "api"));
         assert_eq!(out.slices[0].ports, SlicePorts::FromServiceTargets);
     }
 
