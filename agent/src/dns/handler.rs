@@ -164,10 +164,10 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
                 add_targets(index, &mut answer);
             }
         }
-        Lookup::NoData => answer.soa = Some(index.soa()),
+        Lookup::NoData => answer.soa = Some(index.soa_for(name)),
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
-            answer.soa = Some(index.soa());
+            answer.soa = Some(index.soa_for(name));
         }
     }
     answer
@@ -187,9 +187,9 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
         Lookup::Records(records, rtype) if rtype == qtype => answer.chased = records,
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
-            answer.soa = Some(index.soa());
+            answer.soa = Some(index.soa_for(&target));
         }
-        _ => answer.soa = Some(index.soa()),
+        _ => answer.soa = Some(index.soa_for(&target)),
     }
 }
 

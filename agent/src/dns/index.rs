@@ -23,6 +23,13 @@ use crate::state::AgentState;
 /// The schema version of the Kubernetes DNS specification we implement.
 pub const SCHEMA_VERSION: &str = "1.1.0";
 
+/// The zone of the clusterset's imports; the MCS DNS specification says it
+/// "must be `clusterset.local`".
+pub const CLUSTERSET_ZONE: &str = "clusterset.local.";
+
+/// The schema version of the MCS DNS specification we implement.
+pub const CLUSTERSET_SCHEMA_VERSION: &str = "1.0.0";
+
 /// The records of one name (empty for an empty non-terminal).
 #[derive(Debug, Default)]
 pub(crate) struct Node {
@@ -37,9 +44,13 @@ pub struct DnsIndex {
     /// The state the index was built from; queries compare it with the state in force.
     pub(crate) source: Arc<AgentState>,
     pub(crate) zone: LowerName,
+    /// `clusterset.local.`: the imports of the clusterset (MCS).
+    pub(crate) clusterset_zone: LowerName,
+    /// Names of both zones (they do not overlap).
     pub(crate) names: HashMap<LowerName, Node>,
     pub(crate) reverse: HashMap<LowerName, Vec<Record>>,
     pub(crate) soa: Record,
+    pub(crate) clusterset_soa: Record,
     /// How long the build took.
     pub build_time: Duration,
 }
@@ -49,36 +60,31 @@ impl DnsIndex {
     pub fn build(state: Arc<AgentState>, zone: &Name, ttl: u32) -> Self {
         let started = Instant::now();
         let zone = zone.to_lowercase();
+        let clusterset = Name::from_ascii(CLUSTERSET_ZONE).expect("a valid name");
         let mut b = Builder {
             zone: zone.clone(),
             ttl,
             names: HashMap::new(),
             reverse: HashMap::new(),
         };
-        let serial = crate::unix_nanos() / 1_000_000_000;
-        let soa = Record::from_rdata(
-            zone.clone(),
+        let soa = b.apex(SCHEMA_VERSION);
+        let mut cs = Builder {
+            zone: clusterset.clone(),
             ttl,
-            RData::SOA(SOA::new(
-                b.sub(&["ns", "dns"]),
-                b.sub(&["hostmaster"]),
-                u32::try_from(serial).unwrap_or(u32::MAX),
-                7200,
-                1800,
-                86400,
-                ttl,
-            )),
-        );
-        b.add(&zone, soa.data.clone());
-        b.add(&zone, RData::NS(NS(b.sub(&["ns", "dns"]))));
-        b.add(
-            &b.sub(&["dns-version"]),
-            RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
-        );
-        b.ensure(&b.sub(&["svc"]));
+            names: std::mem::take(&mut b.names),
+            reverse: std::mem::take(&mut b.reverse),
+        };
+        let clusterset_soa = cs.apex(CLUSTERSET_SCHEMA_VERSION);
         for held in state.resources.values() {
-            b.service(&held.state);
+            if held.state.service.key.cluster == switchyard_model::CLUSTERSET {
+                cs.import(&held.state);
+            } else {
+                cs.zone = zone.clone();
+                cs.service(&held.state);
+                cs.zone = clusterset.clone();
+            }
         }
+        let mut b = cs;
         for node in b.names.values_mut() {
             sort_by_type(&mut node.records);
         }
@@ -86,9 +92,11 @@ impl DnsIndex {
             version: state.version.clone(),
             source: state,
             zone: LowerName::new(&zone),
+            clusterset_zone: LowerName::new(&clusterset),
             names: b.names,
             reverse: b.reverse,
             soa,
+            clusterset_soa,
             build_time: started.elapsed(),
         }
     }
@@ -117,6 +125,95 @@ struct Builder {
 }
 
 impl Builder {
+    /// The zone's apex (SOA, NS), its `dns-version` TXT and `svc`; returns the SOA.
+    fn apex(&mut self, schema: &str) -> Record {
+        let zone = self.zone.clone();
+        let serial = crate::unix_nanos() / 1_000_000_000;
+        let soa = Record::from_rdata(
+            zone.clone(),
+            self.ttl,
+            RData::SOA(SOA::new(
+                self.sub(&["ns", "dns"]),
+                self.sub(&["hostmaster"]),
+                u32::try_from(serial).unwrap_or(u32::MAX),
+                7200,
+                1800,
+                86400,
+                self.ttl,
+            )),
+        );
+        self.add(&zone, soa.data.clone());
+        self.add(&zone, RData::NS(NS(self.sub(&["ns", "dns"]))));
+        self.add(
+            &self.sub(&["dns-version"]),
+            RData::TXT(TXT::new(vec![schema.into()])),
+        );
+        self.ensure(&self.sub(&["svc"]));
+        soa
+    }
+
+    /// An import of the clusterset (MCS DNS specification):
+    /// `<svc>.<ns>.svc.clusterset.local` answers the ClusterSet IP (PTR too)
+    /// or, headless, the ready endpoints of every exporting cluster, each
+    /// also at `<hostname>.<cluster-id>.<svc>.<ns>.svc.clusterset.local`;
+    /// SRV for named ports. `<cluster-id>.<svc>...` itself must not exist.
+    fn import(&mut self, st: &ServiceState) {
+        let svc = &st.service;
+        let ns = self.sub(&[&svc.key.namespace, "svc"]);
+        self.ensure(&ns);
+        let Ok(base) = ns.prepend_label(svc.key.name.as_str()) else {
+            return;
+        };
+        if !svc.headless {
+            self.ensure(&base);
+            for ip in &svc.cluster_ips {
+                self.add_address(&base, *ip);
+                self.add_ptr(*ip, &base);
+            }
+            for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+                if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
+                    self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
+                }
+            }
+            return;
+        }
+        let publish_all = svc.publish_not_ready_addresses;
+        for slice in &st.slices {
+            let cluster = slice.cluster.as_deref().unwrap_or(&svc.key.cluster);
+            let Ok(in_cluster) = base.prepend_label(cluster) else {
+                continue;
+            };
+            for ep in slice
+                .endpoints
+                .iter()
+                .filter(|e| publish_all || e.conditions.ready)
+            {
+                for ip in &ep.addresses {
+                    let Ok(host) = in_cluster.prepend_label(host_label(ep, *ip).as_str()) else {
+                        continue;
+                    };
+                    self.add_address(&base, *ip);
+                    // Not `add`: the `<cluster-id>` level stays absent.
+                    self.add_leaf(&host, RData::from(*ip));
+                    for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
+                        if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
+                            self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, host.clone())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A record at `name` whose parent need not exist as a name.
+    fn add_leaf(&mut self, name: &Name, data: RData) {
+        let record = Record::from_rdata(name.clone(), self.ttl, data);
+        let node = self.names.entry(LowerName::new(name)).or_default();
+        if !node.records.contains(&record) {
+            node.records.push(record);
+        }
+    }
+
     /// `labels` (most specific first) under the zone.
     fn sub(&self, labels: &[&str]) -> Name {
         let mut name = self.zone.clone();
@@ -285,7 +382,16 @@ pub(crate) enum Lookup<'a> {
 
 impl DnsIndex {
     pub(crate) fn in_zone(&self, name: &LowerName) -> bool {
-        self.zone.zone_of(name)
+        self.zone.zone_of(name) || self.clusterset_zone.zone_of(name)
+    }
+
+    /// The SOA of the zone `name` is in (the cluster zone's otherwise).
+    pub(crate) fn soa_for(&self, name: &LowerName) -> &Record {
+        if self.clusterset_zone.zone_of(name) {
+            &self.clusterset_soa
+        } else {
+            &self.soa
+        }
     }
 
     pub(crate) fn node(&self, name: &LowerName) -> Option<&Node> {
@@ -325,6 +431,7 @@ impl DnsIndex {
         Lookup::NoData
     }
 
+    #[cfg(test)]
     pub(crate) fn soa(&self) -> &Record {
         &self.soa
     }

@@ -77,6 +77,7 @@ fn mk_headless(ns: &str, name: &str, endpoints: Vec<Endpoint>) -> ServiceState {
             protocol: Protocol::Tcp,
             port: 8080,
         }],
+        cluster: None,
     });
     st
 }
@@ -717,4 +718,125 @@ fn cached_answers_count_down_and_are_shared_within_a_second() {
     let later = cache.get(&q, t0 + Duration::from_secs(2)).expect("cached");
     assert_eq!(later.answers[0].ttl, 28);
     assert!(cache.get(&q, t0 + Duration::from_secs(30)).is_none());
+}
+
+/// An import as the control plane builds it: cluster `clusterset`, slices
+/// tagged with their exporting cluster.
+fn mk_import(
+    name: &str,
+    clusterset_ip: Option<&str>,
+    slices: &[(&str, &str, Option<&str>)],
+) -> ServiceState {
+    let mut st = ServiceState::new(Service {
+        headless: clusterset_ip.is_none(),
+        cluster_ips: clusterset_ip.map(ip).into_iter().collect(),
+        ports: vec![port("http", 80)],
+        ..Service::new(ServiceKey::new(switchyard_model::CLUSTERSET, "shop", name))
+    });
+    for (cluster, addr, host) in slices {
+        st.slices.push(EndpointSlice {
+            name: format!("{cluster}.{name}-1"),
+            endpoints: vec![endpoint(addr, *host, true)],
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            cluster: Some((*cluster).into()),
+            ..EndpointSlice::default()
+        });
+    }
+    st
+}
+
+#[test]
+fn the_clusterset_zone_answers_imports_as_the_mcs_dns_specification_says() {
+    let idx = DnsIndex::build(
+        mk_state(
+            "s1",
+            vec![
+                mk_service("shop", "web", &["10.96.0.10"]),
+                mk_import("web", Some("10.112.0.7"), &[("east", "10.1.0.1", None)]),
+                mk_import(
+                    "db",
+                    None,
+                    &[
+                        ("east", "10.1.0.5", Some("db-0")),
+                        ("west", "10.2.0.5", None),
+                    ],
+                ),
+            ],
+        ),
+        &zone(),
+        5,
+    );
+    // The cluster's own name stays its own; the clusterset name is the import.
+    assert_eq!(
+        rdata(&ask(&idx, "web.shop.svc.cluster.local.", RecordType::A)),
+        ["10.96.0.10"]
+    );
+    let a = ask(&idx, "web.shop.svc.clusterset.local.", RecordType::A);
+    assert!(a.metadata.authoritative);
+    assert_eq!(rdata(&a), ["10.112.0.7"]);
+    let srv = ask(
+        &idx,
+        "_http._tcp.web.shop.svc.clusterset.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(rdata(&srv), ["0 100 80 web.shop.svc.clusterset.local."]);
+    let ptr = ask(&idx, "7.0.112.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(rdata(&ptr), ["web.shop.svc.clusterset.local."]);
+    // Headless: every cluster's ready endpoints, and one name per endpoint
+    // under its cluster id.
+    let mut all = rdata(&ask(&idx, "db.shop.svc.clusterset.local.", RecordType::A));
+    all.sort();
+    assert_eq!(all, ["10.1.0.5", "10.2.0.5"]);
+    assert_eq!(
+        rdata(&ask(
+            &idx,
+            "db-0.east.db.shop.svc.clusterset.local.",
+            RecordType::A
+        )),
+        ["10.1.0.5"]
+    );
+    assert_eq!(
+        rdata(&ask(
+            &idx,
+            "10-2-0-5.west.db.shop.svc.clusterset.local.",
+            RecordType::A
+        )),
+        ["10.2.0.5"]
+    );
+    let mut srvs = rdata(&ask(
+        &idx,
+        "_http._tcp.db.shop.svc.clusterset.local.",
+        RecordType::SRV,
+    ));
+    srvs.sort();
+    assert_eq!(
+        srvs,
+        [
+            "0 100 8080 10-2-0-5.west.db.shop.svc.clusterset.local.",
+            "0 100 8080 db-0.east.db.shop.svc.clusterset.local.",
+        ]
+    );
+    // `<cluster-id>.<svc>...` must not exist; unknown names are NXDOMAIN
+    // with the clusterset zone's SOA; the apex answers its schema version.
+    for missing in [
+        "east.db.shop.svc.clusterset.local.",
+        "nope.shop.svc.clusterset.local.",
+    ] {
+        let m = ask(&idx, missing, RecordType::A);
+        assert_eq!(
+            m.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{missing}"
+        );
+        assert_eq!(m.authorities[0].name.to_ascii(), "clusterset.local.");
+    }
+    let txt = ask(&idx, "dns-version.clusterset.local.", RecordType::TXT);
+    assert_eq!(rdata(&txt), ["1.0.0"]);
+    let nodata = ask(&idx, "shop.svc.clusterset.local.", RecordType::A);
+    assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+    assert!(nodata.answers.is_empty());
 }

@@ -1,0 +1,381 @@
+//! A fleet of three clusters behind one control plane: three API-server
+//! stand-ins (east, west, north) through the unmodified kube client, one
+//! `--source kube:CONTEXT=CLUSTER` each, agents of north and east with
+//! their DNS stubs, queried with dig.
+
+use serde_json::{Value, json};
+use switchyard_agent::config::DnsListen;
+use switchyard_control_plane::ControlPlane;
+use switchyard_control_plane::status::StatusDocument;
+use switchyard_integration_tests::apiserver::{FakeApiServer, Kind, ServerConfig, Store};
+use switchyard_integration_tests::dns::dig;
+use switchyard_integration_tests::*;
+use switchyard_model::CLUSTERSET;
+use tokio::net::TcpListener;
+
+const CLUSTERS: [&str; 3] = ["east", "west", "north"];
+
+fn service(name: &str, ports: &[(&str, u16)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| json!({"name": n, "port": p, "targetPort": 8080}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {"ports": ports},
+    })
+}
+
+fn slice(service: &str, ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "shop", "name": format!("{service}-1"),
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+fn export(name: &str) -> Value {
+    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+           "metadata": {"namespace": "shop", "name": name}})
+}
+
+/// Three stand-ins and one kubeconfig naming them as contexts.
+struct Fleet {
+    dir: tempfile::TempDir,
+    apis: Vec<Option<FakeApiServer>>,
+    ports: Vec<u16>,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut apis = Vec::new();
+        let mut ports = Vec::new();
+        for _ in CLUSTERS {
+            let api = FakeApiServer::start_with(
+                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                Store::default(),
+                ServerConfig::default(),
+            )
+            .expect("stand-in");
+            ports.push(api.addr().port());
+            apis.push(Some(api));
+        }
+        let fleet = Self { dir, apis, ports };
+        fleet.write_kubeconfig();
+        fleet
+    }
+
+    fn write_kubeconfig(&self) {
+        let mut k = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+        for (c, port) in CLUSTERS.iter().zip(&self.ports) {
+            k.push_str(&format!(
+                "- name: {c}\n  cluster:\n    server: http://127.0.0.1:{port}\n"
+            ));
+        }
+        k.push_str("users:\n- name: u\n  user: {}\ncontexts:\n");
+        for c in CLUSTERS {
+            k.push_str(&format!(
+                "- name: {c}\n  context:\n    cluster: {c}\n    user: u\n"
+            ));
+        }
+        k.push_str("current-context: east\n");
+        std::fs::write(self.dir.path().join("kubeconfig"), k).expect("kubeconfig");
+    }
+
+    fn store(&self, cluster: &str) -> &Store {
+        let i = CLUSTERS
+            .iter()
+            .position(|c| *c == cluster)
+            .expect("a cluster");
+        self.apis[i].as_ref().expect("running").store()
+    }
+
+    async fn stop(&mut self, cluster: &str) -> Store {
+        let i = CLUSTERS
+            .iter()
+            .position(|c| *c == cluster)
+            .expect("a cluster");
+        self.apis[i].take().expect("running").stop().await
+    }
+
+    async fn restart(&mut self, cluster: &str, store: Store) {
+        let i = CLUSTERS
+            .iter()
+            .position(|c| *c == cluster)
+            .expect("a cluster");
+        let listener = TcpListener::bind(("127.0.0.1", self.ports[i]))
+            .await
+            .expect("the same port again");
+        self.apis[i] = Some(
+            FakeApiServer::start_with(listener, store, ServerConfig::default()).expect("restart"),
+        );
+    }
+
+    async fn control_plane(&self) -> ControlPlane {
+        let mut argv: Vec<String> = vec!["switchyard-control-plane".into()];
+        for c in CLUSTERS {
+            argv.extend(["--source".into(), format!("kube:{c}={c}")]);
+        }
+        argv.extend([
+            "--kubeconfig".into(),
+            self.dir.path().join("kubeconfig").display().to_string(),
+            "--state-dir".into(),
+            self.dir.path().join("cp").display().to_string(),
+            "--debounce".into(),
+            "20ms".into(),
+        ]);
+        start_cp(<switchyard_control_plane::Args as clap::Parser>::parse_from(argv)).await
+    }
+
+    async fn agent(&self, cluster: &str, cp: &ControlPlane) -> switchyard_agent::Agent {
+        let mut args = agent_args(
+            &format!("{cluster}-node"),
+            &format!("http://{}", cp.grpc_addr),
+            &self.dir.path().join(format!("agent-{cluster}")),
+        );
+        args.cluster = cluster.into();
+        args.dns_listen = DnsListen::Addr("127.0.0.1:0".parse().expect("addr"));
+        start_agent(args, Box::new(HistoryDataPlane::default())).await
+    }
+}
+
+/// The endpoints of the import `shop/NAME` an agent holds, sorted.
+fn import_endpoints(agent: &switchyard_agent::Agent, name: &str) -> Vec<(String, String)> {
+    let state = agent.state.borrow().clone();
+    let Some(held) = state.resources.get(&format!("{CLUSTERSET}/shop/{name}")) else {
+        return Vec::new();
+    };
+    let mut eps: Vec<(String, String)> = held
+        .state
+        .slices
+        .iter()
+        .flat_map(|s| {
+            s.endpoints.iter().map(|e| {
+                (
+                    s.cluster.clone().unwrap_or_default(),
+                    e.addresses[0].to_string(),
+                )
+            })
+        })
+        .collect();
+    eps.sort();
+    eps
+}
+
+async fn wait_import(agent: &switchyard_agent::Agent, name: &str, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(c, ip)| ((*c).to_owned(), (*ip).to_owned()))
+        .collect();
+    let mut rx = agent.state.clone();
+    within(&format!("the import of {name} to hold {want:?}"), async {
+        while import_endpoints(agent, name) != want {
+            rx.changed().await.expect("agent running");
+        }
+    })
+    .await;
+}
+
+fn cluster_status<'a>(
+    doc: &'a StatusDocument,
+    cluster: &str,
+) -> Option<&'a switchyard_control_plane::status::ClusterStatus> {
+    doc.clusters.iter().find(|c| c.cluster == cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_services_merge_into_the_clusterset() {
+    let mut fleet = Fleet::new().await;
+    for (c, ip) in [
+        ("east", "10.1.0.1"),
+        ("west", "10.2.0.1"),
+        ("north", "10.3.0.1"),
+    ] {
+        let store = fleet.store(c);
+        store
+            .create(Kind::Service, service("web", &[("http", 80)]))
+            .expect("svc");
+        store
+            .create(Kind::EndpointSlice, slice("web", &[ip]))
+            .expect("slice");
+    }
+    // East exports first: its export is the oldest.
+    fleet
+        .store("east")
+        .create(Kind::ServiceExport, export("web"))
+        .expect("export");
+    fleet
+        .store("west")
+        .create(Kind::ServiceExport, export("web"))
+        .expect("export");
+
+    let cp = fleet.control_plane().await;
+    let north = fleet.agent("north", &cp).await;
+    let east = fleet.agent("east", &cp).await;
+
+    // North (which does not export) and east see both exporters' endpoints.
+    for agent in [&north, &east] {
+        wait_import(agent, "web", &[("east", "10.1.0.1"), ("west", "10.2.0.1")]).await;
+    }
+    let doc = cp.status.document();
+    let import = doc
+        .services
+        .iter()
+        .find(|s| s.cluster == CLUSTERSET && s.name == "shop/web")
+        .expect("the import in /status");
+    let clusterset_ip = import.cluster_ips[0].clone();
+    assert!(clusterset_ip.starts_with("10.11"), "{clusterset_ip}");
+    let own = doc
+        .services
+        .iter()
+        .find(|s| s.cluster == "north" && s.name == "shop/web")
+        .expect("north's own web");
+
+    // DNS on a node of north: the clusterset name is the import, the
+    // cluster-local name stays north's own Service.
+    let dns = north.dns_addr.expect("DNS");
+    let d = dig(dns, &["web.shop.svc.clusterset.local", "A"]).await;
+    assert_eq!(d.data(), std::slice::from_ref(&clusterset_ip), "{}", d.raw);
+    let d = dig(dns, &["web.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.data(), own.cluster_ips, "{}", d.raw);
+    let d = dig(dns, &["-x", &clusterset_ip]).await;
+    assert_eq!(d.data(), ["web.shop.svc.clusterset.local."], "{}", d.raw);
+
+    // Unexport: west's endpoints leave the clusterset.
+    fleet
+        .store("west")
+        .delete(&(Kind::ServiceExport, "shop".into(), "web".into()))
+        .expect("unexport");
+    wait_import(&north, "web", &[("east", "10.1.0.1")]).await;
+
+    // A conflicting export: west exports with other ports; the oldest
+    // export (east's) keeps its properties, the conflict is reported, and
+    // west's endpoints still join.
+    fleet
+        .store("west")
+        .update(Kind::Service, service("web", &[("http", 8081)]))
+        .expect("update");
+    fleet
+        .store("west")
+        .create(Kind::ServiceExport, export("web"))
+        .expect("export");
+    wait_import(&north, "web", &[("east", "10.1.0.1"), ("west", "10.2.0.1")]).await;
+    let doc = cp_status_until(&cp, "the port conflict reported", |d| {
+        d.clusterset_issues
+            .iter()
+            .any(|i| i.reason == "PortConflict")
+    })
+    .await;
+    let issue = &doc.clusterset_issues[0];
+    assert_eq!(
+        (issue.service.as_str(), issue.cluster.as_str()),
+        ("shop/web", "west")
+    );
+    let held = north.state.borrow().clone();
+    let ports: Vec<u16> = held.resources[&format!("{CLUSTERSET}/shop/web")]
+        .state
+        .service
+        .ports
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [80], "the oldest export's port");
+    let metrics = get_text(cp.admin_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("switchyard_control_plane_clusterset_conflicts 1"),
+        "{metrics}"
+    );
+
+    // West's API server stops: west shows as down, its endpoints stay.
+    let west_store = fleet.stop("west").await;
+    let doc = cp_status_until(&cp, "west shown as down", |d| {
+        cluster_status(d, "west").is_some_and(|c| !c.healthy && c.down_since_unix.is_some())
+    })
+    .await;
+    assert!(cluster_status(&doc, "east").is_some_and(|c| c.healthy));
+    assert_eq!(
+        import_endpoints(&north, "web"),
+        [
+            ("east".into(), "10.1.0.1".into()),
+            ("west".into(), "10.2.0.1".into())
+        ],
+        "--cluster-down keep"
+    );
+    fleet.restart("west", west_store).await;
+    // West's news flows again.
+    fleet
+        .store("west")
+        .update(Kind::EndpointSlice, slice("web", &["10.2.0.2"]))
+        .expect("update");
+    wait_import(&north, "web", &[("east", "10.1.0.1"), ("west", "10.2.0.2")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreachable_api_server_does_not_hold_back_the_other_clusters() {
+    let mut fleet = Fleet::new().await;
+    for (c, ip) in [
+        ("east", "10.1.0.1"),
+        ("west", "10.2.0.1"),
+        ("north", "10.3.0.1"),
+    ] {
+        let store = fleet.store(c);
+        store
+            .create(Kind::Service, service("web", &[("http", 80)]))
+            .expect("svc");
+        store
+            .create(Kind::EndpointSlice, slice("web", &[ip]))
+            .expect("slice");
+        store
+            .create(Kind::ServiceExport, export("web"))
+            .expect("export");
+    }
+    // West is down before the control plane ever listed it.
+    let west_store = fleet.stop("west").await;
+    let cp = fleet.control_plane().await;
+    let north = fleet.agent("north", &cp).await;
+    let mut rx = north.state.clone();
+    within(
+        "north's own view",
+        rx.wait_for(|s| s.resources.contains_key("north/shop/web")),
+    )
+    .await
+    .expect("agent running");
+    // Not ready, and no clusterset yet: an import without west would take
+    // west's endpoints from every agent.
+    let (code, _) = get_text(cp.admin_addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(import_endpoints(&north, "web").is_empty());
+    let doc = cp.status.document();
+    assert!(cluster_status(&doc, "north").is_some_and(|c| c.synced));
+    assert!(cluster_status(&doc, "west").is_some_and(|c| !c.synced));
+
+    fleet.restart("west", west_store).await;
+    wait_import(
+        &north,
+        "web",
+        &[
+            ("east", "10.1.0.1"),
+            ("north", "10.3.0.1"),
+            ("west", "10.2.0.1"),
+        ],
+    )
+    .await;
+    // Readiness follows (the kube client retries with its backoff).
+    let mut status = cp.status.subscribe();
+    within("/readyz 200", async {
+        while !cp.status.ready() {
+            status.changed().await.expect("status");
+        }
+    })
+    .await;
+}
