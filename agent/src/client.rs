@@ -156,6 +156,7 @@ async fn session(
             zone: who.zone.clone(),
             initial_resource_versions: state.versions(),
             snapshot_version: state.version.clone(),
+            role: v1::Role::Agent as i32,
         })),
     };
     drop(state);

@@ -19,6 +19,9 @@ pub enum SourceSpec {
     /// `docker` (`$DOCKER_HOST`, else the local socket) or `docker:HOST`
     /// (`unix:///path`, `tcp://host:port`): labelled containers.
     Docker(Option<String>),
+    /// `switchyard:URL`: another control plane (a fleet relay); with
+    /// `=CLUSTER` its exports of that cluster, with `=clusterset` its imports.
+    Relay(String),
 }
 
 impl FromStr for SourceSpec {
@@ -35,10 +38,16 @@ impl FromStr for SourceSpec {
             Some(("docker", host)) if !host.is_empty() => {
                 Ok(SourceSpec::Docker(Some(host.to_owned())))
             }
+            Some(("switchyard", url))
+                if url.starts_with("http://") || url.starts_with("https://") =>
+            {
+                Ok(SourceSpec::Relay(url.to_owned()))
+            }
             _ => Err(format!(
                 "{s:?} is not a source; supported: file:PATH (a YAML file or directory), \
                  kube (in-cluster or current kubeconfig context), kube:CONTEXT, \
-                 docker (the local Docker engine), docker:HOST (unix:///path or tcp://host:port)"
+                 docker (the local Docker engine), docker:HOST (unix:///path or tcp://host:port), \
+                 switchyard:URL=CLUSTER (another control plane's exports of CLUSTER, or =clusterset for its imports)"
             )),
         }
     }
@@ -62,14 +71,26 @@ impl FromStr for SourceArg {
         if let Some((spec, cluster)) = s.rsplit_once('=')
             && !cluster.contains(['/', ':'])
         {
-            check_cluster_id(cluster).map_err(|e| format!("{s:?}: {e}"))?;
+            let spec: SourceSpec = spec.parse()?;
+            // A relay may follow the clusterset's imports.
+            let relayed =
+                matches!(spec, SourceSpec::Relay(_)) && cluster == switchyard_model::CLUSTERSET;
+            if !relayed {
+                check_cluster_id(cluster).map_err(|e| format!("{s:?}: {e}"))?;
+            }
             return Ok(Self {
-                spec: spec.parse()?,
+                spec,
                 cluster: Some(cluster.to_owned()),
             });
         }
+        let spec: SourceSpec = s.parse()?;
+        if matches!(spec, SourceSpec::Relay(_)) {
+            return Err(format!(
+                "{s:?}: a switchyard source names what it takes: =CLUSTER (that cluster's exports) or =clusterset (the imports)"
+            ));
+        }
         Ok(Self {
-            spec: s.parse()?,
+            spec,
             cluster: None,
         })
     }
@@ -161,6 +182,23 @@ pub struct Args {
     /// stable across restarts.
     #[arg(long = "clusterset-cidr", default_value = "10.112.0.0/12")]
     pub clusterset_cidrs: Vec<IpNet>,
+
+    /// The name this control plane gives in its Hellos to the control
+    /// planes it follows as `switchyard:` sources (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub relay_name: Option<String>,
+
+    /// PEM CA the certificates of `switchyard:https://…` sources must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub relay_tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for `switchyard:https://…` sources (mTLS).
+    #[arg(long, value_name = "FILE", requires = "relay_tls_key")]
+    pub relay_tls_cert: Option<PathBuf>,
+
+    /// PEM key of --relay-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "relay_tls_cert")]
+    pub relay_tls_key: Option<PathBuf>,
 
     /// What to do with the exports of a cluster whose sources all fail:
     /// `keep` its last known endpoints in the clusterset, or
@@ -271,6 +309,19 @@ mod tests {
             Ok(ClusterDown::DropAfter(Duration::from_secs(300)))
         );
         assert!("drop".parse::<ClusterDown>().is_err());
+        let hub: SourceArg = "switchyard:http://hub:18000=clusterset"
+            .parse()
+            .expect("valid");
+        assert_eq!(hub.spec, SourceSpec::Relay("http://hub:18000".into()));
+        assert_eq!(hub.cluster.as_deref(), Some("clusterset"));
+        let east: SourceArg = "switchyard:https://cp-east:18000=east"
+            .parse()
+            .expect("valid");
+        assert_eq!(east.cluster.as_deref(), Some("east"));
+        let bare = "switchyard:http://hub:18000"
+            .parse::<SourceArg>()
+            .expect_err("needs =");
+        assert!(bare.contains("=clusterset"), "{bare}");
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));

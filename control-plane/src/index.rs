@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use switchyard_model::{CLUSTERSET, Service, ServiceKey, ServiceState, ValidationError};
+use switchyard_model::{
+    CLUSTERSET, Service, ServiceExport, ServiceKey, ServiceState, ValidationError,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +34,7 @@ use crate::config::ClusterDown;
 use crate::ipam::{ClusterIpAllocator, IpamError};
 use crate::merge::{self, ClustersetIssue, Exported, Input};
 use crate::metrics::Metrics;
-use crate::snapshot::{Resource, Snapshot, VersionSource, make_resource};
+use crate::snapshot::{Contents, Resource, Snapshot, VersionSource, make_resource};
 use crate::source::{ObjectError, SourceSlice, SourceState};
 use crate::status::{ClusterStatus, ServiceSummary, SourceStatus, Status};
 
@@ -136,6 +138,8 @@ pub struct Index {
     cache: HashMap<ServiceKey, Built>,
     /// The same for the clusterset's imports, by (namespace, name).
     imports: HashMap<(String, String), BuiltImport>,
+    /// Imports taken from a hub by a relay, by name, with what they became.
+    relayed: HashMap<String, (Arc<ServiceState>, Encoded)>,
     build_id: u64,
 }
 
@@ -146,6 +150,8 @@ struct Built {
     service: Arc<Service>,
     /// The address allocated to it, if it named none.
     allocated: Option<IpAddr>,
+    /// Its export to the clusterset, if exported.
+    export: Option<ServiceExport>,
     /// Its slices, ordered by name.
     slices: Vec<Arc<SourceSlice>>,
     /// The resource, or why the Service is invalid.
@@ -162,9 +168,11 @@ impl Built {
         &self,
         service: &Arc<Service>,
         allocated: Option<IpAddr>,
+        export: Option<ServiceExport>,
         slices: &[&Arc<SourceSlice>],
     ) -> bool {
         self.allocated == allocated
+            && self.export == export
             && Arc::ptr_eq(&self.service, service)
             && self.slices.len() == slices.len()
             && self
@@ -265,6 +273,7 @@ impl Index {
             current: Arc::new(Snapshot::empty(String::new())),
             cache: HashMap::new(),
             imports: HashMap::new(),
+            relayed: HashMap::new(),
             build_id: 0,
         }
     }
@@ -284,15 +293,30 @@ impl Index {
         let mut invalid = std::mem::take(&mut merged.errors);
         let allocated = self.allocate_cluster_ips(&mut merged.services, inputs, &mut invalid);
 
+        let exports: HashMap<&ServiceKey, ServiceExport> = merged
+            .exports
+            .values()
+            .flatten()
+            .map(|e| {
+                (
+                    e.key,
+                    ServiceExport {
+                        created_unix: e.created_unix,
+                    },
+                )
+            })
+            .collect();
         let mut resources = BTreeMap::new();
+        let mut exported = BTreeSet::new();
         let mut summaries = Vec::with_capacity(merged.services.len());
         for (key, (src, service)) in &merged.services {
             let group = merged.slices.remove(key).unwrap_or_default();
             let ip = allocated.get(key).copied();
+            let export = exports.get(key).copied();
             let built = match self.cache.get_mut(*key) {
-                Some(b) if b.same_inputs(service, ip, &group) => b,
+                Some(b) if b.same_inputs(service, ip, export, &group) => b,
                 _ => {
-                    let fresh = self.rebuild(service, ip, &group);
+                    let fresh = self.rebuild(service, ip, export, &group);
                     self.cache.insert((*key).clone(), fresh);
                     self.cache.get_mut(*key).expect("just inserted")
                 }
@@ -301,6 +325,9 @@ impl Index {
             match &built.result {
                 Ok(valid) => {
                     resources.insert(valid.name.clone(), valid.resource.clone());
+                    if export.is_some() {
+                        exported.insert(valid.name.clone());
+                    }
                     summaries.push(valid.summary.clone());
                 }
                 Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
@@ -314,18 +341,39 @@ impl Index {
         self.cache.retain(|_, b| b.seen == build_id);
 
         let mut issues = std::mem::take(&mut merged.issues);
-        self.build_imports(
-            &merged,
-            serving,
-            &mut resources,
-            &mut summaries,
-            &mut issues,
-        );
+        // A relay following a hub's clusterset replaces the local merge: the
+        // first one that follows its hub, else the first one.
+        let relayed = inputs
+            .iter()
+            .filter_map(|i| i.state.imports.as_ref().map(|imports| (i, imports)))
+            .min_by_key(|(i, _)| i.state.last_error.is_some() || !i.state.synced);
+        match relayed {
+            Some((input, imports)) => self.relayed_imports(
+                input.name,
+                imports,
+                &mut resources,
+                &mut summaries,
+                &mut invalid,
+            ),
+            None => {
+                self.relayed.clear();
+                self.build_imports(
+                    &merged,
+                    serving,
+                    &mut resources,
+                    &mut summaries,
+                    &mut issues,
+                )
+            }
+        }
 
         let snapshot = Snapshot::from_resources(
             &self.current,
-            resources,
-            serving.ready.clone(),
+            Contents {
+                resources,
+                ready: serving.ready.clone(),
+                exported,
+            },
             &mut self.versions,
             changed_at_unix_nanos,
         )
@@ -347,6 +395,7 @@ impl Index {
         &self,
         service: &Arc<Service>,
         allocated: Option<IpAddr>,
+        export: Option<ServiceExport>,
         slices: &[&Arc<SourceSlice>],
     ) -> Built {
         let mut state = ServiceState {
@@ -354,9 +403,11 @@ impl Index {
             slices: slices.iter().map(|s| s.resolved(service)).collect(),
         };
         state.service.cluster_ips.extend(allocated);
+        state.service.export = export;
         Built {
             service: Arc::clone(service),
             allocated,
+            export,
             slices: slices.iter().map(|s| Arc::clone(s)).collect(),
             result: self.encode(&state),
             seen: 0,
@@ -377,6 +428,41 @@ impl Index {
             resource,
             summary,
         })
+    }
+
+    /// The imports a relay took from a hub, validated and encoded as they
+    /// are (the hub merged them and gave them their ClusterSet IPs).
+    fn relayed_imports(
+        &mut self,
+        source: &str,
+        imports: &[Arc<ServiceState>],
+        resources: &mut BTreeMap<Arc<str>, Arc<Resource>>,
+        summaries: &mut Vec<Arc<ServiceSummary>>,
+        invalid: &mut Vec<ObjectError>,
+    ) {
+        self.imports.clear();
+        let mut next = HashMap::with_capacity(imports.len());
+        for state in imports {
+            let name = state.service.key.to_string();
+            let encoded = match self.relayed.remove(&name) {
+                Some((held, encoded)) if Arc::ptr_eq(&held, state) => encoded,
+                _ => self.encode(state),
+            };
+            match &encoded {
+                Ok(valid) => {
+                    resources.insert(valid.name.clone(), valid.resource.clone());
+                    summaries.push(valid.summary.clone());
+                }
+                Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
+                    source: source.to_owned(),
+                    object: e.object.clone(),
+                    field: e.field.clone(),
+                    message: e.message.clone(),
+                })),
+            }
+            next.insert(name, (Arc::clone(state), encoded));
+        }
+        self.relayed = next;
     }
 
     /// The clusterset's imports: one per exported namespace/name whose
@@ -703,7 +789,9 @@ pub async fn run(
             let all_synced = inputs.iter().all(|i| i.state.synced);
             let mut serving = Serving::default();
             for c in &clusters {
-                if c.synced {
+                // The clusterset (a relay following a hub) is served once
+                // every source has synced, below.
+                if c.synced && c.cluster != CLUSTERSET {
                     serving.ready.insert(c.cluster.clone());
                 }
                 if c.exports_dropped {

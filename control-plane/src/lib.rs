@@ -126,6 +126,21 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
                         cluster,
                     },
                 )),
+                SourceSpec::Relay(url) => Box::new(source::relay::RelaySource::new(
+                    source::relay::RelaySourceConfig {
+                        url: url.clone(),
+                        cluster,
+                        name: args.relay_name.clone().unwrap_or_else(|| {
+                            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                .map(|h| format!("relay-{}", h.trim()))
+                                .unwrap_or_else(|_| "relay".into())
+                        }),
+                        tls: source::relay::RelayTls {
+                            ca: args.relay_tls_ca.clone(),
+                            identity: args.relay_tls_cert.clone().zip(args.relay_tls_key.clone()),
+                        },
+                    },
+                )),
             }
         })
         .collect()

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::snapshot::{Delta, Snapshot};
+use crate::snapshot::{Delta, Snapshot, View};
 use crate::status::{Status as CpStatus, StreamHandle};
 
 /// How long an agent may take to send its `Hello`.
@@ -122,11 +122,22 @@ impl SnapshotDiscovery for SnapshotService {
         } else {
             hello.cluster_id.clone()
         };
-        if cluster == switchyard_model::CLUSTERSET {
-            return Err(Status::invalid_argument(format!(
-                "Hello.cluster_id {cluster:?} is reserved for the clusterset's imports; an agent names its own cluster"
-            )));
-        }
+        let view = match v1::Role::try_from(hello.role) {
+            Ok(v1::Role::Agent) if cluster == switchyard_model::CLUSTERSET => {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.cluster_id {cluster:?} is reserved for the clusterset's imports; an agent names its own cluster"
+                )));
+            }
+            Ok(v1::Role::Agent) => View::Agent(cluster.clone()),
+            Ok(v1::Role::Relay) if cluster == switchyard_model::CLUSTERSET => View::Clusterset,
+            Ok(v1::Role::Relay) => View::Exports(cluster.clone()),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.role {} is not AGENT or RELAY",
+                    hello.role
+                )));
+            }
+        };
         let handle = self
             .status
             .connected(&hello.node_name, &cluster, &hello.zone);
@@ -136,7 +147,7 @@ impl SnapshotDiscovery for SnapshotService {
         let (tx, rx) = mpsc::channel(2);
         let stream = AgentStream {
             node: hello.node_name,
-            cluster,
+            view,
             baseline: Baseline::Announced(hello.initial_resource_versions),
             in_flight: None,
             parked_on: None,
@@ -208,7 +219,8 @@ enum Baseline {
 #[derive(Debug)]
 struct AgentStream {
     node: String,
-    cluster: String,
+    /// What the stream receives (an agent's cluster, or a relay's part).
+    view: View,
     baseline: Baseline,
     in_flight: Option<(String, Arc<Snapshot>)>,
     parked_on: Option<String>,
@@ -262,14 +274,14 @@ impl AgentStream {
             return None;
         }
         // Until every source of its cluster has synced, the agent keeps what it has.
-        if !current.serves(&self.cluster) {
+        if !current.serves(self.view.cluster()) {
             return None;
         }
         let delta: Arc<Delta> = match &self.baseline {
             Baseline::Acked(base) if base.version == current.version => return None,
-            Baseline::Acked(base) => current.delta_from(base, &self.cluster),
+            Baseline::Acked(base) => current.delta_from(base, &self.view),
             // The first update is sent even when empty, so the agent learns the version.
-            Baseline::Announced(held) => Arc::new(current.delta_from_versions(held, &self.cluster)),
+            Baseline::Announced(held) => Arc::new(current.delta_from_versions(held, &self.view)),
         };
         let nonce = self.next_nonce.to_string();
         self.next_nonce += 1;

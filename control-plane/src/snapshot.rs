@@ -37,12 +37,56 @@ pub struct Snapshot {
     /// The clusters whose view is complete and may be sent to agents (all
     /// their sources synced), and [`CLUSTERSET`] once every source has.
     pub ready: BTreeSet<String>,
+    /// The resources that are exported to the clusterset (what a relay
+    /// collecting a cluster's exports receives).
+    pub exported: BTreeSet<Arc<str>>,
     deltas: Mutex<HashMap<DeltaKey, Arc<Delta>>>,
+}
+
+/// What one snapshot holds, as the index built it.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// Every resource by name.
+    pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    /// The clusters that may be served, and [`CLUSTERSET`] when complete.
+    pub ready: BTreeSet<String>,
+    /// The names of exported resources.
+    pub exported: BTreeSet<Arc<str>>,
+}
+
+/// What one stream receives of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum View {
+    /// An agent of this cluster: its cluster's Services and the imports.
+    Agent(String),
+    /// A relay collecting this cluster's exported Services (a hub).
+    Exports(String),
+    /// A relay following the clusterset's imports (a cluster's control plane).
+    Clusterset,
+}
+
+impl View {
+    /// The cluster whose readiness the stream waits for.
+    pub fn cluster(&self) -> &str {
+        match self {
+            View::Agent(c) | View::Exports(c) => c,
+            View::Clusterset => CLUSTERSET,
+        }
+    }
+
+    /// The ranges the view reads, and whether it keeps only exported names.
+    fn ranges(&self) -> Vec<(&str, bool)> {
+        match self {
+            View::Agent(c) => vec![(c.as_str(), false), (CLUSTERSET, false)],
+            View::Exports(c) => vec![(c.as_str(), true)],
+            View::Clusterset => vec![(CLUSTERSET, false)],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct DeltaKey {
-    cluster: String,
+    view: View,
     base_version: String,
 }
 
@@ -123,6 +167,7 @@ impl Snapshot {
             changed_at_unix_nanos: 0,
             resources: BTreeMap::new(),
             ready: BTreeSet::new(),
+            exported: BTreeSet::new(),
             deltas: Mutex::default(),
         }
     }
@@ -155,19 +200,28 @@ impl Snapshot {
             .map(str::to_owned)
             .collect();
         ready.insert(CLUSTERSET.to_owned());
-        Self::from_resources(previous, resources, ready, versions, changed_at_unix_nanos)
+        let contents = Contents {
+            resources,
+            ready,
+            exported: BTreeSet::new(),
+        };
+        Self::from_resources(previous, contents, versions, changed_at_unix_nanos)
     }
 
-    /// Wraps `resources` as the next snapshot unless every one of them is
-    /// the very `Arc` the previous snapshot holds under the same name and
-    /// the same clusters are ready.
+    /// Wraps `contents` as the next snapshot unless every resource is the
+    /// very `Arc` the previous snapshot holds under the same name and the
+    /// same clusters are ready. (Exporting changes a resource's content.)
     pub fn from_resources(
         previous: &Snapshot,
-        resources: BTreeMap<Arc<str>, Arc<Resource>>,
-        ready: BTreeSet<String>,
+        contents: Contents,
         versions: &mut VersionSource,
         changed_at_unix_nanos: i64,
     ) -> Option<Snapshot> {
+        let Contents {
+            resources,
+            ready,
+            exported,
+        } = contents;
         let unchanged = resources.len() == previous.resources.len()
             && ready == previous.ready
             && resources
@@ -182,6 +236,7 @@ impl Snapshot {
             changed_at_unix_nanos,
             resources,
             ready,
+            exported,
             deltas: Mutex::default(),
         })
     }
@@ -210,48 +265,42 @@ impl Snapshot {
             .take_while(move |(name, _)| name.starts_with(&prefix))
     }
 
-    /// The ranges an agent of `cluster` receives: its own cluster's, and
-    /// the clusterset's imports (the clusterset's alone for a relay asking
-    /// for it).
-    fn ranges(cluster: &str) -> Vec<&str> {
-        if cluster == CLUSTERSET {
-            vec![CLUSTERSET]
-        } else {
-            vec![cluster, CLUSTERSET]
-        }
-    }
-
-    /// The range of `cluster` if this snapshot serves it, else nothing.
+    /// The range of `cluster` if this snapshot serves it (only its exported
+    /// resources with `exported_only`), else nothing.
     fn served_range<'a>(
         &'a self,
         cluster: &str,
+        exported_only: bool,
     ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {
         let served = self.serves(cluster);
-        self.range(cluster).filter(move |_| served)
+        self.range(cluster)
+            .filter(move |(name, _)| served && (!exported_only || self.exported.contains(*name)))
     }
 
-    /// How many resources an agent of `cluster` receives now.
-    pub fn view_len(&self, cluster: &str) -> usize {
-        Self::ranges(cluster)
+    /// How many resources `view` receives now.
+    pub fn view_len(&self, view: &View) -> usize {
+        view.ranges()
             .into_iter()
-            .map(|c| self.served_range(c).count())
+            .map(|(c, e)| self.served_range(c, e).count())
             .sum()
     }
 
-    /// The difference from `base` (an older snapshot an agent ACKed) to this
-    /// snapshot, restricted to what an agent of `cluster` receives. Cached
-    /// per base version.
-    pub fn delta_from(&self, base: &Snapshot, cluster: &str) -> Arc<Delta> {
+    /// The difference from `base` (an older snapshot the stream ACKed) to
+    /// this snapshot, restricted to `view`. Cached per view and base version.
+    pub fn delta_from(&self, base: &Snapshot, view: &View) -> Arc<Delta> {
         let key = DeltaKey {
-            cluster: cluster.to_owned(),
+            view: view.clone(),
             base_version: base.version.clone(),
         };
         if let Some(d) = self.lock_deltas().get(&key) {
             return d.clone();
         }
         let mut delta = Delta::default();
-        for c in Self::ranges(cluster) {
-            let part = diff(base.served_range(c), self.served_range(c));
+        for (c, exported_only) in view.ranges() {
+            let part = diff(
+                base.served_range(c, exported_only),
+                self.served_range(c, exported_only),
+            );
             delta.changed.extend(part.changed);
             delta.removed.extend(part.removed);
         }
@@ -267,12 +316,12 @@ impl Snapshot {
     }
 
     /// The difference from the versions an agent announced on (re)connect.
-    pub fn delta_from_versions(&self, held: &HashMap<String, String>, cluster: &str) -> Delta {
+    pub fn delta_from_versions(&self, held: &HashMap<String, String>, view: &View) -> Delta {
         let mut delta = Delta::default();
         let mut seen = 0usize;
-        let ranges = Self::ranges(cluster);
-        for c in &ranges {
-            for (name, res) in self.served_range(c) {
+        let ranges = view.ranges();
+        for (c, exported_only) in &ranges {
+            for (name, res) in self.served_range(c, *exported_only) {
                 match held.get(&**name) {
                     Some(v) if *v == res.version => seen += 1,
                     Some(_) => {
@@ -289,11 +338,12 @@ impl Snapshot {
             };
             let mut removed: Vec<Arc<str>> = held
                 .keys()
-                .filter(|n| match ranges.iter().find(|c| in_range(n, c)) {
+                .filter(|n| match ranges.iter().find(|(c, _)| in_range(n, c)) {
                     // A range not served yet (the clusterset before every
                     // source synced) keeps what the agent holds.
-                    Some(c) if !self.serves(c) => false,
-                    Some(_) => !self.resources.contains_key(n.as_str()),
+                    Some((c, _)) if !self.serves(c) => false,
+                    Some((_, true)) => !self.exported.contains(n.as_str()),
+                    Some((_, false)) => !self.resources.contains_key(n.as_str()),
                     // Another cluster's resource: not the agent's.
                     None => true,
                 })
@@ -305,9 +355,9 @@ impl Snapshot {
         delta
     }
 
-    /// The full view of `cluster`, as a delta from nothing.
-    pub fn full(&self, cluster: &str) -> Delta {
-        self.delta_from_versions(&HashMap::new(), cluster)
+    /// The whole of `view`, as a delta from nothing.
+    pub fn full(&self, view: &View) -> Delta {
+        self.delta_from_versions(&HashMap::new(), view)
     }
 
     fn lock_deltas(&self) -> std::sync::MutexGuard<'_, HashMap<DeltaKey, Arc<Delta>>> {
@@ -393,7 +443,7 @@ mod tests {
         );
         let s3 =
             Snapshot::next(&s2, [state("c", "a", 80)], &mut vs, 4).expect("removal is a change");
-        let d = s3.delta_from(&s2, "c");
+        let d = s3.delta_from(&s2, &View::Agent("c".into()));
         assert!(d.changed.is_empty());
         assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/b")]);
     }
@@ -416,12 +466,19 @@ mod tests {
             2,
         )
         .expect("changed");
-        let d1 = s2.delta_from(&s1, "c1");
+        let d1 = s2.delta_from(&s1, &View::Agent("c1".into()));
         assert_eq!(d1.changed.len(), 1);
-        assert!(s2.delta_from(&s1, "c2").is_empty());
-        assert!(Arc::ptr_eq(&d1, &s2.delta_from(&s1, "c1")), "cached");
-        assert_eq!(s2.view_len("c1"), 1);
-        assert_eq!(s2.view_len("c"), 0, "prefix must be a whole cluster id");
+        assert!(s2.delta_from(&s1, &View::Agent("c2".into())).is_empty());
+        assert!(
+            Arc::ptr_eq(&d1, &s2.delta_from(&s1, &View::Agent("c1".into()))),
+            "cached"
+        );
+        assert_eq!(s2.view_len(&View::Agent("c1".into())), 1);
+        assert_eq!(
+            s2.view_len(&View::Agent("c".into())),
+            0,
+            "prefix must be a whole cluster id"
+        );
     }
 
     #[test]
@@ -437,11 +494,11 @@ mod tests {
         let mut held = HashMap::new();
         held.insert("c/ns/a".to_owned(), s1.resources["c/ns/a"].version.clone());
         held.insert("c/ns/gone".to_owned(), "x".to_owned());
-        let d = s1.delta_from_versions(&held, "c");
+        let d = s1.delta_from_versions(&held, &View::Agent("c".into()));
         let changed: Vec<_> = d.changed.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(changed, ["c/ns/b"]);
         assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/gone")]);
-        assert_eq!(s1.full("c").changed.len(), 2);
+        assert_eq!(s1.full(&View::Agent("c".into())).changed.len(), 2);
     }
 
     #[test]
@@ -462,40 +519,88 @@ mod tests {
             state(CLUSTERSET, "a", 80),
         ];
         let ready = |cs: &[&str]| cs.iter().map(|c| (*c).to_owned()).collect::<BTreeSet<_>>();
+        let contents = |resources, ready| Contents {
+            resources,
+            ready,
+            exported: BTreeSet::new(),
+        };
         let s1 = Snapshot::from_resources(
             &Snapshot::empty(String::new()),
-            resources(&all),
-            ready(&["east"]),
+            contents(resources(&all), ready(&["east"])),
             &mut vs,
             1,
         )
         .expect("first");
         assert!(s1.serves("east") && !s1.serves("west") && !s1.complete());
         let names = |d: &Delta| d.changed.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&s1.full("east")), ["east/ns/a"]);
+        assert_eq!(names(&s1.full(&View::Agent("east".into()))), ["east/ns/a"]);
         // A reconnecting agent keeps the imports it holds while the
         // clusterset is not served yet.
         let mut held = HashMap::new();
         held.insert("clusterset/ns/a".to_owned(), "old".to_owned());
         held.insert("north/ns/x".to_owned(), "v".to_owned());
-        let d = s1.delta_from_versions(&held, "east");
+        let d = s1.delta_from_versions(&held, &View::Agent("east".into()));
         assert_eq!(d.removed, vec![Arc::<str>::from("north/ns/x")]);
         // Readiness alone is a new version.
         let s2 = Snapshot::from_resources(
             &s1,
-            s1.resources.clone(),
-            ready(&["east", "west", CLUSTERSET]),
+            contents(s1.resources.clone(), ready(&["east", "west", CLUSTERSET])),
             &mut vs,
             2,
         )
         .expect("readiness changed");
-        assert_eq!(names(&s2.delta_from(&s1, "east")), ["clusterset/ns/a"]);
-        assert_eq!(names(&s2.full(CLUSTERSET)), ["clusterset/ns/a"]);
-        assert_eq!(s2.view_len("west"), 2);
-        assert!(
-            Snapshot::from_resources(&s2, s2.resources.clone(), s2.ready.clone(), &mut vs, 3)
-                .is_none()
+        assert_eq!(
+            names(&s2.delta_from(&s1, &View::Agent("east".into()))),
+            ["clusterset/ns/a"]
         );
+        assert_eq!(names(&s2.full(&View::Clusterset)), ["clusterset/ns/a"]);
+        assert_eq!(s2.view_len(&View::Agent("west".into())), 2);
+        assert!(
+            Snapshot::from_resources(
+                &s2,
+                contents(s2.resources.clone(), s2.ready.clone()),
+                &mut vs,
+                3
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_relay_gets_a_clusters_exports_or_the_clusterset() {
+        let mut vs = VersionSource::new();
+        let all = [
+            state("east", "a", 80),
+            state("east", "b", 80),
+            state(CLUSTERSET, "a", 80),
+        ];
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> = all
+            .iter()
+            .map(|s| {
+                let r = make_resource(s);
+                (Arc::from(r.name.as_str()), Arc::new(r))
+            })
+            .collect();
+        let exported: Arc<str> = Arc::from("east/ns/a");
+        let s = Snapshot::from_resources(
+            &Snapshot::empty(String::new()),
+            Contents {
+                resources,
+                ready: ["east", CLUSTERSET].map(String::from).into(),
+                exported: [exported].into(),
+            },
+            &mut vs,
+            1,
+        )
+        .expect("first");
+        let names = |d: Delta| d.changed.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(s.full(&View::Exports("east".into()))), ["east/ns/a"]);
+        assert_eq!(names(s.full(&View::Clusterset)), ["clusterset/ns/a"]);
+        // A relay resuming with an unexported name is told to drop it.
+        let mut held = HashMap::new();
+        held.insert("east/ns/b".to_owned(), "v".to_owned());
+        let d = s.delta_from_versions(&held, &View::Exports("east".into()));
+        assert_eq!(d.removed, vec![Arc::<str>::from("east/ns/b")]);
     }
 
     #[test]

@@ -223,20 +223,30 @@ impl Cluster {
 
     /// Starts the control plane in the infra namespace.
     pub fn start_control_plane(&mut self) {
-        let args: Vec<String> = [
-            "--source",
-            &format!("file:{}", self.manifests().display()),
-            "--state-dir",
-            &self.dir.path().join("cp").display().to_string(),
-            "--debounce",
-            "20ms",
-            "--grpc-listen",
-            CONTROL_PLANE,
-            "--admin-listen",
-            "127.0.0.1:9901",
-        ]
-        .map(String::from)
-        .to_vec();
+        let source = [
+            "--source".to_owned(),
+            format!("file:{}", self.manifests().display()),
+        ];
+        self.start_control_plane_with(&source);
+    }
+
+    /// Starts the control plane in the infra namespace with `sources` (and
+    /// any other flags) instead of the manifests directory.
+    pub fn start_control_plane_with(&mut self, sources: &[String]) {
+        let mut args: Vec<String> = sources.to_vec();
+        args.extend(
+            [
+                "--state-dir",
+                &self.dir.path().join("cp").display().to_string(),
+                "--debounce",
+                "20ms",
+                "--grpc-listen",
+                CONTROL_PLANE,
+                "--admin-listen",
+                "127.0.0.1:9901",
+            ]
+            .map(String::from),
+        );
         let child = self.spawn_in(
             &self.ns("infra"),
             &self.bins.control_plane,
@@ -244,6 +254,13 @@ impl Cluster {
             "control-plane",
         );
         self.control_plane = Some(child);
+    }
+
+    /// Starts `program ARGS` in namespace `short` (`infra`, a node, a pod),
+    /// logging to `log`; it is killed when the cluster is dropped.
+    pub fn spawn_program(&mut self, short: &str, program: &Path, args: &[String], log: &str) {
+        let child = self.spawn_in(&self.ns(short), program, args, log);
+        self.servers.push(child);
     }
 
     /// Stops the control plane (SIGKILL: as if it died).
@@ -256,7 +273,12 @@ impl Cluster {
 
     /// Starts the agent of node `i` (`node-i`, zone `zone-i`).
     pub fn start_agent(&mut self, i: u8) {
-        let args: Vec<String> = [
+        self.start_agent_with(i, &[]);
+    }
+
+    /// Starts the agent of node `i` with `extra` flags (`--cluster east`).
+    pub fn start_agent_with(&mut self, i: u8, extra: &[&str]) {
+        let mut args: Vec<String> = [
             "--control-plane",
             &format!("http://{CONTROL_PLANE}"),
             "--node-name",
@@ -283,6 +305,7 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         let child = self.spawn_in(
             &self.ns(&format!("n{i}")),
             &self.bins.agent,

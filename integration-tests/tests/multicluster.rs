@@ -379,3 +379,164 @@ async fn one_unreachable_api_server_does_not_hold_back_the_other_clusters() {
     })
     .await;
 }
+
+/// A control plane on pre-bound listeners (a fleet needs every address
+/// before any of them starts).
+async fn control_plane_on(grpc: TcpListener, argv: Vec<String>) -> ControlPlane {
+    let args = <switchyard_control_plane::Args as clap::Parser>::parse_from(argv);
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("admin");
+    let sources = switchyard_control_plane::sources_from_args(&args);
+    switchyard_control_plane::start_with(
+        args,
+        grpc,
+        admin,
+        sources,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("control plane starts")
+}
+
+/// The clusterset imports of a control plane's latest snapshot, decoded.
+fn imports_of(cp: &ControlPlane) -> Vec<switchyard_model::ServiceState> {
+    let Some(snap) = cp.snapshots.borrow().clone() else {
+        return Vec::new();
+    };
+    snap.resources
+        .iter()
+        .filter(|(name, _)| name.starts_with("clusterset/"))
+        .map(|(name, r)| {
+            switchyard_proto::convert::decode_state_bytes(name, &r.service_state).expect("decodes")
+        })
+        .collect()
+}
+
+async fn wait_imports(cp: &ControlPlane, what: &str, want: &[switchyard_model::ServiceState]) {
+    let mut rx = cp.snapshots.clone();
+    within(what, async {
+        while imports_of(cp) != want {
+            rx.changed().await.expect("control plane running");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_control_planes_under_a_hub_see_what_one_control_plane_sees() {
+    let fleet = Fleet::new().await;
+    for (c, ip) in [
+        ("east", "10.1.0.1"),
+        ("west", "10.2.0.1"),
+        ("north", "10.3.0.1"),
+    ] {
+        let store = fleet.store(c);
+        store
+            .create(Kind::Service, service("web", &[("http", 80)]))
+            .expect("svc");
+        store
+            .create(Kind::EndpointSlice, slice("web", &[ip]))
+            .expect("slice");
+    }
+    for c in ["east", "west"] {
+        fleet
+            .store(c)
+            .create(Kind::ServiceExport, export("web"))
+            .expect("export");
+    }
+    fleet
+        .store("north")
+        .create(Kind::Service, service("db", &[("pg", 5432)]))
+        .expect("svc");
+    fleet
+        .store("north")
+        .create(Kind::EndpointSlice, slice("db", &["10.3.0.9"]))
+        .expect("slice");
+    fleet
+        .store("north")
+        .create(Kind::ServiceExport, export("db"))
+        .expect("export");
+
+    let kubeconfig = fleet.dir.path().join("kubeconfig").display().to_string();
+    let state = |name: &str| fleet.dir.path().join(name).display().to_string();
+    let common = |name: &str| -> Vec<String> {
+        vec![
+            "switchyard-control-plane".into(),
+            "--kubeconfig".into(),
+            kubeconfig.clone(),
+            "--state-dir".into(),
+            state(name),
+            "--debounce".into(),
+            "20ms".into(),
+            "--relay-name".into(),
+            name.into(),
+        ]
+    };
+    // One control plane watching every cluster: the reference.
+    let direct = fleet.control_plane().await;
+
+    // The fleet: a control plane per cluster, following one hub, which
+    // follows each of them for its exports.
+    let hub_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hub_url = format!("http://{}", hub_listener.local_addr().expect("addr"));
+    let mut per_cluster = Vec::new();
+    let mut hub_argv = common("hub");
+    for c in CLUSTERS {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        hub_argv.extend(["--source".into(), format!("switchyard:{url}={c}")]);
+        let mut argv = common(&format!("cp-{c}"));
+        argv.extend([
+            "--source".into(),
+            format!("kube:{c}={c}"),
+            "--source".into(),
+            format!("switchyard:{hub_url}=clusterset"),
+        ]);
+        per_cluster.push(control_plane_on(listener, argv).await);
+    }
+    let hub = control_plane_on(hub_listener, hub_argv).await;
+
+    let mut rx = direct.snapshots.clone();
+    within(
+        "the direct control plane's two imports",
+        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.complete())),
+    )
+    .await
+    .expect("running");
+    let reference = imports_of(&direct);
+    assert_eq!(reference.len(), 2, "{reference:?}");
+    for (c, cp) in CLUSTERS.iter().zip(&per_cluster) {
+        wait_imports(
+            cp,
+            &format!("{c}'s control plane to hold the hub's imports"),
+            &reference,
+        )
+        .await;
+    }
+    // A node of north, served by north's control plane.
+    let north = fleet.agent("north", &per_cluster[2]).await;
+    wait_import(&north, "web", &[("east", "10.1.0.1"), ("west", "10.2.0.1")]).await;
+
+    // A change in east reaches north's agent through the hub.
+    fleet
+        .store("east")
+        .update(Kind::EndpointSlice, slice("web", &["10.1.0.2"]))
+        .expect("update");
+    wait_import(&north, "web", &[("east", "10.1.0.2"), ("west", "10.2.0.1")]).await;
+
+    // The hub dies: every cluster keeps the last known imports.
+    let held = imports_of(&per_cluster[2]);
+    hub.kill().await;
+    let doc = cp_status_until(&per_cluster[2], "the hub shown as down", |d| {
+        cluster_status(d, CLUSTERSET).is_some_and(|c| !c.healthy)
+    })
+    .await;
+    assert!(doc.sources.iter().any(|s| s.last_error.is_some()));
+    assert_eq!(imports_of(&per_cluster[2]), held, "imports kept");
+    assert_eq!(
+        import_endpoints(&north, "web"),
+        [
+            ("east".into(), "10.1.0.2".into()),
+            ("west".into(), "10.2.0.1".into())
+        ]
+    );
+}

@@ -180,6 +180,16 @@ pub struct Service {
     pub external_name: Option<String>,
     /// `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
     pub traffic_distribution: Option<String>,
+    /// Set when the Service is exported to the clusterset (it has a
+    /// ServiceExport): carried so that fleet relays learn what is exported.
+    pub export: Option<ServiceExport>,
+}
+
+/// A Service's export to the clusterset (KEP-1645's ServiceExport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceExport {
+    /// The ServiceExport's creationTimestamp (Unix seconds), when known.
+    pub created_unix: Option<i64>,
 }
 
 /// Values of `spec.trafficDistribution` that Kubernetes accepts.
@@ -204,6 +214,7 @@ impl Service {
             publish_not_ready_addresses: false,
             external_name: None,
             traffic_distribution: None,
+            export: None,
         }
     }
 

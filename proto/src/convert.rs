@@ -67,6 +67,9 @@ fn encode_service(s: &m::Service) -> v1::Service {
         publish_not_ready_addresses: s.publish_not_ready_addresses,
         external_name: s.external_name.clone().unwrap_or_default(),
         traffic_distribution: s.traffic_distribution.clone().unwrap_or_default(),
+        export: s.export.map(|e| v1::ServiceExport {
+            created_unix_seconds: e.created_unix,
+        }),
     }
 }
 
@@ -241,6 +244,9 @@ impl Decoder<'_> {
             publish_not_ready_addresses: s.publish_not_ready_addresses,
             external_name: non_empty(&s.external_name),
             traffic_distribution: non_empty(&s.traffic_distribution),
+            export: s.export.map(|e| m::ServiceExport {
+                created_unix: e.created_unix_seconds,
+            }),
         })
     }
 

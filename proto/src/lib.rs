@@ -11,6 +11,7 @@
 //! ```
 
 pub mod convert;
+pub mod parts;
 
 /// Generated code for package `switchyard.v1`.
 #[allow(

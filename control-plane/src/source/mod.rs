@@ -8,21 +8,25 @@
 //! half-applied change, so no agent sees a Service vanish and come back.
 //!
 //! ```text
-//!   file:PATH ──┐
-//!   kube      ──┼─ watch<SourceState> ─▶ index ─▶ watch<Arc<Snapshot>> ─▶ streams
-//!   docker    ──┘
+//!   file:PATH        ──┐
+//!   kube             ──┤
+//!   docker           ──┼─ watch<SourceState> ─▶ index ─▶ watch<Arc<Snapshot>> ─▶ streams
+//!   switchyard:URL   ──┘  (another control plane: a cluster's exports, or a hub's imports)
 //! ```
 
 pub mod docker;
 pub mod file;
 pub mod kubernetes;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use switchyard_model::{EndpointPort, EndpointSlice, Service, ServiceKey, TargetPort};
+use switchyard_model::{
+    EndpointPort, EndpointSlice, Service, ServiceKey, ServiceState, TargetPort,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +117,9 @@ pub struct SourceState {
     pub nodes: Vec<NodeInfo>,
     /// Services exported to the clusterset (ServiceExports; KEP-1645).
     pub exports: Vec<Export>,
+    /// The clusterset's imports, ready-made: set (even empty) by a relay
+    /// that follows a hub's clusterset, which then replaces the local merge.
+    pub imports: Option<Vec<Arc<ServiceState>>>,
     /// Why the source cannot currently follow its origin (an unreachable
     /// API server, a failing watch); it keeps serving what it had.
     pub last_error: Option<String>,

@@ -1,0 +1,138 @@
+//! The clusterset with real packets: three API-server stand-ins (the
+//! `fake_apiserver` program) in the infra namespace of a cluster of network
+//! namespaces, a control plane following them as clusters east, west and
+//! north, the agent of node 1 in east and of node 2 in north (iptables data
+//! plane and DNS stub). Skipped (with a message) when not root.
+
+use std::collections::BTreeSet;
+
+use switchyard_integration_tests::netns::{Bins, Cluster, supported};
+
+fn bins() -> Bins {
+    Bins {
+        agent: env!("CARGO_BIN_EXE_sy_agent").into(),
+        control_plane: env!("CARGO_BIN_EXE_sy_control_plane").into(),
+        echo: env!("CARGO_BIN_EXE_sy_echo").into(),
+    }
+}
+
+/// A Service `shop/web` (port 80 to 8080) with one endpoint, and its
+/// ServiceExport when `exported`.
+fn objects(endpoint: &str, node: u8, exported: bool) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\n  name: web\nspec:\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: shop\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n- addresses: [\"{endpoint}\"]\n  nodeName: node-{node}\n  conditions:\n    ready: true\n"
+    );
+    if exported {
+        y.push_str("---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata:\n  namespace: shop\n  name: web\n");
+    }
+    y
+}
+
+/// `dig +short` of `name` at node `i`'s DNS stub.
+fn dig(c: &Cluster, i: u8, name: &str) -> String {
+    c.sh(
+        &c.ns(&format!("n{i}")),
+        &format!("dig +short +tries=1 +time=2 @169.254.20.10 {name} A"),
+    )
+    .trim()
+    .to_owned()
+}
+
+fn backends(c: &Cluster, addr: &str, n: usize) -> BTreeSet<String> {
+    let out = c.echo("client", &["tcp", addr, &n.to_string()]);
+    assert_eq!(out["timeout"], 0, "{out}");
+    out["replies"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_clusterset_ip_balances_over_every_exporting_cluster() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let east = c.add_pod("east-web", 1, 2);
+    let west = c.add_pod("west-web", 1, 3);
+    let north = c.add_pod("north-web", 2, 2);
+    c.add_pod("client", 2, 9);
+
+    let mut kubeconfig = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    let mut contexts = String::from("contexts:\n");
+    for (i, (cluster, endpoint, node, exported)) in [
+        ("east", &east, 1, true),
+        ("west", &west, 1, true),
+        ("north", &north, 2, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = c.dir.path().join(format!("api-{cluster}"));
+        std::fs::create_dir(&dir).expect("dir");
+        std::fs::write(dir.join("objects.yaml"), objects(endpoint, node, exported))
+            .expect("objects");
+        let listen = format!("10.99.0.1:{}", 7001 + i);
+        c.spawn_program(
+            "infra",
+            std::path::Path::new(env!("CARGO_BIN_EXE_fake_apiserver")),
+            &[
+                "--listen".into(),
+                listen.clone(),
+                "--load".into(),
+                dir.display().to_string(),
+            ],
+            &format!("api-{cluster}"),
+        );
+        kubeconfig.push_str(&format!(
+            "- name: {cluster}\n  cluster:\n    server: http://{listen}\n"
+        ));
+        contexts.push_str(&format!(
+            "- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: u\n"
+        ));
+    }
+    kubeconfig.push_str("users:\n- name: u\n  user: {}\n");
+    kubeconfig.push_str(&contexts);
+    let path = c.dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    let mut sources: Vec<String> = Vec::new();
+    for cluster in ["east", "west", "north"] {
+        sources.extend(["--source".into(), format!("kube:{cluster}={cluster}")]);
+    }
+    sources.extend(["--kubeconfig".into(), path.display().to_string()]);
+    c.start_control_plane_with(&sources);
+    c.start_agent_with(1, &["--cluster", "east"]);
+    c.start_agent_with(2, &["--cluster", "north"]);
+
+    // A node of north resolves the clusterset name, and its own name.
+    let mut clusterset_ip = String::new();
+    c.wait_until("web.shop.svc.clusterset.local at north's stub", || {
+        clusterset_ip = dig(&c, 2, "web.shop.svc.clusterset.local");
+        clusterset_ip.starts_with("10.11")
+    });
+    let mut own_ip = String::new();
+    c.wait_until("web.shop.svc.cluster.local at north's stub", || {
+        own_ip = dig(&c, 2, "web.shop.svc.cluster.local");
+        own_ip.starts_with("10.")
+    });
+    assert_ne!(own_ip, clusterset_ip);
+    c.wait_rules("the ClusterSet IP in both nodes' rules", &clusterset_ip);
+
+    // From a pod of north: the ClusterSet IP reaches east's and west's
+    // endpoints (not north's, which is not exported); north's own name
+    // stays north's.
+    let set = backends(&c, &format!("{clusterset_ip}:80"), 40);
+    assert_eq!(
+        set,
+        ["east-web", "west-web"].map(String::from).into(),
+        "ClusterSet IP {clusterset_ip}"
+    );
+    assert_eq!(
+        backends(&c, &format!("{own_ip}:80"), 10),
+        ["north-web"].map(String::from).into()
+    );
+    // The same import on a node of east.
+    assert_eq!(dig(&c, 1, "web.shop.svc.clusterset.local"), clusterset_ip);
+}
