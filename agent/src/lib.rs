@@ -117,7 +117,7 @@ fn node_addresses() -> Vec<std::net::IpAddr> {
 /// the kernel when the agent exits, so a restart does not drop traffic.
 pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     if let Some(config::Command::Cleanup) = args.command {
-        return iptables::cleanup(&iptables::Runner::host()).map_err(Into::into);
+        return cleanup(&args);
     }
     let shutdown = CancellationToken::new();
     let agent = start(args, shutdown.clone()).await?;
@@ -129,6 +129,24 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down; the data plane stays in force");
     shutdown.cancel();
     agent.wait().await;
+    Ok(())
+}
+
+/// `switchyard-agent cleanup`: our chains and rules, then what the DNS stub
+/// put on the node.
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    iptables::cleanup(&iptables::Runner::host())?;
+    let listen = match args.dns_listen {
+        DnsListen::Addr(a) => Some(a),
+        DnsListen::None => None,
+    };
+    let removed = dns::link::uninstall(listen).context("removing the DNS stub's address")?;
+    tracing::info!(
+        notrack_rules = removed.rules,
+        interface = removed.interface,
+        loopback_address = removed.loopback_address,
+        "removed the DNS stub's address and NOTRACK rules"
+    );
     Ok(())
 }
 
