@@ -167,7 +167,7 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
         }
         Lookup::Synthesized(mut record) => {
             record.name = query.name.clone();
-            answer.answers = Cow::Owned(vec![record]);
+            answer.answers = Cow::Owned(vec![*record]);
         }
         Lookup::NoData => answer.soa = Some(index.soa()),
         Lookup::NxDomain => {
@@ -191,7 +191,7 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
     match index.lookup(&target, qtype) {
         Lookup::Records(records, rtype) if rtype == qtype => answer.chased = records,
         Lookup::Synthesized(record) if record.record_type() == qtype => {
-            answer.answers.to_mut().push(record);
+            answer.answers.to_mut().push(*record);
         }
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;

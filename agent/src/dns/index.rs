@@ -286,7 +286,7 @@ pub(crate) enum Lookup<'a> {
     /// The name exists, without records of that type.
     NoData,
     /// A record made from the name itself (a pod's dashed address).
-    Synthesized(Record),
+    Synthesized(Box<Record>),
     /// The name does not exist in the zone.
     NxDomain,
 }
@@ -361,7 +361,11 @@ impl DnsIndex {
                 if qtype != rtype && qtype != RecordType::ANY {
                     return Lookup::NoData;
                 }
-                Lookup::Synthesized(Record::from_rdata(Name::from(name.clone()), self.ttl, data))
+                Lookup::Synthesized(Box::new(Record::from_rdata(
+                    Name::from(name.clone()),
+                    self.ttl,
+                    data,
+                )))
             }
             _ => Lookup::NxDomain,
         }
