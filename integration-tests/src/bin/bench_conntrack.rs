@@ -46,9 +46,14 @@ fn service(i: usize, generation: usize) -> ServiceState {
     let endpoints = (0..3)
         .map(|e| Endpoint {
             addresses: vec![
-                format!("10.{}.{}.{}", 128 + e + 3 * generation, i / 250, i % 250 + 1)
-                    .parse()
-                    .expect("ip"),
+                format!(
+                    "10.{}.{}.{}",
+                    128 + e + 3 * generation,
+                    i / 250,
+                    i % 250 + 1
+                )
+                .parse()
+                .expect("ip"),
             ],
             ..Endpoint::default()
         })
@@ -209,13 +214,26 @@ fn run(n: usize) -> serde_json::Value {
                 .map(str::to_owned)
                 .collect()
         };
-        if let (Some(dst), Some(ep)) = (values("dst=").first().cloned(), values("src=").get(1).cloned()) {
+        if let (Some(dst), Some(ep)) = (
+            values("dst=").first().cloned(),
+            values("src=").get(1).cloned(),
+        ) {
             filters.insert((dst, ep));
         }
     }
     for (dst, ep) in &filters {
         let _ = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "conntrack", "-D", "-f", "ipv4", "-p", "udp"])
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "conntrack",
+                "-D",
+                "-f",
+                "ipv4",
+                "-p",
+                "udp",
+            ])
             .args(["--orig-dst", dst, "--orig-port-dst", "53", "--dst-nat", ep])
             .output();
     }
