@@ -1,5 +1,9 @@
 //! Rule text: pure functions from a Service (and this node's settings) to
-//! the iptables lines that proxy it, in one address family.
+//! the iptables lines that proxy it, in one address family. What goes
+//! where (endpoints, policy, topology, firewall) is decided by the
+//! backend-neutral [`crate::endpoints::plan`]; this module only writes
+//! each port's plan in iptables syntax, by frontend (cluster IP, external
+//! and LB IPs, node port), then the chains that balance and translate.
 //!
 //! The layout follows kube-proxy's iptables mode with our own prefix:
 //!
