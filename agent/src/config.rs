@@ -30,7 +30,10 @@ impl DataPlaneKind {
 /// Subcommands; without one the agent runs.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Remove every rule and chain Switchyard owns (both families), then exit.
+    /// Remove everything Switchyard puts on the node, then exit: its chains
+    /// and rules (both families), the DNS stub's NOTRACK rules, its
+    /// nodelocaldns interface and, for a link-local --dns-listen, that
+    /// address on lo.
     Cleanup,
 }
 
@@ -144,10 +147,15 @@ pub struct Args {
     pub cluster_domain: String,
 
     /// Upstream DNS server for names outside the cluster (repeatable; port 53
-    /// when none is given). Default: the nameservers in /etc/resolv.conf other
-    /// than the stub itself.
+    /// when none is given). Default: the nameservers in --resolv-conf other
+    /// than the stub itself. With none, other names get SERVFAIL at once
+    /// (the agent warns at start and /status shows it).
     #[arg(long = "dns-upstream", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
+
+    /// Where the default upstreams are read from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
 
     /// TTL of the cluster's records.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]

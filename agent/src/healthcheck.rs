@@ -1,22 +1,27 @@
 //! `healthCheckNodePort` servers for Services with
 //! `externalTrafficPolicy: Local`: load balancers ask each node whether it
-//! has local endpoints. 200 with the count when it has, 503 when not.
+//! has local endpoints. 200 with the count of *ready* local endpoints when
+//! it has some, 503 when not: a node whose only local endpoints are
+//! serving+terminating still serves its node port with them, but tells the
+//! load balancer to send new connections elsewhere (kube-proxy's
+//! `LocalReadyEndpoints`).
 //!
 //! ```text
 //!  watch<AgentState> ─▶ desired {port -> (Service, local endpoints)} ─▶ one listener per port
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use switchyard_model::{ServiceState, TrafficPolicy};
+use switchyard_model::TrafficPolicy;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoints;
 use crate::state::AgentState;
 
 /// What one health-check port reports.
@@ -26,7 +31,7 @@ pub struct HealthTarget {
     pub namespace: String,
     /// Name of the Service.
     pub name: String,
-    /// Endpoints on this node that take traffic.
+    /// Ready endpoints on this node.
     pub local_endpoints: usize,
 }
 
@@ -35,7 +40,7 @@ pub fn targets(state: &AgentState, node: &str) -> BTreeMap<u16, HealthTarget> {
     let mut out = BTreeMap::new();
     for held in state.resources.values() {
         let svc = &held.state.service;
-        if svc.external_traffic_policy != TrafficPolicy::Local {
+        if svc.external_traffic_policy != TrafficPolicy::Local || !svc.is_proxied() {
             continue;
         }
         if let Some(port) = svc.health_check_node_port {
@@ -44,36 +49,12 @@ pub fn targets(state: &AgentState, node: &str) -> BTreeMap<u16, HealthTarget> {
                 HealthTarget {
                     namespace: svc.key.namespace.clone(),
                     name: svc.key.name.clone(),
-                    local_endpoints: local_endpoints(&held.state, node),
+                    local_endpoints: endpoints::local_ready_endpoints(&held.state, node),
                 },
             );
         }
     }
     out
-}
-
-/// Distinct local endpoint addresses that are ready, or serving and
-/// terminating when none is ready (what the rules would use).
-fn local_endpoints(state: &ServiceState, node: &str) -> usize {
-    let local = || {
-        state
-            .slices
-            .iter()
-            .flat_map(|s| &s.endpoints)
-            .filter(|e| e.node_name.as_deref() == Some(node))
-    };
-    let ready: BTreeSet<_> = local()
-        .filter(|e| e.conditions.ready)
-        .filter_map(|e| e.addresses.first())
-        .collect();
-    if !ready.is_empty() {
-        return ready.len();
-    }
-    local()
-        .filter(|e| e.conditions.serving && e.conditions.terminating)
-        .filter_map(|e| e.addresses.first())
-        .collect::<BTreeSet<_>>()
-        .len()
 }
 
 type Shared = Arc<Mutex<Option<HealthTarget>>>;

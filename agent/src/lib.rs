@@ -12,16 +12,20 @@
 //!
 //! Modules: [`state`] (what is held and how an update changes it),
 //! [`store`] (sled persistence with checked frames), [`dataplane`] (the
-//! trait and `none`), [`applier`] (the apply pipeline), [`client`] (the
-//! stream and its backoff), [`dns`] (the node-local DNS stub), [`status`]
-//! and [`admin`].
+//! trait and `none`), [`endpoints`] (endpoint selection, traffic policy
+//! and topology, shared by data planes), [`conntrack`] (stale UDP flows),
+//! [`iptables`], [`applier`] (the apply pipeline), [`client`] (the stream
+//! and its backoff), [`dns`] (the node-local DNS stub), [`status`] and
+//! [`admin`].
 
 pub mod admin;
 pub mod applier;
 pub mod client;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
+pub mod endpoints;
 pub mod healthcheck;
 pub mod iptables;
 pub mod state;
@@ -90,14 +94,30 @@ pub fn node_config(args: &Args) -> iptables::NodeConfig {
         nodeport_addresses: args.nodeport_addresses.clone(),
         masquerade_mark: 1 << args.masquerade_bit,
         localhost_nodeports: args.iptables_localhost_nodeports,
+        addresses: node_addresses(),
     }
+}
+
+/// This node's own addresses, without loopback and link-local ones (the
+/// DNS stub's 169.254.20.10 is no node address).
+fn node_addresses() -> Vec<std::net::IpAddr> {
+    dns::acl::local_addresses()
+        .into_iter()
+        .filter(|ip| {
+            !ip.is_loopback()
+                && match ip {
+                    std::net::IpAddr::V4(v4) => !v4.is_link_local(),
+                    std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                }
+        })
+        .collect()
 }
 
 /// What `main` does: `cleanup`, or run until SIGINT/SIGTERM. Rules stay in
 /// the kernel when the agent exits, so a restart does not drop traffic.
 pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     if let Some(config::Command::Cleanup) = args.command {
-        return iptables::cleanup(&iptables::Runner::host()).map_err(Into::into);
+        return cleanup(&args);
     }
     let shutdown = CancellationToken::new();
     let agent = start(args, shutdown.clone()).await?;
@@ -109,6 +129,24 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down; the data plane stays in force");
     shutdown.cancel();
     agent.wait().await;
+    Ok(())
+}
+
+/// `switchyard-agent cleanup`: our chains and rules, then what the DNS stub
+/// put on the node.
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    iptables::cleanup(&iptables::Runner::host())?;
+    let listen = match args.dns_listen {
+        DnsListen::Addr(a) => Some(a),
+        DnsListen::None => None,
+    };
+    let removed = dns::link::uninstall(listen).context("removing the DNS stub's address")?;
+    tracing::info!(
+        notrack_rules = removed.rules,
+        interface = removed.interface,
+        loopback_address = removed.loopback_address,
+        "removed the DNS stub's address and NOTRACK rules"
+    );
     Ok(())
 }
 

@@ -60,6 +60,8 @@ pub struct DnsStatus {
     pub zone: String,
     /// Upstream servers for other names.
     pub upstreams: Vec<String>,
+    /// Set when there is no upstream: why, and what that means.
+    pub upstream_warning: Option<String>,
     /// Snapshot version the answers come from (null before the first).
     pub index_version: Option<String>,
     /// Names answered (zone names, empty non-terminals, reverse names).

@@ -1,6 +1,7 @@
 //! The iptables data plane against the real kernel, inside a network
 //! namespace this test creates (and deletes, also on failure): full and
-//! partial syncs, a refused transaction, the canary, cleanup, and syncs
+//! partial syncs, a refused transaction, the canary, cleanup, stale UDP
+//! flows cleared through netlink after partial and full syncs, and syncs
 //! large enough to be split into pieces.
 
 use std::process::Command;
@@ -103,6 +104,7 @@ fn cfg() -> NodeConfig {
         nodeport_addresses: Vec::new(),
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
+        addresses: Vec::new(),
     }
 }
 
@@ -331,7 +333,7 @@ fn large_syncs_in_pieces_match_one_transaction() {
 }
 
 #[test]
-fn a_udp_storm_clears_only_stale_flows() {
+fn stale_udp_flows_are_cleared_after_partial_and_full_syncs() {
     let Some(ns) = Netns::new("ct") else { return };
     let mut dp = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&ns.0));
     let udp = |generation: usize, changed: usize| {
@@ -358,12 +360,36 @@ fn a_udp_storm_clears_only_stale_flows() {
     }
     assert_eq!(ns.sh("conntrack -L -p udp 2>/dev/null").lines().count(), 10);
 
-    // Five Services move every endpoint in one update (15 stale filters:
-    // the data plane lists the table once and deletes what matches).
+    // Five Services move every endpoint in one update: their flows go
+    // (through netlink, inside this namespace), the others stay.
     apply(&mut dp, &udp(1, 5), &names[..5], false).expect("partial sync");
     let left = ns.sh("conntrack -L -p udp 2>/dev/null");
     assert_eq!(left.lines().count(), 5, "{left}");
     for i in 5..10 {
         assert!(left.contains(&format!("dst=10.96.0.{} ", i + 1)), "{left}");
     }
+
+    // Flows sent while none of our rules existed were never translated; the
+    // next agent's first (full) sync clears them, so they meet the rules.
+    cleanup(&Runner::in_netns(&ns.0)).expect("cleanup");
+    // A node keeps tracking connections without us (CNI and firewall
+    // rules); without any rule that needs conntrack the kernel would not.
+    ns.sh("iptables -A OUTPUT -m conntrack --ctstate INVALID -j DROP");
+    ns.sh("conntrack -F 2>/dev/null");
+    for i in 0..3 {
+        ns.sh(&format!("bash -c 'echo x > /dev/udp/10.96.0.{}/53'", i + 1));
+    }
+    let untranslated = ns.sh("conntrack -L -p udp 2>/dev/null");
+    assert_eq!(untranslated.lines().count(), 3, "{untranslated}");
+    assert!(
+        untranslated
+            .lines()
+            .all(|l| l.matches("10.96.0.").count() == 2),
+        "reply from the cluster IP itself: {untranslated}"
+    );
+    let mut restarted =
+        IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&ns.0));
+    apply(&mut restarted, &udp(1, 5), &names, true).expect("full sync");
+    let left = ns.sh("conntrack -L -p udp 2>/dev/null");
+    assert_eq!(left.lines().count(), 0, "{left}");
 }

@@ -21,8 +21,8 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use switchyard_model::{
     AddressType, DEFAULT_AFFINITY_TIMEOUT_SECONDS, Endpoint, EndpointConditions, EndpointPort,
-    EndpointSlice, Protocol, Service, ServiceKey, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy, ValidationError, ValidationErrors,
+    EndpointSlice, NOT_PROXIED_LABELS, Protocol, Service, ServiceKey, ServicePort, ServiceType,
+    TargetPort, TrafficPolicy, ValidationError, ValidationErrors,
 };
 
 use crate::source::{SlicePorts, SourceSlice};
@@ -114,7 +114,12 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
-        // Hostname-only ingresses (some cloud load balancers) have nothing to proxy.
+        // Hostname-only ingresses (some cloud load balancers) have nothing
+        // to proxy, and `ipMode: Proxy` ones are reached through the load
+        // balancer itself, which kube-proxy then leaves alone on the node.
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
         if let Some(ip) = non_empty(&ing.ip)
             && let Some(ip) = parse_ip(
                 ip,
@@ -173,6 +178,12 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
     out.publish_not_ready_addresses = spec.publish_not_ready_addresses.unwrap_or(false);
     out.external_name = non_empty(&spec.external_name).map(str::to_owned);
     out.traffic_distribution = non_empty(&spec.traffic_distribution).map(str::to_owned);
+    out.not_proxied_by = svc.metadata.labels.as_ref().and_then(|labels| {
+        NOT_PROXIED_LABELS
+            .into_iter()
+            .find(|l| labels.contains_key(*l))
+            .map(str::to_owned)
+    });
 
     errs.finish(out)
 }
@@ -548,7 +559,11 @@ mod tests {
                 "publishNotReadyAddresses": true,
                 "trafficDistribution": "PreferClose",
             },
-            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}, {"hostname": "lb.example.com"}]}},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.7", "ipMode": "VIP"},
+                {"hostname": "lb.example.com"},
+                {"ip": "198.51.100.8", "ipMode": "Proxy"},
+            ]}},
         }));
         let s = service("default", &svc).expect("converts");
         assert_eq!(s.service_type, ServiceType::LoadBalancer);
@@ -571,7 +586,26 @@ mod tests {
         assert_eq!(s.health_check_node_port, Some(31000));
         assert!(s.publish_not_ready_addresses);
         assert_eq!(s.traffic_distribution.as_deref(), Some("PreferClose"));
+        assert_eq!(s.not_proxied_by, None);
         s.validate().expect("valid");
+    }
+
+    #[test]
+    fn proxy_labels_mark_the_service_as_not_proxied() {
+        for label in NOT_PROXIED_LABELS {
+            let svc = mk_service(json!({
+                "metadata": {"name": "web", "labels": {label: "", "app": "web"}},
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+            }));
+            let s = service("default", &svc).expect("converts");
+            assert_eq!(s.not_proxied_by.as_deref(), Some(label));
+            assert!(!s.is_proxied());
+        }
+        let svc = mk_service(json!({
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+        }));
+        assert!(service("default", &svc).expect("converts").is_proxied());
     }
 
     #[test]

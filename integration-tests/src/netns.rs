@@ -330,6 +330,21 @@ impl Cluster {
         }
     }
 
+    /// Runs `sy_agent cleanup` in node `i` (its agent should be stopped).
+    pub fn cleanup_node(&self, i: u8) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(&format!("n{i}"))])
+            .arg(&self.bins.agent)
+            .arg("cleanup")
+            .output()
+            .expect("running cleanup");
+        assert!(
+            out.status.success(),
+            "cleanup on node {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Adds pod `name` with address 10.244.`node`.`k` on node `node`, running
     /// an echo server on port 8080 (TCP and UDP) that answers with `name`.
     pub fn add_pod(&mut self, name: &str, node: u8, k: u8) -> String {
@@ -477,16 +492,16 @@ pub fn finish_echo(child: Child) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-/// A Service manifest on port 80 (`port_extra`: lines for the port item,
-/// indented 4; `spec_extra`: lines for `spec`, indented 2) with one slice
-/// of endpoints `(ip, node, ready)` resolving the named target port `http`
-/// to 8080.
 /// A pod's IPv6 address: `10.244.N.K` has `fd00:244:N::K`.
 pub fn pod_ip6(ip4: &str) -> String {
     let parts: Vec<&str> = ip4.split('.').collect();
     format!("fd00:244:{}::{}", parts[2], parts[3])
 }
 
+/// A Service manifest on port 80 (`port_extra`: lines for the port item,
+/// indented 4; `spec_extra`: lines for `spec`, indented 2) with one slice
+/// of endpoints `(ip, node, ready)` resolving the named target port `http`
+/// to 8080.
 pub fn service_manifest(
     name: &str,
     cluster_ip: &str,
@@ -510,4 +525,51 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: te
         ));
     }
     y
+}
+
+/// How an endpoint stands, for [`with_endpoints`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Ready (and serving).
+    Ready,
+    /// Serving while terminating: used only when nothing is ready.
+    Terminating,
+}
+
+/// `manifest` (from [`service_manifest`] with no endpoints) with these
+/// endpoints `(ip, node, condition)`.
+pub fn with_endpoints(manifest: String, endpoints: &[(&str, u8, Condition)]) -> String {
+    let mut list = String::from("endpoints:\n");
+    for (ip, node, c) in endpoints {
+        let conditions = match c {
+            Condition::Ready => "ready: true",
+            Condition::Terminating => "ready: false, serving: true, terminating: true",
+        };
+        list.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: node-{node}\n  conditions: {{{conditions}}}\n"
+        ));
+    }
+    manifest.replace("endpoints: []\n", &list)
+}
+
+/// `manifest` with labels on its Service (`key: value` pairs).
+pub fn with_labels(manifest: String, labels: &[(&str, &str)]) -> String {
+    let mut block = String::from("  labels:\n");
+    for (k, v) in labels {
+        block.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    manifest.replacen("spec:\n", &format!("{block}spec:\n"), 1)
+}
+
+/// `manifest` with load-balancer ingress entries `(ip, ipMode)` in its
+/// Service's status (`ipMode` empty: none given).
+pub fn with_ingress(manifest: String, ingress: &[(&str, &str)]) -> String {
+    let mut status = String::from("status:\n  loadBalancer:\n    ingress:\n");
+    for (ip, mode) in ingress {
+        status.push_str(&format!("    - ip: {ip}\n"));
+        if !mode.is_empty() {
+            status.push_str(&format!("      ipMode: {mode}\n"));
+        }
+    }
+    manifest.replacen("---\n", &format!("{status}---\n"), 1)
 }

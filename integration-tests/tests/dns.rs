@@ -213,6 +213,32 @@ async fn every_record_type_and_negative_answer_with_dig() {
     );
 }
 
+/// Pod names as CoreDNS's default `pods insecure` mode answers them, and
+/// headless endpoints without a hostname under their dashed address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_names_and_dashed_headless_names_with_dig() {
+    let c = cluster(|_| {}).await;
+    let before = c.upstream.queries.load(Ordering::Relaxed);
+    let pod = dig(c.dns, &["10-250-1-2.default.pod.cluster.local", "A"]).await;
+    assert_eq!(pod.status, "NOERROR", "{}", pod.raw);
+    assert!(pod.has_flag("aa"), "{}", pod.raw);
+    assert_eq!(pod.data(), ["10.250.1.2"]);
+    let v6 = dig(c.dns, &["fd00-244-1--5.shop.pod.cluster.local", "AAAA"]).await;
+    assert_eq!(v6.data(), ["fd00:244:1::5"], "{}", v6.raw);
+    let other_type = dig(c.dns, &["10-250-1-2.default.pod.cluster.local", "AAAA"]).await;
+    assert_eq!(other_type.status, "NOERROR", "{}", other_type.raw);
+    assert!(other_type.answers.is_empty() && other_type.authority.len() == 1);
+    let junk = dig(c.dns, &["web.default.pod.cluster.local", "A"]).await;
+    assert_eq!(junk.status, "NXDOMAIN", "{}", junk.raw);
+    let dashed = dig(c.dns, &["10-244-1-6.db.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(dashed.data(), ["10.244.1.6"], "{}", dashed.raw);
+    assert_eq!(
+        c.upstream.queries.load(Ordering::Relaxed),
+        before,
+        "answered from the zone, not forwarded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_names_are_forwarded_to_the_upstream() {
     let c = cluster(|_| {}).await;
@@ -420,10 +446,62 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_stub_lives_on() {
     );
 }
 
+/// Runs `ip netns exec NS ARGS...`.
+fn netns_exec(ns: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec")
+}
+
+/// Starts the agent binary in `ns` with the default (link-local) DNS
+/// address; returns it once its stub listens, with the log lines seen.
+async fn agent_in_netns(
+    ns: &str,
+    state: &std::path::Path,
+    resolv_conf: &std::path::Path,
+) -> (tokio::process::Child, Vec<String>) {
+    let mut agent = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_netns_agent")])
+        .args([
+            "--node-name",
+            "ns-node",
+            "--control-plane",
+            "http://127.0.0.1:1",
+        ])
+        .args(["--state-dir", &state.display().to_string()])
+        .args(["--admin-listen", "127.0.0.1:9902"])
+        .args(["--resolv-conf", &resolv_conf.display().to_string()])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let stdout = agent.stdout.take().expect("stdout");
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let seen = within("the agent's DNS stub to listen", async {
+        let mut seen = Vec::new();
+        while let Some(l) = lines.next_line().await.expect("read") {
+            let done = l.contains("DNS stub listening");
+            seen.push(l);
+            if done {
+                return seen;
+            }
+        }
+        panic!("agent exited: {seen:?}");
+    })
+    .await;
+    (agent, seen)
+}
+
 /// The default listen address inside a network namespace made for the
 /// test: the agent puts 169.254.20.10 on its interface, adds the NOTRACK
-/// rules, and answers there. Skipped (with a note) where namespaces cannot
-/// be made.
+/// rules (once, also when started again), and answers there. Its
+/// resolv.conf names only the stub itself: it says so at start and in
+/// `/status`, and other names get SERVFAIL at once. `cleanup` then removes
+/// the rules and the address. Skipped (with a note) where namespaces
+/// cannot be made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_local_default_in_a_network_namespace() {
     init_logging();
@@ -445,47 +523,26 @@ async fn the_link_local_default_in_a_network_namespace() {
         }
     }
     let _cleanup = Cleanup(ns.clone());
-    let exec = |args: &[&str]| {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .args(args)
-            .output()
-            .expect("ip netns exec")
-    };
+    let exec = |args: &[&str]| netns_exec(&ns, args);
     assert!(exec(&["ip", "link", "set", "lo", "up"]).status.success());
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut agent = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_netns_agent")])
-        .args([
-            "--node-name",
-            "ns-node",
-            "--control-plane",
-            "http://127.0.0.1:1",
-        ])
-        .args(["--state-dir", &dir.path().join("a").display().to_string()])
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--dns-upstream",
-            "127.0.0.1:5353",
-        ])
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("agent starts");
-    // Wait for the log line saying the stub listens.
-    let stderr = agent.stdout.take().expect("stdout");
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    within("the agent's DNS stub to listen", async {
-        while let Some(l) = lines.next_line().await.expect("read") {
-            if l.contains("DNS stub listening") {
-                return;
-            }
-        }
-        panic!("agent exited");
-    })
-    .await;
+    // The usual NodeLocal DNSCache set-up: the node's resolver is the stub.
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 169.254.20.10\nsearch cluster.local\n").expect("write");
+    let state = dir.path().join("a");
+
+    let (mut agent, log) = agent_in_netns(&ns, &state, &resolv).await;
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("no upstream DNS server")
+            && l.contains("names only this stub (169.254.20.10)")),
+        "a loud warning at start: {log:#?}"
+    );
+    // Started a second time: the same rules, not twice.
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    let (mut agent, _) = agent_in_netns(&ns, &state, &resolv).await;
+
     let addrs = String::from_utf8_lossy(&exec(&["ip", "-o", "addr"]).stdout).to_string();
     assert!(addrs.contains("169.254.20.10/32"), "{addrs}");
     let raw = String::from_utf8_lossy(&exec(&["iptables", "-t", "raw", "-S"]).stdout).to_string();
@@ -493,19 +550,60 @@ async fn the_link_local_default_in_a_network_namespace() {
         "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53",
         "-A PREROUTING -d 169.254.20.10/32 -p tcp -m tcp --dport 53",
         "-A OUTPUT -s 169.254.20.10/32 -p udp -m udp --sport 53",
+        "-A OUTPUT -d 169.254.20.10/32 -p udp -m udp --dport 53",
     ] {
-        assert!(raw.contains(rule), "missing {rule:?} in\n{raw}");
+        assert_eq!(raw.matches(rule).count(), 1, "{rule:?} once in\n{raw}");
     }
     assert_eq!(raw.matches("-j NOTRACK").count(), 6, "{raw}");
-    let out = exec(&[
-        "dig",
-        "@169.254.20.10",
-        "+tries=1",
-        "+time=5",
-        "web.shop.svc.cluster.local",
+
+    let status = exec(&[
+        env!("CARGO_BIN_EXE_sy_echo"),
+        "http",
+        "127.0.0.1:9902",
+        "/status",
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let body: serde_json::Value = serde_json::from_str(
+        status
+            .trim()
+            .split_once(' ')
+            .map_or("null", |(_, body)| body),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(body["dns"]["upstreams"], serde_json::json!([]), "{body}");
+    assert!(
+        body["dns"]["upstream_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("no upstream DNS server")),
+        "{body}"
+    );
+
+    let dig_at = |name: &str| {
+        let out = exec(&["dig", "@169.254.20.10", "+tries=1", "+time=2", name]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = dig_at("web.shop.svc.cluster.local");
     assert!(text.contains("status: SERVFAIL"), "no snapshot yet: {text}");
+    // With no upstream, other names fail at once instead of timing out.
+    let text = dig_at("www.example.org");
+    assert!(text.contains("status: SERVFAIL"), "{text}");
     let _ = agent.start_kill();
     let _ = agent.wait().await;
+
+    // Cleanup removes what the stub put on the node.
+    let out = exec(&[env!("CARGO_BIN_EXE_sy_agent"), "cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = String::from_utf8_lossy(&exec(&["iptables-save", "-t", "raw"]).stdout).to_string();
+    assert!(!raw.contains("switchyard-dns"), "{raw}");
+    let addrs = String::from_utf8_lossy(&exec(&["ip", "-o", "addr"]).stdout).to_string();
+    assert!(!addrs.contains("169.254.20.10"), "{addrs}");
+    assert!(
+        !exec(&["ip", "link", "show", "nodelocaldns"])
+            .status
+            .success()
+    );
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard_integration_tests::netns::{
-    Bins, Cluster, finish_echo, pod_ip6, service_manifest, supported,
+    Bins, Cluster, Condition, finish_echo, pod_ip6, service_manifest, supported, with_endpoints,
+    with_ingress, with_labels,
 };
 
 fn bins() -> Bins {
@@ -263,34 +264,28 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     let r = c.echo("client", &["tcp", "10.96.0.10:80", "10"]);
     assert_eq!(count(&r, "replies", "b1"), 10, "{r}");
 
-    // Cleanup leaves no Switchyard rule behind.
+    // The agents started twice: the DNS stub's NOTRACK rules are there once.
+    for i in 1..=2u8 {
+        let raw = c.sh(&c.ns(&format!("n{i}")), "iptables -t raw -S");
+        assert_eq!(raw.matches("--comment switchyard-dns").count(), 6, "{raw}");
+    }
+
+    // Cleanup leaves nothing of ours behind: no chain or rule, no NOTRACK
+    // rule, no DNS address or interface.
     c.kill_agent(1);
     c.kill_agent(2);
     for i in 1..=2u8 {
+        c.cleanup_node(i);
         let ns = c.ns(&format!("n{i}"));
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(env!("CARGO_BIN_EXE_sy_agent"))
-            .arg("cleanup")
-            .output()
-            .expect("cleanup");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let saved = c.sh(&ns, "iptables-save; ip6tables-save");
         assert!(!saved.contains("SWY-"), "{saved}");
+        assert!(!saved.contains("switchyard"), "{saved}");
+        let addrs = c.sh(&ns, "ip -o addr; ip -o link");
+        assert!(
+            !addrs.contains("169.254.20.10") && !addrs.contains("nodelocaldns"),
+            "{addrs}"
+        );
     }
-}
-
-/// `service_manifest` with a load-balancer ingress address in the Service's status.
-fn with_ingress(manifest: String, ip: &str) -> String {
-    manifest.replacen(
-        "---\n",
-        &format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n---\n"),
-        1,
-    )
 }
 
 #[test]
@@ -330,7 +325,7 @@ fn topology_source_ranges_and_localhost_node_ports() {
                 &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{range}\"]\n"),
                 &all,
             ),
-            ingress,
+            &[(ingress, "")],
         )
     };
     c.write_manifest(
@@ -472,4 +467,361 @@ fn dual_stack_with_real_packets() {
     assert!(e["elapsed_ms"].as_u64().expect("elapsed") < 1000, "{e}");
     let r = c.echo("client", &["tcp", "10.96.0.30:80", "10"]);
     assert_eq!(failures(&r), 0, "{r}");
+}
+
+/// externalTrafficPolicy Local on a node without a local endpoint: pods
+/// and the node itself still reach the endpoints elsewhere through the LB
+/// IP and the node port (also with internalTrafficPolicy Local); only
+/// traffic from outside is dropped. healthCheckNodePort counts ready local
+/// endpoints only: a node whose local endpoint is terminating answers 503
+/// while its node port still serves it.
+#[test]
+fn external_local_policy_and_health_checks() {
+    let Some(mut c) = cluster() else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("near", 1, 9);
+    let lb = |name: &str, cip: &str, np: u16, hc: u16, extra: &str, lb_ip: &str| {
+        with_ingress(
+            service_manifest(
+                name,
+                cip,
+                "TCP",
+                &format!("    nodePort: {np}\n"),
+                &format!(
+                    "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n{extra}"
+                ),
+                &[],
+            ),
+            &[(lb_ip, "")],
+        )
+    };
+    let on_node2 = [(b1.as_str(), 2, Condition::Ready)];
+    c.write_manifest(
+        "remote.yaml",
+        &with_endpoints(
+            lb("remote", "10.96.0.40", 30101, 32101, "", "10.98.0.40"),
+            &on_node2,
+        ),
+    );
+    c.write_manifest(
+        "both.yaml",
+        &with_endpoints(
+            lb(
+                "both",
+                "10.96.0.41",
+                30102,
+                32102,
+                "  internalTrafficPolicy: Local\n",
+                "10.98.0.41",
+            ),
+            &on_node2,
+        ),
+    );
+    c.write_manifest(
+        "draining.yaml",
+        &with_endpoints(
+            lb("draining", "10.96.0.42", 30103, 32103, "", "10.98.0.42"),
+            &[
+                (a1.as_str(), 1, Condition::Terminating),
+                (b1.as_str(), 2, Condition::Ready),
+            ],
+        ),
+    );
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("every service programmed", "10.98.0.42");
+
+    // A pod on node 1 (no local endpoint) through the LB IP and node 1's
+    // node port: short-circuited to the endpoint on node 2, source kept.
+    for target in [
+        "10.98.0.40:80",
+        "10.99.0.11:30101",
+        "10.98.0.41:80",
+        "10.99.0.11:30102",
+    ] {
+        let r = c.echo("near", &["tcp", target, "5"]);
+        assert_eq!(count(&r, "replies", "b1"), 5, "{target}: {r}");
+        assert_eq!(count(&r, "peers", "10.244.1.9"), 5, "{target}: {r}");
+    }
+    // Node 1 itself: masqueraded (its source would be the LB IP or node
+    // address), and it arrives.
+    for target in ["10.98.0.40:80", "10.99.0.11:30101", "10.99.0.11:30102"] {
+        let r = c.echo("n1", &["tcp", target, "5"]);
+        assert_eq!(count(&r, "replies", "b1"), 5, "{target}: {r}");
+    }
+    // internalTrafficPolicy Local: the cluster IP has nothing on node 1.
+    let d = c.echo("near", &["tcp", "10.96.0.41:80", "1"]);
+    assert_eq!(d["timeout"], 1, "{d}");
+    // From outside, node 1 has nothing to offer: dropped; node 2 serves.
+    let d = c.echo("ext", &["tcp", "10.99.0.11:30101", "1"]);
+    assert_eq!(d["timeout"], 1, "{d}");
+    let r = c.echo("ext", &["tcp", "10.99.0.12:30101", "5"]);
+    assert_eq!(count(&r, "replies", "b1"), 5, "{r}");
+    assert_eq!(
+        count(&r, "peers", "10.99.0.100"),
+        5,
+        "client address kept: {r}"
+    );
+    let (code, _) = c.http("ext", "10.99.0.11:32101", "/healthz");
+    assert_eq!(code, 503);
+    let (code, body) = c.http("ext", "10.99.0.12:32101", "/healthz");
+    assert_eq!(code, 200, "{body}");
+
+    // Only a terminating endpoint on node 1: the node port still serves it
+    // from outside, but the health check sends load balancers elsewhere.
+    let r = c.echo("ext", &["tcp", "10.99.0.11:30103", "5"]);
+    assert_eq!(count(&r, "replies", "a1"), 5, "{r}");
+    let (code, body) = c.http("ext", "10.99.0.11:32103", "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    let (code, body) = c.http("ext", "10.99.0.12:32103", "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+}
+
+/// loadBalancerSourceRanges admit packets whose source is the LB IP itself
+/// only when a range holds a node address: a client outside spoofing the
+/// LB IP (by SNAT in its own namespace) is dropped otherwise.
+#[test]
+fn spoofed_load_balancer_sources() {
+    let Some(mut c) = cluster() else { return };
+    let b1 = c.add_pod("b1", 2, 2);
+    let lb = |name: &str, cip: &str, np: u16, range: &str, ingress: &str| {
+        with_ingress(
+            service_manifest(
+                name,
+                cip,
+                "TCP",
+                &format!("    nodePort: {np}\n"),
+                &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [\"{range}\"]\n"),
+                &[(&b1, 2, true)],
+            ),
+            &[(ingress, "")],
+        )
+    };
+    // ext (10.99.0.100) is admitted by both; only the second range holds
+    // the nodes' addresses.
+    c.write_manifest(
+        "client.yaml",
+        &lb(
+            "client",
+            "10.96.0.50",
+            30111,
+            "10.99.0.100/32",
+            "10.98.0.50",
+        ),
+    );
+    c.write_manifest(
+        "nodes.yaml",
+        &lb("nodes", "10.96.0.51", 30112, "10.99.0.0/24", "10.98.0.51"),
+    );
+    let ext = c.ns("ext");
+    c.sh(&ext, "ip route add 10.98.0.0/24 via 10.99.0.11");
+    // Replies to the spoofed address find their way back to ext.
+    c.sh(&c.ns("n1"), "ip route add 10.98.0.0/24 via 10.99.0.100");
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("both services", "10.98.0.51");
+
+    for target in ["10.98.0.50:80", "10.98.0.51:80"] {
+        let r = c.echo("ext", &["tcp", target, "3"]);
+        assert_eq!(
+            count(&r, "replies", "b1"),
+            3,
+            "the real source: {target} {r}"
+        );
+    }
+    let spoofed = |lb_ip: &str| {
+        let rule = format!("POSTROUTING -d {lb_ip} -p tcp -j SNAT --to-source {lb_ip}");
+        c.sh(&ext, &format!("iptables -t nat -A {rule}"));
+        let r = c.echo("ext", &["tcp", &format!("{lb_ip}:80"), "1"]);
+        c.sh(&ext, &format!("iptables -t nat -D {rule}"));
+        r
+    };
+    let r = spoofed("10.98.0.50");
+    assert_eq!(r["timeout"], 1, "the LB IP is no source in the ranges: {r}");
+    let r = spoofed("10.98.0.51");
+    assert_eq!(count(&r, "replies", "b1"), 1, "a range holds the node: {r}");
+}
+
+/// Services labelled for another proxy, or headless by label, get no rules;
+/// removing the label brings them, adding it takes them away again. An LB
+/// ingress IP with `ipMode: Proxy` is not captured on the node.
+#[test]
+fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone() {
+    let Some(mut c) = cluster() else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    c.add_pod("client", 2, 9);
+    let plain =
+        |name: &str, cip: &str| service_manifest(name, cip, "TCP", "", "", &[(&a1, 1, true)]);
+    let labelled = [
+        (
+            "other",
+            "10.96.0.60",
+            "service.kubernetes.io/service-proxy-name",
+            "another-proxy",
+        ),
+        ("hl", "10.96.0.61", "service.kubernetes.io/headless", ""),
+    ];
+    for (name, cip, label, value) in labelled {
+        c.write_manifest(
+            &format!("{name}.yaml"),
+            &with_labels(plain(name, cip), &[(label, value), ("app", name)]),
+        );
+    }
+    c.write_manifest(
+        "vip.yaml",
+        &with_ingress(
+            service_manifest(
+                "vip",
+                "10.96.0.62",
+                "TCP",
+                "    nodePort: 30121\n",
+                "  type: LoadBalancer\n",
+                &[(&a1, 1, true)],
+            ),
+            &[("10.98.0.62", "VIP"), ("10.98.0.63", "Proxy")],
+        ),
+    );
+    c.sh(&c.ns("ext"), "ip route add 10.98.0.0/24 via 10.99.0.11");
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("the VIP service", "10.98.0.62");
+
+    let reaches = |cip: &str| {
+        let r = c.echo("client", &["tcp", &format!("{cip}:80"), "1"]);
+        count(&r, "replies", "a1") == 1
+    };
+    for (_, cip, _, _) in labelled {
+        assert!(!c.rules(2).contains(cip), "{cip} is another proxy's");
+        assert!(!reaches(cip), "{cip} answered without rules");
+    }
+    let r = c.echo("ext", &["tcp", "10.98.0.62:80", "3"]);
+    assert_eq!(count(&r, "replies", "a1"), 3, "{r}");
+    assert!(
+        !c.rules(1).contains("10.98.0.63"),
+        "ipMode Proxy is not captured"
+    );
+    let r = c.echo("ext", &["tcp", "10.98.0.63:80", "1"]);
+    assert_eq!(count(&r, "replies", "a1"), 0, "{r}");
+
+    // The labels go: the Services are proxied; they come back: not any more.
+    for (name, cip, _, _) in labelled {
+        c.write_manifest(&format!("{name}.yaml"), &plain(name, cip));
+    }
+    c.wait_rules("the unlabelled services", "10.96.0.61/32");
+    for (_, cip, _, _) in labelled {
+        c.wait_until(&format!("{cip} to answer"), || reaches(cip));
+    }
+    for (name, cip, label, value) in labelled {
+        c.write_manifest(
+            &format!("{name}.yaml"),
+            &with_labels(plain(name, cip), &[(label, value)]),
+        );
+    }
+    c.wait_until("the labelled services' rules gone", || {
+        (1..=2).all(|i| {
+            let r = c.rules(i);
+            !r.contains("10.96.0.60/32") && !r.contains("10.96.0.61/32")
+        })
+    });
+    for (_, cip, _, _) in labelled {
+        assert!(!reaches(cip), "{cip} answered without rules");
+    }
+}
+
+/// UDP flows follow what serves them, across a restart from disk: a flow
+/// to an endpoint that turned terminating stays on it (it still serves);
+/// once that endpoint is deleted while the agent is down, the restarted
+/// agent moves the flow; and a flow sent while none of our rules existed
+/// meets them after the restart's full sync (control plane down: the agent
+/// runs from its persisted state alone).
+#[test]
+fn udp_flows_are_reconciled_after_every_sync() {
+    let Some(mut c) = cluster() else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let dns = |eps: &[(&str, u8, Condition)]| {
+        with_endpoints(
+            service_manifest("dns", "10.96.0.11", "UDP", "", "", &[]),
+            eps,
+        )
+    };
+    let (a, b) = (
+        (a1.as_str(), 1, Condition::Ready),
+        (b1.as_str(), 2, Condition::Ready),
+    );
+    c.write_manifest("dns.yaml", &dns(&[a, b]));
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("the UDP service", "10.96.0.11/32");
+    // One datagram of the flow from source port `sport`: who answered.
+    fn flow(c: &Cluster, sport: &str) -> String {
+        let u = c.echo("client", &["udp", "10.96.0.11:80", "1", sport]);
+        u["replies"][0].as_str().unwrap_or("-").to_owned()
+    }
+    let first = flow(&c, "40500");
+    let (stays, other) = match first.as_str() {
+        "a1" => ((a1.as_str(), 1), (b1.as_str(), 2, Condition::Ready)),
+        "b1" => ((b1.as_str(), 2), (a1.as_str(), 1, Condition::Ready)),
+        _ => panic!("the flow reached no endpoint: {first}"),
+    };
+
+    // The endpoint terminates: no new flow goes there, this one stays.
+    c.write_manifest(
+        "dns.yaml",
+        &dns(&[(stays.0, stays.1, Condition::Terminating), other]),
+    );
+    c.wait_until("the terminating endpoint out of node 2's rules", || {
+        !c.rules(2)
+            .contains(&format!("--to-destination {}:8080", stays.0))
+    });
+    assert_eq!(
+        flow(&c, "40500"),
+        first,
+        "a serving endpoint keeps its flow"
+    );
+    assert_ne!(flow(&c, "40501"), first, "a new flow goes to the ready one");
+
+    // Deleted while node 2's agent is down: the restarted agent moves it.
+    c.kill_agent(2);
+    c.write_manifest("dns.yaml", &dns(&[other]));
+    c.wait_until("node 1 without the deleted endpoint", || {
+        !c.rules(1).contains(&format!("{}:8080", stays.0))
+    });
+    assert_eq!(
+        flow(&c, "40500"),
+        first,
+        "nobody cleared it while the agent was down"
+    );
+    c.start_agent(2);
+    c.wait_until("the flow to move to the live endpoint", || {
+        flow(&c, "40500") != first
+    });
+
+    // A flow sent while node 2 had none of our rules (cleaned up, agent and
+    // control plane down) was never translated; the agent's full sync from
+    // disk clears it, and the next datagram meets the rules.
+    c.stop_control_plane();
+    c.kill_agent(2);
+    c.cleanup_node(2);
+    let n2 = c.ns("n2");
+    // A node tracks connections without us (CNI, firewall rules); with no
+    // rule that needs conntrack the kernel would track nothing.
+    c.sh(
+        &n2,
+        "iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP",
+    );
+    assert_eq!(flow(&c, "40600"), "-", "no rules, no answer");
+    let untranslated = c.sh(&n2, "conntrack -L -p udp --orig-port-src 40600 2>/dev/null");
+    assert!(
+        untranslated.matches("10.96.0.11").count() == 2,
+        "an entry replying from the cluster IP itself: {untranslated}"
+    );
+    c.start_agent(2);
+    c.wait_until("the untranslated flow to reach an endpoint", || {
+        flow(&c, "40600") != "-"
+    });
 }

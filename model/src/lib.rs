@@ -22,9 +22,9 @@ mod service;
 pub use endpoints::{AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 pub use error::{ValidationError, ValidationErrors};
 pub use service::{
-    IpFamilies, Protocol, Service, ServiceExport, ServiceKey, ServicePort, ServiceState,
-    ServiceType, TargetPort, TrafficPolicy, affinity_timeout_or_default, is_dns_label,
-    is_dns_subdomain, is_port_name,
+    IpFamilies, NOT_PROXIED_LABELS, Protocol, Service, ServiceExport, ServiceKey, ServicePort,
+    ServiceState, ServiceType, TargetPort, TrafficPolicy, affinity_timeout_or_default,
+    is_dns_label, is_dns_subdomain, is_port_name,
 };
 
 /// The cluster id used when a deployment does not name one.

@@ -180,6 +180,11 @@ pub struct Service {
     pub external_name: Option<String>,
     /// `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
     pub traffic_distribution: Option<String>,
+    /// The label that tells node proxies to leave this Service alone, when
+    /// it carries one ([`NOT_PROXIED_LABELS`]): kube-proxy watches Services
+    /// with a selector that excludes them, so another proxy owns their
+    /// traffic. DNS still answers them, as CoreDNS does.
+    pub not_proxied_by: Option<String>,
     /// Set when the Service is exported to the clusterset (it has a
     /// ServiceExport): carried so that fleet relays learn what is exported.
     pub export: Option<ServiceExport>,
@@ -191,6 +196,14 @@ pub struct ServiceExport {
     /// The ServiceExport's creationTimestamp (Unix seconds), when known.
     pub created_unix: Option<i64>,
 }
+
+/// Labels whose presence (any value) keeps kube-proxy away from a Service:
+/// another proxy implementation serves it (`service-proxy-name`), or its
+/// endpoints are headless (`headless`).
+pub const NOT_PROXIED_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
 
 /// Values of `spec.trafficDistribution` that Kubernetes accepts.
 pub const TRAFFIC_DISTRIBUTIONS: [&str; 3] = ["PreferClose", "PreferSameZone", "PreferSameNode"];
@@ -214,6 +227,7 @@ impl Service {
             publish_not_ready_addresses: false,
             external_name: None,
             traffic_distribution: None,
+            not_proxied_by: None,
             export: None,
         }
     }
@@ -224,9 +238,15 @@ impl Service {
         object_name("Service", &self.key)
     }
 
-    /// Whether the Service needs a cluster IP (that is, it is proxied).
+    /// Whether the Service needs a cluster IP (not headless, not ExternalName).
     pub fn wants_cluster_ip(&self) -> bool {
         !self.headless && self.service_type != ServiceType::ExternalName
+    }
+
+    /// Whether a node proxy programs this Service: it has a cluster IP and
+    /// no label hands it to another proxy.
+    pub fn is_proxied(&self) -> bool {
+        self.wants_cluster_ip() && self.not_proxied_by.is_none()
     }
 
     /// The IP families of the cluster IPs.

@@ -67,6 +67,7 @@ fn encode_service(s: &m::Service) -> v1::Service {
         publish_not_ready_addresses: s.publish_not_ready_addresses,
         external_name: s.external_name.clone().unwrap_or_default(),
         traffic_distribution: s.traffic_distribution.clone().unwrap_or_default(),
+        not_proxied_by: s.not_proxied_by.clone().unwrap_or_default(),
         export: s.export.map(|e| v1::ServiceExport {
             created_unix_seconds: e.created_unix,
         }),
@@ -244,6 +245,7 @@ impl Decoder<'_> {
             publish_not_ready_addresses: s.publish_not_ready_addresses,
             external_name: non_empty(&s.external_name),
             traffic_distribution: non_empty(&s.traffic_distribution),
+            not_proxied_by: non_empty(&s.not_proxied_by),
             export: s.export.map(|e| m::ServiceExport {
                 created_unix: e.created_unix_seconds,
             }),
@@ -411,6 +413,7 @@ mod tests {
                 health_check_node_port: Some(32000),
                 publish_not_ready_addresses: true,
                 traffic_distribution: Some("PreferClose".into()),
+                not_proxied_by: Some("service.kubernetes.io/service-proxy-name".into()),
                 ..m::Service::new(key)
             },
             slices: vec![m::EndpointSlice {

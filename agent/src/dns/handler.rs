@@ -13,6 +13,7 @@
 //!  request ─▶ a response? ─▶ Drop            source not allowed ─▶ REFUSED
 //!          ─▶ not QUERY ─▶ NOTIMP   ≠1 question ─▶ FORMERR   EDNS version > 0 ─▶ BADVERS
 //!          ─▶ cluster zone ─▶ SERVFAIL (no snapshot yet) | answer | NODATA+SOA | NXDOMAIN+SOA
+//!                             (pod names: the address the name spells)
 //!          ─▶ known reverse name (PTR) ─▶ answer
 //!          ─▶ anything else ─▶ Forward (to the upstreams)
 //! ```
@@ -164,6 +165,10 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
                 add_targets(index, &mut answer);
             }
         }
+        Lookup::Synthesized(mut record) => {
+            record.name = query.name.clone();
+            answer.answers = Cow::Owned(vec![*record]);
+        }
         Lookup::NoData => answer.soa = Some(index.soa_for(name)),
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
@@ -185,6 +190,9 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
     }
     match index.lookup(&target, qtype) {
         Lookup::Records(records, rtype) if rtype == qtype => answer.chased = records,
+        Lookup::Synthesized(record) if record.record_type() == qtype => {
+            answer.answers.to_mut().push(*record);
+        }
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
             answer.soa = Some(index.soa_for(&target));

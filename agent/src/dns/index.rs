@@ -7,6 +7,9 @@
 //! Every name that exists holds its records; empty non-terminals (such as
 //! `svc.<zone>`, `<ns>.svc.<zone>` and `_tcp.<svc>...`) are present with no
 //! records, so a miss is one hash lookup (NXDOMAIN) and never a scan.
+//! Pod names (`10-244-1-2.<ns>.pod.<zone>`, CoreDNS's default `pods
+//! insecure` mode) are not stored: the name is the address, so a miss under
+//! `pod.<zone>` is answered from the name itself.
 //! An index is immutable: a new snapshot builds a new one.
 
 use std::collections::HashMap;
@@ -51,6 +54,7 @@ pub struct DnsIndex {
     pub(crate) reverse: HashMap<LowerName, Vec<Record>>,
     pub(crate) soa: Record,
     pub(crate) clusterset_soa: Record,
+    ttl: u32,
     /// How long the build took.
     pub build_time: Duration,
 }
@@ -68,6 +72,7 @@ impl DnsIndex {
             reverse: HashMap::new(),
         };
         let soa = b.apex(SCHEMA_VERSION);
+        b.ensure(&b.sub(&["pod"]));
         let mut cs = Builder {
             zone: clusterset.clone(),
             ttl,
@@ -97,6 +102,7 @@ impl DnsIndex {
             reverse: b.reverse,
             soa,
             clusterset_soa,
+            ttl,
             build_time: started.elapsed(),
         }
     }
@@ -376,6 +382,8 @@ pub(crate) enum Lookup<'a> {
     Records(&'a [Record], RecordType),
     /// The name exists, without records of that type.
     NoData,
+    /// A record made from the name itself (a pod's dashed address).
+    Synthesized(Box<Record>),
     /// The name does not exist in the zone.
     NxDomain,
 }
@@ -405,7 +413,7 @@ impl DnsIndex {
     /// Records of `name` and `qtype`; an empty answer is `NoData`.
     pub(crate) fn lookup(&self, name: &LowerName, qtype: RecordType) -> Lookup<'_> {
         let Some(node) = self.names.get(name) else {
-            return Lookup::NxDomain;
+            return self.pod(name, qtype);
         };
         if node.records.is_empty() {
             return Lookup::NoData;
@@ -435,4 +443,49 @@ impl DnsIndex {
     pub(crate) fn soa(&self) -> &Record {
         &self.soa
     }
+
+    /// `<dashed address>.<namespace>.pod.<zone>`: A (or AAAA) of the
+    /// address the first label spells, in any namespace, without checking
+    /// that a pod has it (CoreDNS `pods insecure`, its default). Three
+    /// dashes and no `--` spell IPv4 (`10-244-1-2`); otherwise dashes are
+    /// colons (`fd00--1`). `<namespace>.pod.<zone>` exists with no records.
+    fn pod(&self, name: &LowerName, qtype: RecordType) -> Lookup<'_> {
+        let depth = name.num_labels().checked_sub(self.zone.num_labels());
+        let labels: Vec<&[u8]> = name.iter().collect();
+        if !self.zone.zone_of(name) {
+            return Lookup::NxDomain;
+        }
+        match depth {
+            Some(2) if labels[1] == b"pod" => Lookup::NoData,
+            Some(3) if labels[2] == b"pod" => {
+                let Some(ip) = pod_address(labels[0]) else {
+                    return Lookup::NxDomain;
+                };
+                let (rtype, data) = match ip {
+                    IpAddr::V4(v4) => (RecordType::A, RData::A(A(v4))),
+                    IpAddr::V6(v6) => (RecordType::AAAA, RData::AAAA(AAAA(v6))),
+                };
+                if qtype != rtype && qtype != RecordType::ANY {
+                    return Lookup::NoData;
+                }
+                Lookup::Synthesized(Box::new(Record::from_rdata(
+                    Name::from(name.clone()),
+                    self.ttl,
+                    data,
+                )))
+            }
+            _ => Lookup::NxDomain,
+        }
+    }
+}
+
+/// The address a pod name's first label spells, CoreDNS's way.
+fn pod_address(label: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(label).ok()?;
+    let text = if s.matches('-').count() == 3 && !s.contains("--") {
+        s.replace('-', ".")
+    } else {
+        s.replace('-', ":")
+    };
+    text.parse().ok()
 }

@@ -1,13 +1,60 @@
 //! The node-local listen address: a dummy interface holding the link-local
 //! address, and raw-table NOTRACK rules so DNS to and from it skips
 //! conntrack (as NodeLocal DNSCache does, against the conntrack races of
-//! kubernetes#56903). Every `ip` and `iptables` command line is made here.
+//! kubernetes#56903). Every `ip` command line is made here; the NOTRACK
+//! rules go through the `iptables` crate, one idempotent rule at a time.
+//!
+//! ```text
+//!  start:   ip link add nodelocaldns (or lo) + ip addr replace ─▶ raw -S PREROUTING/OUTPUT ─▶ append what is missing,
+//!                                                                                            delete duplicates of ours
+//!  cleanup: every raw rule commented switchyard-dns (both families) ─▶ ip link del nodelocaldns ─▶ the address off lo
+//! ```
+//!
+//! Presence is judged by the rule as `iptables -S` prints it back, not by
+//! `iptables -C`: the listing is what a person sees, and a rule we wrote
+//! twice (an earlier agent's bug) is found and removed rather than
+//! confirmed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 /// The dummy interface's name (NodeLocal DNSCache's own).
 pub const INTERFACE: &str = "nodelocaldns";
+
+/// The comment on every NOTRACK rule of ours: what cleanup looks for.
+pub const NOTRACK_COMMENT: &str = "switchyard-dns";
+
+/// Setting up or removing the listen address failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A command could not be started.
+    #[error("running {command}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command ran and failed.
+    #[error("{command}: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// iptables (through the `iptables` crate) failed.
+    #[error("{tool} -t raw {what}: {message}")]
+    Iptables {
+        /// `iptables` or `ip6tables`.
+        tool: &'static str,
+        /// What was asked.
+        what: String,
+        /// The crate's error.
+        message: String,
+    },
+}
 
 /// Whether this process has CAP_NET_ADMIN (bit 12 of CapEff).
 pub fn has_net_admin() -> bool {
@@ -23,10 +70,9 @@ pub fn has_net_admin() -> bool {
 
 /// The commands that put `addr` on the dummy interface, idempotently.
 pub fn interface_commands(addr: IpAddr) -> Vec<Vec<String>> {
-    let prefix = if addr.is_ipv4() { 32 } else { 128 };
     [
         format!("ip link add {INTERFACE} type dummy"),
-        format!("ip addr replace {addr}/{prefix} dev {INTERFACE}"),
+        format!("ip addr replace {} dev {INTERFACE}", host(addr)),
         format!("ip link set {INTERFACE} up"),
     ]
     .iter()
@@ -34,10 +80,15 @@ pub fn interface_commands(addr: IpAddr) -> Vec<Vec<String>> {
     .collect()
 }
 
-/// The raw-table NOTRACK rules for `listen`, each as the arguments after
-/// `iptables -t raw -{C,A}`.
-pub fn notrack_rules(listen: SocketAddr) -> Vec<Vec<String>> {
-    let (ip, port) = (listen.ip(), listen.port());
+fn host(addr: IpAddr) -> String {
+    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+    format!("{addr}/{prefix}")
+}
+
+/// The raw-table NOTRACK rules for `listen`: (chain, rule spec), the spec
+/// exactly as `iptables -S` prints it after `-A CHAIN `.
+pub fn notrack_rules(listen: SocketAddr) -> Vec<(&'static str, String)> {
+    let (ip, port) = (host(listen.ip()), listen.port());
     let mut rules = Vec::new();
     for proto in ["udp", "tcp"] {
         for (chain, dir, pdir) in [
@@ -45,99 +96,224 @@ pub fn notrack_rules(listen: SocketAddr) -> Vec<Vec<String>> {
             ("OUTPUT", "-s", "--sport"),
             ("OUTPUT", "-d", "--dport"),
         ] {
-            rules.push(
+            rules.push((
+                chain,
                 format!(
-                    "{chain} {dir} {ip} -p {proto} -m {proto} {pdir} {port} -m comment --comment switchyard-dns -j NOTRACK"
-                )
-                .split(' ')
-                .map(String::from)
-                .collect(),
-            );
+                    "{dir} {ip} -p {proto} -m {proto} {pdir} {port} -m comment --comment {NOTRACK_COMMENT} -j NOTRACK"
+                ),
+            ));
         }
     }
     rules
 }
 
+/// What to change in one chain: the specs to append (wanted, not listed)
+/// and the listed specs of ours to delete (not wanted, or listed twice).
+pub fn notrack_changes(
+    chain: &str,
+    listed: &[String],
+    wanted: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let head = format!("-A {chain} ");
+    let ours: Vec<&str> = listed
+        .iter()
+        .filter_map(|l| l.strip_prefix(&head))
+        .filter(|spec| is_ours(spec))
+        .collect();
+    let append = wanted
+        .iter()
+        .filter(|w| !ours.contains(&w.as_str()))
+        .cloned()
+        .collect();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut delete = Vec::new();
+    for spec in ours {
+        if wanted.iter().any(|w| w == spec) && !seen.contains(&spec) {
+            seen.push(spec);
+        } else {
+            delete.push(spec.to_owned());
+        }
+    }
+    (append, delete)
+}
+
+fn is_ours(spec: &str) -> bool {
+    spec.contains(&format!("--comment {NOTRACK_COMMENT} "))
+}
+
 /// Creates the interface and the NOTRACK rules for `listen`; returns the
 /// interface holding the address. A kernel without the dummy driver gets
-/// the address on `lo` instead.
-pub fn install(listen: SocketAddr) -> Result<&'static str, String> {
+/// the address on `lo` instead. Running it again changes nothing.
+pub fn install(listen: SocketAddr) -> Result<&'static str, LinkError> {
     let interface = match put_on_dummy(listen.ip()) {
         Ok(()) => INTERFACE,
-        Err(e) if e.contains("Unknown device type") || e.contains("not supported") => {
-            let prefix = if listen.is_ipv4() { "32" } else { "128" };
-            let args: Vec<String> = [
-                "addr",
-                "replace",
-                &format!("{}/{prefix}", listen.ip()),
-                "dev",
-                "lo",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let out = run("ip", &args)?;
-            if !out.status.success() {
-                return Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+        Err(LinkError::Failed { stderr, .. })
+            if stderr.contains("Unknown device type") || stderr.contains("not supported") =>
+        {
+            run("ip", &["addr", "replace", &host(listen.ip()), "dev", "lo"])?;
             "lo"
         }
         Err(e) => return Err(e),
     };
-    notrack(listen)?;
+    let wanted = notrack_rules(listen);
+    let ipt = Raw::new(listen.is_ipv6())?;
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let specs: Vec<String> = wanted
+            .iter()
+            .filter(|(c, _)| *c == chain)
+            .map(|(_, s)| s.clone())
+            .collect();
+        let (append, delete) = notrack_changes(chain, &ipt.list(chain)?, &specs);
+        for spec in delete {
+            ipt.delete(chain, &spec)?;
+        }
+        for spec in append {
+            ipt.append(chain, &spec)?;
+        }
+    }
     Ok(interface)
 }
 
-fn put_on_dummy(addr: IpAddr) -> Result<(), String> {
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// NOTRACK rules deleted, both families.
+    pub rules: usize,
+    /// Whether the dummy interface was deleted.
+    pub interface: bool,
+    /// Whether the listen address was taken off `lo`.
+    pub loopback_address: bool,
+}
+
+/// `switchyard-agent cleanup`: deletes every NOTRACK rule of ours (found by
+/// their comment, whatever address they name), the dummy interface, and
+/// `listen`'s address from `lo` when it is link-local (where [`install`]
+/// puts it without the dummy driver).
+pub fn uninstall(listen: Option<SocketAddr>) -> Result<Removed, LinkError> {
+    let mut removed = Removed::default();
+    for ipv6 in [false, true] {
+        let ipt = match Raw::new(ipv6) {
+            Ok(ipt) => ipt,
+            // No ip6tables on this node: nothing of ours there either.
+            Err(_) if ipv6 => continue,
+            Err(e) => return Err(e),
+        };
+        for chain in ["PREROUTING", "OUTPUT"] {
+            let listed = match ipt.list(chain) {
+                Ok(l) => l,
+                Err(_) if ipv6 => continue,
+                Err(e) => return Err(e),
+            };
+            let (_, delete) = notrack_changes(chain, &listed, &[]);
+            for spec in delete {
+                ipt.delete(chain, &spec)?;
+                removed.rules += 1;
+            }
+        }
+    }
+    let link = command("ip", &["link", "show", INTERFACE])?;
+    if link.status.success() {
+        run("ip", &["link", "del", INTERFACE])?;
+        removed.interface = true;
+    }
+    if let Some(listen) = listen.filter(|l| is_link_local(l.ip())) {
+        let on_lo = command("ip", &["-o", "addr", "show", "dev", "lo"])?;
+        if String::from_utf8_lossy(&on_lo.stdout).contains(&format!(" {} ", host(listen.ip()))) {
+            run("ip", &["addr", "del", &host(listen.ip()), "dev", "lo"])?;
+            removed.loopback_address = true;
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether `ip` is link-local (where the stub makes its own address).
+pub fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// The raw table of one family, through the `iptables` crate.
+struct Raw {
+    ipt: iptables::IPTables,
+    tool: &'static str,
+}
+
+impl Raw {
+    fn new(ipv6: bool) -> Result<Self, LinkError> {
+        let tool = if ipv6 { "ip6tables" } else { "iptables" };
+        let ipt = iptables::new(ipv6).map_err(|e| LinkError::Iptables {
+            tool,
+            what: "--version".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { ipt, tool })
+    }
+
+    fn fail(&self, what: String) -> impl FnOnce(Box<dyn std::error::Error>) -> LinkError {
+        let tool = self.tool;
+        move |e| LinkError::Iptables {
+            tool,
+            what,
+            message: e.to_string(),
+        }
+    }
+
+    fn list(&self, chain: &str) -> Result<Vec<String>, LinkError> {
+        self.ipt
+            .list("raw", chain)
+            .map_err(self.fail(format!("-S {chain}")))
+    }
+
+    fn append(&self, chain: &str, spec: &str) -> Result<(), LinkError> {
+        self.ipt
+            .append("raw", chain, spec)
+            .map_err(self.fail(format!("-A {chain} {spec}")))
+    }
+
+    fn delete(&self, chain: &str, spec: &str) -> Result<(), LinkError> {
+        self.ipt
+            .delete("raw", chain, spec)
+            .map_err(self.fail(format!("-D {chain} {spec}")))
+    }
+}
+
+fn put_on_dummy(addr: IpAddr) -> Result<(), LinkError> {
     for (i, cmd) in interface_commands(addr).iter().enumerate() {
-        let out = run(&cmd[0], &cmd[1..])?;
+        let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+        let out = command(&cmd[0], &args)?;
         // The interface may exist from an earlier run.
         let exists = i == 0 && String::from_utf8_lossy(&out.stderr).contains("File exists");
         if !out.status.success() && !exists {
-            return Err(format!(
-                "{}: {}",
-                cmd.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(LinkError::Failed {
+                command: cmd.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
     }
     Ok(())
 }
 
-fn notrack(listen: SocketAddr) -> Result<(), String> {
-    let iptables = if listen.is_ipv4() {
-        "iptables"
-    } else {
-        "ip6tables"
-    };
-    for rule in notrack_rules(listen) {
-        let mut check = vec!["-w".to_owned(), "-t".into(), "raw".into(), "-C".into()];
-        check.extend(rule.iter().cloned());
-        if run(iptables, &check)?.status.success() {
-            continue;
-        }
-        check[3] = "-A".into();
-        let out = run(iptables, &check)?;
-        if !out.status.success() {
-            return Err(format!(
-                "{iptables} {}: {}",
-                check.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn run(program: &str, args: &[String]) -> Result<std::process::Output, String> {
+fn command(program: &str, args: &[&str]) -> Result<std::process::Output, LinkError> {
     Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("running {program}: {e}"))
+        .map_err(|source| LinkError::Spawn {
+            command: format!("{program} {}", args.join(" ")),
+            source,
+        })
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), LinkError> {
+    let out = command(program, args)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(LinkError::Failed {
+        command: format!("{program} {}", args.join(" ")),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -148,13 +324,49 @@ mod tests {
     fn rules_cover_both_protocols_and_directions() {
         let rules = notrack_rules("169.254.20.10:53".parse().unwrap());
         assert_eq!(rules.len(), 6);
+        assert_eq!(rules[0].0, "PREROUTING");
         assert_eq!(
-            rules[0].join(" "),
-            "PREROUTING -d 169.254.20.10 -p udp -m udp --dport 53 -m comment --comment switchyard-dns -j NOTRACK"
+            rules[0].1,
+            "-d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment --comment switchyard-dns -j NOTRACK"
         );
         assert_eq!(
             interface_commands("169.254.20.10".parse().unwrap())[1].join(" "),
             "ip addr replace 169.254.20.10/32 dev nodelocaldns"
         );
+    }
+
+    #[test]
+    fn changes_append_what_is_missing_and_delete_duplicates() {
+        let wanted: Vec<String> = notrack_rules("169.254.20.10:53".parse().unwrap())
+            .into_iter()
+            .filter(|(c, _)| *c == "OUTPUT")
+            .map(|(_, s)| s)
+            .collect();
+        let a = |s: &str| format!("-A OUTPUT {s}");
+        let listed = vec![
+            "-P OUTPUT ACCEPT".to_owned(),
+            a(&wanted[0]),
+            a(&wanted[0]),
+            a("-d 10.0.0.1/32 -j DROP"),
+            a(
+                "-d 169.254.20.11/32 -p udp -m udp --dport 53 -m comment --comment switchyard-dns -j NOTRACK",
+            ),
+        ];
+        let (append, delete) = notrack_changes("OUTPUT", &listed, &wanted);
+        assert_eq!(append, wanted[1..].to_vec());
+        assert_eq!(
+            delete,
+            [
+                wanted[0].clone(),
+                "-d 169.254.20.11/32 -p udp -m udp --dport 53 -m comment --comment switchyard-dns -j NOTRACK".to_owned()
+            ]
+        );
+        // In place: nothing to do.
+        let listed: Vec<String> = wanted.iter().map(|w| a(w)).collect();
+        let (append, delete) = notrack_changes("OUTPUT", &listed, &wanted);
+        assert!(append.is_empty() && delete.is_empty());
+        // Cleanup: every rule of ours goes, others stay.
+        let (_, delete) = notrack_changes("OUTPUT", &listed, &[]);
+        assert_eq!(delete.len(), 4);
     }
 }

@@ -64,6 +64,8 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Where other names go.
     pub upstreams: Vec<SocketAddr>,
+    /// Why there is no upstream, when there is none.
+    pub no_upstream: Option<String>,
     /// Who may ask.
     pub acl: Acl,
     /// Most forwarded queries in flight.
@@ -76,13 +78,30 @@ impl DnsConfig {
     pub fn from_args(args: &Args, listen: SocketAddr) -> anyhow::Result<Self> {
         let zone = zone_name(&args.cluster_domain)
             .with_context(|| format!("--cluster-domain {:?}", args.cluster_domain))?;
-        let upstreams = if args.dns_upstreams.is_empty() {
-            resolv_conf_upstreams(
-                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-                listen,
-            )
+        let (upstreams, no_upstream) = if args.dns_upstreams.is_empty() {
+            let path = args.resolv_conf.display();
+            let text = std::fs::read_to_string(&args.resolv_conf).unwrap_or_default();
+            let (found, ours) = resolv_conf_upstreams(&text, listen, &acl::local_addresses());
+            let why = match (found.is_empty(), ours.is_empty()) {
+                (false, _) => None,
+                (true, true) => Some(format!("{path} names no nameserver")),
+                (true, false) => Some(format!(
+                    "{path} names only this stub ({})",
+                    ours.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            };
+            let why = why.map(|w| {
+                format!(
+                    "no upstream DNS server: {w}; names outside {} get SERVFAIL; set --dns-upstream",
+                    args.cluster_domain
+                )
+            });
+            (found, why)
         } else {
-            args.dns_upstreams.clone()
+            (args.dns_upstreams.clone(), None)
         };
         let acl = if args.dns_allow.is_empty() {
             Acl::node_local(&args.cluster_cidrs)
@@ -94,6 +113,7 @@ impl DnsConfig {
             zone,
             ttl: u32::try_from(args.dns_ttl.as_secs()).unwrap_or(u32::MAX),
             upstreams,
+            no_upstream,
             acl,
             max_inflight: args.dns_max_inflight.max(1),
         })
@@ -107,15 +127,30 @@ pub fn zone_name(domain: &str) -> anyhow::Result<Name> {
     Ok(zone)
 }
 
-/// The nameservers of a resolv.conf, without the stub's own address.
-pub fn resolv_conf_upstreams(text: &str, listen: SocketAddr) -> Vec<SocketAddr> {
-    text.lines()
+/// The nameservers of a resolv.conf (port 53), and apart the ones that are
+/// this stub itself: its listen address, or, when it listens on every
+/// address of port 53, loopback and the node's `local` addresses.
+/// Forwarding to ourselves would loop until every query timed out.
+pub fn resolv_conf_upstreams(
+    text: &str,
+    listen: SocketAddr,
+    local: &[std::net::IpAddr],
+) -> (Vec<SocketAddr>, Vec<std::net::IpAddr>) {
+    let wildcard = listen.ip().is_unspecified() && listen.port() == 53;
+    let (ours, upstreams): (Vec<std::net::IpAddr>, Vec<std::net::IpAddr>) = text
+        .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|ip| ip.trim().split('%').next()?.parse().ok())
-        .filter(|ip| *ip != listen.ip())
-        .map(|ip| SocketAddr::new(ip, 53))
-        .filter(|a| *a != listen)
-        .collect()
+        .partition(|ip: &std::net::IpAddr| {
+            *ip == listen.ip() || (wildcard && (ip.is_loopback() || local.contains(ip)))
+        });
+    (
+        upstreams
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, 53))
+            .collect(),
+        ours,
+    )
 }
 
 /// The index in force, rebuilt when the agent's state changes.
@@ -205,11 +240,15 @@ pub fn start(
 ) -> anyhow::Result<SocketAddr> {
     let (udp, tcp) = server::bind(cfg.listen)?;
     cfg.listen = udp.local_addr()?;
+    if let Some(why) = &cfg.no_upstream {
+        tracing::error!("{why}");
+    }
     status.update(|d| {
         d.dns = Some(DnsStatus {
             listen: cfg.listen.to_string(),
             zone: cfg.zone.to_ascii(),
             upstreams: cfg.upstreams.iter().map(ToString::to_string).collect(),
+            upstream_warning: cfg.no_upstream.clone(),
             ..DnsStatus::default()
         })
     });
@@ -261,7 +300,7 @@ pub fn start(
 /// Sets up the listen address when it is link-local and we may: the dummy
 /// interface and the NOTRACK rules. Other addresses are bound as they are.
 pub fn prepare_listen(listen: SocketAddr) {
-    let link_local = matches!(listen.ip(), std::net::IpAddr::V4(v4) if v4.is_link_local());
+    let link_local = listen.is_ipv4() && link::is_link_local(listen.ip());
     if !link_local {
         return;
     }

@@ -403,6 +403,40 @@ fn nodata_and_nxdomain_carry_the_soa() {
 }
 
 #[test]
+fn pod_names_answer_the_address_they_spell() {
+    let idx = cluster();
+    let a = ask(&idx, "10-250-1-2.default.pod.cluster.local.", RecordType::A);
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(rdata(&a), ["10.250.1.2"]);
+    assert_eq!(a.answers[0].ttl, 5);
+    // IPv6: dashes for colons; the case asked is kept.
+    let aaaa = ask(&idx, "FD00--A.Shop.pod.cluster.local.", RecordType::AAAA);
+    assert_eq!(rdata(&aaaa), ["fd00::a"]);
+    assert_eq!(
+        aaaa.answers[0].name.to_string(),
+        "FD00--A.Shop.pod.cluster.local."
+    );
+    // The other type: NODATA; the namespace and `pod` themselves exist.
+    for (name, qtype) in [
+        ("10-250-1-2.default.pod.cluster.local.", RecordType::AAAA),
+        ("default.pod.cluster.local.", RecordType::A),
+        ("pod.cluster.local.", RecordType::A),
+    ] {
+        assert_negative(&ask(&idx, name, qtype), ResponseCode::NoError);
+    }
+    // Not an address, or deeper: NXDOMAIN.
+    for name in [
+        "web.default.pod.cluster.local.",
+        "10-250-1.default.pod.cluster.local.",
+        "1-2-3-4-5.default.pod.cluster.local.",
+        "x.10-250-1-2.default.pod.cluster.local.",
+    ] {
+        assert_negative(&ask(&idx, name, RecordType::A), ResponseCode::NXDomain);
+    }
+}
+
+#[test]
 fn servfail_before_the_first_snapshot() {
     let idx = DnsIndex::build(Arc::new(AgentState::default()), &zone(), 5);
     let m = ask(&idx, "web.shop.svc.cluster.local.", RecordType::A);
@@ -625,12 +659,28 @@ fn random_and_mutated_packets_never_crash() {
 fn resolv_conf_upstreams_skip_ourselves() {
     let text =
         "search x\nnameserver 169.254.20.10\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\n";
-    let got = super::resolv_conf_upstreams(text, "169.254.20.10:53".parse().expect("addr"));
+    let (got, ours) =
+        super::resolv_conf_upstreams(text, "169.254.20.10:53".parse().expect("addr"), &[]);
     let want: Vec<SocketAddr> = vec![
         "10.96.0.10:53".parse().expect("a"),
         "[fe80::1]:53".parse().expect("a"),
     ];
     assert_eq!(got, want);
+    assert_eq!(ours, [ip("169.254.20.10")]);
+    // Listening on every address of port 53: loopback and the node's own
+    // addresses are the stub too.
+    let text = "nameserver 127.0.0.1\nnameserver 10.0.0.5\nnameserver 10.96.0.10\n";
+    let (got, ours) =
+        super::resolv_conf_upstreams(text, "0.0.0.0:53".parse().expect("addr"), &[ip("10.0.0.5")]);
+    assert_eq!(got, ["10.96.0.10:53".parse::<SocketAddr>().expect("a")]);
+    assert_eq!(ours, [ip("127.0.0.1"), ip("10.0.0.5")]);
+    // On another port they are real servers.
+    let (got, _) = super::resolv_conf_upstreams(
+        text,
+        "0.0.0.0:5353".parse().expect("addr"),
+        &[ip("10.0.0.5")],
+    );
+    assert_eq!(got.len(), 3);
 }
 
 #[test]

@@ -4,14 +4,17 @@
 //!
 //! ```text
 //!  Change ─▶ full? ──yes──▶ nft list chains + iptables -S (what of ours exists) ─▶ sync::FamilyTables::full ─┐ restores, in order
-//!             │no                                                                                         ├─▶ runner::restore ─▶ conntrack -D
+//!             │no                                                                                         ├─▶ runner::restore ─▶ stale UDP flows (netlink)
 //!             └──────────▶ sync::FamilyTables::partial (changed Services, their buckets) ──────────────────┘        │ error
 //!                                                                                 full sync of the last good state ◀─┘ (and NACK)
 //! ```
 //!
-//! Modules: [`rules`] (rule text, pure), [`sync`] (what is programmed and
-//! the transactions that change it, pure), [`runner`] (every command line).
-//! Rules stay in the kernel when the agent exits; [`cleanup`] removes them.
+//! Modules: [`rules`] (rule text from the backend-neutral
+//! [`crate::endpoints`] plans, pure), [`sync`] (what is programmed and the
+//! transactions that change it, pure), [`runner`] (every command line).
+//! After every successful sync, full or partial, [`crate::conntrack`]
+//! deletes the UDP flows whose endpoint no longer serves them. Rules stay
+//! in the kernel when the agent exits; [`cleanup`] removes them.
 
 pub mod rules;
 pub mod runner;
@@ -20,6 +23,7 @@ pub mod sync;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::conntrack::Conntrack;
 use crate::dataplane::{ApplyError, Change, DataPlane};
 use crate::state::AgentState;
 use crate::status::Metrics;
@@ -41,10 +45,6 @@ pub const CHAINS_PER_RESTORE: usize = 500;
 /// The piece size once our chains are hooked into the built-in chains.
 pub const CHAINS_PER_RESTORE_HOOKED: usize = 1500;
 
-/// Above this many stale-flow filters, the UDP conntrack table is listed
-/// once and only filters that match an entry are run.
-const CONNTRACK_LIST_FIRST: usize = 3;
-
 /// The iptables data plane.
 #[derive(Debug)]
 pub struct IptablesDataPlane {
@@ -55,6 +55,7 @@ pub struct IptablesDataPlane {
     last_good: Option<AgentState>,
     metrics: Option<Arc<Metrics>>,
     runner: Runner,
+    conntrack: Conntrack,
 }
 
 impl IptablesDataPlane {
@@ -77,6 +78,7 @@ impl IptablesDataPlane {
             needs_full: true,
             last_good: None,
             metrics: None,
+            conntrack: runner.conntrack(),
             runner,
         }
     }
@@ -131,12 +133,34 @@ impl IptablesDataPlane {
             elapsed = ?t.elapsed(),
             "iptables full sync"
         );
+        self.clear_stale_flows();
         Ok(())
+    }
+
+    /// Deletes the UDP conntrack entries whose endpoint no longer serves
+    /// their frontend, by comparing the kernel's table with what is
+    /// programmed now (so a restart or a failed sync loses nothing). A
+    /// failure is logged: the rules are in force either way.
+    fn clear_stale_flows(&self) {
+        for t in &self.tables {
+            let desired = t.udp_frontends();
+            if desired.is_empty() {
+                continue;
+            }
+            let family = t.family();
+            match self
+                .conntrack
+                .reconcile(family == Family::V6, &desired, &self.cfg.addresses)
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(?family, deleted = n, "cleared stale UDP flows"),
+                Err(e) => tracing::warn!(?family, "clearing stale UDP flows: {e}"),
+            }
+        }
     }
 
     fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
         let t = Instant::now();
-        let mut flushes = Vec::new();
         for i in 0..self.tables.len() {
             let family = self.tables[i].family();
             let tx = self.tables[i].partial(
@@ -150,28 +174,13 @@ impl IptablesDataPlane {
                     .restore(family, text)
                     .map_err(|e| self.failed(e))?;
             }
-            flushes.push((family, tx.conntrack));
         }
         if let Some(m) = &self.metrics {
             m.iptables_partial_sync_seconds
                 .observe(t.elapsed().as_secs_f64());
             m.iptables_rules.set(self.rule_count() as i64);
         }
-        for (family, mut list) in flushes {
-            if list.len() > CONNTRACK_LIST_FIRST {
-                // One listing instead of a `conntrack -D` (about 12 ms each)
-                // per filter that would find nothing.
-                match self.runner.conntrack_entries(family) {
-                    Ok(entries) => list.retain(|f| entries.iter().any(|e| f.matches(e))),
-                    Err(e) => tracing::warn!("listing UDP conntrack entries: {e}"),
-                }
-            }
-            for f in list {
-                if let Err(e) = self.runner.conntrack_flush(family, &f) {
-                    tracing::warn!("clearing stale UDP conntrack entries ({f:?}): {e}");
-                }
-            }
-        }
+        self.clear_stale_flows();
         Ok(())
     }
 

@@ -1,5 +1,9 @@
 //! Rule text: pure functions from a Service (and this node's settings) to
-//! the iptables lines that proxy it, in one address family.
+//! the iptables lines that proxy it, in one address family. What goes
+//! where (endpoints, policy, topology, firewall) is decided by the
+//! backend-neutral [`crate::endpoints::plan`]; this module only writes
+//! each port's plan in iptables syntax, by frontend (cluster IP, external
+//! and LB IPs, node port), then the chains that balance and translate.
 //!
 //! The layout follows kube-proxy's iptables mode with our own prefix:
 //!
@@ -19,14 +23,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use switchyard_model::{
-    AddressType, Protocol, Service, ServicePort, ServiceState, ServiceType, TrafficPolicy,
-    affinity_timeout_or_default,
-};
+use switchyard_model::{AddressType, Protocol, Service, ServiceState, affinity_timeout_or_default};
+
+use crate::endpoints::{self, Backend, Frontend, NodeView, PortPlan};
 
 /// Every chain we own starts with this.
 pub const PREFIX: &str = "SWY-";
@@ -82,7 +85,8 @@ impl Family {
         }
     }
 
-    fn address_type(self) -> AddressType {
+    /// The EndpointSlice address type of this family.
+    pub fn address_type(self) -> AddressType {
         match self {
             Family::V4 => AddressType::IPv4,
             Family::V6 => AddressType::IPv6,
@@ -166,9 +170,21 @@ pub struct NodeConfig {
     /// `--iptables-localhost-nodeports` (when `nodeport_addresses` admits
     /// loopback).
     pub localhost_nodeports: bool,
+    /// This node's own addresses, as seen at start (loadBalancerSourceRanges
+    /// that contain one admit the LB IPs as sources; node-port flows).
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeConfig {
+    /// What the backend-neutral endpoint plan needs of this node.
+    pub fn view(&self) -> NodeView<'_> {
+        NodeView {
+            name: &self.node,
+            zone: self.zone.as_deref(),
+            addresses: &self.addresses,
+        }
+    }
+
     fn cidrs(&self, family: Family) -> impl Iterator<Item = &IpNet> {
         self.cluster_cidrs.iter().filter(move |c| family.has_net(c))
     }
@@ -225,24 +241,6 @@ pub struct DispatchRule {
     pub spec: String,
 }
 
-/// Where a UDP flow to a Service arrives, for clearing conntrack entries.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UdpDestination {
-    /// A cluster, external or load-balancer IP and the Service port.
-    Ip(IpAddr, u16),
-    /// A node port (any local address).
-    NodePort(u16),
-}
-
-/// A UDP destination and the endpoint addresses it currently DNATs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdpTargets {
-    /// Where the flows arrive.
-    pub destination: UdpDestination,
-    /// Endpoint addresses in use.
-    pub endpoints: BTreeSet<IpAddr>,
-}
-
 /// Everything one Service contributes in one family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceRules {
@@ -250,8 +248,9 @@ pub struct ServiceRules {
     pub chains: Vec<OwnedChain>,
     /// Its rules in shared dispatch chains.
     pub dispatch: Vec<DispatchRule>,
-    /// Its UDP destinations.
-    pub udp: Vec<UdpTargets>,
+    /// Its UDP frontends with the endpoints serving them, for stale-flow
+    /// clean-up.
+    pub udp: Vec<(Frontend, BTreeSet<SocketAddr>)>,
 }
 
 /// First 16 characters of base32(sha256(input)), as kube-proxy names chains.
@@ -273,90 +272,6 @@ fn base32_16(digest: &[u8]) -> String {
         .collect()
 }
 
-/// One resolved endpoint of a Service port.
-#[derive(Debug, Clone)]
-struct Backend<'a> {
-    ip: IpAddr,
-    port: u16,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    node: Option<&'a str>,
-    zone: Option<&'a str>,
-    hint_zones: &'a [String],
-}
-
-fn backends<'a>(state: &'a ServiceState, sp: &ServicePort, family: Family) -> Vec<Backend<'a>> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for slice in &state.slices {
-        if slice.address_type != family.address_type() {
-            continue;
-        }
-        let Some(port) = slice.port_for(&sp.name, sp.protocol) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let Some(ip) = ep.addresses.first() else {
-                continue;
-            };
-            if !seen.insert((*ip, port)) {
-                continue;
-            }
-            out.push(Backend {
-                ip: *ip,
-                port,
-                ready: ep.conditions.ready,
-                serving: ep.conditions.serving,
-                terminating: ep.conditions.terminating,
-                node: ep.node_name.as_deref(),
-                zone: ep.zone.as_deref(),
-                hint_zones: &ep.hint_zones,
-            });
-        }
-    }
-    out
-}
-
-/// Ready endpoints; with none ready, the serving+terminating ones.
-fn usable<'a>(all: impl Iterator<Item = &'a Backend<'a>> + Clone) -> Vec<&'a Backend<'a>> {
-    let ready: Vec<_> = all.clone().filter(|b| b.ready).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    all.filter(|b| b.serving && b.terminating).collect()
-}
-
-/// Narrows ready endpoints to this node's zone when topology allows it:
-/// either every ready endpoint carries zone hints and one names our zone
-/// (kube-proxy's rule), or the Service asks for `trafficDistribution`
-/// PreferClose/PreferSameZone and an endpoint is in our zone.
-fn topology_filter<'a>(
-    svc: &Service,
-    ready: Vec<&'a Backend<'a>>,
-    zone: Option<&str>,
-) -> Vec<&'a Backend<'a>> {
-    let Some(zone) = zone else { return ready };
-    let hinted = !ready.is_empty()
-        && ready.iter().all(|b| !b.hint_zones.is_empty())
-        && ready.iter().any(|b| b.hint_zones.iter().any(|z| z == zone));
-    if hinted {
-        return ready
-            .into_iter()
-            .filter(|b| b.hint_zones.iter().any(|z| z == zone))
-            .collect();
-    }
-    let prefers_close = matches!(
-        svc.traffic_distribution.as_deref(),
-        Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
-    );
-    let all_unhinted = ready.iter().all(|b| b.hint_zones.is_empty());
-    if prefers_close && all_unhinted && ready.iter().any(|b| b.zone == Some(zone)) {
-        return ready.into_iter().filter(|b| b.zone == Some(zone)).collect();
-    }
-    ready
-}
-
 fn proto_match(p: Protocol, port: u16) -> String {
     let p = p.as_lowercase();
     format!("-p {p} -m {p} --dport {port}")
@@ -367,14 +282,27 @@ fn proto_match(p: Protocol, port: u16) -> String {
 pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> ServiceRules {
     let svc = &state.service;
     let mut out = ServiceRules::default();
-    if !svc.wants_cluster_ip() {
-        return out;
+    let plans = endpoints::plan(state, family.address_type(), &cfg.view());
+    for plan in &plans {
+        port_rules(&mut out, svc, plan, family, cfg);
+        if plan.port.protocol == Protocol::Udp && !plan.serving.is_empty() {
+            out.udp.extend(
+                plan.frontends()
+                    .into_iter()
+                    .map(|f| (f, plan.serving.clone())),
+            );
+        }
     }
-    let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.has(ip)).copied() else {
-        return out;
-    };
-    for sp in &svc.ports {
-        port_rules(&mut out, state, sp, cluster_ip, family, cfg);
+    if let (Some(hc), Some(_)) = (svc.health_check_node_port, plans.first()) {
+        // Load balancers ask every node; the healthcheck server answers.
+        out.dispatch.push(DispatchRule {
+            table: Table::Filter,
+            slot: Slot::NodePorts,
+            spec: format!(
+                "-p tcp -m tcp --dport {hc} -m comment --comment \"{}/{} health check node port\" -j ACCEPT",
+                svc.key.namespace, svc.key.name
+            ),
+        });
     }
     name_by_content(&mut out);
     out
@@ -457,180 +385,186 @@ fn retarget(rule: &mut String, renamed: &HashMap<String, String>) {
     }
 }
 
-fn port_rules(
-    out: &mut ServiceRules,
-    state: &ServiceState,
-    sp: &ServicePort,
-    cluster_ip: IpAddr,
+/// The rules of one Service port, written from its plan: dispatch by
+/// frontend (cluster IP, external and LB IPs, node port), then the chains
+/// that balance and translate.
+struct PortRules<'p, 'a> {
+    plan: &'p PortPlan<'a>,
     family: Family,
-    cfg: &NodeConfig,
-) {
-    let svc = &state.service;
-    let name = if sp.name.is_empty() {
-        format!("{}/{}", svc.key.namespace, svc.key.name)
-    } else {
-        format!("{}/{}:{}", svc.key.namespace, svc.key.name, sp.name)
-    };
-    let base = format!("{}:{}{}", svc.key, sp.name, sp.protocol.as_lowercase());
-    let h = hash16(&base);
-    let svc_chain = format!("SWY-SVC-{h}");
-    let svl_chain = format!("SWY-SVL-{h}");
-    let ext_chain = format!("SWY-EXT-{h}");
-    let fw_chain = format!("SWY-FW-{h}");
-    let pm = proto_match(sp.protocol, sp.port);
+    cfg: &'p NodeConfig,
+    /// `namespace/name:port`, for comments.
+    name: String,
+    /// The port's stable name (`cluster/namespace/name:port` + protocol).
+    base: String,
+    /// `-p PROTO -m PROTO --dport PORT` for the Service port.
+    pm: String,
+    svc_chain: String,
+    svl_chain: String,
+    ext_chain: String,
+    fw_chain: String,
+    /// ClientIP affinity timeout, seconds.
+    session_affinity: Option<u32>,
+}
 
-    let all = backends(state, sp, family);
-    let ready: Vec<&Backend> = all.iter().filter(|b| b.ready).collect();
-    let cluster_eps = if ready.is_empty() {
-        usable(all.iter())
-    } else {
-        topology_filter(svc, ready, cfg.zone.as_deref())
-    };
-    let local_eps = usable(all.iter().filter(|b| b.node == Some(cfg.node.as_str())));
+/// A filter verdict and why, for traffic that cannot be served.
+type Verdict = (&'static str, &'static str);
 
-    let itp_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let etp_local = svc.external_traffic_policy == TrafficPolicy::Local;
-    let external_ips: Vec<IpAddr> = svc
-        .external_ips
-        .iter()
-        .filter(|ip| family.has(ip))
-        .copied()
-        .collect();
-    let lb_ips: Vec<IpAddr> = if svc.service_type == ServiceType::LoadBalancer {
-        svc.load_balancer_ips
-            .iter()
-            .filter(|ip| family.has(ip))
-            .copied()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let node_port = sp.node_port.filter(|_| {
-        matches!(
-            svc.service_type,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        )
-    });
-    let externally_accessible =
-        !external_ips.is_empty() || !lb_ips.is_empty() || node_port.is_some();
+impl<'p, 'a> PortRules<'p, 'a> {
+    fn new(svc: &Service, plan: &'p PortPlan<'a>, family: Family, cfg: &'p NodeConfig) -> Self {
+        let sp = plan.port;
+        let name = if sp.name.is_empty() {
+            format!("{}/{}", svc.key.namespace, svc.key.name)
+        } else {
+            format!("{}/{}:{}", svc.key.namespace, svc.key.name, sp.name)
+        };
+        let base = format!("{}:{}{}", svc.key, sp.name, sp.protocol.as_lowercase());
+        let h = hash16(&base);
+        Self {
+            plan,
+            family,
+            cfg,
+            name,
+            pm: proto_match(sp.protocol, sp.port),
+            svc_chain: format!("SWY-SVC-{h}"),
+            svl_chain: format!("SWY-SVL-{h}"),
+            ext_chain: format!("SWY-EXT-{h}"),
+            fw_chain: format!("SWY-FW-{h}"),
+            base,
+            session_affinity: svc
+                .session_affinity_timeout
+                .map(|t| affinity_timeout_or_default(Some(t))),
+        }
+    }
 
-    let (internal_chain, internal_eps) = if itp_local {
-        (&svl_chain, &local_eps)
-    } else {
-        (&svc_chain, &cluster_eps)
-    };
-    let external_eps = if etp_local { &local_eps } else { &cluster_eps };
-    let has_endpoints = !cluster_eps.is_empty() || !local_eps.is_empty();
-    let uses_cluster =
-        !cluster_eps.is_empty() && (!itp_local || (externally_accessible && !etp_local));
-    let uses_local = !local_eps.is_empty() && (itp_local || (externally_accessible && etp_local));
-
-    // Filter verdicts for destinations that cannot be served. TCP is
-    // refused with a reset (kube-proxy sends ICMP port unreachable): in the
-    // IPv6 packet test the ICMPv6 error reached the client but its connect
-    // failed only when the SYN was retransmitted a second later; a reset
-    // refuses at once in both families.
-    let reject = if sp.protocol == Protocol::Tcp {
-        "REJECT --reject-with tcp-reset"
-    } else {
-        "REJECT"
-    };
-    let (internal_verdict, external_verdict) = if !has_endpoints {
-        (
-            Some((reject, "has no endpoints")),
-            Some((reject, "has no endpoints")),
-        )
-    } else {
-        (
-            internal_eps
-                .is_empty()
-                .then_some(("DROP", "has no local endpoints")),
-            external_eps
-                .is_empty()
-                .then_some(("DROP", "has no local endpoints")),
-        )
-    };
-
-    let dispatch = |out: &mut ServiceRules, table: Table, slot: Slot, spec: String| {
+    fn dispatch(out: &mut ServiceRules, table: Table, slot: Slot, spec: String) {
         out.dispatch.push(DispatchRule { table, slot, spec });
-    };
-
-    // Cluster IP.
-    let cip = family.host(&cluster_ip);
-    match internal_verdict {
-        None => dispatch(
-            out,
-            Table::Nat,
-            Slot::Bucket(bucket_of(&cluster_ip)),
-            format!("-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {internal_chain}"),
-        ),
-        Some((verdict, why)) => dispatch(
-            out,
-            Table::Filter,
-            Slot::Bucket(bucket_of(&cluster_ip)),
-            format!("-d {cip} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
-        ),
     }
 
-    // External IPs and load-balancer IPs.
-    let has_external_eps = !external_eps.is_empty();
-    let lb_target = if svc.load_balancer_source_ranges.is_empty() {
-        &ext_chain
-    } else {
-        &fw_chain
-    };
-    for (ip, what, target) in external_ips
-        .iter()
-        .map(|ip| (ip, "external IP", &ext_chain))
-        .chain(lb_ips.iter().map(|ip| (ip, "loadbalancer IP", lb_target)))
-    {
-        let d = family.host(ip);
-        let slot = Slot::Bucket(bucket_of(ip));
-        if has_external_eps {
-            dispatch(
-                out,
-                Table::Nat,
-                slot,
-                format!("-d {d} {pm} -m comment --comment \"{name} {what}\" -j {target}"),
-            );
+    /// Filter verdicts for cluster-IP and for outside traffic that has
+    /// nowhere to go. Without any endpoint: REJECT (TCP with a reset: in
+    /// the IPv6 packet test the ICMPv6 error reached the client but its
+    /// connect failed only when the SYN was retransmitted a second later; a
+    /// reset refuses at once in both families). With endpoints elsewhere
+    /// only: DROP what a Local policy cannot serve here; the EXT chain has
+    /// already sent pods and the node itself to the Cluster endpoints.
+    fn verdicts(&self) -> (Option<Verdict>, Option<Verdict>) {
+        let p = self.plan;
+        if !p.has_endpoints {
+            let reject = if p.port.protocol == Protocol::Tcp {
+                "REJECT --reject-with tcp-reset"
+            } else {
+                "REJECT"
+            };
+            let v = Some((reject, "has no endpoints"));
+            return (v, v);
         }
-        if let Some((verdict, why)) = external_verdict {
-            dispatch(
-                out,
-                Table::Filter,
-                slot,
-                format!("-d {d} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
-            );
-        }
+        let drop = ("DROP", "has no local endpoints");
+        (
+            (!p.has_internal_endpoints()).then_some(drop),
+            (!p.has_external_endpoints()).then_some(drop),
+        )
     }
-    if !svc.load_balancer_source_ranges.is_empty() {
-        // Whatever the FW chain did not send on keeps the LB address and is dropped here.
-        for ip in &lb_ips {
-            dispatch(
+
+    fn cluster_ip(&self, out: &mut ServiceRules, internal: Option<Verdict>) {
+        let (name, pm) = (&self.name, &self.pm);
+        let ip = self.plan.cluster_ip;
+        let cip = self.family.host(&ip);
+        let slot = Slot::Bucket(bucket_of(&ip));
+        match internal {
+            None => {
+                let chain = if self.plan.internal_local {
+                    &self.svl_chain
+                } else {
+                    &self.svc_chain
+                };
+                Self::dispatch(
+                    out,
+                    Table::Nat,
+                    slot,
+                    format!("-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {chain}"),
+                );
+            }
+            Some((verdict, why)) => Self::dispatch(
                 out,
                 Table::Filter,
-                Slot::Bucket(bucket_of(ip)),
-                format!(
-                    "-d {} {pm} -m comment --comment \"{name} traffic outside loadBalancerSourceRanges\" -j DROP",
-                    family.host(ip)
-                ),
-            );
+                slot,
+                format!("-d {cip} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
+            ),
         }
     }
 
-    // Node ports.
-    if let Some(np) = node_port {
-        let npm = proto_match(sp.protocol, np);
-        if has_external_eps {
-            dispatch(
+    fn external_ips(&self, out: &mut ServiceRules, external: Option<Verdict>) {
+        let p = self.plan;
+        let (name, pm) = (&self.name, &self.pm);
+        let lb_target = if self.uses_firewall() {
+            &self.fw_chain
+        } else {
+            &self.ext_chain
+        };
+        let frontends = p
+            .external_ips
+            .iter()
+            .map(|ip| (ip, "external IP", &self.ext_chain))
+            .chain(
+                p.load_balancer_ips
+                    .iter()
+                    .map(|ip| (ip, "loadbalancer IP", lb_target)),
+            );
+        for (ip, what, target) in frontends {
+            let d = self.family.host(ip);
+            let slot = Slot::Bucket(bucket_of(ip));
+            if p.has_endpoints {
+                Self::dispatch(
+                    out,
+                    Table::Nat,
+                    slot,
+                    format!("-d {d} {pm} -m comment --comment \"{name} {what}\" -j {target}"),
+                );
+            }
+            if let Some((verdict, why)) = external {
+                Self::dispatch(
+                    out,
+                    Table::Filter,
+                    slot,
+                    format!("-d {d} {pm} -m comment --comment \"{name} {why}\" -j {verdict}"),
+                );
+            }
+        }
+        if self.uses_firewall() {
+            // Whatever the FW chain did not send on keeps the LB address and is dropped here.
+            for ip in &p.load_balancer_ips {
+                Self::dispatch(
+                    out,
+                    Table::Filter,
+                    Slot::Bucket(bucket_of(ip)),
+                    format!(
+                        "-d {} {pm} -m comment --comment \"{name} traffic outside loadBalancerSourceRanges\" -j DROP",
+                        self.family.host(ip)
+                    ),
+                );
+            }
+        }
+    }
+
+    fn node_port(&self, out: &mut ServiceRules, external: Option<Verdict>) {
+        let Some(np) = self.plan.node_port else {
+            return;
+        };
+        let name = &self.name;
+        let npm = proto_match(self.plan.port.protocol, np);
+        if self.plan.has_endpoints {
+            Self::dispatch(
                 out,
                 Table::Nat,
                 Slot::NodePorts,
-                format!("{npm} -m comment --comment \"{name}\" -j {ext_chain}"),
+                format!(
+                    "{npm} -m comment --comment \"{name}\" -j {}",
+                    self.ext_chain
+                ),
             );
         }
-        if let Some((verdict, why)) = external_verdict {
-            dispatch(
+        if let Some((verdict, why)) = external {
+            Self::dispatch(
                 out,
                 Table::Filter,
                 Slot::NodePorts,
@@ -638,57 +572,135 @@ fn port_rules(
             );
         }
     }
-    if etp_local
-        && let Some(hc) = svc.health_check_node_port
-        && sp == &svc.ports[0]
-    {
-        dispatch(
-            out,
-            Table::Filter,
-            Slot::NodePorts,
-            format!(
-                "-p tcp -m tcp --dport {hc} -m comment --comment \"{}/{} health check node port\" -j ACCEPT",
-                svc.key.namespace, svc.key.name
-            ),
-        );
+
+    fn uses_firewall(&self) -> bool {
+        self.plan.has_endpoints && self.plan.firewall.is_some()
     }
 
-    // Chains that balance and translate.
-    let masq_off_cluster = {
-        let cidrs: Vec<&IpNet> = cfg.cidrs(family).collect();
-        match cidrs.as_slice() {
-            [] => None,
-            [one] => Some(format!(
-                "! -s {one} -d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {MARK_MASQ}"
-            )),
-            _ => Some(format!(
-                "-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {OFF_CLUSTER}"
-            )),
+    /// The balancing, external, firewall and endpoint chains.
+    fn chains(&self, out: &mut ServiceRules) {
+        let p = self.plan;
+        let mut endpoints: Vec<(String, Backend)> = Vec::new();
+        if !p.cluster_endpoints.is_empty() {
+            // The off-cluster masquerade rule goes on the chain cluster-IP traffic takes.
+            let masq = !p.internal_local;
+            let c = self.balance(&self.svc_chain, &p.cluster_endpoints, masq, &mut endpoints);
+            out.chains.push(c);
         }
-    };
-    let affinity = svc
-        .session_affinity_timeout
-        .map(|t| affinity_timeout_or_default(Some(t)));
-    let mut endpoint_chains: Vec<(String, IpAddr, u16)> = Vec::new();
-    let mut balance = |chain: &str, eps: &[&Backend<'_>], masq: bool| -> OwnedChain {
+        if !p.local_endpoints.is_empty() {
+            let masq = p.internal_local;
+            let c = self.balance(&self.svl_chain, &p.local_endpoints, masq, &mut endpoints);
+            out.chains.push(c);
+        }
+        if p.has_endpoints && p.externally_accessible() {
+            out.chains.push(self.external_chain());
+        }
+        if self.uses_firewall() {
+            out.chains.push(self.firewall_chain());
+        }
+        for (sep, b) in endpoints {
+            out.chains.push(self.endpoint_chain(&sep, &b));
+        }
+    }
+
+    /// `SWY-EXT-`: every outside frontend jumps here. It is written whenever
+    /// the port has endpoints anywhere: with externalTrafficPolicy Local,
+    /// pods and the node itself short-circuit to the Cluster endpoints
+    /// (traffic from the node is masqueraded, since its source would be
+    /// the frontend address), and only what comes from outside goes on to
+    /// the local endpoints, or to the filter DROP when there are none here.
+    fn external_chain(&self) -> OwnedChain {
+        let p = self.plan;
+        let name = &self.name;
+        let mut c = OwnedChain::new(Table::Nat, &self.ext_chain);
+        let to_cluster = !p.cluster_endpoints.is_empty();
+        if !p.external_local {
+            c.push(format!(
+                "-m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
+            ));
+            if to_cluster {
+                c.push(format!("-j {}", self.svc_chain));
+            }
+            return c;
+        }
+        if to_cluster {
+            for cidr in self.cfg.cidrs(self.family) {
+                c.push(format!(
+                    "-s {cidr} -m comment --comment \"pod traffic for {name} external destinations\" -j {}",
+                    self.svc_chain
+                ));
+            }
+        }
+        c.push(format!(
+            "-m addrtype --src-type LOCAL -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -j {MARK_MASQ}"
+        ));
+        if to_cluster {
+            c.push(format!(
+                "-m addrtype --src-type LOCAL -m comment --comment \"route LOCAL traffic for {name} external destinations\" -j {}",
+                self.svc_chain
+            ));
+        }
+        if !p.local_endpoints.is_empty() {
+            c.push(format!("-j {}", self.svl_chain));
+        }
+        c
+    }
+
+    /// `SWY-FW-`: the LB IPs' sources within loadBalancerSourceRanges go on
+    /// to the external chain; the rest stays un-translated and meets the
+    /// filter DROP.
+    fn firewall_chain(&self) -> OwnedChain {
+        let name = &self.name;
+        let mut fw = OwnedChain::new(Table::Nat, &self.fw_chain);
+        let Some(firewall) = &self.plan.firewall else {
+            return fw;
+        };
+        for src in &firewall.source_ranges {
+            fw.push(format!(
+                "-s {src} -m comment --comment \"{name} loadbalancer IP\" -j {}",
+                self.ext_chain
+            ));
+        }
+        if firewall.allow_from_load_balancer {
+            for ip in &self.plan.load_balancer_ips {
+                // A VIP routed on the node makes the node's own requests come from it.
+                fw.push(format!(
+                    "-s {} -m comment --comment \"{name} loadbalancer IP\" -j {}",
+                    self.family.host(ip),
+                    self.ext_chain
+                ));
+            }
+        }
+        fw
+    }
+
+    /// A balancing chain over `eps`, collecting the endpoint chains it jumps to.
+    fn balance(
+        &self,
+        chain: &str,
+        eps: &[Backend],
+        masq: bool,
+        endpoints: &mut Vec<(String, Backend)>,
+    ) -> OwnedChain {
+        let (family, cfg) = (self.family, self.cfg);
         let mut c = OwnedChain::new(Table::Nat, chain);
-        if masq && let Some(m) = &masq_off_cluster {
-            c.push(m.clone());
+        if masq && let Some(m) = self.masquerade_off_cluster(cfg) {
+            c.push(m);
         }
         let seps: Vec<String> = eps
             .iter()
             .map(|b| {
                 let sep = format!(
                     "SWY-SEP-{}",
-                    hash16(&format!("{base}{}", family.socket(&b.ip, b.port)))
+                    hash16(&format!("{}{}", self.base, family.socket(&b.ip, b.port)))
                 );
-                if !endpoint_chains.iter().any(|(n, _, _)| *n == sep) {
-                    endpoint_chains.push((sep.clone(), b.ip, b.port));
+                if !endpoints.iter().any(|(n, _)| *n == sep) {
+                    endpoints.push((sep.clone(), *b));
                 }
                 sep
             })
             .collect();
-        if let Some(t) = affinity {
+        if let Some(t) = self.session_affinity {
             for sep in &seps {
                 c.push(format!(
                     "-m recent --name {sep} --rcheck --seconds {t} --reap -j {sep}"
@@ -707,103 +719,53 @@ fn port_rules(
             }
         }
         c
-    };
-    if uses_cluster {
-        let c = balance(&svc_chain, &cluster_eps, !itp_local);
-        out.chains.push(c);
     }
-    if uses_local {
-        let c = balance(&svl_chain, &local_eps, itp_local);
-        out.chains.push(c);
-    }
-    if externally_accessible && has_external_eps {
-        let mut c = OwnedChain::new(Table::Nat, &ext_chain);
-        if etp_local {
-            if uses_cluster {
-                for cidr in cfg.cidrs(family) {
-                    c.push(format!(
-                        "-s {cidr} -m comment --comment \"pod traffic for {name} external destinations\" -j {svc_chain}"
-                    ));
-                }
-            }
-            c.push(format!(
-                "-m addrtype --src-type LOCAL -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -j {MARK_MASQ}"
-            ));
-            if uses_cluster {
-                c.push(format!(
-                    "-m addrtype --src-type LOCAL -m comment --comment \"route LOCAL traffic for {name} external destinations\" -j {svc_chain}"
-                ));
-            }
-            c.push(format!("-j {svl_chain}"));
-        } else {
-            c.push(format!(
-                "-m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
-            ));
-            c.push(format!("-j {svc_chain}"));
-        }
-        out.chains.push(c);
-        if !svc.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty() {
-            let mut fw = OwnedChain::new(Table::Nat, &fw_chain);
-            for src in svc
-                .load_balancer_source_ranges
-                .iter()
-                .filter(|n| family.has_net(n))
-            {
-                fw.push(format!(
-                    "-s {src} -m comment --comment \"{name} loadbalancer IP\" -j {ext_chain}"
-                ));
-            }
-            for ip in &lb_ips {
-                // The load balancer itself may forward with its own address as source.
-                fw.push(format!(
-                    "-s {} -m comment --comment \"{name} loadbalancer IP\" -j {ext_chain}",
-                    family.host(ip)
-                ));
-            }
-            out.chains.push(fw);
+
+    fn masquerade_off_cluster(&self, cfg: &NodeConfig) -> Option<String> {
+        let (name, pm) = (&self.name, &self.pm);
+        let cip = self.family.host(&self.plan.cluster_ip);
+        let cidrs: Vec<&IpNet> = cfg.cidrs(self.family).collect();
+        match cidrs.as_slice() {
+            [] => None,
+            [one] => Some(format!(
+                "! -s {one} -d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {MARK_MASQ}"
+            )),
+            _ => Some(format!(
+                "-d {cip} {pm} -m comment --comment \"{name} cluster IP\" -j {OFF_CLUSTER}"
+            )),
         }
     }
-    for (sep, ip, port) in endpoint_chains {
-        let mut c = OwnedChain::new(Table::Nat, &sep);
-        c.push(format!("-s {} -j {MARK_MASQ}", family.host(&ip)));
-        let p = sp.protocol.as_lowercase();
-        let set = if affinity.is_some() {
+
+    fn endpoint_chain(&self, sep: &str, b: &Backend) -> OwnedChain {
+        let mut c = OwnedChain::new(Table::Nat, sep);
+        c.push(format!("-s {} -j {MARK_MASQ}", self.family.host(&b.ip)));
+        let p = self.plan.port.protocol.as_lowercase();
+        let set = if self.session_affinity.is_some() {
             format!(" -m recent --name {sep} --set")
         } else {
             String::new()
         };
         c.push(format!(
             "-p {p} -m {p}{set} -j DNAT --to-destination {}",
-            family.socket(&ip, port)
+            self.family.socket(&b.ip, b.port)
         ));
-        out.chains.push(c);
+        c
     }
+}
 
-    // UDP destinations, for clearing stale conntrack entries.
-    if sp.protocol == Protocol::Udp {
-        let internal: BTreeSet<IpAddr> = if internal_verdict.is_none() {
-            internal_eps.iter().map(|b| b.ip).collect()
-        } else {
-            BTreeSet::new()
-        };
-        let external: BTreeSet<IpAddr> = external_eps.iter().map(|b| b.ip).collect();
-        out.udp.push(UdpTargets {
-            destination: UdpDestination::Ip(cluster_ip, sp.port),
-            endpoints: internal,
-        });
-        for ip in external_ips.iter().chain(&lb_ips) {
-            out.udp.push(UdpTargets {
-                destination: UdpDestination::Ip(*ip, sp.port),
-                endpoints: external.clone(),
-            });
-        }
-        if let Some(np) = node_port {
-            out.udp.push(UdpTargets {
-                destination: UdpDestination::NodePort(np),
-                endpoints: external,
-            });
-        }
-    }
+fn port_rules(
+    out: &mut ServiceRules,
+    svc: &Service,
+    plan: &PortPlan<'_>,
+    family: Family,
+    cfg: &NodeConfig,
+) {
+    let port = PortRules::new(svc, plan, family, cfg);
+    let (internal, external) = port.verdicts();
+    port.cluster_ip(out, internal);
+    port.external_ips(out, external);
+    port.node_port(out, external);
+    port.chains(out);
 }
 
 /// The chains every node has, whatever the Services: masquerading, the

@@ -1,14 +1,15 @@
 //! Every command line the iptables data plane runs is produced here:
 //! `iptables-restore --noflush`, `nft list chains` and `iptables-save`, the
-//! canary check and `conntrack -D`, for both families.
+//! canary check and `sysctl`, for both families. The runner also says
+//! which network namespace the conntrack table to clean is in.
 
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use super::rules::{BUILTIN_JUMPS, CANARY, Family, Table, UdpDestination};
-use super::sync::{ConntrackEntry, ConntrackFlush, Existing};
+use super::rules::{BUILTIN_JUMPS, CANARY, Family, Table};
+use super::sync::Existing;
+use crate::conntrack::Conntrack;
 
 /// A command failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,34 +85,6 @@ fn nft_family(family: Family) -> &'static str {
         Family::V4 => "ip",
         Family::V6 => "ip6",
     }
-}
-
-fn conntrack_family(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ipv4",
-        Family::V6 => "ipv6",
-    }
-}
-
-/// Reads `conntrack -L` lines: the first `dst=`/`dport=` are the original
-/// direction's, the second `src=` is the reply's (the DNAT endpoint).
-fn parse_conntrack(listing: &str) -> Vec<ConntrackEntry> {
-    listing
-        .lines()
-        .filter_map(|line| {
-            let values = |key: &str| -> Vec<&str> {
-                line.split_whitespace()
-                    .filter_map(|w| w.strip_prefix(key))
-                    .collect()
-            };
-            let (src, dst, dport) = (values("src="), values("dst="), values("dport="));
-            Some(ConntrackEntry {
-                destination: dst.first()?.parse().ok()?,
-                port: dport.first()?.parse().ok()?,
-                endpoint: src.get(1)?.parse().ok()?,
-            })
-        })
-        .collect()
 }
 
 fn run(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
@@ -267,45 +240,11 @@ impl Runner {
         }
     }
 
-    /// The family's UDP conntrack entries (`conntrack -L`), to skip
-    /// deletions that would find nothing.
-    pub fn conntrack_entries(&self, family: Family) -> Result<Vec<ConntrackEntry>> {
-        let mut cmd = self.command("conntrack");
-        cmd.args(["-L", "-f", conntrack_family(family), "-p", "udp"]);
-        let out = run(cmd, None)?;
-        Ok(parse_conntrack(&String::from_utf8_lossy(&out.stdout)))
-    }
-
-    /// Deletes the conntrack entries `flush` names. Finding none is success.
-    pub fn conntrack_flush(&self, family: Family, flush: &ConntrackFlush) -> Result<()> {
-        let mut cmd = self.command("conntrack");
-        cmd.args(["-D", "-f", conntrack_family(family), "-p", "udp"]);
-        let (destination, endpoint): (&UdpDestination, Option<&IpAddr>) = match flush {
-            ConntrackFlush::Endpoint {
-                destination,
-                endpoint,
-            } => (destination, Some(endpoint)),
-            ConntrackFlush::Destination(d) => (d, None),
-        };
-        match destination {
-            UdpDestination::Ip(ip, port) => {
-                cmd.arg("--orig-dst")
-                    .arg(ip.to_string())
-                    .arg("--orig-port-dst")
-                    .arg(port.to_string());
-            }
-            UdpDestination::NodePort(port) => {
-                cmd.arg("--orig-port-dst").arg(port.to_string());
-            }
-        }
-        if let Some(ep) = endpoint {
-            cmd.arg("--dst-nat").arg(ep.to_string());
-        }
-        match run(cmd, None) {
-            Ok(_) => Ok(()),
-            // conntrack exits 1 when nothing matched.
-            Err(RunError::Failed { stderr, .. }) if stderr.contains("0 flow entries") => Ok(()),
-            Err(e) => Err(e),
+    /// The conntrack table of the runner's network namespace.
+    pub fn conntrack(&self) -> Conntrack {
+        match &self.netns {
+            None => Conntrack::host(),
+            Some(ns) => Conntrack::in_netns(ns),
         }
     }
 }
@@ -319,29 +258,6 @@ mod tests {
         assert_eq!(tool(Family::V4, "iptables-restore"), "iptables-restore");
         assert_eq!(tool(Family::V6, "iptables-restore"), "ip6tables-restore");
         assert_eq!(tool(Family::V6, "iptables-save"), "ip6tables-save");
-    }
-
-    #[test]
-    fn conntrack_listing_is_parsed() {
-        let listing = "udp      17 28 src=10.244.2.9 dst=10.96.0.11 sport=40400 dport=80 [UNREPLIED] src=10.244.1.2 dst=10.244.2.9 sport=8080 dport=40400 mark=0 use=1\n\
-udp      17 3 src=fd00::9 dst=fd00:96::30 sport=1 dport=53 src=fd00:244:1::2 dst=fd00::9 sport=5353 dport=1 mark=0 use=1\n\
-garbage\n";
-        let e = parse_conntrack(listing);
-        assert_eq!(
-            e,
-            vec![
-                ConntrackEntry {
-                    destination: "10.96.0.11".parse().expect("ip"),
-                    port: 80,
-                    endpoint: "10.244.1.2".parse().expect("ip"),
-                },
-                ConntrackEntry {
-                    destination: "fd00:96::30".parse().expect("ip"),
-                    port: 53,
-                    endpoint: "fd00:244:1::2".parse().expect("ip"),
-                },
-            ]
-        );
     }
 
     #[test]

@@ -10,57 +10,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 
+use crate::conntrack::{Desired, Frontend};
 use crate::state::{AgentState, ChangeSet};
 
 use super::rules::{
     self, BUILTIN_JUMPS, Family, NodeConfig, OwnedChain, PREFIX, SERVICES, ServiceRules, Slot,
-    Table, UdpDestination, UdpTargets,
+    Table,
 };
-
-/// Conntrack entries to delete after a transaction succeeded.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ConntrackFlush {
-    /// UDP flows to `destination` that were DNATed to `endpoint`, now gone.
-    Endpoint {
-        /// Where the flows arrive.
-        destination: UdpDestination,
-        /// The endpoint no longer in use.
-        endpoint: IpAddr,
-    },
-    /// Every UDP flow to `destination`: it had no endpoints and now has some.
-    Destination(UdpDestination),
-}
-
-/// One UDP conntrack entry, as far as stale-flow clean-up needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConntrackEntry {
-    /// The original destination address.
-    pub destination: IpAddr,
-    /// The original destination port.
-    pub port: u16,
-    /// The reply's source: the endpoint the flow was DNATed to.
-    pub endpoint: IpAddr,
-}
-
-impl ConntrackFlush {
-    /// Whether `conntrack -D` with this filter would delete `entry`.
-    pub fn matches(&self, entry: &ConntrackEntry) -> bool {
-        let (destination, endpoint) = match self {
-            ConntrackFlush::Endpoint {
-                destination,
-                endpoint,
-            } => (destination, Some(endpoint)),
-            ConntrackFlush::Destination(d) => (d, None),
-        };
-        let to = match destination {
-            UdpDestination::Ip(ip, port) => entry.destination == *ip && entry.port == *port,
-            UdpDestination::NodePort(port) => entry.port == *port,
-        };
-        to && endpoint.is_none_or(|ep| entry.endpoint == *ep)
-    }
-}
 
 /// What of ours the kernel holds in one family: our chains, and our jumps
 /// from the built-in chains.
@@ -139,7 +97,7 @@ impl Existing {
 struct Programmed {
     chains: Vec<(Table, String)>,
     slots: Vec<(Table, Slot)>,
-    udp: Vec<UdpTargets>,
+    udp: Vec<(Frontend, BTreeSet<SocketAddr>)>,
     rules: usize,
 }
 
@@ -160,8 +118,6 @@ pub struct Transaction {
     /// The `iptables-restore` inputs, to run in order (usually one; none:
     /// nothing to do).
     pub texts: Vec<String>,
-    /// Conntrack entries to delete once it is in force.
-    pub conntrack: Vec<ConntrackFlush>,
 }
 
 /// One table's part of a restore input, in the order iptables-restore
@@ -498,7 +454,6 @@ impl FamilyTables {
         let mut fresh: Vec<Vec<OwnedChain>> = Vec::new();
         let mut gone: Vec<(Table, String)> = Vec::new();
         let mut dirty: BTreeSet<(Table, Slot)> = BTreeSet::new();
-        let mut conntrack = BTreeSet::new();
         let names: BTreeSet<&String> = changes.changed.iter().chain(&changes.removed).collect();
         for name in names {
             let old = self.services.remove(name).unwrap_or_default();
@@ -526,7 +481,6 @@ impl FamilyTables {
                     .collect(),
             );
             gone.extend(old.chains.iter().filter(|c| !has.contains(c)).cloned());
-            udp_changes(&old.udp, &p.udp, &mut conntrack);
             if p.chains.is_empty() && p.slots.is_empty() && !state.resources.contains_key(name) {
                 continue;
             }
@@ -590,35 +544,17 @@ impl FamilyTables {
                 out.seal();
             }
         });
-        Transaction {
-            texts,
-            conntrack: conntrack.into_iter().collect(),
-        }
+        Transaction { texts }
     }
-}
 
-fn udp_changes(old: &[UdpTargets], new: &[UdpTargets], out: &mut BTreeSet<ConntrackFlush>) {
-    let empty = BTreeSet::new();
-    for o in old {
-        let now = new
-            .iter()
-            .find(|n| n.destination == o.destination)
-            .map_or(&empty, |n| &n.endpoints);
-        for ep in o.endpoints.difference(now) {
-            out.insert(ConntrackFlush::Endpoint {
-                destination: o.destination.clone(),
-                endpoint: *ep,
-            });
+    /// Every UDP frontend programmed, with the endpoints serving it: what
+    /// stale-flow clean-up keeps.
+    pub fn udp_frontends(&self) -> Desired {
+        let mut out = Desired::new();
+        for (frontend, serving) in self.services.values().flat_map(|p| &p.udp) {
+            out.entry(*frontend).or_default().extend(serving);
         }
-    }
-    for n in new {
-        let before = old
-            .iter()
-            .find(|o| o.destination == n.destination)
-            .map_or(&empty, |o| &o.endpoints);
-        if before.is_empty() && !n.endpoints.is_empty() {
-            out.insert(ConntrackFlush::Destination(n.destination.clone()));
-        }
+        out
     }
 }
 

@@ -286,6 +286,7 @@ fn main() -> anyhow::Result<()> {
         zone: switchyard_agent::dns::zone_name(ZONE)?,
         ttl: 5,
         upstreams: vec![SocketAddr::from(([127, 0, 0, 1], upstream_port))],
+        no_upstream: None,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
     };

@@ -119,6 +119,7 @@ fn cfg() -> NodeConfig {
         nodeport_addresses: Vec::new(),
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
+        addresses: Vec::new(),
     }
 }
 

@@ -1,6 +1,7 @@
 use super::*;
 use switchyard_model::{
-    Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ServiceKey, TargetPort,
+    Endpoint, EndpointConditions, EndpointPort, EndpointSlice, ServiceKey, ServicePort,
+    ServiceType, TargetPort, TrafficPolicy,
 };
 
 pub(crate) fn cfg() -> NodeConfig {
@@ -11,6 +12,7 @@ pub(crate) fn cfg() -> NodeConfig {
         nodeport_addresses: Vec::new(),
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
+        addresses: vec!["10.99.0.11".parse().expect("ip")],
     }
 }
 
@@ -369,18 +371,47 @@ fn nodeport_with_local_policy() {
         && d.spec.starts_with("-p tcp -m tcp --dport 32000 ")
         && d.spec.ends_with("-j ACCEPT")));
 
-    // On a node without a local endpoint, external traffic is dropped.
+    // On a node without a local endpoint, traffic from outside is dropped,
+    // but pods and the node itself still reach the endpoints elsewhere
+    // (kube-proxy writes the external chain whenever there are endpoints).
     let mut other = cfg();
     other.node = "node-z".into();
     let r = service_rules(&s, Family::V4, &other);
+    assert!(r.chains.iter().all(|c| !c.name.starts_with("SWY-SVL-")));
+    let ext = chain(&r, "SWY-EXT-");
+    let svc_name = &chain(&r, "SWY-SVC-").name;
+    assert_eq!(ext.rules.len(), 3, "{ext:#?}");
+    assert!(ext.rules[0].starts_with("-s 10.244.0.0/16 ") && ext.rules[0].ends_with(svc_name));
+    assert!(ext.rules[1].ends_with("-j SWY-MARK-MASQ"));
     assert!(
-        r.chains
-            .iter()
-            .all(|c| !c.name.starts_with("SWY-SVL-") && !c.name.starts_with("SWY-EXT-"))
+        ext.rules[2].starts_with("-m addrtype --src-type LOCAL")
+            && ext.rules[2].ends_with(svc_name)
     );
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Nat
+        && d.slot == Slot::NodePorts
+        && d.spec.ends_with(&format!("-j {}", ext.name))));
     assert!(r.dispatch.iter().any(|d| d.table == Table::Filter
         && d.slot == Slot::NodePorts
         && d.spec.contains("--dport 30080")
+        && d.spec.ends_with("has no local endpoints\" -j DROP")));
+    // The cluster IP keeps its Cluster policy.
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Nat
+        && d.spec.starts_with("-d 10.96.0.10/32")
+        && d.spec.ends_with(svc_name.as_str())));
+
+    // internalTrafficPolicy Local as well: the cluster IP is dropped here,
+    // the node port still short-circuits pods and the node.
+    s.service.internal_traffic_policy = TrafficPolicy::Local;
+    let r = service_rules(&s, Family::V4, &other);
+    let ext = chain(&r, "SWY-EXT-");
+    let svc_chain = chain(&r, "SWY-SVC-");
+    assert!(ext.rules[0].ends_with(&svc_chain.name));
+    assert!(
+        svc_chain.rules.iter().all(|r| !r.contains("MARK-MASQ")),
+        "cluster-IP traffic does not take this chain: {svc_chain:#?}"
+    );
+    assert!(r.dispatch.iter().any(|d| d.table == Table::Filter
+        && d.spec.starts_with("-d 10.96.0.10/32")
         && d.spec.ends_with("has no local endpoints\" -j DROP")));
 }
 
@@ -422,7 +453,8 @@ fn load_balancer_with_source_ranges_and_external_ips() {
     let r = service_rules(&s, Family::V4, &cfg());
     let fw = chain(&r, "SWY-FW-");
     let ext = chain(&r, "SWY-EXT-");
-    assert_eq!(fw.rules.len(), 2);
+    // No range holds a node address: the LB IP is no allowed source.
+    assert_eq!(fw.rules.len(), 1, "{fw:#?}");
     assert!(fw.rules[0].starts_with("-s 198.51.100.0/24 ") && fw.rules[0].ends_with(&ext.name));
     let lb = r
         .dispatch
@@ -439,6 +471,26 @@ fn load_balancer_with_source_ranges_and_external_ips() {
         && d.spec.starts_with("-d 192.0.2.8/32")
         && d.spec.ends_with(&format!("-j {}", ext.name))));
     assert_eq!(ext.rules[0].rsplit(' ').next(), Some("SWY-MARK-MASQ"));
+
+    // A range holding this node's address admits the LB IP as a source.
+    s.service
+        .load_balancer_source_ranges
+        .push("10.99.0.0/24".parse().expect("net"));
+    let r = service_rules(&s, Family::V4, &cfg());
+    let fw = chain(&r, "SWY-FW-");
+    assert_eq!(fw.rules.len(), 3, "{fw:#?}");
+    assert!(fw.rules[2].starts_with("-s 192.0.2.7/32 "));
+}
+
+#[test]
+fn services_for_another_proxy_get_no_rules() {
+    let mut s = tcp_w(two_nodes());
+    assert!(!service_rules(&s, Family::V4, &cfg()).dispatch.is_empty());
+    s.service.not_proxied_by = Some("service.kubernetes.io/headless".into());
+    assert_eq!(
+        service_rules(&s, Family::V4, &cfg()),
+        ServiceRules::default()
+    );
 }
 
 #[test]
@@ -475,10 +527,13 @@ fn ipv6_and_udp_targets() {
     let r4 = service_rules(&s, Family::V4, &cfg());
     assert_eq!(r4.udp.len(), 1);
     assert_eq!(
-        r4.udp[0].destination,
-        UdpDestination::Ip("10.96.0.10".parse().expect("ip"), 80)
+        r4.udp[0].0,
+        Frontend::Ip("10.96.0.10:80".parse().expect("addr"))
     );
-    assert_eq!(r4.udp[0].endpoints.len(), 1);
+    assert_eq!(
+        r4.udp[0].1.iter().collect::<Vec<_>>(),
+        [&"10.244.1.2:5353".parse::<SocketAddr>().expect("addr")]
+    );
 }
 
 #[test]
