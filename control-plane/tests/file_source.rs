@@ -333,14 +333,22 @@ async fn a_burst_of_writes_is_one_publish() {
 }
 
 #[tokio::test]
-async fn a_missing_path_is_reported_until_it_appears() {
+async fn a_missing_path_is_not_synced_until_it_appears() {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = dir.path().join("conf");
     let mut src = Running::start(vec![conf.clone()], Duration::from_millis(50));
-    let state = src.synced().await;
+    // A mistyped PATH is not an empty cluster: nothing is synced, and the
+    // error names the path.
+    let state = src
+        .wait_for("the missing path reported", |s| s.last_error.is_some())
+        .await;
+    assert!(!state.synced, "a missing path must not count as synced");
     assert_eq!(state.services, []);
-    assert_eq!(state.errors.len(), 1);
-    assert_eq!(state.errors[0].object, conf.display().to_string());
+    let message = state.last_error.expect("last_error");
+    assert!(
+        message.contains(&conf.display().to_string()) && message.contains("does not exist"),
+        "{message}"
+    );
 
     std::fs::create_dir(&conf).expect("mkdir");
     write(&conf.join("web.yaml"), &svc("web", "10.96.0.10", 80));
@@ -349,7 +357,40 @@ async fn a_missing_path_is_reported_until_it_appears() {
             s.services.len() == 1
         })
         .await;
+    assert!(state.synced);
     assert_eq!(state.errors, []);
+    assert_eq!(state.last_error, None);
+    src.stop().await;
+}
+
+#[tokio::test]
+async fn a_path_that_disappears_keeps_what_it_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).expect("mkdir");
+    write(&conf.join("web.yaml"), &svc("web", "10.96.0.10", 80));
+    let mut src = Running::start(vec![conf.clone()], Duration::from_millis(50));
+    let state = src.synced().await;
+    assert_eq!(service_names(&state), ["default/shop/web"]);
+
+    // The directory goes away (an unmounted volume, a moved checkout).
+    let aside = dir.path().join("aside");
+    std::fs::rename(&conf, &aside).expect("move away");
+    let state = src
+        .wait_for("the vanished path reported", |s| s.last_error.is_some())
+        .await;
+    assert!(state.synced);
+    assert_eq!(
+        service_names(&state),
+        ["default/shop/web"],
+        "nothing dropped"
+    );
+
+    std::fs::rename(&aside, &conf).expect("move back");
+    let state = src
+        .wait_for("the error to clear", |s| s.last_error.is_none())
+        .await;
+    assert_eq!(service_names(&state), ["default/shop/web"]);
     src.stop().await;
 }
 

@@ -130,6 +130,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
         watcher,
         watched: BTreeMap::new(),
         watcher_error,
+        complete_once: false,
     };
 
     loop {
@@ -232,6 +233,10 @@ struct Loader {
     /// Watched directories, with whether the watch is recursive.
     watched: BTreeMap<PathBuf, bool>,
     watcher_error: Option<String>,
+    /// Set once every PATH has existed at one reload: until then the source
+    /// is not synced, so the control plane stays not ready and publishes
+    /// nothing rather than an empty view of a mistyped path.
+    complete_once: bool,
 }
 
 impl fmt::Debug for Loader {
@@ -272,17 +277,48 @@ struct Located<T> {
 
 impl Loader {
     /// Brings the watches up to date, reads every file and returns the whole new state.
+    ///
+    /// A PATH that does not exist is never read as "no objects": before
+    /// every PATH has existed once the state is not synced; after that, a
+    /// PATH that disappears keeps serving the files it held (a volume
+    /// unmounted or a directory moved is a mistake far more often than a
+    /// way to delete every Service). Either way `last_error` names it.
     fn reload(&mut self) -> SourceState {
         let mut errors = Vec::new();
         // Watch before reading, so that a file written in between is not missed.
         self.update_watches(&mut errors);
-        let files = self.list_files(&mut errors);
+        let (mut files, missing) = self.list_files(&mut errors);
         for path in &files {
             self.read_file(path);
         }
+        // Files of a missing PATH stay as they were last read.
+        let read: HashSet<PathBuf> = files.iter().cloned().collect();
+        let mut kept: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !read.contains(*p) && missing.iter().any(|m| p.starts_with(m)))
+            .cloned()
+            .collect();
+        kept.sort();
+        files.extend(kept);
         let listed: HashSet<&PathBuf> = files.iter().collect();
         self.files.retain(|p, _| listed.contains(p));
-        self.assemble(&files, errors)
+        self.complete_once |= missing.is_empty();
+        let mut state = self.assemble(&files, errors);
+        state.synced = self.complete_once;
+        if !missing.is_empty() {
+            let paths: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            let held = if self.complete_once {
+                "serving what it held before"
+            } else {
+                "nothing is published until it does"
+            };
+            state.last_error = Some(format!(
+                "{} does not exist; watching for it to appear ({held})",
+                paths.join(", ")
+            ));
+        }
+        state
     }
 
     fn error(
@@ -349,9 +385,11 @@ impl Loader {
         }
     }
 
-    /// Every manifest file, in path order; a file named twice is listed once.
-    fn list_files(&self, errors: &mut Vec<ObjectError>) -> Vec<PathBuf> {
+    /// Every manifest file, in path order (a file named twice is listed
+    /// once), and the PATHs that do not exist.
+    fn list_files(&self, errors: &mut Vec<ObjectError>) -> (Vec<PathBuf>, Vec<PathBuf>) {
         let mut files = Vec::new();
+        let mut missing = Vec::new();
         let mut seen = HashSet::new();
         for root in &self.paths {
             let mut found = Vec::new();
@@ -366,16 +404,12 @@ impl Loader {
                     "",
                     "not a file or a directory",
                 )),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => errors.push(self.error(
-                    root.display().to_string(),
-                    "",
-                    "does not exist (watching for it to appear)",
-                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(root.clone()),
                 Err(e) => errors.push(self.error(root.display().to_string(), "", e.to_string())),
             }
             files.extend(found.into_iter().filter(|f| seen.insert(f.clone())));
         }
-        files
+        (files, missing)
     }
 
     fn walk(&self, dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<ObjectError>) {
