@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::Json;
 use axum::routing::get;
 
@@ -22,15 +22,15 @@ pub fn router(status: Arc<Status>, metrics: Arc<Metrics>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
-            get(|State(s): State<AdminState>| async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    s.metrics.encode(),
-                )
-            }),
+            // OpenMetrics or Prometheus text 0.0.4, as `Accept` asks; the
+            // content type always says which.
+            get(
+                |State(s): State<AdminState>, headers: HeaderMap| async move {
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                    let (content_type, body) = s.metrics.encode_for(accept);
+                    ([(header::CONTENT_TYPE, content_type)], body)
+                },
+            ),
         )
         .route(
             "/status",

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
@@ -38,14 +38,12 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+/// OpenMetrics or Prometheus text 0.0.4, as the scraper's `Accept` asks;
+/// the content type always says which.
+async fn metrics_text(State(s): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.metrics.encode_for(accept);
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn status_json(State(s): State<AdminState>) -> impl IntoResponse {

@@ -80,3 +80,138 @@ async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_
     agent.shutdown().await;
     cp.shutdown().await;
 }
+
+/// What Prometheus sends when it scrapes (2.x and 3.x ask for OpenMetrics first).
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,\
+application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.1";
+
+/// GETs `/metrics` with `accept`; returns the content type and the body.
+async fn scrape(addr: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    let client = reqwest::Client::new();
+    let mut req = client.get(format!("http://{addr}/metrics"));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let r = req.send().await.expect("metrics endpoint answers");
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (ct, r.text().await.expect("body"))
+}
+
+/// Parses a Prometheus text 0.0.4 body strictly: every line is a comment or
+/// a sample the parser reads, and every family has a type.
+fn parse_text_format(body: &str) -> prometheus_parse::Scrape {
+    use prometheus_parse::{LineInfo, Scrape, Value};
+    for line in body.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        assert!(
+            !matches!(LineInfo::parse(line), LineInfo::Ignored),
+            "a line a Prometheus parser cannot read: {line:?}"
+        );
+    }
+    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let histograms: Vec<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| matches!(s.value, Value::Histogram(_)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    for s in &scrape.samples {
+        // The parser hands a histogram's _sum and _count over untyped.
+        let of_histogram = ["_sum", "_count"].iter().any(|suffix| {
+            s.metric
+                .strip_suffix(suffix)
+                .is_some_and(|base| histograms.contains(&base))
+        });
+        assert!(
+            of_histogram || !matches!(s.value, Value::Untyped(_)),
+            "{} lost its type in the text format",
+            s.metric
+        );
+    }
+    scrape
+}
+
+fn value_of<'a>(scrape: &'a prometheus_parse::Scrape, metric: &str) -> &'a prometheus_parse::Value {
+    &scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric)
+        .unwrap_or_else(|| panic!("no {metric} in the scrape"))
+        .value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_the_content_type_of_their_body_and_parse_as_prometheus_text() {
+    use prometheus_parse::Value;
+    let env = TestEnv::new();
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.1"]),
+    );
+    let cp = start_cp(env.cp_args()).await;
+    let (agent, _) = start_recording_agent(agent_args(
+        "node-a",
+        &format!("http://{}", cp.grpc_addr),
+        &env.state("agent"),
+    ))
+    .await;
+    agent_status_until(&agent, "the first update", |s| s.version.is_some()).await;
+    cp_status_until(&cp, "the ACK", |s| {
+        s.agents.iter().any(|a| a.acked_version.is_some())
+    })
+    .await;
+
+    for (addr, counter, histogram) in [
+        (
+            cp.admin_addr,
+            "switchyard_control_plane_acks_total",
+            "switchyard_control_plane_snapshot_build_seconds",
+        ),
+        (
+            agent.admin_addr,
+            "switchyard_agent_updates_total",
+            "switchyard_agent_apply_seconds",
+        ),
+    ] {
+        // A plain scrape (curl, a 0.0.4 parser): the text format, typed.
+        let (ct, body) = scrape(addr, None).await;
+        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(!body.contains("# EOF"), "OpenMetrics in a text/plain body");
+        let parsed = parse_text_format(&body);
+        assert!(
+            matches!(value_of(&parsed, counter), Value::Counter(v) if *v >= 1.0),
+            "{counter}: {:?}",
+            value_of(&parsed, counter)
+        );
+        assert!(
+            matches!(value_of(&parsed, histogram), Value::Histogram(b) if !b.is_empty()),
+            "{histogram}"
+        );
+
+        // Prometheus asks for OpenMetrics first: it gets OpenMetrics, labelled so.
+        let (ct, body) = scrape(addr, Some(PROMETHEUS_ACCEPT)).await;
+        assert_eq!(
+            ct,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert!(
+            body.ends_with("# EOF\n"),
+            "an OpenMetrics body ends with # EOF"
+        );
+        let family = counter.strip_suffix("_total").expect("a counter");
+        assert!(
+            body.contains(&format!("# TYPE {family} counter\n")),
+            "OpenMetrics types the family without _total"
+        );
+    }
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
