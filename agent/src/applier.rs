@@ -122,6 +122,7 @@ impl Applier {
     }
 
     async fn try_apply(&mut self, update: &v1::SnapshotUpdate) -> Result<(), String> {
+        let started = Instant::now();
         let current = self.state();
         let (next, changes) = current.apply(update).map_err(|e| e.to_string())?;
         let next = Arc::new(next);
@@ -144,6 +145,14 @@ impl Applier {
         self.metrics
             .persist_seconds
             .observe(t.elapsed().as_secs_f64());
+        tracing::info!(
+            version = %next.version,
+            changed = changes.changed.len(),
+            removed = changes.removed.len(),
+            resources = next.resources.len(),
+            elapsed = ?started.elapsed(),
+            "update applied"
+        );
         self.publish(next, Origin::ControlPlane);
         Ok(())
     }
