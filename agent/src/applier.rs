@@ -24,6 +24,10 @@ pub struct Applier {
     dataplane: Arc<Mutex<Box<dyn DataPlane>>>,
     pub(crate) status: Arc<Status>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The zone the data plane uses, and whether `--zone` fixed it (else
+    /// it follows what the control plane says, `SnapshotUpdate.node_zone`).
+    zone: Option<String>,
+    zone_fixed: bool,
 }
 
 impl std::fmt::Debug for Applier {
@@ -46,7 +50,31 @@ impl Applier {
             dataplane: Arc::new(Mutex::new(dataplane)),
             status,
             metrics,
+            zone: None,
+            zone_fixed: false,
         }
+    }
+
+    /// Fixes this node's zone (`--zone`): what the control plane says is ignored.
+    pub fn fix_zone(&mut self, zone: String) {
+        self.zone = Some(zone);
+        self.zone_fixed = true;
+    }
+
+    /// Adopts the zone the control plane names, unless `--zone` fixed one
+    /// or it names none. Returns whether the data plane must reprogram.
+    fn learn_zone(&mut self, node_zone: &str) -> bool {
+        if self.zone_fixed || node_zone.is_empty() || self.zone.as_deref() == Some(node_zone) {
+            return false;
+        }
+        tracing::info!(zone = node_zone, previous = ?self.zone, "zone learnt from the control plane (the Node's topology.kubernetes.io/zone)");
+        self.zone = Some(node_zone.to_owned());
+        self.dataplane
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_zone(self.zone.clone());
+        self.status.update(|s| s.zone = Some(node_zone.to_owned()));
+        true
     }
 
     /// The data plane, shared with the maintenance task.
@@ -128,8 +156,17 @@ impl Applier {
         let next = Arc::new(next);
         let unchanged =
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
-        if !unchanged {
-            self.program(next.clone(), changes.clone(), false).await?;
+        let rezoned = self.learn_zone(&update.node_zone);
+        if rezoned && unchanged {
+            // Nothing new from the control plane, but every Service may
+            // pick other endpoints in the new zone.
+            let all = ChangeSet {
+                changed: next.resources.keys().cloned().collect(),
+                removed: Vec::new(),
+            };
+            self.program(next.clone(), all, true).await?;
+        } else if !unchanged {
+            self.program(next.clone(), changes.clone(), rezoned).await?;
             // Network programming latency: the control plane's change to rules in force here.
             if update.changed_at_unix_nanos > 0 {
                 let now = crate::unix_nanos();

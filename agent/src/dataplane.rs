@@ -45,6 +45,10 @@ pub trait DataPlane: Send + 'static {
 
     /// Gives the data plane the agent's metrics to report into.
     fn attach_metrics(&mut self, _metrics: Arc<Metrics>) {}
+
+    /// This node's topology zone changed (learnt from the control plane);
+    /// the next apply is a full one. Default: zones do not matter.
+    fn set_zone(&mut self, _zone: Option<String>) {}
 }
 
 /// What the `none` data plane has seen.

@@ -149,6 +149,9 @@ pub async fn start_with(
             .update(|s| s.discarded_state = Some(format!("state database moved aside: {reason}")));
     }
     let mut applier = applier::Applier::new(store, dataplane, status.clone(), metrics.clone());
+    if let Some(zone) = &args.zone {
+        applier.fix_zone(zone.clone());
+    }
     applier.restore().await;
     let state = applier.subscribe();
 

@@ -1,7 +1,7 @@
 //! What the control plane knows about itself and its agents, shared by the
 //! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -15,7 +15,7 @@ pub struct AgentStatus {
     pub node: String,
     /// Cluster id the agent announced.
     pub cluster: String,
-    /// Zone the agent announced.
+    /// Zone the agent announced, else its Node's zone (which it is told).
     pub zone: String,
     /// Whether a stream is open now.
     pub connected: bool,
@@ -113,6 +113,8 @@ struct Inner {
     services: Vec<Arc<ServiceSummary>>,
     agents: BTreeMap<String, AgentStatus>,
     next_stream: u64,
+    /// Node name -> `topology.kubernetes.io/zone`, from the sources' nodes.
+    zones: HashMap<String, String>,
 }
 
 /// The status document served at `/status`.
@@ -198,9 +200,26 @@ impl Status {
         self.change(|s| s.invalid_objects = invalid);
     }
 
-    /// Records the sources' sync state.
+    /// Records the sources' sync state (and the zones of the nodes they know).
     pub fn set_sources(&self, sources: Vec<SourceStatus>) {
-        self.change(|s| s.sources = sources);
+        self.change(|s| {
+            s.zones.clear();
+            for node in sources.iter().flat_map(|src| &src.nodes) {
+                if let Some(zone) = &node.zone {
+                    // The first source to know a node wins, as for Services.
+                    s.zones
+                        .entry(node.name.clone())
+                        .or_insert_with(|| zone.clone());
+                }
+            }
+            s.sources = sources;
+        });
+    }
+
+    /// The zone of `node` from its Node's `topology.kubernetes.io/zone`
+    /// label; empty when no source knows it.
+    pub fn node_zone(&self, node: &str) -> String {
+        self.lock().zones.get(node).cloned().unwrap_or_default()
     }
 
     /// Ready once a snapshot exists (the index builds one only after every source synced).
@@ -297,7 +316,20 @@ impl Status {
             resources: s.resources,
             sources: s.sources.clone(),
             invalid_objects: s.invalid_objects.clone(),
-            agents: s.agents.values().cloned().collect(),
+            agents: s
+                .agents
+                .values()
+                .map(|a| {
+                    let mut a = a.clone();
+                    // An agent that announced no zone is told its Node's.
+                    if a.zone.is_empty()
+                        && let Some(zone) = s.zones.get(&a.node)
+                    {
+                        a.zone.clone_from(zone);
+                    }
+                    a
+                })
+                .collect(),
             services: s.services.clone(),
         }
     }

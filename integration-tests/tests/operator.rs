@@ -215,3 +215,99 @@ async fn metrics_carry_the_content_type_of_their_body_and_parse_as_prometheus_te
     agent.shutdown().await;
     cp.shutdown().await;
 }
+
+/// A data plane that records the zones it is given.
+#[derive(Debug, Default, Clone)]
+struct ZoneDataPlane {
+    zones: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    full_applies: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl switchyard_agent::dataplane::DataPlane for ZoneDataPlane {
+    fn name(&self) -> &'static str {
+        "zones"
+    }
+
+    fn apply(
+        &mut self,
+        change: &switchyard_agent::dataplane::Change<'_>,
+    ) -> Result<(), switchyard_agent::dataplane::ApplyError> {
+        if change.full {
+            self.full_applies
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn set_zone(&mut self, zone: Option<String>) {
+        self.zones.lock().expect("zones").push(zone);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_learn_their_zone_from_their_node_and_zone_overrides_it() {
+    use switchyard_integration_tests::apiserver::{FakeApiServer, Kind, ServerConfig, Store};
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::default();
+    for (node, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
+        store
+            .create(
+                Kind::Node,
+                serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": zone}}}),
+            )
+            .expect("node");
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = FakeApiServer::start_with(listener, store, ServerConfig::default()).expect("api");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let cp = start_cp(kube_cp_args(&kubeconfig, &dir.path().join("cp"), &[])).await;
+    let url = format!("http://{}", cp.grpc_addr);
+
+    // No --zone: the agent takes its Node's label and reprograms in full.
+    let dp = ZoneDataPlane::default();
+    let a = start_agent(
+        agent_args("node-a", &url, &dir.path().join("a")),
+        Box::new(dp.clone()),
+    )
+    .await;
+    let status = agent_status_until(&a, "the zone learnt and applied", |s| {
+        s.zone.is_some() && s.version.is_some()
+    })
+    .await;
+    assert_eq!(status.zone.as_deref(), Some("zone-1"));
+    assert_eq!(
+        *dp.zones.lock().expect("zones"),
+        [Some("zone-1".to_owned())]
+    );
+    assert!(dp.full_applies.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let doc = cp_status_until(&cp, "node-a listed", |s| {
+        s.agents.iter().any(|x| x.node == "node-a")
+    })
+    .await;
+    let shown = doc
+        .agents
+        .iter()
+        .find(|x| x.node == "node-a")
+        .expect("node-a");
+    assert_eq!(shown.zone, "zone-1");
+
+    // --zone wins over the label.
+    let mut args = agent_args("node-b", &url, &dir.path().join("b"));
+    args.zone = Some("rack-7".into());
+    let dp_b = ZoneDataPlane::default();
+    let b = start_agent(args, Box::new(dp_b.clone())).await;
+    let status = agent_status_until(&b, "node-b's first update", |s| s.version.is_some()).await;
+    assert_eq!(status.zone.as_deref(), Some("rack-7"));
+    assert!(
+        dp_b.zones.lock().expect("zones").is_empty(),
+        "--zone is not overridden"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    cp.shutdown().await;
+}

@@ -258,6 +258,12 @@ impl DataPlane for IptablesDataPlane {
     fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
         self.metrics = Some(metrics);
     }
+
+    fn set_zone(&mut self, zone: Option<String>) {
+        // Topology hints pick endpoints by zone: every Service may change.
+        self.cfg.zone = zone;
+        self.needs_full = true;
+    }
 }
 
 /// `switchyard-agent cleanup`: removes every chain and rule of ours, in
