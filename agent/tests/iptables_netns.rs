@@ -73,6 +73,7 @@ fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
                 protocol: Protocol::Udp,
                 port: 5353,
             }],
+            trigger_time_unix_nanos: None,
         }],
     }
 }

@@ -82,6 +82,11 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
     /// Its ports.
     pub ports: Vec<EndpointPort>,
+    /// When the change that last moved its endpoints happened (Unix
+    /// nanoseconds): the `endpoints.kubernetes.io/last-change-trigger-time`
+    /// annotation the endpoint controllers set. Network programming latency
+    /// is measured from it, as kube-proxy does.
+    pub trigger_time_unix_nanos: Option<i64>,
 }
 
 impl EndpointSlice {
@@ -177,6 +182,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            trigger_time_unix_nanos: None,
         }
     }
 

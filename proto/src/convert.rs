@@ -116,6 +116,7 @@ fn encode_slice(s: &m::EndpointSlice) -> v1::EndpointSlice {
                 port: u32::from(p.port),
             })
             .collect(),
+        trigger_time_unix_nanos: s.trigger_time_unix_nanos.unwrap_or(0),
     }
 }
 
@@ -310,6 +311,8 @@ impl Decoder<'_> {
             address_type,
             endpoints,
             ports,
+            trigger_time_unix_nanos: (s.trigger_time_unix_nanos > 0)
+                .then_some(s.trigger_time_unix_nanos),
         })
     }
 
@@ -426,6 +429,7 @@ mod tests {
                     protocol: m::Protocol::Tcp,
                     port: 8080,
                 }],
+                trigger_time_unix_nanos: Some(1_700_000_000_123_456_789),
             }],
         }
     }

@@ -77,6 +77,7 @@ fn mk_headless(ns: &str, name: &str, endpoints: Vec<Endpoint>) -> ServiceState {
             protocol: Protocol::Tcp,
             port: 8080,
         }],
+        trigger_time_unix_nanos: None,
     });
     st
 }

@@ -83,6 +83,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            trigger_time_unix_nanos: None,
         });
         let key = st.service.key.to_string();
         resources.insert(

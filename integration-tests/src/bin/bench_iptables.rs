@@ -94,6 +94,7 @@ fn service(i: usize, generation: u32) -> ServiceState {
                 protocol: Protocol::Tcp,
                 port: 8080,
             }],
+            trigger_time_unix_nanos: None,
         }],
     }
 }

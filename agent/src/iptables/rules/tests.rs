@@ -37,6 +37,7 @@ pub(crate) fn slice(name: &str, proto: Protocol, port: u16, eps: Vec<Endpoint>) 
             protocol: proto,
             port,
         }],
+        trigger_time_unix_nanos: None,
     }
 }
 

@@ -246,6 +246,7 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
                     address_type: family,
                     endpoints,
                     ports: Vec::new(),
+                    trigger_time_unix_nanos: None,
                 },
                 ports: SlicePorts::FromServiceTargets,
             }));
