@@ -167,12 +167,10 @@ impl Applier {
             self.program(next.clone(), all, true).await?;
         } else if !unchanged {
             self.program(next.clone(), changes.clone(), rezoned).await?;
-            // Network programming latency: the control plane's change to rules in force here.
-            if update.changed_at_unix_nanos > 0 {
-                let now = crate::unix_nanos();
-                let latency = (now - update.changed_at_unix_nanos).max(0) as f64 / 1e9;
-                self.metrics.programming_latency_seconds.observe(latency);
-            }
+            // Change counters and network programming latency (from each
+            // object's change to the rules in force here).
+            self.metrics
+                .record_update(&current, &next, &changes, update.changed_at_unix_nanos);
         }
         let t = Instant::now();
         self.store

@@ -123,6 +123,7 @@ impl IptablesDataPlane {
         if let Some(m) = &self.metrics {
             m.iptables_full_sync_seconds
                 .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(true, t.elapsed());
             m.iptables_rules.set(self.rule_count() as i64);
         }
         tracing::info!(
@@ -155,6 +156,7 @@ impl IptablesDataPlane {
         if let Some(m) = &self.metrics {
             m.iptables_partial_sync_seconds
                 .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(false, t.elapsed());
             m.iptables_rules.set(self.rule_count() as i64);
         }
         for (family, mut list) in flushes {
@@ -178,6 +180,7 @@ impl IptablesDataPlane {
     fn failed(&self, e: runner::RunError) -> ApplyError {
         if let Some(m) = &self.metrics {
             m.iptables_restore_failures.inc();
+            m.kubeproxy.restore_failures.inc();
         }
         ApplyError(e.to_string())
     }
