@@ -199,6 +199,8 @@ impl Applier {
         full: bool,
     ) -> Result<(), String> {
         let dataplane = self.dataplane.clone();
+        self.status.sync_queued();
+        self.metrics.kubeproxy.queued();
         let t = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,6 +215,9 @@ impl Applier {
         self.metrics
             .apply_seconds
             .observe(t.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.status.sync_succeeded();
+        }
         result.map_err(|e| format!("data plane: {e}"))
     }
 

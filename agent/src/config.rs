@@ -66,9 +66,15 @@ pub struct Args {
     #[arg(long, default_value = "/var/lib/switchyard/agent")]
     pub state_dir: PathBuf,
 
-    /// Address of the admin HTTP endpoint (/healthz, /metrics, /status).
+    /// Address of the admin HTTP endpoint (/, /healthz, /readyz, /metrics,
+    /// /status); keep it on loopback: /status shows every Service.
     #[arg(long, default_value = "127.0.0.1:9902")]
     pub admin_listen: SocketAddr,
+
+    /// Also serve /metrics (only) on this address, for a cluster Prometheus
+    /// (for example 0.0.0.0:9903). Default: metrics on --admin-listen only.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// What programs the node.
     #[arg(long, value_enum, default_value_t = DataPlaneKind::default_for_os())]

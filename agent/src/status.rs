@@ -51,6 +51,34 @@ pub struct StatusDocument {
     pub discarded_state: Option<String>,
     /// The DNS stub; null when `--dns-listen none`.
     pub dns: Option<DnsStatus>,
+    /// Whether the data plane keeps up (what `/healthz` and `/readyz` say).
+    pub sync: SyncReport,
+}
+
+/// The data plane's syncs as `/healthz` and `/readyz` judge them, the way
+/// kube-proxy does: unhealthy when a change has waited longer than the
+/// health timeout (twice the sync period) without a successful sync;
+/// ready once a sync has succeeded.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    /// `/healthz`: no change has waited longer than `timeout_seconds`.
+    pub healthy: bool,
+    /// `/readyz`: a state has been put in force at least once.
+    pub ready: bool,
+    /// How long the oldest change not yet in force has waited, in seconds.
+    pub pending_seconds: Option<f64>,
+    /// The last successful sync (or check that the rules are intact), Unix seconds.
+    pub last_sync_unix_seconds: Option<f64>,
+    /// The health timeout.
+    pub timeout_seconds: f64,
+}
+
+/// When syncs were asked for and when they succeeded.
+#[derive(Debug, Default)]
+struct SyncTimes {
+    pending_since: Option<std::time::Instant>,
+    first_success: bool,
+    last_success_unix_seconds: Option<f64>,
 }
 
 /// The DNS stub's part of `/status`.
@@ -81,6 +109,7 @@ pub struct DnsStatus {
 #[derive(Debug)]
 pub struct Status {
     doc: Mutex<StatusDocument>,
+    sync: Mutex<SyncTimes>,
     generation: tokio::sync::watch::Sender<u64>,
 }
 
@@ -107,7 +136,9 @@ impl Status {
                 rejected: 0,
                 discarded_state: None,
                 dns: None,
+                sync: SyncReport::default(),
             }),
+            sync: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -130,6 +161,52 @@ impl Status {
 
     fn lock(&self) -> MutexGuard<'_, StatusDocument> {
         self.doc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync_times(&self) -> MutexGuard<'_, SyncTimes> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data plane was asked to put a change in force.
+    pub fn sync_queued(&self) {
+        let mut t = self.sync_times();
+        t.pending_since.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// The data plane put a state in force.
+    pub fn sync_succeeded(&self) {
+        {
+            let mut t = self.sync_times();
+            t.pending_since = None;
+            t.first_success = true;
+            t.last_success_unix_seconds = Some(unix_seconds());
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The periodic check found the data plane's rules intact (or repaired
+    /// them): what was pending is in force. Returns whether anything had
+    /// been put in force before (only then does the check mean a sync).
+    pub fn maintained(&self) -> bool {
+        let mut t = self.sync_times();
+        if t.first_success {
+            t.pending_since = None;
+            t.last_success_unix_seconds = Some(unix_seconds());
+        }
+        t.first_success
+    }
+
+    /// The sync report against `timeout` (twice the sync period).
+    pub fn sync_report(&self, timeout: std::time::Duration) -> SyncReport {
+        let t = self.sync_times();
+        let pending = t.pending_since.map(|p| p.elapsed());
+        SyncReport {
+            healthy: pending.is_none_or(|p| p <= timeout),
+            ready: t.first_success,
+            pending_seconds: pending.map(|p| p.as_secs_f64()),
+            last_sync_unix_seconds: t.last_success_unix_seconds,
+            timeout_seconds: timeout.as_secs_f64(),
+        }
     }
 }
 
@@ -461,6 +538,16 @@ impl KubeProxyMetrics {
             "Cumulative proxy iptables restore failures",
             self.restore_failures.clone(),
         );
+    }
+
+    /// A sync was asked for.
+    pub fn queued(&self) {
+        self.last_queued_timestamp.set(unix_seconds());
+    }
+
+    /// The periodic check found the rules intact.
+    pub fn verified(&self) {
+        self.last_sync_timestamp.set(unix_seconds());
     }
 
     /// One successful sync of the rules, full or partial, that took `elapsed`.

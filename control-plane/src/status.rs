@@ -334,3 +334,39 @@ impl Status {
         }
     }
 }
+
+/// A Service and its endpoints with their conditions, as `/status?service=` shows it.
+pub fn service_view(state: &switchyard_model::ServiceState) -> serde_json::Value {
+    let svc = &state.service;
+    let summary = ServiceSummary::of(state);
+    serde_json::json!({
+        "name": summary.name,
+        "cluster": summary.cluster,
+        "type": summary.kind,
+        "cluster_ips": summary.cluster_ips,
+        "ports": svc.ports.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "protocol": p.protocol.to_string(),
+            "port": p.port,
+            "target_port": match &p.target_port {
+                switchyard_model::TargetPort::Number(n) => serde_json::json!(n),
+                switchyard_model::TargetPort::Name(n) => serde_json::json!(n),
+            },
+            "node_port": p.node_port,
+        })).collect::<Vec<_>>(),
+        "external_ips": svc.external_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "slices": state.slices.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "ports": s.ports.iter().map(|p| format!("{} {}/{}", p.name, p.port, p.protocol)).collect::<Vec<_>>(),
+            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                "addresses": e.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "ready": e.conditions.ready,
+                "serving": e.conditions.serving,
+                "terminating": e.conditions.terminating,
+                "node": e.node_name,
+                "zone": e.zone,
+                "hints": e.hint_zones,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -311,3 +311,159 @@ async fn agents_learn_their_zone_from_their_node_and_zone_overrides_it() {
     b.shutdown().await;
     cp.shutdown().await;
 }
+
+/// A data plane whose applies wait for a go-ahead, to hold a sync pending.
+#[derive(Debug, Clone)]
+struct GatedDataPlane {
+    entered: std::sync::mpsc::SyncSender<()>,
+    proceed: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl switchyard_agent::dataplane::DataPlane for GatedDataPlane {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+
+    fn apply(
+        &mut self,
+        _change: &switchyard_agent::dataplane::Change<'_>,
+    ) -> Result<(), switchyard_agent::dataplane::ApplyError> {
+        let _ = self.entered.try_send(());
+        let _ = self
+            .proceed
+            .lock()
+            .expect("gate")
+            .recv_timeout(std::time::Duration::from_secs(30));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_a_change_waits_past_twice_the_sync_period_and_readyz_follows_the_first_sync()
+ {
+    let env = TestEnv::new();
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.1"]),
+    );
+    let cp = start_cp(env.cp_args()).await;
+    let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(4);
+    let (proceed_tx, proceed_rx) = std::sync::mpsc::channel();
+    let dp = GatedDataPlane {
+        entered: entered_tx,
+        proceed: std::sync::Arc::new(std::sync::Mutex::new(proceed_rx)),
+    };
+    let mut args = agent_args(
+        "node-a",
+        &format!("http://{}", cp.grpc_addr),
+        &env.state("a"),
+    );
+    // Health timeout: twice this.
+    args.iptables_sync_period = std::time::Duration::from_millis(150);
+    let agent = start_agent(args, Box::new(dp)).await;
+    let (code, body) = get_text(agent.admin_addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+
+    // The first update reaches the data plane, which holds it.
+    let entered = tokio::task::spawn_blocking(move || {
+        entered_rx.recv_timeout(WAIT).is_ok().then_some(entered_rx)
+    });
+    let entered_rx = entered.await.expect("join").expect("the apply starts");
+    assert_eq!(
+        get_text(agent.admin_addr, "/healthz").await.0,
+        200,
+        "not yet late"
+    );
+    // Let the health timeout (300 ms) pass: the deadline itself is what is tested.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let (code, body) = get_text(agent.admin_addr, "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("twice --iptables-sync-period"), "{body}");
+    let status = get_json(agent.admin_addr, "/status").await;
+    assert_eq!(status["sync"]["healthy"], false);
+    assert!(
+        status["sync"]["pending_seconds"]
+            .as_f64()
+            .unwrap_or_default()
+            > 0.3
+    );
+
+    // The sync completes: healthy and ready.
+    proceed_tx.send(()).expect("release");
+    agent_status_until(&agent, "the update in force", |s| s.version.is_some()).await;
+    assert_eq!(get_text(agent.admin_addr, "/healthz").await.0, 200);
+    assert_eq!(get_text(agent.admin_addr, "/readyz").await.0, 200);
+    drop(entered_rx);
+    drop(proceed_tx);
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_one_service_on_both_sides_and_metrics_get_their_own_listener() {
+    let env = TestEnv::new();
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.1", "10.244.1.2"]),
+    );
+    let cp = start_cp(env.cp_args()).await;
+    let mut args = agent_args(
+        "node-a",
+        &format!("http://{}", cp.grpc_addr),
+        &env.state("a"),
+    );
+    args.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let (agent, _) = start_recording_agent(args).await;
+    agent_status_until(&agent, "the first update", |s| s.resources == 1).await;
+
+    for addr in [cp.admin_addr, agent.admin_addr] {
+        let (code, index) = get_text(addr, "/").await;
+        assert_eq!(code, 200);
+        for path in ["/healthz", "/readyz", "/metrics", "/status?service="] {
+            assert!(
+                index.contains(path),
+                "{addr}: / does not list {path}: {index}"
+            );
+        }
+        let view = get_json(addr, "/status?service=shop/web").await;
+        assert_eq!(view["name"], "shop/web", "{addr}: {view}");
+        assert_eq!(
+            view["cluster_ips"].as_array().map(Vec::len),
+            Some(1),
+            "{view}"
+        );
+        let endpoints = view["slices"][0]["endpoints"]
+            .as_array()
+            .expect("endpoints");
+        assert_eq!(endpoints.len(), 2, "{view}");
+        assert_eq!(endpoints[0]["ready"], true);
+        assert_eq!(
+            reqwest::get(format!("http://{addr}/status?service=shop/nope"))
+                .await
+                .expect("answers")
+                .status()
+                .as_u16(),
+            404
+        );
+    }
+    // The agent adds what its data plane did with it; `none` records.
+    let view = get_json(agent.admin_addr, "/status?service=shop/web").await;
+    assert!(
+        view["programmed"]["recorded"]["resource_version"].is_string(),
+        "{view}"
+    );
+    let status = get_json(agent.admin_addr, "/status").await;
+    assert!(
+        status["dataplane_record"]["applies"].as_u64() >= Some(1),
+        "{status}"
+    );
+
+    // Metrics on their own address; status is not there.
+    let metrics_addr = agent.metrics_addr.expect("--metrics-listen bound");
+    let (code, body) = get_text(metrics_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
+    assert_eq!(get_text(metrics_addr, "/status").await.0, 404);
+    agent.shutdown().await;
+    cp.shutdown().await;
+}

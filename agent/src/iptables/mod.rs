@@ -262,6 +262,33 @@ impl DataPlane for IptablesDataPlane {
         self.metrics = Some(metrics);
     }
 
+    fn describe(&self, name: &str) -> Option<serde_json::Value> {
+        let held = self.last_good.as_ref()?.resources.get(name)?;
+        // The rules are a pure function of the state and this node's
+        // settings: recomputing them shows exactly what the sync wrote.
+        let families: Vec<serde_json::Value> = self
+            .families
+            .iter()
+            .map(|&family| {
+                let r = rules::service_rules(&held.state, family, &self.cfg);
+                serde_json::json!({
+                    "family": format!("{family:?}"),
+                    "dispatch": r.dispatch.iter().map(|d| serde_json::json!({
+                        "table": d.table.name(),
+                        "chain": d.slot.chain(d.table),
+                        "rule": d.spec,
+                    })).collect::<Vec<_>>(),
+                    "chains": r.chains.iter().map(|c| serde_json::json!({
+                        "table": c.table.name(),
+                        "chain": c.name,
+                        "rules": c.rules,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({ "zone": self.cfg.zone, "iptables": families }))
+    }
+
     fn set_zone(&mut self, zone: Option<String>) {
         // Topology hints pick endpoints by zone: every Service may change.
         self.cfg.zone = zone;
