@@ -467,3 +467,64 @@ async fn status_shows_one_service_on_both_sides_and_metrics_get_their_own_listen
     agent.shutdown().await;
     cp.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_watch_error_clears_when_the_watch_recovers_and_names_the_api_server_once() {
+    use switchyard_integration_tests::apiserver::{
+        FakeApiServer, Fault, Kind, ServerConfig, Store,
+    };
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::default();
+    store
+        .create(
+            Kind::Service,
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"namespace": "shop", "name": "web"},
+                "spec": {"ports": [{"port": 80}]}}),
+        )
+        .expect("service");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = FakeApiServer::start_with(listener, store, ServerConfig::default()).expect("api");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let cp = start_cp(kube_cp_args(&kubeconfig, &dir.path().join("cp"), &[])).await;
+    cp_status_until(&cp, "ready", |s| s.ready && s.resources == 1).await;
+    let lists = api.requests("LIST services");
+
+    // The next request for Services fails once; the watch is cut, so the
+    // watcher's re-watch is that request.
+    api.fail_next(Fault {
+        method: None,
+        contains: "/api/v1/services?".into(),
+        code: 500,
+        times: 1,
+    });
+    api.drop_watches();
+    let doc = cp_status_until(&cp, "the watch error shown", |s| {
+        s.sources[0].last_error.is_some()
+    })
+    .await;
+    let message = doc.sources[0].last_error.clone().expect("error");
+    assert_eq!(
+        message.matches(&api.url()).count(),
+        1,
+        "the API server's URL, once: {message}"
+    );
+    assert!(message.starts_with("services from "), "{message}");
+
+    // The watcher retries and the watch resumes; nothing changed in the
+    // cluster, yet the error goes away.
+    cp_status_until(&cp, "the error to clear", |s| {
+        s.sources[0].last_error.is_none()
+    })
+    .await;
+    assert_eq!(
+        api.requests("LIST services"),
+        lists,
+        "resumed, not relisted"
+    );
+    cp.shutdown().await;
+}
