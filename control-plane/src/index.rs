@@ -410,6 +410,7 @@ pub async fn run(
                         synced: s.synced,
                         last_error: s.last_error.clone(),
                         nodes: s.nodes.clone(),
+                        warnings: s.warnings.clone(),
                     })
                     .collect(),
             );

@@ -46,6 +46,10 @@ pub struct SourceStatus {
     /// Nodes and their zones, for sources that watch them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<crate::source::NodeInfo>,
+    /// Input it ignored in part or whole (unknown kinds, API versions and
+    /// fields), with the file and document.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ObjectError>,
 }
 
 /// One Service of the snapshot, as `/status` lists it.

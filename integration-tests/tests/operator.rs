@@ -26,6 +26,10 @@ async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_
         "web.yaml",
         &service_yaml("shop", "web", 80, &["10.244.1.1"]),
     );
+    env.write(
+        "typo.yaml",
+        "apiVersion: v1\nkind: Servce\nmetadata: {name: x}\n",
+    );
     let typo = env.dir.path().join("manifsts");
     let cp = start_cp(cp_args_with_sources(
         &env,
@@ -63,6 +67,20 @@ async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_
     .expect("write");
     cp_status_until(&cp, "ready", |s| s.ready).await;
     assert_eq!(get_text(cp.admin_addr, "/readyz").await.0, 200);
+    // Ignored input is a warning in /status, with the file and document.
+    let json = get_json(cp.admin_addr, "/status").await;
+    let warning = &json["sources"][0]["warnings"][0];
+    assert!(
+        warning["object"]
+            .as_str()
+            .is_some_and(|o| o.ends_with("typo.yaml#1")),
+        "{json}"
+    );
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did you mean Service"))
+    );
     let mut state = agent.state.clone();
     within(
         "the agent to apply both Services",
