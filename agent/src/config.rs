@@ -58,7 +58,9 @@ pub struct Args {
     #[arg(long, default_value = switchyard_model::DEFAULT_CLUSTER)]
     pub cluster: String,
 
-    /// This node's topology zone, for topology-aware routing.
+    /// This node's topology zone, for topology-aware routing. Default: the
+    /// zone the control plane reports from this node's Node label
+    /// topology.kubernetes.io/zone; this flag overrides it.
     #[arg(long)]
     pub zone: Option<String>,
 
