@@ -24,6 +24,10 @@ pub struct Applier {
     dataplane: Arc<Mutex<Box<dyn DataPlane>>>,
     pub(crate) status: Arc<Status>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The zone the data plane uses, and whether `--zone` fixed it (else
+    /// it follows what the control plane says, `SnapshotUpdate.node_zone`).
+    zone: Option<String>,
+    zone_fixed: bool,
 }
 
 impl std::fmt::Debug for Applier {
@@ -46,7 +50,31 @@ impl Applier {
             dataplane: Arc::new(Mutex::new(dataplane)),
             status,
             metrics,
+            zone: None,
+            zone_fixed: false,
         }
+    }
+
+    /// Fixes this node's zone (`--zone`): what the control plane says is ignored.
+    pub fn fix_zone(&mut self, zone: String) {
+        self.zone = Some(zone);
+        self.zone_fixed = true;
+    }
+
+    /// Adopts the zone the control plane names, unless `--zone` fixed one
+    /// or it names none. Returns whether the data plane must reprogram.
+    fn learn_zone(&mut self, node_zone: &str) -> bool {
+        if self.zone_fixed || node_zone.is_empty() || self.zone.as_deref() == Some(node_zone) {
+            return false;
+        }
+        tracing::info!(zone = node_zone, previous = ?self.zone, "zone learnt from the control plane (the Node's topology.kubernetes.io/zone)");
+        self.zone = Some(node_zone.to_owned());
+        self.dataplane
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_zone(self.zone.clone());
+        self.status.update(|s| s.zone = Some(node_zone.to_owned()));
+        true
     }
 
     /// The data plane, shared with the maintenance task.
@@ -122,19 +150,27 @@ impl Applier {
     }
 
     async fn try_apply(&mut self, update: &v1::SnapshotUpdate) -> Result<(), String> {
+        let started = Instant::now();
         let current = self.state();
         let (next, changes) = current.apply(update).map_err(|e| e.to_string())?;
         let next = Arc::new(next);
         let unchanged =
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
-        if !unchanged {
-            self.program(next.clone(), changes.clone(), false).await?;
-            // Network programming latency: the control plane's change to rules in force here.
-            if update.changed_at_unix_nanos > 0 {
-                let now = crate::unix_nanos();
-                let latency = (now - update.changed_at_unix_nanos).max(0) as f64 / 1e9;
-                self.metrics.programming_latency_seconds.observe(latency);
-            }
+        let rezoned = self.learn_zone(&update.node_zone);
+        if rezoned && unchanged {
+            // Nothing new from the control plane, but every Service may
+            // pick other endpoints in the new zone.
+            let all = ChangeSet {
+                changed: next.resources.keys().cloned().collect(),
+                removed: Vec::new(),
+            };
+            self.program(next.clone(), all, true).await?;
+        } else if !unchanged {
+            self.program(next.clone(), changes.clone(), rezoned).await?;
+            // Change counters and network programming latency (from each
+            // object's change to the rules in force here).
+            self.metrics
+                .record_update(&current, &next, &changes, update.changed_at_unix_nanos);
         }
         let t = Instant::now();
         self.store
@@ -144,6 +180,14 @@ impl Applier {
         self.metrics
             .persist_seconds
             .observe(t.elapsed().as_secs_f64());
+        tracing::info!(
+            version = %next.version,
+            changed = changes.changed.len(),
+            removed = changes.removed.len(),
+            resources = next.resources.len(),
+            elapsed = ?started.elapsed(),
+            "update applied"
+        );
         self.publish(next, Origin::ControlPlane);
         Ok(())
     }
@@ -155,6 +199,8 @@ impl Applier {
         full: bool,
     ) -> Result<(), String> {
         let dataplane = self.dataplane.clone();
+        self.status.sync_queued();
+        self.metrics.kubeproxy.queued();
         let t = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,6 +215,9 @@ impl Applier {
         self.metrics
             .apply_seconds
             .observe(t.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.status.sync_succeeded();
+        }
         result.map_err(|e| format!("data plane: {e}"))
     }
 

@@ -37,21 +37,9 @@ pub enum Command {
     Cleanup,
 }
 
-/// Parses `100ms`, `2s`, `1m` (a bare number is milliseconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "ms"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 100ms, 2s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration like 100ms, 2s or 1m")),
-    }
-}
+/// Every duration flag goes through the shared parser: a unit is required
+/// (`100ms`, `5s`, `1m`, `2h`); a bare number is refused with the accepted forms.
+pub use switchyard_model::duration::parse as parse_duration;
 
 /// `switchyard-agent`: the per-node agent.
 #[derive(Debug, Clone, Parser)]
@@ -73,7 +61,9 @@ pub struct Args {
     #[arg(long, default_value = switchyard_model::DEFAULT_CLUSTER)]
     pub cluster: String,
 
-    /// This node's topology zone, for topology-aware routing.
+    /// This node's topology zone, for topology-aware routing. Default: the
+    /// zone the control plane reports from this node's Node label
+    /// topology.kubernetes.io/zone; this flag overrides it.
     #[arg(long)]
     pub zone: Option<String>,
 
@@ -81,9 +71,15 @@ pub struct Args {
     #[arg(long, default_value = "/var/lib/switchyard/agent")]
     pub state_dir: PathBuf,
 
-    /// Address of the admin HTTP endpoint (/healthz, /metrics, /status).
+    /// Address of the admin HTTP endpoint (/, /healthz, /readyz, /metrics,
+    /// /status); keep it on loopback: /status shows every Service.
     #[arg(long, default_value = "127.0.0.1:9902")]
     pub admin_listen: SocketAddr,
+
+    /// Also serve /metrics (only) on this address, for a cluster Prometheus
+    /// (for example 0.0.0.0:9903). Default: metrics on --admin-listen only.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// What programs the node.
     #[arg(long, value_enum, default_value_t = DataPlaneKind::default_for_os())]
@@ -209,5 +205,27 @@ impl Args {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "localhost".into())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_flags_need_a_unit() {
+        let a = Args::try_parse_from(["agent", "--dns-ttl", "30s", "--iptables-sync-period", "1m"])
+            .expect("units");
+        assert_eq!(a.dns_ttl, Duration::from_secs(30));
+        assert_eq!(a.iptables_sync_period, Duration::from_secs(60));
+        // `--dns-ttl 30` used to mean 30 ms and served TTL 0.
+        for flag in ["--dns-ttl", "--iptables-sync-period"] {
+            let err = Args::try_parse_from(["agent", flag, "30"]).expect_err("no unit");
+            let text = err.to_string();
+            assert!(
+                text.contains(flag) && text.contains("30s") && text.contains("100ms, 5s, 1m or 2h"),
+                "{text}"
+            );
+        }
     }
 }

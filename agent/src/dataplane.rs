@@ -45,6 +45,23 @@ pub trait DataPlane: Send + 'static {
 
     /// Gives the data plane the agent's metrics to report into.
     fn attach_metrics(&mut self, _metrics: Arc<Metrics>) {}
+
+    /// This node's topology zone changed (learnt from the control plane);
+    /// the next apply is a full one. Default: zones do not matter.
+    fn set_zone(&mut self, _zone: Option<String>) {}
+
+    /// What this data plane put in force for the resource `name`
+    /// (`cluster/namespace/name`), for `/status?service=`; `None` when it
+    /// holds nothing for it.
+    fn describe(&self, _name: &str) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// The data plane's own record, for `/status` (`none` shows what it
+    /// was given); `None` when it keeps none.
+    fn record(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// What the `none` data plane has seen.
@@ -54,6 +71,10 @@ pub struct Recorded {
     pub versions: Vec<String>,
     /// Resources in the last state.
     pub resources: usize,
+    /// Each resource of the last state and its version.
+    pub resource_versions: std::collections::BTreeMap<String, String>,
+    /// Applies that were full (start-up, zone change).
+    pub full_applies: usize,
 }
 
 /// `--dataplane none`: applies nothing, records what it was given.
@@ -78,6 +99,35 @@ impl DataPlane for NoneDataPlane {
         let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         r.versions.push(change.state.version.clone());
         r.resources = change.state.resources.len();
+        r.resource_versions = change
+            .state
+            .resources
+            .iter()
+            .map(|(n, h)| (n.clone(), h.version.clone()))
+            .collect();
+        r.full_applies += usize::from(change.full);
         Ok(())
+    }
+
+    fn describe(&self, name: &str) -> Option<serde_json::Value> {
+        let r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let version = r.resource_versions.get(name)?;
+        Some(serde_json::json!({
+            "recorded": {
+                "resource_version": version,
+                "snapshot_version": r.versions.last(),
+            },
+            "programmed": "nothing: the none data plane only records",
+        }))
+    }
+
+    fn record(&self) -> Option<serde_json::Value> {
+        let r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        Some(serde_json::json!({
+            "applies": r.versions.len(),
+            "full_applies": r.full_applies,
+            "last_version": r.versions.last(),
+            "resources": r.resources,
+        }))
     }
 }

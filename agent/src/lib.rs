@@ -52,6 +52,8 @@ use status::{Metrics, Status};
 pub struct Agent {
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
+    /// Where `--metrics-listen` serves `/metrics`, if set.
+    pub metrics_addr: Option<SocketAddr>,
     /// Where the DNS stub listens (UDP and TCP); `None` with `--dns-listen none`.
     pub dns_addr: Option<SocketAddr>,
     /// Shared status (what `/status` serves).
@@ -187,6 +189,9 @@ pub async fn start_with(
             .update(|s| s.discarded_state = Some(format!("state database moved aside: {reason}")));
     }
     let mut applier = applier::Applier::new(store, dataplane, status.clone(), metrics.clone());
+    if let Some(zone) = &args.zone {
+        applier.fix_zone(zone.clone());
+    }
     applier.restore().await;
     let state = applier.subscribe();
 
@@ -209,6 +214,8 @@ pub async fn start_with(
     tasks.spawn(maintain(
         applier.dataplane(),
         args.iptables_sync_period,
+        status.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     if args.dataplane == DataPlaneKind::Iptables {
@@ -219,16 +226,32 @@ pub async fn start_with(
             shutdown.clone(),
         ));
     }
-    let router = admin::router(status.clone(), metrics.clone());
-    let admin_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(admin, router)
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!("admin server failed: {e}");
+    let ctx = admin::AdminContext {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        state: state.clone(),
+        dataplane: applier.dataplane(),
+        // kube-proxy's health timeout: twice its sync period.
+        health_timeout: args.iptables_sync_period * 2,
+        cluster: args.cluster.clone(),
+    };
+    let metrics_addr = match args.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {addr}"))?;
+            let bound = listener.local_addr()?;
+            serve(
+                listener,
+                admin::metrics_router(ctx.clone()),
+                &mut tasks,
+                &shutdown,
+            );
+            Some(bound)
         }
-    });
+        None => None,
+    };
+    serve(admin, admin::router(ctx), &mut tasks, &shutdown);
 
     let connector = client::Connector::from_args(&args)?;
     let who = client::NodeIdentity {
@@ -237,9 +260,10 @@ pub async fn start_with(
         zone: args.zone.clone().unwrap_or_default(),
     };
     tasks.spawn(client::run(connector, who, applier, shutdown.clone()));
-    tracing::info!(%admin_addr, "agent started");
+    tracing::info!(%admin_addr, ?metrics_addr, "agent started");
     Ok(Agent {
         admin_addr,
+        metrics_addr,
         dns_addr,
         status,
         metrics,
@@ -249,10 +273,30 @@ pub async fn start_with(
     })
 }
 
+/// Serves `router` on `listener` until `shutdown`.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!("admin server failed: {e}");
+        }
+    });
+}
+
 /// Every `period`, lets the data plane check its rules and repair them.
 async fn maintain(
     dataplane: Arc<std::sync::Mutex<Box<dyn DataPlane>>>,
     period: std::time::Duration,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(period);
@@ -269,7 +313,12 @@ async fn maintain(
         })
         .await;
         match r {
-            Ok(Ok(())) => {}
+            // Rules checked (and repaired): in force, as a periodic sync would leave them.
+            Ok(Ok(())) => {
+                if status.maintained() {
+                    metrics.kubeproxy.verified();
+                }
+            }
             Ok(Err(e)) => tracing::warn!("data plane maintenance failed: {e}"),
             Err(e) => tracing::error!("data plane maintenance task failed: {e}"),
         }

@@ -8,6 +8,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::state::{AgentState, ChangeSet};
+
 /// Where the state in force came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -49,6 +51,34 @@ pub struct StatusDocument {
     pub discarded_state: Option<String>,
     /// The DNS stub; null when `--dns-listen none`.
     pub dns: Option<DnsStatus>,
+    /// Whether the data plane keeps up (what `/healthz` and `/readyz` say).
+    pub sync: SyncReport,
+}
+
+/// The data plane's syncs as `/healthz` and `/readyz` judge them, the way
+/// kube-proxy does: unhealthy when a change has waited longer than the
+/// health timeout (twice the sync period) without a successful sync;
+/// ready once a sync has succeeded.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    /// `/healthz`: no change has waited longer than `timeout_seconds`.
+    pub healthy: bool,
+    /// `/readyz`: a state has been put in force at least once.
+    pub ready: bool,
+    /// How long the oldest change not yet in force has waited, in seconds.
+    pub pending_seconds: Option<f64>,
+    /// The last successful sync (or check that the rules are intact), Unix seconds.
+    pub last_sync_unix_seconds: Option<f64>,
+    /// The health timeout.
+    pub timeout_seconds: f64,
+}
+
+/// When syncs were asked for and when they succeeded.
+#[derive(Debug, Default)]
+struct SyncTimes {
+    pending_since: Option<std::time::Instant>,
+    first_success: bool,
+    last_success_unix_seconds: Option<f64>,
 }
 
 /// The DNS stub's part of `/status`.
@@ -81,6 +111,7 @@ pub struct DnsStatus {
 #[derive(Debug)]
 pub struct Status {
     doc: Mutex<StatusDocument>,
+    sync: Mutex<SyncTimes>,
     generation: tokio::sync::watch::Sender<u64>,
 }
 
@@ -107,7 +138,9 @@ impl Status {
                 rejected: 0,
                 discarded_state: None,
                 dns: None,
+                sync: SyncReport::default(),
             }),
+            sync: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -131,7 +164,60 @@ impl Status {
     fn lock(&self) -> MutexGuard<'_, StatusDocument> {
         self.doc.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn sync_times(&self) -> MutexGuard<'_, SyncTimes> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data plane was asked to put a change in force.
+    pub fn sync_queued(&self) {
+        let mut t = self.sync_times();
+        t.pending_since.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// The data plane put a state in force.
+    pub fn sync_succeeded(&self) {
+        {
+            let mut t = self.sync_times();
+            t.pending_since = None;
+            t.first_success = true;
+            t.last_success_unix_seconds = Some(unix_seconds());
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The periodic check found the data plane's rules intact (or repaired
+    /// them): what was pending is in force. Returns whether anything had
+    /// been put in force before (only then does the check mean a sync).
+    pub fn maintained(&self) -> bool {
+        let mut t = self.sync_times();
+        if t.first_success {
+            t.pending_since = None;
+            t.last_success_unix_seconds = Some(unix_seconds());
+        }
+        t.first_success
+    }
+
+    /// The sync report against `timeout` (twice the sync period).
+    pub fn sync_report(&self, timeout: std::time::Duration) -> SyncReport {
+        let t = self.sync_times();
+        let pending = t.pending_since.map(|p| p.elapsed());
+        SyncReport {
+            healthy: pending.is_none_or(|p| p <= timeout),
+            ready: t.first_success,
+            pending_seconds: pending.map(|p| p.as_secs_f64()),
+            last_sync_unix_seconds: t.last_success_unix_seconds,
+            timeout_seconds: timeout.as_secs_f64(),
+        }
+    }
 }
+
+/// The OpenMetrics media type, as scrapers name it in `Accept`.
+pub const OPENMETRICS: &str = "application/openmetrics-text";
+
+/// The content type of an OpenMetrics 1.0 body.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every metric the agent exports.
 #[derive(Debug)]
@@ -166,13 +252,20 @@ pub struct Metrics {
     pub iptables_canary_resyncs: Counter,
     /// iptables: rules we own (all families and tables).
     pub iptables_rules: Gauge,
+    /// The same figures under kube-proxy's names, for its dashboards and alerts.
+    pub kubeproxy: KubeProxyMetrics,
+    /// When this agent started (Unix nanoseconds): changes older than that
+    /// are not network programming, they are the state it started from.
+    started_unix_nanos: i64,
     registry: Registry,
 }
 
 impl Metrics {
-    /// Registers every metric under the `switchyard_agent` prefix.
+    /// Registers every metric under the `switchyard_agent` prefix, and
+    /// kube-proxy's under `kubeproxy`.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("switchyard_agent");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("switchyard_agent");
         let buckets = || Histogram::new(exponential_buckets(0.0005, 2.0, 18));
         let m = Self {
             updates: Counter::default(),
@@ -190,6 +283,8 @@ impl Metrics {
             iptables_restore_failures: Counter::default(),
             iptables_canary_resyncs: Counter::default(),
             iptables_rules: Gauge::default(),
+            kubeproxy: KubeProxyMetrics::default(),
+            started_unix_nanos: crate::unix_nanos(),
             registry: Registry::default(),
         };
         registry.register("updates", "Snapshot updates received", m.updates.clone());
@@ -243,15 +338,236 @@ impl Metrics {
             "iptables rules Switchyard owns",
             m.iptables_rules.clone(),
         );
-        Self { registry, ..m }
+        m.kubeproxy
+            .register(root.sub_registry_with_prefix("kubeproxy"));
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// Counts what an applied update changed and observes network
+    /// programming latency, both as kube-proxy defines them: per Service
+    /// whose Service object or endpoints changed, and from each changed
+    /// slice's trigger time (`endpoints.kubernetes.io/last-change-trigger-time`),
+    /// else from when the control plane saw the change. Changes from
+    /// before this agent started are not measured (they are the state it
+    /// started from, not a change it programmed).
+    pub fn record_update(
+        &self,
+        before: &AgentState,
+        after: &AgentState,
+        changes: &ChangeSet,
+        changed_at_unix_nanos: i64,
+    ) {
+        let now = crate::unix_nanos();
+        let seconds = |since: i64| (now - since).max(0) as f64 / 1e9;
+        let measured = |t: i64| t > 0 && t >= self.started_unix_nanos;
+        let mut fallback = false;
+        for name in &changes.changed {
+            let Some(new) = after.resources.get(name) else {
+                continue;
+            };
+            let old = before.resources.get(name).map(|r| &r.state);
+            if old.is_none_or(|o| o.service != new.state.service) {
+                self.kubeproxy.service_changes.inc();
+            }
+            if old.is_none_or(|o| o.slices != new.state.slices) {
+                self.kubeproxy.endpoint_changes.inc();
+            }
+            let mut triggered = false;
+            for slice in &new.state.slices {
+                let Some(t) = slice.trigger_time_unix_nanos else {
+                    continue;
+                };
+                // Only a trigger time this update brought in is a change.
+                let seen = old.is_some_and(|o| {
+                    o.slices
+                        .iter()
+                        .any(|s| s.name == slice.name && s.trigger_time_unix_nanos == Some(t))
+                });
+                if !seen && measured(t) {
+                    self.kubeproxy
+                        .network_programming_seconds
+                        .observe(seconds(t));
+                    self.programming_latency_seconds.observe(seconds(t));
+                    triggered = true;
+                }
+            }
+            fallback |= !triggered;
+        }
+        for name in &changes.removed {
+            self.kubeproxy.service_changes.inc();
+            if before
+                .resources
+                .get(name)
+                .is_some_and(|r| !r.state.slices.is_empty())
+            {
+                self.kubeproxy.endpoint_changes.inc();
+            }
+            fallback = true;
+        }
+        if fallback && measured(changed_at_unix_nanos) {
+            self.kubeproxy
+                .network_programming_seconds
+                .observe(seconds(changed_at_unix_nanos));
+            self.programming_latency_seconds
+                .observe(seconds(changed_at_unix_nanos));
+        }
     }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        self.encode_for(Some(OPENMETRICS)).1
+    }
+
+    /// The exposition a scraper asked for with its `Accept` header, and
+    /// its content type: OpenMetrics when it is accepted (Prometheus asks
+    /// for it first), else the Prometheus text format 0.0.4, whose parsers
+    /// need counters to be typed under their `_total` name.
+    pub fn encode_for(&self, accept: Option<&str>) -> (&'static str, String) {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        if accept.is_some_and(|a| a.contains(OPENMETRICS)) {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+            (OPENMETRICS_CONTENT_TYPE, out)
+        } else {
+            let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+            (
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                out,
+            )
+        }
+    }
+}
+
+/// kube-proxy's metrics (kubernetes/kubernetes `pkg/proxy/metrics/metrics.go`),
+/// same names, types and buckets, so that dashboards and alerts written for
+/// kube-proxy read the agent unchanged. The iptables data plane feeds the
+/// sync figures; the applier counts changes and network programming.
+#[derive(Debug)]
+pub struct KubeProxyMetrics {
+    /// `kubeproxy_sync_proxy_rules_duration_seconds`: every sync.
+    pub sync_seconds: Histogram,
+    /// `kubeproxy_sync_full_proxy_rules_duration_seconds`.
+    pub full_sync_seconds: Histogram,
+    /// `kubeproxy_sync_partial_proxy_rules_duration_seconds`.
+    pub partial_sync_seconds: Histogram,
+    /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`: the last
+    /// successful sync (or check that the rules are intact), Unix seconds.
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`: the last
+    /// time a sync was asked for; far ahead of the last sync means stuck.
+    pub last_queued_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `kubeproxy_network_programming_duration_seconds`.
+    pub network_programming_seconds: Histogram,
+    /// `kubeproxy_sync_proxy_rules_service_changes_total`.
+    pub service_changes: Counter,
+    /// `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
+    pub endpoint_changes: Counter,
+    /// `kubeproxy_sync_proxy_rules_iptables_restore_failures_total`.
+    pub restore_failures: Counter,
+}
+
+impl Default for KubeProxyMetrics {
+    fn default() -> Self {
+        // kube-proxy's buckets: 1 ms doubling (15), and for network
+        // programming 0.25 s, 0.5 s, 1..59 s, 60..115 s by 5, 2..5 min by 30 s.
+        let sync = || Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let programming = [0.25, 0.5]
+            .into_iter()
+            .chain((1..=59).map(f64::from))
+            .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+            .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+        Self {
+            sync_seconds: sync(),
+            full_sync_seconds: sync(),
+            partial_sync_seconds: sync(),
+            last_sync_timestamp: Gauge::default(),
+            last_queued_timestamp: Gauge::default(),
+            network_programming_seconds: Histogram::new(programming),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            restore_failures: Counter::default(),
+        }
+    }
+}
+
+impl KubeProxyMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            self.sync_seconds.clone(),
+        );
+        r.register(
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            self.full_sync_seconds.clone(),
+        );
+        r.register(
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            self.partial_sync_seconds.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            self.last_sync_timestamp.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            self.last_queued_timestamp.clone(),
+        );
+        r.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            self.network_programming_seconds.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy iptables restore failures",
+            self.restore_failures.clone(),
+        );
+    }
+
+    /// A sync was asked for.
+    pub fn queued(&self) {
+        self.last_queued_timestamp.set(unix_seconds());
+    }
+
+    /// The periodic check found the rules intact.
+    pub fn verified(&self) {
+        self.last_sync_timestamp.set(unix_seconds());
+    }
+
+    /// One successful sync of the rules, full or partial, that took `elapsed`.
+    pub fn synced(&self, full: bool, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        self.sync_seconds.observe(secs);
+        if full {
+            self.full_sync_seconds.observe(secs);
+        } else {
+            self.partial_sync_seconds.observe(secs);
+        }
+        self.last_sync_timestamp.set(unix_seconds());
+    }
+}
+
+/// Now, in Unix seconds.
+fn unix_seconds() -> f64 {
+    crate::unix_nanos() as f64 / 1e9
 }
 
 /// Response codes counted one by one; anything else is `other`.
@@ -386,5 +702,172 @@ impl DnsMetrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::HeldResource;
+    use std::sync::Arc;
+    use switchyard_model::{Endpoint, EndpointSlice, Service, ServiceKey, ServiceState};
+
+    fn state(slices: &[(&str, Option<i64>)]) -> AgentState {
+        let key = ServiceKey::new("default", "shop", "web");
+        let st = ServiceState {
+            service: Service::new(key.clone()),
+            slices: slices
+                .iter()
+                .map(|(name, t)| EndpointSlice {
+                    name: (*name).into(),
+                    endpoints: vec![Endpoint {
+                        addresses: vec!["10.244.0.1".parse().expect("ip")],
+                        ..Endpoint::default()
+                    }],
+                    trigger_time_unix_nanos: *t,
+                    ..EndpointSlice::default()
+                })
+                .collect(),
+        };
+        let mut s = AgentState::default();
+        s.resources.insert(
+            key.to_string(),
+            HeldResource {
+                version: "v".into(),
+                state: Arc::new(st),
+            },
+        );
+        s
+    }
+
+    /// The value of one sample line of the text exposition.
+    fn sample(m: &Metrics, name: &str) -> f64 {
+        let body = m.encode_for(None).1;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    }
+
+    fn changed() -> ChangeSet {
+        ChangeSet {
+            changed: vec!["default/shop/web".into()],
+            removed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn latency_starts_at_the_trigger_time_and_changes_are_counted() {
+        let m = Metrics::new();
+        let t = crate::unix_nanos();
+        let before = AgentState::default();
+        m.record_update(&before, &state(&[("a", Some(t))]), &changed(), 0);
+        assert_eq!(
+            sample(&m, "kubeproxy_network_programming_duration_seconds_count"),
+            1.0
+        );
+        let sum = sample(&m, "kubeproxy_network_programming_duration_seconds_sum");
+        assert!((0.0..5.0).contains(&sum), "{sum}");
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            1.0
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+            1.0
+        );
+
+        // The same trigger time again is no new change; a Service-only change
+        // counts as a Service change and falls back to the control plane's time.
+        let mut moved = state(&[("a", Some(t))]);
+        let r = moved.resources.get_mut("default/shop/web").expect("web");
+        let mut st = (*r.state).clone();
+        st.service.publish_not_ready_addresses = true;
+        r.state = Arc::new(st);
+        m.record_update(&state(&[("a", Some(t))]), &moved, &changed(), t);
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            2.0
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+            1.0
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_network_programming_duration_seconds_count"),
+            2.0
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "switchyard_agent_network_programming_latency_seconds_count"
+            ),
+            2.0
+        );
+    }
+
+    #[test]
+    fn changes_from_before_the_agent_started_are_not_latency() {
+        let m = Metrics::new();
+        // A slice last changed an hour before start, sent in the first full
+        // state, with a snapshot that changed as long ago: no latency.
+        let hour_ago = crate::unix_nanos() - 3_600_000_000_000;
+        m.record_update(
+            &AgentState::default(),
+            &state(&[("a", Some(hour_ago))]),
+            &changed(),
+            hour_ago,
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_network_programming_duration_seconds_count"),
+            0.0
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "switchyard_agent_network_programming_latency_seconds_count"
+            ),
+            0.0
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+            1.0
+        );
+    }
+
+    #[test]
+    fn kube_proxy_sync_metrics_have_kube_proxy_names() {
+        let m = Metrics::new();
+        m.kubeproxy
+            .synced(true, std::time::Duration::from_millis(30));
+        m.kubeproxy
+            .synced(false, std::time::Duration::from_millis(3));
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            2.0
+        );
+        assert_eq!(
+            sample(&m, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
+            ),
+            1.0
+        );
+        let last = sample(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+        assert!(last > 1.6e9, "{last}");
+        let body = m.encode_for(None).1;
+        assert!(body.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}"));
+        assert!(
+            body.contains(
+                "# TYPE kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter"
+            )
+        );
+        assert!(
+            body.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}")
+        );
+        assert!(body.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"}"));
     }
 }

@@ -75,6 +75,7 @@ fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
                 port: 5353,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         }],
     }
 }

@@ -127,7 +127,9 @@ impl FromStr for ClusterDown {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
             None if s == "keep" => Ok(Self::Keep),
-            Some(("drop-after", d)) => parse_duration(d).map(Self::DropAfter),
+            Some(("drop-after", d)) => parse_duration(d)
+                .map(Self::DropAfter)
+                .map_err(|e| format!("{s:?}: {e}")),
             _ => Err(format!(
                 "{s:?}: expected keep or drop-after=DURATION (for example drop-after=5m)"
             )),
@@ -135,21 +137,9 @@ impl FromStr for ClusterDown {
     }
 }
 
-/// Parses `100ms`, `2s`, `1m` or a bare number of milliseconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "ms"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 100ms, 2s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration like 100ms, 2s or 1m")),
-    }
-}
+/// Every duration flag goes through the shared parser: a unit is required
+/// (`100ms`, `5s`, `1m`, `2h`); a bare number is refused with the accepted forms.
+pub use switchyard_model::duration::parse as parse_duration;
 
 /// `switchyard-control-plane`: watches sources and streams snapshots to agents.
 #[derive(Debug, Clone, Parser)]
@@ -324,8 +314,12 @@ mod tests {
         assert!(bare.contains("=clusterset"), "{bare}");
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
-        assert!(parse_duration("2h").is_err());
+        // A bare number is refused on every duration flag, with the forms.
+        for flag in ["--debounce", "--max-delay"] {
+            let err = Args::try_parse_from(["cp", flag, "40"]).expect_err("no unit");
+            let text = err.to_string();
+            assert!(text.contains(flag) && text.contains("40ms"), "{text}");
+        }
     }
 
     #[test]

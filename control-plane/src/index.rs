@@ -782,6 +782,7 @@ pub async fn run(
                         synced: i.state.synced,
                         last_error: i.state.last_error.clone(),
                         nodes: i.state.nodes.clone(),
+                        warnings: i.state.warnings.clone(),
                     })
                     .collect(),
             );

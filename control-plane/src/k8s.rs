@@ -267,6 +267,8 @@ pub fn endpoint_slice(
         });
     }
 
+    out.trigger_time_unix_nanos = trigger_time(&slice.metadata);
+
     let out = errs.finish(out)?;
     out.validate(&service)?;
     Ok(Some(SourceSlice {
@@ -274,6 +276,18 @@ pub fn endpoint_slice(
         slice: out,
         ports: SlicePorts::AsGiven,
     }))
+}
+
+/// The annotation the endpoint controllers stamp on a slice with the time
+/// of the change (a Pod's, a Service's) that last moved its endpoints.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The slice's trigger time in Unix nanoseconds. Like kube-proxy, an
+/// unparsable value counts as none: it only feeds a latency metric.
+fn trigger_time(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<i64> {
+    let value = meta.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let t: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    i64::try_from(t.as_nanosecond()).ok().filter(|n| *n > 0)
 }
 
 fn convert_cluster_ips(spec: &core::ServiceSpec, out: &mut Service, errs: &mut Errors) {
@@ -766,6 +780,29 @@ mod tests {
                 {"name": "all"},
             ],
         })
+    }
+
+    #[test]
+    fn the_trigger_time_annotation_is_carried() {
+        let mut v = web_slice();
+        v["metadata"]["annotations"] = json!({TRIGGER_TIME_ANNOTATION: "2024-05-01T10:00:00.25Z"});
+        let s = endpoint_slice("default", &mk_slice(v.clone()))
+            .expect("valid")
+            .expect("not FQDN");
+        assert_eq!(
+            s.slice.trigger_time_unix_nanos,
+            Some(1_714_557_600_250_000_000)
+        );
+        // Unparsable or absent: none, as kube-proxy treats it.
+        v["metadata"]["annotations"] = json!({TRIGGER_TIME_ANNOTATION: "yesterday"});
+        let s = endpoint_slice("default", &mk_slice(v))
+            .expect("valid")
+            .expect("slice");
+        assert_eq!(s.slice.trigger_time_unix_nanos, None);
+        let s = endpoint_slice("default", &mk_slice(web_slice()))
+            .expect("valid")
+            .expect("slice");
+        assert_eq!(s.slice.trigger_time_unix_nanos, None);
     }
 
     #[test]

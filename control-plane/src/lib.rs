@@ -254,7 +254,7 @@ pub async fn start_with(
         }
     });
 
-    let admin_router = admin::router(status.clone(), metrics.clone());
+    let admin_router = admin::router(status.clone(), metrics.clone(), snapshot_rx.clone());
     let admin_shutdown = shutdown.clone();
     tasks.spawn(async move {
         if let Err(e) = axum::serve(admin, admin_router)

@@ -5,6 +5,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The OpenMetrics media type, as scrapers name it in `Accept`.
+pub const OPENMETRICS: &str = "application/openmetrics-text";
+
+/// The content type of an OpenMetrics 1.0 body.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Every metric the control plane exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -101,12 +108,28 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.encode_for(Some(OPENMETRICS)).1
+    }
+
+    /// The exposition a scraper asked for with its `Accept` header, and
+    /// its content type: OpenMetrics when it is accepted (Prometheus asks
+    /// for it first), else the Prometheus text format 0.0.4, whose parsers
+    /// need counters to be typed under their `_total` name.
+    pub fn encode_for(&self, accept: Option<&str>) -> (&'static str, String) {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        if accept.is_some_and(|a| a.contains(OPENMETRICS)) {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+            (OPENMETRICS_CONTENT_TYPE, out)
+        } else {
+            let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+            (
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                out,
+            )
+        }
     }
 }
 

@@ -183,6 +183,7 @@ fn split_into_parts(
         removed_resources,
         changed_at_unix_nanos,
         continued: true,
+        ..Default::default()
     };
     let mut parts = Vec::new();
     let mut removed: Vec<String> = delta.removed.iter().map(|n| n.to_string()).collect();
@@ -243,7 +244,9 @@ impl AgentStream {
                     && let Some(parts) = self.next_update(&current)
                 {
                     let count: usize = parts.iter().map(|p| p.resources.len()).sum();
-                    for part in parts {
+                    let zone = svc.status.node_zone(&self.node);
+                    for mut part in parts {
+                        part.node_zone.clone_from(&zone);
                         tokio::select! {
                             sent = tx.send(Ok(part)) => sent.map_err(|_| "agent went away".to_owned())?,
                             _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),

@@ -1,7 +1,7 @@
 //! What the control plane knows about itself and its agents, shared by the
 //! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -16,7 +16,7 @@ pub struct AgentStatus {
     pub node: String,
     /// Cluster id the agent announced.
     pub cluster: String,
-    /// Zone the agent announced.
+    /// Zone the agent announced, else its Node's zone (which it is told).
     pub zone: String,
     /// Whether a stream is open now.
     pub connected: bool,
@@ -49,6 +49,10 @@ pub struct SourceStatus {
     /// Nodes and their zones, for sources that watch them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<crate::source::NodeInfo>,
+    /// Input it ignored in part or whole (unknown kinds, API versions and
+    /// fields), with the file and document.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ObjectError>,
 }
 
 /// One cluster, as `/status` shows it.
@@ -141,6 +145,8 @@ struct Inner {
     all_synced: bool,
     agents: BTreeMap<String, AgentStatus>,
     next_stream: u64,
+    /// Node name -> `topology.kubernetes.io/zone`, from the sources' nodes.
+    zones: HashMap<String, String>,
 }
 
 /// The status document served at `/status`.
@@ -244,9 +250,26 @@ impl Status {
         });
     }
 
-    /// Records the sources' sync state.
+    /// Records the sources' sync state (and the zones of the nodes they know).
     pub fn set_sources(&self, sources: Vec<SourceStatus>) {
-        self.change(|s| s.sources = sources);
+        self.change(|s| {
+            s.zones.clear();
+            for node in sources.iter().flat_map(|src| &src.nodes) {
+                if let Some(zone) = &node.zone {
+                    // The first source to know a node wins, as for Services.
+                    s.zones
+                        .entry(node.name.clone())
+                        .or_insert_with(|| zone.clone());
+                }
+            }
+            s.sources = sources;
+        });
+    }
+
+    /// The zone of `node` from its Node's `topology.kubernetes.io/zone`
+    /// label; empty when no source knows it.
+    pub fn node_zone(&self, node: &str) -> String {
+        self.lock().zones.get(node).cloned().unwrap_or_default()
     }
 
     /// Ready once every source has synced and a snapshot exists.
@@ -344,10 +367,59 @@ impl Status {
             resources: s.resources,
             sources: s.sources.clone(),
             invalid_objects: s.invalid_objects.clone(),
-            agents: s.agents.values().cloned().collect(),
+            agents: s
+                .agents
+                .values()
+                .map(|a| {
+                    let mut a = a.clone();
+                    // An agent that announced no zone is told its Node's.
+                    if a.zone.is_empty()
+                        && let Some(zone) = s.zones.get(&a.node)
+                    {
+                        a.zone.clone_from(zone);
+                    }
+                    a
+                })
+                .collect(),
             services: s.services.clone(),
             clusters: s.clusters.clone(),
             clusterset_issues: s.clusterset_issues.clone(),
         }
     }
+}
+
+/// A Service and its endpoints with their conditions, as `/status?service=` shows it.
+pub fn service_view(state: &switchyard_model::ServiceState) -> serde_json::Value {
+    let svc = &state.service;
+    let summary = ServiceSummary::of(state);
+    serde_json::json!({
+        "name": summary.name,
+        "cluster": summary.cluster,
+        "type": summary.kind,
+        "cluster_ips": summary.cluster_ips,
+        "ports": svc.ports.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "protocol": p.protocol.to_string(),
+            "port": p.port,
+            "target_port": match &p.target_port {
+                switchyard_model::TargetPort::Number(n) => serde_json::json!(n),
+                switchyard_model::TargetPort::Name(n) => serde_json::json!(n),
+            },
+            "node_port": p.node_port,
+        })).collect::<Vec<_>>(),
+        "external_ips": svc.external_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "slices": state.slices.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "ports": s.ports.iter().map(|p| format!("{} {}/{}", p.name, p.port, p.protocol)).collect::<Vec<_>>(),
+            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                "addresses": e.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "ready": e.conditions.ready,
+                "serving": e.conditions.serving,
+                "terminating": e.conditions.terminating,
+                "node": e.node_name,
+                "zone": e.zone,
+                "hints": e.hint_zones,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }

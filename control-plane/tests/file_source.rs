@@ -214,7 +214,7 @@ async fn an_invalid_document_is_skipped_and_reported() {
         errs,
         [
             ("Service shop/bad", "spec.clusterIP"),
-            (doc3.as_str(), ""),
+            (doc3.as_str(), "spec.ports"),
             ("Service shop/twoports", "spec.ports[0].name"),
             ("Service shop/twoports", "spec.ports[1].name"),
         ]
@@ -333,14 +333,22 @@ async fn a_burst_of_writes_is_one_publish() {
 }
 
 #[tokio::test]
-async fn a_missing_path_is_reported_until_it_appears() {
+async fn a_missing_path_is_not_synced_until_it_appears() {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = dir.path().join("conf");
     let mut src = Running::start(vec![conf.clone()], Duration::from_millis(50));
-    let state = src.synced().await;
+    // A mistyped PATH is not an empty cluster: nothing is synced, and the
+    // error names the path.
+    let state = src
+        .wait_for("the missing path reported", |s| s.last_error.is_some())
+        .await;
+    assert!(!state.synced, "a missing path must not count as synced");
     assert_eq!(state.services, []);
-    assert_eq!(state.errors.len(), 1);
-    assert_eq!(state.errors[0].object, conf.display().to_string());
+    let message = state.last_error.expect("last_error");
+    assert!(
+        message.contains(&conf.display().to_string()) && message.contains("does not exist"),
+        "{message}"
+    );
 
     std::fs::create_dir(&conf).expect("mkdir");
     write(&conf.join("web.yaml"), &svc("web", "10.96.0.10", 80));
@@ -349,7 +357,40 @@ async fn a_missing_path_is_reported_until_it_appears() {
             s.services.len() == 1
         })
         .await;
+    assert!(state.synced);
     assert_eq!(state.errors, []);
+    assert_eq!(state.last_error, None);
+    src.stop().await;
+}
+
+#[tokio::test]
+async fn a_path_that_disappears_keeps_what_it_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).expect("mkdir");
+    write(&conf.join("web.yaml"), &svc("web", "10.96.0.10", 80));
+    let mut src = Running::start(vec![conf.clone()], Duration::from_millis(50));
+    let state = src.synced().await;
+    assert_eq!(service_names(&state), ["default/shop/web"]);
+
+    // The directory goes away (an unmounted volume, a moved checkout).
+    let aside = dir.path().join("aside");
+    std::fs::rename(&conf, &aside).expect("move away");
+    let state = src
+        .wait_for("the vanished path reported", |s| s.last_error.is_some())
+        .await;
+    assert!(state.synced);
+    assert_eq!(
+        service_names(&state),
+        ["default/shop/web"],
+        "nothing dropped"
+    );
+
+    std::fs::rename(&aside, &conf).expect("move back");
+    let state = src
+        .wait_for("the error to clear", |s| s.last_error.is_none())
+        .await;
+    assert_eq!(service_names(&state), ["default/shop/web"]);
     src.stop().await;
 }
 
@@ -422,4 +463,55 @@ fn name_lists_the_paths() {
         Duration::from_millis(100),
     );
     assert_eq!(src.name(), "file:/etc/a.yaml,/etc/more");
+}
+
+#[tokio::test]
+async fn ignored_input_is_a_warning_with_file_and_document_and_type_errors_name_their_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("app.yaml");
+    write(
+        &file,
+        "apiVersion: v1\nkind: Servce\nmetadata: {name: typo, namespace: shop}\n---\n\
+         apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {name: web, namespace: shop}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  clusterIp: 10.96.0.10\n  ports:\n  - port: 80\n    portz: 8080\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\n\
+         spec:\n  ports:\n  - port: \"80\"\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: b}\n",
+    );
+    let mut src = Running::start(vec![dir.path().into()], Duration::from_millis(50));
+    let state = src.synced().await;
+    let at = |n: usize| format!("{}#{n}", file.display());
+    let find = |object: &str, field: &str| {
+        state
+            .warnings
+            .iter()
+            .find(|w| w.object == object && w.field == field)
+            .unwrap_or_else(|| panic!("no warning for {object} {field}: {:#?}", state.warnings))
+            .message
+            .clone()
+    };
+    assert!(find(&at(1), "kind").contains("did you mean Service"));
+    assert!(find(&at(2), "apiVersion").contains("discovery.k8s.io/v1"));
+    assert!(find(&at(3), "kind").contains("EndpointSlices"));
+    assert!(find("Service shop/web", "spec.clusterIp").contains(&at(4)));
+    assert!(find("Service shop/web", "spec.ports[0].portz").contains("unknown field"));
+    let others = find(&file.display().to_string(), "");
+    assert!(others.contains("apps/v1 Deployment x2"), "{others}");
+    // The Service with unknown fields is still used; the one with a type error is not.
+    assert_eq!(service_names(&state), ["default/shop/web"]);
+    let bad = state
+        .errors
+        .iter()
+        .find(|e| e.object == "Service shop/bad")
+        .expect("the type error");
+    assert_eq!(bad.field, "spec.ports[0].port");
+    assert!(
+        bad.message.starts_with("expected an integer, got \"80\""),
+        "{}",
+        bad.message
+    );
+    src.stop().await;
 }

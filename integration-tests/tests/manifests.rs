@@ -155,6 +155,21 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                         parsed.tls_cert.is_some() && parsed.tls_ca.is_some(),
                         "{at}: mTLS on"
                     );
+                    assert!(
+                        parsed.admin_listen.ip().is_loopback(),
+                        "{at}: status on loopback"
+                    );
+                    let metrics = parsed.metrics_listen.expect("--metrics-listen is wired");
+                    assert!(
+                        !metrics.ip().is_loopback(),
+                        "{at}: metrics reachable by Prometheus"
+                    );
+                    let ports = c.ports.clone().unwrap_or_default();
+                    assert!(
+                        ports.iter().any(|p| p.name.as_deref() == Some("metrics")
+                            && p.container_port == i32::from(metrics.port())),
+                        "{at}: the metrics port is declared"
+                    );
                     if matches!(
                         parsed.dataplane,
                         switchyard_agent::config::DataPlaneKind::Iptables

@@ -318,6 +318,10 @@ async fn exported_services_merge_into_the_clusterset() {
         .update(Kind::EndpointSlice, slice("web", &["10.2.0.2"]))
         .expect("update");
     wait_import(&north, "web", &[("east", "10.1.0.1"), ("west", "10.2.0.2")]).await;
+    cp_status_until(&cp, "west healthy again", |d| {
+        cluster_status(d, "west").is_some_and(|c| c.healthy && c.down_since_unix.is_none())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

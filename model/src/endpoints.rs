@@ -85,6 +85,11 @@ pub struct EndpointSlice {
     /// The cluster its endpoints are in, when not the Service's own: each
     /// slice of a clusterset import comes from one exporting cluster.
     pub cluster: Option<String>,
+    /// When the change that last moved its endpoints happened (Unix
+    /// nanoseconds): the `endpoints.kubernetes.io/last-change-trigger-time`
+    /// annotation the endpoint controllers set. Network programming latency
+    /// is measured from it, as kube-proxy does.
+    pub trigger_time_unix_nanos: Option<i64>,
 }
 
 impl EndpointSlice {
@@ -186,6 +191,7 @@ mod tests {
                 port: 8080,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         }
     }
 

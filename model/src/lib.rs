@@ -15,6 +15,7 @@
 //! them, so sources, the wire protocol and the data planes all share one
 //! vocabulary and one set of validation rules.
 
+pub mod duration;
 mod endpoints;
 mod error;
 mod service;

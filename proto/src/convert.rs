@@ -121,6 +121,7 @@ fn encode_slice(s: &m::EndpointSlice) -> v1::EndpointSlice {
                 port: u32::from(p.port),
             })
             .collect(),
+        trigger_time_unix_nanos: s.trigger_time_unix_nanos.unwrap_or(0),
     }
 }
 
@@ -320,6 +321,8 @@ impl Decoder<'_> {
             endpoints,
             ports,
             cluster: non_empty(&s.cluster),
+            trigger_time_unix_nanos: (s.trigger_time_unix_nanos > 0)
+                .then_some(s.trigger_time_unix_nanos),
         })
     }
 
@@ -438,6 +441,7 @@ mod tests {
                     port: 8080,
                 }],
                 cluster: None,
+                trigger_time_unix_nanos: Some(1_700_000_000_123_456_789),
             }],
         }
     }

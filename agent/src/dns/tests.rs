@@ -78,6 +78,7 @@ fn mk_headless(ns: &str, name: &str, endpoints: Vec<Endpoint>) -> ServiceState {
             port: 8080,
         }],
         cluster: None,
+        trigger_time_unix_nanos: None,
     });
     st
 }

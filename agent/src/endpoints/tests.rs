@@ -64,6 +64,7 @@ fn svc(eps: Vec<Endpoint>) -> ServiceState {
                 port: 8080,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         }],
     }
 }

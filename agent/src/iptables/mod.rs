@@ -125,6 +125,7 @@ impl IptablesDataPlane {
         if let Some(m) = &self.metrics {
             m.iptables_full_sync_seconds
                 .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(true, t.elapsed());
             m.iptables_rules.set(self.rule_count() as i64);
         }
         tracing::info!(
@@ -178,6 +179,7 @@ impl IptablesDataPlane {
         if let Some(m) = &self.metrics {
             m.iptables_partial_sync_seconds
                 .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(false, t.elapsed());
             m.iptables_rules.set(self.rule_count() as i64);
         }
         self.clear_stale_flows();
@@ -187,6 +189,7 @@ impl IptablesDataPlane {
     fn failed(&self, e: runner::RunError) -> ApplyError {
         if let Some(m) = &self.metrics {
             m.iptables_restore_failures.inc();
+            m.kubeproxy.restore_failures.inc();
         }
         ApplyError(e.to_string())
     }
@@ -266,6 +269,39 @@ impl DataPlane for IptablesDataPlane {
 
     fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
         self.metrics = Some(metrics);
+    }
+
+    fn describe(&self, name: &str) -> Option<serde_json::Value> {
+        let held = self.last_good.as_ref()?.resources.get(name)?;
+        // The rules are a pure function of the state and this node's
+        // settings: recomputing them shows exactly what the sync wrote.
+        let families: Vec<serde_json::Value> = self
+            .families
+            .iter()
+            .map(|&family| {
+                let r = rules::service_rules(&held.state, family, &self.cfg);
+                serde_json::json!({
+                    "family": format!("{family:?}"),
+                    "dispatch": r.dispatch.iter().map(|d| serde_json::json!({
+                        "table": d.table.name(),
+                        "chain": d.slot.chain(d.table),
+                        "rule": d.spec,
+                    })).collect::<Vec<_>>(),
+                    "chains": r.chains.iter().map(|c| serde_json::json!({
+                        "table": c.table.name(),
+                        "chain": c.name,
+                        "rules": c.rules,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({ "zone": self.cfg.zone, "iptables": families }))
+    }
+
+    fn set_zone(&mut self, zone: Option<String>) {
+        // Topology hints pick endpoints by zone: every Service may change.
+        self.cfg.zone = zone;
+        self.needs_full = true;
     }
 }
 

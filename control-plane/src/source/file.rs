@@ -135,6 +135,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
         watcher,
         watched: BTreeMap::new(),
         watcher_error,
+        complete_once: false,
     };
 
     loop {
@@ -237,6 +238,10 @@ struct Loader {
     /// Watched directories, with whether the watch is recursive.
     watched: BTreeMap<PathBuf, bool>,
     watcher_error: Option<String>,
+    /// Set once every PATH has existed at one reload: until then the source
+    /// is not synced, so the control plane stays not ready and publishes
+    /// nothing rather than an empty view of a mistyped path.
+    complete_once: bool,
 }
 
 impl fmt::Debug for Loader {
@@ -267,6 +272,7 @@ struct FileObjects {
     slices: Vec<Located<Arc<SourceSlice>>>,
     exports: Vec<Located<Export>>,
     errors: Vec<ObjectError>,
+    warnings: Vec<ObjectError>,
 }
 
 /// An object with the document it came from (`PATH#N`).
@@ -278,17 +284,48 @@ struct Located<T> {
 
 impl Loader {
     /// Brings the watches up to date, reads every file and returns the whole new state.
+    ///
+    /// A PATH that does not exist is never read as "no objects": before
+    /// every PATH has existed once the state is not synced; after that, a
+    /// PATH that disappears keeps serving the files it held (a volume
+    /// unmounted or a directory moved is a mistake far more often than a
+    /// way to delete every Service). Either way `last_error` names it.
     fn reload(&mut self) -> SourceState {
         let mut errors = Vec::new();
         // Watch before reading, so that a file written in between is not missed.
         self.update_watches(&mut errors);
-        let files = self.list_files(&mut errors);
+        let (mut files, missing) = self.list_files(&mut errors);
         for path in &files {
             self.read_file(path);
         }
+        // Files of a missing PATH stay as they were last read.
+        let read: HashSet<PathBuf> = files.iter().cloned().collect();
+        let mut kept: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !read.contains(*p) && missing.iter().any(|m| p.starts_with(m)))
+            .cloned()
+            .collect();
+        kept.sort();
+        files.extend(kept);
         let listed: HashSet<&PathBuf> = files.iter().collect();
         self.files.retain(|p, _| listed.contains(p));
-        self.assemble(&files, errors)
+        self.complete_once |= missing.is_empty();
+        let mut state = self.assemble(&files, errors);
+        state.synced = self.complete_once;
+        if !missing.is_empty() {
+            let paths: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            let held = if self.complete_once {
+                "serving what it held before"
+            } else {
+                "nothing is published until it does"
+            };
+            state.last_error = Some(format!(
+                "{} does not exist; watching for it to appear ({held})",
+                paths.join(", ")
+            ));
+        }
+        state
     }
 
     fn error(
@@ -355,9 +392,11 @@ impl Loader {
         }
     }
 
-    /// Every manifest file, in path order; a file named twice is listed once.
-    fn list_files(&self, errors: &mut Vec<ObjectError>) -> Vec<PathBuf> {
+    /// Every manifest file, in path order (a file named twice is listed
+    /// once), and the PATHs that do not exist.
+    fn list_files(&self, errors: &mut Vec<ObjectError>) -> (Vec<PathBuf>, Vec<PathBuf>) {
         let mut files = Vec::new();
+        let mut missing = Vec::new();
         let mut seen = HashSet::new();
         for root in &self.paths {
             let mut found = Vec::new();
@@ -372,16 +411,12 @@ impl Loader {
                     "",
                     "not a file or a directory",
                 )),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => errors.push(self.error(
-                    root.display().to_string(),
-                    "",
-                    "does not exist (watching for it to appear)",
-                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(root.clone()),
                 Err(e) => errors.push(self.error(root.display().to_string(), "", e.to_string())),
             }
             files.extend(found.into_iter().filter(|f| seen.insert(f.clone())));
         }
-        files
+        (files, missing)
     }
 
     fn walk(&self, dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<ObjectError>) {
@@ -471,6 +506,7 @@ impl Loader {
 
     /// Merges the files in path order: the first definition of an object wins.
     fn assemble(&self, files: &[PathBuf], mut errors: Vec<ObjectError>) -> SourceState {
+        let mut warnings = Vec::new();
         let mut services = Vec::new();
         let mut slices = Vec::new();
         let mut first_service: HashMap<&ServiceKey, &str> = HashMap::new();
@@ -484,6 +520,7 @@ impl Loader {
                 errors.push(self.error(path.display().to_string(), "", message.clone()));
             }
             errors.extend(file.objects.errors.iter().cloned());
+            warnings.extend(file.objects.warnings.iter().cloned());
             for s in &file.objects.services {
                 match first_service.get(&s.value.key) {
                     None => {
@@ -527,9 +564,175 @@ impl Loader {
             slices,
             errors,
             exports,
+            warnings,
             ..SourceState::default()
         }
     }
+}
+
+/// Most documents one file may hold (`---` separated). A `kubectl get -o
+/// yaml` export of 50,000 Services and their EndpointSlices is 100,000
+/// documents when split (`bench_file_limits` measures the export).
+pub const MAX_DOCUMENTS: usize = 250_000;
+
+/// Most YAML nodes (mappings, sequences, scalars) in one file: an export of
+/// 50,000 Services and their slices, with the metadata and status kubectl
+/// prints, has 10.9 million (`bench_file_limits`).
+pub const MAX_NODES: usize = 25_000_000;
+
+/// Most bytes of scalar text in one file (the same export: 85 MB, above
+/// serde-saphyr's default of 64 MiB).
+pub const MAX_SCALAR_BYTES: usize = 512 << 20;
+
+/// The YAML loader's limits: far above what 50,000 Services need, still a
+/// bound on what a hostile file can make the control plane allocate.
+fn budget() -> serde_saphyr::Budget {
+    let mut b = serde_saphyr::Budget::default();
+    b.max_documents = MAX_DOCUMENTS;
+    b.max_nodes = MAX_NODES;
+    // Every node is one event, every collection one more at its end.
+    b.max_events = 2 * MAX_NODES;
+    b.max_total_scalar_bytes = MAX_SCALAR_BYTES;
+    b
+}
+
+/// The documents of a YAML stream, or why not: a limit said as a limit.
+fn parse_documents(text: &str, budget: serde_saphyr::Budget) -> Result<Vec<Value>, String> {
+    let limits = (
+        budget.max_documents,
+        budget.max_nodes,
+        budget.max_total_scalar_bytes,
+    );
+    let options = serde_saphyr::options! { with_snippet: false, budget: Some(budget) };
+    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| match e {
+        serde_saphyr::Error::Budget { breach, .. } => limit_message(&breach, limits),
+        e => format!("not valid YAML: {e}"),
+    })
+}
+
+/// A limit the file broke, said as a limit, with what to do.
+fn limit_message(
+    breach: &serde_saphyr::budget::BudgetBreach,
+    (documents_limit, nodes_limit, bytes_limit): (usize, usize, usize),
+) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    let (what, limit) = match breach {
+        B::Documents { documents } => (
+            format!("{documents} documents"),
+            documents_limit.to_string(),
+        ),
+        B::Nodes { nodes } => (format!("{nodes} YAML nodes"), nodes_limit.to_string()),
+        B::Events { events } => (
+            format!("{events} YAML events"),
+            (2 * nodes_limit).to_string(),
+        ),
+        B::ScalarBytes { total_scalar_bytes } => (
+            format!("{total_scalar_bytes} bytes of text"),
+            format!("{bytes_limit} bytes"),
+        ),
+        other => return format!("a YAML loader limit was reached ({other:?}); split the file"),
+    };
+    format!(
+        "the file has more than {what}; the limit is {limit} per file; split it into several files"
+    )
+}
+
+/// serde's "invalid type: string \"80\", expected i32" as an operator
+/// reads it: "expected an integer, got \"80\"".
+fn type_error_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let Some(rest) = text.strip_prefix("invalid type: ") else {
+        return text;
+    };
+    let Some((got, expected)) = rest.split_once(", expected ") else {
+        return text;
+    };
+    let expected = match expected {
+        "i32" | "i64" | "u16" | "u32" | "u64" => "an integer",
+        "a string" | "string" => "a string",
+        "a boolean" | "bool" => "true or false",
+        "a sequence" => "a list",
+        other if other.starts_with("struct ") || other == "a map" => "a mapping",
+        other => other,
+    };
+    let got = got
+        .strip_prefix("string ")
+        .or_else(|| got.strip_prefix("integer "))
+        .unwrap_or(got);
+    format!("expected {expected}, got {got}")
+}
+
+/// Paths (`spec.clusterIp`, `spec.ports[0].portz`) present in `original`
+/// but gone from `roundtrip`, the same object after a pass through its
+/// Kubernetes type: the fields that type does not know. Nulls do not count.
+fn dropped_fields(original: &Value, roundtrip: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, roundtrip) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let at = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get(k) {
+                    Some(w) => dropped_fields(v, w, &at, out),
+                    None if !v.is_null() => out.push(at),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                dropped_fields(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A document of a kind or API version Switchyard does not read, that is
+/// probably meant as one it does: said per document.
+fn near_miss(api_version: &str, kind: &str) -> Option<String> {
+    match (api_version, kind) {
+        (_, "Service") => Some(format!(
+            "{api_version} Service is not read: Services are apiVersion v1; ignored"
+        )),
+        (_, "EndpointSlice") => Some(format!(
+            "{api_version} EndpointSlice is not read: use apiVersion discovery.k8s.io/v1 \
+             (v1beta1 was removed in Kubernetes 1.25); ignored"
+        )),
+        (_, "ServiceExport") => Some(format!(
+            "{api_version} ServiceExport is not read: use apiVersion multicluster.x-k8s.io/v1alpha1; ignored"
+        )),
+        (_, "Endpoints") => Some(
+            "v1 Endpoints are not read: endpoints come from discovery.k8s.io/v1 EndpointSlices \
+             (the API server mirrors Endpoints into them); ignored"
+                .to_owned(),
+        ),
+        _ => ["Service", "EndpointSlice", "ServiceExport", "List"]
+            .into_iter()
+            .find(|known| {
+                kind.eq_ignore_ascii_case(known)
+                    || edit_distance(&kind.to_ascii_lowercase(), &known.to_ascii_lowercase()) <= 2
+            })
+            .map(|known| format!("unknown kind {kind:?} (did you mean {known}?); ignored")),
+    }
+}
+
+/// Levenshtein distance, for typo hints on short kind names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Turns one file's bytes into objects.
@@ -557,25 +760,53 @@ impl Parser<'_> {
     /// The objects of a file, or why it is not YAML at all.
     fn file(&self, path: &Path, bytes: &[u8]) -> Result<FileObjects, String> {
         let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-        let options = serde_saphyr::options! { with_snippet: false };
-        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
-            .map_err(|e| format!("not valid YAML: {e}"))?;
+        let docs = parse_documents(text, budget())?;
         let mut out = FileObjects::default();
+        let mut other_kinds: BTreeMap<String, usize> = BTreeMap::new();
         for (n, doc) in docs.into_iter().enumerate() {
             let at = format!("{}#{}", path.display(), n + 1);
-            self.document(&at, doc, &mut out);
+            self.document(&at, doc, &mut out, &mut other_kinds);
+        }
+        if !other_kinds.is_empty() {
+            // Kinds Kubernetes has but Switchyard does not read (an export
+            // holds Deployments, ConfigMaps...): one line per file, not one
+            // per object.
+            let kinds: Vec<String> = other_kinds
+                .iter()
+                .map(|(k, n)| {
+                    if *n == 1 {
+                        k.clone()
+                    } else {
+                        format!("{k} x{n}")
+                    }
+                })
+                .collect();
+            out.warnings.push(self.error(
+                &path.display().to_string(),
+                String::new(),
+                format!(
+                    "ignored (only v1 Service and discovery.k8s.io/v1 EndpointSlice are read): {}",
+                    kinds.join(", ")
+                ),
+            ));
         }
         Ok(out)
     }
 
-    fn document(&self, at: &str, doc: Value, out: &mut FileObjects) {
+    fn document(
+        &self,
+        at: &str,
+        doc: Value,
+        out: &mut FileObjects,
+        other_kinds: &mut BTreeMap<String, usize>,
+    ) {
         let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
         let Some(items) = doc.get("items").and_then(Value::as_array) else {
-            self.object(&Place { at, item: None }, &doc, None, out);
+            self.object(&Place { at, item: None }, &doc, None, out, other_kinds);
             return;
         };
         if kind != "List" && !kind.ends_with("List") {
-            self.object(&Place { at, item: None }, &doc, None, out);
+            self.object(&Place { at, item: None }, &doc, None, out, other_kinds);
             return;
         }
         // Items of a typed list (`ServiceList`) from the API carry no apiVersion or kind.
@@ -590,7 +821,13 @@ impl Parser<'_> {
                 (api_version, k)
             });
         for (i, item) in items.iter().enumerate() {
-            self.object(&Place { at, item: Some(i) }, item, defaults, out);
+            self.object(
+                &Place { at, item: Some(i) },
+                item,
+                defaults,
+                out,
+                other_kinds,
+            );
         }
     }
 
@@ -600,6 +837,7 @@ impl Parser<'_> {
         obj: &Value,
         defaults: Option<(&str, &str)>,
         out: &mut FileObjects,
+        other_kinds: &mut BTreeMap<String, usize>,
     ) {
         let located = |field: &str| match place.item {
             Some(i) if field.is_empty() => format!("items[{i}]"),
@@ -644,14 +882,13 @@ impl Parser<'_> {
             ("v1", "Service") => {
                 let object = name
                     .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
-                let svc = match serde_json::from_value::<core::Service>(obj.clone()) {
+                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj.clone()) {
                     Ok(svc) => svc,
                     Err(e) => {
-                        return out
-                            .errors
-                            .push(self.unparsable(place, object, &located(""), e));
+                        return out.errors.push(self.unparsable(place, object, &located, e));
                     }
                 };
+                self.unknown_fields(place, object.as_deref(), obj, &svc, &located, out);
                 let converted = k8s::service(cluster, &svc)
                     .and_then(|s| k8s::validate_unallocated(&s).map(|()| s));
                 match converted {
@@ -670,14 +907,15 @@ impl Parser<'_> {
                     };
                     slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
                 });
-                let slice = match serde_json::from_value::<discovery::EndpointSlice>(obj.clone()) {
+                let slice = match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(
+                    obj.clone(),
+                ) {
                     Ok(slice) => slice,
                     Err(e) => {
-                        return out
-                            .errors
-                            .push(self.unparsable(place, object, &located(""), e));
+                        return out.errors.push(self.unparsable(place, object, &located, e));
                     }
                 };
+                self.unknown_fields(place, object.as_deref(), obj, &slice, &located, out);
                 match k8s::endpoint_slice(cluster, &slice) {
                     Ok(Some(s)) => out.slices.push(Located {
                         at: place.to_string(),
@@ -705,9 +943,54 @@ impl Parser<'_> {
                     "a ServiceExport names the Service it exports (a DNS label)",
                 )),
             },
-            _ => {
-                tracing::debug!(at = %place, api_version, kind, "not a Service, EndpointSlice or ServiceExport; ignored")
-            }
+            _ => match near_miss(api_version, kind) {
+                Some(message) => out.warnings.push(self.error(
+                    &place.to_string(),
+                    located(
+                        if kind == "Service" || kind == "EndpointSlice" || kind == "ServiceExport" {
+                            "apiVersion"
+                        } else {
+                            "kind"
+                        },
+                    ),
+                    message,
+                )),
+                None => {
+                    *other_kinds
+                        .entry(format!("{api_version} {kind}"))
+                        .or_default() += 1;
+                }
+            },
+        }
+    }
+
+    /// Warns about every field of `obj` that `parsed` (its Kubernetes type)
+    /// does not have: Kubernetes would refuse or warn about them (kubectl's
+    /// strict decoding), and here they are silently without effect.
+    fn unknown_fields<T: serde::Serialize>(
+        &self,
+        place: &Place<'_>,
+        object: Option<&str>,
+        obj: &Value,
+        parsed: &T,
+        located: &dyn Fn(&str) -> String,
+        out: &mut FileObjects,
+    ) {
+        let Ok(back) = serde_json::to_value(parsed) else {
+            return;
+        };
+        let mut unknown = Vec::new();
+        dropped_fields(obj, &back, "", &mut unknown);
+        for field in unknown {
+            let w = match object {
+                Some(object) => self.error(
+                    object,
+                    field,
+                    format!("unknown field, ignored (in {place})"),
+                ),
+                None => self.error(place.at, located(&field), "unknown field, ignored"),
+            };
+            out.warnings.push(w);
         }
     }
 
@@ -720,17 +1003,21 @@ impl Parser<'_> {
         }
     }
 
-    /// An object whose fields have the wrong shape for its kind.
+    /// An object whose fields have the wrong shape for its kind, named by
+    /// the field at fault (`spec.ports[0].port`).
     fn unparsable(
         &self,
         place: &Place<'_>,
         object: Option<String>,
-        field: &str,
-        e: serde_json::Error,
+        located: &dyn Fn(&str) -> String,
+        e: serde_path_to_error::Error<serde_json::Error>,
     ) -> ObjectError {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        let message = type_error_message(e.inner());
         match object {
-            Some(object) => self.error(&object, String::new(), format!("{e} (in {place})")),
-            None => self.error(place.at, field.to_owned(), e.to_string()),
+            Some(object) => self.error(&object, field, format!("{message} (in {place})")),
+            None => self.error(place.at, located(&field), message),
         }
     }
 
@@ -739,5 +1026,45 @@ impl Parser<'_> {
         e.0.into_iter()
             .map(|e| self.error(&e.object, e.field, format!("{} (in {place})", e.message)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_is_reported_as_a_limit() {
+        let mut small = budget();
+        small.max_documents = 3;
+        let e = parse_documents(&"---\na: 1\n".repeat(4), small).expect_err("over the limit");
+        assert!(
+            e.starts_with("the file has more than 4 documents; the limit is 3 per file; split it"),
+            "{e}"
+        );
+        let mut small = budget();
+        small.max_nodes = 10;
+        let e = parse_documents("items: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]\n", small)
+            .expect_err("over the limit");
+        assert!(e.contains("YAML nodes; the limit is 10 per file"), "{e}");
+        assert!(
+            parse_documents("a: [1\n", budget())
+                .expect_err("bad")
+                .starts_with("not valid YAML")
+        );
+    }
+
+    #[test]
+    fn type_errors_read_as_expected_and_got() {
+        let e = serde_json::from_value::<i32>(serde_json::json!("80")).expect_err("string");
+        assert_eq!(type_error_message(&e), "expected an integer, got \"80\"");
+    }
+
+    #[test]
+    fn near_misses_are_named() {
+        assert!(near_miss("v1", "Servce").is_some_and(|m| m.contains("did you mean Service")));
+        assert!(near_miss("v1", "endpointslice").is_some_and(|m| m.contains("EndpointSlice")));
+        assert!(near_miss("apps/v1", "Deployment").is_none());
+        assert_eq!(edit_distance("servce", "service"), 1);
     }
 }

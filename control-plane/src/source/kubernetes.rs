@@ -38,7 +38,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource, ResourceExt};
 use switchyard_model::{ServiceKey, ValidationErrors};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -121,6 +121,12 @@ impl Source for KubeSource {
 
 /// Builds a client from the configured kubeconfig, context or environment.
 pub async fn client(config: &KubeSourceConfig) -> Result<Client, Error> {
+    let (config, _) = client_config(config).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// The client configuration and the API server's URL.
+async fn client_config(config: &KubeSourceConfig) -> Result<(Config, String), Error> {
     let options = KubeConfigOptions {
         context: config.context.clone(),
         ..KubeConfigOptions::default()
@@ -132,7 +138,74 @@ pub async fn client(config: &KubeSourceConfig) -> Result<Client, Error> {
         (None, Some(_)) => Config::from_kubeconfig(&options).await?,
         (None, None) => Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    let url = config.cluster_url.to_string();
+    Ok((config, url.trim_end_matches('/').to_owned()))
+}
+
+/// A client whose every successful answer to a list or watch is reported
+/// on `answers` with its kind: after a failure, that is how the source
+/// learns that a watch is back (a resumed watch brings no event until
+/// something changes, and kube-rs keeps its bookmarks to itself).
+fn observed_client(config: Config, answers: mpsc::Sender<Kind>) -> Result<Client, Error> {
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(builder.with_layer(&AnswerObserver { answers }).build())
+}
+
+/// Reports successful answers by kind (see [`observed_client`]).
+#[derive(Debug, Clone)]
+struct AnswerObserver {
+    answers: mpsc::Sender<Kind>,
+}
+
+impl<S> tower::Layer<S> for AnswerObserver {
+    type Service = Observed<S>;
+
+    fn layer(&self, inner: S) -> Observed<S> {
+        Observed {
+            inner,
+            answers: self.answers.clone(),
+        }
+    }
+}
+
+/// The service [`AnswerObserver`] wraps around the client's stack.
+#[derive(Debug, Clone)]
+struct Observed<S> {
+    inner: S,
+    answers: mpsc::Sender<Kind>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Observed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let kind = Kind::of_path(request.uri().path());
+        let answered = self.inner.call(request);
+        let answers = self.answers.clone();
+        Box::pin(async move {
+            let response = answered.await;
+            if let (Some(kind), Ok(r)) = (kind, &response)
+                && r.status().is_success()
+            {
+                // Full: a report is already waiting, which says the same.
+                let _ = answers.try_send(kind);
+            }
+            response
+        })
+    }
 }
 
 /// The kinds watched, as indexes into per-kind arrays.
@@ -145,6 +218,18 @@ enum Kind {
 }
 
 impl Kind {
+    /// The kind a request path lists or watches (`/api/v1/services`,
+    /// `/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices`).
+    fn of_path(path: &str) -> Option<Self> {
+        match path.rsplit('/').next()? {
+            "services" => Some(Kind::Service),
+            "endpointslices" => Some(Kind::Slice),
+            "nodes" => Some(Kind::Node),
+            "serviceexports" => Some(Kind::Export),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Service => "services",
@@ -192,6 +277,8 @@ enum Signal {
     Failed(String),
     /// The API server does not serve the kind (404); retried like a failure.
     NotServed,
+    /// The API server answered a list or watch of this kind.
+    Answered,
 }
 
 fn signals<K>(
@@ -220,12 +307,17 @@ where
         .boxed()
 }
 
+/// The error and its causes, each said once: kube, hyper and the OS often
+/// repeat their cause inside their own message.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cause = c.source();
     }
     s
@@ -235,8 +327,13 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     let name = source.name();
     let config = source.config;
     let mut backoff = Duration::from_millis(500);
-    let client = loop {
-        match client(&config).await {
+    let (answers_tx, answers) = mpsc::channel(16);
+    let (client, url) = loop {
+        let built = match client_config(&config).await {
+            Ok((c, url)) => observed_client(c, answers_tx.clone()).map(|c| (c, url)),
+            Err(e) => Err(e),
+        };
+        match built {
             Ok(c) => break c,
             Err(e) => {
                 let message = error_chain(&e);
@@ -278,6 +375,9 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     let (node_store, w3) = reflector::store();
     let w4 = reflector::store::Writer::new(export_resource);
     let export_store = w4.as_reader();
+    let answered = tokio_stream::wrappers::ReceiverStream::new(answers)
+        .map(|kind| (kind, Signal::Answered))
+        .boxed();
     let mut stream = futures::stream::select_all([
         signals(Kind::Service, w1, services, wc.clone()),
         signals(Kind::Slice, w2, slices, wc),
@@ -285,6 +385,7 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         // Exports are not filtered by the label selector: a ServiceExport
         // names its Service and carries no labels of it.
         signals(Kind::Export, w4, exports, watcher::Config::default()),
+        answered,
     ]);
 
     let mut view = View {
@@ -331,16 +432,27 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                 Signal::InitDone => {
                     listing[i] = false;
                     listed[i] = true;
-                    errors[i] = None;
+                    if errors[i].take().is_some() {
+                        tracing::info!(source = %name, kind = kind.name(), api_server = %url, "watch recovered (relisted)");
+                    }
                     dirty = true;
                 }
                 Signal::Changed => {
-                    errors[i] = None;
+                    if errors[i].take().is_some() {
+                        tracing::info!(source = %name, kind = kind.name(), api_server = %url, "watch recovered");
+                    }
                     dirty = true;
                 }
                 Signal::Failed(message) => {
-                    tracing::warn!(source = %name, kind = kind.name(), error = %message, "watch failed; retrying with backoff");
-                    errors[i] = Some(format!("{}: {message}", kind.name()));
+                    tracing::warn!(source = %name, kind = kind.name(), api_server = %url, error = %message, "watch failed; retrying with backoff");
+                    errors[i] = Some(format!("{} from {url}: {message}", kind.name()));
+                }
+                Signal::Answered => {
+                    if errors[i].take().is_none() {
+                        // The usual case, a page or a watch answered: no news.
+                        continue;
+                    }
+                    tracing::info!(source = %name, kind = kind.name(), api_server = %url, "watch recovered");
                 }
                 Signal::NotServed => {
                     // No MCS CRDs: nothing is exported, which is no failure.

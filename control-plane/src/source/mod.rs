@@ -113,6 +113,10 @@ pub struct SourceState {
     pub slices: Vec<Arc<SourceSlice>>,
     /// Objects skipped and files not read, with the reason.
     pub errors: Vec<ObjectError>,
+    /// Input used but partly ignored, or ignored whole: kinds and API
+    /// versions that are not read, unknown fields (as kubectl's strict
+    /// decoding warns). Nothing is skipped for a warning.
+    pub warnings: Vec<ObjectError>,
     /// Nodes and their topology zones (sources that know nodes: kube).
     pub nodes: Vec<NodeInfo>,
     /// Services exported to the clusterset (ServiceExports; KEP-1645).

@@ -97,6 +97,10 @@ struct Shared {
     addr: SocketAddr,
     /// Bumped to end every open watch.
     watch_epoch: watch::Sender<u64>,
+    /// Cancelled when the server stops: ends every watch, also one that a
+    /// client opened between `drop_watches` and the listener closing (the
+    /// graceful shutdown would wait for it until its timeoutSeconds).
+    stopping: CancellationToken,
     faults: Mutex<Vec<Fault>>,
     /// Requests served, by `VERB plural` (`LIST services`, `WATCH nodes`,
     /// `GONE services` for a 410 sent on a watch), for tests that count.
@@ -130,15 +134,16 @@ impl FakeApiServer {
         config: ServerConfig,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             store,
             config,
             addr,
             watch_epoch: watch::Sender::new(0),
+            stopping: shutdown.clone(),
             faults: Mutex::default(),
             requests: Mutex::default(),
         });
-        let shutdown = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -753,6 +758,7 @@ fn watch_response(
             tokio::select! {
                 biased;
                 _ = epoch.changed() => return,
+                _ = shared.stopping.cancelled() => return,
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => return,
                 _ = ticks.tick(), if bookmarks => {
                     if !send(bookmark(progress, false)).await { return }

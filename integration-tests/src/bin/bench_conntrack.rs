@@ -70,6 +70,7 @@ fn service(i: usize, generation: usize) -> ServiceState {
                 port: 5353,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         }],
     }
 }

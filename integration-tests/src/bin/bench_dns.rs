@@ -84,6 +84,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
                 port: 8080,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         });
         let key = st.service.key.to_string();
         resources.insert(

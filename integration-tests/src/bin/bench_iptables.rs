@@ -95,6 +95,7 @@ fn service(i: usize, generation: u32) -> ServiceState {
                 port: 8080,
             }],
             cluster: None,
+            trigger_time_unix_nanos: None,
         }],
     }
 }

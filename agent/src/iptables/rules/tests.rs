@@ -40,6 +40,7 @@ pub(crate) fn slice(name: &str, proto: Protocol, port: u16, eps: Vec<Endpoint>) 
             port,
         }],
         cluster: None,
+        trigger_time_unix_nanos: None,
     }
 }
 

@@ -259,6 +259,7 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
                     endpoints,
                     ports: Vec::new(),
                     cluster: None,
+                    trigger_time_unix_nanos: None,
                 },
                 ports: SlicePorts::FromServiceTargets,
             }));
