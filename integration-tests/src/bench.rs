@@ -35,6 +35,42 @@ pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A free loopback port, as `127.0.0.1:PORT` (bound, then released, for a
+/// child process to bind).
+pub async fn reserve_port() -> std::io::Result<String> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// Polls `http://admin/readyz` every 5 ms until it answers 200, for at most
+/// `deadline`; fails early when `child` exits.
+pub async fn wait_ready(
+    admin: &str,
+    child: &mut tokio::process::Child,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "{admin}: not ready after {deadline:?}"
+        );
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{admin}: the control plane exited: {status}");
+        }
+        let ready = http
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The 1, 5 and 15 minute load averages, as `/proc/loadavg` has them.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -99,15 +99,7 @@ fn first_address(v: &Value) -> String {
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    switchyard_integration_tests::bench::proc_status_kib(&pid.to_string(), field)
 }
 
 async fn metric(admin: &str, name: &str) -> anyhow::Result<f64> {
@@ -371,6 +363,5 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn reserve_port() -> anyhow::Result<String> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    Ok(l.local_addr()?.to_string())
+    Ok(switchyard_integration_tests::bench::reserve_port().await?)
 }
