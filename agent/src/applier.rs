@@ -2,26 +2,91 @@
 //!
 //! ```text
 //!  update ─▶ decode+validate ─▶ DataPlane::apply ─▶ Store::save ─▶ publish ─▶ ACK
-//!               │ error              │ error           │ error
-//!               └────────────────────┴─────────────────┴────────▶ NACK, last good state stays
+//!               │ Decode             │ DataPlane        │ Persist
+//!               │                    │                  └─▶ data plane put back on the last good state
+//!               └────────────────────┴──────────────────────▶ NACK (ApplyFailure::nack_detail), last good state stays
 //! ```
+//!
+//! The data plane and the store never disagree: if persisting fails after
+//! the rules went in, the rules of the last good state (the one on disk, the
+//! one the agent will announce when it reconnects) are put back before the
+//! NACK. Data-plane and persistence failures are local and often passing (a
+//! held xtables lock, a full disk): [`ApplyFailure::is_transient`] tells the
+//! stream client to retry them (`crate::client`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use switchyard_proto::convert::DecodeError;
 use switchyard_proto::v1;
 use tokio::sync::watch;
 
-use crate::dataplane::{Change, DataPlane};
+use crate::dataplane::{ApplyError, Change, DataPlane};
 use crate::state::{AgentState, ChangeSet};
 use crate::status::{Metrics, Origin, Status};
-use crate::store::{Loaded, Store};
+use crate::store::{Loaded, Store, StoreError};
+
+/// Longest an ACK waits for the DNS index of the state it ACKs.
+const DNS_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why an update was not put in force. The previous state stays in force
+/// and on disk in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyFailure {
+    /// The update does not decode or breaks a model rule: the data is bad.
+    #[error("invalid update")]
+    Decode(#[source] DecodeError),
+    /// The data plane could not program the state.
+    #[error("data plane")]
+    DataPlane(#[source] ApplyError),
+    /// The data plane's blocking task died (a panic in it).
+    #[error("data plane task failed: {0}")]
+    Task(String),
+    /// The state could not be written to disk.
+    #[error("persisting the state")]
+    Persist(#[source] StoreError),
+}
+
+impl ApplyFailure {
+    /// Whether the cause is local and may pass (a command that failed, such
+    /// as iptables-restore while another process holds the xtables lock; a
+    /// full disk): the same update is then retried. Bad data, and a state a
+    /// data plane refuses as such, are not retried; the control plane sends
+    /// the next change.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            Self::Decode(_) | Self::DataPlane(ApplyError::Refused(_))
+        )
+    }
+
+    /// The text of the NACK and of `/status` `last_error`: this error and
+    /// its causes, each said once.
+    pub fn nack_detail(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            cause = c.source();
+        }
+        out
+    }
+}
 
 /// Owns the state in force and everything that must agree with it.
 pub struct Applier {
     current: watch::Sender<Arc<AgentState>>,
     store: Arc<Store>,
     dataplane: Arc<Mutex<Box<dyn DataPlane>>>,
+    /// A data plane call failed: what it holds is uncertain, so the next
+    /// call is a full sync.
+    dataplane_suspect: bool,
+    /// The state the DNS index in force was built from, when DNS runs.
+    dns_built: Option<watch::Receiver<Arc<AgentState>>>,
     pub(crate) status: Arc<Status>,
     pub(crate) metrics: Arc<Metrics>,
     /// The zone the data plane uses, and whether `--zone` fixed it (else
@@ -48,6 +113,8 @@ impl Applier {
             current: watch::Sender::new(Arc::new(AgentState::default())),
             store: Arc::new(store),
             dataplane: Arc::new(Mutex::new(dataplane)),
+            dataplane_suspect: false,
+            dns_built: None,
             status,
             metrics,
             zone: None,
@@ -77,6 +144,13 @@ impl Applier {
         true
     }
 
+    /// Makes every ACK wait until the DNS stub answers from the state it
+    /// ACKs (`built` follows the state of the DNS index in force). DNS
+    /// queries never wait for a build; the ACK does instead.
+    pub fn ack_after_dns(&mut self, built: watch::Receiver<Arc<AgentState>>) {
+        self.dns_built = Some(built);
+    }
+
     /// The data plane, shared with the maintenance task.
     pub(crate) fn dataplane(&self) -> Arc<Mutex<Box<dyn DataPlane>>> {
         self.dataplane.clone()
@@ -96,7 +170,16 @@ impl Applier {
     /// serves before the control plane answers. Problems are logged; the
     /// agent then starts empty and resyncs in full.
     pub async fn restore(&mut self) {
-        match self.store.load() {
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load()).await;
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("reading the persisted state failed: {e}");
+                return;
+            }
+        };
+        match loaded {
             Ok(Loaded::State(state)) => {
                 let changes = ChangeSet {
                     changed: state.resources.keys().cloned().collect(),
@@ -109,6 +192,7 @@ impl Applier {
                         self.publish(state, Origin::Persisted);
                     }
                     Err(e) => {
+                        let e = e.nack_detail();
                         tracing::error!("the persisted state could not be applied: {e}");
                         self.status.update(|s| s.last_error = Some(e));
                     }
@@ -127,9 +211,10 @@ impl Applier {
         }
     }
 
-    /// Applies one update from the control plane. `Err` carries the NACK's
-    /// error detail; the previous state then stays in force and on disk.
-    pub async fn apply_update(&mut self, update: &v1::SnapshotUpdate) -> Result<(), String> {
+    /// Applies one update from the control plane. On `Err` the previous
+    /// state stays in force and on disk; the error's
+    /// [`ApplyFailure::nack_detail`] is the NACK's text.
+    pub async fn apply_update(&mut self, update: &v1::SnapshotUpdate) -> Result<(), ApplyFailure> {
         self.metrics.updates.inc();
         self.status.update(|s| s.updates += 1);
         let result = self.try_apply(update).await;
@@ -138,21 +223,39 @@ impl Applier {
                 self.metrics.acks.inc();
             }
             Err(e) => {
-                tracing::warn!(version = %update.snapshot_version, "rejecting update: {e}");
+                let detail = e.nack_detail();
+                tracing::warn!(version = %update.snapshot_version, "rejecting update: {detail}");
                 self.metrics.nacks.inc();
                 self.status.update(|s| {
                     s.rejected += 1;
-                    s.last_error = Some(e.clone());
+                    s.last_error = Some(detail);
                 });
             }
         }
         result
     }
 
-    async fn try_apply(&mut self, update: &v1::SnapshotUpdate) -> Result<(), String> {
+    /// `update` as the complete state (the answer to a Hello that announced
+    /// nothing, protocol rule 11): it also removes what it does not name.
+    pub fn as_complete_state(&self, update: &v1::SnapshotUpdate) -> v1::SnapshotUpdate {
+        let current = self.state();
+        let named: std::collections::HashSet<&str> =
+            update.resources.iter().map(|r| r.name.as_str()).collect();
+        let mut whole = update.clone();
+        whole.removed_resources.extend(
+            current
+                .resources
+                .keys()
+                .filter(|n| !named.contains(n.as_str()))
+                .cloned(),
+        );
+        whole
+    }
+
+    async fn try_apply(&mut self, update: &v1::SnapshotUpdate) -> Result<(), ApplyFailure> {
         let started = Instant::now();
         let current = self.state();
-        let (next, changes) = current.apply(update).map_err(|e| e.to_string())?;
+        let (next, changes) = current.apply(update).map_err(ApplyFailure::Decode)?;
         let next = Arc::new(next);
         let unchanged =
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
@@ -173,10 +276,12 @@ impl Applier {
                 .record_update(&current, &next, &changes, update.changed_at_unix_nanos);
         }
         let t = Instant::now();
-        self.store
-            .save(&next, update, &changes)
-            .await
-            .map_err(|e| format!("persisting the state: {e}"))?;
+        if let Err(e) = self.store.save(&next, update, &changes).await {
+            if !unchanged {
+                self.put_back(&current, &changes).await;
+            }
+            return Err(ApplyFailure::Persist(e));
+        }
         self.metrics
             .persist_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -188,19 +293,61 @@ impl Applier {
             elapsed = ?started.elapsed(),
             "update applied"
         );
-        self.publish(next, Origin::ControlPlane);
+        self.publish(next.clone(), Origin::ControlPlane);
+        if let Some(built) = &mut self.dns_built {
+            let waited =
+                tokio::time::timeout(DNS_CATCH_UP, built.wait_for(|s| Arc::ptr_eq(s, &next))).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                tracing::warn!(version = %next.version, "the DNS index has not caught up within {DNS_CATCH_UP:?}; ACKing anyway");
+            }
+        }
         Ok(())
     }
 
+    /// After the rules of an update went in but the update could not be
+    /// persisted: programs `current` (what the store still holds) again, so
+    /// the kernel, the store and the versions the agent announces agree.
+    async fn put_back(&mut self, current: &Arc<AgentState>, undone: &ChangeSet) {
+        let changes = ChangeSet {
+            changed: undone
+                .changed
+                .iter()
+                .chain(&undone.removed)
+                .filter(|n| current.resources.contains_key(*n))
+                .cloned()
+                .collect(),
+            removed: undone
+                .changed
+                .iter()
+                .filter(|n| !current.resources.contains_key(*n))
+                .cloned()
+                .collect(),
+        };
+        match self.program(current.clone(), changes, false).await {
+            Ok(()) => {
+                tracing::warn!(version = %current.version, "the update could not be persisted; its rules were taken back")
+            }
+            Err(e) => {
+                // The next update is then applied as a full sync.
+                self.dataplane_suspect = true;
+                tracing::error!(
+                    "putting the last good state back failed: {}",
+                    e.nack_detail()
+                );
+            }
+        }
+    }
+
     async fn program(
-        &self,
+        &mut self,
         state: Arc<AgentState>,
         changes: ChangeSet,
         full: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyFailure> {
         let dataplane = self.dataplane.clone();
         self.status.sync_queued();
         self.metrics.kubeproxy.queued();
+        let full = full || std::mem::take(&mut self.dataplane_suspect);
         let t = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,15 +357,24 @@ impl Applier {
                 full,
             })
         })
-        .await
-        .map_err(|e| format!("data plane task failed: {e}"))?;
+        .await;
         self.metrics
             .apply_seconds
             .observe(t.elapsed().as_secs_f64());
-        if result.is_ok() {
-            self.status.sync_succeeded();
+        match result {
+            Ok(Ok(())) => {
+                self.status.sync_succeeded();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.dataplane_suspect = true;
+                Err(ApplyFailure::DataPlane(e))
+            }
+            Err(e) => {
+                self.dataplane_suspect = true;
+                Err(ApplyFailure::Task(e.to_string()))
+            }
         }
-        result.map_err(|e| format!("data plane: {e}"))
     }
 
     fn publish(&self, state: Arc<AgentState>, origin: Origin) {
@@ -230,5 +386,124 @@ impl Applier {
             s.last_error = None;
         });
         self.current.send_replace(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::NoneDataPlane;
+    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, ServiceState, TargetPort};
+
+    fn update(version: &str, names: &[&str], removed: &[&str]) -> v1::SnapshotUpdate {
+        v1::SnapshotUpdate {
+            snapshot_version: version.into(),
+            nonce: "1".into(),
+            resources: names
+                .iter()
+                .map(|n| {
+                    let state = ServiceState::new(Service {
+                        cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+                        ports: vec![ServicePort {
+                            name: String::new(),
+                            protocol: Protocol::Tcp,
+                            port: 80,
+                            target_port: TargetPort::Number(80),
+                            node_port: None,
+                        }],
+                        ..Service::new(ServiceKey::new("default", "ns", *n))
+                    });
+                    v1::Resource {
+                        name: format!("default/ns/{n}"),
+                        version: format!("{version}-{n}"),
+                        service_state: switchyard_proto::convert::encode_state_bytes(&state),
+                    }
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|n| format!("default/ns/{n}")).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn applier(dir: &std::path::Path) -> (Applier, NoneDataPlane) {
+        let (store, _) = Store::open(dir).expect("open");
+        let dp = NoneDataPlane::default();
+        let status = Arc::new(Status::new("n".into(), "default".into(), None, "none"));
+        (
+            Applier::new(
+                store,
+                Box::new(dp.clone()),
+                status,
+                Arc::new(Metrics::new()),
+            ),
+            dp,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_state_that_cannot_be_persisted_is_taken_back_out_of_the_data_plane() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, dp) = applier(dir.path());
+        a.apply_update(&update("v1", &["a", "b"], &[]))
+            .await
+            .expect("v1");
+        a.store.fail_next_saves(1);
+        let e = a
+            .apply_update(&update("v2", &["c"], &["a"]))
+            .await
+            .expect_err("the disk is full");
+        assert!(
+            matches!(e, ApplyFailure::Persist(_)) && e.is_transient(),
+            "{e:?}"
+        );
+        assert!(
+            e.nack_detail().contains("persisting the state"),
+            "{}",
+            e.nack_detail()
+        );
+        // The data plane saw v2 and then v1 again: it ends on what is stored.
+        let seen = dp.recorded().lock().expect("lock").clone();
+        assert_eq!(seen.versions, ["v1", "v2", "v1"]);
+        assert_eq!(seen.resources, 2);
+        assert_eq!(a.state().version, "v1", "v1 stays in force");
+        let Loaded::State(stored) = a.store.load().expect("load") else {
+            panic!("a stored state")
+        };
+        assert_eq!(stored.version, "v1");
+        // Once the disk has room again the same update applies.
+        a.apply_update(&update("v2", &["c"], &["a"]))
+            .await
+            .expect("v2");
+        let names: Vec<_> = a.state().resources.keys().cloned().collect();
+        assert_eq!(names, ["default/ns/b", "default/ns/c"]);
+    }
+
+    #[tokio::test]
+    async fn bad_data_is_not_retried_and_says_what_is_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, _) = applier(dir.path());
+        let mut bad = update("v1", &["a"], &[]);
+        bad.resources[0].name = "default/ns/other".into();
+        let e = a.apply_update(&bad).await.expect_err("name mismatch");
+        assert!(!e.is_transient());
+        assert!(
+            e.nack_detail()
+                .starts_with("invalid update: resource default/ns/other"),
+            "{}",
+            e.nack_detail()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_complete_state_drops_what_it_does_not_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, _) = applier(dir.path());
+        a.apply_update(&update("v1", &["a", "b"], &[]))
+            .await
+            .expect("v1");
+        let whole = a.as_complete_state(&update("v2", &["b"], &[]));
+        a.apply_update(&whole).await.expect("v2");
+        let names: Vec<_> = a.state().resources.keys().cloned().collect();
+        assert_eq!(names, ["default/ns/b"]);
     }
 }

@@ -2,19 +2,40 @@
 //! each update, answer ACK or NACK, and reconnect with jittered exponential
 //! backoff when anything breaks. The state in force never depends on the
 //! connection: while disconnected, the node keeps serving its last good state.
+//!
+//! ```text
+//!  connect (TCP, TLS with the files in force) ─▶ Hello ─▶ ┌─ update ─▶ apply ─▶ ACK
+//!                                                          ├─ update ─▶ apply fails ─▶ NACK
+//!                                                          │    transient (data plane, disk)? retry with backoff
+//!                                                          │      └▶ applies: reconnect, announcing the new state
+//!                                                          └─ stream ends ─▶ backoff ─▶ connect
+//! ```
+//!
+//! A retried update that finally applies is not ACKed late on the old
+//! stream: the control plane may already have sent the next update computed
+//! from the state we NACKed from. The agent reconnects instead, and its
+//! Hello announces exactly what it holds (protocol rule 6).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
+use switchyard_proto::parts::{assemble, hello_parts};
+use switchyard_proto::tls::{ClientFiles, ReloadingClient, chain, find_rustls_error};
 use switchyard_proto::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
 use switchyard_proto::v1::{self, agent_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::applier::Applier;
 use crate::config::Args;
+
+/// First wait before an update that failed for a local reason is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between two tries of a failing update.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Jittered exponential backoff: each failure doubles the ceiling up to
 /// `max`; the wait is drawn from [ceiling/2, ceiling]. Reset only once a
@@ -51,44 +72,359 @@ impl Backoff {
     }
 }
 
+/// Why `--control-plane` and the TLS flags do not make a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// The URL does not parse or names no host.
+    #[error(
+        "--control-plane {url:?} is not a URL like http://HOST:PORT or https://HOST:PORT: {why}"
+    )]
+    Url {
+        /// The flag's value.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// TLS flags with an `http://` URL: fail closed rather than talk in clear text.
+    #[error(
+        "--control-plane {url} is http:// (clear text) but {flags} given: use an https:// URL, or drop the TLS flags"
+    )]
+    ClearTextWithTls {
+        /// The flag's value.
+        url: String,
+        /// The TLS flags present.
+        flags: String,
+    },
+    /// An `https://` URL without a CA to check the server against.
+    #[error(
+        "--control-plane {url} is https:// but --tls-ca is missing: give the CA that signed the control plane's certificate"
+    )]
+    NoCa {
+        /// The flag's value.
+        url: String,
+    },
+    /// The TLS files do not load.
+    #[error("TLS configuration")]
+    Tls(#[source] switchyard_proto::tls::TlsError),
+}
+
 /// How to reach the control plane.
 #[derive(Debug, Clone)]
 pub struct Connector {
     endpoint: Endpoint,
+    /// `host:port` to dial.
+    address: String,
+    tls: Option<ClientTls>,
+}
+
+#[derive(Debug, Clone)]
+struct ClientTls {
+    config: Arc<ReloadingClient>,
+    /// Whether we present a client certificate.
+    identity: bool,
+    server_name: rustls::pki_types::ServerName<'static>,
+    ca: std::path::PathBuf,
 }
 
 impl Connector {
-    /// Builds the endpoint, with TLS when a CA or a client certificate is given.
-    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let mut endpoint = Endpoint::from_shared(args.control_plane.clone())
-            .with_context(|| format!("--control-plane {:?} is not a URL", args.control_plane))?
+    /// Checks the URL against the TLS flags and loads the TLS files.
+    pub fn from_args(args: &Args) -> Result<Self, ConnectorError> {
+        let url = args.control_plane.clone();
+        let bad = |why: &str| ConnectorError::Url {
+            url: url.clone(),
+            why: why.to_owned(),
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            Some(other) => {
+                return Err(bad(&format!(
+                    "the scheme {other:?} is neither http nor https"
+                )));
+            }
+            None => return Err(bad("it has no scheme (http:// or https://)")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("it names no host"))?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let address = format!("{host}:{port}");
+        let tls_flags: Vec<&str> = [
+            (args.tls_ca.is_some(), "--tls-ca"),
+            (args.tls_cert.is_some(), "--tls-cert"),
+            (args.tls_key.is_some(), "--tls-key"),
+            (args.tls_server_name.is_some(), "--tls-server-name"),
+        ]
+        .into_iter()
+        .filter_map(|(on, f)| on.then_some(f))
+        .collect();
+        if !https && !tls_flags.is_empty() {
+            return Err(ConnectorError::ClearTextWithTls {
+                url,
+                flags: if tls_flags.len() == 1 {
+                    format!("{} is", tls_flags[0])
+                } else {
+                    format!("{} are", tls_flags.join(", "))
+                },
+            });
+        }
+        let tls = if https {
+            let ca = args
+                .tls_ca
+                .clone()
+                .ok_or_else(|| ConnectorError::NoCa { url: url.clone() })?;
+            let files = ClientFiles {
+                ca: ca.clone(),
+                identity: args.tls_cert.clone().zip(args.tls_key.clone()),
+            };
+            let name = args.tls_server_name.clone().unwrap_or_else(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            });
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| bad(&format!("{name:?} is not a TLS server name: {e}")))?;
+            Some(ClientTls {
+                identity: files.identity.is_some(),
+                config: Arc::new(ReloadingClient::client(files).map_err(ConnectorError::Tls)?),
+                server_name,
+                ca,
+            })
+        } else {
+            None
+        };
+        // tonic only carries HTTP/2 here; TCP and TLS are ours (below), so
+        // that each connection uses the certificate files in force.
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| bad(&e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
-        if args.tls_ca.is_some() || args.tls_cert.is_some() {
-            let read = |p: &std::path::PathBuf| {
-                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-            };
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &args.tls_ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            if let Some(name) = &args.tls_server_name {
-                tls = tls.domain_name(name.clone());
-            }
-            endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
-        }
-        Ok(Self { endpoint })
+        Ok(Self {
+            endpoint,
+            address,
+            tls,
+        })
     }
 
-    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
-        self.endpoint.connect().await
+    fn security(&self) -> Security {
+        match &self.tls {
+            None => Security::Plain,
+            Some(t) => Security::Tls {
+                identity: t.identity,
+            },
+        }
     }
+
+    async fn connect(&self) -> Result<Channel, String> {
+        let Some(tls) = &self.tls else {
+            return self.endpoint.connect().await.map_err(|e| {
+                format!(
+                    "connecting to {} (clear text): {}",
+                    self.address,
+                    explain(&e, Security::Plain)
+                )
+            });
+        };
+        let tls = tls.clone();
+        let address = self.address.clone();
+        let connector = tower::service_fn(move |_: Uri| {
+            let tls = tls.clone();
+            let address = address.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let _ = tcp.set_nodelay(true);
+                let connector = tokio_rustls::TlsConnector::from(tls.config.current());
+                match connector.connect(tls.server_name.clone(), tcp).await {
+                    Ok(stream) => Ok(hyper_util::rt::TokioIo::new(stream)),
+                    Err(e) => Err(std::io::Error::other(HandshakeFailed(explain_tls(
+                        &e,
+                        &tls.ca,
+                        &tls.server_name,
+                    )))),
+                }
+            }
+        });
+        self.endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                format!(
+                    "connecting to {} (TLS): {}",
+                    self.address,
+                    explain(&e, self.security())
+                )
+            })
+    }
+}
+
+/// A TLS handshake that failed, said in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct HandshakeFailed(String);
+
+/// The TLS cause of a handshake failure, naming what to check.
+fn explain_tls(
+    e: &std::io::Error,
+    ca: &std::path::Path,
+    server_name: &rustls::pki_types::ServerName<'_>,
+) -> String {
+    match find_rustls_error(e) {
+        Some(r) => explain_rustls(r, Some(ca), Some(server_name)),
+        None => format!("TLS handshake failed: {}", chain(e)),
+    }
+}
+
+fn explain_rustls(
+    e: &rustls::Error,
+    ca: Option<&std::path::Path>,
+    server_name: Option<&rustls::pki_types::ServerName<'_>>,
+) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let ca = ca.map_or_else(
+        || "--tls-ca".to_owned(),
+        |p| format!("--tls-ca {}", p.display()),
+    );
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer) => format!(
+            "the control plane's certificate is not signed by a CA in {ca} (unknown issuer)"
+        ),
+        E::InvalidCertificate(C::BadSignature) => format!(
+            "the control plane's certificate is not signed by a CA in {ca} (a CA of the same name \
+             is there, but its key did not sign it)"
+        ),
+        E::InvalidCertificate(C::NotValidForName) => format!(
+            "the control plane's certificate is not valid for the name {:?}: connect by a name it holds, or set --tls-server-name",
+            server_name.map(|n| n.to_str().into_owned()).unwrap_or_default()
+        ),
+        E::InvalidCertificate(C::NotValidForNameContext { expected, presented }) => format!(
+            "the control plane's certificate is not valid for the name {:?}; it holds {}: connect by one of those names, or set --tls-server-name",
+            expected.to_str(),
+            presented.join(", ")
+        ),
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the control plane's certificate has expired".to_owned()
+        }
+        E::InvalidCertificate(other) => {
+            format!("the control plane's certificate was refused: {other:?}")
+        }
+        E::InvalidMessage(_) => "the control plane did not answer in TLS (is it serving clear text? then use an http:// URL, or give it --tls-cert and --tls-key)"
+            .to_owned(),
+        E::AlertReceived(A::CertificateRequired) => "the control plane requires a client certificate (mutual TLS): give --tls-cert and --tls-key"
+            .to_owned(),
+        E::AlertReceived(
+            alert @ (A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateUnknown
+            | A::AccessDenied
+            | A::DecryptError),
+        ) => format!(
+            "the control plane refused our client certificate ({alert:?}): it must be signed by the              CA the control plane's --tls-client-ca names"
+        ),
+        E::AlertReceived(A::CertificateExpired) => {
+            "the control plane refused our client certificate: it has expired".to_owned()
+        }
+        other => format!("TLS: {other}"),
+    }
+}
+
+/// What kind of connection an error happened on, for the hint it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Security {
+    /// Clear text.
+    Plain,
+    /// TLS, with or without a client certificate.
+    Tls { identity: bool },
+}
+
+/// Whether a transport error's text says the connection just went away.
+fn closed_early(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    [
+        "connection reset",
+        "broken pipe",
+        "frame with invalid size",
+        "connection closed",
+        "unexpected end of file",
+        "protocol error",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// A transport error said in words: the TLS cause when there is one, a hint
+/// at what closes connections when it just closed.
+fn explain(e: &(dyn std::error::Error + 'static), security: Security) -> String {
+    if let Some(r) = find_rustls_error(e) {
+        return explain_rustls(r, None, None);
+    }
+    with_hint(chain(e), security)
+}
+
+fn with_hint(text: String, security: Security) -> String {
+    if !closed_early(&text) {
+        return text;
+    }
+    match security {
+        Security::Plain => format!(
+            "{text} (the connection closed during the HTTP/2 handshake, as a TLS server does to \
+             clear text: if the control plane serves TLS, use an https:// URL with --tls-ca)"
+        ),
+        // A TLS 1.3 server checks the client certificate after the client
+        // has finished; its alert can be lost when the connection closes.
+        Security::Tls { identity: false } => format!(
+            "{text} (the control plane closed the connection after the TLS handshake: it may \
+             require a client certificate (mutual TLS): give --tls-cert and --tls-key)"
+        ),
+        Security::Tls { identity: true } => format!(
+            "{text} (the control plane closed the connection after the TLS handshake: it may have \
+             refused our client certificate: it must be signed by the CA its --tls-client-ca names)"
+        ),
+    }
+}
+
+/// A refused or broken stream said in words.
+fn explain_status(s: &tonic::Status, security: Security) -> String {
+    if let Some(r) = std::error::Error::source(s).and_then(find_rustls_error) {
+        return explain_rustls(r, None, None);
+    }
+    let cause = std::error::Error::source(s)
+        .map(|src| format!(" ({})", chain(src)))
+        .unwrap_or_default();
+    let text = format!("{:?}: {}{cause}", s.code(), s.message());
+    // Once tonic has turned a transport error into a status, the rustls
+    // error is only text: a TLS 1.3 server refuses a client certificate
+    // after the client finished its handshake, so this is where it shows.
+    match alert_in(&text) {
+        Some(alert) => explain_rustls(&rustls::Error::AlertReceived(alert), None, None),
+        None => with_hint(text, security),
+    }
+}
+
+/// The TLS alert a transport error's text reports (`received fatal alert: X`).
+fn alert_in(text: &str) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    let name = text.split("received fatal alert: ").nth(1)?;
+    let name: String = name
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
+    [
+        A::CertificateRequired,
+        A::UnknownCA,
+        A::BadCertificate,
+        A::CertificateUnknown,
+        A::CertificateExpired,
+        A::AccessDenied,
+        A::DecryptError,
+    ]
+    .into_iter()
+    .find(|a| format!("{a:?}") == name)
 }
 
 /// Who this agent is, as announced in its Hello.
@@ -110,22 +446,30 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut announce_held = true;
     loop {
         applier.metrics.connects.inc();
         let result = tokio::select! {
-            r = session(&connector, &who, &mut applier, &mut backoff) => r,
+            r = session(&connector, &who, &mut applier, &mut backoff, &mut announce_held) => r,
             _ = shutdown.cancelled() => return,
         };
         applier.status.update(|s| s.connected = false);
         applier.metrics.connected.set(0);
-        match result {
-            Ok(()) => tracing::info!("control plane closed the stream; reconnecting"),
+        let wait = match result {
+            Ok(SessionEnd::Closed) => {
+                tracing::info!("control plane closed the stream; reconnecting");
+                backoff.next_wait()
+            }
+            Ok(SessionEnd::Resume) => {
+                tracing::info!("a retried update applied; reconnecting to announce it");
+                Duration::ZERO
+            }
             Err(e) => {
                 tracing::warn!("stream to the control plane failed: {e}");
                 applier.status.update(|s| s.last_error = Some(e));
+                backoff.next_wait()
             }
-        }
-        let wait = backoff.next_wait();
+        };
         tracing::debug!(?wait, "reconnecting after backoff");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -134,103 +478,158 @@ pub async fn run(
     }
 }
 
+/// How a stream ended without an error.
+enum SessionEnd {
+    /// The control plane closed it.
+    Closed,
+    /// An update NACKed for a local reason applied on a later try: the
+    /// agent reconnects at once to announce the state it now holds.
+    Resume,
+}
+
+/// An update being tried again after a local failure.
+struct Retry {
+    update: v1::SnapshotUpdate,
+    backoff: Backoff,
+    at: tokio::time::Instant,
+}
+
 async fn session(
     connector: &Connector,
     who: &NodeIdentity,
     applier: &mut Applier,
     backoff: &mut Backoff,
-) -> Result<(), String> {
-    let channel = connector
-        .connect()
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
+    announce_held: &mut bool,
+) -> Result<SessionEnd, String> {
+    let tls = connector.security();
+    let channel = connector.connect().await?;
     let mut client = SnapshotDiscoveryClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(4);
     let state = applier.state();
-    let hello = v1::AgentMessage {
-        kind: Some(agent_message::Kind::Hello(v1::Hello {
-            node_name: who.node.clone(),
-            cluster_id: who.cluster.clone(),
-            zone: who.zone.clone(),
-            initial_resource_versions: state.versions(),
-            snapshot_version: state.version.clone(),
-            role: v1::Role::Agent as i32,
-        })),
+    let announced = if *announce_held {
+        state.versions()
+    } else {
+        Default::default()
     };
+    let mut replacing = announced.is_empty() && !state.resources.is_empty();
+    let parts = hello_parts(&hello(who, &state.version), announced);
     drop(state);
-    tx.send(hello)
-        .await
-        .map_err(|_| "stream closed before Hello")?;
-    let mut inbound = client
-        .stream_snapshots(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| {
-            format!(
-                "control plane refused the stream: {}: {}",
-                s.code(),
-                s.message()
-            )
-        })?
-        .into_inner();
+    // The parts are fed while the call starts: the control plane answers
+    // the call only once it has read the whole Hello.
+    let feeder = tx.clone();
+    tokio::spawn(async move {
+        for part in parts {
+            if feeder.send(part).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut inbound = match client.stream_snapshots(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if s.code() == tonic::Code::ResourceExhausted
+                && s.message().contains("initial_resource_versions")
+            {
+                // Too much held for this control plane's view: ask for the
+                // complete state next time (protocol rule 11).
+                *announce_held = false;
+            }
+            return Err(format!(
+                "control plane refused the stream: {}",
+                explain_status(&s, tls)
+            ));
+        }
+    };
+    *announce_held = true;
     applier.status.update(|s| s.connected = true);
     applier.metrics.connected.set(1);
     tracing::info!(node = %who.node, "connected to the control plane");
     let mut assembling: Option<v1::SnapshotUpdate> = None;
-    while let Some(part) = inbound
-        .message()
-        .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-    {
+    let mut retry: Option<Retry> = None;
+    loop {
+        let retry_at = retry.as_ref().map(|r| r.at);
+        let part = tokio::select! {
+            part = inbound.message() => part.map_err(|s| explain_status(&s, tls))?,
+            () = sleep_until(retry_at), if retry_at.is_some() => {
+                let Some(mut r) = retry.take() else { continue };
+                match applier.apply_update(&r.update).await {
+                    Ok(()) => {
+                        tracing::info!(version = %r.update.snapshot_version, "the retried update applied");
+                        return Ok(SessionEnd::Resume);
+                    }
+                    Err(e) if e.is_transient() => {
+                        let wait = r.backoff.next_wait();
+                        tracing::warn!(?wait, "the update still does not apply: {}", e.nack_detail());
+                        r.at = tokio::time::Instant::now() + wait;
+                        retry = Some(r);
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
+        };
+        let Some(part) = part else {
+            return Ok(SessionEnd::Closed);
+        };
         backoff.reset();
         let Some(update) = assemble(&mut assembling, part) else {
             continue;
+        };
+        // A new update supersedes one being retried: it is computed from the
+        // state we hold (the last one we ACKed).
+        retry = None;
+        let update = if std::mem::take(&mut replacing) {
+            applier.as_complete_state(&update)
+        } else {
+            update
         };
         let reply = match applier.apply_update(&update).await {
             Ok(()) => agent_message::Kind::Ack(v1::Ack {
                 nonce: update.nonce.clone(),
                 snapshot_version: update.snapshot_version.clone(),
             }),
-            Err(error_detail) => agent_message::Kind::Nack(v1::Nack {
-                nonce: update.nonce.clone(),
-                snapshot_version: update.snapshot_version.clone(),
-                error_detail,
-            }),
+            Err(e) => {
+                let nack = agent_message::Kind::Nack(v1::Nack {
+                    nonce: update.nonce.clone(),
+                    snapshot_version: update.snapshot_version.clone(),
+                    error_detail: e.nack_detail(),
+                });
+                if e.is_transient() {
+                    let mut b = Backoff::new(RETRY_FIRST, RETRY_MAX);
+                    let wait = b.next_wait();
+                    retry = Some(Retry {
+                        update,
+                        backoff: b,
+                        at: tokio::time::Instant::now() + wait,
+                    });
+                }
+                nack
+            }
         };
         tx.send(v1::AgentMessage { kind: Some(reply) })
             .await
             .map_err(|_| "stream closed")?;
     }
-    Ok(())
 }
 
-/// Collects the parts of one update (protocol rule 7). Returns the whole
-/// update once its last part arrived. A part with another nonce abandons an
-/// unfinished update: the control plane never interleaves updates, so that
-/// only happens after a protocol error, and the new update stands alone.
-fn assemble(
-    assembling: &mut Option<v1::SnapshotUpdate>,
-    part: v1::SnapshotUpdate,
-) -> Option<v1::SnapshotUpdate> {
-    let update = match assembling.take() {
-        Some(mut acc) if acc.nonce == part.nonce => {
-            acc.resources.extend(part.resources);
-            acc.removed_resources.extend(part.removed_resources);
-            acc.continued = part.continued;
-            acc
-        }
-        Some(acc) => {
-            tracing::warn!(nonce = %acc.nonce, "abandoning an update whose last part never came");
-            part
-        }
-        None => part,
-    };
-    if update.continued {
-        *assembling = Some(update);
-        None
-    } else {
-        Some(update)
+/// This node's Hello (protocol rule 9 splits it into parts).
+fn hello(who: &NodeIdentity, snapshot_version: &str) -> v1::Hello {
+    v1::Hello {
+        node_name: who.node.clone(),
+        cluster_id: who.cluster.clone(),
+        zone: who.zone.clone(),
+        snapshot_version: snapshot_version.to_owned(),
+        role: v1::Role::Agent as i32,
+        ..Default::default()
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -238,36 +637,72 @@ fn assemble(
 mod tests {
     use super::*;
 
-    fn part(nonce: &str, names: &[&str], continued: bool) -> v1::SnapshotUpdate {
-        v1::SnapshotUpdate {
-            nonce: nonce.into(),
-            snapshot_version: "v".into(),
-            resources: names
-                .iter()
-                .map(|n| v1::Resource {
-                    name: (*n).into(),
-                    ..Default::default()
-                })
-                .collect(),
-            continued,
-            ..Default::default()
-        }
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["switchyard-agent"];
+        argv.extend_from_slice(extra);
+        <Args as clap::Parser>::parse_from(argv)
     }
 
     #[test]
-    fn parts_are_assembled_into_one_update() {
-        let mut acc = None;
-        assert!(assemble(&mut acc, part("1", &["a"], true)).is_none());
-        assert!(assemble(&mut acc, part("1", &["b"], true)).is_none());
-        let whole = assemble(&mut acc, part("1", &["c"], false)).expect("complete");
-        let names: Vec<_> = whole.resources.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["a", "b", "c"]);
-        assert!(acc.is_none());
-        // An unfinished update is abandoned by the next nonce.
-        assert!(assemble(&mut acc, part("2", &["x"], true)).is_none());
-        let next = assemble(&mut acc, part("3", &["y"], false)).expect("complete");
-        assert_eq!(next.nonce, "3");
-        assert_eq!(next.resources.len(), 1);
+    fn urls_and_tls_flags_fail_closed() {
+        let e = Connector::from_args(&args(&["--control-plane", "127.0.0.1:18000"]))
+            .expect_err("no scheme");
+        assert!(
+            e.to_string().contains("no scheme (http:// or https://)"),
+            "{e}"
+        );
+        let e = Connector::from_args(&args(&[
+            "--control-plane",
+            "http://cp:18000",
+            "--tls-ca",
+            "/etc/ca.pem",
+        ]))
+        .expect_err("clear text with a CA");
+        assert!(
+            e.to_string()
+                .contains("http:// (clear text) but --tls-ca is given"),
+            "{e}"
+        );
+        let e = Connector::from_args(&args(&[
+            "--control-plane",
+            "http://cp:18000",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ]))
+        .expect_err("clear text with a client certificate");
+        assert!(
+            e.to_string().contains("--tls-cert, --tls-key are given"),
+            "{e}"
+        );
+        let e = Connector::from_args(&args(&["--control-plane", "https://cp:18000"]))
+            .expect_err("https without a CA");
+        assert!(e.to_string().contains("--tls-ca is missing"), "{e}");
+        let e = Connector::from_args(&args(&["--control-plane", "ftp://cp:18000"]))
+            .expect_err("another scheme");
+        assert!(e.to_string().contains("neither http nor https"), "{e}");
+        Connector::from_args(&args(&["--control-plane", "http://127.0.0.1:18000"]))
+            .expect("plain http without TLS flags");
+    }
+
+    #[test]
+    fn alerts_are_read_from_transport_text() {
+        assert_eq!(
+            alert_in(
+                "transport error: connection error: received fatal alert: CertificateRequired"
+            ),
+            Some(rustls::AlertDescription::CertificateRequired)
+        );
+        assert_eq!(alert_in("connection reset"), None);
+        let hint = with_hint("broken pipe".into(), Security::Plain);
+        assert!(hint.contains("https://"), "{hint}");
+        let hint = with_hint(
+            "connection closed".into(),
+            Security::Tls { identity: false },
+        );
+        assert!(hint.contains("--tls-cert"), "{hint}");
+        assert_eq!(with_hint("timed out".into(), Security::Plain), "timed out");
     }
 
     #[test]

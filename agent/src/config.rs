@@ -49,7 +49,9 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// gRPC URL of the control plane (`https://` for TLS).
+    /// gRPC URL of the control plane: `http://HOST:PORT`, or
+    /// `https://HOST:PORT` with --tls-ca. `http://` with any TLS flag is
+    /// refused rather than used in clear text.
     #[arg(long, default_value = "http://127.0.0.1:18000")]
     pub control_plane: String,
 
@@ -120,7 +122,8 @@ pub struct Args {
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
 
-    /// PEM client certificate (mutual TLS); its Common Name must be the node name.
+    /// PEM client certificate (mutual TLS), in Kubernetes' node form:
+    /// `O=system:nodes`, `CN=system:node:NODE`. Re-read when it changes.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
@@ -165,6 +168,15 @@ pub struct Args {
     /// Most forwarded queries in flight at once; beyond it queries are REFUSED.
     #[arg(long, default_value_t = 1024)]
     pub dns_max_inflight: usize,
+
+    /// Most DNS TCP connections open at once; more are closed at accept
+    /// (connections idle for 10 s are closed).
+    #[arg(long, default_value_t = 256)]
+    pub dns_max_tcp_connections: usize,
+
+    /// Most DNS TCP connections open at once from one source address.
+    #[arg(long, default_value_t = 16)]
+    pub dns_max_tcp_per_source: usize,
 }
 
 /// The default `--dns-listen`, NodeLocal DNSCache's customary address.

@@ -10,10 +10,24 @@ use std::sync::{Arc, Mutex};
 use crate::state::{AgentState, ChangeSet};
 use crate::status::Metrics;
 
-/// A data plane rejected a state.
+/// Why a data plane could not put a state in force. Either way the previous
+/// state stays in force; the agent NACKs and retries with backoff (a held
+/// xtables lock or a kernel that refused one transaction may pass later).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ApplyError(pub String);
+pub enum ApplyError {
+    /// A command the data plane runs failed or could not be started.
+    #[error("programming the node failed")]
+    Command(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The data plane refused the state itself (what and why).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<crate::iptables::runner::RunError> for ApplyError {
+    fn from(e: crate::iptables::runner::RunError) -> Self {
+        Self::Command(Box::new(e))
+    }
+}
 
 /// One application of a state.
 #[derive(Debug)]

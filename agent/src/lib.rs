@@ -201,14 +201,16 @@ pub async fn start_with(
         DnsListen::Addr(listen) => {
             dns::prepare_listen(listen);
             let cfg = dns::DnsConfig::from_args(&args, listen)?;
-            Some(dns::start(
+            let (addr, built) = dns::start(
                 cfg,
                 state.clone(),
                 status.clone(),
                 metrics.clone(),
                 &mut tasks,
                 shutdown.clone(),
-            )?)
+            )?;
+            applier.ack_after_dns(built);
+            Some(addr)
         }
     };
     tasks.spawn(maintain(

@@ -592,6 +592,8 @@ pub struct DnsMetrics {
     pub forward_failures: Counter,
     /// Queries refused because the forwarding limit was reached.
     pub forward_overload: Counter,
+    /// TCP connections closed at accept (over the total or per-source limit).
+    pub tcp_refused: Counter,
     /// Queries refused because of their source address.
     pub refused_sources: Counter,
     /// Messages dropped (too short, or not queries).
@@ -620,6 +622,7 @@ impl Default for DnsMetrics {
             cache_hits: Counter::default(),
             forward_failures: Counter::default(),
             forward_overload: Counter::default(),
+            tcp_refused: Counter::default(),
             refused_sources: Counter::default(),
             dropped: Counter::default(),
             truncated: Counter::default(),
@@ -655,6 +658,11 @@ impl DnsMetrics {
             "forward_overload",
             "Queries refused at the --dns-max-inflight limit",
             self.forward_overload.clone(),
+        );
+        r.register(
+            "tcp_refused",
+            "DNS TCP connections closed at accept (--dns-max-tcp-connections, --dns-max-tcp-per-source)",
+            self.tcp_refused.clone(),
         );
         r.register(
             "refused_sources",

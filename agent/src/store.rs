@@ -9,9 +9,12 @@
 //!
 //! Every value is a frame: `b"SWYS"`, format version (u16 BE), payload
 //! length (u32 BE), CRC-32 of the payload (u32 BE), payload (protobuf). An
-//! update is written as one atomic sled batch per tree and flushed before
-//! the agent ACKs, so the store always holds a state the data plane applied
-//! in full.
+//! update (its changed and removed resources and the new `meta`) is written
+//! in one sled transaction over both trees and flushed before the agent
+//! ACKs: a crash at any point leaves exactly the old or exactly the new
+//! state, never new resources labelled with the old version
+//! (`integration-tests/tests/crash.rs` kills a real agent around its saves
+//! to check it).
 //!
 //! Loading checks the magic, the format version, the length, the checksum,
 //! the resource count and each resource's validity. Anything wrong discards
@@ -58,6 +61,12 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    /// A fault injected by [`Store::fail_next_saves`] (tests).
+    #[error("state database {path}: injected failure (a full disk)")]
+    Injected {
+        /// The database directory.
+        path: PathBuf,
+    },
     /// The content on disk is not a state this agent wrote.
     #[error("state in {path} is unusable: {reason}")]
     Corrupt {
@@ -85,6 +94,7 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     resources: sled::Tree,
+    failing_saves: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -137,6 +147,7 @@ impl Store {
             path: path.to_owned(),
             db,
             resources,
+            failing_saves: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -194,35 +205,74 @@ impl Store {
         Ok(Some(state))
     }
 
-    /// Writes the change that led to `state` and flushes it to disk.
+    /// Writes the change that led to `state` and flushes it to disk: the
+    /// changed and removed resources and `meta` in one transaction.
     pub async fn save(
         &self,
         state: &AgentState,
         update: &v1::SnapshotUpdate,
         changes: &ChangeSet,
     ) -> Result<(), StoreError> {
+        use sled::Transactional;
+        use sled::transaction::ConflictableTransactionError;
         let db_err = |source| StoreError::Db {
             path: self.path.clone(),
             source,
         };
-        let mut batch = sled::Batch::default();
-        for r in &update.resources {
-            batch.insert(r.name.as_bytes(), frame(&r.encode_to_vec()));
+        if self
+            .failing_saves
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(StoreError::Injected {
+                path: self.path.clone(),
+            });
         }
-        for name in &changes.removed {
-            batch.remove(name.as_bytes());
-        }
-        self.resources.apply_batch(batch).map_err(db_err)?;
-        let meta = Meta {
-            snapshot_version: state.version.clone(),
-            resource_count: state.resources.len() as u64,
-            saved_at_unix_nanos: now_nanos(),
-        };
-        self.db
-            .insert(META_KEY, frame(&meta.encode_to_vec()))
-            .map_err(db_err)?;
+        // Frames are built once: sled may run the closure more than once.
+        let written: Vec<(&[u8], Vec<u8>)> = update
+            .resources
+            .iter()
+            .map(|r| (r.name.as_bytes(), frame(&r.encode_to_vec())))
+            .collect();
+        let meta = frame(
+            &Meta {
+                snapshot_version: state.version.clone(),
+                resource_count: state.resources.len() as u64,
+                saved_at_unix_nanos: now_nanos(),
+            }
+            .encode_to_vec(),
+        );
+        let default_tree: &sled::Tree = &self.db;
+        (&self.resources, default_tree)
+            .transaction(|(resources, top)| {
+                for (name, value) in &written {
+                    resources.insert(*name, value.as_slice())?;
+                }
+                for name in &changes.removed {
+                    resources.remove(name.as_bytes())?;
+                }
+                top.insert(META_KEY, meta.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => db_err(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    db_err(sled::Error::Unsupported("transaction aborted".into()))
+                }
+            })?;
         self.db.flush_async().await.map_err(db_err)?;
         Ok(())
+    }
+
+    /// Makes the next `n` saves fail as a full disk would, before writing
+    /// anything (a test hook, like the API server stand-in's faults).
+    pub fn fail_next_saves(&self, n: usize) {
+        self.failing_saves
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Removes everything stored.

@@ -127,7 +127,7 @@ fn apply(
         changes: &changed(names),
         full,
     })
-    .map_err(|e| e.0)
+    .map_err(|e| switchyard_proto::tls::chain(&e))
 }
 
 /// The name of the endpoint chain that DNATs to `ip`.

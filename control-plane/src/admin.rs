@@ -35,6 +35,23 @@ const INDEX: &str = "switchyard-control-plane admin endpoints:
   /metrics   switchyard_control_plane_* (OpenMetrics or Prometheus text, as Accept asks)
   /status    JSON; /status?service=NAMESPACE/NAME shows one Service with its endpoints
 ";
+/// Only `/healthz` and `/readyz`, for kubelet probes on an address the
+/// pod network reaches (`--health-listen`), while `/status` and `/metrics`
+/// stay on the loopback admin address.
+pub fn probes(
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState {
+            status,
+            metrics,
+            snapshots,
+        })
+}
 
 /// The admin routes.
 pub fn router(

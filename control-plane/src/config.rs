@@ -196,13 +196,25 @@ pub struct Args {
     #[arg(long, default_value = "keep")]
     pub cluster_down: ClusterDown,
 
+    /// `file:` sources honour the `switchyard.io/cluster` annotation, which
+    /// puts one object into another cluster. Off: the annotation is ignored
+    /// (and logged). API-server sources never honour it.
+    #[arg(long)]
+    pub file_cluster_annotation: bool,
+
     /// Address of the gRPC snapshot service.
     #[arg(long, default_value = "0.0.0.0:18000")]
     pub grpc_listen: SocketAddr,
 
-    /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /status).
+    /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics,
+    /// /status). `/status` lists every Service and agent: keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin_listen: SocketAddr,
+
+    /// Also serve only /healthz and /readyz here, for kubelet probes (which
+    /// cannot reach a loopback address).
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
 
     /// Range for cluster IPs of Services that set none.
     #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
@@ -243,9 +255,45 @@ pub struct Args {
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA bundle that client certificates must chain to; enables mutual
-    /// TLS, in which each agent's certificate Common Name is its node name.
+    /// TLS. A node certificate is in Kubernetes' form: subject
+    /// `O=system:nodes` (or --tls-client-organization) and
+    /// `CN=system:node:NAME`, NAME being the agent's node name; a URI SAN
+    /// `spiffe://TRUST-DOMAIN/cluster/CLUSTER` fixes its cluster. The files
+    /// are re-read when they change.
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Subject organisation a node's client certificate must carry instead
+    /// of `system:nodes` (repeatable).
+    #[arg(
+        long = "tls-client-organization",
+        value_name = "ORG",
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_organizations: Vec<String>,
+
+    /// Connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Connections open at once from one source address.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections_per_address: usize,
+
+    /// Agent streams open at once (one per agent); more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_agent_streams: usize,
+
+    /// An update the agent neither ACKs nor NACKs within this ends its
+    /// stream; the agent reconnects and resumes.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// `/status` forgets agents disconnected for longer than this (and keeps
+    /// at most 10,000 disconnected ones).
+    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    pub forget_agents_after: Duration,
 }
 
 fn parse_cluster_id(s: &str) -> Result<String, String> {

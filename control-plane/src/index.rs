@@ -714,6 +714,18 @@ impl ClusterHealth {
     }
 }
 
+/// The inputs of a build from copied source states (name, cluster, state).
+fn as_inputs(states: &[(String, String, SourceState)]) -> Vec<Input<'_>> {
+    states
+        .iter()
+        .map(|(name, cluster, state)| Input {
+            name,
+            cluster,
+            state,
+        })
+        .collect()
+}
+
 /// Runs the index until `shutdown`: rebuilds after each debounced burst of
 /// source changes and publishes snapshots whose content changed.
 pub async fn run(
@@ -762,17 +774,15 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
             }
-            // Read every source's state in place: sources wait for the
-            // duration of a build instead of the index copying their state.
-            let guards: Vec<_> = sources.iter().map(|f| (f, f.state.borrow())).collect();
-            let inputs: Vec<Input<'_>> = guards
+            // Copy each source's state out of its channel (a copy is one
+            // reference count per object) and build on the blocking pool:
+            // a source publishing meanwhile never waits for a build, and
+            // no runtime thread is held for its length.
+            let states: Vec<(String, String, SourceState)> = sources
                 .iter()
-                .map(|(f, g)| Input {
-                    name: &f.name,
-                    cluster: &f.cluster,
-                    state: g,
-                })
+                .map(|f| (f.name.clone(), f.cluster.clone(), f.state.borrow().clone()))
                 .collect();
+            let inputs = as_inputs(&states);
             status.set_sources(
                 inputs
                     .iter()
@@ -788,6 +798,7 @@ pub async fn run(
             );
             let clusters = health.observe(&inputs, config.cluster_down);
             let all_synced = inputs.iter().all(|i| i.state.synced);
+            drop(inputs);
             let mut serving = Serving::default();
             for c in &clusters {
                 // The clusterset (a relay following a hub) is served once
@@ -806,16 +817,32 @@ pub async fn run(
                 .clusters_down
                 .set(clusters.iter().filter(|c| !c.healthy).count() as i64);
             status.set_clusters(clusters, all_synced);
-            let build = (!serving.ready.is_empty()).then(|| {
-                let t = Instant::now();
-                let build = index.build(&inputs, &serving, changed_at);
-                metrics
-                    .snapshot_build_seconds
-                    .observe(t.elapsed().as_secs_f64());
-                build
-            });
-            drop(inputs);
-            drop(guards);
+            let build = if serving.ready.is_empty() {
+                None
+            } else {
+                let metrics = metrics.clone();
+                let mut moved = index;
+                let built = tokio::task::spawn_blocking(move || {
+                    let inputs = as_inputs(&states);
+                    let t = Instant::now();
+                    let build = moved.build(&inputs, &serving, changed_at);
+                    metrics
+                        .snapshot_build_seconds
+                        .observe(t.elapsed().as_secs_f64());
+                    (moved, build)
+                })
+                .await;
+                match built {
+                    Ok((back, build)) => {
+                        index = back;
+                        Some(build)
+                    }
+                    Err(e) => {
+                        tracing::error!("snapshot build failed: {e}");
+                        return;
+                    }
+                }
+            };
             if let Some(build) = build {
                 metrics.invalid_objects.set(build.invalid.len() as i64);
                 metrics.clusterset_conflicts.set(

@@ -167,11 +167,32 @@ impl ClusterIpAllocator {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(&map).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, body).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        write_durably(path, &body).map_err(err)
     }
+}
+
+/// Replaces `path` with `body` so that a crash at any point leaves either
+/// the old or the new file, never a torn one: write a temporary file beside
+/// it, fsync it, rename it over `path`, fsync the directory (the rename is
+/// only durable once the directory entry is).
+pub fn write_durably(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(body)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn offset_ip(network: IpAddr, offset: u128) -> IpAddr {
@@ -230,6 +251,25 @@ mod tests {
                 .map(|r| r.as_ref().ok().copied())
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_state_file_is_replaced_whole_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cluster-ips.json");
+        std::fs::write(&file, b"{\"default/ns/old\": \"10.96.0.9\"}").expect("seed");
+        let range: IpNet = "10.96.0.0/24".parse().expect("cidr");
+        let mut a = ClusterIpAllocator::new(range, Some(file.clone()));
+        let k = key("new");
+        a.assign(&[&k], &HashSet::new());
+        let body: BTreeMap<String, IpAddr> =
+            serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("whole JSON");
+        assert_eq!(body.keys().collect::<Vec<_>>(), ["default/ns/new"]);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("cluster-ips.json")]);
     }
 
     #[test]

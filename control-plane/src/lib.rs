@@ -20,6 +20,7 @@ pub mod config;
 pub mod index;
 pub mod ipam;
 pub mod k8s;
+pub mod listener;
 pub mod merge;
 pub mod metrics;
 pub mod server;
@@ -34,18 +35,24 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 pub use config::Args;
 use config::SourceSpec;
 use metrics::Metrics;
-use server::SnapshotService;
+use server::{ClientIdentity, Served, SnapshotService, StreamLimits};
 use snapshot::Snapshot;
 use source::{Source, SourceState};
 use status::Status;
 use switchyard_proto::v1::snapshot_discovery_server::SnapshotDiscoveryServer;
+
+/// HTTP/2 streams one connection may open: an agent needs one, a health
+/// check another; a client opening more is held to this.
+const MAX_STREAMS_PER_CONNECTION: u32 = 8;
+
+/// HTTP/2 flow-control window for what agents send (Hello parts, ACKs).
+const AGENT_WINDOW_BYTES: u32 = 64 * 1024;
 
 /// A running control plane.
 #[derive(Debug)]
@@ -105,11 +112,10 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
         .map(|arg| {
             let cluster = arg.cluster.clone().unwrap_or_else(|| args.cluster.clone());
             match &arg.spec {
-                SourceSpec::File(path) => Box::new(source::file::FileSource::new(
-                    vec![path.clone()],
-                    cluster,
-                    args.debounce,
-                )) as Box<dyn Source>,
+                SourceSpec::File(path) => Box::new(
+                    source::file::FileSource::new(vec![path.clone()], cluster, args.debounce)
+                        .with_cluster_annotation(args.file_cluster_annotation),
+                ) as Box<dyn Source>,
                 SourceSpec::Kube(context) => Box::new(source::kubernetes::KubeSource::new(
                     source::kubernetes::KubeSourceConfig {
                         context: context.clone(),
@@ -156,17 +162,39 @@ pub async fn start_with(
 ) -> anyhow::Result<ControlPlane> {
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status::with_retention(status::AgentRetention {
+        forget_after: args.forget_agents_after,
+        ..status::AgentRetention::default()
+    }));
     let metrics = Arc::new(Metrics::new());
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let mut tasks = JoinSet::new();
 
+    // The TLS files are read before anything starts: a bad file is a start-up error.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            switchyard_proto::tls::ReloadingServer::server(switchyard_proto::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })
+            .context("loading --tls-cert, --tls-key and --tls-client-ca")?,
+        )),
+        _ => None,
+    };
+
     let mut receivers = Vec::new();
+    let mut served = Served::default();
     for src in sources {
         let (tx, rx) = watch::channel(SourceState::default());
+        let cluster = src.cluster();
+        if src.knows_nodes() {
+            served.node_sources.push((cluster.clone(), rx.clone()));
+        }
+        served.clusters.insert(cluster.clone());
         receivers.push(index::SourceFeed {
             name: src.name(),
-            cluster: src.cluster(),
+            cluster,
             state: rx,
         });
         tasks.spawn(src.run(tx, shutdown.clone()));
@@ -189,20 +217,23 @@ pub async fn start_with(
         shutdown.clone(),
     ));
 
-    let mut builder = Server::builder()
+    // Streams per connection: an agent needs one, health checks another.
+    let builder = Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-    let mtls = args.tls_client_ca.is_some();
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let read = |p: &std::path::PathBuf| {
-            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-        };
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-        if let Some(ca) = &args.tls_client_ca {
-            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        builder = builder.tls_config(tls).context("configuring TLS")?;
-    }
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // What an agent may send before we read it. hyper's default is 1 MiB
+        // a stream: a reconnect storm of agents whose Hellos wait for their
+        // turn would park that much each (and the allocator keeps it).
+        .initial_stream_window_size(Some(AGENT_WINDOW_BYTES))
+        .initial_connection_window_size(Some(4 * AGENT_WINDOW_BYTES));
+    let identity = args.tls_client_ca.is_some().then(|| ClientIdentity {
+        organizations: if args.tls_client_organizations.is_empty() {
+            vec![switchyard_proto::tls::NODES_ORGANIZATION.to_owned()]
+        } else {
+            args.tls_client_organizations.clone()
+        },
+    });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
@@ -213,7 +244,12 @@ pub async fn start_with(
         snapshot_rx.clone(),
         status.clone(),
         metrics.clone(),
-        mtls,
+        identity,
+        served,
+        StreamLimits {
+            max_streams: args.max_agent_streams,
+            ack_timeout: args.ack_timeout,
+        },
         shutdown.clone(),
     );
     // gRPC health follows readiness: NOT_SERVING until every source synced.
@@ -236,24 +272,64 @@ pub async fn start_with(
             }
         });
     }
+    let mut builder = builder;
     let router = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
             SnapshotDiscoveryServer::new(service)
-                .max_decoding_message_size(64 << 20)
+                .max_decoding_message_size(server::MAX_AGENT_MESSAGE_BYTES)
                 .max_encoding_message_size(256 << 20),
         );
+    let limits = listener::ConnectionLimits {
+        total: args.max_connections,
+        per_address: args.max_connections_per_address,
+    };
     let grpc_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_shutdown.cancelled())
-            .await
-        {
-            tracing::error!("gRPC server failed: {e}");
+    match tls {
+        Some(tls) => {
+            let incoming = listener::tls(grpc, limits, tls, metrics.clone(), grpc_shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
+                    .await
+                {
+                    tracing::error!("gRPC server failed: {e}");
+                }
+            });
         }
-    });
+        None => {
+            listener::warn_if_clear_text(grpc_addr);
+            let incoming = listener::plain(grpc, limits, metrics.clone(), grpc_shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
+                    .await
+                {
+                    tracing::error!("gRPC server failed: {e}");
+                }
+            });
+        }
+    }
 
+    if let Some(addr) = args.health_listen {
+        let health = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --health-listen {addr}"))?;
+        let probes = admin::probes(status.clone(), metrics.clone(), snapshot_rx.clone());
+        let health_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(health, probes)
+                .with_graceful_shutdown(health_shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!("health server failed: {e}");
+            }
+        });
+    }
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(%admin_addr, "the admin endpoint is not on loopback: /status shows every Service, endpoint and agent to whoever reaches it");
+    }
     let admin_router = admin::router(status.clone(), metrics.clone(), snapshot_rx.clone());
     let admin_shutdown = shutdown.clone();
     tasks.spawn(async move {

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the control plane, served at `/metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -37,6 +38,12 @@ pub struct Metrics {
     pub clusters_down: Gauge,
     /// Exports whose properties conflict with an older export's.
     pub clusterset_conflicts: Gauge,
+    /// Agent streams refused or ended by a bound, by reason.
+    pub streams_refused: Family<Vec<(String, String)>, Counter>,
+    /// Connections closed at accept by a bound, by reason.
+    pub connections_refused: Family<Vec<(String, String)>, Counter>,
+    /// TLS handshakes that failed, by cause.
+    pub tls_handshake_failures: Family<Vec<(String, String)>, Counter>,
     registry: Registry,
 }
 
@@ -56,6 +63,9 @@ impl Metrics {
             nacks: Counter::default(),
             clusters_down: Gauge::default(),
             clusterset_conflicts: Gauge::default(),
+            streams_refused: Family::default(),
+            connections_refused: Family::default(),
+            tls_handshake_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -105,7 +115,43 @@ impl Metrics {
             "Exports whose properties conflict with an older export of the same Service",
             m.clusterset_conflicts.clone(),
         );
+        registry.register(
+            "streams_refused",
+            "Agent streams refused or ended by a bound (reason: identity, cluster, hello, streams, ack_timeout)",
+            m.streams_refused.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept (reason: total, per_address)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (reason: clear_text, no_client_certificate, unknown_ca, bad_client_certificate, client_refused_server_certificate, timeout, other)",
+            m.tls_handshake_failures.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts one stream refused for `reason`.
+    pub fn refused_streams(&self, reason: &str) {
+        self.streams_refused
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts one connection closed at accept for `reason`.
+    pub fn refused_connection(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts one failed TLS handshake for `reason`.
+    pub fn failed_handshake(&self, reason: &str) {
+        self.tls_handshake_failures
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
     }
 
     /// The OpenMetrics text exposition of every metric.

@@ -1,28 +1,41 @@
 //! The gRPC side: one task per agent stream, all reading one shared
 //! `watch<Arc<Snapshot>>`.
 //!
+//! ```text
+//!  call ─▶ mTLS identity (node, cluster) ─▶ stream slot (--max-agent-streams)
+//!       ─▶ wait for the first snapshot ─▶ Hello parts (a few at a time, bounded)
+//!       ─▶ cluster served? node known? ─▶ first delta from the announced versions
+//!       ─▶ stream task: delta from the ACKed snapshot, one update in flight, --ack-timeout
+//! ```
+//!
 //! Per stream the control plane keeps only an `Arc` of the snapshot the
 //! agent last ACKed (shared with every other agent at that version), the
 //! in-flight update's nonce and the version the agent is parked on after a
 //! NACK. Updates are differences from the ACKed snapshot, computed once per
-//! base version for all streams (see `crate::snapshot`).
+//! base version for all streams (see `crate::snapshot`). What an agent
+//! announces in its Hello is turned into a difference from the current
+//! snapshot at once and dropped, so a reconnect storm costs what differs,
+//! not what the agents hold.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_proto::tls::NodeCertificate;
 use switchyard_proto::v1::snapshot_discovery_server::SnapshotDiscovery;
 use switchyard_proto::v1::{self, agent_message};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use crate::snapshot::{Delta, Snapshot, View};
+use crate::source::SourceState;
 use crate::status::{Status as CpStatus, StreamHandle};
 
-/// How long an agent may take to send its `Hello`.
+/// How long an agent may take to send its Hello, once the control plane
+/// has a snapshot to answer it with.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resource bytes per message of an update (protocol rule 7). The gRPC
@@ -30,14 +43,77 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// life of the stream, so this bounds what each connected agent costs.
 pub const MAX_PART_BYTES: usize = 16 * 1024;
 
+/// The largest message an agent may send (protocol rule 10). Hellos come in
+/// parts of [`MAX_PART_BYTES`] of names, ACKs and NACKs are small; the
+/// decoder keeps a buffer as large as the largest message for the life of
+/// the stream, so this is also what one stream can be made to hold.
+pub const MAX_AGENT_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Hellos read and diffed at the same time: a reconnect storm of a thousand
+/// agents holding 10,000 resources each is taken a few at a time, so the
+/// announcements in memory at once stay a few MiB.
+const HELLOS_AT_ONCE: usize = 8;
+
+/// Longest `Hello.node_name` (a Kubernetes Node name is a DNS subdomain).
+pub const MAX_NODE_NAME: usize = 253;
+/// Longest `Hello.cluster_id` and `Hello.zone` (label values).
+pub const MAX_LABEL: usize = 63;
+/// Longest resource name (`cluster/namespace/name`) and version announced.
+const MAX_ANNOUNCED_NAME: usize = MAX_LABEL + 1 + 63 + 1 + 253;
+/// An agent may announce at most this many times the size of its view...
+const ANNOUNCED_PER_VIEWED: usize = 4;
+/// ...or this many, when that is more.
+const ANNOUNCED_FLOOR: usize = 1024;
+
+/// Bounds on agent streams.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Agent streams open at once, over all connections.
+    pub max_streams: usize,
+    /// An update not answered within this ends the stream (the agent
+    /// reconnects and resumes).
+    pub ack_timeout: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_streams: 10_000,
+            ack_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the control plane serves: the clusters of its sources, and the
+/// sources that publish a cluster's Nodes (`kube`).
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    /// Cluster ids of the configured sources.
+    pub clusters: BTreeSet<String>,
+    /// Per cluster, the states of the sources that know its Nodes.
+    pub node_sources: Vec<(String, watch::Receiver<SourceState>)>,
+}
+
+/// Who may connect with mutual TLS.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    /// Subject organisations a node certificate may carry
+    /// (`system:nodes` unless `--tls-client-organization` says otherwise).
+    pub organizations: Vec<String>,
+}
+
 /// The `SnapshotDiscovery` service.
 #[derive(Debug, Clone)]
 pub struct SnapshotService {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     status: Arc<CpStatus>,
     metrics: Arc<Metrics>,
-    /// With mTLS, the node name must match the client certificate.
-    require_client_identity: bool,
+    /// With mTLS, the node (and cluster) a certificate must name.
+    identity: Option<ClientIdentity>,
+    served: Arc<Served>,
+    limits: StreamLimits,
+    streams: Arc<Semaphore>,
+    hellos: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -47,31 +123,149 @@ impl SnapshotService {
         snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
         status: Arc<CpStatus>,
         metrics: Arc<Metrics>,
-        require_client_identity: bool,
+        identity: Option<ClientIdentity>,
+        served: Served,
+        limits: StreamLimits,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             snapshots,
             status,
             metrics,
-            require_client_identity,
+            identity,
+            served: Arc::new(served),
+            streams: Arc::new(Semaphore::new(limits.max_streams)),
+            hellos: Arc::new(Semaphore::new(HELLOS_AT_ONCE)),
+            limits,
             shutdown,
         }
     }
+
+    /// Whether agents of `cluster` are served: it is the cluster of one of
+    /// the configured sources. Anything else is refused instead of being
+    /// sent an empty view, which would remove every rule on its node.
+    pub fn serves_cluster(&self, cluster: &str) -> bool {
+        self.served.clusters.contains(cluster)
+    }
+
+    /// Whether `node` is a Node of `cluster`, when a source knows the
+    /// cluster's Nodes; `None` when none does.
+    fn node_known(&self, cluster: &str, node: &str) -> Option<bool> {
+        let mut any = false;
+        for (c, rx) in &self.served.node_sources {
+            if c != cluster {
+                continue;
+            }
+            any = true;
+            if rx.borrow().nodes.iter().any(|n| n.name == node) {
+                return Some(true);
+            }
+        }
+        any.then_some(false)
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics.refused_streams(reason);
+        status
+    }
 }
 
-/// The node a client certificate names: its subject Common Name, with the
-/// kubelet convention `system:node:` stripped.
-pub fn node_from_certificate(der: &[u8]) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or("client certificate has no subject Common Name")?;
-    Ok(cn.strip_prefix("system:node:").unwrap_or(cn).to_owned())
+/// Reads the Hello, possibly in parts (protocol rule 9), within the bounds
+/// of rule 10. The announced versions are checked against `limit` as they
+/// come, so an announcement of millions of names is cut off at the limit.
+async fn read_hello(
+    inbound: &mut Streaming<v1::AgentMessage>,
+    limit: usize,
+) -> Result<v1::Hello, Status> {
+    let mut hello: Option<v1::Hello> = None;
+    loop {
+        let msg = inbound.message().await.map_err(|s| {
+            if s.code() == Code::OutOfRange {
+                Status::resource_exhausted(format!(
+                    "a Hello part is larger than {MAX_AGENT_MESSAGE_BYTES} bytes: send \
+                     initial_resource_versions in parts (protocol rule 9) [{}]",
+                    s.message()
+                ))
+            } else {
+                s
+            }
+        })?;
+        let part = match msg.and_then(|m| m.kind) {
+            Some(agent_message::Kind::Hello(h)) => h,
+            _ if hello.is_some() => {
+                return Err(Status::invalid_argument(
+                    "a Hello part with `continued` set must be followed by another Hello part",
+                ));
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on a stream must be a Hello",
+                ));
+            }
+        };
+        for (name, version) in &part.initial_resource_versions {
+            if name.len() > MAX_ANNOUNCED_NAME || version.len() > 64 {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.initial_resource_versions: an entry of {} + {} bytes is longer than any \
+                     resource name ({MAX_ANNOUNCED_NAME}) and version (64)",
+                    name.len(),
+                    version.len()
+                )));
+            }
+        }
+        let continued = part.continued;
+        let whole = match hello.take() {
+            None => part,
+            Some(mut acc) => {
+                if acc.node_name != part.node_name || acc.cluster_id != part.cluster_id {
+                    return Err(Status::invalid_argument(
+                        "Hello parts disagree on node_name or cluster_id",
+                    ));
+                }
+                acc.initial_resource_versions
+                    .extend(part.initial_resource_versions);
+                acc
+            }
+        };
+        if whole.initial_resource_versions.len() > limit {
+            return Err(Status::resource_exhausted(format!(
+                "Hello.initial_resource_versions announces more than {limit} resources (four times \
+                 the cluster's view, at least {ANNOUNCED_FLOOR}): reconnect announcing nothing for \
+                 a full resync"
+            )));
+        }
+        if !continued {
+            return Ok(whole);
+        }
+        hello = Some(whole);
+    }
+}
+
+/// Checks the Hello's fields against rule 10's bounds.
+fn check_hello_fields(hello: &v1::Hello) -> Result<(), Status> {
+    let too_long = |field: &str, len: usize, max: usize| {
+        Status::invalid_argument(format!("Hello.{field} is {len} bytes; the limit is {max}"))
+    };
+    if hello.node_name.is_empty() {
+        return Err(Status::invalid_argument("Hello.node_name is empty"));
+    }
+    if hello.node_name.len() > MAX_NODE_NAME {
+        return Err(too_long("node_name", hello.node_name.len(), MAX_NODE_NAME));
+    }
+    if hello.cluster_id.len() > MAX_LABEL {
+        return Err(too_long("cluster_id", hello.cluster_id.len(), MAX_LABEL));
+    }
+    if hello.zone.len() > MAX_LABEL {
+        return Err(too_long("zone", hello.zone.len(), MAX_LABEL));
+    }
+    if hello.snapshot_version.len() > 128 {
+        return Err(too_long(
+            "snapshot_version",
+            hello.snapshot_version.len(),
+            128,
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -82,40 +276,85 @@ impl SnapshotDiscovery for SnapshotService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
-        let cert_node = if self.require_client_identity {
-            let certs = request
-                .peer_certs()
-                .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-            let leaf = certs
-                .first()
-                .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-            Some(node_from_certificate(leaf).map_err(Status::unauthenticated)?)
-        } else {
-            None
-        };
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
-        let hello = match first.and_then(|m| m.kind) {
-            Some(agent_message::Kind::Hello(h)) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message on a stream must be a Hello",
-                ));
+        let cert = match &self.identity {
+            Some(identity) => {
+                let leaf = request
+                    .peer_certs()
+                    .and_then(|c| c.first().cloned())
+                    .ok_or_else(|| {
+                        self.refuse(
+                            "identity",
+                            Status::unauthenticated("a client certificate is required"),
+                        )
+                    })?;
+                Some(
+                    NodeCertificate::parse(&leaf, &identity.organizations).map_err(|e| {
+                        tracing::warn!("refused agent: {e}");
+                        self.refuse("identity", Status::unauthenticated(e))
+                    })?,
+                )
             }
+            None => None,
         };
-        if hello.node_name.is_empty() {
-            return Err(Status::invalid_argument("Hello.node_name is empty"));
-        }
-        if let Some(cert_node) = cert_node
-            && cert_node != hello.node_name
+        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+            self.refuse(
+                "streams",
+                Status::resource_exhausted(format!(
+                    "the control plane already serves {} agent streams (--max-agent-streams)",
+                    self.limits.max_streams
+                )),
+            )
+        })?;
+        let mut inbound = request.into_inner();
+        // Nothing is read before there is a snapshot to diff against: a
+        // Hello waiting meanwhile stays in its HTTP/2 window, not in memory.
+        let mut snapshots = self.snapshots.clone();
+        let snapshot = tokio::select! {
+            s = snapshots.wait_for(Option::is_some) => s
+                .map_err(|_| Status::unavailable("control plane shutting down"))?
+                .clone()
+                .expect("waited for Some"),
+            _ = self.shutdown.cancelled() => return Err(Status::unavailable("control plane shutting down")),
+        };
+        let hello = {
+            let _turn = self
+                .hellos
+                .acquire()
+                .await
+                .map_err(|_| Status::unavailable("control plane shutting down"))?;
+            // The bound needs the cluster, which only the Hello names: check
+            // against the largest view, then the agent's own below.
+            let largest = self
+                .served
+                .clusters
+                .iter()
+                .map(|c| snapshot.view_len(&View::Agent(c.clone())))
+                .max()
+                .unwrap_or(0);
+            let limit = (ANNOUNCED_PER_VIEWED * largest).max(ANNOUNCED_FLOOR);
+            let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut inbound, limit))
+                .await
+                .map_err(|_| {
+                    self.refuse(
+                        "hello",
+                        Status::deadline_exceeded("no complete Hello within 10 s"),
+                    )
+                })?
+                .map_err(|s| self.refuse("hello", s))?;
+            check_hello_fields(&hello).map_err(|s| self.refuse("hello", s))?;
+            hello
+        };
+        if let Some(cert) = &cert
+            && cert.node != hello.node_name
         {
-            tracing::warn!(cert = %cert_node, claimed = %hello.node_name, "refused agent: node name does not match its certificate");
-            return Err(Status::permission_denied(format!(
-                "node name {:?} does not match the client certificate, which names node {cert_node:?}",
-                hello.node_name
-            )));
+            tracing::warn!(cert = %cert.node, claimed = %hello.node_name, "refused agent: node name does not match its certificate");
+            return Err(self.refuse(
+                "identity",
+                Status::permission_denied(format!(
+                    "node name {:?} does not match the client certificate, which names node {:?}",
+                    hello.node_name, cert.node
+                )),
+            ));
         }
         let cluster = if hello.cluster_id.is_empty() {
             switchyard_model::DEFAULT_CLUSTER.to_owned()
@@ -124,31 +363,106 @@ impl SnapshotDiscovery for SnapshotService {
         };
         let view = match v1::Role::try_from(hello.role) {
             Ok(v1::Role::Agent) if cluster == switchyard_model::CLUSTERSET => {
-                return Err(Status::invalid_argument(format!(
-                    "Hello.cluster_id {cluster:?} is reserved for the clusterset's imports; an agent names its own cluster"
-                )));
+                return Err(self.refuse(
+                    "hello",
+                    Status::invalid_argument(format!(
+                        "Hello.cluster_id {cluster:?} is reserved for the clusterset's imports; an agent names its own cluster"
+                    )),
+                ));
             }
             Ok(v1::Role::Agent) => View::Agent(cluster.clone()),
             Ok(v1::Role::Relay) if cluster == switchyard_model::CLUSTERSET => View::Clusterset,
             Ok(v1::Role::Relay) => View::Exports(cluster.clone()),
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "Hello.role {} is not AGENT or RELAY",
-                    hello.role
-                )));
+                return Err(self.refuse(
+                    "hello",
+                    Status::invalid_argument(format!(
+                        "Hello.role {} is not AGENT or RELAY",
+                        hello.role
+                    )),
+                ));
             }
         };
-        let handle = self
-            .status
-            .connected(&hello.node_name, &cluster, &hello.zone);
+        let relay = !matches!(view, View::Agent(_));
+        let served_list = || {
+            self.served
+                .clusters
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(cert) = &cert {
+            let refusal = match &cert.cluster {
+                // A relay whose certificate fixes a cluster takes that
+                // cluster's exports or the clusterset, nothing else.
+                Some(c) if *c != cluster && !(relay && cluster == switchyard_model::CLUSTERSET) => {
+                    Some(format!(
+                        "cluster {cluster:?} does not match the client certificate, which fixes cluster {c:?}"
+                    ))
+                }
+                None if self.served.clusters.len() > 1 => Some(format!(
+                    "the client certificate names no cluster (a URI SAN spiffe://TRUST-DOMAIN/cluster/NAME) \
+                     and this control plane serves several ({})",
+                    served_list()
+                )),
+                _ => None,
+            };
+            if let Some(why) = refusal {
+                tracing::warn!(node = %hello.node_name, "refused agent: {why}");
+                self.status
+                    .refused(&hello.node_name, &cluster, &hello.zone, &why);
+                return Err(self.refuse("identity", Status::permission_denied(why)));
+            }
+        }
+        // Every control plane has a clusterset view (possibly empty).
+        if view != View::Clusterset && !self.serves_cluster(&cluster) {
+            let why = format!(
+                "cluster {cluster:?} is not served by this control plane (it serves: {}); check the \
+                 agent's --cluster",
+                served_list()
+            );
+            tracing::warn!(node = %hello.node_name, "refused agent: {why}");
+            self.status
+                .refused(&hello.node_name, &cluster, &hello.zone, &why);
+            return Err(self.refuse("cluster", Status::not_found(why)));
+        }
+        if !relay && cert.is_some() && self.node_known(&cluster, &hello.node_name) == Some(false) {
+            let why = format!(
+                "node {:?} is not a Node of cluster {cluster:?} in its API server",
+                hello.node_name
+            );
+            tracing::warn!("refused agent: {why}");
+            self.status
+                .refused(&hello.node_name, &cluster, &hello.zone, &why);
+            return Err(self.refuse("identity", Status::permission_denied(why)));
+        }
+        let held = hello.initial_resource_versions.len();
+        let viewed = snapshot.view_len(&view);
+        let limit = (ANNOUNCED_PER_VIEWED * viewed).max(ANNOUNCED_FLOOR);
+        if held > limit {
+            return Err(self.refuse(
+                "hello",
+                Status::resource_exhausted(format!(
+                    "Hello.initial_resource_versions announces {held} resources; the view of cluster \
+                     {cluster:?} holds {viewed}, the limit is {limit}: reconnect announcing nothing for a \
+                     full resync"
+                )),
+            ));
+        }
+        // The announcement becomes a difference now and is dropped.
+        let pending =
+            Arc::new(snapshot.delta_from_versions(&hello.initial_resource_versions, &view));
+        let node = hello.node_name;
+        let handle = self.status.connected(&node, &cluster, &hello.zone);
         self.metrics.agents_connected.inc();
-        tracing::info!(node = %hello.node_name, %cluster, held = hello.initial_resource_versions.len(), "agent connected");
+        tracing::info!(%node, %cluster, held, "agent connected");
 
         let (tx, rx) = mpsc::channel(2);
         let stream = AgentStream {
-            node: hello.node_name,
+            node,
             view,
-            baseline: Baseline::Announced(hello.initial_resource_versions),
+            baseline: Baseline::Announced { snapshot, pending },
             in_flight: None,
             parked_on: None,
             next_nonce: 1,
@@ -156,6 +470,7 @@ impl SnapshotDiscovery for SnapshotService {
         };
         let this = self.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let node = stream.node.clone();
             let handle = stream.handle.clone();
             if let Err(e) = stream.run(&this, inbound, tx).await {
@@ -168,8 +483,9 @@ impl SnapshotDiscovery for SnapshotService {
     }
 }
 
-/// Builds the messages of one update. Resources are cheap to copy: their
-/// payload is shared `Bytes`. The removed names travel in the first part.
+/// Builds the messages of one update, each with at most [`MAX_PART_BYTES`]
+/// of resources and removed names. Resources are cheap to copy: their
+/// payload is shared `Bytes`.
 fn split_into_parts(
     delta: &Delta,
     version: &str,
@@ -186,20 +502,27 @@ fn split_into_parts(
         ..Default::default()
     };
     let mut parts = Vec::new();
-    let mut removed: Vec<String> = delta.removed.iter().map(|n| n.to_string()).collect();
     let mut current = Vec::new();
+    let mut removed = Vec::new();
     let mut bytes = 0;
+    let mut flush = |current: &mut Vec<v1::Resource>,
+                     removed: &mut Vec<String>,
+                     bytes: &mut usize,
+                     size: usize| {
+        if (!current.is_empty() || !removed.is_empty()) && *bytes + size > MAX_PART_BYTES {
+            parts.push(part(std::mem::take(current), std::mem::take(removed)));
+            *bytes = 0;
+        }
+        *bytes += size;
+    };
     for r in &delta.changed {
         let size = r.service_state.len() + r.name.len() + r.version.len();
-        if !current.is_empty() && bytes + size > MAX_PART_BYTES {
-            parts.push(part(
-                std::mem::take(&mut current),
-                std::mem::take(&mut removed),
-            ));
-            bytes = 0;
-        }
+        flush(&mut current, &mut removed, &mut bytes, size);
         current.push((**r).clone());
-        bytes += size;
+    }
+    for name in &delta.removed {
+        flush(&mut current, &mut removed, &mut bytes, name.len() + 2);
+        removed.push(name.to_string());
     }
     parts.push(part(current, removed));
     if let Some(last) = parts.last_mut() {
@@ -211,10 +534,45 @@ fn split_into_parts(
 /// What the agent holds.
 #[derive(Debug)]
 enum Baseline {
-    /// The versions it announced in its Hello (until the first ACK).
-    Announced(HashMap<String, String>),
+    /// Until its first ACK: `snapshot` except what `pending` (the
+    /// difference from its Hello to `snapshot`) changes.
+    Announced {
+        snapshot: Arc<Snapshot>,
+        pending: Arc<Delta>,
+    },
     /// The snapshot it last ACKed.
     Acked(Arc<Snapshot>),
+}
+
+/// The difference from "`base` except `pending`" to `current`: everything
+/// `pending` named is sent (or removed) again, on top of `base` to
+/// `current`. It may resend a resource the agent has; never misses one.
+fn rebase(pending: &Delta, base_to_current: &Delta, current: &Snapshot, view: &View) -> Delta {
+    let mut changed: BTreeMap<&str, Arc<v1::Resource>> = base_to_current
+        .changed
+        .iter()
+        .map(|r| (r.name.as_str(), r.clone()))
+        .collect();
+    let mut removed: BTreeSet<Arc<str>> = base_to_current.removed.iter().cloned().collect();
+    for r in &pending.changed {
+        match current.resources.get(r.name.as_str()) {
+            Some(now) if current.in_view(view, &r.name) => {
+                changed.insert(r.name.as_str(), now.clone());
+            }
+            _ => {
+                removed.insert(Arc::from(r.name.as_str()));
+            }
+        }
+    }
+    for name in &pending.removed {
+        if !changed.contains_key(&**name) {
+            removed.insert(name.clone());
+        }
+    }
+    Delta {
+        changed: changed.into_values().collect(),
+        removed: removed.into_iter().collect(),
+    }
 }
 
 #[derive(Debug)]
@@ -237,6 +595,7 @@ impl AgentStream {
         tx: mpsc::Sender<Result<v1::SnapshotUpdate, Status>>,
     ) -> Result<(), String> {
         let mut snapshots = svc.snapshots.clone();
+        let mut ack_deadline = None;
         loop {
             if self.in_flight.is_none() {
                 let current = snapshots.borrow_and_update().clone();
@@ -252,18 +611,29 @@ impl AgentStream {
                             _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
                         }
                     }
+                    ack_deadline = Some(tokio::time::Instant::now() + svc.limits.ack_timeout);
                     svc.status.pushed(&self.handle, count);
                     svc.metrics.pushes.inc();
                     svc.metrics.resources_sent.inc_by(count as u64);
                 }
             }
+            let waiting_for_ack = self.in_flight.is_some();
             tokio::select! {
                 msg = inbound.message() => {
                     let msg = msg.map_err(|e| e.to_string())?.ok_or("agent closed the stream")?;
                     self.on_message(svc, msg);
                 }
-                changed = snapshots.changed(), if self.in_flight.is_none() => {
+                changed = snapshots.changed(), if !waiting_for_ack => {
                     changed.map_err(|_| "control plane shutting down".to_owned())?;
+                }
+                () = sleep_until(ack_deadline), if waiting_for_ack => {
+                    let why = format!(
+                        "no ACK or NACK within {:?} (--ack-timeout); reconnect to resume",
+                        svc.limits.ack_timeout
+                    );
+                    svc.metrics.refused_streams("ack_timeout");
+                    let _ = tx.try_send(Err(Status::deadline_exceeded(why.clone())));
+                    return Err(why);
                 }
                 _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
             }
@@ -271,7 +641,7 @@ impl AgentStream {
     }
 
     /// The update that brings the agent to `current`, if it needs one, in
-    /// parts of at most [`MAX_PART_BYTES`] of resources each.
+    /// parts of at most [`MAX_PART_BYTES`] each.
     fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<Vec<v1::SnapshotUpdate>> {
         if self.parked_on.as_deref() == Some(current.version.as_str()) {
             return None;
@@ -284,7 +654,15 @@ impl AgentStream {
             Baseline::Acked(base) if base.version == current.version => return None,
             Baseline::Acked(base) => current.delta_from(base, &self.view),
             // The first update is sent even when empty, so the agent learns the version.
-            Baseline::Announced(held) => Arc::new(current.delta_from_versions(held, &self.view)),
+            Baseline::Announced { snapshot, pending } if snapshot.version == current.version => {
+                pending.clone()
+            }
+            Baseline::Announced { snapshot, pending } => Arc::new(rebase(
+                pending,
+                &current.delta_from(snapshot, &self.view),
+                current,
+                &self.view,
+            )),
         };
         let nonce = self.next_nonce.to_string();
         self.next_nonce += 1;
@@ -318,8 +696,9 @@ impl AgentStream {
                     return;
                 };
                 tracing::warn!(node = %self.node, version = %snapshot.version, error = %nack.error_detail, "agent rejected a snapshot; parked until the next change");
-                svc.status
-                    .nacked(&self.handle, &snapshot.version, &nack.error_detail);
+                // The agent's text is bounded by the message size; /status keeps a line of it.
+                let detail: String = nack.error_detail.chars().take(4096).collect();
+                svc.status.nacked(&self.handle, &snapshot.version, &detail);
                 svc.metrics.nacks.inc();
                 self.parked_on = Some(snapshot.version.clone());
             }
@@ -327,6 +706,13 @@ impl AgentStream {
                 tracing::debug!(node = %self.node, "ignoring a repeated Hello");
             }
         }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -377,5 +763,116 @@ mod tests {
             let bytes: usize = p.resources.iter().map(|r| r.service_state.len()).sum();
             assert!(bytes <= MAX_PART_BYTES, "{bytes}");
         }
+    }
+
+    #[test]
+    fn removals_are_split_into_parts_too() {
+        let names: Vec<Arc<str>> = (0..5000)
+            .map(|i| Arc::from(format!("default/ns/removed-service-{i:05}").as_str()))
+            .collect();
+        let delta = Delta {
+            changed: vec![resource("default/ns/kept", 100)],
+            removed: names.clone(),
+        };
+        let parts = split_into_parts(&delta, "v", "1", 0);
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        for p in &parts {
+            let bytes: usize = p
+                .removed_resources
+                .iter()
+                .map(|n| n.len() + 2)
+                .sum::<usize>()
+                + p.resources
+                    .iter()
+                    .map(|r| r.service_state.len() + r.name.len() + 1)
+                    .sum::<usize>();
+            assert!(bytes <= MAX_PART_BYTES, "a part of {bytes} bytes");
+        }
+        let removed: Vec<String> = parts
+            .iter()
+            .flat_map(|p| p.removed_resources.clone())
+            .collect();
+        assert_eq!(removed.len(), 5000);
+        assert!(removed.iter().zip(&names).all(|(a, b)| a == &**b));
+    }
+
+    #[test]
+    fn hello_fields_are_bounded_by_name() {
+        let ok = v1::Hello {
+            node_name: "node-a".into(),
+            ..Default::default()
+        };
+        check_hello_fields(&ok).expect("fine");
+        for (hello, field) in [
+            (
+                v1::Hello {
+                    node_name: "n".repeat(254),
+                    ..Default::default()
+                },
+                "node_name",
+            ),
+            (
+                v1::Hello {
+                    node_name: "n".into(),
+                    cluster_id: "c".repeat(64),
+                    ..Default::default()
+                },
+                "cluster_id",
+            ),
+            (
+                v1::Hello {
+                    node_name: "n".into(),
+                    zone: "z".repeat(64),
+                    ..Default::default()
+                },
+                "zone",
+            ),
+        ] {
+            let s = check_hello_fields(&hello).expect_err("over a bound");
+            assert_eq!(s.code(), Code::InvalidArgument);
+            assert!(s.message().contains(field), "{}", s.message());
+        }
+    }
+
+    #[test]
+    fn a_rebased_first_update_misses_nothing() {
+        // The agent announced a@1 and x (unknown); the first update (pending)
+        // changes a to 2 and removes x. Then b appears and a changes again.
+        let a2 = resource("c/ns/a", 10);
+        let pending = Delta {
+            changed: vec![a2],
+            removed: vec![Arc::from("c/ns/x")],
+        };
+        let mut resources = BTreeMap::new();
+        let a3 = Arc::new(v1::Resource {
+            version: "3".into(),
+            ..(*resource("c/ns/a", 12)).clone()
+        });
+        let b = resource("c/ns/b", 10);
+        resources.insert(Arc::from("c/ns/a"), a3.clone());
+        resources.insert(Arc::from("c/ns/b"), b.clone());
+        let mut versions = crate::snapshot::VersionSource::new();
+        let contents = crate::snapshot::Contents {
+            resources,
+            ready: ["c".to_owned()].into(),
+            ..Default::default()
+        };
+        let current =
+            Snapshot::from_resources(&Snapshot::empty(String::new()), contents, &mut versions, 0)
+                .expect("snapshot");
+        let base_to_current = Delta {
+            changed: vec![a3.clone(), b.clone()],
+            removed: vec![],
+        };
+        let d = rebase(
+            &pending,
+            &base_to_current,
+            &current,
+            &View::Agent("c".into()),
+        );
+        let names: Vec<&str> = d.changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["c/ns/a", "c/ns/b"]);
+        assert!(Arc::ptr_eq(&d.changed[0], &a3), "a at its current version");
+        assert_eq!(d.removed, [Arc::<str>::from("c/ns/x")]);
     }
 }

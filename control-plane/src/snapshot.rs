@@ -277,6 +277,17 @@ impl Snapshot {
             .filter(move |(name, _)| served && (!exported_only || self.exported.contains(*name)))
     }
 
+    /// Whether `name` is part of what `view` receives now.
+    pub fn in_view(&self, view: &View, name: &str) -> bool {
+        view.ranges().into_iter().any(|(c, exported_only)| {
+            self.serves(c)
+                && name.len() > c.len()
+                && name.starts_with(c)
+                && name.as_bytes()[c.len()] == b'/'
+                && (!exported_only || self.exported.contains(name))
+        })
+    }
+
     /// How many resources `view` receives now.
     pub fn view_len(&self, view: &View) -> usize {
         view.ranges()

@@ -30,8 +30,39 @@ pub struct AgentStatus {
     pub pushes: u64,
     /// Resources sent on the current stream (changed ones only).
     pub resources_sent: u64,
+    /// Why the control plane refused its last stream (unknown cluster, a
+    /// node its API server does not know); cleared when it connects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Seconds since the Unix epoch when its last stream ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnected_at_unix: Option<u64>,
     #[serde(skip)]
     stream_id: u64,
+}
+
+/// How long `/status` remembers agents that left.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentRetention {
+    /// Agents disconnected longer than this are forgotten.
+    pub forget_after: std::time::Duration,
+    /// At most this many disconnected agents are kept (the longest gone go first).
+    pub max_disconnected: usize,
+}
+
+impl Default for AgentRetention {
+    fn default() -> Self {
+        Self {
+            forget_after: std::time::Duration::from_secs(3600),
+            max_disconnected: 10_000,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// One source, as `/status` shows it.
@@ -147,6 +178,39 @@ struct Inner {
     next_stream: u64,
     /// Node name -> `topology.kubernetes.io/zone`, from the sources' nodes.
     zones: HashMap<String, String>,
+    retention: AgentRetention,
+}
+
+impl Inner {
+    /// Forgets agents gone longer than the retention, and the longest gone
+    /// beyond its count.
+    fn prune(&mut self) {
+        let now = unix_now();
+        let forget = self.retention.forget_after.as_secs();
+        self.agents.retain(|_, a| match a.disconnected_at_unix {
+            Some(at) => now.saturating_sub(at) < forget && !self.retention.forget_after.is_zero(),
+            None => true,
+        });
+        let gone = self
+            .agents
+            .values()
+            .filter(|a| a.disconnected_at_unix.is_some())
+            .count();
+        if gone > self.retention.max_disconnected {
+            let mut by_age: Vec<(u64, String)> = self
+                .agents
+                .values()
+                .filter_map(|a| a.disconnected_at_unix.map(|t| (t, a.node.clone())))
+                .collect();
+            by_age.sort();
+            for (_, node) in by_age
+                .into_iter()
+                .take(gone - self.retention.max_disconnected)
+            {
+                self.agents.remove(&node);
+            }
+        }
+    }
 }
 
 /// The status document served at `/status`.
@@ -162,7 +226,8 @@ pub struct StatusDocument {
     pub sources: Vec<SourceStatus>,
     /// Objects skipped, with the reason.
     pub invalid_objects: Vec<ObjectError>,
-    /// Every agent seen since start, by node name.
+    /// Agents connected now or gone for less than the retention
+    /// (`--forget-agents-after`, at most 10,000 gone ones), by node name.
     pub agents: Vec<AgentStatus>,
     /// Every Service of the snapshot, by cluster, namespace and name; the
     /// clusterset's imports under cluster `clusterset`.
@@ -209,6 +274,13 @@ impl Status {
         let out = f(&mut self.lock());
         self.generation.send_modify(|g| *g += 1);
         out
+    }
+
+    /// A status that forgets agents as `retention` says.
+    pub fn with_retention(retention: AgentRetention) -> Self {
+        let s = Self::default();
+        s.lock().retention = retention;
+        s
     }
 
     /// Wakes on every change of the status.
@@ -304,9 +376,12 @@ impl Status {
                 last_error: None,
                 pushes: 0,
                 resources_sent: 0,
+                refused: None,
+                disconnected_at_unix: None,
                 stream_id: id,
             },
         );
+        s.prune();
         StreamHandle {
             node: node.to_owned(),
             id,
@@ -350,7 +425,40 @@ impl Status {
 
     /// The stream ended.
     pub fn disconnected(&self, h: &StreamHandle) {
-        self.with_agent(h, |a| a.connected = false);
+        self.with_agent(h, |a| {
+            a.connected = false;
+            a.disconnected_at_unix = Some(unix_now());
+        });
+        self.change(Inner::prune);
+    }
+
+    /// A stream of `node` was refused for `why` (shown until it connects).
+    pub fn refused(&self, node: &str, cluster: &str, zone: &str, why: &str) {
+        self.change(|s| {
+            if s.agents.get(node).is_some_and(|a| a.connected) {
+                // A stream of the same name is open: do not disturb it.
+                return;
+            }
+            let prev = s.agents.remove(node);
+            s.agents.insert(
+                node.to_owned(),
+                AgentStatus {
+                    node: node.to_owned(),
+                    cluster: cluster.to_owned(),
+                    zone: zone.to_owned(),
+                    connected: false,
+                    acked_version: prev.and_then(|p| p.acked_version),
+                    nacked_version: None,
+                    last_error: None,
+                    pushes: 0,
+                    resources_sent: 0,
+                    refused: Some(why.to_owned()),
+                    disconnected_at_unix: Some(unix_now()),
+                    stream_id: 0,
+                },
+            );
+            s.prune();
+        });
     }
 
     /// How many agents are connected now.
@@ -360,7 +468,8 @@ impl Status {
 
     /// The document for `/status`.
     pub fn document(&self) -> StatusDocument {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.prune();
         StatusDocument {
             version: s.version.clone(),
             ready: s.all_synced && s.version.is_some(),

@@ -23,7 +23,11 @@ struct Running {
 
 impl Running {
     fn start(paths: Vec<PathBuf>, debounce: Duration) -> Self {
-        let source = Box::new(FileSource::new(paths, "default".into(), debounce));
+        Self::start_source(FileSource::new(paths, "default".into(), debounce))
+    }
+
+    fn start_source(source: FileSource) -> Self {
+        let source = Box::new(source);
         let (tx, states) = watch::channel(SourceState::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(tx, shutdown.clone()));
@@ -126,7 +130,27 @@ async fn loads_multi_document_files_lists_and_directories() {
     write(&dir.path().join("notes.txt"), "not a manifest: [");
     write(&dir.path().join(".hidden.yaml"), "not: [a manifest");
 
-    let mut src = Running::start(vec![dir.path().into()], Duration::from_millis(50));
+    // Without --file-cluster-annotation the annotation moves nothing.
+    let mut plain = Running::start(vec![dir.path().into()], Duration::from_millis(50));
+    let state = plain.synced().await;
+    assert_eq!(
+        service_names(&state),
+        [
+            "default/kube-system/dns",
+            "default/shop/api",
+            "default/shop/web"
+        ]
+    );
+    plain.stop().await;
+
+    let mut src = Running::start_source(
+        FileSource::new(
+            vec![dir.path().into()],
+            "default".into(),
+            Duration::from_millis(50),
+        )
+        .with_cluster_annotation(true),
+    );
     let state = src.synced().await;
     assert_eq!(state.errors, [], "no errors expected");
     assert_eq!(

@@ -71,6 +71,13 @@ pub async fn wait_ready(
     }
 }
 
+/// Resets this process's peak resident size (`VmHWM`) to its current one,
+/// so a later read gives the peak of what happened in between (Linux
+/// `/proc/self/clear_refs`, value 5).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// The 1, 5 and 15 minute load averages, as `/proc/loadavg` has them.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

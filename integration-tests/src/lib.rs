@@ -266,7 +266,7 @@ impl DataPlane for PickyDataPlane {
             .unwrap_or_else(|e| e.into_inner())
             .push((change.state.version.clone(), ok));
         match bad {
-            Some(r) => Err(ApplyError(format!(
+            Some(r) => Err(ApplyError::Refused(format!(
                 "Service {}: refused by the test data plane",
                 r.state.service.key
             ))),

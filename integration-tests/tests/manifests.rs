@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Serialize;
@@ -89,6 +91,17 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
             ("v1", "Namespace") => drop(parse::<Namespace>(&at, &doc)),
             ("v1", "ServiceAccount") => drop(parse::<ServiceAccount>(&at, &doc)),
             ("v1", "Secret") => drop(parse::<Secret>(&at, &doc)),
+            ("v1", "ConfigMap") => {
+                let cm: ConfigMap = parse(&at, &doc);
+                let data = cm.data.unwrap_or_default();
+                for key in ["control-plane", "api-server-host", "api-server-port"] {
+                    assert!(data.contains_key(key), "{at}: bootstrap key {key}");
+                }
+                assert!(
+                    !data["control-plane"].contains(".svc"),
+                    "{at}: agents must not need a Service to reach the control plane"
+                );
+            }
             ("v1", "Service") => drop(parse::<Service>(&at, &doc)),
             ("policy/v1", "PodDisruptionBudget") => drop(parse::<PodDisruptionBudget>(&at, &doc)),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
@@ -122,18 +135,56 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                     pod.service_account_name.as_deref(),
                     Some("switchyard-control-plane")
                 );
+                assert_eq!(
+                    pod.host_network,
+                    Some(true),
+                    "{at}: reachable at its nodes' addresses, with no Service rule"
+                );
                 for c in &pod.containers {
                     let argv = args(c);
                     let parsed =
                         <switchyard_control_plane::Args as clap::Parser>::try_parse_from(&argv)
                             .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
                     assert!(parsed.tls_client_ca.is_some(), "{at}: mTLS on");
+                    assert!(
+                        parsed.admin_listen.ip().is_loopback(),
+                        "{at}: /status stays off the network"
+                    );
+                    let probes = parsed.health_listen.expect("a probe address");
+                    for probe in [&c.readiness_probe, &c.liveness_probe] {
+                        let port = probe
+                            .as_ref()
+                            .and_then(|p| p.http_get.as_ref())
+                            .map(|h| h.port.clone());
+                        let named = c.ports.iter().flatten().find(|p| {
+                            port == Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                                    p.name.clone().unwrap_or_default(),
+                                ),
+                            )
+                        });
+                        assert_eq!(
+                            named.map(|p| p.container_port),
+                            Some(i32::from(probes.port())),
+                            "{at}: probes go to --health-listen"
+                        );
+                    }
+                    let env = c.env.clone().unwrap_or_default();
+                    assert!(
+                        env.iter().any(|e| e.name == "KUBERNETES_SERVICE_HOST"),
+                        "{at}: the API server is reached without the kubernetes Service"
+                    );
                 }
             }
             ("apps/v1", "DaemonSet") => {
                 let ds: DaemonSet = parse(&at, &doc);
                 let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
                 assert_eq!(pod.host_network, Some(true), "{at}: host network");
+                assert_eq!(
+                    pod.dns_policy.as_deref(),
+                    Some("Default"),
+                    "{at}: the node's resolver (the cluster DNS is behind a cluster IP)"
+                );
                 assert!(
                     pod.volumes.unwrap_or_default().iter().any(|v| v
                         .host_path
@@ -156,8 +207,12 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                         "{at}: mTLS on"
                     );
                     assert!(
+                        !parsed.control_plane.contains(".svc"),
+                        "{at}: a fresh node cannot reach a Service before its agent programmed it"
+                    );
+                    assert!(
                         parsed.admin_listen.ip().is_loopback(),
-                        "{at}: status on loopback"
+                        "{at}: admin on loopback"
                     );
                     let metrics = parsed.metrics_listen.expect("--metrics-listen is wired");
                     assert!(
@@ -190,6 +245,7 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
         "ClusterRoleBinding",
         "Service",
         "Secret",
+        "ConfigMap",
     ] {
         assert!(kinds.iter().any(|k| k == wanted), "no {wanted} manifest");
     }

@@ -3,7 +3,7 @@
 //! `proto/switchyard/v1/snapshot.proto` defines the snapshot stream and
 //! documents its contract; this crate holds the generated tonic/prost code
 //! ([`v1`]) and the one place where the domain model and the wire types meet
-//! ([`convert`]):
+//! ([`convert`]), and the transport security both ends share ([`tls`]):
 //!
 //! ```text
 //!   switchyard_model::ServiceState ──encode──▶ v1::ServiceState ──▶ gRPC
@@ -12,6 +12,7 @@
 
 pub mod convert;
 pub mod parts;
+pub mod tls;
 
 /// Generated code for package `switchyard.v1`.
 #[allow(

@@ -1,8 +1,47 @@
-//! The receiving side of rule 7 of the contract: an update larger than a
-//! part arrives as several messages with one nonce, `continued` set on all
-//! but the last, and is applied (and answered) once.
+//! Messages in parts. Rule 7 of the contract: an update larger than a part
+//! arrives as several messages with one nonce, `continued` set on all but
+//! the last, and is applied (and answered) once. Rule 9: a Hello that
+//! announces many resource versions goes as several Hellos, `continued` set
+//! on all but the last, so no message comes near the control plane's bound.
 
-use crate::v1;
+use std::collections::HashMap;
+
+use crate::v1::{self, agent_message};
+
+/// Names and versions announced per Hello part (protocol rule 9).
+pub const HELLO_PART_BYTES: usize = 16 * 1024;
+
+/// `hello` with `announced` as its resource versions, in parts of about
+/// [`HELLO_PART_BYTES`] each (always at least one part).
+pub fn hello_parts(hello: &v1::Hello, announced: HashMap<String, String>) -> Vec<v1::AgentMessage> {
+    let part = |versions| v1::Hello {
+        initial_resource_versions: versions,
+        continued: true,
+        ..hello.clone()
+    };
+    let mut parts = Vec::new();
+    let mut current = HashMap::new();
+    let mut bytes = 0;
+    for (name, version) in announced {
+        let size = name.len() + version.len() + 4;
+        if !current.is_empty() && bytes + size > HELLO_PART_BYTES {
+            parts.push(part(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += size;
+        current.insert(name, version);
+    }
+    parts.push(part(current));
+    if let Some(last) = parts.last_mut() {
+        last.continued = false;
+    }
+    parts
+        .into_iter()
+        .map(|h| v1::AgentMessage {
+            kind: Some(agent_message::Kind::Hello(h)),
+        })
+        .collect()
+}
 
 /// Collects the parts of one update. Returns the whole update once its
 /// last part arrived. A part with another nonce abandons an unfinished
@@ -19,7 +58,10 @@ pub fn assemble(
             acc.continued = part.continued;
             acc
         }
-        Some(_) => part,
+        Some(acc) => {
+            tracing::warn!(nonce = %acc.nonce, "abandoning an update whose last part never came");
+            part
+        }
         None => part,
     };
     if update.continued {
@@ -63,5 +105,39 @@ mod tests {
         let next = assemble(&mut acc, part("3", &["y"], false)).expect("complete");
         assert_eq!(next.nonce, "3");
         assert_eq!(next.resources.len(), 1);
+    }
+
+    #[test]
+    fn a_large_announcement_goes_in_small_hello_parts() {
+        let hello = v1::Hello {
+            node_name: "node-a".into(),
+            cluster_id: "default".into(),
+            role: v1::Role::Agent as i32,
+            ..Default::default()
+        };
+        let held: HashMap<String, String> = (0..10_000)
+            .map(|i| {
+                (
+                    format!("default/ns-{}/svc-{i}", i % 100),
+                    format!("{i:016x}"),
+                )
+            })
+            .collect();
+        let parts = hello_parts(&hello, held.clone());
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        let mut union = HashMap::new();
+        for (i, p) in parts.iter().enumerate() {
+            let Some(agent_message::Kind::Hello(h)) = &p.kind else {
+                panic!("a Hello")
+            };
+            assert_eq!(h.continued, i + 1 < parts.len());
+            assert_eq!(h.node_name, "node-a");
+            assert_eq!(h.role, v1::Role::Agent as i32);
+            assert!(prost::Message::encoded_len(p) < 2 * HELLO_PART_BYTES);
+            union.extend(h.initial_resource_versions.clone());
+        }
+        assert_eq!(union, held);
+        let empty = hello_parts(&hello, HashMap::new());
+        assert_eq!(empty.len(), 1);
     }
 }

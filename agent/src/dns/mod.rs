@@ -16,11 +16,11 @@
 //! builds the response with hickory-server's `MessageResponseBuilder`
 //! (`response.rs`). `hickory-proto` is the wire format.
 //!
-//! A query after the agent published a state is answered from that state:
-//! [`IndexCell::current`] compares the index's source with the state in
-//! force and builds the new index on the spot if the background build has
-//! not finished yet, so once the agent has ACKed a snapshot, DNS answers
-//! from it.
+//! No query waits for an index build: [`IndexCell::current`] is the index
+//! in force, and a task off the serving thread builds the next one when the
+//! state changes ([`IndexCell::refresh`]) and swaps it in. The applier
+//! waits for that build before it ACKs (`IndexCell::built`), so once the
+//! control plane sees the ACK, DNS answers from that snapshot.
 
 pub mod acl;
 pub mod cache;
@@ -29,7 +29,7 @@ pub mod handler;
 pub mod index;
 pub mod link;
 pub mod response;
-mod server;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -70,6 +70,8 @@ pub struct DnsConfig {
     pub acl: Acl,
     /// Most forwarded queries in flight.
     pub max_inflight: usize,
+    /// TCP connections admitted.
+    pub tcp_limits: server::TcpLimits,
 }
 
 impl DnsConfig {
@@ -116,6 +118,10 @@ impl DnsConfig {
             no_upstream,
             acl,
             max_inflight: args.dns_max_inflight.max(1),
+            tcp_limits: server::TcpLimits {
+                total: args.dns_max_tcp_connections.max(1),
+                per_source: args.dns_max_tcp_per_source.max(1),
+            },
         })
     }
 }
@@ -158,6 +164,8 @@ pub fn resolv_conf_upstreams(
 pub struct IndexCell {
     current: ArcSwap<DnsIndex>,
     state: watch::Receiver<Arc<AgentState>>,
+    /// The state the index in force was built from.
+    built: watch::Sender<Arc<AgentState>>,
     building: Mutex<()>,
     zone: Name,
     ttl: u32,
@@ -174,10 +182,12 @@ impl IndexCell {
         status: Option<Arc<Status>>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
-        let first = Arc::new(DnsIndex::build(state.borrow().clone(), &zone, ttl));
+        let source = state.borrow().clone();
+        let first = Arc::new(DnsIndex::build(source.clone(), &zone, ttl));
         let cell = Self {
             current: ArcSwap::new(first.clone()),
             state,
+            built: watch::Sender::new(source),
             building: Mutex::new(()),
             zone,
             ttl,
@@ -188,8 +198,20 @@ impl IndexCell {
         cell
     }
 
-    /// The index of the state in force now; builds it if it is not built yet.
+    /// The index in force. Never builds: a query is answered from the last
+    /// index built while the next one is being built.
     pub fn current(&self) -> Arc<DnsIndex> {
+        self.current.load_full()
+    }
+
+    /// Follows the state the index in force was built from.
+    pub fn built(&self) -> watch::Receiver<Arc<AgentState>> {
+        self.built.subscribe()
+    }
+
+    /// Builds the index of the state in force, unless it is built already,
+    /// and puts it in force. Runs off the serving thread.
+    pub fn refresh(&self) -> Arc<DnsIndex> {
         let index = self.current.load_full();
         if Arc::ptr_eq(&index.source, &self.state.borrow()) {
             return index;
@@ -200,8 +222,9 @@ impl IndexCell {
         if Arc::ptr_eq(&index.source, &state) {
             return index;
         }
-        let next = Arc::new(DnsIndex::build(state, &self.zone, self.ttl));
+        let next = Arc::new(DnsIndex::build(state.clone(), &self.zone, self.ttl));
         self.current.store(next.clone());
+        self.built.send_replace(state);
         self.report(&next);
         next
     }
@@ -229,7 +252,8 @@ impl IndexCell {
 }
 
 /// Binds `cfg.listen` (UDP and TCP), starts serving on a thread of its own
-/// and follows `state`. Returns the bound address.
+/// and follows `state`. Returns the bound address and a receiver of the
+/// state the index in force was built from.
 pub fn start(
     mut cfg: DnsConfig,
     state: watch::Receiver<Arc<AgentState>>,
@@ -237,7 +261,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, watch::Receiver<Arc<AgentState>>)> {
     let (udp, tcp) = server::bind(cfg.listen)?;
     cfg.listen = udp.local_addr()?;
     if let Some(why) = &cfg.no_upstream {
@@ -260,6 +284,7 @@ pub fn start(
         Some(metrics.clone()),
     ));
     let listen = cfg.listen;
+    let built = cell.built();
     tracing::info!(%listen, zone = %cfg.zone, upstreams = ?cfg.upstreams, "DNS stub listening");
 
     // Build each new index as soon as the state changes, off the serving thread.
@@ -273,7 +298,7 @@ pub fn start(
                 r = changes.changed() => if r.is_err() { return },
             }
             let c = follower.clone();
-            let _ = tokio::task::spawn_blocking(move || c.current()).await;
+            let _ = tokio::task::spawn_blocking(move || c.refresh()).await;
         }
     });
 
@@ -294,7 +319,7 @@ pub fn start(
     tasks.spawn(async move {
         let _ = done_rx.await;
     });
-    Ok(listen)
+    Ok((listen, built))
 }
 
 /// Sets up the listen address when it is link-local and we may: the dummy

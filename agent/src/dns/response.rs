@@ -237,6 +237,38 @@ pub fn handle_bytes(
     }
 }
 
+/// Answers one request received over our own TCP front (`server.rs`)
+/// through `handler`, as hickory-server would: nothing for fewer than 12
+/// bytes, FORMERR for what does not parse. Returns the encoded response.
+pub(super) async fn respond_tcp<H: hickory_server::server::RequestHandler>(
+    handler: &H,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+) -> Option<Vec<u8>> {
+    let header = Header::read(&mut BinDecoder::new(&bytes)).ok()?;
+    let capture = Capture {
+        protocol: Protocol::Tcp,
+        out: Arc::default(),
+    };
+    match Request::from_bytes(bytes, src, Protocol::Tcp) {
+        Ok(request) => {
+            handler
+                .handle_request::<_, hickory_server::net::runtime::TokioTime>(
+                    &request,
+                    capture.clone(),
+                )
+                .await;
+        }
+        Err(_) => {
+            let empty = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
+            let response = MessageResponseBuilder::new(&empty, None)
+                .error_msg(&header.metadata, ResponseCode::FormErr);
+            capture.clone().send_response(response).await.ok()?;
+        }
+    }
+    take(&capture)
+}
+
 fn take(capture: &Capture) -> Option<Vec<u8>> {
     let bytes = std::mem::take(&mut *capture.out.lock().unwrap_or_else(|e| e.into_inner()));
     (!bytes.is_empty()).then_some(bytes)

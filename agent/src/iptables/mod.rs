@@ -94,10 +94,7 @@ impl IptablesDataPlane {
         self.needs_full = true;
         let mut next = Vec::new();
         for &family in &self.families {
-            let existing = self
-                .runner
-                .existing(family)
-                .map_err(|e| ApplyError(e.to_string()))?;
+            let existing = self.runner.existing(family).map_err(ApplyError::from)?;
             if family == Family::V4 && self.cfg.localhost_node_ports() {
                 // Lets DNATed packets from 127.0.0.1 leave the node.
                 if let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1") {
@@ -191,7 +188,7 @@ impl IptablesDataPlane {
             m.iptables_restore_failures.inc();
             m.kubeproxy.restore_failures.inc();
         }
-        ApplyError(e.to_string())
+        ApplyError::from(e)
     }
 
     /// A full sync of the last state that went in, if there is one.
@@ -246,7 +243,7 @@ impl DataPlane for IptablesDataPlane {
                     let present = self
                         .runner
                         .canary_present(family, table)
-                        .map_err(|e| ApplyError(e.to_string()))?;
+                        .map_err(ApplyError::from)?;
                     if !present {
                         tracing::warn!(
                             ?family,

@@ -6,8 +6,11 @@
 //! Kubernetes-shaped documents separated by `---`, or a `List`; only
 //! `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and the MCS API's
 //! `multicluster.x-k8s.io/v1alpha1 ServiceExport` are used, other kinds
-//! are ignored. The annotation `switchyard.io/cluster` moves one object to
-//! another cluster than the source's.
+//! are ignored. With [`FileSource::with_cluster_annotation`]
+//! (`--file-cluster-annotation`), the annotation `switchyard.io/cluster`
+//! moves one object to another cluster than the source's; without it the
+//! annotation is ignored (and logged), so whoever can write one file cannot
+//! reach into another cluster's view unless the operator asked for it.
 //!
 //! ```text
 //!   notify callback ─ relevant? ─▶ mpsc(1) ─▶ debounce ─▶ reload (blocking pool)
@@ -63,6 +66,7 @@ pub struct FileSource {
     paths: Vec<PathBuf>,
     cluster: String,
     debounce: Duration,
+    cluster_annotation: bool,
 }
 
 impl FileSource {
@@ -73,7 +77,16 @@ impl FileSource {
             paths,
             cluster,
             debounce,
+            cluster_annotation: false,
         }
+    }
+
+    /// Honours the `switchyard.io/cluster` annotation: an object carrying it
+    /// belongs to the cluster it names instead of the source's. Off by
+    /// default (the annotation is then ignored and logged).
+    pub fn with_cluster_annotation(mut self, honour: bool) -> Self {
+        self.cluster_annotation = honour;
+        self
     }
 }
 
@@ -131,6 +144,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
         source: name.clone(),
         paths,
         cluster: source.cluster,
+        cluster_annotation: source.cluster_annotation,
         files: HashMap::new(),
         watcher,
         watched: BTreeMap::new(),
@@ -233,6 +247,7 @@ struct Loader {
     source: String,
     paths: Vec<PathBuf>,
     cluster: String,
+    cluster_annotation: bool,
     files: HashMap<PathBuf, LoadedFile>,
     watcher: Option<RecommendedWatcher>,
     /// Watched directories, with whether the watch is recursive.
@@ -475,6 +490,7 @@ impl Loader {
         let parsed = Parser {
             source: &self.source,
             cluster: &self.cluster,
+            cluster_annotation: self.cluster_annotation,
         }
         .file(path, &bytes);
         match parsed {
@@ -735,10 +751,30 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// One manifest file's objects as the `file:` source reads them, or why
+/// it is not read at all (the fuzz target `manifest_loader` and tests).
+pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceState, String> {
+    let objects = Parser {
+        source: "file",
+        cluster,
+        cluster_annotation: false,
+    }
+    .file(path, bytes)?;
+    Ok(SourceState {
+        synced: true,
+        services: objects.services.into_iter().map(|l| l.value).collect(),
+        slices: objects.slices.into_iter().map(|l| l.value).collect(),
+        errors: objects.errors,
+        ..SourceState::default()
+    })
+}
+
 /// Turns one file's bytes into objects.
 struct Parser<'a> {
     source: &'a str,
     cluster: &'a str,
+    /// Whether `switchyard.io/cluster` may move an object to another cluster.
+    cluster_annotation: bool,
 }
 
 /// Where an object sits: its document, and its item when in a List.
@@ -863,11 +899,19 @@ impl Parser<'_> {
             ));
             return;
         };
-        let cluster = obj
+        let annotated = obj
             .pointer("/metadata/annotations/switchyard.io~1cluster")
             .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .unwrap_or(self.cluster);
+            .filter(|c| !c.is_empty());
+        let cluster = match annotated {
+            Some(c) if self.cluster_annotation => c,
+            Some(c) if c != self.cluster => {
+                tracing::warn!(source = %self.source, at = %place.at, annotation = %c, cluster = %self.cluster,
+                    "ignoring the {CLUSTER_ANNOTATION} annotation (enable it with --file-cluster-annotation)");
+                self.cluster
+            }
+            _ => self.cluster,
+        };
         let meta = |name: &str| {
             obj.get("metadata")
                 .and_then(|m| m.get(name))

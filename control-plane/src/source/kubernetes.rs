@@ -44,7 +44,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Export, NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
-use crate::source::file::CLUSTER_ANNOTATION;
 
 /// The label that carries a Node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -65,7 +64,9 @@ pub struct KubeSourceConfig {
     pub namespace: Option<String>,
     /// Watch only Services and EndpointSlices with these labels.
     pub label_selector: Option<String>,
-    /// Cluster id of the objects (the `switchyard.io/cluster` annotation overrides it).
+    /// Cluster id of every object. The `switchyard.io/cluster` annotation is
+    /// ignored here: anyone who may edit a Service in the API server must not
+    /// be able to move it into another cluster's view.
     pub cluster: String,
     /// Quiet time that ends a burst of events.
     pub debounce: Duration,
@@ -99,6 +100,10 @@ impl KubeSource {
 }
 
 impl Source for KubeSource {
+    fn knows_nodes(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> String {
         match &self.config.context {
             Some(c) => format!("kube:{c}"),
@@ -523,7 +528,6 @@ impl View {
         let (source, cluster) = (self.source.as_str(), self.cluster.as_str());
         let services = self.services.state();
         refresh(&mut self.service_cache, &services, |svc| {
-            let cluster = cluster_of(svc, cluster);
             k8s::service(cluster, svc)
                 .and_then(|s| k8s::validate_unallocated(&s).map(|()| Arc::new(s)))
                 .map_err(|e| object_errors(source, e))
@@ -536,7 +540,6 @@ impl View {
         }
         let slices = self.slices.state();
         refresh(&mut self.slice_cache, &slices, |slice| {
-            let cluster = cluster_of(slice, cluster);
             k8s::endpoint_slice(cluster, slice)
                 .map(|s| s.map(Arc::new))
                 .map_err(|e| object_errors(source, e))
@@ -562,9 +565,10 @@ impl View {
             .state()
             .iter()
             .map(|e| Export {
-                // The object's own cluster, as for Services (the annotation).
+                // The source's cluster, as for Services: kube sources never
+                // honour the cluster annotation.
                 key: ServiceKey::new(
-                    cluster_of(&**e, cluster),
+                    cluster.to_owned(),
                     e.namespace().unwrap_or_else(|| "default".into()),
                     e.name_any(),
                 ),
@@ -623,16 +627,6 @@ fn refresh<K, T>(
     if seen.len() != cache.len() {
         cache.retain(|k, _| seen.contains(k));
     }
-}
-
-fn cluster_of<'a, K: Resource>(obj: &'a K, default: &'a str) -> &'a str {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CLUSTER_ANNOTATION))
-        .map(String::as_str)
-        .filter(|c| !c.is_empty())
-        .unwrap_or(default)
 }
 
 fn object_errors(source: &str, e: ValidationErrors) -> Vec<ObjectError> {

@@ -157,6 +157,12 @@ pub trait Source: Send + 'static {
     /// The cluster its objects belong to.
     fn cluster(&self) -> String;
 
+    /// Whether the source publishes its cluster's Nodes (`SourceState::nodes`),
+    /// so that a node certificate can be checked against them.
+    fn knows_nodes(&self) -> bool {
+        false
+    }
+
     /// Runs the source. It must publish a state with `synced: true` once its
     /// first full read is done, and whole new states after every change.
     fn run(

@@ -232,19 +232,23 @@ async fn session(
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(4);
-    let hello = v1::AgentMessage {
-        kind: Some(agent_message::Kind::Hello(v1::Hello {
-            node_name: config.name.clone(),
-            cluster_id: config.cluster.clone(),
-            zone: String::new(),
-            initial_resource_versions: held.versions(),
-            snapshot_version: String::new(),
-            role: v1::Role::Relay as i32,
-        })),
+    let hello = v1::Hello {
+        node_name: config.name.clone(),
+        cluster_id: config.cluster.clone(),
+        role: v1::Role::Relay as i32,
+        ..Default::default()
     };
-    if tx.send(hello).await.is_err() {
-        return "stream closed before the Hello".into();
-    }
+    // Fed while the call starts: the control plane answers the call only
+    // once it has read the whole Hello, and the channel holds four parts.
+    let parts = switchyard_proto::parts::hello_parts(&hello, held.versions());
+    let feeder = tx.clone();
+    tokio::spawn(async move {
+        for part in parts {
+            if feeder.send(part).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut inbound = match client.stream_snapshots(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(s) => return format!("refused the stream: {}: {}", s.code(), s.message()),

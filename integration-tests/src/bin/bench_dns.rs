@@ -290,8 +290,9 @@ fn main() -> anyhow::Result<()> {
         no_upstream: None,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
+        tcp_limits: Default::default(),
     };
-    let stub = rt.block_on(async {
+    let (stub, _built) = rt.block_on(async {
         switchyard_agent::dns::start(
             cfg,
             rx,

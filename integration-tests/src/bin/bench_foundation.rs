@@ -82,6 +82,10 @@ enum Role {
         url: String,
         #[arg(long)]
         count: usize,
+        /// Learn the full state on one stream first, then connect all
+        /// `count` streams at once announcing it (a reconnect storm).
+        #[arg(long)]
+        announce: bool,
     },
 }
 
@@ -97,7 +101,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
-        Some(Role::Clients { url, count }) => rt.block_on(clients(url.clone(), *count)),
+        Some(Role::Clients {
+            url,
+            count,
+            announce,
+        }) => rt.block_on(clients(url.clone(), *count, *announce)),
     }
 }
 
@@ -250,6 +258,10 @@ fn cp_args(source: &str, state_dir: &Path) -> switchyard_control_plane::Args {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        // Every client of the bench comes from 127.0.0.1; a fleet's agents
+        // come from one address each.
+        "--max-connections-per-address",
+        "100000",
     ])
 }
 
@@ -406,6 +418,54 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     }
     let rss_changes = rss_kib();
     let metrics_after = cp.metrics.encode();
+
+    // 5. A reconnect storm: the fleet goes away, and N agents that each hold
+    // the whole state connect at once announcing every version they hold.
+    fleet.kill().await.ok();
+    until(&cp, "the fleet to disconnect", || {
+        cp.metrics.agents_connected.get() == 0
+    })
+    .await?;
+    let rss_before_storm = rss_kib();
+    switchyard_integration_tests::bench::reset_peak_rss();
+    let base_acks = cp.metrics.acks.get();
+    let sent_before = metric(
+        &cp.metrics.encode(),
+        "switchyard_control_plane_resources_sent_total",
+    );
+    let exe = std::env::current_exe()?;
+    let mut storm = tokio::process::Command::new(exe)
+        .args([
+            "clients",
+            "--url",
+            &url,
+            "--count",
+            &streams.to_string(),
+            "--announce",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the storm fleet")?;
+    // The learning stream takes the full state (and never ACKs), then the storm.
+    let t = Instant::now();
+    let storm_acks = base_acks + n;
+    until(&cp, "every storm stream to ACK", || {
+        cp.metrics.acks.get() >= storm_acks
+    })
+    .await
+    .with_context(|| format!("{} of {n} storm ACKs", cp.metrics.acks.get() - base_acks))?;
+    let storm_ms = ms(t.elapsed());
+    let storm_peak = switchyard_integration_tests::bench::proc_status_kib("self", "VmHWM");
+    let storm_acked = rss_kib();
+    // What the storm streams were sent, the learning stream's full state aside.
+    let storm_resources = metric(
+        &cp.metrics.encode(),
+        "switchyard_control_plane_resources_sent_total",
+    ) - sent_before
+        - resources as f64;
+    storm.kill().await.ok();
     let build_sum = metric(
         &metrics_after,
         "switchyard_control_plane_snapshot_build_seconds_sum",
@@ -443,22 +503,103 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "to_snapshot_ms": to_snapshot,
         "build_avg_ms": build_sum / build_count * 1e3,
         "rechecks": rechecks,
+        "rss_before_storm_kib": rss_before_storm,
+        "storm_peak_kib": storm_peak,
+        "storm_acked_kib": storm_acked,
+        "storm_ms": storm_ms,
+        "storm_resources_sent": storm_resources,
     }))
 }
 
 // ---------------------------------------------------------------- client fleet
 
-async fn clients(url: String, count: usize) -> anyhow::Result<()> {
+/// Connects one stream announcing nothing, takes the full state and
+/// returns it as name -> version (without ACKing, so the ACK counter the
+/// storm is timed by counts storm streams only).
+async fn learn_state(url: &str) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await?;
+    let mut client = SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(v1::Hello {
+            node_name: "bench-learner".into(),
+            ..v1::Hello::default()
+        })),
+    })
+    .await?;
+    let mut updates = client
+        .stream_snapshots(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut held = std::collections::HashMap::new();
+    while let Some(u) = updates.message().await? {
+        held.extend(u.resources.into_iter().map(|r| (r.name, r.version)));
+        if !u.continued {
+            break;
+        }
+    }
+    drop(tx);
+    Ok(held)
+}
+
+/// `held` as Hello parts of about 16 KiB of names (protocol rule 8).
+fn hello_parts(
+    node: &str,
+    held: &std::collections::HashMap<String, String>,
+) -> Vec<v1::AgentMessage> {
+    let mut parts = vec![std::collections::HashMap::new()];
+    let mut bytes = 0;
+    for (n, v) in held {
+        if bytes + n.len() + v.len() > 16 * 1024 {
+            parts.push(std::collections::HashMap::new());
+            bytes = 0;
+        }
+        bytes += n.len() + v.len() + 4;
+        parts
+            .last_mut()
+            .expect("a part")
+            .insert(n.clone(), v.clone());
+    }
+    let last = parts.len() - 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, versions)| v1::AgentMessage {
+            kind: Some(agent_message::Kind::Hello(v1::Hello {
+                node_name: node.to_owned(),
+                cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
+                initial_resource_versions: versions,
+                continued: i < last,
+                ..v1::Hello::default()
+            })),
+        })
+        .collect()
+}
+
+async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()> {
+    let held = if announce {
+        Some(Arc::new(learn_state(&url).await?))
+    } else {
+        None
+    };
     // At most SYNCING streams connect and take their full state at once. All
     // clients share this process's two cores, so with every 3 MB full state in
     // flight at once a stream could wait longer than the server's 20 s HTTP/2
     // keepalive timeout to answer a PING and be cut off (seen with 1,000
     // streams); real agents each decode on their own node.
-    let connecting = Arc::new(tokio::sync::Semaphore::new(SYNCING));
+    // A storm connects everyone at once: their updates are empty.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(if announce {
+        count.max(1)
+    } else {
+        SYNCING
+    }));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..count {
         let url = url.clone();
         let connecting = connecting.clone();
+        let held = held.clone();
         set.spawn(async move {
             let mut permit = Some(connecting.acquire_owned().await?);
             // One Channel from `connect()` is one HTTP/2 connection.
@@ -469,14 +610,25 @@ async fn clients(url: String, count: usize) -> anyhow::Result<()> {
             let mut client =
                 SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
             let (tx, rx) = mpsc::channel(4);
-            tx.send(v1::AgentMessage {
-                kind: Some(agent_message::Kind::Hello(v1::Hello {
-                    node_name: format!("bench-node-{i:05}"),
-                    cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
-                    ..v1::Hello::default()
-                })),
-            })
-            .await?;
+            let node = format!("bench-node-{i:05}");
+            let hello = match &held {
+                Some(held) => hello_parts(&node, held),
+                None => vec![v1::AgentMessage {
+                    kind: Some(agent_message::Kind::Hello(v1::Hello {
+                        node_name: node,
+                        cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
+                        ..v1::Hello::default()
+                    })),
+                }],
+            };
+            let feeder = tx.clone();
+            tokio::spawn(async move {
+                for part in hello {
+                    if feeder.send(part).await.is_err() {
+                        return;
+                    }
+                }
+            });
             let mut updates = client
                 .stream_snapshots(ReceiverStream::new(rx))
                 .await?
@@ -810,6 +962,22 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             ),
             "-",
             "-",
+        ));
+        let storm_per_agent = (f("storm_acked_kib") - f("rss_before_storm_kib")) / n as f64;
+        rows.push(row(
+            format!("Reconnect storm: {n} agents each announcing the {} versions they hold, connecting at once", r["resources"]),
+            format!(
+                "all ACKed in {:.0} ms (from the fleet's start, one learning stream included); peak VmHWM {:.0} MiB ({:.0} MiB over the {:.0} MiB before; {} of the 1 GiB Deployment limit); steady {storm_per_agent:.0} KiB per agent ({}); resources sent {}",
+                f("storm_ms"),
+                f("storm_peak_kib") / 1024.0,
+                (f("storm_peak_kib") - f("rss_before_storm_kib")) / 1024.0,
+                f("rss_before_storm_kib") / 1024.0,
+                if f("storm_peak_kib") < 512.0 * 1024.0 { "under half" } else { "OVER half" },
+                verdict(storm_per_agent, 64.0),
+                f("storm_resources_sent"),
+            ),
+            "peak well under 1 GiB; steady < 64 KiB per agent",
+            "34 KB per idle connection, 48 KB after traffic",
         ));
         if f("rechecks") > 0.0 {
             notes.push(format!(

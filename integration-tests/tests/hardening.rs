@@ -1,0 +1,413 @@
+//! Hardening end to end: bounds on what agents may send, clusters and
+//! identities that are refused with a reason, TLS failures that say what
+//! is wrong on both sides, certificates rotated under running streams, and
+//! updates that fail for a local reason retried until they apply.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard_agent::dataplane::{ApplyError, Change, DataPlane};
+use switchyard_control_plane::ControlPlane;
+use switchyard_integration_tests::*;
+use switchyard_proto::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
+use switchyard_proto::v1::{self, agent_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn url(cp: &ControlPlane) -> String {
+    format!("http://{}", cp.grpc_addr)
+}
+
+async fn current_version(cp: &ControlPlane) -> String {
+    cp_status_until(cp, "a first snapshot", |s| s.version.is_some())
+        .await
+        .version
+        .expect("version")
+}
+
+fn hello(
+    node: &str,
+    cluster: &str,
+    versions: Vec<(String, String)>,
+    continued: bool,
+) -> v1::AgentMessage {
+    v1::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(v1::Hello {
+            node_name: node.into(),
+            cluster_id: cluster.into(),
+            initial_resource_versions: versions.into_iter().collect(),
+            continued,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Opens a raw stream, sends `messages` and returns the call's outcome (the
+/// first update, or the status it was refused with).
+async fn raw_stream(
+    cp: &ControlPlane,
+    messages: Vec<v1::AgentMessage>,
+) -> Result<
+    (
+        v1::SnapshotUpdate,
+        mpsc::Sender<v1::AgentMessage>,
+        tonic::Streaming<v1::SnapshotUpdate>,
+    ),
+    tonic::Status,
+> {
+    let mut client = SnapshotDiscoveryClient::connect(url(cp))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    let feeder = tx.clone();
+    tokio::spawn(async move {
+        for m in messages {
+            if feeder.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut inbound = within(
+        "the call's answer",
+        client.stream_snapshots(ReceiverStream::new(rx)),
+    )
+    .await?
+    .into_inner();
+    let first = within("a first update", inbound.message())
+        .await?
+        .expect("an update");
+    Ok((first, tx, inbound))
+}
+
+fn web_env() -> TestEnv {
+    let env = TestEnv::new();
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_fields_counts_and_sizes_are_bounded() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    current_version(&cp).await;
+
+    let long_name = raw_stream(&cp, vec![hello(&"n".repeat(300), "", vec![], false)])
+        .await
+        .expect_err("a 300-byte node name");
+    assert_eq!(long_name.code(), tonic::Code::InvalidArgument);
+    assert!(
+        long_name.message().contains("Hello.node_name is 300 bytes"),
+        "{long_name:?}"
+    );
+
+    let long_zone = raw_stream(
+        &cp,
+        vec![v1::AgentMessage {
+            kind: Some(agent_message::Kind::Hello(v1::Hello {
+                node_name: "n".into(),
+                zone: "z".repeat(100),
+                ..Default::default()
+            })),
+        }],
+    )
+    .await
+    .expect_err("a 100-byte zone");
+    assert!(long_zone.message().contains("Hello.zone"), "{long_zone:?}");
+
+    // Millions of unknown names, in parts: cut off at the bound (1,024 for a
+    // one-Service view) without reading the rest.
+    let parts: Vec<v1::AgentMessage> = (0..2_000)
+        .map(|p| {
+            let versions = (0..500)
+                .map(|i| {
+                    (
+                        format!("default/x/svc-{p}-{i}"),
+                        "0123456789abcdef".to_owned(),
+                    )
+                })
+                .collect();
+            hello("flood", "", versions, true)
+        })
+        .collect();
+    let flood = raw_stream(&cp, parts).await.expect_err("too many names");
+    assert_eq!(flood.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        flood.message().contains("Hello.initial_resource_versions")
+            && flood.message().contains("1024"),
+        "{flood:?}"
+    );
+
+    // One message over the 1 MiB bound.
+    let big: Vec<(String, String)> = (0..20_000)
+        .map(|i| {
+            (
+                format!("default/x/a-rather-long-service-name-{i:08}"),
+                "0123456789abcdef".into(),
+            )
+        })
+        .collect();
+    let too_big = raw_stream(&cp, vec![hello("big", "", big, false)])
+        .await
+        .expect_err("a 1.4 MB message");
+    assert_eq!(too_big.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        too_big.message().contains("larger than 1048576 bytes"),
+        "{too_big:?}"
+    );
+
+    // Nothing of them is kept: no agent is listed.
+    assert!(cp.status.document().agents.is_empty());
+    let metrics = cp.metrics.encode();
+    assert!(
+        metrics.contains("streams_refused_total{reason=\"hello\"} 4"),
+        "{metrics}"
+    );
+
+    // A Hello in parts within the bounds is served.
+    let (first, _tx, _inbound) = raw_stream(
+        &cp,
+        vec![
+            hello(
+                "parts",
+                "",
+                vec![("default/shop/web".into(), "stale".into())],
+                true,
+            ),
+            hello(
+                "parts",
+                "",
+                vec![("default/shop/gone".into(), "x".into())],
+                false,
+            ),
+        ],
+    )
+    .await
+    .expect("served");
+    assert_eq!(first.resources.len(), 1, "web at its current version");
+    assert_eq!(first.removed_resources, ["default/shop/gone"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_a_cluster_not_served_is_refused_and_shown() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    let v1 = current_version(&cp).await;
+
+    let mut args = agent_args("node-x", &url(&cp), &env.state("x"));
+    args.cluster = "prod-eu".into();
+    let (agent, rec) = start_recording_agent(args).await;
+    let err = agent_status_until(&agent, "the refusal", |s| s.last_error.is_some())
+        .await
+        .last_error
+        .expect("error");
+    assert!(
+        err.contains("NotFound") && err.contains("cluster \"prod-eu\" is not served"),
+        "{err}"
+    );
+    assert!(err.contains("it serves: default"), "{err}");
+    let doc = cp_status_until(&cp, "the refused agent in /status", |s| {
+        s.agents
+            .iter()
+            .any(|a| a.node == "node-x" && a.refused.is_some())
+    })
+    .await;
+    let shown = doc
+        .agents
+        .iter()
+        .find(|a| a.node == "node-x")
+        .expect("listed");
+    assert!(!shown.connected);
+    assert_eq!(shown.cluster, "prod-eu");
+    assert!(
+        rec.lock().expect("lock").versions.is_empty(),
+        "no empty view applied"
+    );
+
+    // The same agent in the served cluster is served.
+    let (good, _) = start_recording_agent(agent_args("node-y", &url(&cp), &env.state("y"))).await;
+    agent_at_version(&good, &v1).await;
+}
+
+/// A data plane that fails its first `failures` calls as a held xtables
+/// lock would, then applies.
+#[derive(Debug, Clone)]
+struct FlakyDataPlane {
+    failures: Arc<Mutex<usize>>,
+}
+
+impl DataPlane for FlakyDataPlane {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+
+    fn apply(&mut self, _change: &Change<'_>) -> Result<(), ApplyError> {
+        let mut left = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if *left > 0 {
+            *left -= 1;
+            return Err(ApplyError::Command(
+                "iptables-restore: Another app is currently holding the xtables lock".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_until_it_applies_without_a_cluster_change() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    let v1 = current_version(&cp).await;
+    let flaky = FlakyDataPlane {
+        failures: Arc::new(Mutex::new(2)),
+    };
+    let agent = start_agent(
+        agent_args("node-a", &url(&cp), &env.state("a")),
+        Box::new(flaky.clone()),
+    )
+    .await;
+    // The NACK is visible while it lasts...
+    let nacked = cp_status_until(&cp, "the NACK", |s| {
+        s.agents
+            .iter()
+            .any(|a| a.node == "node-a" && a.nacked_version.as_deref() == Some(&v1))
+    })
+    .await;
+    let shown = nacked
+        .agents
+        .iter()
+        .find(|a| a.node == "node-a")
+        .expect("listed");
+    assert!(
+        shown
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("xtables lock")),
+        "{shown:?}"
+    );
+    // ...and the agent converges on the same snapshot, with no new change.
+    agent_at_version(&agent, &v1).await;
+    let acked = cp_status_until(&cp, "the ACK after the retries", |s| {
+        s.agents
+            .iter()
+            .any(|a| a.node == "node-a" && a.connected && a.acked_version.as_deref() == Some(&v1))
+    })
+    .await;
+    assert_eq!(
+        acked.version.as_deref(),
+        Some(v1.as_str()),
+        "no new snapshot was needed"
+    );
+    assert_eq!(*flaky.failures.lock().expect("lock"), 0);
+    let m = cp.metrics.encode();
+    assert!(
+        m.contains("switchyard_control_plane_nacks_total 1"),
+        "one NACK, no resend loop: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_never_answered_ends_the_stream_after_the_deadline() {
+    let env = web_env();
+    let mut args = env.cp_args();
+    args.ack_timeout = Duration::from_millis(300);
+    let cp = start_cp(args).await;
+    current_version(&cp).await;
+    let (_first, _tx, mut inbound) = raw_stream(&cp, vec![hello("silent", "", vec![], false)])
+        .await
+        .expect("served");
+    // No ACK: the control plane ends the stream with a reason.
+    let end = within("the deadline", inbound.message())
+        .await
+        .expect_err("ended");
+    assert_eq!(end.code(), tonic::Code::DeadlineExceeded);
+    assert!(end.message().contains("--ack-timeout"), "{end:?}");
+    cp_status_until(&cp, "the agent shown disconnected", |s| {
+        s.agents.iter().any(|a| a.node == "silent" && !a.connected)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_streams_are_bounded() {
+    let env = web_env();
+    let mut args = env.cp_args();
+    args.max_connections_per_address = 2;
+    args.max_agent_streams = 1;
+    let cp = start_cp(args).await;
+    let v1 = current_version(&cp).await;
+
+    // One agent stream is served; a second is refused with a reason.
+    let (a, _) = start_recording_agent(agent_args("node-a", &url(&cp), &env.state("a"))).await;
+    agent_at_version(&a, &v1).await;
+    let (b, _) = start_recording_agent(agent_args("node-b", &url(&cp), &env.state("b"))).await;
+    let err = agent_status_until(&b, "the refusal", |s| s.last_error.is_some())
+        .await
+        .last_error
+        .expect("error");
+    assert!(
+        err.contains("ResourceExhausted") && err.contains("--max-agent-streams"),
+        "{err}"
+    );
+    b.shutdown().await;
+
+    // Two connections from 127.0.0.1 are open (agent a, and nothing else
+    // once b has gone); a third one from the same address is closed at once.
+    use tokio::io::AsyncReadExt;
+    let _second = tokio::net::TcpStream::connect(cp.grpc_addr)
+        .await
+        .expect("connect");
+    let mut third = tokio::net::TcpStream::connect(cp.grpc_addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 16];
+    let n = within("the third connection to be closed", async {
+        loop {
+            match third.read(&mut buf).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(n) if n > 0 => {}
+                Ok(_) => return 0,
+            }
+        }
+    })
+    .await;
+    assert_eq!(n, 0);
+    let m = cp.metrics.encode();
+    assert!(
+        m.contains("connections_refused_total{reason=\"per_address\"}"),
+        "{m}"
+    );
+}
+
+#[test]
+fn status_forgets_agents_that_left_long_ago() {
+    use switchyard_control_plane::status::{AgentRetention, Status};
+    let status = Status::with_retention(AgentRetention {
+        forget_after: Duration::from_secs(3600),
+        max_disconnected: 2,
+    });
+    let handles: Vec<_> = (0..5)
+        .map(|i| status.connected(&format!("node-{i}"), "default", ""))
+        .collect();
+    assert_eq!(status.document().agents.len(), 5);
+    for h in &handles[..4] {
+        status.disconnected(h);
+    }
+    let doc = status.document();
+    assert_eq!(
+        doc.agents.len(),
+        3,
+        "one connected and two of the four gone"
+    );
+    assert!(doc.agents.iter().any(|a| a.node == "node-4" && a.connected));
+    let forgetful = Status::with_retention(AgentRetention {
+        forget_after: Duration::ZERO,
+        max_disconnected: 10,
+    });
+    let h = forgetful.connected("node-a", "default", "");
+    forgetful.disconnected(&h);
+    assert!(forgetful.document().agents.is_empty());
+}
