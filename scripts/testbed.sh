@@ -81,13 +81,16 @@ build_base() {
   local mirror dir
   mirror=$(apt_mirror)
   dir=$(mktemp -d /tmp/switchyard-base.XXXXXX)
-  trap 'rm -rf "$dir"' RETURN
+  # No RETURN trap: it would stay set and fire on every later return.
   say "building $base: debootstrap $codename from $mirror (about a minute)"
   debootstrap --variant=minbase --include="$packages" "$codename" "$dir" "$mirror" >"$dir.log" 2>&1 ||
-    { tail -20 "$dir.log" >&2; die "debootstrap failed (log: $dir.log)"; }
+    { tail -20 "$dir.log" >&2; rm -rf "$dir"; die "debootstrap failed (log: $dir.log)"; }
   rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-  tar -C "$dir" -c . | docker import -c 'CMD ["/bin/bash"]' - "$base" >/dev/null
-  rm -f "$dir.log"
+  if ! tar -C "$dir" -c . | docker import -c 'CMD ["/bin/bash"]' - "$base" >/dev/null; then
+    rm -rf "$dir"
+    die "docker import of $base failed"
+  fi
+  rm -rf "$dir" "$dir.log"
   say "built $base"
 }
 
