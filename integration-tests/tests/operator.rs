@@ -56,7 +56,10 @@ async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_
     assert_eq!(get_text(cp.admin_addr, "/readyz").await.0, 503);
     let json = get_json(cp.admin_addr, "/status").await;
     assert_eq!(json["ready"], false);
-    agent_status_until(&agent, "the agent to connect", |s| s.connected).await;
+    // The agent's stream waits for a snapshot (the control plane reads no
+    // Hello before it has one): nothing has been served to it.
+    let waiting = agent_status_until(&agent, "the agent's status", |_| true).await;
+    assert_eq!(waiting.version, None, "nothing served while not ready");
 
     // The path appears: the first snapshot any agent gets holds both sources.
     std::fs::create_dir(&typo).expect("mkdir");
