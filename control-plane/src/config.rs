@@ -220,11 +220,13 @@ pub struct Args {
     #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
     pub service_cidrs: Vec<IpNet>,
 
-    /// Quiet time that ends a burst of source changes before a snapshot is built.
+    /// Quiet time that ends a burst of changes at a `file`, `kube` or
+    /// `docker` source before it publishes; the snapshot is built at once
+    /// (this is the one debounce on a change's path, across relays too).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub debounce: Duration,
 
-    /// Longest a continuous burst may delay a snapshot.
+    /// Longest a continuous burst may delay a source's publication.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub max_delay: Duration,
 

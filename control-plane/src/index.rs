@@ -1,7 +1,7 @@
 //! The index: merges every source's state into one snapshot.
 //!
 //! ```text
-//!  watch<SourceState> × N ──▶ debounce ──▶ merge (crate::merge) ─▶ allocate cluster IPs
+//!  watch<SourceState> × N ──▶ (a build as soon as one changes) ──▶ merge (crate::merge) ─▶ allocate cluster IPs
 //!        ─▶ per Service: validate + encode (cached by input pointers)
 //!        ─▶ per export group: import (cached) ─▶ allocate ClusterSet IPs ─▶ validate + encode
 //!        ─▶ Snapshot::from_resources (version moves only with content or readiness)
@@ -13,15 +13,17 @@
 //! sync would have to repair, and one unreachable API server does not hold
 //! back the other clusters. The clusterset view is served once every source
 //! has synced (an import missing a cluster's endpoints would remove them
-//! from every agent). After that, a burst of changes within the debounce
-//! window (capped at `max_delay`) becomes one snapshot; a rebuild that
-//! changes nothing keeps the version.
+//! from every agent). Sources coalesce their bursts before they publish
+//! (`crate::source::debounce`, the one debounce on a change's path); the
+//! index builds as soon as one publishes, and whatever is published while a
+//! build runs makes one more build right after it. A rebuild that changes
+//! nothing keeps the version.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use switchyard_model::{
@@ -49,10 +51,6 @@ pub struct IndexConfig {
     pub export_all: bool,
     /// What happens to the exports of a cluster whose sources all fail.
     pub cluster_down: ClusterDown,
-    /// Quiet time that ends a burst of changes.
-    pub debounce: Duration,
-    /// Longest a burst may delay a snapshot.
-    pub max_delay: Duration,
     /// Where allocated cluster IPs are remembered; `None` keeps them in memory.
     pub state_dir: Option<PathBuf>,
 }
@@ -66,8 +64,6 @@ impl IndexConfig {
             clusterset_cidrs: vec!["10.112.0.0/12".parse().expect("a CIDR")],
             export_all: false,
             cluster_down: ClusterDown::Keep,
-            debounce: Duration::ZERO,
-            max_delay: Duration::ZERO,
             state_dir: None,
         }
     }
@@ -756,24 +752,10 @@ pub async fn run(
             }
         });
     }
-    let mut first_change = Some(Instant::now());
+    let mut pending = true;
     let mut changed_at = unix_nanos();
     loop {
-        if let Some(started) = first_change.take() {
-            // Debounce: wait for a quiet period, but never past max_delay.
-            let deadline = started + config.max_delay;
-            loop {
-                let quiet = tokio::time::sleep(
-                    config
-                        .debounce
-                        .min(deadline.saturating_duration_since(Instant::now())),
-                );
-                tokio::select! {
-                    _ = quiet => break,
-                    _ = changes.notified() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
+        if std::mem::take(&mut pending) {
             // Copy each source's state out of its channel (a copy is one
             // reference count per object) and build on the blocking pool:
             // a source publishing meanwhile never waits for a build, and
@@ -878,16 +860,12 @@ pub async fn run(
         }
         let next_drop = health.next_drop(config.cluster_down);
         tokio::select! {
-            _ = changes.notified() => {
-                first_change = Some(Instant::now());
-                changed_at = unix_nanos();
-            }
-            _ = tokio::time::sleep_until(next_drop.unwrap_or_else(Instant::now).into()), if next_drop.is_some() => {
-                first_change = Some(Instant::now());
-                changed_at = unix_nanos();
-            }
+            _ = changes.notified() => {}
+            _ = tokio::time::sleep_until(next_drop.unwrap_or_else(Instant::now).into()), if next_drop.is_some() => {}
             _ = shutdown.cancelled() => return,
         }
+        pending = true;
+        changed_at = unix_nanos();
     }
 }
 

@@ -107,13 +107,17 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Co
 
 /// The sources `--source` names.
 pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
+    let debounce = source::debounce::Debounce {
+        quiet: args.debounce,
+        max_delay: args.max_delay,
+    };
     args.sources
         .iter()
         .map(|arg| {
             let cluster = arg.cluster.clone().unwrap_or_else(|| args.cluster.clone());
             match &arg.spec {
                 SourceSpec::File(path) => Box::new(
-                    source::file::FileSource::new(vec![path.clone()], cluster, args.debounce)
+                    source::file::FileSource::new(vec![path.clone()], cluster, debounce)
                         .with_cluster_annotation(args.file_cluster_annotation),
                 ) as Box<dyn Source>,
                 SourceSpec::Kube(context) => Box::new(source::kubernetes::KubeSource::new(
@@ -123,13 +127,14 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
                         namespace: args.kube_namespace.clone(),
                         label_selector: args.kube_label_selector.clone(),
                         cluster,
-                        debounce: args.debounce,
+                        debounce,
                     },
                 )),
                 SourceSpec::Docker(host) => Box::new(source::docker::DockerSource::new(
                     source::docker::DockerSourceConfig {
                         host: host.clone(),
                         cluster,
+                        debounce,
                     },
                 )),
                 SourceSpec::Relay(url) => Box::new(source::relay::RelaySource::new(
@@ -204,8 +209,6 @@ pub async fn start_with(
         clusterset_cidrs: args.clusterset_cidrs.clone(),
         export_all: args.export_all,
         cluster_down: args.cluster_down,
-        debounce: args.debounce,
-        max_delay: args.max_delay,
         state_dir: Some(args.state_dir.clone()),
     };
     tasks.spawn(index::run(

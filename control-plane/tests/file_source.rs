@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use switchyard_control_plane::source::debounce::Debounce;
 use switchyard_control_plane::source::file::FileSource;
 use switchyard_control_plane::source::{Source, SourceState};
 use switchyard_model::{Protocol, ServiceKey, ServiceType};
@@ -23,7 +24,11 @@ struct Running {
 
 impl Running {
     fn start(paths: Vec<PathBuf>, debounce: Duration) -> Self {
-        Self::start_source(FileSource::new(paths, "default".into(), debounce))
+        Self::start_source(FileSource::new(
+            paths,
+            "default".into(),
+            Debounce::quiet(debounce),
+        ))
     }
 
     fn start_source(source: FileSource) -> Self {
@@ -147,7 +152,7 @@ async fn loads_multi_document_files_lists_and_directories() {
         FileSource::new(
             vec![dir.path().into()],
             "default".into(),
-            Duration::from_millis(50),
+            Debounce::quiet(Duration::from_millis(50)),
         )
         .with_cluster_annotation(true),
     );
@@ -484,7 +489,7 @@ fn name_lists_the_paths() {
     let src = FileSource::new(
         vec!["/etc/a.yaml".into(), "/etc/more".into()],
         "default".into(),
-        Duration::from_millis(100),
+        Debounce::quiet(Duration::from_millis(100)),
     );
     assert_eq!(src.name(), "file:/etc/a.yaml,/etc/more");
 }

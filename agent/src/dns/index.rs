@@ -2,7 +2,16 @@
 //!
 //! ```text
 //!  AgentState ──build──▶ DnsIndex { names: lower-cased name ─▶ records, reverse: arpa name ─▶ PTR }
+//!  previous index + next AgentState ──next──▶ DnsIndex   (only the Services that changed)
 //! ```
+//!
+//! Each Service contributes a set of names (its own, the empty non-terminals
+//! above them, its reverse names); a name counts the Services that contribute
+//! it and goes when the last one does. [`DnsIndex::next`] takes the previous
+//! contribution of every changed Service out and puts the new one in, so an
+//! update costs what changed. The maps are split into shards that an update
+//! copies only where it writes: the index being replaced keeps answering,
+//! unchanged, until the new one is in force.
 //!
 //! Every name that exists holds its records; empty non-terminals (such as
 //! `svc.<zone>`, `<ns>.svc.<zone>` and `_tcp.<svc>...`) are present with no
@@ -10,9 +19,10 @@
 //! Pod names (`10-244-1-2.<ns>.pod.<zone>`, CoreDNS's default `pods
 //! insecure` mode) are not stored: the name is the address, so a miss under
 //! `pod.<zone>` is answered from the name itself.
-//! An index is immutable: a new snapshot builds a new one.
+//! An index is immutable: a new snapshot makes a new one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,9 +44,94 @@ pub const CLUSTERSET_ZONE: &str = "clusterset.local.";
 pub const CLUSTERSET_SCHEMA_VERSION: &str = "1.0.0";
 
 /// The records of one name (empty for an empty non-terminal).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Node {
     pub(crate) records: Vec<Record>,
+    /// How many Services contribute this name (the apex names: one more).
+    refs: u32,
+}
+
+/// Shards per map: at 10,000 Services (about 100,000 names) an update that
+/// writes a name copies a shard of about a hundred.
+const SHARDS: usize = 1024;
+
+/// A map from names, in shards shared between successive indexes: a write
+/// copies its shard only if an older index still holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Names<V> {
+    shards: Vec<Arc<HashMap<LowerName, V>>>,
+    len: usize,
+}
+
+impl<V: Clone> Names<V> {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            len: 0,
+        }
+    }
+
+    fn shard(name: &LowerName) -> usize {
+        // SipHash with fixed keys: the same shard for a name in every index.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        (h.finish() % SHARDS as u64) as usize
+    }
+
+    pub(crate) fn get(&self, name: &LowerName) -> Option<&V> {
+        self.shards[Self::shard(name)].get(name)
+    }
+
+    fn contains(&self, name: &LowerName) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn insert(&mut self, name: LowerName, value: V) {
+        let shard = Arc::make_mut(&mut self.shards[Self::shard(&name)]);
+        if shard.insert(name, value).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn get_mut(&mut self, name: &LowerName) -> Option<&mut V> {
+        let shard = &mut self.shards[Self::shard(name)];
+        if !shard.contains_key(name) {
+            return None;
+        }
+        Arc::make_mut(shard).get_mut(name)
+    }
+
+    fn entry_or_default(&mut self, name: &LowerName) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.contains(name) {
+            self.insert(name.clone(), V::default());
+        }
+        self.get_mut(name).expect("just inserted")
+    }
+
+    fn remove(&mut self, name: &LowerName) {
+        let shard = &mut self.shards[Self::shard(name)];
+        if shard.contains_key(name) {
+            Arc::make_mut(shard).remove(name);
+            self.len -= 1;
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&LowerName, &V)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
+    }
 }
 
 /// The cluster zone and the reverse names of one agent state.
@@ -50,13 +145,16 @@ pub struct DnsIndex {
     /// `clusterset.local.`: the imports of the clusterset (MCS).
     pub(crate) clusterset_zone: LowerName,
     /// Names of both zones (they do not overlap).
-    pub(crate) names: HashMap<LowerName, Node>,
-    pub(crate) reverse: HashMap<LowerName, Vec<Record>>,
+    pub(crate) names: Names<Node>,
+    pub(crate) reverse: Names<Vec<Record>>,
     pub(crate) soa: Record,
     pub(crate) clusterset_soa: Record,
     ttl: u32,
     /// How long the build took.
     pub build_time: Duration,
+    /// Services whose contribution changed to make this index from the
+    /// previous one (`None`: built whole).
+    pub changed: Option<usize>,
 }
 
 impl DnsIndex {
@@ -65,45 +163,98 @@ impl DnsIndex {
         let started = Instant::now();
         let zone = zone.to_lowercase();
         let clusterset = Name::from_ascii(CLUSTERSET_ZONE).expect("a valid name");
-        let mut b = Builder {
-            zone: zone.clone(),
-            ttl,
-            names: HashMap::new(),
-            reverse: HashMap::new(),
-        };
-        let soa = b.apex(SCHEMA_VERSION);
-        b.ensure(&b.sub(&["pod"]));
-        let mut cs = Builder {
-            zone: clusterset.clone(),
-            ttl,
-            names: std::mem::take(&mut b.names),
-            reverse: std::mem::take(&mut b.reverse),
-        };
-        let clusterset_soa = cs.apex(CLUSTERSET_SCHEMA_VERSION);
-        for held in state.resources.values() {
-            if held.state.service.key.cluster == switchyard_model::CLUSTERSET {
-                cs.import(&held.state);
-            } else {
-                cs.zone = zone.clone();
-                cs.service(&held.state);
-                cs.zone = clusterset.clone();
+        let mut names = Names::new();
+        let mut reverse = Names::new();
+        let mut apex = |apex: &Name, schema: &str| {
+            let mut b = Builder::new(apex, ttl);
+            let soa = b.apex(schema);
+            if apex == &zone {
+                b.ensure(&b.sub(&["pod"]));
             }
-        }
-        let mut b = cs;
-        for node in b.names.values_mut() {
-            sort_by_type(&mut node.records);
-        }
-        Self {
+            b.merge_into(&mut names, &mut reverse, 1);
+            soa
+        };
+        let soa = apex(&zone, SCHEMA_VERSION);
+        let clusterset_soa = apex(&clusterset, CLUSTERSET_SCHEMA_VERSION);
+        let mut index = Self {
             version: state.version.clone(),
-            source: state,
+            source: state.clone(),
             zone: LowerName::new(&zone),
             clusterset_zone: LowerName::new(&clusterset),
-            names: b.names,
-            reverse: b.reverse,
+            names,
+            reverse,
             soa,
             clusterset_soa,
             ttl,
-            build_time: started.elapsed(),
+            build_time: Duration::ZERO,
+            changed: None,
+        };
+        let mut touched = HashSet::new();
+        for held in state.resources.values() {
+            index
+                .contribution(&held.state)
+                .add_to(&mut index, &mut touched);
+        }
+        index.sort(&touched);
+        index.build_time = started.elapsed();
+        index
+    }
+
+    /// The index of `state`, made from `self` (the index of an earlier
+    /// state): only the Services whose state differs are taken out and put
+    /// back. Builds whole when most of them changed.
+    pub fn next(&self, state: Arc<AgentState>) -> Self {
+        let started = Instant::now();
+        let changed = changed_services(&self.source, &state);
+        if changed.len() > state.resources.len() / 4 + 64 {
+            return Self::build(state, &Name::from(&self.zone), self.ttl);
+        }
+        let mut index = Self {
+            version: state.version.clone(),
+            source: state.clone(),
+            zone: self.zone.clone(),
+            clusterset_zone: self.clusterset_zone.clone(),
+            names: self.names.clone(),
+            reverse: self.reverse.clone(),
+            soa: self.soa.clone(),
+            clusterset_soa: self.clusterset_soa.clone(),
+            ttl: self.ttl,
+            build_time: Duration::ZERO,
+            changed: Some(changed.len()),
+        };
+        let mut touched = HashSet::new();
+        for (old, new) in &changed {
+            if let Some(old) = old {
+                index.contribution(old).remove_from(&mut index);
+            }
+            if let Some(new) = new {
+                index.contribution(new).add_to(&mut index, &mut touched);
+            }
+        }
+        index.sort(&touched);
+        index.build_time = started.elapsed();
+        index
+    }
+
+    /// What one Service puts in the index.
+    fn contribution(&self, st: &ServiceState) -> Builder {
+        if st.service.key.cluster == switchyard_model::CLUSTERSET {
+            let mut b = Builder::new(&Name::from(&self.clusterset_zone), self.ttl);
+            b.import(st);
+            b
+        } else {
+            let mut b = Builder::new(&Name::from(&self.zone), self.ttl);
+            b.service(st);
+            b
+        }
+    }
+
+    /// Groups the records of the names an update wrote by type.
+    fn sort(&mut self, touched: &HashSet<LowerName>) {
+        for name in touched {
+            if let Some(node) = self.names.get_mut(name) {
+                sort_by_type(&mut node.records);
+            }
         }
     }
 
@@ -123,6 +274,8 @@ impl DnsIndex {
     }
 }
 
+/// The names and records of one Service (or of a zone's apex), before they
+/// join an index.
 struct Builder {
     zone: Name,
     ttl: u32,
@@ -131,6 +284,72 @@ struct Builder {
 }
 
 impl Builder {
+    fn new(zone: &Name, ttl: u32) -> Self {
+        Self {
+            zone: zone.clone(),
+            ttl,
+            names: HashMap::new(),
+            reverse: HashMap::new(),
+        }
+    }
+
+    /// Adds these names to the index, each counted once more.
+    fn merge_into(self, names: &mut Names<Node>, reverse: &mut Names<Vec<Record>>, refs: u32) {
+        for (name, node) in self.names {
+            let into = names.entry_or_default(&name);
+            into.refs += refs;
+            for r in node.records {
+                if !into.records.contains(&r) {
+                    into.records.push(r);
+                }
+            }
+        }
+        for (name, records) in self.reverse {
+            let into = reverse.entry_or_default(&name);
+            for r in records {
+                if !into.contains(&r) {
+                    into.push(r);
+                }
+            }
+        }
+    }
+
+    fn add_to(self, index: &mut DnsIndex, touched: &mut HashSet<LowerName>) {
+        touched.extend(
+            self.names
+                .iter()
+                .filter(|(_, n)| !n.records.is_empty())
+                .map(|(k, _)| k.clone()),
+        );
+        self.merge_into(&mut index.names, &mut index.reverse, 1);
+    }
+
+    /// Takes these names out of the index: their records, and the names no
+    /// other Service contributes. Records of one name come from one Service
+    /// (its names are under its own), and a PTR names its Service, so no
+    /// record taken out belongs to another.
+    fn remove_from(self, index: &mut DnsIndex) {
+        for (name, node) in self.names {
+            let Some(into) = index.names.get_mut(&name) else {
+                continue;
+            };
+            into.records.retain(|r| !node.records.contains(r));
+            into.refs = into.refs.saturating_sub(1);
+            if into.refs == 0 {
+                index.names.remove(&name);
+            }
+        }
+        for (name, records) in self.reverse {
+            let Some(into) = index.reverse.get_mut(&name) else {
+                continue;
+            };
+            into.retain(|r| !records.contains(r));
+            if into.is_empty() {
+                index.reverse.remove(&name);
+            }
+        }
+    }
+
     /// The zone's apex (SOA, NS), its `dns-version` TXT and `svc`; returns the SOA.
     fn apex(&mut self, schema: &str) -> Record {
         let zone = self.zone.clone();
@@ -330,6 +549,34 @@ impl Builder {
         }
         for (srv, port, host) in srvs {
             self.add(&srv, RData::SRV(SRV::new(0, 100, port, host)));
+        }
+    }
+}
+
+/// The Services of `before` and `after` whose state differs, as
+/// (before, after); `None` where a side does not hold it.
+fn changed_services<'a>(
+    before: &'a AgentState,
+    after: &'a AgentState,
+) -> Vec<(Option<&'a ServiceState>, Option<&'a ServiceState>)> {
+    let mut out = Vec::new();
+    let mut old = before.resources.iter().peekable();
+    let mut new = after.resources.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => return out,
+            (Some((o, _)), Some((n, _))) if o == n => {
+                let (_, o) = old.next().expect("peeked");
+                let (_, n) = new.next().expect("peeked");
+                if !Arc::ptr_eq(&o.state, &n.state) && o.state != n.state {
+                    out.push((Some(&*o.state), Some(&*n.state)));
+                }
+            }
+            (Some((o, _)), Some((n, _))) if o < n => {
+                out.push((Some(&*old.next().expect("peeked").1.state), None));
+            }
+            (Some(_), None) => out.push((Some(&*old.next().expect("peeked").1.state), None)),
+            (_, Some(_)) => out.push((None, Some(&*new.next().expect("peeked").1.state))),
         }
     }
 }

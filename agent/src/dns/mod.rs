@@ -167,8 +167,6 @@ pub struct IndexCell {
     /// The state the index in force was built from.
     built: watch::Sender<Arc<AgentState>>,
     building: Mutex<()>,
-    zone: Name,
-    ttl: u32,
     status: Option<Arc<Status>>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -189,8 +187,6 @@ impl IndexCell {
             state,
             built: watch::Sender::new(source),
             building: Mutex::new(()),
-            zone,
-            ttl,
             status,
             metrics,
         };
@@ -222,7 +218,8 @@ impl IndexCell {
         if Arc::ptr_eq(&index.source, &state) {
             return index;
         }
-        let next = Arc::new(DnsIndex::build(state.clone(), &self.zone, self.ttl));
+        // Only what changed since the index in force (whole when most did).
+        let next = Arc::new(index.next(state.clone()));
         self.current.store(next.clone());
         self.built.send_replace(state);
         self.report(&next);
@@ -230,7 +227,7 @@ impl IndexCell {
     }
 
     fn report(&self, index: &DnsIndex) {
-        tracing::debug!(version = %index.version, names = index.len(), took = ?index.build_time, "DNS index built");
+        tracing::debug!(version = %index.version, names = index.len(), changed_services = ?index.changed, took = ?index.build_time, "DNS index built");
         if let Some(m) = &self.metrics {
             m.dns
                 .names

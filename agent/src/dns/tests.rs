@@ -17,6 +17,7 @@ use hickory_server::net::xfer::Protocol as NetProtocol;
 use hickory_server::server::Request;
 
 use super::handler::{Answer, Decision, decide};
+use super::index::Lookup;
 use super::response::{Transport, handle_bytes};
 use super::{Acl, DnsIndex};
 use crate::state::{AgentState, HeldResource};
@@ -890,4 +891,143 @@ fn the_clusterset_zone_answers_imports_as_the_mcs_dns_specification_says() {
     let nodata = ask(&idx, "shop.svc.clusterset.local.", RecordType::A);
     assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
     assert!(nodata.answers.is_empty());
+}
+
+/// Every name with its records as text, SOAs left out (their serial is the
+/// build's second), records sorted: two indexes that answer alike are equal.
+fn canonical(idx: &DnsIndex) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>) {
+    let text = |records: &[Record]| {
+        let mut v: Vec<String> = records
+            .iter()
+            .filter(|r| r.record_type() != RecordType::SOA)
+            .map(|r| format!("{} {}", r.name, r.data))
+            .collect();
+        v.sort();
+        v
+    };
+    let names = idx
+        .names
+        .iter()
+        .map(|(k, n)| (k.to_string(), text(&n.records)))
+        .collect();
+    let reverse = idx
+        .reverse
+        .iter()
+        .map(|(k, r)| (k.to_string(), text(r)))
+        .collect();
+    (names, reverse)
+}
+
+#[test]
+fn an_index_made_from_the_previous_one_answers_as_one_built_whole() {
+    let pod = |a: &str, h: Option<&str>| endpoint(a, h, true);
+    let steps: Vec<(Vec<ServiceState>, usize)> = vec![
+        (
+            vec![
+                mk_service("shop", "web", &["10.96.0.10", "fd00::10"]),
+                // Two headless Services select one pod: its PTR has two targets.
+                mk_headless(
+                    "shop",
+                    "db",
+                    vec![pod("10.1.0.1", Some("db-0")), pod("10.1.0.2", None)],
+                ),
+                mk_headless("shop", "db-replica", vec![pod("10.1.0.1", None)]),
+                mk_external("shop", "pay", "pay.example.com"),
+                mk_service("other", "x", &["10.96.0.20"]),
+                mk_import("web", Some("10.112.0.10"), &[]),
+            ],
+            6,
+        ),
+        (
+            // An endpoint moves, a Service goes, one comes, the import turns headless.
+            vec![
+                mk_service("shop", "web", &["10.96.0.10", "fd00::10"]),
+                mk_headless(
+                    "shop",
+                    "db",
+                    vec![pod("10.1.0.1", Some("db-0")), pod("10.1.0.3", None)],
+                ),
+                mk_headless("shop", "db-replica", vec![pod("10.1.0.1", None)]),
+                mk_external("shop", "pay", "pay.example.com"),
+                mk_service("other", "x", &["10.96.0.20"]),
+                mk_service("other", "y", &["10.96.0.21"]),
+                mk_import(
+                    "web",
+                    None,
+                    &[
+                        ("east", "10.2.0.1", Some("web-0")),
+                        ("west", "10.3.0.1", None),
+                    ],
+                ),
+            ],
+            3,
+        ),
+        (
+            // The namespace `other` empties: `other.svc` must stop existing;
+            // the pod shared by two Services keeps the PTR of the one left.
+            vec![
+                mk_service("shop", "web", &["10.96.0.11"]),
+                mk_headless("shop", "db", vec![pod("10.1.0.3", None)]),
+                mk_headless("shop", "db-replica", vec![pod("10.1.0.1", None)]),
+                mk_external("shop", "pay", "pay2.example.com"),
+            ],
+            6,
+        ),
+        (Vec::new(), 4),
+    ];
+    let mut prev = DnsIndex::build(Arc::new(AgentState::default()), &zone(), 5);
+    for (i, (services, changed)) in steps.into_iter().enumerate() {
+        let state = mk_state(&format!("v{i}"), services);
+        let next = prev.next(state.clone());
+        let whole = DnsIndex::build(state, &zone(), 5);
+        assert_eq!(next.changed, Some(changed), "step {i}: Services changed");
+        assert_eq!(canonical(&next), canonical(&whole), "step {i}");
+        assert_eq!(next.len(), whole.len(), "step {i}: name count");
+        assert_eq!(next.version, format!("v{i}"));
+        // The index it was made from still answers as before.
+        assert_eq!(
+            prev.version,
+            if i == 0 {
+                String::new()
+            } else {
+                format!("v{}", i - 1)
+            }
+        );
+        prev = next;
+    }
+    let gone = Name::from_ascii("other.svc.cluster.local.").expect("name");
+    assert!(matches!(
+        prev.lookup(&gone.into(), RecordType::A),
+        Lookup::NxDomain
+    ));
+}
+
+#[test]
+fn most_services_changing_builds_whole() {
+    let a = mk_state(
+        "a",
+        (0..10)
+            .map(|i| mk_service("ns", &format!("s{i}"), &["10.96.0.1"]))
+            .collect(),
+    );
+    let b = mk_state(
+        "b",
+        (0..10)
+            .map(|i| mk_service("ns", &format!("t{i}"), &["10.96.0.1"]))
+            .collect(),
+    );
+    let idx = DnsIndex::build(a, &zone(), 5);
+    // 20 changes (10 out, 10 in) against 10 Services: below the floor of 64,
+    // so still incremental; a state of thousands changing whole is rebuilt.
+    assert_eq!(idx.next(b).changed, Some(20));
+    let many = |v: &str, p: &str| {
+        mk_state(
+            v,
+            (0..400)
+                .map(|i| mk_service("ns", &format!("{p}{i}"), &["10.96.0.1"]))
+                .collect(),
+        )
+    };
+    let idx = DnsIndex::build(many("a", "s"), &zone(), 5);
+    assert_eq!(idx.next(many("b", "t")).changed, None, "built whole");
 }

@@ -18,8 +18,9 @@
 //! with a stopping signal marks it terminating; `die`, `stop` and
 //! `destroy` remove it. The events are filtered by type and action at the
 //! engine: health checks run `exec` every interval, and those events would
-//! otherwise flood the stream. Every change publishes at once; the index
-//! coalesces bursts.
+//! otherwise flood the stream. A burst of changes publishes once, when it
+//! ends (`--debounce`, see [`super::debounce`]); a session that ends
+//! publishes what it had pending first.
 //!
 //! What labels mean is in [`containers`].
 
@@ -38,8 +39,10 @@ use bollard::models::{
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use futures::StreamExt;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::debounce::{Burst, Debounce};
 use super::{Source, SourceState};
 use containers::{Container, Health, NetworkAddress, SERVICE_LABEL};
 
@@ -76,6 +79,8 @@ pub struct DockerSourceConfig {
     pub host: Option<String>,
     /// Cluster id of the Services.
     pub cluster: String,
+    /// How a burst of events coalesces into one publication.
+    pub debounce: Debounce,
 }
 
 /// Serves what the labelled containers of one engine describe.
@@ -141,7 +146,7 @@ async fn run(source: DockerSource, state: watch::Sender<SourceState>, shutdown: 
     loop {
         let ended = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&host, &mut view, &state, &mut backoff) => r,
+            r = session(&host, source.config.debounce, &mut view, &state, &mut backoff) => r,
         };
         let message = format!("Docker engine {host}: {ended}");
         tracing::warn!(source = %name, error = %message, retry_in = ?backoff, "lost the Docker engine; serving the last state");
@@ -161,11 +166,12 @@ async fn run(source: DockerSource, state: watch::Sender<SourceState>, shutdown: 
 /// stream fails. Only returns on failure.
 async fn session(
     host: &str,
+    debounce: Debounce,
     view: &mut View,
     state: &watch::Sender<SourceState>,
     backoff: &mut Duration,
 ) -> SessionError {
-    match session_inner(host, view, state, backoff).await {
+    match session_inner(host, debounce, view, state, backoff).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -173,6 +179,7 @@ async fn session(
 
 async fn session_inner(
     host: &str,
+    debounce: Debounce,
     view: &mut View,
     state: &watch::Sender<SourceState>,
     backoff: &mut Duration,
@@ -222,10 +229,30 @@ async fn session_inner(
     tracing::info!(source = %view.source, %host, containers = view.containers.len(), "following the Docker engine");
     *backoff = FIRST_BACKOFF;
 
+    let mut burst = Burst::default();
     loop {
-        let event = events.next().await.ok_or(SessionError::EventsEnded)??;
-        if view.apply(&docker, &event).await? {
-            view.publish(state, true);
+        let next = tokio::select! {
+            next = events.next() => next,
+            _ = burst.ended() => {
+                burst.clear();
+                view.publish(state, true);
+                continue;
+            }
+        };
+        let changed = match next {
+            Some(Ok(event)) => view.apply(&docker, &event).await,
+            Some(Err(e)) => Err(e.into()),
+            None => Err(SessionError::EventsEnded),
+        };
+        match changed {
+            Ok(true) => burst.change(debounce, Instant::now()),
+            Ok(false) => {}
+            Err(e) => {
+                if burst.pending() {
+                    view.publish(state, true);
+                }
+                return Err(e);
+            }
         }
     }
 }

@@ -32,7 +32,6 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -47,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
+use super::debounce::{Burst, Debounce};
 use super::{Export, ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
 
@@ -56,23 +56,19 @@ pub const CLUSTER_ANNOTATION: &str = "switchyard.io/cluster";
 /// File name extensions read from directories.
 const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
-/// However long a burst of events lasts, a reload waits at most this many
-/// debounce windows after its first event.
-const MAX_DEBOUNCE_WINDOWS: u32 = 4;
-
 /// Serves the Services and EndpointSlices of manifest files, reloading on change.
 #[derive(Debug, Clone)]
 pub struct FileSource {
     paths: Vec<PathBuf>,
     cluster: String,
-    debounce: Duration,
+    debounce: Debounce,
     cluster_annotation: bool,
 }
 
 impl FileSource {
     /// A source reading `paths` (files or directories) for cluster `cluster`.
-    /// Changes closer together than `debounce` coalesce into one reload.
-    pub fn new(paths: Vec<PathBuf>, cluster: String, debounce: Duration) -> Self {
+    /// A burst of changes coalesces into one reload (see [`Debounce`]).
+    pub fn new(paths: Vec<PathBuf>, cluster: String, debounce: Debounce) -> Self {
         Self {
             paths,
             cluster,
@@ -179,7 +175,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
 /// false on shutdown.
 async fn next_change(
     events: &mut mpsc::Receiver<()>,
-    debounce: Duration,
+    debounce: Debounce,
     shutdown: &CancellationToken,
 ) -> bool {
     tokio::select! {
@@ -190,13 +186,13 @@ async fn next_change(
             return false;
         },
     }
-    let last_chance = Instant::now() + debounce * MAX_DEBOUNCE_WINDOWS;
-    let mut deadline = Instant::now() + debounce;
+    let mut burst = Burst::default();
+    burst.change(debounce, Instant::now());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep_until(deadline) => return true,
-            Some(()) = events.recv() => deadline = (Instant::now() + debounce).min(last_chance),
+            _ = burst.ended() => return true,
+            Some(()) = events.recv() => burst.change(debounce, Instant::now()),
         }
     }
 }

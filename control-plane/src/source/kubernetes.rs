@@ -42,15 +42,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::debounce::{Burst, Debounce};
 use super::{Export, NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
 use crate::k8s;
 
 /// The label that carries a Node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-
-/// However long a burst of events lasts, a publish waits at most this many
-/// debounce windows after its first event.
-const MAX_DEBOUNCE_WINDOWS: u32 = 4;
 
 /// How to reach the API server and what to watch.
 #[derive(Debug, Clone, Default)]
@@ -68,8 +65,8 @@ pub struct KubeSourceConfig {
     /// ignored here: anyone who may edit a Service in the API server must not
     /// be able to move it into another cluster's view.
     pub cluster: String,
-    /// Quiet time that ends a burst of events.
-    pub debounce: Duration,
+    /// How a burst of events coalesces into one publication.
+    pub debounce: Debounce,
 }
 
 /// Why the source cannot talk to the API server at all.
@@ -409,18 +406,12 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     let mut dirty = false;
     loop {
         // One burst: the first signal, then everything until a quiet window.
-        let mut burst_end: Option<(Instant, Instant)> = None;
+        let mut burst = Burst::default();
         loop {
-            let next = match burst_end {
-                None => tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = stream.next() => n,
-                },
-                Some((quiet, cap)) => tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(quiet.min(cap)) => break,
-                    n = stream.next() => n,
-                },
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = burst.ended() => break,
+                n = stream.next() => n,
             };
             let Some((kind, signal)) = next else {
                 // The watchers retry forever; an ended stream means shutdown.
@@ -469,9 +460,7 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                     errors[i] = None;
                 }
             }
-            let now = Instant::now();
-            let cap = burst_end.map_or(now + config.debounce * MAX_DEBOUNCE_WINDOWS, |b| b.1);
-            burst_end = Some((now + config.debounce, cap));
+            burst.change(config.debounce, Instant::now());
         }
 
         let last_error = {

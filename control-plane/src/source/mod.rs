@@ -14,6 +14,7 @@
 //!   switchyard:URL   ──┘  (another control plane: a cluster's exports, or a hub's imports)
 //! ```
 
+pub mod debounce;
 pub mod docker;
 pub mod file;
 pub mod kubernetes;

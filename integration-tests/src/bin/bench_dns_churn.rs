@@ -2,7 +2,9 @@
 //! stub serves 10,000 Services x 10 endpoints; a client sends A queries at
 //! a fixed pace over UDP and times each answer, once with the state quiet
 //! and once with one Service changing every 200 ms (each change a new state,
-//! so a new index is built). Runs alternate, repeated, in one process.
+//! so a new index is made). Runs alternate, repeated, in one process.
+//! First, in the same process, the cost of an index at that size: built
+//! whole, beside made from the previous index after one endpoint change.
 //!
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns_churn
@@ -14,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_agent::dns::{Acl, DnsConfig};
+use switchyard_agent::dns::{Acl, DnsConfig, DnsIndex};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_integration_tests::bench::{loadavg, summary};
@@ -132,6 +134,49 @@ fn probe(stub: SocketAddr, services: usize, seconds: u64, qps: u64) -> Vec<f64> 
     out
 }
 
+/// The DNS index after one endpoint change: built whole (the baseline) and
+/// made from the previous index, in this run.
+fn index_cost(state: &Arc<AgentState>, services: usize) {
+    let zone = switchyard_agent::dns::zone_name("cluster.local").expect("zone");
+    let mut whole = Vec::new();
+    let mut index = DnsIndex::build(state.clone(), &zone, 5);
+    for _ in 0..5 {
+        let t = Instant::now();
+        index = DnsIndex::build(state.clone(), &zone, 5);
+        whole.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut next = Vec::new();
+    let mut current = state.clone();
+    for generation in 1..=50u32 {
+        let mut changed = (*current).clone();
+        let i = (generation as usize * 7919) % services;
+        let (name, res) = held(i, generation);
+        changed.resources.insert(name, res);
+        changed.version = format!("v{generation}");
+        current = Arc::new(changed);
+        let t = Instant::now();
+        index = index.next(current.clone());
+        next.push(t.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(index.changed, Some(1), "one Service changed");
+    }
+    println!(
+        "DNS index at {services} Services x 10 endpoints ({} names), one endpoint change:",
+        index.len()
+    );
+    println!("| how | n | p50 µs | p99 µs | max µs |");
+    println!("|---|---|---|---|---|");
+    for (how, mut v) in [
+        ("built whole (before)", whole),
+        ("made from the previous index", next),
+    ] {
+        let s = summary(&mut v);
+        println!(
+            "| {how} | {} | {} | {} | {} |",
+            s["n"], s["p50"], s["p99"], s["max"]
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let services = arg("--services", 10_000) as usize;
     let seconds = arg("--seconds", 10);
@@ -146,6 +191,7 @@ fn main() -> anyhow::Result<()> {
         version: "v0".into(),
         resources: base,
     });
+    index_cost(&state, services);
     let (tx, rx) = tokio::sync::watch::channel(state.clone());
     let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
     let metrics = Arc::new(Metrics::new());

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use switchyard_control_plane::source::debounce::Debounce;
 use switchyard_control_plane::source::file::FileSource;
 use switchyard_control_plane::source::{Source, SourceState};
 use switchyard_integration_tests::bench::proc_status_kib;
@@ -180,7 +181,7 @@ async fn load(dir: &std::path::Path, services: usize) -> anyhow::Result<(Duratio
     let source = Box::new(FileSource::new(
         vec![dir.to_path_buf()],
         "default".into(),
-        Duration::from_millis(100),
+        Debounce::quiet(Duration::from_millis(100)),
     ));
     let (tx, mut rx) = watch::channel(SourceState::default());
     let shutdown = CancellationToken::new();
