@@ -353,14 +353,18 @@ impl DataPlane for NftablesDataPlane {
     }
 
     fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        let result = if change.full || self.needs_full {
+        let full = change.full || self.needs_full;
+        let result = if full {
             self.full_sync(change.state)
         } else {
             self.partial_sync(change)
         };
         match result {
             Ok(()) => {
-                self.last_good = Some(change.state.clone());
+                match (&mut self.last_good, full) {
+                    (Some(last), false) => last.follow(change.state, change.changes),
+                    _ => self.last_good = Some(change.state.clone()),
+                }
                 Ok(())
             }
             Err(e) => {
