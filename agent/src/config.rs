@@ -12,6 +12,9 @@ use ipnet::IpNet;
 pub enum DataPlaneKind {
     /// kube-proxy-shaped iptables/ip6tables rules, programmed with iptables-restore.
     Iptables,
+    /// One nftables table per family whose rules never change: Services and
+    /// endpoints are set and map elements, programmed through libnftables.
+    Nftables,
     /// Program nothing; record what would be applied (development, tests).
     None,
 }

@@ -301,6 +301,20 @@ impl Conntrack {
         let stale = stale(&entries, desired, node_addresses);
         self.delete(&stale)
     }
+
+    /// [`Conntrack::reconcile`] after a sync, which logs what it did: a
+    /// failure does not fail the sync (the rules are in force either way).
+    pub fn reconcile_after_sync(&self, ipv6: bool, desired: &Desired, node_addresses: &[IpAddr]) {
+        if desired.is_empty() {
+            return;
+        }
+        let family = if ipv6 { "IPv6" } else { "IPv4" };
+        match self.reconcile(ipv6, desired, node_addresses) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(family, deleted = n, "cleared stale UDP flows"),
+            Err(e) => tracing::warn!(family, "clearing stale UDP flows: {e}"),
+        }
+    }
 }
 
 fn open_socket() -> Result<Socket> {

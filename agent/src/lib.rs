@@ -28,6 +28,7 @@ pub mod dns;
 pub mod endpoints;
 pub mod healthcheck;
 pub mod iptables;
+pub mod nftables;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -84,6 +85,7 @@ pub fn dataplane_from_args(args: &Args) -> Box<dyn DataPlane> {
     match args.dataplane {
         DataPlaneKind::None => Box::new(NoneDataPlane::default()),
         DataPlaneKind::Iptables => Box::new(iptables::IptablesDataPlane::new(node_config(args))),
+        DataPlaneKind::Nftables => Box::new(nftables::NftablesDataPlane::new(node_config(args))),
     }
 }
 
@@ -138,6 +140,14 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
 /// put on the node.
 fn cleanup(args: &Args) -> anyhow::Result<()> {
     iptables::cleanup(&iptables::Runner::host())?;
+    // Without libnftables nothing of the nftables data plane can exist.
+    match nftables::kernel::Kernel::host() {
+        Ok(mut kernel) => {
+            let tables = nftables::cleanup(&mut kernel).context("removing our nftables tables")?;
+            tracing::info!(tables, "removed Switchyard's nftables tables");
+        }
+        Err(e) => tracing::info!("no nftables tables to remove: {e}"),
+    }
     let listen = match args.dns_listen {
         DnsListen::Addr(a) => Some(a),
         DnsListen::None => None,
@@ -220,7 +230,10 @@ pub async fn start_with(
         metrics.clone(),
         shutdown.clone(),
     ));
-    if args.dataplane == DataPlaneKind::Iptables {
+    if matches!(
+        args.dataplane,
+        DataPlaneKind::Iptables | DataPlaneKind::Nftables
+    ) {
         tasks.spawn(healthcheck::run(
             node.clone(),
             args.healthz_bind_address,

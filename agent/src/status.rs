@@ -252,6 +252,16 @@ pub struct Metrics {
     pub iptables_canary_resyncs: Counter,
     /// iptables: rules we own (all families and tables).
     pub iptables_rules: Gauge,
+    /// nftables: duration of full syncs.
+    pub nftables_full_sync_seconds: Histogram,
+    /// nftables: duration of partial syncs.
+    pub nftables_partial_sync_seconds: Histogram,
+    /// nftables: transactions the kernel (or libnftables) refused.
+    pub nftables_transaction_failures: Counter,
+    /// nftables: full resyncs because our table was gone.
+    pub nftables_table_resyncs: Counter,
+    /// nftables: set and map elements we own (all families).
+    pub nftables_elements: Gauge,
     /// The same figures under kube-proxy's names, for its dashboards and alerts.
     pub kubeproxy: KubeProxyMetrics,
     /// When this agent started (Unix nanoseconds): changes older than that
@@ -283,6 +293,11 @@ impl Metrics {
             iptables_restore_failures: Counter::default(),
             iptables_canary_resyncs: Counter::default(),
             iptables_rules: Gauge::default(),
+            nftables_full_sync_seconds: buckets(),
+            nftables_partial_sync_seconds: buckets(),
+            nftables_transaction_failures: Counter::default(),
+            nftables_table_resyncs: Counter::default(),
+            nftables_elements: Gauge::default(),
             kubeproxy: KubeProxyMetrics::default(),
             started_unix_nanos: crate::unix_nanos(),
             registry: Registry::default(),
@@ -337,6 +352,31 @@ impl Metrics {
             "iptables_rules",
             "iptables rules Switchyard owns",
             m.iptables_rules.clone(),
+        );
+        registry.register(
+            "nftables_sync_seconds_full",
+            "nftables full sync duration (rules and every element, one transaction)",
+            m.nftables_full_sync_seconds.clone(),
+        );
+        registry.register(
+            "nftables_sync_seconds_partial",
+            "nftables partial sync duration (element operations of the changed Services)",
+            m.nftables_partial_sync_seconds.clone(),
+        );
+        registry.register(
+            "nftables_transaction_failures",
+            "nftables transactions that failed",
+            m.nftables_transaction_failures.clone(),
+        );
+        registry.register(
+            "nftables_table_resyncs",
+            "Full resyncs after our nftables table was found missing",
+            m.nftables_table_resyncs.clone(),
+        );
+        registry.register(
+            "nftables_elements",
+            "nftables set and map elements Switchyard owns",
+            m.nftables_elements.clone(),
         );
         m.kubeproxy
             .register(root.sub_registry_with_prefix("kubeproxy"));

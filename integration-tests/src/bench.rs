@@ -1,6 +1,15 @@
 //! Helpers the bench binaries share: percentiles, process memory and load.
 
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
+
+use switchyard_agent::iptables::NodeConfig;
+use switchyard_agent::state::{AgentState, HeldResource};
+use switchyard_model::{
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
+    ServiceState, TargetPort,
+};
 
 /// The `p`-th percentile (nearest rank) of ascending `sorted`; NaN when empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -101,5 +110,105 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 4.0);
         assert!(percentile(&[], 50.0).is_nan());
         assert!(proc_status_kib("self", "VmRSS") > 0);
+    }
+}
+
+/// A network namespace of a bench, deleted when dropped.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Creates `swy-bench-TAG-PID` (needs root).
+    pub fn new(tag: &str) -> Self {
+        let name = format!("swy-bench-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot create a network namespace (run as root)");
+        Self(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Service `i` of a bench: ClusterIP 10.96.x.y:80/TCP with ten endpoints
+/// on port 8080; generation g > 0 moves its first endpoint (one endpoint
+/// changed).
+pub fn service(i: usize, generation: u32) -> ServiceState {
+    let mut s = Service::new(ServiceKey::new("default", "bench", format!("svc-{i}")));
+    s.cluster_ips = vec![
+        format!("10.96.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .expect("ip"),
+    ];
+    s.ports = vec![ServicePort {
+        name: "http".into(),
+        protocol: Protocol::Tcp,
+        port: 80,
+        target_port: TargetPort::Number(8080),
+        node_port: None,
+    }];
+    let endpoints = (0..10u32)
+        .map(|e| {
+            let n = i as u32 * 10 + e;
+            // Generation g > 0 moves the first endpoint to 10.200.g.x: one
+            // endpoint changed.
+            let ip = if e == 0 && generation > 0 {
+                format!("10.200.{generation}.{}", i % 250 + 1)
+            } else {
+                format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
+            };
+            Endpoint {
+                addresses: vec![ip.parse().expect("ip")],
+                node_name: Some(format!("node-{}", e % 5)),
+                ..Endpoint::default()
+            }
+        })
+        .collect();
+    ServiceState {
+        service: s,
+        slices: vec![EndpointSlice {
+            name: format!("svc-{i}-1"),
+            address_type: AddressType::IPv4,
+            endpoints,
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            cluster: None,
+            trigger_time_unix_nanos: None,
+        }],
+    }
+}
+
+/// Puts `svc` into `state`; its resource name.
+pub fn insert(state: &mut AgentState, svc: ServiceState) -> String {
+    let name = svc.service.key.to_string();
+    state.resources.insert(
+        name.clone(),
+        HeldResource {
+            version: "v".into(),
+            state: Arc::new(svc),
+        },
+    );
+    name
+}
+
+/// The node settings of the benches (node-0, pod CIDR 10.244.0.0/16).
+pub fn cfg() -> NodeConfig {
+    NodeConfig {
+        node: "node-0".into(),
+        zone: None,
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        nodeport_addresses: Vec::new(),
+        masquerade_mark: 0x4000,
+        localhost_nodeports: true,
+        addresses: Vec::new(),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  infra ns: br0 10.99.0.1/24 + fd00:99::1/64, the control plane (gRPC on 10.99.0.1:18000)
-//!    ├── node-1 ns: eth0 10.99.0.11 + fd00:99::11, the agent (--dataplane iptables),
+//!    ├── node-1 ns: eth0 10.99.0.11 + fd00:99::11, the agent (--dataplane iptables or nftables),
 //!    │              pods 10.244.1.k/32 + fd00:244:1::k/128 on veths
 //!    ├── node-2 ns: eth0 10.99.0.12 + fd00:99::12, the agent, pods 10.244.2.k + fd00:244:2::k
 //!    └── ext ns:    eth0 10.99.0.100 + fd00:99::100 (a client outside the cluster)
@@ -78,6 +78,28 @@ fn run(cmd: &[&str]) -> String {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Which data plane the agents run; packet tests run once per plane and
+/// must see the same packets. The helpers below ([`Cluster::rules`],
+/// [`Cluster::frontend`], [`Cluster::dnat`], ...) read each plane's own
+/// syntax, so a test states what it waits for once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// `--dataplane iptables`.
+    Iptables,
+    /// `--dataplane nftables`.
+    Nftables,
+}
+
+impl Plane {
+    /// The `--dataplane` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Plane::Iptables => "iptables",
+            Plane::Nftables => "nftables",
+        }
+    }
+}
+
 /// The cluster; see the module docs.
 #[derive(Debug)]
 pub struct Cluster {
@@ -91,11 +113,18 @@ pub struct Cluster {
     servers: Vec<Child>,
     pods: BTreeMap<String, (u8, String)>,
     nodes: u8,
+    plane: Plane,
 }
 
 impl Cluster {
-    /// Builds the infra namespace, `nodes` nodes and the external client.
+    /// Builds the infra namespace, `nodes` nodes and the external client;
+    /// the agents run the iptables data plane.
     pub fn new(bins: Bins, nodes: u8) -> Self {
+        Self::with_plane(bins, nodes, Plane::Iptables)
+    }
+
+    /// [`Cluster::new`] with agents running `plane`.
+    pub fn with_plane(bins: Bins, nodes: u8, plane: Plane) -> Self {
         let prefix = format!(
             "sy{}x{}",
             std::process::id() % 100_000,
@@ -111,6 +140,7 @@ impl Cluster {
             servers: Vec::new(),
             pods: BTreeMap::new(),
             nodes,
+            plane,
         };
         std::fs::create_dir(c.manifests()).expect("manifests dir");
         let infra = c.add_ns("infra");
@@ -295,7 +325,7 @@ impl Cluster {
             "--admin-listen",
             "127.0.0.1:9902",
             "--dataplane",
-            "iptables",
+            self.plane.flag(),
             "--cluster-cidr",
             "10.244.0.0/16",
             "--cluster-cidr",
@@ -426,12 +456,92 @@ impl Cluster {
         (code.parse().unwrap_or(0), body.to_owned())
     }
 
-    /// `iptables-save` of node `i` (both tables).
+    /// What node `i`'s data plane programmed for IPv4: `iptables-save` of
+    /// the nat and filter tables, or our nftables table with its elements.
     pub fn rules(&self, i: u8) -> String {
-        self.sh(
-            &self.ns(&format!("n{i}")),
-            "iptables-save -t nat; iptables-save -t filter",
-        )
+        let cmd = match self.plane {
+            Plane::Iptables => "iptables-save -t nat; iptables-save -t filter",
+            Plane::Nftables => "nft list table ip switchyard",
+        };
+        self.sh(&self.ns(&format!("n{i}")), cmd)
+    }
+
+    /// [`Cluster::rules`] for IPv6.
+    pub fn rules6(&self, i: u8) -> String {
+        let cmd = match self.plane {
+            Plane::Iptables => "ip6tables-save -t nat; ip6tables-save -t filter",
+            Plane::Nftables => "nft list table ip6 switchyard",
+        };
+        self.sh(&self.ns(&format!("n{i}")), cmd)
+    }
+
+    /// What the rules hold once a frontend address is programmed (as a
+    /// destination that is translated, refused or dropped).
+    pub fn frontend(&self, ip: &str) -> String {
+        match (self.plane, ip.contains(':')) {
+            (Plane::Iptables, false) => format!("-d {ip}/32"),
+            (Plane::Iptables, true) => format!("-d {ip}/128"),
+            (Plane::Nftables, _) => format!("{ip} . "),
+        }
+    }
+
+    /// What the rules hold once per frontend (and slot) translated to `ip:port`.
+    pub fn dnat(&self, ip: &str, port: u16) -> String {
+        match (self.plane, ip.contains(':')) {
+            (Plane::Iptables, false) => format!("--to-destination {ip}:{port}"),
+            (Plane::Iptables, true) => format!("--to-destination [{ip}]:{port}"),
+            (Plane::Nftables, _) => format!(": {ip} . {port}"),
+        }
+    }
+
+    /// Whether node `i` refuses new connections to `ip` (a frontend
+    /// without endpoints).
+    pub fn refuses(&self, i: u8, ip: &str) -> bool {
+        let ns = self.ns(&format!("n{i}"));
+        let v6 = ip.contains(':');
+        match self.plane {
+            Plane::Iptables => {
+                let tool = if v6 {
+                    "ip6tables-save"
+                } else {
+                    "iptables-save"
+                };
+                let needle = self.frontend(ip);
+                self.sh(&ns, &format!("{tool} -t filter"))
+                    .lines()
+                    .any(|l| l.contains(&needle) && l.contains("REJECT"))
+            }
+            Plane::Nftables => {
+                let family = if v6 { "ip6" } else { "ip" };
+                self.sh(
+                    &ns,
+                    &format!("nft list set {family} switchyard no_endpoints"),
+                )
+                .contains(&self.frontend(ip))
+            }
+        }
+    }
+
+    /// Removes node `i`'s rules the way an operator would by hand
+    /// (`iptables -F` of our tables, `nft flush ruleset`).
+    pub fn flush_rules(&self, i: u8) {
+        let cmd = match self.plane {
+            Plane::Iptables => "iptables -t nat -F; iptables -t filter -F",
+            Plane::Nftables => "nft flush ruleset",
+        };
+        self.sh(&self.ns(&format!("n{i}")), cmd);
+    }
+
+    /// Whether node `i`'s data plane is hooked in (the jump from
+    /// PREROUTING, or our table's nat chain).
+    pub fn hooked(&self, i: u8) -> bool {
+        let needle = match self.plane {
+            Plane::Iptables => {
+                "-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES"
+            }
+            Plane::Nftables => "chain nat_prerouting",
+        };
+        self.rules(i).contains(needle)
     }
 
     /// Polls `pred` (processes in other namespaces cannot be awaited) for at most 20 s.

@@ -1,4 +1,5 @@
-//! The iptables data plane with real packets, in a cluster of network
+//! Both data planes with real packets, the same scenarios on each (every
+//! test is `SCENARIO::iptables` and `SCENARIO::nftables`), in a cluster of network
 //! namespaces (see `switchyard_integration_tests::netns`): the real agent
 //! and control plane processes, real TCP and UDP between pod namespaces.
 //! Skipped (with a message) when not root.
@@ -7,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard_integration_tests::netns::{
-    Bins, Cluster, Condition, finish_echo, pod_ip6, service_manifest, supported, with_endpoints,
-    with_ingress, with_labels,
+    Bins, Cluster, Condition, Plane, finish_echo, pod_ip6, service_manifest, supported,
+    with_endpoints, with_ingress, with_labels,
 };
 
 fn bins() -> Bins {
@@ -21,13 +22,43 @@ fn bins() -> Bins {
 
 /// A two-node cluster, or `None` (with a message) where packet tests
 /// cannot run.
-fn cluster() -> Option<Cluster> {
+fn cluster(plane: Plane) -> Option<Cluster> {
     if !supported() {
         eprintln!("skipping: packet tests need root, iproute2 and iptables");
         return None;
     }
-    Some(Cluster::new(bins(), 2))
+    Some(Cluster::with_plane(bins(), 2, plane))
 }
+
+/// Each scenario runs once per data plane: `NAME::iptables`, `NAME::nftables`.
+macro_rules! on_both_planes {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[test]
+            fn iptables() {
+                super::$scenario(Plane::Iptables);
+            }
+
+            #[test]
+            fn nftables() {
+                super::$scenario(Plane::Nftables);
+            }
+        }
+    )*};
+}
+
+on_both_planes!(
+    service_features_with_real_packets,
+    endpoint_changes_flush_restart_and_cleanup,
+    topology_source_ranges_and_localhost_node_ports,
+    dual_stack_with_real_packets,
+    external_local_policy_and_health_checks,
+    spoofed_load_balancer_sources,
+    proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone,
+    udp_flows_are_reconciled_after_every_sync,
+);
 
 fn count(v: &Value, key: &str, id: &str) -> u64 {
     v[key][id].as_u64().unwrap_or(0)
@@ -39,12 +70,8 @@ fn failures(v: &Value) -> u64 {
         + v["other"].as_array().map_or(0, |a| a.len() as u64)
 }
 
-const PORTALS: &str =
-    "-A PREROUTING -m comment --comment \"switchyard service portals\" -j SWY-SERVICES";
-
-#[test]
-fn service_features_with_real_packets() {
-    let Some(mut c) = cluster() else { return };
+fn service_features_with_real_packets(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let a2 = c.add_pod("a2", 1, 3);
     let b1 = c.add_pod("b1", 2, 2);
@@ -109,7 +136,9 @@ fn service_features_with_real_packets() {
     c.start_control_plane();
     c.start_agents();
     c.wait_rules("every service programmed", "10.96.0.15");
-    c.wait_rules("the reject rule", "-d 10.96.0.13/32");
+    c.wait_until("the reject rule", || {
+        c.refuses(1, "10.96.0.13") && c.refuses(2, "10.96.0.13")
+    });
 
     // ClusterIP from a pod on another node reaches every backend, roughly evenly.
     let r = c.echo("client", &["tcp", "10.96.0.10:80", "300"]);
@@ -167,9 +196,8 @@ fn service_features_with_real_packets() {
     assert_eq!(code, 503, "{body}");
 }
 
-#[test]
-fn endpoint_changes_flush_restart_and_cleanup() {
-    let Some(mut c) = cluster() else { return };
+fn endpoint_changes_flush_restart_and_cleanup(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     c.add_pod("client", 2, 9);
@@ -184,7 +212,7 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     );
     c.start_control_plane();
     c.start_agents();
-    c.wait_rules("both services", "10.96.0.11/32");
+    c.wait_rules("both services", &c.frontend("10.96.0.11"));
 
     // A UDP flow sticks to one endpoint; when that endpoint is removed, its
     // conntrack entry goes and the same flow moves to the live endpoint. Both
@@ -223,11 +251,7 @@ fn endpoint_changes_flush_restart_and_cleanup() {
 
     // An endpoint removed: no new connection reaches it. (The UDP Service
     // may still point at a1, so count a1's DNAT rules: web's one must go.)
-    let dnat_to_a1 = || {
-        c.rules(2)
-            .matches(&format!("--to-destination {a1}:8080"))
-            .count()
-    };
+    let dnat_to_a1 = || c.rules(2).matches(&c.dnat(&a1, 8080)).count();
     let before = dnat_to_a1();
     assert!(before >= 1, "web has a DNAT rule to a1");
     c.write_manifest(
@@ -239,12 +263,9 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     assert_eq!(count(&r, "replies", "b1"), 100, "{r}");
 
     // Someone flushes our rules by hand: the canary notices, rules come back.
-    let n2 = c.ns("n2");
-    c.sh(&n2, "iptables -t nat -F; iptables -t filter -F");
-    assert!(!c.rules(2).contains(PORTALS));
-    c.wait_until("rules restored after the flush", || {
-        c.rules(2).contains(PORTALS)
-    });
+    c.flush_rules(2);
+    assert!(!c.hooked(2));
+    c.wait_until("rules restored after the flush", || c.hooked(2));
     let r = c.echo("client", &["tcp", "10.96.0.10:80", "20"]);
     assert_eq!(count(&r, "replies", "b1"), 20, "{r}");
 
@@ -277,7 +298,7 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     for i in 1..=2u8 {
         c.cleanup_node(i);
         let ns = c.ns(&format!("n{i}"));
-        let saved = c.sh(&ns, "iptables-save; ip6tables-save");
+        let saved = c.sh(&ns, "iptables-save; ip6tables-save; nft list tables");
         assert!(!saved.contains("SWY-"), "{saved}");
         assert!(!saved.contains("switchyard"), "{saved}");
         let addrs = c.sh(&ns, "ip -o addr; ip -o link");
@@ -288,9 +309,8 @@ fn endpoint_changes_flush_restart_and_cleanup() {
     }
 }
 
-#[test]
-fn topology_source_ranges_and_localhost_node_ports() {
-    let Some(mut c) = cluster() else { return };
+fn topology_source_ranges_and_localhost_node_ports(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let a2 = c.add_pod("a2", 1, 3);
     let b1 = c.add_pod("b1", 2, 2);
@@ -382,9 +402,8 @@ fn topology_source_ranges_and_localhost_node_ports() {
     assert_eq!(count(&local, "replies", "b1"), 10, "{local}");
 }
 
-#[test]
-fn dual_stack_with_real_packets() {
-    let Some(mut c) = cluster() else { return };
+fn dual_stack_with_real_packets(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     let client = c.add_pod("client", 2, 9);
@@ -413,9 +432,9 @@ fn dual_stack_with_real_packets() {
     c.start_control_plane();
     c.start_agents();
     c.wait_until("the IPv6 rules programmed on both nodes", || {
-        ["n1", "n2"].iter().all(|n| {
-            let nat = c.sh(&c.ns(n), "ip6tables-save -t nat");
-            nat.contains("fd00:96::30") && nat.contains("--dport 30094")
+        (1..=2).all(|i| {
+            let r = c.rules6(i);
+            r.contains(&c.frontend("fd00:96::30")) && r.contains("30094")
         })
     });
 
@@ -451,7 +470,7 @@ fn dual_stack_with_real_packets() {
     // An IPv6 endpoint removed: no new connection reaches it.
     c.write_manifest("web.yaml", &web(&[(&b6, 2)]));
     c.wait_until("a1's IPv6 endpoint gone on node 2", || {
-        !c.sh(&c.ns("n2"), "ip6tables-save -t nat").contains(&a6)
+        !c.rules6(2).contains(&c.dnat(&a6, 8080))
     });
     let r = c.echo("client", &["tcp", "[fd00:96::30]:80", "40"]);
     assert_eq!(count(&r, "replies", "b1"), 40, "{r}");
@@ -459,8 +478,7 @@ fn dual_stack_with_real_packets() {
     // No IPv6 endpoints: refused at once, and IPv4 is not affected.
     c.write_manifest("web.yaml", &web(&[]));
     c.wait_until("the IPv6 reject rule on node 2", || {
-        c.sh(&c.ns("n2"), "ip6tables-save -t filter")
-            .contains("-d fd00:96::30/128")
+        c.refuses(2, "fd00:96::30")
     });
     let e = c.echo("client", &["tcp", "[fd00:96::30]:80", "1"]);
     assert_eq!(e["refused"], 1, "{e}");
@@ -475,9 +493,8 @@ fn dual_stack_with_real_packets() {
 /// traffic from outside is dropped. healthCheckNodePort counts ready local
 /// endpoints only: a node whose local endpoint is terminating answers 503
 /// while its node port still serves it.
-#[test]
-fn external_local_policy_and_health_checks() {
-    let Some(mut c) = cluster() else { return };
+fn external_local_policy_and_health_checks(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     c.add_pod("near", 1, 9);
@@ -583,9 +600,8 @@ fn external_local_policy_and_health_checks() {
 /// loadBalancerSourceRanges admit packets whose source is the LB IP itself
 /// only when a range holds a node address: a client outside spoofing the
 /// LB IP (by SNAT in its own namespace) is dropped otherwise.
-#[test]
-fn spoofed_load_balancer_sources() {
-    let Some(mut c) = cluster() else { return };
+fn spoofed_load_balancer_sources(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let b1 = c.add_pod("b1", 2, 2);
     let lb = |name: &str, cip: &str, np: u16, range: &str, ingress: &str| {
         with_ingress(
@@ -648,9 +664,8 @@ fn spoofed_load_balancer_sources() {
 /// Services labelled for another proxy, or headless by label, get no rules;
 /// removing the label brings them, adding it takes them away again. An LB
 /// ingress IP with `ipMode: Proxy` is not captured on the node.
-#[test]
-fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone() {
-    let Some(mut c) = cluster() else { return };
+fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     c.add_pod("client", 2, 9);
     let plain =
@@ -710,7 +725,7 @@ fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone() {
     for (name, cip, _, _) in labelled {
         c.write_manifest(&format!("{name}.yaml"), &plain(name, cip));
     }
-    c.wait_rules("the unlabelled services", "10.96.0.61/32");
+    c.wait_rules("the unlabelled services", &c.frontend("10.96.0.61"));
     for (_, cip, _, _) in labelled {
         c.wait_until(&format!("{cip} to answer"), || reaches(cip));
     }
@@ -723,7 +738,7 @@ fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone() {
     c.wait_until("the labelled services' rules gone", || {
         (1..=2).all(|i| {
             let r = c.rules(i);
-            !r.contains("10.96.0.60/32") && !r.contains("10.96.0.61/32")
+            !r.contains(&c.frontend("10.96.0.60")) && !r.contains(&c.frontend("10.96.0.61"))
         })
     });
     for (_, cip, _, _) in labelled {
@@ -737,9 +752,8 @@ fn proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone() {
 /// agent moves the flow; and a flow sent while none of our rules existed
 /// meets them after the restart's full sync (control plane down: the agent
 /// runs from its persisted state alone).
-#[test]
-fn udp_flows_are_reconciled_after_every_sync() {
-    let Some(mut c) = cluster() else { return };
+fn udp_flows_are_reconciled_after_every_sync(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
     let a1 = c.add_pod("a1", 1, 2);
     let b1 = c.add_pod("b1", 2, 2);
     c.add_pod("client", 2, 9);
@@ -756,7 +770,7 @@ fn udp_flows_are_reconciled_after_every_sync() {
     c.write_manifest("dns.yaml", &dns(&[a, b]));
     c.start_control_plane();
     c.start_agents();
-    c.wait_rules("the UDP service", "10.96.0.11/32");
+    c.wait_rules("the UDP service", &c.frontend("10.96.0.11"));
     // One datagram of the flow from source port `sport`: who answered.
     fn flow(c: &Cluster, sport: &str) -> String {
         let u = c.echo("client", &["udp", "10.96.0.11:80", "1", sport]);
@@ -775,8 +789,7 @@ fn udp_flows_are_reconciled_after_every_sync() {
         &dns(&[(stays.0, stays.1, Condition::Terminating), other]),
     );
     c.wait_until("the terminating endpoint out of node 2's rules", || {
-        !c.rules(2)
-            .contains(&format!("--to-destination {}:8080", stays.0))
+        !c.rules(2).contains(&c.dnat(stays.0, 8080))
     });
     assert_eq!(
         flow(&c, "40500"),
@@ -789,7 +802,7 @@ fn udp_flows_are_reconciled_after_every_sync() {
     c.kill_agent(2);
     c.write_manifest("dns.yaml", &dns(&[other]));
     c.wait_until("node 1 without the deleted endpoint", || {
-        !c.rules(1).contains(&format!("{}:8080", stays.0))
+        !c.rules(1).contains(&c.dnat(stays.0, 8080))
     });
     assert_eq!(
         flow(&c, "40500"),

@@ -141,19 +141,11 @@ impl IptablesDataPlane {
     /// failure is logged: the rules are in force either way.
     fn clear_stale_flows(&self) {
         for t in &self.tables {
-            let desired = t.udp_frontends();
-            if desired.is_empty() {
-                continue;
-            }
-            let family = t.family();
-            match self
-                .conntrack
-                .reconcile(family == Family::V6, &desired, &self.cfg.addresses)
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(?family, deleted = n, "cleared stale UDP flows"),
-                Err(e) => tracing::warn!(?family, "clearing stale UDP flows: {e}"),
-            }
+            self.conntrack.reconcile_after_sync(
+                t.family() == Family::V6,
+                &t.udp_frontends(),
+                &self.cfg.addresses,
+            );
         }
     }
 

@@ -18,111 +18,15 @@
 //! Run as root: `cargo run --release -p switchyard-integration-tests --bin bench_iptables -- 1000 10000`.
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_agent::dataplane::{Change, DataPlane};
 use switchyard_agent::iptables::sync::{Existing, FamilyTables};
 use switchyard_agent::iptables::{
-    CHAINS_PER_RESTORE, Family, IptablesDataPlane, NodeConfig, Runner, Table, cleanup, rules,
+    CHAINS_PER_RESTORE, Family, IptablesDataPlane, Runner, Table, cleanup, rules,
 };
-use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
-use switchyard_model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
-    ServiceState, TargetPort,
-};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("swy-bench-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot create a network namespace (run as root)");
-        Self(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn service(i: usize, generation: u32) -> ServiceState {
-    let mut s = Service::new(ServiceKey::new("default", "bench", format!("svc-{i}")));
-    s.cluster_ips = vec![
-        format!("10.96.{}.{}", i / 250, i % 250 + 1)
-            .parse()
-            .expect("ip"),
-    ];
-    s.ports = vec![ServicePort {
-        name: "http".into(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: None,
-    }];
-    let endpoints = (0..10u32)
-        .map(|e| {
-            let n = i as u32 * 10 + e;
-            // Generation g > 0 moves the first endpoint to 10.200.g.x: one
-            // endpoint changed.
-            let ip = if e == 0 && generation > 0 {
-                format!("10.200.{generation}.{}", i % 250 + 1)
-            } else {
-                format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
-            };
-            Endpoint {
-                addresses: vec![ip.parse().expect("ip")],
-                node_name: Some(format!("node-{}", e % 5)),
-                ..Endpoint::default()
-            }
-        })
-        .collect();
-    ServiceState {
-        service: s,
-        slices: vec![EndpointSlice {
-            name: format!("svc-{i}-1"),
-            address_type: AddressType::IPv4,
-            endpoints,
-            ports: vec![EndpointPort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            cluster: None,
-            trigger_time_unix_nanos: None,
-        }],
-    }
-}
-
-fn insert(state: &mut AgentState, svc: ServiceState) -> String {
-    let name = svc.service.key.to_string();
-    state.resources.insert(
-        name.clone(),
-        HeldResource {
-            version: "v".into(),
-            state: Arc::new(svc),
-        },
-    );
-    name
-}
-
-fn cfg() -> NodeConfig {
-    NodeConfig {
-        node: "node-0".into(),
-        zone: None,
-        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
-        nodeport_addresses: Vec::new(),
-        masquerade_mark: 0x4000,
-        localhost_nodeports: true,
-        addresses: Vec::new(),
-    }
-}
+use switchyard_agent::state::{AgentState, ChangeSet};
+use switchyard_integration_tests::bench::{Netns, cfg, insert, service};
 
 /// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
 fn status_kib(field: &str) -> u64 {

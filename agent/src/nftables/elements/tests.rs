@@ -1,0 +1,189 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::iptables::rules::tests::{cfg, ep, slice, svc};
+use crate::state::HeldResource;
+use switchyard_model::{ServiceType, TrafficPolicy};
+
+fn state(services: Vec<ServiceState>) -> AgentState {
+    let mut s = AgentState::default();
+    for (i, svc) in services.into_iter().enumerate() {
+        s.resources.insert(
+            format!("default/shop/s{i}"),
+            HeldResource {
+                version: "v".into(),
+                state: Arc::new(svc),
+            },
+        );
+    }
+    s
+}
+
+fn tcp(eps: &[&str]) -> ServiceState {
+    let eps = eps.iter().map(|ip| ep(ip, "node-b")).collect();
+    svc(Protocol::Tcp, vec![slice("w", Protocol::Tcp, 8080, eps)])
+}
+
+fn sets(e: &ServiceElements) -> BTreeSet<&str> {
+    e.elements.iter().map(|e| e.set.as_str()).collect()
+}
+
+fn changed(name: &str) -> ChangeSet {
+    ChangeSet {
+        changed: vec![name.into()],
+        removed: Vec::new(),
+    }
+}
+
+#[test]
+fn a_cluster_ip_is_its_frontend_and_one_slot_per_endpoint() {
+    let e = service_elements(&tcp(&["10.244.2.2", "10.244.2.3"]), Family::V4, &cfg());
+    assert_eq!(
+        sets(&e),
+        BTreeSet::from(["cluster_ips", "hairpin", "ip_frontends", "ip_main_2"])
+    );
+    let slots: Vec<(&str, &str)> = e
+        .elements
+        .iter()
+        .filter(|e| e.set == "ip_main_2")
+        .map(|e| (e.key.as_str(), e.data.as_str()))
+        .collect();
+    assert_eq!(
+        slots,
+        vec![
+            ("10.96.0.10 . tcp . 80 . 0", "10.244.2.2 . 8080"),
+            ("10.96.0.10 . tcp . 80 . 1", "10.244.2.3 . 8080"),
+        ]
+    );
+    // No endpoints: only the REJECT set.
+    let none = service_elements(&tcp(&[]), Family::V4, &cfg());
+    assert_eq!(sets(&none), BTreeSet::from(["no_endpoints"]));
+    // No IPv6 address: nothing in the ip6 table.
+    assert!(
+        service_elements(&tcp(&["10.244.2.2"]), Family::V6, &cfg())
+            .elements
+            .is_empty()
+    );
+}
+
+#[test]
+fn external_local_short_circuits_to_cluster_endpoints_and_drops_outside() {
+    let mut s = tcp(&["10.244.2.2"]);
+    s.service.service_type = ServiceType::NodePort;
+    s.service.ports[0].node_port = Some(30080);
+    s.service.external_traffic_policy = TrafficPolicy::Local;
+    s.service.health_check_node_port = Some(32000);
+    let e = service_elements(&s, Family::V4, &cfg());
+    let got = sets(&e);
+    for want in [
+        "np_local",
+        "np_short_1",
+        "np_no_local_endpoints",
+        "node_ports",
+        "health_checks",
+    ] {
+        assert!(got.contains(want), "{want} in {got:?}");
+    }
+    // No local endpoint on node-a: nothing in the node port's own map.
+    assert!(!got.iter().any(|s| s.starts_with("np_main_")), "{got:?}");
+}
+
+#[test]
+fn partial_is_element_operations_and_a_count_change_moves_classes() {
+    let cfg = cfg();
+    let before = state(vec![tcp(&["10.244.2.2", "10.244.2.3"])]);
+    let (mut p, full) = Programmed::full(&before, &cfg, Family::V4);
+    assert!(
+        full.starts_with("add table ip switchyard\ndelete table ip switchyard\n"),
+        "{full}"
+    );
+    assert!(
+        full.contains("add element ip switchyard ip_main_2 {"),
+        "{full}"
+    );
+
+    // One endpoint swapped: one map element replaced, one hairpin pair each way.
+    let swapped = state(vec![tcp(&["10.244.2.2", "10.244.2.4"])]);
+    let text = p
+        .partial(&swapped, &changed("default/shop/s0"), &cfg)
+        .expect("elements");
+    assert_eq!(
+        text,
+        "delete element ip switchyard hairpin { 10.244.2.3 . 10.244.2.3 }\n\
+         delete element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 1 }\n\
+         add element ip switchyard hairpin { 10.244.2.4 . 10.244.2.4 }\n\
+         add element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 1 : 10.244.2.4 . 8080 }\n"
+    );
+    assert!(!text.contains("rule"), "{text}");
+
+    // Three endpoints: the class-2 elements go, class-3 ones come.
+    let three = state(vec![tcp(&["10.244.2.2", "10.244.2.4", "10.244.2.5"])]);
+    let text = p
+        .partial(&three, &changed("default/shop/s0"), &cfg)
+        .expect("elements");
+    assert_eq!(text.matches("ip_main_3").count(), 1, "{text}");
+    assert!(text.contains("delete element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 0, 10.96.0.10 . tcp . 80 . 1 }"), "{text}");
+
+    // Gone: every element goes; the same state again changes nothing.
+    let removed = ChangeSet {
+        changed: Vec::new(),
+        removed: vec!["default/shop/s0".into()],
+    };
+    let text = p
+        .partial(&AgentState::default(), &removed, &cfg)
+        .expect("elements");
+    assert!(!text.contains("add "), "{text}");
+    assert_eq!(p.element_count(), 0);
+    assert_eq!(
+        p.partial(&AgentState::default(), &changed("default/shop/s0"), &cfg),
+        Some(String::new())
+    );
+}
+
+#[test]
+fn shared_elements_go_with_their_last_owner_and_new_timeouts_add_rules() {
+    let cfg = cfg();
+    // Two Services on one endpoint: the hairpin pair is theirs together.
+    let mut other = tcp(&["10.244.2.2"]);
+    other.service.cluster_ips = vec!["10.96.0.11".parse().expect("ip")];
+    let both = state(vec![tcp(&["10.244.2.2"]), other.clone()]);
+    let (mut p, _) = Programmed::full(&both, &cfg, Family::V4);
+    let mut one = both.clone();
+    one.resources.remove("default/shop/s0");
+    let removed = ChangeSet {
+        changed: Vec::new(),
+        removed: vec!["default/shop/s0".into()],
+    };
+    let text = p.partial(&one, &removed, &cfg).expect("elements");
+    assert!(!text.contains("hairpin"), "still s1's: {text}");
+
+    // The first Service with a 60 s affinity needs its rules: a full sync.
+    let mut sticky = other;
+    sticky.service.session_affinity_timeout = Some(60);
+    let both = state(vec![tcp(&["10.244.2.2"]), sticky]);
+    assert_eq!(p.partial(&both, &changed("default/shop/s1"), &cfg), None);
+    assert_eq!(p.timeouts(), &BTreeSet::from([60]));
+    let (p, full) = Programmed::full(&both, &cfg, Family::V4);
+    assert!(full.contains("set affinity_60 {"), "{full}");
+    assert!(
+        full.contains("add element ip switchyard affinity_60 { 10.96.0.11 . tcp . 80 }"),
+        "{full}"
+    );
+    // A second Service with the same timeout is elements only.
+    let mut p = p;
+    let mut third = tcp(&["10.244.2.3"]);
+    third.service.cluster_ips = vec!["10.96.0.12".parse().expect("ip")];
+    third.service.session_affinity_timeout = Some(60);
+    let mut all = both.clone();
+    all.resources.insert(
+        "default/shop/s2".into(),
+        HeldResource {
+            version: "v".into(),
+            state: Arc::new(third),
+        },
+    );
+    let text = p
+        .partial(&all, &changed("default/shop/s2"), &cfg)
+        .expect("elements");
+    assert!(!text.contains("rule"), "{text}");
+}

@@ -1,0 +1,474 @@
+//! `--dataplane nftables`: one `ip` and one `ip6` table of our own
+//! (`switchyard`) whose rules never change with the cluster: Services and
+//! endpoints are elements of its sets and maps, so every update is element
+//! operations in one libnftables transaction, and the kernel never
+//! revalidates the table for it.
+//!
+//! ```text
+//!  Change ─▶ full? ──yes──▶ elements::Programmed::full (rules + every element, both families) ─┐ one batch
+//!             │no                                                                             ├─▶ kernel::Kernel::run ─▶ stale UDP flows (netlink)
+//!             └──────────▶ Programmed::partial (changed Services: element adds/deletes) ──────┘        │           stale affinity entries
+//!                                                                  full sync of the last good state ◀─┘ error (and NACK)
+//! ```
+//!
+//! Modules: [`layout`] (the fixed rule set, pure), [`elements`] (a
+//! Service as elements, the record of what is programmed and the diffs,
+//! pure), [`kernel`] (the libnftables context). Endpoint selection, policy
+//! and topology come from [`crate::endpoints`], as for iptables; after
+//! every sync [`crate::conntrack`] deletes the UDP flows whose endpoint no
+//! longer serves them. The table stays when the agent exits; a start
+//! rewrites it in one transaction (no instant without rules), and removes
+//! the iptables data plane's rules, as kube-proxy does when it changes
+//! mode. [`cleanup`] removes both tables.
+
+pub mod elements;
+pub mod kernel;
+pub mod layout;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::conntrack::Conntrack;
+use crate::dataplane::{ApplyError, Change, DataPlane};
+use crate::iptables::{Family, NodeConfig, Runner};
+use crate::state::{AgentState, ChangeSet};
+use crate::status::Metrics;
+use elements::Programmed;
+use kernel::{Kernel, KernelError};
+use layout::{Balance, Words};
+
+/// The nftables data plane.
+#[derive(Debug)]
+pub struct NftablesDataPlane {
+    cfg: NodeConfig,
+    families: Vec<Family>,
+    netns: Option<String>,
+    kernel: Option<Kernel>,
+    tables: Vec<Programmed>,
+    needs_full: bool,
+    /// Whether the iptables data plane's rules were removed (once per start).
+    iptables_removed: bool,
+    last_good: Option<AgentState>,
+    metrics: Option<Arc<Metrics>>,
+    runner: Runner,
+    conntrack: Conntrack,
+}
+
+impl From<KernelError> for ApplyError {
+    fn from(e: KernelError) -> Self {
+        Self::Command(Box::new(e))
+    }
+}
+
+impl NftablesDataPlane {
+    /// A data plane for this node; IPv6 is programmed when the node has it.
+    pub fn new(cfg: NodeConfig) -> Self {
+        let runner = Runner::host();
+        let families = Family::ALL
+            .into_iter()
+            .filter(|f| *f == Family::V4 || runner.available(*f))
+            .collect();
+        Self::build(cfg, families, None, runner)
+    }
+
+    /// A data plane for exactly these families inside the named network
+    /// namespace (tests and benchmarks).
+    pub fn in_netns(cfg: NodeConfig, families: Vec<Family>, netns: &str) -> Self {
+        Self::build(
+            cfg,
+            families,
+            Some(netns.to_owned()),
+            Runner::in_netns(netns),
+        )
+    }
+
+    fn build(
+        cfg: NodeConfig,
+        families: Vec<Family>,
+        netns: Option<String>,
+        runner: Runner,
+    ) -> Self {
+        Self {
+            cfg,
+            families,
+            netns,
+            kernel: None,
+            tables: Vec::new(),
+            needs_full: true,
+            iptables_removed: false,
+            last_good: None,
+            metrics: None,
+            conntrack: runner.conntrack(),
+            runner,
+        }
+    }
+
+    /// Elements in force, over all families.
+    pub fn element_count(&self) -> usize {
+        self.tables.iter().map(Programmed::element_count).sum()
+    }
+
+    fn kernel(&mut self) -> Result<&mut Kernel, KernelError> {
+        if self.kernel.is_none() {
+            self.kernel = Some(match &self.netns {
+                None => Kernel::host()?,
+                Some(ns) => Kernel::in_netns(ns)?,
+            });
+        }
+        Ok(self.kernel.as_mut().expect("opened above"))
+    }
+
+    /// Runs one transaction, counting a refusal.
+    fn commit(&mut self, text: &str) -> Result<(), ApplyError> {
+        let r = self.kernel().and_then(|k| k.run(text).map(|_| ()));
+        r.map_err(|e| {
+            if let Some(m) = &self.metrics {
+                m.nftables_transaction_failures.inc();
+                m.kubeproxy.restore_failures.inc();
+            }
+            ApplyError::from(e)
+        })
+    }
+
+    /// Rewrites our tables from `state` in one transaction.
+    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        self.needs_full = true;
+        if !self.iptables_removed {
+            // Starting in this mode removes the other mode's rules (a large
+            // iptables-nft table would slow every commit of ours).
+            match crate::iptables::cleanup(&self.runner) {
+                Ok(()) => self.iptables_removed = true,
+                Err(e) => tracing::warn!("removing the iptables data plane's rules: {e}"),
+            }
+        }
+        if self.families.contains(&Family::V4)
+            && self.cfg.localhost_node_ports()
+            && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
+        {
+            tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
+        }
+        let mut next = Vec::new();
+        let mut text = String::new();
+        for &family in &self.families {
+            let (programmed, t) = Programmed::full(state, &self.cfg, family);
+            text.push_str(&t);
+            next.push(programmed);
+        }
+        self.commit(&text)?;
+        self.tables = next;
+        self.needs_full = false;
+        if let Some(m) = &self.metrics {
+            m.nftables_full_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(true, t.elapsed());
+            m.nftables_elements.set(self.element_count() as i64);
+        }
+        tracing::info!(
+            resources = state.resources.len(),
+            elements = self.element_count(),
+            elapsed = ?t.elapsed(),
+            "nftables full sync"
+        );
+        self.after_sync(None);
+        Ok(())
+    }
+
+    fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        let sticky_before = self.sticky(change.changes);
+        let mut text = String::new();
+        for table in &mut self.tables {
+            match table.partial(change.state, change.changes, &self.cfg) {
+                Some(t) => text.push_str(&t),
+                // A new affinity timeout: its rules come with a full sync.
+                None => return self.full_sync(change.state),
+            }
+        }
+        if !text.is_empty() {
+            self.commit(&text)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.nftables_partial_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(false, t.elapsed());
+            m.nftables_elements.set(self.element_count() as i64);
+        }
+        self.after_sync(Some(sticky_before || self.sticky(change.changes)));
+        Ok(())
+    }
+
+    /// Whether one of the changed Services is sticky in what we hold now.
+    fn sticky(&self, changes: &ChangeSet) -> bool {
+        let names = changes.changed.iter().chain(&changes.removed);
+        names.into_iter().any(|n| {
+            self.tables
+                .iter()
+                .any(|t| t.service(n).is_some_and(|s| s.affinity.is_some()))
+        })
+    }
+
+    /// The clean-ups that follow a sync: stale UDP flows, and (after a full
+    /// sync, or a change to a sticky Service) affinity entries that name an
+    /// endpoint no longer serving their frontend. Failures are logged: the
+    /// rules are in force either way.
+    fn after_sync(&mut self, sticky_changed: Option<bool>) {
+        for t in &self.tables {
+            self.conntrack.reconcile_after_sync(
+                t.family() == Family::V6,
+                &t.udp_frontends(),
+                &self.cfg.addresses,
+            );
+        }
+        if sticky_changed != Some(false) {
+            match self.clear_stale_affinity() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "cleared stale affinity entries"),
+                Err(e) => tracing::warn!("clearing stale affinity entries: {e}"),
+            }
+        }
+    }
+
+    /// Deletes the clients remembered for an endpoint that their frontend
+    /// no longer balances to (or for a frontend no longer sticky): the
+    /// kernel adds them, so they are read back, compared and deleted.
+    fn clear_stale_affinity(&mut self) -> Result<usize, KernelError> {
+        let mut deleted = 0;
+        for i in 0..self.tables.len() {
+            let family = self.tables[i].family();
+            let table = Words::of(family).table();
+            for (map, node_port) in [("affinity_ip", false), ("affinity_np", true)] {
+                let allowed = affinity_endpoints(&self.tables[i], node_port);
+                let listing = self.kernel()?.run_with(
+                    &format!("list map {table} {map}"),
+                    switchyard_libnftables::OUTPUT_JSON,
+                )?;
+                let stale: Vec<String> = map_entries(&listing)
+                    .into_iter()
+                    .filter(|(key, data)| {
+                        let frontend = key.split_once(" . ").map_or("", |(_, fe)| fe);
+                        !allowed.get(frontend).is_some_and(|eps| eps.contains(data))
+                    })
+                    .map(|(key, _)| key)
+                    .collect();
+                if stale.is_empty() {
+                    continue;
+                }
+                let all = format!("delete element {table} {map} {{ {} }}", stale.join(", "));
+                if self.kernel()?.run(&all).is_ok() {
+                    deleted += stale.len();
+                    continue;
+                }
+                // One of them expired meanwhile: delete the others one by one.
+                for key in stale {
+                    let one = format!("delete element {table} {map} {{ {key} }}");
+                    deleted += usize::from(self.kernel()?.run(&one).is_ok());
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// A full sync of the last state that went in, if there is one.
+    fn resync(&mut self) -> Result<(), ApplyError> {
+        match self.last_good.take() {
+            Some(state) => {
+                let r = self.full_sync(&state);
+                self.last_good = Some(state);
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether both our tables are in the kernel (`nft flush ruleset`
+    /// removes them).
+    fn tables_present(&mut self) -> Result<bool, ApplyError> {
+        let listing = self.kernel()?.run("list tables")?;
+        let wanted: Vec<String> = self
+            .families
+            .iter()
+            .map(|f| format!("table {}", Words::of(*f).table()))
+            .collect();
+        Ok(wanted
+            .iter()
+            .all(|w| listing.lines().any(|l| l.trim() == w.as_str())))
+    }
+}
+
+/// For each sticky frontend key (`ADDR . PROTO . PORT`, or `PROTO . PORT`
+/// for node ports), the endpoints its balancing maps hold.
+fn affinity_endpoints(t: &Programmed, node_port: bool) -> BTreeMap<String, BTreeSet<String>> {
+    let maps: Vec<Balance> = if node_port {
+        vec![Balance::NpMain, Balance::NpShort]
+    } else {
+        vec![Balance::IpMain, Balance::IpShort]
+    };
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in t.services().filter(|s| s.affinity.is_some()) {
+        for e in &s.elements {
+            if maps
+                .iter()
+                .any(|b| e.set.starts_with(&format!("{}_", b.chain())))
+            {
+                let fe = e.key.rsplit_once(" . ").map_or("", |(fe, _slot)| fe);
+                out.entry(fe.to_owned()).or_default().insert(e.data.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The (key, data) pairs of a map listed as JSON, in nft syntax
+/// (`10.244.2.9 . 10.96.0.12 . tcp . 80`, `10.244.1.2 . 8080`).
+fn map_entries(json: &str) -> Vec<(String, String)> {
+    fn text(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::Object(o) if o.contains_key("concat") => o["concat"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" . "))
+                .unwrap_or_default(),
+            serde_json::Value::Object(o) if o.contains_key("elem") => text(&o["elem"]["val"]),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["map"]["elem"].as_array())
+        .flatten()
+        .filter_map(|pair| Some((text(pair.get(0)?), text(pair.get(1)?))))
+        .collect()
+}
+
+impl DataPlane for NftablesDataPlane {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let full = change.full || self.needs_full;
+        let result = if full {
+            self.full_sync(change.state)
+        } else {
+            self.partial_sync(change)
+        };
+        match result {
+            Ok(()) => {
+                match (&mut self.last_good, full) {
+                    (Some(last), false) => last.follow(change.state, change.changes),
+                    _ => self.last_good = Some(change.state.clone()),
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The refused transaction changed nothing in the kernel, but
+                // our record moved: put the last good state back in full.
+                tracing::warn!("nftables sync failed: {e}; resyncing the last good state");
+                self.needs_full = true;
+                if let Err(again) = self.resync() {
+                    tracing::error!("full resync failed too: {again}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn maintain(&mut self) -> Result<(), ApplyError> {
+        if self.last_good.is_none() {
+            return Ok(());
+        }
+        if !self.needs_full && !self.tables_present()? {
+            tracing::warn!("our nftables table is gone (nft flush ruleset?): full resync");
+            if let Some(m) = &self.metrics {
+                m.nftables_table_resyncs.inc();
+            }
+            self.needs_full = true;
+        }
+        if self.needs_full {
+            return self.resync();
+        }
+        Ok(())
+    }
+
+    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    fn describe(&self, name: &str) -> Option<serde_json::Value> {
+        self.last_good.as_ref()?.resources.get(name)?;
+        let families: Vec<serde_json::Value> = self
+            .tables
+            .iter()
+            .filter_map(|t| {
+                let s = t.service(name)?;
+                Some(serde_json::json!({
+                    "family": format!("{:?}", t.family()),
+                    "table": Words::of(t.family()).table(),
+                    "affinity_seconds": s.affinity,
+                    "elements": s.elements.iter().map(|e| serde_json::json!({
+                        "set": e.set, "key": e.key, "data": e.data,
+                    })).collect::<Vec<_>>(),
+                }))
+            })
+            .collect();
+        Some(serde_json::json!({ "zone": self.cfg.zone, "nftables": families }))
+    }
+
+    fn set_zone(&mut self, zone: Option<String>) {
+        // Topology hints pick endpoints by zone: every Service may change.
+        self.cfg.zone = zone;
+        self.needs_full = true;
+    }
+}
+
+/// The commands that remove our tables, where they exist.
+pub fn cleanup_text(existing: &str) -> String {
+    Family::ALL
+        .iter()
+        .map(|f| Words::of(*f).table())
+        .filter(|t| existing.lines().any(|l| l.trim() == format!("table {t}")))
+        .map(|t| format!("delete table {t}\n"))
+        .collect()
+}
+
+/// `switchyard-agent cleanup`, and the iptables data plane's start:
+/// removes our nftables tables (both families) in one transaction.
+pub fn cleanup(kernel: &mut Kernel) -> Result<usize, KernelError> {
+    let text = cleanup_text(&kernel.run("list tables")?);
+    if !text.is_empty() {
+        kernel.run(&text)?;
+    }
+    Ok(text.lines().count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_entries_are_read_from_json() {
+        let json = r#"{"nftables": [{"metainfo": {}}, {"map": {"name": "affinity_ip", "elem": [[{"elem": {"val": {"concat": ["10.244.2.9", "10.96.0.12", "tcp", 80]}, "timeout": 60, "expires": 59}}, {"concat": ["10.244.1.2", 8080]}]]}}]}"#;
+        assert_eq!(
+            map_entries(json),
+            vec![(
+                "10.244.2.9 . 10.96.0.12 . tcp . 80".to_owned(),
+                "10.244.1.2 . 8080".to_owned()
+            )]
+        );
+        assert!(map_entries("not json").is_empty());
+    }
+
+    #[test]
+    fn cleanup_removes_only_our_tables() {
+        let listing = "table ip nat\ntable ip switchyard\ntable ip6 filter\n";
+        assert_eq!(cleanup_text(listing), "delete table ip switchyard\n");
+        assert_eq!(cleanup_text("table inet other\n"), "");
+    }
+}
