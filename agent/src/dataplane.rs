@@ -113,12 +113,26 @@ impl DataPlane for NoneDataPlane {
         let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         r.versions.push(change.state.version.clone());
         r.resources = change.state.resources.len();
-        r.resource_versions = change
-            .state
-            .resources
-            .iter()
-            .map(|(n, h)| (n.clone(), h.version.clone()))
-            .collect();
+        if change.full {
+            r.resource_versions = change
+                .state
+                .resources
+                .iter()
+                .map(|(n, h)| (n.clone(), h.version.clone()))
+                .collect();
+        } else {
+            // What changed only: the record costs what the update does.
+            for name in change.changes.changed.iter().chain(&change.changes.removed) {
+                match change.state.resources.get(name) {
+                    Some(h) => {
+                        r.resource_versions.insert(name.clone(), h.version.clone());
+                    }
+                    None => {
+                        r.resource_versions.remove(name);
+                    }
+                }
+            }
+        }
         r.full_applies += usize::from(change.full);
         Ok(())
     }

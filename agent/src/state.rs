@@ -1,7 +1,6 @@
 //! The agent's view of the world: every resource it holds, at one snapshot
 //! version, and how an update turns one state into the next.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use switchyard_model::ServiceState;
@@ -9,7 +8,7 @@ use switchyard_proto::convert::{DecodeError, decode_state_bytes};
 use switchyard_proto::v1;
 
 /// One resource the agent holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldResource {
     /// Its content version, as the control plane computed it.
     pub version: String,
@@ -17,13 +16,19 @@ pub struct HeldResource {
     pub state: Arc<ServiceState>,
 }
 
-/// A complete, validated state. Cheap to clone: resources are `Arc`s.
+/// Resources by name, in name order: a persistent B-tree, so the next
+/// state shares every node of the previous one that an update did not
+/// touch (a clone is a pointer copy, an insert copies one path).
+pub type Resources = imbl::OrdMap<String, HeldResource>;
+
+/// A complete, validated state. Cheap to clone: the map is persistent and
+/// resources are `Arc`s.
 #[derive(Debug, Clone, Default)]
 pub struct AgentState {
     /// The snapshot version this state corresponds to (empty when none).
     pub version: String,
     /// Resources by name (`cluster/namespace/name`).
-    pub resources: BTreeMap<String, HeldResource>,
+    pub resources: Resources,
 }
 
 /// What an update changed, for data planes that work incrementally.

@@ -64,7 +64,7 @@ fn state() -> Arc<AgentState> {
                 .collect();
             Arc::new(AgentState {
                 version: "fuzz".into(),
-                resources,
+                resources: resources.into(),
             })
         })
         .clone()

@@ -554,31 +554,26 @@ impl Builder {
 }
 
 /// The Services of `before` and `after` whose state differs, as
-/// (before, after); `None` where a side does not hold it.
+/// (before, after); `None` where a side does not hold it. The maps are
+/// persistent B-trees: the subtrees the two states share are skipped, so
+/// this costs about the changes times the tree's depth.
 fn changed_services<'a>(
     before: &'a AgentState,
     after: &'a AgentState,
 ) -> Vec<(Option<&'a ServiceState>, Option<&'a ServiceState>)> {
-    let mut out = Vec::new();
-    let mut old = before.resources.iter().peekable();
-    let mut new = after.resources.iter().peekable();
-    loop {
-        match (old.peek(), new.peek()) {
-            (None, None) => return out,
-            (Some((o, _)), Some((n, _))) if o == n => {
-                let (_, o) = old.next().expect("peeked");
-                let (_, n) = new.next().expect("peeked");
-                if !Arc::ptr_eq(&o.state, &n.state) && o.state != n.state {
-                    out.push((Some(&*o.state), Some(&*n.state)));
-                }
+    use imbl::ordmap::DiffItem;
+    before
+        .resources
+        .diff(&after.resources)
+        .filter_map(|d| match d {
+            DiffItem::Add(_, new) => Some((None, Some(&*new.state))),
+            DiffItem::Remove(_, old) => Some((Some(&*old.state), None)),
+            DiffItem::Update { old, new } => {
+                // A new version of equal content changes no name.
+                (old.1.state != new.1.state).then_some((Some(&*old.1.state), Some(&*new.1.state)))
             }
-            (Some((o, _)), Some((n, _))) if o < n => {
-                out.push((Some(&*old.next().expect("peeked").1.state), None));
-            }
-            (Some(_), None) => out.push((Some(&*old.next().expect("peeked").1.state), None)),
-            (_, Some(_)) => out.push((None, Some(&*new.next().expect("peeked").1.state))),
-        }
-    }
+        })
+        .collect()
 }
 
 /// Groups a name's records by type (stable), so a lookup returns one slice.

@@ -93,7 +93,7 @@ fn mk_external(ns: &str, name: &str, target: &str) -> ServiceState {
 }
 
 fn mk_state(version: &str, services: Vec<ServiceState>) -> Arc<AgentState> {
-    let resources: BTreeMap<String, HeldResource> = services
+    let resources: crate::state::Resources = services
         .into_iter()
         .map(|s| {
             (

@@ -97,7 +97,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
     }
     Arc::new(AgentState {
         version: "bench-1".into(),
-        resources,
+        resources: resources.into(),
     })
 }
 

@@ -11,7 +11,6 @@
 //! target/release/bench_dns_churn [--services 10000] [--seconds 10] [--qps 2000] [--repeat 3]
 //! ```
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,7 +185,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let base: BTreeMap<String, HeldResource> = (0..services).map(|i| held(i, 0)).collect();
+    let base: switchyard_agent::state::Resources = (0..services).map(|i| held(i, 0)).collect();
     let state = Arc::new(AgentState {
         version: "v0".into(),
         resources: base,

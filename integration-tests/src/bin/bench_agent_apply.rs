@@ -1,0 +1,178 @@
+//! `bench_agent_apply`: what one update costs an agent, from the update
+//! message to the ACK (decode, `none` data plane, sled write + flush, DNS
+//! index caught up, status), at 1,000 and 10,000 Services x 10 endpoints in
+//! the same run. Each size first takes its whole state in one update (the
+//! anchor), then 50 updates of one endpoint change each, to other Services.
+//! The decode step (`AgentState::apply`: the new state, its one decoded
+//! Service) is timed on its own too.
+//!
+//! ```text
+//! cargo build --release -p switchyard-integration-tests --bin bench_agent_apply
+//! target/release/bench_agent_apply [--changes 50]
+//! ```
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use switchyard_agent::applier::Applier;
+use switchyard_agent::dataplane::NoneDataPlane;
+use switchyard_agent::dns::{Acl, DnsConfig};
+use switchyard_agent::status::{Metrics, Status};
+use switchyard_agent::store::Store;
+use switchyard_integration_tests::bench::{loadavg, summary};
+use switchyard_model::{
+    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
+    ServiceState, TargetPort,
+};
+use switchyard_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Service `i` with its 10 endpoints at `generation`, as the wire carries it.
+fn resource(i: usize, generation: u32) -> v1::Resource {
+    let ns = format!("ns-{}", i % 100);
+    let svc = format!("svc-{i}");
+    let mut st = ServiceState::new(Service {
+        cluster_ips: vec![Ipv4Addr::from(0x0a60_0001 + i as u32).into()],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: TargetPort::Number(8080),
+            node_port: None,
+        }],
+        ..Service::new(ServiceKey::new("default", &ns, &svc))
+    });
+    st.slices.push(EndpointSlice {
+        name: format!("{svc}-1"),
+        address_type: AddressType::IPv4,
+        endpoints: (0..10)
+            .map(|e| Endpoint {
+                addresses: vec![
+                    Ipv4Addr::from(0x0af4_0000 + (i as u32) * 16 + e + generation).into(),
+                ],
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        ..EndpointSlice::default()
+    });
+    v1::Resource {
+        name: st.service.key.to_string(),
+        version: format!("{i}-{generation}"),
+        service_state: switchyard_proto::convert::encode_state_bytes(&st),
+    }
+}
+
+fn update(version: String, resources: Vec<v1::Resource>) -> v1::SnapshotUpdate {
+    v1::SnapshotUpdate {
+        snapshot_version: version,
+        nonce: "1".into(),
+        resources,
+        ..Default::default()
+    }
+}
+
+/// One size: (whole state ms, per-change ms, decode-only ms).
+async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let (store, _) = Store::open(dir.path())?;
+    let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
+    let metrics = Arc::new(Metrics::new());
+    let mut applier = Applier::new(
+        store,
+        Box::new(NoneDataPlane::default()),
+        status.clone(),
+        metrics.clone(),
+    );
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let cfg = DnsConfig {
+        listen: "127.0.0.1:0".parse()?,
+        zone: switchyard_agent::dns::zone_name("cluster.local")?,
+        ttl: 5,
+        upstreams: vec![],
+        no_upstream: None,
+        acl: Acl::node_local(&[]),
+        max_inflight: 1024,
+        tcp_limits: Default::default(),
+    };
+    let (_stub, built) = switchyard_agent::dns::start(
+        cfg,
+        applier.subscribe(),
+        status.clone(),
+        metrics.clone(),
+        &mut tasks,
+        shutdown.clone(),
+    )?;
+    applier.ack_after_dns(built);
+
+    let whole = update("v0".into(), (0..services).map(|i| resource(i, 0)).collect());
+    let t = Instant::now();
+    applier
+        .apply_update(&whole)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.nack_detail()))?;
+    let whole_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let mut per_change = Vec::new();
+    let mut decode = Vec::new();
+    for generation in 1..=changes {
+        let i = (generation as usize * 7919) % services;
+        let one = update(format!("v{generation}"), vec![resource(i, generation)]);
+        let t = Instant::now();
+        let _ = applier.state().apply(&one)?;
+        decode.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        applier
+            .apply_update(&one)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.nack_detail()))?;
+        per_change.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(serde_json::json!({
+        "services": services,
+        "whole_state_ms": (whole_ms * 10.0).round() / 10.0,
+        "one_change_ms": summary(&mut per_change),
+        "decode_only_ms": summary(&mut decode),
+    }))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let changes = arg("--changes", 50) as u32;
+    let load_before = loadavg();
+    let mut rows = Vec::new();
+    for services in [1_000, 10_000] {
+        rows.push(run(services, changes).await?);
+    }
+    println!("load {load_before} -> {}", loadavg());
+    println!(
+        "| Services x 10 endpoints | whole state in one update | one endpoint change, update to ACK: p50 / p99 / max | of which decode (new AgentState): p50 / p99 |"
+    );
+    println!("|---|---|---|---|");
+    for r in &rows {
+        let c = &r["one_change_ms"];
+        let d = &r["decode_only_ms"];
+        println!(
+            "| {} | {} ms | {} / {} / {} ms | {} / {} ms |",
+            r["services"], r["whole_state_ms"], c["p50"], c["p99"], c["max"], d["p50"], d["p99"]
+        );
+    }
+    Ok(())
+}
