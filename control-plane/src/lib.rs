@@ -291,7 +291,9 @@ pub async fn start_with(
     let grpc_shutdown = shutdown.clone();
     match tls {
         Some(tls) => {
-            let incoming = listener::tls(grpc, limits, tls, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) =
+                listener::tls(grpc, limits, tls, metrics.clone(), grpc_shutdown.clone());
+            tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router
                     .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
@@ -303,7 +305,9 @@ pub async fn start_with(
         }
         None => {
             listener::warn_if_clear_text(grpc_addr);
-            let incoming = listener::plain(grpc, limits, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) =
+                listener::plain(grpc, limits, metrics.clone(), grpc_shutdown.clone());
+            tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router
                     .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())

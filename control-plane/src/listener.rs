@@ -170,6 +170,15 @@ impl Gate {
     }
 }
 
+/// The connections tonic serves, and the accept loop that feeds them: the
+/// caller runs the loop in its own task set, so the listening socket is
+/// closed by the time that set has ended (a restart can bind the port
+/// again at once).
+pub type Incoming<IO> = (
+    ReceiverStream<Result<IO, io::Error>>,
+    Pin<Box<dyn Future<Output = ()> + Send>>,
+);
+
 /// Accepts until `shutdown`; `on_accept` turns each admitted connection
 /// into the stream tonic serves (or nothing).
 fn accept_loop<IO, F, Fut>(
@@ -177,7 +186,7 @@ fn accept_loop<IO, F, Fut>(
     gate: Gate,
     shutdown: CancellationToken,
     on_accept: F,
-) -> ReceiverStream<Result<IO, io::Error>>
+) -> Incoming<IO>
 where
     IO: Send + 'static,
     F: Fn(TcpStream, SocketAddr, ConnectionPermit, mpsc::Sender<Result<IO, io::Error>>) -> Fut
@@ -186,7 +195,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let accepting = Box::pin(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -210,7 +219,7 @@ where
             tokio::spawn(on_accept(tcp, peer, permit, tx.clone()));
         }
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), accepting)
 }
 
 /// Plain-text connections.
@@ -219,7 +228,7 @@ pub fn plain(
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<Bounded<TcpStream>, io::Error>> {
+) -> Incoming<Bounded<TcpStream>> {
     accept_loop(
         listener,
         Gate::new(limits, metrics),
@@ -246,7 +255,7 @@ pub fn tls(
     config: Arc<ReloadingServer>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+) -> Incoming<TlsConnection> {
     let gate = Gate::new(limits, metrics.clone());
     accept_loop(listener, gate, shutdown, move |tcp, peer, permit, tx| {
         let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
