@@ -117,7 +117,7 @@ fn changed(names: &[&str]) -> ChangeSet {
 }
 
 fn apply(
-    dp: &mut IptablesDataPlane,
+    dp: &mut impl DataPlane,
     s: &AgentState,
     names: &[&str],
     full: bool,
@@ -393,4 +393,34 @@ fn stale_udp_flows_are_cleared_after_partial_and_full_syncs() {
     apply(&mut restarted, &udp(1, 5), &names, true).expect("full sync");
     let left = ns.sh("conntrack -L -p udp 2>/dev/null");
     assert_eq!(left.lines().count(), 0, "{left}");
+}
+
+#[test]
+fn starting_in_one_mode_removes_the_other_modes_rules() {
+    let Some(ns) = Netns::new("mode") else { return };
+    let st = state("v1", vec![service("dns", "10.96.0.10", &["10.244.1.5"])]);
+    let names = ["default/shop/dns"];
+    let mut nft =
+        switchyard_agent::nftables::NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
+    apply(&mut nft, &st, &names, true).expect("nftables full sync");
+    assert!(
+        ns.sh("nft list tables").contains("table ip switchyard"),
+        "the nftables plane's table"
+    );
+    // The iptables plane starts in the same namespace: its first sync
+    // removes the nftables tables and puts its own chains in.
+    let mut ipt = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], Runner::in_netns(&ns.0));
+    apply(&mut ipt, &st, &names, true).expect("iptables full sync");
+    let tables = ns.sh("nft list tables");
+    assert!(
+        !tables.contains("switchyard"),
+        "nftables tables left: {tables}"
+    );
+    assert!(ns.sh("iptables-save -t nat").contains("SWY-SERVICES"));
+    // And back: the nftables plane removes the iptables chains.
+    let mut nft =
+        switchyard_agent::nftables::NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
+    apply(&mut nft, &st, &names, true).expect("nftables full sync again");
+    let nat = ns.sh("iptables-save -t nat");
+    assert!(!nat.contains("SWY-"), "iptables chains left: {nat}");
 }

@@ -56,6 +56,8 @@ pub struct IptablesDataPlane {
     metrics: Option<Arc<Metrics>>,
     runner: Runner,
     conntrack: Conntrack,
+    /// Whether the nftables data plane's tables were removed (once per start).
+    nftables_removed: bool,
 }
 
 impl IptablesDataPlane {
@@ -80,6 +82,35 @@ impl IptablesDataPlane {
             metrics: None,
             conntrack: runner.conntrack(),
             runner,
+            nftables_removed: false,
+        }
+    }
+
+    /// Starting in this mode removes the nftables data plane's tables, as
+    /// kube-proxy removes the other mode's rules (the nftables plane does
+    /// the same with ours). Without libnftables none of ours can exist.
+    fn remove_nftables_tables(&mut self) {
+        if self.nftables_removed {
+            return;
+        }
+        let kernel = match self.runner.netns() {
+            None => crate::nftables::kernel::Kernel::host(),
+            Some(ns) => crate::nftables::kernel::Kernel::in_netns(ns),
+        };
+        match kernel {
+            Ok(mut kernel) => match crate::nftables::cleanup(&mut kernel) {
+                Ok(tables) => {
+                    if tables > 0 {
+                        tracing::info!(tables, "removed the nftables data plane's tables");
+                    }
+                    self.nftables_removed = true;
+                }
+                Err(e) => tracing::warn!("removing the nftables data plane's tables: {e}"),
+            },
+            Err(e) => {
+                tracing::debug!("no nftables tables to remove: {e}");
+                self.nftables_removed = true;
+            }
         }
     }
 
@@ -92,6 +123,7 @@ impl IptablesDataPlane {
     fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
         let t = Instant::now();
         self.needs_full = true;
+        self.remove_nftables_tables();
         let mut next = Vec::new();
         for &family in &self.families {
             let existing = self.runner.existing(family).map_err(ApplyError::from)?;

@@ -53,6 +53,11 @@ impl Runner {
         Self::default()
     }
 
+    /// The network namespace commands run in (`None`: the agent's own).
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
     /// Runs every command inside the named network namespace.
     pub fn in_netns(name: impl Into<String>) -> Self {
         Self {
