@@ -1,5 +1,7 @@
-//! Helpers the bench binaries share: percentiles, process memory and load.
+//! Helpers the bench binaries share: percentiles, process memory and load,
+//! command-line numbers, synthetic Services.
 
+use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,4 +213,52 @@ pub fn cfg() -> NodeConfig {
         localhost_nodeports: true,
         addresses: Vec::new(),
     }
+}
+
+/// The number after `name` on the command line (`--services 10000`), else `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Service `i` of a synthetic cluster: `default/ns-<i % 100>/svc-<i>`, a
+/// cluster IP from 10.96.0.1 on, port 80 to 8080, one slice of 10
+/// endpoints whose addresses move with `generation`.
+pub fn ten_endpoint_service(i: usize, generation: u32) -> ServiceState {
+    let ns = format!("ns-{}", i % 100);
+    let svc = format!("svc-{i}");
+    let mut st = ServiceState::new(Service {
+        cluster_ips: vec![Ipv4Addr::from(0x0a60_0001 + i as u32).into()],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: TargetPort::Number(8080),
+            node_port: None,
+        }],
+        ..Service::new(ServiceKey::new("default", &ns, &svc))
+    });
+    st.slices.push(EndpointSlice {
+        name: format!("{svc}-1"),
+        address_type: AddressType::IPv4,
+        endpoints: (0..10)
+            .map(|e| Endpoint {
+                addresses: vec![
+                    Ipv4Addr::from(0x0af4_0000 + (i as u32) * 16 + e + generation).into(),
+                ],
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        ..EndpointSlice::default()
+    });
+    st
 }

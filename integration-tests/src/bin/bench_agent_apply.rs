@@ -11,7 +11,6 @@
 //! target/release/bench_agent_apply [--changes 50]
 //! ```
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,56 +19,13 @@ use switchyard_agent::dataplane::NoneDataPlane;
 use switchyard_agent::dns::{Acl, DnsConfig};
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_agent::store::Store;
-use switchyard_integration_tests::bench::{loadavg, summary};
-use switchyard_model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
-    ServiceState, TargetPort,
-};
+use switchyard_integration_tests::bench::{arg, loadavg, summary, ten_endpoint_service};
 use switchyard_proto::v1;
 use tokio_util::sync::CancellationToken;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Service `i` with its 10 endpoints at `generation`, as the wire carries it.
 fn resource(i: usize, generation: u32) -> v1::Resource {
-    let ns = format!("ns-{}", i % 100);
-    let svc = format!("svc-{i}");
-    let mut st = ServiceState::new(Service {
-        cluster_ips: vec![Ipv4Addr::from(0x0a60_0001 + i as u32).into()],
-        ports: vec![ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: TargetPort::Number(8080),
-            node_port: None,
-        }],
-        ..Service::new(ServiceKey::new("default", &ns, &svc))
-    });
-    st.slices.push(EndpointSlice {
-        name: format!("{svc}-1"),
-        address_type: AddressType::IPv4,
-        endpoints: (0..10)
-            .map(|e| Endpoint {
-                addresses: vec![
-                    Ipv4Addr::from(0x0af4_0000 + (i as u32) * 16 + e + generation).into(),
-                ],
-                ..Endpoint::default()
-            })
-            .collect(),
-        ports: vec![EndpointPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        ..EndpointSlice::default()
-    });
+    let st = ten_endpoint_service(i, generation);
     v1::Resource {
         name: st.service.key.to_string(),
         version: format!("{i}-{generation}"),

@@ -11,63 +11,20 @@
 //! target/release/bench_dns_churn [--services 10000] [--seconds 10] [--qps 2000] [--repeat 3]
 //! ```
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_agent::dns::{Acl, DnsConfig, DnsIndex};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
-use switchyard_integration_tests::bench::{loadavg, summary};
-use switchyard_model::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
-    ServiceState, TargetPort,
-};
+use switchyard_integration_tests::bench::{arg, loadavg, summary, ten_endpoint_service};
 use tokio_util::sync::CancellationToken;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn held(i: usize, generation: u32) -> (String, HeldResource) {
-    let ns = format!("ns-{}", i % 100);
-    let svc = format!("svc-{i}");
-    let mut st = ServiceState::new(Service {
-        cluster_ips: vec![Ipv4Addr::from(0x0a60_0001 + i as u32).into()],
-        ports: vec![ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: TargetPort::Number(8080),
-            node_port: None,
-        }],
-        ..Service::new(ServiceKey::new("default", &ns, &svc))
-    });
-    st.slices.push(EndpointSlice {
-        name: format!("{svc}-1"),
-        address_type: AddressType::IPv4,
-        endpoints: (0..10)
-            .map(|e| Endpoint {
-                addresses: vec![
-                    Ipv4Addr::from(0x0af4_0000 + (i as u32) * 16 + e + generation).into(),
-                ],
-                ..Endpoint::default()
-            })
-            .collect(),
-        ports: vec![EndpointPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        ..EndpointSlice::default()
-    });
+    let st = ten_endpoint_service(i, generation);
     (
-        format!("default/{ns}/{svc}"),
+        st.service.key.to_string(),
         HeldResource {
             version: format!("{i}-{generation}"),
             state: Arc::new(st),
