@@ -41,23 +41,6 @@ pub struct ChangeSet {
 }
 
 impl AgentState {
-    /// Moves a copy of an older state to `next`, given what changed:
-    /// O(changes), where a clone of `next` is O(resources) (about 1 ms at
-    /// 10,000 Services, more than an nftables commit).
-    pub fn follow(&mut self, next: &AgentState, changes: &ChangeSet) {
-        self.version.clone_from(&next.version);
-        for name in changes.changed.iter().chain(&changes.removed) {
-            match next.resources.get(name) {
-                Some(held) => {
-                    self.resources.insert(name.clone(), held.clone());
-                }
-                None => {
-                    self.resources.remove(name);
-                }
-            }
-        }
-    }
-
     /// Resource name -> version, as announced in a Hello.
     pub fn versions(&self) -> std::collections::HashMap<String, String> {
         self.resources
@@ -102,46 +85,5 @@ impl AgentState {
         }
         next.version = update.snapshot_version.clone();
         Ok((next, changes))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use switchyard_model::{Service, ServiceKey};
-
-    fn held(name: &str, version: &str) -> HeldResource {
-        HeldResource {
-            version: version.into(),
-            state: Arc::new(ServiceState {
-                service: Service::new(ServiceKey::new("default", "shop", name)),
-                slices: Vec::new(),
-            }),
-        }
-    }
-
-    #[test]
-    fn follow_moves_only_what_changed_to_the_next_state() {
-        let mut old = AgentState {
-            version: "v1".into(),
-            resources: [("a", "1"), ("b", "1"), ("c", "1")]
-                .into_iter()
-                .map(|(n, v)| (n.to_owned(), held(n, v)))
-                .collect(),
-        };
-        let mut next = old.clone();
-        next.version = "v2".into();
-        next.resources.insert("a".into(), held("a", "2"));
-        next.resources.remove("b");
-        next.resources.insert("d".into(), held("d", "2"));
-        old.follow(
-            &next,
-            &ChangeSet {
-                changed: vec!["a".into(), "d".into()],
-                removed: vec!["b".into()],
-            },
-        );
-        assert_eq!(old.version, "v2");
-        assert_eq!(old.versions(), next.versions());
     }
 }

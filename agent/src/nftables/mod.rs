@@ -361,10 +361,8 @@ impl DataPlane for NftablesDataPlane {
         };
         match result {
             Ok(()) => {
-                match (&mut self.last_good, full) {
-                    (Some(last), false) => last.follow(change.state, change.changes),
-                    _ => self.last_good = Some(change.state.clone()),
-                }
+                // A pointer copy: states are persistent maps.
+                self.last_good = Some(change.state.clone());
                 Ok(())
             }
             Err(e) => {
