@@ -393,7 +393,6 @@ impl Applier {
 mod tests {
     use super::*;
     use crate::dataplane::NoneDataPlane;
-    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, ServiceState, TargetPort};
 
     fn update(version: &str, names: &[&str], removed: &[&str]) -> v1::SnapshotUpdate {
         v1::SnapshotUpdate {
@@ -401,24 +400,7 @@ mod tests {
             nonce: "1".into(),
             resources: names
                 .iter()
-                .map(|n| {
-                    let state = ServiceState::new(Service {
-                        cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
-                        ports: vec![ServicePort {
-                            name: String::new(),
-                            protocol: Protocol::Tcp,
-                            port: 80,
-                            target_port: TargetPort::Number(80),
-                            node_port: None,
-                        }],
-                        ..Service::new(ServiceKey::new("default", "ns", *n))
-                    });
-                    v1::Resource {
-                        name: format!("default/ns/{n}"),
-                        version: format!("{version}-{n}"),
-                        service_state: switchyard_proto::convert::encode_state_bytes(&state),
-                    }
-                })
+                .map(|n| crate::state::test_resource(n, format!("{version}-{n}")))
                 .collect(),
             removed_resources: removed.iter().map(|n| format!("default/ns/{n}")).collect(),
             ..Default::default()

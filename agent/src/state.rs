@@ -87,3 +87,26 @@ impl AgentState {
         Ok((next, changes))
     }
 }
+
+/// A resource as the control plane sends it: `default/ns/<name>`, a
+/// ClusterIP Service with one TCP port (the applier's and store's tests).
+#[cfg(test)]
+pub(crate) fn test_resource(name: &str, version: String) -> v1::Resource {
+    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, TargetPort};
+    let state = ServiceState::new(Service {
+        cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+        ports: vec![ServicePort {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: TargetPort::Number(80),
+            node_port: None,
+        }],
+        ..Service::new(ServiceKey::new("default", "ns", name))
+    });
+    v1::Resource {
+        name: format!("default/ns/{name}"),
+        version,
+        service_state: switchyard_proto::convert::encode_state_bytes(&state),
+    }
+}

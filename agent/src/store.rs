@@ -350,7 +350,6 @@ pub fn unframe(bytes: &[u8]) -> Result<&[u8], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_model::{Protocol, Service, ServiceKey, ServicePort, ServiceState, TargetPort};
 
     fn update(version: &str, names: &[&str]) -> v1::SnapshotUpdate {
         v1::SnapshotUpdate {
@@ -358,24 +357,7 @@ mod tests {
             nonce: "1".into(),
             resources: names
                 .iter()
-                .map(|n| {
-                    let state = ServiceState::new(Service {
-                        cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
-                        ports: vec![ServicePort {
-                            name: String::new(),
-                            protocol: Protocol::Tcp,
-                            port: 80,
-                            target_port: TargetPort::Number(80),
-                            node_port: None,
-                        }],
-                        ..Service::new(ServiceKey::new("default", "ns", *n))
-                    });
-                    v1::Resource {
-                        name: format!("default/ns/{n}"),
-                        version: format!("v-{n}"),
-                        service_state: switchyard_proto::convert::encode_state_bytes(&state),
-                    }
-                })
+                .map(|n| crate::state::test_resource(n, format!("v-{n}")))
                 .collect(),
             ..Default::default()
         }
