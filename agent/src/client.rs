@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use switchyard_proto::parts::{assemble, hello_parts};
+use switchyard_proto::parts::{assemble, feed_hello};
 use switchyard_proto::tls::{ClientFiles, ReloadingClient, chain, find_rustls_error};
 use switchyard_proto::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
 use switchyard_proto::v1::{self, agent_message};
@@ -514,18 +514,8 @@ async fn session(
         Default::default()
     };
     let mut replacing = announced.is_empty() && !state.resources.is_empty();
-    let parts = hello_parts(&hello(who, &state.version), announced);
+    feed_hello(&hello(who, &state.version), announced, tx.clone());
     drop(state);
-    // The parts are fed while the call starts: the control plane answers
-    // the call only once it has read the whole Hello.
-    let feeder = tx.clone();
-    tokio::spawn(async move {
-        for part in parts {
-            if feeder.send(part).await.is_err() {
-                return;
-            }
-        }
-    });
     let mut inbound = match client.stream_snapshots(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(s) => {

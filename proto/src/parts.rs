@@ -11,6 +11,25 @@ use crate::v1::{self, agent_message};
 /// Names and versions announced per Hello part (protocol rule 9).
 pub const HELLO_PART_BYTES: usize = 16 * 1024;
 
+/// Sends `hello` with `announced`, in parts, on `tx` from a task of its
+/// own: the control plane answers the call only once it has read the whole
+/// Hello, so the parts must flow while the call starts (the stream's
+/// channel holds only a few).
+pub fn feed_hello(
+    hello: &v1::Hello,
+    announced: HashMap<String, String>,
+    tx: tokio::sync::mpsc::Sender<v1::AgentMessage>,
+) {
+    let parts = hello_parts(hello, announced);
+    tokio::spawn(async move {
+        for part in parts {
+            if tx.send(part).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// `hello` with `announced` as its resource versions, in parts of about
 /// [`HELLO_PART_BYTES`] each (always at least one part).
 pub fn hello_parts(hello: &v1::Hello, announced: HashMap<String, String>) -> Vec<v1::AgentMessage> {

@@ -238,17 +238,7 @@ async fn session(
         role: v1::Role::Relay as i32,
         ..Default::default()
     };
-    // Fed while the call starts: the control plane answers the call only
-    // once it has read the whole Hello, and the channel holds four parts.
-    let parts = switchyard_proto::parts::hello_parts(&hello, held.versions());
-    let feeder = tx.clone();
-    tokio::spawn(async move {
-        for part in parts {
-            if feeder.send(part).await.is_err() {
-                return;
-            }
-        }
-    });
+    switchyard_proto::parts::feed_hello(&hello, held.versions(), tx.clone());
     let mut inbound = match client.stream_snapshots(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(s) => return format!("refused the stream: {}: {}", s.code(), s.message()),
