@@ -36,7 +36,7 @@ use crate::config::ClusterDown;
 use crate::ipam::{ClusterIpAllocator, IpamError};
 use crate::merge::{self, ClustersetIssue, Exported, Input};
 use crate::metrics::Metrics;
-use crate::snapshot::{Contents, Resource, Snapshot, VersionSource, make_resource};
+use crate::snapshot::{Contents, Names, Resource, Snapshot, VersionSource, make_resource};
 use crate::source::{ObjectError, SourceSlice, SourceState};
 use crate::status::{ClusterStatus, ServiceSummary, SourceStatus, Status};
 
@@ -137,6 +137,45 @@ pub struct Index {
     /// Imports taken from a hub by a relay, by name, with what they became.
     relayed: HashMap<String, (Arc<ServiceState>, Encoded)>,
     build_id: u64,
+    /// What the last build was made from and what its merge decided, so
+    /// that a change of endpoints alone is patched in (see [`Index::patch`]).
+    last: Option<LastBuild>,
+}
+
+/// Every Service's `/status` line, by resource name, as a persistent map.
+pub type Summaries = imbl::OrdMap<Arc<str>, Arc<ServiceSummary>>;
+
+/// The most Services one patch rebuilds; a larger change takes the full
+/// build, whose cost per Service is lower.
+const PATCH_LIMIT: usize = 1024;
+
+/// The last build's inputs and the decisions of its merge.
+#[derive(Debug)]
+struct LastBuild {
+    /// Each source's state (copies: persistent maps are shared).
+    states: Vec<SourceState>,
+    /// The sources' names and clusters, in order.
+    names: Vec<(String, String)>,
+    ready: BTreeSet<String>,
+    dropped: BTreeSet<String>,
+    /// The Services the merge admitted, with their address and export.
+    admitted: HashMap<ServiceKey, Admitted>,
+    /// Objects the merge and the allocation refused.
+    refused: Vec<ObjectError>,
+    /// The validation errors of admitted Services, by key.
+    service_errors: BTreeMap<ServiceKey, Vec<ObjectError>>,
+    issues: Vec<ClustersetIssue>,
+    summaries: Summaries,
+}
+
+/// A Service the merge admitted: from which source, with what address
+/// allocated and whether it is exported.
+#[derive(Debug)]
+struct Admitted {
+    source: usize,
+    service: Arc<Service>,
+    ip: Option<IpAddr>,
+    export: Option<ServiceExport>,
 }
 
 /// One Service's inputs and what they produced.
@@ -221,11 +260,13 @@ pub struct Build {
     pub snapshot: Option<Arc<Snapshot>>,
     /// Objects skipped, with the reason.
     pub invalid: Vec<ObjectError>,
-    /// Every Service in the snapshot, in key order, as `/status` lists them
+    /// Every Service in the snapshot, by name, as `/status` lists them
     /// (the clusterset's imports included).
-    pub services: Vec<Arc<ServiceSummary>>,
+    pub services: Summaries,
     /// What did not agree between the exports of the clusterset.
     pub issues: Vec<ClustersetIssue>,
+    /// Whether the build patched the last one (a change of endpoints alone).
+    pub patched: bool,
 }
 
 /// Which clusters a build serves, and whose exports it leaves out.
@@ -271,6 +312,7 @@ impl Index {
             imports: HashMap::new(),
             relayed: HashMap::new(),
             build_id: 0,
+            last: None,
         }
     }
 
@@ -284,10 +326,158 @@ impl Index {
         changed_at_unix_nanos: i64,
     ) -> Build {
         self.build_id += 1;
+        if let Some(build) = self.patch(inputs, serving, changed_at_unix_nanos) {
+            return build;
+        }
+        self.full_build(inputs, serving, changed_at_unix_nanos)
+    }
+
+    /// A build after a change of endpoints alone. When every source's
+    /// Services, exports and errors are the very maps and lists of the last
+    /// build, no relay brings imports, and the same clusters are served, the
+    /// merge, the address allocation and the imports of the last build
+    /// stand: only the Services whose slices changed (found by diffing the
+    /// persistent slice maps) are rebuilt, and the snapshot is the last one
+    /// with those resources replaced. Its cost is that of the change, at any
+    /// fleet size. `None` when the change is of another kind, or touches an
+    /// exported Service (its import would change) or more than
+    /// [`PATCH_LIMIT`] Services.
+    fn patch(
+        &mut self,
+        inputs: &[Input<'_>],
+        serving: &Serving,
+        changed_at_unix_nanos: i64,
+    ) -> Option<Build> {
+        let last = self.last.as_ref()?;
+        if inputs.len() != last.states.len()
+            || serving.ready != last.ready
+            || serving.dropped != last.dropped
+        {
+            return None;
+        }
+        let mut affected: BTreeSet<ServiceKey> = BTreeSet::new();
+        for ((input, before), (name, cluster)) in inputs.iter().zip(&last.states).zip(&last.names) {
+            let now = input.state;
+            let same = input.name == name
+                && input.cluster == cluster
+                && now.synced == before.synced
+                && now.imports.is_none()
+                && before.imports.is_none()
+                && now.services.same(&before.services)
+                && now.errors == before.errors
+                && now.exports == before.exports;
+            if !same {
+                return None;
+            }
+            for (service, _) in before.slices.changed_keys(&now.slices) {
+                if last
+                    .admitted
+                    .get(service)
+                    .is_some_and(|a| a.export.is_some())
+                {
+                    return None;
+                }
+                affected.insert(service.clone());
+                if affected.len() > PATCH_LIMIT {
+                    return None;
+                }
+            }
+        }
+        let mut last = self.last.take().expect("checked above");
+        let mut resources = self.current.resources.clone();
+        for key in &affected {
+            let Some(admitted) = last.admitted.get(key) else {
+                // Slices of a Service the snapshot does not hold.
+                continue;
+            };
+            let mut group: Vec<&Arc<SourceSlice>> = inputs
+                .iter()
+                .flat_map(|i| {
+                    i.state
+                        .slices
+                        .range((key.clone(), String::new())..)
+                        .take_while(|s| s.service == *key)
+                })
+                .collect();
+            group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
+            let name: Arc<str> = Arc::from(key.to_string());
+            match self.built(key, admitted, &group) {
+                Ok(valid) => {
+                    resources.insert(valid.name.clone(), valid.resource.clone());
+                    last.summaries
+                        .insert(valid.name.clone(), valid.summary.clone());
+                    last.service_errors.remove(key);
+                }
+                Err(errs) => {
+                    resources.remove(&name);
+                    last.summaries.remove(&name);
+                    let errors = errs
+                        .iter()
+                        .map(|e| object_error(inputs[admitted.source].name, e))
+                        .collect();
+                    last.service_errors.insert(key.clone(), errors);
+                }
+            }
+        }
+        last.states = inputs.iter().map(|i| i.state.clone()).collect();
+        let snapshot = Snapshot::from_resources(
+            &self.current,
+            Contents {
+                resources,
+                ready: serving.ready.clone(),
+                exported: self.current.exported.clone(),
+            },
+            &mut self.versions,
+            changed_at_unix_nanos,
+        )
+        .map(Arc::new);
+        if let Some(s) = &snapshot {
+            self.current = s.clone();
+        }
+        let build = Build {
+            snapshot,
+            invalid: last.invalid(),
+            services: last.summaries.clone(),
+            issues: last.issues.clone(),
+            patched: true,
+        };
+        self.last = Some(last);
+        Some(build)
+    }
+
+    /// The cached result for an admitted Service, rebuilt if its inputs changed.
+    fn built(
+        &mut self,
+        key: &ServiceKey,
+        admitted: &Admitted,
+        slices: &[&Arc<SourceSlice>],
+    ) -> &Encoded {
+        let fresh = match self.cache.get(key) {
+            Some(b) if b.same_inputs(&admitted.service, admitted.ip, admitted.export, slices) => {
+                None
+            }
+            _ => Some(self.rebuild(&admitted.service, admitted.ip, admitted.export, slices)),
+        };
+        if let Some(fresh) = fresh {
+            self.cache.insert(key.clone(), fresh);
+        }
+        let built = self.cache.get_mut(key).expect("present");
+        built.seen = self.build_id;
+        &built.result
+    }
+
+    /// The build from scratch: merges every source, allocates addresses,
+    /// builds the imports; unchanged Services cost a pointer comparison.
+    fn full_build(
+        &mut self,
+        inputs: &[Input<'_>],
+        serving: &Serving,
+        changed_at_unix_nanos: i64,
+    ) -> Build {
         let build_id = self.build_id;
         let mut merged = merge::merge(inputs, self.export_all);
-        let mut invalid = std::mem::take(&mut merged.errors);
-        let allocated = self.allocate_cluster_ips(&mut merged.services, inputs, &mut invalid);
+        let mut refused = std::mem::take(&mut merged.errors);
+        let allocated = self.allocate_cluster_ips(&mut merged.services, inputs, &mut refused);
 
         let exports: HashMap<&ServiceKey, ServiceExport> = merged
             .exports
@@ -303,36 +493,35 @@ impl Index {
             })
             .collect();
         let mut resources = BTreeMap::new();
-        let mut exported = BTreeSet::new();
-        let mut summaries = Vec::with_capacity(merged.services.len());
+        let mut exported = Names::new();
+        let mut summaries = BTreeMap::new();
+        let mut admitted = HashMap::with_capacity(merged.services.len());
+        let mut service_errors = BTreeMap::new();
         for (key, (src, service)) in &merged.services {
             let group = merged.slices.remove(key).unwrap_or_default();
-            let ip = allocated.get(key).copied();
-            let export = exports.get(key).copied();
-            let built = match self.cache.get_mut(*key) {
-                Some(b) if b.same_inputs(service, ip, export, &group) => b,
-                _ => {
-                    let fresh = self.rebuild(service, ip, export, &group);
-                    self.cache.insert((*key).clone(), fresh);
-                    self.cache.get_mut(*key).expect("just inserted")
-                }
+            let this = Admitted {
+                source: *src,
+                service: Arc::clone(service),
+                ip: allocated.get(key).copied(),
+                export: exports.get(key).copied(),
             };
-            built.seen = build_id;
-            match &built.result {
+            match self.built(key, &this, &group) {
                 Ok(valid) => {
                     resources.insert(valid.name.clone(), valid.resource.clone());
-                    if export.is_some() {
+                    if this.export.is_some() {
                         exported.insert(valid.name.clone());
                     }
-                    summaries.push(valid.summary.clone());
+                    summaries.insert(valid.name.clone(), valid.summary.clone());
                 }
-                Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
-                    source: inputs[*src].name.to_owned(),
-                    object: e.object.clone(),
-                    field: e.field.clone(),
-                    message: e.message.clone(),
-                })),
+                Err(errs) => {
+                    let errors = errs
+                        .iter()
+                        .map(|e| object_error(inputs[*src].name, e))
+                        .collect();
+                    service_errors.insert((*key).clone(), errors);
+                }
             }
+            admitted.insert((*key).clone(), this);
         }
         self.cache.retain(|_, b| b.seen == build_id);
 
@@ -349,7 +538,7 @@ impl Index {
                 imports,
                 &mut resources,
                 &mut summaries,
-                &mut invalid,
+                &mut refused,
             ),
             None => {
                 self.relayed.clear();
@@ -363,6 +552,22 @@ impl Index {
             }
         }
 
+        let resources = derive(&self.current.resources, resources);
+        let last_summaries = self.last.take().map(|l| l.summaries).unwrap_or_default();
+        let last = LastBuild {
+            states: inputs.iter().map(|i| i.state.clone()).collect(),
+            names: inputs
+                .iter()
+                .map(|i| (i.name.to_owned(), i.cluster.to_owned()))
+                .collect(),
+            ready: serving.ready.clone(),
+            dropped: serving.dropped.clone(),
+            admitted,
+            refused,
+            service_errors,
+            issues,
+            summaries: derive(&last_summaries, summaries),
+        };
         let snapshot = Snapshot::from_resources(
             &self.current,
             Contents {
@@ -377,12 +582,15 @@ impl Index {
         if let Some(s) = &snapshot {
             self.current = s.clone();
         }
-        Build {
+        let build = Build {
             snapshot,
-            invalid,
-            services: summaries,
-            issues,
-        }
+            invalid: last.invalid(),
+            services: last.summaries.clone(),
+            issues: last.issues.clone(),
+            patched: false,
+        };
+        self.last = Some(last);
+        build
     }
 
     /// Validates and encodes one Service whose inputs changed. A resource
@@ -433,7 +641,7 @@ impl Index {
         source: &str,
         imports: &[Arc<ServiceState>],
         resources: &mut BTreeMap<Arc<str>, Arc<Resource>>,
-        summaries: &mut Vec<Arc<ServiceSummary>>,
+        summaries: &mut BTreeMap<Arc<str>, Arc<ServiceSummary>>,
         invalid: &mut Vec<ObjectError>,
     ) {
         self.imports.clear();
@@ -447,7 +655,7 @@ impl Index {
             match &encoded {
                 Ok(valid) => {
                     resources.insert(valid.name.clone(), valid.resource.clone());
-                    summaries.push(valid.summary.clone());
+                    summaries.insert(valid.name.clone(), valid.summary.clone());
                 }
                 Err(errs) => invalid.extend(errs.iter().map(|e| ObjectError {
                     source: source.to_owned(),
@@ -469,7 +677,7 @@ impl Index {
         merged: &merge::Merged<'_>,
         serving: &Serving,
         resources: &mut BTreeMap<Arc<str>, Arc<Resource>>,
-        summaries: &mut Vec<Arc<ServiceSummary>>,
+        summaries: &mut BTreeMap<Arc<str>, Arc<ServiceSummary>>,
         issues: &mut Vec<ClustersetIssue>,
     ) {
         let build_id = self.build_id;
@@ -575,7 +783,7 @@ impl Index {
             match built.result.as_ref().map(|(_, r)| r) {
                 Some(Ok(valid)) => {
                     resources.insert(valid.name.clone(), valid.resource.clone());
-                    summaries.push(valid.summary.clone());
+                    summaries.insert(valid.name.clone(), valid.summary.clone());
                 }
                 Some(Err(errs)) => issues.extend(errs.iter().map(|e| ClustersetIssue {
                     service: format!("{}/{}", key.0, key.1),
@@ -630,6 +838,49 @@ impl Index {
         }
         allocated
     }
+}
+
+impl LastBuild {
+    /// What the build skipped: the merge's refusals, then the invalid
+    /// Services in key order.
+    fn invalid(&self) -> Vec<ObjectError> {
+        self.refused
+            .iter()
+            .chain(self.service_errors.values().flatten())
+            .cloned()
+            .collect()
+    }
+}
+
+/// A Service's validation error, reported against its source.
+fn object_error(source: &str, e: &ValidationError) -> ObjectError {
+    ObjectError {
+        source: source.to_owned(),
+        object: e.object.clone(),
+        field: e.field.clone(),
+        message: e.message.clone(),
+    }
+}
+
+/// `fresh` as a persistent map derived from `previous`: what did not change
+/// stays shared with it, so the next difference between the two costs only
+/// what changed.
+fn derive<V: Clone>(
+    previous: &imbl::OrdMap<Arc<str>, Arc<V>>,
+    fresh: BTreeMap<Arc<str>, Arc<V>>,
+) -> imbl::OrdMap<Arc<str>, Arc<V>> {
+    let mut out = previous.clone();
+    for name in previous.keys() {
+        if !fresh.contains_key(name) {
+            out.remove(name);
+        }
+    }
+    for (name, value) in fresh {
+        if !previous.get(&name).is_some_and(|v| Arc::ptr_eq(v, &value)) {
+            out.insert(name, value);
+        }
+    }
+    out
 }
 
 /// One source, as the index follows it.
@@ -732,6 +983,21 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    run_with(config, sources, snapshots, status, metrics, shutdown, None).await;
+}
+
+/// Called on the build's thread as each build starts (tests hold a build there).
+type BuildHook = Arc<dyn Fn() + Send + Sync>;
+
+async fn run_with(
+    config: IndexConfig,
+    sources: Vec<SourceFeed>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    hook: Option<BuildHook>,
+) {
     let mut index = Index::new(&config);
     let mut health = ClusterHealth::default();
     // Each source's watch channel wakes one shared Notify: a burst of
@@ -804,7 +1070,11 @@ pub async fn run(
             } else {
                 let metrics = metrics.clone();
                 let mut moved = index;
+                let hook = hook.clone();
                 let built = tokio::task::spawn_blocking(move || {
+                    if let Some(hook) = hook {
+                        hook();
+                    }
                     let inputs = as_inputs(&states);
                     let t = Instant::now();
                     let build = moved.build(&inputs, &serving, changed_at);
@@ -879,6 +1149,7 @@ pub fn unix_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::View;
     use crate::source::SlicePorts;
     use switchyard_model::{Endpoint, EndpointSlice, Protocol, ServicePort, TargetPort};
 
@@ -915,6 +1186,202 @@ mod tests {
         state
     }
 
+    /// The key of the one slice of Service `s{i}` in [`source`].
+    fn slice_key(i: usize) -> crate::source::SliceKey {
+        (
+            ServiceKey::new("default", "ns", format!("s{i}")),
+            format!("s{i}-1"),
+        )
+    }
+
+    /// Name -> content version of every resource.
+    fn versions(snap: &Snapshot) -> Vec<(String, String)> {
+        snap.resources
+            .iter()
+            .map(|(n, r)| (n.to_string(), r.version.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_endpoint_change_is_patched_in_as_a_full_build_would_make_it() {
+        let mut idx = index();
+        let mut state = source(50);
+        let first = build(&mut idx, &[("t", &state)], 1);
+        assert!(!first.patched, "the first build is a full one");
+        let first = first.snapshot.expect("first snapshot");
+
+        // An endpoint moves: patched, and the same as a fresh index makes it.
+        state.slices.modify(&slice_key(7), |s| {
+            s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")];
+        });
+        let b = build(&mut idx, &[("t", &state)], 2);
+        assert!(b.patched, "an endpoint change is patched in");
+        let second = b.snapshot.expect("a change");
+        let fresh = build(&mut index(), &[("t", &state)], 2)
+            .snapshot
+            .expect("a snapshot");
+        assert_eq!(versions(&second), versions(&fresh));
+        for (name, r) in &second.resources {
+            let same = Arc::ptr_eq(r, &first.resources[name]);
+            assert_eq!(same, &**name != "default/ns/s7", "{name}");
+        }
+        let delta = second.delta_from(&first, &View::Agent("default".into()));
+        let changed: Vec<&str> = delta.changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(changed, ["default/ns/s7"]);
+        assert!(delta.removed.is_empty());
+
+        // An endpoint without addresses makes its Service invalid: it leaves
+        // the snapshot with an error naming the field, and comes back.
+        state
+            .slices
+            .modify(&slice_key(3), |s| s.slice.endpoints[0].addresses.clear());
+        let b = build(&mut idx, &[("t", &state)], 3);
+        assert!(b.patched);
+        let third = b.snapshot.expect("a change");
+        assert!(!third.resources.contains_key("default/ns/s3"));
+        assert_eq!(b.invalid.len(), 1, "{:?}", b.invalid);
+        assert_eq!(b.invalid[0].field, "endpoints[0].addresses");
+        assert_eq!(b.services.len(), 49);
+        let delta = third.delta_from(&second, &View::Agent("default".into()));
+        assert_eq!(delta.removed, vec![Arc::<str>::from("default/ns/s3")]);
+        state.slices.modify(&slice_key(3), |s| {
+            s.slice.endpoints[0].addresses = vec!["10.244.0.4".parse().expect("ip")];
+        });
+        let b = build(&mut idx, &[("t", &state)], 4);
+        assert!(b.patched && b.invalid.is_empty() && b.services.len() == 50);
+        let fourth = b.snapshot.expect("a change");
+        assert_eq!(
+            fourth.resources["default/ns/s3"].version,
+            first.resources["default/ns/s3"].version
+        );
+
+        // A removed slice, and a slice of a Service no source has: patched.
+        state.slices.remove(&slice_key(9));
+        state.slices.push(Arc::new(SourceSlice {
+            service: ServiceKey::new("default", "ns", "nobody"),
+            ..(**state.slices.get(&slice_key(1)).expect("a slice")).clone()
+        }));
+        let b = build(&mut idx, &[("t", &state)], 5);
+        assert!(b.patched);
+        let fifth = b.snapshot.expect("a change");
+        let fresh = build(&mut index(), &[("t", &state)], 5)
+            .snapshot
+            .expect("a snapshot");
+        assert_eq!(versions(&fifth), versions(&fresh));
+
+        // A Service change takes the full build.
+        let key = ServiceKey::new("default", "ns", "s2");
+        state.services.modify(&key, |s| s.ports[0].port = 81);
+        let b = build(&mut idx, &[("t", &state)], 6);
+        assert!(!b.patched, "a Service change is a full build");
+        assert_eq!(
+            versions(&b.snapshot.expect("a change")),
+            versions(
+                &build(&mut index(), &[("t", &state)], 6)
+                    .snapshot
+                    .expect("a snapshot")
+            )
+        );
+    }
+
+    /// While a build runs, a source publishes without waiting for it and the
+    /// runtime thread stays free: the build holds no source's lock and runs
+    /// off the runtime (this test runs on a one-thread runtime).
+    #[tokio::test]
+    async fn a_build_holds_no_source_lock_and_no_runtime_thread() {
+        let (tx, rx) = watch::channel(source(10));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let (go_tx, go) = std::sync::mpsc::channel::<()>();
+        let go = Arc::new(std::sync::Mutex::new(go));
+        let builds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook: BuildHook = {
+            let builds = builds.clone();
+            Arc::new(move || {
+                // The second build (after the first change) waits for the test.
+                if builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    started_tx.send(()).expect("test alive");
+                    let _ = go
+                        .lock()
+                        .expect("lock")
+                        .recv_timeout(std::time::Duration::from_secs(30));
+                }
+            })
+        };
+        let (snap_tx, mut snaps) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with(
+            IndexConfig::in_memory("10.96.0.0/16".parse().expect("cidr")),
+            vec![SourceFeed {
+                name: "t".into(),
+                cluster: "default".into(),
+                state: rx,
+            }],
+            snap_tx,
+            Arc::new(Status::default()),
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+            Some(hook),
+        ));
+        let wait = std::time::Duration::from_secs(10);
+        tokio::time::timeout(wait, snaps.wait_for(Option::is_some))
+            .await
+            .expect("a first snapshot within 10 s")
+            .expect("index alive");
+        tx.send_modify(|s| {
+            s.slices.modify(&slice_key(1), |s| {
+                s.slice.endpoints[0].addresses = vec!["10.244.7.7".parse().expect("ip")];
+            });
+        });
+        // This one-thread runtime goes on while the build waits in the hook.
+        tokio::time::timeout(wait, started.recv())
+            .await
+            .expect("the runtime thread is free while a build runs")
+            .expect("hook alive");
+        // A source publishing meanwhile does not wait for the build.
+        let publisher = std::thread::spawn(move || {
+            tx.send_modify(|s| {
+                s.slices.modify(&slice_key(2), |s| {
+                    s.slice.endpoints[0].addresses = vec!["10.244.8.8".parse().expect("ip")];
+                });
+            });
+            tx
+        });
+        let deadline = Instant::now() + wait;
+        while !publisher.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "a source could not publish while a build ran"
+            );
+            tokio::task::yield_now().await;
+        }
+        let _tx = publisher.join().expect("publisher");
+        go_tx.send(()).expect("hook waiting");
+        // Both changes arrive, the second by the build after the held one.
+        let both = |s: &Option<Arc<Snapshot>>| {
+            s.as_ref().is_some_and(|s| {
+                let has = |name: &str, ip: &str| {
+                    switchyard_proto::convert::decode_state_bytes(
+                        name,
+                        &s.resources[name].service_state,
+                    )
+                    .expect("decodes")
+                    .slices[0]
+                        .endpoints[0]
+                        .addresses[0]
+                        .to_string()
+                        == ip
+                };
+                has("default/ns/s1", "10.244.7.7") && has("default/ns/s2", "10.244.8.8")
+            })
+        };
+        tokio::time::timeout(wait, snaps.wait_for(both))
+            .await
+            .expect("both changes published within 10 s")
+            .expect("index alive");
+        shutdown.cancel();
+        task.await.expect("index task");
+    }
+
     fn index() -> Index {
         Index::new(&IndexConfig::in_memory(
             "10.96.0.0/16".parse().expect("cidr"),
@@ -947,8 +1414,9 @@ mod tests {
             "no change, no version"
         );
 
-        Arc::make_mut(&mut state.slices[7]).slice.endpoints[0].addresses =
-            vec!["10.244.9.9".parse().expect("ip")];
+        state.slices.modify(&slice_key(7), |s| {
+            s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")];
+        });
         let second = build(&mut idx, &[("t", &state)], 3)
             .snapshot
             .expect("a change");
@@ -973,10 +1441,10 @@ mod tests {
     fn slices_of_another_source_take_the_services_target_ports() {
         let mut idx = index();
         let files = source(1);
-        let key = files.services[0].key.clone();
+        let key = files.services.first().expect("a Service").key.clone();
         let docker = SourceState {
             synced: true,
-            slices: vec![Arc::new(SourceSlice {
+            slices: [Arc::new(SourceSlice {
                 service: key,
                 slice: EndpointSlice {
                     name: "s0-docker-ipv4".into(),
@@ -987,7 +1455,9 @@ mod tests {
                     ..EndpointSlice::default()
                 },
                 ports: SlicePorts::FromServiceTargets,
-            })],
+            })]
+            .into_iter()
+            .collect(),
             ..SourceState::default()
         };
         let build = build(&mut idx, &[("file", &files), ("docker", &docker)], 1);
@@ -1005,19 +1475,25 @@ mod tests {
             .expect("the docker slice");
         assert_eq!(slice.port_for("", Protocol::Tcp), Some(8080));
         assert_eq!(build.services.len(), 1);
-        assert_eq!(build.services[0].endpoints, 2);
-        assert_eq!(build.services[0].ready_endpoints, 2);
+        assert_eq!(build.services.values().next().expect("one").endpoints, 2);
+        assert_eq!(
+            build.services.values().next().expect("one").ready_endpoints,
+            2
+        );
     }
 
     /// `source(1)` moved into cluster `cluster`, exporting its Service.
     fn exporting(cluster: &str, endpoint: &str, created: i64) -> SourceState {
         let mut st = source(1);
         let key = ServiceKey::new(cluster, "ns", "s0");
-        let svc = Arc::make_mut(&mut st.services[0]);
+        // Keys change: the objects go in again under their new keys.
+        let mut svc = (**st.services.first().expect("a Service")).clone();
+        let mut slice = (**st.slices.first().expect("a slice")).clone();
         svc.key = key.clone();
-        let slice = Arc::make_mut(&mut st.slices[0]);
         slice.service = key.clone();
         slice.slice.endpoints[0].addresses = vec![endpoint.parse().expect("ip")];
+        st.services = [Arc::new(svc)].into_iter().collect();
+        st.slices = [Arc::new(slice)].into_iter().collect();
         st.exports.push(crate::source::Export {
             key,
             created_unix: Some(created),
@@ -1064,7 +1540,7 @@ mod tests {
         assert!(first.issues.is_empty(), "{:?}", first.issues);
         let summary = first
             .services
-            .iter()
+            .values()
             .find(|s| s.cluster == CLUSTERSET)
             .expect("listed");
         assert_eq!(summary.endpoints, 2);

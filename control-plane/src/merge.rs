@@ -109,7 +109,7 @@ pub fn merge<'a>(inputs: &[Input<'a>], export_all: bool) -> Merged<'a> {
     let mut named: BTreeMap<&ServiceKey, (usize, &Arc<Service>)> = BTreeMap::new();
     for (i, input) in inputs.iter().enumerate() {
         out.errors.extend(input.state.errors.iter().cloned());
-        for svc in &input.state.services {
+        for svc in input.state.services.iter() {
             if svc.key.cluster == CLUSTERSET {
                 out.errors.push(error(
                     input.name,
@@ -169,7 +169,7 @@ pub fn merge<'a>(inputs: &[Input<'a>], export_all: bool) -> Merged<'a> {
     }
 
     for input in inputs {
-        for s in &input.state.slices {
+        for s in input.state.slices.iter() {
             if let Some((key, _)) = out.services.get_key_value(&s.service) {
                 out.slices.entry(*key).or_default().push(s);
             }
@@ -432,7 +432,7 @@ mod tests {
     fn state(services: Vec<Arc<Service>>) -> SourceState {
         SourceState {
             synced: true,
-            services,
+            services: services.into_iter().collect(),
             ..SourceState::default()
         }
     }
@@ -719,8 +719,8 @@ mod tests {
         };
         let st = SourceState {
             synced: true,
-            services: vec![svc("east", "web", None, None)],
-            slices: vec![Arc::new(s)],
+            services: [svc("east", "web", None, None)].into_iter().collect(),
+            slices: [Arc::new(s)].into_iter().collect(),
             ..SourceState::default()
         };
         let m = merge(

@@ -8,9 +8,12 @@
 //!
 //! Differences are computed once per (view, base version) and cached on the
 //! newer snapshot, so a thousand agents at the same version share one
-//! [`Delta`].
+//! [`Delta`]. The resource map is persistent (`imbl`): a snapshot made by
+//! changing a few resources of the previous one shares the rest of its
+//! structure, and the difference between the two costs what changed, not
+//! the size of the fleet.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +24,12 @@ use switchyard_proto::v1;
 
 /// One resource as it goes on the wire, with its content version.
 pub type Resource = v1::Resource;
+
+/// Every resource by name, as a persistent map.
+pub type Resources = imbl::OrdMap<Arc<str>, Arc<Resource>>;
+
+/// The names of exported resources, as a persistent set.
+pub type Names = imbl::OrdSet<Arc<str>>;
 
 /// The immutable state at one version.
 #[derive(Debug)]
@@ -33,13 +42,13 @@ pub struct Snapshot {
     /// Every resource by name (`cluster/namespace/name`), in name order, so a
     /// cluster's resources form one contiguous range; the clusterset's
     /// imports are the range of cluster [`CLUSTERSET`].
-    pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    pub resources: Resources,
     /// The clusters whose view is complete and may be sent to agents (all
     /// their sources synced), and [`CLUSTERSET`] once every source has.
     pub ready: BTreeSet<String>,
     /// The resources that are exported to the clusterset (what a relay
     /// collecting a cluster's exports receives).
-    pub exported: BTreeSet<Arc<str>>,
+    pub exported: Names,
     deltas: Mutex<HashMap<DeltaKey, Arc<Delta>>>,
 }
 
@@ -47,11 +56,11 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub struct Contents {
     /// Every resource by name.
-    pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    pub resources: Resources,
     /// The clusters that may be served, and [`CLUSTERSET`] when complete.
     pub ready: BTreeSet<String>,
     /// The names of exported resources.
-    pub exported: BTreeSet<Arc<str>>,
+    pub exported: Names,
 }
 
 /// What one stream receives of a snapshot.
@@ -165,9 +174,9 @@ impl Snapshot {
         Self {
             version,
             changed_at_unix_nanos: 0,
-            resources: BTreeMap::new(),
+            resources: Resources::new(),
             ready: BTreeSet::new(),
-            exported: BTreeSet::new(),
+            exported: Names::new(),
             deltas: Mutex::default(),
         }
     }
@@ -183,7 +192,7 @@ impl Snapshot {
         versions: &mut VersionSource,
         changed_at_unix_nanos: i64,
     ) -> Option<Snapshot> {
-        let resources: BTreeMap<Arc<str>, Arc<Resource>> = states
+        let resources: Resources = states
             .into_iter()
             .map(|state| {
                 let fresh = make_resource(&state);
@@ -203,7 +212,7 @@ impl Snapshot {
         let contents = Contents {
             resources,
             ready,
-            exported: BTreeSet::new(),
+            exported: Names::new(),
         };
         Self::from_resources(previous, contents, versions, changed_at_unix_nanos)
     }
@@ -222,12 +231,11 @@ impl Snapshot {
             ready,
             exported,
         } = contents;
-        let unchanged = resources.len() == previous.resources.len()
-            && ready == previous.ready
-            && resources
-                .iter()
-                .zip(&previous.resources)
-                .all(|((n, r), (pn, pr))| n == pn && Arc::ptr_eq(r, pr));
+        // Derived maps compare in what differs; a resource equal in content
+        // but in a new `Arc` compares equal too, and is then the same bytes.
+        let unchanged = ready == previous.ready
+            && exported == previous.exported
+            && resources == previous.resources;
         if unchanged && !previous.version.is_empty() {
             return None;
         }
@@ -258,7 +266,7 @@ impl Snapshot {
     ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {
         let prefix = format!("{cluster}/");
         self.resources
-            .range::<str, _>((
+            .range::<_, str>((
                 std::ops::Bound::Included(prefix.as_str()),
                 std::ops::Bound::Unbounded,
             ))
@@ -307,13 +315,41 @@ impl Snapshot {
             return d.clone();
         }
         let mut delta = Delta::default();
-        for (c, exported_only) in view.ranges() {
-            let part = diff(
-                base.served_range(c, exported_only),
-                self.served_range(c, exported_only),
-            );
-            delta.changed.extend(part.changed);
-            delta.removed.extend(part.removed);
+        let same_view = view
+            .ranges()
+            .iter()
+            .all(|(c, _)| base.serves(c) == self.serves(c))
+            && base.exported == self.exported;
+        if same_view {
+            // What the view holds is decided the same way in both: the
+            // persistent maps' difference, restricted to the view.
+            use imbl::ordmap::DiffItem;
+            for d in base.resources.diff(&self.resources) {
+                match d {
+                    DiffItem::Add(name, r) if self.in_view(view, name) => {
+                        delta.changed.push(r.clone());
+                    }
+                    DiffItem::Update {
+                        old: (_, o),
+                        new: (name, r),
+                    } if o.version != r.version && self.in_view(view, name) => {
+                        delta.changed.push(r.clone());
+                    }
+                    DiffItem::Remove(name, _) if base.in_view(view, name) => {
+                        delta.removed.push(name.clone());
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            for (c, exported_only) in view.ranges() {
+                let part = diff(
+                    base.served_range(c, exported_only),
+                    self.served_range(c, exported_only),
+                );
+                delta.changed.extend(part.changed);
+                delta.removed.extend(part.removed);
+            }
         }
         let delta = Arc::new(delta);
         let mut cache = self.lock_deltas();
@@ -515,7 +551,7 @@ mod tests {
     #[test]
     fn an_agent_gets_its_cluster_and_the_clusterset_once_each_is_ready() {
         let mut vs = VersionSource::new();
-        let resources = |states: &[ServiceState]| -> BTreeMap<Arc<str>, Arc<Resource>> {
+        let resources = |states: &[ServiceState]| -> Resources {
             states
                 .iter()
                 .map(|s| {
@@ -533,7 +569,7 @@ mod tests {
         let contents = |resources, ready| Contents {
             resources,
             ready,
-            exported: BTreeSet::new(),
+            exported: Names::new(),
         };
         let s1 = Snapshot::from_resources(
             &Snapshot::empty(String::new()),
@@ -585,7 +621,7 @@ mod tests {
             state("east", "b", 80),
             state(CLUSTERSET, "a", 80),
         ];
-        let resources: BTreeMap<Arc<str>, Arc<Resource>> = all
+        let resources: Resources = all
             .iter()
             .map(|s| {
                 let r = make_resource(s);
@@ -598,7 +634,7 @@ mod tests {
             Contents {
                 resources,
                 ready: ["east", CLUSTERSET].map(String::from).into(),
-                exported: [exported].into(),
+                exported: Names::unit(exported),
             },
             &mut vs,
             1,

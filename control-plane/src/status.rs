@@ -170,7 +170,7 @@ struct Inner {
     resources: usize,
     sources: Vec<SourceStatus>,
     invalid_objects: Vec<ObjectError>,
-    services: Vec<Arc<ServiceSummary>>,
+    services: crate::index::Summaries,
     clusters: Vec<ClusterStatus>,
     clusterset_issues: Vec<ClustersetIssue>,
     all_synced: bool,
@@ -229,8 +229,8 @@ pub struct StatusDocument {
     /// Agents connected now or gone for less than the retention
     /// (`--forget-agents-after`, at most 10,000 gone ones), by node name.
     pub agents: Vec<AgentStatus>,
-    /// Every Service of the snapshot, by cluster, namespace and name; the
-    /// clusterset's imports under cluster `clusterset`.
+    /// Every Service of the snapshot, by name (`cluster/namespace/name`);
+    /// the clusterset's imports under cluster `clusterset`.
     pub services: Vec<Arc<ServiceSummary>>,
     /// Every cluster the sources name: synced, healthy, how old its data is.
     pub clusters: Vec<ClusterStatus>,
@@ -294,7 +294,7 @@ impl Status {
         version: &str,
         resources: usize,
         invalid: Vec<ObjectError>,
-        services: Vec<Arc<ServiceSummary>>,
+        services: crate::index::Summaries,
         issues: Vec<ClustersetIssue>,
     ) {
         self.change(|s| {
@@ -490,7 +490,7 @@ impl Status {
                     a
                 })
                 .collect(),
-            services: s.services.clone(),
+            services: s.services.values().cloned().collect(),
             clusters: s.clusters.clone(),
             clusterset_issues: s.clusterset_issues.clone(),
         }

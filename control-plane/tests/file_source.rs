@@ -180,7 +180,7 @@ async fn loads_multi_document_files_lists_and_directories() {
     assert!(api.cluster_ips.is_empty(), "left for the index to allocate");
     assert_eq!(state.slices.len(), 1);
     assert_eq!(
-        state.slices[0].service,
+        state.slices.first().expect("a slice").service,
         ServiceKey::new("default", "shop", "web")
     );
     src.stop().await;
@@ -193,7 +193,7 @@ async fn a_change_is_published() {
     write(&file, &svc("web", "10.96.0.10", 80));
     let mut src = Running::start(vec![file.clone()], Duration::from_millis(50));
     let state = src.synced().await;
-    assert_eq!(state.services[0].ports[0].port, 80);
+    assert_eq!(state.services.first().expect("a Service").ports[0].port, 80);
 
     write(&file, &svc("web", "10.96.0.10", 8080));
     let state = src
@@ -286,7 +286,7 @@ async fn broken_yaml_keeps_the_previous_content() {
         state.errors[0].message
     );
     assert_eq!(service_names(&state), ["default/shop/web"], "still served");
-    assert_eq!(state.services[0].ports[0].port, 80);
+    assert_eq!(state.services.first().expect("a Service").ports[0].port, 80);
 
     write(&file, &svc("web", "10.96.0.10", 81));
     let state = src
@@ -372,7 +372,7 @@ async fn a_missing_path_is_not_synced_until_it_appears() {
         .wait_for("the missing path reported", |s| s.last_error.is_some())
         .await;
     assert!(!state.synced, "a missing path must not count as synced");
-    assert_eq!(state.services, []);
+    assert!(state.services.is_empty());
     let message = state.last_error.expect("last_error");
     assert!(
         message.contains(&conf.display().to_string()) && message.contains("does not exist"),
@@ -432,7 +432,7 @@ async fn the_first_definition_wins() {
     let state = src.synced().await;
     assert_eq!(state.services.len(), 1);
     assert_eq!(
-        state.services[0].cluster_ips,
+        state.services.first().expect("a Service").cluster_ips,
         ["10.96.0.10".parse::<std::net::IpAddr>().expect("ip")]
     );
     assert_eq!(state.errors.len(), 1);

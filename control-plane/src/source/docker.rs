@@ -340,8 +340,8 @@ impl View {
         let assembled = containers::assemble(&containers, &self.cluster, &self.source);
         let mut new = SourceState {
             synced,
-            services: assembled.services,
-            slices: assembled.slices,
+            services: assembled.services.into_iter().collect(),
+            slices: assembled.slices.into_iter().collect(),
             errors: assembled.errors,
             exports: assembled.exports,
             ..SourceState::default()

@@ -146,6 +146,7 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
         watched: BTreeMap::new(),
         watcher_error,
         complete_once: false,
+        last: SourceState::default(),
     };
 
     loop {
@@ -253,6 +254,8 @@ struct Loader {
     /// is not synced, so the control plane stays not ready and publishes
     /// nothing rather than an empty view of a mistyped path.
     complete_once: bool,
+    /// The last state returned, which the next one is derived from.
+    last: SourceState,
 }
 
 impl fmt::Debug for Loader {
@@ -336,6 +339,10 @@ impl Loader {
                 paths.join(", ")
             ));
         }
+        // Derived from the last state, the maps share what did not change,
+        // and the index patches in a change of endpoints.
+        super::share_unchanged(&self.last, &mut state);
+        self.last = state.clone();
         state
     }
 
@@ -519,8 +526,8 @@ impl Loader {
     /// Merges the files in path order: the first definition of an object wins.
     fn assemble(&self, files: &[PathBuf], mut errors: Vec<ObjectError>) -> SourceState {
         let mut warnings = Vec::new();
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
+        let mut services = super::Objects::default();
+        let mut slices = super::Objects::default();
         let mut first_service: HashMap<&ServiceKey, &str> = HashMap::new();
         let mut first_slice: HashMap<(&str, &str, &str), &str> = HashMap::new();
         let mut exports: Vec<Export> = Vec::new();

@@ -476,6 +476,9 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             dirty = false;
             let mut new = view.build();
             new.last_error = last_error;
+            // Derived from what was published, the maps share what did not
+            // change, and the index patches in a change of endpoints.
+            super::share_unchanged(&state.borrow(), &mut new);
             super::publish(&state, &name, new);
         } else {
             state.send_if_modified(|s| {
@@ -565,10 +568,8 @@ impl View {
             })
             .collect();
         out.exports.sort_by(|a, b| a.key.cmp(&b.key));
-        // Stores are hash maps: sort so that equal content compares equal.
-        out.services.sort_by(|a, b| a.key.cmp(&b.key));
-        out.slices
-            .sort_by(|a, b| (&a.service, &a.slice.name).cmp(&(&b.service, &b.slice.name)));
+        // Stores are hash maps: sort so that equal content compares equal
+        // (Services and slices are in maps by key).
         out.errors
             .sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         out.nodes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -20,7 +20,6 @@ pub mod file;
 pub mod kubernetes;
 pub mod relay;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -98,20 +97,187 @@ pub struct ObjectError {
     pub message: String,
 }
 
+/// An object a source keeps in an [`Objects`] map, under its own key.
+pub trait Keyed {
+    /// What names the object within one source.
+    type Key: Ord + Clone + std::fmt::Debug;
+    /// The object's key.
+    fn key(&self) -> Self::Key;
+}
+
+impl Keyed for SourceService {
+    type Key = ServiceKey;
+    fn key(&self) -> ServiceKey {
+        self.key.clone()
+    }
+}
+
+/// A slice's key within a source: its Service, then its name, so that one
+/// Service's slices are one contiguous range.
+pub type SliceKey = (ServiceKey, String);
+
+impl Keyed for SourceSlice {
+    type Key = SliceKey;
+    fn key(&self) -> SliceKey {
+        (self.service.clone(), self.slice.name.clone())
+    }
+}
+
+/// A source's objects of one kind, by key, as a persistent map: a copy is a
+/// pointer copy, a copy changed in one place shares everything else with
+/// the original, and the difference between two such states costs what
+/// changed (`imbl` skips the subtrees both share), which is what lets the
+/// index do work in the size of a change.
+pub struct Objects<T: Keyed>(imbl::OrdMap<T::Key, Arc<T>>);
+
+impl<T: Keyed> Clone for Objects<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T: Keyed> Objects<T> {
+    /// Adds `object` under its key, replacing what was there.
+    pub fn push(&mut self, object: Arc<T>) {
+        self.0.insert(object.key(), object);
+    }
+
+    /// Changes the object under `key` in place (a copy, when it is
+    /// shared); `f` must not change its key. Whether there was one.
+    pub fn modify(&mut self, key: &T::Key, f: impl FnOnce(&mut T)) -> bool
+    where
+        T: Clone,
+    {
+        match self.0.get_mut(key) {
+            Some(object) => {
+                f(Arc::make_mut(object));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the object under `key`.
+    pub fn remove(&mut self, key: &T::Key) -> Option<Arc<T>> {
+        self.0.remove(key)
+    }
+
+    /// The object under `key`.
+    pub fn get(&self, key: &T::Key) -> Option<&Arc<T>> {
+        self.0.get(key)
+    }
+
+    /// Every object, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<T>> + '_ {
+        self.0.values()
+    }
+
+    /// How many objects there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The object with the lowest key.
+    pub fn first(&self) -> Option<&Arc<T>> {
+        self.0.get_min().map(|(_, v)| v)
+    }
+
+    /// The objects whose keys lie in `range`, in key order.
+    pub fn range<R: std::ops::RangeBounds<T::Key>>(
+        &self,
+        range: R,
+    ) -> impl Iterator<Item = &Arc<T>> + '_ {
+        self.0.range(range).map(|(_, v)| v)
+    }
+
+    /// The keys whose objects differ between `self` and `other` (added,
+    /// removed or replaced by another `Arc`), in key order. Costs what
+    /// differs when `other` was derived from `self` (or the reverse).
+    pub fn changed_keys<'a>(&'a self, other: &'a Self) -> impl Iterator<Item = &'a T::Key> + 'a
+    where
+        T: PartialEq,
+    {
+        use imbl::ordmap::DiffItem;
+        self.0.diff(&other.0).filter_map(|d| match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => Some(k),
+            DiffItem::Update {
+                old: (k, a),
+                new: (_, b),
+            } => (!Arc::ptr_eq(a, b)).then_some(k),
+        })
+    }
+
+    /// Whether both are the very same map (a copy nothing was changed in).
+    pub fn same(&self, other: &Self) -> bool {
+        self.0.ptr_eq(&other.0)
+    }
+}
+
+impl<T: Keyed> Default for Objects<T> {
+    fn default() -> Self {
+        Self(imbl::OrdMap::new())
+    }
+}
+
+impl<T: Keyed + PartialEq> PartialEq for Objects<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<T: Keyed + Eq> Eq for Objects<T> {}
+
+impl<T: Keyed + std::fmt::Debug> std::fmt::Debug for Objects<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<T: Keyed> FromIterator<Arc<T>> for Objects<T> {
+    fn from_iter<I: IntoIterator<Item = Arc<T>>>(iter: I) -> Self {
+        let mut out = Self::default();
+        out.extend(iter);
+        out
+    }
+}
+
+impl<T: Keyed> Extend<Arc<T>> for Objects<T> {
+    fn extend<I: IntoIterator<Item = Arc<T>>>(&mut self, iter: I) {
+        for o in iter {
+            self.push(o);
+        }
+    }
+}
+
+impl<'a, T: Keyed> IntoIterator for &'a Objects<T> {
+    type Item = &'a Arc<T>;
+    type IntoIter = imbl::ordmap::Values<'a, T::Key, Arc<T>, imbl::shared_ptr::DefaultSharedPtr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.values()
+    }
+}
+
 /// Everything one source currently knows.
 ///
 /// Objects are shared `Arc`s, and a source hands out the *same* `Arc` for an
-/// object that did not change between two states it publishes: the index
-/// recognises unchanged objects by pointer, so a rebuild costs what changed
-/// plus one pointer comparison per object.
+/// object that did not change between two states it publishes, in maps
+/// derived from the previous state's: the index finds what changed by
+/// diffing the maps, so a rebuild after an endpoint change costs what
+/// changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceState {
     /// True once the source has completed its first full read (list, scan).
     pub synced: bool,
-    /// Every Service, in no particular order.
-    pub services: Vec<Arc<SourceService>>,
-    /// Every IPv4/IPv6 EndpointSlice (FQDN slices are dropped by the source).
-    pub slices: Vec<Arc<SourceSlice>>,
+    /// Every Service, by key.
+    pub services: Objects<SourceService>,
+    /// Every IPv4/IPv6 EndpointSlice (FQDN slices are dropped by the
+    /// source), by its Service and name.
+    pub slices: Objects<SourceSlice>,
     /// Objects skipped and files not read, with the reason.
     pub errors: Vec<ObjectError>,
     /// Input used but partly ignored, or ignored whole: kinds and API
@@ -177,27 +343,26 @@ pub trait Source: Send + 'static {
 /// so the index recognises them by pointer (see [`SourceState`]). For
 /// sources that rebuild their objects from scratch on every change.
 pub fn share_unchanged(prev: &SourceState, next: &mut SourceState) {
-    let services: HashMap<&ServiceKey, &Arc<SourceService>> =
-        prev.services.iter().map(|s| (&s.key, s)).collect();
-    for s in &mut next.services {
-        if let Some(old) = services.get(&s.key)
-            && **old == *s
-        {
-            *s = Arc::clone(old);
+    next.services = share(&prev.services, &next.services);
+    next.slices = share(&prev.slices, &next.slices);
+}
+
+/// `next` as a copy of `prev` changed where they differ, so that the two
+/// share their structure and every unchanged `Arc`.
+fn share<T: Keyed + PartialEq>(prev: &Objects<T>, next: &Objects<T>) -> Objects<T> {
+    let mut out = prev.clone();
+    for key in prev.0.keys() {
+        if next.get(key).is_none() {
+            out.remove(key);
         }
     }
-    let slices: HashMap<(&ServiceKey, &str), &Arc<SourceSlice>> = prev
-        .slices
-        .iter()
-        .map(|s| ((&s.service, s.slice.name.as_str()), s))
-        .collect();
-    for s in &mut next.slices {
-        if let Some(old) = slices.get(&(&s.service, s.slice.name.as_str()))
-            && **old == *s
-        {
-            *s = Arc::clone(old);
+    for object in next.iter() {
+        match prev.get(&object.key()) {
+            Some(old) if Arc::ptr_eq(old, object) || **old == **object => {}
+            _ => out.push(Arc::clone(object)),
         }
     }
+    out
 }
 
 /// Publishes `new` unless it equals the current state, logging a summary
