@@ -483,52 +483,85 @@ impl SnapshotDiscovery for SnapshotService {
     }
 }
 
-/// Builds the messages of one update, each with at most [`MAX_PART_BYTES`]
-/// of resources and removed names. Resources are cheap to copy: their
-/// payload is shared `Bytes`.
-fn split_into_parts(
-    delta: &Delta,
-    version: &str,
-    nonce: &str,
+/// The messages of one update, each with at most [`MAX_PART_BYTES`] of
+/// resources and removed names, made one at a time as the stream sends
+/// them: a full state of 10,000 resources never exists as 200 messages at
+/// once, only the one or two in the stream's channel. Resources are cheap to
+/// copy: their payload is shared `Bytes`.
+fn split_into_parts<'a>(
+    delta: &'a Delta,
+    version: &'a str,
+    nonce: &'a str,
     changed_at_unix_nanos: i64,
-) -> Vec<v1::SnapshotUpdate> {
-    let part = |resources: Vec<v1::Resource>, removed_resources: Vec<String>| v1::SnapshotUpdate {
-        snapshot_version: version.to_owned(),
-        nonce: nonce.to_owned(),
-        resources,
-        removed_resources,
+) -> Parts<'a> {
+    Parts {
+        delta,
+        version,
+        nonce,
         changed_at_unix_nanos,
-        continued: true,
-        ..Default::default()
-    };
-    let mut parts = Vec::new();
-    let mut current = Vec::new();
-    let mut removed = Vec::new();
-    let mut bytes = 0;
-    let mut flush = |current: &mut Vec<v1::Resource>,
-                     removed: &mut Vec<String>,
-                     bytes: &mut usize,
-                     size: usize| {
-        if (!current.is_empty() || !removed.is_empty()) && *bytes + size > MAX_PART_BYTES {
-            parts.push(part(std::mem::take(current), std::mem::take(removed)));
-            *bytes = 0;
+        changed: 0,
+        removed: 0,
+        done: false,
+    }
+}
+
+/// The iterator [`split_into_parts`] returns.
+struct Parts<'a> {
+    delta: &'a Delta,
+    version: &'a str,
+    nonce: &'a str,
+    changed_at_unix_nanos: i64,
+    /// How many of the changed resources and removed names earlier parts took.
+    changed: usize,
+    removed: usize,
+    done: bool,
+}
+
+impl Iterator for Parts<'_> {
+    type Item = v1::SnapshotUpdate;
+
+    fn next(&mut self) -> Option<v1::SnapshotUpdate> {
+        if self.done {
+            return None;
         }
-        *bytes += size;
-    };
-    for r in &delta.changed {
-        let size = r.service_state.len() + r.name.len() + r.version.len();
-        flush(&mut current, &mut removed, &mut bytes, size);
-        current.push((**r).clone());
+        let (changed, removed) = (&self.delta.changed, &self.delta.removed);
+        let mut resources = Vec::new();
+        let mut removed_resources = Vec::new();
+        let mut bytes = 0;
+        // The first item of a part always goes in, however large.
+        while let Some(r) = changed.get(self.changed) {
+            let size = r.service_state.len() + r.name.len() + r.version.len();
+            if !resources.is_empty() && bytes + size > MAX_PART_BYTES {
+                break;
+            }
+            bytes += size;
+            resources.push((**r).clone());
+            self.changed += 1;
+        }
+        if self.changed == changed.len() {
+            while let Some(name) = removed.get(self.removed) {
+                let size = name.len() + 2;
+                if (!resources.is_empty() || !removed_resources.is_empty())
+                    && bytes + size > MAX_PART_BYTES
+                {
+                    break;
+                }
+                bytes += size;
+                removed_resources.push(name.to_string());
+                self.removed += 1;
+            }
+        }
+        self.done = self.changed == changed.len() && self.removed == removed.len();
+        Some(v1::SnapshotUpdate {
+            snapshot_version: self.version.to_owned(),
+            nonce: self.nonce.to_owned(),
+            resources,
+            removed_resources,
+            changed_at_unix_nanos: self.changed_at_unix_nanos,
+            continued: !self.done,
+            ..Default::default()
+        })
     }
-    for name in &delta.removed {
-        flush(&mut current, &mut removed, &mut bytes, name.len() + 2);
-        removed.push(name.to_string());
-    }
-    parts.push(part(current, removed));
-    if let Some(last) = parts.last_mut() {
-        last.continued = false;
-    }
-    parts
 }
 
 /// What the agent holds.
@@ -600,10 +633,16 @@ impl AgentStream {
             if self.in_flight.is_none() {
                 let current = snapshots.borrow_and_update().clone();
                 if let Some(current) = current
-                    && let Some(parts) = self.next_update(&current)
+                    && let Some((delta, nonce)) = self.next_update(&current)
                 {
-                    let count: usize = parts.iter().map(|p| p.resources.len()).sum();
+                    let count = delta.changed.len();
                     let zone = svc.status.node_zone(&self.node);
+                    let parts = split_into_parts(
+                        &delta,
+                        &current.version,
+                        &nonce,
+                        current.changed_at_unix_nanos,
+                    );
                     for mut part in parts {
                         part.node_zone.clone_from(&zone);
                         tokio::select! {
@@ -640,9 +679,9 @@ impl AgentStream {
         }
     }
 
-    /// The update that brings the agent to `current`, if it needs one, in
-    /// parts of at most [`MAX_PART_BYTES`] each.
-    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<Vec<v1::SnapshotUpdate>> {
+    /// The difference that brings the agent to `current`, if it needs one,
+    /// and the nonce of the update that carries it.
+    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<(Arc<Delta>, String)> {
         if self.parked_on.as_deref() == Some(current.version.as_str()) {
             return None;
         }
@@ -667,12 +706,7 @@ impl AgentStream {
         let nonce = self.next_nonce.to_string();
         self.next_nonce += 1;
         self.in_flight = Some((nonce.clone(), current.clone()));
-        Some(split_into_parts(
-            &delta,
-            &current.version,
-            &nonce,
-            current.changed_at_unix_nanos,
-        ))
+        Some((delta, nonce))
     }
 
     fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) {
@@ -734,7 +768,7 @@ mod tests {
             changed: vec![resource("a", 100)],
             removed: vec![Arc::from("gone")],
         };
-        let parts = split_into_parts(&small, "v1", "7", 5);
+        let parts: Vec<_> = split_into_parts(&small, "v1", "7", 5).collect();
         assert_eq!(parts.len(), 1);
         assert!(!parts[0].continued);
         assert_eq!(parts[0].removed_resources, ["gone"]);
@@ -743,7 +777,7 @@ mod tests {
             changed: (0..100).map(|i| resource(&format!("r{i}"), 1000)).collect(),
             removed: vec![Arc::from("gone")],
         };
-        let parts = split_into_parts(&big, "v2", "8", 5);
+        let parts: Vec<_> = split_into_parts(&big, "v2", "8", 5).collect();
         assert!(parts.len() >= 6, "{} parts", parts.len());
         assert!(
             parts
@@ -774,7 +808,7 @@ mod tests {
             changed: vec![resource("default/ns/kept", 100)],
             removed: names.clone(),
         };
-        let parts = split_into_parts(&delta, "v", "1", 0);
+        let parts: Vec<_> = split_into_parts(&delta, "v", "1", 0).collect();
         assert!(parts.len() > 5, "{} parts", parts.len());
         for p in &parts {
             let bytes: usize = p
@@ -843,7 +877,7 @@ mod tests {
             changed: vec![a2],
             removed: vec![Arc::from("c/ns/x")],
         };
-        let mut resources = BTreeMap::new();
+        let mut resources = crate::snapshot::Resources::new();
         let a3 = Arc::new(v1::Resource {
             version: "3".into(),
             ..(*resource("c/ns/a", 12)).clone()
