@@ -379,13 +379,16 @@ impl Applier {
 
     fn publish(&self, state: Arc<AgentState>, origin: Origin) {
         self.metrics.resources.set(state.resources.len() as i64);
+        let (version, resources) = (state.version.clone(), state.resources.len());
+        // The state first: whoever sees the status move (`/status`, tests
+        // waiting on it) then finds that state in force.
+        self.current.send_replace(state);
         self.status.update(|s| {
-            s.version = Some(state.version.clone());
+            s.version = Some(version);
             s.origin = origin;
-            s.resources = state.resources.len();
+            s.resources = resources;
             s.last_error = None;
         });
-        self.current.send_replace(state);
     }
 }
 
