@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".")
+        .codec_path("crate::codec::PartCodec")
         .compile_fds(fds)?;
     Ok(())
 }

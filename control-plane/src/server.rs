@@ -41,7 +41,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resource bytes per message of an update (protocol rule 7). The gRPC
 /// encoder keeps a buffer as large as the largest message it encoded for the
 /// life of the stream, so this bounds what each connected agent costs.
-pub const MAX_PART_BYTES: usize = 16 * 1024;
+pub const MAX_PART_BYTES: usize = switchyard_proto::codec::PART_BYTES;
 
 /// The largest message an agent may send (protocol rule 10). Hellos come in
 /// parts of [`MAX_PART_BYTES`] of names, ACKs and NACKs are small; the

@@ -10,6 +10,7 @@
 //!   switchyard_model::ServiceState ◀─decode+validate── v1::ServiceState ◀── gRPC
 //! ```
 
+pub mod codec;
 pub mod convert;
 pub mod parts;
 pub mod tls;
