@@ -308,10 +308,7 @@ fn affinity_endpoints(t: &Programmed, node_port: bool) -> BTreeMap<String, BTree
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for s in t.services().filter(|s| s.affinity.is_some()) {
         for e in &s.elements {
-            if maps
-                .iter()
-                .any(|b| e.set.starts_with(&format!("{}_", b.chain())))
-            {
+            if maps.iter().any(|b| e.set == b.map()) {
                 let fe = e.key.rsplit_once(" . ").map_or("", |(fe, _slot)| fe);
                 out.entry(fe.to_owned()).or_default().insert(e.data.clone());
             }
