@@ -420,6 +420,23 @@ impl Cluster {
         ip
     }
 
+    /// More IPv4 addresses for pod `name` (`10.244.NODE.K` for each `k`),
+    /// routed to it by its node: endpoints its echo server answers on (it
+    /// listens on every address), without a namespace each.
+    pub fn add_pod_addresses(&self, name: &str, ks: impl IntoIterator<Item = u8>) -> Vec<String> {
+        let (node, ip) = self.pods.get(name).expect("a pod of this cluster").clone();
+        let port = format!("p{}", ip.rsplit('.').next().expect("an IPv4 address"));
+        let (pod, nodens) = (self.ns(name), self.ns(&format!("n{node}")));
+        ks.into_iter()
+            .map(|k| {
+                let extra = format!("10.244.{node}.{k}");
+                ip_in(&pod, &format!("addr add {extra}/32 dev eth0"));
+                ip_in(&nodens, &format!("route add {extra}/32 dev {port}"));
+                extra
+            })
+            .collect()
+    }
+
     /// Runs `sy_echo ARGS` in namespace `short` and parses its JSON line.
     pub fn echo(&self, short: &str, args: &[&str]) -> serde_json::Value {
         let out = Command::new("ip")

@@ -58,10 +58,20 @@ on_both_planes!(
     spoofed_load_balancer_sources,
     proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone,
     udp_flows_are_reconciled_after_every_sync,
+    session_affinity_expires,
+    endpoint_count_crosses_the_class_boundary,
 );
 
 fn count(v: &Value, key: &str, id: &str) -> u64 {
     v[key][id].as_u64().unwrap_or(0)
+}
+
+/// The backends that answered, by name.
+fn backends(v: &Value) -> Vec<String> {
+    v["replies"]
+        .as_object()
+        .map(|r| r.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn failures(v: &Value) -> u64 {
@@ -837,4 +847,125 @@ fn udp_flows_are_reconciled_after_every_sync(plane: Plane) {
     c.wait_until("the untranslated flow to reach an endpoint", || {
         flow(&c, "40600") != "-"
     });
+}
+
+/// sessionAffinity ClientIP with a 2 s timeout: one client keeps its
+/// backend while it connects within the timeout; once it has been quiet
+/// for longer, the remembered choice has expired and a new one is made
+/// (each round waits out the timeout, the behaviour under test, then
+/// connects; bounded: with three backends a new choice differs with
+/// probability 2/3 per round).
+fn session_affinity_expires(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    let a2 = c.add_pod("a2", 1, 3);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let all = [
+        (a1.as_str(), 1, true),
+        (a2.as_str(), 1, true),
+        (b1.as_str(), 2, true),
+    ];
+    c.write_manifest(
+        "sticky.yaml",
+        &service_manifest(
+            "sticky",
+            "10.96.0.70",
+            "TCP",
+            "",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 2\n",
+            &all,
+        ),
+    );
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("the sticky service", &c.frontend("10.96.0.70"));
+
+    let sticky = |n: &str| {
+        let r = c.echo("client", &["tcp", "10.96.0.70:80", n]);
+        assert_eq!(failures(&r), 0, "{r}");
+        let b = backends(&r);
+        assert_eq!(b.len(), 1, "one backend within the timeout: {r}");
+        b[0].clone()
+    };
+    let first = sticky("30");
+    // Connections less than the timeout apart keep it (each refreshes it).
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(sticky("5"), first, "within the timeout");
+    }
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(
+            rounds <= 10,
+            "after {} quiet periods of 3 s (timeout 2 s) the client still reached only {first}: the affinity never expired",
+            rounds - 1
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        // The new choice is sticky in its turn.
+        if sticky("10") != first {
+            break;
+        }
+    }
+}
+
+/// A Service whose ready endpoint count crosses the bound of the exact
+/// endpoint-count classes (32; above, the wide class of 1,024 slots) up
+/// and down again: at every count the traffic reaches its ready
+/// endpoints only, on both nodes, never the not-ready ones (addresses
+/// nobody holds: a connection there would time out). The endpoints are
+/// extra addresses of two pods.
+fn endpoint_count_crosses_the_class_boundary(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let mut ready = vec![a1, b1];
+    let more_a = c.add_pod_addresses("a1", 100..120);
+    let more_b = c.add_pod_addresses("b1", 100..120);
+    for (x, y) in more_a.into_iter().zip(more_b) {
+        ready.push(x);
+        ready.push(y);
+    }
+    let manifest = |n: usize| {
+        let mut eps: Vec<(&str, u8, bool)> = ready[..n]
+            .iter()
+            .map(|ip| {
+                (
+                    ip.as_str(),
+                    if ip.starts_with("10.244.1.") { 1 } else { 2 },
+                    true,
+                )
+            })
+            .collect();
+        eps.extend([("10.244.1.250", 1, false), ("10.244.2.250", 2, false)]);
+        service_manifest("wide", "10.96.0.80", "TCP", "", "", &eps)
+    };
+    c.write_manifest("wide.yaml", &manifest(32));
+    c.start_control_plane();
+    c.start_agents();
+    let programmed = |n: usize| {
+        let (last, gone) = (&ready[n - 1], &ready[n]);
+        let dnat_last = c.dnat(last, 8080);
+        let dnat_gone = c.dnat(gone, 8080);
+        c.wait_until(&format!("{n} endpoints programmed on node 2"), || {
+            let r = c.rules(2);
+            r.contains(&dnat_last) && !r.contains(&dnat_gone)
+        });
+    };
+    for n in [32, 33, 40, 33, 32, 31] {
+        c.write_manifest("wide.yaml", &manifest(n));
+        programmed(n);
+        let r = c.echo("client", &["tcp", "10.96.0.80:80", "120"]);
+        assert_eq!(failures(&r), 0, "{n} endpoints: {r}");
+        assert!(
+            count(&r, "replies", "a1") > 0 && count(&r, "replies", "b1") > 0,
+            "{n} endpoints, spread over both pods: {r}"
+        );
+        assert!(
+            !c.rules(2).contains(&c.dnat("10.244.1.250", 8080)),
+            "a not-ready endpoint is programmed"
+        );
+    }
 }

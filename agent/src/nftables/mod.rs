@@ -26,6 +26,7 @@ pub mod kernel;
 pub mod layout;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,6 +50,8 @@ pub struct NftablesDataPlane {
     needs_full: bool,
     /// Whether the iptables data plane's rules were removed (once per start).
     iptables_removed: bool,
+    /// Whether the missing IPv6 session affinity was logged (once per start).
+    v6_affinity_logged: bool,
     last_good: Option<AgentState>,
     metrics: Option<Arc<Metrics>>,
     runner: Runner,
@@ -97,6 +100,7 @@ impl NftablesDataPlane {
             tables: Vec::new(),
             needs_full: true,
             iptables_removed: false,
+            v6_affinity_logged: false,
             last_good: None,
             metrics: None,
             conntrack: runner.conntrack(),
@@ -151,9 +155,22 @@ impl NftablesDataPlane {
         }
         let mut next = Vec::new();
         let mut text = String::new();
-        for &family in &self.families {
+        let mut kept = 0;
+        for family in self.families.clone() {
             let (programmed, t) = Programmed::full(state, &self.cfg, family);
             text.push_str(&t);
+            // The table is replaced whole, its affinity maps with it: the
+            // clients they remember go back in with what is left of their
+            // time, where their frontend still balances to that endpoint
+            // (kube-proxy's `recent` lists survive its syncs and restarts).
+            let table = Words::of(family).table();
+            for (map, node_port) in [("affinity_ip", false), ("affinity_np", true)] {
+                let keep = still_sticky(&programmed, node_port, self.remembered(&table, map));
+                if !keep.is_empty() {
+                    kept += keep.len();
+                    let _ = writeln!(text, "add element {table} {map} {{ {} }}", keep.join(", "));
+                }
+            }
             next.push(programmed);
         }
         self.commit(&text)?;
@@ -168,11 +185,35 @@ impl NftablesDataPlane {
         tracing::info!(
             resources = state.resources.len(),
             elements = self.element_count(),
+            affinity_kept = kept,
             elapsed = ?t.elapsed(),
             "nftables full sync"
         );
+        let all: Vec<&String> = state.resources.keys().collect();
+        self.note_v6_affinity(&all);
         self.after_sync(None);
         Ok(())
+    }
+
+    /// Logs once per start that a sticky Service is balanced per connection
+    /// over IPv6 (nft 1.0.6 cannot program the map update it needs).
+    fn note_v6_affinity(&mut self, names: &[&String]) {
+        if self.v6_affinity_logged {
+            return;
+        }
+        let v6 = self.tables.iter().filter(|t| t.family() == Family::V6);
+        let sticky = v6
+            .flat_map(|t| names.iter().filter_map(|n| Some((*n, t.service(n)?))))
+            .find(|(_, s)| s.affinity_unsupported);
+        if let Some((name, _)) = sticky {
+            tracing::warn!(
+                service = %name,
+                "sessionAffinity ClientIP is not applied to IPv6 by the nftables data plane \
+                 (nft 1.0.6 aborts linearizing an ip6 map update): its IPv6 connections are \
+                 balanced one by one; logged once"
+            );
+            self.v6_affinity_logged = true;
+        }
     }
 
     fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
@@ -195,6 +236,8 @@ impl NftablesDataPlane {
             m.kubeproxy.synced(false, t.elapsed());
             m.nftables_elements.set(self.element_count() as i64);
         }
+        let names: Vec<&String> = change.changes.changed.iter().collect();
+        self.note_v6_affinity(&names);
         self.after_sync(Some(sticky_before || self.sticky(change.changes)));
         Ok(())
     }
@@ -246,11 +289,13 @@ impl NftablesDataPlane {
                 )?;
                 let stale: Vec<String> = map_entries(&listing)
                     .into_iter()
-                    .filter(|(key, data)| {
-                        let frontend = key.split_once(" . ").map_or("", |(_, fe)| fe);
-                        !allowed.get(frontend).is_some_and(|eps| eps.contains(data))
+                    .filter(|r| {
+                        let frontend = remembered_frontend(&r.key);
+                        !allowed
+                            .get(frontend)
+                            .is_some_and(|eps| eps.contains(&r.data))
                     })
-                    .map(|(key, _)| key)
+                    .map(|r| r.key)
                     .collect();
                 if stale.is_empty() {
                     continue;
@@ -270,6 +315,18 @@ impl NftablesDataPlane {
         Ok(deleted)
     }
 
+    /// The clients affinity map `map` of `table` remembers now; none when
+    /// the table is not there (a first start, `nft flush ruleset`).
+    fn remembered(&mut self, table: &str, map: &str) -> Vec<Remembered> {
+        let listing = self.kernel().and_then(|k| {
+            k.run_with(
+                &format!("list map {table} {map}"),
+                switchyard_libnftables::OUTPUT_JSON,
+            )
+        });
+        listing.map(|l| map_entries(&l)).unwrap_or_default()
+    }
+
     /// A full sync of the last state that went in, if there is one.
     fn resync(&mut self) -> Result<(), ApplyError> {
         match self.last_good.take() {
@@ -282,19 +339,54 @@ impl NftablesDataPlane {
         }
     }
 
-    /// Whether both our tables are in the kernel (`nft flush ruleset`
-    /// removes them).
-    fn tables_present(&mut self) -> Result<bool, ApplyError> {
+    /// Whether our tables are in the kernel with their rules: `nft flush
+    /// ruleset` removes the tables, `nft flush table` only the rules (the
+    /// sets and maps stay, so the elements alone do not tell). The canary
+    /// is the jump from each table's nat prerouting hook.
+    fn intact(&mut self) -> Result<bool, ApplyError> {
         let listing = self.kernel()?.run("list tables")?;
-        let wanted: Vec<String> = self
-            .families
-            .iter()
-            .map(|f| format!("table {}", Words::of(*f).table()))
-            .collect();
-        Ok(wanted
-            .iter()
-            .all(|w| listing.lines().any(|l| l.trim() == w.as_str())))
+        for family in self.families.clone() {
+            let table = Words::of(family).table();
+            if !listing
+                .lines()
+                .any(|l| l.trim() == format!("table {table}"))
+            {
+                return Ok(false);
+            }
+            // A chain deleted by hand is not listed at all: not intact either.
+            let chain = self
+                .kernel()?
+                .run(&format!("list chain {table} nat_prerouting"));
+            if !chain.is_ok_and(|c| hooked(&c)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
+}
+
+/// Whether a listing of `nat_prerouting` holds its one rule.
+fn hooked(chain: &str) -> bool {
+    chain.lines().any(|l| l.trim() == "jump services")
+}
+
+/// The elements of `remembered` to write back into the new table `t`:
+/// those whose frontend is sticky there and still balances to their endpoint.
+fn still_sticky(t: &Programmed, node_port: bool, remembered: Vec<Remembered>) -> Vec<String> {
+    if remembered.is_empty() {
+        return Vec::new();
+    }
+    let allowed = affinity_endpoints(t, node_port);
+    remembered
+        .into_iter()
+        .filter(|r| r.expires > 0)
+        .filter(|r| {
+            allowed
+                .get(remembered_frontend(&r.key))
+                .is_some_and(|eps| eps.contains(&r.data))
+        })
+        .map(|r| r.element())
+        .collect()
 }
 
 /// For each sticky frontend key (`ADDR . PROTO . PORT`, or `PROTO . PORT`
@@ -308,10 +400,7 @@ fn affinity_endpoints(t: &Programmed, node_port: bool) -> BTreeMap<String, BTree
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for s in t.services().filter(|s| s.affinity.is_some()) {
         for e in &s.elements {
-            if maps
-                .iter()
-                .any(|b| e.set.starts_with(&format!("{}_", b.chain())))
-            {
+            if maps.iter().any(|b| e.set == b.map()) {
                 let fe = e.key.rsplit_once(" . ").map_or("", |(fe, _slot)| fe);
                 out.entry(fe.to_owned()).or_default().insert(e.data.clone());
             }
@@ -320,9 +409,31 @@ fn affinity_endpoints(t: &Programmed, node_port: bool) -> BTreeMap<String, BTree
     out
 }
 
-/// The (key, data) pairs of a map listed as JSON, in nft syntax
+/// One remembered client of an affinity map, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Remembered {
+    /// `CLIENT . ADDR . PROTO . PORT` (or `CLIENT . PROTO . PORT`), nft syntax.
+    key: String,
+    /// The endpoint, `ADDR . PORT`.
+    data: String,
+    /// The element's timeout and what is left of it, in seconds.
+    timeout: u64,
+    expires: u64,
+}
+
+impl Remembered {
+    /// The element as `add element` writes it back, with what is left of its time.
+    fn element(&self) -> String {
+        format!(
+            "{} timeout {}s expires {}s : {}",
+            self.key, self.timeout, self.expires, self.data
+        )
+    }
+}
+
+/// The entries of a map listed as JSON, in nft syntax
 /// (`10.244.2.9 . 10.96.0.12 . tcp . 80`, `10.244.1.2 . 8080`).
-fn map_entries(json: &str) -> Vec<(String, String)> {
+fn map_entries(json: &str) -> Vec<Remembered> {
     fn text(v: &serde_json::Value) -> String {
         match v {
             serde_json::Value::Object(o) if o.contains_key("concat") => o["concat"]
@@ -343,8 +454,21 @@ fn map_entries(json: &str) -> Vec<(String, String)> {
         .flatten()
         .filter_map(|o| o["map"]["elem"].as_array())
         .flatten()
-        .filter_map(|pair| Some((text(pair.get(0)?), text(pair.get(1)?))))
+        .filter_map(|pair| {
+            let (key, data) = (pair.get(0)?, pair.get(1)?);
+            Some(Remembered {
+                key: text(key),
+                data: text(data),
+                timeout: key["elem"]["timeout"].as_u64().unwrap_or(0),
+                expires: key["elem"]["expires"].as_u64().unwrap_or(0),
+            })
+        })
         .collect()
+}
+
+/// The frontend part of an affinity key (`CLIENT . FE` -> `FE`).
+fn remembered_frontend(key: &str) -> &str {
+    key.split_once(" . ").map_or("", |(_, fe)| fe)
 }
 
 impl DataPlane for NftablesDataPlane {
@@ -382,8 +506,10 @@ impl DataPlane for NftablesDataPlane {
         if self.last_good.is_none() {
             return Ok(());
         }
-        if !self.needs_full && !self.tables_present()? {
-            tracing::warn!("our nftables table is gone (nft flush ruleset?): full resync");
+        if !self.needs_full && !self.intact()? {
+            tracing::warn!(
+                "our nftables table or its rules are gone (nft flush ruleset or flush table?): full resync"
+            );
             if let Some(m) = &self.metrics {
                 m.nftables_table_resyncs.inc();
             }
@@ -453,14 +579,32 @@ mod tests {
     #[test]
     fn affinity_entries_are_read_from_json() {
         let json = r#"{"nftables": [{"metainfo": {}}, {"map": {"name": "affinity_ip", "elem": [[{"elem": {"val": {"concat": ["10.244.2.9", "10.96.0.12", "tcp", 80]}, "timeout": 60, "expires": 59}}, {"concat": ["10.244.1.2", 8080]}]]}}]}"#;
+        let entries = map_entries(json);
         assert_eq!(
-            map_entries(json),
-            vec![(
-                "10.244.2.9 . 10.96.0.12 . tcp . 80".to_owned(),
-                "10.244.1.2 . 8080".to_owned()
-            )]
+            entries,
+            vec![Remembered {
+                key: "10.244.2.9 . 10.96.0.12 . tcp . 80".to_owned(),
+                data: "10.244.1.2 . 8080".to_owned(),
+                timeout: 60,
+                expires: 59,
+            }]
+        );
+        assert_eq!(
+            remembered_frontend(&entries[0].key),
+            "10.96.0.12 . tcp . 80"
+        );
+        assert_eq!(
+            entries[0].element(),
+            "10.244.2.9 . 10.96.0.12 . tcp . 80 timeout 60s expires 59s : 10.244.1.2 . 8080"
         );
         assert!(map_entries("not json").is_empty());
+    }
+
+    #[test]
+    fn a_flushed_nat_chain_is_not_hooked() {
+        let listed = "table ip switchyard {\n\tchain nat_prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}\n}\n";
+        assert!(hooked(listed));
+        assert!(!hooked(&listed.replace("\t\tjump services\n", "")));
     }
 
     #[test]

@@ -40,19 +40,20 @@ fn a_cluster_ip_is_its_frontend_and_one_slot_per_endpoint() {
     let e = service_elements(&tcp(&["10.244.2.2", "10.244.2.3"]), Family::V4, &cfg());
     assert_eq!(
         sets(&e),
-        BTreeSet::from(["cluster_ips", "hairpin", "ip_frontends", "ip_main_2"])
+        BTreeSet::from(["cluster_ips", "hairpin", "ip_frontends", "ip_main_slots"])
     );
     let slots: Vec<(&str, &str)> = e
         .elements
         .iter()
-        .filter(|e| e.set == "ip_main_2")
+        .filter(|e| e.set == "ip_main_slots")
         .map(|e| (e.key.as_str(), e.data.as_str()))
         .collect();
     assert_eq!(
         slots,
         vec![
-            ("10.96.0.10 . tcp . 80 . 0", "10.244.2.2 . 8080"),
-            ("10.96.0.10 . tcp . 80 . 1", "10.244.2.3 . 8080"),
+            // Class 2's range starts after class 1's one slot.
+            ("10.96.0.10 . tcp . 80 . 1", "10.244.2.2 . 8080"),
+            ("10.96.0.10 . tcp . 80 . 2", "10.244.2.3 . 8080"),
         ]
     );
     // No endpoints: only the REJECT set.
@@ -77,7 +78,7 @@ fn external_local_short_circuits_to_cluster_endpoints_and_drops_outside() {
     let got = sets(&e);
     for want in [
         "np_local",
-        "np_short_1",
+        "np_short_slots",
         "np_no_local_endpoints",
         "node_ports",
         "health_checks",
@@ -85,7 +86,7 @@ fn external_local_short_circuits_to_cluster_endpoints_and_drops_outside() {
         assert!(got.contains(want), "{want} in {got:?}");
     }
     // No local endpoint on node-a: nothing in the node port's own map.
-    assert!(!got.iter().any(|s| s.starts_with("np_main_")), "{got:?}");
+    assert!(!got.contains("np_main_slots"), "{got:?}");
 }
 
 #[test]
@@ -98,7 +99,7 @@ fn partial_is_element_operations_and_a_count_change_moves_classes() {
         "{full}"
     );
     assert!(
-        full.contains("add element ip switchyard ip_main_2 {"),
+        full.contains("add element ip switchyard ip_main_slots {"),
         "{full}"
     );
 
@@ -110,19 +111,20 @@ fn partial_is_element_operations_and_a_count_change_moves_classes() {
     assert_eq!(
         text,
         "delete element ip switchyard hairpin { 10.244.2.3 . 10.244.2.3 }\n\
-         delete element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 1 }\n\
+         delete element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 2 }\n\
          add element ip switchyard hairpin { 10.244.2.4 . 10.244.2.4 }\n\
-         add element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 1 : 10.244.2.4 . 8080 }\n"
+         add element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 2 : 10.244.2.4 . 8080 }\n"
     );
     assert!(!text.contains("rule"), "{text}");
 
-    // Three endpoints: the class-2 elements go, class-3 ones come.
+    // Three endpoints: the class-2 elements go, class-3 ones come (slots
+    // 3..6, after classes 1 and 2), in the same map.
     let three = state(vec![tcp(&["10.244.2.2", "10.244.2.4", "10.244.2.5"])]);
     let text = p
         .partial(&three, &changed("default/shop/s0"), &cfg)
         .expect("elements");
-    assert_eq!(text.matches("ip_main_3").count(), 1, "{text}");
-    assert!(text.contains("delete element ip switchyard ip_main_2 { 10.96.0.10 . tcp . 80 . 0, 10.96.0.10 . tcp . 80 . 1 }"), "{text}");
+    assert!(text.contains("delete element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 1, 10.96.0.10 . tcp . 80 . 2 }"), "{text}");
+    assert!(text.contains("add element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 3 : 10.244.2.2 . 8080, 10.96.0.10 . tcp . 80 . 4 : 10.244.2.4 . 8080, 10.96.0.10 . tcp . 80 . 5 : 10.244.2.5 . 8080 }"), "{text}");
 
     // Gone: every element goes; the same state again changes nothing.
     let removed = ChangeSet {
@@ -186,4 +188,35 @@ fn shared_elements_go_with_their_last_owner_and_new_timeouts_add_rules() {
         .partial(&all, &changed("default/shop/s2"), &cfg)
         .expect("elements");
     assert!(!text.contains("rule"), "{text}");
+}
+
+#[test]
+fn udp_frontends_follow_the_udp_services_and_ipv6_affinity_is_flagged() {
+    let cfg = cfg();
+    let eps = vec![ep("10.244.2.2", "node-b")];
+    let udp = svc(Protocol::Udp, vec![slice("d", Protocol::Udp, 5353, eps)]);
+    let st = state(vec![tcp(&["10.244.2.3"]), udp]);
+    let (mut p, _) = Programmed::full(&st, &cfg, Family::V4);
+    assert_eq!(p.udp_frontends().len(), 1, "the UDP Service's cluster IP");
+    // The UDP Service goes: nothing left to keep.
+    let mut tcp_only = st.clone();
+    tcp_only.resources.remove("default/shop/s1");
+    let removed = ChangeSet {
+        changed: Vec::new(),
+        removed: vec!["default/shop/s1".into()],
+    };
+    p.partial(&tcp_only, &removed, &cfg).expect("elements");
+    assert!(p.udp_frontends().is_empty());
+
+    // Sticky in IPv4, and flagged (not programmed) in IPv6.
+    let mut sticky = tcp(&["10.244.2.3"]);
+    sticky.service.session_affinity_timeout = Some(60);
+    let v4 = service_elements(&sticky, Family::V4, &cfg);
+    assert_eq!((v4.affinity, v4.affinity_unsupported), (Some(60), false));
+    sticky.service.cluster_ips = vec!["fd00:96::12".parse().expect("ip")];
+    sticky.slices[0].address_type = switchyard_model::AddressType::IPv6;
+    sticky.slices[0].endpoints[0].addresses = vec!["fd00:244:2::3".parse().expect("ip")];
+    let v6 = service_elements(&sticky, Family::V6, &cfg);
+    assert!(!v6.elements.is_empty(), "an IPv6 frontend: {v6:?}");
+    assert_eq!((v6.affinity, v6.affinity_unsupported), (None, true));
 }
