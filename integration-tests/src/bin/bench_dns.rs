@@ -136,21 +136,37 @@ fn unbound_conf(dir: &Path, port: u16, body: &str) -> String {
     )
 }
 
-fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Child> {
+/// An unbound of the bench, stopped when dropped (also when the bench
+/// fails half-way, which used to leave it running).
+struct Unbound(Child);
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Unbound> {
     let path = dir.join(file);
     std::fs::write(&path, conf)?;
     let check = Command::new("unbound-checkconf").arg(&path).output()?;
     if !check.status.success() {
         bail!("{file}: {}", String::from_utf8_lossy(&check.stdout));
     }
-    Ok(Command::new("taskset")
-        .args(["-c", cpu, "unbound", "-d", "-c"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .spawn()?)
+    Ok(Unbound(
+        Command::new("taskset")
+            .args(["-c", cpu, "unbound", "-d", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
 }
 
-fn wait_answering(port: u16) -> anyhow::Result<()> {
+/// Waits until the server on `port` answers `name` (one it serves itself:
+/// the upstream has no cluster zone, and asked for one it tries the root
+/// servers, which need not answer here).
+fn wait_answering(port: u16, name: &str, qtype: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let out = Command::new("dig")
@@ -160,8 +176,8 @@ fn wait_answering(port: u16) -> anyhow::Result<()> {
                 &port.to_string(),
                 "+tries=1",
                 "+time=1",
-                "dns-version.cluster.local",
-                "TXT",
+                name,
+                qtype,
             ])
             .output()?;
         if String::from_utf8_lossy(&out.stdout).contains("status:") {
@@ -209,8 +225,21 @@ fn dnsperf(
     if verbose {
         cmd.arg("-v");
     }
-    let out = cmd.output().context("dnsperf (apt-get install dnsperf)")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    // Into a file, not a pipe: this process is the stub's, and reading
+    // 100,000 lines of `-v` output through a pipe while dnsperf runs was
+    // charged to the stub's CPU (a fifth of this process's samples under
+    // `perf record` were its main thread in poll and pipe reads).
+    let out_path = file.with_extension("out");
+    let out = std::fs::File::create(&out_path)?;
+    let status = cmd
+        .stdout(out)
+        .stderr(Stdio::null())
+        .status()
+        .context("dnsperf (apt-get install dnsperf)")?;
+    if !status.success() {
+        bail!("dnsperf: {status}");
+    }
+    Ok(std::fs::read_to_string(&out_path)?)
 }
 
 fn field(text: &str, label: &str) -> f64 {
@@ -267,7 +296,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let upstream_port = free_port()?;
-    let mut upstream = start_unbound(
+    let upstream = start_unbound(
         dir.path(),
         "upstream.conf",
         &unbound_conf(
@@ -320,7 +349,7 @@ fn main() -> anyhow::Result<()> {
         let _ = writeln!(local, "  local-data-ptr: \"{} {fq}\"", service_ip(i));
     }
     let unbound_port = free_port()?;
-    let mut unbound = start_unbound(
+    let unbound = start_unbound(
         dir.path(),
         "unbound.conf",
         &unbound_conf(
@@ -332,10 +361,10 @@ fn main() -> anyhow::Result<()> {
         ),
         "0",
     )?;
-    wait_answering(stub.port())?;
-    wait_answering(unbound_port)?;
-    wait_answering(upstream_port)?;
-    let unbound_pid = unbound.id().to_string();
+    wait_answering(stub.port(), "dns-version.cluster.local", "TXT")?;
+    wait_answering(unbound_port, "dns-version.cluster.local", "TXT")?;
+    wait_answering(upstream_port, "example.org", "A")?;
+    let unbound_pid = unbound.0.id().to_string();
     let unbound_rss = rss_kib(&unbound_pid);
 
     // Query files: every service name in a scrambled order.
@@ -406,9 +435,6 @@ fn main() -> anyhow::Result<()> {
         m.forward_overload.get()
     );
     shutdown.cancel();
-    let _ = unbound.kill();
-    let _ = upstream.kill();
-    let _ = unbound.wait();
-    let _ = upstream.wait();
+    drop((unbound, upstream));
     Ok(())
 }
