@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 use switchyard_agent::dns::{Acl, DnsConfig};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
+use switchyard_integration_tests::bench::{self, arg};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
     ServiceState, TargetPort,
@@ -35,15 +36,6 @@ use switchyard_model::{
 use tokio_util::sync::CancellationToken;
 
 const ZONE: &str = "cluster.local";
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
@@ -103,24 +95,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
 
 /// Resident set size of `pid` in KiB.
 fn rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// CPU time (user + system) of `pid`, in seconds.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    bench::proc_status_kib(pid, "VmRSS")
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -254,9 +229,9 @@ fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow
     let max = dnsperf(port, file, seconds, None, false)?;
     let qps = field(&max, "Queries per second:");
     let lost = field(&max, "Queries lost:") as u64;
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = bench::process_cpu_seconds(pid);
     let fixed = dnsperf(port, file, seconds, Some(load), true)?;
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = bench::process_cpu_seconds(pid) - cpu0;
     let completed = field(&fixed, "Queries completed:");
     let mut lat: Vec<f64> = fixed
         .lines()
@@ -264,7 +239,7 @@ fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
     lat.sort_by(f64::total_cmp);
-    let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or(0.0) * 1e6;
+    let p99 = bench::percentile(&lat, 99.0) * 1e6;
     let avg = lat.iter().sum::<f64>() / lat.len().max(1) as f64 * 1e6;
     Ok(Run {
         qps,
@@ -394,7 +369,8 @@ fn main() -> anyhow::Result<()> {
         ("forwarded", Box::new(|i| format!("host-{i}.example.org A"))),
     ];
     println!(
-        "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU\n"
+        "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU; load average {}\n",
+        bench::loadavg()
     );
     println!(
         "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query |"
@@ -426,6 +402,7 @@ fn main() -> anyhow::Result<()> {
         unbound_rss as f64 / 1024.0
     );
     println!("Index build: {:.1} ms.", doc.index_build_ms);
+    println!("Load average at the end: {}.", bench::loadavg());
     let m = &metrics.dns;
     println!(
         "Stub counters: {:?}, forwarded {}, forward failures {}, overload {}.",
