@@ -281,6 +281,9 @@ fn main() -> anyhow::Result<()> {
         ),
         "1",
     )?;
+    // Answering, so its port is bound before the stub binds a free one:
+    // otherwise the stub may be given the port just found free for it.
+    wait_answering(upstream_port, "example.org", "A")?;
     let (_tx, rx) = tokio::sync::watch::channel(state.clone());
     let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
     let metrics = Arc::new(Metrics::new());
@@ -338,7 +341,6 @@ fn main() -> anyhow::Result<()> {
     )?;
     wait_answering(stub.port(), "dns-version.cluster.local", "TXT")?;
     wait_answering(unbound_port, "dns-version.cluster.local", "TXT")?;
-    wait_answering(upstream_port, "example.org", "A")?;
     let unbound_pid = unbound.0.id().to_string();
     let unbound_rss = rss_kib(&unbound_pid);
 
