@@ -3,6 +3,7 @@
 //! never longer than their own TTLs. Bounded: when full it starts over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,9 @@ fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
 pub struct AnswerCache {
     entries: Mutex<HashMap<Key, Entry>>,
     capacity: usize,
+    /// Counts the changes of `entries` (an answer put, the cache emptied):
+    /// what was encoded from an answer stays that answer while it is unchanged.
+    generation: AtomicU64,
 }
 
 impl AnswerCache {
@@ -67,11 +71,19 @@ impl AnswerCache {
         Self {
             entries: Mutex::new(HashMap::new()),
             capacity,
+            generation: AtomicU64::new(0),
         }
     }
 
     /// The cached answer to `query`, with TTLs counted down.
     pub fn get(&self, query: &Query, now: Instant) -> Option<Arc<Message>> {
+        self.get_until(query, now).map(|(answer, _)| answer)
+    }
+
+    /// The cached answer to `query`, with TTLs counted down, and until when
+    /// it stays this answer (its next second of age, or its expiry) unless
+    /// [`Self::generation`] changes first.
+    pub fn get_until(&self, query: &Query, now: Instant) -> Option<(Arc<Message>, Instant)> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let e = entries.get_mut(&Key::of(query))?;
         let age =
@@ -83,7 +95,14 @@ impl AnswerCache {
             e.aged = Arc::new(count_down(&e.answer, e.ttl, age));
             e.aged_at = age;
         }
-        Some(e.aged.clone())
+        let until = e.stored + Duration::from_secs(u64::from(age) + 1);
+        Some((e.aged.clone(), until))
+    }
+
+    /// Changes so far: read it before [`Self::get_until`]; while it stays
+    /// the same, no answer was put, replaced or dropped.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Keeps `answer` to `query` if it is cacheable.
@@ -103,8 +122,12 @@ impl AnswerCache {
         if ttl == 0 {
             return;
         }
+        let key = Key::of(query);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= self.capacity {
+        // Replacing an answer adds none: only a new question may start over
+        // (with exactly `capacity` questions asked, a second answer to one of
+        // them emptied the whole cache).
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
             entries.retain(|_, e| {
                 now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl))
             });
@@ -112,6 +135,7 @@ impl AnswerCache {
                 entries.clear();
             }
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let entry = Entry {
             answer: answer.clone(),
             stored: now,
@@ -119,7 +143,7 @@ impl AnswerCache {
             aged: Arc::new(count_down(answer, ttl, 0)),
             aged_at: 0,
         };
-        entries.insert(Key::of(query), entry);
+        entries.insert(key, entry);
     }
 }
 

@@ -4,17 +4,21 @@
 //! ```text
 //!  Applier ──watch<Arc<AgentState>>──▶ IndexCell ──(build on change)──▶ Arc<DnsIndex>
 //!                                          │ one index per query: answers switch atomically
-//!   hickory-server Server (UDP + TCP) ─▶ StubHandler ─▶ handler::decide(index, acl, request)
+//!   UDP loop ─▶ encoded answer of this index? ─▶ client
+//!      └──────┐
+//!   TCP front ┴▶ hickory-server Request ─▶ StubHandler ─▶ handler::decide(index, acl, request)
 //!                                            ├▶ Answer ─▶ MessageResponseBuilder ─▶ client
 //!                                            └▶ Forward ─▶ cache? ─▶ upstreams (bounded) ─▶ client
 //! ```
 //!
-//! Every use of hickory lives in this module. `hickory-server`'s `Server`
-//! serves UDP and TCP on a current-thread runtime on a thread of its own
-//! (`server.rs`); our `RequestHandler` runs the core (`handler.rs`), a pure
-//! function from the parsed request to records borrowed from the index, and
-//! builds the response with hickory-server's `MessageResponseBuilder`
-//! (`response.rs`). `hickory-proto` is the wire format.
+//! Every use of hickory lives in this module. Our UDP loop (`udp.rs`) and
+//! TCP front (`server.rs`) run on a current-thread runtime on a thread of
+//! its own; hickory-server parses each request (`Request`), our
+//! `RequestHandler` runs the core (`handler.rs`), a pure function from the
+//! parsed request to records borrowed from the index, and the response is
+//! built and encoded by hickory-server's `MessageResponseBuilder`
+//! (`response.rs`). Over UDP the encoded answer is kept for the next
+//! identical query (`encoded.rs`). `hickory-proto` is the wire format.
 //!
 //! No query waits for an index build: [`IndexCell::current`] is the index
 //! in force, and a task off the serving thread builds the next one when the
@@ -24,12 +28,14 @@
 
 pub mod acl;
 pub mod cache;
+mod encoded;
 pub mod forward;
 pub mod handler;
 pub mod index;
 pub mod link;
 pub mod response;
 pub mod server;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -201,6 +201,60 @@ impl ResponseHandler for Capture {
     }
 }
 
+impl Capture {
+    fn new(transport: Transport) -> Self {
+        Self {
+            protocol: transport.into(),
+            out: Arc::default(),
+        }
+    }
+}
+
+/// Runs `send` (one of this module's senders) with a [`Capture`], which
+/// never waits; returns what it reported and the encoded response.
+fn encode_now<F: Future<Output = ResponseInfo>>(
+    transport: Transport,
+    send: impl FnOnce(Capture) -> F,
+) -> (ResponseInfo, Vec<u8>) {
+    let capture = Capture::new(transport);
+    let info = futures::executor::block_on(send(capture.clone()));
+    (info, take(&capture).unwrap_or_default())
+}
+
+/// `answer` to `request`, encoded as it is sent over `transport`.
+pub(crate) fn encode_answer(
+    request: &MessageRequest,
+    a: &Answer<'_>,
+    transport: Transport,
+) -> (ResponseInfo, Vec<u8>) {
+    encode_now(transport, |c| answer(request, a, c))
+}
+
+/// The `upstream` answer to `fwd`, encoded as it is sent over `transport`.
+pub(crate) fn encode_relay(
+    request: &MessageRequest,
+    fwd: &Forward,
+    upstream: &Message,
+    transport: Transport,
+) -> (ResponseInfo, Vec<u8>) {
+    encode_now(transport, |c| relay(request, fwd, upstream, c))
+}
+
+/// FORMERR for `bytes`, a message with a header that does not parse, as
+/// hickory-server answers it; `None` for fewer bytes than a header.
+pub(crate) fn formerr(bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    formerr_for(&Header::read(&mut BinDecoder::new(bytes)).ok()?, transport)
+}
+
+fn formerr_for(header: &Header, transport: Transport) -> Option<Vec<u8>> {
+    let empty = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
+    let capture = Capture::new(transport);
+    let response = MessageResponseBuilder::new(&empty, None)
+        .error_msg(&header.metadata, ResponseCode::FormErr);
+    futures::executor::block_on(capture.clone().send_response(response)).ok()?;
+    take(&capture)
+}
+
 /// The stub as a function of bytes, for fuzzing and tests: what
 /// hickory-server does before a request reaches a handler (nothing for
 /// fewer than 12 bytes, FORMERR for what it cannot parse), then [`decide`],
@@ -212,60 +266,44 @@ pub fn handle_bytes(
     src: IpAddr,
     transport: Transport,
 ) -> Option<Vec<u8>> {
-    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
-    let capture = Capture {
-        protocol: transport.into(),
-        out: Arc::default(),
+    Header::read(&mut BinDecoder::new(bytes)).ok()?;
+    let Ok(request) =
+        Request::from_bytes(bytes.to_vec(), SocketAddr::new(src, 53), transport.into())
+    else {
+        return formerr(bytes, transport);
     };
-    let request =
-        match Request::from_bytes(bytes.to_vec(), SocketAddr::new(src, 53), capture.protocol) {
-            Ok(r) => r,
-            Err(_) => {
-                let empty = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
-                let response = MessageResponseBuilder::new(&empty, None)
-                    .error_msg(&header.metadata, ResponseCode::FormErr);
-                futures::executor::block_on(capture.clone().send_response(response)).ok()?;
-                return take(&capture);
-            }
-        };
     match decide(index, acl, &request, src) {
-        Decision::Answer(a) => {
-            futures::executor::block_on(answer(&request, &a, capture.clone()));
-            take(&capture)
-        }
+        Decision::Answer(a) => Some(encode_answer(&request, &a, transport).1),
         Decision::Forward(_) | Decision::Drop => None,
     }
 }
 
-/// Answers one request received over our own TCP front (`server.rs`)
-/// through `handler`, as hickory-server would: nothing for fewer than 12
-/// bytes, FORMERR for what does not parse. Returns the encoded response.
-pub(super) async fn respond_tcp<H: hickory_server::server::RequestHandler>(
+/// Answers one request received by our own UDP loop or TCP front through
+/// `handler`, as hickory-server would: nothing for fewer than 12 bytes,
+/// FORMERR for what does not parse. Returns the encoded response.
+pub(super) async fn respond<H: hickory_server::server::RequestHandler>(
     handler: &H,
     bytes: Vec<u8>,
     src: SocketAddr,
+    transport: Transport,
 ) -> Option<Vec<u8>> {
     let header = Header::read(&mut BinDecoder::new(&bytes)).ok()?;
-    let capture = Capture {
-        protocol: Protocol::Tcp,
-        out: Arc::default(),
-    };
-    match Request::from_bytes(bytes, src, Protocol::Tcp) {
-        Ok(request) => {
-            handler
-                .handle_request::<_, hickory_server::net::runtime::TokioTime>(
-                    &request,
-                    capture.clone(),
-                )
-                .await;
-        }
-        Err(_) => {
-            let empty = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
-            let response = MessageResponseBuilder::new(&empty, None)
-                .error_msg(&header.metadata, ResponseCode::FormErr);
-            capture.clone().send_response(response).await.ok()?;
-        }
+    match Request::from_bytes(bytes, src, transport.into()) {
+        Ok(request) => respond_parsed(handler, &request, transport).await,
+        Err(_) => formerr_for(&header, transport),
     }
+}
+
+/// Answers a parsed `request` through `handler`; `None` when it sends nothing.
+pub(super) async fn respond_parsed<H: hickory_server::server::RequestHandler>(
+    handler: &H,
+    request: &Request,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let capture = Capture::new(transport);
+    handler
+        .handle_request::<_, hickory_server::net::runtime::TokioTime>(request, capture.clone())
+        .await;
     take(&capture)
 }
 

@@ -1,12 +1,14 @@
-//! The hickory-server side: one `Server` with the UDP socket, our own TCP
-//! front, and the `RequestHandler` that runs the core on each request and
-//! forwards within a bound.
+//! The hickory-server side: our UDP loop (`udp.rs`) and our TCP front
+//! around hickory-server's `Request`, our `RequestHandler` that runs the
+//! core on each request and forwards within a bound, and hickory-server's
+//! `MessageResponse` encoding.
 //!
 //! ```text
-//!  UDP: Server (a task per datagram) ─┐
-//!  TCP: accept ─ over --dns-max-tcp-connections (total, per source)? close
-//!        └▶ a task per connection: length-prefixed requests in turn, 10 s idle
-//!                                    ├▶ StubHandler::handle_request ─▶ IndexCell::current ─▶ decide
+//!  UDP: udp::serve (one loop; a task only for a query that waits for an upstream) ─┐
+//!  TCP: accept ─ over --dns-max-tcp-connections (total, per source)? close          │
+//!        └▶ a task per connection: length-prefixed requests in turn, 10 s idle      │
+//!                                    ├───────────────────────────────────────────────┘
+//!                                    ├▶ StubHandler ─▶ IndexCell::current ─▶ decide
 //!                                    │    ├▶ Answer  ─▶ response::answer ─▶ ResponseHandler
 //!                                    │    ├▶ Forward ─▶ cache? ─▶ upstreams (at most --dns-max-inflight, else REFUSED) ─▶ response::relay
 //!                                    │    └▶ Drop
@@ -25,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hickory_proto::op::ResponseCode;
-use hickory_server::Server;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -34,7 +36,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::AnswerCache;
+use super::encoded::{Encoded, EncodedAnswers, Valid};
 use super::handler::{Decision, Forward, decide};
+use super::response::Transport;
 use super::{DnsConfig, IndexCell, forward, response};
 use crate::status::Metrics;
 
@@ -89,12 +93,22 @@ pub(super) fn bind(
 }
 
 /// Runs the core for hickory-server, counts what it answered.
-struct StubHandler {
+pub(super) struct StubHandler {
     cfg: DnsConfig,
     cell: Arc<IndexCell>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
-    cache: AnswerCache,
+    pub(super) cache: AnswerCache,
+}
+
+/// What the UDP loop does with one datagram.
+pub(super) enum Reply {
+    /// Send the answer now in the output buffer.
+    Now,
+    /// Ask the upstreams first (in a task of its own): [`StubHandler::reply_later`].
+    Later(Box<Request>),
+    /// Send nothing.
+    Nothing,
 }
 
 #[async_trait::async_trait]
@@ -104,6 +118,23 @@ impl RequestHandler for StubHandler {
         request: &Request,
         response: R,
     ) -> ResponseInfo {
+        self.handle(request, response).await
+    }
+}
+
+impl StubHandler {
+    /// A handler answering from `cell` as `cfg` says.
+    pub(super) fn new(cfg: DnsConfig, cell: Arc<IndexCell>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(cfg.max_inflight)),
+            cache: AnswerCache::new(CACHE_ENTRIES),
+            cfg,
+            cell,
+            metrics,
+        }
+    }
+
+    async fn handle<R: ResponseHandler>(&self, request: &Request, response: R) -> ResponseInfo {
         let index = self.cell.current();
         let (info, refused_source) =
             match decide(&index, &self.cfg.acl, request, request.src().ip()) {
@@ -117,6 +148,11 @@ impl RequestHandler for StubHandler {
                     return response::unanswered(request, ResponseCode::NoError);
                 }
             };
+        self.count(&info, refused_source);
+        info
+    }
+
+    fn count(&self, info: &ResponseInfo, refused_source: bool) {
         let d = &self.metrics.dns;
         d.count_response(u16::from(info.response_code));
         if refused_source {
@@ -125,11 +161,87 @@ impl RequestHandler for StubHandler {
         if info.truncation {
             d.truncated.inc();
         }
-        info
     }
-}
 
-impl StubHandler {
+    /// Answers the datagram `bytes` from `src` into `out` when no upstream
+    /// needs asking: from `encoded` when it holds the answer, else through
+    /// hickory-server's parser, [`decide`] and its encoder (and then keeps
+    /// the encoding). As hickory-server's `Server`: nothing for fewer bytes
+    /// than a header, FORMERR for a message that does not parse.
+    pub(super) fn reply_now(
+        &self,
+        encoded: &mut EncodedAnswers,
+        bytes: &[u8],
+        src: SocketAddr,
+        now: impl Fn() -> Instant,
+        out: &mut Vec<u8>,
+    ) -> Reply {
+        if bytes.len() < 12 {
+            return Reply::Nothing;
+        }
+        let index = self.cell.current();
+        let allowed = self.cfg.acl.allows(src.ip());
+        let generation = self.cache.generation();
+        if allowed && let Some(hit) = encoded.answer(&index, bytes, generation, &now, out) {
+            let d = &self.metrics.dns;
+            if matches!(hit.valid, Valid::Upstream { .. }) {
+                d.cache_hits.inc();
+            }
+            d.count_response(hit.rcode);
+            if hit.truncated {
+                d.truncated.inc();
+            }
+            return Reply::Now;
+        }
+        let Ok(request) = Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) else {
+            return match response::formerr(bytes, Transport::Udp) {
+                Some(answer) => {
+                    *out = answer;
+                    Reply::Now
+                }
+                None => Reply::Nothing,
+            };
+        };
+        let (info, answer, valid, refused_source) =
+            match decide(&index, &self.cfg.acl, &request, src.ip()) {
+                Decision::Answer(a) => {
+                    let (info, answer) = response::encode_answer(&request, &a, Transport::Udp);
+                    (info, answer, Valid::Index, a.refused_source)
+                }
+                Decision::Forward(f) => {
+                    let Some((upstream, until)) = self.cache.get_until(&f.query, now()) else {
+                        return Reply::Later(Box::new(request));
+                    };
+                    self.metrics.dns.cache_hits.inc();
+                    let (info, answer) =
+                        response::encode_relay(&request, &f, &upstream, Transport::Udp);
+                    (info, answer, Valid::Upstream { generation, until }, false)
+                }
+                Decision::Drop => {
+                    self.metrics.dns.dropped.inc();
+                    return Reply::Nothing;
+                }
+            };
+        self.count(&info, refused_source);
+        if allowed {
+            let entry = Encoded {
+                bytes: answer.as_slice().into(),
+                rcode: u16::from(info.response_code),
+                truncated: info.truncation,
+                valid,
+            };
+            encoded.put(&index, bytes, entry);
+        }
+        *out = answer;
+        Reply::Now
+    }
+
+    /// Answers a datagram [`Self::reply_now`] left for the upstreams;
+    /// `None` when there is nothing to send.
+    pub(super) async fn reply_later(&self, request: Box<Request>) -> Option<Vec<u8>> {
+        response::respond_parsed(self, &request, Transport::Udp).await
+    }
+
     /// Answers from the cache or the upstreams, within the in-flight bound;
     /// over it, REFUSED (as CoreDNS's `forward` does at `max_concurrent`).
     async fn forward<R: ResponseHandler>(
@@ -178,39 +290,9 @@ pub(super) async fn serve(
             return;
         }
     };
-    let handler = Arc::new(StubHandler {
-        permits: Arc::new(Semaphore::new(cfg.max_inflight)),
-        cache: AnswerCache::new(CACHE_ENTRIES),
-        cfg,
-        cell,
-        metrics,
-    });
-    let mut server = Server::new(SharedHandler(handler.clone()));
-    server.register_socket(udp);
-    let stop = server.shutdown_token().clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        stop.cancel();
-    });
-    let tcp_stop = server.shutdown_token().clone();
-    tokio::spawn(serve_tcp(tcp, handler, tcp_stop));
-    if let Err(e) = server.block_until_done().await {
-        tracing::error!("DNS server stopped: {e}");
-    }
-}
-
-/// The handler shared by hickory-server's UDP side and our TCP front.
-struct SharedHandler(Arc<StubHandler>);
-
-#[async_trait::async_trait]
-impl RequestHandler for SharedHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response: R,
-    ) -> ResponseInfo {
-        self.0.handle_request::<R, T>(request, response).await
-    }
+    let handler = Arc::new(StubHandler::new(cfg, cell, metrics));
+    tokio::spawn(serve_tcp(tcp, handler.clone(), shutdown.clone()));
+    super::udp::serve(udp, handler, shutdown).await;
 }
 
 /// Accepts TCP clients within the limits until `stop`.
@@ -286,7 +368,7 @@ async fn serve_connection(
         let Ok(Ok(msg)) = read else {
             return;
         };
-        let Some(answer) = response::respond_tcp(handler, msg, src).await else {
+        let Some(answer) = response::respond(handler, msg, src, Transport::Tcp).await else {
             // Fewer bytes than a header: hickory-server drops those too.
             continue;
         };

@@ -1031,3 +1031,265 @@ fn most_services_changing_builds_whole() {
     let idx = DnsIndex::build(many("a", "s"), &zone(), 5);
     assert_eq!(idx.next(many("b", "t")).changed, None, "built whole");
 }
+
+/// A handler answering from a cell that follows `state`, as `dns::start`
+/// makes it; the sender moves the state on.
+fn udp_handler(
+    state: Arc<AgentState>,
+) -> (
+    super::server::StubHandler,
+    Arc<super::IndexCell>,
+    tokio::sync::watch::Sender<Arc<AgentState>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(state);
+    let cell = Arc::new(super::IndexCell::new(rx, zone(), 5, None, None));
+    let cfg = super::DnsConfig {
+        listen: "127.0.0.1:53".parse().expect("addr"),
+        zone: zone(),
+        ttl: 5,
+        upstreams: Vec::new(),
+        no_upstream: None,
+        acl: Acl::node_local(&[]),
+        max_inflight: 16,
+        tcp_limits: super::server::TcpLimits::default(),
+    };
+    let metrics = Arc::new(crate::status::Metrics::new());
+    (
+        super::server::StubHandler::new(cfg, cell.clone(), metrics),
+        cell,
+        tx,
+    )
+}
+
+/// `bytes` as the UDP loop answers them at `now`, decoded.
+fn reply_udp(
+    handler: &super::server::StubHandler,
+    encoded: &mut super::encoded::EncodedAnswers,
+    bytes: &[u8],
+    now: std::time::Instant,
+) -> Message {
+    let mut out = Vec::new();
+    let src = SocketAddr::new(ip(LOCAL), 5353);
+    match handler.reply_now(encoded, bytes, src, || now, &mut out) {
+        super::server::Reply::Now => Message::from_vec(&out).expect("decodable answer"),
+        super::server::Reply::Later(_) => panic!("waits for an upstream"),
+        super::server::Reply::Nothing => panic!("no answer"),
+    }
+}
+
+fn with_id(mut bytes: Vec<u8>, id: u16) -> Vec<u8> {
+    bytes[..2].copy_from_slice(&id.to_be_bytes());
+    bytes
+}
+
+#[test]
+fn an_encoded_answer_is_sent_with_the_id_of_the_query_it_answers() {
+    use super::encoded::{Encoded, EncodedAnswers, Valid};
+
+    let index = Arc::new(cluster());
+    let mut encoded = EncodedAnswers::new(8, 1 << 20);
+    let q = with_id(
+        query_bytes("web.shop.svc.cluster.local.", RecordType::A, None),
+        1,
+    );
+    let answer =
+        handle_bytes(&index, &Acl::node_local(&[]), &q, ip(LOCAL), Transport::Udp).expect("answer");
+    let entry = Encoded {
+        bytes: answer.as_slice().into(),
+        rcode: 0,
+        truncated: false,
+        valid: Valid::Index,
+    };
+    encoded.put(&index, &q, entry);
+    let mut out = Vec::new();
+    let now = std::time::Instant::now;
+    let again = with_id(q.clone(), 0xbeef);
+    assert!(encoded.answer(&index, &again, 0, now, &mut out).is_some());
+    assert_eq!(&out[..2], &[0xbe, 0xef]);
+    assert_eq!(&out[2..], &answer[2..]);
+    // Another question (here: another case) is another key.
+    let upper = with_id(
+        query_bytes("WEB.shop.svc.cluster.local.", RecordType::A, None),
+        1,
+    );
+    assert!(encoded.answer(&index, &upper, 0, now, &mut out).is_none());
+    // Another index, even with the same names, starts empty.
+    let other = Arc::new(cluster());
+    assert!(encoded.answer(&other, &again, 0, now, &mut out).is_none());
+    assert_eq!(encoded.len(), 0);
+}
+
+#[test]
+fn udp_answers_are_those_of_the_uncached_path_and_keep_the_id_and_case_asked() {
+    let (handler, cell, _tx) = udp_handler(mk_state(
+        "s1",
+        vec![mk_service("shop", "web", &["10.96.0.10"])],
+    ));
+    let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
+    let now = std::time::Instant::now();
+    let acl = Acl::node_local(&[]);
+    for (name, qtype, edns) in [
+        ("WEB.Shop.svc.cluster.local.", RecordType::A, None),
+        ("web.shop.svc.cluster.local.", RecordType::A, Some(1232)),
+        ("web.shop.svc.cluster.local.", RecordType::AAAA, None),
+        ("nothere.shop.svc.cluster.local.", RecordType::A, None),
+    ] {
+        for id in [1, 2, 3] {
+            let q = with_id(query_bytes(name, qtype, edns), id);
+            let m = reply_udp(&handler, &mut encoded, &q, now);
+            assert_eq!(m.metadata.id, id);
+            assert_eq!(m.queries[0].name().to_string(), name, "the case asked");
+            let uncached =
+                handle_bytes(&cell.current(), &acl, &q, ip(LOCAL), Transport::Udp).expect("answer");
+            assert_eq!(
+                m.to_vec().expect("encode"),
+                Message::from_vec(&uncached)
+                    .expect("decode")
+                    .to_vec()
+                    .expect("encode")
+            );
+        }
+    }
+    assert_eq!(encoded.len(), 4, "one encoding per distinct query");
+    let a = reply_udp(
+        &handler,
+        &mut encoded,
+        &query_bytes("WEB.Shop.svc.cluster.local.", RecordType::A, None),
+        now,
+    );
+    assert_eq!(a.answers[0].name.to_string(), "WEB.Shop.svc.cluster.local.");
+}
+
+#[test]
+fn udp_answers_follow_the_index_in_force() {
+    let (handler, cell, tx) = udp_handler(mk_state(
+        "s1",
+        vec![mk_service("shop", "web", &["10.96.0.10"])],
+    ));
+    let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
+    let now = std::time::Instant::now();
+    let q = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    assert_eq!(
+        rdata(&reply_udp(&handler, &mut encoded, &q, now)),
+        ["10.96.0.10"]
+    );
+    assert_eq!(
+        rdata(&reply_udp(&handler, &mut encoded, &q, now)),
+        ["10.96.0.10"]
+    );
+    tx.send_replace(mk_state(
+        "s2",
+        vec![mk_service("shop", "web", &["10.96.0.99"])],
+    ));
+    cell.refresh();
+    assert_eq!(
+        rdata(&reply_udp(&handler, &mut encoded, &q, now)),
+        ["10.96.0.99"]
+    );
+    tx.send_replace(mk_state("s3", Vec::new()));
+    cell.refresh();
+    let gone = reply_udp(&handler, &mut encoded, &q, now);
+    assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn relayed_answers_are_reencoded_when_their_ttls_count_down_or_the_cache_changes() {
+    use std::time::Duration;
+
+    use hickory_proto::rr::rdata::A;
+
+    let (handler, _cell, _tx) = udp_handler(mk_state("s1", Vec::new()));
+    let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
+    let q = Query::query(
+        Name::from_ascii("x.example.org.").expect("name"),
+        RecordType::A,
+    );
+    let upstream = |last: u8| {
+        let mut answer = Message::query();
+        answer.add_query(q.clone());
+        answer.answers.push(Record::from_rdata(
+            q.name.clone(),
+            300,
+            RData::A(A::new(192, 0, 2, last)),
+        ));
+        answer
+    };
+    let t0 = std::time::Instant::now();
+    handler.cache.put(&q, &upstream(1), t0);
+    let asked = query_bytes("x.example.org.", RecordType::A, None);
+    let first = reply_udp(&handler, &mut encoded, &asked, t0);
+    assert_eq!(
+        (rdata(&first), first.answers[0].ttl),
+        (vec!["192.0.2.1".to_owned()], 30)
+    );
+    let soon = reply_udp(
+        &handler,
+        &mut encoded,
+        &asked,
+        t0 + Duration::from_millis(500),
+    );
+    assert_eq!(soon.answers[0].ttl, 30);
+    assert_eq!(encoded.len(), 1);
+    let later = reply_udp(
+        &handler,
+        &mut encoded,
+        &asked,
+        t0 + Duration::from_millis(1500),
+    );
+    assert_eq!(later.answers[0].ttl, 29, "counted down");
+    handler
+        .cache
+        .put(&q, &upstream(2), t0 + Duration::from_millis(1600));
+    let replaced = reply_udp(
+        &handler,
+        &mut encoded,
+        &asked,
+        t0 + Duration::from_millis(1700),
+    );
+    assert_eq!(rdata(&replaced), ["192.0.2.2"], "the cache's new answer");
+    assert!(reply_udp_later(
+        &handler,
+        &mut encoded,
+        &asked,
+        t0 + Duration::from_secs(40)
+    ));
+}
+
+/// Whether the UDP loop leaves `bytes` to a task that asks the upstreams.
+fn reply_udp_later(
+    handler: &super::server::StubHandler,
+    encoded: &mut super::encoded::EncodedAnswers,
+    bytes: &[u8],
+    now: std::time::Instant,
+) -> bool {
+    let mut out = Vec::new();
+    let src = SocketAddr::new(ip(LOCAL), 5353);
+    matches!(
+        handler.reply_now(encoded, bytes, src, || now, &mut out),
+        super::server::Reply::Later(_)
+    )
+}
+
+#[test]
+fn encoded_answers_are_bounded_in_bytes_as_well_as_in_number() {
+    use super::encoded::{Encoded, EncodedAnswers, Valid};
+
+    let index = Arc::new(cluster());
+    let entry = |len: usize| Encoded {
+        bytes: vec![0; len].into(),
+        rcode: 0,
+        truncated: false,
+        valid: Valid::Index,
+    };
+    let mut encoded = EncodedAnswers::new(100, 200);
+    let q = |name: &str| query_bytes(name, RecordType::A, None);
+    encoded.put(&index, &q("a.example.org."), entry(300));
+    assert_eq!(encoded.len(), 0, "larger than the whole bound");
+    encoded.put(&index, &q("a.example.org."), entry(60));
+    encoded.put(&index, &q("b.example.org."), entry(60));
+    assert_eq!(encoded.len(), 2);
+    encoded.put(&index, &q("b.example.org."), entry(60));
+    assert_eq!(encoded.len(), 2, "a replaced answer counts once");
+    encoded.put(&index, &q("c.example.org."), entry(60));
+    assert_eq!(encoded.len(), 1, "over the bytes: started over");
+}

@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 use switchyard_agent::dns::{Acl, DnsConfig};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
+use switchyard_integration_tests::bench::{self, arg};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
     ServiceState, TargetPort,
@@ -35,15 +36,6 @@ use switchyard_model::{
 use tokio_util::sync::CancellationToken;
 
 const ZONE: &str = "cluster.local";
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
@@ -103,24 +95,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
 
 /// Resident set size of `pid` in KiB.
 fn rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// CPU time (user + system) of `pid`, in seconds.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    bench::proc_status_kib(pid, "VmRSS")
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -136,21 +111,37 @@ fn unbound_conf(dir: &Path, port: u16, body: &str) -> String {
     )
 }
 
-fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Child> {
+/// An unbound of the bench, stopped when dropped (also when the bench
+/// fails half-way, which used to leave it running).
+struct Unbound(Child);
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Unbound> {
     let path = dir.join(file);
     std::fs::write(&path, conf)?;
     let check = Command::new("unbound-checkconf").arg(&path).output()?;
     if !check.status.success() {
         bail!("{file}: {}", String::from_utf8_lossy(&check.stdout));
     }
-    Ok(Command::new("taskset")
-        .args(["-c", cpu, "unbound", "-d", "-c"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .spawn()?)
+    Ok(Unbound(
+        Command::new("taskset")
+            .args(["-c", cpu, "unbound", "-d", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()?,
+    ))
 }
 
-fn wait_answering(port: u16) -> anyhow::Result<()> {
+/// Waits until the server on `port` answers `name` (one it serves itself:
+/// the upstream has no cluster zone, and asked for one it tries the root
+/// servers, which need not answer here).
+fn wait_answering(port: u16, name: &str, qtype: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let out = Command::new("dig")
@@ -160,8 +151,8 @@ fn wait_answering(port: u16) -> anyhow::Result<()> {
                 &port.to_string(),
                 "+tries=1",
                 "+time=1",
-                "dns-version.cluster.local",
-                "TXT",
+                name,
+                qtype,
             ])
             .output()?;
         if String::from_utf8_lossy(&out.stdout).contains("status:") {
@@ -209,8 +200,21 @@ fn dnsperf(
     if verbose {
         cmd.arg("-v");
     }
-    let out = cmd.output().context("dnsperf (apt-get install dnsperf)")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    // Into a file, not a pipe: this process is the stub's, and reading
+    // 100,000 lines of `-v` output through a pipe while dnsperf runs was
+    // charged to the stub's CPU (a fifth of this process's samples under
+    // `perf record` were its main thread in poll and pipe reads).
+    let out_path = file.with_extension("out");
+    let out = std::fs::File::create(&out_path)?;
+    let status = cmd
+        .stdout(out)
+        .stderr(Stdio::null())
+        .status()
+        .context("dnsperf (apt-get install dnsperf)")?;
+    if !status.success() {
+        bail!("dnsperf: {status}");
+    }
+    Ok(std::fs::read_to_string(&out_path)?)
 }
 
 fn field(text: &str, label: &str) -> f64 {
@@ -225,9 +229,9 @@ fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow
     let max = dnsperf(port, file, seconds, None, false)?;
     let qps = field(&max, "Queries per second:");
     let lost = field(&max, "Queries lost:") as u64;
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = bench::process_cpu_seconds(pid);
     let fixed = dnsperf(port, file, seconds, Some(load), true)?;
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = bench::process_cpu_seconds(pid) - cpu0;
     let completed = field(&fixed, "Queries completed:");
     let mut lat: Vec<f64> = fixed
         .lines()
@@ -235,7 +239,7 @@ fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
     lat.sort_by(f64::total_cmp);
-    let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or(0.0) * 1e6;
+    let p99 = bench::percentile(&lat, 99.0) * 1e6;
     let avg = lat.iter().sum::<f64>() / lat.len().max(1) as f64 * 1e6;
     Ok(Run {
         qps,
@@ -267,7 +271,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let upstream_port = free_port()?;
-    let mut upstream = start_unbound(
+    let upstream = start_unbound(
         dir.path(),
         "upstream.conf",
         &unbound_conf(
@@ -277,6 +281,9 @@ fn main() -> anyhow::Result<()> {
         ),
         "1",
     )?;
+    // Answering, so its port is bound before the stub binds a free one:
+    // otherwise the stub may be given the port just found free for it.
+    wait_answering(upstream_port, "example.org", "A")?;
     let (_tx, rx) = tokio::sync::watch::channel(state.clone());
     let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
     let metrics = Arc::new(Metrics::new());
@@ -320,7 +327,7 @@ fn main() -> anyhow::Result<()> {
         let _ = writeln!(local, "  local-data-ptr: \"{} {fq}\"", service_ip(i));
     }
     let unbound_port = free_port()?;
-    let mut unbound = start_unbound(
+    let unbound = start_unbound(
         dir.path(),
         "unbound.conf",
         &unbound_conf(
@@ -332,10 +339,9 @@ fn main() -> anyhow::Result<()> {
         ),
         "0",
     )?;
-    wait_answering(stub.port())?;
-    wait_answering(unbound_port)?;
-    wait_answering(upstream_port)?;
-    let unbound_pid = unbound.id().to_string();
+    wait_answering(stub.port(), "dns-version.cluster.local", "TXT")?;
+    wait_answering(unbound_port, "dns-version.cluster.local", "TXT")?;
+    let unbound_pid = unbound.0.id().to_string();
     let unbound_rss = rss_kib(&unbound_pid);
 
     // Query files: every service name in a scrambled order.
@@ -365,7 +371,8 @@ fn main() -> anyhow::Result<()> {
         ("forwarded", Box::new(|i| format!("host-{i}.example.org A"))),
     ];
     println!(
-        "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU\n"
+        "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU; load average {}\n",
+        bench::loadavg()
     );
     println!(
         "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query |"
@@ -397,6 +404,7 @@ fn main() -> anyhow::Result<()> {
         unbound_rss as f64 / 1024.0
     );
     println!("Index build: {:.1} ms.", doc.index_build_ms);
+    println!("Load average at the end: {}.", bench::loadavg());
     let m = &metrics.dns;
     println!(
         "Stub counters: {:?}, forwarded {}, forward failures {}, overload {}.",
@@ -406,9 +414,6 @@ fn main() -> anyhow::Result<()> {
         m.forward_overload.get()
     );
     shutdown.cancel();
-    let _ = unbound.kill();
-    let _ = upstream.kill();
-    let _ = unbound.wait();
-    let _ = upstream.wait();
+    drop((unbound, upstream));
     Ok(())
 }
