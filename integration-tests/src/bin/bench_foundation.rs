@@ -75,6 +75,17 @@ enum Role {
         #[arg(long)]
         streams: usize,
     },
+    /// `Index::build` alone at `--services`: the first build and the
+    /// rebuild after one endpoint change (p50 and p99 of `--changes`); prints JSON.
+    #[command(hide = true)]
+    Index,
+    /// The anchor: a bare tonic server pushing a 200-byte update to `streams`
+    /// fleet streams per change and counting their ACKs; prints JSON.
+    #[command(hide = true)]
+    Bare {
+        #[arg(long)]
+        streams: usize,
+    },
     /// The client fleet: `count` streams to `url`, each ACKing every update.
     #[command(hide = true)]
     Clients {
@@ -98,6 +109,16 @@ fn main() -> anyhow::Result<()> {
         None => rt.block_on(run_all(&cli)),
         Some(Role::Fanout { streams }) => {
             let result = rt.block_on(fanout(&cli, *streams))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Some(Role::Index) => {
+            let result = index_only(&cli)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Some(Role::Bare { streams }) => {
+            let result = rt.block_on(bare(cli.changes, *streams))?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
@@ -174,14 +195,20 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
 /// Like a real source, only the changed object gets a new `Arc`.
 fn mutate(state: &mut SourceState, c: usize) {
     let i = (c * 7919) % state.slices.len();
+    let key = (
+        ServiceKey::new(
+            switchyard_model::DEFAULT_CLUSTER,
+            namespace(i),
+            service_name(i),
+        ),
+        format!("{}-1", service_name(i)),
+    );
     let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0));
-    if let Some(ep) = Arc::make_mut(&mut state.slices[i])
-        .slice
-        .endpoints
-        .first_mut()
-    {
-        ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())];
-    }
+    state.slices.modify(&key, |s| {
+        if let Some(ep) = s.slice.endpoints.first_mut() {
+            ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())];
+        }
+    });
 }
 
 fn write_yaml(dir: &Path, services: usize, endpoints: usize) -> anyhow::Result<()> {
@@ -391,6 +418,15 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     })?;
     let initial_all_acked = t.elapsed();
     let rss_acked = rss_kib();
+    if std::env::var_os("BENCH_ABORT_WHEN_SYNCED").is_some() {
+        // For a heap profile of the steady state: under heaptrack, what is
+        // still allocated when the process aborts here is what N synced
+        // streams hold (`heaptrack_print --print-leaks`).
+        eprintln!(
+            "all {streams} streams synced: VmRSS {rss_acked} KiB; aborting for the heap profile"
+        );
+        std::process::abort();
+    }
     let full_pushes = cp.metrics.pushes.get();
 
     let metrics_before = cp.metrics.encode();
@@ -509,6 +545,169 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "storm_ms": storm_ms,
         "storm_resources_sent": storm_resources,
     }))
+}
+
+// ---------------------------------------------------------------- index alone
+
+fn index_only(cli: &Cli) -> anyhow::Result<serde_json::Value> {
+    let mut state = source_state(cli.services, cli.endpoints);
+    let mut index = Index::new(&IndexConfig::in_memory("10.96.0.0/12".parse()?));
+    fn input(state: &SourceState) -> Input<'_> {
+        Input {
+            name: "bench",
+            cluster: switchyard_model::DEFAULT_CLUSTER,
+            state,
+        }
+    }
+    let t = Instant::now();
+    let inputs = [input(&state)];
+    index.build(&inputs, &Serving::all(&inputs), 0);
+    let first = ms(t.elapsed());
+    let mut rebuilds = Vec::with_capacity(cli.changes);
+    let mut patched = 0;
+    for c in 0..cli.changes {
+        mutate(&mut state, c);
+        let t = Instant::now();
+        let inputs = [input(&state)];
+        let b = index.build(&inputs, &Serving::all(&inputs), 0);
+        rebuilds.push(ms(t.elapsed()));
+        anyhow::ensure!(b.snapshot.is_some(), "a change must make a snapshot");
+        patched += usize::from(b.patched);
+    }
+    rebuilds.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "services": cli.services,
+        "first_build_ms": first,
+        "rebuild_p50_ms": percentile(&rebuilds, 50.0),
+        "rebuild_p99_ms": percentile(&rebuilds, 99.0),
+        "patched": patched,
+        "changes": cli.changes,
+    }))
+}
+
+// ---------------------------------------------------------------- bare tonic
+
+/// The anchor for the fan-out: the same fleet of streams against a tonic
+/// server that does nothing but push one 200-byte update per change to every
+/// stream and count the ACKs, in the same run on the same machine.
+#[derive(Clone)]
+struct BareServer {
+    changes: watch::Receiver<u64>,
+    acks: Arc<std::sync::atomic::AtomicU64>,
+    acked: Arc<tokio::sync::Notify>,
+}
+
+#[tonic::async_trait]
+impl v1::snapshot_discovery_server::SnapshotDiscovery for BareServer {
+    type StreamSnapshotsStream = ReceiverStream<Result<v1::SnapshotUpdate, tonic::Status>>;
+
+    async fn stream_snapshots(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::AgentMessage>>,
+    ) -> Result<tonic::Response<Self::StreamSnapshotsStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let mut changes = self.changes.clone();
+        let (acks, acked) = (self.acks.clone(), self.acked.clone());
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            // The Hello.
+            if !matches!(inbound.message().await, Ok(Some(_))) {
+                return;
+            }
+            loop {
+                let n = *changes.borrow_and_update();
+                let update = v1::SnapshotUpdate {
+                    snapshot_version: n.to_string(),
+                    nonce: n.to_string(),
+                    resources: vec![v1::Resource {
+                        name: "bench/ns/svc".into(),
+                        version: n.to_string(),
+                        service_state: vec![0u8; 200].into(),
+                    }],
+                    ..Default::default()
+                };
+                if tx.send(Ok(update)).await.is_err() {
+                    return;
+                }
+                if !matches!(inbound.message().await, Ok(Some(_))) {
+                    return;
+                }
+                acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                acked.notify_waiters();
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn bare(changes: usize, streams: usize) -> anyhow::Result<serde_json::Value> {
+    use std::sync::atomic::Ordering;
+    let (publish, rx) = watch::channel(0u64);
+    let server = BareServer {
+        changes: rx,
+        acks: Arc::default(),
+        acked: Arc::default(),
+    };
+    let (acks, acked) = (server.acks.clone(), server.acked.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let serve = tokio::spawn({
+        let shutdown = shutdown.clone();
+        tonic::transport::Server::builder()
+            .add_service(v1::snapshot_discovery_server::SnapshotDiscoveryServer::new(
+                server,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+    });
+    let mut fleet = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["clients", "--url", &url, "--count", &streams.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the client fleet")?;
+    let wait_acks = |target: u64| {
+        let (acks, acked) = (acks.clone(), acked.clone());
+        async move {
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let notified = acked.notified();
+                    if acks.load(Ordering::SeqCst) >= target {
+                        return;
+                    }
+                    notified.await;
+                }
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "bare: {} of {target} ACKs after {DEADLINE:?}",
+                    acks.load(Ordering::SeqCst)
+                )
+            })
+        }
+    };
+    let n = streams as u64;
+    wait_acks(n).await?;
+    let mut latencies = Vec::with_capacity(changes);
+    for c in 0..changes {
+        let base = acks.load(Ordering::SeqCst);
+        let t0 = Instant::now();
+        publish.send_replace(c as u64 + 1);
+        wait_acks(base + n).await?;
+        latencies.push(ms(t0.elapsed()));
+    }
+    fleet.kill().await.ok();
+    shutdown.cancel();
+    serve.await??;
+    Ok(serde_json::json!({ "streams": streams, "latencies_ms": latencies }))
 }
 
 // ---------------------------------------------------------------- client fleet
@@ -870,8 +1069,39 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
         breakdown.join("; ")
     ));
 
-    // 3 and 4. Fan-out, one fresh process per stream count.
+    // 3 and 4. Fan-out, one fresh process per stream count, each after the
+    // bare tonic anchor with the same fleet.
     for &n in &cli.streams {
+        eprintln!("bare tonic: {n} streams ...");
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--changes",
+                &cli.changes.to_string(),
+                "bare",
+                "--streams",
+                &n.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?
+            .wait_with_output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bare run with {n} streams failed: {}",
+            out.status
+        );
+        let bare: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut bare_lat: Vec<f64> = bare["latencies_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        bare_lat.sort_by(f64::total_cmp);
+        let bare_p99 = percentile(&bare_lat, 99.0);
+        eprintln!(
+            "bare tonic {n}: p50 {:.1} ms, p99 {bare_p99:.1} ms",
+            percentile(&bare_lat, 50.0)
+        );
         eprintln!("fan-out: {n} streams ...");
         let out = tokio::process::Command::new(std::env::current_exe()?)
             .args([
@@ -909,34 +1139,41 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             .unwrap_or_default();
         snap.sort_by(f64::total_cmp);
         let p99 = percentile(&lat, 99.0);
-        let (target, limit) = if n >= 1000 {
-            (
-                "p99 < 100 ms",
-                "1,000 streams, one connection each: p50 19 ms, p99 26 ms",
-            )
-        } else {
-            (
-                "-",
-                "100 streams, one connection each: p50 2.3 ms, p99 3.7 ms",
-            )
+        let target = match n {
+            ..1000 => "-",
+            1000..5000 => "p99 within 2x of bare tonic, same run",
+            _ => "p99 < 150 ms",
         };
+        let limit = format!(
+            "bare tonic, same fleet, this run: p50 {:.1} ms, p99 {bare_p99:.1} ms; ratio of p99s {:.2}x",
+            percentile(&bare_lat, 50.0),
+            p99 / bare_p99
+        );
         rows.push(row(
             format!("Fan-out: one endpoint change until all {n} streams ACKed ({} changes)", lat.len()),
             format!(
                 "p50 {:.1} ms, p99 {p99:.1} ms, max {:.1} ms{}; change to snapshot published p50 {:.1} ms (index build avg {:.1} ms)",
                 percentile(&lat, 50.0),
                 lat.last().copied().unwrap_or(f64::NAN),
-                if n >= 1000 { format!(" ({})", verdict(p99, 100.0)) } else { String::new() },
+                match n {
+                    ..1000 => String::new(),
+                    1000..5000 => format!(" ({})", verdict(p99 / bare_p99, 2.0)),
+                    _ => format!(" ({})", verdict(p99, 150.0)),
+                },
                 percentile(&snap, 50.0),
                 f("build_avg_ms"),
             ),
             target,
-            limit,
+            &limit,
         ));
         rows.push(row(
             format!("Fan-out: all {n} streams connected and ACKed the full state (at most {SYNCING} syncing at once)"),
-            format!("{:.0} ms", f("initial_all_acked_ms")),
-            "-",
+            format!(
+                "{:.0} ms{}",
+                f("initial_all_acked_ms"),
+                if n >= 5000 { format!(" ({})", verdict(f("initial_all_acked_ms"), 60_000.0)) } else { String::new() }
+            ),
+            if n >= 5000 { "< 60 s" } else { "-" },
             "3 MB to a fresh stream 7-9 ms each",
         ));
         let per_agent = (f("rss_acked_kib") - f("rss_snapshot_kib")) / n as f64;
