@@ -101,6 +101,15 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The value of the unlabelled series `name` in a Prometheus text
+/// exposition, if it is there.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +121,14 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 4.0);
         assert!(percentile(&[], 50.0).is_nan());
         assert!(proc_status_kib("self", "VmRSS") > 0);
+    }
+
+    #[test]
+    fn metric_values_by_exact_name() {
+        let text = "# HELP a_total x\na_total 3\na_total_sum 1.5\nb{l=\"x\"} 2\n";
+        assert_eq!(metric_value(text, "a_total"), Some(3.0));
+        assert_eq!(metric_value(text, "a_total_sum"), Some(1.5));
+        assert_eq!(metric_value(text, "b"), None);
     }
 }
 

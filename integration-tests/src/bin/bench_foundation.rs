@@ -26,6 +26,9 @@ use switchyard_control_plane::ControlPlane;
 use switchyard_control_plane::index::{Index, IndexConfig, Serving};
 use switchyard_control_plane::merge::Input;
 use switchyard_control_plane::source::{SlicePorts, Source, SourceSlice, SourceState};
+use switchyard_integration_tests::bench::{
+    loadavg, metric_value, ms, percentile, proc_status_kib, reset_peak_rss,
+};
 use switchyard_model::{
     Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort, TargetPort,
 };
@@ -333,39 +336,12 @@ async fn until(
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    proc_status_kib("self", "VmRSS")
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// The value of one line of a Prometheus text exposition.
+/// The value of one line of a Prometheus text exposition (NaN if absent).
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    metric_value(text, name).unwrap_or(f64::NAN)
 }
 
 // ---------------------------------------------------------------- fan-out
@@ -463,7 +439,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     })
     .await?;
     let rss_before_storm = rss_kib();
-    switchyard_integration_tests::bench::reset_peak_rss();
+    reset_peak_rss();
     let base_acks = cp.metrics.acks.get();
     let sent_before = metric(
         &cp.metrics.encode(),
@@ -493,7 +469,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     .await
     .with_context(|| format!("{} of {n} storm ACKs", cp.metrics.acks.get() - base_acks))?;
     let storm_ms = ms(t.elapsed());
-    let storm_peak = switchyard_integration_tests::bench::proc_status_kib("self", "VmHWM");
+    let storm_peak = proc_status_kib("self", "VmHWM");
     let storm_acked = rss_kib();
     // What the storm streams were sent, the learning stream's full state aside.
     let storm_resources = metric(

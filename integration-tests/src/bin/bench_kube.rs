@@ -107,10 +107,7 @@ async fn metric(admin: &str, name: &str) -> anyhow::Result<f64> {
         .await?
         .text()
         .await?;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    switchyard_integration_tests::bench::metric_value(&text, name)
         .with_context(|| format!("metric {name} not found"))
 }
 
