@@ -1294,16 +1294,20 @@ mod tests {
         let (go_tx, go) = std::sync::mpsc::channel::<()>();
         let go = Arc::new(std::sync::Mutex::new(go));
         let builds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Set when the held build was let go by the test, not by its timeout:
+        // a build on the runtime thread would stall the test until then.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hook: BuildHook = {
-            let builds = builds.clone();
+            let (builds, released) = (builds.clone(), released.clone());
             Arc::new(move || {
                 // The second build (after the first change) waits for the test.
                 if builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
                     started_tx.send(()).expect("test alive");
-                    let _ = go
+                    let go = go
                         .lock()
                         .expect("lock")
                         .recv_timeout(std::time::Duration::from_secs(30));
+                    released.store(go.is_ok(), std::sync::atomic::Ordering::SeqCst);
                 }
             })
         };
@@ -1378,6 +1382,10 @@ mod tests {
             .await
             .expect("both changes published within 10 s")
             .expect("index alive");
+        assert!(
+            released.load(std::sync::atomic::Ordering::SeqCst),
+            "the held build was released by its timeout: the test could not run while it was held"
+        );
         shutdown.cancel();
         task.await.expect("index task");
     }

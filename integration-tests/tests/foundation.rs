@@ -1,6 +1,8 @@
 //! The foundation end to end: a control plane reading real YAML files,
 //! agents on real gRPC streams, state in real sled directories.
 
+use std::time::{Duration, Instant};
+
 use switchyard_integration_tests::*;
 
 type Env = TestEnv;
@@ -327,6 +329,27 @@ async fn a_restarted_control_plane_sends_only_the_differences() {
     }
 }
 
+/// Opens the agent's sled files once the agent that just shut down has
+/// released them: sled's file lock goes with its flusher thread, a moment
+/// after the last handle (the agent's store waits the same way).
+fn open_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e)) if e.to_string().contains("lock") => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: sled's lock still held 10 s after the agent shut down: {e}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open sled {}: {e}", path.display()),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_state_is_discarded_and_resynced() {
     let env = Env::new();
@@ -340,7 +363,7 @@ async fn corrupt_state_is_discarded_and_resynced() {
 
     // Flip a byte inside the stored resource, through sled itself.
     {
-        let db = sled::open(dir.join("state.sled")).expect("open sled");
+        let db = open_sled(&dir.join("state.sled"));
         let tree = db.open_tree("resources").expect("tree");
         let (k, v) = tree.iter().next().expect("one entry").expect("read");
         let mut v = v.to_vec();
