@@ -420,29 +420,17 @@ impl Index {
             }
         }
         last.states = inputs.iter().map(|i| i.state.clone()).collect();
-        let snapshot = Snapshot::from_resources(
-            &self.current,
+        let exported = self.current.exported.clone();
+        Some(self.finish(
+            last,
             Contents {
                 resources,
                 ready: serving.ready.clone(),
-                exported: self.current.exported.clone(),
+                exported,
             },
-            &mut self.versions,
             changed_at_unix_nanos,
-        )
-        .map(Arc::new);
-        if let Some(s) = &snapshot {
-            self.current = s.clone();
-        }
-        let build = Build {
-            snapshot,
-            invalid: last.invalid(),
-            services: last.summaries.clone(),
-            issues: last.issues.clone(),
-            patched: true,
-        };
-        self.last = Some(last);
-        Some(build)
+            true,
+        ))
     }
 
     /// The cached result for an admitted Service, rebuilt if its inputs changed.
@@ -568,13 +556,30 @@ impl Index {
             issues,
             summaries: derive(&last_summaries, summaries),
         };
-        let snapshot = Snapshot::from_resources(
-            &self.current,
+        self.finish(
+            last,
             Contents {
                 resources,
                 ready: serving.ready.clone(),
                 exported,
             },
+            changed_at_unix_nanos,
+            false,
+        )
+    }
+
+    /// Makes the next snapshot of `contents` (when it changed) and the
+    /// build's report, and keeps `last` for the next build.
+    fn finish(
+        &mut self,
+        last: LastBuild,
+        contents: Contents,
+        changed_at_unix_nanos: i64,
+        patched: bool,
+    ) -> Build {
+        let snapshot = Snapshot::from_resources(
+            &self.current,
+            contents,
             &mut self.versions,
             changed_at_unix_nanos,
         )
@@ -587,7 +592,7 @@ impl Index {
             invalid: last.invalid(),
             services: last.summaries.clone(),
             issues: last.issues.clone(),
-            patched: false,
+            patched,
         };
         self.last = Some(last);
         build
