@@ -836,6 +836,30 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
 
 // ---------------------------------------------------------------- main run
 
+/// Runs this binary with `args` (one role in a fresh process) and returns
+/// the JSON it prints.
+async fn run_role(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?
+        .wait_with_output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "{args:?} failed: {}", out.status);
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The numbers of array `key` of `r`, ascending.
+fn sorted_values(r: &serde_json::Value, key: &str) -> Vec<f64> {
+    let mut v: Vec<f64> = r[key]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+        .unwrap_or_default();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 struct Row {
     measurement: String,
     result: String,
@@ -1049,71 +1073,33 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     // bare tonic anchor with the same fleet.
     for &n in &cli.streams {
         eprintln!("bare tonic: {n} streams ...");
-        let out = tokio::process::Command::new(std::env::current_exe()?)
-            .args([
-                "--changes",
-                &cli.changes.to_string(),
-                "bare",
-                "--streams",
-                &n.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?
-            .wait_with_output()
-            .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "bare run with {n} streams failed: {}",
-            out.status
-        );
-        let bare: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let mut bare_lat: Vec<f64> = bare["latencies_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .unwrap_or_default();
-        bare_lat.sort_by(f64::total_cmp);
+        let changes = cli.changes.to_string();
+        let count = n.to_string();
+        let bare = run_role(&["--changes", &changes, "bare", "--streams", &count]).await?;
+        let bare_lat = sorted_values(&bare, "latencies_ms");
         let bare_p99 = percentile(&bare_lat, 99.0);
         eprintln!(
             "bare tonic {n}: p50 {:.1} ms, p99 {bare_p99:.1} ms",
             percentile(&bare_lat, 50.0)
         );
         eprintln!("fan-out: {n} streams ...");
-        let out = tokio::process::Command::new(std::env::current_exe()?)
-            .args([
-                "--services",
-                &s.to_string(),
-                "--endpoints",
-                &e.to_string(),
-                "--changes",
-                &cli.changes.to_string(),
-                "fanout",
-                "--streams",
-                &n.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?
-            .wait_with_output()
-            .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "fan-out run with {n} streams failed: {}",
-            out.status
-        );
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let (services, endpoints) = (s.to_string(), e.to_string());
+        let r = run_role(&[
+            "--services",
+            &services,
+            "--endpoints",
+            &endpoints,
+            "--changes",
+            &changes,
+            "fanout",
+            "--streams",
+            &count,
+        ])
+        .await?;
         eprintln!("fan-out {n}: {r}");
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        let mut lat: Vec<f64> = r["latencies_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .unwrap_or_default();
-        lat.sort_by(f64::total_cmp);
-        let mut snap: Vec<f64> = r["to_snapshot_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .unwrap_or_default();
-        snap.sort_by(f64::total_cmp);
+        let lat = sorted_values(&r, "latencies_ms");
+        let snap = sorted_values(&r, "to_snapshot_ms");
         let p99 = percentile(&lat, 99.0);
         let target = match n {
             ..1000 => "-",
