@@ -78,8 +78,8 @@ pub struct SourceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Nodes and their zones, for sources that watch them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub nodes: Vec<crate::source::NodeInfo>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub nodes: Arc<[crate::source::NodeInfo]>,
     /// Input it ignored in part or whole (unknown kinds, API versions and
     /// fields), with the file and document.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -326,7 +326,7 @@ impl Status {
     pub fn set_sources(&self, sources: Vec<SourceStatus>) {
         self.change(|s| {
             s.zones.clear();
-            for node in sources.iter().flat_map(|src| &src.nodes) {
+            for node in sources.iter().flat_map(|src| src.nodes.iter()) {
                 if let Some(zone) = &node.zone {
                     // The first source to know a node wins, as for Services.
                     s.zones

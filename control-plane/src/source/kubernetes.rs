@@ -1,28 +1,36 @@
-//! The `kube` source: Services, EndpointSlices and Nodes from a Kubernetes
-//! API server, through kube-rs watchers and reflector stores.
+//! The `kube` source: Services, EndpointSlices, Nodes and ServiceExports
+//! from a Kubernetes API server, through kube-rs watchers.
 //!
 //! ```text
-//!  Api<Service>       ─ watcher ─ backoff ─ reflector(store) ─┐
-//!  Api<EndpointSlice> ─ watcher ─ backoff ─ reflector(store) ─┼─ signals ─▶ coalesce ─▶ convert changed
-//!  Api<Node>          ─ watcher ─ backoff ─ reflector(store) ─┘             objects (cache by rv)
-//!                                                                          ─▶ watch<SourceState>
+//!  Api<Service>       ─ watcher ─ backoff ─┐                each event converted at once (cached
+//!  Api<EndpointSlice> ─ watcher ─ backoff ─┼─ signals ─▶ View: by resourceVersion) into persistent ─▶ coalesce ─▶ watch<SourceState>
+//!  Api<Node>          ─ watcher ─ backoff ─┤            maps, changed in one place per event        (pointer copies)
+//!  Api<ServiceExport> ─ watcher ─ backoff ─┘
 //! ```
 //!
 //! Each watcher lists (paged) and then watches with bookmarks; after a
-//! 410 Gone, a restart or a dropped watch it relists. A reflector store
-//! applies a relist (`Init` .. `InitApply` .. `InitDone`) atomically: it
-//! buffers the listed objects and swaps them in at `InitDone`. This source
-//! additionally publishes nothing while any kind is relisting, so a relist
-//! becomes exactly one new state and no agent sees a Service vanish and
-//! come back. The state is `synced` once all three kinds have been listed.
+//! 410 Gone, a restart or a dropped watch it relists. A relist (`Init` ..
+//! `InitApply` .. `InitDone`) is applied atomically: its objects are
+//! gathered and replace the kind's at `InitDone`, and what the list no
+//! longer holds is deleted. This source additionally publishes nothing
+//! while any kind is relisting, so a relist becomes exactly one new state
+//! and no agent sees a Service vanish and come back. The state is `synced`
+//! once Services, slices and Nodes have been listed.
+//!
+//! Every other event changes the maps the source publishes in one place:
+//! the published Services and slices are persistent maps (`Objects`), so a
+//! publication is a pointer copy, shares everything unchanged with the one
+//! before it, and costs what changed, not the size of the cluster. The
+//! index then sees the change by diffing the maps (an endpoint change is
+//! patched into the last snapshot). An object that converts to what it was
+//! (a status we do not read changed) keeps its `Arc` and changes nothing.
 //!
 //! Bursts of events coalesce: a state is published once the stream has been
-//! quiet for the debounce window (capped at four windows). Converting an
-//! object is cached by its resourceVersion, so a publish converts only what
-//! changed. Objects that do not convert are skipped and reported, the rest
-//! keep flowing. FQDN EndpointSlices are ignored, as kube-proxy ignores them.
+//! quiet for the debounce window (capped at four windows). Objects that do
+//! not convert are skipped and reported, the rest keep flowing. FQDN
+//! EndpointSlices are ignored, as kube-proxy ignores them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -34,7 +42,6 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use kube::api::{ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource, ResourceExt};
 use switchyard_model::{ServiceKey, ValidationErrors};
@@ -43,7 +50,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::debounce::{Burst, Debounce};
-use super::{Export, NodeInfo, ObjectError, Source, SourceService, SourceSlice, SourceState};
+use super::{
+    Export, Keyed, NodeInfo, ObjectError, Objects, Source, SourceService, SourceSlice, SourceState,
+};
 use crate::k8s;
 
 /// The label that carries a Node's topology zone.
@@ -266,15 +275,28 @@ fn not_served(e: &watcher::Error) -> bool {
     }
 }
 
-/// What a watcher stream told us, without the object (the store has it).
+/// An object a watcher brought, of the kind it watches.
+#[derive(Debug)]
+enum Object {
+    Service(Box<core::Service>),
+    Slice(Box<discovery::EndpointSlice>),
+    Node(Box<core::Node>),
+    Export(Box<DynamicObject>),
+}
+
+/// What a watcher stream told us.
 #[derive(Debug)]
 enum Signal {
-    /// A relist started: the store keeps its old content until `InitDone`.
+    /// A relist started: what the source holds stays until `InitDone`.
     Init,
-    /// A relist finished and the store was replaced.
+    /// One object of the relist in progress.
+    Listed(Object),
+    /// The relist finished: the listed objects replace the kind's.
     InitDone,
-    /// An object was added, changed or deleted.
-    Changed,
+    /// An object was added or changed.
+    Applied(Object),
+    /// An object was deleted.
+    Deleted(Object),
     /// The watch or list failed; the watcher retries after a backoff.
     Failed(String),
     /// The API server does not serve the kind (404); retried like a failure.
@@ -285,26 +307,27 @@ enum Signal {
 
 fn signals<K>(
     kind: Kind,
-    writer: reflector::store::Writer<K>,
     api: Api<K>,
     config: watcher::Config,
+    wrap: fn(K) -> Object,
 ) -> Pin<Box<dyn Stream<Item = (Kind, Signal)> + Send>>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
-    let events = reflector::reflector(writer, watcher(api, config).default_backoff());
-    events
-        .filter_map(move |r| async move {
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| {
             let signal = match r {
                 Ok(watcher::Event::Init) => Signal::Init,
-                Ok(watcher::Event::InitApply(_)) => return None,
+                Ok(watcher::Event::InitApply(o)) => Signal::Listed(wrap(o)),
                 Ok(watcher::Event::InitDone) => Signal::InitDone,
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
+                Ok(watcher::Event::Apply(o)) => Signal::Applied(wrap(o)),
+                Ok(watcher::Event::Delete(o)) => Signal::Deleted(wrap(o)),
                 Err(e) if not_served(&e) => Signal::NotServed,
                 Err(e) => Signal::Failed(error_chain(&e)),
             };
-            Some((kind, signal))
+            (kind, signal)
         })
         .boxed()
 }
@@ -372,34 +395,26 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         Some(ns) => Api::namespaced_with(client, ns, &export_resource),
         None => Api::all_with(client, &export_resource),
     };
-    let (service_store, w1) = reflector::store();
-    let (slice_store, w2) = reflector::store();
-    let (node_store, w3) = reflector::store();
-    let w4 = reflector::store::Writer::new(export_resource);
-    let export_store = w4.as_reader();
     let answered = tokio_stream::wrappers::ReceiverStream::new(answers)
         .map(|kind| (kind, Signal::Answered))
         .boxed();
     let mut stream = futures::stream::select_all([
-        signals(Kind::Service, w1, services, wc.clone()),
-        signals(Kind::Slice, w2, slices, wc),
-        signals(Kind::Node, w3, nodes, watcher::Config::default()),
+        signals(Kind::Service, services, wc.clone(), |o| {
+            Object::Service(Box::new(o))
+        }),
+        signals(Kind::Slice, slices, wc, |o| Object::Slice(Box::new(o))),
+        signals(Kind::Node, nodes, watcher::Config::default(), |o| {
+            Object::Node(Box::new(o))
+        }),
         // Exports are not filtered by the label selector: a ServiceExport
         // names its Service and carries no labels of it.
-        signals(Kind::Export, w4, exports, watcher::Config::default()),
+        signals(Kind::Export, exports, watcher::Config::default(), |o| {
+            Object::Export(Box::new(o))
+        }),
         answered,
     ]);
 
-    let mut view = View {
-        source: name.clone(),
-        cluster: config.cluster.clone(),
-        services: service_store,
-        slices: slice_store,
-        nodes: node_store,
-        exports: export_store,
-        service_cache: HashMap::new(),
-        slice_cache: HashMap::new(),
-    };
+    let mut view = View::new(name.clone(), config.cluster.clone());
     let mut listing = [true; 4];
     let mut listed = [false; 4];
     let mut errors: [Option<String>; 4] = Default::default();
@@ -421,11 +436,18 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             match signal {
                 Signal::Init => {
                     listing[i] = true;
+                    view.start_list(kind);
                     if listed[i] {
                         tracing::info!(source = %name, kind = kind.name(), "relisting");
                     }
                 }
+                Signal::Listed(object) => {
+                    // Nothing is published before the list is done.
+                    view.listed(object);
+                    continue;
+                }
                 Signal::InitDone => {
+                    view.end_list(kind);
                     listing[i] = false;
                     listed[i] = true;
                     if errors[i].take().is_some() {
@@ -433,10 +455,14 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                     }
                     dirty = true;
                 }
-                Signal::Changed => {
-                    if errors[i].take().is_some() {
-                        tracing::info!(source = %name, kind = kind.name(), api_server = %url, "watch recovered");
-                    }
+                Signal::Applied(object) => {
+                    view.apply(object);
+                    recovered(&mut errors[i], &name, kind, &url);
+                    dirty = true;
+                }
+                Signal::Deleted(object) => {
+                    view.delete(&object);
+                    recovered(&mut errors[i], &name, kind, &url);
                     dirty = true;
                 }
                 Signal::Failed(message) => {
@@ -444,11 +470,10 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                     errors[i] = Some(format!("{} from {url}: {message}", kind.name()));
                 }
                 Signal::Answered => {
-                    if errors[i].take().is_none() {
+                    if !recovered(&mut errors[i], &name, kind, &url) {
                         // The usual case, a page or a watch answered: no news.
                         continue;
                     }
-                    tracing::info!(source = %name, kind = kind.name(), api_server = %url, "watch recovered");
                 }
                 Signal::NotServed => {
                     // No MCS CRDs: nothing is exported, which is no failure.
@@ -474,11 +499,8 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         // a partial initial list, never in the middle of a relist.
         if dirty && synced && !listing[..3].iter().any(|l| *l) && !(listed[3] && listing[3]) {
             dirty = false;
-            let mut new = view.build();
+            let mut new = view.state();
             new.last_error = last_error;
-            // Derived from what was published, the maps share what did not
-            // change, and the index patches in a change of endpoints.
-            super::share_unchanged(&state.borrow(), &mut new);
             super::publish(&state, &name, new);
         } else {
             state.send_if_modified(|s| {
@@ -490,6 +512,23 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     }
 }
 
+/// Clears a kind's error once its watch answers again, and says so.
+/// Whether there was one.
+fn recovered(error: &mut Option<String>, source: &str, kind: Kind, url: &str) -> bool {
+    let was = error.take().is_some();
+    if was {
+        tracing::info!(%source, kind = kind.name(), api_server = %url, "watch recovered");
+    }
+    was
+}
+
+/// An object's namespace and name: how the API server names it.
+type ObjectKey = (String, String);
+
+fn object_key<K: Resource>(o: &K) -> ObjectKey {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
 /// A converted object, remembered with the resourceVersion it came from.
 #[derive(Debug)]
 struct Converted<T> {
@@ -497,83 +536,274 @@ struct Converted<T> {
     value: Result<T, Vec<ObjectError>>,
 }
 
-/// The reflector stores and the conversions of their objects.
+/// Everything the watchers told, converted as it arrives: each event
+/// changes the persistent maps the source publishes in one place, so a
+/// publication costs what changed since the last one, not the cluster.
+/// Only a relist (rare: a 410 Gone, a restart) walks a whole kind.
 struct View {
     source: String,
     cluster: String,
-    services: Store<core::Service>,
-    slices: Store<discovery::EndpointSlice>,
-    nodes: Store<core::Node>,
-    exports: Store<DynamicObject>,
-    service_cache: HashMap<(String, String), Converted<Arc<SourceService>>>,
-    slice_cache: HashMap<(String, String), Converted<Option<Arc<SourceSlice>>>>,
+    /// Conversions by object, with the resourceVersion they came from: an
+    /// event that brings the same version again converts nothing.
+    service_cache: HashMap<ObjectKey, Converted<Arc<SourceService>>>,
+    slice_cache: HashMap<ObjectKey, Converted<Option<Arc<SourceSlice>>>>,
+    /// What is published: the converted objects that converted.
+    services: Objects<SourceService>,
+    slices: Objects<SourceSlice>,
+    /// Objects that did not convert, by kind and object.
+    failed: BTreeMap<(u8, ObjectKey), Vec<ObjectError>>,
+    /// `failed` as published, made again only when it changed.
+    errors: Vec<ObjectError>,
+    errors_stale: bool,
+    nodes: BTreeMap<String, NodeInfo>,
+    node_list: Arc<[NodeInfo]>,
+    nodes_stale: bool,
+    exports: BTreeMap<ObjectKey, Export>,
+    export_list: Vec<Export>,
+    exports_stale: bool,
+    /// The objects of each kind's relist in progress.
+    listing: [Option<Vec<Object>>; 4],
 }
 
 impl View {
-    /// The whole state from the stores, converting only objects whose
-    /// resourceVersion changed since the last build.
-    fn build(&mut self) -> SourceState {
-        let mut out = SourceState {
-            synced: true,
-            ..SourceState::default()
+    fn new(source: String, cluster: String) -> Self {
+        Self {
+            source,
+            cluster,
+            service_cache: HashMap::new(),
+            slice_cache: HashMap::new(),
+            services: Objects::default(),
+            slices: Objects::default(),
+            failed: BTreeMap::new(),
+            errors: Vec::new(),
+            errors_stale: false,
+            nodes: BTreeMap::new(),
+            node_list: Arc::default(),
+            nodes_stale: false,
+            exports: BTreeMap::new(),
+            export_list: Vec::new(),
+            exports_stale: false,
+            listing: Default::default(),
+        }
+    }
+
+    /// A relist of `kind` begins: its objects are gathered until it ends.
+    fn start_list(&mut self, kind: Kind) {
+        self.listing[kind as usize] = Some(Vec::new());
+    }
+
+    /// One object of a relist in progress.
+    fn listed(&mut self, object: Object) {
+        if let Some(list) = &mut self.listing[object.kind() as usize] {
+            list.push(object);
+        }
+    }
+
+    /// A relist of `kind` ended: its objects replace the kind's, and what
+    /// it no longer holds is deleted. Objects listed at the version they
+    /// had convert nothing and change nothing.
+    fn end_list(&mut self, kind: Kind) {
+        let Some(list) = self.listing[kind as usize].take() else {
+            return;
         };
-        let (source, cluster) = (self.source.as_str(), self.cluster.as_str());
-        let services = self.services.state();
-        refresh(&mut self.service_cache, &services, |svc| {
-            k8s::service(cluster, svc)
-                .and_then(|s| k8s::validate_unallocated(&s).map(|()| Arc::new(s)))
-                .map_err(|e| object_errors(source, e))
-        });
-        for c in self.service_cache.values() {
-            match &c.value {
-                Ok(s) => out.services.push(s.clone()),
-                Err(e) => out.errors.extend(e.iter().cloned()),
+        let listed: HashSet<ObjectKey> = list.iter().map(Object::key).collect();
+        let gone: Vec<ObjectKey> = match kind {
+            Kind::Service => self.service_cache.keys().cloned().collect(),
+            Kind::Slice => self.slice_cache.keys().cloned().collect(),
+            Kind::Node => self
+                .nodes
+                .keys()
+                .map(|n| (String::new(), n.clone()))
+                .collect(),
+            Kind::Export => self.exports.keys().cloned().collect(),
+        };
+        for key in gone.into_iter().filter(|k| !listed.contains(k)) {
+            self.remove(kind, &key);
+        }
+        for object in list {
+            self.apply(object);
+        }
+    }
+
+    /// An object added or changed.
+    fn apply(&mut self, object: Object) {
+        let cluster = self.cluster.as_str();
+        let source = self.source.as_str();
+        match object {
+            Object::Service(svc) => {
+                let key = object_key(&*svc);
+                let converted = convert(&self.service_cache, &key, &*svc, |svc| {
+                    k8s::service(cluster, svc)
+                        .and_then(|s| k8s::validate_unallocated(&s).map(|()| Arc::new(s)))
+                        .map_err(|e| object_errors(source, e))
+                });
+                let Some(mut converted) = converted else {
+                    return;
+                };
+                let old = self.service_cache.remove(&key);
+                match (old.map(|o| o.value), &mut converted.value) {
+                    // Equal after conversion (a status or an annotation we
+                    // do not read changed): the same `Arc`, no change.
+                    (Some(Ok(old)), Ok(new)) if old == *new => *new = old,
+                    (old, new) => {
+                        if let Some(Ok(old)) = old {
+                            self.services.remove(&old.key);
+                        }
+                        if let Ok(new) = new {
+                            self.services.push(new.clone());
+                        }
+                    }
+                }
+                set_failed(
+                    &mut self.failed,
+                    &mut self.errors_stale,
+                    Kind::Service,
+                    &key,
+                    &converted.value,
+                );
+                self.service_cache.insert(key, converted);
+            }
+            Object::Slice(slice) => {
+                let key = object_key(&*slice);
+                let converted = convert(&self.slice_cache, &key, &*slice, |slice| {
+                    k8s::endpoint_slice(cluster, slice)
+                        .map(|s| s.map(Arc::new))
+                        .map_err(|e| object_errors(source, e))
+                });
+                let Some(mut converted) = converted else {
+                    return;
+                };
+                let old = self.slice_cache.remove(&key);
+                match (old.map(|o| o.value), &mut converted.value) {
+                    (Some(Ok(Some(old))), Ok(Some(new))) if old == *new => *new = old,
+                    (old, new) => {
+                        // The old key first: a changed service-name label
+                        // moves the slice to another Service.
+                        if let Some(Ok(Some(old))) = old {
+                            self.slices.remove(&old.key());
+                        }
+                        if let Ok(Some(new)) = new {
+                            self.slices.push(new.clone());
+                        }
+                    }
+                }
+                set_failed(
+                    &mut self.failed,
+                    &mut self.errors_stale,
+                    Kind::Slice,
+                    &key,
+                    &converted.value,
+                );
+                self.slice_cache.insert(key, converted);
+            }
+            Object::Node(node) => {
+                let info = NodeInfo {
+                    name: node.name_any(),
+                    zone: node.labels().get(ZONE_LABEL).cloned(),
+                };
+                if self.nodes.get(&info.name) != Some(&info) {
+                    self.nodes.insert(info.name.clone(), info);
+                    self.nodes_stale = true;
+                }
+            }
+            Object::Export(export) => {
+                let key = object_key(&*export);
+                let new = Export {
+                    // The source's cluster, as for Services: kube sources
+                    // never honour the cluster annotation.
+                    key: ServiceKey::new(
+                        cluster.to_owned(),
+                        export.namespace().unwrap_or_else(|| "default".into()),
+                        export.name_any(),
+                    ),
+                    created_unix: export.creation_timestamp().map(|t| t.0.as_second()),
+                };
+                if self.exports.get(&key) != Some(&new) {
+                    self.exports.insert(key, new);
+                    self.exports_stale = true;
+                }
             }
         }
-        let slices = self.slices.state();
-        refresh(&mut self.slice_cache, &slices, |slice| {
-            k8s::endpoint_slice(cluster, slice)
-                .map(|s| s.map(Arc::new))
-                .map_err(|e| object_errors(source, e))
-        });
-        for c in self.slice_cache.values() {
-            match &c.value {
-                Ok(Some(s)) => out.slices.push(s.clone()),
-                Ok(None) => {}
-                Err(e) => out.errors.extend(e.iter().cloned()),
+    }
+
+    /// An object deleted.
+    fn delete(&mut self, object: &Object) {
+        self.remove(object.kind(), &object.key());
+    }
+
+    fn remove(&mut self, kind: Kind, key: &ObjectKey) {
+        match kind {
+            Kind::Service => {
+                if let Some(Converted { value: Ok(s), .. }) = self.service_cache.remove(key) {
+                    self.services.remove(&s.key);
+                }
+            }
+            Kind::Slice => {
+                if let Some(Converted {
+                    value: Ok(Some(s)), ..
+                }) = self.slice_cache.remove(key)
+                {
+                    self.slices.remove(&s.key());
+                }
+            }
+            Kind::Node => {
+                self.nodes_stale |= self.nodes.remove(&key.1).is_some();
+            }
+            Kind::Export => {
+                self.exports_stale |= self.exports.remove(key).is_some();
             }
         }
-        out.nodes = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| NodeInfo {
-                name: n.name_any(),
-                zone: n.labels().get(ZONE_LABEL).cloned(),
-            })
-            .collect();
-        out.exports = self
-            .exports
-            .state()
-            .iter()
-            .map(|e| Export {
-                // The source's cluster, as for Services: kube sources never
-                // honour the cluster annotation.
-                key: ServiceKey::new(
-                    cluster.to_owned(),
-                    e.namespace().unwrap_or_else(|| "default".into()),
-                    e.name_any(),
-                ),
-                created_unix: e.creation_timestamp().map(|t| t.0.as_second()),
-            })
-            .collect();
-        out.exports.sort_by(|a, b| a.key.cmp(&b.key));
-        // Stores are hash maps: sort so that equal content compares equal
-        // (Services and slices are in maps by key).
-        out.errors
-            .sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
-        out.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        if self.failed.remove(&(kind as u8, key.clone())).is_some() {
+            self.errors_stale = true;
+        }
+    }
+
+    /// The state to publish: the persistent maps as they stand (a pointer
+    /// copy each), and the lists of errors, Nodes and exports, made again
+    /// only when they changed.
+    fn state(&mut self) -> SourceState {
+        if std::mem::take(&mut self.errors_stale) {
+            self.errors = self.failed.values().flatten().cloned().collect();
+            self.errors
+                .sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        }
+        if std::mem::take(&mut self.nodes_stale) {
+            self.node_list = self.nodes.values().cloned().collect();
+        }
+        if std::mem::take(&mut self.exports_stale) {
+            self.export_list = self.exports.values().cloned().collect();
+            self.export_list.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        SourceState {
+            synced: true,
+            services: self.services.clone(),
+            slices: self.slices.clone(),
+            errors: self.errors.clone(),
+            nodes: self.node_list.clone(),
+            exports: self.export_list.clone(),
+            ..SourceState::default()
+        }
+    }
+}
+
+impl Object {
+    fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::Slice(_) => Kind::Slice,
+            Object::Node(_) => Kind::Node,
+            Object::Export(_) => Kind::Export,
+        }
+    }
+
+    /// Its namespace and name; a Node's namespace is empty.
+    fn key(&self) -> ObjectKey {
+        match self {
+            Object::Service(o) => object_key(&**o),
+            Object::Slice(o) => object_key(&**o),
+            Object::Node(o) => (String::new(), o.name_any()),
+            Object::Export(o) => object_key(&**o),
+        }
     }
 }
 
@@ -587,36 +817,46 @@ impl std::fmt::Debug for View {
     }
 }
 
-/// Brings `cache` in line with `objects`: converts new and changed objects,
-/// forgets deleted ones.
-fn refresh<K, T>(
-    cache: &mut HashMap<(String, String), Converted<T>>,
-    objects: &[Arc<K>],
-    convert: impl Fn(&K) -> Result<T, Vec<ObjectError>>,
-) where
-    K: Resource,
-{
-    let mut seen = std::collections::HashSet::with_capacity(objects.len());
-    for obj in objects {
-        let key = (obj.namespace().unwrap_or_default(), obj.name_any());
-        let rv = obj.resource_version().unwrap_or_default();
-        let fresh = cache
-            .get(&key)
-            .is_some_and(|c| !rv.is_empty() && c.resource_version == rv);
-        if !fresh {
-            cache.insert(
-                key.clone(),
-                Converted {
-                    resource_version: rv,
-                    value: convert(obj),
-                },
-            );
+/// Records in `failed` whether the object under `key` failed to convert;
+/// `stale` once that changed.
+fn set_failed<T>(
+    failed: &mut BTreeMap<(u8, ObjectKey), Vec<ObjectError>>,
+    stale: &mut bool,
+    kind: Kind,
+    key: &ObjectKey,
+    value: &Result<T, Vec<ObjectError>>,
+) {
+    let k = (kind as u8, key.clone());
+    match value {
+        Ok(_) => *stale |= failed.remove(&k).is_some(),
+        Err(e) => {
+            if failed.get(&k) != Some(e) {
+                failed.insert(k, e.clone());
+                *stale = true;
+            }
         }
-        seen.insert(key);
     }
-    if seen.len() != cache.len() {
-        cache.retain(|k, _| seen.contains(k));
+}
+
+/// The conversion of `object`, unless the one cached under `key` came from
+/// the same resourceVersion (then `None`: nothing changed).
+fn convert<K: Resource, T>(
+    cache: &HashMap<ObjectKey, Converted<T>>,
+    key: &ObjectKey,
+    object: &K,
+    f: impl FnOnce(&K) -> Result<T, Vec<ObjectError>>,
+) -> Option<Converted<T>> {
+    let rv = object.resource_version().unwrap_or_default();
+    if cache
+        .get(key)
+        .is_some_and(|c| !rv.is_empty() && c.resource_version == rv)
+    {
+        return None;
     }
+    Some(Converted {
+        value: f(object),
+        resource_version: rv,
+    })
 }
 
 fn object_errors(source: &str, e: ValidationErrors) -> Vec<ObjectError> {
@@ -628,4 +868,166 @@ fn object_errors(source: &str, e: ValidationErrors) -> Vec<ObjectError> {
             message: e.message,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn service(name: &str, rv: &str, port: u16) -> Object {
+        Object::Service(Box::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "ns", "name": name, "resourceVersion": rv},
+                "spec": {"ports": [{"name": "http", "port": port, "targetPort": 8080}]},
+            }))
+            .expect("a Service"),
+        ))
+    }
+
+    fn slice(name: &str, service: &str, rv: &str, ips: &[&str]) -> Object {
+        let endpoints: Vec<Value> = ips
+            .iter()
+            .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+            .collect();
+        Object::Slice(Box::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "ns", "name": name, "resourceVersion": rv,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }))
+            .expect("an EndpointSlice"),
+        ))
+    }
+
+    fn node(name: &str, zone: &str) -> Object {
+        Object::Node(Box::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {ZONE_LABEL: zone}},
+            }))
+            .expect("a Node"),
+        ))
+    }
+
+    fn view() -> View {
+        View::new("kube".into(), "c1".into())
+    }
+
+    /// A view that took `objects` as one list of each kind, from nothing.
+    fn listed(objects: Vec<Object>) -> SourceState {
+        let mut v = view();
+        for kind in [Kind::Service, Kind::Slice, Kind::Node, Kind::Export] {
+            v.start_list(kind);
+        }
+        for o in objects {
+            v.listed(o);
+        }
+        for kind in [Kind::Service, Kind::Slice, Kind::Node, Kind::Export] {
+            v.end_list(kind);
+        }
+        v.state()
+    }
+
+    fn slice_services(state: &SourceState) -> Vec<(String, String)> {
+        state
+            .slices
+            .iter()
+            .map(|s| (s.service.name.clone(), s.slice.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn events_applied_one_by_one_equal_a_fresh_list_of_the_result() {
+        let mut v = view();
+        v.start_list(Kind::Service);
+        v.listed(service("a", "1", 80));
+        v.listed(service("b", "2", 80));
+        v.end_list(Kind::Service);
+        v.apply(slice("a-1", "a", "3", &["10.0.0.1"]));
+        v.apply(slice("b-1", "b", "4", &["10.0.0.2"]));
+        v.apply(node("n1", "z1"));
+        let before = v.state();
+
+        // An endpoint moves, a Service changes its port, one is deleted,
+        // a slice is relabelled to another Service, a Node is added.
+        v.apply(slice("a-1", "a", "5", &["10.0.0.9"]));
+        v.apply(service("b", "6", 81));
+        v.apply(service("c", "7", 80));
+        v.delete(&service("a", "1", 80));
+        v.apply(slice("b-1", "c", "8", &["10.0.0.2"]));
+        v.apply(node("n2", "z2"));
+        let after = v.state();
+
+        let fresh = listed(vec![
+            service("b", "6", 81),
+            service("c", "7", 80),
+            slice("a-1", "a", "5", &["10.0.0.9"]),
+            slice("b-1", "c", "8", &["10.0.0.2"]),
+            node("n1", "z1"),
+            node("n2", "z2"),
+        ]);
+        assert_eq!(after, fresh);
+        assert_eq!(
+            slice_services(&after),
+            [("a".into(), "a-1".into()), ("c".into(), "b-1".into())],
+            "the relabelled slice left Service b"
+        );
+        // Derived from the state before: the diff names what changed only.
+        let changed: Vec<_> = before
+            .services
+            .changed_keys(&after.services)
+            .map(|k| k.name.clone())
+            .collect();
+        assert_eq!(changed, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn an_object_that_converts_alike_keeps_its_arc_and_an_old_version_converts_nothing() {
+        let mut v = view();
+        v.apply(service("a", "1", 80));
+        v.apply(slice("a-1", "a", "2", &["10.0.0.1"]));
+        let before = v.state();
+        // A new resourceVersion, the same content (a status changed).
+        v.apply(service("a", "3", 80));
+        v.apply(slice("a-1", "a", "4", &["10.0.0.1"]));
+        let after = v.state();
+        assert!(after.services.same(&before.services), "services changed");
+        assert!(after.slices.same(&before.slices), "slices changed");
+        // The same resourceVersion again with other content is not
+        // converted again (the API server never does that; the cache is
+        // what keeps a relist cheap).
+        v.apply(service("a", "3", 99));
+        assert!(v.state().services.same(&before.services));
+    }
+
+    #[test]
+    fn a_relist_deletes_what_it_no_longer_holds_and_errors_follow_their_objects() {
+        let mut v = view();
+        v.apply(service("a", "1", 80));
+        v.apply(service("b", "2", 80));
+        // Port 0 does not convert: skipped and reported, by object and field.
+        v.apply(service("bad", "3", 0));
+        let state = v.state();
+        assert_eq!(state.services.len(), 2);
+        assert_eq!(state.errors.len(), 1, "{:?}", state.errors);
+        assert!(
+            state.errors[0].object.contains("ns/bad"),
+            "{:?}",
+            state.errors[0]
+        );
+
+        v.start_list(Kind::Service);
+        v.listed(service("b", "2", 80));
+        v.listed(service("bad", "4", 80));
+        // Until the list ends, the view holds what it had.
+        assert_eq!(v.state().services.len(), 2);
+        v.end_list(Kind::Service);
+        let state = v.state();
+        let names: Vec<_> = state.services.iter().map(|s| s.key.name.clone()).collect();
+        assert_eq!(names, ["b", "bad"]);
+        assert!(state.errors.is_empty(), "{:?}", state.errors);
+    }
 }

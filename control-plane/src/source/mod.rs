@@ -284,8 +284,9 @@ pub struct SourceState {
     /// versions that are not read, unknown fields (as kubectl's strict
     /// decoding warns). Nothing is skipped for a warning.
     pub warnings: Vec<ObjectError>,
-    /// Nodes and their topology zones (sources that know nodes: kube).
-    pub nodes: Vec<NodeInfo>,
+    /// Nodes and their topology zones (sources that know nodes: kube), by
+    /// name; shared, so that a copy of the state does not copy every Node.
+    pub nodes: Arc<[NodeInfo]>,
     /// Services exported to the clusterset (ServiceExports; KEP-1645).
     pub exports: Vec<Export>,
     /// The clusterset's imports, ready-made: set (even empty) by a relay
