@@ -16,7 +16,9 @@
 //! first merged snapshot), control-plane memory, then N changes of one
 //! endpoint of an exported Service of east, each timed from the write to
 //! the moment every agent of every cluster holds it (east's agents in
-//! east's own Service, every agent in the import).
+//! east's own Service, every agent in the import). The single cluster also
+//! times changes of a Service that is not exported (east's agents only):
+//! a change there crosses one source debounce and the index's patch.
 
 use std::time::{Duration, Instant};
 
@@ -212,18 +214,26 @@ async fn wait_holds(agent: &Agent, name: &str, address: &str) -> anyhow::Result<
     .with_context(|| format!("{name} never held {address}"))?
 }
 
-/// Times `changes` writes to east's exported `svc-0` until every agent
-/// holds them (east's agents in east's Service too).
+/// Times `changes` writes to the slice of east's `svc-I` until every agent
+/// holds them: east's agents in east's Service, and every agent in the
+/// import when the Service is exported (`svc-0` is; `svc-1` is not, unless
+/// every Service is).
 async fn changes(
     cli: &Cli,
     east: &Store,
     generation: &mut usize,
     fleet: &[(&str, &[Agent])],
+    i: usize,
 ) -> anyhow::Result<Vec<f64>> {
+    let exported = i.is_multiple_of(cli.export_every);
+    let (own, import) = (
+        format!("east/ns-{}/svc-{i}", i % 20),
+        format!("clusterset/ns-{}/svc-{i}", i % 20),
+    );
     let mut times = Vec::new();
     for _ in 0..cli.changes {
         *generation += 1;
-        let s = slice(0, 0, *generation, cli.endpoints);
+        let s = slice(0, i, *generation, cli.endpoints);
         let address = s["endpoints"][0]["addresses"][0]
             .as_str()
             .unwrap_or_default()
@@ -234,9 +244,11 @@ async fn changes(
         for (cluster, agents) in fleet {
             for agent in agents.iter() {
                 if *cluster == "east" {
-                    wait_holds(agent, "east/ns-0/svc-0", &address).await?;
+                    wait_holds(agent, &own, &address).await?;
                 }
-                wait_holds(agent, "clusterset/ns-0/svc-0", &address).await?;
+                if exported {
+                    wait_holds(agent, &import, &address).await?;
+                }
             }
         }
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -328,12 +340,22 @@ async fn main() -> anyhow::Result<()> {
                 .await??;
         }
         let synced = t.elapsed();
-        let mut times = changes(&cli, &east, &mut generation, &[("east", &east_agents)]).await?;
+        let fleet = [("east", east_agents.as_slice())];
+        let mut times = changes(&cli, &east, &mut generation, &fleet, 0).await?;
         let s = summary(&mut times);
         eprintln!("single: ready {ready:?}, agents synced {synced:?}, change {s}");
         rows.push(format!(
             "| single cluster (east only): 1 control plane, {} agents | {:.2} s | {:.0} / {:.0} MiB | {} / {} / {} ms |",
             cli.agents, ready.as_secs_f64(), cp.rss_mib(), cp.hwm_mib(), s["p50"], s["p99"], s["max"]
+        ));
+        // The same, a Service that is not exported: the change crosses the
+        // source's one debounce and the index's patch, nothing else.
+        let mut times = changes(&cli, &east, &mut generation, &fleet, 1).await?;
+        let s = summary(&mut times);
+        eprintln!("single, not exported: change {s}");
+        rows.push(format!(
+            "| single cluster, a Service not exported (`svc-1`) | | | {} / {} / {} ms |",
+            s["p50"], s["p99"], s["max"]
         ));
         drop(east_agents);
     }
@@ -357,7 +379,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let view: Vec<(&str, &[Agent])> = fleet.iter().map(|(c, a)| (*c, a.as_slice())).collect();
-        let mut times = changes(&cli, &east, &mut generation, &view).await?;
+        let mut times = changes(&cli, &east, &mut generation, &view, 0).await?;
         let s = summary(&mut times);
         eprintln!("direct: ready {ready:?}, change {s}");
         rows.push(format!(
@@ -409,7 +431,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let view: Vec<(&str, &[Agent])> = fleet.iter().map(|(c, a)| (*c, a.as_slice())).collect();
-        let mut times = changes(&cli, &east, &mut generation, &view).await?;
+        let mut times = changes(&cli, &east, &mut generation, &view, 0).await?;
         let s = summary(&mut times);
         eprintln!("relay: ready {ready:?}, change {s}");
         let memory: Vec<String> = cps
