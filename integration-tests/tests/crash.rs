@@ -3,6 +3,13 @@
 //! resource, again and again, and what it left on disk must load as
 //! exactly one snapshot the control plane published: the one before the
 //! update or the one after, never a mix, never discarded.
+//!
+//! What it catches (checked 1 Dec 2026 with temporary patches, not kept): the
+//! store's old save, a batch of resources and then a separate write of the
+//! version, with a 600 ms pause between the two (a slow disk; sled's flusher
+//! persists the first meanwhile), failed in round 7 with new resources under
+//! the old version. The one-transaction save with the same pause after its
+//! commit passed (4 kills left the old state, 12 the new).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
