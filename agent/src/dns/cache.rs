@@ -6,10 +6,12 @@
 //! replaced or dropped: what the UDP loop encoded from an entry
 //! (`encoded.rs`) holds the flag and is sent while it is set, so a name
 //! fetched again from the upstream invalidates its own encoded answer and
-//! no other.
+//! no other. The cache also counts the entries it retired
+//! ([`AnswerCache::retired`]): while that count is unchanged, no flag
+//! needs reading (each one is a pointer away, a cache miss per query).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,10 +88,12 @@ pub struct Cached {
     pub age: u32,
     /// When it was stored: `age` counts from here.
     pub stored: Instant,
-    /// When it expires.
-    pub expires: Instant,
+    /// Seconds after `stored` when it expires.
+    pub ttl: u32,
     /// Cleared when the entry is replaced or dropped.
     pub current: Current,
+    /// [`AnswerCache::retired`] when it was looked up.
+    pub retired: u64,
 }
 
 /// `answer` as it is `age` seconds after it was stored for `ttl` seconds.
@@ -111,6 +115,9 @@ fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
 pub struct AnswerCache {
     entries: Mutex<HashMap<Key, Entry>>,
     capacity: usize,
+    /// Entries retired so far (their [`Current`] cleared), counted after
+    /// they are cleared, under the lock.
+    retired: AtomicU64,
 }
 
 impl AnswerCache {
@@ -119,6 +126,7 @@ impl AnswerCache {
         Self {
             entries: Mutex::new(HashMap::new()),
             capacity,
+            retired: AtomicU64::new(0),
         }
     }
 
@@ -146,9 +154,17 @@ impl AnswerCache {
             answer: e.aged.clone(),
             age,
             stored: e.stored,
-            expires: e.stored + Duration::from_secs(u64::from(e.ttl)),
+            ttl: e.ttl,
             current: e.current.clone(),
+            retired: self.retired.load(Ordering::Acquire),
         })
+    }
+
+    /// Entries retired (replaced, dropped, emptied) so far. Read it before
+    /// a [`Current`]: if the flag is still set, it stays set at least until
+    /// this count moves on.
+    pub fn retired(&self) -> u64 {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Keeps `answer` to `query` if it is cacheable.
@@ -173,18 +189,21 @@ impl AnswerCache {
         // Replacing an answer adds none: only a new question may start over
         // (with exactly `capacity` questions asked, a second answer to one of
         // them emptied the whole cache).
+        let mut retired = 0;
         if entries.len() >= self.capacity && !entries.contains_key(&key) {
             entries.retain(|_, e| {
                 let live =
                     now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl));
                 if !live {
                     e.current.retire();
+                    retired += 1;
                 }
                 live
             });
             if entries.len() >= self.capacity {
                 for (_, e) in entries.drain() {
                     e.current.retire();
+                    retired += 1;
                 }
             }
         }
@@ -198,6 +217,10 @@ impl AnswerCache {
         };
         if let Some(old) = entries.insert(key, entry) {
             old.current.retire();
+            retired += 1;
+        }
+        if retired > 0 {
+            self.retired.fetch_add(retired, Ordering::AcqRel);
         }
     }
 }

@@ -37,18 +37,59 @@ pub enum Valid {
     Index,
     /// Relayed from the cache of upstream answers: while its entry there is
     /// current and unexpired, with its TTLs counted down.
-    Upstream(Box<Relayed>),
+    Upstream(Relayed),
 }
 
-/// What keeps an encoded relayed answer equal to the cache entry's.
+/// What keeps an encoded relayed answer equal to the cache entry's. Held
+/// in the entry itself, not behind a pointer: on this path each pointer
+/// followed was a cache miss per query (perf, BENCHMARKS.md "DNS stub").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relayed {
     current: Current,
+    /// [`super::cache::AnswerCache::retired`] when `current` was last seen
+    /// set: while the count stays there, it is still set.
+    seen: u64,
     stored: Instant,
-    expires: Instant,
-    /// Where each relayed record's TTL is in the encoding, and its value
-    /// at age 0.
-    ttls: Box<[(u16, u32)]>,
+    /// Seconds after `stored` when it expires (the cache entry's TTL).
+    ttl: u32,
+    ttls: TtlFields,
+}
+
+/// Where each relayed record's TTL is in the encoding, and its value at
+/// age 0: inline for the few records most answers hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TtlFields {
+    Few(u8, [(u16, u32); FEW_TTLS]),
+    Many(Box<[(u16, u32)]>),
+}
+
+const FEW_TTLS: usize = 3;
+
+impl TtlFields {
+    fn new(fields: Vec<(u16, u32)>) -> Self {
+        match u8::try_from(fields.len()) {
+            Ok(n) if fields.len() <= FEW_TTLS => {
+                let mut few = [(0, 0); FEW_TTLS];
+                few[..fields.len()].copy_from_slice(&fields);
+                Self::Few(n, few)
+            }
+            _ => Self::Many(fields.into()),
+        }
+    }
+
+    fn as_slice(&self) -> &[(u16, u32)] {
+        match self {
+            Self::Few(n, few) => &few[..usize::from(*n)],
+            Self::Many(many) => many,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Few(..) => 0,
+            Self::Many(many) => size_of_val(&**many),
+        }
+    }
 }
 
 impl Relayed {
@@ -73,9 +114,10 @@ impl Relayed {
             .collect::<Option<_>>()?;
         Some(Self {
             current: hit.current.clone(),
+            seen: hit.retired,
             stored: hit.stored,
-            expires: hit.expires,
-            ttls,
+            ttl: hit.ttl,
+            ttls: TtlFields::new(ttls),
         })
     }
 }
@@ -94,12 +136,13 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    /// Bytes it holds: the answer, and where its relayed TTLs are.
+    /// Bytes it holds beyond its own size: the answer, and where its
+    /// relayed TTLs are when there are many.
     fn footprint(&self) -> usize {
         self.bytes.len()
             + match &self.valid {
                 Valid::Index => 0,
-                Valid::Upstream(r) => size_of::<Relayed>() + size_of_val(&*r.ttls),
+                Valid::Upstream(r) => r.ttls.heap_bytes(),
             }
     }
 }
@@ -154,33 +197,42 @@ impl EncodedAnswers {
 
     /// The answer to `query` (a whole message, ID first) from `index`,
     /// written into `out` with the query's ID (and, relayed, its TTLs as
-    /// they are at `now`).
+    /// they are at `now`); `retired` is the cache of upstream answers'
+    /// [`super::cache::AnswerCache::retired`], read before this call.
     pub fn answer(
         &mut self,
         index: &Arc<DnsIndex>,
         query: &[u8],
+        retired: u64,
         now: impl FnOnce() -> Instant,
         out: &mut Vec<u8>,
     ) -> Option<&Encoded> {
         let (id, key) = split(query)?;
         self.follow(index);
-        let hit = self.entries.get(key)?;
-        let age = match &hit.valid {
+        let hit = self.entries.get_mut(key)?;
+        let age = match &mut hit.valid {
             Valid::Index => None,
             Valid::Upstream(r) => {
-                let now = now();
-                if !r.current.holds() || now >= r.expires {
+                if r.seen != retired {
+                    // Entries were retired since: was this one?
+                    if !r.current.holds() {
+                        return None;
+                    }
+                    r.seen = retired;
+                }
+                let age = now().saturating_duration_since(r.stored).as_secs();
+                let age = u32::try_from(age).unwrap_or(u32::MAX);
+                if age >= r.ttl {
                     return None;
                 }
-                Some((r, now.saturating_duration_since(r.stored).as_secs()))
+                Some(age)
             }
         };
         out.clear();
         out.extend_from_slice(&hit.bytes);
         out[..2].copy_from_slice(id);
-        if let Some((r, age)) = age {
-            let age = u32::try_from(age).unwrap_or(u32::MAX);
-            for &(at, base) in &r.ttls {
+        if let (Some(age), Valid::Upstream(r)) = (age, &hit.valid) {
+            for &(at, base) in r.ttls.as_slice() {
                 let at = usize::from(at);
                 out[at..at + 4].copy_from_slice(&base.saturating_sub(age).to_be_bytes());
             }

@@ -181,7 +181,8 @@ impl StubHandler {
         }
         let index = self.cell.current();
         let allowed = self.cfg.acl.allows(src.ip());
-        if allowed && let Some(hit) = encoded.answer(&index, bytes, &now, out) {
+        let retired = self.cache.retired();
+        if allowed && let Some(hit) = encoded.answer(&index, bytes, retired, &now, out) {
             let d = &self.metrics.dns;
             if matches!(hit.valid, Valid::Upstream(_)) {
                 d.cache_hits.inc();
@@ -220,7 +221,7 @@ impl StubHandler {
                         *out = answer;
                         return Reply::Now;
                     };
-                    (info, answer, Valid::Upstream(Box::new(relayed)), false)
+                    (info, answer, Valid::Upstream(relayed), false)
                 }
                 Decision::Drop => {
                     self.metrics.dns.dropped.inc();

@@ -1104,7 +1104,7 @@ fn an_encoded_answer_is_sent_with_the_id_of_the_query_it_answers() {
     let mut out = Vec::new();
     let now = std::time::Instant::now;
     let again = with_id(q.clone(), 0xbeef);
-    assert!(encoded.answer(&index, &again, now, &mut out).is_some());
+    assert!(encoded.answer(&index, &again, 0, now, &mut out).is_some());
     assert_eq!(&out[..2], &[0xbe, 0xef]);
     assert_eq!(&out[2..], &answer[2..]);
     // Another question (here: another case) is another key.
@@ -1112,10 +1112,10 @@ fn an_encoded_answer_is_sent_with_the_id_of_the_query_it_answers() {
         query_bytes("WEB.shop.svc.cluster.local.", RecordType::A, None),
         1,
     );
-    assert!(encoded.answer(&index, &upper, now, &mut out).is_none());
+    assert!(encoded.answer(&index, &upper, 0, now, &mut out).is_none());
     // Another index, even with the same names, starts empty.
     let other = Arc::new(cluster());
-    assert!(encoded.answer(&other, &again, now, &mut out).is_none());
+    assert!(encoded.answer(&other, &again, 0, now, &mut out).is_none());
     assert_eq!(encoded.len(), 0);
 }
 
@@ -1228,7 +1228,10 @@ fn reply_udp_bytes(
 ) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     let index = cell.current();
-    let kept = encoded.answer(&index, bytes, || now, &mut out).is_some();
+    let retired = handler.cache.retired();
+    let kept = encoded
+        .answer(&index, bytes, retired, || now, &mut out)
+        .is_some();
     let src = SocketAddr::new(ip(LOCAL), 5353);
     match handler.reply_now(encoded, bytes, src, || now, &mut out) {
         super::server::Reply::Now => (out, kept),
@@ -1321,6 +1324,7 @@ fn a_refetched_name_invalidates_its_own_encoded_answer_and_no_other() {
     let before = small.lookup(&x, t0).expect("cached");
     small.put(&y, &upstream_answer(&y, 300, 1), t0);
     assert!(!before.current.holds(), "started over");
+    assert_eq!(small.retired(), before.retired + 1);
     assert!(small.lookup(&y, t0).expect("cached").current.holds());
 }
 
@@ -1372,6 +1376,13 @@ fn reply_udp_later(
         handler.reply_now(encoded, bytes, src, || now, &mut out),
         super::server::Reply::Later(_)
     )
+}
+
+#[test]
+fn an_encoded_answer_holds_what_a_relayed_one_needs_inline_in_little_room() {
+    // A key and its entry, as the map holds them (its buckets, up to
+    // twice `ENCODED_ENTRIES` of them): the figure udp.rs's bound gives.
+    assert!(size_of::<(Box<[u8]>, super::encoded::Encoded)>() <= 112);
 }
 
 #[test]
