@@ -1,9 +1,17 @@
 //! A small cache of upstream answers, as NodeLocal DNSCache keeps one:
 //! positive answers for at most 30 s, negative ones for at most 5 s, and
 //! never longer than their own TTLs. Bounded: when full it starts over.
+//!
+//! Each entry carries a [`Current`] flag, cleared when the entry is
+//! replaced or dropped: what the UDP loop encoded from an entry
+//! (`encoded.rs`) holds the flag and is sent while it is set, so a name
+//! fetched again from the upstream invalidates its own encoded answer and
+//! no other. The cache also counts the entries it retired
+//! ([`AnswerCache::retired`]): while that count is unchanged, no flag
+//! needs reading (each one is a pointer away, a cache miss per query).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +47,53 @@ struct Entry {
     /// every hit within that second instead of copied for each.
     aged: Arc<Message>,
     aged_at: u32,
+    current: Current,
+}
+
+/// Whether one cache entry is still in the cache: set when it is put,
+/// cleared for good when it is replaced, dropped or the cache is emptied.
+#[derive(Debug, Clone)]
+pub struct Current(Arc<AtomicBool>);
+
+impl Current {
+    fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Whether the entry is still the cache's answer to its question.
+    pub fn holds(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl PartialEq for Current {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Current {}
+
+/// A cache hit: the answer as it is now, and what an encoding of it needs
+/// to stay exact (see `encoded.rs`).
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// The answer with its TTLs counted down to `age`.
+    pub answer: Arc<Message>,
+    /// Whole seconds since it was stored.
+    pub age: u32,
+    /// When it was stored: `age` counts from here.
+    pub stored: Instant,
+    /// Seconds after `stored` when it expires.
+    pub ttl: u32,
+    /// Cleared when the entry is replaced or dropped.
+    pub current: Current,
+    /// [`AnswerCache::retired`] when it was looked up.
+    pub retired: u64,
 }
 
 /// `answer` as it is `age` seconds after it was stored for `ttl` seconds.
@@ -60,9 +115,9 @@ fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
 pub struct AnswerCache {
     entries: Mutex<HashMap<Key, Entry>>,
     capacity: usize,
-    /// Counts the changes of `entries` (an answer put, the cache emptied):
-    /// what was encoded from an answer stays that answer while it is unchanged.
-    generation: AtomicU64,
+    /// Entries retired so far (their [`Current`] cleared), counted after
+    /// they are cleared, under the lock.
+    retired: AtomicU64,
 }
 
 impl AnswerCache {
@@ -71,19 +126,19 @@ impl AnswerCache {
         Self {
             entries: Mutex::new(HashMap::new()),
             capacity,
-            generation: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
         }
     }
 
     /// The cached answer to `query`, with TTLs counted down.
     pub fn get(&self, query: &Query, now: Instant) -> Option<Arc<Message>> {
-        self.get_until(query, now).map(|(answer, _)| answer)
+        self.lookup(query, now).map(|hit| hit.answer)
     }
 
-    /// The cached answer to `query`, with TTLs counted down, and until when
-    /// it stays this answer (its next second of age, or its expiry) unless
-    /// [`Self::generation`] changes first.
-    pub fn get_until(&self, query: &Query, now: Instant) -> Option<(Arc<Message>, Instant)> {
+    /// The cached answer to `query` at `now`, with TTLs counted down, and
+    /// what makes an encoding of it follow the entry: its age, when it was
+    /// stored and expires, and its [`Current`] flag.
+    pub fn lookup(&self, query: &Query, now: Instant) -> Option<Cached> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let e = entries.get_mut(&Key::of(query))?;
         let age =
@@ -95,14 +150,21 @@ impl AnswerCache {
             e.aged = Arc::new(count_down(&e.answer, e.ttl, age));
             e.aged_at = age;
         }
-        let until = e.stored + Duration::from_secs(u64::from(age) + 1);
-        Some((e.aged.clone(), until))
+        Some(Cached {
+            answer: e.aged.clone(),
+            age,
+            stored: e.stored,
+            ttl: e.ttl,
+            current: e.current.clone(),
+            retired: self.retired.load(Ordering::Acquire),
+        })
     }
 
-    /// Changes so far: read it before [`Self::get_until`]; while it stays
-    /// the same, no answer was put, replaced or dropped.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// Entries retired (replaced, dropped, emptied) so far. Read it before
+    /// a [`Current`]: if the flag is still set, it stays set at least until
+    /// this count moves on.
+    pub fn retired(&self) -> u64 {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Keeps `answer` to `query` if it is cacheable.
@@ -127,23 +189,39 @@ impl AnswerCache {
         // Replacing an answer adds none: only a new question may start over
         // (with exactly `capacity` questions asked, a second answer to one of
         // them emptied the whole cache).
+        let mut retired = 0;
         if entries.len() >= self.capacity && !entries.contains_key(&key) {
             entries.retain(|_, e| {
-                now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl))
+                let live =
+                    now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl));
+                if !live {
+                    e.current.retire();
+                    retired += 1;
+                }
+                live
             });
             if entries.len() >= self.capacity {
-                entries.clear();
+                for (_, e) in entries.drain() {
+                    e.current.retire();
+                    retired += 1;
+                }
             }
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
         let entry = Entry {
             answer: answer.clone(),
             stored: now,
             ttl,
             aged: Arc::new(count_down(answer, ttl, 0)),
             aged_at: 0,
+            current: Current::new(),
         };
-        entries.insert(key, entry);
+        if let Some(old) = entries.insert(key, entry) {
+            old.current.retire();
+            retired += 1;
+        }
+        if retired > 0 {
+            self.retired.fetch_add(retired, Ordering::AcqRel);
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::AnswerCache;
-use super::encoded::{Encoded, EncodedAnswers, Valid};
+use super::encoded::{Encoded, EncodedAnswers, Relayed, Valid};
 use super::handler::{Decision, Forward, decide};
 use super::response::Transport;
 use super::{DnsConfig, IndexCell, forward, response};
@@ -181,10 +181,10 @@ impl StubHandler {
         }
         let index = self.cell.current();
         let allowed = self.cfg.acl.allows(src.ip());
-        let generation = self.cache.generation();
-        if allowed && let Some(hit) = encoded.answer(&index, bytes, generation, &now, out) {
+        let retired = self.cache.retired();
+        if allowed && let Some(hit) = encoded.answer(&index, bytes, retired, &now, out) {
             let d = &self.metrics.dns;
-            if matches!(hit.valid, Valid::Upstream { .. }) {
+            if matches!(hit.valid, Valid::Upstream(_)) {
                 d.cache_hits.inc();
             }
             d.count_response(hit.rcode);
@@ -209,13 +209,19 @@ impl StubHandler {
                     (info, answer, Valid::Index, a.refused_source)
                 }
                 Decision::Forward(f) => {
-                    let Some((upstream, until)) = self.cache.get_until(&f.query, now()) else {
+                    let Some(hit) = self.cache.lookup(&f.query, now()) else {
                         return Reply::Later(Box::new(request));
                     };
                     self.metrics.dns.cache_hits.inc();
                     let (info, answer) =
-                        response::encode_relay(&request, &f, &upstream, Transport::Udp);
-                    (info, answer, Valid::Upstream { generation, until }, false)
+                        response::encode_relay(&request, &f, &hit.answer, Transport::Udp);
+                    let Some(relayed) = Relayed::of(&hit, &answer, usize::from(f.cname.is_some()))
+                    else {
+                        self.count(&info, false);
+                        *out = answer;
+                        return Reply::Now;
+                    };
+                    (info, answer, Valid::Upstream(relayed), false)
                 }
                 Decision::Drop => {
                     self.metrics.dns.dropped.inc();

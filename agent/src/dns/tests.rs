@@ -1192,67 +1192,175 @@ fn udp_answers_follow_the_index_in_force() {
     assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
 }
 
+/// An upstream answer to `q`: one A record of TTL `ttl` ending in `last`,
+/// an NS record in the authority section (TTL 10) and its address in the
+/// additional one (TTL 3), so TTLs of every section count down, and one
+/// reaches 0 before the answer expires.
+fn upstream_answer(q: &Query, ttl: u32, last: u8) -> Message {
+    use hickory_proto::rr::rdata::{A, NS};
+
+    let ns = Name::from_ascii("ns.example.org.").expect("name");
+    let mut answer = Message::query();
+    answer.add_query(q.clone());
+    answer.answers.push(Record::from_rdata(
+        q.name.clone(),
+        ttl,
+        RData::A(A::new(192, 0, 2, last)),
+    ));
+    answer.authorities.push(Record::from_rdata(
+        Name::from_ascii("example.org.").expect("name"),
+        10,
+        RData::NS(NS(ns.clone())),
+    ));
+    answer
+        .additionals
+        .push(Record::from_rdata(ns, 3, RData::A(A::new(192, 0, 2, 53))));
+    answer
+}
+
+/// The UDP loop's answer to `bytes` at `now` as sent: from `encoded` if it
+/// holds one (`true`), else through the whole path.
+fn reply_udp_bytes(
+    (handler, cell): (&super::server::StubHandler, &super::IndexCell),
+    encoded: &mut super::encoded::EncodedAnswers,
+    bytes: &[u8],
+    now: std::time::Instant,
+) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let index = cell.current();
+    let retired = handler.cache.retired();
+    let kept = encoded
+        .answer(&index, bytes, retired, || now, &mut out)
+        .is_some();
+    let src = SocketAddr::new(ip(LOCAL), 5353);
+    match handler.reply_now(encoded, bytes, src, || now, &mut out) {
+        super::server::Reply::Now => (out, kept),
+        _ => panic!("no answer now"),
+    }
+}
+
 #[test]
-fn relayed_answers_are_reencoded_when_their_ttls_count_down_or_the_cache_changes() {
+fn relayed_answers_count_down_in_place_as_a_fresh_encoding_would() {
     use std::time::Duration;
 
-    use hickory_proto::rr::rdata::A;
-
-    let (handler, _cell, _tx) = udp_handler(mk_state("s1", Vec::new()));
+    let (handler, cell, _tx) = udp_handler(mk_state("s1", Vec::new()));
     let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
     let q = Query::query(
         Name::from_ascii("x.example.org.").expect("name"),
         RecordType::A,
     );
-    let upstream = |last: u8| {
-        let mut answer = Message::query();
-        answer.add_query(q.clone());
-        answer.answers.push(Record::from_rdata(
-            q.name.clone(),
-            300,
-            RData::A(A::new(192, 0, 2, last)),
-        ));
-        answer
-    };
     let t0 = std::time::Instant::now();
-    handler.cache.put(&q, &upstream(1), t0);
-    let asked = query_bytes("x.example.org.", RecordType::A, None);
-    let first = reply_udp(&handler, &mut encoded, &asked, t0);
+    handler.cache.put(&q, &upstream_answer(&q, 300, 1), t0);
+    for edns in [None, Some(1232)] {
+        let asked = with_id(query_bytes("X.Example.org.", RecordType::A, edns), 7);
+        let mut step = Duration::ZERO;
+        while step < Duration::from_secs(30) {
+            let now = t0 + step;
+            // Through the encoded answers (kept after the first query), and
+            // encoded afresh with nothing kept.
+            let (sent, kept) = reply_udp_bytes((&handler, &cell), &mut encoded, &asked, now);
+            let mut none = super::encoded::EncodedAnswers::new(0, 0);
+            let (fresh, _) = reply_udp_bytes((&handler, &cell), &mut none, &asked, now);
+            assert_eq!(sent, fresh, "at {step:?}");
+            assert_eq!(kept, step > Duration::ZERO, "encoded once, at {step:?}");
+            let m = Message::from_vec(&sent).expect("decodable");
+            let age = step.as_secs() as u32;
+            assert_eq!(m.answers[0].ttl, 30 - age);
+            assert_eq!(m.authorities[0].ttl, 10u32.saturating_sub(age));
+            assert_eq!(m.additionals[0].ttl, 3u32.saturating_sub(age));
+            assert_eq!(m.queries[0].name().to_string(), "X.Example.org.");
+            assert_eq!(m.metadata.id, 7);
+            assert_eq!(m.edns.is_some(), edns.is_some());
+            step += Duration::from_millis(700);
+        }
+        assert!(
+            reply_udp_later(&handler, &mut encoded, &asked, t0 + Duration::from_secs(30)),
+            "expired: asked upstream again"
+        );
+    }
+}
+
+#[test]
+fn a_refetched_name_invalidates_its_own_encoded_answer_and_no_other() {
+    use std::time::Duration;
+
+    let (handler, cell, _tx) = udp_handler(mk_state("s1", Vec::new()));
+    let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
+    let query = |name: &str| Query::query(Name::from_ascii(name).expect("name"), RecordType::A);
+    let (x, y) = (query("x.example.org."), query("y.example.org."));
+    let t0 = std::time::Instant::now();
+    handler.cache.put(&x, &upstream_answer(&x, 300, 1), t0);
+    handler.cache.put(&y, &upstream_answer(&y, 300, 1), t0);
+    let ask_x = query_bytes("x.example.org.", RecordType::A, None);
+    let ask_y = query_bytes("y.example.org.", RecordType::A, None);
+    let t1 = t0 + Duration::from_secs(1);
+    for asked in [&ask_x, &ask_y] {
+        assert!(!reply_udp_bytes((&handler, &cell), &mut encoded, asked, t1).1);
+    }
+    // y fetched again, with another address.
+    handler.cache.put(
+        &y,
+        &upstream_answer(&y, 300, 2),
+        t0 + Duration::from_secs(2),
+    );
+    let t3 = t0 + Duration::from_secs(3);
+    let (x_now, kept) = reply_udp_bytes((&handler, &cell), &mut encoded, &ask_x, t3);
+    assert!(kept, "x's encoding is still x's answer");
     assert_eq!(
-        (rdata(&first), first.answers[0].ttl),
-        (vec!["192.0.2.1".to_owned()], 30)
+        Message::from_vec(&x_now).expect("decode").answers[0].ttl,
+        27
     );
-    let soon = reply_udp(
-        &handler,
-        &mut encoded,
-        &asked,
-        t0 + Duration::from_millis(500),
+    let (y_now, kept) = reply_udp_bytes((&handler, &cell), &mut encoded, &ask_y, t3);
+    assert!(!kept, "y's encoding was of its old answer");
+    let y_now = Message::from_vec(&y_now).expect("decode");
+    assert_eq!(
+        (rdata(&y_now), y_now.answers[0].ttl),
+        (vec!["192.0.2.2".to_owned()], 29),
+        "the cache's new answer, aged from its own fetch"
     );
-    assert_eq!(soon.answers[0].ttl, 30);
-    assert_eq!(encoded.len(), 1);
-    let later = reply_udp(
-        &handler,
-        &mut encoded,
-        &asked,
-        t0 + Duration::from_millis(1500),
+    // The cache emptied when full: nothing encoded from it is sent.
+    let small = super::cache::AnswerCache::new(1);
+    small.put(&x, &upstream_answer(&x, 300, 1), t0);
+    let before = small.lookup(&x, t0).expect("cached");
+    small.put(&y, &upstream_answer(&y, 300, 1), t0);
+    assert!(!before.current.holds(), "started over");
+    assert_eq!(small.retired(), before.retired + 1);
+    assert!(small.lookup(&y, t0).expect("cached").current.holds());
+}
+
+#[test]
+fn relayed_answers_after_our_cname_count_down_only_the_upstreams_records() {
+    let (handler, cell, _tx) = udp_handler(mk_state(
+        "s1",
+        vec![mk_external("shop", "pay", "pay.example.com")],
+    ));
+    let mut encoded = super::encoded::EncodedAnswers::new(64, 1 << 20);
+    let target = Query::query(
+        Name::from_ascii("pay.example.com.").expect("name"),
+        RecordType::A,
     );
-    assert_eq!(later.answers[0].ttl, 29, "counted down");
+    let t0 = std::time::Instant::now();
     handler
         .cache
-        .put(&q, &upstream(2), t0 + Duration::from_millis(1600));
-    let replaced = reply_udp(
-        &handler,
-        &mut encoded,
-        &asked,
-        t0 + Duration::from_millis(1700),
-    );
-    assert_eq!(rdata(&replaced), ["192.0.2.2"], "the cache's new answer");
-    assert!(reply_udp_later(
-        &handler,
-        &mut encoded,
-        &asked,
-        t0 + Duration::from_secs(40)
-    ));
+        .put(&target, &upstream_answer(&target, 20, 9), t0);
+    let asked = query_bytes("pay.shop.svc.cluster.local.", RecordType::A, None);
+    for secs in [0, 4, 12] {
+        let now = t0 + std::time::Duration::from_secs(secs);
+        let (sent, kept) = reply_udp_bytes((&handler, &cell), &mut encoded, &asked, now);
+        assert_eq!(kept, secs > 0);
+        let mut none = super::encoded::EncodedAnswers::new(0, 0);
+        assert_eq!(
+            sent,
+            reply_udp_bytes((&handler, &cell), &mut none, &asked, now).0
+        );
+        let m = Message::from_vec(&sent).expect("decode");
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(
+            ttls,
+            [5, 20 - secs as u32],
+            "our CNAME keeps the zone's TTL"
+        );
+    }
 }
 
 /// Whether the UDP loop leaves `bytes` to a task that asks the upstreams.
@@ -1268,6 +1376,13 @@ fn reply_udp_later(
         handler.reply_now(encoded, bytes, src, || now, &mut out),
         super::server::Reply::Later(_)
     )
+}
+
+#[test]
+fn an_encoded_answer_holds_what_a_relayed_one_needs_inline_in_little_room() {
+    // A key and its entry, as the map holds them (its buckets, up to
+    // twice `ENCODED_ENTRIES` of them): the figure udp.rs's bound gives.
+    assert!(size_of::<(Box<[u8]>, super::encoded::Encoded)>() <= 112);
 }
 
 #[test]

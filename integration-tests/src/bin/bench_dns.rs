@@ -7,15 +7,31 @@
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns
 //! taskset -c 0 target/release/bench_dns [--services 10000] [--seconds 5] [--load 20000]
+//!     [--classes hit,nxdomain,nodata,forwarded,uncached] [--uncached-names 400000]
+//!     [--uncached-load 10000]
 //! ```
 //!
-//! For each query class (hit, NXDOMAIN, NODATA, forwarded) and server it
-//! runs dnsperf twice: unlimited (QPS), then at a fixed offered load with
-//! per-query output (p99 latency, and server CPU per query from
-//! /proc/<pid>/stat). Forwarded names go to a second unbound (the
-//! "upstream", on CPU 1) answering `*.example.org`; the unbound under test
-//! caches them, the stub forwards every one (it has no cache).
-
+//! For each query class and server it runs dnsperf twice: unlimited (QPS),
+//! then at a fixed offered load with per-query output (p99 latency, and
+//! server CPU per query from /proc/<pid>/stat). The stub is this process
+//! (its DNS thread; the rest of the process idles while dnsperf runs).
+//! Other names go to a second unbound (the "upstream", on CPU 1) answering
+//! every `*.example.org` name from one `redirect` local-data record, TTL
+//! 60 s, so it never recurses:
+//! - `forwarded`: the same `--services` names `host-<i>.example.org`, in
+//!   the same scrambled order as the other classes, for both runs. The
+//!   unlimited run fetches each name once from the upstream; the fixed-load
+//!   run, 5 s later and within the 30 s the stub keeps an answer (unbound
+//!   keeps it 60 s), measures the servers' caches of upstream answers: no
+//!   query of it goes upstream.
+//! - `uncached`: names that are never repeated (`--uncached-names` of them
+//!   per dnsperf run, a fresh set for every run and server), so every query
+//!   is forwarded to the upstream by both servers: their whole forwarding
+//!   path, the upstream's CPU not counted. Its fixed load is
+//!   `--uncached-load`: the upstream shares CPU 1 with dnsperf, and at
+//!   20,000 QPS neither server kept up here. If a run asks more queries than
+//!   there are names, dnsperf starts the file again and the rest are cache
+//!   hits: the bench says so under the table.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -93,15 +109,30 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
     })
 }
 
+/// The text after `name` on the command line, if any.
+fn string_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
 /// Resident set size of `pid` in KiB.
 fn rss_kib(pid: &str) -> u64 {
     bench::proc_status_kib(pid, "VmRSS")
 }
 
+/// A port free for both UDP and TCP now: unbound binds both, and a port
+/// free only for UDP failed runs here ("can't bind socket: Address already
+/// in use").
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP")
 }
 
 fn unbound_conf(dir: &Path, port: u16, body: &str) -> String {
@@ -167,6 +198,8 @@ fn wait_answering(port: u16, name: &str, qtype: &str) -> anyhow::Result<()> {
 type QueryLine = Box<dyn Fn(usize) -> String>;
 
 struct Run {
+    /// Queries sent in the fixed-load run.
+    sent: f64,
     qps: f64,
     p99_us: f64,
     avg_us: f64,
@@ -225,14 +258,22 @@ fn field(text: &str, label: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow::Result<Run> {
-    let max = dnsperf(port, file, seconds, None, false)?;
+/// The unlimited run on `files.0`, the fixed-load run on `files.1`.
+fn measure(
+    pid: &str,
+    port: u16,
+    files: (&Path, &Path),
+    seconds: u64,
+    load: u64,
+) -> anyhow::Result<Run> {
+    let max = dnsperf(port, files.0, seconds, None, false)?;
     let qps = field(&max, "Queries per second:");
     let lost = field(&max, "Queries lost:") as u64;
     let cpu0 = bench::process_cpu_seconds(pid);
-    let fixed = dnsperf(port, file, seconds, Some(load), true)?;
+    let fixed = dnsperf(port, files.1, seconds, Some(load), true)?;
     let cpu = bench::process_cpu_seconds(pid) - cpu0;
     let completed = field(&fixed, "Queries completed:");
+    let sent = field(&fixed, "Queries sent:");
     let mut lat: Vec<f64> = fixed
         .lines()
         .filter(|l| l.starts_with("> "))
@@ -242,6 +283,7 @@ fn measure(pid: &str, port: u16, file: &Path, seconds: u64, load: u64) -> anyhow
     let p99 = bench::percentile(&lat, 99.0) * 1e6;
     let avg = lat.iter().sum::<f64>() / lat.len().max(1) as f64 * 1e6;
     Ok(Run {
+        sent,
         qps,
         p99_us: p99,
         avg_us: avg,
@@ -346,30 +388,43 @@ fn main() -> anyhow::Result<()> {
 
     // Query files: every service name in a scrambled order.
     let order: Vec<usize> = (0..services).map(|k| k * 7919 % services).collect();
-    let classes: [(&str, QueryLine); 4] = [
+    // (label, --classes key, query line; None: never-repeated names).
+    let classes: [(&str, &str, Option<QueryLine>); 5] = [
         (
             "hit (A)",
-            Box::new(|i| {
+            "hit",
+            Some(Box::new(|i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE} A")
-            }),
+            })),
         ),
         (
             "NXDOMAIN",
-            Box::new(|i| {
+            "nxdomain",
+            Some(Box::new(|i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE}.{n}.svc.{ZONE} A")
-            }),
+            })),
         ),
         (
             "NODATA (AAAA)",
-            Box::new(|i| {
+            "nodata",
+            Some(Box::new(|i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE} AAAA")
-            }),
+            })),
         ),
-        ("forwarded", Box::new(|i| format!("host-{i}.example.org A"))),
+        (
+            "forwarded (cached)",
+            "forwarded",
+            Some(Box::new(|i| format!("host-{i}.example.org A"))),
+        ),
+        ("forwarded, uncached", "uncached", None),
     ];
+    let wanted = string_arg("--classes");
+    let uncached_names = arg("--uncached-names", 400_000) as usize;
+    let uncached_load = arg("--uncached-load", 10_000);
+    let mut notes = Vec::new();
     println!(
         "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU; load average {}\n",
         bench::loadavg()
@@ -378,22 +433,63 @@ fn main() -> anyhow::Result<()> {
         "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
-    for (label, make) in &classes {
-        let file = dir
-            .path()
-            .join(format!("{}.txt", label.split(' ').next().unwrap_or("q")));
-        let body: String = order.iter().map(|i| make(*i) + "\n").collect();
-        std::fs::write(&file, body)?;
-        for (server, pid, port) in [
+    for (label, key, make) in &classes {
+        if wanted
+            .as_deref()
+            .is_some_and(|w| !w.split(',').any(|k| k == *key))
+        {
+            continue;
+        }
+        let same = dir.path().join(format!("{key}.txt"));
+        if let Some(make) = make {
+            let body: String = order.iter().map(|i| make(*i) + "\n").collect();
+            std::fs::write(&same, body)?;
+        }
+        for (s, (server, pid, port)) in [
             ("switchyard", me.as_str(), stub.port()),
             ("unbound 1.17", unbound_pid.as_str(), unbound_port),
-        ] {
-            let r = measure(pid, port, &file, seconds, load)?;
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (max_file, fixed_file) = if make.is_some() {
+                (same.clone(), same.clone())
+            } else {
+                let fresh = |run: &str| -> anyhow::Result<std::path::PathBuf> {
+                    let path = dir.path().join(format!("{key}-{s}-{run}.txt"));
+                    let body: String = (0..uncached_names)
+                        .map(|i| format!("u{s}{run}-{i}.example.org A\n"))
+                        .collect();
+                    std::fs::write(&path, body)?;
+                    Ok(path)
+                };
+                (fresh("m")?, fresh("f")?)
+            };
+            let fixed_load = if make.is_some() { load } else { uncached_load };
+            let r = measure(pid, port, (&max_file, &fixed_file), seconds, fixed_load)?;
             println!(
                 "| {label} | {server} | {:.0} | {} | {:.0} us | {:.0} us | {:.1} us |",
                 r.qps, r.lost, r.p99_us, r.avg_us, r.cpu_us
             );
+            if make.is_none() {
+                let unlimited = r.qps * seconds as f64;
+                if unlimited > uncached_names as f64 || r.sent > uncached_names as f64 {
+                    notes.push(format!(
+                        "{label}, {server}: more queries ({unlimited:.0} unlimited, {:.0} at fixed load) than names ({uncached_names}): some were cache hits.",
+                        r.sent
+                    ));
+                }
+            }
         }
+    }
+    if wanted
+        .as_deref()
+        .is_none_or(|w| w.split(',').any(|k| k == "uncached"))
+    {
+        println!("forwarded, uncached: p99, avg and CPU at {uncached_load} QPS.");
+    }
+    for n in &notes {
+        println!("{n}");
     }
     println!();
     println!(
