@@ -776,19 +776,15 @@ fn hello_parts(
     switchyard_proto::parts::hello_parts(&hello, held.clone())
 }
 
-/// One agent stream of the fleet: Hello (announcing `held`, if any), then
-/// an ACK for every update; `permit` is given back after the first ACK.
+/// One agent stream of the fleet on `channel`: Hello (announcing `held`, if
+/// any), then an ACK for every update; `permit` is given back after the
+/// first ACK.
 async fn agent_stream(
-    url: &str,
+    channel: tonic::transport::Channel,
     node: &str,
     held: Option<&std::collections::HashMap<String, String>>,
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
-    // One Channel from `connect()` is one HTTP/2 connection.
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect()
-        .await
-        .context("connecting")?;
     let mut client = SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(4);
     let hello = match held {
@@ -858,9 +854,15 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
             let mut permit = Some(connecting.acquire_owned().await?);
             // A stream the control plane ends (a Hello not read within its
             // 10 s on this loaded machine, say) connects again, as an agent
-            // does, so a storm still ends with every agent synced.
+            // does, so a storm still ends with every agent synced. A control
+            // plane that no longer accepts connections ends the fleet.
             loop {
-                match agent_stream(&url, &node, held.as_deref(), &mut permit).await {
+                // One Channel from `connect()` is one HTTP/2 connection.
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                    .connect()
+                    .await
+                    .context("connecting")?;
+                match agent_stream(channel, &node, held.as_deref(), &mut permit).await {
                     Ok(()) => return anyhow::Ok(()),
                     Err(e) => {
                         eprintln!("client fleet: {node} reconnects: {e:#}");
