@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use crate::v1::{self, agent_message};
 
 /// Names and versions announced per Hello part (protocol rule 9).
-pub const HELLO_PART_BYTES: usize = crate::codec::PART_BYTES;
+pub const HELLO_PART_BYTES: usize = crate::codec::HELLO_PART_BYTES;
 
 /// Sends `hello` with `announced`, in parts, on `tx` from a task of its
 /// own: the control plane answers the call only once it has read the whole

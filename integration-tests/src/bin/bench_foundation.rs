@@ -339,6 +339,26 @@ fn rss_kib() -> u64 {
     proc_status_kib("self", "VmRSS")
 }
 
+/// User plus system CPU time of process `pid` (or `self`) so far, in
+/// seconds (`/proc/PID/stat` fields 14 and 15, in clock ticks of 1/100 s on
+/// Linux); NaN when it cannot be read.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // `rest` starts at field 3 (state), so utime (14) and stime (15) are 11 and 12.
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 /// The value of one line of a Prometheus text exposition (NaN if absent).
 fn metric(text: &str, name: &str) -> f64 {
     metric_value(text, name).unwrap_or(f64::NAN)
@@ -379,6 +399,9 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         .kill_on_drop(true)
         .spawn()
         .context("spawning the client fleet")?;
+    let fleet_pid = fleet.id().map(|p| p.to_string()).unwrap_or_default();
+    let (cpu_cp, cpu_fleet) = (cpu_seconds("self"), cpu_seconds(&fleet_pid));
+    let load_sync = loadavg();
     let t = Instant::now();
     let n = streams as u64;
     until(&cp, "every stream to ACK the full state", || {
@@ -393,6 +416,8 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         )
     })?;
     let initial_all_acked = t.elapsed();
+    let sync_cpu_cp = cpu_seconds("self") - cpu_cp;
+    let sync_cpu_fleet = cpu_seconds(&fleet_pid) - cpu_fleet;
     let rss_acked = rss_kib();
     if std::env::var_os("BENCH_ABORT_WHEN_SYNCED").is_some() {
         // For a heap profile of the steady state: under heaptrack, what is
@@ -430,6 +455,18 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     }
     let rss_changes = rss_kib();
     let metrics_after = cp.metrics.encode();
+    // What was measured so far, in case the storm does not finish.
+    eprintln!(
+        "fan-out {streams} before the storm: {}",
+        serde_json::json!({
+            "initial_all_acked_ms": ms(initial_all_acked),
+            "sync_cpu_control_plane_s": sync_cpu_cp,
+            "sync_cpu_fleet_s": sync_cpu_fleet,
+            "per_agent_after_sync_kib": (rss_acked as f64 - rss_snapshot as f64) / streams as f64,
+            "latencies_ms": latencies,
+            "load": loadavg(),
+        })
+    );
 
     // 5. A reconnect storm: the fleet goes away, and N agents that each hold
     // the whole state connect at once announcing every version they hold.
@@ -510,6 +547,10 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "first_snapshot_ms": ms(first_snapshot),
         "first_build_ms": first_build * 1e3,
         "initial_all_acked_ms": ms(initial_all_acked),
+        "sync_cpu_control_plane_s": sync_cpu_cp,
+        "sync_cpu_fleet_s": sync_cpu_fleet,
+        "load_at_sync": load_sync,
+        "load_at_end": loadavg(),
         "full_pushes": full_pushes,
         "latencies_ms": latencies,
         "to_snapshot_ms": to_snapshot,
@@ -683,7 +724,9 @@ async fn bare(changes: usize, streams: usize) -> anyhow::Result<serde_json::Valu
     fleet.kill().await.ok();
     shutdown.cancel();
     serve.await??;
-    Ok(serde_json::json!({ "streams": streams, "latencies_ms": latencies }))
+    Ok(
+        serde_json::json!({ "streams": streams, "latencies_ms": latencies, "load_at_end": loadavg() }),
+    )
 }
 
 // ---------------------------------------------------------------- client fleet
@@ -719,38 +762,69 @@ async fn learn_state(url: &str) -> anyhow::Result<std::collections::HashMap<Stri
     Ok(held)
 }
 
-/// `held` as Hello parts of about 16 KiB of names (protocol rule 8).
+/// `held` as the Hello parts a real agent sends (`switchyard_proto::parts`,
+/// protocol rule 9), so the control plane decodes what it would in a fleet.
 fn hello_parts(
     node: &str,
     held: &std::collections::HashMap<String, String>,
 ) -> Vec<v1::AgentMessage> {
-    let mut parts = vec![std::collections::HashMap::new()];
-    let mut bytes = 0;
-    for (n, v) in held {
-        if bytes + n.len() + v.len() > 16 * 1024 {
-            parts.push(std::collections::HashMap::new());
-            bytes = 0;
-        }
-        bytes += n.len() + v.len() + 4;
-        parts
-            .last_mut()
-            .expect("a part")
-            .insert(n.clone(), v.clone());
-    }
-    let last = parts.len() - 1;
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, versions)| v1::AgentMessage {
+    let hello = v1::Hello {
+        node_name: node.to_owned(),
+        cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
+        ..v1::Hello::default()
+    };
+    switchyard_proto::parts::hello_parts(&hello, held.clone())
+}
+
+/// One agent stream of the fleet on `channel`: Hello (announcing `held`, if
+/// any), then an ACK for every update; `permit` is given back after the
+/// first ACK.
+async fn agent_stream(
+    channel: tonic::transport::Channel,
+    node: &str,
+    held: Option<&std::collections::HashMap<String, String>>,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> anyhow::Result<()> {
+    let mut client = SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(4);
+    let hello = match held {
+        Some(held) => hello_parts(node, held),
+        None => vec![v1::AgentMessage {
             kind: Some(agent_message::Kind::Hello(v1::Hello {
                 node_name: node.to_owned(),
                 cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
-                initial_resource_versions: versions,
-                continued: i < last,
                 ..v1::Hello::default()
             })),
+        }],
+    };
+    let feeder = tx.clone();
+    tokio::spawn(async move {
+        for part in hello {
+            if feeder.send(part).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut updates = client
+        .stream_snapshots(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(u) = updates.message().await? {
+        // A large update comes in parts with one nonce (protocol rule 7);
+        // it is answered once, after its last part.
+        if u.continued {
+            continue;
+        }
+        tx.send(v1::AgentMessage {
+            kind: Some(agent_message::Kind::Ack(v1::Ack {
+                nonce: u.nonce,
+                snapshot_version: u.snapshot_version,
+            })),
         })
-        .collect()
+        .await?;
+        permit.take();
+    }
+    Ok(())
 }
 
 async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()> {
@@ -776,54 +850,26 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
         let connecting = connecting.clone();
         let held = held.clone();
         set.spawn(async move {
-            let mut permit = Some(connecting.acquire_owned().await?);
-            // One Channel from `connect()` is one HTTP/2 connection.
-            let channel = tonic::transport::Endpoint::from_shared(url)?
-                .connect()
-                .await
-                .context("connecting")?;
-            let mut client =
-                SnapshotDiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
-            let (tx, rx) = mpsc::channel(4);
             let node = format!("bench-node-{i:05}");
-            let hello = match &held {
-                Some(held) => hello_parts(&node, held),
-                None => vec![v1::AgentMessage {
-                    kind: Some(agent_message::Kind::Hello(v1::Hello {
-                        node_name: node,
-                        cluster_id: switchyard_model::DEFAULT_CLUSTER.into(),
-                        ..v1::Hello::default()
-                    })),
-                }],
-            };
-            let feeder = tx.clone();
-            tokio::spawn(async move {
-                for part in hello {
-                    if feeder.send(part).await.is_err() {
-                        return;
+            let mut permit = Some(connecting.acquire_owned().await?);
+            // A stream the control plane ends (a Hello not read within its
+            // 10 s on this loaded machine, say) connects again, as an agent
+            // does, so a storm still ends with every agent synced. A control
+            // plane that no longer accepts connections ends the fleet.
+            loop {
+                // One Channel from `connect()` is one HTTP/2 connection.
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                    .connect()
+                    .await
+                    .context("connecting")?;
+                match agent_stream(channel, &node, held.as_deref(), &mut permit).await {
+                    Ok(()) => return anyhow::Ok(()),
+                    Err(e) => {
+                        eprintln!("client fleet: {node} reconnects: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
-            });
-            let mut updates = client
-                .stream_snapshots(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            while let Some(u) = updates.message().await? {
-                // A large update comes in parts with one nonce (protocol
-                // rule 7); it is answered once, after its last part.
-                if u.continued {
-                    continue;
-                }
-                tx.send(v1::AgentMessage {
-                    kind: Some(agent_message::Kind::Ack(v1::Ack {
-                        nonce: u.nonce,
-                        snapshot_version: u.snapshot_version,
-                    })),
-                })
-                .await?;
-                permit.take();
             }
-            anyhow::Ok(())
         });
     }
     while let Some(r) = set.join_next().await {
