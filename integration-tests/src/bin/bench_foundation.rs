@@ -566,8 +566,18 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
 
 // ---------------------------------------------------------------- index alone
 
-fn index_only(cli: &Cli) -> anyhow::Result<serde_json::Value> {
-    let mut state = source_state(cli.services, cli.endpoints);
+/// `Index::build` alone on the bench's objects: the first build, then
+/// `changes` builds after one endpoint change each.
+struct IndexTimes {
+    first_ms: f64,
+    resources: usize,
+    /// Sorted.
+    rebuilds_ms: Vec<f64>,
+    patched: usize,
+}
+
+fn time_index(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<IndexTimes> {
+    let mut state = source_state(services, endpoints);
     let mut index = Index::new(&IndexConfig::in_memory("10.96.0.0/12".parse()?));
     fn input(state: &SourceState) -> Input<'_> {
         Input {
@@ -578,26 +588,37 @@ fn index_only(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     }
     let t = Instant::now();
     let inputs = [input(&state)];
-    index.build(&inputs, &Serving::all(&inputs), 0);
-    let first = ms(t.elapsed());
-    let mut rebuilds = Vec::with_capacity(cli.changes);
+    let first = index.build(&inputs, &Serving::all(&inputs), 0);
+    let first_ms = ms(t.elapsed());
+    let resources = first.snapshot.map_or(0, |s| s.resources.len());
+    let mut rebuilds_ms = Vec::with_capacity(changes);
     let mut patched = 0;
-    for c in 0..cli.changes {
+    for c in 0..changes {
         mutate(&mut state, c);
         let t = Instant::now();
         let inputs = [input(&state)];
         let b = index.build(&inputs, &Serving::all(&inputs), 0);
-        rebuilds.push(ms(t.elapsed()));
+        rebuilds_ms.push(ms(t.elapsed()));
         anyhow::ensure!(b.snapshot.is_some(), "a change must make a snapshot");
         patched += usize::from(b.patched);
     }
-    rebuilds.sort_by(f64::total_cmp);
+    rebuilds_ms.sort_by(f64::total_cmp);
+    Ok(IndexTimes {
+        first_ms,
+        resources,
+        rebuilds_ms,
+        patched,
+    })
+}
+
+fn index_only(cli: &Cli) -> anyhow::Result<serde_json::Value> {
+    let t = time_index(cli.services, cli.endpoints, cli.changes)?;
     Ok(serde_json::json!({
         "services": cli.services,
-        "first_build_ms": first,
-        "rebuild_p50_ms": percentile(&rebuilds, 50.0),
-        "rebuild_p99_ms": percentile(&rebuilds, 99.0),
-        "patched": patched,
+        "first_build_ms": t.first_ms,
+        "rebuild_p50_ms": percentile(&t.rebuilds_ms, 50.0),
+        "rebuild_p99_ms": percentile(&t.rebuilds_ms, 99.0),
+        "patched": t.patched,
         "changes": cli.changes,
     }))
 }
@@ -938,37 +959,13 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     let load_at_start = loadavg();
 
     // 0. Index::build alone on the same objects, first build and one change.
-    let mut state = source_state(s, e);
-    let mut index = Index::new(&IndexConfig::in_memory("10.96.0.0/12".parse()?));
-    fn input(state: &SourceState) -> Input<'_> {
-        Input {
-            name: "bench",
-            cluster: switchyard_model::DEFAULT_CLUSTER,
-            state,
-        }
-    }
-    let t = Instant::now();
-    let inputs = [input(&state)];
-    let first = index.build(&inputs, &Serving::all(&inputs), 0);
-    let index_first = t.elapsed();
-    let mut rebuilds = Vec::new();
-    for c in 0..10 {
-        mutate(&mut state, c);
-        let t = Instant::now();
-        let inputs = [input(&state)];
-        let b = index.build(&inputs, &Serving::all(&inputs), 0);
-        rebuilds.push(ms(t.elapsed()));
-        anyhow::ensure!(b.snapshot.is_some(), "a change must make a snapshot");
-    }
-    rebuilds.sort_by(f64::total_cmp);
-    let built = first.snapshot.map_or(0, |s| s.resources.len());
+    let index = time_index(s, e, 10)?;
     eprintln!(
-        "index: first build {:.0} ms ({built} resources), rebuild after one change p50 {:.1} ms",
-        ms(index_first),
-        percentile(&rebuilds, 50.0),
+        "index: first build {:.0} ms ({} resources), rebuild after one change p50 {:.1} ms",
+        index.first_ms,
+        index.resources,
+        percentile(&index.rebuilds_ms, 50.0),
     );
-    drop(index);
-    drop(state);
 
     // 1. Snapshot from files.
     let yaml = tempfile::tempdir()?;
@@ -1020,8 +1017,8 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
         "Index::build alone on the same objects: first build / rebuild after one endpoint change (p50 of 10)",
         format!(
             "{:.0} ms / {:.1} ms",
-            ms(index_first),
-            percentile(&rebuilds, 50.0),
+            index.first_ms,
+            percentile(&index.rebuilds_ms, 50.0),
         ),
         "-",
         "-",
