@@ -1061,6 +1061,20 @@ fn udp_handler(
     )
 }
 
+/// What the UDP loop does with `bytes` from a local pod at `now`, and the
+/// bytes it would send at once.
+fn reply_udp_raw(
+    handler: &super::server::StubHandler,
+    encoded: &mut super::encoded::EncodedAnswers,
+    bytes: &[u8],
+    now: std::time::Instant,
+) -> (super::server::Reply, Vec<u8>) {
+    let mut out = Vec::new();
+    let src = SocketAddr::new(ip(LOCAL), 5353);
+    let reply = handler.reply_now(encoded, bytes, src, || now, &mut out);
+    (reply, out)
+}
+
 /// `bytes` as the UDP loop answers them at `now`, decoded.
 fn reply_udp(
     handler: &super::server::StubHandler,
@@ -1068,12 +1082,10 @@ fn reply_udp(
     bytes: &[u8],
     now: std::time::Instant,
 ) -> Message {
-    let mut out = Vec::new();
-    let src = SocketAddr::new(ip(LOCAL), 5353);
-    match handler.reply_now(encoded, bytes, src, || now, &mut out) {
-        super::server::Reply::Now => Message::from_vec(&out).expect("decodable answer"),
-        super::server::Reply::Later(_) => panic!("waits for an upstream"),
-        super::server::Reply::Nothing => panic!("no answer"),
+    match reply_udp_raw(handler, encoded, bytes, now) {
+        (super::server::Reply::Now, out) => Message::from_vec(&out).expect("decodable answer"),
+        (super::server::Reply::Later(_), _) => panic!("waits for an upstream"),
+        (super::server::Reply::Nothing, _) => panic!("no answer"),
     }
 }
 
@@ -1232,9 +1244,8 @@ fn reply_udp_bytes(
     let kept = encoded
         .answer(&index, bytes, retired, || now, &mut out)
         .is_some();
-    let src = SocketAddr::new(ip(LOCAL), 5353);
-    match handler.reply_now(encoded, bytes, src, || now, &mut out) {
-        super::server::Reply::Now => (out, kept),
+    match reply_udp_raw(handler, encoded, bytes, now) {
+        (super::server::Reply::Now, out) => (out, kept),
         _ => panic!("no answer now"),
     }
 }
@@ -1370,10 +1381,8 @@ fn reply_udp_later(
     bytes: &[u8],
     now: std::time::Instant,
 ) -> bool {
-    let mut out = Vec::new();
-    let src = SocketAddr::new(ip(LOCAL), 5353);
     matches!(
-        handler.reply_now(encoded, bytes, src, || now, &mut out),
+        reply_udp_raw(handler, encoded, bytes, now).0,
         super::server::Reply::Later(_)
     )
 }
