@@ -377,10 +377,17 @@ async fn corrupt_state_is_discarded_and_resynced() {
     let why = doc.discarded_state.expect("discard reported");
     assert!(why.contains("checksum mismatch"), "{why}");
     agent_at_version(&agent, &v1).await;
-    assert_eq!(
-        agent.status.document().origin,
-        switchyard_agent::status::Origin::ControlPlane
-    );
+    // The state is published before the status says where it came from:
+    // wait for the status, which changes with its generation.
+    let mut status = agent.status.subscribe();
+    within(
+        "the status to say the state came from the control plane",
+        status.wait_for(|_| {
+            agent.status.document().origin == switchyard_agent::status::Origin::ControlPlane
+        }),
+    )
+    .await
+    .expect("status channel open");
     agent.shutdown().await;
 
     // Garbage where sled's files are: moved aside, full resync, no crash.
