@@ -283,11 +283,17 @@ pub fn ten_endpoint_service(i: usize, generation: u32) -> ServiceState {
 /// CPU time (user + system) of process `pid` so far, in seconds, from
 /// `/proc/PID/stat` (clock ticks of 1/100 s); `pid` may be `self`.
 pub fn process_cpu_seconds(pid: &str) -> f64 {
+    let (user, system) = process_cpu_split(pid);
+    user + system
+}
+
+/// [`process_cpu_seconds`] as user and system time.
+pub fn process_cpu_split(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command, which may hold spaces and parentheses.
     let after = stat.rsplit(')').next().unwrap_or_default();
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime: fields 14 and 15 of stat, 11 and 12 after the command.
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }

@@ -8,12 +8,15 @@
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns
 //! taskset -c 0 target/release/bench_dns [--services 10000] [--seconds 5] [--load 20000]
 //!     [--classes hit,nxdomain,nodata,forwarded,uncached] [--uncached-names 400000]
-//!     [--uncached-load 10000]
+//!     [--uncached-load 10000] [--repeat 1]
 //! ```
 //!
 //! For each query class and server it runs dnsperf twice: unlimited (QPS),
 //! then at a fixed offered load with per-query output (p99 latency, and
-//! server CPU per query from /proc/<pid>/stat). The stub is this process
+//! server CPU per query from /proc/<pid>/stat). With `--repeat N` the
+//! fixed-load run is made N times per server, alternating between the two
+//! servers, and the table gives each server's median with the range: on
+//! this noisy machine one pair of runs cannot tell a few per cent apart. The stub is this process
 //! (its DNS thread; the rest of the process idles while dnsperf runs).
 //! Other names go to a second unbound (the "upstream", on CPU 1) answering
 //! every `*.example.org` name from one `redirect` local-data record, TTL
@@ -204,6 +207,8 @@ struct Run {
     p99_us: f64,
     avg_us: f64,
     cpu_us: f64,
+    /// The share of `cpu_us` spent in the kernel.
+    system: f64,
     lost: u64,
 }
 
@@ -258,20 +263,29 @@ fn field(text: &str, label: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The unlimited run on `files.0`, the fixed-load run on `files.1`.
-fn measure(
+/// The unlimited run on `file`: queries per second and queries lost.
+fn unlimited(port: u16, file: &Path, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    let max = dnsperf(port, file, seconds, None, false)?;
+    Ok((
+        field(&max, "Queries per second:"),
+        field(&max, "Queries lost:") as u64,
+    ))
+}
+
+/// The fixed-load run on `file`, with the unlimited run's figures.
+fn fixed(
     pid: &str,
     port: u16,
-    files: (&Path, &Path),
+    file: &Path,
     seconds: u64,
     load: u64,
+    (qps, lost): (f64, u64),
 ) -> anyhow::Result<Run> {
-    let max = dnsperf(port, files.0, seconds, None, false)?;
-    let qps = field(&max, "Queries per second:");
-    let lost = field(&max, "Queries lost:") as u64;
-    let cpu0 = bench::process_cpu_seconds(pid);
-    let fixed = dnsperf(port, files.1, seconds, Some(load), true)?;
-    let cpu = bench::process_cpu_seconds(pid) - cpu0;
+    let (user0, system0) = bench::process_cpu_split(pid);
+    let fixed = dnsperf(port, file, seconds, Some(load), true)?;
+    let (user1, system1) = bench::process_cpu_split(pid);
+    let (user, system) = (user1 - user0, system1 - system0);
+    let cpu = user + system;
     let completed = field(&fixed, "Queries completed:");
     let sent = field(&fixed, "Queries sent:");
     let mut lat: Vec<f64> = fixed
@@ -292,6 +306,7 @@ fn measure(
         } else {
             0.0
         },
+        system: if cpu > 0.0 { system / cpu } else { 0.0 },
         lost,
     })
 }
@@ -424,15 +439,16 @@ fn main() -> anyhow::Result<()> {
     let wanted = string_arg("--classes");
     let uncached_names = arg("--uncached-names", 400_000) as usize;
     let uncached_load = arg("--uncached-load", 10_000);
+    let repeat = arg("--repeat", 1).max(1) as usize;
     let mut notes = Vec::new();
     println!(
         "DNS stub benchmark: {services} services x {endpoints} endpoints; servers on CPU 0, dnsperf (and the upstream) on CPU 1; {seconds} s per run; fixed load {load} QPS for latency and CPU; load average {}\n",
         bench::loadavg()
     );
     println!(
-        "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query |"
+        "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query | of it in the kernel |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (label, key, make) in &classes {
         if wanted
             .as_deref()
@@ -445,42 +461,74 @@ fn main() -> anyhow::Result<()> {
             let body: String = order.iter().map(|i| make(*i) + "\n").collect();
             std::fs::write(&same, body)?;
         }
-        for (s, (server, pid, port)) in [
+        let servers = [
             ("switchyard", me.as_str(), stub.port()),
             ("unbound 1.17", unbound_pid.as_str(), unbound_port),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (max_file, fixed_file) = if make.is_some() {
-                (same.clone(), same.clone())
-            } else {
-                let fresh = |run: &str| -> anyhow::Result<std::path::PathBuf> {
-                    let path = dir.path().join(format!("{key}-{s}-{run}.txt"));
-                    let body: String = (0..uncached_names)
-                        .map(|i| format!("u{s}{run}-{i}.example.org A\n"))
-                        .collect();
-                    std::fs::write(&path, body)?;
-                    Ok(path)
+        ];
+        let mut runs: [Vec<Run>; 2] = Default::default();
+        // Each repetition is an unlimited and a fixed-load run per server,
+        // the servers in turn (the unlimited run also fills the caches of
+        // upstream answers again for the forwarded class).
+        for rep in 0..repeat {
+            for (s, (server, pid, port)) in servers.into_iter().enumerate() {
+                let (max_file, fixed_file) = if make.is_some() {
+                    (same.clone(), same.clone())
+                } else {
+                    let fresh = |run: &str| -> anyhow::Result<std::path::PathBuf> {
+                        let path = dir.path().join(format!("{key}-{s}-{run}{rep}.txt"));
+                        let body: String = (0..uncached_names)
+                            .map(|i| format!("u{s}{run}{rep}-{i}.example.org A\n"))
+                            .collect();
+                        std::fs::write(&path, body)?;
+                        Ok(path)
+                    };
+                    (fresh("m")?, fresh("f")?)
                 };
-                (fresh("m")?, fresh("f")?)
-            };
-            let fixed_load = if make.is_some() { load } else { uncached_load };
-            let r = measure(pid, port, (&max_file, &fixed_file), seconds, fixed_load)?;
-            println!(
-                "| {label} | {server} | {:.0} | {} | {:.0} us | {:.0} us | {:.1} us |",
-                r.qps, r.lost, r.p99_us, r.avg_us, r.cpu_us
-            );
-            if make.is_none() {
-                let unlimited = r.qps * seconds as f64;
-                if unlimited > uncached_names as f64 || r.sent > uncached_names as f64 {
-                    notes.push(format!(
-                        "{label}, {server}: more queries ({unlimited:.0} unlimited, {:.0} at fixed load) than names ({uncached_names}): some were cache hits.",
-                        r.sent
-                    ));
+                let fixed_load = if make.is_some() { load } else { uncached_load };
+                let max = unlimited(port, &max_file, seconds)?;
+                let r = fixed(pid, port, &fixed_file, seconds, fixed_load, max)?;
+                if make.is_none() {
+                    let unlimited = r.qps * seconds as f64;
+                    if unlimited > uncached_names as f64 || r.sent > uncached_names as f64 {
+                        notes.push(format!(
+                            "{label}, {server}: more queries ({unlimited:.0} unlimited, {:.0} at fixed load) than names ({uncached_names}): some were cache hits.",
+                            r.sent
+                        ));
+                    }
                 }
+                runs[s].push(r);
             }
         }
+        for ((server, _, _), runs) in servers.iter().zip(&runs) {
+            let cell = |get: fn(&Run) -> f64, unit: &str, digits: usize| {
+                let mut v: Vec<f64> = runs.iter().map(get).collect();
+                v.sort_by(f64::total_cmp);
+                let median = bench::percentile(&v, 50.0);
+                if v.len() == 1 {
+                    format!("{median:.digits$}{unit}")
+                } else {
+                    format!(
+                        "{median:.digits$}{unit} ({:.digits$}-{:.digits$})",
+                        v[0],
+                        v[v.len() - 1]
+                    )
+                }
+            };
+            println!(
+                "| {label} | {server} | {} | {} | {} | {} | {} | {} |",
+                cell(|r| r.qps, "", 0),
+                cell(|r| r.lost as f64, "", 0),
+                cell(|r| r.p99_us, " us", 0),
+                cell(|r| r.avg_us, " us", 0),
+                cell(|r| r.cpu_us, " us", 1),
+                cell(|r| r.system * 100.0, "%", 0),
+            );
+        }
+    }
+    if repeat > 1 {
+        println!(
+            "Each cell: the median of {repeat} runs per server, the servers in turn, and the range."
+        );
     }
     if wanted
         .as_deref()
