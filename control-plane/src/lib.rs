@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod heap;
 pub mod index;
 pub mod ipam;
 pub mod k8s;
@@ -252,6 +253,8 @@ pub async fn start_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
+    let churn = Arc::new(heap::Churn::default());
+    tasks.spawn(heap::run(churn.clone(), metrics.clone(), shutdown.clone()));
     let service = SnapshotService::new(
         snapshot_rx.clone(),
         status.clone(),
@@ -262,6 +265,7 @@ pub async fn start_with(
             max_streams: args.max_agent_streams,
             ack_timeout: args.ack_timeout,
         },
+        churn,
         shutdown.clone(),
     );
     // gRPC health follows readiness: NOT_SERVING until every source synced.

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub connections_refused: Family<Vec<(String, String)>, Counter>,
     /// TLS handshakes that failed, by cause.
     pub tls_handshake_failures: Family<Vec<(String, String)>, Counter>,
+    /// Heap trims after bursts of agent streams (`heap.rs`).
+    pub heap_trims: Counter,
+    /// Time one heap trim took.
+    pub heap_trim_seconds: Histogram,
     registry: Registry,
 }
 
@@ -66,6 +70,8 @@ impl Metrics {
             streams_refused: Family::default(),
             connections_refused: Family::default(),
             tls_handshake_failures: Family::default(),
+            heap_trims: Counter::default(),
+            heap_trim_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +135,16 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed (reason: clear_text, no_client_certificate, unknown_ca, bad_client_certificate, client_refused_server_certificate, timeout, other)",
             m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "heap_trims",
+            "Times the freed heap was given back to the kernel after a burst of agent streams",
+            m.heap_trims.clone(),
+        );
+        registry.register(
+            "heap_trim_seconds",
+            "Time one heap trim took",
+            m.heap_trim_seconds.clone(),
         );
         Self { registry, ..m }
     }

@@ -29,8 +29,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::heap::Churn;
 use crate::metrics::Metrics;
-use crate::snapshot::{Delta, Snapshot, View};
+use crate::snapshot::{Announcement, Delta, Snapshot, View};
 use crate::source::SourceState;
 use crate::status::{Status as CpStatus, StreamHandle};
 
@@ -49,7 +50,7 @@ pub const MAX_PART_BYTES: usize = switchyard_proto::codec::PART_BYTES;
 const RESOURCE_FRAMING: usize = 4;
 
 /// The largest message an agent may send (protocol rule 10). Hellos come in
-/// parts of `HELLO_PART_BYTES` of names, ACKs and NACKs are small; the
+/// parts of at most `HELLO_PART_BYTES`, ACKs and NACKs are small; the
 /// decoder keeps a buffer as large as the largest message for the life of
 /// the stream, so this is also what one stream can be made to hold.
 pub const MAX_AGENT_MESSAGE_BYTES: usize = 1 << 20;
@@ -128,6 +129,8 @@ pub struct SnapshotService {
     limits: StreamLimits,
     streams: Arc<Semaphore>,
     hellos: Arc<Semaphore>,
+    /// Stream events after which the heap is trimmed.
+    churn: Arc<Churn>,
     shutdown: CancellationToken,
 }
 
@@ -140,6 +143,7 @@ impl SnapshotService {
         identity: Option<ClientIdentity>,
         served: Served,
         limits: StreamLimits,
+        churn: Arc<Churn>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -151,6 +155,7 @@ impl SnapshotService {
             streams: Arc::new(Semaphore::new(limits.max_streams)),
             hellos: Arc::new(Semaphore::new(HELLOS_AT_ONCE)),
             limits,
+            churn,
             shutdown,
         }
     }
@@ -185,13 +190,17 @@ impl SnapshotService {
 }
 
 /// Reads the Hello, possibly in parts (protocol rule 9), within the bounds
-/// of rule 10. The announced versions are checked against `limit` as they
-/// come, so an announcement of millions of names is cut off at the limit.
+/// of rule 10. The announced versions are taken in against `snapshot` part
+/// by part (the Hello returned holds none of them) and counted against
+/// `limit` as they come, so an announcement of millions of names is cut
+/// off at the limit.
 async fn read_hello(
     inbound: &mut Streaming<v1::AgentMessage>,
+    snapshot: &Snapshot,
     limit: usize,
-) -> Result<v1::Hello, Status> {
+) -> Result<(v1::Hello, Announcement), Status> {
     let mut hello: Option<v1::Hello> = None;
+    let mut announced = Announcement::default();
     loop {
         let msg = inbound.message().await.map_err(|s| {
             if s.code() == Code::OutOfRange {
@@ -228,20 +237,22 @@ async fn read_hello(
             }
         }
         let continued = part.continued;
+        let mut part = part;
+        let versions = std::mem::take(&mut part.initial_resource_versions);
         let whole = match hello.take() {
             None => part,
-            Some(mut acc) => {
+            Some(acc) => {
                 if acc.node_name != part.node_name || acc.cluster_id != part.cluster_id {
                     return Err(Status::invalid_argument(
                         "Hello parts disagree on node_name or cluster_id",
                     ));
                 }
-                acc.initial_resource_versions
-                    .extend(part.initial_resource_versions);
                 acc
             }
         };
-        if whole.initial_resource_versions.len() > limit {
+        snapshot.take_in(&mut announced, &versions);
+        drop(versions);
+        if announced.entries() > limit {
             return Err(Status::resource_exhausted(format!(
                 "Hello.initial_resource_versions announces more than {limit} resources (four times \
                  the cluster's view, at least {ANNOUNCED_FLOOR}): reconnect announcing nothing for \
@@ -249,7 +260,7 @@ async fn read_hello(
             )));
         }
         if !continued {
-            return Ok(whole);
+            return Ok((whole, announced));
         }
         hello = Some(whole);
     }
@@ -331,7 +342,7 @@ impl SnapshotDiscovery for SnapshotService {
                 .expect("waited for Some"),
             _ = self.shutdown.cancelled() => return Err(Status::unavailable("control plane shutting down")),
         };
-        let hello = {
+        let (hello, announced) = {
             let _turn = self
                 .hellos
                 .acquire()
@@ -347,17 +358,18 @@ impl SnapshotDiscovery for SnapshotService {
                 .max()
                 .unwrap_or(0);
             let limit = (ANNOUNCED_PER_VIEWED * largest).max(ANNOUNCED_FLOOR);
-            let hello = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut inbound, limit))
-                .await
-                .map_err(|_| {
-                    self.refuse(
-                        "hello",
-                        Status::deadline_exceeded("no complete Hello within 10 s"),
-                    )
-                })?
-                .map_err(|s| self.refuse("hello", s))?;
+            let (hello, announced) =
+                tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut inbound, &snapshot, limit))
+                    .await
+                    .map_err(|_| {
+                        self.refuse(
+                            "hello",
+                            Status::deadline_exceeded("no complete Hello within 10 s"),
+                        )
+                    })?
+                    .map_err(|s| self.refuse("hello", s))?;
             check_hello_fields(&hello).map_err(|s| self.refuse("hello", s))?;
-            hello
+            (hello, announced)
         };
         if let Some(cert) = &cert
             && cert.node != hello.node_name
@@ -452,7 +464,7 @@ impl SnapshotDiscovery for SnapshotService {
                 .refused(&hello.node_name, &cluster, &hello.zone, &why);
             return Err(self.refuse("identity", Status::permission_denied(why)));
         }
-        let held = hello.initial_resource_versions.len();
+        let held = announced.entries();
         let viewed = snapshot.view_len(&view);
         let limit = (ANNOUNCED_PER_VIEWED * viewed).max(ANNOUNCED_FLOOR);
         if held > limit {
@@ -466,11 +478,13 @@ impl SnapshotDiscovery for SnapshotService {
             ));
         }
         // The announcement becomes a difference now and is dropped.
-        let pending =
-            Arc::new(snapshot.delta_from_versions(&hello.initial_resource_versions, &view));
+        let pending = Arc::new(snapshot.delta_from_announcement(&announced, &view));
+        drop(announced);
         let node = hello.node_name;
         let handle = self.status.connected(&node, &cluster, &hello.zone);
         self.metrics.agents_connected.inc();
+        // The Hello is freed.
+        self.churn.note();
         tracing::info!(%node, %cluster, held, "agent connected");
 
         let (tx, rx) = mpsc::channel::<Outgoing>(2);
@@ -493,6 +507,7 @@ impl SnapshotDiscovery for SnapshotService {
             }
             this.status.disconnected(&handle);
             this.metrics.agents_connected.dec();
+            this.churn.note();
         });
         let unbox: fn(Outgoing) -> Sent = |m| *m;
         Ok(Response::new(futures::StreamExt::map(
@@ -742,6 +757,10 @@ impl AgentStream {
                 svc.metrics.acks.inc();
                 svc.status.acked(&self.handle, &snapshot.version);
                 self.parked_on = None;
+                if matches!(self.baseline, Baseline::Announced { .. }) {
+                    // The first update (often the whole view) is done with.
+                    svc.churn.note();
+                }
                 self.baseline = Baseline::Acked(snapshot);
             }
             Some(agent_message::Kind::Nack(nack)) => {

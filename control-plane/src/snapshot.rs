@@ -13,7 +13,7 @@
 //! structure, and the difference between the two costs what changed, not
 //! the size of the fleet.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -90,6 +90,30 @@ impl View {
             View::Exports(c) => vec![(c.as_str(), true)],
             View::Clusterset => vec![(CLUSTERSET, false)],
         }
+    }
+}
+
+/// What an agent announced it holds, taken in against one snapshot as the
+/// Hello's parts arrive ([`Snapshot::take_in`]), so that a Hello of 10,000
+/// names is never held whole: a name held at the snapshot's version costs a
+/// pointer to the snapshot's own name, only other names are copied. Holding
+/// every announced name as a string of its own, for a thousand agents at
+/// once, left the control plane's heap too fragmented to give the memory
+/// back after a reconnect storm (1 Dec 2026).
+#[derive(Debug, Default)]
+pub struct Announcement {
+    /// Names held at the snapshot's version.
+    current: HashSet<Arc<str>>,
+    /// Names held at another version, or that the snapshot does not have.
+    other: Vec<Arc<str>>,
+    /// Entries announced, repeats included.
+    entries: usize,
+}
+
+impl Announcement {
+    /// Entries announced so far, repeats included (what Hello bounds count).
+    pub fn entries(&self) -> usize {
+        self.entries
     }
 }
 
@@ -364,47 +388,70 @@ impl Snapshot {
 
     /// The difference from the versions an agent announced on (re)connect.
     pub fn delta_from_versions(&self, held: &HashMap<String, String>, view: &View) -> Delta {
+        let mut announced = Announcement::default();
+        self.take_in(&mut announced, held.iter());
+        self.delta_from_announcement(&announced, view)
+    }
+
+    /// Takes in announced `(name, version)` entries, a Hello part at a
+    /// time: a name this snapshot holds at that version is kept as the
+    /// snapshot's own `Arc` (no copy of the name); only others are copied.
+    pub fn take_in<'a>(
+        &self,
+        announced: &mut Announcement,
+        entries: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) {
+        for (name, version) in entries {
+            announced.entries += 1;
+            match self.resources.get_key_value(name.as_str()) {
+                Some((key, res)) if res.version == *version => {
+                    announced.current.insert(key.clone());
+                }
+                _ => announced.other.push(Arc::from(name.as_str())),
+            }
+        }
+    }
+
+    /// The difference from what an agent announced, restricted to `view`:
+    /// every resource of the view it does not hold at this snapshot's
+    /// version, and every name it holds that the view does not have.
+    pub fn delta_from_announcement(&self, announced: &Announcement, view: &View) -> Delta {
         let mut delta = Delta::default();
-        let mut seen = 0usize;
         let ranges = view.ranges();
         for (c, exported_only) in &ranges {
             for (name, res) in self.served_range(c, *exported_only) {
-                match held.get(&**name) {
-                    Some(v) if *v == res.version => seen += 1,
-                    Some(_) => {
-                        seen += 1;
-                        delta.changed.push(res.clone());
-                    }
-                    None => delta.changed.push(res.clone()),
+                if !announced.current.contains(name) {
+                    delta.changed.push(res.clone());
                 }
             }
         }
-        if seen < held.len() {
-            let in_range = |n: &str, c: &str| {
-                n.len() > c.len() && n.starts_with(c) && n.as_bytes()[c.len()] == b'/'
-            };
-            let mut removed: Vec<Arc<str>> = held
-                .keys()
-                .filter(|n| match ranges.iter().find(|(c, _)| in_range(n, c)) {
-                    // A range not served yet (the clusterset before every
-                    // source synced) keeps what the agent holds.
-                    Some((c, _)) if !self.serves(c) => false,
-                    Some((_, true)) => !self.exported.contains(n.as_str()),
-                    Some((_, false)) => !self.resources.contains_key(n.as_str()),
-                    // Another cluster's resource: not the agent's.
-                    None => true,
-                })
-                .map(|n| Arc::from(n.as_str()))
-                .collect();
-            removed.sort();
-            delta.removed = removed;
-        }
+        let in_range = |n: &str, c: &str| {
+            n.len() > c.len() && n.starts_with(c) && n.as_bytes()[c.len()] == b'/'
+        };
+        let mut removed: Vec<Arc<str>> = announced
+            .current
+            .iter()
+            .chain(&announced.other)
+            .filter(|n| match ranges.iter().find(|(c, _)| in_range(n, c)) {
+                // A range not served yet (the clusterset before every
+                // source synced) keeps what the agent holds.
+                Some((c, _)) if !self.serves(c) => false,
+                Some((_, true)) => !self.exported.contains(&***n),
+                Some((_, false)) => !self.resources.contains_key(&***n),
+                // Another cluster's resource: not the agent's.
+                None => true,
+            })
+            .cloned()
+            .collect();
+        removed.sort();
+        removed.dedup();
+        delta.removed = removed;
         delta
     }
 
     /// The whole of `view`, as a delta from nothing.
     pub fn full(&self, view: &View) -> Delta {
-        self.delta_from_versions(&HashMap::new(), view)
+        self.delta_from_announcement(&Announcement::default(), view)
     }
 
     fn lock_deltas(&self) -> std::sync::MutexGuard<'_, HashMap<DeltaKey, Arc<Delta>>> {
@@ -546,6 +593,49 @@ mod tests {
         assert_eq!(changed, ["c/ns/b"]);
         assert_eq!(d.removed, vec![Arc::<str>::from("c/ns/gone")]);
         assert_eq!(s1.full(&View::Agent("c".into())).changed.len(), 2);
+    }
+
+    #[test]
+    fn an_announcement_taken_in_parts_gives_the_delta_of_the_whole() {
+        let mut vs = VersionSource::new();
+        let s1 = Snapshot::next(
+            &Snapshot::empty("0".into()),
+            [
+                state("c", "a", 80),
+                state("c", "b", 80),
+                state("c", "d", 80),
+                state("other", "x", 80),
+            ],
+            &mut vs,
+            1,
+        )
+        .expect("changed");
+        let v = |n: &str| s1.resources[n].version.clone();
+        let held: HashMap<String, String> = [
+            ("c/ns/a".to_owned(), v("c/ns/a")),
+            ("c/ns/b".to_owned(), "stale".to_owned()),
+            ("c/ns/gone".to_owned(), "x".to_owned()),
+            // Held at the current version, but another cluster's.
+            ("other/ns/x".to_owned(), v("other/ns/x")),
+        ]
+        .into();
+        let view = View::Agent("c".into());
+        let whole = s1.delta_from_versions(&held, &view);
+        // The same entries in two parts, one of them repeated.
+        let mut announced = Announcement::default();
+        let entries: Vec<(&String, &String)> = held.iter().collect();
+        s1.take_in(&mut announced, entries[..2].iter().copied());
+        s1.take_in(&mut announced, entries[1..].iter().copied());
+        assert_eq!(announced.entries(), 5);
+        let parts = s1.delta_from_announcement(&announced, &view);
+        let names = |d: &Delta| d.changed.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&parts), names(&whole));
+        assert_eq!(parts.removed, whole.removed);
+        assert_eq!(names(&whole), ["c/ns/b", "c/ns/d"]);
+        assert_eq!(
+            whole.removed,
+            vec![Arc::<str>::from("c/ns/gone"), Arc::from("other/ns/x")]
+        );
     }
 
     #[test]

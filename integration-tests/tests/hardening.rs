@@ -382,6 +382,47 @@ async fn connections_and_streams_are_bounded() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heap_is_trimmed_once_a_burst_of_streams_is_over() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    current_version(&cp).await;
+    // No stream, no trim: a control plane that only builds never trims.
+    assert_eq!(cp.metrics.heap_trims.get(), 0);
+    // Two agents connect with Hellos, sync and leave: one burst.
+    for node in ["node-a", "node-b"] {
+        let versions = vec![("default/shop/web".to_owned(), "stale".to_owned())];
+        let (_first, _tx, _inbound) = raw_stream(&cp, vec![hello(node, "", versions, false)])
+            .await
+            .expect("served");
+    }
+    cp_status_until(&cp, "both agents shown disconnected", |s| {
+        s.agents.iter().filter(|a| !a.connected).count() == 2
+    })
+    .await;
+    within("a heap trim after the burst", async {
+        let mut metrics = tokio::time::interval(Duration::from_millis(50));
+        while cp.metrics.heap_trims.get() == 0 {
+            metrics.tick().await;
+        }
+    })
+    .await;
+    // Four stream events (two connects, two ends) within a quiet second of
+    // each other: trimmed per burst, not per event.
+    let trims = cp.metrics.heap_trims.get();
+    assert!(
+        trims < 4,
+        "{trims} trims for one burst of four stream events"
+    );
+    let m = cp.metrics.encode();
+    assert!(
+        m.contains(&format!(
+            "switchyard_control_plane_heap_trim_seconds_count {trims}"
+        )),
+        "each trim is timed: {m}"
+    );
+}
+
 #[test]
 fn status_forgets_agents_that_left_long_ago() {
     use switchyard_control_plane::status::{AgentRetention, Status};

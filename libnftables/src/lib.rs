@@ -22,11 +22,12 @@
 //! Memory: parsing a full sync's text (about 220,000 elements at 10,000
 //! Services) peaks at some 600 MiB inside libnftables; it frees all of it,
 //! but glibc keeps the freed pages, so the agent stayed at that peak. After
-//! a large command text [`Nft::run`] calls glibc's `malloc_trim` (looked
-//! up at run time; absent on other C libraries), which gives them back:
-//! 268 -> 27 MiB after 100,000 elements in a test process.
+//! a large command text [`Nft::run`] calls glibc's `malloc_trim`
+//! (`switchyard_heap::trim`), which gives them back: 268 -> 27 MiB after
+//! 100,000 elements in a test process.
 //!
-//! This module is the only place in the workspace with `unsafe` code. The
+//! This module and `switchyard-heap` are the only places in the workspace
+//! with `unsafe` code. The
 //! contract it relies on (libnftables.h): a context is used by one thread
 //! at a time (`run` takes `&mut self`); the buffers returned by
 //! `nft_ctx_get_{output,error}_buffer` are NUL-terminated, owned by the
@@ -71,7 +72,6 @@ type CtxInt = unsafe extern "C" fn(*mut c_void) -> c_int;
 type CtxStr = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type CtxFlags = unsafe extern "C" fn(*mut c_void, c_uint);
 type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
-type MallocTrim = unsafe extern "C" fn(usize) -> c_int;
 
 /// Command texts at least this long are followed by `malloc_trim` (a
 /// one-endpoint change is well under 1 KiB, a full sync of 1,000 Services
@@ -86,11 +86,7 @@ pub struct Nft {
     error: CtxStr,
     flags: CtxFlags,
     run_cmd: RunCmd,
-    /// glibc's `malloc_trim`, when the process has it.
-    trim: Option<MallocTrim>,
-    _this: Library,
-    // Dropped last: every function pointer above points into it (and
-    // `trim` into the C library, which the process image keeps loaded).
+    // Dropped last: every function pointer above points into it.
     _lib: Library,
 }
 
@@ -126,10 +122,6 @@ impl Nft {
         let error: CtxStr = symbol(&lib, b"nft_ctx_get_error_buffer\0")?;
         let flags: CtxFlags = symbol(&lib, b"nft_ctx_output_set_flags\0")?;
         let run_cmd: RunCmd = symbol(&lib, b"nft_run_cmd_from_buffer\0")?;
-        // The process's own symbols: `malloc_trim` is glibc's, so other C
-        // libraries simply go without.
-        let this: Library = libloading::os::unix::Library::this().into();
-        let trim = symbol::<MallocTrim>(&this, b"malloc_trim\0").ok();
         // SAFETY: NFT_CTX_DEFAULT (0) is the documented flag value.
         let ctx = unsafe { new(0) };
         if ctx.is_null() {
@@ -147,8 +139,6 @@ impl Nft {
             error,
             flags,
             run_cmd,
-            trim,
-            _this: this,
             _lib: lib,
         })
     }
@@ -168,12 +158,8 @@ impl Nft {
         // `text` is NUL-terminated and outlives the call.
         let rc = unsafe { (self.run_cmd)(self.ctx, text.as_ptr()) };
         let output = buffer(self.output, self.ctx);
-        if commands.len() >= TRIM_AFTER_BYTES
-            && let Some(trim) = self.trim
-        {
-            // SAFETY: malloc_trim(3) takes any padding and only returns
-            // free heap pages to the kernel; it is thread-safe.
-            unsafe { trim(0) };
+        if commands.len() >= TRIM_AFTER_BYTES {
+            switchyard_heap::trim();
         }
         if rc == 0 {
             return Ok(output);

@@ -14,8 +14,8 @@
 //!                    control plane                     agent
 //!  SnapshotUpdate    encode: 1 KiB, grows to the       decode: a part
 //!                    largest part sent, never more     (PART_BYTES + 1 KiB)
-//!  AgentMessage      decode: 1 KiB (ACKs), grows to    encode: a Hello part
-//!                    the largest Hello part            (HELLO_PART_BYTES + 1 KiB)
+//!  AgentMessage      decode: 1 KiB (ACKs and Hello     encode: a Hello part
+//!                    parts alike)                      (HELLO_PART_BYTES + 1 KiB)
 //! ```
 //!
 //! The control plane's side is what a thousand agents multiply: an agent
@@ -42,14 +42,21 @@ use crate::v1;
 /// about 200 parts, not 500 of 6 KiB).
 pub const PART_BYTES: usize = 15 * 1024;
 
-/// Names and versions per Hello part (protocol rule 9): the control plane's
-/// decoder grows to one part for the life of the stream, so Hello parts
-/// stay smaller than update parts.
-pub const HELLO_PART_BYTES: usize = 6 * 1024;
-
 /// What a buffer that usually carries small messages (the control plane's
-/// updates after the first, the agents' ACKs) starts at.
+/// updates after the first, the agents' ACKs and Hello parts) starts at.
 pub const SMALL_BUFFER_BYTES: usize = 1024;
+
+/// gRPC's own header before each message: a compression flag and a length.
+pub const GRPC_HEADER_BYTES: usize = 5;
+
+/// The most one Hello part encodes to, as an `AgentMessage` (protocol rule
+/// 9): with gRPC's header it fits the control plane's decode buffer as it
+/// starts. tonic's decoder keeps a buffer as large as the largest message
+/// it decoded for the life of the stream, so with 6 KiB parts every agent
+/// that had announced what it holds cost the control plane about 6 KiB
+/// more for as long as it stayed (1,000 agents after a reconnect storm,
+/// 1 Dec 2026). A single name too long for a part goes alone.
+pub const HELLO_PART_BYTES: usize = SMALL_BUFFER_BYTES - GRPC_HEADER_BYTES;
 
 /// Room for a message's own fields beside its [`PART_BYTES`] or
 /// [`HELLO_PART_BYTES`] of names and resources.

@@ -30,20 +30,28 @@ pub fn feed_hello(
     });
 }
 
-/// `hello` with `announced` as its resource versions, in parts of about
-/// [`HELLO_PART_BYTES`] each (always at least one part).
+/// `hello` with `announced` as its resource versions, in parts that each
+/// encode to at most [`HELLO_PART_BYTES`] (always at least one part; a
+/// name too long for any part goes alone).
 pub fn hello_parts(hello: &v1::Hello, announced: HashMap<String, String>) -> Vec<v1::AgentMessage> {
     let part = |versions| v1::Hello {
         initial_resource_versions: versions,
         continued: true,
         ..hello.clone()
     };
+    let message = |h| v1::AgentMessage {
+        kind: Some(agent_message::Kind::Hello(h)),
+    };
+    // A part without versions, plus the two bytes the Hello's own length
+    // takes once it is over 127 bytes.
+    let fixed = prost::Message::encoded_len(&message(part(HashMap::new()))) + 2;
+    let room = HELLO_PART_BYTES.saturating_sub(fixed);
     let mut parts = Vec::new();
     let mut current = HashMap::new();
     let mut bytes = 0;
     for (name, version) in announced {
-        let size = name.len() + version.len() + 4;
-        if !current.is_empty() && bytes + size > HELLO_PART_BYTES {
+        let size = entry_len(&name, &version);
+        if !current.is_empty() && bytes + size > room {
             parts.push(part(std::mem::take(&mut current)));
             bytes = 0;
         }
@@ -54,12 +62,17 @@ pub fn hello_parts(hello: &v1::Hello, announced: HashMap<String, String>) -> Vec
     if let Some(last) = parts.last_mut() {
         last.continued = false;
     }
-    parts
-        .into_iter()
-        .map(|h| v1::AgentMessage {
-            kind: Some(agent_message::Kind::Hello(h)),
-        })
-        .collect()
+    parts.into_iter().map(message).collect()
+}
+
+/// What one `initial_resource_versions` entry adds to a Hello's encoding
+/// (field 4: its tag, its length, then key and value as fields 1 and 2;
+/// prost leaves out an empty key or value, so this is an upper bound).
+fn entry_len(name: &str, version: &str) -> usize {
+    use prost::encoding::encoded_len_varint as varint;
+    let field = |len: usize| 1 + varint(len as u64) + len;
+    let entry = field(name.len()) + field(version.len());
+    1 + varint(entry as u64) + entry
 }
 
 /// Collects the parts of one update. Returns the whole update once its
@@ -152,11 +165,37 @@ mod tests {
             assert_eq!(h.continued, i + 1 < parts.len());
             assert_eq!(h.node_name, "node-a");
             assert_eq!(h.role, v1::Role::Agent as i32);
-            assert!(prost::Message::encoded_len(p) < 2 * HELLO_PART_BYTES);
+            // Each part fits the control plane's decode buffer as it starts.
+            let len = prost::Message::encoded_len(p);
+            assert!(len <= HELLO_PART_BYTES, "part {i}: {len} bytes");
+            assert!(
+                len + crate::codec::GRPC_HEADER_BYTES <= crate::codec::SMALL_BUFFER_BYTES,
+                "part {i}: {len} bytes"
+            );
+            // And is full: no part but the last has room for another entry.
+            if i + 1 < parts.len() {
+                assert!(len + 50 > HELLO_PART_BYTES, "part {i}: only {len} bytes");
+            }
             union.extend(h.initial_resource_versions.clone());
         }
         assert_eq!(union, held);
         let empty = hello_parts(&hello, HashMap::new());
         assert_eq!(empty.len(), 1);
+        // A name too long for a part goes alone, and nothing is lost.
+        let long: HashMap<String, String> = [
+            ("x".repeat(1500), "1".to_owned()),
+            ("default/ns/a".to_owned(), "2".to_owned()),
+        ]
+        .into();
+        let parts = hello_parts(&hello, long.clone());
+        assert_eq!(parts.len(), 2);
+        let mut union = HashMap::new();
+        for p in &parts {
+            let Some(agent_message::Kind::Hello(h)) = &p.kind else {
+                panic!("a Hello")
+            };
+            union.extend(h.initial_resource_versions.clone());
+        }
+        assert_eq!(union, long);
     }
 }

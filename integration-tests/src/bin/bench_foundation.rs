@@ -339,6 +339,22 @@ fn rss_kib() -> u64 {
     proc_status_kib("self", "VmRSS")
 }
 
+/// What the C heap has allocated now (glibc's count; NaN elsewhere), KiB.
+fn heap_in_use_kib() -> f64 {
+    switchyard_heap::usage().map_or(f64::NAN, |u| u.in_use as f64 / 1024.0)
+}
+
+/// The RSS once the control plane has trimmed its heap after a burst of
+/// streams (`heap.rs`: one quiet second after the burst's last event).
+async fn rss_after_trim(cp: &ControlPlane, burst: &str) -> anyhow::Result<u64> {
+    let trims = cp.metrics.heap_trims.get();
+    until(cp, &format!("a heap trim after {burst}"), || {
+        cp.metrics.heap_trims.get() > trims
+    })
+    .await?;
+    Ok(rss_kib())
+}
+
 /// User plus system CPU time of process `pid` (or `self`) so far, in
 /// seconds (`/proc/PID/stat` fields 14 and 15, in clock ticks of 1/100 s on
 /// Linux); NaN when it cannot be read.
@@ -388,6 +404,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     let first_snapshot = t.elapsed();
     let resources = cp.status.document().resources;
     let rss_snapshot = rss_kib();
+    let heap_snapshot = heap_in_use_kib();
 
     // The client fleet, in its own process.
     let url = format!("http://{}", cp.grpc_addr);
@@ -418,7 +435,9 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     let initial_all_acked = t.elapsed();
     let sync_cpu_cp = cpu_seconds("self") - cpu_cp;
     let sync_cpu_fleet = cpu_seconds(&fleet_pid) - cpu_fleet;
-    let rss_acked = rss_kib();
+    let rss_acked_untrimmed = rss_kib();
+    let rss_acked = rss_after_trim(&cp, "the sync").await?;
+    let heap_acked = heap_in_use_kib();
     if std::env::var_os("BENCH_ABORT_WHEN_SYNCED").is_some() {
         // For a heap profile of the steady state: under heaptrack, what is
         // still allocated when the process aborts here is what N synced
@@ -507,7 +526,9 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     .with_context(|| format!("{} of {n} storm ACKs", cp.metrics.acks.get() - base_acks))?;
     let storm_ms = ms(t.elapsed());
     let storm_peak = proc_status_kib("self", "VmHWM");
-    let storm_acked = rss_kib();
+    let storm_acked_untrimmed = rss_kib();
+    let storm_acked = rss_after_trim(&cp, "the storm").await?;
+    let heap_storm = heap_in_use_kib();
     // What the storm streams were sent, the learning stream's full state aside.
     let storm_resources = metric(
         &cp.metrics.encode(),
@@ -543,6 +564,10 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "rss_state_kib": rss_state,
         "rss_snapshot_kib": rss_snapshot,
         "rss_acked_kib": rss_acked,
+        "rss_acked_untrimmed_kib": rss_acked_untrimmed,
+        "heap_snapshot_kib": heap_snapshot,
+        "heap_acked_kib": heap_acked,
+        "heap_storm_kib": heap_storm,
         "rss_changes_kib": rss_changes,
         "first_snapshot_ms": ms(first_snapshot),
         "first_build_ms": first_build * 1e3,
@@ -559,6 +584,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "rss_before_storm_kib": rss_before_storm,
         "storm_peak_kib": storm_peak,
         "storm_acked_kib": storm_acked,
+        "storm_acked_untrimmed_kib": storm_acked_untrimmed,
         "storm_ms": storm_ms,
         "storm_resources_sent": storm_resources,
     }))
@@ -1183,15 +1209,26 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
         ));
         let per_agent = (f("rss_acked_kib") - f("rss_snapshot_kib")) / n as f64;
         rows.push(row(
-            format!("Control-plane memory per connected agent, {n} streams (VmRSS after all ACKed the full state minus before they connected, / N)"),
+            format!("Control-plane memory per connected agent, {n} streams (VmRSS after all ACKed the full state and the heap trim that follows, minus before they connected, / N)"),
             format!(
-                "{per_agent:.0} KiB ({}); after {} changes {:.0} KiB",
+                "{per_agent:.1} KiB ({}); {:.1} KiB before the trim; after {} changes {:.1} KiB",
                 verdict(per_agent, 64.0),
+                (f("rss_acked_untrimmed_kib") - f("rss_snapshot_kib")) / n as f64,
                 lat.len(),
                 (f("rss_changes_kib") - f("rss_snapshot_kib")) / n as f64
             ),
             "< 64 KiB",
             "34 KB per idle connection, 48 KB after traffic",
+        ));
+        rows.push(row(
+            format!("Where it goes: C heap allocated per connected agent, {n} streams (glibc mallinfo2, after the trim)"),
+            format!(
+                "{:.1} KiB after the sync, {:.1} KiB with the storm's agents; the rest of the RSS above is freed heap glibc cannot return (pages partly in use) and the threads' stacks",
+                (f("heap_acked_kib") - f("heap_snapshot_kib")) / n as f64,
+                (f("heap_storm_kib") - f("heap_snapshot_kib")) / n as f64,
+            ),
+            "-",
+            "-",
         ));
         rows.push(row(
             format!("Shared snapshot ({} resources), fan-out process with {n} streams", r["resources"]),
@@ -1205,17 +1242,21 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             "-",
             "-",
         ));
-        let storm_per_agent = (f("storm_acked_kib") - f("rss_before_storm_kib")) / n as f64;
+        // Over the RSS before any agent connected: the storm's agents reuse
+        // what the heap kept from the fleet before them, so the RSS before
+        // the storm would flatter it.
+        let storm_per_agent = (f("storm_acked_kib") - f("rss_snapshot_kib")) / n as f64;
         rows.push(row(
             format!("Reconnect storm: {n} agents each announcing the {} versions they hold, connecting at once", r["resources"]),
             format!(
-                "all ACKed in {:.0} ms (from the fleet's start, one learning stream included); peak VmHWM {:.0} MiB ({:.0} MiB over the {:.0} MiB before; {} of the 1 GiB Deployment limit); steady {storm_per_agent:.0} KiB per agent ({}); resources sent {}",
+                "all ACKed in {:.0} ms (from the fleet's start, one learning stream included); peak VmHWM {:.0} MiB ({:.0} MiB over the {:.0} MiB before; {} of the 1 GiB Deployment limit); steady {storm_per_agent:.1} KiB per agent over the RSS before any agent connected ({}; {:.1} KiB before the trim); resources sent {}",
                 f("storm_ms"),
                 f("storm_peak_kib") / 1024.0,
                 (f("storm_peak_kib") - f("rss_before_storm_kib")) / 1024.0,
                 f("rss_before_storm_kib") / 1024.0,
                 if f("storm_peak_kib") < 512.0 * 1024.0 { "under half" } else { "OVER half" },
                 verdict(storm_per_agent, 64.0),
+                (f("storm_acked_untrimmed_kib") - f("rss_snapshot_kib")) / n as f64,
                 f("storm_resources_sent"),
             ),
             "peak well under 1 GiB; steady < 64 KiB per agent",
