@@ -164,8 +164,43 @@ struct LastBuild {
     refused: Vec<ObjectError>,
     /// The validation errors of admitted Services, by key.
     service_errors: BTreeMap<ServiceKey, Vec<ObjectError>>,
+    /// Every clusterset issue, as [`LastImports::issues`] orders them.
     issues: Vec<ClustersetIssue>,
     summaries: Summaries,
+    /// What the build knew of the clusterset's imports.
+    imports: LastImports,
+}
+
+/// The imports of the last build (none when a relay brought them), so that
+/// a patch rebuilds only those of the exported Services it touches.
+#[derive(Debug, Default)]
+struct LastImports {
+    /// The exporting Services of each (namespace, name), oldest export
+    /// first, as the merge ordered them.
+    groups: HashMap<(String, String), Vec<ServiceKey>>,
+    /// The merge's own issues (exports without a Service).
+    merged: Vec<ClustersetIssue>,
+    /// What [`merge::import`] found wrong, by import (only those with issues).
+    found: BTreeMap<(String, String), Vec<ClustersetIssue>>,
+    /// An import without a ClusterSet IP or invalid, by import (the same).
+    failed: BTreeMap<(String, String), Vec<ClustersetIssue>>,
+    /// The imports that want a ClusterSet IP (with an allocator), and the
+    /// address they were given (`None`: none was left).
+    ips: BTreeMap<(String, String), Option<IpAddr>>,
+}
+
+impl LastImports {
+    /// Every clusterset issue in the order of a full build: the merge's,
+    /// then each import's from [`merge::import`], then each import's
+    /// missing ClusterSet IP or validation errors, imports in name order.
+    fn issues(&self) -> Vec<ClustersetIssue> {
+        self.merged
+            .iter()
+            .chain(self.found.values().flatten())
+            .chain(self.failed.values().flatten())
+            .cloned()
+            .collect()
+    }
 }
 
 /// A Service the merge admitted: from which source, with what address
@@ -337,11 +372,12 @@ impl Index {
     /// build, no relay brings imports, and the same clusters are served, the
     /// merge, the address allocation and the imports of the last build
     /// stand: only the Services whose slices changed (found by diffing the
-    /// persistent slice maps) are rebuilt, and the snapshot is the last one
-    /// with those resources replaced. Its cost is that of the change, at any
-    /// fleet size. `None` when the change is of another kind, or touches an
-    /// exported Service (its import would change) or more than
-    /// [`PATCH_LIMIT`] Services.
+    /// persistent slice maps) are rebuilt, then the clusterset imports of
+    /// those that are exported (see [`Index::patch_imports`]), and the
+    /// snapshot is the last one with those resources replaced. Its cost is
+    /// that of the change, at any fleet size. `None` when the change is of
+    /// another kind, touches more than [`PATCH_LIMIT`] Services, or leaves
+    /// an import that only a full build can tell.
     fn patch(
         &mut self,
         inputs: &[Input<'_>],
@@ -370,13 +406,6 @@ impl Index {
                 return None;
             }
             for (service, _) in before.slices.changed_keys(&now.slices) {
-                if last
-                    .admitted
-                    .get(service)
-                    .is_some_and(|a| a.export.is_some())
-                {
-                    return None;
-                }
                 affected.insert(service.clone());
                 if affected.len() > PATCH_LIMIT {
                     return None;
@@ -385,6 +414,9 @@ impl Index {
         }
         let mut last = self.last.take().expect("checked above");
         let mut resources = self.current.resources.clone();
+        let mut exported = self.current.exported.clone();
+        // The imports of the exported Services among them.
+        let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
         for key in &affected {
             let Some(admitted) = last.admitted.get(key) else {
                 // Slices of a Service the snapshot does not hold.
@@ -401,15 +433,22 @@ impl Index {
                 .collect();
             group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
             let name: Arc<str> = Arc::from(key.to_string());
+            if admitted.export.is_some() {
+                groups.insert((key.namespace.clone(), key.name.clone()));
+            }
             match self.built(key, admitted, &group) {
                 Ok(valid) => {
                     resources.insert(valid.name.clone(), valid.resource.clone());
+                    if admitted.export.is_some() {
+                        exported.insert(valid.name.clone());
+                    }
                     last.summaries
                         .insert(valid.name.clone(), valid.summary.clone());
                     last.service_errors.remove(key);
                 }
                 Err(errs) => {
                     resources.remove(&name);
+                    exported.remove(&name);
                     last.summaries.remove(&name);
                     let errors = errs
                         .iter()
@@ -419,8 +458,20 @@ impl Index {
                 }
             }
         }
-        last.states = inputs.iter().map(|i| i.state.clone()).collect();
-        let exported = self.current.exported.clone();
+        if !groups.is_empty()
+            && self
+                .patch_imports(&groups, &serving.dropped, &mut last, &mut resources)
+                .is_none()
+        {
+            // The caches hold what was rebuilt: the full build reuses it.
+            self.last = Some(last);
+            return None;
+        }
+        for (before, input) in last.states.iter_mut().zip(inputs) {
+            // The rest of each state is what was compared above (the exports
+            // equal, not copied again).
+            before.slices = input.state.slices.clone();
+        }
         Some(self.finish(
             last,
             Contents {
@@ -431,6 +482,75 @@ impl Index {
             changed_at_unix_nanos,
             true,
         ))
+    }
+
+    /// Rebuilds the imports `groups` after a patch rebuilt exporters of
+    /// theirs, as [`Index::build_imports`] would: the exporters the last
+    /// merge found, in its order; the same ClusterSet IPs; their issues in
+    /// place of the old ones. When an import comes or goes (or stops or
+    /// starts wanting an address), the allocator sees every import that
+    /// wants one, as in a full build. `None` when the result could differ
+    /// from a full build's (an import that had no ClusterSet IP left, an
+    /// allocation that would move another import).
+    fn patch_imports(
+        &mut self,
+        groups: &BTreeSet<(String, String)>,
+        dropped: &BTreeSet<String>,
+        last: &mut LastBuild,
+        resources: &mut crate::snapshot::Resources,
+    ) -> Option<()> {
+        let imports = &mut last.imports;
+        let mut plans: Vec<(&(String, String), bool)> = Vec::with_capacity(groups.len());
+        let mut moved = false;
+        for key in groups {
+            let exporters = imports.groups.get(key)?;
+            let name: Arc<str> = Arc::from(ServiceKey::new(CLUSTERSET, &key.0, &key.1).to_string());
+            resources.remove(&name);
+            last.summaries.remove(&name);
+            imports.found.remove(key);
+            imports.failed.remove(key);
+            let planned = self.plan_import(key, exporters, dropped, &mut imports.found);
+            let wants_ip = planned == Some(true) && self.clusterset_ips.is_some();
+            if wants_ip != imports.ips.contains_key(key) {
+                moved = true;
+                if wants_ip {
+                    imports.ips.insert(key.clone(), None);
+                } else {
+                    imports.ips.remove(key);
+                }
+            }
+            if planned.is_some() {
+                plans.push((key, wants_ip));
+            }
+        }
+        let mut ips: HashMap<(String, String), Result<IpAddr, IpamError>> = HashMap::new();
+        if moved {
+            let wanting: Vec<&(String, String)> = imports.ips.keys().collect();
+            let mut assigned = self.assign_clusterset_ips(&wanting);
+            for (key, ip) in &mut imports.ips {
+                let r = assigned.remove(key)?;
+                if groups.contains(key) {
+                    *ip = r.as_ref().ok().copied();
+                    ips.insert(key.clone(), r);
+                } else if *ip != r.ok() {
+                    return None;
+                }
+            }
+        }
+        for (key, wants_ip) in plans {
+            let ip = match ips.remove(key) {
+                Some(r) => Some(r),
+                None if wants_ip => Some(Ok((*imports.ips.get(key)?)?)),
+                None => None,
+            };
+            if let Some(valid) = self.finish_import(key, ip, &mut imports.failed) {
+                resources.insert(valid.name.clone(), valid.resource.clone());
+                last.summaries
+                    .insert(valid.name.clone(), valid.summary.clone());
+            }
+        }
+        last.issues = imports.issues();
+        Some(())
     }
 
     /// The cached result for an admitted Service, rebuilt if its inputs changed.
@@ -513,7 +633,10 @@ impl Index {
         }
         self.cache.retain(|_, b| b.seen == build_id);
 
-        let mut issues = std::mem::take(&mut merged.issues);
+        let mut imports = LastImports {
+            merged: std::mem::take(&mut merged.issues),
+            ..LastImports::default()
+        };
         // A relay following a hub's clusterset replaces the local merge: the
         // first one that follows its hub, else the first one.
         let relayed = inputs
@@ -533,9 +656,9 @@ impl Index {
                 self.build_imports(
                     &merged,
                     serving,
+                    &mut imports,
                     &mut resources,
                     &mut summaries,
-                    &mut issues,
                 )
             }
         }
@@ -553,8 +676,9 @@ impl Index {
             admitted,
             refused,
             service_errors,
-            issues,
+            issues: imports.issues(),
             summaries: derive(&last_summaries, summaries),
+            imports,
         };
         self.finish(
             last,
@@ -676,128 +800,189 @@ impl Index {
 
     /// The clusterset's imports: one per exported namespace/name whose
     /// exporting clusters built valid Services, merged by
-    /// [`merge::import`], with a ClusterSet IP unless headless.
+    /// [`merge::import`], with a ClusterSet IP unless headless. Keeps in
+    /// `last` what a patch needs to rebuild one of them alone.
     fn build_imports(
         &mut self,
         merged: &merge::Merged<'_>,
         serving: &Serving,
+        last: &mut LastImports,
         resources: &mut BTreeMap<Arc<str>, Arc<Resource>>,
         summaries: &mut BTreeMap<Arc<str>, Arc<ServiceSummary>>,
-        issues: &mut Vec<ClustersetIssue>,
     ) {
         let build_id = self.build_id;
-        let mut plans: Vec<(String, String)> = Vec::new();
+        let mut plans: Vec<((String, String), bool)> = Vec::new();
         for ((namespace, name), exporters) in &merged.exports {
-            let inputs: Vec<(&str, &Arc<Resource>)> = exporters
-                .iter()
-                .filter(|e| !serving.dropped.contains(&e.key.cluster))
-                .filter_map(|e| match self.cache.get(e.key).map(|b| &b.result) {
-                    Some(Ok(valid)) => Some((e.key.cluster.as_str(), &valid.resource)),
-                    _ => None,
-                })
-                .collect();
-            if inputs.is_empty() {
-                continue;
-            }
             let key = ((*namespace).to_owned(), (*name).to_owned());
-            let reuse = self
-                .imports
-                .get(&key)
-                .is_some_and(|b| b.same_inputs(&inputs));
-            if !reuse {
-                let states: Vec<(&str, ServiceState)> = inputs
-                    .iter()
-                    .filter_map(|(cluster, r)| {
-                        switchyard_proto::convert::decode_state_bytes(&r.name, &r.service_state)
-                            .ok()
-                            .map(|s| (*cluster, s))
-                    })
-                    .collect();
-                let exported: Vec<Exported<'_>> = states
-                    .iter()
-                    .map(|(cluster, state)| Exported { cluster, state })
-                    .collect();
-                let (plan, found) = merge::import(namespace, name, &exported);
-                self.imports.insert(
-                    key.clone(),
-                    BuiltImport {
-                        inputs: inputs
-                            .iter()
-                            .map(|(c, r)| ((*c).to_owned(), Arc::clone(r)))
-                            .collect(),
-                        plan,
-                        issues: found,
-                        result: None,
-                        seen: 0,
-                    },
-                );
+            let exporters: Vec<ServiceKey> = exporters.iter().map(|e| e.key.clone()).collect();
+            if let Some(wants_ip) =
+                self.plan_import(&key, &exporters, &serving.dropped, &mut last.found)
+            {
+                plans.push((key.clone(), wants_ip));
             }
-            let built = self.imports.get_mut(&key).expect("present");
-            built.seen = build_id;
-            issues.extend(built.issues.iter().cloned());
-            if built.plan.is_some() {
-                plans.push(key);
-            }
+            last.groups.insert(key, exporters);
         }
         self.imports.retain(|_, b| b.seen == build_id);
 
-        let keys: Vec<ServiceKey> = plans
+        let wanting: Vec<&(String, String)> = plans
             .iter()
-            .filter(|k| {
-                self.imports[*k]
-                    .plan
-                    .as_ref()
-                    .is_some_and(|p| !p.service.headless)
-            })
-            .map(|(ns, n)| ServiceKey::new(CLUSTERSET, ns, n))
+            .filter(|(_, wants_ip)| *wants_ip)
+            .map(|(k, _)| k)
             .collect();
-        let wanting: Vec<&ServiceKey> = keys.iter().collect();
-        let mut ips: HashMap<(String, String), Result<IpAddr, IpamError>> = HashMap::new();
-        if let Some(alloc) = &mut self.clusterset_ips {
-            for (key, r) in wanting.iter().zip(alloc.assign(&wanting, &HashSet::new())) {
-                ips.insert((key.namespace.clone(), key.name.clone()), r);
+        let mut ips = self.assign_clusterset_ips(&wanting);
+        for (key, _) in plans {
+            let ip = ips.remove(&key);
+            if let Some(r) = &ip {
+                last.ips.insert(key.clone(), r.as_ref().ok().copied());
+            }
+            if let Some(valid) = self.finish_import(&key, ip, &mut last.failed) {
+                resources.insert(valid.name.clone(), valid.resource.clone());
+                summaries.insert(valid.name.clone(), valid.summary.clone());
             }
         }
-        for key in plans {
-            let ip = match ips.remove(&key) {
-                Some(Ok(ip)) => Some(ip),
-                Some(Err(e)) => {
-                    issues.push(ClustersetIssue {
-                        service: format!("{}/{}", key.0, key.1),
+    }
+
+    /// Merges import `key` from the valid resources of `exporters` (oldest
+    /// export first), leaving out those of `dropped` clusters; the last
+    /// merge stands while those resources are the same. What the merge
+    /// found wrong goes in `found`. Returns whether the import wants a
+    /// ClusterSet IP (it is not headless), or `None` when nothing is
+    /// imported (no exporter valid, or none usable).
+    fn plan_import(
+        &mut self,
+        key: &(String, String),
+        exporters: &[ServiceKey],
+        dropped: &BTreeSet<String>,
+        found: &mut BTreeMap<(String, String), Vec<ClustersetIssue>>,
+    ) -> Option<bool> {
+        let inputs: Vec<(&str, &Arc<Resource>)> = exporters
+            .iter()
+            .filter(|k| !dropped.contains(&k.cluster))
+            .filter_map(|k| match self.cache.get(k).map(|b| &b.result) {
+                Some(Ok(valid)) => Some((k.cluster.as_str(), &valid.resource)),
+                _ => None,
+            })
+            .collect();
+        if inputs.is_empty() {
+            self.imports.remove(key);
+            return None;
+        }
+        let reuse = self
+            .imports
+            .get(key)
+            .is_some_and(|b| b.same_inputs(&inputs));
+        if !reuse {
+            let states: Vec<(&str, ServiceState)> = inputs
+                .iter()
+                .filter_map(|(cluster, r)| {
+                    switchyard_proto::convert::decode_state_bytes(&r.name, &r.service_state)
+                        .ok()
+                        .map(|s| (*cluster, s))
+                })
+                .collect();
+            let exported: Vec<Exported<'_>> = states
+                .iter()
+                .map(|(cluster, state)| Exported { cluster, state })
+                .collect();
+            let (plan, issues) = merge::import(&key.0, &key.1, &exported);
+            self.imports.insert(
+                key.clone(),
+                BuiltImport {
+                    inputs: inputs
+                        .iter()
+                        .map(|(c, r)| ((*c).to_owned(), Arc::clone(r)))
+                        .collect(),
+                    plan,
+                    issues,
+                    result: None,
+                    seen: 0,
+                },
+            );
+        }
+        let built = self.imports.get_mut(key).expect("present");
+        built.seen = self.build_id;
+        if !built.issues.is_empty() {
+            found.insert(key.clone(), built.issues.clone());
+        }
+        built.plan.as_ref().map(|p| !p.service.headless)
+    }
+
+    /// ClusterSet IPs for the imports `wanting` one (in name order), as the
+    /// allocator gives them; empty without a clusterset range.
+    fn assign_clusterset_ips(
+        &mut self,
+        wanting: &[&(String, String)],
+    ) -> HashMap<(String, String), Result<IpAddr, IpamError>> {
+        let mut ips = HashMap::new();
+        if let Some(alloc) = &mut self.clusterset_ips {
+            let keys: Vec<ServiceKey> = wanting
+                .iter()
+                .map(|(ns, n)| ServiceKey::new(CLUSTERSET, ns, n))
+                .collect();
+            let keys: Vec<&ServiceKey> = keys.iter().collect();
+            for (key, r) in wanting.iter().zip(alloc.assign(&keys, &HashSet::new())) {
+                ips.insert((*key).clone(), r);
+            }
+        }
+        ips
+    }
+
+    /// The resource of planned import `key` with its ClusterSet IP (`None`:
+    /// headless, or no clusterset range), encoded again only when the plan
+    /// or the address changed. Why it has none goes in `failed`.
+    fn finish_import(
+        &mut self,
+        key: &(String, String),
+        ip: Option<Result<IpAddr, IpamError>>,
+        failed: &mut BTreeMap<(String, String), Vec<ClustersetIssue>>,
+    ) -> Option<&Valid> {
+        let service = format!("{}/{}", key.0, key.1);
+        let ip = match ip {
+            Some(Ok(ip)) => Some(ip),
+            Some(Err(e)) => {
+                failed.insert(
+                    key.clone(),
+                    vec![ClustersetIssue {
+                        service,
                         cluster: CLUSTERSET.to_owned(),
                         reason: "NoClusterSetIP",
                         message: e.to_string(),
-                    });
-                    continue;
-                }
-                None => None,
-            };
-            let built = self.imports.get(&key).expect("present");
-            let fresh = match &built.result {
-                Some((made_with, _)) if *made_with == ip => None,
-                _ => {
-                    let mut state = built.plan.clone().expect("a plan");
-                    state.service.cluster_ips = ip.into_iter().collect();
-                    Some(self.encode(&state))
-                }
-            };
-            let built = self.imports.get_mut(&key).expect("present");
-            if let Some(result) = fresh {
-                built.result = Some((ip, result));
+                    }],
+                );
+                return None;
             }
-            match built.result.as_ref().map(|(_, r)| r) {
-                Some(Ok(valid)) => {
-                    resources.insert(valid.name.clone(), valid.resource.clone());
-                    summaries.insert(valid.name.clone(), valid.summary.clone());
-                }
-                Some(Err(errs)) => issues.extend(errs.iter().map(|e| ClustersetIssue {
-                    service: format!("{}/{}", key.0, key.1),
-                    cluster: CLUSTERSET.to_owned(),
-                    reason: "Invalid",
-                    message: format!("{}: {}", e.field, e.message),
-                })),
-                None => {}
+            None => None,
+        };
+        let built = self.imports.get(key).expect("present");
+        let fresh = match &built.result {
+            Some((made_with, _)) if *made_with == ip => None,
+            _ => {
+                let mut state = built.plan.clone().expect("a plan");
+                state.service.cluster_ips = ip.into_iter().collect();
+                Some(self.encode(&state))
             }
+        };
+        let built = self.imports.get_mut(key).expect("present");
+        if let Some(result) = fresh {
+            built.result = Some((ip, result));
+        }
+        match built.result.as_ref().map(|(_, r)| r) {
+            Some(Ok(valid)) => Some(valid),
+            Some(Err(errs)) => {
+                failed.insert(
+                    key.clone(),
+                    errs.iter()
+                        .map(|e| ClustersetIssue {
+                            service: service.clone(),
+                            cluster: CLUSTERSET.to_owned(),
+                            reason: "Invalid",
+                            message: format!("{}: {}", e.field, e.message),
+                        })
+                        .collect(),
+                );
+                None
+            }
+            None => None,
         }
     }
 
@@ -1587,6 +1772,346 @@ mod tests {
             .snapshot
             .expect("readiness changed");
         assert!(s.serves("east") && !s.complete());
+    }
+
+    /// Builds the clusterset of `east` and `west` (sources `kube=east` and
+    /// `kube=west`), with the exports of the `dropped` clusters left out.
+    fn build_two(
+        idx: &mut Index,
+        east: &SourceState,
+        west: &SourceState,
+        dropped: &[&str],
+        at: i64,
+    ) -> Build {
+        let inputs = [
+            Input {
+                name: "kube=east",
+                cluster: "east",
+                state: east,
+            },
+            Input {
+                name: "kube=west",
+                cluster: "west",
+                state: west,
+            },
+        ];
+        let mut serving = Serving::all(&inputs);
+        serving.dropped = dropped.iter().map(|c| (*c).to_owned()).collect();
+        idx.build(&inputs, &serving, at)
+    }
+
+    /// `b` patched the last build into `snap`, and a fresh index's full
+    /// build of the same inputs makes the same: resources (the imports with
+    /// their endpoints and ClusterSet IPs), clusterset issues, invalid
+    /// objects, `/status` lines and exported names.
+    fn assert_patched_as_fresh(
+        b: &Build,
+        snap: &Snapshot,
+        east: &SourceState,
+        west: &SourceState,
+        dropped: &[&str],
+    ) {
+        assert!(b.patched, "patched");
+        let fresh = build_two(&mut index(), east, west, dropped, 0);
+        assert!(!fresh.patched);
+        let fresh_snap = fresh.snapshot.expect("a first snapshot");
+        assert_eq!(versions(snap), versions(&fresh_snap));
+        for (name, r) in &fresh_snap.resources {
+            assert_eq!(**r, *snap.resources[name], "{name}");
+        }
+        assert_eq!(b.issues, fresh.issues);
+        assert_eq!(b.invalid, fresh.invalid);
+        assert_eq!(b.services, fresh.services);
+        assert_eq!(snap.exported, fresh_snap.exported);
+    }
+
+    /// The import `clusterset/ns/<service>` of `snap`: its ClusterSet IPs
+    /// and each slice's cluster with its endpoints' addresses.
+    fn import_of(snap: &Snapshot, service: &str) -> (Vec<IpAddr>, Vec<(String, Vec<IpAddr>)>) {
+        let name = format!("clusterset/ns/{service}");
+        let state = switchyard_proto::convert::decode_state_bytes(
+            &name,
+            &snap.resources[name.as_str()].service_state,
+        )
+        .expect("an import");
+        let mut slices: Vec<(String, Vec<IpAddr>)> = state
+            .slices
+            .iter()
+            .map(|s| {
+                let addresses = s.endpoints.iter().flat_map(|e| e.addresses.clone());
+                (s.cluster.clone().unwrap_or_default(), addresses.collect())
+            })
+            .collect();
+        slices.sort();
+        (state.service.cluster_ips, slices)
+    }
+
+    /// The key of `cluster`'s one slice of Service `s0`, as [`exporting`] makes it.
+    fn exported_slice(cluster: &str) -> crate::source::SliceKey {
+        (ServiceKey::new(cluster, "ns", "s0"), "s0-1".to_owned())
+    }
+
+    fn set_endpoint(state: &mut SourceState, cluster: &str, addresses: &[&str]) {
+        state.slices.modify(&exported_slice(cluster), |s| {
+            s.slice.endpoints[0].addresses =
+                addresses.iter().map(|a| a.parse().expect("ip")).collect();
+        });
+    }
+
+    #[test]
+    fn an_endpoint_change_of_an_exported_service_patches_its_import() {
+        let mut idx = index();
+        let mut east = exporting("east", "10.1.0.1", 20);
+        let mut west = exporting("west", "10.2.0.1", 10);
+        // Issues: east's session affinity disagrees with the older export
+        // (west's), and east exports a Service it does not have.
+        east.services
+            .modify(&ServiceKey::new("east", "ns", "s0"), |s| {
+                s.session_affinity_timeout = Some(60);
+            });
+        east.exports.push(crate::source::Export {
+            key: ServiceKey::new("east", "ns", "ghost"),
+            created_unix: Some(5),
+        });
+        // A second exported Service, whose import must not move.
+        let other = exporting("west", "10.2.0.9", 10);
+        let svc = other.services.first().expect("a Service");
+        let slice = other.slices.first().expect("a slice");
+        let key = ServiceKey::new("west", "ns", "s1");
+        west.services.push(Arc::new(Service {
+            key: key.clone(),
+            ..(**svc).clone()
+        }));
+        west.slices.push(Arc::new(SourceSlice {
+            service: key.clone(),
+            ..(**slice).clone()
+        }));
+        west.exports.push(crate::source::Export {
+            key,
+            created_unix: Some(10),
+        });
+        let first = build_two(&mut idx, &east, &west, &[], 1);
+        assert!(!first.patched);
+        let reasons: Vec<&str> = first.issues.iter().map(|i| i.reason).collect();
+        assert_eq!(reasons, ["NoService", "SessionAffinityConflict"]);
+        let first = first.snapshot.expect("a first snapshot");
+        let (ip, _) = import_of(&first, "s0");
+        assert_eq!(ip.len(), 1);
+
+        // East's endpoint moves: patched into east's Service and the import.
+        set_endpoint(&mut east, "east", &["10.1.0.7"]);
+        let b = build_two(&mut idx, &east, &west, &[], 2);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        let ep = |a: &str| a.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            import_of(&snap, "s0"),
+            (
+                ip.clone(),
+                vec![
+                    ("east".to_owned(), vec![ep("10.1.0.7")]),
+                    ("west".to_owned(), vec![ep("10.2.0.1")]),
+                ]
+            )
+        );
+        assert_eq!(b.issues.len(), 2, "{:?}", b.issues);
+        assert!(Arc::ptr_eq(
+            &snap.resources["clusterset/ns/s1"],
+            &first.resources["clusterset/ns/s1"]
+        ));
+        let delta = snap.delta_from(&first, &View::Agent("east".into()));
+        let mut changed: Vec<&str> = delta.changed.iter().map(|r| r.name.as_str()).collect();
+        changed.sort_unstable();
+        assert_eq!(changed, ["clusterset/ns/s0", "east/ns/s0"]);
+
+        // West's (the oldest export's) too.
+        set_endpoint(&mut west, "west", &["10.2.0.8", "10.2.0.9"]);
+        let b = build_two(&mut idx, &east, &west, &[], 3);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        assert_eq!(import_of(&snap, "s0").1[1].1.len(), 2);
+        assert_eq!(import_of(&snap, "s0").0, ip);
+
+        // East's Service made invalid: its disagreement goes with it, the
+        // merge's issue stays; and both come back with it.
+        set_endpoint(&mut east, "east", &[]);
+        let b = build_two(&mut idx, &east, &west, &[], 4);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        let reasons: Vec<&str> = b.issues.iter().map(|i| i.reason).collect();
+        assert_eq!(reasons, ["NoService"]);
+        set_endpoint(&mut east, "east", &["10.1.0.1"]);
+        let b = build_two(&mut idx, &east, &west, &[], 5);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        let reasons: Vec<&str> = b.issues.iter().map(|i| i.reason).collect();
+        assert_eq!(reasons, ["NoService", "SessionAffinityConflict"]);
+    }
+
+    /// With more imports than ClusterSet IPs, an import that leaves frees
+    /// an address another one was waiting for: the patch cannot tell that
+    /// one's resource, so the full build runs; the one that comes back then
+    /// waits, patched, with the issue a full build reports.
+    #[test]
+    fn an_import_waiting_for_a_clusterset_ip_takes_the_full_build() {
+        let mut config = IndexConfig::in_memory("10.96.0.0/16".parse().expect("cidr"));
+        // Five addresses (offsets 2 to 6) for six imports.
+        config.clusterset_cidrs = vec!["10.112.0.0/29".parse().expect("cidr")];
+        let mut idx = Index::new(&config);
+        let mut state = source(6);
+        state.exports = state
+            .services
+            .iter()
+            .map(|s| crate::source::Export {
+                key: s.key.clone(),
+                created_unix: Some(1),
+            })
+            .collect();
+        let waiting = |b: &Build| -> Vec<String> {
+            b.issues
+                .iter()
+                .filter(|i| i.reason == "NoClusterSetIP")
+                .map(|i| i.service.clone())
+                .collect()
+        };
+        let first = build(&mut idx, &[("t", &state)], 1);
+        let [waits] = waiting(&first)
+            .try_into()
+            .expect("one import without an address");
+        let waits = waits.strip_prefix("ns/").expect("ns/").to_owned();
+        let snap = first.snapshot.expect("a first snapshot");
+        assert!(
+            !snap
+                .resources
+                .contains_key(format!("clusterset/ns/{waits}").as_str())
+        );
+        let leaves = if waits == "s0" { 1 } else { 0 };
+
+        state.slices.modify(&slice_key(leaves), |s| {
+            s.slice.endpoints[0].addresses.clear()
+        });
+        let b = build(&mut idx, &[("t", &state)], 2);
+        assert!(!b.patched, "another import's address moved: a full build");
+        assert!(waiting(&b).is_empty(), "{:?}", b.issues);
+        let snap = b.snapshot.expect("a change");
+        assert!(
+            snap.resources
+                .contains_key(format!("clusterset/ns/{waits}").as_str())
+        );
+        assert!(
+            !snap
+                .resources
+                .contains_key(format!("clusterset/ns/s{leaves}").as_str())
+        );
+
+        state.slices.modify(&slice_key(leaves), |s| {
+            s.slice.endpoints[0].addresses =
+                vec![format!("10.244.0.{}", leaves + 1).parse().expect("ip")];
+        });
+        let b = build(&mut idx, &[("t", &state)], 3);
+        assert!(b.patched, "the one that came back waits: patched");
+        assert_eq!(waiting(&b), [format!("ns/s{leaves}")]);
+        let snap = b.snapshot.expect("a change");
+        assert!(
+            snap.resources
+                .contains_key(format!("default/ns/s{leaves}").as_str())
+        );
+        assert!(
+            !snap
+                .resources
+                .contains_key(format!("clusterset/ns/s{leaves}").as_str())
+        );
+        assert!(
+            snap.resources
+                .contains_key(format!("clusterset/ns/{waits}").as_str())
+        );
+        assert_eq!(
+            snap.resources
+                .keys()
+                .filter(|n| n.starts_with("clusterset/"))
+                .count(),
+            5
+        );
+    }
+
+    #[test]
+    fn an_exported_service_made_invalid_by_its_endpoints_changes_its_import_as_a_full_build_would()
+    {
+        let mut idx = index();
+        let mut east = exporting("east", "10.1.0.1", 20);
+        let mut west = exporting("west", "10.2.0.1", 10);
+        let first = build_two(&mut idx, &east, &west, &[], 1)
+            .snapshot
+            .expect("a first snapshot");
+        let (ip, _) = import_of(&first, "s0");
+        assert!(first.exported.contains("east/ns/s0"));
+
+        // An endpoint without addresses: east's Service leaves, and with it
+        // east's endpoints from the import and its name from the exported.
+        set_endpoint(&mut east, "east", &[]);
+        let b = build_two(&mut idx, &east, &west, &[], 2);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        assert!(!snap.resources.contains_key("east/ns/s0"));
+        assert!(!snap.exported.contains("east/ns/s0"));
+        assert_eq!(b.invalid.len(), 1, "{:?}", b.invalid);
+        let (now, slices) = import_of(&snap, "s0");
+        assert_eq!(now, ip);
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].0, "west");
+
+        // West's too: no exporter is valid, the import leaves.
+        set_endpoint(&mut west, "west", &[]);
+        let b = build_two(&mut idx, &east, &west, &[], 3);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        assert!(!snap.resources.contains_key("clusterset/ns/s0"));
+        assert!(b.services.values().all(|s| s.cluster != CLUSTERSET));
+        assert!(snap.exported.is_empty());
+
+        // Both come back, and so does the import, with its ClusterSet IP.
+        set_endpoint(&mut west, "west", &["10.2.0.1"]);
+        let b = build_two(&mut idx, &east, &west, &[], 4);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        assert_eq!(import_of(&snap, "s0").0, ip);
+        set_endpoint(&mut east, "east", &["10.1.0.1"]);
+        let b = build_two(&mut idx, &east, &west, &[], 5);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
+        assert_eq!(versions(&snap), versions(&first));
+    }
+
+    #[test]
+    fn an_endpoint_change_beside_a_dropped_cluster_patches_the_import_without_it() {
+        let mut idx = index();
+        let mut east = exporting("east", "10.1.0.1", 20);
+        let mut west = exporting("west", "10.2.0.1", 10);
+        let first = build_two(&mut idx, &east, &west, &["east"], 1)
+            .snapshot
+            .expect("a first snapshot");
+        let (ip, _) = import_of(&first, "s0");
+
+        // West's endpoint moves: the import has it, and still not east's.
+        set_endpoint(&mut west, "west", &["10.2.0.5"]);
+        let b = build_two(&mut idx, &east, &west, &["east"], 2);
+        let snap = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &snap, &east, &west, &["east"]);
+        let ep: IpAddr = "10.2.0.5".parse().expect("ip");
+        assert_eq!(
+            import_of(&snap, "s0"),
+            (ip, vec![("west".to_owned(), vec![ep])])
+        );
+
+        // East's moves: east's own view changes, the import does not.
+        set_endpoint(&mut east, "east", &["10.1.0.5"]);
+        let b = build_two(&mut idx, &east, &west, &["east"], 3);
+        let next = b.snapshot.clone().expect("a change");
+        assert_patched_as_fresh(&b, &next, &east, &west, &["east"]);
+        assert!(Arc::ptr_eq(
+            &next.resources["clusterset/ns/s0"],
+            &snap.resources["clusterset/ns/s0"]
+        ));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use switchyard_agent::dataplane::NoneDataPlane;
 use switchyard_control_plane::ControlPlane;
 use switchyard_control_plane::index::{Index, IndexConfig, Serving};
 use switchyard_control_plane::merge::Input;
-use switchyard_control_plane::source::{SlicePorts, Source, SourceSlice, SourceState};
+use switchyard_control_plane::source::{Export, SlicePorts, Source, SourceSlice, SourceState};
 use switchyard_integration_tests::bench::{
     loadavg, metric_value, ms, percentile, proc_status_kib, reset_peak_rss,
 };
@@ -81,7 +81,12 @@ enum Role {
     /// `Index::build` alone at `--services`: the first build and the
     /// rebuild after one endpoint change (p50 and p99 of `--changes`); prints JSON.
     #[command(hide = true)]
-    Index,
+    Index {
+        /// Every Service is exported (a ServiceExport each), so each one
+        /// also makes a clusterset import.
+        #[arg(long)]
+        exported: bool,
+    },
     /// The anchor: a bare tonic server pushing a 200-byte update to `streams`
     /// fleet streams per change and counting their ACKs; prints JSON.
     #[command(hide = true)]
@@ -115,8 +120,8 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
-        Some(Role::Index) => {
-            let result = index_only(&cli)?;
+        Some(Role::Index { exported }) => {
+            let result = index_only(&cli, *exported)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
@@ -602,8 +607,23 @@ struct IndexTimes {
     patched: usize,
 }
 
-fn time_index(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<IndexTimes> {
+fn time_index(
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+    exported: bool,
+) -> anyhow::Result<IndexTimes> {
     let mut state = source_state(services, endpoints);
+    if exported {
+        state.exports = state
+            .services
+            .iter()
+            .map(|s| Export {
+                key: s.key.clone(),
+                created_unix: Some(0),
+            })
+            .collect();
+    }
     let mut index = Index::new(&IndexConfig::in_memory("10.96.0.0/12".parse()?));
     fn input(state: &SourceState) -> Input<'_> {
         Input {
@@ -637,10 +657,11 @@ fn time_index(services: usize, endpoints: usize, changes: usize) -> anyhow::Resu
     })
 }
 
-fn index_only(cli: &Cli) -> anyhow::Result<serde_json::Value> {
-    let t = time_index(cli.services, cli.endpoints, cli.changes)?;
+fn index_only(cli: &Cli, exported: bool) -> anyhow::Result<serde_json::Value> {
+    let t = time_index(cli.services, cli.endpoints, cli.changes, exported)?;
     Ok(serde_json::json!({
         "services": cli.services,
+        "exported": exported,
         "first_build_ms": t.first_ms,
         "rebuild_p50_ms": percentile(&t.rebuilds_ms, 50.0),
         "rebuild_p99_ms": percentile(&t.rebuilds_ms, 99.0),
@@ -985,7 +1006,7 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
     let load_at_start = loadavg();
 
     // 0. Index::build alone on the same objects, first build and one change.
-    let index = time_index(s, e, 10)?;
+    let index = time_index(s, e, 10, false)?;
     eprintln!(
         "index: first build {:.0} ms ({} resources), rebuild after one change p50 {:.1} ms",
         index.first_ms,
