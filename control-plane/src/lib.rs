@@ -253,8 +253,6 @@ pub async fn start_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
-    let churn = Arc::new(heap::Churn::default());
-    tasks.spawn(heap::run(churn.clone(), metrics.clone(), shutdown.clone()));
     let service = SnapshotService::new(
         snapshot_rx.clone(),
         status.clone(),
@@ -265,9 +263,13 @@ pub async fn start_with(
             max_streams: args.max_agent_streams,
             ack_timeout: args.ack_timeout,
         },
-        churn,
         shutdown.clone(),
     );
+    tasks.spawn(heap::run(
+        service.churn(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     // gRPC health follows readiness: NOT_SERVING until every source synced.
     {
         let mut rx = snapshot_rx.clone();

@@ -65,11 +65,14 @@ pub struct Bounded<IO> {
 struct ConnectionPermit {
     address: IpAddr,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// `connections_open`, decremented on drop.
+    open: prometheus_client::metrics::gauge::Gauge,
     _total: OwnedSemaphorePermit,
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
+        self.open.dec();
         let mut counts = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = counts.get_mut(&self.address) {
             *n -= 1;
@@ -162,9 +165,11 @@ impl Gate {
             return None;
         }
         *n += 1;
+        self.metrics.connections_open.inc();
         Some(ConnectionPermit {
             address: peer.ip(),
             per_address: self.per_address.clone(),
+            open: self.metrics.connections_open.clone(),
             _total: total,
         })
     }

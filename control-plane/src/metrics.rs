@@ -26,6 +26,8 @@ pub struct Metrics {
     pub invalid_objects: Gauge,
     /// Agent streams open now.
     pub agents_connected: Gauge,
+    /// gRPC connections admitted and still open.
+    pub connections_open: Gauge,
     /// Updates sent to agents.
     pub pushes: Counter,
     /// Resources sent to agents.
@@ -61,6 +63,7 @@ impl Metrics {
             resources: Gauge::default(),
             invalid_objects: Gauge::default(),
             agents_connected: Gauge::default(),
+            connections_open: Gauge::default(),
             pushes: Counter::default(),
             resources_sent: Counter::default(),
             acks: Counter::default(),
@@ -98,6 +101,11 @@ impl Metrics {
             "agents_connected",
             "Agent streams open",
             m.agents_connected.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "gRPC connections admitted and still open",
+            m.connections_open.clone(),
         );
         registry.register(
             "pushes",

@@ -143,7 +143,6 @@ impl SnapshotService {
         identity: Option<ClientIdentity>,
         served: Served,
         limits: StreamLimits,
-        churn: Arc<Churn>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -155,9 +154,15 @@ impl SnapshotService {
             streams: Arc::new(Semaphore::new(limits.max_streams)),
             hellos: Arc::new(Semaphore::new(HELLOS_AT_ONCE)),
             limits,
-            churn,
+            churn: Arc::new(Churn::default()),
             shutdown,
         }
+    }
+
+    /// Where the service's streams note their connects, first ACKs and ends
+    /// (for `heap::run`).
+    pub fn churn(&self) -> Arc<Churn> {
+        self.churn.clone()
     }
 
     /// Whether agents of `cluster` are served: it is the cluster of one of

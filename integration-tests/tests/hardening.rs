@@ -353,6 +353,14 @@ async fn connections_and_streams_are_bounded() {
         "{err}"
     );
     b.shutdown().await;
+    // b's connection is released when the control plane sees it close.
+    within("agent b's connection to close", async {
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        while cp.metrics.connections_open.get() != 1 {
+            poll.tick().await;
+        }
+    })
+    .await;
 
     // Two connections from 127.0.0.1 are open (agent a, and nothing else
     // once b has gone); a third one from the same address is closed at once.
