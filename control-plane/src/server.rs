@@ -218,7 +218,7 @@ async fn read_hello(
                 s
             }
         })?;
-        let part = match msg.and_then(|m| m.kind) {
+        let mut part = match msg.and_then(|m| m.kind) {
             Some(agent_message::Kind::Hello(h)) => h,
             _ if hello.is_some() => {
                 return Err(Status::invalid_argument(
@@ -242,7 +242,6 @@ async fn read_hello(
             }
         }
         let continued = part.continued;
-        let mut part = part;
         let versions = std::mem::take(&mut part.initial_resource_versions);
         let whole = match hello.take() {
             None => part,
@@ -256,7 +255,6 @@ async fn read_hello(
             }
         };
         snapshot.take_in(&mut announced, &versions);
-        drop(versions);
         if announced.entries() > limit {
             return Err(Status::resource_exhausted(format!(
                 "Hello.initial_resource_versions announces more than {limit} resources (four times \

@@ -386,7 +386,9 @@ impl Snapshot {
         delta
     }
 
-    /// The difference from the versions an agent announced on (re)connect.
+    /// The difference from the versions an agent announced on (re)connect,
+    /// taken in at once (the tests' shorthand for one whole Hello).
+    #[cfg(test)]
     pub fn delta_from_versions(&self, held: &HashMap<String, String>, view: &View) -> Delta {
         let mut announced = Announcement::default();
         self.take_in(&mut announced, held.iter());
