@@ -642,6 +642,12 @@ pub struct DnsMetrics {
     pub truncated: Counter,
     /// Index build duration.
     pub index_build_seconds: Histogram,
+    /// How long the upstreams took to answer a forwarded query, every
+    /// upstream tried included.
+    pub upstream_seconds: Histogram,
+    /// Forwarded UDP queries, from their receipt to their answer sent: the
+    /// upstream's time and the stub's own.
+    pub forward_seconds: Histogram,
     /// Names in the index.
     pub names: Gauge,
 }
@@ -667,9 +673,17 @@ impl Default for DnsMetrics {
             dropped: Counter::default(),
             truncated: Counter::default(),
             index_build_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            upstream_seconds: forward_buckets(),
+            forward_seconds: forward_buckets(),
             names: Gauge::default(),
         }
     }
+}
+
+/// 0.25 ms to 2 s, doubling: a forwarded query on a node takes a
+/// millisecond or less when its upstream is near, and gives up at 2 s.
+fn forward_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.00025, 2.0, 14))
 }
 
 impl DnsMetrics {
@@ -723,6 +737,16 @@ impl DnsMetrics {
             "index_build_seconds",
             "Time to build the DNS index from a snapshot",
             self.index_build_seconds.clone(),
+        );
+        r.register(
+            "upstream_seconds",
+            "Time for the upstreams to answer a forwarded query",
+            self.upstream_seconds.clone(),
+        );
+        r.register(
+            "forward_seconds",
+            "Forwarded UDP queries from receipt to answer sent",
+            self.forward_seconds.clone(),
         );
         r.register("names", "Names in the DNS index", self.names.clone());
     }

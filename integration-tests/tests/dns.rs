@@ -274,6 +274,16 @@ async fn other_names_are_forwarded_to_the_upstream() {
         metrics.contains("switchyard_agent_dns_cache_hits_total 1"),
         "{metrics}"
     );
+    // Timed: the three waits for the upstream, and the two UDP queries
+    // from receipt to answer (the TCP one and the cache hit are not).
+    assert!(
+        metrics.contains("switchyard_agent_dns_upstream_seconds_count 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_agent_dns_forward_seconds_count 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

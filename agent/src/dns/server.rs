@@ -123,6 +123,11 @@ impl RequestHandler for StubHandler {
 }
 
 impl StubHandler {
+    /// The metrics it counts into.
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// A handler answering from `cell` as `cfg` says.
     pub(super) fn new(cfg: DnsConfig, cell: Arc<IndexCell>, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -265,8 +270,13 @@ impl StubHandler {
             return response::error(request, ResponseCode::Refused, response).await;
         };
         self.metrics.dns.forwarded.inc();
+        let asked = Instant::now();
         let answer = forward::ask_upstreams(&f.query, &self.cfg.upstreams).await;
         drop(permit);
+        self.metrics
+            .dns
+            .upstream_seconds
+            .observe(asked.elapsed().as_secs_f64());
         match answer {
             Some(answer) => {
                 self.cache.put(&f.query, &answer, Instant::now());

@@ -78,9 +78,15 @@ pub(super) async fn serve(socket: UdpSocket, handler: Arc<StubHandler>, stop: Ca
                 Reply::Now => send(&socket, &out, src).await,
                 Reply::Later(request) => {
                     let (handler, socket) = (handler.clone(), socket.clone());
+                    let received = Instant::now();
                     tokio::spawn(async move {
                         if let Some(bytes) = handler.reply_later(request).await {
                             send(&socket, &bytes, src).await;
+                            handler
+                                .metrics()
+                                .dns
+                                .forward_seconds
+                                .observe(received.elapsed().as_secs_f64());
                         }
                     });
                 }
