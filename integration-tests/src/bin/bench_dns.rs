@@ -8,7 +8,7 @@
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns
 //! taskset -c 0 target/release/bench_dns [--services 10000] [--seconds 5] [--load 20000]
 //!     [--classes hit,nxdomain,nodata,forwarded,uncached] [--uncached-names 400000]
-//!     [--uncached-load 10000] [--repeat 1]
+//!     [--uncached-load 10000] [--repeat 1] [--upstream-cpu 1]
 //! ```
 //!
 //! For each query class and server it runs dnsperf twice: unlimited (QPS),
@@ -16,17 +16,30 @@
 //! server CPU per query from /proc/<pid>/stat). With `--repeat N` the
 //! fixed-load run is made N times per server, alternating between the two
 //! servers, and the table gives each server's median with the range: on
-//! this noisy machine one pair of runs cannot tell a few per cent apart. The stub is this process
+//! this noisy machine one pair of runs cannot tell a few per cent apart.
+//! Each run is also printed on stderr as it ends, with the upstream's CPU
+//! time. "sent upstream" counts the queries the upstream answered during
+//! the fixed-load run (its `unbound-control` statistics); "own p99 of
+//! those" is each server's own view of them, from receipt to answer, as
+//! the bound of its histogram's bucket (the stub's `dns_forward_seconds`,
+//! with `dns_upstream_seconds` on stderr; unbound's `extended-statistics`
+//! histogram): what dnsperf measures beyond it is spent before the server
+//! reads the query or after it sends the answer (socket queues, waiting
+//! for a CPU). `--upstream-cpu 0` puts the upstream with the servers
+//! instead of with dnsperf. The stub is this process
 //! (its DNS thread; the rest of the process idles while dnsperf runs).
 //! Other names go to a second unbound (the "upstream", on CPU 1) answering
 //! every `*.example.org` name from one `redirect` local-data record, TTL
 //! 60 s, so it never recurses:
-//! - `forwarded`: the same `--services` names `host-<i>.example.org`, in
-//!   the same scrambled order as the other classes, for both runs. The
+//! - `forwarded`: `--services` names `host-<rep>-<i>.example.org`, in
+//!   the same scrambled order as the other classes, for both runs of a
+//!   repetition and both servers, and new names in each repetition. The
 //!   unlimited run fetches each name once from the upstream; the fixed-load
 //!   run, 5 s later and within the 30 s the stub keeps an answer (unbound
 //!   keeps it 60 s), measures the servers' caches of upstream answers: no
-//!   query of it goes upstream.
+//!   query of it goes upstream. With the same names in every repetition,
+//!   the stub's answers from the first one expired in the middle of a later
+//!   fixed-load run, which then fetched all of them again.
 //! - `uncached`: names that are never repeated (`--uncached-names` of them
 //!   per dnsperf run, a fresh set for every run and server), so every query
 //!   is forwarded to the upstream by both servers: their whole forwarding
@@ -147,7 +160,52 @@ fn unbound_conf(dir: &Path, port: u16, body: &str) -> String {
 
 /// An unbound of the bench, stopped when dropped (also when the bench
 /// fails half-way, which used to leave it running).
-struct Unbound(Child);
+struct Unbound(Child, std::path::PathBuf);
+
+impl Unbound {
+    /// Its statistics so far, through `unbound-control` on the Unix socket
+    /// of [`CONTROL`].
+    fn stats(&self) -> anyhow::Result<String> {
+        let out = Command::new("unbound-control")
+            .arg("-c")
+            .arg(&self.1)
+            .arg("stats_noreset")
+            .output()
+            .context("unbound-control")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Queries it has answered so far (`total.num.queries`).
+    fn queries(&self) -> anyhow::Result<u64> {
+        let text = self.stats()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("total.num.queries="))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("unbound-control stats: {text}"))
+    }
+
+    /// Its histogram of the time queries that went upstream took, from
+    /// receipt to answer, as cumulative buckets `(upper bound in seconds,
+    /// count)` like the stub's (`extended-statistics`).
+    fn recursion_buckets(&self) -> anyhow::Result<Vec<(f64, u64)>> {
+        let mut total = 0;
+        let mut out = Vec::new();
+        for line in self.stats()?.lines() {
+            // histogram.000000.000128.to.000000.000256=17
+            let Some((range, count)) = line
+                .strip_prefix("histogram.")
+                .and_then(|l| l.split_once('='))
+            else {
+                continue;
+            };
+            let upper = range.split(".to.").nth(1).context("histogram line")?;
+            let (sec, usec) = upper.split_once('.').context("histogram bound")?;
+            total += count.trim().parse::<u64>()?;
+            out.push((sec.parse::<f64>()? + usec.parse::<f64>()? / 1e6, total));
+        }
+        Ok(out)
+    }
+}
 
 impl Drop for Unbound {
     fn drop(&mut self) {
@@ -155,6 +213,12 @@ impl Drop for Unbound {
         let _ = self.0.wait();
     }
 }
+
+/// The control socket of an unbound: the upstream's counts what the
+/// measured server asked it during a run, the measured one's gives its
+/// own view of the time a forwarded query took.
+const CONTROL: &str =
+    "remote-control:\n  control-enable: yes\n  control-use-cert: no\n  control-interface: ";
 
 fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Result<Unbound> {
     let path = dir.join(file);
@@ -169,6 +233,7 @@ fn start_unbound(dir: &Path, file: &str, conf: &str, cpu: &str) -> anyhow::Resul
             .arg(&path)
             .stdout(Stdio::null())
             .spawn()?,
+        path,
     ))
 }
 
@@ -197,8 +262,45 @@ fn wait_answering(port: u16, name: &str, qtype: &str) -> anyhow::Result<()> {
     bail!("nothing answers on port {port}")
 }
 
-/// The dnsperf input line for service number `i`.
-type QueryLine = Box<dyn Fn(usize) -> String>;
+/// The cumulative buckets `(le, count)` of the histogram `name` in the
+/// agent's metrics text.
+fn buckets(metrics: &Metrics, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("switchyard_agent_dns_{name}_bucket{{le=\"");
+    metrics
+        .encode()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which 99% of what was observed between the two
+/// readings fell (milliseconds), or `None` if nothing was.
+fn p99_bound(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    let total = delta.last()?.1;
+    (total > 0).then(|| {
+        delta
+            .iter()
+            .find(|(_, n)| *n as f64 >= 0.99 * total as f64)
+            .map_or(f64::INFINITY, |(le, _)| le * 1e3)
+    })
+}
+
+/// The dnsperf input line for service number `i` in repetition `rep`.
+type QueryLine = Box<dyn Fn(usize, usize) -> String>;
 
 struct Run {
     /// Queries sent in the fixed-load run.
@@ -210,6 +312,13 @@ struct Run {
     /// The share of `cpu_us` spent in the kernel.
     system: f64,
     lost: u64,
+    /// Queries the upstream answered during the fixed-load run: the ones
+    /// the server did not answer from its own state or cache.
+    upstream: u64,
+    /// The server's own p99 from receipt to answer of the queries it
+    /// forwarded in the fixed-load run, as the bound of its histogram's
+    /// bucket (ms); `None` if it forwarded none.
+    own_p99_ms: Option<f64>,
 }
 
 fn dnsperf(
@@ -308,6 +417,8 @@ fn fixed(
         },
         system: if cpu > 0.0 { system / cpu } else { 0.0 },
         lost,
+        upstream: 0,
+        own_p99_ms: None,
     })
 }
 
@@ -328,15 +439,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let upstream_port = free_port()?;
+    let upstream_cpu = string_arg("--upstream-cpu").unwrap_or_else(|| "1".into());
     let upstream = start_unbound(
         dir.path(),
         "upstream.conf",
-        &unbound_conf(
-            dir.path(),
-            upstream_port,
-            "  local-zone: \"example.org.\" redirect\n  local-data: \"example.org. 60 IN A 192.0.2.7\"\n",
+        &format!(
+            "{}{CONTROL}\"{}\"\n",
+            unbound_conf(
+                dir.path(),
+                upstream_port,
+                "  local-zone: \"example.org.\" redirect\n  local-data: \"example.org. 60 IN A 192.0.2.7\"\n",
+            ),
+            dir.path().join("upstream.ctl").display()
         ),
-        "1",
+        &upstream_cpu,
     )?;
     // Answering, so its port is bound before the stub binds a free one:
     // otherwise the stub may be given the port just found free for it.
@@ -391,7 +507,8 @@ fn main() -> anyhow::Result<()> {
             dir.path(),
             unbound_port,
             &format!(
-                "{local}forward-zone:\n  name: \".\"\n  forward-addr: 127.0.0.1@{upstream_port}\n"
+                "{local}  extended-statistics: yes\nforward-zone:\n  name: \".\"\n  forward-addr: 127.0.0.1@{upstream_port}\n{CONTROL}\"{}\"\n",
+                dir.path().join("unbound.ctl").display()
             ),
         ),
         "0",
@@ -399,6 +516,7 @@ fn main() -> anyhow::Result<()> {
     wait_answering(stub.port(), "dns-version.cluster.local", "TXT")?;
     wait_answering(unbound_port, "dns-version.cluster.local", "TXT")?;
     let unbound_pid = unbound.0.id().to_string();
+    let upstream_pid = upstream.0.id().to_string();
     let unbound_rss = rss_kib(&unbound_pid);
 
     // Query files: every service name in a scrambled order.
@@ -408,7 +526,7 @@ fn main() -> anyhow::Result<()> {
         (
             "hit (A)",
             "hit",
-            Some(Box::new(|i| {
+            Some(Box::new(|_, i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE} A")
             })),
@@ -416,7 +534,7 @@ fn main() -> anyhow::Result<()> {
         (
             "NXDOMAIN",
             "nxdomain",
-            Some(Box::new(|i| {
+            Some(Box::new(|_, i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE}.{n}.svc.{ZONE} A")
             })),
@@ -424,7 +542,7 @@ fn main() -> anyhow::Result<()> {
         (
             "NODATA (AAAA)",
             "nodata",
-            Some(Box::new(|i| {
+            Some(Box::new(|_, i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE} AAAA")
             })),
@@ -432,7 +550,7 @@ fn main() -> anyhow::Result<()> {
         (
             "forwarded (cached)",
             "forwarded",
-            Some(Box::new(|i| format!("host-{i}.example.org A"))),
+            Some(Box::new(|rep, i| format!("host-{rep}-{i}.example.org A"))),
         ),
         ("forwarded, uncached", "uncached", None),
     ];
@@ -446,9 +564,9 @@ fn main() -> anyhow::Result<()> {
         bench::loadavg()
     );
     println!(
-        "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query | of it in the kernel |"
+        "| query class | server | max QPS | lost | p99 at {load} QPS | avg at {load} QPS | server CPU/query | of it in the kernel | sent upstream | own p99 of those |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (label, key, make) in &classes {
         if wanted
             .as_deref()
@@ -457,10 +575,6 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let same = dir.path().join(format!("{key}.txt"));
-        if let Some(make) = make {
-            let body: String = order.iter().map(|i| make(*i) + "\n").collect();
-            std::fs::write(&same, body)?;
-        }
         let servers = [
             ("switchyard", me.as_str(), stub.port()),
             ("unbound 1.17", unbound_pid.as_str(), unbound_port),
@@ -470,6 +584,10 @@ fn main() -> anyhow::Result<()> {
         // the servers in turn (the unlimited run also fills the caches of
         // upstream answers again for the forwarded class).
         for rep in 0..repeat {
+            if let Some(make) = make {
+                let body: String = order.iter().map(|i| make(rep, *i) + "\n").collect();
+                std::fs::write(&same, body)?;
+            }
             for (s, (server, pid, port)) in servers.into_iter().enumerate() {
                 let (max_file, fixed_file) = if make.is_some() {
                     (same.clone(), same.clone())
@@ -486,7 +604,36 @@ fn main() -> anyhow::Result<()> {
                 };
                 let fixed_load = if make.is_some() { load } else { uncached_load };
                 let max = unlimited(port, &max_file, seconds)?;
-                let r = fixed(pid, port, &fixed_file, seconds, fixed_load, max)?;
+                let asked = upstream.queries()?;
+                let (u0, s0) = bench::process_cpu_split(&upstream_pid);
+                // Each server's own view of the queries it forwarded.
+                let own = |s: usize| -> anyhow::Result<Vec<(f64, u64)>> {
+                    if s == 0 {
+                        Ok(buckets(&metrics, "forward_seconds"))
+                    } else {
+                        unbound.recursion_buckets()
+                    }
+                };
+                let own_before = own(s)?;
+                let waited = buckets(&metrics, "upstream_seconds");
+                let mut r = fixed(pid, port, &fixed_file, seconds, fixed_load, max)?;
+                let (u1, s1) = bench::process_cpu_split(&upstream_pid);
+                r.upstream = upstream.queries()? - asked;
+                r.own_p99_ms = p99_bound(&own_before, &own(s)?);
+                let waited = match p99_bound(&waited, &buckets(&metrics, "upstream_seconds")) {
+                    Some(up) if s == 0 => format!(", waiting for the upstream <= {up} ms"),
+                    _ => String::new(),
+                };
+                eprintln!(
+                    "{label}, {server}, run {}: max {:.0} QPS, p99 {:.0} us, CPU {:.1} us/query, {} sent upstream, upstream CPU {:.2} s, own p99 of forwarded queries <= {} ms{waited}",
+                    rep + 1,
+                    r.qps,
+                    r.p99_us,
+                    r.cpu_us,
+                    r.upstream,
+                    u1 - u0 + s1 - s0,
+                    r.own_p99_ms.map_or("-".into(), |v| v.to_string()),
+                );
                 if make.is_none() {
                     let unlimited = r.qps * seconds as f64;
                     if unlimited > uncached_names as f64 || r.sent > uncached_names as f64 {
@@ -515,13 +662,19 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             println!(
-                "| {label} | {server} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {server} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(|r| r.qps, "", 0),
                 cell(|r| r.lost as f64, "", 0),
                 cell(|r| r.p99_us, " us", 0),
                 cell(|r| r.avg_us, " us", 0),
                 cell(|r| r.cpu_us, " us", 1),
                 cell(|r| r.system * 100.0, "%", 0),
+                cell(|r| r.upstream as f64, "", 0),
+                if runs.iter().any(|r| r.own_p99_ms.is_some()) {
+                    cell(|r| r.own_p99_ms.unwrap_or(0.0), " ms", 1)
+                } else {
+                    "-".into()
+                },
             );
         }
     }
