@@ -263,11 +263,10 @@ fn wait_answering(port: u16, name: &str, qtype: &str) -> anyhow::Result<()> {
 }
 
 /// The cumulative buckets `(le, count)` of the histogram `name` in the
-/// agent's metrics text.
-fn buckets(metrics: &Metrics, name: &str) -> Vec<(f64, u64)> {
+/// agent's metrics text (`Metrics::encode`).
+fn buckets(metrics: &str, name: &str) -> Vec<(f64, u64)> {
     let prefix = format!("switchyard_agent_dns_{name}_bucket{{le=\"");
     metrics
-        .encode()
         .lines()
         .filter_map(|l| {
             let rest = l.strip_prefix(&prefix)?;
@@ -315,10 +314,27 @@ struct Run {
     /// Queries the upstream answered during the fixed-load run: the ones
     /// the server did not answer from its own state or cache.
     upstream: u64,
+    /// The upstream's CPU time during the fixed-load run (s).
+    upstream_cpu_s: f64,
     /// The server's own p99 from receipt to answer of the queries it
     /// forwarded in the fixed-load run, as the bound of its histogram's
     /// bucket (ms); `None` if it forwarded none.
     own_p99_ms: Option<f64>,
+    /// The stub's p99 wait for the upstream alone, likewise.
+    waited_p99_ms: Option<f64>,
+}
+
+/// What the upstream and the measured server count, read before and after
+/// a fixed-load run.
+struct Counters {
+    /// Queries the upstream answered so far.
+    upstream_queries: u64,
+    /// The upstream's CPU time so far (s).
+    upstream_cpu_s: f64,
+    /// The server's own histogram of forwarded queries, receipt to answer.
+    own: Vec<(f64, u64)>,
+    /// The stub's histogram of waits for the upstream (empty for unbound).
+    waited: Vec<(f64, u64)>,
 }
 
 fn dnsperf(
@@ -381,7 +397,8 @@ fn unlimited(port: u16, file: &Path, seconds: u64) -> anyhow::Result<(f64, u64)>
     ))
 }
 
-/// The fixed-load run on `file`, with the unlimited run's figures.
+/// The fixed-load run on `file`, with the unlimited run's figures and
+/// what `counters` moved by during it.
 fn fixed(
     pid: &str,
     port: u16,
@@ -389,10 +406,13 @@ fn fixed(
     seconds: u64,
     load: u64,
     (qps, lost): (f64, u64),
+    counters: impl Fn() -> anyhow::Result<Counters>,
 ) -> anyhow::Result<Run> {
+    let before = counters()?;
     let (user0, system0) = bench::process_cpu_split(pid);
     let fixed = dnsperf(port, file, seconds, Some(load), true)?;
     let (user1, system1) = bench::process_cpu_split(pid);
+    let after = counters()?;
     let (user, system) = (user1 - user0, system1 - system0);
     let cpu = user + system;
     let completed = field(&fixed, "Queries completed:");
@@ -417,8 +437,10 @@ fn fixed(
         },
         system: if cpu > 0.0 { system / cpu } else { 0.0 },
         lost,
-        upstream: 0,
-        own_p99_ms: None,
+        upstream: after.upstream_queries - before.upstream_queries,
+        upstream_cpu_s: after.upstream_cpu_s - before.upstream_cpu_s,
+        own_p99_ms: p99_bound(&before.own, &after.own),
+        waited_p99_ms: p99_bound(&before.waited, &after.waited),
     })
 }
 
@@ -604,35 +626,36 @@ fn main() -> anyhow::Result<()> {
                 };
                 let fixed_load = if make.is_some() { load } else { uncached_load };
                 let max = unlimited(port, &max_file, seconds)?;
-                let asked = upstream.queries()?;
-                let (u0, s0) = bench::process_cpu_split(&upstream_pid);
-                // Each server's own view of the queries it forwarded.
-                let own = |s: usize| -> anyhow::Result<Vec<(f64, u64)>> {
-                    if s == 0 {
-                        Ok(buckets(&metrics, "forward_seconds"))
+                let counters = || -> anyhow::Result<Counters> {
+                    let (user, system) = bench::process_cpu_split(&upstream_pid);
+                    let (own, waited) = if s == 0 {
+                        let text = metrics.encode();
+                        (
+                            buckets(&text, "forward_seconds"),
+                            buckets(&text, "upstream_seconds"),
+                        )
                     } else {
-                        unbound.recursion_buckets()
-                    }
+                        (unbound.recursion_buckets()?, Vec::new())
+                    };
+                    Ok(Counters {
+                        upstream_queries: upstream.queries()?,
+                        upstream_cpu_s: user + system,
+                        own,
+                        waited,
+                    })
                 };
-                let own_before = own(s)?;
-                let waited = buckets(&metrics, "upstream_seconds");
-                let mut r = fixed(pid, port, &fixed_file, seconds, fixed_load, max)?;
-                let (u1, s1) = bench::process_cpu_split(&upstream_pid);
-                r.upstream = upstream.queries()? - asked;
-                r.own_p99_ms = p99_bound(&own_before, &own(s)?);
-                let waited = match p99_bound(&waited, &buckets(&metrics, "upstream_seconds")) {
-                    Some(up) if s == 0 => format!(", waiting for the upstream <= {up} ms"),
-                    _ => String::new(),
-                };
+                let r = fixed(pid, port, &fixed_file, seconds, fixed_load, max, counters)?;
+                let ms = |v: Option<f64>| v.map_or("-".into(), |v| v.to_string());
                 eprintln!(
-                    "{label}, {server}, run {}: max {:.0} QPS, p99 {:.0} us, CPU {:.1} us/query, {} sent upstream, upstream CPU {:.2} s, own p99 of forwarded queries <= {} ms{waited}",
+                    "{label}, {server}, run {}: max {:.0} QPS, p99 {:.0} us, CPU {:.1} us/query, {} sent upstream, upstream CPU {:.2} s, own p99 of forwarded queries <= {} ms, waiting for the upstream <= {} ms",
                     rep + 1,
                     r.qps,
                     r.p99_us,
                     r.cpu_us,
                     r.upstream,
-                    u1 - u0 + s1 - s0,
-                    r.own_p99_ms.map_or("-".into(), |v| v.to_string()),
+                    r.upstream_cpu_s,
+                    ms(r.own_p99_ms),
+                    ms(r.waited_p99_ms),
                 );
                 if make.is_none() {
                     let unlimited = r.qps * seconds as f64;
