@@ -230,6 +230,15 @@ pub(crate) fn encode_answer(
     encode_now(transport, |c| answer(request, a, c))
 }
 
+/// An answer with no records and `rcode`, encoded as it is sent over `transport`.
+pub(crate) fn encode_error(
+    request: &MessageRequest,
+    rcode: ResponseCode,
+    transport: Transport,
+) -> (ResponseInfo, Vec<u8>) {
+    encode_now(transport, |c| error(request, rcode, c))
+}
+
 /// The `upstream` answer to `fwd`, encoded as it is sent over `transport`.
 pub(crate) fn encode_relay(
     request: &MessageRequest,
@@ -295,7 +304,7 @@ pub(super) async fn respond<H: hickory_server::server::RequestHandler>(
 }
 
 /// Answers a parsed `request` through `handler`; `None` when it sends nothing.
-pub(super) async fn respond_parsed<H: hickory_server::server::RequestHandler>(
+async fn respond_parsed<H: hickory_server::server::RequestHandler>(
     handler: &H,
     request: &Request,
     transport: Transport,

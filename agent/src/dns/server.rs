@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::AnswerCache;
@@ -98,6 +98,7 @@ pub(super) struct StubHandler {
     cell: Arc<IndexCell>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
+    upstreams: forward::Upstreams,
     pub(super) cache: AnswerCache,
 }
 
@@ -105,10 +106,25 @@ pub(super) struct StubHandler {
 pub(super) enum Reply {
     /// Send the answer now in the output buffer.
     Now,
-    /// Ask the upstreams first (in a task of its own): [`StubHandler::reply_later`].
-    Later(Box<Request>),
+    /// Wait for the upstreams, asked already (in a task of its own):
+    /// [`StubHandler::reply_later`].
+    Later(Box<Later>),
     /// Send nothing.
     Nothing,
+}
+
+/// A UDP query whose answer waits for the upstreams.
+pub(super) struct Later {
+    request: Request,
+    forward: Box<Forward>,
+    forwarding: Forwarding,
+}
+
+/// A question sent to the upstreams, within the in-flight bound.
+struct Forwarding {
+    asking: forward::Asking,
+    asked: Instant,
+    _permit: OwnedSemaphorePermit,
 }
 
 #[async_trait::async_trait]
@@ -133,6 +149,7 @@ impl StubHandler {
         Self {
             permits: Arc::new(Semaphore::new(cfg.max_inflight)),
             cache: AnswerCache::new(CACHE_ENTRIES),
+            upstreams: forward::Upstreams::new(&cfg.upstreams),
             cfg,
             cell,
             metrics,
@@ -215,7 +232,21 @@ impl StubHandler {
                 }
                 Decision::Forward(f) => {
                     let Some(hit) = self.cache.lookup(&f.query, now()) else {
-                        return Reply::Later(Box::new(request));
+                        let Some(forwarding) = self.ask(&f) else {
+                            let (info, answer) = response::encode_error(
+                                &request,
+                                ResponseCode::Refused,
+                                Transport::Udp,
+                            );
+                            self.count(&info, false);
+                            *out = answer;
+                            return Reply::Now;
+                        };
+                        return Reply::Later(Box::new(Later {
+                            request,
+                            forward: f,
+                            forwarding,
+                        }));
                     };
                     self.metrics.dns.cache_hits.inc();
                     let (info, answer) =
@@ -249,8 +280,55 @@ impl StubHandler {
 
     /// Answers a datagram [`Self::reply_now`] left for the upstreams;
     /// `None` when there is nothing to send.
-    pub(super) async fn reply_later(&self, request: Box<Request>) -> Option<Vec<u8>> {
-        response::respond_parsed(self, &request, Transport::Udp).await
+    pub(super) async fn reply_later(&self, later: Box<Later>) -> Option<Vec<u8>> {
+        let Later {
+            request,
+            forward,
+            forwarding,
+        } = *later;
+        let (info, answer) = match self.answered(&forward, forwarding).await {
+            Some(a) => response::encode_relay(&request, &forward, &a, Transport::Udp),
+            None => response::encode_error(&request, ResponseCode::ServFail, Transport::Udp),
+        };
+        self.count(&info, false);
+        (!answer.is_empty()).then_some(answer)
+    }
+
+    /// Sends `f`'s question to the upstreams, within the in-flight bound;
+    /// `None` over it.
+    fn ask(&self, f: &Forward) -> Option<Forwarding> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.metrics.dns.forward_overload.inc();
+            return None;
+        };
+        self.metrics.dns.forwarded.inc();
+        let asked = Instant::now();
+        Some(Forwarding {
+            asking: forward::Asking::send(&f.query, &self.upstreams),
+            asked,
+            _permit: permit,
+        })
+    }
+
+    /// The upstreams' answer to `forwarding` (kept in the cache); `None`
+    /// when none answered.
+    async fn answered(&self, f: &Forward, forwarding: Forwarding) -> Option<Message> {
+        let Forwarding {
+            asking,
+            asked,
+            _permit,
+        } = forwarding;
+        let answer = asking.answer(&self.upstreams).await;
+        drop(_permit);
+        let d = &self.metrics.dns;
+        d.upstream_seconds.observe(asked.elapsed().as_secs_f64());
+        match &answer {
+            Some(a) => self.cache.put(&f.query, a, Instant::now()),
+            None => {
+                d.forward_failures.inc();
+            }
+        }
+        answer
     }
 
     /// Answers from the cache or the upstreams, within the in-flight bound;
@@ -265,27 +343,12 @@ impl StubHandler {
             self.metrics.dns.cache_hits.inc();
             return response::relay(request, &f, &answer, response).await;
         }
-        let Ok(permit) = self.permits.try_acquire() else {
-            self.metrics.dns.forward_overload.inc();
+        let Some(forwarding) = self.ask(&f) else {
             return response::error(request, ResponseCode::Refused, response).await;
         };
-        self.metrics.dns.forwarded.inc();
-        let asked = Instant::now();
-        let answer = forward::ask_upstreams(&f.query, &self.cfg.upstreams).await;
-        drop(permit);
-        self.metrics
-            .dns
-            .upstream_seconds
-            .observe(asked.elapsed().as_secs_f64());
-        match answer {
-            Some(answer) => {
-                self.cache.put(&f.query, &answer, Instant::now());
-                response::relay(request, &f, &answer, response).await
-            }
-            None => {
-                self.metrics.dns.forward_failures.inc();
-                response::error(request, ResponseCode::ServFail, response).await
-            }
+        match self.answered(&f, forwarding).await {
+            Some(answer) => response::relay(request, &f, &answer, response).await,
+            None => response::error(request, ResponseCode::ServFail, response).await,
         }
     }
 }

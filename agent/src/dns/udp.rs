@@ -7,7 +7,7 @@
 //!  readable ─▶ recv (up to BATCH in a row) ─▶ allowed source? ─▶ encoded answer of this index? ─▶ send
 //!                                                  └▶ Request::from_bytes ─▶ decide ─▶ answer ─▶ encode ─▶ keep ─▶ send
 //!                                                                                 └▶ forward: cached? encode ─▶ send
-//!                                                                                             else a task: upstreams ─▶ send
+//!                                                                                             else send upstream; a task: answer ─▶ send
 //! ```
 //!
 //! Why not hickory-server's `Server` for UDP (measured, BENCHMARKS.md "DNS
@@ -16,8 +16,9 @@
 //! socket's task, which then sends it; that cost more CPU per query than
 //! unbound. Here an answer from the index is sent from the loop that
 //! received its query, from one reused buffer, and the answer's encoding
-//! is kept ([`EncodedAnswers`]) for the next identical query. Only
-//! queries that wait for an upstream get a task of their own.
+//! is kept ([`EncodedAnswers`]) for the next identical query. A query
+//! for the upstreams is sent to them from here too; only the wait for
+//! their answer gets a task of its own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,11 +77,11 @@ pub(super) async fn serve(socket: UdpSocket, handler: Arc<StubHandler>, stop: Ca
             }
             match handler.reply_now(&mut encoded, &buf[..n], src, Instant::now, &mut out) {
                 Reply::Now => send(&socket, &out, src).await,
-                Reply::Later(request) => {
+                Reply::Later(later) => {
                     let (handler, socket) = (handler.clone(), socket.clone());
                     let received = Instant::now();
                     tokio::spawn(async move {
-                        if let Some(bytes) = handler.reply_later(request).await {
+                        if let Some(bytes) = handler.reply_later(later).await {
                             send(&socket, &bytes, src).await;
                             handler
                                 .metrics()
