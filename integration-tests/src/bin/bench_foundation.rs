@@ -506,6 +506,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         &cp.metrics.encode(),
         "switchyard_control_plane_resources_sent_total",
     );
+    let refused_before = hellos_refused(&cp);
     let exe = std::env::current_exe()?;
     let mut storm = tokio::process::Command::new(exe)
         .args([
@@ -523,6 +524,8 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         .context("spawning the storm fleet")?;
     // The learning stream takes the full state (and never ACKs), then the storm.
     let t = Instant::now();
+    let storm_pid = storm.id().map(|p| p.to_string()).unwrap_or_default();
+    let storm_cpu_cp = cpu_seconds("self");
     let storm_acks = base_acks + n;
     until(&cp, "every storm stream to ACK", || {
         cp.metrics.acks.get() >= storm_acks
@@ -530,6 +533,9 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     .await
     .with_context(|| format!("{} of {n} storm ACKs", cp.metrics.acks.get() - base_acks))?;
     let storm_ms = ms(t.elapsed());
+    let storm_cpu_cp = cpu_seconds("self") - storm_cpu_cp;
+    let storm_cpu_fleet = cpu_seconds(&storm_pid);
+    let storm_refused = hellos_refused(&cp) - refused_before;
     let storm_peak = proc_status_kib("self", "VmHWM");
     let storm_acked_untrimmed = rss_kib();
     let storm_acked = rss_after_trim(&cp, "the storm").await?;
@@ -592,7 +598,20 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
         "storm_acked_untrimmed_kib": storm_acked_untrimmed,
         "storm_ms": storm_ms,
         "storm_resources_sent": storm_resources,
+        "storm_cpu_control_plane_s": storm_cpu_cp,
+        "storm_cpu_fleet_s": storm_cpu_fleet,
+        "storm_hellos_refused": storm_refused,
     }))
+}
+
+/// Streams refused over their Hello so far (a Hello not complete in time,
+/// mostly).
+fn hellos_refused(cp: &ControlPlane) -> f64 {
+    metric_value(
+        &cp.metrics.encode(),
+        "switchyard_control_plane_streams_refused_total{reason=\"hello\"}",
+    )
+    .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------- index alone
