@@ -18,6 +18,7 @@
 //! socket is connected to, with the id and question of a query waiting.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -182,12 +183,10 @@ async fn read_answers(shared: Arc<Shared>) {
             continue;
         };
         let mut waiting = shared.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if waiting
-            .get(&m.metadata.id)
-            .is_some_and(|w| w.queries == m.queries)
-            && let Some(w) = waiting.remove(&m.metadata.id)
+        if let Entry::Occupied(w) = waiting.entry(m.metadata.id)
+            && w.get().queries == m.queries
         {
-            let _ = w.answer.send(m);
+            let _ = w.remove().answer.send(m);
         }
     }
 }

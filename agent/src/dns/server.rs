@@ -120,11 +120,18 @@ pub(super) struct Later {
     forwarding: Forwarding,
 }
 
+impl Later {
+    /// When its question went to the upstreams, as soon as it was decided.
+    pub(super) fn asked(&self) -> Instant {
+        self.forwarding.asked
+    }
+}
+
 /// A question sent to the upstreams, within the in-flight bound.
 struct Forwarding {
     asking: forward::Asking,
     asked: Instant,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 #[async_trait::async_trait]
@@ -306,7 +313,7 @@ impl StubHandler {
         Some(Forwarding {
             asking: forward::Asking::send(&f.query, &self.upstreams),
             asked,
-            _permit: permit,
+            permit,
         })
     }
 
@@ -316,17 +323,16 @@ impl StubHandler {
         let Forwarding {
             asking,
             asked,
-            _permit,
+            permit,
         } = forwarding;
         let answer = asking.answer(&self.upstreams).await;
-        drop(_permit);
+        drop(permit);
         let d = &self.metrics.dns;
         d.upstream_seconds.observe(asked.elapsed().as_secs_f64());
-        match &answer {
-            Some(a) => self.cache.put(&f.query, a, Instant::now()),
-            None => {
-                d.forward_failures.inc();
-            }
+        if let Some(a) = &answer {
+            self.cache.put(&f.query, a, Instant::now());
+        } else {
+            d.forward_failures.inc();
         }
         answer
     }

@@ -79,7 +79,7 @@ pub(super) async fn serve(socket: UdpSocket, handler: Arc<StubHandler>, stop: Ca
                 Reply::Now => send(&socket, &out, src).await,
                 Reply::Later(later) => {
                     let (handler, socket) = (handler.clone(), socket.clone());
-                    let received = Instant::now();
+                    let received = later.asked();
                     tokio::spawn(async move {
                         if let Some(bytes) = handler.reply_later(later).await {
                             send(&socket, &bytes, src).await;
