@@ -1,6 +1,9 @@
 //! A small cache of upstream answers, as NodeLocal DNSCache keeps one:
 //! positive answers for at most 30 s, negative ones for at most 5 s, and
-//! never longer than their own TTLs. Bounded: when full it starts over.
+//! never longer than their own TTLs. Bounded: when full, each new question
+//! evicts one entry, the next under the hand of `clock.rs` (first in,
+//! first out, but for entries used since the hand last passed them); an
+//! expired entry is dropped when it is looked up.
 //!
 //! Each entry carries a [`Current`] flag, cleared when the entry is
 //! replaced or dropped: what the UDP loop encoded from an entry
@@ -10,13 +13,14 @@
 //! ([`AnswerCache::retired`]): while that count is unchanged, no flag
 //! needs reading (each one is a pointer away, a cache miss per query).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, LowerName, RData, Record, RecordType};
+
+use super::clock::ClockMap;
 
 const MAX_POSITIVE: u32 = 30;
 const MAX_NEGATIVE: u32 = 5;
@@ -51,7 +55,7 @@ struct Entry {
 }
 
 /// Whether one cache entry is still in the cache: set when it is put,
-/// cleared for good when it is replaced, dropped or the cache is emptied.
+/// cleared for good when it is replaced, evicted or found expired.
 #[derive(Debug, Clone)]
 pub struct Current(Arc<AtomicBool>);
 
@@ -113,7 +117,7 @@ fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
 /// Upstream answers by question.
 #[derive(Debug)]
 pub struct AnswerCache {
-    entries: Mutex<HashMap<Key, Entry>>,
+    entries: Mutex<ClockMap<Key, Entry>>,
     capacity: usize,
     /// Entries retired so far (their [`Current`] cleared), counted after
     /// they are cleared, under the lock.
@@ -124,7 +128,7 @@ impl AnswerCache {
     /// A cache of at most `capacity` answers (0: no caching).
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::default(),
             capacity,
             retired: AtomicU64::new(0),
         }
@@ -140,10 +144,16 @@ impl AnswerCache {
     /// stored and expires, and its [`Current`] flag.
     pub fn lookup(&self, query: &Query, now: Instant) -> Option<Cached> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let e = entries.get_mut(&Key::of(query))?;
+        let key = Key::of(query);
+        let e = entries.get_mut(&key)?;
         let age =
             u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= e.ttl {
+            // Expired: its room goes to the next question.
+            if let Some(gone) = entries.remove(&key) {
+                gone.current.retire();
+                self.retired.fetch_add(1, Ordering::AcqRel);
+            }
             return None;
         }
         if age != e.aged_at {
@@ -160,7 +170,7 @@ impl AnswerCache {
         })
     }
 
-    /// Entries retired (replaced, dropped, emptied) so far. Read it before
+    /// Entries retired (replaced, evicted, found expired) so far. Read it before
     /// a [`Current`]: if the flag is still set, it stays set at least until
     /// this count moves on.
     pub fn retired(&self) -> u64 {
@@ -186,27 +196,6 @@ impl AnswerCache {
         }
         let key = Key::of(query);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        // Replacing an answer adds none: only a new question may start over
-        // (with exactly `capacity` questions asked, a second answer to one of
-        // them emptied the whole cache).
-        let mut retired = 0;
-        if entries.len() >= self.capacity && !entries.contains_key(&key) {
-            entries.retain(|_, e| {
-                let live =
-                    now.saturating_duration_since(e.stored) < Duration::from_secs(u64::from(e.ttl));
-                if !live {
-                    e.current.retire();
-                    retired += 1;
-                }
-                live
-            });
-            if entries.len() >= self.capacity {
-                for (_, e) in entries.drain() {
-                    e.current.retire();
-                    retired += 1;
-                }
-            }
-        }
         let entry = Entry {
             answer: answer.clone(),
             stored: now,
@@ -215,8 +204,15 @@ impl AnswerCache {
             aged_at: 0,
             current: Current::new(),
         };
+        let mut retired = 0;
+        // Replacing an answer adds none: only a new question evicts.
         if let Some(old) = entries.insert(key, entry) {
             old.current.retire();
+            retired += 1;
+        } else if entries.len() > self.capacity
+            && let Some((_, e)) = entries.evict()
+        {
+            e.current.retire();
             retired += 1;
         }
         if retired > 0 {
@@ -239,4 +235,75 @@ fn negative_ttl(answer: &Message) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hickory_proto::rr::Name;
+    use hickory_proto::rr::rdata::A;
+
+    use super::*;
+
+    fn question(i: usize) -> Query {
+        Query::query(
+            Name::from_ascii(format!("n{i}.example.org.")).expect("name"),
+            RecordType::A,
+        )
+    }
+
+    fn answer(q: &Query) -> Message {
+        let mut m = Message::query();
+        m.add_query(q.clone());
+        m.answers.push(Record::from_rdata(
+            q.name.clone(),
+            60,
+            RData::A(A::new(192, 0, 2, 1)),
+        ));
+        m
+    }
+
+    fn holds(cache: &AnswerCache, i: usize) -> bool {
+        let entries = cache.entries.lock().expect("lock");
+        entries.contains_key(&Key::of(&question(i)))
+    }
+
+    #[test]
+    fn a_new_question_in_a_full_cache_evicts_one_answer_the_oldest_first() {
+        let cache = AnswerCache::new(100);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            cache.put(&question(i), &answer(&question(i)), t0);
+        }
+        let n0 = cache.lookup(&question(0), t0).expect("cached");
+        let retired = cache.retired();
+        // An answer again to a question it holds evicts nothing else.
+        cache.put(&question(7), &answer(&question(7)), t0);
+        assert_eq!(cache.retired(), retired + 1, "only the old answer to n7");
+        for i in 100..200 {
+            cache.put(&question(i), &answer(&question(i)), t0);
+            assert_eq!(cache.retired(), retired + 1 + (i as u64 - 99), "n{i}");
+            assert_eq!(cache.entries.lock().expect("lock").len(), 100);
+            if i == 198 {
+                assert!(holds(&cache, 0), "n0, used, was passed over once");
+            }
+        }
+        assert!(!n0.current.holds(), "then evicted");
+        let kept: Vec<usize> = (0..200).filter(|&i| holds(&cache, i)).collect();
+        assert_eq!(kept, (100..200).collect::<Vec<_>>(), "the new names, all");
+    }
+
+    #[test]
+    fn an_expired_answer_looked_up_is_dropped() {
+        let cache = AnswerCache::new(10);
+        let t0 = Instant::now();
+        let q = question(1);
+        cache.put(&q, &answer(&q), t0);
+        let hit = cache.lookup(&q, t0).expect("cached");
+        assert!(cache.lookup(&q, t0 + Duration::from_secs(30)).is_none());
+        assert!(!hit.current.holds(), "retired when found expired");
+        assert_eq!(cache.retired(), hit.retired + 1);
+        assert!(cache.entries.lock().expect("lock").is_empty());
+    }
 }

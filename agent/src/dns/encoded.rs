@@ -21,13 +21,13 @@
 //! case it was asked, so an answer keeps that case. Every answer belongs to
 //! one index: the first use with another index empties the cache.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use hickory_proto::rr::RecordType;
 
 use super::cache::{Cached, Current};
+use super::clock::ClockMap;
 use super::index::DnsIndex;
 
 /// How long an encoded answer stays the answer.
@@ -154,7 +154,7 @@ pub struct EncodedAnswers {
     /// keep an old index's names alive; while it is held, no other index can
     /// be allocated at the same address, so comparing addresses is exact.
     index: Weak<DnsIndex>,
-    entries: HashMap<Box<[u8]>, Encoded>,
+    entries: ClockMap<Box<[u8]>, Encoded>,
     capacity: usize,
     /// Bytes of keys and answers kept, and their bound: a query may carry
     /// up to 4 KiB of EDNS options, so a count of entries alone bounds
@@ -169,7 +169,7 @@ impl EncodedAnswers {
     pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
             index: Weak::new(),
-            entries: HashMap::new(),
+            entries: ClockMap::default(),
             capacity,
             bytes: 0,
             max_bytes,
@@ -250,15 +250,18 @@ impl EncodedAnswers {
             return;
         }
         self.follow(index);
-        if let Some(old) = self.entries.remove(key) {
+        if let Some(old) = self.entries.insert(key.into(), answer) {
             self.bytes -= key.len() + old.footprint();
         }
-        if self.entries.len() >= self.capacity || self.bytes + size > self.max_bytes {
-            // Bounded, as the cache of upstream answers: start over.
-            self.clear();
-        }
         self.bytes += size;
-        self.entries.insert(key.into(), answer);
+        // Bounded as the cache of upstream answers is: one answer at a time
+        // (`clock.rs`), never the one just kept (it fits alone).
+        while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
+            let Some((k, old)) = self.entries.evict() else {
+                break;
+            };
+            self.bytes -= k.len() + old.footprint();
+        }
     }
 }
 

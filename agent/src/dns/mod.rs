@@ -28,6 +28,7 @@
 
 pub mod acl;
 pub mod cache;
+mod clock;
 mod encoded;
 pub mod forward;
 pub mod handler;

@@ -1261,8 +1261,9 @@ fn relayed_answers_count_down_in_place_as_a_fresh_encoding_would() {
         RecordType::A,
     );
     let t0 = std::time::Instant::now();
-    handler.cache.put(&q, &upstream_answer(&q, 300, 1), t0);
     for edns in [None, Some(1232)] {
+        // Put again: the first pass's lookup after it expired dropped it.
+        handler.cache.put(&q, &upstream_answer(&q, 300, 1), t0);
         let asked = with_id(query_bytes("X.Example.org.", RecordType::A, edns), 7);
         let mut step = Duration::ZERO;
         while step < Duration::from_secs(30) {
@@ -1329,12 +1330,12 @@ fn a_refetched_name_invalidates_its_own_encoded_answer_and_no_other() {
         (vec!["192.0.2.2".to_owned()], 29),
         "the cache's new answer, aged from its own fetch"
     );
-    // The cache emptied when full: nothing encoded from it is sent.
+    // Evicted from a full cache: nothing encoded from it is sent.
     let small = super::cache::AnswerCache::new(1);
     small.put(&x, &upstream_answer(&x, 300, 1), t0);
     let before = small.lookup(&x, t0).expect("cached");
     small.put(&y, &upstream_answer(&y, 300, 1), t0);
-    assert!(!before.current.holds(), "started over");
+    assert!(!before.current.holds(), "evicted");
     assert_eq!(small.retired(), before.retired + 1);
     assert!(small.lookup(&y, t0).expect("cached").current.holds());
 }
@@ -1389,9 +1390,10 @@ fn reply_udp_later(
 
 #[test]
 fn an_encoded_answer_holds_what_a_relayed_one_needs_inline_in_little_room() {
-    // A key and its entry, as the map holds them (its buckets, up to
-    // twice `ENCODED_ENTRIES` of them): the figure udp.rs's bound gives.
-    assert!(size_of::<(Box<[u8]>, super::encoded::Encoded)>() <= 112);
+    // A key and its entry, as the map holds them with their hash and
+    // their clock bit (room for up to twice `ENCODED_ENTRIES` of them):
+    // udp.rs's bound.
+    assert!(size_of::<(u64, Box<[u8]>, (super::encoded::Encoded, bool))>() <= 128);
 }
 
 #[test]
@@ -1415,5 +1417,18 @@ fn encoded_answers_are_bounded_in_bytes_as_well_as_in_number() {
     encoded.put(&index, &q("b.example.org."), entry(60));
     assert_eq!(encoded.len(), 2, "a replaced answer counts once");
     encoded.put(&index, &q("c.example.org."), entry(60));
-    assert_eq!(encoded.len(), 1, "over the bytes: started over");
+    assert_eq!(encoded.len(), 2, "over the bytes: one answer made room");
+    let mut out = Vec::new();
+    let now = std::time::Instant::now;
+    let c = with_id(q("c.example.org."), 0);
+    assert!(encoded.answer(&index, &c, 0, now, &mut out).is_some());
+    // And over the count of entries: one at a time too.
+    let mut few = EncodedAnswers::new(3, 1 << 20);
+    for i in 0..10 {
+        let name = format!("n{i}.example.org.");
+        few.put(&index, &q(&name), entry(60));
+        assert_eq!(few.len(), (i + 1).min(3));
+        let asked = with_id(q(&name), 0);
+        assert!(few.answer(&index, &asked, 0, now, &mut out).is_some());
+    }
 }

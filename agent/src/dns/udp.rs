@@ -35,8 +35,9 @@ use super::server::{Reply, StubHandler};
 const BATCH: usize = 64;
 
 /// Encoded answers kept: a query and its answer are about 130 bytes for a
-/// Service name, and the map's buckets (up to twice as many) at most 112
-/// bytes each, so this is about 5.6 MiB at most.
+/// Service name, the map's entries at most 128 bytes each (room for up to
+/// twice as many) and its index 9 bytes a slot, so this is about 6 MiB at
+/// most.
 pub const ENCODED_ENTRIES: usize = 16_384;
 
 /// Bytes of queries and answers kept, whatever their size.
