@@ -207,7 +207,12 @@ impl DnsIndex {
         let started = Instant::now();
         let changed = changed_services(&self.source, &state);
         if changed.len() > state.resources.len() / 4 + 64 {
-            return Self::build(state, &Name::from(&self.zone), self.ttl);
+            let mut index = Self::build(state, &Name::from(&self.zone), self.ttl);
+            // Within the same second as `self`: a serial ahead of its own.
+            index.soa = index.restamp(&index.soa.clone(), serial(&self.soa));
+            index.clusterset_soa =
+                index.restamp(&index.clusterset_soa.clone(), serial(&self.clusterset_soa));
+            return index;
         }
         let mut index = Self {
             version: state.version.clone(),
@@ -223,7 +228,15 @@ impl DnsIndex {
             changed: Some(changed.len()),
         };
         let mut touched = HashSet::new();
+        let (mut cluster, mut clusterset) = (false, false);
         for (old, new) in &changed {
+            for st in [old, new].into_iter().flatten() {
+                if st.service.key.cluster == switchyard_model::CLUSTERSET {
+                    clusterset = true;
+                } else {
+                    cluster = true;
+                }
+            }
             if let Some(old) = old {
                 index.contribution(old).remove_from(&mut index);
             }
@@ -232,8 +245,33 @@ impl DnsIndex {
             }
         }
         index.sort(&touched);
+        // A zone whose names changed gets a new serial, as on a whole build.
+        if cluster {
+            index.soa = index.restamp(&self.soa, serial(&self.soa));
+        }
+        if clusterset {
+            index.clusterset_soa =
+                index.restamp(&self.clusterset_soa, serial(&self.clusterset_soa));
+        }
         index.build_time = started.elapsed();
         index
+    }
+
+    /// `soa` (a zone's SOA, at its apex in this index) with a serial ahead
+    /// of `after`, in its place at the apex: the current second, as a whole
+    /// build stamps it (CoreDNS's `kubernetes` gives the time of its last
+    /// change), or `after + 1` when the clock has not passed `after`.
+    fn restamp(&mut self, soa: &Record, after: u32) -> Record {
+        let mut stamped = soa.clone();
+        if let RData::SOA(data) = &mut stamped.data {
+            data.serial = now_serial().max(after.saturating_add(1));
+        }
+        if let Some(apex) = self.names.get_mut(&LowerName::new(&soa.name)) {
+            for r in apex.records.iter_mut().filter(|r| *r == soa) {
+                *r = stamped.clone();
+            }
+        }
+        stamped
     }
 
     /// What one Service puts in the index.
@@ -353,14 +391,13 @@ impl Builder {
     /// The zone's apex (SOA, NS), its `dns-version` TXT and `svc`; returns the SOA.
     fn apex(&mut self, schema: &str) -> Record {
         let zone = self.zone.clone();
-        let serial = crate::unix_nanos() / 1_000_000_000;
         let soa = Record::from_rdata(
             zone.clone(),
             self.ttl,
             RData::SOA(SOA::new(
                 self.sub(&["ns", "dns"]),
                 self.sub(&["hostmaster"]),
-                u32::try_from(serial).unwrap_or(u32::MAX),
+                now_serial(),
                 7200,
                 1800,
                 86400,
@@ -574,6 +611,19 @@ fn changed_services<'a>(
             }
         })
         .collect()
+}
+
+/// A zone's serial: the current second (Unix time).
+fn now_serial() -> u32 {
+    u32::try_from(crate::unix_nanos() / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
+/// The serial of `soa` (0 for a record that is not an SOA).
+fn serial(soa: &Record) -> u32 {
+    match &soa.data {
+        RData::SOA(data) => data.serial,
+        _ => 0,
+    }
 }
 
 /// Groups a name's records by type (stable), so a lookup returns one slice.

@@ -1003,6 +1003,66 @@ fn an_index_made_from_the_previous_one_answers_as_one_built_whole() {
 }
 
 #[test]
+fn a_zone_whose_names_change_gets_a_serial_ahead_of_its_last() {
+    fn serial_of(m: &Message, section: &[Record]) -> u32 {
+        match section.first().map(|r| &r.data) {
+            Some(RData::SOA(soa)) => soa.serial,
+            other => panic!("no SOA in {m:?}: {other:?}"),
+        }
+    }
+    let serials = |idx: &DnsIndex| {
+        let cluster = ask(idx, "cluster.local.", RecordType::SOA);
+        let clusterset = ask(idx, "clusterset.local.", RecordType::SOA);
+        (
+            serial_of(&cluster, &cluster.answers),
+            serial_of(&clusterset, &clusterset.answers),
+        )
+    };
+    let web = |addr: &str| mk_service("shop", "web", &[addr]);
+    let a = DnsIndex::build(mk_state("a", vec![web("10.96.0.10")]), &zone(), 5);
+    let (c0, s0) = serials(&a);
+    let same = a.next(mk_state("a2", vec![web("10.96.0.10")]));
+    assert_eq!(serials(&same), (c0, s0), "no name changed");
+    // Within the same second as the build: one past its serial.
+    let b = same.next(mk_state("b", vec![web("10.96.0.11")]));
+    let (c1, s1) = serials(&b);
+    assert!(c1 > c0, "cluster.local changed: {c1} after {c0}");
+    assert_eq!(s1, s0, "clusterset.local did not change");
+    // The SOA of a NODATA answer is the apex's.
+    let nodata = ask(&b, "web.shop.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(serial_of(&nodata, &nodata.authorities), c1);
+    let imported = b.next(mk_state(
+        "c",
+        vec![
+            web("10.96.0.11"),
+            mk_import("web", Some("10.97.0.1"), &[("east", "10.2.0.1", None)]),
+        ],
+    ));
+    let (c2, s2) = serials(&imported);
+    assert_eq!(c2, c1, "cluster.local did not change");
+    assert!(s2 > s1, "clusterset.local changed: {s2} after {s1}");
+    // Built whole (most Services changed): still ahead of the index before.
+    let many = |v: &str, p: &str| {
+        mk_state(
+            v,
+            (0..400)
+                .map(|i| mk_service("ns", &format!("{p}{i}"), &["10.96.0.1"]))
+                .collect(),
+        )
+    };
+    let before = imported.next(many("d", "s"));
+    assert_eq!(before.changed, None);
+    let (c3, s3) = serials(&before);
+    let whole = before.next(many("e", "t"));
+    assert_eq!(whole.changed, None, "built whole");
+    let (c4, s4) = serials(&whole);
+    assert!(
+        c3 > c2 && c4 > c3 && s3 > s2 && s4 > s3,
+        "{c2} {c3} {c4}, {s2} {s3} {s4}"
+    );
+}
+
+#[test]
 fn most_services_changing_builds_whole() {
     let a = mk_state(
         "a",
