@@ -41,6 +41,68 @@ pub struct Change<'a> {
     pub full: bool,
 }
 
+/// What the kernel data planes (iptables, nftables) share: each puts a
+/// state in force as one transaction, in full or for what changed, and
+/// keeps the last state that went in to put back in full when one fails.
+pub(crate) trait Transactional {
+    /// For logs: `iptables`, `nftables`.
+    const NAME: &'static str;
+
+    /// One transaction of the whole state.
+    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError>;
+
+    /// One transaction of what `change` changed.
+    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError>;
+
+    /// Whether the next sync must be a full one.
+    fn needs_full(&mut self) -> &mut bool;
+
+    /// The last state that went in.
+    fn last_good(&mut self) -> &mut Option<AgentState>;
+
+    /// A full sync of the last state that went in, if there is one.
+    fn resync(&mut self) -> Result<(), ApplyError> {
+        match self.last_good().take() {
+            Some(state) => {
+                let r = self.full(&state);
+                *self.last_good() = Some(state);
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// [`DataPlane::apply`] for a transactional data plane.
+    fn apply_transaction(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let result = if change.full || *self.needs_full() {
+            self.full(change.state)
+        } else {
+            self.partial(change)
+        };
+        match result {
+            Ok(()) => {
+                // A pointer copy: states are persistent maps.
+                *self.last_good() = Some(change.state.clone());
+                Ok(())
+            }
+            Err(e) => {
+                // The refused transaction changed nothing in the kernel, but
+                // our record may have moved: put the last good state back in
+                // full.
+                tracing::warn!(
+                    "{} sync failed: {e}; resyncing the last good state",
+                    Self::NAME
+                );
+                *self.needs_full() = true;
+                if let Err(again) = self.resync() {
+                    tracing::error!("full resync failed too: {again}");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Programs a node from a state.
 pub trait DataPlane: Send + 'static {
     /// Short name for logs and `/status` (`none`, `iptables`).

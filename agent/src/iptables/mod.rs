@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::conntrack::Conntrack;
-use crate::dataplane::{ApplyError, Change, DataPlane};
+use crate::dataplane::{ApplyError, Change, DataPlane, Transactional};
 use crate::state::AgentState;
 use crate::status::Metrics;
 
@@ -214,17 +214,25 @@ impl IptablesDataPlane {
         }
         ApplyError::from(e)
     }
+}
 
-    /// A full sync of the last state that went in, if there is one.
-    fn resync(&mut self) -> Result<(), ApplyError> {
-        match self.last_good.take() {
-            Some(state) => {
-                let r = self.full_sync(&state);
-                self.last_good = Some(state);
-                r
-            }
-            None => Ok(()),
-        }
+impl Transactional for IptablesDataPlane {
+    const NAME: &'static str = "iptables";
+
+    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        self.full_sync(state)
+    }
+
+    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        self.partial_sync(change)
+    }
+
+    fn needs_full(&mut self) -> &mut bool {
+        &mut self.needs_full
+    }
+
+    fn last_good(&mut self) -> &mut Option<AgentState> {
+        &mut self.last_good
     }
 }
 
@@ -234,27 +242,7 @@ impl DataPlane for IptablesDataPlane {
     }
 
     fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        let result = if change.full || self.needs_full {
-            self.full_sync(change.state)
-        } else {
-            self.partial_sync(change)
-        };
-        match result {
-            Ok(()) => {
-                self.last_good = Some(change.state.clone());
-                Ok(())
-            }
-            Err(e) => {
-                // The failed transaction changed nothing in the kernel, but our
-                // record may have moved: put the last good state back in full.
-                tracing::warn!("iptables sync failed: {e}; resyncing the last good state");
-                self.needs_full = true;
-                if let Err(again) = self.resync() {
-                    tracing::error!("full resync failed too: {again}");
-                }
-                Err(e)
-            }
-        }
+        self.apply_transaction(change)
     }
 
     fn maintain(&mut self) -> Result<(), ApplyError> {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::conntrack::Conntrack;
-use crate::dataplane::{ApplyError, Change, DataPlane};
+use crate::dataplane::{ApplyError, Change, DataPlane, Transactional};
 use crate::iptables::{Family, NodeConfig, Runner};
 use crate::state::{AgentState, ChangeSet};
 use crate::status::Metrics;
@@ -327,18 +327,6 @@ impl NftablesDataPlane {
         listing.map(|l| map_entries(&l)).unwrap_or_default()
     }
 
-    /// A full sync of the last state that went in, if there is one.
-    fn resync(&mut self) -> Result<(), ApplyError> {
-        match self.last_good.take() {
-            Some(state) => {
-                let r = self.full_sync(&state);
-                self.last_good = Some(state);
-                r
-            }
-            None => Ok(()),
-        }
-    }
-
     /// Whether our tables are in the kernel with their rules: `nft flush
     /// ruleset` removes the tables, `nft flush table` only the rules (the
     /// sets and maps stay, so the elements alone do not tell). The canary
@@ -471,35 +459,33 @@ fn remembered_frontend(key: &str) -> &str {
     key.split_once(" . ").map_or("", |(_, fe)| fe)
 }
 
+impl Transactional for NftablesDataPlane {
+    const NAME: &'static str = "nftables";
+
+    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        self.full_sync(state)
+    }
+
+    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        self.partial_sync(change)
+    }
+
+    fn needs_full(&mut self) -> &mut bool {
+        &mut self.needs_full
+    }
+
+    fn last_good(&mut self) -> &mut Option<AgentState> {
+        &mut self.last_good
+    }
+}
+
 impl DataPlane for NftablesDataPlane {
     fn name(&self) -> &'static str {
         "nftables"
     }
 
     fn apply(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        let full = change.full || self.needs_full;
-        let result = if full {
-            self.full_sync(change.state)
-        } else {
-            self.partial_sync(change)
-        };
-        match result {
-            Ok(()) => {
-                // A pointer copy: states are persistent maps.
-                self.last_good = Some(change.state.clone());
-                Ok(())
-            }
-            Err(e) => {
-                // The refused transaction changed nothing in the kernel, but
-                // our record moved: put the last good state back in full.
-                tracing::warn!("nftables sync failed: {e}; resyncing the last good state");
-                self.needs_full = true;
-                if let Err(again) = self.resync() {
-                    tracing::error!("full resync failed too: {again}");
-                }
-                Err(e)
-            }
-        }
+        self.apply_transaction(change)
     }
 
     fn maintain(&mut self) -> Result<(), ApplyError> {
