@@ -4,7 +4,6 @@
 //! flows cleared through netlink after partial and full syncs, and syncs
 //! large enough to be split into pieces.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use switchyard_agent::dataplane::{Change, DataPlane};
@@ -15,37 +14,8 @@ use switchyard_model::{
     ServiceState, TargetPort,
 };
 
-/// A network namespace that is deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Self> {
-        let name = format!("swy-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipping: cannot create a network namespace (needs root and iproute2)");
-            return None;
-        }
-        Some(Self(name))
-    }
-
-    fn sh(&self, cmd: &str) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
-            .output()
-            .expect("ip netns exec");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod support;
+use support::Netns;
 
 fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
     let mut s = Service::new(ServiceKey::new("default", "shop", name));

@@ -5,7 +5,6 @@
 //! noticed and restored; a full sync keeps the clients the affinity map
 //! remembers.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use switchyard_agent::applier::{Applier, ApplyFailure};
@@ -21,46 +20,29 @@ use switchyard_model::{
 };
 use switchyard_proto::v1;
 
-/// A network namespace that is deleted when dropped.
-struct Netns(String);
+mod support;
+use support::Netns;
 
-impl Netns {
-    fn new(tag: &str) -> Option<Self> {
-        let name = format!("swy-nft-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipping: cannot create a network namespace (needs root and iproute2)");
-            return None;
-        }
-        if switchyard_libnftables::Nft::open().is_err() {
-            eprintln!("skipping: libnftables1 is not installed");
-            return None;
-        }
-        Some(Self(name))
+/// A namespace for the nftables data plane; `None` (with a note) where
+/// one cannot be made or libnftables is missing.
+fn nft_netns(tag: &str) -> Option<Netns> {
+    let ns = Netns::new(&format!("nft-{tag}"))?;
+    if switchyard_libnftables::Nft::open().is_err() {
+        eprintln!("skipping: libnftables1 is not installed");
+        return None;
     }
-
-    /// Runs `nft ARGS` in the namespace: (success, stdout and stderr).
-    fn nft(&self, args: &str) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "sh", "-c", &format!("nft {args}")])
-            .output()
-            .expect("ip netns exec");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
+    Some(ns)
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Runs `nft ARGS` in `ns`: (success, stdout and stderr).
+fn nft(ns: &Netns, args: &str) -> (bool, String) {
+    let out = ns.run(&format!("nft {args}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// `default/shop/NAME`: ClusterIP `ip`:80/TCP to `eps` on 8080.
@@ -128,7 +110,7 @@ fn update(version: &str, services: &[ServiceState]) -> v1::SnapshotUpdate {
 
 #[tokio::test]
 async fn a_refused_transaction_is_a_nack_and_the_last_good_state_stays() {
-    let Some(ns) = Netns::new("nack") else { return };
+    let Some(ns) = nft_netns("nack") else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = Store::open(dir.path()).expect("store");
     let dp = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
@@ -145,7 +127,7 @@ async fn a_refused_transaction_is_a_nack_and_the_last_good_state_stays() {
         .apply_update(&update("v1", std::slice::from_ref(&one)))
         .await
         .expect("v1 ACKed");
-    let (_, main) = ns.nft("list map ip switchyard ip_main_slots");
+    let (_, main) = nft(&ns, "list map ip switchyard ip_main_slots");
     assert!(
         main.contains("10.96.0.20 . tcp . 80 . 0 : 10.244.1.3 . 8080"),
         "{main}"
@@ -154,7 +136,8 @@ async fn a_refused_transaction_is_a_nack_and_the_last_good_state_stays() {
     // Someone else holds a slot the next state needs (class 2: slots 1
     // and 2), with other data: the kernel refuses the whole transaction
     // (EEXIST).
-    let (ok, out) = ns.nft(
+    let (ok, out) = nft(
+        &ns,
         "add element ip switchyard ip_main_slots '{ 10.96.0.20 . tcp . 80 . 2 : 10.9.9.9 . 1 }'",
     );
     assert!(ok, "{out}");
@@ -172,7 +155,7 @@ async fn a_refused_transaction_is_a_nack_and_the_last_good_state_stays() {
     assert_eq!(applier.state().version, "v1", "v1 stays in force");
     // In the kernel: v1's endpoint, nothing of v2 (the full resync of the
     // last good state replaced the table, the intruder with it).
-    let (_, main) = ns.nft("list map ip switchyard ip_main_slots");
+    let (_, main) = nft(&ns, "list map ip switchyard ip_main_slots");
     assert!(
         main.contains("10.96.0.20 . tcp . 80 . 0 : 10.244.1.3 . 8080"),
         "{main}"
@@ -187,7 +170,7 @@ async fn a_refused_transaction_is_a_nack_and_the_last_good_state_stays() {
         .apply_update(&update("v2", std::slice::from_ref(&two)))
         .await
         .expect("v2 ACKed");
-    let (_, main) = ns.nft("list map ip switchyard ip_main_slots");
+    let (_, main) = nft(&ns, "list map ip switchyard ip_main_slots");
     assert!(
         main.contains("10.96.0.20 . tcp . 80 . 2 : 10.244.1.4 . 8080"),
         "{main}"
@@ -230,7 +213,7 @@ fn apply(dp: &mut NftablesDataPlane, s: &AgentState, full: bool) {
 
 #[test]
 fn a_flushed_table_is_restored_and_a_full_sync_keeps_affinity() {
-    let Some(ns) = Netns::new("flush") else {
+    let Some(ns) = nft_netns("flush") else {
         return;
     };
     let mut dp = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
@@ -245,18 +228,19 @@ fn a_flushed_table_is_restored_and_a_full_sync_keeps_affinity() {
 
     // A client the kernel remembered (as the affinity rule adds it), and
     // one remembered for an endpoint the frontend no longer has.
-    let (ok, out) = ns.nft(
+    let (ok, out) = nft(
+        &ns,
         "add element ip switchyard affinity_ip '{ 10.244.2.9 . 10.96.0.12 . tcp . 80 timeout 600s : 10.244.1.3 . 8080, 10.244.2.8 . 10.96.0.12 . tcp . 80 timeout 600s : 10.244.1.77 . 8080 }'",
     );
     assert!(ok, "{out}");
 
     // `nft flush table`: rules gone, the table and its elements stay.
-    let (ok, out) = ns.nft("flush table ip switchyard");
+    let (ok, out) = nft(&ns, "flush table ip switchyard");
     assert!(ok, "{out}");
-    let (_, chain) = ns.nft("list chain ip switchyard nat_prerouting");
+    let (_, chain) = nft(&ns, "list chain ip switchyard nat_prerouting");
     assert!(!chain.contains("jump services"), "{chain}");
     dp.maintain().expect("maintain restores");
-    let (_, chain) = ns.nft("list chain ip switchyard nat_prerouting");
+    let (_, chain) = nft(&ns, "list chain ip switchyard nat_prerouting");
     assert!(
         chain.contains("jump services"),
         "the rules are back: {chain}"
@@ -264,7 +248,7 @@ fn a_flushed_table_is_restored_and_a_full_sync_keeps_affinity() {
 
     // The full sync that restored the rules kept the live client, with
     // what was left of its time, and not the stale one.
-    let (_, remembered) = ns.nft("list map ip switchyard affinity_ip");
+    let (_, remembered) = nft(&ns, "list map ip switchyard affinity_ip");
     assert!(
         remembered.contains("10.244.2.9 . 10.96.0.12 . tcp . 80")
             && remembered.contains(": 10.244.1.3 . 8080"),
@@ -275,16 +259,16 @@ fn a_flushed_table_is_restored_and_a_full_sync_keeps_affinity() {
     // And a full sync asked for (a restarted agent) keeps it too.
     let mut restarted = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
     apply(&mut restarted, &s, true);
-    let (_, remembered) = ns.nft("list map ip switchyard affinity_ip");
+    let (_, remembered) = nft(&ns, "list map ip switchyard affinity_ip");
     assert!(
         remembered.contains("10.244.2.9 . 10.96.0.12"),
         "{remembered}"
     );
 
     // A whole-ruleset flush is noticed as before.
-    let (ok, out) = ns.nft("flush ruleset");
+    let (ok, out) = nft(&ns, "flush ruleset");
     assert!(ok, "{out}");
     restarted.maintain().expect("maintain restores");
-    let (_, chain) = ns.nft("list chain ip switchyard nat_prerouting");
+    let (_, chain) = nft(&ns, "list chain ip switchyard nat_prerouting");
     assert!(chain.contains("jump services"), "{chain}");
 }
