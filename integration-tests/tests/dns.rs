@@ -515,24 +515,11 @@ async fn agent_in_netns(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_local_default_in_a_network_namespace() {
     init_logging();
-    let ns = format!("swy-dns-{}", std::process::id());
-    let ok = std::process::Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    let Some(netns) = bench::Netns::try_new("dns") else {
         eprintln!("skipping: cannot create a network namespace here");
         return;
-    }
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _cleanup = Cleanup(ns.clone());
+    };
+    let ns = netns.0.clone();
     let exec = |args: &[&str]| netns_exec(&ns, args);
     assert!(exec(&["ip", "link", "set", "lo", "up"]).status.success());
     let dir = tempfile::tempdir().expect("tempdir");

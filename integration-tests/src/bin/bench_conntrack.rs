@@ -23,7 +23,7 @@ use switchyard_agent::dataplane::{Change, DataPlane};
 use switchyard_agent::endpoints::{self, NodeView};
 use switchyard_agent::iptables::{Family, IptablesDataPlane, NodeConfig, Runner};
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
-use switchyard_integration_tests::bench::{loadavg, ms};
+use switchyard_integration_tests::bench::{Netns, loadavg, ms};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
     ServiceState, TargetPort,
@@ -108,14 +108,6 @@ fn desired(s: &AgentState) -> Desired {
     out
 }
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 fn sh(ns: &str, cmd: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", cmd])
@@ -149,14 +141,7 @@ fn udp_entries(ns: &str) -> usize {
 }
 
 fn run(n: usize) -> serde_json::Value {
-    let ns = Netns(format!("swy-bench-ct-{n}-{}", std::process::id()));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .is_ok_and(|s| s.success()),
-        "cannot create a network namespace (run as root)"
-    );
+    let ns = Netns::new(&format!("ct-{n}"));
     sh(
         &ns.0,
         "ip link set lo up && ip link add v0 type veth peer name v1 && ip addr add 10.0.0.1/8 dev v0 && ip link set v0 up && ip link set v1 up",
