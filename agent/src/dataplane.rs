@@ -49,23 +49,21 @@ pub(crate) trait Transactional {
     const NAME: &'static str;
 
     /// One transaction of the whole state.
-    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError>;
+    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError>;
 
     /// One transaction of what `change` changed.
-    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError>;
+    fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError>;
 
-    /// Whether the next sync must be a full one.
-    fn needs_full(&mut self) -> &mut bool;
-
-    /// The last state that went in.
-    fn last_good(&mut self) -> &mut Option<AgentState>;
+    /// Whether the next sync must be a full one, and the last state that
+    /// went in.
+    fn record(&mut self) -> (&mut bool, &mut Option<AgentState>);
 
     /// A full sync of the last state that went in, if there is one.
     fn resync(&mut self) -> Result<(), ApplyError> {
-        match self.last_good().take() {
+        match self.record().1.take() {
             Some(state) => {
-                let r = self.full(&state);
-                *self.last_good() = Some(state);
+                let r = self.full_sync(&state);
+                *self.record().1 = Some(state);
                 r
             }
             None => Ok(()),
@@ -74,15 +72,15 @@ pub(crate) trait Transactional {
 
     /// [`DataPlane::apply`] for a transactional data plane.
     fn apply_transaction(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        let result = if change.full || *self.needs_full() {
-            self.full(change.state)
+        let result = if change.full || *self.record().0 {
+            self.full_sync(change.state)
         } else {
-            self.partial(change)
+            self.partial_sync(change)
         };
         match result {
             Ok(()) => {
                 // A pointer copy: states are persistent maps.
-                *self.last_good() = Some(change.state.clone());
+                *self.record().1 = Some(change.state.clone());
                 Ok(())
             }
             Err(e) => {
@@ -93,7 +91,7 @@ pub(crate) trait Transactional {
                     "{} sync failed: {e}; resyncing the last good state",
                     Self::NAME
                 );
-                *self.needs_full() = true;
+                *self.record().0 = true;
                 if let Err(again) = self.resync() {
                     tracing::error!("full resync failed too: {again}");
                 }

@@ -119,6 +119,32 @@ impl IptablesDataPlane {
         self.tables.iter().map(FamilyTables::rule_count).sum()
     }
 
+    /// Deletes the UDP conntrack entries whose endpoint no longer serves
+    /// their frontend, by comparing the kernel's table with what is
+    /// programmed now (so a restart or a failed sync loses nothing). A
+    /// failure is logged: the rules are in force either way.
+    fn clear_stale_flows(&self) {
+        for t in &self.tables {
+            self.conntrack.reconcile_after_sync(
+                t.family() == Family::V6,
+                &t.udp_frontends(),
+                &self.cfg.addresses,
+            );
+        }
+    }
+
+    fn failed(&self, e: runner::RunError) -> ApplyError {
+        if let Some(m) = &self.metrics {
+            m.iptables_restore_failures.inc();
+            m.kubeproxy.restore_failures.inc();
+        }
+        ApplyError::from(e)
+    }
+}
+
+impl Transactional for IptablesDataPlane {
+    const NAME: &'static str = "iptables";
+
     /// Rewrites everything we own from `state`, deleting leftovers.
     fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
         let t = Instant::now();
@@ -167,20 +193,6 @@ impl IptablesDataPlane {
         Ok(())
     }
 
-    /// Deletes the UDP conntrack entries whose endpoint no longer serves
-    /// their frontend, by comparing the kernel's table with what is
-    /// programmed now (so a restart or a failed sync loses nothing). A
-    /// failure is logged: the rules are in force either way.
-    fn clear_stale_flows(&self) {
-        for t in &self.tables {
-            self.conntrack.reconcile_after_sync(
-                t.family() == Family::V6,
-                &t.udp_frontends(),
-                &self.cfg.addresses,
-            );
-        }
-    }
-
     fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
         let t = Instant::now();
         for i in 0..self.tables.len() {
@@ -207,32 +219,8 @@ impl IptablesDataPlane {
         Ok(())
     }
 
-    fn failed(&self, e: runner::RunError) -> ApplyError {
-        if let Some(m) = &self.metrics {
-            m.iptables_restore_failures.inc();
-            m.kubeproxy.restore_failures.inc();
-        }
-        ApplyError::from(e)
-    }
-}
-
-impl Transactional for IptablesDataPlane {
-    const NAME: &'static str = "iptables";
-
-    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError> {
-        self.full_sync(state)
-    }
-
-    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        self.partial_sync(change)
-    }
-
-    fn needs_full(&mut self) -> &mut bool {
-        &mut self.needs_full
-    }
-
-    fn last_good(&mut self) -> &mut Option<AgentState> {
-        &mut self.last_good
+    fn record(&mut self) -> (&mut bool, &mut Option<AgentState>) {
+        (&mut self.needs_full, &mut self.last_good)
     }
 }
 

@@ -135,66 +135,6 @@ impl NftablesDataPlane {
         })
     }
 
-    /// Rewrites our tables from `state` in one transaction.
-    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
-        let t = Instant::now();
-        self.needs_full = true;
-        if !self.iptables_removed {
-            // Starting in this mode removes the other mode's rules (a large
-            // iptables-nft table would slow every commit of ours).
-            match crate::iptables::cleanup(&self.runner) {
-                Ok(()) => self.iptables_removed = true,
-                Err(e) => tracing::warn!("removing the iptables data plane's rules: {e}"),
-            }
-        }
-        if self.families.contains(&Family::V4)
-            && self.cfg.localhost_node_ports()
-            && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
-        {
-            tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
-        }
-        let mut next = Vec::new();
-        let mut text = String::new();
-        let mut kept = 0;
-        for family in self.families.clone() {
-            let (programmed, t) = Programmed::full(state, &self.cfg, family);
-            text.push_str(&t);
-            // The table is replaced whole, its affinity maps with it: the
-            // clients they remember go back in with what is left of their
-            // time, where their frontend still balances to that endpoint
-            // (kube-proxy's `recent` lists survive its syncs and restarts).
-            let table = Words::of(family).table();
-            for (map, node_port) in [("affinity_ip", false), ("affinity_np", true)] {
-                let keep = still_sticky(&programmed, node_port, self.remembered(&table, map));
-                if !keep.is_empty() {
-                    kept += keep.len();
-                    let _ = writeln!(text, "add element {table} {map} {{ {} }}", keep.join(", "));
-                }
-            }
-            next.push(programmed);
-        }
-        self.commit(&text)?;
-        self.tables = next;
-        self.needs_full = false;
-        if let Some(m) = &self.metrics {
-            m.nftables_full_sync_seconds
-                .observe(t.elapsed().as_secs_f64());
-            m.kubeproxy.synced(true, t.elapsed());
-            m.nftables_elements.set(self.element_count() as i64);
-        }
-        tracing::info!(
-            resources = state.resources.len(),
-            elements = self.element_count(),
-            affinity_kept = kept,
-            elapsed = ?t.elapsed(),
-            "nftables full sync"
-        );
-        let all: Vec<&String> = state.resources.keys().collect();
-        self.note_v6_affinity(&all);
-        self.after_sync(None);
-        Ok(())
-    }
-
     /// Logs once per start that a sticky Service is balanced per connection
     /// over IPv6 (nft 1.0.6 cannot program the map update it needs).
     fn note_v6_affinity(&mut self, names: &[&String]) {
@@ -214,32 +154,6 @@ impl NftablesDataPlane {
             );
             self.v6_affinity_logged = true;
         }
-    }
-
-    fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        let t = Instant::now();
-        let sticky_before = self.sticky(change.changes);
-        let mut text = String::new();
-        for table in &mut self.tables {
-            match table.partial(change.state, change.changes, &self.cfg) {
-                Some(t) => text.push_str(&t),
-                // A new affinity timeout: its rules come with a full sync.
-                None => return self.full_sync(change.state),
-            }
-        }
-        if !text.is_empty() {
-            self.commit(&text)?;
-        }
-        if let Some(m) = &self.metrics {
-            m.nftables_partial_sync_seconds
-                .observe(t.elapsed().as_secs_f64());
-            m.kubeproxy.synced(false, t.elapsed());
-            m.nftables_elements.set(self.element_count() as i64);
-        }
-        let names: Vec<&String> = change.changes.changed.iter().collect();
-        self.note_v6_affinity(&names);
-        self.after_sync(Some(sticky_before || self.sticky(change.changes)));
-        Ok(())
     }
 
     /// Whether one of the changed Services is sticky in what we hold now.
@@ -462,20 +376,94 @@ fn remembered_frontend(key: &str) -> &str {
 impl Transactional for NftablesDataPlane {
     const NAME: &'static str = "nftables";
 
-    fn full(&mut self, state: &AgentState) -> Result<(), ApplyError> {
-        self.full_sync(state)
+    /// Rewrites our tables from `state` in one transaction.
+    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        self.needs_full = true;
+        if !self.iptables_removed {
+            // Starting in this mode removes the other mode's rules (a large
+            // iptables-nft table would slow every commit of ours).
+            match crate::iptables::cleanup(&self.runner) {
+                Ok(()) => self.iptables_removed = true,
+                Err(e) => tracing::warn!("removing the iptables data plane's rules: {e}"),
+            }
+        }
+        if self.families.contains(&Family::V4)
+            && self.cfg.localhost_node_ports()
+            && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
+        {
+            tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
+        }
+        let mut next = Vec::new();
+        let mut text = String::new();
+        let mut kept = 0;
+        for family in self.families.clone() {
+            let (programmed, t) = Programmed::full(state, &self.cfg, family);
+            text.push_str(&t);
+            // The table is replaced whole, its affinity maps with it: the
+            // clients they remember go back in with what is left of their
+            // time, where their frontend still balances to that endpoint
+            // (kube-proxy's `recent` lists survive its syncs and restarts).
+            let table = Words::of(family).table();
+            for (map, node_port) in [("affinity_ip", false), ("affinity_np", true)] {
+                let keep = still_sticky(&programmed, node_port, self.remembered(&table, map));
+                if !keep.is_empty() {
+                    kept += keep.len();
+                    let _ = writeln!(text, "add element {table} {map} {{ {} }}", keep.join(", "));
+                }
+            }
+            next.push(programmed);
+        }
+        self.commit(&text)?;
+        self.tables = next;
+        self.needs_full = false;
+        if let Some(m) = &self.metrics {
+            m.nftables_full_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(true, t.elapsed());
+            m.nftables_elements.set(self.element_count() as i64);
+        }
+        tracing::info!(
+            resources = state.resources.len(),
+            elements = self.element_count(),
+            affinity_kept = kept,
+            elapsed = ?t.elapsed(),
+            "nftables full sync"
+        );
+        let all: Vec<&String> = state.resources.keys().collect();
+        self.note_v6_affinity(&all);
+        self.after_sync(None);
+        Ok(())
     }
 
-    fn partial(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
-        self.partial_sync(change)
+    fn partial_sync(&mut self, change: &Change<'_>) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        let sticky_before = self.sticky(change.changes);
+        let mut text = String::new();
+        for table in &mut self.tables {
+            match table.partial(change.state, change.changes, &self.cfg) {
+                Some(t) => text.push_str(&t),
+                // A new affinity timeout: its rules come with a full sync.
+                None => return self.full_sync(change.state),
+            }
+        }
+        if !text.is_empty() {
+            self.commit(&text)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.nftables_partial_sync_seconds
+                .observe(t.elapsed().as_secs_f64());
+            m.kubeproxy.synced(false, t.elapsed());
+            m.nftables_elements.set(self.element_count() as i64);
+        }
+        let names: Vec<&String> = change.changes.changed.iter().collect();
+        self.note_v6_affinity(&names);
+        self.after_sync(Some(sticky_before || self.sticky(change.changes)));
+        Ok(())
     }
 
-    fn needs_full(&mut self) -> &mut bool {
-        &mut self.needs_full
-    }
-
-    fn last_good(&mut self) -> &mut Option<AgentState> {
-        &mut self.last_good
+    fn record(&mut self) -> (&mut bool, &mut Option<AgentState>) {
+        (&mut self.needs_full, &mut self.last_good)
     }
 }
 
