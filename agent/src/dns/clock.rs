@@ -16,7 +16,6 @@
 use std::hash::Hash;
 
 use indexmap::IndexMap;
-use indexmap::map::Entry;
 
 /// Entries the hand passes over at most before it evicts one, used or not:
 /// the cost of making room stays bounded when every entry was used.
@@ -67,15 +66,10 @@ impl<K: Hash + Eq, V> ClockMap<K, V> {
         Some(v)
     }
 
-    /// Keeps `value` for `key`, unused; returns the value it replaces.
+    /// Keeps `value` for `key`, unused (a key it holds keeps its slot);
+    /// returns the value it replaces.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        match self.entries.entry(key) {
-            Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), (value, false)).0),
-            Entry::Vacant(e) => {
-                e.insert((value, false));
-                None
-            }
-        }
+        self.entries.insert(key, (value, false)).map(|(v, _)| v)
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>

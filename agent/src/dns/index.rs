@@ -209,9 +209,8 @@ impl DnsIndex {
         if changed.len() > state.resources.len() / 4 + 64 {
             let mut index = Self::build(state, &Name::from(&self.zone), self.ttl);
             // Within the same second as `self`: a serial ahead of its own.
-            index.soa = index.restamp(&index.soa.clone(), serial(&self.soa));
-            index.clusterset_soa =
-                index.restamp(&index.clusterset_soa.clone(), serial(&self.clusterset_soa));
+            index.restamp(Zone::Cluster, serial(&self.soa));
+            index.restamp(Zone::Clusterset, serial(&self.clusterset_soa));
             return index;
         }
         let mut index = Self {
@@ -247,31 +246,34 @@ impl DnsIndex {
         index.sort(&touched);
         // A zone whose names changed gets a new serial, as on a whole build.
         if cluster {
-            index.soa = index.restamp(&self.soa, serial(&self.soa));
+            index.restamp(Zone::Cluster, serial(&self.soa));
         }
         if clusterset {
-            index.clusterset_soa =
-                index.restamp(&self.clusterset_soa, serial(&self.clusterset_soa));
+            index.restamp(Zone::Clusterset, serial(&self.clusterset_soa));
         }
         index.build_time = started.elapsed();
         index
     }
 
-    /// `soa` (a zone's SOA, at its apex in this index) with a serial ahead
-    /// of `after`, in its place at the apex: the current second, as a whole
-    /// build stamps it (CoreDNS's `kubernetes` gives the time of its last
-    /// change), or `after + 1` when the clock has not passed `after`.
-    fn restamp(&mut self, soa: &Record, after: u32) -> Record {
-        let mut stamped = soa.clone();
-        if let RData::SOA(data) = &mut stamped.data {
+    /// Gives `zone`'s SOA, here and at its apex, a serial ahead of
+    /// `after`: the current second, as a whole build stamps it (CoreDNS's
+    /// `kubernetes` gives the time of its last change), or `after + 1` when
+    /// the clock has not passed `after`.
+    fn restamp(&mut self, zone: Zone, after: u32) {
+        let soa = match zone {
+            Zone::Cluster => &mut self.soa,
+            Zone::Clusterset => &mut self.clusterset_soa,
+        };
+        let old = soa.clone();
+        if let RData::SOA(data) = &mut soa.data {
             data.serial = now_serial().max(after.saturating_add(1));
         }
-        if let Some(apex) = self.names.get_mut(&LowerName::new(&soa.name)) {
-            for r in apex.records.iter_mut().filter(|r| *r == soa) {
+        let stamped = soa.clone();
+        if let Some(apex) = self.names.get_mut(&LowerName::new(&old.name)) {
+            for r in apex.records.iter_mut().filter(|r| **r == old) {
                 *r = stamped.clone();
             }
         }
-        stamped
     }
 
     /// What one Service puts in the index.
@@ -611,6 +613,13 @@ fn changed_services<'a>(
             }
         })
         .collect()
+}
+
+/// The two zones of an index.
+#[derive(Debug, Clone, Copy)]
+enum Zone {
+    Cluster,
+    Clusterset,
 }
 
 /// A zone's serial: the current second (Unix time).

@@ -802,6 +802,7 @@ async fn bare(changes: usize, streams: usize) -> anyhow::Result<serde_json::Valu
                 acks.load(Ordering::SeqCst) >= target
             })
             .await
+            .with_context(|| format!("bare: {} of {target} ACKs", acks.load(Ordering::SeqCst)))
         }
     };
     let n = streams as u64;
