@@ -16,7 +16,8 @@
 //! or a failed sync as after a change, and it judges by what is *gone*:
 //! an entry stays while its endpoint still serves the frontend, whatever
 //! policy or topology now select (a terminating or unhinted endpoint
-//! keeps its flows, as TCP connections keep theirs). Entries that were
+//! keeps its flows, as TCP connections keep theirs). A frontend with no
+//! serving endpoint left loses every flow (kubernetes#139628). Entries that were
 //! never translated (sent while no rule existed) are cleared too, so the
 //! flow meets the rules.
 //!

@@ -190,6 +190,20 @@ impl PortPlan<'_> {
         out.extend(self.node_port.map(Frontend::NodePort));
         out
     }
+
+    /// For stale-flow clean-up: each UDP frontend of this port with the
+    /// endpoints serving it; nothing for other protocols. A port whose last
+    /// endpoint went keeps its frontends with an empty set, so every flow
+    /// to them is cleared: the filter rules refuse only new flows, and an
+    /// established one would go on reaching the deleted endpoint
+    /// (kubernetes#139628, fixed upstream by PR #139629).
+    pub fn udp_flows(&self) -> impl Iterator<Item = (Frontend, BTreeSet<SocketAddr>)> + '_ {
+        let udp = self.port.protocol == Protocol::Udp;
+        udp.then(|| self.frontends())
+            .into_iter()
+            .flatten()
+            .map(|f| (f, self.serving.clone()))
+    }
 }
 
 /// Where a flow to a Service arrives.
@@ -458,20 +472,15 @@ pub fn local_ready_endpoints(state: &ServiceState, node: &str) -> usize {
 }
 
 /// For stale-flow clean-up: every UDP frontend of `state` in `family` with
-/// the endpoints serving it. Ports without a serving endpoint are left out
-/// (their traffic is refused, so no flow of theirs is kept).
+/// the endpoints serving it ([`PortPlan::udp_flows`]).
 pub fn udp_frontends(
     state: &ServiceState,
     family: AddressType,
     node: &NodeView<'_>,
 ) -> Vec<(Frontend, BTreeSet<SocketAddr>)> {
     plan(state, family, node)
-        .into_iter()
-        .filter(|p| p.port.protocol == Protocol::Udp && !p.serving.is_empty())
-        .flat_map(|p| {
-            let serving = p.serving.clone();
-            p.frontends().into_iter().map(move |f| (f, serving.clone()))
-        })
+        .iter()
+        .flat_map(PortPlan::udp_flows)
         .collect()
 }
 

@@ -58,6 +58,7 @@ on_both_planes!(
     spoofed_load_balancer_sources,
     proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone,
     udp_flows_are_reconciled_after_every_sync,
+    udp_flow_of_a_service_scaled_to_zero_is_refused,
     session_affinity_expires,
     endpoint_count_crosses_the_class_boundary,
 );
@@ -846,6 +847,65 @@ fn udp_flows_are_reconciled_after_every_sync(plane: Plane) {
     c.start_agent(2);
     c.wait_until("the untranslated flow to reach an endpoint", || {
         flow(&c, "40600") != "-"
+    });
+}
+
+/// kubernetes#139628: a UDP Service scaled to zero. The filter rules refuse
+/// new flows only, so a flow that reached the endpoint before would go on
+/// reaching the deleted pod (here still running, as a pod that is slow to
+/// die or whose address was reused) unless its conntrack entry is cleared.
+/// Once cleared, the flow's next datagram meets the REJECT; when an
+/// endpoint comes back, the same flow reaches it.
+fn udp_flow_of_a_service_scaled_to_zero_is_refused(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    let b1 = c.add_pod("b1", 2, 2);
+    c.add_pod("client", 2, 9);
+    let statsd = |eps: &[(&str, u8, Condition)]| {
+        with_endpoints(
+            service_manifest("statsd", "10.96.0.12", "UDP", "", "", &[]),
+            eps,
+        )
+    };
+    c.write_manifest(
+        "statsd.yaml",
+        &statsd(&[(a1.as_str(), 1, Condition::Ready)]),
+    );
+    c.start_control_plane();
+    c.start_agents();
+    c.wait_rules("the UDP service", &c.dnat(&a1, 8080));
+    let flow = |c: &Cluster| {
+        let u = c.echo("client", &["udp", "10.96.0.12:80", "1", "40700"]);
+        u["replies"][0].as_str().unwrap_or("-").to_owned()
+    };
+    assert_eq!(flow(&c), "a1", "the flow reaches the endpoint");
+    let n2 = c.ns("n2");
+    let entries = || c.sh(&n2, "conntrack -L -p udp --orig-port-src 40700 2>/dev/null");
+    assert!(
+        entries().contains(&a1),
+        "the flow's entry points at the endpoint: {}",
+        entries()
+    );
+
+    c.write_manifest("statsd.yaml", &statsd(&[]));
+    c.wait_until("node 2 to refuse the Service", || {
+        c.refuses(2, "10.96.0.12")
+    });
+    c.wait_until("the flow to the deleted endpoint to be refused", || {
+        flow(&c) == "-"
+    });
+    let left = entries();
+    assert!(
+        !left.contains(&a1),
+        "no entry of the flow points at the deleted endpoint: {left}"
+    );
+
+    c.write_manifest(
+        "statsd.yaml",
+        &statsd(&[(b1.as_str(), 2, Condition::Ready)]),
+    );
+    c.wait_until("the same flow to reach the new endpoint", || {
+        flow(&c) == "b1"
     });
 }
 

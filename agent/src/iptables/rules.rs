@@ -285,13 +285,7 @@ pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> 
     let plans = endpoints::plan(state, family.address_type(), &cfg.view());
     for plan in &plans {
         port_rules(&mut out, svc, plan, family, cfg);
-        if plan.port.protocol == Protocol::Udp && !plan.serving.is_empty() {
-            out.udp.extend(
-                plan.frontends()
-                    .into_iter()
-                    .map(|f| (f, plan.serving.clone())),
-            );
-        }
+        out.udp.extend(plan.udp_flows());
     }
     if let (Some(hc), Some(_)) = (svc.health_check_node_port, plans.first()) {
         // Load balancers ask every node; the healthcheck server answers.

@@ -218,10 +218,7 @@ pub fn service_elements(state: &ServiceState, family: Family, cfg: &NodeConfig) 
         family == Family::V6 && svc.session_affinity_timeout.is_some() && !plans.is_empty();
     for p in &plans {
         out.port(p);
-        if p.port.protocol == Protocol::Udp && !p.serving.is_empty() {
-            out.udp
-                .extend(p.frontends().into_iter().map(|f| (f, p.serving.clone())));
-        }
+        out.udp.extend(p.udp_flows());
     }
     if let (Some(hc), Some(_)) = (svc.health_check_node_port, plans.first()) {
         out.set("health_checks", hc.to_string());

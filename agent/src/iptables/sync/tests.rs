@@ -168,8 +168,8 @@ fn partial_sync_touches_only_the_changed_service() {
     assert!(one(&tx).contains("-D SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n"));
     assert!(one(&tx).contains("-X SWY-SB-0A\n"));
     assert!(
-        tables.udp_frontends().is_empty(),
-        "no serving endpoint: nothing to keep, nothing judged"
+        tables.udp_frontends()[&frontend].is_empty(),
+        "no serving endpoint: every flow of the frontend is stale"
     );
     // An endpoint comes back.
     let tx = tables.partial(&before, &changes, &cfg(), 1000);
