@@ -67,15 +67,23 @@ pub fn router(ctx: AdminContext) -> Router {
         .with_state(ctx)
 }
 
-/// Only `/metrics` (and `/`), for `--metrics-listen`.
+/// Only `/metrics` and kube-proxy's `/proxyMode` (and `/`), for
+/// `--metrics-listen` (kube-proxy's metrics port, 10249, serves both).
 pub fn metrics_router(ctx: AdminContext) -> Router {
     Router::new()
         .route(
             "/",
-            get(|| async { "switchyard-agent metrics: /metrics\n" }),
+            get(|| async { "switchyard-agent metrics: /metrics, /proxyMode\n" }),
         )
         .route("/metrics", get(metrics))
+        .route("/proxyMode", get(proxy_mode))
         .with_state(ctx)
+}
+
+/// The data plane's name, as kube-proxy names its mode (`iptables`,
+/// `nftables`; `none` programs nothing).
+async fn proxy_mode(State(ctx): State<AdminContext>) -> &'static str {
+    ctx.status.dataplane()
 }
 
 async fn healthz(State(ctx): State<AdminContext>) -> Response {

@@ -252,14 +252,40 @@ impl Applier {
         whole
     }
 
+    /// Takes in whether this node's Node is leaving the cluster, as the
+    /// control plane says on every update (kube-proxy's health server).
+    fn learn_draining(&self, node_draining: &str) {
+        let draining = (!node_draining.is_empty()).then(|| node_draining.to_owned());
+        if self.status.node_draining() == draining {
+            return;
+        }
+        match &draining {
+            Some(why) => {
+                tracing::warn!(reason = %why, "this node is leaving the cluster: kube-proxy's /healthz answers 503 so that load balancers drain it")
+            }
+            None => tracing::info!("this node is no longer leaving the cluster"),
+        }
+        self.status.update(|s| s.node_draining = draining);
+    }
+
     async fn try_apply(&mut self, update: &v1::SnapshotUpdate) -> Result<(), ApplyFailure> {
         let started = Instant::now();
         let current = self.state();
         let (next, changes) = current.apply(update).map_err(ApplyFailure::Decode)?;
-        let next = Arc::new(next);
+        self.learn_draining(&update.node_draining);
+        let rezoned = self.learn_zone(&update.node_zone);
         let unchanged =
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();
-        let rezoned = self.learn_zone(&update.node_zone);
+        if unchanged && !rezoned && next.version == current.version {
+            // The state in force, confirmed (and maybe the Node's facts):
+            // nothing to program, persist or rebuild.
+            self.status.update(|s| {
+                s.origin = Origin::ControlPlane;
+                s.last_error = None;
+            });
+            return Ok(());
+        }
+        let next = Arc::new(next);
         if rezoned && unchanged {
             // Nothing new from the control plane, but every Service may
             // pick other endpoints in the new zone.

@@ -114,7 +114,16 @@ pub struct Args {
     /// Address the healthCheckNodePort servers of externalTrafficPolicy Local
     /// Services listen on.
     #[arg(long, default_value = "0.0.0.0")]
-    pub healthz_bind_address: IpAddr,
+    pub health_check_node_port_address: IpAddr,
+
+    /// kube-proxy's health server (`/healthz`, `/livez`; its JSON and
+    /// rules, 503 while the Node is being deleted or tainted
+    /// ToBeDeletedByClusterAutoscaler): ADDR:PORT, or `none`. Default:
+    /// kube-proxy's 0.0.0.0:10256 with the iptables and nftables data
+    /// planes, none with `none`. While the port is taken (kube-proxy still
+    /// running), the agent binds it once it is free.
+    #[arg(long, value_name = "ADDR:PORT|none", value_parser = parse_healthz_bind)]
+    pub healthz_bind_address: Option<HealthzBind>,
 
     /// How often the iptables data plane checks its canary chains (a flush by
     /// someone else) and retries a pending full sync.
@@ -182,6 +191,27 @@ pub struct Args {
     pub dns_max_tcp_per_source: usize,
 }
 
+/// Where kube-proxy's health server listens (`--healthz-bind-address`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthzBind {
+    /// Not served.
+    Off,
+    /// Served on this address.
+    At(SocketAddr),
+}
+
+/// kube-proxy's health server port.
+pub const KUBE_PROXY_HEALTHZ: &str = "0.0.0.0:10256";
+
+fn parse_healthz_bind(s: &str) -> Result<HealthzBind, String> {
+    if s == "none" {
+        return Ok(HealthzBind::Off);
+    }
+    s.parse()
+        .map(HealthzBind::At)
+        .map_err(|e| format!("{s:?}: {e} (expected ADDR:PORT or none)"))
+}
+
 /// The default `--dns-listen`, NodeLocal DNSCache's customary address.
 pub const DEFAULT_DNS_LISTEN: &str = "169.254.20.10:53";
 
@@ -213,6 +243,17 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
 }
 
 impl Args {
+    /// Where kube-proxy's health server listens, if anywhere: the flag, or
+    /// by default kube-proxy's port when a data plane proxies this node.
+    pub fn proxy_healthz(&self) -> Option<SocketAddr> {
+        match self.healthz_bind_address {
+            Some(HealthzBind::At(addr)) => Some(addr),
+            Some(HealthzBind::Off) => None,
+            None => (self.dataplane != DataPlaneKind::None)
+                .then(|| KUBE_PROXY_HEALTHZ.parse().expect("a socket address")),
+        }
+    }
+
     /// The node name, from the flag or the host name.
     pub fn node(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {

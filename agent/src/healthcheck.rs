@@ -1,7 +1,8 @@
 //! `healthCheckNodePort` servers for Services with
 //! `externalTrafficPolicy: Local`: load balancers ask each node whether it
 //! has local endpoints. 200 with the count of *ready* local endpoints when
-//! it has some, 503 when not: a node whose only local endpoints are
+//! it has some and the node's rules keep up (`serviceProxyHealthy`, kube-
+//! proxy's rule), 503 when not: a node whose only local endpoints are
 //! serving+terminating still serves its node port with them, but tells the
 //! load balancer to send new connections elsewhere (kube-proxy's
 //! `LocalReadyEndpoints`).
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoints;
+use crate::proxyhealth::ProxyHealth;
 use crate::state::AgentState;
 
 /// What one health-check port reports.
@@ -57,20 +59,24 @@ pub fn targets(state: &AgentState, node: &str) -> BTreeMap<u16, HealthTarget> {
     out
 }
 
-type Shared = Arc<Mutex<Option<HealthTarget>>>;
+/// What one port's server answers from, updated in place.
+type Target = Arc<Mutex<Option<HealthTarget>>>;
 
-async fn answer(State(target): State<Shared>) -> impl IntoResponse {
+async fn answer(State((target, proxy)): State<(Target, ProxyHealth)>) -> impl IntoResponse {
     let t = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let Some(t) = t else {
         return (StatusCode::SERVICE_UNAVAILABLE, String::new());
     };
+    // As kube-proxy: a node whose rules lag tells the load balancer to go
+    // elsewhere even with local endpoints.
+    let proxy_healthy = proxy.proxy_healthy();
     let body = serde_json::json!({
         "service": {"namespace": t.namespace, "name": t.name},
         "localEndpoints": t.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": proxy_healthy,
     })
     .to_string();
-    let code = if t.local_endpoints > 0 {
+    let code = if t.local_endpoints > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -83,9 +89,10 @@ pub async fn run(
     node: String,
     bind: IpAddr,
     mut state: watch::Receiver<Arc<AgentState>>,
+    proxy: ProxyHealth,
     shutdown: CancellationToken,
 ) {
-    let mut servers: BTreeMap<u16, (Shared, CancellationToken)> = BTreeMap::new();
+    let mut servers: BTreeMap<u16, (Target, CancellationToken)> = BTreeMap::new();
     loop {
         let wanted = targets(&state.borrow_and_update(), &node);
         servers.retain(|port, (_, stop)| {
@@ -103,11 +110,11 @@ pub async fn run(
             let addr = SocketAddr::new(bind, port);
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let shared: Shared = Arc::new(Mutex::new(Some(target)));
+                    let shared = Arc::new(Mutex::new(Some(target)));
                     let stop = shutdown.child_token();
                     let app = axum::Router::new()
                         .fallback(answer)
-                        .with_state(shared.clone());
+                        .with_state((shared.clone(), proxy.clone()));
                     let until = stop.clone().cancelled_owned();
                     tokio::spawn(async move {
                         if let Err(e) = axum::serve(listener, app)

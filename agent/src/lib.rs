@@ -14,6 +14,7 @@
 //! [`store`] (sled persistence with checked frames), [`dataplane`] (the
 //! trait and `none`), [`endpoints`] (endpoint selection, traffic policy
 //! and topology, shared by data planes), [`conntrack`] (stale UDP flows),
+//! [`healthcheck`] and [`proxyhealth`] (kube-proxy's health servers),
 //! [`iptables`], [`applier`] (the apply pipeline), [`client`] (the stream
 //! and its backoff), [`dns`] (the node-local DNS stub), [`status`] and
 //! [`admin`].
@@ -29,6 +30,7 @@ pub mod endpoints;
 pub mod healthcheck;
 pub mod iptables;
 pub mod nftables;
+pub mod proxyhealth;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -55,6 +57,8 @@ pub struct Agent {
     pub admin_addr: SocketAddr,
     /// Where `--metrics-listen` serves `/metrics`, if set.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where kube-proxy's health server listens (`--healthz-bind-address`), if anywhere.
+    pub healthz_addr: Option<SocketAddr>,
     /// Where the DNS stub listens (UDP and TCP); `None` with `--dns-listen none`.
     pub dns_addr: Option<SocketAddr>,
     /// Shared status (what `/status` serves).
@@ -230,40 +234,57 @@ pub async fn start_with(
         metrics.clone(),
         shutdown.clone(),
     ));
+    // kube-proxy's health timeout: twice its sync period.
+    let health_timeout = args.iptables_sync_period * 2;
+    let proxy_health = proxyhealth::ProxyHealth {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        timeout: health_timeout,
+    };
     if matches!(
         args.dataplane,
         DataPlaneKind::Iptables | DataPlaneKind::Nftables
     ) {
         tasks.spawn(healthcheck::run(
             node.clone(),
-            args.healthz_bind_address,
+            args.health_check_node_port_address,
             state.clone(),
+            proxy_health.clone(),
             shutdown.clone(),
         ));
     }
+    let healthz_addr = match args.proxy_healthz() {
+        Some(addr) => Some(
+            serve_kube_proxy_port(
+                addr,
+                "--healthz-bind-address",
+                proxyhealth::router(proxy_health.clone()),
+                &mut tasks,
+                &shutdown,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let ctx = admin::AdminContext {
         status: status.clone(),
         metrics: metrics.clone(),
         state: state.clone(),
         dataplane: applier.dataplane(),
-        // kube-proxy's health timeout: twice its sync period.
-        health_timeout: args.iptables_sync_period * 2,
+        health_timeout,
         cluster: args.cluster.clone(),
     };
     let metrics_addr = match args.metrics_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-listen {addr}"))?;
-            let bound = listener.local_addr()?;
-            serve(
-                listener,
+        Some(addr) => Some(
+            serve_kube_proxy_port(
+                addr,
+                "--metrics-listen",
                 admin::metrics_router(ctx.clone()),
                 &mut tasks,
                 &shutdown,
-            );
-            Some(bound)
-        }
+            )
+            .await?,
+        ),
         None => None,
     };
     serve(admin, admin::router(ctx), &mut tasks, &shutdown);
@@ -275,10 +296,11 @@ pub async fn start_with(
         zone: args.zone.clone().unwrap_or_default(),
     };
     tasks.spawn(client::run(connector, who, applier, shutdown.clone()));
-    tracing::info!(%admin_addr, ?metrics_addr, "agent started");
+    tracing::info!(%admin_addr, ?metrics_addr, ?healthz_addr, "agent started");
     Ok(Agent {
         admin_addr,
         metrics_addr,
+        healthz_addr,
         dns_addr,
         status,
         metrics,
@@ -286,6 +308,42 @@ pub async fn start_with(
         shutdown,
         tasks,
     })
+}
+
+/// Serves `router` on `addr`, one of kube-proxy's well-known ports: if the
+/// kube-proxy this agent replaces still holds it, as soon as it is free
+/// ([`proxyhealth::bind_when_free`]). Returns the address bound (`addr`
+/// itself while waiting); any other bind error is the caller's.
+async fn serve_kube_proxy_port(
+    addr: SocketAddr,
+    flag: &'static str,
+    router: axum::Router,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let bound = listener.local_addr()?;
+            serve(listener, router, tasks, shutdown);
+            Ok(bound)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                match proxyhealth::bind_when_free(addr, flag, &shutdown).await {
+                    Ok(Some(listener)) => {
+                        let _ = axum::serve(listener, router)
+                            .with_graceful_shutdown(shutdown.cancelled_owned())
+                            .await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(%addr, "{flag}: {e}; not served"),
+                }
+            });
+            Ok(addr)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("binding {flag} {addr}"))),
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown`.

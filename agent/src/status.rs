@@ -53,6 +53,11 @@ pub struct StatusDocument {
     pub dns: Option<DnsStatus>,
     /// Whether the data plane keeps up (what `/healthz` and `/readyz` say).
     pub sync: SyncReport,
+    /// Why this node's Node is leaving the cluster, as the control plane
+    /// says (`deleted`, `ToBeDeletedByClusterAutoscaler`); kube-proxy's
+    /// health server fails while it is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_draining: Option<String>,
 }
 
 /// The data plane's syncs as `/healthz` and `/readyz` judge them, the way
@@ -139,6 +144,7 @@ impl Status {
                 discarded_state: None,
                 dns: None,
                 sync: SyncReport::default(),
+                node_draining: None,
             }),
             sync: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
@@ -154,6 +160,16 @@ impl Status {
     /// Wakes on every change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// The data plane in use.
+    pub fn dataplane(&self) -> &'static str {
+        self.lock().dataplane
+    }
+
+    /// Why this node is leaving the cluster, if it is.
+    pub fn node_draining(&self) -> Option<String> {
+        self.lock().node_draining.clone()
     }
 
     /// A copy of the document.
@@ -507,7 +523,14 @@ pub struct KubeProxyMetrics {
     pub endpoint_changes: Counter,
     /// `kubeproxy_sync_proxy_rules_iptables_restore_failures_total`.
     pub restore_failures: Counter,
+    /// `kubeproxy_proxy_healthz_total{code}`: answers of the health server's `/healthz`.
+    pub healthz: CodeFamily,
+    /// `kubeproxy_proxy_livez_total{code}`: answers of its `/livez`.
+    pub livez: CodeFamily,
 }
+
+/// Counters by HTTP status code.
+pub type CodeFamily = prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>;
 
 impl Default for KubeProxyMetrics {
     fn default() -> Self {
@@ -529,6 +552,8 @@ impl Default for KubeProxyMetrics {
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             restore_failures: Counter::default(),
+            healthz: CodeFamily::default(),
+            livez: CodeFamily::default(),
         }
     }
 }
@@ -579,6 +604,16 @@ impl KubeProxyMetrics {
             "sync_proxy_rules_iptables_restore_failures",
             "Cumulative proxy iptables restore failures",
             self.restore_failures.clone(),
+        );
+        r.register(
+            "proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            self.healthz.clone(),
+        );
+        r.register(
+            "proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            self.livez.clone(),
         );
     }
 

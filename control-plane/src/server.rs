@@ -33,7 +33,7 @@ use crate::heap::Churn;
 use crate::metrics::Metrics;
 use crate::snapshot::{Announcement, Delta, Snapshot, View};
 use crate::source::SourceState;
-use crate::status::{Status as CpStatus, StreamHandle};
+use crate::status::{NodeFacts, Status as CpStatus, StreamHandle};
 
 /// How long an agent may take to send its Hello, once the control plane
 /// has a snapshot to answer it with.
@@ -493,6 +493,7 @@ impl SnapshotDiscovery for SnapshotService {
         let (tx, rx) = mpsc::channel::<Outgoing>(2);
         let stream = AgentStream {
             node,
+            sent_facts: None,
             view,
             baseline: Baseline::Announced { snapshot, pending },
             in_flight: None,
@@ -646,9 +647,14 @@ fn rebase(pending: &Delta, base_to_current: &Delta, current: &Snapshot, view: &V
     }
 }
 
+/// An update to send: the difference, its nonce and the snapshot it leads to.
+type Update = (Arc<Delta>, String, Arc<Snapshot>);
+
 #[derive(Debug)]
 struct AgentStream {
     node: String,
+    /// The Node facts the last update carried (`None` before the first).
+    sent_facts: Option<NodeFacts>,
     /// What the stream receives (an agent's cluster, or a relay's part).
     view: View,
     baseline: Baseline,
@@ -666,28 +672,45 @@ impl AgentStream {
         tx: mpsc::Sender<Outgoing>,
     ) -> Result<(), String> {
         let mut snapshots = svc.snapshots.clone();
+        let mut node_facts = svc.status.subscribe_node_facts();
         let mut ack_deadline = None;
+        // The facts changed while the stream waited for them (the wait
+        // marks the change seen).
+        let mut woke_on_facts = false;
         loop {
             if self.in_flight.is_none() {
                 let current = snapshots.borrow_and_update().clone();
-                if let Some(current) = current
-                    && let Some((delta, nonce)) = self.next_update(&current)
-                {
+                let facts_moved =
+                    std::mem::take(&mut woke_on_facts) | node_facts.has_changed().unwrap_or(false);
+                node_facts.borrow_and_update();
+                let update = match current {
+                    Some(current) => self.next_update(&current),
+                    None => None,
+                }
+                .or_else(|| {
+                    // Nothing new to send but, maybe, the Node's facts.
+                    facts_moved
+                        .then(|| self.facts_update(&svc.status.node_facts(&self.node)))
+                        .flatten()
+                });
+                if let Some((delta, nonce, snapshot)) = update {
                     let count = delta.changed.len();
-                    let zone = svc.status.node_zone(&self.node);
+                    let facts = svc.status.node_facts(&self.node);
                     let parts = split_into_parts(
                         &delta,
-                        &current.version,
+                        &snapshot.version,
                         &nonce,
-                        current.changed_at_unix_nanos,
+                        snapshot.changed_at_unix_nanos,
                     );
                     for mut part in parts {
-                        part.node_zone.clone_from(&zone);
+                        part.node_zone.clone_from(&facts.zone);
+                        part.node_draining.clone_from(&facts.draining);
                         tokio::select! {
                             sent = tx.send(Box::new(Ok(part))) => sent.map_err(|_| "agent went away".to_owned())?,
                             _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
                         }
                     }
+                    self.sent_facts = Some(facts);
                     ack_deadline = Some(tokio::time::Instant::now() + svc.limits.ack_timeout);
                     svc.status.pushed(&self.handle, count);
                     svc.metrics.pushes.inc();
@@ -702,6 +725,10 @@ impl AgentStream {
                 }
                 changed = snapshots.changed(), if !waiting_for_ack => {
                     changed.map_err(|_| "control plane shutting down".to_owned())?;
+                }
+                changed = node_facts.changed(), if !waiting_for_ack && self.sent_facts.is_some() => {
+                    changed.map_err(|_| "control plane shutting down".to_owned())?;
+                    woke_on_facts = true;
                 }
                 () = sleep_until(ack_deadline), if waiting_for_ack => {
                     let why = format!(
@@ -718,8 +745,8 @@ impl AgentStream {
     }
 
     /// The difference that brings the agent to `current`, if it needs one,
-    /// and the nonce of the update that carries it.
-    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<(Arc<Delta>, String)> {
+    /// the nonce of the update that carries it, and the snapshot it leads to.
+    fn next_update(&mut self, current: &Arc<Snapshot>) -> Option<Update> {
         if self.parked_on.as_deref() == Some(current.version.as_str()) {
             return None;
         }
@@ -741,10 +768,30 @@ impl AgentStream {
                 &self.view,
             )),
         };
+        Some(self.send(delta, current.clone()))
+    }
+
+    /// An update without resources that keeps the agent at the snapshot it
+    /// ACKed but carries its Node's new facts, when an agent that was told
+    /// other facts is up to date or parked (a stream still on its first
+    /// update gets them with it).
+    fn facts_update(&mut self, facts: &NodeFacts) -> Option<Update> {
+        if !matches!(self.view, View::Agent(_)) || self.sent_facts.as_ref() == Some(facts) {
+            return None;
+        }
+        let Baseline::Acked(base) = &self.baseline else {
+            return None;
+        };
+        let base = base.clone();
+        Some(self.send(Arc::new(Delta::default()), base))
+    }
+
+    /// Records `delta` to `snapshot` as the update in flight, under a new nonce.
+    fn send(&mut self, delta: Arc<Delta>, snapshot: Arc<Snapshot>) -> Update {
         let nonce = self.next_nonce.to_string();
         self.next_nonce += 1;
-        self.in_flight = Some((nonce.clone(), current.clone()));
-        Some((delta, nonce))
+        self.in_flight = Some((nonce.clone(), snapshot.clone()));
+        (delta, nonce, snapshot)
     }
 
     fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) {

@@ -176,8 +176,8 @@ struct Inner {
     all_synced: bool,
     agents: BTreeMap<String, AgentStatus>,
     next_stream: u64,
-    /// Node name -> `topology.kubernetes.io/zone`, from the sources' nodes.
-    zones: HashMap<String, String>,
+    /// Node name -> what its agent is told of it, from the sources' nodes.
+    nodes: HashMap<String, NodeFacts>,
     retention: AgentRetention,
 }
 
@@ -238,13 +238,26 @@ pub struct StatusDocument {
     pub clusterset_issues: Vec<ClustersetIssue>,
 }
 
+/// What the control plane tells an agent about its own Node, besides its
+/// Services (`SnapshotUpdate.node_zone` and `node_draining`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The Node's `topology.kubernetes.io/zone`, empty when unknown.
+    pub zone: String,
+    /// Why the Node is leaving the cluster, empty while it is not.
+    pub draining: String,
+}
+
 /// Shared, lock-protected status. Critical sections are a few field writes.
 /// Every change bumps a generation that [`Status::subscribe`] follows, so
-/// observers wait for events instead of polling.
+/// observers wait for events instead of polling. Changes of the nodes'
+/// facts bump a generation of their own ([`Status::subscribe_node_facts`]),
+/// which the agents' streams follow.
 #[derive(Debug)]
 pub struct Status {
     inner: Mutex<Inner>,
     generation: tokio::sync::watch::Sender<u64>,
+    node_facts: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Status {
@@ -252,6 +265,7 @@ impl Default for Status {
         Self {
             inner: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
+            node_facts: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -322,26 +336,39 @@ impl Status {
         });
     }
 
-    /// Records the sources' sync state (and the zones of the nodes they know).
+    /// Records the sources' sync state (and the facts of the nodes they know).
     pub fn set_sources(&self, sources: Vec<SourceStatus>) {
-        self.change(|s| {
-            s.zones.clear();
-            for node in sources.iter().flat_map(|src| src.nodes.iter()) {
-                if let Some(zone) = &node.zone {
-                    // The first source to know a node wins, as for Services.
-                    s.zones
-                        .entry(node.name.clone())
-                        .or_insert_with(|| zone.clone());
-                }
-            }
+        let mut nodes: HashMap<String, NodeFacts> = HashMap::new();
+        for node in sources.iter().flat_map(|src| src.nodes.iter()) {
+            // The first source to know a node wins, as for Services.
+            nodes.entry(node.name.clone()).or_insert_with(|| NodeFacts {
+                zone: node.zone.clone().unwrap_or_default(),
+                draining: node.draining.clone().unwrap_or_default(),
+            });
+        }
+        nodes.retain(|_, f| *f != NodeFacts::default());
+        let moved = self.change(|s| {
             s.sources = sources;
+            let moved = s.nodes != nodes;
+            if moved {
+                s.nodes = nodes;
+            }
+            moved
         });
+        if moved {
+            self.node_facts.send_modify(|g| *g += 1);
+        }
     }
 
-    /// The zone of `node` from its Node's `topology.kubernetes.io/zone`
-    /// label; empty when no source knows it.
-    pub fn node_zone(&self, node: &str) -> String {
-        self.lock().zones.get(node).cloned().unwrap_or_default()
+    /// What `node`'s agent is told of its Node (its zone, whether it is
+    /// draining); empty when no source knows it.
+    pub fn node_facts(&self, node: &str) -> NodeFacts {
+        self.lock().nodes.get(node).cloned().unwrap_or_default()
+    }
+
+    /// Wakes when the facts of any node change.
+    pub fn subscribe_node_facts(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.node_facts.subscribe()
     }
 
     /// Ready once every source has synced and a snapshot exists.
@@ -483,9 +510,9 @@ impl Status {
                     let mut a = a.clone();
                     // An agent that announced no zone is told its Node's.
                     if a.zone.is_empty()
-                        && let Some(zone) = s.zones.get(&a.node)
+                        && let Some(facts) = s.nodes.get(&a.node)
                     {
-                        a.zone.clone_from(zone);
+                        a.zone.clone_from(&facts.zone);
                     }
                     a
                 })

@@ -256,6 +256,70 @@ async fn paged_initial_list_then_create_update_delete_reach_the_agents() {
     assert!(env.api.requests("LIST services") <= 4);
 }
 
+/// KEP-3836: the agent's kube-proxy health server fails `/healthz` while
+/// its Node carries the cluster autoscaler's taint, and `/livez` does not;
+/// the Node's facts reach an agent that is up to date on their own (an
+/// update without resources), and its zone the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_fails_kube_proxys_healthz_and_node_facts_reach_the_agent() {
+    let env = Env::new().await;
+    populate(env.store(), "shop", 3);
+    env.store()
+        .create(Kind::Node, node("node-a", "eu-1a"))
+        .expect("node");
+    let cp = env.control_plane(&[]).await;
+    let mut args = agent_args(
+        "node-a",
+        &format!("http://{}", cp.grpc_addr),
+        &env.dir.path().join("node-a"),
+    );
+    args.healthz_bind_address = Some(switchyard_agent::config::HealthzBind::At(
+        "127.0.0.1:0".parse().expect("addr"),
+    ));
+    let (agent, _) = start_recording_agent(args).await;
+    agent_status_until(&agent, "the zone and the services", |s| {
+        s.resources == 3 && s.zone.as_deref() == Some("eu-1a")
+    })
+    .await;
+    let health = agent.healthz_addr.expect("the health server listens");
+    let (code, body) = get_text(health, "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(doc["nodeEligible"], true, "{doc}");
+    assert!(doc["lastUpdated"].is_string() && doc["currentTime"].is_string());
+    let version = agent.status.document().version;
+
+    let mut tainted = node("node-a", "eu-1b");
+    tainted["spec"] = json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler",
+                                         "value": "1765047600", "effect": "NoSchedule"}]});
+    env.store().update(Kind::Node, tainted).expect("taint");
+    let status =
+        agent_status_until(&agent, "the Node to drain", |s| s.node_draining.is_some()).await;
+    assert_eq!(
+        status.node_draining.as_deref(),
+        Some("ToBeDeletedByClusterAutoscaler")
+    );
+    let status = agent_status_until(&agent, "the new zone", |s| {
+        s.zone.as_deref() == Some("eu-1b")
+    })
+    .await;
+    assert_eq!(status.version, version, "no Service changed");
+    let (code, body) = get_text(health, "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    let doc: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(doc["nodeEligible"], false, "{doc}");
+    let (code, body) = get_text(health, "/livez").await;
+    assert_eq!(code, 200, "/livez leaves the Node out: {body}");
+
+    env.store()
+        .update(Kind::Node, node("node-a", "eu-1b"))
+        .expect("untaint");
+    agent_status_until(&agent, "the Node back", |s| s.node_draining.is_none()).await;
+    assert_eq!(get_text(health, "/healthz").await.0, 200);
+    agent.shutdown().await;
+    cp.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relist_after_410_is_atomic_and_nothing_flaps() {
     let env = Env::new().await;

@@ -485,6 +485,11 @@ async fn status_shows_one_service_on_both_sides_and_metrics_get_their_own_listen
     assert_eq!(code, 200);
     assert!(body.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
     assert_eq!(get_text(metrics_addr, "/status").await.0, 404);
+    // kube-proxy's /proxyMode beside the metrics, as on its port 10249.
+    assert_eq!(
+        get_text(metrics_addr, "/proxyMode").await,
+        (200, "none".to_owned())
+    );
     agent.shutdown().await;
     cp.shutdown().await;
 }

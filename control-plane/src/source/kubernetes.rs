@@ -58,6 +58,20 @@ use crate::k8s;
 /// The label that carries a Node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
+/// Why `node` is leaving the cluster, as kube-proxy's health server judges
+/// it (KEP-3836): it is being deleted, or the cluster autoscaler tainted it.
+fn node_draining(node: &core::Node) -> Option<String> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("deleted".into());
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == super::TO_BE_DELETED_TAINT));
+    tainted.then(|| super::TO_BE_DELETED_TAINT.to_owned())
+}
+
 /// How to reach the API server and what to watch.
 #[derive(Debug, Clone, Default)]
 pub struct KubeSourceConfig {
@@ -700,6 +714,7 @@ impl View {
                 let info = NodeInfo {
                     name: node.name_any(),
                     zone: node.labels().get(ZONE_LABEL).cloned(),
+                    draining: node_draining(&node),
                 };
                 if self.nodes.get(&info.name) != Some(&info) {
                     self.nodes.insert(info.name.clone(), info);
@@ -982,6 +997,30 @@ mod tests {
             .map(|k| k.name.clone())
             .collect();
         assert_eq!(changed, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_node_drains_while_deleted_or_tainted_by_the_autoscaler() {
+        let node = |extra: Value| -> core::Node {
+            let mut doc = json!({"metadata": {"name": "n1"}});
+            if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
+                for (k, v) in e {
+                    d.insert(k.clone(), v.clone());
+                }
+            }
+            serde_json::from_value(doc).expect("a Node")
+        };
+        assert_eq!(node_draining(&node(json!({}))), None);
+        let other_taint = json!({"spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}});
+        assert_eq!(node_draining(&node(other_taint)), None);
+        let autoscaler = json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1733500000", "effect": "NoSchedule"}]}});
+        assert_eq!(
+            node_draining(&node(autoscaler)).as_deref(),
+            Some("ToBeDeletedByClusterAutoscaler")
+        );
+        let deleted =
+            json!({"metadata": {"name": "n1", "deletionTimestamp": "2026-12-06T19:00:00Z"}});
+        assert_eq!(node_draining(&node(deleted)).as_deref(), Some("deleted"));
     }
 
     #[test]

@@ -315,7 +315,16 @@ pub struct NodeInfo {
     pub name: String,
     /// Its `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// Why it is leaving the cluster (KEP-3836): `deleted` (it has a
+    /// deletionTimestamp) or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint; `None` while it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<String>,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete
+/// (kube-proxy's health server fails for such a node, KEP-3836).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// A running source: it publishes into `state` until `shutdown` is cancelled.
 pub trait Source: Send + 'static {
