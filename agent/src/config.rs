@@ -90,10 +90,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DataPlaneKind::default_for_os())]
     pub dataplane: DataPlaneKind,
 
-    /// Pod CIDR of the cluster (repeatable, one per family or more): traffic
-    /// to a cluster IP from outside these is masqueraded, and the DNS stub
-    /// answers these sources by default.
-    #[arg(long = "cluster-cidr", default_value = "10.244.0.0/16")]
+    /// Pod CIDRs of the cluster (comma-separated or repeated, one per family
+    /// or more): traffic to a cluster IP from outside these is masqueraded,
+    /// and the DNS stub answers these sources by default.
+    #[arg(
+        long = "cluster-cidr",
+        default_value = "10.244.0.0/16",
+        value_delimiter = ','
+    )]
     pub cluster_cidrs: Vec<IpNet>,
 
     /// Node addresses that accept NodePort traffic, as CIDRs (comma-separated

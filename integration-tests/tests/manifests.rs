@@ -75,10 +75,128 @@ fn parse<T: DeserializeOwned + Serialize>(at: &str, doc: &Value) -> T {
     typed
 }
 
+/// The container's command line as the kubelet runs it: `$(VAR)` replaced
+/// by the container's environment (values, and keys of the manifests'
+/// ConfigMaps; a field reference stands for `node-a`).
 fn args(c: &Container) -> Vec<String> {
+    let config: Vec<ConfigMap> = documents()
+        .iter()
+        .filter(|(_, d)| d["kind"] == "ConfigMap")
+        .map(|(at, d)| parse(at, d))
+        .collect();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in c.env.iter().flatten() {
+        let from = e.value_from.as_ref();
+        let value = if let Some(v) = &e.value {
+            v.clone()
+        } else if let Some(key) = from.and_then(|f| f.config_map_key_ref.as_ref()) {
+            config
+                .iter()
+                .find(|m| m.metadata.name.as_deref() == Some(key.name.as_str()))
+                .and_then(|m| m.data.as_ref()?.get(&key.key).cloned())
+                .unwrap_or_else(|| panic!("env {}: no ConfigMap key {key:?}", e.name))
+        } else {
+            "node-a".to_owned()
+        };
+        env.push((format!("$({})", e.name), value));
+    }
     let mut argv = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
+    for arg in &mut argv {
+        for (var, value) in &env {
+            *arg = arg.replace(var, value);
+        }
+    }
     argv
+}
+
+/// A socket one container listens on in the host network: protocol,
+/// address and port, and the flag or port that opens it.
+#[derive(Debug, Clone)]
+struct Listener {
+    proto: &'static str,
+    addr: std::net::SocketAddr,
+    from: String,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({})", self.proto, self.addr, self.from)
+    }
+}
+
+impl Listener {
+    fn new(proto: &'static str, addr: std::net::SocketAddr, from: &str) -> Self {
+        Self {
+            proto,
+            addr,
+            from: from.to_owned(),
+        }
+    }
+
+    /// Whether both cannot be bound on one host at once.
+    fn collides(&self, other: &Self) -> bool {
+        self.proto == other.proto
+            && self.addr.port() == other.addr.port()
+            && (self.addr.ip() == other.addr.ip()
+                || self.addr.ip().is_unspecified()
+                || other.addr.ip().is_unspecified())
+    }
+}
+
+/// Every socket a host-network workload's containers open: what their
+/// command lines bind (defaults included, through the binaries' parsers)
+/// and their declared ports.
+fn host_listeners(at: &str, pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Listener> {
+    let mut out = Vec::new();
+    for c in &pod.containers {
+        let argv = args(c);
+        match argv.first().map(String::as_str) {
+            Some("switchyard-agent") => {
+                let a = <switchyard_agent::Args as clap::Parser>::try_parse_from(&argv)
+                    .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
+                out.push(Listener::new("TCP", a.admin_listen, "--admin-listen"));
+                out.extend(
+                    a.metrics_listen
+                        .map(|m| Listener::new("TCP", m, "--metrics-listen")),
+                );
+                out.extend(
+                    a.proxy_healthz()
+                        .map(|h| Listener::new("TCP", h, "--healthz-bind-address")),
+                );
+                if let switchyard_agent::config::DnsListen::Addr(d) = a.dns_listen {
+                    out.push(Listener::new("TCP", d, "--dns-listen"));
+                    out.push(Listener::new("UDP", d, "--dns-listen"));
+                }
+            }
+            Some("switchyard-control-plane") => {
+                let a = <switchyard_control_plane::Args as clap::Parser>::try_parse_from(&argv)
+                    .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
+                out.push(Listener::new("TCP", a.grpc_listen, "--grpc-listen"));
+                out.push(Listener::new("TCP", a.admin_listen, "--admin-listen"));
+                out.extend(
+                    a.health_listen
+                        .map(|h| Listener::new("TCP", h, "--health-listen")),
+                );
+            }
+            other => panic!("{at}: unknown program {other:?}"),
+        }
+        for p in c.ports.iter().flatten() {
+            let proto = if p.protocol.as_deref() == Some("UDP") {
+                "UDP"
+            } else {
+                "TCP"
+            };
+            let port = u16::try_from(p.container_port).expect("a port");
+            // A declared port is one the command line opens, not another.
+            assert!(
+                out.iter()
+                    .any(|l| l.proto == proto && l.addr.port() == port),
+                "{at}: containerPort {port} is opened by no flag"
+            );
+        }
+    }
+    out
 }
 
 #[test]
@@ -94,7 +212,12 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
             ("v1", "ConfigMap") => {
                 let cm: ConfigMap = parse(&at, &doc);
                 let data = cm.data.unwrap_or_default();
-                for key in ["control-plane", "api-server-host", "api-server-port"] {
+                for key in [
+                    "control-plane",
+                    "api-server-host",
+                    "api-server-port",
+                    "cluster-cidr",
+                ] {
                     assert!(data.contains_key(key), "{at}: bootstrap key {key}");
                 }
                 assert!(
@@ -139,6 +262,11 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                     pod.host_network,
                     Some(true),
                     "{at}: reachable at its nodes' addresses, with no Service rule"
+                );
+                assert_eq!(
+                    pod.dns_policy.as_deref(),
+                    Some("Default"),
+                    "{at}: the node's resolver (the cluster DNS needs the rules the agents wait for this control plane to send)"
                 );
                 for c in &pod.containers {
                     let argv = args(c);
@@ -249,6 +377,57 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
     ] {
         assert!(kinds.iter().any(|k| k == wanted), "no {wanted} manifest");
     }
+}
+
+/// Pods in the host network that land on one node share its ports: the
+/// agents run on every node (they tolerate every taint), the control
+/// planes on control-plane nodes (one per node). Whichever starts second
+/// would fail to bind.
+#[test]
+fn host_network_pods_on_one_node_use_distinct_ports() {
+    let mut workloads: Vec<(String, Vec<Listener>)> = Vec::new();
+    for (at, doc) in documents() {
+        let pod = match doc["kind"].as_str() {
+            Some("DaemonSet") => parse::<DaemonSet>(&at, &doc).spec.map(|s| s.template),
+            Some("Deployment") => parse::<Deployment>(&at, &doc).spec.map(|s| s.template),
+            _ => None,
+        }
+        .and_then(|t| t.spec);
+        let Some(pod) = pod.filter(|p| p.host_network == Some(true)) else {
+            continue;
+        };
+        let listeners = host_listeners(&at, &pod);
+        for (i, a) in listeners.iter().enumerate() {
+            for b in &listeners[i + 1..] {
+                assert!(!a.collides(b), "{at}: {a} and {b} collide");
+            }
+        }
+        workloads.push((at, listeners));
+    }
+    assert!(workloads.len() >= 2, "the agent and the control plane");
+    for (i, (at_a, a)) in workloads.iter().enumerate() {
+        for (at_b, b) in &workloads[i + 1..] {
+            for x in a {
+                for y in b {
+                    assert!(
+                        !x.collides(y),
+                        "{at_a} ({x}) and {at_b} ({y}) share a node and a port"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn colliding_listeners_are_caught() {
+    let any = Listener::new("TCP", "0.0.0.0:9903".parse().expect("addr"), "a");
+    let lo = Listener::new("TCP", "127.0.0.1:9903".parse().expect("addr"), "b");
+    let udp = Listener::new("UDP", "0.0.0.0:9903".parse().expect("addr"), "c");
+    let other = Listener::new("TCP", "127.0.0.2:9903".parse().expect("addr"), "d");
+    assert!(any.collides(&lo) && lo.collides(&any));
+    assert!(!any.collides(&udp), "TCP and UDP share port numbers");
+    assert!(!lo.collides(&other), "two specific addresses");
 }
 
 #[test]
