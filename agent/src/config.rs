@@ -101,9 +101,20 @@ pub struct Args {
     pub cluster_cidrs: Vec<IpNet>,
 
     /// Node addresses that accept NodePort traffic, as CIDRs (comma-separated
-    /// or repeated). Default: every local address.
-    #[arg(long = "nodeport-addresses", value_delimiter = ',')]
-    pub nodeport_addresses: Vec<IpNet>,
+    /// or repeated), or `primary`: the addresses this node's default routes
+    /// leave from, one per family (kube-proxy's nftables default). Default:
+    /// every local address.
+    #[arg(long = "nodeport-addresses", value_delimiter = ',', value_parser = parse_nodeport_address)]
+    pub nodeport_addresses: Vec<NodePortAddress>,
+
+    /// The cluster's Service IP ranges (comma-separated or repeated; the
+    /// API server's --service-cluster-ip-range, or its ServiceCIDRs, and
+    /// the clusterset's range in a fleet): traffic to an address in them
+    /// that no Service holds is dropped, as kube-proxy's nftables mode does.
+    /// Traffic to a Service's IP on a port it does not serve is refused
+    /// whether or not this is given.
+    #[arg(long = "service-cidr", value_delimiter = ',')]
+    pub service_cidrs: Vec<IpNet>,
 
     /// Serve IPv4 node ports on 127.0.0.1 too, as kube-proxy does (sets
     /// net.ipv4.conf.all.route_localnet=1 when loopback is a node-port
@@ -193,6 +204,24 @@ pub struct Args {
     /// Most DNS TCP connections open at once from one source address.
     #[arg(long, default_value_t = 16)]
     pub dns_max_tcp_per_source: usize,
+}
+
+/// One `--nodeport-addresses` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// Node addresses in this range.
+    Cidr(IpNet),
+    /// The node's primary addresses (those its default routes leave from).
+    Primary,
+}
+
+fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
+    if s == "primary" {
+        return Ok(NodePortAddress::Primary);
+    }
+    s.parse()
+        .map(NodePortAddress::Cidr)
+        .map_err(|e| format!("{s:?}: {e} (expected a CIDR or primary)"))
 }
 
 /// Where kube-proxy's health server listens (`--healthz-bind-address`).

@@ -99,11 +99,58 @@ pub fn node_config(args: &Args) -> iptables::NodeConfig {
         node: args.node(),
         zone: args.zone.clone(),
         cluster_cidrs: args.cluster_cidrs.clone(),
-        nodeport_addresses: args.nodeport_addresses.clone(),
+        nodeport_addresses: nodeport_addresses(&args.nodeport_addresses),
+        service_cidrs: args.service_cidrs.clone(),
         masquerade_mark: 1 << args.masquerade_bit,
         localhost_nodeports: args.iptables_localhost_nodeports,
         addresses: node_addresses(),
     }
+}
+
+/// `--nodeport-addresses` as ranges: `primary` becomes the address each
+/// family's default route leaves from (a family without one serves no node
+/// port; with neither, 127.0.0.1, kube-proxy's fallback).
+fn nodeport_addresses(flag: &[config::NodePortAddress]) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for a in flag {
+        match a {
+            config::NodePortAddress::Cidr(n) => out.push(*n),
+            config::NodePortAddress::Primary => {
+                let primary = primary_addresses();
+                if primary.is_empty() {
+                    // kube-proxy falls back to loopback when it finds no node IP.
+                    tracing::warn!(
+                        "--nodeport-addresses primary: this node has no default route; node ports are served on 127.0.0.1 only"
+                    );
+                    out.push(ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1])));
+                }
+                out.extend(primary.into_iter().map(ipnet::IpNet::from));
+            }
+        }
+    }
+    out
+}
+
+/// The address each family's default route leaves from: the source the
+/// kernel picks for a datagram to a documentation address (RFC 5737,
+/// RFC 3849), found with `connect(2)`, which sends nothing.
+pub fn primary_addresses() -> Vec<std::net::IpAddr> {
+    let probes: [(SocketAddr, SocketAddr); 2] = [
+        (([0, 0, 0, 0], 0).into(), ([192, 0, 2, 1], 9).into()),
+        (
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            (std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9).into(),
+        ),
+    ];
+    probes
+        .into_iter()
+        .filter_map(|(bind, to)| {
+            let s = std::net::UdpSocket::bind(bind).ok()?;
+            s.connect(to).ok()?;
+            Some(s.local_addr().ok()?.ip())
+        })
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect()
 }
 
 /// This node's own addresses, without loopback and link-local ones (the

@@ -86,6 +86,7 @@ fn cfg() -> NodeConfig {
         zone: None,
         cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
         nodeport_addresses: Vec::new(),
+        service_cidrs: Vec::new(),
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
         addresses: Vec::new(),

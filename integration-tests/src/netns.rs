@@ -524,9 +524,9 @@ impl Cluster {
                     "iptables-save"
                 };
                 let needle = self.frontend(ip);
-                self.sh(&ns, &format!("{tool} -t filter"))
-                    .lines()
-                    .any(|l| l.contains(&needle) && l.contains("REJECT"))
+                self.sh(&ns, &format!("{tool} -t filter")).lines().any(|l| {
+                    l.contains(&needle) && l.contains("has no endpoints") && l.contains("REJECT")
+                })
             }
             Plane::Nftables => {
                 let family = if v6 { "ip6" } else { "ip" };

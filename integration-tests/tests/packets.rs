@@ -59,6 +59,7 @@ on_both_planes!(
     proxy_labels_toggle_the_rules_and_ip_mode_proxy_is_left_alone,
     udp_flows_are_reconciled_after_every_sync,
     udp_flow_of_a_service_scaled_to_zero_is_refused,
+    service_ranges_and_primary_node_port_addresses,
     session_affinity_expires,
     endpoint_count_crosses_the_class_boundary,
 );
@@ -907,6 +908,98 @@ fn udp_flow_of_a_service_scaled_to_zero_is_refused(plane: Plane) {
     c.wait_until("the same flow to reach the new endpoint", || {
         flow(&c) == "b1"
     });
+}
+
+/// kube-proxy's nftables mode knows the Service ranges: with
+/// `--service-cidr 10.96.0.0/16`, traffic to an address of the range that
+/// no Service holds is dropped, and to a live cluster IP on a port its
+/// Service does not have, refused. Without those rules both would leave
+/// the node by its default route: here the router (the infra namespace)
+/// holds both addresses and answers on both ports, so a reply from it is
+/// a leak. And `--nodeport-addresses primary`: node ports on the address
+/// the node's default route leaves from only.
+fn service_ranges_and_primary_node_port_addresses(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    c.add_pod("client", 2, 9);
+    let infra = c.ns("infra");
+    for cmd in [
+        "ip addr add 10.96.0.10/32 dev lo",
+        "ip addr add 10.96.0.99/32 dev lo",
+        "ip route add 10.244.2.0/24 via 10.99.0.12",
+    ] {
+        c.sh(&infra, cmd);
+    }
+    let echo = std::path::Path::new(env!("CARGO_BIN_EXE_sy_echo"));
+    for port in ["80", "81"] {
+        c.spawn_program(
+            "infra",
+            echo,
+            &["serve".into(), "router".into(), port.into()],
+            &format!("router-{port}"),
+        );
+    }
+    c.wait_until("the router to answer", || {
+        c.echo("client", &["tcp", "10.96.0.99:81", "1"])["replies"]["router"] == 1
+    });
+    // Node 1 also has an address its default route does not use.
+    let n1 = c.ns("n1");
+    c.sh(&n1, "ip addr add 10.98.0.11/32 dev lo");
+    c.sh(&c.ns("ext"), "ip route add 10.98.0.11/32 via 10.99.0.11");
+
+    c.write_manifest(
+        "web.yaml",
+        &service_manifest(
+            "web",
+            "10.96.0.10",
+            "TCP",
+            "    nodePort: 30095\n",
+            "  type: NodePort\n",
+            &[(a1.as_str(), 1, true)],
+        ),
+    );
+    c.start_control_plane();
+    for i in 1..=2 {
+        c.start_agent_with(
+            i,
+            &[
+                "--service-cidr",
+                "10.96.0.0/16",
+                "--nodeport-addresses",
+                "primary",
+            ],
+        );
+    }
+    c.wait_rules("the web Service", &c.dnat(&a1, 8080));
+
+    let served = c.echo("client", &["tcp", "10.96.0.10:80", "3"]);
+    assert_eq!(served["replies"]["a1"], 3, "its port: {served}");
+    let unknown = c.echo("client", &["tcp", "10.96.0.10:81", "3"]);
+    assert_eq!(
+        unknown["refused"], 3,
+        "another port of a live IP is refused: {unknown}"
+    );
+    let unallocated = c.echo("client", &["tcp", "10.96.0.99:81", "2"]);
+    assert_eq!(
+        unallocated["timeout"], 2,
+        "an unallocated Service IP is dropped, not routed: {unallocated}"
+    );
+    let outside = c.echo("client", &["tcp", "10.99.0.1:81", "1"]);
+    assert_eq!(
+        outside["replies"]["router"], 1,
+        "outside the range: untouched"
+    );
+
+    let primary = c.echo("ext", &["tcp", "10.99.0.11:30095", "2"]);
+    assert_eq!(
+        primary["replies"]["a1"], 2,
+        "the primary address: {primary}"
+    );
+    let other = c.echo("ext", &["tcp", "10.98.0.11:30095", "2"]);
+    assert!(
+        other["replies"].as_object().is_none_or(|r| r.is_empty()),
+        "no node port on another address of the node: {other}"
+    );
 }
 
 /// sessionAffinity ClientIP with a 2 s timeout: one client keeps its

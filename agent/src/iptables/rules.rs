@@ -164,6 +164,10 @@ pub struct NodeConfig {
     pub cluster_cidrs: Vec<IpNet>,
     /// Node addresses that accept NodePorts (empty: every local address).
     pub nodeport_addresses: Vec<IpNet>,
+    /// The Service IP ranges (`--service-cidr`): traffic to an address in
+    /// them that no Service holds is dropped, as kube-proxy's nftables mode
+    /// does with the ServiceCIDRs.
+    pub service_cidrs: Vec<IpNet>,
     /// The masquerade mark bit (`1 << --masquerade-bit`).
     pub masquerade_mark: u32,
     /// Whether IPv4 node ports answer on 127.0.0.1 too, as kube-proxy's
@@ -287,6 +291,9 @@ pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> 
         port_rules(&mut out, svc, plan, family, cfg);
         out.udp.extend(plan.udp_flows());
     }
+    if let Some(first) = plans.first() {
+        unknown_ports(&mut out, svc, first.cluster_ip, family);
+    }
     if let (Some(hc), Some(_)) = (svc.health_check_node_port, plans.first()) {
         // Load balancers ask every node; the healthcheck server answers.
         out.dispatch.push(DispatchRule {
@@ -300,6 +307,29 @@ pub fn service_rules(state: &ServiceState, family: Family, cfg: &NodeConfig) -> 
     }
     name_by_content(&mut out);
     out
+}
+
+/// After the Service's own filter rules in its bucket: what is still
+/// addressed to its cluster IP (its ports were translated before the filter
+/// table) is for a port it does not serve, and is refused, as kube-proxy's
+/// nftables mode does ("Reject traffic to invalid ports of ClusterIPs").
+fn unknown_ports(out: &mut ServiceRules, svc: &Service, ip: IpAddr, family: Family) {
+    let comment = format!(
+        "-m comment --comment \"{}/{} has no such port\"",
+        svc.key.namespace, svc.key.name
+    );
+    let cip = family.host(&ip);
+    // TCP with a reset, as for a Service without endpoints (see `verdicts`).
+    for (proto, target) in [
+        ("-p tcp ", "REJECT --reject-with tcp-reset"),
+        ("", "REJECT"),
+    ] {
+        out.dispatch.push(DispatchRule {
+            table: Table::Filter,
+            slot: Slot::Bucket(bucket_of(&ip)),
+            spec: format!("-d {cip} {proto}{comment} -j {target}"),
+        });
+    }
 }
 
 /// Renames the Service's chains after their content: the kind
@@ -804,6 +834,16 @@ pub fn services_tail(family: Family, table: Table, cfg: &NodeConfig) -> Vec<Stri
     if family == Family::V4 && table == Table::Filter && cfg.localhost_node_ports() {
         // route_localnet would otherwise let other hosts reach 127.0.0.1.
         out.push("-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -m comment --comment \"switchyard: block incoming localnet connections\" -j DROP".to_owned());
+    }
+    if table == Table::Filter {
+        // Not translated, not refused by a Service's own rules above, yet
+        // in a Service range: an address no Service holds.
+        out.extend(
+            cfg.service_cidrs
+                .iter()
+                .filter(|n| family.has_net(n))
+                .map(|n| format!("-d {n} -m comment --comment \"switchyard: unallocated service IPs\" -j DROP")),
+        );
     }
     let comment = "-m comment --comment \"switchyard service nodeports; NOTE: this must be the last rule in this chain\"";
     if cfg.nodeport_addresses.is_empty() {

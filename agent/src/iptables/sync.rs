@@ -458,11 +458,11 @@ impl FamilyTables {
         for name in names {
             let old = self.services.remove(name).unwrap_or_default();
             self.rules -= old.rules;
+            let mut was: Vec<((Table, Slot), Vec<String>)> = Vec::new();
             for key in &old.slots {
                 if let Some(m) = self.slots.get_mut(key) {
-                    m.remove(name.as_str());
+                    was.push((*key, m.remove(name.as_str()).unwrap_or_default()));
                 }
-                dirty.insert(*key);
             }
             let new = state
                 .resources
@@ -470,7 +470,25 @@ impl FamilyTables {
                 .map(|held| rules::service_rules(&held.state, family, cfg))
                 .unwrap_or_default();
             let (p, chains) = self.record(name, new);
-            dirty.extend(p.slots.iter().copied());
+            // A shared chain is rewritten only when this Service's rules in
+            // it changed (an endpoint change leaves its filter rules alone).
+            let rules_in = |me: &Self, key: &(Table, Slot)| {
+                me.slots
+                    .get(key)
+                    .and_then(|m| m.get(name.as_str()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for (key, rules) in &was {
+                if *rules != rules_in(self, key) {
+                    dirty.insert(*key);
+                }
+            }
+            for key in &p.slots {
+                if !was.iter().any(|(k, _)| k == key) {
+                    dirty.insert(*key);
+                }
+            }
             let had: HashSet<&(Table, String)> = old.chains.iter().collect();
             let has: HashSet<&(Table, String)> = p.chains.iter().collect();
             // Named after their content: a chain we had holds these rules.

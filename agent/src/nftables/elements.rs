@@ -220,6 +220,9 @@ pub fn service_elements(state: &ServiceState, family: Family, cfg: &NodeConfig) 
         out.port(p);
         out.udp.extend(p.udp_flows());
     }
+    if let Some(p) = plans.first() {
+        out.set("allocated_ips", p.cluster_ip.to_string());
+    }
     if let (Some(hc), Some(_)) = (svc.health_check_node_port, plans.first()) {
         out.set("health_checks", hc.to_string());
     }
@@ -495,6 +498,9 @@ fn config_elements(batch: &mut Batch, family: Family, cfg: &NodeConfig) {
     }
     for c in cfg.nodeport_addresses.iter().filter(|c| family.has_net(c)) {
         batch.add("nodeport_cidrs", &c.trunc().to_string(), "");
+    }
+    for c in cfg.service_cidrs.iter().filter(|c| family.has_net(c)) {
+        batch.add("service_cidrs", &c.trunc().to_string(), "");
     }
 }
 

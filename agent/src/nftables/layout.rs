@@ -13,7 +13,8 @@
 //!                                     └─ dst LOCAL, NP @node_ports ─▶ node_port ─ the same with np_local ─▶ np_short / np_main
 //!  ip_main: dnat to saddr . FE map @affinity_ip, then per class N: dnat to FE . numgen random mod N offset O(N) map @ip_main_slots
 //!  filter prerouting+1/output (new, DNATed): affinity_update ─ update @affinity_ip / @affinity_np with the chosen endpoint
-//!  filter input/forward/output (new) ─▶ filter_services: FE @no_endpoints reject, FE @no_local_endpoints drop, FE @firewalled drop, node ports
+//!  filter input/forward/output (new) ─▶ filter_services: FE @no_endpoints reject, FE @no_local_endpoints drop, FE @firewalled drop,
+//!                                      daddr @allocated_ips reject (a port not served), daddr @service_cidrs drop (unallocated), node ports
 //!  nat postrouting: hairpin (saddr . daddr @hairpin) marks, the mark is masqueraded
 //!  FE = daddr . l4proto . dport   NP = l4proto . dport
 //! ```
@@ -124,8 +125,10 @@ impl Balance {
 
 /// The element sets every sync fills, with their key type (`A` stands for
 /// the family's address type); maps are [`Balance`] maps.
-pub const SETS: [(&str, &str); 16] = [
+pub const SETS: [(&str, &str); 18] = [
     ("cluster_ips", "A . inet_proto . inet_service"),
+    // Every proxied Service's cluster IP, whatever its ports.
+    ("allocated_ips", "A"),
     ("external_ips", "A . inet_proto . inet_service"),
     ("firewalled", "A . inet_proto . inet_service"),
     ("ip_frontends", "A . inet_proto . inet_service"),
@@ -142,11 +145,15 @@ pub const SETS: [(&str, &str); 16] = [
     ("fw_allow", "A . inet_proto . inet_service . A"),
     ("cluster_cidrs", "A"),
     ("nodeport_cidrs", "A"),
+    ("service_cidrs", "A"),
 ];
 
 /// Whether a set of [`SETS`] holds ranges.
 fn interval(set: &str) -> bool {
-    matches!(set, "fw_allow" | "cluster_cidrs" | "nodeport_cidrs")
+    matches!(
+        set,
+        "fw_allow" | "cluster_cidrs" | "nodeport_cidrs" | "service_cidrs"
+    )
 }
 
 /// The set of frontends with affinity timeout `t` seconds (address frontends).
@@ -434,6 +441,12 @@ pub fn table(family: Family, cfg: &NodeConfig, timeouts: &BTreeSet<u32>) -> Stri
         format!("{fe} @no_local_endpoints drop"),
         // Still addressed to the LB IP: the firewall chain did not admit it.
         format!("{fe} @firewalled drop"),
+        // Still addressed to a cluster IP (its ports were translated): a
+        // port the Service does not serve. Then an address in a Service
+        // range that no Service holds (kube-proxy's nftables mode).
+        format!("{f} daddr @allocated_ips meta l4proto tcp reject with tcp reset"),
+        format!("{f} daddr @allocated_ips reject"),
+        format!("{f} daddr @service_cidrs drop"),
     ];
     if family == Family::V4 && cfg.localhost_node_ports() {
         // route_localnet would otherwise let other hosts reach 127.0.0.1.

@@ -10,6 +10,7 @@ pub(crate) fn cfg() -> NodeConfig {
         zone: Some("zone-a".into()),
         cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
         nodeport_addresses: Vec::new(),
+        service_cidrs: Vec::new(),
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
         addresses: vec!["10.99.0.11".parse().expect("ip")],
@@ -110,9 +111,24 @@ fn cluster_ip_balances_over_endpoints() {
         )],
     );
     let r = service_rules(&s, Family::V4, &cfg());
-    assert_eq!(r.dispatch.len(), 1);
+    assert_eq!(r.dispatch.len(), 3);
     let d = &r.dispatch[0];
     assert_eq!((d.table, d.slot), (Table::Nat, Slot::Bucket(10)));
+    // After the translation, what is still addressed to the cluster IP is
+    // for a port the Service does not have: refused.
+    let unknown: Vec<&str> = r.dispatch[1..].iter().map(|d| d.spec.as_str()).collect();
+    assert_eq!(
+        unknown,
+        [
+            "-d 10.96.0.10/32 -p tcp -m comment --comment \"shop/web has no such port\" -j REJECT --reject-with tcp-reset",
+            "-d 10.96.0.10/32 -m comment --comment \"shop/web has no such port\" -j REJECT",
+        ]
+    );
+    assert!(
+        r.dispatch[1..]
+            .iter()
+            .all(|d| (d.table, d.slot) == (Table::Filter, Slot::Bucket(10)))
+    );
     let svc_chain = chain(&r, "SWY-SVC-");
     assert_eq!(
         d.spec,
@@ -152,7 +168,7 @@ fn no_endpoints_rejects_in_filter() {
     let s = svc(Protocol::Udp, Vec::new());
     let r = service_rules(&s, Family::V4, &cfg());
     assert!(r.chains.is_empty());
-    assert_eq!(r.dispatch.len(), 1);
+    assert_eq!(r.dispatch.len(), 3, "the port, then the unknown ports");
     assert_eq!(r.dispatch[0].table, Table::Filter);
     assert_eq!(
         r.dispatch[0].spec,
@@ -575,6 +591,29 @@ fn nodeport_addresses_restrict_the_services_tail() {
     let t = services_tail(Family::V4, Table::Nat, &c);
     assert!(t[0].starts_with("-d 192.168.7.0/24 -m addrtype --dst-type LOCAL"));
     assert!(services_tail(Family::V6, Table::Nat, &c).is_empty());
+}
+
+#[test]
+fn unallocated_service_ips_are_dropped_in_filter_before_the_node_ports() {
+    let mut c = cfg();
+    c.localhost_nodeports = false;
+    c.service_cidrs = vec![
+        "10.96.0.0/16".parse().expect("cidr"),
+        "fd00:96::/112".parse().expect("cidr"),
+    ];
+    let filter = services_tail(Family::V4, Table::Filter, &c);
+    assert_eq!(
+        filter[0],
+        "-d 10.96.0.0/16 -m comment --comment \"switchyard: unallocated service IPs\" -j DROP"
+    );
+    assert!(filter[1].ends_with("-j SWY-NODEPORTS"), "{filter:?}");
+    assert!(services_tail(Family::V6, Table::Filter, &c)[0].starts_with("-d fd00:96::/112 "));
+    assert!(
+        !services_tail(Family::V4, Table::Nat, &c)
+            .iter()
+            .any(|r| r.contains("10.96.0.0/16")),
+        "nat is left alone"
+    );
 }
 
 #[test]

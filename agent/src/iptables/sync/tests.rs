@@ -141,7 +141,10 @@ fn partial_sync_touches_only_the_changed_service() {
         1,
         "the gone endpoint's chain: {t}"
     );
-    assert!(!t.contains("*filter"), "nothing changed in filter");
+    assert!(
+        !t.contains("*filter"),
+        "nothing changed in filter (the Service's rules there are the same): {t}"
+    );
     // What stale-flow clean-up keeps follows the record.
     let frontend = Frontend::Ip("10.96.0.10:80".parse().expect("addr"));
     assert_eq!(
@@ -157,12 +160,20 @@ fn partial_sync_touches_only_the_changed_service() {
         "one SVC rule and two SEP rules fewer"
     );
 
-    // The last endpoint goes: the service moves to a REJECT in a new filter bucket.
+    // The last endpoint goes: the service's port moves to a REJECT in its
+    // filter bucket, before the rules that refuse its unknown ports.
     let empty = two_services(&[]);
     let tx = tables.partial(&empty, &changes, &cfg(), 1000);
     assert!(one(&tx).contains("*filter\n:SWY-FB-0A - [0:0]\n"));
-    assert!(one(&tx).contains("-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-FB-0A\n"));
-    assert!(one(&tx).contains("-j REJECT"));
+    assert!(
+        !one(&tx).contains("-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-FB-0A\n"),
+        "the filter bucket was there already"
+    );
+    let text = one(&tx);
+    let filter_rules = lines_starting(&text, "-A SWY-FB-0A ");
+    assert_eq!(filter_rules.len(), 3, "{filter_rules:?}");
+    assert!(filter_rules[0].contains("--dport 80") && filter_rules[0].contains("has no endpoints"));
+    assert!(filter_rules[1].contains("has no such port"));
     assert!(lines_starting(&one(&tx), "-X SWY-SVC-").len() == 1);
     // Its nat bucket is empty now: the jump and the chain go.
     assert!(one(&tx).contains("-D SWY-SERVICES -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A\n"));
@@ -177,9 +188,13 @@ fn partial_sync_touches_only_the_changed_service() {
     assert_eq!(
         lines_starting(&one(&tx), "-I SWY-SERVICES"),
         vec!["-I SWY-SERVICES 1 -d 0.0.0.10/0.0.0.255 -j SWY-SB-0A"],
-        "the nat bucket is back; the filter one goes"
+        "the nat bucket is back"
     );
-    assert!(one(&tx).contains("-X SWY-FB-0A\n"));
+    assert_eq!(
+        lines_starting(&one(&tx), "-A SWY-FB-0A ").len(),
+        2,
+        "the filter bucket keeps the unknown ports' rules"
+    );
 
     // Removal deletes its chains and empties its bucket.
     let gone = state(vec![]);

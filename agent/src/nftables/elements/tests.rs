@@ -40,7 +40,19 @@ fn a_cluster_ip_is_its_frontend_and_one_slot_per_endpoint() {
     let e = service_elements(&tcp(&["10.244.2.2", "10.244.2.3"]), Family::V4, &cfg());
     assert_eq!(
         sets(&e),
-        BTreeSet::from(["cluster_ips", "hairpin", "ip_frontends", "ip_main_slots"])
+        BTreeSet::from([
+            "allocated_ips",
+            "cluster_ips",
+            "hairpin",
+            "ip_frontends",
+            "ip_main_slots"
+        ])
+    );
+    assert!(
+        e.elements
+            .iter()
+            .any(|e| e.set == "allocated_ips" && e.key == "10.96.0.10"),
+        "its other ports are refused"
     );
     let slots: Vec<(&str, &str)> = e
         .elements
@@ -58,7 +70,10 @@ fn a_cluster_ip_is_its_frontend_and_one_slot_per_endpoint() {
     );
     // No endpoints: only the REJECT set.
     let none = service_elements(&tcp(&[]), Family::V4, &cfg());
-    assert_eq!(sets(&none), BTreeSet::from(["no_endpoints"]));
+    assert_eq!(
+        sets(&none),
+        BTreeSet::from(["allocated_ips", "no_endpoints"])
+    );
     // No IPv6 address: nothing in the ip6 table.
     assert!(
         service_elements(&tcp(&["10.244.2.2"]), Family::V6, &cfg())
