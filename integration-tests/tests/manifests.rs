@@ -217,6 +217,7 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                     "api-server-host",
                     "api-server-port",
                     "cluster-cidr",
+                    "service-cidr",
                 ] {
                     assert!(data.contains_key(key), "{at}: bootstrap key {key}");
                 }
