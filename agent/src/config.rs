@@ -168,6 +168,16 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_DNS_LISTEN, value_parser = parse_dns_listen)]
     pub dns_listen: DnsListen,
 
+    /// Transparent mode, as NodeLocal DNSCache's: also answer on this
+    /// Service's cluster IPs (NAMESPACE/NAME, kube-system/kube-dns for the
+    /// cluster DNS), with NOTRACK rules so its DNAT rules do not see the
+    /// queries, and forward names outside the stub's zones to its ready
+    /// endpoints. Pods that use the cluster DNS IP are then answered on
+    /// this node with no kubelet change; when the agent stops, the
+    /// Service's own rules take over again.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub dns_service: Option<crate::dns::transparent::DnsService>,
+
     /// The cluster's DNS domain.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,

@@ -68,18 +68,30 @@ pub struct Agent {
     /// The state in force.
     pub state: watch::Receiver<Arc<AgentState>>,
     shutdown: CancellationToken,
+    /// Transparent DNS: asks the takeover to hand the cluster DNS
+    /// Service's addresses back, and says when it has.
+    handback: Option<(CancellationToken, tokio::sync::oneshot::Receiver<()>)>,
     tasks: JoinSet<()>,
 }
 
-impl Agent {
-    /// Stops: the stream closes; the data plane's rules stay in force.
-    pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
-    }
+/// Longest the agent waits at shutdown for the DNS takeover to be handed
+/// back (a few `iptables` calls).
+const HANDBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// Waits until every task ended (after the shutdown token is cancelled).
-    pub async fn wait(mut self) {
+impl Agent {
+    /// Stops: the stream closes; the data plane's rules stay in force. In
+    /// transparent DNS mode the cluster DNS Service's addresses are handed
+    /// back to its rules first, so pods keep getting answers.
+    pub async fn shutdown(mut self) {
+        if let Some((token, done)) = self.handback.take() {
+            token.cancel();
+            if tokio::time::timeout(HANDBACK_WAIT, done).await.is_err() {
+                tracing::warn!(
+                    "the cluster DNS Service's addresses were not handed back within {HANDBACK_WAIT:?}"
+                );
+            }
+        }
+        self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
 }
@@ -174,16 +186,14 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     if let Some(config::Command::Cleanup) = args.command {
         return cleanup(&args);
     }
-    let shutdown = CancellationToken::new();
-    let agent = start(args, shutdown.clone()).await?;
+    let agent = start(args, CancellationToken::new()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     tracing::info!("shutting down; the data plane stays in force");
-    shutdown.cancel();
-    agent.wait().await;
+    agent.shutdown().await;
     Ok(())
 }
 
@@ -257,12 +267,13 @@ pub async fn start_with(
     let state = applier.subscribe();
 
     let mut tasks = JoinSet::new();
+    let mut handback = None;
     let dns_addr = match args.dns_listen {
         DnsListen::None => None,
         DnsListen::Addr(listen) => {
             dns::prepare_listen(listen);
             let cfg = dns::DnsConfig::from_args(&args, listen)?;
-            let (addr, built) = dns::start(
+            let started = dns::start(
                 cfg,
                 state.clone(),
                 status.clone(),
@@ -270,8 +281,31 @@ pub async fn start_with(
                 &mut tasks,
                 shutdown.clone(),
             )?;
-            applier.ack_after_dns(built);
-            Some(addr)
+            applier.ack_after_dns(started.built);
+            if let Some(service) = args.dns_service.clone() {
+                if dns::link::has_net_admin() {
+                    let token = CancellationToken::new();
+                    let (done, finished) = tokio::sync::oneshot::channel();
+                    let own = dns::link::is_link_local(listen.ip()).then_some(started.addr);
+                    let run = dns::transparent::run(
+                        service,
+                        args.cluster.clone(),
+                        own,
+                        state.clone(),
+                        started.control,
+                        status.clone(),
+                        token.clone(),
+                    );
+                    tasks.spawn(async move {
+                        run.await;
+                        let _ = done.send(());
+                    });
+                    handback = Some((token, finished));
+                } else {
+                    tracing::error!(%service, "--dns-service needs CAP_NET_ADMIN (an address and NOTRACK rules); not answering for it");
+                }
+            }
+            Some(started.addr)
         }
     };
     tasks.spawn(maintain(
@@ -353,6 +387,7 @@ pub async fn start_with(
         metrics,
         state,
         shutdown,
+        handback,
         tasks,
     })
 }

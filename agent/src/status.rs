@@ -109,6 +109,13 @@ pub struct DnsStatus {
     pub forwarded: u64,
     /// Queries refused because of their source address.
     pub refused_sources: u64,
+    /// Transparent mode: the cluster DNS Service it answers for
+    /// (`--dns-service`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The addresses of that Service it answers on now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_addresses: Vec<String>,
 }
 
 /// Shared status. Every change bumps a generation that [`Status::subscribe`]

@@ -160,7 +160,7 @@ impl Drop for FakeUpstream {
 
 /// The answer to one query, built by hand: header, the question as asked,
 /// and one A record pointing back at the question name.
-fn fake_answer(q: &[u8], address: Ipv4Addr) -> Option<Vec<u8>> {
+pub fn fake_answer(q: &[u8], address: Ipv4Addr) -> Option<Vec<u8>> {
     if q.len() < 12 {
         return None;
     }

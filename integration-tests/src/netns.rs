@@ -360,6 +360,17 @@ impl Cluster {
         }
     }
 
+    /// Stops node `i`'s agent with SIGTERM, as a DaemonSet update or a
+    /// service manager does, and waits for it to exit.
+    pub fn stop_agent(&mut self, i: u8) {
+        if let Some(mut c) = self.agents.remove(&i) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
     /// Runs `sy_agent cleanup` in node `i` (its agent should be stopped).
     pub fn cleanup_node(&self, i: u8) {
         let out = Command::new("ip")

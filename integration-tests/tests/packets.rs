@@ -60,6 +60,7 @@ on_both_planes!(
     udp_flows_are_reconciled_after_every_sync,
     udp_flow_of_a_service_scaled_to_zero_is_refused,
     service_ranges_and_primary_node_port_addresses,
+    transparent_dns_answers_on_the_cluster_dns_ip,
     session_affinity_expires,
     endpoint_count_crosses_the_class_boundary,
 );
@@ -1000,6 +1001,118 @@ fn service_ranges_and_primary_node_port_addresses(plane: Plane) {
         other["replies"].as_object().is_none_or(|r| r.is_empty()),
         "no node port on another address of the node: {other}"
     );
+}
+
+const KUBE_DNS: &str = "apiVersion: v1
+kind: Service
+metadata: {namespace: kube-system, name: kube-dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
+  - {name: dns-tcp, protocol: TCP, port: 53, targetPort: 53}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  namespace: kube-system
+  name: kube-dns-1
+  labels: {kubernetes.io/service-name: kube-dns}
+addressType: IPv4
+ports:
+- {name: dns, protocol: UDP, port: 53}
+- {name: dns-tcp, protocol: TCP, port: 53}
+endpoints:
+- addresses: [10.244.1.53]
+  nodeName: node-1
+  conditions: {ready: true}
+";
+
+/// Transparent DNS (`--dns-service kube-system/kube-dns`): a pod whose
+/// resolver is the cluster DNS IP, as kubelet sets it, is answered by its
+/// node's agent: cluster names from the snapshot, other names forwarded to
+/// the kube-dns endpoints. The stand-in for CoreDNS answers every name with
+/// 192.0.2.53, so an answer of 10.96.0.10 for the Service name came from
+/// the agent. Stopped with SIGTERM, the agent hands the address back and
+/// the pod is answered through the kube-dns rules; started without the
+/// flag after a SIGKILL (its rules left behind), it removes them.
+fn transparent_dns_answers_on_the_cluster_dns_ip(plane: Plane) {
+    let Some(mut c) = cluster(plane) else { return };
+    let a1 = c.add_pod("a1", 1, 2);
+    c.add_pod("coredns", 1, 53);
+    c.add_pod("client", 2, 9);
+    let echo = std::path::Path::new(env!("CARGO_BIN_EXE_sy_echo"));
+    c.spawn_program(
+        "coredns",
+        echo,
+        &["dns".into(), "53".into(), "192.0.2.53".into()],
+        "coredns",
+    );
+    c.write_manifest("kube-dns.yaml", KUBE_DNS);
+    c.write_manifest(
+        "web.yaml",
+        &service_manifest(
+            "web",
+            "10.96.0.10",
+            "TCP",
+            "",
+            "",
+            &[(a1.as_str(), 1, true)],
+        ),
+    );
+    fn taken(c: &Cluster) -> bool {
+        c.sh(&c.ns("n2"), "iptables -t raw -S")
+            .contains("-A PREROUTING -d 10.96.0.53/32 -p udp -m udp --dport 53")
+    }
+    fn dig(c: &Cluster, args: &str) -> String {
+        c.sh(
+            &c.ns("client"),
+            &format!("dig @10.96.0.53 +short +tries=1 +time=2 {args}"),
+        )
+        .trim()
+        .to_owned()
+    }
+    let flags = ["--dns-service", "kube-system/kube-dns"];
+    c.start_control_plane();
+    c.start_agent_with(1, &flags);
+    c.start_agent_with(2, &flags);
+    c.wait_until("node 2 to answer for kube-dns", || taken(&c));
+    let web = "web.test.svc.cluster.local";
+    assert_eq!(dig(&c, web), "10.96.0.10", "the agent answers");
+    assert_eq!(
+        dig(&c, &format!("+tcp {web}")),
+        "10.96.0.10",
+        "over TCP too"
+    );
+    assert_eq!(
+        dig(&c, "www.example.org"),
+        "192.0.2.53",
+        "other names: forwarded to the kube-dns endpoints"
+    );
+
+    c.stop_agent(2);
+    assert!(!taken(&c), "handed back at stop");
+    assert!(
+        c.sh(&c.ns("n2"), "iptables -t raw -S")
+            .contains("-d 169.254.20.10/32"),
+        "the stub's own address keeps its rules"
+    );
+    assert_eq!(
+        dig(&c, web),
+        "192.0.2.53",
+        "answered through the kube-dns rules while the agent is down"
+    );
+
+    c.start_agent_with(2, &flags);
+    c.wait_until("node 2 to take kube-dns over again", || taken(&c));
+    assert_eq!(dig(&c, web), "10.96.0.10");
+
+    // Switched off after a crash: the rules it left are removed.
+    c.kill_agent(2);
+    assert!(taken(&c), "a SIGKILL leaves them");
+    c.start_agent(2);
+    c.wait_until("the left-over rules to go", || !taken(&c));
+    assert_eq!(dig(&c, web), "192.0.2.53");
 }
 
 /// sessionAffinity ClientIP with a 2 s timeout: one client keeps its

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::Name;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
@@ -45,8 +46,54 @@ pub const QUERIES_PER_SOCKET: u64 = 4096;
 /// however many arrive before the socket is read.
 const WAITING_PER_SOCKET: usize = 64;
 
+/// Where forwarded names go: the upstreams of the longest `--dns-forward`
+/// zone that holds the name (stub domains, as the kube-dns ConfigMap's
+/// `stubDomains` and CoreDNS's `forward ZONE`), else the default ones.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// Longest zone first.
+    zones: Vec<(Name, Arc<Upstreams>)>,
+    default: Arc<Upstreams>,
+}
+
+impl Routes {
+    /// `default` for every name outside `zones`.
+    pub fn new(default: &[SocketAddr], zones: &[(Name, Vec<SocketAddr>)]) -> Self {
+        let mut zones: Vec<(Name, Arc<Upstreams>)> = zones
+            .iter()
+            .map(|(z, servers)| (z.clone(), Arc::new(Upstreams::new(servers))))
+            .collect();
+        zones.sort_by_key(|(z, _)| std::cmp::Reverse(z.num_labels()));
+        Self {
+            zones,
+            default: Arc::new(Upstreams::new(default)),
+        }
+    }
+
+    /// The same zones (their sockets kept) with `default` for other names.
+    pub fn with_default(&self, default: &[SocketAddr]) -> Self {
+        Self {
+            zones: self.zones.clone(),
+            default: Arc::new(Upstreams::new(default)),
+        }
+    }
+
+    /// The upstreams `name` goes to.
+    pub fn for_name(&self, name: &Name) -> &Arc<Upstreams> {
+        self.zones
+            .iter()
+            .find(|(z, _)| z.zone_of(name))
+            .map_or(&self.default, |(_, u)| u)
+    }
+
+    /// The default upstreams' addresses.
+    pub fn default_servers(&self) -> Vec<SocketAddr> {
+        self.default.servers.iter().map(|(s, _)| *s).collect()
+    }
+}
+
 /// The upstream servers, each with the sockets its queries go out on.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Upstreams {
     servers: Vec<(SocketAddr, Mutex<Vec<Arc<Shared>>>)>,
 }

@@ -70,9 +70,12 @@ pub fn has_net_admin() -> bool {
 
 /// The commands that put `addr` on the dummy interface, idempotently.
 pub fn interface_commands(addr: IpAddr) -> Vec<Vec<String>> {
+    // IPv6: no duplicate address detection, or the address stays tentative
+    // (unbindable) for a second.
+    let nodad = if addr.is_ipv6() { " nodad" } else { "" };
     [
         format!("ip link add {INTERFACE} type dummy"),
-        format!("ip addr replace {} dev {INTERFACE}", host(addr)),
+        format!("ip addr replace {} dev {INTERFACE}{nodad}", host(addr)),
         format!("ip link set {INTERFACE} up"),
     ]
     .iter()
@@ -143,35 +146,87 @@ fn is_ours(spec: &str) -> bool {
 
 /// Creates the interface and the NOTRACK rules for `listen`; returns the
 /// interface holding the address. A kernel without the dummy driver gets
-/// the address on `lo` instead. Running it again changes nothing.
+/// the address on `lo` instead. Running it again changes nothing. NOTRACK
+/// rules of ours for other addresses (an earlier run's) are removed.
 pub fn install(listen: SocketAddr) -> Result<&'static str, LinkError> {
-    let interface = match put_on_dummy(listen.ip()) {
-        Ok(()) => INTERFACE,
+    let interface = put_address(listen.ip())?;
+    notrack(&[listen])?;
+    Ok(interface)
+}
+
+/// Puts `ip` on the dummy interface (created when missing), or on `lo`
+/// where the kernel has no dummy driver; returns which.
+pub fn put_address(ip: IpAddr) -> Result<&'static str, LinkError> {
+    match put_on_dummy(ip) {
+        Ok(()) => Ok(INTERFACE),
         Err(LinkError::Failed { stderr, .. })
             if stderr.contains("Unknown device type") || stderr.contains("not supported") =>
         {
-            run("ip", &["addr", "replace", &host(listen.ip()), "dev", "lo"])?;
-            "lo"
+            let host = host(ip);
+            let mut args = vec!["addr", "replace", host.as_str(), "dev", "lo"];
+            if ip.is_ipv6() {
+                args.push("nodad");
+            }
+            run("ip", &args)?;
+            Ok("lo")
         }
-        Err(e) => return Err(e),
-    };
-    let wanted = notrack_rules(listen);
-    let ipt = Raw::new(listen.is_ipv6())?;
-    for chain in ["PREROUTING", "OUTPUT"] {
-        let specs: Vec<String> = wanted
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes `ip` off `interface` (what [`put_address`] returned); an address
+/// already gone is no error.
+pub fn remove_address(ip: IpAddr, interface: &str) -> Result<(), LinkError> {
+    let host = host(ip);
+    let out = command("ip", &["addr", "del", &host, "dev", interface])?;
+    let gone = String::from_utf8_lossy(&out.stderr).contains("Cannot assign");
+    if out.status.success() || gone {
+        return Ok(());
+    }
+    Err(LinkError::Failed {
+        command: format!("ip addr del {host} dev {interface}"),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// Makes the raw-table NOTRACK rules of ours exactly those of `wanted`, in
+/// both families: appends what is missing, deletes duplicates and the rules
+/// of addresses no longer wanted. IPv6 is skipped when ip6tables does not
+/// work and no IPv6 address is wanted.
+pub fn notrack(wanted: &[SocketAddr]) -> Result<(), LinkError> {
+    for ipv6 in [false, true] {
+        let family: Vec<SocketAddr> = wanted
             .iter()
-            .filter(|(c, _)| *c == chain)
-            .map(|(_, s)| s.clone())
+            .filter(|w| w.is_ipv6() == ipv6)
+            .copied()
             .collect();
-        let (append, delete) = notrack_changes(chain, &ipt.list(chain)?, &specs);
-        for spec in delete {
-            ipt.delete(chain, &spec)?;
-        }
-        for spec in append {
-            ipt.append(chain, &spec)?;
+        let ipt = match Raw::new(ipv6) {
+            Ok(ipt) => ipt,
+            Err(_) if ipv6 && family.is_empty() => continue,
+            Err(e) => return Err(e),
+        };
+        let rules: Vec<(&str, String)> = family.iter().flat_map(|l| notrack_rules(*l)).collect();
+        for chain in ["PREROUTING", "OUTPUT"] {
+            let listed = match ipt.list(chain) {
+                Ok(l) => l,
+                Err(_) if ipv6 && family.is_empty() => continue,
+                Err(e) => return Err(e),
+            };
+            let specs: Vec<String> = rules
+                .iter()
+                .filter(|(c, _)| *c == chain)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let (append, delete) = notrack_changes(chain, &listed, &specs);
+            for spec in delete {
+                ipt.delete(chain, &spec)?;
+            }
+            for spec in append {
+                ipt.append(chain, &spec)?;
+            }
         }
     }
-    Ok(interface)
+    Ok(())
 }
 
 /// What [`uninstall`] removed.

@@ -36,6 +36,7 @@ pub mod index;
 pub mod link;
 pub mod response;
 pub mod server;
+pub mod transparent;
 mod udp;
 
 use std::net::SocketAddr;
@@ -255,9 +256,65 @@ impl IndexCell {
     }
 }
 
+/// A running DNS stub.
+#[derive(Debug)]
+pub struct Started {
+    /// Where `--dns-listen` is bound.
+    pub addr: SocketAddr,
+    /// Follows the state the index in force was built from.
+    pub built: watch::Receiver<Arc<AgentState>>,
+    /// Adds addresses and changes upstreams while it runs.
+    pub control: Control,
+}
+
+/// What can change while the stub runs: the addresses it answers on (the
+/// cluster DNS Service's, in transparent mode) and its default upstreams.
+#[derive(Debug, Clone)]
+pub struct Control {
+    listeners: tokio::sync::mpsc::UnboundedSender<server::Listener>,
+    routes: Arc<ArcSwap<forward::Routes>>,
+    status: Arc<Status>,
+    /// The upstreams `--dns-upstream` or resolv.conf named.
+    pub configured: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl Control {
+    /// Binds `addr` (UDP and TCP) and answers there too, until the token
+    /// returned is cancelled (or the stub stops).
+    pub fn listen(&self, addr: SocketAddr) -> anyhow::Result<CancellationToken> {
+        let (udp, tcp) = server::bind(addr)?;
+        let stop = self.shutdown.child_token();
+        self.listeners
+            .send(server::Listener {
+                udp,
+                tcp,
+                stop: stop.clone(),
+            })
+            .map_err(|_| anyhow::anyhow!("the DNS stub has stopped"))?;
+        Ok(stop)
+    }
+
+    /// Forwards names outside every zone to `servers` from now on (queries
+    /// already sent keep theirs).
+    pub fn set_upstreams(&self, servers: &[SocketAddr]) {
+        let routes = self.routes.load().with_default(servers);
+        self.routes.store(Arc::new(routes));
+        self.status.update(|d| {
+            if let Some(dns) = d.dns.as_mut() {
+                dns.upstreams = servers.iter().map(ToString::to_string).collect();
+            }
+        });
+    }
+
+    /// Where names outside every zone go now.
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.routes.load().default_servers()
+    }
+}
+
 /// Binds `cfg.listen` (UDP and TCP), starts serving on a thread of its own
-/// and follows `state`. Returns the bound address and a receiver of the
-/// state the index in force was built from.
+/// and follows `state`.
 pub fn start(
     mut cfg: DnsConfig,
     state: watch::Receiver<Arc<AgentState>>,
@@ -265,7 +322,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, watch::Receiver<Arc<AgentState>>)> {
+) -> anyhow::Result<Started> {
     let (udp, tcp) = server::bind(cfg.listen)?;
     cfg.listen = udp.local_addr()?;
     if let Some(why) = &cfg.no_upstream {
@@ -284,7 +341,7 @@ pub fn start(
         state.clone(),
         cfg.zone.clone(),
         cfg.ttl,
-        Some(status),
+        Some(status.clone()),
         Some(metrics.clone()),
     ));
     let listen = cfg.listen;
@@ -306,6 +363,23 @@ pub fn start(
         }
     });
 
+    let routes = Arc::new(ArcSwap::from_pointee(forward::Routes::new(
+        &cfg.upstreams,
+        &[],
+    )));
+    let (listeners, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let control = Control {
+        listeners,
+        routes: routes.clone(),
+        status: status.clone(),
+        configured: cfg.upstreams.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let _ = control.listeners.send(server::Listener {
+        udp,
+        tcp,
+        stop: shutdown.child_token(),
+    });
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name("dns".into())
@@ -314,7 +388,10 @@ pub fn start(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(server::serve(cfg, cell, metrics, udp, tcp, shutdown)),
+                Ok(rt) => {
+                    let handler = Arc::new(server::StubHandler::new(cfg, cell, metrics, routes));
+                    rt.block_on(server::serve(handler, incoming, shutdown));
+                }
                 Err(e) => tracing::error!("DNS runtime: {e}"),
             }
             let _ = done_tx.send(());
@@ -323,7 +400,11 @@ pub fn start(
     tasks.spawn(async move {
         let _ = done_rx.await;
     });
-    Ok((listen, built))
+    Ok(Started {
+        addr: listen,
+        built,
+        control,
+    })
 }
 
 /// Sets up the listen address when it is link-local and we may: the dummy

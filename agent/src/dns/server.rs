@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
@@ -98,7 +99,9 @@ pub(super) struct StubHandler {
     cell: Arc<IndexCell>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
-    upstreams: forward::Upstreams,
+    /// Where forwarded names go; replaced whole when the upstreams change
+    /// (a query keeps the ones it was sent to).
+    routes: Arc<ArcSwap<forward::Routes>>,
     pub(super) cache: AnswerCache,
 }
 
@@ -130,6 +133,7 @@ impl Later {
 /// A question sent to the upstreams, within the in-flight bound.
 struct Forwarding {
     asking: forward::Asking,
+    upstreams: Arc<forward::Upstreams>,
     asked: Instant,
     permit: OwnedSemaphorePermit,
 }
@@ -151,12 +155,17 @@ impl StubHandler {
         &self.metrics
     }
 
-    /// A handler answering from `cell` as `cfg` says.
-    pub(super) fn new(cfg: DnsConfig, cell: Arc<IndexCell>, metrics: Arc<Metrics>) -> Self {
+    /// A handler answering from `cell` as `cfg` says, forwarding by `routes`.
+    pub(super) fn new(
+        cfg: DnsConfig,
+        cell: Arc<IndexCell>,
+        metrics: Arc<Metrics>,
+        routes: Arc<ArcSwap<forward::Routes>>,
+    ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(cfg.max_inflight)),
             cache: AnswerCache::new(CACHE_ENTRIES),
-            upstreams: forward::Upstreams::new(&cfg.upstreams),
+            routes,
             cfg,
             cell,
             metrics,
@@ -310,8 +319,10 @@ impl StubHandler {
         };
         self.metrics.dns.forwarded.inc();
         let asked = Instant::now();
+        let upstreams = self.routes.load().for_name(f.query.name()).clone();
         Some(Forwarding {
-            asking: forward::Asking::send(&f.query, &self.upstreams),
+            asking: forward::Asking::send(&f.query, &upstreams),
+            upstreams,
             asked,
             permit,
         })
@@ -322,10 +333,11 @@ impl StubHandler {
     async fn answered(&self, f: &Forward, forwarding: Forwarding) -> Option<Message> {
         let Forwarding {
             asking,
+            upstreams,
             asked,
             permit,
         } = forwarding;
-        let answer = asking.answer(&self.upstreams).await;
+        let answer = asking.answer(&upstreams).await;
         drop(permit);
         let d = &self.metrics.dns;
         d.upstream_seconds.observe(asked.elapsed().as_secs_f64());
@@ -359,25 +371,43 @@ impl StubHandler {
     }
 }
 
-/// Serves until `shutdown`.
+/// An address the stub answers on: its UDP socket and TCP listener,
+/// served until `stop`.
+#[derive(Debug)]
+pub struct Listener {
+    /// The UDP socket (non-blocking).
+    pub udp: std::net::UdpSocket,
+    /// The TCP listener (non-blocking).
+    pub tcp: std::net::TcpListener,
+    /// Stops serving this address (the sockets close).
+    pub stop: CancellationToken,
+}
+
+/// Serves every listener that arrives on `listeners` until `shutdown`.
 pub(super) async fn serve(
-    cfg: DnsConfig,
-    cell: Arc<IndexCell>,
-    metrics: Arc<Metrics>,
-    udp: std::net::UdpSocket,
-    tcp: std::net::TcpListener,
+    handler: Arc<StubHandler>,
+    mut listeners: tokio::sync::mpsc::UnboundedReceiver<Listener>,
     shutdown: CancellationToken,
 ) {
-    let (udp, tcp) = match (UdpSocket::from_std(udp), TcpListener::from_std(tcp)) {
-        (Ok(u), Ok(t)) => (u, t),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("DNS sockets: {e}");
+    loop {
+        let l = tokio::select! {
+            l = listeners.recv() => l,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(l) = l else {
+            shutdown.cancelled().await;
             return;
-        }
-    };
-    let handler = Arc::new(StubHandler::new(cfg, cell, metrics));
-    tokio::spawn(serve_tcp(tcp, handler.clone(), shutdown.clone()));
-    super::udp::serve(udp, handler, shutdown).await;
+        };
+        let (udp, tcp) = match (UdpSocket::from_std(l.udp), TcpListener::from_std(l.tcp)) {
+            (Ok(u), Ok(t)) => (u, t),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("DNS sockets: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(serve_tcp(tcp, handler.clone(), l.stop.clone()));
+        tokio::spawn(super::udp::serve(udp, handler.clone(), l.stop));
+    }
 }
 
 /// Accepts TCP clients within the limits until `stop`.

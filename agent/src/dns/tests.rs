@@ -1115,7 +1115,7 @@ fn udp_handler(
     };
     let metrics = Arc::new(crate::status::Metrics::new());
     (
-        super::server::StubHandler::new(cfg, cell.clone(), metrics),
+        super::server::StubHandler::new(cfg, cell.clone(), metrics, Arc::default()),
         cell,
         tx,
     )

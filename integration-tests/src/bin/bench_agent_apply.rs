@@ -66,7 +66,7 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
         max_inflight: 1024,
         tcp_limits: Default::default(),
     };
-    let (_stub, built) = switchyard_agent::dns::start(
+    let started = switchyard_agent::dns::start(
         cfg,
         applier.subscribe(),
         status.clone(),
@@ -74,7 +74,7 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
         &mut tasks,
         shutdown.clone(),
     )?;
-    applier.ack_after_dns(built);
+    applier.ack_after_dns(started.built);
 
     let whole = update("v0".into(), (0..services).map(|i| resource(i, 0)).collect());
     let t = Instant::now();

@@ -494,16 +494,18 @@ fn main() -> anyhow::Result<()> {
         max_inflight: 1024,
         tcp_limits: Default::default(),
     };
-    let (stub, _built) = rt.block_on(async {
-        switchyard_agent::dns::start(
-            cfg,
-            rx,
-            status.clone(),
-            metrics.clone(),
-            &mut tasks,
-            shutdown.clone(),
-        )
-    })?;
+    let stub = rt
+        .block_on(async {
+            switchyard_agent::dns::start(
+                cfg,
+                rx,
+                status.clone(),
+                metrics.clone(),
+                &mut tasks,
+                shutdown.clone(),
+            )
+        })?
+        .addr;
     let rss_index = rss_kib(&me);
     let doc = status.document().dns.unwrap_or_default();
 

@@ -13,14 +13,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = switchyard_agent::Args::parse();
-    let shutdown = CancellationToken::new();
-    let agent = switchyard_agent::start(args, shutdown.clone()).await?;
+    let agent = switchyard_agent::start(args, CancellationToken::new()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    shutdown.cancel();
-    agent.wait().await;
+    agent.shutdown().await;
     Ok(())
 }

@@ -13,6 +13,8 @@
 //! - `sy_echo loop ADDR MILLIS`: connects back to back for MILLIS, JSON line
 //!   with successes and failures.
 //! - `sy_echo http ADDR PATH`: one GET, prints `STATUS BODY`.
+//! - `sy_echo dns PORT ADDRESS`: a DNS server on UDP PORT answering every A
+//!   question with ADDRESS (a stand-in for CoreDNS behind kube-dns).
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -35,13 +37,17 @@ fn main() {
         ),
         "loop" => run_loop(addr(&arg(1)), arg(2).parse().unwrap_or_else(|_| usage())),
         "http" => http(addr(&arg(1)), &arg(2)),
+        "dns" => dns(
+            arg(1).parse().unwrap_or_else(|_| usage()),
+            arg(2).parse().unwrap_or_else(|_| usage()),
+        ),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: sy_echo serve ID PORT | tcp ADDR N | udp ADDR N [SPORT] | loop ADDR MS | http ADDR PATH"
+        "usage: sy_echo serve ID PORT | tcp ADDR N | udp ADDR N [SPORT] | loop ADDR MS | http ADDR PATH | dns PORT ADDRESS"
     );
     std::process::exit(2)
 }
@@ -212,4 +218,14 @@ fn http(to: SocketAddr, path: &str) {
     let status = resp.split_whitespace().nth(1).unwrap_or("000");
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
     println!("{status} {body}");
+}
+
+fn dns(port: u16, address: std::net::Ipv4Addr) {
+    let sock = UdpSocket::bind(("::", port)).expect("binding UDP");
+    let mut buf = [0u8; 4096];
+    while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+        if let Some(reply) = switchyard_integration_tests::dns::fake_answer(&buf[..n], address) {
+            let _ = sock.send_to(&reply, peer);
+        }
+    }
 }
