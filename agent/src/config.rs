@@ -189,6 +189,19 @@ pub struct Args {
     #[arg(long = "dns-upstream", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
 
+    /// Names in ZONE go to these servers instead (repeatable; stub
+    /// domains, as the kube-dns ConfigMap's `stubDomains` and CoreDNS's
+    /// `forward ZONE`): ZONE=IP[:PORT][,IP[:PORT]...]. The longest zone
+    /// that holds a name wins.
+    #[arg(long = "dns-forward", value_name = "ZONE=ADDR[,ADDR]", value_parser = parse_forward)]
+    pub dns_forward: Vec<(String, Vec<SocketAddr>)>,
+
+    /// Keep upstream answers this long after they expire, and answer with
+    /// them (TTL 30 s) when no upstream answers the question (CoreDNS's
+    /// `serve_stale` in its verify mode, RFC 8767). 0s: off.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub dns_serve_stale: Duration,
+
     /// Where the default upstreams are read from.
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
@@ -276,6 +289,21 @@ fn parse_dns_listen(s: &str) -> Result<DnsListen, String> {
         .map_err(|e| format!("{s:?}: {e} (expected ADDR:PORT or none)"))
 }
 
+fn parse_forward(s: &str) -> Result<(String, Vec<SocketAddr>), String> {
+    let (zone, servers) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ZONE=ADDR[,ADDR]"))?;
+    let zone = zone.trim().trim_end_matches('.');
+    if zone.is_empty() {
+        return Err(format!("{s:?}: the zone is empty"));
+    }
+    let servers = servers
+        .split(',')
+        .map(parse_upstream)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((zone.to_owned(), servers))
+}
+
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
@@ -310,6 +338,38 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stub_domains_name_a_zone_and_servers() {
+        let a = Args::try_parse_from([
+            "agent",
+            "--dns-forward",
+            "corp.example.=10.0.0.1,10.0.0.2:5353",
+            "--dns-forward",
+            "acme.local=[fd00::1]:53",
+        ])
+        .expect("parses");
+        assert_eq!(
+            a.dns_forward,
+            [
+                (
+                    "corp.example".to_owned(),
+                    vec![
+                        "10.0.0.1:53".parse().expect("addr"),
+                        "10.0.0.2:5353".parse().expect("addr")
+                    ]
+                ),
+                (
+                    "acme.local".to_owned(),
+                    vec!["[fd00::1]:53".parse().expect("addr")]
+                ),
+            ]
+        );
+        for bad in ["corp.example", "=10.0.0.1", "corp.example=nope"] {
+            let e = Args::try_parse_from(["agent", "--dns-forward", bad]).expect_err(bad);
+            assert!(e.to_string().contains("--dns-forward"), "{e}");
+        }
+    }
 
     #[test]
     fn duration_flags_need_a_unit() {

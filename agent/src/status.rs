@@ -95,6 +95,9 @@ pub struct DnsStatus {
     pub zone: String,
     /// Upstream servers for other names.
     pub upstreams: Vec<String>,
+    /// Stub domains (`--dns-forward`): zone -> its servers.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub forward_zones: std::collections::BTreeMap<String, Vec<String>>,
     /// Set when there is no upstream: why, and what that means.
     pub upstream_warning: Option<String>,
     /// Snapshot version the answers come from (null before the first).
@@ -672,6 +675,11 @@ pub struct DnsMetrics {
     pub cache_hits: Counter,
     /// Forwarded queries no upstream answered.
     pub forward_failures: Counter,
+    /// Forwarded queries answered from an expired answer because no
+    /// upstream answered (`--dns-serve-stale`).
+    pub stale_answers: Counter,
+    /// Popular answers fetched again before they expired (prefetch).
+    pub prefetches: Counter,
     /// Queries refused because the forwarding limit was reached.
     pub forward_overload: Counter,
     /// TCP connections closed at accept (over the total or per-source limit).
@@ -709,6 +717,8 @@ impl Default for DnsMetrics {
             forwarded: Counter::default(),
             cache_hits: Counter::default(),
             forward_failures: Counter::default(),
+            stale_answers: Counter::default(),
+            prefetches: Counter::default(),
             forward_overload: Counter::default(),
             tcp_refused: Counter::default(),
             refused_sources: Counter::default(),
@@ -747,8 +757,18 @@ impl DnsMetrics {
         );
         r.register(
             "forward_failures",
-            "Forwarded queries no upstream answered (SERVFAIL)",
+            "Forwarded queries no upstream answered (SERVFAIL, or a stale answer)",
             self.forward_failures.clone(),
+        );
+        r.register(
+            "stale_answers",
+            "Forwarded queries answered from an expired answer while no upstream answered",
+            self.stale_answers.clone(),
+        );
+        r.register(
+            "prefetches",
+            "Popular upstream answers fetched again before they expired",
+            self.prefetches.clone(),
         );
         r.register(
             "forward_overload",

@@ -126,6 +126,16 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     /// Starts on `127.0.0.1:0`.
     pub async fn start(address: Ipv4Addr) -> Self {
+        Self::start_with_ttl(address, 60).await
+    }
+
+    /// Stops answering: its socket closes.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Starts on `127.0.0.1:0`, its A records with `ttl` seconds.
+    pub async fn start_with_ttl(address: Ipv4Addr, ttl: u32) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = sock.local_addr().expect("addr");
         let queries = Arc::new(AtomicU64::new(0));
@@ -139,7 +149,7 @@ impl FakeUpstream {
                     r = sock.recv_from(&mut buf) => match r { Ok(v) => v, Err(_) => continue },
                 };
                 q.fetch_add(1, Ordering::Relaxed);
-                if let Some(reply) = fake_answer(&buf[..n], address) {
+                if let Some(reply) = fake_answer_ttl(&buf[..n], address, ttl) {
                     let _ = sock.send_to(&reply, src).await;
                 }
             }
@@ -161,6 +171,11 @@ impl Drop for FakeUpstream {
 /// The answer to one query, built by hand: header, the question as asked,
 /// and one A record pointing back at the question name.
 pub fn fake_answer(q: &[u8], address: Ipv4Addr) -> Option<Vec<u8>> {
+    fake_answer_ttl(q, address, 60)
+}
+
+/// [`fake_answer`] with `ttl` seconds on its record.
+pub fn fake_answer_ttl(q: &[u8], address: Ipv4Addr, ttl: u32) -> Option<Vec<u8>> {
     if q.len() < 12 {
         return None;
     }
@@ -179,7 +194,9 @@ pub fn fake_answer(q: &[u8], address: Ipv4Addr) -> Option<Vec<u8>> {
     out.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
     out.extend_from_slice(&q[12..question_end]);
     if is_a {
-        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&[0, 4]);
         out.extend_from_slice(&address.octets());
     }
     Some(out)

@@ -286,6 +286,109 @@ async fn other_names_are_forwarded_to_the_upstream() {
     );
 }
 
+/// `--dns-forward`: names in a stub domain go to its server, whatever
+/// their case, and others to the default upstream. `--dns-serve-stale`:
+/// once the default upstream is gone, an answer that expired (TTL 1 s,
+/// waited out: the behaviour under test) is handed out with TTL 30 s, and
+/// a name never seen is still SERVFAIL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_domains_go_to_their_servers_and_stale_answers_cover_a_dead_upstream() {
+    let corp = FakeUpstream::start(Ipv4Addr::new(192, 0, 2, 99)).await;
+    let short = FakeUpstream::start_with_ttl(Ipv4Addr::new(192, 0, 2, 8), 1).await;
+    let (corp_addr, short_addr) = (corp.addr, short.addr);
+    let c = cluster(|a| {
+        a.dns_forward = vec![("corp.example".into(), vec![corp_addr])];
+        a.dns_upstreams = vec![short_addr];
+        a.dns_serve_stale = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    for name in ["host.corp.example", "a.B.Corp.Example"] {
+        let d = dig(c.dns, &[name, "A"]).await;
+        assert_eq!(d.data(), ["192.0.2.99"], "{name}: {}", d.raw);
+    }
+    let d = dig(c.dns, &["www.example.org", "A"]).await;
+    assert_eq!(d.data(), ["192.0.2.8"], "{}", d.raw);
+    assert_eq!(corp.queries.load(Ordering::Relaxed), 2);
+    assert_eq!(short.queries.load(Ordering::Relaxed), 1);
+    let status = get_json(c.agent.admin_addr, "/status").await;
+    assert_eq!(
+        status["dns"]["forward_zones"]["corp.example."],
+        serde_json::json!([corp_addr.to_string()]),
+        "{status}"
+    );
+
+    short.stop();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let stale = dig(c.dns, &["www.example.org", "A"]).await;
+    assert_eq!(stale.status, "NOERROR", "{}", stale.raw);
+    assert_eq!(stale.data(), ["192.0.2.8"]);
+    assert!(
+        stale.answers[0].split_whitespace().nth(1) == Some("30"),
+        "a stale answer's TTL: {}",
+        stale.raw
+    );
+    let never = dig(c.dns, &["other.example.org", "A"]).await;
+    assert_eq!(never.status, "SERVFAIL", "{}", never.raw);
+    let metrics = get_text(c.agent.admin_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("switchyard_agent_dns_stale_answers_total 1"),
+        "{metrics}"
+    );
+}
+
+/// Prefetch: a name asked for again in the last second of its 2 s life is
+/// fetched again in the background, so once its first answer would have
+/// expired it is still answered from the cache (the waits are the TTL
+/// under test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_asked_again_near_its_expiry_is_fetched_again_ahead() {
+    let up = FakeUpstream::start_with_ttl(Ipv4Addr::new(192, 0, 2, 9), 2).await;
+    let up_addr = up.addr;
+    let c = cluster(|a| a.dns_upstreams = vec![up_addr]).await;
+    let asked = || up.queries.load(Ordering::Relaxed);
+    let first = std::time::Instant::now();
+    assert_eq!(
+        dig(c.dns, &["www.example.org", "A"]).await.data(),
+        ["192.0.2.9"]
+    );
+    assert_eq!(asked(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        dig(c.dns, &["www.example.org", "A"]).await.data(),
+        ["192.0.2.9"]
+    );
+    within("the prefetch", async {
+        while asked() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let metrics = get_text(c.agent.admin_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("switchyard_agent_dns_prefetches_total 1"),
+        "{metrics}"
+    );
+    // Past the first answer's expiry: still from the cache, no client
+    // query waits for the upstream (it may prefetch again, the new
+    // answer being in its last second too).
+    let past = std::time::Duration::from_millis(2300).saturating_sub(first.elapsed());
+    tokio::time::sleep(past).await;
+    assert_eq!(
+        dig(c.dns, &["www.example.org", "A"]).await.data(),
+        ["192.0.2.9"]
+    );
+    let status = get_json(c.agent.admin_addr, "/status").await;
+    assert_eq!(
+        status["dns"]["forwarded"], 1,
+        "only the first query went upstream: {status}"
+    );
+    let metrics = get_text(c.agent.admin_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("switchyard_agent_dns_cache_hits_total 2"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_gives_servfail() {
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");

@@ -12,6 +12,12 @@
 //! no other. The cache also counts the entries it retired
 //! ([`AnswerCache::retired`]): while that count is unchanged, no flag
 //! needs reading (each one is a pointer away, a cache miss per query).
+//!
+//! Serve-stale (`--dns-serve-stale`, CoreDNS's `serve_stale` in its
+//! `verify` mode, RFC 8767): an expired answer is kept that much longer,
+//! never answered while fresh ones can be had, and handed out
+//! ([`AnswerCache::stale`], with TTL [`STALE_TTL`]) only when every
+//! upstream failed to answer the question.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +30,9 @@ use super::clock::ClockMap;
 
 const MAX_POSITIVE: u32 = 30;
 const MAX_NEGATIVE: u32 = 5;
+
+/// The TTL of a stale answer: RFC 8767's recommendation.
+pub const STALE_TTL: u32 = 30;
 
 #[derive(Debug, Hash, PartialEq, Eq)]
 struct Key {
@@ -55,22 +64,44 @@ struct Entry {
 }
 
 /// Whether one cache entry is still in the cache: set when it is put,
-/// cleared for good when it is replaced, evicted or found expired.
+/// cleared for good when it is replaced, evicted or found expired. It also
+/// remembers whether the entry was fetched again ahead of its expiry.
 #[derive(Debug, Clone)]
-pub struct Current(Arc<AtomicBool>);
+pub struct Current(Arc<Flags>);
+
+#[derive(Debug)]
+struct Flags {
+    holds: AtomicBool,
+    prefetched: AtomicBool,
+}
 
 impl Current {
     fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        Self(Arc::new(Flags {
+            holds: AtomicBool::new(true),
+            prefetched: AtomicBool::new(false),
+        }))
     }
 
     /// Whether the entry is still the cache's answer to its question.
     pub fn holds(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.holds.load(Ordering::Acquire)
     }
 
     fn retire(&self) {
-        self.0.store(false, Ordering::Release);
+        self.0.holds.store(false, Ordering::Release);
+    }
+
+    /// Prefetch, as CoreDNS's `prefetch` (with its default 10%): whether an
+    /// answer stored at `stored` for `ttl` seconds, asked for again at
+    /// `now`, is within the last tenth of its life (at least its last
+    /// second) and has not been fetched again yet; true once per entry.
+    pub fn prefetch_due(&self, stored: Instant, ttl: u32, now: Instant) -> bool {
+        let age = now.saturating_duration_since(stored).as_secs();
+        let margin = u64::from((ttl / 10).max(1));
+        age + margin >= u64::from(ttl)
+            && age < u64::from(ttl)
+            && !self.0.prefetched.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -119,6 +150,8 @@ fn count_down(answer: &Message, ttl: u32, age: u32) -> Message {
 pub struct AnswerCache {
     entries: Mutex<ClockMap<Key, Entry>>,
     capacity: usize,
+    /// How long an expired answer is kept for [`AnswerCache::stale`].
+    stale_for: u32,
     /// Entries retired so far (their [`Current`] cleared), counted after
     /// they are cleared, under the lock.
     retired: AtomicU64,
@@ -127,11 +160,40 @@ pub struct AnswerCache {
 impl AnswerCache {
     /// A cache of at most `capacity` answers (0: no caching).
     pub fn new(capacity: usize) -> Self {
+        Self::serving_stale(capacity, std::time::Duration::ZERO)
+    }
+
+    /// A cache that keeps expired answers for `stale_for` more, for when
+    /// the upstreams fail ([`AnswerCache::stale`]).
+    pub fn serving_stale(capacity: usize, stale_for: std::time::Duration) -> Self {
         Self {
             entries: Mutex::default(),
             capacity,
+            stale_for: u32::try_from(stale_for.as_secs()).unwrap_or(u32::MAX),
             retired: AtomicU64::new(0),
         }
+    }
+
+    /// The answer to `query` that expired less than the stale window ago,
+    /// with every TTL [`STALE_TTL`]: for when no upstream answered.
+    pub fn stale(&self, query: &Query, now: Instant) -> Option<Message> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let e = entries.get_mut(&Key::of(query))?;
+        let age =
+            u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
+        if age < e.ttl || age >= e.ttl.saturating_add(self.stale_for) {
+            return None;
+        }
+        let mut answer = e.answer.clone();
+        for r in answer
+            .answers
+            .iter_mut()
+            .chain(answer.authorities.iter_mut())
+            .chain(answer.additionals.iter_mut())
+        {
+            r.ttl = STALE_TTL;
+        }
+        Some(answer)
     }
 
     /// The cached answer to `query`, with TTLs counted down.
@@ -149,8 +211,18 @@ impl AnswerCache {
         let age =
             u32::try_from(now.saturating_duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
         if age >= e.ttl {
+            if age < e.ttl.saturating_add(self.stale_for) {
+                // Kept for when the upstreams fail; answered no more.
+                if e.current.holds() {
+                    e.current.retire();
+                    self.retired.fetch_add(1, Ordering::AcqRel);
+                }
+                return None;
+            }
             // Expired: its room goes to the next question.
-            if let Some(gone) = entries.remove(&key) {
+            if let Some(gone) = entries.remove(&key)
+                && gone.current.holds()
+            {
                 gone.current.retire();
                 self.retired.fetch_add(1, Ordering::AcqRel);
             }
@@ -207,13 +279,13 @@ impl AnswerCache {
         let mut retired = 0;
         // Replacing an answer adds none: only a new question evicts.
         if let Some(old) = entries.insert(key, entry) {
+            retired += u64::from(old.current.holds());
             old.current.retire();
-            retired += 1;
         } else if entries.len() > self.capacity
             && let Some((_, e)) = entries.evict()
         {
+            retired += u64::from(e.current.holds());
             e.current.retire();
-            retired += 1;
         }
         if retired > 0 {
             self.retired.fetch_add(retired, Ordering::AcqRel);
@@ -292,6 +364,55 @@ mod tests {
         assert!(!n0.current.holds(), "then evicted");
         let kept: Vec<usize> = (0..200).filter(|&i| holds(&cache, i)).collect();
         assert_eq!(kept, (100..200).collect::<Vec<_>>(), "the new names, all");
+    }
+
+    #[test]
+    fn an_expired_answer_is_kept_for_the_stale_window_and_only_handed_out_as_stale() {
+        let cache = AnswerCache::serving_stale(10, Duration::from_secs(3600));
+        let t0 = Instant::now();
+        let q = question(1);
+        cache.put(&q, &answer(&q), t0);
+        let hit = cache.lookup(&q, t0).expect("cached");
+        assert!(cache.stale(&q, t0).is_none(), "fresh: no stale answer");
+        let expired = t0 + Duration::from_secs(30);
+        assert!(cache.lookup(&q, expired).is_none(), "not served as fresh");
+        assert!(!hit.current.holds(), "its encodings retire");
+        assert_eq!(cache.retired(), hit.retired + 1);
+        let stale = cache.stale(&q, expired).expect("stale");
+        assert_eq!(stale.answers[0].ttl, STALE_TTL);
+        assert!(cache.lookup(&q, expired).is_none());
+        assert_eq!(cache.retired(), hit.retired + 1, "retired once");
+        let too_old = t0 + Duration::from_secs(30 + 3600);
+        assert!(cache.stale(&q, too_old).is_none(), "past the window");
+        assert!(cache.lookup(&q, too_old).is_none());
+        assert!(
+            cache.entries.lock().expect("lock").is_empty(),
+            "then dropped"
+        );
+        // A fresh answer replaces it.
+        cache.put(&q, &answer(&q), expired);
+        assert!(cache.lookup(&q, expired).is_some());
+    }
+
+    #[test]
+    fn a_prefetch_is_due_once_in_the_last_tenth_of_an_answers_life() {
+        let cache = AnswerCache::new(10);
+        let t0 = Instant::now();
+        let q = question(1);
+        cache.put(&q, &answer(&q), t0);
+        let hit = cache.lookup(&q, t0).expect("cached");
+        assert_eq!(hit.ttl, 30);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!hit.current.prefetch_due(hit.stored, hit.ttl, at(26)));
+        assert!(hit.current.prefetch_due(hit.stored, hit.ttl, at(27)));
+        assert!(
+            !hit.current.prefetch_due(hit.stored, hit.ttl, at(28)),
+            "once"
+        );
+        let short = Current::new();
+        assert!(!short.prefetch_due(t0, 5, at(3)));
+        assert!(short.prefetch_due(t0, 5, at(4)), "at least the last second");
+        assert!(!Current::new().prefetch_due(t0, 5, at(5)), "expired");
     }
 
     #[test]

@@ -45,13 +45,13 @@ pub enum Valid {
 /// followed was a cache miss per query (perf, BENCHMARKS.md "DNS stub").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relayed {
-    current: Current,
+    pub(super) current: Current,
     /// [`super::cache::AnswerCache::retired`] when `current` was last seen
     /// set: while the count stays there, it is still set.
     seen: u64,
-    stored: Instant,
+    pub(super) stored: Instant,
     /// Seconds after `stored` when it expires (the cache entry's TTL).
-    ttl: u32,
+    pub(super) ttl: u32,
     ttls: TtlFields,
 }
 

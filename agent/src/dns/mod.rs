@@ -76,6 +76,10 @@ pub struct DnsConfig {
     pub no_upstream: Option<String>,
     /// Who may ask.
     pub acl: Acl,
+    /// Stub domains: names in a zone go to its servers.
+    pub forward_zones: Vec<(Name, Vec<SocketAddr>)>,
+    /// How long expired upstream answers are kept for when no upstream answers.
+    pub serve_stale: std::time::Duration,
     /// Most forwarded queries in flight.
     pub max_inflight: usize,
     /// TCP connections admitted.
@@ -118,12 +122,23 @@ impl DnsConfig {
         } else {
             Acl::new(args.dns_allow.clone())
         };
+        let forward_zones = args
+            .dns_forward
+            .iter()
+            .map(|(z, servers)| {
+                zone_name(z)
+                    .map(|z| (z, servers.clone()))
+                    .with_context(|| format!("--dns-forward {z:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             listen,
             zone,
             ttl: u32::try_from(args.dns_ttl.as_secs()).unwrap_or(u32::MAX),
             upstreams,
             no_upstream,
+            forward_zones,
+            serve_stale: args.dns_serve_stale,
             acl,
             max_inflight: args.dns_max_inflight.max(1),
             tcp_limits: server::TcpLimits {
@@ -333,6 +348,16 @@ pub fn start(
             listen: cfg.listen.to_string(),
             zone: cfg.zone.to_ascii(),
             upstreams: cfg.upstreams.iter().map(ToString::to_string).collect(),
+            forward_zones: cfg
+                .forward_zones
+                .iter()
+                .map(|(z, servers)| {
+                    (
+                        z.to_ascii(),
+                        servers.iter().map(ToString::to_string).collect(),
+                    )
+                })
+                .collect(),
             upstream_warning: cfg.no_upstream.clone(),
             ..DnsStatus::default()
         })
@@ -365,7 +390,7 @@ pub fn start(
 
     let routes = Arc::new(ArcSwap::from_pointee(forward::Routes::new(
         &cfg.upstreams,
-        &[],
+        &cfg.forward_zones,
     )));
     let (listeners, incoming) = tokio::sync::mpsc::unbounded_channel();
     let control = Control {

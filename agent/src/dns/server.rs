@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -36,7 +36,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::cache::AnswerCache;
+use super::cache::{AnswerCache, Cached};
 use super::encoded::{Encoded, EncodedAnswers, Relayed, Valid};
 use super::handler::{Decision, Forward, decide};
 use super::response::Transport;
@@ -102,7 +102,7 @@ pub(super) struct StubHandler {
     /// Where forwarded names go; replaced whole when the upstreams change
     /// (a query keeps the ones it was sent to).
     routes: Arc<ArcSwap<forward::Routes>>,
-    pub(super) cache: AnswerCache,
+    pub(super) cache: Arc<AnswerCache>,
 }
 
 /// What the UDP loop does with one datagram.
@@ -164,7 +164,7 @@ impl StubHandler {
     ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(cfg.max_inflight)),
-            cache: AnswerCache::new(CACHE_ENTRIES),
+            cache: Arc::new(AnswerCache::serving_stale(CACHE_ENTRIES, cfg.serve_stale)),
             routes,
             cfg,
             cell,
@@ -222,8 +222,14 @@ impl StubHandler {
         let retired = self.cache.retired();
         if allowed && let Some(hit) = encoded.answer(&index, bytes, retired, &now, out) {
             let d = &self.metrics.dns;
-            if matches!(hit.valid, Valid::Upstream(_)) {
+            if let Valid::Upstream(r) = &hit.valid {
                 d.cache_hits.inc();
+                if r.current.prefetch_due(r.stored, r.ttl, now())
+                    && let Ok(m) = Message::from_vec(bytes)
+                    && let Some(q) = m.queries.into_iter().next()
+                {
+                    self.prefetch(q);
+                }
             }
             d.count_response(hit.rcode);
             if hit.truncated {
@@ -247,7 +253,7 @@ impl StubHandler {
                     (info, answer, Valid::Index, a.refused_source)
                 }
                 Decision::Forward(f) => {
-                    let Some(hit) = self.cache.lookup(&f.query, now()) else {
+                    let Some(hit) = self.lookup(&f.query, now()) else {
                         let Some(forwarding) = self.ask(&f) else {
                             let (info, answer) = response::encode_error(
                                 &request,
@@ -310,6 +316,40 @@ impl StubHandler {
         (!answer.is_empty()).then_some(answer)
     }
 
+    /// The cache's answer to `query`; one due for a prefetch is fetched
+    /// again in the background.
+    fn lookup(&self, query: &Query, now: Instant) -> Option<Cached> {
+        let hit = self.cache.lookup(query, now)?;
+        if hit.current.prefetch_due(hit.stored, hit.ttl, now) {
+            self.prefetch(query.clone());
+        }
+        Some(hit)
+    }
+
+    /// Asks the upstreams `query` again before its cached answer expires
+    /// (a task of its own; skipped over the in-flight bound), so a name
+    /// asked for steadily is always answered from the cache.
+    fn prefetch(&self, query: Query) {
+        // Off a runtime (the unit tests' direct calls) there is nowhere to wait.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return;
+        };
+        let upstreams = self.routes.load().for_name(query.name()).clone();
+        let asking = forward::Asking::send(&query, &upstreams);
+        let (cache, metrics) = (self.cache.clone(), self.metrics.clone());
+        runtime.spawn(async move {
+            let answer = asking.answer(&upstreams).await;
+            drop(permit);
+            if let Some(a) = answer {
+                cache.put(&query, &a, Instant::now());
+                metrics.dns.prefetches.inc();
+            }
+        });
+    }
+
     /// Sends `f`'s question to the upstreams, within the in-flight bound;
     /// `None` over it.
     fn ask(&self, f: &Forward) -> Option<Forwarding> {
@@ -345,6 +385,12 @@ impl StubHandler {
             self.cache.put(&f.query, a, Instant::now());
         } else {
             d.forward_failures.inc();
+            // Every upstream failed: an expired answer, if one is kept.
+            let stale = self.cache.stale(&f.query, Instant::now());
+            if stale.is_some() {
+                d.stale_answers.inc();
+            }
+            return stale;
         }
         answer
     }
@@ -357,7 +403,8 @@ impl StubHandler {
         f: Box<Forward>,
         response: R,
     ) -> ResponseInfo {
-        if let Some(answer) = self.cache.get(&f.query, Instant::now()) {
+        if let Some(hit) = self.lookup(&f.query, Instant::now()) {
+            let answer = hit.answer;
             self.metrics.dns.cache_hits.inc();
             return response::relay(request, &f, &answer, response).await;
         }

@@ -1109,6 +1109,8 @@ fn udp_handler(
         ttl: 5,
         upstreams: Vec::new(),
         no_upstream: None,
+        forward_zones: Vec::new(),
+        serve_stale: std::time::Duration::ZERO,
         acl: Acl::node_local(&[]),
         max_inflight: 16,
         tcp_limits: super::server::TcpLimits::default(),

@@ -62,6 +62,8 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
         ttl: 5,
         upstreams: vec![],
         no_upstream: None,
+        forward_zones: Vec::new(),
+        serve_stale: std::time::Duration::ZERO,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),

@@ -490,6 +490,8 @@ fn main() -> anyhow::Result<()> {
         ttl: 5,
         upstreams: vec![SocketAddr::from(([127, 0, 0, 1], upstream_port))],
         no_upstream: None,
+        forward_zones: Vec::new(),
+        serve_stale: Duration::ZERO,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),

@@ -159,6 +159,8 @@ fn main() -> anyhow::Result<()> {
         ttl: 5,
         upstreams: vec![],
         no_upstream: None,
+        forward_zones: Vec::new(),
+        serve_stale: Duration::ZERO,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),
