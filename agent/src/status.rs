@@ -98,6 +98,11 @@ pub struct DnsStatus {
     pub names: usize,
     /// How long the last index build took, in milliseconds.
     pub index_build_ms: f64,
+    /// Set when the agent ACKed a version (the one named here) before its
+    /// DNS index was built from it, after waiting 10 s: DNS still answers
+    /// from `index_version`. Cleared once the index catches up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
     /// Queries answered by response code (filled from the metrics).
     pub queries: std::collections::BTreeMap<String, u64>,
     /// Queries forwarded upstream.
@@ -650,6 +655,8 @@ pub struct DnsMetrics {
     pub forward_seconds: Histogram,
     /// Names in the index.
     pub names: Gauge,
+    /// ACKs sent before the DNS index served the version they name.
+    pub acks_before_index: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -676,6 +683,7 @@ impl Default for DnsMetrics {
             upstream_seconds: forward_buckets(),
             forward_seconds: forward_buckets(),
             names: Gauge::default(),
+            acks_before_index: Counter::default(),
         }
     }
 }
@@ -732,6 +740,11 @@ impl DnsMetrics {
             "truncated",
             "UDP answers truncated (client retries over TCP)",
             self.truncated.clone(),
+        );
+        r.register(
+            "acks_before_index",
+            "ACKs sent before the DNS index served the version they name (after waiting 10 s)",
+            self.acks_before_index.clone(),
         );
         r.register(
             "index_build_seconds",
