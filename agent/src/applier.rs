@@ -277,11 +277,13 @@ impl Applier {
         }
         let t = Instant::now();
         if let Err(e) = self.store.save(&next, update, &changes).await {
+            self.status.persist_failed(e.to_string());
             if !unchanged {
                 self.put_back(&current, &changes).await;
             }
             return Err(ApplyFailure::Persist(e));
         }
+        self.status.persisted();
         self.metrics
             .persist_seconds
             .observe(t.elapsed().as_secs_f64());

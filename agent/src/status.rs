@@ -71,6 +71,11 @@ pub struct SyncReport {
     pub last_sync_unix_seconds: Option<f64>,
     /// The health timeout.
     pub timeout_seconds: f64,
+    /// Set while the state cannot be persisted (a full disk): why, and for
+    /// how long. Updates are NACKed and retried meanwhile, the last good
+    /// state stays in force, and `/healthz` fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persist_error: Option<String>,
 }
 
 /// When syncs were asked for and when they succeeded.
@@ -79,6 +84,8 @@ struct SyncTimes {
     pending_since: Option<std::time::Instant>,
     first_success: bool,
     last_success_unix_seconds: Option<f64>,
+    /// Since when, and why, saves fail.
+    persist_failing: Option<(std::time::Instant, String)>,
 }
 
 /// The DNS stub's part of `/status`.
@@ -203,12 +210,38 @@ impl Status {
         t.first_success
     }
 
+    /// A state could not be persisted: `/healthz` fails until one is.
+    pub fn persist_failed(&self, reason: String) {
+        {
+            let mut t = self.sync_times();
+            let since = t
+                .persist_failing
+                .take()
+                .map_or_else(std::time::Instant::now, |(since, _)| since);
+            t.persist_failing = Some((since, reason));
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A state was persisted.
+    pub fn persisted(&self) {
+        if self.sync_times().persist_failing.take().is_some() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
     /// The sync report against `timeout` (twice the sync period).
     pub fn sync_report(&self, timeout: std::time::Duration) -> SyncReport {
         let t = self.sync_times();
         let pending = t.pending_since.map(|p| p.elapsed());
         SyncReport {
-            healthy: pending.is_none_or(|p| p <= timeout),
+            healthy: pending.is_none_or(|p| p <= timeout) && t.persist_failing.is_none(),
+            persist_error: t.persist_failing.as_ref().map(|(since, why)| {
+                format!(
+                    "the state cannot be persisted, for {:.1}s: {why}",
+                    since.elapsed().as_secs_f64()
+                )
+            }),
             ready: t.first_success,
             pending_seconds: pending.map(|p| p.as_secs_f64()),
             last_sync_unix_seconds: t.last_success_unix_seconds,
