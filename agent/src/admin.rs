@@ -4,6 +4,7 @@
 //! ```text
 //!  /          the endpoints below
 //!  /healthz   200 unless a change has waited longer than twice the sync period (kube-proxy's rule)
+//!             or the state cannot be persisted
 //!  /readyz    200 once a state has been put in force
 //!  /metrics   OpenMetrics or Prometheus text, as Accept asks
 //!  /status    JSON; ?service=NS/NAME: one Service as held and as programmed
@@ -50,7 +51,8 @@ impl std::fmt::Debug for AdminContext {
 }
 
 const INDEX: &str = "switchyard-agent admin endpoints:
-  /healthz   200 unless a change has waited longer than twice --iptables-sync-period
+  /healthz   200 unless a change has waited longer than twice --iptables-sync-period,
+             or the state cannot be persisted (a full --state-dir)
   /readyz    200 once a state has been put in force
   /metrics   switchyard_agent_* and kubeproxy_* (OpenMetrics or Prometheus text, as Accept asks)
   /status    JSON; /status?service=NAMESPACE/NAME shows one Service as held and as programmed
@@ -90,6 +92,9 @@ async fn healthz(State(ctx): State<AdminContext>) -> Response {
     let r = ctx.status.sync_report(ctx.health_timeout);
     if r.healthy {
         return (StatusCode::OK, "ok\n").into_response();
+    }
+    if let Some(why) = r.persist_error {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
     let waited = r.pending_seconds.unwrap_or_default();
     (

@@ -303,11 +303,13 @@ impl Applier {
         }
         let t = Instant::now();
         if let Err(e) = self.store.save(&next, update, &changes).await {
+            self.status.persist_failed(e.to_string());
             if !unchanged {
                 self.put_back(&current, &changes).await;
             }
             return Err(ApplyFailure::Persist(e));
         }
+        self.status.persisted();
         self.metrics
             .persist_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -321,10 +323,29 @@ impl Applier {
         );
         self.publish(next.clone(), Origin::ControlPlane);
         if let Some(built) = &mut self.dns_built {
-            let waited =
-                tokio::time::timeout(DNS_CATCH_UP, built.wait_for(|s| Arc::ptr_eq(s, &next))).await;
-            if !matches!(waited, Ok(Ok(_))) {
-                tracing::warn!(version = %next.version, "the DNS index has not caught up within {DNS_CATCH_UP:?}; ACKing anyway");
+            let caught_up = matches!(
+                tokio::time::timeout(DNS_CATCH_UP, built.wait_for(|s| Arc::ptr_eq(s, &next))).await,
+                Ok(Ok(_))
+            );
+            if !caught_up {
+                // The data plane and the store hold it: ACK, and say that
+                // DNS lags until its index catches up (`IndexCell` clears it).
+                let answering = built.borrow().version.clone();
+                tracing::warn!(version = %next.version, dns_version = %answering, "ACKing a version the DNS index has not caught up with within {DNS_CATCH_UP:?}: DNS answers from {answering} meanwhile (/status dns.behind)");
+                self.metrics.dns.acks_before_index.inc();
+                self.status.update(|s| {
+                    if let Some(dns) = s.dns.as_mut() {
+                        dns.behind = Some(next.version.clone());
+                    }
+                });
+                // Built meanwhile: the cell's report may have come first.
+                if Arc::ptr_eq(&built.borrow(), &next) {
+                    self.status.update(|s| {
+                        if let Some(dns) = s.dns.as_mut() {
+                            dns.behind = None;
+                        }
+                    });
+                }
             }
         }
         Ok(())
@@ -487,6 +508,23 @@ mod tests {
             .expect("v2");
         let names: Vec<_> = a.state().resources.keys().cloned().collect();
         assert_eq!(names, ["default/ns/b", "default/ns/c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_before_the_dns_index_caught_up_is_said() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, _) = applier(dir.path());
+        a.status
+            .update(|s| s.dns = Some(crate::status::DnsStatus::default()));
+        // A DNS index that never gets past the empty state.
+        let (_built_tx, built) = watch::channel(a.state());
+        a.ack_after_dns(built);
+        a.apply_update(&update("v1", &["a"], &[]))
+            .await
+            .expect("applied after waiting 10 s");
+        let dns = a.status.document().dns.expect("dns status");
+        assert_eq!(dns.behind.as_deref(), Some("v1"));
+        assert_eq!(a.metrics.dns.acks_before_index.get(), 1);
     }
 
     #[tokio::test]

@@ -76,6 +76,11 @@ pub struct SyncReport {
     pub last_sync_unix_seconds: Option<f64>,
     /// The health timeout.
     pub timeout_seconds: f64,
+    /// Set while the state cannot be persisted (a full disk): why, and for
+    /// how long. Updates are NACKed and retried meanwhile, the last good
+    /// state stays in force, and `/healthz` fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persist_error: Option<String>,
 }
 
 /// When syncs were asked for and when they succeeded.
@@ -84,6 +89,8 @@ struct SyncTimes {
     pending_since: Option<std::time::Instant>,
     first_success: bool,
     last_success_unix_seconds: Option<f64>,
+    /// Since when, and why, saves fail.
+    persist_failing: Option<(std::time::Instant, String)>,
 }
 
 /// The DNS stub's part of `/status`.
@@ -106,6 +113,11 @@ pub struct DnsStatus {
     pub names: usize,
     /// How long the last index build took, in milliseconds.
     pub index_build_ms: f64,
+    /// Set when the agent ACKed a version (the one named here) before its
+    /// DNS index was built from it, after waiting 10 s: DNS still answers
+    /// from `index_version`. Cleared once the index catches up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
     /// Queries answered by response code (filled from the metrics).
     pub queries: std::collections::BTreeMap<String, u64>,
     /// Queries forwarded upstream.
@@ -224,12 +236,38 @@ impl Status {
         t.first_success
     }
 
+    /// A state could not be persisted: `/healthz` fails until one is.
+    pub fn persist_failed(&self, reason: String) {
+        {
+            let mut t = self.sync_times();
+            let since = t
+                .persist_failing
+                .take()
+                .map_or_else(std::time::Instant::now, |(since, _)| since);
+            t.persist_failing = Some((since, reason));
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A state was persisted.
+    pub fn persisted(&self) {
+        if self.sync_times().persist_failing.take().is_some() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
     /// The sync report against `timeout` (twice the sync period).
     pub fn sync_report(&self, timeout: std::time::Duration) -> SyncReport {
         let t = self.sync_times();
         let pending = t.pending_since.map(|p| p.elapsed());
         SyncReport {
-            healthy: pending.is_none_or(|p| p <= timeout),
+            healthy: pending.is_none_or(|p| p <= timeout) && t.persist_failing.is_none(),
+            persist_error: t.persist_failing.as_ref().map(|(since, why)| {
+                format!(
+                    "the state cannot be persisted, for {:.1}s: {why}",
+                    since.elapsed().as_secs_f64()
+                )
+            }),
             ready: t.first_success,
             pending_seconds: pending.map(|p| p.as_secs_f64()),
             last_sync_unix_seconds: t.last_success_unix_seconds,
@@ -700,6 +738,8 @@ pub struct DnsMetrics {
     pub forward_seconds: Histogram,
     /// Names in the index.
     pub names: Gauge,
+    /// ACKs sent before the DNS index served the version they name.
+    pub acks_before_index: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -728,6 +768,7 @@ impl Default for DnsMetrics {
             upstream_seconds: forward_buckets(),
             forward_seconds: forward_buckets(),
             names: Gauge::default(),
+            acks_before_index: Counter::default(),
         }
     }
 }
@@ -794,6 +835,11 @@ impl DnsMetrics {
             "truncated",
             "UDP answers truncated (client retries over TCP)",
             self.truncated.clone(),
+        );
+        r.register(
+            "acks_before_index",
+            "ACKs sent before the DNS index served the version they name (after waiting 10 s)",
+            self.acks_before_index.clone(),
         );
         r.register(
             "index_build_seconds",

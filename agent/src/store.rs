@@ -20,6 +20,12 @@
 //! the resource count and each resource's validity. Anything wrong discards
 //! the whole store (the caller resyncs from the control plane); a database
 //! sled itself cannot open is moved aside, never a crash loop.
+//!
+//! Once a write fails (a full disk: ENOSPC), sled keeps that error and
+//! fails every later operation, even after space comes back. So a failed
+//! write marks the store broken, and the next save closes the database,
+//! opens it again and writes the whole state, not just the change: the
+//! agent recovers on its first retry once the disk has room.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +73,14 @@ pub enum StoreError {
         /// The database directory.
         path: PathBuf,
     },
+    /// The database could not be opened again after a failed write.
+    #[error("state database {path}: opening it again after a failed write: {reason}")]
+    Reopen {
+        /// The database directory.
+        path: PathBuf,
+        /// Why it did not open.
+        reason: String,
+    },
     /// The content on disk is not a state this agent wrote.
     #[error("state in {path} is unusable: {reason}")]
     Corrupt {
@@ -92,9 +106,23 @@ pub enum Loaded {
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
+    /// The open database; `None` once a write failed, until the next use
+    /// opens it again.
+    handle: std::sync::Mutex<Option<Handle>>,
+    /// A write failed since the last one that succeeded: the next save
+    /// writes the whole state, not just its change.
+    rewrite: std::sync::atomic::AtomicBool,
+    failing_saves: std::sync::atomic::AtomicUsize,
+}
+
+/// A resource's key and its frame, as written.
+type Entry = (Vec<u8>, Vec<u8>);
+
+/// One open sled database.
+#[derive(Debug, Clone)]
+struct Handle {
     db: sled::Db,
     resources: sled::Tree,
-    failing_saves: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -102,8 +130,14 @@ impl Store {
     /// moved to `dir.corrupt-<unix seconds>` and a fresh one created.
     pub fn open(dir: &Path) -> Result<(Self, Option<String>), StoreError> {
         let path = dir.join("state.sled");
-        match Self::open_db(&path) {
-            Ok(store) => Ok((store, None)),
+        let store = |handle| Self {
+            path: path.clone(),
+            handle: std::sync::Mutex::new(Some(handle)),
+            rewrite: std::sync::atomic::AtomicBool::new(false),
+            failing_saves: std::sync::atomic::AtomicUsize::new(0),
+        };
+        match open_db(&path) {
+            Ok(handle) => Ok((store(handle), None)),
             Err(reason) => {
                 let secs = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -114,41 +148,39 @@ impl Store {
                     tracing::warn!(error = %e, "could not move the state aside; removing it");
                     let _ = std::fs::remove_dir_all(&path);
                 }
-                let store = Self::open_db(&path).map_err(|reason| StoreError::Corrupt {
+                let handle = open_db(&path).map_err(|reason| StoreError::Corrupt {
                     path: path.clone(),
                     reason,
                 })?;
-                Ok((store, Some(reason)))
+                Ok((store(handle), Some(reason)))
             }
         }
     }
 
-    fn open_db(path: &Path) -> Result<Self, String> {
-        // Another handle (a previous agent in this process, or one still
-        // exiting) may hold sled's file lock for a moment: that is not
-        // damage, so wait for it, boundedly, before judging the files.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let db = loop {
-            // sled may panic on some kinds of damaged files; treat that as corrupt too.
-            let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
-            match opened {
-                Ok(Ok(db)) => break db,
-                Ok(Err(sled::Error::Io(e)))
-                    if is_lock_contention(&e) && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("sled panicked while opening the database".into()),
-            }
-        };
-        let resources = db.open_tree(RESOURCES_TREE).map_err(|e| e.to_string())?;
-        Ok(Self {
-            path: path.to_owned(),
-            db,
-            resources,
-            failing_saves: std::sync::atomic::AtomicUsize::new(0),
-        })
+    /// The open database, opened again if a write failed.
+    fn handle(&self) -> Result<Handle, StoreError> {
+        let mut held = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = held.as_ref() {
+            return Ok(h.clone());
+        }
+        let h = open_db(&self.path).map_err(|reason| StoreError::Reopen {
+            path: self.path.clone(),
+            reason,
+        })?;
+        tracing::info!(path = %self.path.display(), "state database opened again after a failed write");
+        *held = Some(h.clone());
+        Ok(h)
+    }
+
+    /// Closes the database after a failed write (sled keeps the error in
+    /// it for good, and holds a lock on its files until its last handle
+    /// goes): the next use opens it again.
+    fn broke(&self, e: StoreError) -> StoreError {
+        tracing::warn!(path = %self.path.display(), "a write failed ({e}); the next save opens the database again and writes the whole state");
+        self.rewrite
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(self.handle.lock().unwrap_or_else(|e| e.into_inner()).take());
+        e
     }
 
     /// Loads the last good state, discarding (and clearing) anything that
@@ -166,8 +198,9 @@ impl Store {
     }
 
     fn try_load(&self) -> Result<Option<AgentState>, String> {
-        let Some(meta) = self.db.get(META_KEY).map_err(|e| e.to_string())? else {
-            if self.resources.is_empty() {
+        let h = self.handle().map_err(|e| e.to_string())?;
+        let Some(meta) = h.db.get(META_KEY).map_err(|e| e.to_string())? else {
+            if h.resources.is_empty() {
                 return Ok(None);
             }
             return Err("resources present without metadata".into());
@@ -182,7 +215,7 @@ impl Store {
             snapshot_version: meta.snapshot_version,
             ..Default::default()
         };
-        for entry in self.resources.iter() {
+        for entry in h.resources.iter() {
             let (key, value) = entry.map_err(|e| e.to_string())?;
             let name = String::from_utf8_lossy(&key).into_owned();
             let payload = unframe(&value).map_err(|e| format!("resource {name}: {e}"))?;
@@ -206,7 +239,9 @@ impl Store {
     }
 
     /// Writes the change that led to `state` and flushes it to disk: the
-    /// changed and removed resources and `meta` in one transaction.
+    /// changed and removed resources and `meta` in one transaction. After
+    /// a failed write, the database is opened again and the whole of
+    /// `state` written instead.
     pub async fn save(
         &self,
         state: &AgentState,
@@ -232,12 +267,44 @@ impl Store {
                 path: self.path.clone(),
             });
         }
+        let whole = self.rewrite.load(std::sync::atomic::Ordering::SeqCst);
+        let h = self.handle()?;
         // Frames are built once: sled may run the closure more than once.
-        let written: Vec<(&[u8], Vec<u8>)> = update
-            .resources
-            .iter()
-            .map(|r| (r.name.as_bytes(), frame(&r.encode_to_vec())))
-            .collect();
+        let (written, removed): (Vec<Entry>, Vec<Vec<u8>>) = if whole {
+            let written = state
+                .resources
+                .iter()
+                .map(|(name, held)| {
+                    let r = v1::Resource {
+                        name: name.clone(),
+                        version: held.version.clone(),
+                        service_state: switchyard_proto::convert::encode_state_bytes(&held.state),
+                    };
+                    (name.as_bytes().to_vec(), frame(&r.encode_to_vec()))
+                })
+                .collect();
+            let removed = h
+                .resources
+                .iter()
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !state.resources.contains_key(&*String::from_utf8_lossy(k)))
+                .map(|k| k.to_vec())
+                .collect();
+            (written, removed)
+        } else {
+            let written = update
+                .resources
+                .iter()
+                .map(|r| (r.name.as_bytes().to_vec(), frame(&r.encode_to_vec())))
+                .collect();
+            let removed = changes
+                .removed
+                .iter()
+                .map(|n| n.as_bytes().to_vec())
+                .collect();
+            (written, removed)
+        };
         let meta = frame(
             &Meta {
                 snapshot_version: state.version.clone(),
@@ -246,14 +313,14 @@ impl Store {
             }
             .encode_to_vec(),
         );
-        let default_tree: &sled::Tree = &self.db;
-        (&self.resources, default_tree)
+        let default_tree: &sled::Tree = &h.db;
+        (&h.resources, default_tree)
             .transaction(|(resources, top)| {
                 for (name, value) in &written {
-                    resources.insert(*name, value.as_slice())?;
+                    resources.insert(name.as_slice(), value.as_slice())?;
                 }
-                for name in &changes.removed {
-                    resources.remove(name.as_bytes())?;
+                for name in &removed {
+                    resources.remove(name.as_slice())?;
                 }
                 top.insert(META_KEY, meta.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -263,8 +330,16 @@ impl Store {
                 sled::transaction::TransactionError::Abort(()) => {
                     db_err(sled::Error::Unsupported("transaction aborted".into()))
                 }
-            })?;
-        self.db.flush_async().await.map_err(db_err)?;
+            })
+            .map_err(|e| self.broke(e))?;
+        h.db.flush_async()
+            .await
+            .map_err(|e| self.broke(db_err(e)))?;
+        if whole {
+            tracing::info!(path = %self.path.display(), version = %state.version, resources = state.resources.len(), "the whole state written again after a failed write");
+            self.rewrite
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -281,11 +356,36 @@ impl Store {
             path: self.path.clone(),
             source,
         };
-        self.resources.clear().map_err(db_err)?;
-        self.db.remove(META_KEY).map_err(db_err)?;
-        self.db.flush().map_err(db_err)?;
+        let h = self.handle()?;
+        h.resources.clear().map_err(db_err)?;
+        h.db.remove(META_KEY).map_err(db_err)?;
+        h.db.flush().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// Opens the sled database at `path`.
+fn open_db(path: &Path) -> Result<Handle, String> {
+    // Another handle (a previous agent in this process, or one still
+    // exiting) may hold sled's file lock for a moment: that is not
+    // damage, so wait for it, boundedly, before judging the files.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        // sled may panic on some kinds of damaged files; treat that as corrupt too.
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        match opened {
+            Ok(Ok(db)) => break db,
+            Ok(Err(sled::Error::Io(e)))
+                if is_lock_contention(&e) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("sled panicked while opening the database".into()),
+        }
+    };
+    let resources = db.open_tree(RESOURCES_TREE).map_err(|e| e.to_string())?;
+    Ok(Handle { db, resources })
 }
 
 /// sled reports a held file lock as an I/O error.
@@ -399,7 +499,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = saved(dir.path()).await;
         // A torn write: one resource missing while meta still counts two.
-        store.resources.remove(b"default/ns/a").expect("remove");
+        store
+            .handle()
+            .expect("open")
+            .resources
+            .remove(b"default/ns/a")
+            .expect("remove");
         match store.load().expect("load") {
             Loaded::Discarded(why) => assert!(why.contains("truncated"), "{why}"),
             other => panic!("expected a discard, got {other:?}"),
@@ -411,9 +516,10 @@ mod tests {
 
         let store2_dir = tempfile::tempdir().expect("tempdir");
         let store = saved(store2_dir.path()).await;
-        let mut meta = store.db.get(META_KEY).expect("get").expect("meta").to_vec();
+        let h = store.handle().expect("open");
+        let mut meta = h.db.get(META_KEY).expect("get").expect("meta").to_vec();
         meta[4..6].copy_from_slice(&7u16.to_be_bytes());
-        store.db.insert(META_KEY, meta).expect("insert");
+        h.db.insert(META_KEY, meta).expect("insert");
         match store.load().expect("load") {
             Loaded::Discarded(why) => assert!(why.contains("format version 7"), "{why}"),
             other => panic!("expected a discard, got {other:?}"),

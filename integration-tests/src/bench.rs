@@ -286,6 +286,56 @@ pub fn ten_endpoint_service(i: usize, generation: u32) -> ServiceState {
     st
 }
 
+/// A headless Service `team-a/web-headless` with `endpoints` ready
+/// endpoints in slices of 100 (the EndpointSlice controller's default
+/// size) and `ports` named ports (`port-0`...): one SRV per endpoint and
+/// port. `moved` gives endpoint `moved` another address, for a one-endpoint
+/// change.
+pub fn big_headless_service(endpoints: usize, ports: usize, moved: Option<usize>) -> ServiceState {
+    let ports: Vec<EndpointPort> = (0..ports)
+        .map(|p| EndpointPort {
+            name: format!("port-{p}"),
+            protocol: Protocol::Tcp,
+            port: 8000 + p as u16,
+        })
+        .collect();
+    let mut st = ServiceState::new(Service {
+        headless: true,
+        cluster_ips: Vec::new(),
+        ports: ports
+            .iter()
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                protocol: p.protocol,
+                port: p.port,
+                target_port: TargetPort::Number(p.port),
+                node_port: None,
+            })
+            .collect(),
+        ..Service::new(ServiceKey::new("default", "team-a", "web-headless"))
+    });
+    let address = |e: usize| {
+        let e = if moved == Some(e) { e + 1_000_000 } else { e };
+        Ipv4Addr::from(0x0a80_0000 + e as u32)
+    };
+    for (n, chunk) in (0..endpoints).collect::<Vec<_>>().chunks(100).enumerate() {
+        st.slices.push(EndpointSlice {
+            name: format!("web-headless-{n:04}"),
+            address_type: AddressType::IPv4,
+            endpoints: chunk
+                .iter()
+                .map(|&e| Endpoint {
+                    addresses: vec![address(e).into()],
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ports: ports.clone(),
+            ..EndpointSlice::default()
+        });
+    }
+    st
+}
+
 /// CPU time (user + system) of process `pid` so far, in seconds, from
 /// `/proc/PID/stat` (clock ticks of 1/100 s); `pid` may be `self`.
 pub fn process_cpu_seconds(pid: &str) -> f64 {

@@ -98,6 +98,61 @@ impl Default for TestEnv {
     }
 }
 
+/// A tmpfs of a fixed size mounted on a fresh directory (needs root),
+/// unmounted when dropped, also on a panic (lazily, should a file in it
+/// still be open).
+#[derive(Debug)]
+pub struct Tmpfs {
+    /// The mount point.
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` bytes.
+    pub fn mount(bytes: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "cannot mount a tmpfs on {} (run as root)",
+            dir.path().display()
+        );
+        Self { dir }
+    }
+
+    /// Fills it with a file `name` until the file system is full; returns its size.
+    pub fn fill(&self, name: &str) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join(name)).expect("filler file");
+        let chunk = vec![0xa5u8; 64 << 10];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(28), "filling: {e}");
+                    break;
+                }
+            }
+        }
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// TLS material for a control plane.
 #[derive(Debug, Clone)]
 pub struct ServerTls {

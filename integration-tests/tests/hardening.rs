@@ -1,7 +1,8 @@
 //! Hardening end to end: bounds on what agents may send, clusters and
 //! identities that are refused with a reason, TLS failures that say what
-//! is wrong on both sides, certificates rotated under running streams, and
-//! updates that fail for a local reason retried until they apply.
+//! is wrong on both sides, certificates rotated under running streams,
+//! updates that fail for a local reason retried until they apply, and a
+//! full disk said and recovered from.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -307,6 +308,77 @@ async fn a_transient_failure_is_retried_until_it_applies_without_a_cluster_chang
         m.contains("switchyard_control_plane_nacks_total 1"),
         "one NACK, no resend loop: {m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_said_and_the_store_recovers_once_space_comes_back() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    let v1 = current_version(&cp).await;
+    let disk = Tmpfs::mount(16 << 20);
+    let state_dir = disk.dir.path().join("agent");
+    let agent = start_agent(
+        agent_args("node-a", &url(&cp), &state_dir),
+        Box::new(switchyard_agent::dataplane::NoneDataPlane::default()),
+    )
+    .await;
+    agent_at_version(&agent, &v1).await;
+    let (code, _) = get_text(agent.admin_addr, "/healthz").await;
+    assert_eq!(code, 200);
+
+    // The disk fills up; the next change (some pages of sled's log)
+    // cannot be persisted.
+    disk.fill("filler");
+    let addresses: Vec<String> = (0..1000)
+        .map(|i| format!("10.244.{}.{}", 2 + i / 250, 1 + i % 250))
+        .collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    env.write("more.yaml", &service_yaml("shop", "more", 81, &addresses));
+    let failing = agent_status_until(&agent, "the persist failure", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("persisting the state"))
+    })
+    .await;
+    assert_eq!(failing.version.as_deref(), Some(v1.as_str()), "v1 stays");
+    let report = agent.status.sync_report(Duration::from_secs(60));
+    assert!(!report.healthy, "{report:?}");
+    let (code, body) = get_text(agent.admin_addr, "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot be persisted"), "{body}");
+    let status = get_json(agent.admin_addr, "/status").await;
+    assert!(
+        status["sync"]["persist_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{status}"
+    );
+
+    // Space comes back: a retry applies the change, persisted, and health
+    // comes back with it (sled kept its I/O error for good before).
+    std::fs::remove_file(disk.dir.path().join("filler")).expect("free the disk");
+    let v2 = cp_status_until(&cp, "the second snapshot", |s| {
+        s.version.as_deref().is_some_and(|v| v != v1)
+    })
+    .await
+    .version
+    .expect("v2");
+    agent_at_version(&agent, &v2).await;
+    agent_status_until(&agent, "health back", |s| s.last_error.is_none()).await;
+    let (code, body) = get_text(agent.admin_addr, "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    agent.shutdown().await;
+
+    // What was written after the failure is the whole state, readable.
+    let (store, discarded) = switchyard_agent::store::Store::open(&state_dir).expect("open");
+    assert_eq!(discarded, None);
+    match store.load().expect("load") {
+        switchyard_agent::store::Loaded::State(s) => {
+            assert_eq!(s.version, v2);
+            assert_eq!(s.resources.len(), 2);
+        }
+        other => panic!("the state after recovery: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

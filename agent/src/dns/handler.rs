@@ -26,7 +26,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 
 use super::acl::Acl;
-use super::index::{DnsIndex, Lookup};
+use super::index::{DnsIndex, Lookup, Records};
 
 /// The UDP payload size we advertise and cap EDNS answers at (DNS flag day 2020).
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -46,7 +46,7 @@ pub struct Answer<'i> {
     /// keep the case asked).
     pub answers: Cow<'i, [Record]>,
     /// Answer section, continued: the records of an in-zone CNAME target.
-    pub chased: &'i [Record],
+    pub chased: Cow<'i, [Record]>,
     /// The zone's SOA in the authority section (negative answers).
     pub soa: Option<&'i Record>,
     /// Additional section (addresses of SRV targets).
@@ -189,7 +189,7 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
         return;
     }
     match index.lookup(&target, qtype) {
-        Lookup::Records(records, rtype) if rtype == qtype => answer.chased = records,
+        Lookup::Records(records, rtype) if rtype == qtype => answer.chased = borrowed(records),
         Lookup::Synthesized(record) if record.record_type() == qtype => {
             answer.answers.to_mut().push(*record);
         }
@@ -217,7 +217,7 @@ fn add_targets<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>) {
             && let Some(node) = index.node(&LowerName::new(&srv.target))
         {
             extra.extend(
-                node.records
+                node.records()
                     .iter()
                     .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA)),
             );
@@ -226,11 +226,23 @@ fn add_targets<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>) {
     answer.additionals = extra;
 }
 
+/// `records` as one slice: borrowed when they are in one chunk of the
+/// index (nearly always), else copied.
+fn borrowed(records: Records<'_>) -> Cow<'_, [Record]> {
+    match records.as_slice() {
+        Some(slice) => Cow::Borrowed(slice),
+        None => Cow::Owned(records.iter().cloned().collect()),
+    }
+}
+
 /// `records` owned by `name` as asked: borrowed when the case is the
-/// index's (no copy, no allocation), copied with the asked name otherwise.
-fn owned_by<'i>(records: &'i [Record], name: &Name) -> Cow<'i, [Record]> {
-    if records.iter().all(|r| same_bytes(&r.name, name)) {
-        return Cow::Borrowed(records);
+/// index's and they are in one chunk (no copy, no allocation), copied with
+/// the asked name otherwise.
+fn owned_by<'i>(records: Records<'i>, name: &Name) -> Cow<'i, [Record]> {
+    if let Some(slice) = records.as_slice()
+        && slice.iter().all(|r| same_bytes(&r.name, name))
+    {
+        return Cow::Borrowed(slice);
     }
     records
         .iter()

@@ -2,16 +2,22 @@
 //!
 //! ```text
 //!  AgentState ──build──▶ DnsIndex { names: lower-cased name ─▶ records, reverse: arpa name ─▶ PTR }
-//!  previous index + next AgentState ──next──▶ DnsIndex   (only the Services that changed)
+//!  previous index + next AgentState ──next──▶ DnsIndex   (only what changed)
 //! ```
 //!
-//! Each Service contributes a set of names (its own, the empty non-terminals
-//! above them, its reverse names); a name counts the Services that contribute
-//! it and goes when the last one does. [`DnsIndex::next`] takes the previous
-//! contribution of every changed Service out and puts the new one in, so an
-//! update costs what changed. The maps are split into shards that an update
-//! copies only where it writes: the index being replaced keeps answering,
-//! unchanged, until the new one is in force.
+//! Each Service contributes parts: one made from the Service itself (its
+//! namespace's name, cluster IPs, named ports, ExternalName target) and,
+//! when headless, one per endpoint address (its A records, host name, PTR
+//! and an SRV per named port of its slice). Every record is counted by the
+//! parts that give it, and every name by its records, its marks (a
+//! namespace a Service is in, `svc`, `pod`) and the names just below it,
+//! so a name goes with the last thing that needs it, empty non-terminals
+//! too. [`DnsIndex::next`] compares each changed Service's parts before
+//! and after and puts in and takes out only the parts that differ: a
+//! one-endpoint change to a headless Service of 2,000 endpoints and 50
+//! named ports writes about 50 records, not 100,000. The maps are split
+//! into shards that an update copies only where it writes: the index being
+//! replaced keeps answering, unchanged, until the new one is in force.
 //!
 //! Every name that exists holds its records; empty non-terminals (such as
 //! `svc.<zone>`, `<ns>.svc.<zone>` and `_tcp.<svc>...`) are present with no
@@ -21,7 +27,8 @@
 //! `pod.<zone>` is answered from the name itself.
 //! An index is immutable: a new snapshot makes a new one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use switchyard_model::{Endpoint, ServiceState, ServiceType};
+use switchyard_model::{EndpointPort, ServiceState, ServiceType};
 
 use crate::state::AgentState;
 
@@ -43,12 +50,255 @@ pub const CLUSTERSET_ZONE: &str = "clusterset.local.";
 /// The schema version of the MCS DNS specification we implement.
 pub const CLUSTERSET_SCHEMA_VERSION: &str = "1.0.0";
 
-/// The records of one name (empty for an empty non-terminal).
+/// The records of one name (none for an empty non-terminal).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Node {
-    pub(crate) records: Vec<Record>,
-    /// How many Services contribute this name (the apex names: one more).
+    /// Grouped by type, in chunks of one type each that successive indexes
+    /// share: a write copies the chunk it changes, not thousands of records.
+    chunks: Vec<Arc<Chunk>>,
+    /// What keeps the name: its records (each as often as it is given),
+    /// its marks, and the names just below it that hold it. It goes at zero.
     refs: u32,
+    /// Whether the name holds its parent: every name below a zone's apex
+    /// but an import's host names, whose `<cluster-id>` level must not exist.
+    holds_parent: bool,
+}
+
+/// Up to [`CHUNK`] records of one type, with how many parts give each.
+#[derive(Debug, Clone)]
+struct Chunk {
+    records: Vec<Record>,
+    counts: Vec<Count>,
+}
+
+/// Records per chunk: a one-record change copies one or two chunks. Tests
+/// use tiny chunks, so that small zones have names of several.
+const CHUNK: usize = if cfg!(test) { 3 } else { 64 };
+
+/// How many parts give a record, beside a hash of its data that finds it
+/// among thousands without comparing names.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    hash: u64,
+    n: u32,
+}
+
+/// Above this many records written to one name at once, they are found
+/// through a map of the name's hashes instead of one scan each (tests: two,
+/// so that both ways are taken).
+const SCAN_LIMIT: usize = if cfg!(test) { 2 } else { 16 };
+
+/// Records of one name (of one type, or all of them), in chunks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Records<'a>(&'a [Arc<Chunk>]);
+
+impl<'a> Records<'a> {
+    pub(crate) fn iter(self) -> impl Iterator<Item = &'a Record> + Clone {
+        self.0.iter().flat_map(|c| c.records.iter())
+    }
+
+    /// The records as one slice, when they are in one chunk (nearly always).
+    pub(crate) fn as_slice(self) -> Option<&'a [Record]> {
+        match self.0 {
+            [] => Some(&[]),
+            [one] => Some(&one.records),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn last(self) -> Option<&'a Record> {
+        self.0.last().and_then(|c| c.records.last())
+    }
+}
+
+/// Where a record is: its chunk and its place in it.
+type At = (usize, usize);
+
+impl Node {
+    /// Every record of the name.
+    pub(crate) fn records(&self) -> Records<'_> {
+        Records(&self.chunks)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The records of `rtype`.
+    pub(crate) fn of_type(&self, rtype: RecordType) -> Records<'_> {
+        Records(&self.chunks[self.run(rtype)])
+    }
+
+    /// The chunks of `rtype` (empty, at the end, when it has none).
+    fn run(&self, rtype: RecordType) -> std::ops::Range<usize> {
+        let start = self
+            .chunks
+            .iter()
+            .position(|c| c.records[0].record_type() == rtype)
+            .unwrap_or(self.chunks.len());
+        let len = self.chunks[start..]
+            .iter()
+            .take_while(|c| c.records[0].record_type() == rtype)
+            .count();
+        start..start + len
+    }
+
+    fn find(&self, run: &std::ops::Range<usize>, hash: u64, data: &RData) -> Option<At> {
+        run.clone().find_map(|c| {
+            let chunk = &self.chunks[c];
+            (0..chunk.counts.len())
+                .find(|&i| chunk.counts[i].hash == hash && chunk.records[i].data == *data)
+                .map(|i| (c, i))
+        })
+    }
+
+    /// The records of a run by hash, for a batch too large to scan for.
+    fn by_hash(&self, run: &std::ops::Range<usize>) -> HashMap<u64, At, FastState> {
+        let mut at = HashMap::with_hasher(fast_state());
+        for c in run.clone() {
+            for (i, k) in self.chunks[c].counts.iter().enumerate() {
+                at.entry(k.hash).or_insert((c, i));
+            }
+        }
+        at
+    }
+
+    /// Where `data` is in `run`: through `map` when there is one, where a
+    /// miss means absent unless `scan_on_miss`.
+    fn locate(
+        &self,
+        run: &std::ops::Range<usize>,
+        map: Option<&HashMap<u64, At, FastState>>,
+        (hash, data): (u64, &RData),
+        scan_on_miss: bool,
+    ) -> Option<At> {
+        let Some(map) = map else {
+            return self.find(run, hash, data);
+        };
+        match map.get(&hash) {
+            Some(&(c, i)) if self.chunks[c].records[i].data == *data => Some((c, i)),
+            // Two records with one hash: the long way.
+            Some(_) => self.find(run, hash, data),
+            None if scan_on_miss => self.find(run, hash, data),
+            None => None,
+        }
+    }
+
+    /// Counts each record `n` more times, adding those it did not hold at
+    /// the end of their type's run.
+    fn add(&mut self, owner: &Name, ttl: u32, mut adds: Counted) {
+        adds.sort_by_key(|(d, _, _)| u16::from(d.record_type()));
+        let mut adds = adds.into_iter().peekable();
+        while let Some(first) = adds.peek() {
+            let rtype = first.0.record_type();
+            let mut run = self.run(rtype);
+            let batch: Vec<_> =
+                std::iter::from_fn(|| adds.next_if(|a| a.0.record_type() == rtype)).collect();
+            // A map of what the run held before: a batch has no duplicates.
+            let map = (batch.len() > SCAN_LIMIT).then(|| self.by_hash(&run));
+            for (data, hash, n) in batch {
+                if let Some((c, i)) = self.locate(&run, map.as_ref(), (hash, &data), false) {
+                    Arc::make_mut(&mut self.chunks[c]).counts[i].n += n;
+                    continue;
+                }
+                let record = Record::from_rdata(owner.clone(), ttl, data);
+                let count = Count { hash, n };
+                if !run.is_empty() && self.chunks[run.end - 1].records.len() < CHUNK {
+                    let chunk = Arc::make_mut(&mut self.chunks[run.end - 1]);
+                    chunk.records.push(record);
+                    chunk.counts.push(count);
+                } else {
+                    let chunk = Chunk {
+                        records: vec![record],
+                        counts: vec![count],
+                    };
+                    self.chunks.insert(run.end, Arc::new(chunk));
+                    run.end += 1;
+                }
+            }
+        }
+    }
+
+    /// Counts each record `n` fewer times; one no part gives any more is
+    /// replaced by the last of its type's run, so nothing behind it moves.
+    fn take(&mut self, mut takes: Counted) {
+        takes.sort_by_key(|(d, _, _)| u16::from(d.record_type()));
+        let mut takes = takes.into_iter().peekable();
+        while let Some(first) = takes.peek() {
+            let rtype = first.0.record_type();
+            let mut run = self.run(rtype);
+            let batch: Vec<_> =
+                std::iter::from_fn(|| takes.next_if(|a| a.0.record_type() == rtype)).collect();
+            let mut map = (batch.len() > SCAN_LIMIT).then(|| self.by_hash(&run));
+            for (data, hash, n) in batch {
+                if run.is_empty() {
+                    break;
+                }
+                let Some((c, i)) = self.locate(&run, map.as_ref(), (hash, &data), true) else {
+                    continue;
+                };
+                let count = &mut Arc::make_mut(&mut self.chunks[c]).counts[i].n;
+                *count = count.saturating_sub(n);
+                if *count > 0 {
+                    continue;
+                }
+                let last = run.end - 1;
+                let j = self.chunks[last].records.len() - 1;
+                let tail = Arc::make_mut(&mut self.chunks[last]);
+                let (Some(moved), Some(moved_count)) = (tail.records.pop(), tail.counts.pop())
+                else {
+                    continue;
+                };
+                let emptied = tail.records.is_empty();
+                if let Some(m) = map.as_mut()
+                    && m.get(&hash) == Some(&(c, i))
+                {
+                    m.remove(&hash);
+                }
+                if (c, i) != (last, j) {
+                    let chunk = Arc::make_mut(&mut self.chunks[c]);
+                    chunk.records[i] = moved;
+                    chunk.counts[i] = moved_count;
+                    if let Some(m) = map.as_mut()
+                        && m.get(&moved_count.hash) == Some(&(last, j))
+                    {
+                        m.insert(moved_count.hash, (c, i));
+                    }
+                }
+                if emptied {
+                    self.chunks.remove(last);
+                    run.end -= 1;
+                }
+            }
+        }
+    }
+
+    /// Replaces `old` with `new` (the apex's SOA, stamped anew).
+    fn replace(&mut self, old: &Record, new: &Record) {
+        let run = self.run(old.record_type());
+        if let Some((c, i)) = self.find(&run, fast_hash(&old.data), &old.data) {
+            let chunk = Arc::make_mut(&mut self.chunks[c]);
+            chunk.records[i] = new.clone();
+            chunk.counts[i].hash = fast_hash(&new.data);
+        }
+    }
+}
+
+/// The hasher of the index's own maps and of record hashes: hickory's
+/// `Name` feeds a hash one byte at a time, which made SipHash the largest
+/// cost of building a large Service's records. Seeded once per process, so
+/// every index of this process agrees and no one outside can predict it.
+type FastState = foldhash::fast::FixedState;
+
+fn fast_state() -> FastState {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    foldhash::fast::FixedState::with_seed(*SEED.get_or_init(rand::random))
+}
+
+/// The hash a record's data is found by.
+fn fast_hash(data: &RData) -> u64 {
+    use std::hash::BuildHasher;
+    fast_state().hash_one(data)
 }
 
 /// Shards per map: at 10,000 Services (about 100,000 names) an update that
@@ -73,17 +323,13 @@ impl<V: Clone> Names<V> {
 
     fn shard(name: &LowerName) -> usize {
         // SipHash with fixed keys: the same shard for a name in every index.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut h = DefaultHasher::new();
         name.hash(&mut h);
         (h.finish() % SHARDS as u64) as usize
     }
 
     pub(crate) fn get(&self, name: &LowerName) -> Option<&V> {
         self.shards[Self::shard(name)].get(name)
-    }
-
-    fn contains(&self, name: &LowerName) -> bool {
-        self.get(name).is_some()
     }
 
     fn insert(&mut self, name: LowerName, value: V) {
@@ -99,16 +345,6 @@ impl<V: Clone> Names<V> {
             return None;
         }
         Arc::make_mut(shard).get_mut(name)
-    }
-
-    fn entry_or_default(&mut self, name: &LowerName) -> &mut V
-    where
-        V: Default,
-    {
-        if !self.contains(name) {
-            self.insert(name.clone(), V::default());
-        }
-        self.get_mut(name).expect("just inserted")
     }
 
     fn remove(&mut self, name: &LowerName) {
@@ -134,6 +370,53 @@ impl<V: Clone> Names<V> {
     }
 }
 
+impl Names<Node> {
+    /// Counts `name` `by` more times; a new name holds its parent, and so
+    /// on up, unless it is a `leaf` or a zone's apex (`floor` labels).
+    fn hold(&mut self, name: &LowerName, by: u32, leaf: bool, floor: u8) {
+        let (mut name, mut by, mut leaf) = (name.clone(), by, leaf);
+        loop {
+            if let Some(node) = self.get_mut(&name) {
+                node.refs += by;
+                return;
+            }
+            let holds_parent = !leaf && name.num_labels() > floor;
+            self.insert(
+                name.clone(),
+                Node {
+                    refs: by,
+                    holds_parent,
+                    ..Node::default()
+                },
+            );
+            if !holds_parent {
+                return;
+            }
+            (name, by, leaf) = (name.base_name(), 1, false);
+        }
+    }
+
+    /// Counts `name` `by` fewer times; at zero it goes, and lets its parent go.
+    fn release(&mut self, name: &LowerName, by: u32) {
+        let (mut name, mut by) = (name.clone(), by);
+        loop {
+            let Some(node) = self.get_mut(&name) else {
+                return;
+            };
+            node.refs = node.refs.saturating_sub(by);
+            if node.refs > 0 {
+                return;
+            }
+            let holds_parent = node.holds_parent;
+            self.remove(&name);
+            if !holds_parent {
+                return;
+            }
+            (name, by) = (name.base_name(), 1);
+        }
+    }
+}
+
 /// The cluster zone and the reverse names of one agent state.
 #[derive(Debug)]
 pub struct DnsIndex {
@@ -146,7 +429,7 @@ pub struct DnsIndex {
     pub(crate) clusterset_zone: LowerName,
     /// Names of both zones (they do not overlap).
     pub(crate) names: Names<Node>,
-    pub(crate) reverse: Names<Vec<Record>>,
+    pub(crate) reverse: Names<Node>,
     pub(crate) soa: Record,
     pub(crate) clusterset_soa: Record,
     ttl: u32,
@@ -155,6 +438,9 @@ pub struct DnsIndex {
     /// Services whose contribution changed to make this index from the
     /// previous one (`None`: built whole).
     pub changed: Option<usize>,
+    /// Records and marks put in or taken out to make it (from the previous
+    /// index, or from nothing when built whole).
+    changed_records: usize,
 }
 
 impl DnsIndex {
@@ -163,46 +449,40 @@ impl DnsIndex {
         let started = Instant::now();
         let zone = zone.to_lowercase();
         let clusterset = Name::from_ascii(CLUSTERSET_ZONE).expect("a valid name");
-        let mut names = Names::new();
-        let mut reverse = Names::new();
-        let mut apex = |apex: &Name, schema: &str| {
-            let mut b = Builder::new(apex, ttl);
-            let soa = b.apex(schema);
-            if apex == &zone {
-                b.ensure(&b.sub(&["pod"]));
-            }
-            b.merge_into(&mut names, &mut reverse, 1);
-            soa
-        };
-        let soa = apex(&zone, SCHEMA_VERSION);
-        let clusterset_soa = apex(&clusterset, CLUSTERSET_SCHEMA_VERSION);
+        let mut apex = Builder::new(&zone, ttl, 1);
+        let soa = apex.apex(SCHEMA_VERSION);
+        apex.mark(&apex.sub(&["pod"]));
+        let mut clusterset_apex = Builder::new(&clusterset, ttl, 1);
+        let clusterset_soa = clusterset_apex.apex(CLUSTERSET_SCHEMA_VERSION);
         let mut index = Self {
             version: state.version.clone(),
             source: state.clone(),
             zone: LowerName::new(&zone),
             clusterset_zone: LowerName::new(&clusterset),
-            names,
-            reverse,
+            names: Names::new(),
+            reverse: Names::new(),
             soa,
             clusterset_soa,
             ttl,
             build_time: Duration::ZERO,
             changed: None,
+            changed_records: 0,
         };
-        let mut touched = HashSet::new();
+        index.apply(apex);
+        index.apply(clusterset_apex);
         for held in state.resources.values() {
-            index
-                .contribution(&held.state)
-                .add_to(&mut index, &mut touched);
+            let mut b = index.builder(&held.state, 1);
+            b.service(&held.state);
+            b.endpoints(&held.state, &mut Groups::default(), None);
+            index.apply(b);
         }
-        index.sort(&touched);
         index.build_time = started.elapsed();
         index
     }
 
     /// The index of `state`, made from `self` (the index of an earlier
-    /// state): only the Services whose state differs are taken out and put
-    /// back. Builds whole when most of them changed.
+    /// state): only the parts of the Services whose state differs are taken
+    /// out and put back. Builds whole when most Services changed.
     pub fn next(&self, state: Arc<AgentState>) -> Self {
         let started = Instant::now();
         let changed = changed_services(&self.source, &state);
@@ -225,25 +505,44 @@ impl DnsIndex {
             ttl: self.ttl,
             build_time: Duration::ZERO,
             changed: Some(changed.len()),
+            changed_records: 0,
         };
-        let mut touched = HashSet::new();
         let (mut cluster, mut clusterset) = (false, false);
         for (old, new) in &changed {
-            for st in [old, new].into_iter().flatten() {
-                if st.service.key.cluster == switchyard_model::CLUSTERSET {
-                    clusterset = true;
-                } else {
-                    cluster = true;
+            let Some(st) = new.or(*old) else { continue };
+            let mut b = index.builder(st, 1);
+            match (old, new) {
+                (Some(old), Some(new)) => {
+                    if old.service != new.service {
+                        b.sign = -1;
+                        b.service(old);
+                        b.sign = 1;
+                        b.service(new);
+                    }
+                    let mut groups = Groups::default();
+                    b.endpoints(new, &mut groups, Some(old));
                 }
+                (None, Some(new)) => {
+                    b.service(new);
+                    b.endpoints(new, &mut Groups::default(), None);
+                }
+                (Some(old), None) => {
+                    b.sign = -1;
+                    b.service(old);
+                    b.endpoints(old, &mut Groups::default(), None);
+                }
+                (None, None) => {}
             }
-            if let Some(old) = old {
-                index.contribution(old).remove_from(&mut index);
+            if b.is_empty() {
+                continue;
             }
-            if let Some(new) = new {
-                index.contribution(new).add_to(&mut index, &mut touched);
+            if st.service.key.cluster == switchyard_model::CLUSTERSET {
+                clusterset = true;
+            } else {
+                cluster = true;
             }
+            index.apply(b);
         }
-        index.sort(&touched);
         // A zone whose names changed gets a new serial, as on a whole build.
         if cluster {
             index.restamp(Zone::Cluster, serial(&self.soa));
@@ -253,6 +552,12 @@ impl DnsIndex {
         }
         index.build_time = started.elapsed();
         index
+    }
+
+    /// Records and marks put in or taken out to make this index: about the
+    /// size of what changed, not of the Services it changed in.
+    pub fn changed_records(&self) -> usize {
+        self.changed_records
     }
 
     /// Gives `zone`'s SOA, here and at its apex, a serial ahead of
@@ -270,31 +575,73 @@ impl DnsIndex {
         }
         let stamped = soa.clone();
         if let Some(apex) = self.names.get_mut(&LowerName::new(&old.name)) {
-            for r in apex.records.iter_mut().filter(|r| **r == old) {
-                *r = stamped.clone();
-            }
+            apex.replace(&old, &stamped);
         }
     }
 
-    /// What one Service puts in the index.
-    fn contribution(&self, st: &ServiceState) -> Builder {
-        if st.service.key.cluster == switchyard_model::CLUSTERSET {
-            let mut b = Builder::new(&Name::from(&self.clusterset_zone), self.ttl);
-            b.import(st);
-            b
+    /// A builder for the parts of `st`, in its zone.
+    fn builder(&self, st: &ServiceState, sign: i32) -> Builder {
+        let zone = if st.service.key.cluster == switchyard_model::CLUSTERSET {
+            &self.clusterset_zone
         } else {
-            let mut b = Builder::new(&Name::from(&self.zone), self.ttl);
-            b.service(st);
-            b
-        }
+            &self.zone
+        };
+        Builder::new(&Name::from(zone), self.ttl, sign)
     }
 
-    /// Groups the records of the names an update wrote by type.
-    fn sort(&mut self, touched: &HashSet<LowerName>) {
-        for name in touched {
-            if let Some(node) = self.names.get_mut(name) {
-                sort_by_type(&mut node.records);
+    /// Puts what `b` adds in first, then takes out what it takes out, so a
+    /// name that keeps something never goes and comes back.
+    fn apply(&mut self, b: Builder) {
+        let floor = b.zone.num_labels();
+        let mut takes = Vec::new();
+        for delta in b.names {
+            let name = delta.name;
+            let (adds, gone) = delta.records.split();
+            let held = adds.iter().map(|a| a.2).sum::<u32>() + delta.marks.max(0).unsigned_abs();
+            let released =
+                gone.iter().map(|a| a.2).sum::<u32>() + delta.marks.min(0).unsigned_abs();
+            self.changed_records += adds.len() + gone.len() + usize::from(delta.marks != 0);
+            if held > 0 {
+                self.names.hold(&name, held, delta.leaf, floor);
+                if !adds.is_empty()
+                    && let Some(node) = self.names.get_mut(&name)
+                {
+                    node.add(&Name::from(&name), self.ttl, adds);
+                }
             }
+            if released > 0 {
+                takes.push((name, gone, released));
+            }
+        }
+        let mut reverse_takes = Vec::new();
+        for (name, records) in b.reverse {
+            let (adds, gone) = records.split();
+            self.changed_records += adds.len() + gone.len();
+            let held = adds.iter().map(|a| a.2).sum::<u32>();
+            if held > 0 {
+                self.reverse.hold(&name, held, true, 0);
+                if let Some(node) = self.reverse.get_mut(&name) {
+                    node.add(&Name::from(&name), self.ttl, adds);
+                }
+            }
+            if !gone.is_empty() {
+                reverse_takes.push((name, gone));
+            }
+        }
+        for (name, gone, released) in takes {
+            if !gone.is_empty()
+                && let Some(node) = self.names.get_mut(&name)
+            {
+                node.take(gone);
+            }
+            self.names.release(&name, released);
+        }
+        for (name, gone) in reverse_takes {
+            let released = gone.iter().map(|a| a.2).sum::<u32>();
+            if let Some(node) = self.reverse.get_mut(&name) {
+                node.take(gone);
+            }
+            self.reverse.release(&name, released);
         }
     }
 
@@ -314,80 +661,208 @@ impl DnsIndex {
     }
 }
 
-/// The names and records of one Service (or of a zone's apex), before they
-/// join an index.
+/// The records of a delta to put in and to take out, each with the hash
+/// it is found by and how many times.
+type Counted = Vec<(RData, u64, u32)>;
+
+/// Records one name gains (positive) or loses (negative), each with the
+/// hash it is found by: its data is hashed once, and moved as little as
+/// it can be (an `RData` is large).
+#[derive(Debug, Default)]
+struct RecordDeltas {
+    entries: Vec<(RData, u64, i32)>,
+    /// Where each hash's entry is, once there are more than a few.
+    at: Option<HashMap<u64, usize, FastState>>,
+}
+
+impl RecordDeltas {
+    fn add(&mut self, data: RData, n: i32) {
+        let hash = fast_hash(&data);
+        let found = match &self.at {
+            Some(at) => at
+                .get(&hash)
+                .copied()
+                .filter(|&i| self.entries[i].0 == data)
+                // Two records with one hash (in theory): the long way.
+                .or_else(|| {
+                    at.contains_key(&hash)
+                        .then(|| self.position(hash, &data))
+                        .flatten()
+                }),
+            None => self.position(hash, &data),
+        };
+        if let Some(i) = found {
+            self.entries[i].2 += n;
+            return;
+        }
+        self.entries.push((data, hash, n));
+        let last = self.entries.len() - 1;
+        match &mut self.at {
+            Some(at) => {
+                at.entry(hash).or_insert(last);
+            }
+            None if self.entries.len() > SCAN_LIMIT => {
+                let mut at =
+                    HashMap::with_capacity_and_hasher(self.entries.len() * 2, fast_state());
+                for (i, e) in self.entries.iter().enumerate() {
+                    at.entry(e.1).or_insert(i);
+                }
+                self.at = Some(at);
+            }
+            None => {}
+        }
+    }
+
+    fn position(&self, hash: u64, data: &RData) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.1 == hash && e.0 == *data)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.iter().all(|e| e.2 == 0)
+    }
+
+    /// The records to put in and those to take out.
+    fn split(self) -> (Counted, Counted) {
+        let mut adds = Vec::with_capacity(self.entries.len());
+        let mut gone = Vec::new();
+        for (data, hash, n) in self.entries {
+            match n {
+                0 => {}
+                n if n > 0 => adds.push((data, hash, n.unsigned_abs())),
+                n => gone.push((data, hash, n.unsigned_abs())),
+            }
+        }
+        (adds, gone)
+    }
+}
+
+/// What one name gains (positive) or loses (negative).
+#[derive(Debug)]
+struct NameDelta {
+    name: LowerName,
+    marks: i32,
+    /// An import's host name: it does not hold its parent.
+    leaf: bool,
+    records: RecordDeltas,
+}
+
+/// What the endpoint records of a slice depend on besides the endpoint:
+/// the cluster it is in (imports) and its named ports. Slices alike share
+/// one, in both states compared.
+#[derive(Debug)]
+struct Group<'a> {
+    cluster: Option<&'a str>,
+    ports: Vec<&'a EndpointPort>,
+    /// Its names, made once.
+    names: Option<GroupNames>,
+}
+
+/// The names of a group under one Service.
+#[derive(Debug)]
+struct GroupNames {
+    /// SRV owner names (their place in the builder) with their ports.
+    srvs: Vec<(usize, u16)>,
+    /// `<cluster-id>.<svc>...`, the parent of an import's host names.
+    cluster: Option<Name>,
+}
+
+/// The groups of the slices seen so far.
+#[derive(Debug, Default)]
+struct Groups<'a>(Vec<Group<'a>>);
+
+impl<'a> Groups<'a> {
+    fn id(&mut self, cluster: Option<&'a str>, ports: &'a [EndpointPort]) -> usize {
+        let named = || ports.iter().filter(|p| !p.name.is_empty());
+        if let Some(i) = self.0.iter().position(|g| {
+            g.cluster == cluster
+                && g.ports.len() == named().count()
+                && g.ports.iter().zip(named()).all(|(a, b)| *a == b)
+        }) {
+            return i;
+        }
+        self.0.push(Group {
+            cluster,
+            ports: named().collect(),
+            names: None,
+        });
+        self.0.len() - 1
+    }
+}
+
+/// One endpoint address of a headless Service: everything its records
+/// depend on, so the parts of two states can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct EndpointPart<'a> {
+    group: usize,
+    hostname: Option<&'a str>,
+    ip: IpAddr,
+}
+
+/// The endpoint parts of `st` (none unless headless), each counted `sign`.
+fn endpoint_parts<'a>(
+    st: &'a ServiceState,
+    groups: &mut Groups<'a>,
+    parts: &mut HashMap<EndpointPart<'a>, i32, FastState>,
+    sign: i32,
+) {
+    let svc = &st.service;
+    let import = svc.key.cluster == switchyard_model::CLUSTERSET;
+    if !svc.headless || (!import && svc.service_type == ServiceType::ExternalName) {
+        return;
+    }
+    for slice in &st.slices {
+        let cluster = import.then(|| slice.cluster.as_deref().unwrap_or(&svc.key.cluster));
+        let group = groups.id(cluster, &slice.ports);
+        for ep in slice
+            .endpoints
+            .iter()
+            .filter(|e| svc.publish_not_ready_addresses || e.conditions.ready)
+        {
+            for ip in &ep.addresses {
+                let part = EndpointPart {
+                    group,
+                    hostname: ep.hostname.as_deref(),
+                    ip: *ip,
+                };
+                *parts.entry(part).or_default() += sign;
+            }
+        }
+    }
+}
+
+/// The names and records parts give or take (a zone's apex, a Service, an
+/// endpoint address), before they join an index.
+#[derive(Debug)]
 struct Builder {
     zone: Name,
     ttl: u32,
-    names: HashMap<LowerName, Node>,
-    reverse: HashMap<LowerName, Vec<Record>>,
+    /// 1 to put what follows in, -1 to take it out.
+    sign: i32,
+    /// Where each name's delta is in `names`.
+    slots: HashMap<LowerName, usize, FastState>,
+    names: Vec<NameDelta>,
+    reverse: HashMap<LowerName, RecordDeltas, FastState>,
 }
 
 impl Builder {
-    fn new(zone: &Name, ttl: u32) -> Self {
+    fn new(zone: &Name, ttl: u32, sign: i32) -> Self {
         Self {
             zone: zone.clone(),
             ttl,
-            names: HashMap::new(),
-            reverse: HashMap::new(),
+            sign,
+            slots: HashMap::with_hasher(fast_state()),
+            names: Vec::new(),
+            reverse: HashMap::with_hasher(fast_state()),
         }
     }
 
-    /// Adds these names to the index, each counted once more.
-    fn merge_into(self, names: &mut Names<Node>, reverse: &mut Names<Vec<Record>>, refs: u32) {
-        for (name, node) in self.names {
-            let into = names.entry_or_default(&name);
-            into.refs += refs;
-            for r in node.records {
-                if !into.records.contains(&r) {
-                    into.records.push(r);
-                }
-            }
-        }
-        for (name, records) in self.reverse {
-            let into = reverse.entry_or_default(&name);
-            for r in records {
-                if !into.contains(&r) {
-                    into.push(r);
-                }
-            }
-        }
-    }
-
-    fn add_to(self, index: &mut DnsIndex, touched: &mut HashSet<LowerName>) {
-        touched.extend(
-            self.names
-                .iter()
-                .filter(|(_, n)| !n.records.is_empty())
-                .map(|(k, _)| k.clone()),
-        );
-        self.merge_into(&mut index.names, &mut index.reverse, 1);
-    }
-
-    /// Takes these names out of the index: their records, and the names no
-    /// other Service contributes. Records of one name come from one Service
-    /// (its names are under its own), and a PTR names its Service, so no
-    /// record taken out belongs to another.
-    fn remove_from(self, index: &mut DnsIndex) {
-        for (name, node) in self.names {
-            let Some(into) = index.names.get_mut(&name) else {
-                continue;
-            };
-            into.records.retain(|r| !node.records.contains(r));
-            into.refs = into.refs.saturating_sub(1);
-            if into.refs == 0 {
-                index.names.remove(&name);
-            }
-        }
-        for (name, records) in self.reverse {
-            let Some(into) = index.reverse.get_mut(&name) else {
-                continue;
-            };
-            into.retain(|r| !records.contains(r));
-            if into.is_empty() {
-                index.reverse.remove(&name);
-            }
-        }
+    fn is_empty(&self) -> bool {
+        self.names
+            .iter()
+            .all(|d| d.marks == 0 && d.records.is_empty())
+            && self.reverse.values().all(RecordDeltas::is_empty)
     }
 
     /// The zone's apex (SOA, NS), its `dns-version` TXT and `svc`; returns the SOA.
@@ -412,70 +887,8 @@ impl Builder {
             &self.sub(&["dns-version"]),
             RData::TXT(TXT::new(vec![schema.into()])),
         );
-        self.ensure(&self.sub(&["svc"]));
+        self.mark(&self.sub(&["svc"]));
         soa
-    }
-
-    /// An import of the clusterset (MCS DNS specification):
-    /// `<svc>.<ns>.svc.clusterset.local` answers the ClusterSet IP (PTR too)
-    /// or, headless, the ready endpoints of every exporting cluster, each
-    /// also at `<hostname>.<cluster-id>.<svc>.<ns>.svc.clusterset.local`;
-    /// SRV for named ports. `<cluster-id>.<svc>...` itself must not exist.
-    fn import(&mut self, st: &ServiceState) {
-        let svc = &st.service;
-        let ns = self.sub(&[&svc.key.namespace, "svc"]);
-        self.ensure(&ns);
-        let Ok(base) = ns.prepend_label(svc.key.name.as_str()) else {
-            return;
-        };
-        if !svc.headless {
-            self.ensure(&base);
-            for ip in &svc.cluster_ips {
-                self.add_address(&base, *ip);
-                self.add_ptr(*ip, &base);
-            }
-            for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
-                if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
-                    self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
-                }
-            }
-            return;
-        }
-        let publish_all = svc.publish_not_ready_addresses;
-        for slice in &st.slices {
-            let cluster = slice.cluster.as_deref().unwrap_or(&svc.key.cluster);
-            let Ok(in_cluster) = base.prepend_label(cluster) else {
-                continue;
-            };
-            for ep in slice
-                .endpoints
-                .iter()
-                .filter(|e| publish_all || e.conditions.ready)
-            {
-                for ip in &ep.addresses {
-                    let Ok(host) = in_cluster.prepend_label(host_label(ep, *ip).as_str()) else {
-                        continue;
-                    };
-                    self.add_address(&base, *ip);
-                    // Not `add`: the `<cluster-id>` level stays absent.
-                    self.add_leaf(&host, RData::from(*ip));
-                    for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
-                        if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
-                            self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, host.clone())));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A record at `name` whose parent need not exist as a name.
-    fn add_leaf(&mut self, name: &Name, data: RData) {
-        let record = Record::from_rdata(name.clone(), self.ttl, data);
-        let node = self.names.entry(LowerName::new(name)).or_default();
-        if !node.records.contains(&record) {
-            node.records.push(record);
-        }
     }
 
     /// `labels` (most specific first) under the zone.
@@ -487,35 +900,54 @@ impl Builder {
         name
     }
 
-    /// Makes `name` and every ancestor down to the zone exist.
-    fn ensure(&mut self, name: &Name) {
-        let mut n = name.clone();
-        while n.num_labels() >= self.zone.num_labels() {
-            let key = LowerName::new(&n);
-            if self.names.contains_key(&key) {
-                break;
-            }
-            self.names.insert(key, Node::default());
-            if n.num_labels() == 0 {
-                break;
-            }
-            n = n.base_name();
+    /// Where `name`'s delta is, made if new: parts that write one name
+    /// many times (an SRV name, per endpoint) look it up once.
+    fn slot(&mut self, name: &Name) -> usize {
+        let name = LowerName::new(name);
+        if let Some(&slot) = self.slots.get(&name) {
+            return slot;
         }
+        self.names.push(NameDelta {
+            name: name.clone(),
+            marks: 0,
+            leaf: false,
+            records: RecordDeltas::default(),
+        });
+        self.slots.insert(name, self.names.len() - 1);
+        self.names.len() - 1
+    }
+
+    /// Makes `name` exist (with its ancestors) even without records.
+    fn mark(&mut self, name: &Name) {
+        let slot = self.slot(name);
+        self.names[slot].marks += self.sign;
     }
 
     fn add(&mut self, name: &Name, data: RData) {
-        self.ensure(name);
-        let record = Record::from_rdata(name.clone(), self.ttl, data);
-        let node = self.names.entry(LowerName::new(name)).or_default();
-        if !node.records.contains(&record) {
-            node.records.push(record);
-        }
+        let slot = self.slot(name);
+        self.add_in(slot, data);
+    }
+
+    fn add_in(&mut self, slot: usize, data: RData) {
+        self.names[slot].records.add(data, self.sign);
+    }
+
+    /// A record at `name` whose parent need not exist as a name.
+    fn add_leaf(&mut self, name: &Name, data: RData) {
+        let slot = self.slot(name);
+        self.names[slot].leaf = true;
+        self.add_in(slot, data);
     }
 
     fn add_address(&mut self, name: &Name, ip: IpAddr) {
+        let slot = self.slot(name);
+        self.add_address_in(slot, ip);
+    }
+
+    fn add_address_in(&mut self, slot: usize, ip: IpAddr) {
         match ip {
-            IpAddr::V4(v4) => self.add(name, RData::A(A(v4))),
-            IpAddr::V6(v6) => self.add(name, RData::AAAA(AAAA(v6))),
+            IpAddr::V4(v4) => self.add_in(slot, RData::A(A(v4))),
+            IpAddr::V6(v6) => self.add_in(slot, RData::AAAA(AAAA(v6))),
         }
     }
 
@@ -523,21 +955,32 @@ impl Builder {
         let Ok(arpa) = Name::from_ascii(reverse_name(ip)) else {
             return;
         };
-        let record = Record::from_rdata(arpa.clone(), self.ttl, RData::PTR(PTR(target.clone())));
-        let v = self.reverse.entry(LowerName::new(&arpa)).or_default();
-        if !v.contains(&record) {
-            v.push(record);
-        }
+        self.reverse
+            .entry(LowerName::new(&arpa))
+            .or_default()
+            .add(RData::PTR(PTR(target.clone())), self.sign);
     }
 
+    /// `<svc>.<ns>.svc.<zone>`, the base of a Service's names.
+    fn base(&self, st: &ServiceState) -> Option<Name> {
+        self.sub(&[&st.service.key.namespace, "svc"])
+            .prepend_label(st.service.key.name.as_str())
+            .ok()
+    }
+
+    /// The part made from the Service itself: its namespace's name, and
+    /// its cluster IPs (with PTR) and named ports, or its ExternalName
+    /// target. An import (MCS DNS specification) gives its ClusterSet IP
+    /// the same way at `<svc>.<ns>.svc.clusterset.local`, which exists even
+    /// without one.
     fn service(&mut self, st: &ServiceState) {
         let svc = &st.service;
-        let ns = self.sub(&[&svc.key.namespace, "svc"]);
-        self.ensure(&ns);
-        let Ok(base) = ns.prepend_label(svc.key.name.as_str()) else {
+        self.mark(&self.sub(&[&svc.key.namespace, "svc"]));
+        let Some(base) = self.base(st) else {
             return;
         };
-        if svc.service_type == ServiceType::ExternalName {
+        let import = svc.key.cluster == switchyard_model::CLUSTERSET;
+        if !import && svc.service_type == ServiceType::ExternalName {
             if let Some(target) = svc
                 .external_name
                 .as_deref()
@@ -549,46 +992,94 @@ impl Builder {
             }
             return;
         }
-        if !svc.headless {
-            for ip in &svc.cluster_ips {
-                self.add_address(&base, *ip);
-                self.add_ptr(*ip, &base);
-            }
-            let named = svc.ports.iter().filter(|p| !p.name.is_empty());
-            for p in named {
-                if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
-                    self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
-                }
-            }
+        if svc.headless {
             return;
         }
-        // Headless: the endpoints themselves, each under its own host name.
-        let publish_all = svc.publish_not_ready_addresses;
-        let mut srvs: Vec<(Name, u16, Name)> = Vec::new();
-        for slice in &st.slices {
-            for ep in slice
-                .endpoints
-                .iter()
-                .filter(|e| publish_all || e.conditions.ready)
-            {
-                for ip in &ep.addresses {
-                    let Ok(host) = base.prepend_label(host_label(ep, *ip).as_str()) else {
-                        continue;
-                    };
-                    self.add_address(&base, *ip);
-                    self.add_address(&host, *ip);
-                    self.add_ptr(*ip, &host);
-                    for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
-                        if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
-                            srvs.push((srv, p.port, host.clone()));
-                        }
-                    }
-                }
+        if import {
+            self.mark(&base);
+        }
+        for ip in &svc.cluster_ips {
+            self.add_address(&base, *ip);
+            self.add_ptr(*ip, &base);
+        }
+        for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+            if let Some(srv) = srv_name(&base, &p.name, p.protocol.as_lowercase()) {
+                self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
             }
         }
-        for (srv, port, host) in srvs {
-            self.add(&srv, RData::SRV(SRV::new(0, 100, port, host)));
+    }
+
+    /// The endpoint parts of a headless `st` (or of `before`'s, counted
+    /// the other way, those that differ): each ready endpoint address (all
+    /// with `publishNotReadyAddresses`) gives the Service's name an A or
+    /// AAAA, a host name of its own (its hostname, else the dashed
+    /// address) with a PTR back, and an SRV per named port of its slice
+    /// targeting that host name. An import's endpoints are named
+    /// `<hostname>.<cluster-id>.<svc>...` and have no PTR; the
+    /// `<cluster-id>.<svc>...` level itself does not exist.
+    fn endpoints<'a>(
+        &mut self,
+        st: &'a ServiceState,
+        groups: &mut Groups<'a>,
+        before: Option<&'a ServiceState>,
+    ) {
+        let Some(base) = self.base(st) else {
+            return;
+        };
+        let mut parts = HashMap::with_hasher(fast_state());
+        endpoint_parts(st, groups, &mut parts, self.sign);
+        if let Some(before) = before {
+            endpoint_parts(before, groups, &mut parts, -self.sign);
         }
+        parts.retain(|_, n| *n != 0);
+        if parts.is_empty() {
+            return;
+        }
+        let base_slot = self.slot(&base);
+        let sign = self.sign;
+        for (part, n) in parts {
+            let group = &mut groups.0[part.group];
+            if group.names.is_none() {
+                let srvs = group
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        srv_name(&base, &p.name, p.protocol.as_lowercase())
+                            .map(|n| (self.slot(&n), p.port))
+                    })
+                    .collect();
+                let cluster = group.cluster.and_then(|c| base.prepend_label(c).ok());
+                group.names = Some(GroupNames { srvs, cluster });
+            }
+            let Some(GroupNames { srvs, cluster }) = &group.names else {
+                continue;
+            };
+            let label = match part.hostname {
+                Some(h) => h.to_owned(),
+                None => part.ip.to_string().replace(['.', ':'], "-"),
+            };
+            let import = group.cluster.is_some();
+            let under = if import {
+                cluster.as_ref()
+            } else {
+                Some(&base)
+            };
+            let Some(host) = under.and_then(|u| u.prepend_label(label.as_str()).ok()) else {
+                continue;
+            };
+            self.sign = n;
+            self.add_address_in(base_slot, part.ip);
+            if import {
+                self.add_leaf(&host, RData::from(part.ip));
+            } else {
+                self.add_address(&host, part.ip);
+                self.add_ptr(part.ip, &host);
+            }
+            for (srv, port) in srvs.iter() {
+                self.add_in(*srv, RData::SRV(SRV::new(0, 100, *port, host.clone())));
+            }
+        }
+        self.sign = sign;
     }
 }
 
@@ -635,24 +1126,10 @@ fn serial(soa: &Record) -> u32 {
     }
 }
 
-/// Groups a name's records by type (stable), so a lookup returns one slice.
-fn sort_by_type(records: &mut [Record]) {
-    records.sort_by_key(|r| u16::from(r.record_type()));
-}
-
 fn srv_name(base: &Name, port: &str, proto: &str) -> Option<Name> {
     base.prepend_label(format!("_{proto}"))
         .and_then(|n| n.prepend_label(format!("_{port}")))
         .ok()
-}
-
-/// An endpoint's label: its hostname, else its address with dashes
-/// (`10-1-2-3`, `fd00--1`).
-fn host_label(ep: &Endpoint, ip: IpAddr) -> String {
-    match &ep.hostname {
-        Some(h) => h.clone(),
-        None => ip.to_string().replace(['.', ':'], "-"),
-    }
 }
 
 /// `4.3.2.1.in-addr.arpa.` or the full-nibble `ip6.arpa.` name of `ip`.
@@ -680,7 +1157,7 @@ pub fn reverse_name(ip: IpAddr) -> String {
 #[derive(Debug)]
 pub(crate) enum Lookup<'a> {
     /// Records of the asked type (or a CNAME standing for any type).
-    Records(&'a [Record], RecordType),
+    Records(Records<'a>, RecordType),
     /// The name exists, without records of that type.
     NoData,
     /// A record made from the name itself (a pod's dashed address).
@@ -707,8 +1184,8 @@ impl DnsIndex {
         self.names.get(name)
     }
 
-    pub(crate) fn ptr(&self, name: &LowerName) -> Option<&[Record]> {
-        self.reverse.get(name).map(Vec::as_slice)
+    pub(crate) fn ptr(&self, name: &LowerName) -> Option<Records<'_>> {
+        self.reverse.get(name).map(Node::records)
     }
 
     /// Records of `name` and `qtype`; an empty answer is `NoData`.
@@ -716,26 +1193,19 @@ impl DnsIndex {
         let Some(node) = self.names.get(name) else {
             return self.pod(name, qtype);
         };
-        if node.records.is_empty() {
+        if node.is_empty() {
             return Lookup::NoData;
         }
         if qtype == RecordType::ANY {
-            return Lookup::Records(&node.records, qtype);
+            return Lookup::Records(node.records(), qtype);
         }
-        // Records of one name are grouped by type at build, see `sort_by_type`.
-        if let Some(first) = node.records.iter().position(|r| r.record_type() == qtype) {
-            let len = node.records[first..]
-                .iter()
-                .take_while(|r| r.record_type() == qtype)
-                .count();
-            return Lookup::Records(&node.records[first..first + len], qtype);
+        let records = node.of_type(qtype);
+        if records.last().is_some() {
+            return Lookup::Records(records, qtype);
         }
-        if let Some(c) = node
-            .records
-            .iter()
-            .position(|r| r.record_type() == RecordType::CNAME)
-        {
-            return Lookup::Records(&node.records[c..=c], RecordType::CNAME);
+        let cname = node.of_type(RecordType::CNAME);
+        if cname.last().is_some() {
+            return Lookup::Records(cname, RecordType::CNAME);
         }
         Lookup::NoData
     }

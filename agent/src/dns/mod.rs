@@ -22,9 +22,13 @@
 //!
 //! No query waits for an index build: [`IndexCell::current`] is the index
 //! in force, and a task off the serving thread builds the next one when the
-//! state changes ([`IndexCell::refresh`]) and swaps it in. The applier
-//! waits for that build before it ACKs (`IndexCell::built`), so once the
-//! control plane sees the ACK, DNS answers from that snapshot.
+//! state changes ([`IndexCell::refresh`]) and swaps it in; each build
+//! starts from the newest state, so changes that come during a build are
+//! built together, never one after another. The applier waits for that
+//! build before it ACKs (`IndexCell::built`), so once the control plane
+//! sees the ACK, DNS answers from that snapshot; if the index has not
+//! caught up within 10 s the ACK goes anyway and `/status` `dns.behind`
+//! says so until it has.
 
 pub mod acl;
 pub mod cache;
@@ -260,8 +264,12 @@ impl IndexCell {
                 .observe(index.build_time.as_secs_f64());
         }
         if let Some(s) = &self.status {
+            let caught_up = Arc::ptr_eq(&index.source, &self.state.borrow());
             s.update(|d| {
                 if let Some(dns) = d.dns.as_mut() {
+                    if caught_up {
+                        dns.behind = None;
+                    }
                     dns.index_version = index.has_snapshot().then(|| index.version.clone());
                     dns.names = index.len();
                     dns.index_build_ms = index.build_time.as_secs_f64() * 1e3;

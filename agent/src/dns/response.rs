@@ -56,7 +56,7 @@ pub(crate) async fn answer<R: ResponseHandler>(
         request,
         answer.rcode,
         answer.authoritative,
-        answer.answers.iter().chain(answer.chased),
+        answer.answers.iter().chain(answer.chased.iter()),
         answer.soa.into_iter(),
         answer.additionals.iter().copied(),
         handle,

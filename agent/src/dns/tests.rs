@@ -688,7 +688,11 @@ fn resolv_conf_upstreams_skip_ourselves() {
 #[test]
 fn records_have_the_configured_ttl() {
     let idx = cluster();
-    let all: Vec<&Record> = idx.names.values().flat_map(|n| n.records.iter()).collect();
+    let all: Vec<&Record> = idx
+        .names
+        .values()
+        .flat_map(|n| n.records().iter())
+        .collect();
     assert!(all.iter().all(|r| r.ttl == 5));
     assert!(matches!(idx.soa().data, RData::SOA(ref s) if s.minimum == 5));
 }
@@ -896,7 +900,7 @@ fn the_clusterset_zone_answers_imports_as_the_mcs_dns_specification_says() {
 /// Every name with its records as text, SOAs left out (their serial is the
 /// build's second), records sorted: two indexes that answer alike are equal.
 fn canonical(idx: &DnsIndex) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>) {
-    let text = |records: &[Record]| {
+    let text = |records: super::index::Records<'_>| {
         let mut v: Vec<String> = records
             .iter()
             .filter(|r| r.record_type() != RecordType::SOA)
@@ -908,12 +912,12 @@ fn canonical(idx: &DnsIndex) -> (BTreeMap<String, Vec<String>>, BTreeMap<String,
     let names = idx
         .names
         .iter()
-        .map(|(k, n)| (k.to_string(), text(&n.records)))
+        .map(|(k, n)| (k.to_string(), text(n.records())))
         .collect();
     let reverse = idx
         .reverse
         .iter()
-        .map(|(k, r)| (k.to_string(), text(r)))
+        .map(|(k, r)| (k.to_string(), text(r.records())))
         .collect();
     (names, reverse)
 }
@@ -1090,6 +1094,199 @@ fn most_services_changing_builds_whole() {
     };
     let idx = DnsIndex::build(many("a", "s"), &zone(), 5);
     assert_eq!(idx.next(many("b", "t")).changed, None, "built whole");
+}
+
+/// Records of one type next to each other in every name: a lookup
+/// returns one slice per type.
+fn assert_grouped(idx: &DnsIndex, step: usize) {
+    for (name, node) in idx.names.iter() {
+        let mut seen = Vec::new();
+        for r in node.records().iter() {
+            let t = r.record_type();
+            if seen.last() != Some(&t) {
+                assert!(
+                    !seen.contains(&t),
+                    "step {step}: {name} has {t} in two runs"
+                );
+                seen.push(t);
+            }
+        }
+    }
+}
+
+/// A headless Service (or an import of one) drawn from small pools, so
+/// that addresses, host names and ports repeat across endpoints and slices.
+fn random_headless(rng: &mut rand::rngs::StdRng, name: &str, import: bool) -> ServiceState {
+    let cluster = if import {
+        switchyard_model::CLUSTERSET
+    } else {
+        "default"
+    };
+    let mut st = ServiceState::new(Service {
+        headless: true,
+        publish_not_ready_addresses: rng.random_bool(0.2),
+        ports: vec![port("http", 80)],
+        ..Service::new(ServiceKey::new(cluster, "shop", name))
+    });
+    let port_names = ["http", "grpc", "", "admin"];
+    for s in 0..rng.random_range(0..4) {
+        let ports = (0..rng.random_range(0..3))
+            .map(|_| EndpointPort {
+                name: port_names[rng.random_range(0..port_names.len())].into(),
+                protocol: if rng.random_bool(0.8) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                port: 8080 + rng.random_range(0..2),
+            })
+            .collect();
+        let endpoints = (0..rng.random_range(0..6))
+            .map(|_| {
+                let addr = if rng.random_bool(0.7) {
+                    format!("10.1.0.{}", rng.random_range(1..6))
+                } else {
+                    format!("fd00::{}", rng.random_range(1..4))
+                };
+                let host = ["a", "b"][rng.random_range(0..2)];
+                endpoint(
+                    &addr,
+                    rng.random_bool(0.4).then_some(host),
+                    rng.random_bool(0.8),
+                )
+            })
+            .collect();
+        st.slices.push(EndpointSlice {
+            name: format!("{name}-{s}"),
+            endpoints,
+            ports,
+            cluster: import.then(|| ["east", "west"][rng.random_range(0..2)].into()),
+            ..EndpointSlice::default()
+        });
+    }
+    st
+}
+
+#[test]
+fn random_changes_to_headless_services_answer_as_a_whole_build() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(30);
+    let mut services = vec![
+        random_headless(&mut rng, "db", false),
+        random_headless(&mut rng, "cache", false),
+        random_headless(&mut rng, "db", true),
+        mk_service("shop", "web", &["10.96.0.10"]),
+    ];
+    let mut prev = DnsIndex::build(mk_state("v0", services.clone()), &zone(), 5);
+    for step in 1..300 {
+        let i = rng.random_range(0..services.len());
+        let key = services[i].service.key.clone();
+        services[i] = match rng.random_range(0..10) {
+            // Now and then a Service of another kind under the same name.
+            0 => mk_service(&key.namespace, &key.name, &["10.96.0.11"]),
+            1 => mk_external(&key.namespace, &key.name, "example.com"),
+            _ => random_headless(
+                &mut rng,
+                &key.name,
+                key.cluster == switchyard_model::CLUSTERSET,
+            ),
+        };
+        if key.cluster == switchyard_model::CLUSTERSET
+            && services[i].service.key.cluster != key.cluster
+        {
+            services[i].service.key = key;
+        }
+        let state = mk_state(&format!("v{step}"), services.clone());
+        let next = prev.next(state.clone());
+        let whole = DnsIndex::build(state, &zone(), 5);
+        assert_eq!(canonical(&next), canonical(&whole), "step {step}");
+        assert_eq!(next.len(), whole.len(), "step {step}: name count");
+        assert_grouped(&next, step);
+        prev = next;
+    }
+}
+
+#[test]
+fn one_endpoint_change_to_a_large_headless_service_writes_what_changed() {
+    // 2,000 endpoints x 50 named ports: 100,000 SRV records. Its index took
+    // 28 s, quadratic in the records of one name; a one-endpoint change
+    // took out and put back all of them.
+    let big = |moved: Option<u32>| {
+        let ports: Vec<EndpointPort> = (0..50)
+            .map(|p| EndpointPort {
+                name: format!("port-{p}"),
+                protocol: Protocol::Tcp,
+                port: 8000 + p,
+            })
+            .collect();
+        let mut st = ServiceState::new(Service {
+            headless: true,
+            ..Service::new(ServiceKey::new("default", "team-a", "web"))
+        });
+        for s in 0..20u32 {
+            st.slices.push(EndpointSlice {
+                name: format!("web-{s:02}"),
+                endpoints: (0..100u32)
+                    .map(|e| {
+                        let n = s * 100 + e;
+                        let n = if moved == Some(n) { 1_000_000 } else { n };
+                        let addr = std::net::Ipv4Addr::from(0x0a80_0000 + n);
+                        endpoint(&addr.to_string(), None, true)
+                    })
+                    .collect(),
+                ports: ports.clone(),
+                ..EndpointSlice::default()
+            });
+        }
+        st
+    };
+    let idx = DnsIndex::build(mk_state("v1", vec![big(None)]), &zone(), 5);
+    let next = idx.next(mk_state("v2", vec![big(Some(7))]));
+    assert_eq!(next.changed, Some(1));
+    // Out: the endpoint's A at the Service, its host name's A, its PTR and
+    // 50 SRV; in: the same for its new address.
+    assert_eq!(next.changed_records(), 2 * (3 + 50));
+    // Too many for one message: read the name's records in the index.
+    let srv = Name::from_ascii("_port-9._tcp.web.team-a.svc.cluster.local.").expect("name");
+    let Lookup::Records(records, RecordType::SRV) = next.lookup(&srv.into(), RecordType::SRV)
+    else {
+        panic!("SRV records")
+    };
+    assert!(records.as_slice().is_none(), "in several chunks");
+    let targets: Vec<String> = records.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(targets.len(), 2000);
+    assert!(
+        targets.iter().any(|t| t.contains("10-143-66-64.web")),
+        "new target"
+    );
+    assert!(
+        !targets.iter().any(|t| t.contains("10-128-0-7.web")),
+        "old target"
+    );
+    assert_negative(
+        &ask(
+            &next,
+            "10-128-0-7.web.team-a.svc.cluster.local.",
+            RecordType::A,
+        ),
+        ResponseCode::NXDomain,
+    );
+    assert_eq!(
+        rdata(&ask(
+            &next,
+            "10-143-66-64.web.team-a.svc.cluster.local.",
+            RecordType::A
+        )),
+        ["10.143.66.64"]
+    );
+    // The index it was made from still answers as before.
+    assert_eq!(
+        rdata(&ask(
+            &idx,
+            "10-128-0-7.web.team-a.svc.cluster.local.",
+            RecordType::A
+        )),
+        ["10.128.0.7"]
+    );
 }
 
 /// A handler answering from a cell that follows `state`, as `dns::start`

@@ -6,9 +6,18 @@
 //! First, in the same process, the cost of an index at that size: built
 //! whole, beside made from the previous index after one endpoint change.
 //!
+//! With `--headless-endpoints N` it times one large headless Service
+//! instead (N/4, N/2 and N endpoints x `--headless-ports` named ports, an
+//! SRV record per endpoint and port, beside 1,000 ordinary Services, then
+//! N alone): the
+//! index built whole, made from the previous index after one endpoint
+//! change to it, and, through the running stub, how long a new unrelated
+//! Service takes to resolve when it comes right after such a change.
+//!
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns_churn
 //! target/release/bench_dns_churn [--services 10000] [--seconds 10] [--qps 2000] [--repeat 3]
+//! target/release/bench_dns_churn --headless-endpoints 2000 [--headless-ports 50] [--repeat 3]
 //! ```
 
 use std::net::{SocketAddr, UdpSocket};
@@ -18,7 +27,10 @@ use std::time::{Duration, Instant};
 use switchyard_agent::dns::{Acl, DnsConfig, DnsIndex};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
-use switchyard_integration_tests::bench::{arg, loadavg, summary, ten_endpoint_service};
+use switchyard_integration_tests::bench::{
+    arg, big_headless_service, loadavg, summary, ten_endpoint_service,
+};
+use switchyard_model::{Service, ServiceKey, ServiceState};
 use tokio_util::sync::CancellationToken;
 
 fn held(i: usize, generation: u32) -> (String, HeldResource) {
@@ -33,16 +45,15 @@ fn held(i: usize, generation: u32) -> (String, HeldResource) {
 }
 
 fn query(id: u16, i: usize) -> Vec<u8> {
+    query_name(id, &format!("svc-{i}"), &format!("ns-{}", i % 100))
+}
+
+/// An A query for `<name>.<ns>.svc.cluster.local`.
+fn query_name(id: u16, name: &str, ns: &str) -> Vec<u8> {
     let mut q = Vec::with_capacity(64);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in [
-        format!("svc-{i}"),
-        format!("ns-{}", i % 100),
-        "svc".into(),
-        "cluster".into(),
-        "local".into(),
-    ] {
+    for label in [name, ns, "svc", "cluster", "local"] {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
@@ -133,7 +144,177 @@ fn index_cost(state: &Arc<AgentState>, services: usize) {
     }
 }
 
+/// `base` with `st` in it, as version `version`.
+fn with_service(base: &AgentState, st: ServiceState, version: &str) -> Arc<AgentState> {
+    let mut next = base.clone();
+    next.resources.insert(
+        st.service.key.to_string(),
+        HeldResource {
+            version: version.into(),
+            state: Arc::new(st),
+        },
+    );
+    next.version = version.into();
+    Arc::new(next)
+}
+
+fn stub_config() -> anyhow::Result<DnsConfig> {
+    Ok(DnsConfig {
+        listen: "127.0.0.1:0".parse()?,
+        zone: switchyard_agent::dns::zone_name("cluster.local")?,
+        ttl: 5,
+        upstreams: vec![],
+        no_upstream: None,
+        forward_zones: Vec::new(),
+        serve_stale: Duration::ZERO,
+        acl: Acl::node_local(&[]),
+        max_inflight: 1024,
+        tcp_limits: Default::default(),
+    })
+}
+
+/// One large headless Service (issue 30): the index built whole and after
+/// one endpoint change to it, at a quarter, half and all of `endpoints`;
+/// then, at `endpoints`, a new unrelated Service sent right after a
+/// one-endpoint change to the large one, until the stub answers it.
+fn big_headless(endpoints: usize, ports: usize, repeat: usize) -> anyhow::Result<()> {
+    let zone = switchyard_agent::dns::zone_name("cluster.local")?;
+    let small: switchyard_agent::state::Resources = (0..1000).map(|i| held(i, 0)).collect();
+    let base = AgentState {
+        version: "v0".into(),
+        resources: small,
+    };
+    println!(
+        "One headless Service x {ports} named ports beside 1,000 Services (load {}):",
+        loadavg()
+    );
+    println!(
+        "| endpoints | names | built whole p50 / max ms | one endpoint change p50 / max ms | records changed |"
+    );
+    println!("|---|---|---|---|---|");
+    let alone = AgentState::default();
+    for (n, beside) in [
+        (endpoints / 4, &base),
+        (endpoints / 2, &base),
+        (endpoints, &base),
+        (endpoints, &alone),
+    ] {
+        let state = with_service(beside, big_headless_service(n, ports, None), "v1");
+        let mut whole = Vec::new();
+        let mut index = DnsIndex::build(state.clone(), &zone, 5);
+        for _ in 1..repeat {
+            let t = Instant::now();
+            index = DnsIndex::build(state.clone(), &zone, 5);
+            whole.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut next = Vec::new();
+        for k in 0..repeat {
+            let changed = with_service(
+                beside,
+                big_headless_service(n, ports, Some(k * 37 % n)),
+                &format!("v{}", k + 2),
+            );
+            let t = Instant::now();
+            index = index.next(changed);
+            next.push(t.elapsed().as_secs_f64() * 1e3);
+            eprintln!("{n} endpoints: change {k} {:.1} ms", next[k]);
+        }
+        let (w, c) = (summary(&mut whole), summary(&mut next));
+        println!(
+            "| {n}{} | {} | {} / {} | {} / {} | {} |",
+            if beside.resources.is_empty() {
+                ", alone"
+            } else {
+                ""
+            },
+            index.len(),
+            w["p50"],
+            w["max"],
+            c["p50"],
+            c["max"],
+            index.changed_records()
+        );
+    }
+
+    // Through the stub: a one-endpoint change to the large Service, then at
+    // once a new Service elsewhere; how long until that one resolves.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let first = with_service(&base, big_headless_service(endpoints, ports, None), "v1");
+    let (tx, rx) = tokio::sync::watch::channel(first.clone());
+    let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let stub = rt
+        .block_on(async {
+            switchyard_agent::dns::start(
+                stub_config()?,
+                rx,
+                status.clone(),
+                Arc::new(Metrics::new()),
+                &mut tasks,
+                shutdown.clone(),
+            )
+        })?
+        .addr;
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut waits = Vec::new();
+    for k in 0..repeat {
+        let big = with_service(
+            &tx.borrow(),
+            big_headless_service(endpoints, ports, Some(k)),
+            &format!("b{k}"),
+        );
+        let extra = ServiceKey::new("default", "elsewhere", format!("new-{k}"));
+        let mut new = ServiceState::new(Service {
+            cluster_ips: vec![std::net::Ipv4Addr::new(10, 97, 0, k as u8 + 1).into()],
+            ..Service::new(extra)
+        });
+        new.normalize();
+        let t = Instant::now();
+        tx.send_replace(big.clone());
+        tx.send_replace(with_service(&big, new, &format!("n{k}")));
+        let name = format!("new-{k}");
+        let mut buf = [0u8; 512];
+        let waited = loop {
+            sock.send_to(&query_name(k as u16, &name, "elsewhere"), stub)?;
+            if let Ok(len) = sock.recv(&mut buf)
+                && len > 12
+                && u16::from_be_bytes([buf[0], buf[1]]) == k as u16
+                && buf[3] & 0x0f == 0
+                && u16::from_be_bytes([buf[6], buf[7]]) > 0
+            {
+                break t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(600) {
+                anyhow::bail!("{name} did not resolve within 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        eprintln!("unrelated Service {k}: answered after {waited:?}");
+        waits.push(waited.as_secs_f64() * 1e3);
+    }
+    let s = summary(&mut waits);
+    println!(
+        "\nA new Service sent right after a one-endpoint change to the {endpoints}-endpoint one, until the stub answers it (UDP, polled every 1 ms): p50 {} ms, max {} ms ({} runs)",
+        s["p50"], s["max"], s["n"]
+    );
+    shutdown.cancel();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let headless = arg("--headless-endpoints", 0) as usize;
+    if headless > 0 {
+        return big_headless(
+            headless,
+            arg("--headless-ports", 50) as usize,
+            arg("--repeat", 3).max(1) as usize,
+        );
+    }
     let services = arg("--services", 10_000) as usize;
     let seconds = arg("--seconds", 10);
     let qps = arg("--qps", 2000);
@@ -153,18 +334,7 @@ fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let cfg = DnsConfig {
-        listen: "127.0.0.1:0".parse()?,
-        zone: switchyard_agent::dns::zone_name("cluster.local")?,
-        ttl: 5,
-        upstreams: vec![],
-        no_upstream: None,
-        forward_zones: Vec::new(),
-        serve_stale: Duration::ZERO,
-        acl: Acl::node_local(&[]),
-        max_inflight: 1024,
-        tcp_limits: Default::default(),
-    };
+    let cfg = stub_config()?;
     let stub = rt
         .block_on(async {
             switchyard_agent::dns::start(
