@@ -168,6 +168,14 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_DNS_LISTEN, value_parser = parse_dns_listen)]
     pub dns_listen: DnsListen,
 
+    /// On SIGTERM, keep serving this long for a successor to take over
+    /// (a new agent started on the same state directory takes this one's
+    /// sockets and state with no DNS gap, whichever starts first); 0s:
+    /// stop at once. A successor started before the SIGTERM (a
+    /// DaemonSet's surge) has taken over already.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handoff_wait: Duration,
+
     /// Transparent mode, as NodeLocal DNSCache's: also answer on this
     /// Service's cluster IPs (NAMESPACE/NAME, kube-system/kube-dns for the
     /// cluster DNS), with NOTRACK rules so its DNAT rules do not see the

@@ -94,6 +94,9 @@ pub async fn run(
 ) {
     let mut servers: BTreeMap<u16, (Target, CancellationToken)> = BTreeMap::new();
     loop {
+        // A port another process holds (the agent this one took over from,
+        // still closing it) is tried again a second later.
+        let mut missing = false;
         let wanted = targets(&state.borrow_and_update(), &node);
         servers.retain(|port, (_, stop)| {
             let keep = wanted.contains_key(port);
@@ -126,11 +129,22 @@ pub async fn run(
                     });
                     servers.insert(port, (shared, stop));
                 }
-                Err(e) => tracing::warn!(%addr, "cannot serve healthCheckNodePort: {e}"),
+                Err(e) => {
+                    tracing::warn!(%addr, "cannot serve healthCheckNodePort (retrying): {e}");
+                    missing = true;
+                }
             }
         }
+        let retry = async {
+            if missing {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
+            () = retry => {}
             _ = shutdown.cancelled() => return,
         }
     }

@@ -27,6 +27,7 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
 pub mod endpoints;
+pub mod handoff;
 pub mod healthcheck;
 pub mod iptables;
 pub mod nftables;
@@ -71,6 +72,8 @@ pub struct Agent {
     /// Transparent DNS: asks the takeover to hand the cluster DNS
     /// Service's addresses back, and says when it has.
     handback: Option<(CancellationToken, tokio::sync::oneshot::Receiver<()>)>,
+    /// Where this agent stands with respect to a successor.
+    phase: watch::Receiver<handoff::Phase>,
     tasks: JoinSet<()>,
 }
 
@@ -83,6 +86,8 @@ impl Agent {
     /// transparent DNS mode the cluster DNS Service's addresses are handed
     /// back to its rules first, so pods keep getting answers.
     pub async fn shutdown(mut self) {
+        // After a handoff the successor serves those addresses: the
+        // takeover leaves them (it reads the phase).
         if let Some((token, done)) = self.handback.take() {
             token.cancel();
             if tokio::time::timeout(HANDBACK_WAIT, done).await.is_err() {
@@ -93,6 +98,12 @@ impl Agent {
         }
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Follows where this agent stands with respect to a successor
+    /// (`crate::handoff`).
+    pub fn phase(&self) -> watch::Receiver<handoff::Phase> {
+        self.phase.clone()
     }
 }
 
@@ -186,13 +197,36 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
     if let Some(config::Command::Cleanup) = args.command {
         return cleanup(&args);
     }
+    let wait = args.handoff_wait;
     let agent = start(args, CancellationToken::new()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut phase = agent.phase();
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+        r = phase.wait_for(|p| *p == handoff::Phase::Failed) => r.is_ok(),
+    };
+    if failed {
+        agent.shutdown().await;
+        anyhow::bail!(
+            "the successor went away during the handoff; exiting, to start afresh from the state directory"
+        );
     }
-    tracing::info!("shutting down; the data plane stays in force");
+    let now = *phase.borrow();
+    if now == handoff::Phase::Serving && !wait.is_zero() {
+        // A restart or an upgrade starts the next agent now: keep serving
+        // until it takes over, for a while.
+        tracing::info!("stopping: serving for up to {wait:?} more, until a successor takes over");
+        let _ = tokio::time::timeout(wait, phase.wait_for(|p| *p != handoff::Phase::Serving)).await;
+    }
+    if *phase.borrow() == handoff::Phase::Taking {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            phase.wait_for(|p| *p != handoff::Phase::Taking),
+        )
+        .await;
+    }
+    tracing::info!(phase = ?*phase.borrow(), "shutting down; the data plane stays in force");
     agent.shutdown().await;
     Ok(())
 }
@@ -223,22 +257,63 @@ fn cleanup(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the admin listener and starts with the data plane `args` names.
+/// Takes over from an agent running on the same state directory, if one
+/// is (`crate::handoff`), binds the admin listener (or takes the one handed
+/// over) and starts with the data plane `args` names.
 pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Agent> {
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
+    let dir = args.state_dir.clone();
+    let inherited = match tokio::task::spawn_blocking(move || handoff::take_over(&dir)).await? {
+        Ok(i) => i.map(Arc::new),
+        Err(e) => {
+            tracing::warn!("could not take over from the running agent: {e}");
+            None
+        }
+    };
+    let admin = match inherited
+        .as_ref()
+        .and_then(|i| i.tcp(handoff::Role::Admin, args.admin_listen))
+    {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(args.admin_listen)
+            .await
+            .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?,
+    };
     let dp = dataplane_from_args(&args);
-    start_with(args, admin, dp, shutdown).await
+    start_inner(args, admin, dp, shutdown, inherited).await
 }
 
 /// Starts on the given admin listener with the given data plane (tests inject both).
 pub async fn start_with(
     args: Args,
     admin: TcpListener,
-    mut dataplane: Box<dyn DataPlane>,
+    dataplane: Box<dyn DataPlane>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Agent> {
+    start_inner(args, admin, dataplane, shutdown, None).await
+}
+
+async fn start_inner(
+    args: Args,
+    admin: TcpListener,
+    mut dataplane: Box<dyn DataPlane>,
+    shutdown: CancellationToken,
+    inherited: Option<Arc<handoff::Inherited>>,
+) -> anyhow::Result<Agent> {
+    // `serving`: the listeners, until a successor serves on the same
+    // sockets. `following`: the stream, the rules' upkeep and the
+    // health-check servers, until a successor asks to take over.
+    let serving = shutdown.child_token();
+    let following = shutdown.child_token();
+    let registry = Arc::new(handoff::Registry::default());
+    {
+        use std::os::fd::AsFd;
+        registry.register(handoff::Role::Admin, admin.local_addr()?, admin.as_fd());
+    }
     let node = args.node();
     let admin_addr = admin.local_addr()?;
     let status = Arc::new(Status::new(
@@ -268,39 +343,55 @@ pub async fn start_with(
 
     let mut tasks = JoinSet::new();
     let mut handback = None;
+    let (phase_tx, phase) = watch::channel(handoff::Phase::Serving);
+    let mut taken_over = None;
     let dns_addr = match args.dns_listen {
         DnsListen::None => None,
         DnsListen::Addr(listen) => {
-            dns::prepare_listen(listen);
+            let keep = inherited
+                .as_ref()
+                .map(|i| i.dns_addresses())
+                .unwrap_or_default();
+            dns::prepare_listen(listen, &keep);
             let cfg = dns::DnsConfig::from_args(&args, listen)?;
-            let started = dns::start(
+            let started = dns::start_with(
                 cfg,
                 state.clone(),
                 status.clone(),
                 metrics.clone(),
                 &mut tasks,
-                shutdown.clone(),
+                serving.clone(),
+                dns::Sockets {
+                    inherited: inherited.clone(),
+                    registry: Some(registry.clone()),
+                },
             )?;
             applier.ack_after_dns(started.built);
             if let Some(service) = args.dns_service.clone() {
                 if dns::link::has_net_admin() {
                     let token = CancellationToken::new();
                     let (done, finished) = tokio::sync::oneshot::channel();
+                    let (first_pass, first) = tokio::sync::oneshot::channel();
                     let own = dns::link::is_link_local(listen.ip()).then_some(started.addr);
                     let run = dns::transparent::run(
-                        service,
-                        args.cluster.clone(),
-                        own,
+                        dns::transparent::Takeovers {
+                            service,
+                            cluster: args.cluster.clone(),
+                            own,
+                            control: started.control,
+                            status: status.clone(),
+                            handback: token.clone(),
+                            phase: phase.clone(),
+                            first_pass: Some(first_pass),
+                        },
                         state.clone(),
-                        started.control,
-                        status.clone(),
-                        token.clone(),
                     );
                     tasks.spawn(async move {
                         run.await;
                         let _ = done.send(());
                     });
                     handback = Some((token, finished));
+                    taken_over = Some(first);
                 } else {
                     tracing::error!(%service, "--dns-service needs CAP_NET_ADMIN (an address and NOTRACK rules); not answering for it");
                 }
@@ -313,7 +404,7 @@ pub async fn start_with(
         args.iptables_sync_period,
         status.clone(),
         metrics.clone(),
-        shutdown.clone(),
+        following.clone(),
     ));
     // kube-proxy's health timeout: twice its sync period.
     let health_timeout = args.iptables_sync_period * 2;
@@ -331,17 +422,22 @@ pub async fn start_with(
             args.health_check_node_port_address,
             state.clone(),
             proxy_health.clone(),
-            shutdown.clone(),
+            following.clone(),
         ));
     }
     let healthz_addr = match args.proxy_healthz() {
         Some(addr) => Some(
             serve_kube_proxy_port(
-                addr,
-                "--healthz-bind-address",
+                KubeProxyPort {
+                    addr,
+                    flag: "--healthz-bind-address",
+                    role: handoff::Role::Healthz,
+                },
                 proxyhealth::router(proxy_health.clone()),
                 &mut tasks,
-                &shutdown,
+                &serving,
+                &registry,
+                inherited.as_deref(),
             )
             .await?,
         ),
@@ -358,17 +454,22 @@ pub async fn start_with(
     let metrics_addr = match args.metrics_listen {
         Some(addr) => Some(
             serve_kube_proxy_port(
-                addr,
-                "--metrics-listen",
+                KubeProxyPort {
+                    addr,
+                    flag: "--metrics-listen",
+                    role: handoff::Role::Metrics,
+                },
                 admin::metrics_router(ctx.clone()),
                 &mut tasks,
-                &shutdown,
+                &serving,
+                &registry,
+                inherited.as_deref(),
             )
             .await?,
         ),
         None => None,
     };
-    serve(admin, admin::router(ctx), &mut tasks, &shutdown);
+    serve(admin, admin::router(ctx), &mut tasks, &serving);
 
     let connector = client::Connector::from_args(&args)?;
     let who = client::NodeIdentity {
@@ -376,7 +477,33 @@ pub async fn start_with(
         cluster: args.cluster.clone(),
         zone: args.zone.clone().unwrap_or_default(),
     };
-    tasks.spawn(client::run(connector, who, applier, shutdown.clone()));
+    let (released_tx, released) = tokio::sync::oneshot::channel();
+    let client = client::run(connector, who, applier, following.clone());
+    tasks.spawn(async move {
+        client.await;
+        // The applier, and the store with it, are gone.
+        let _ = released_tx.send(());
+    });
+    if let Some(inherited) = &inherited {
+        // Every socket handed over is served (the cluster DNS Service's
+        // addresses once the takeover has had its first look): the
+        // predecessor may stop reading them.
+        if let Some(first) = taken_over {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), first).await;
+        }
+        inherited.serving();
+    }
+    tasks.spawn(handoff::offer(
+        handoff::Offer {
+            dir: args.state_dir.clone(),
+            registry,
+            following,
+            released,
+            serving,
+            phase: phase_tx,
+        },
+        shutdown.clone(),
+    ));
     tracing::info!(%admin_addr, ?metrics_addr, ?healthz_addr, "agent started");
     Ok(Agent {
         admin_addr,
@@ -388,34 +515,55 @@ pub async fn start_with(
         state,
         shutdown,
         handback,
+        phase,
         tasks,
     })
 }
 
-/// Serves `router` on `addr`, one of kube-proxy's well-known ports: if the
-/// kube-proxy this agent replaces still holds it, as soon as it is free
-/// ([`proxyhealth::bind_when_free`]). Returns the address bound (`addr`
-/// itself while waiting); any other bind error is the caller's.
-async fn serve_kube_proxy_port(
+/// One of kube-proxy's well-known ports this agent serves.
+struct KubeProxyPort {
     addr: SocketAddr,
     flag: &'static str,
+    role: handoff::Role,
+}
+
+/// Serves `router` on one of kube-proxy's well-known ports: on the socket
+/// a predecessor handed over, else bound now, or if the kube-proxy this
+/// agent replaces still holds it, as soon as it is free
+/// ([`proxyhealth::bind_when_free`]). Returns the address bound (the
+/// address asked for while waiting); any other bind error is the caller's.
+async fn serve_kube_proxy_port(
+    port: KubeProxyPort,
     router: axum::Router,
     tasks: &mut JoinSet<()>,
-    shutdown: &CancellationToken,
+    serving: &CancellationToken,
+    registry: &Arc<handoff::Registry>,
+    inherited: Option<&handoff::Inherited>,
 ) -> anyhow::Result<SocketAddr> {
-    match TcpListener::bind(addr).await {
+    use std::os::fd::AsFd;
+    let KubeProxyPort { addr, flag, role } = port;
+    let bound = match inherited.and_then(|i| i.tcp(role, addr)) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            Ok(TcpListener::from_std(l)?)
+        }
+        None => TcpListener::bind(addr).await,
+    };
+    match bound {
         Ok(listener) => {
             let bound = listener.local_addr()?;
-            serve(listener, router, tasks, shutdown);
+            registry.register(role, bound, listener.as_fd());
+            serve(listener, router, tasks, serving);
             Ok(bound)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let shutdown = shutdown.clone();
+            let (serving, registry) = (serving.clone(), registry.clone());
             tasks.spawn(async move {
-                match proxyhealth::bind_when_free(addr, flag, &shutdown).await {
+                match proxyhealth::bind_when_free(addr, flag, &serving).await {
                     Ok(Some(listener)) => {
+                        registry.register(role, addr, listener.as_fd());
                         let _ = axum::serve(listener, router)
-                            .with_graceful_shutdown(shutdown.cancelled_owned())
+                            .with_graceful_shutdown(serving.cancelled_owned())
                             .await;
                     }
                     Ok(None) => {}

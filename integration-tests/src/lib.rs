@@ -11,6 +11,7 @@ pub mod bench;
 pub mod certs;
 pub mod dns;
 pub mod netns;
+pub mod restart;
 pub mod testbed;
 
 use std::future::Future;

@@ -306,6 +306,27 @@ impl Cluster {
         self.start_agent_with(i, &[]);
     }
 
+    /// Upgrades node `i`'s agent the way a DaemonSet with surge does: a
+    /// new agent with `extra` flags starts while the old one runs, takes
+    /// its sockets and state over, and the old one then gets SIGTERM.
+    pub fn upgrade_agent(&mut self, i: u8, extra: &[&str]) {
+        let old = self.agents.remove(&i).expect("an agent runs on the node");
+        let log = self.dir.path().join(format!("node-{i}.log"));
+        let handed = |log: &Path| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches("the successor serves")
+                .count()
+        };
+        let before = handed(&log);
+        self.start_agent_with(i, extra);
+        self.wait_until(&format!("node {i}'s new agent to take over"), || {
+            handed(&log) > before
+        });
+        self.agents.insert(100 + i, old);
+        self.stop_agent(100 + i);
+    }
+
     /// Starts the agent of node `i` with `extra` flags (`--cluster east`).
     pub fn start_agent_with(&mut self, i: u8, extra: &[&str]) {
         let mut args: Vec<String> = [

@@ -1072,7 +1072,13 @@ fn transparent_dns_answers_on_the_cluster_dns_ip(plane: Plane) {
         .trim()
         .to_owned()
     }
-    let flags = ["--dns-service", "kube-system/kube-dns"];
+    // A stopped agent serves 1 s for a successor before it hands back.
+    let flags = [
+        "--dns-service",
+        "kube-system/kube-dns",
+        "--handoff-wait",
+        "1s",
+    ];
     c.start_control_plane();
     c.start_agent_with(1, &flags);
     c.start_agent_with(2, &flags);
@@ -1106,6 +1112,13 @@ fn transparent_dns_answers_on_the_cluster_dns_ip(plane: Plane) {
     c.start_agent_with(2, &flags);
     c.wait_until("node 2 to take kube-dns over again", || taken(&c));
     assert_eq!(dig(&c, web), "10.96.0.10");
+
+    // Upgraded with surge: the new agent takes the old one's sockets, the
+    // rules stay, the agent (not CoreDNS) answers on.
+    c.upgrade_agent(2, &flags);
+    assert!(taken(&c), "the rules stay through a handoff");
+    assert_eq!(dig(&c, web), "10.96.0.10");
+    assert_eq!(dig(&c, &format!("+tcp {web}")), "10.96.0.10");
 
     // Switched off after a crash: the rules it left are removed.
     c.kill_agent(2);

@@ -147,10 +147,14 @@ fn is_ours(spec: &str) -> bool {
 /// Creates the interface and the NOTRACK rules for `listen`; returns the
 /// interface holding the address. A kernel without the dummy driver gets
 /// the address on `lo` instead. Running it again changes nothing. NOTRACK
-/// rules of ours for other addresses (an earlier run's) are removed.
-pub fn install(listen: SocketAddr) -> Result<&'static str, LinkError> {
+/// rules of ours for other addresses than these and `keep` (an earlier
+/// run's) are removed.
+pub fn install(listen: SocketAddr, keep: &[SocketAddr]) -> Result<&'static str, LinkError> {
     let interface = put_address(listen.ip())?;
-    notrack(&[listen])?;
+    let wanted: Vec<SocketAddr> = std::iter::once(listen)
+        .chain(keep.iter().copied().filter(|k| *k != listen))
+        .collect();
+    notrack(&wanted)?;
     Ok(interface)
 }
 

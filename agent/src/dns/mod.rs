@@ -290,11 +290,49 @@ pub struct Started {
     pub control: Control,
 }
 
+/// Where the stub's sockets come from and are recorded, for restarts
+/// without a gap (`crate::handoff`): those a predecessor handed over are
+/// used instead of binding, and every socket served is kept for a
+/// successor.
+#[derive(Debug, Clone, Default)]
+pub struct Sockets {
+    /// Sockets a predecessor handed over.
+    pub inherited: Option<Arc<crate::handoff::Inherited>>,
+    /// Where the sockets served are kept for a successor.
+    pub registry: Option<Arc<crate::handoff::Registry>>,
+}
+
+impl Sockets {
+    /// UDP and TCP on `addr`: handed over, or bound now.
+    fn bind(
+        &self,
+        addr: SocketAddr,
+    ) -> anyhow::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+        let (udp, tcp) = match self.inherited.as_ref().and_then(|i| i.dns(addr)) {
+            Some((udp, tcp)) => {
+                udp.set_nonblocking(true)?;
+                tcp.set_nonblocking(true)?;
+                tracing::info!(%addr, "serving DNS on the sockets the previous agent handed over");
+                (udp, tcp)
+            }
+            None => server::bind(addr)?,
+        };
+        if let Some(r) = &self.registry {
+            use std::os::fd::AsFd;
+            let bound = udp.local_addr()?;
+            r.register(crate::handoff::Role::DnsUdp, bound, udp.as_fd());
+            r.register(crate::handoff::Role::DnsTcp, bound, tcp.as_fd());
+        }
+        Ok((udp, tcp))
+    }
+}
+
 /// What can change while the stub runs: the addresses it answers on (the
 /// cluster DNS Service's, in transparent mode) and its default upstreams.
 #[derive(Debug, Clone)]
 pub struct Control {
     listeners: tokio::sync::mpsc::UnboundedSender<server::Listener>,
+    sockets: Sockets,
     routes: Arc<ArcSwap<forward::Routes>>,
     status: Arc<Status>,
     /// The upstreams `--dns-upstream` or resolv.conf named.
@@ -306,7 +344,7 @@ impl Control {
     /// Binds `addr` (UDP and TCP) and answers there too, until the token
     /// returned is cancelled (or the stub stops).
     pub fn listen(&self, addr: SocketAddr) -> anyhow::Result<CancellationToken> {
-        let (udp, tcp) = server::bind(addr)?;
+        let (udp, tcp) = self.sockets.bind(addr)?;
         let stop = self.shutdown.child_token();
         self.listeners
             .send(server::Listener {
@@ -316,6 +354,13 @@ impl Control {
             })
             .map_err(|_| anyhow::anyhow!("the DNS stub has stopped"))?;
         Ok(stop)
+    }
+
+    /// `addr` is no longer served: not for a successor either.
+    pub fn forget(&self, addr: SocketAddr) {
+        if let Some(r) = &self.sockets.registry {
+            r.unregister_dns(addr);
+        }
     }
 
     /// Forwards names outside every zone to `servers` from now on (queries
@@ -339,14 +384,37 @@ impl Control {
 /// Binds `cfg.listen` (UDP and TCP), starts serving on a thread of its own
 /// and follows `state`.
 pub fn start(
-    mut cfg: DnsConfig,
+    cfg: DnsConfig,
     state: watch::Receiver<Arc<AgentState>>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Started> {
-    let (udp, tcp) = server::bind(cfg.listen)?;
+    start_with(
+        cfg,
+        state,
+        status,
+        metrics,
+        tasks,
+        shutdown,
+        Sockets::default(),
+    )
+}
+
+/// [`start`] with its sockets from `sockets`: those a predecessor handed
+/// over are used, and those served are kept for a successor. `shutdown`
+/// stops the serving (queries forwarded already are answered first).
+pub fn start_with(
+    mut cfg: DnsConfig,
+    state: watch::Receiver<Arc<AgentState>>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+    shutdown: CancellationToken,
+    sockets: Sockets,
+) -> anyhow::Result<Started> {
+    let (udp, tcp) = sockets.bind(cfg.listen)?;
     cfg.listen = udp.local_addr()?;
     if let Some(why) = &cfg.no_upstream {
         tracing::error!("{why}");
@@ -403,6 +471,7 @@ pub fn start(
     let (listeners, incoming) = tokio::sync::mpsc::unbounded_channel();
     let control = Control {
         listeners,
+        sockets,
         routes: routes.clone(),
         status: status.clone(),
         configured: cfg.upstreams.clone(),
@@ -441,8 +510,10 @@ pub fn start(
 }
 
 /// Sets up the listen address when it is link-local and we may: the dummy
-/// interface and the NOTRACK rules. Other addresses are bound as they are.
-pub fn prepare_listen(listen: SocketAddr) {
+/// interface and the NOTRACK rules (keeping those of `keep`, addresses a
+/// predecessor served that this agent takes over). Other addresses are
+/// bound as they are.
+pub fn prepare_listen(listen: SocketAddr, keep: &[SocketAddr]) {
     let link_local = listen.is_ipv4() && link::is_link_local(listen.ip());
     if !link_local {
         return;
@@ -451,7 +522,7 @@ pub fn prepare_listen(listen: SocketAddr) {
         tracing::warn!(%listen, "no CAP_NET_ADMIN: binding the DNS address without creating it");
         return;
     }
-    match link::install(listen) {
+    match link::install(listen, keep) {
         Ok(interface) => {
             tracing::info!(%listen, interface, "DNS address in place, with NOTRACK rules")
         }

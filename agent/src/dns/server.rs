@@ -439,11 +439,11 @@ pub(super) async fn serve(
     loop {
         let l = tokio::select! {
             l = listeners.recv() => l,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         };
         let Some(l) = l else {
             shutdown.cancelled().await;
-            return;
+            break;
         };
         let (udp, tcp) = match (UdpSocket::from_std(l.udp), TcpListener::from_std(l.tcp)) {
             (Ok(u), Ok(t)) => (u, t),
@@ -454,6 +454,17 @@ pub(super) async fn serve(
         };
         tokio::spawn(serve_tcp(tcp, handler.clone(), l.stop.clone()));
         tokio::spawn(super::udp::serve(udp, handler.clone(), l.stop));
+    }
+    // Queries already sent upstream are answered before the runtime goes
+    // (an agent that handed its sockets to a successor still owes them).
+    let all = u32::try_from(handler.cfg.max_inflight).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(
+        forward::UPSTREAM_TIMEOUT * 2,
+        handler.permits.clone().acquire_many_owned(all),
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("stopping with forwarded DNS queries still unanswered");
     }
 }
 

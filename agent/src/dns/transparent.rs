@@ -131,19 +131,42 @@ struct Held {
     serving: CancellationToken,
 }
 
+/// What [`run`] works with besides the state.
+#[derive(Debug)]
+pub struct Takeovers {
+    /// The cluster DNS Service.
+    pub service: DnsService,
+    /// This agent's cluster.
+    pub cluster: String,
+    /// The stub's own link-local address, whose NOTRACK rules stay.
+    pub own: Option<SocketAddr>,
+    /// The stub, to serve and forward.
+    pub control: Control,
+    /// Where `/status` shows what is taken over.
+    pub status: Arc<Status>,
+    /// Cancelled when the agent stops: hand every address back.
+    pub handback: CancellationToken,
+    /// Whether a successor took this agent's sockets: then nothing is
+    /// handed back (the successor serves those addresses now).
+    pub phase: watch::Receiver<crate::handoff::Phase>,
+    /// Told once the first state has been taken in.
+    pub first_pass: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// Follows the state and takes over the Service's addresses, until
 /// `handback` (the agent stops); then hands every address back before
-/// returning. `own` is the stub's own link-local address, whose NOTRACK
-/// rules stay.
-pub async fn run(
-    service: DnsService,
-    cluster: String,
-    own: Option<SocketAddr>,
-    mut state: watch::Receiver<Arc<AgentState>>,
-    control: Control,
-    status: Arc<Status>,
-    handback: CancellationToken,
-) {
+/// returning, unless a successor took them.
+pub async fn run(t: Takeovers, mut state: watch::Receiver<Arc<AgentState>>) {
+    let Takeovers {
+        service,
+        cluster,
+        own,
+        control,
+        status,
+        handback,
+        phase,
+        mut first_pass,
+    } = t;
     let mut held: BTreeMap<SocketAddr, Held> = BTreeMap::new();
     let mut upstreams: Option<Vec<SocketAddr>> = None;
     loop {
@@ -160,7 +183,7 @@ pub async fn run(
             set_notrack(own, &keep).await;
             for addr in gone {
                 if let Some(h) = held.remove(&addr) {
-                    release(addr, h).await;
+                    release(addr, h, &control).await;
                 }
             }
         }
@@ -205,15 +228,30 @@ pub async fn run(
                 dns.service_addresses.clone_from(&answering);
             }
         });
+        if let Some(tx) = first_pass.take() {
+            let _ = tx.send(());
+        }
         tokio::select! {
-            r = state.changed() => if r.is_err() { break },
+            r = state.changed() => if r.is_err() {
+                // The state's owner went (a successor takes over): keep
+                // everything until the agent stops.
+                handback.cancelled().await;
+                break;
+            },
             () = handback.cancelled() => break,
         }
+    }
+    if *phase.borrow() != crate::handoff::Phase::Serving {
+        tracing::info!(service = %service, "a successor serves the cluster DNS Service's addresses; leaving them in place");
+        for h in held.values() {
+            h.serving.cancel();
+        }
+        return;
     }
     // Handing back: the DNAT rules answer from the moment the rules are off.
     set_notrack(own, &[]).await;
     for (addr, h) in std::mem::take(&mut held) {
-        release(addr, h).await;
+        release(addr, h, &control).await;
     }
     if upstreams.is_some() {
         tracing::info!(service = %service, "handed the cluster DNS Service's addresses back to its rules");
@@ -228,8 +266,9 @@ async fn take(addr: SocketAddr, control: &Control) -> anyhow::Result<Held> {
 }
 
 /// Stops serving `addr` and takes its address off the node.
-async fn release(addr: SocketAddr, h: Held) {
+async fn release(addr: SocketAddr, h: Held, control: &Control) {
     h.serving.cancel();
+    control.forget(addr);
     let removed =
         tokio::task::spawn_blocking(move || link::remove_address(addr.ip(), h.interface)).await;
     match removed {
