@@ -740,6 +740,20 @@ pub struct DnsMetrics {
     pub names: Gauge,
     /// ACKs sent before the DNS index served the version they name.
     pub acks_before_index: Counter,
+    /// From an EndpointSlice's change (its `last-change-trigger-time`) to
+    /// the stub answering from it, by `service_kind` (`cluster_ip`,
+    /// `headless`): CoreDNS's
+    /// `coredns_kubernetes_dns_programming_duration_seconds`.
+    pub programming_seconds: ProgrammingFamily,
+}
+
+/// Histograms of DNS programming latency by Service kind.
+pub type ProgrammingFamily =
+    prometheus_client::metrics::family::Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// CoreDNS's buckets for DNS programming latency: 1 ms doubling, 20 of them.
+fn programming_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
 }
 
 impl Default for DnsMetrics {
@@ -769,6 +783,7 @@ impl Default for DnsMetrics {
             forward_seconds: forward_buckets(),
             names: Gauge::default(),
             acks_before_index: Counter::default(),
+            programming_seconds: ProgrammingFamily::new_with_constructor(programming_buckets),
         }
     }
 }
@@ -857,6 +872,11 @@ impl DnsMetrics {
             self.forward_seconds.clone(),
         );
         r.register("names", "Names in the DNS index", self.names.clone());
+        r.register(
+            "programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the DNS stub answering from it",
+            self.programming_seconds.clone(),
+        );
     }
 
     /// Counts one answer with response code `rcode` (its numeric value).

@@ -389,6 +389,42 @@ async fn a_name_asked_again_near_its_expiry_is_fetched_again_ahead() {
     );
 }
 
+/// DNS programming latency, as CoreDNS's: a slice changed after the agent
+/// started, stamped with the time of its change, is timed from then to
+/// the index that answers from it (the slices the agent started with are
+/// not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_slice_is_timed_until_the_stub_answers_from_it() {
+    let c = cluster(|_| {}).await;
+    let count = |m: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("switchyard_agent_dns_programming_duration_seconds_count")
+                    && l.contains("service_kind=\"cluster_ip\"")
+            })
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = count(&get_text(c.agent.admin_addr, "/metrics").await.1);
+    assert_eq!(before, 0, "nothing the agent started with is timed");
+    let stamped = jiff::Timestamp::now().to_string();
+    let late = service_yaml("shop", "late", 80, &["10.244.1.30"]).replace(
+        "  name: late-1\n",
+        &format!(
+            "  name: late-1\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{stamped}\"\n"
+        ),
+    );
+    c.env.write("late.yaml", &late);
+    agent_status_until(&c.agent, "the new Service in DNS", |s| {
+        s.dns.as_ref().is_some_and(|d| d.names > 0) && s.resources == 5
+    })
+    .await;
+    let web = dig(c.dns, &["late.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(web.status, "NOERROR", "{}", web.raw);
+    let metrics = get_text(c.agent.admin_addr, "/metrics").await.1;
+    assert_eq!(count(&metrics), 1, "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_gives_servfail() {
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");

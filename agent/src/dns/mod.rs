@@ -196,6 +196,8 @@ pub struct IndexCell {
     building: Mutex<()>,
     status: Option<Arc<Status>>,
     metrics: Option<Arc<Metrics>>,
+    /// Changes older than the cell are not timed.
+    started_unix_nanos: i64,
 }
 
 impl IndexCell {
@@ -216,6 +218,7 @@ impl IndexCell {
             building: Mutex::new(()),
             status,
             metrics,
+            started_unix_nanos: crate::unix_nanos(),
         };
         cell.report(&first);
         cell
@@ -248,9 +251,52 @@ impl IndexCell {
         // Only what changed since the index in force (whole when most did).
         let next = Arc::new(index.next(state.clone()));
         self.current.store(next.clone());
-        self.built.send_replace(state);
+        self.built.send_replace(state.clone());
         self.report(&next);
+        self.observe_programming(&index.source, &state);
         next
+    }
+
+    /// DNS programming latency (CoreDNS's): for each EndpointSlice that
+    /// changed from `before` to `after` and carries the time of its change
+    /// (`last-change-trigger-time`), the time from then to now, when the
+    /// index that answers from it is in force. Slices from before the agent
+    /// started are not measured (the first index is built whole).
+    fn observe_programming(&self, before: &AgentState, after: &AgentState) {
+        let Some(m) = &self.metrics else { return };
+        let now = crate::unix_nanos();
+        for item in before.resources.diff(&after.resources) {
+            let (old, new) = match item {
+                imbl::ordmap::DiffItem::Add(_, new) => (None, new),
+                imbl::ordmap::DiffItem::Update { old, new } => (Some(old.1), new.1),
+                imbl::ordmap::DiffItem::Remove(..) => continue,
+            };
+            let kind = if new.state.service.headless {
+                "headless"
+            } else {
+                "cluster_ip"
+            };
+            for slice in &new.state.slices {
+                let Some(t) = slice
+                    .trigger_time_unix_nanos
+                    .filter(|t| *t >= self.started_unix_nanos)
+                else {
+                    continue;
+                };
+                let seen = old.is_some_and(|o| {
+                    o.state
+                        .slices
+                        .iter()
+                        .any(|s| s.name == slice.name && s.trigger_time_unix_nanos == Some(t))
+                });
+                if !seen {
+                    m.dns
+                        .programming_seconds
+                        .get_or_create(&vec![("service_kind".to_owned(), kind.to_owned())])
+                        .observe(now.saturating_sub(t).max(0) as f64 / 1e9);
+                }
+            }
+        }
     }
 
     fn report(&self, index: &DnsIndex) {
