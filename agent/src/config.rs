@@ -210,6 +210,13 @@ pub struct Args {
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub dns_serve_stale: Duration,
 
+    /// Name a headless Service's endpoint that has no hostname after the
+    /// Pod its targetRef names (`<pod>.<svc>.<ns>.svc.<zone>`), when that is
+    /// a DNS label, instead of its dashed address (CoreDNS's
+    /// `endpoint_pod_names`).
+    #[arg(long)]
+    pub dns_endpoint_pod_names: bool,
+
     /// Where the default upstreams are read from.
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,

@@ -377,6 +377,12 @@ fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> End
         addresses,
         conditions,
         hostname: non_empty(&e.hostname).map(str::to_owned),
+        pod_name: e
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| non_empty(&r.name))
+            .map(str::to_owned),
         node_name: non_empty(&e.node_name).map(str::to_owned),
         zone: non_empty(&e.zone).map(str::to_owned),
         hint_zones: hints
@@ -780,6 +786,19 @@ mod tests {
                 {"name": "all"},
             ],
         })
+    }
+
+    #[test]
+    fn a_pod_target_ref_names_the_endpoints_pod() {
+        let mut v = web_slice();
+        v["endpoints"][0]["targetRef"] =
+            json!({"kind": "Pod", "name": "web-7f9c", "namespace": "shop"});
+        v["endpoints"][1]["targetRef"] = json!({"kind": "Node", "name": "node-b"});
+        let s = endpoint_slice("default", &mk_slice(v))
+            .expect("valid")
+            .expect("not FQDN");
+        assert_eq!(s.slice.endpoints[0].pod_name.as_deref(), Some("web-7f9c"));
+        assert_eq!(s.slice.endpoints[1].pod_name, None, "not a Pod");
     }
 
     #[test]

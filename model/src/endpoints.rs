@@ -48,6 +48,9 @@ pub struct Endpoint {
     pub conditions: EndpointConditions,
     /// `hostname`, used by headless-Service DNS records.
     pub hostname: Option<String>,
+    /// The Pod its `targetRef` names (kind Pod), for DNS names of headless
+    /// endpoints without a hostname (CoreDNS's `endpoint_pod_names`).
+    pub pod_name: Option<String>,
     /// `nodeName`, for traffic policy Local.
     pub node_name: Option<String>,
     /// `zone`, for topology-aware routing.

@@ -441,11 +441,22 @@ pub struct DnsIndex {
     /// Records and marks put in or taken out to make it (from the previous
     /// index, or from nothing when built whole).
     changed_records: usize,
+    /// Headless endpoints without a hostname are named after their Pod
+    /// (CoreDNS's `endpoint_pod_names`), else after their address.
+    pod_names: bool,
 }
 
 impl DnsIndex {
     /// Builds the index of `state` for `zone` with records of `ttl` seconds.
     pub fn build(state: Arc<AgentState>, zone: &Name, ttl: u32) -> Self {
+        Self::build_naming(state, zone, ttl, false)
+    }
+
+    /// [`DnsIndex::build`]; with `pod_names`, a headless endpoint without a
+    /// hostname is named after the Pod its targetRef names, when that is a
+    /// DNS label (CoreDNS's `endpoint_pod_names`), and this index's
+    /// successors do the same.
+    pub fn build_naming(state: Arc<AgentState>, zone: &Name, ttl: u32, pod_names: bool) -> Self {
         let started = Instant::now();
         let zone = zone.to_lowercase();
         let clusterset = Name::from_ascii(CLUSTERSET_ZONE).expect("a valid name");
@@ -467,6 +478,7 @@ impl DnsIndex {
             build_time: Duration::ZERO,
             changed: None,
             changed_records: 0,
+            pod_names,
         };
         index.apply(apex);
         index.apply(clusterset_apex);
@@ -487,7 +499,8 @@ impl DnsIndex {
         let started = Instant::now();
         let changed = changed_services(&self.source, &state);
         if changed.len() > state.resources.len() / 4 + 64 {
-            let mut index = Self::build(state, &Name::from(&self.zone), self.ttl);
+            let mut index =
+                Self::build_naming(state, &Name::from(&self.zone), self.ttl, self.pod_names);
             // Within the same second as `self`: a serial ahead of its own.
             index.restamp(Zone::Cluster, serial(&self.soa));
             index.restamp(Zone::Clusterset, serial(&self.clusterset_soa));
@@ -506,6 +519,7 @@ impl DnsIndex {
             build_time: Duration::ZERO,
             changed: Some(changed.len()),
             changed_records: 0,
+            pod_names: self.pod_names,
         };
         let (mut cluster, mut clusterset) = (false, false);
         for (old, new) in &changed {
@@ -586,7 +600,9 @@ impl DnsIndex {
         } else {
             &self.zone
         };
-        Builder::new(&Name::from(zone), self.ttl, sign)
+        let mut b = Builder::new(&Name::from(zone), self.ttl, sign);
+        b.pod_names = self.pod_names;
+        b
     }
 
     /// Puts what `b` adds in first, then takes out what it takes out, so a
@@ -806,6 +822,7 @@ fn endpoint_parts<'a>(
     groups: &mut Groups<'a>,
     parts: &mut HashMap<EndpointPart<'a>, i32, FastState>,
     sign: i32,
+    pod_names: bool,
 ) {
     let svc = &st.service;
     let import = svc.key.cluster == switchyard_model::CLUSTERSET;
@@ -821,9 +838,15 @@ fn endpoint_parts<'a>(
             .filter(|e| svc.publish_not_ready_addresses || e.conditions.ready)
         {
             for ip in &ep.addresses {
+                // CoreDNS's `endpoint_pod_names`: the Pod's name when it
+                // is a DNS label (at most 63 characters), else the address.
+                let pod = ep
+                    .pod_name
+                    .as_deref()
+                    .filter(|p| pod_names && switchyard_model::is_dns_label(p));
                 let part = EndpointPart {
                     group,
-                    hostname: ep.hostname.as_deref(),
+                    hostname: ep.hostname.as_deref().or(pod),
                     ip: *ip,
                 };
                 *parts.entry(part).or_default() += sign;
@@ -838,6 +861,8 @@ fn endpoint_parts<'a>(
 struct Builder {
     zone: Name,
     ttl: u32,
+    /// Name headless endpoints without a hostname after their Pod.
+    pod_names: bool,
     /// 1 to put what follows in, -1 to take it out.
     sign: i32,
     /// Where each name's delta is in `names`.
@@ -851,6 +876,7 @@ impl Builder {
         Self {
             zone: zone.clone(),
             ttl,
+            pod_names: false,
             sign,
             slots: HashMap::with_hasher(fast_state()),
             names: Vec::new(),
@@ -1027,9 +1053,9 @@ impl Builder {
             return;
         };
         let mut parts = HashMap::with_hasher(fast_state());
-        endpoint_parts(st, groups, &mut parts, self.sign);
+        endpoint_parts(st, groups, &mut parts, self.sign, self.pod_names);
         if let Some(before) = before {
-            endpoint_parts(before, groups, &mut parts, -self.sign);
+            endpoint_parts(before, groups, &mut parts, -self.sign, self.pod_names);
         }
         parts.retain(|_, n| *n != 0);
         if parts.is_empty() {

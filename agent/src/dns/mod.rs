@@ -84,6 +84,8 @@ pub struct DnsConfig {
     pub forward_zones: Vec<(Name, Vec<SocketAddr>)>,
     /// How long expired upstream answers are kept for when no upstream answers.
     pub serve_stale: std::time::Duration,
+    /// Name headless endpoints without a hostname after their Pod.
+    pub endpoint_pod_names: bool,
     /// Most forwarded queries in flight.
     pub max_inflight: usize,
     /// TCP connections admitted.
@@ -143,6 +145,7 @@ impl DnsConfig {
             no_upstream,
             forward_zones,
             serve_stale: args.dns_serve_stale,
+            endpoint_pod_names: args.dns_endpoint_pod_names,
             acl,
             max_inflight: args.dns_max_inflight.max(1),
             tcp_limits: server::TcpLimits {
@@ -209,8 +212,26 @@ impl IndexCell {
         status: Option<Arc<Status>>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
+        Self::naming(state, zone, ttl, false, status, metrics)
+    }
+
+    /// [`IndexCell::new`]; with `pod_names`, headless endpoints without a
+    /// hostname are named after their Pod (`DnsIndex::build_naming`).
+    pub fn naming(
+        state: watch::Receiver<Arc<AgentState>>,
+        zone: Name,
+        ttl: u32,
+        pod_names: bool,
+        status: Option<Arc<Status>>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         let source = state.borrow().clone();
-        let first = Arc::new(DnsIndex::build(source.clone(), &zone, ttl));
+        let first = Arc::new(DnsIndex::build_naming(
+            source.clone(),
+            &zone,
+            ttl,
+            pod_names,
+        ));
         let cell = Self {
             current: ArcSwap::new(first.clone()),
             state,
@@ -484,10 +505,11 @@ pub fn start_with(
             ..DnsStatus::default()
         })
     });
-    let cell = Arc::new(IndexCell::new(
+    let cell = Arc::new(IndexCell::naming(
         state.clone(),
         cfg.zone.clone(),
         cfg.ttl,
+        cfg.endpoint_pod_names,
         Some(status.clone()),
         Some(metrics.clone()),
     ));

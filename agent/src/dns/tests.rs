@@ -321,6 +321,54 @@ fn headless_service_answers_ready_endpoints_and_their_hostnames() {
     assert_negative(&empty, ResponseCode::NXDomain);
 }
 
+/// CoreDNS's `endpoint_pod_names`: an endpoint without a hostname is named
+/// after its Pod when the index is asked to (and the Pod's name is a DNS
+/// label); a hostname still wins, and without the option the dashed
+/// address stays, also in the index made from the previous one.
+#[test]
+fn endpoint_pod_names_name_an_endpoint_after_its_pod() {
+    let pod = |addr: &str, hostname: Option<&str>, pod: &str| Endpoint {
+        pod_name: Some(pod.into()),
+        ..endpoint(addr, hostname, true)
+    };
+    let eps = vec![
+        pod("10.1.0.1", Some("db-0"), "ignored"),
+        pod("10.1.0.2", None, "db-7f9c"),
+        pod("10.1.0.3", None, "Not_A-Label"),
+    ];
+    let state = mk_state("v1", vec![mk_headless("shop", "db", eps)]);
+    let named = DnsIndex::build_naming(state.clone(), &zone(), 5, true);
+    let a = |idx: &DnsIndex, n: &str| rdata(&ask(idx, n, RecordType::A));
+    assert_eq!(a(&named, "db-0.db.shop.svc.cluster.local."), ["10.1.0.1"]);
+    assert_eq!(
+        a(&named, "db-7f9c.db.shop.svc.cluster.local."),
+        ["10.1.0.2"]
+    );
+    assert!(a(&named, "10-1-0-2.db.shop.svc.cluster.local.").is_empty());
+    assert_eq!(
+        a(&named, "10-1-0-3.db.shop.svc.cluster.local."),
+        ["10.1.0.3"],
+        "a Pod name that is no DNS label: the address"
+    );
+    let plain = DnsIndex::build(state.clone(), &zone(), 5);
+    assert_eq!(
+        a(&plain, "10-1-0-2.db.shop.svc.cluster.local."),
+        ["10.1.0.2"]
+    );
+    assert!(a(&plain, "db-7f9c.db.shop.svc.cluster.local.").is_empty());
+    // Made from the previous index: the same naming.
+    let moved = mk_state(
+        "v2",
+        vec![mk_headless(
+            "shop",
+            "db",
+            vec![pod("10.1.0.9", None, "db-7f9c")],
+        )],
+    );
+    let next = named.next(moved);
+    assert_eq!(a(&next, "db-7f9c.db.shop.svc.cluster.local."), ["10.1.0.9"]);
+}
+
 #[test]
 fn publish_not_ready_addresses_publishes_them() {
     let mut st = mk_headless(
@@ -1308,6 +1356,7 @@ fn udp_handler(
         no_upstream: None,
         forward_zones: Vec::new(),
         serve_stale: std::time::Duration::ZERO,
+        endpoint_pod_names: false,
         acl: Acl::node_local(&[]),
         max_inflight: 16,
         tcp_limits: super::server::TcpLimits::default(),

@@ -64,6 +64,7 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
         no_upstream: None,
         forward_zones: Vec::new(),
         serve_stale: std::time::Duration::ZERO,
+        endpoint_pod_names: false,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),

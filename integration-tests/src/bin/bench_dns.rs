@@ -492,6 +492,7 @@ fn main() -> anyhow::Result<()> {
         no_upstream: None,
         forward_zones: Vec::new(),
         serve_stale: Duration::ZERO,
+        endpoint_pod_names: false,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),

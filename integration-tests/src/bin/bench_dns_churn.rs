@@ -167,6 +167,7 @@ fn stub_config() -> anyhow::Result<DnsConfig> {
         no_upstream: None,
         forward_zones: Vec::new(),
         serve_stale: Duration::ZERO,
+        endpoint_pod_names: false,
         acl: Acl::node_local(&[]),
         max_inflight: 1024,
         tcp_limits: Default::default(),
