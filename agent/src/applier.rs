@@ -93,6 +93,8 @@ pub struct Applier {
     /// it follows what the control plane says, `SnapshotUpdate.node_zone`).
     zone: Option<String>,
     zone_fixed: bool,
+    /// The cluster's DNS settings as the control plane last sent them.
+    cluster_dns: watch::Sender<Option<v1::ClusterDns>>,
 }
 
 impl std::fmt::Debug for Applier {
@@ -119,7 +121,14 @@ impl Applier {
             metrics,
             zone: None,
             zone_fixed: false,
+            cluster_dns: watch::Sender::new(None),
         }
+    }
+
+    /// Follows the cluster's DNS settings the control plane sends
+    /// (`SnapshotUpdate.cluster_dns`, from the kube-dns ConfigMap).
+    pub fn cluster_dns(&self) -> watch::Receiver<Option<v1::ClusterDns>> {
+        self.cluster_dns.subscribe()
     }
 
     /// Fixes this node's zone (`--zone`): what the control plane says is ignored.
@@ -273,6 +282,13 @@ impl Applier {
         let current = self.state();
         let (next, changes) = current.apply(update).map_err(ApplyFailure::Decode)?;
         self.learn_draining(&update.node_draining);
+        self.cluster_dns.send_if_modified(|held| {
+            let changed = *held != update.cluster_dns;
+            if changed {
+                held.clone_from(&update.cluster_dns);
+            }
+            changed
+        });
         let rezoned = self.learn_zone(&update.node_zone);
         let unchanged =
             changes.changed.is_empty() && changes.removed.is_empty() && !current.version.is_empty();

@@ -367,6 +367,25 @@ async fn start_inner(
                 },
             )?;
             applier.ack_after_dns(started.built);
+            if !args.dns_upstreams.is_empty() {
+                started.control.pin_upstreams();
+            }
+            // The cluster's stub domains and upstream nameservers, as the
+            // control plane sends them (the kube-dns ConfigMap).
+            let mut cluster_dns = applier.cluster_dns();
+            let control = started.control.clone();
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    let (zones, upstreams) =
+                        dns::cluster_dns_routes(cluster_dns.borrow_and_update().as_ref());
+                    control.set_cluster_dns(zones, upstreams);
+                    tokio::select! {
+                        r = cluster_dns.changed() => if r.is_err() { return },
+                        () = stop.cancelled() => return,
+                    }
+                }
+            });
             if let Some(service) = args.dns_service.clone() {
                 if dns::link::has_net_admin() {
                     let token = CancellationToken::new();

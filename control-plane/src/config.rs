@@ -248,6 +248,16 @@ pub struct Args {
     #[arg(long, value_name = "SELECTOR")]
     pub kube_label_selector: Option<String>,
 
+    /// The kube-dns ConfigMap (NAMESPACE/NAME, or `none`) whose
+    /// `stubDomains` and `upstreamNameservers` the agents' DNS stubs follow
+    /// (`kube` sources; read only when it exists and may be read).
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME|none",
+        default_value = "kube-system/kube-dns"
+    )]
+    pub kube_dns_configmap: String,
+
     /// PEM certificate of the gRPC server; enables TLS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

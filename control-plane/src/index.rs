@@ -1231,6 +1231,7 @@ async fn run_with(
                         last_error: i.state.last_error.clone(),
                         nodes: i.state.nodes.clone(),
                         warnings: i.state.warnings.clone(),
+                        dns: i.state.dns.clone(),
                     })
                     .collect(),
             );

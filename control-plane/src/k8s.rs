@@ -33,6 +33,59 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The namespace Kubernetes assumes when an object names none.
 const DEFAULT_NAMESPACE: &str = "default";
 
+/// The cluster's DNS settings in a kube-dns ConfigMap: `stubDomains` (a
+/// JSON object, zone -> [server]) and `upstreamNameservers` (a JSON list),
+/// servers as `IP` or `IP:PORT`, as kube-dns and NodeLocal DNSCache read
+/// them. What does not parse is left out and said (field, message); the
+/// rest is used.
+pub fn cluster_dns(cm: &core::ConfigMap) -> (crate::source::ClusterDns, Vec<(String, String)>) {
+    let mut out = crate::source::ClusterDns::default();
+    let mut problems = Vec::new();
+    let data = cm.data.clone().unwrap_or_default();
+    let server = |s: &str| s.parse::<std::net::SocketAddr>().is_ok() || s.parse::<IpAddr>().is_ok();
+    if let Some(text) = data.get("stubDomains") {
+        match serde_json::from_str::<std::collections::BTreeMap<String, Vec<String>>>(text) {
+            Ok(domains) => {
+                for (zone, servers) in domains {
+                    let field = format!("data.stubDomains[{zone:?}]");
+                    let name = zone.trim_end_matches('.');
+                    if !switchyard_model::is_dns_subdomain(name) {
+                        problems.push((field, "not a DNS name".to_owned()));
+                        continue;
+                    }
+                    if let Some(bad) = servers.iter().find(|s| !server(s)) {
+                        problems.push((field, format!("{bad:?} is not IP or IP:PORT")));
+                        continue;
+                    }
+                    if !servers.is_empty() {
+                        out.stub_domains.insert(name.to_owned(), servers);
+                    }
+                }
+            }
+            Err(e) => problems.push((
+                "data.stubDomains".into(),
+                format!("not a JSON object of zone -> [server]: {e}"),
+            )),
+        }
+    }
+    if let Some(text) = data.get("upstreamNameservers") {
+        match serde_json::from_str::<Vec<String>>(text) {
+            Ok(servers) => match servers.iter().find(|s| !server(s)) {
+                Some(bad) => problems.push((
+                    "data.upstreamNameservers".into(),
+                    format!("{bad:?} is not IP or IP:PORT"),
+                )),
+                None => out.upstream_nameservers = servers,
+            },
+            Err(e) => problems.push((
+                "data.upstreamNameservers".into(),
+                format!("not a JSON list of servers: {e}"),
+            )),
+        }
+    }
+    (out, problems)
+}
+
 /// Converts a `core/v1` Service seen in `cluster`.
 ///
 /// Kubernetes' defaults are applied (type ClusterIP, protocol TCP, target
@@ -786,6 +839,44 @@ mod tests {
                 {"name": "all"},
             ],
         })
+    }
+
+    #[test]
+    fn the_kube_dns_configmap_gives_stub_domains_and_upstreams() {
+        let cm: core::ConfigMap = serde_json::from_value(json!({
+            "metadata": {"namespace": "kube-system", "name": "kube-dns"},
+            "data": {
+                "stubDomains": "{\"acme.local.\": [\"1.2.3.4\"], \"corp.example\": [\"10.0.0.1:5353\", \"10.0.0.2\"], \"bad zone\": [\"1.1.1.1\"], \"x.example\": [\"nope\"]}",
+                "upstreamNameservers": "[\"8.8.8.8\", \"[2001:db8::1]:53\"]",
+            },
+        }))
+        .expect("a ConfigMap");
+        let (dns, problems) = cluster_dns(&cm);
+        assert_eq!(
+            dns.stub_domains.keys().collect::<Vec<_>>(),
+            ["acme.local", "corp.example"]
+        );
+        assert_eq!(
+            dns.stub_domains["corp.example"],
+            ["10.0.0.1:5353", "10.0.0.2"]
+        );
+        assert_eq!(dns.upstream_nameservers, ["8.8.8.8", "[2001:db8::1]:53"]);
+        let fields: Vec<&str> = problems.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "data.stubDomains[\"bad zone\"]",
+                "data.stubDomains[\"x.example\"]"
+            ]
+        );
+        let broken: core::ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "kube-dns"},
+            "data": {"stubDomains": "{not json", "upstreamNameservers": "\"8.8.8.8\""},
+        }))
+        .expect("a ConfigMap");
+        let (dns, problems) = cluster_dns(&broken);
+        assert_eq!(dns, crate::source::ClusterDns::default());
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

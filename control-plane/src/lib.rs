@@ -135,6 +135,11 @@ pub fn sources_from_args(args: &Args) -> Vec<Box<dyn Source>> {
                         kubeconfig: args.kubeconfig.clone(),
                         namespace: args.kube_namespace.clone(),
                         label_selector: args.kube_label_selector.clone(),
+                        dns_configmap: args
+                            .kube_dns_configmap
+                            .split_once('/')
+                            .filter(|_| args.kube_dns_configmap != "none")
+                            .map(|(ns, name)| (ns.to_owned(), name.to_owned())),
                         cluster,
                         debounce,
                     },

@@ -647,6 +647,21 @@ fn rebase(pending: &Delta, base_to_current: &Delta, current: &Snapshot, view: &V
     }
 }
 
+/// The cluster's DNS settings as an update carries them.
+fn cluster_dns(dns: &crate::source::ClusterDns) -> v1::ClusterDns {
+    v1::ClusterDns {
+        stub_domains: dns
+            .stub_domains
+            .iter()
+            .map(|(zone, servers)| v1::StubDomain {
+                zone: zone.clone(),
+                servers: servers.clone(),
+            })
+            .collect(),
+        upstream_nameservers: dns.upstream_nameservers.clone(),
+    }
+}
+
 /// An update to send: the difference, its nonce and the snapshot it leads to.
 type Update = (Arc<Delta>, String, Arc<Snapshot>);
 
@@ -690,21 +705,27 @@ impl AgentStream {
                 .or_else(|| {
                     // Nothing new to send but, maybe, the Node's facts.
                     facts_moved
-                        .then(|| self.facts_update(&svc.status.node_facts(&self.node)))
+                        .then(|| {
+                            self.facts_update(
+                                &svc.status.node_facts(self.view.cluster(), &self.node),
+                            )
+                        })
                         .flatten()
                 });
                 if let Some((delta, nonce, snapshot)) = update {
                     let count = delta.changed.len();
-                    let facts = svc.status.node_facts(&self.node);
+                    let facts = svc.status.node_facts(self.view.cluster(), &self.node);
                     let parts = split_into_parts(
                         &delta,
                         &snapshot.version,
                         &nonce,
                         snapshot.changed_at_unix_nanos,
                     );
+                    let dns = facts.dns.as_deref().map(cluster_dns);
                     for mut part in parts {
                         part.node_zone.clone_from(&facts.zone);
                         part.node_draining.clone_from(&facts.draining);
+                        part.cluster_dns.clone_from(&dns);
                         tokio::select! {
                             sent = tx.send(Box::new(Ok(part))) => sent.map_err(|_| "agent went away".to_owned())?,
                             _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),

@@ -84,6 +84,10 @@ pub struct SourceStatus {
     /// fields), with the file and document.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<ObjectError>,
+    /// The cluster's DNS settings it read (the kube-dns ConfigMap), passed
+    /// to the cluster's agents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Arc<crate::source::ClusterDns>>,
 }
 
 /// One cluster, as `/status` shows it.
@@ -178,6 +182,8 @@ struct Inner {
     next_stream: u64,
     /// Node name -> what its agent is told of it, from the sources' nodes.
     nodes: HashMap<String, NodeFacts>,
+    /// Cluster -> its DNS settings, from the sources that read them.
+    cluster_dns: HashMap<String, Arc<crate::source::ClusterDns>>,
     retention: AgentRetention,
 }
 
@@ -238,14 +244,18 @@ pub struct StatusDocument {
     pub clusterset_issues: Vec<ClustersetIssue>,
 }
 
-/// What the control plane tells an agent about its own Node, besides its
-/// Services (`SnapshotUpdate.node_zone` and `node_draining`).
+/// What the control plane tells an agent about its own Node and cluster,
+/// besides its Services (`SnapshotUpdate.node_zone`, `node_draining`,
+/// `cluster_dns`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     /// The Node's `topology.kubernetes.io/zone`, empty when unknown.
     pub zone: String,
     /// Why the Node is leaving the cluster, empty while it is not.
     pub draining: String,
+    /// Its cluster's DNS settings (the kube-dns ConfigMap), when a source
+    /// reads them.
+    pub dns: Option<Arc<crate::source::ClusterDns>>,
 }
 
 /// Shared, lock-protected status. Critical sections are a few field writes.
@@ -344,14 +354,24 @@ impl Status {
             nodes.entry(node.name.clone()).or_insert_with(|| NodeFacts {
                 zone: node.zone.clone().unwrap_or_default(),
                 draining: node.draining.clone().unwrap_or_default(),
+                dns: None,
             });
         }
         nodes.retain(|_, f| *f != NodeFacts::default());
+        let mut cluster_dns = HashMap::new();
+        for src in &sources {
+            if let Some(dns) = &src.dns {
+                cluster_dns
+                    .entry(src.cluster.clone())
+                    .or_insert_with(|| dns.clone());
+            }
+        }
         let moved = self.change(|s| {
             s.sources = sources;
-            let moved = s.nodes != nodes;
+            let moved = s.nodes != nodes || s.cluster_dns != cluster_dns;
             if moved {
                 s.nodes = nodes;
+                s.cluster_dns = cluster_dns;
             }
             moved
         });
@@ -360,10 +380,14 @@ impl Status {
         }
     }
 
-    /// What `node`'s agent is told of its Node (its zone, whether it is
-    /// draining); empty when no source knows it.
-    pub fn node_facts(&self, node: &str) -> NodeFacts {
-        self.lock().nodes.get(node).cloned().unwrap_or_default()
+    /// What `node`'s agent, of `cluster`, is told of its Node (its zone,
+    /// whether it is draining) and its cluster (DNS settings); empty when
+    /// no source knows them.
+    pub fn node_facts(&self, cluster: &str, node: &str) -> NodeFacts {
+        let s = self.lock();
+        let mut facts = s.nodes.get(node).cloned().unwrap_or_default();
+        facts.dns = s.cluster_dns.get(cluster).cloned();
+        facts
     }
 
     /// Wakes when the facts of any node change.

@@ -320,6 +320,116 @@ async fn a_draining_node_fails_kube_proxys_healthz_and_node_facts_reach_the_agen
     cp.shutdown().await;
 }
 
+fn kube_dns_configmap(
+    stub: &[(&str, std::net::SocketAddr)],
+    upstreams: &[std::net::SocketAddr],
+) -> Value {
+    let stub: serde_json::Map<String, Value> = stub
+        .iter()
+        .map(|(z, a)| ((*z).to_owned(), json!([a.to_string()])))
+        .collect();
+    let upstreams: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"namespace": "kube-system", "name": "kube-dns"},
+           "data": {"stubDomains": Value::Object(stub).to_string(),
+                    "upstreamNameservers": json!(upstreams).to_string()}})
+}
+
+/// The kube-dns ConfigMap's `stubDomains` and `upstreamNameservers` reach
+/// the agents' stubs through the control plane: names in a stub domain go
+/// to its server, others to the upstream nameservers instead of the
+/// agent's own; `--dns-forward` and `--dns-upstream` still win; an edit of
+/// the ConfigMap moves the routes, with no Service changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kube_dns_configmap_routes_the_agents_dns() {
+    use std::net::Ipv4Addr;
+    use switchyard_agent::config::DnsListen;
+    use switchyard_integration_tests::dns::{FakeUpstream, dig};
+    let env = Env::new().await;
+    populate(env.store(), "shop", 1);
+    let corp = FakeUpstream::start(Ipv4Addr::new(192, 0, 2, 1)).await;
+    let cluster_up = FakeUpstream::start(Ipv4Addr::new(192, 0, 2, 2)).await;
+    let own = FakeUpstream::start(Ipv4Addr::new(192, 0, 2, 3)).await;
+    let flagged = FakeUpstream::start(Ipv4Addr::new(192, 0, 2, 4)).await;
+    env.store()
+        .create(
+            Kind::ConfigMap,
+            kube_dns_configmap(&[("corp.example", corp.addr)], &[cluster_up.addr]),
+        )
+        .expect("configmap");
+    let cp = env.control_plane(&[]).await;
+    let status = cp_status_until(&cp, "the cluster's DNS settings", |s| s.ready).await;
+    assert!(status.sources[0].dns.is_some(), "{:?}", status.sources);
+    let agent = |node: &str, tweak: &dyn Fn(&mut switchyard_agent::Args)| {
+        let mut args = agent_args(
+            node,
+            &format!("http://{}", cp.grpc_addr),
+            &env.dir.path().join(node),
+        );
+        args.dns_listen = DnsListen::Addr("127.0.0.1:0".parse().expect("addr"));
+        args.resolv_conf = env.dir.path().join("no-resolv.conf");
+        tweak(&mut args);
+        args
+    };
+    let (plain, _) = start_recording_agent(agent("node-a", &|_| {})).await;
+    let (pinned, _) = start_recording_agent(agent("node-b", &|a| {
+        a.dns_upstreams = vec![own.addr];
+        a.dns_forward = vec![("corp.example".into(), vec![flagged.addr])];
+    }))
+    .await;
+    for a in [&plain, &pinned] {
+        agent_status_until(a, "the cluster's DNS settings", |s| {
+            s.dns
+                .as_ref()
+                .is_some_and(|d| d.forward_zones.contains_key("corp.example."))
+        })
+        .await;
+    }
+    let ask = |a: &switchyard_agent::Agent, name: &'static str| {
+        let addr = a.dns_addr.expect("DNS");
+        async move { dig(addr, &[name, "A"]).await.data() }
+    };
+    assert_eq!(
+        ask(&plain, "host.corp.example").await,
+        ["192.0.2.1"],
+        "the stub domain"
+    );
+    assert_eq!(
+        ask(&plain, "www.example.org").await,
+        ["192.0.2.2"],
+        "the cluster's upstream"
+    );
+    assert_eq!(
+        ask(&pinned, "host.corp.example").await,
+        ["192.0.2.4"],
+        "--dns-forward wins"
+    );
+    assert_eq!(
+        ask(&pinned, "www.example.org").await,
+        ["192.0.2.3"],
+        "--dns-upstream wins"
+    );
+    let version = plain.status.document().version;
+
+    // The stub domain goes: its names follow the cluster's upstream.
+    env.store()
+        .update(Kind::ConfigMap, kube_dns_configmap(&[], &[cluster_up.addr]))
+        .expect("update");
+    agent_status_until(&plain, "the stub domain to go", |s| {
+        s.dns.as_ref().is_some_and(|d| d.forward_zones.is_empty())
+    })
+    .await;
+    assert_eq!(ask(&plain, "other.corp.example").await, ["192.0.2.2"]);
+    assert_eq!(
+        plain.status.document().version,
+        version,
+        "no Service changed"
+    );
+    plain.shutdown().await;
+    pinned.shutdown().await;
+    cp.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relist_after_410_is_atomic_and_nothing_flaps() {
     let env = Env::new().await;

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -249,6 +249,29 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
             }
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 drop(parse::<ClusterRoleBinding>(&at, &doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => {
+                let role: Role = parse(&at, &doc);
+                for rule in role.rules.unwrap_or_default() {
+                    assert!(
+                        rule.verbs
+                            .iter()
+                            .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+                        "{at}: more than read access"
+                    );
+                    assert_eq!(
+                        rule.resources.as_deref(),
+                        Some(&["configmaps".to_owned()][..])
+                    );
+                    assert_eq!(
+                        rule.resource_names.as_deref(),
+                        Some(&["kube-dns".to_owned()][..]),
+                        "{at}: the kube-dns ConfigMap only"
+                    );
+                }
+            }
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                drop(parse::<RoleBinding>(&at, &doc))
             }
             ("apps/v1", "Deployment") => {
                 let d: Deployment = parse(&at, &doc);

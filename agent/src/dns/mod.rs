@@ -156,6 +156,44 @@ impl DnsConfig {
     }
 }
 
+/// The cluster's DNS settings (`SnapshotUpdate.cluster_dns`) as routes:
+/// its stub domains and its upstream nameservers, `IP` or `IP:PORT` (port
+/// 53 when none). What does not parse is left out, with a warning.
+pub fn cluster_dns_routes(
+    dns: Option<&switchyard_proto::v1::ClusterDns>,
+) -> (Vec<(Name, Vec<SocketAddr>)>, Vec<SocketAddr>) {
+    let Some(dns) = dns else {
+        return (Vec::new(), Vec::new());
+    };
+    let servers = |list: &[String]| -> Vec<SocketAddr> {
+        list.iter()
+            .filter_map(|s| {
+                let parsed = s
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .or_else(|| s.parse().ok().map(|ip| SocketAddr::new(ip, 53)));
+                if parsed.is_none() {
+                    tracing::warn!(server = %s, "a DNS server of the cluster's settings that is not IP or IP:PORT; left out");
+                }
+                parsed
+            })
+            .collect()
+    };
+    let zones = dns
+        .stub_domains
+        .iter()
+        .filter_map(|d| match zone_name(&d.zone) {
+            Ok(z) => Some((z, servers(&d.servers))),
+            Err(e) => {
+                tracing::warn!(zone = %d.zone, "a stub domain of the cluster's settings that is not a DNS name: {e}; left out");
+                None
+            }
+        })
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
+    (zones, servers(&dns.upstream_nameservers))
+}
+
 /// The zone `domain` names, lower-cased and fully qualified.
 pub fn zone_name(domain: &str) -> anyhow::Result<Name> {
     let mut zone = Name::from_ascii(domain.trim_end_matches('.'))?.to_lowercase();
@@ -395,16 +433,60 @@ impl Sockets {
 }
 
 /// What can change while the stub runs: the addresses it answers on (the
-/// cluster DNS Service's, in transparent mode) and its default upstreams.
+/// cluster DNS Service's, in transparent mode) and where it forwards.
 #[derive(Debug, Clone)]
 pub struct Control {
     listeners: tokio::sync::mpsc::UnboundedSender<server::Listener>,
     sockets: Sockets,
     routes: Arc<ArcSwap<forward::Routes>>,
+    inputs: Arc<Mutex<RouteInputs>>,
     status: Arc<Status>,
-    /// The upstreams `--dns-upstream` or resolv.conf named.
-    pub configured: Vec<SocketAddr>,
     shutdown: CancellationToken,
+}
+
+/// Where forwarded names go is made from these, by precedence.
+#[derive(Debug, Clone, Default)]
+struct RouteInputs {
+    /// `--dns-upstream` was given: it wins over the cluster's settings.
+    pinned: bool,
+    /// The upstreams `--dns-upstream` or resolv.conf named.
+    configured: Vec<SocketAddr>,
+    /// `--dns-forward`: win over the cluster's stub domains of the same zone.
+    flag_zones: Vec<(Name, Vec<SocketAddr>)>,
+    /// The cluster's stub domains (the kube-dns ConfigMap).
+    cluster_zones: Vec<(Name, Vec<SocketAddr>)>,
+    /// The cluster's upstream nameservers (the kube-dns ConfigMap).
+    cluster_upstreams: Vec<SocketAddr>,
+    /// The cluster DNS Service's ready endpoints (transparent mode).
+    service_endpoints: Vec<SocketAddr>,
+}
+
+impl RouteInputs {
+    /// Names outside every zone go to `--dns-upstream` when given, else to
+    /// the cluster's upstream nameservers, else (transparent mode) the
+    /// cluster DNS Service's endpoints, else resolv.conf's servers.
+    fn default_servers(&self) -> &[SocketAddr] {
+        if self.pinned {
+            &self.configured
+        } else if !self.cluster_upstreams.is_empty() {
+            &self.cluster_upstreams
+        } else if !self.service_endpoints.is_empty() {
+            &self.service_endpoints
+        } else {
+            &self.configured
+        }
+    }
+
+    /// `--dns-forward` zones, then the cluster's other stub domains.
+    fn zones(&self) -> Vec<(Name, Vec<SocketAddr>)> {
+        let mut zones = self.flag_zones.clone();
+        for (z, servers) in &self.cluster_zones {
+            if !zones.iter().any(|(f, _)| f == z) {
+                zones.push((z.clone(), servers.clone()));
+            }
+        }
+        zones
+    }
 }
 
 impl Control {
@@ -430,21 +512,66 @@ impl Control {
         }
     }
 
-    /// Forwards names outside every zone to `servers` from now on (queries
-    /// already sent keep theirs).
-    pub fn set_upstreams(&self, servers: &[SocketAddr]) {
-        let routes = self.routes.load().with_default(servers);
-        self.routes.store(Arc::new(routes));
-        self.status.update(|d| {
-            if let Some(dns) = d.dns.as_mut() {
-                dns.upstreams = servers.iter().map(ToString::to_string).collect();
-            }
+    /// The cluster DNS Service's ready endpoints (transparent mode): where
+    /// names outside every zone go unless `--dns-upstream` or the cluster's
+    /// upstream nameservers say otherwise.
+    pub fn set_service_endpoints(&self, servers: &[SocketAddr]) {
+        self.change(|i| i.service_endpoints = servers.to_vec());
+    }
+
+    /// The cluster's DNS settings (the kube-dns ConfigMap): its stub
+    /// domains, under `--dns-forward`'s, and its upstream nameservers,
+    /// under `--dns-upstream`.
+    pub fn set_cluster_dns(&self, zones: Vec<(Name, Vec<SocketAddr>)>, upstreams: Vec<SocketAddr>) {
+        self.change(|i| {
+            i.cluster_zones = zones;
+            i.cluster_upstreams = upstreams;
         });
     }
 
     /// Where names outside every zone go now.
     pub fn upstreams(&self) -> Vec<SocketAddr> {
         self.routes.load().default_servers()
+    }
+
+    /// Changes the inputs and, when where names go changed, the routes
+    /// (queries already sent keep theirs).
+    fn change(&self, f: impl FnOnce(&mut RouteInputs)) {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let before = (inputs.default_servers().to_vec(), inputs.zones());
+        f(&mut inputs);
+        let after = (inputs.default_servers().to_vec(), inputs.zones());
+        if before == after {
+            return;
+        }
+        let (default, zones) = after;
+        let routes = if before.1 == zones {
+            self.routes.load().with_default(&default)
+        } else {
+            forward::Routes::new(&default, &zones)
+        };
+        self.routes.store(Arc::new(routes));
+        tracing::info!(upstreams = ?default, zones = ?zones.iter().map(|(z, _)| z.to_ascii()).collect::<Vec<_>>(), "DNS forwarding changed");
+        self.status.update(|d| {
+            if let Some(dns) = d.dns.as_mut() {
+                dns.upstreams = default.iter().map(ToString::to_string).collect();
+                dns.forward_zones = zones
+                    .iter()
+                    .map(|(z, servers)| {
+                        (
+                            z.to_ascii(),
+                            servers.iter().map(ToString::to_string).collect(),
+                        )
+                    })
+                    .collect();
+            }
+        });
+    }
+
+    /// `--dns-upstream` was given: the cluster's upstream nameservers do
+    /// not replace it.
+    pub fn pin_upstreams(&self) {
+        self.change(|i| i.pinned = true);
     }
 }
 
@@ -541,8 +668,12 @@ pub fn start_with(
         listeners,
         sockets,
         routes: routes.clone(),
+        inputs: Arc::new(Mutex::new(RouteInputs {
+            configured: cfg.upstreams.clone(),
+            flag_zones: cfg.forward_zones.clone(),
+            ..RouteInputs::default()
+        })),
         status: status.clone(),
-        configured: cfg.upstreams.clone(),
         shutdown: shutdown.clone(),
     };
     let _ = control.listeners.send(server::Listener {

@@ -211,15 +211,10 @@ pub async fn run(t: Takeovers, mut state: watch::Receiver<Arc<AgentState>>) {
             let all: Vec<SocketAddr> = held.keys().copied().collect();
             set_notrack(own, &all).await;
         }
-        let next = if wanted.upstreams.is_empty() {
-            control.configured.clone()
-        } else {
-            wanted.upstreams.clone()
-        };
-        if upstreams.as_ref() != Some(&next) {
-            tracing::info!(upstreams = ?next, service = %service, "forwarding other names to the cluster DNS Service's endpoints");
-            control.set_upstreams(&next);
-            upstreams = Some(next);
+        if upstreams.as_ref() != Some(&wanted.upstreams) {
+            tracing::info!(endpoints = ?wanted.upstreams, service = %service, "the cluster DNS Service's endpoints (where other names go)");
+            control.set_service_endpoints(&wanted.upstreams);
+            upstreams = Some(wanted.upstreams.clone());
         }
         let answering: Vec<String> = held.keys().map(ToString::to_string).collect();
         status.update(|d| {

@@ -84,6 +84,9 @@ pub struct KubeSourceConfig {
     pub namespace: Option<String>,
     /// Watch only Services and EndpointSlices with these labels.
     pub label_selector: Option<String>,
+    /// The kube-dns ConfigMap (namespace, name) whose stub domains and
+    /// upstream nameservers go to the agents; `None`: not read.
+    pub dns_configmap: Option<(String, String)>,
     /// Cluster id of every object. The `switchyard.io/cluster` annotation is
     /// ignored here: anyone who may edit a Service in the API server must not
     /// be able to move it into another cluster's view.
@@ -240,7 +243,11 @@ enum Kind {
     Slice = 1,
     Node = 2,
     Export = 3,
+    Dns = 4,
 }
+
+/// How many kinds are watched.
+const KINDS: usize = 5;
 
 impl Kind {
     /// The kind a request path lists or watches (`/api/v1/services`,
@@ -251,6 +258,7 @@ impl Kind {
             "endpointslices" => Some(Kind::Slice),
             "nodes" => Some(Kind::Node),
             "serviceexports" => Some(Kind::Export),
+            "configmaps" => Some(Kind::Dns),
             _ => None,
         }
     }
@@ -261,6 +269,7 @@ impl Kind {
             Kind::Slice => "endpointslices",
             Kind::Node => "nodes",
             Kind::Export => "serviceexports",
+            Kind::Dns => "configmaps",
         }
     }
 }
@@ -278,15 +287,18 @@ pub fn service_export_resource() -> ApiResource {
 }
 
 /// Whether a watch error says the resource is not served (a 404: the MCS
-/// CRDs are not installed), which means "nothing is exported", not a failure.
-fn not_served(e: &watcher::Error) -> bool {
-    match e {
+/// CRDs are not installed), which means "nothing is exported", not a
+/// failure; for the kube-dns ConfigMap, a 403 too (the RBAC does not grant
+/// it: the agents keep their own DNS settings).
+fn not_served(kind: Kind, e: &watcher::Error) -> bool {
+    let code = match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
-        watcher::Error::WatchError(s) => s.code == 404,
-        _ => false,
-    }
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    code == 404 || (kind == Kind::Dns && code == 403)
 }
 
 /// An object a watcher brought, of the kind it watches.
@@ -296,6 +308,7 @@ enum Object {
     Slice(Box<discovery::EndpointSlice>),
     Node(Box<core::Node>),
     Export(Box<DynamicObject>),
+    Dns(Box<core::ConfigMap>),
 }
 
 /// What a watcher stream told us.
@@ -338,7 +351,7 @@ where
                 Ok(watcher::Event::InitDone) => Signal::InitDone,
                 Ok(watcher::Event::Apply(o)) => Signal::Applied(wrap(o)),
                 Ok(watcher::Event::Delete(o)) => Signal::Deleted(wrap(o)),
-                Err(e) if not_served(&e) => Signal::NotServed,
+                Err(e) if not_served(kind, &e) => Signal::NotServed,
                 Err(e) => Signal::Failed(error_chain(&e)),
             };
             (kind, signal)
@@ -406,9 +419,14 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     let nodes: Api<core::Node> = Api::all(client.clone());
     let export_resource = service_export_resource();
     let exports: Api<DynamicObject> = match &config.namespace {
-        Some(ns) => Api::namespaced_with(client, ns, &export_resource),
-        None => Api::all_with(client, &export_resource),
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &export_resource),
+        None => Api::all_with(client.clone(), &export_resource),
     };
+    let dns = config.dns_configmap.as_ref().map(|(ns, name)| {
+        let api: Api<core::ConfigMap> = Api::namespaced(client, ns);
+        let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        signals(Kind::Dns, api, wc, |o| Object::Dns(Box::new(o)))
+    });
     let answered = tokio_stream::wrappers::ReceiverStream::new(answers)
         .map(|kind| (kind, Signal::Answered))
         .boxed();
@@ -427,11 +445,19 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         }),
         answered,
     ]);
+    if let Some(dns) = dns {
+        stream.push(dns);
+    }
 
     let mut view = View::new(name.clone(), config.cluster.clone());
-    let mut listing = [true; 4];
-    let mut listed = [false; 4];
-    let mut errors: [Option<String>; 4] = Default::default();
+    let mut listing = [true; KINDS];
+    let mut listed = [false; KINDS];
+    // Without a ConfigMap to read, that kind is done.
+    if config.dns_configmap.is_none() {
+        listing[Kind::Dns as usize] = false;
+        listed[Kind::Dns as usize] = true;
+    }
+    let mut errors: [Option<String>; KINDS] = Default::default();
     let mut dirty = false;
     loop {
         // One burst: the first signal, then everything until a quiet window.
@@ -491,8 +517,16 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
                 }
                 Signal::NotServed => {
                     // No MCS CRDs: nothing is exported, which is no failure.
+                    // No kube-dns ConfigMap we may read: no cluster DNS settings.
                     if !listed[i] {
-                        tracing::info!(source = %name, kind = kind.name(), "not served by the API server (MCS CRDs not installed?); nothing is exported from it");
+                        match kind {
+                            Kind::Dns => {
+                                tracing::info!(source = %name, "the kube-dns ConfigMap cannot be read (not allowed?); the agents keep their own DNS settings")
+                            }
+                            _ => {
+                                tracing::info!(source = %name, kind = kind.name(), "not served by the API server (MCS CRDs not installed?); nothing is exported from it")
+                            }
+                        }
                     }
                     listed[i] = true;
                     listing[i] = false;
@@ -511,7 +545,8 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         let synced = listed[..3].iter().all(|l| *l);
         // Publish objects only when every kind holds a complete list: never
         // a partial initial list, never in the middle of a relist.
-        if dirty && synced && !listing[..3].iter().any(|l| *l) && !(listed[3] && listing[3]) {
+        let relisting_optional = (3..KINDS).any(|k| listed[k] && listing[k]);
+        if dirty && synced && !listing[..3].iter().any(|l| *l) && !relisting_optional {
             dirty = false;
             let mut new = view.state();
             new.last_error = last_error;
@@ -575,8 +610,10 @@ struct View {
     exports: BTreeMap<ObjectKey, Export>,
     export_list: Vec<Export>,
     exports_stale: bool,
+    /// The cluster's DNS settings, from the kube-dns ConfigMap.
+    dns: Option<Arc<super::ClusterDns>>,
     /// The objects of each kind's relist in progress.
-    listing: [Option<Vec<Object>>; 4],
+    listing: [Option<Vec<Object>>; KINDS],
 }
 
 impl View {
@@ -597,6 +634,7 @@ impl View {
             exports: BTreeMap::new(),
             export_list: Vec::new(),
             exports_stale: false,
+            dns: None,
             listing: Default::default(),
         }
     }
@@ -630,6 +668,8 @@ impl View {
                 .map(|n| (String::new(), n.clone()))
                 .collect(),
             Kind::Export => self.exports.keys().cloned().collect(),
+            // One object at most: a list without it removes it.
+            Kind::Dns => vec![(String::new(), String::new())],
         };
         for key in gone.into_iter().filter(|k| !listed.contains(k)) {
             self.remove(kind, &key);
@@ -738,6 +778,38 @@ impl View {
                     self.exports_stale = true;
                 }
             }
+            Object::Dns(cm) => {
+                let (dns, problems) = k8s::cluster_dns(&cm);
+                let object = format!(
+                    "ConfigMap {}/{}",
+                    cm.namespace().unwrap_or_default(),
+                    cm.name_any()
+                );
+                let value: Result<(), Vec<ObjectError>> = if problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(problems
+                        .into_iter()
+                        .map(|(field, message)| ObjectError {
+                            source: source.to_owned(),
+                            object: object.clone(),
+                            field,
+                            message,
+                        })
+                        .collect())
+                };
+                set_failed(
+                    &mut self.failed,
+                    &mut self.errors_stale,
+                    Kind::Dns,
+                    &(String::new(), String::new()),
+                    &value,
+                );
+                let dns = (dns != super::ClusterDns::default()).then(|| Arc::new(dns));
+                if self.dns != dns {
+                    self.dns = dns;
+                }
+            }
         }
     }
 
@@ -767,6 +839,7 @@ impl View {
             Kind::Export => {
                 self.exports_stale |= self.exports.remove(key).is_some();
             }
+            Kind::Dns => self.dns = None,
         }
         if self.failed.remove(&(kind as u8, key.clone())).is_some() {
             self.errors_stale = true;
@@ -796,6 +869,7 @@ impl View {
             errors: self.errors.clone(),
             nodes: self.node_list.clone(),
             exports: self.export_list.clone(),
+            dns: self.dns.clone(),
             ..SourceState::default()
         }
     }
@@ -808,6 +882,7 @@ impl Object {
             Object::Slice(_) => Kind::Slice,
             Object::Node(_) => Kind::Node,
             Object::Export(_) => Kind::Export,
+            Object::Dns(_) => Kind::Dns,
         }
     }
 
@@ -818,6 +893,8 @@ impl Object {
             Object::Slice(o) => object_key(&**o),
             Object::Node(o) => (String::new(), o.name_any()),
             Object::Export(o) => object_key(&**o),
+            // The one ConfigMap watched.
+            Object::Dns(_) => (String::new(), String::new()),
         }
     }
 }

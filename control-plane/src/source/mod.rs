@@ -20,6 +20,7 @@ pub mod file;
 pub mod kubernetes;
 pub mod relay;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -289,6 +290,9 @@ pub struct SourceState {
     pub nodes: Arc<[NodeInfo]>,
     /// Services exported to the clusterset (ServiceExports; KEP-1645).
     pub exports: Vec<Export>,
+    /// The cluster's DNS settings (sources that read the kube-dns
+    /// ConfigMap: kube), when it has some.
+    pub dns: Option<Arc<ClusterDns>>,
     /// The clusterset's imports, ready-made: set (even empty) by a relay
     /// that follows a hub's clusterset, which then replaces the local merge.
     pub imports: Option<Vec<Arc<ServiceState>>>,
@@ -306,6 +310,17 @@ pub struct Export {
     /// The ServiceExport's `metadata.creationTimestamp`, Unix seconds, when
     /// the source knows it: the oldest export's properties win a conflict.
     pub created_unix: Option<i64>,
+}
+
+/// The cluster's DNS settings, from the kube-dns ConfigMap
+/// (`stubDomains`, `upstreamNameservers`), for the agents' DNS stubs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterDns {
+    /// Zone -> the servers names in it go to (`IP` or `IP:PORT`).
+    pub stub_domains: BTreeMap<String, Vec<String>>,
+    /// Where names outside the cluster go instead of the agents' own
+    /// upstreams (`IP` or `IP:PORT`).
+    pub upstream_nameservers: Vec<String>,
 }
 
 /// A cluster node as a source saw it.

@@ -850,6 +850,7 @@ fn resource_list(group_version: &str) -> Value {
                 Kind::Node => &["no"],
                 Kind::EndpointSlice => &[],
                 Kind::ServiceExport => &["svcex"],
+                Kind::ConfigMap => &["cm"],
             };
             json!({
                 "name": k.plural(), "singularName": k.kind().to_lowercase(),

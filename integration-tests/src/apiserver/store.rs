@@ -29,15 +29,18 @@ pub enum Kind {
     Node,
     /// `multicluster.x-k8s.io/v1alpha1 ServiceExport` (the MCS API's CRD), namespaced.
     ServiceExport,
+    /// `v1 ConfigMap`, namespaced (the kube-dns ConfigMap).
+    ConfigMap,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::ServiceExport,
+        Kind::ConfigMap,
     ];
 
     /// `kind` of one object.
@@ -47,13 +50,14 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::ServiceExport => "ServiceExport",
+            Kind::ConfigMap => "ConfigMap",
         }
     }
 
     /// `apiVersion` of the kind.
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::Node => "v1",
+            Kind::Service | Kind::Node | Kind::ConfigMap => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
         }
@@ -66,6 +70,7 @@ impl Kind {
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
             Kind::ServiceExport => "serviceexports",
+            Kind::ConfigMap => "configmaps",
         }
     }
 
@@ -90,6 +95,7 @@ impl Kind {
                 serde_json::from_value::<discovery::EndpointSlice>(obj.clone()).map(drop)
             }
             Kind::Node => serde_json::from_value::<core::Node>(obj.clone()).map(drop),
+            Kind::ConfigMap => serde_json::from_value::<core::ConfigMap>(obj.clone()).map(drop),
             // A CRD with a permissive schema (its spec is optional): only
             // the object metadata must have the right shape.
             Kind::ServiceExport => serde_json::from_value::<
