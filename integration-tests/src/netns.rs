@@ -381,6 +381,11 @@ impl Cluster {
         }
     }
 
+    /// The process id of node `i`'s agent (for its CPU time).
+    pub fn agent_pid(&self, i: u8) -> Option<u32> {
+        self.agents.get(&i).map(Child::id)
+    }
+
     /// Stops node `i`'s agent with SIGTERM, as a DaemonSet update or a
     /// service manager does, and waits for it to exit.
     pub fn stop_agent(&mut self, i: u8) {
