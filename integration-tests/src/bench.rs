@@ -353,3 +353,13 @@ pub fn process_cpu_split(pid: &str) -> (f64, f64) {
     // utime and stime: fields 14 and 15 of stat, 11 and 12 after the command.
     (ticks(11) / 100.0, ticks(12) / 100.0)
 }
+
+/// The number after `label` in dnsperf's report (`Queries per second:`),
+/// 0 when it is not there.
+pub fn dnsperf_field(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -691,6 +691,33 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: te
     y
 }
 
+/// The cluster DNS Service, `kube-system/kube-dns` at 10.96.0.53 (UDP and
+/// TCP port 53), with one endpoint: the pod at 10.244.1.53 on node 1.
+pub const KUBE_DNS: &str = "apiVersion: v1
+kind: Service
+metadata: {namespace: kube-system, name: kube-dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
+  - {name: dns-tcp, protocol: TCP, port: 53, targetPort: 53}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  namespace: kube-system
+  name: kube-dns-1
+  labels: {kubernetes.io/service-name: kube-dns}
+addressType: IPv4
+ports:
+- {name: dns, protocol: UDP, port: 53}
+- {name: dns-tcp, protocol: TCP, port: 53}
+endpoints:
+- addresses: [10.244.1.53]
+  nodeName: node-1
+  conditions: {ready: true}
+";
+
 /// How an endpoint stands, for [`with_endpoints`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {

@@ -239,3 +239,33 @@ pub fn free_dns_port() -> u16 {
         }
     }
 }
+
+/// The command line of an agent restarted in place: `node` of the control
+/// plane at `cp` (gRPC), its state in `state`, admin on `admin`, the DNS
+/// stub on `dns` (no upstream), the `none` data plane.
+pub fn agent_args(
+    cp: SocketAddr,
+    node: &str,
+    state: &std::path::Path,
+    admin: &str,
+    dns: SocketAddr,
+) -> Vec<String> {
+    [
+        "--control-plane",
+        &format!("http://{cp}"),
+        "--node-name",
+        node,
+        "--state-dir",
+        &state.display().to_string(),
+        "--admin-listen",
+        admin,
+        "--dns-listen",
+        &dns.to_string(),
+        "--dns-upstream",
+        "127.0.0.1:1",
+        "--dataplane",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec()
+}

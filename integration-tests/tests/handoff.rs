@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use switchyard_integration_tests::restart::{AgentProcess, QueryLoop, free_dns_port};
+use switchyard_integration_tests::restart::{AgentProcess, QueryLoop, agent_args, free_dns_port};
 use switchyard_integration_tests::*;
 
 const STEP: Duration = Duration::from_secs(30);
@@ -31,24 +31,13 @@ async fn a_successor_takes_over_with_no_query_lost_in_either_order() {
     let admin = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let args: Vec<String> = [
-        "--control-plane",
-        &format!("http://{}", cp.grpc_addr),
-        "--node-name",
+    let args = agent_args(
+        cp.grpc_addr,
         "node-a",
-        "--state-dir",
-        &env.state("node-a").display().to_string(),
-        "--admin-listen",
+        &env.state("node-a"),
         &admin.to_string(),
-        "--dns-listen",
-        &dns.to_string(),
-        "--dns-upstream",
-        "127.0.0.1:1",
-        "--dataplane",
-        "none",
-    ]
-    .map(String::from)
-    .to_vec();
+        dns,
+    );
     let bin = Path::new(env!("CARGO_BIN_EXE_sy_agent"));
     let acked = |s: &switchyard_control_plane::status::StatusDocument| {
         s.agents

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard_integration_tests::netns::{
-    Bins, Cluster, Condition, Plane, finish_echo, pod_ip6, service_manifest, supported,
+    Bins, Cluster, Condition, KUBE_DNS, Plane, finish_echo, pod_ip6, service_manifest, supported,
     with_endpoints, with_ingress, with_labels,
 };
 
@@ -1002,31 +1002,6 @@ fn service_ranges_and_primary_node_port_addresses(plane: Plane) {
         "no node port on another address of the node: {other}"
     );
 }
-
-const KUBE_DNS: &str = "apiVersion: v1
-kind: Service
-metadata: {namespace: kube-system, name: kube-dns}
-spec:
-  clusterIP: 10.96.0.53
-  ports:
-  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
-  - {name: dns-tcp, protocol: TCP, port: 53, targetPort: 53}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  namespace: kube-system
-  name: kube-dns-1
-  labels: {kubernetes.io/service-name: kube-dns}
-addressType: IPv4
-ports:
-- {name: dns, protocol: UDP, port: 53}
-- {name: dns-tcp, protocol: TCP, port: 53}
-endpoints:
-- addresses: [10.244.1.53]
-  nodeName: node-1
-  conditions: {ready: true}
-";
 
 /// Transparent DNS (`--dns-service kube-system/kube-dns`): a pod whose
 /// resolver is the cluster DNS IP, as kubelet sets it, is answered by its

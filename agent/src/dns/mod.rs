@@ -93,6 +93,25 @@ pub struct DnsConfig {
 }
 
 impl DnsConfig {
+    /// A stub on `listen` for `zone`: TTL 5 s, no upstream, no stub domain,
+    /// answering this node and loopback, the flags' other defaults (the
+    /// benchmarks' and tests' starting point).
+    pub fn plain(listen: SocketAddr, zone: Name) -> Self {
+        Self {
+            listen,
+            zone,
+            ttl: 5,
+            upstreams: Vec::new(),
+            no_upstream: None,
+            forward_zones: Vec::new(),
+            serve_stale: std::time::Duration::ZERO,
+            endpoint_pod_names: false,
+            acl: Acl::node_local(&[]),
+            max_inflight: 1024,
+            tcp_limits: server::TcpLimits::default(),
+        }
+    }
+
     /// The configuration `args` describe, listening on `listen`. Call after
     /// the listen address exists, so the default access list includes it.
     pub fn from_args(args: &Args, listen: SocketAddr) -> anyhow::Result<Self> {

@@ -1349,17 +1349,8 @@ fn udp_handler(
     let (tx, rx) = tokio::sync::watch::channel(state);
     let cell = Arc::new(super::IndexCell::new(rx, zone(), 5, None, None));
     let cfg = super::DnsConfig {
-        listen: "127.0.0.1:53".parse().expect("addr"),
-        zone: zone(),
-        ttl: 5,
-        upstreams: Vec::new(),
-        no_upstream: None,
-        forward_zones: Vec::new(),
-        serve_stale: std::time::Duration::ZERO,
-        endpoint_pod_names: false,
-        acl: Acl::node_local(&[]),
         max_inflight: 16,
-        tcp_limits: super::server::TcpLimits::default(),
+        ..super::DnsConfig::plain("127.0.0.1:53".parse().expect("addr"), zone())
     };
     let metrics = Arc::new(crate::status::Metrics::new());
     (

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use switchyard_agent::applier::Applier;
 use switchyard_agent::dataplane::NoneDataPlane;
-use switchyard_agent::dns::{Acl, DnsConfig};
+use switchyard_agent::dns::DnsConfig;
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_agent::store::Store;
 use switchyard_integration_tests::bench::{arg, loadavg, summary, ten_endpoint_service};
@@ -56,19 +56,10 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
     );
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let cfg = DnsConfig {
-        listen: "127.0.0.1:0".parse()?,
-        zone: switchyard_agent::dns::zone_name("cluster.local")?,
-        ttl: 5,
-        upstreams: vec![],
-        no_upstream: None,
-        forward_zones: Vec::new(),
-        serve_stale: std::time::Duration::ZERO,
-        endpoint_pod_names: false,
-        acl: Acl::node_local(&[]),
-        max_inflight: 1024,
-        tcp_limits: Default::default(),
-    };
+    let cfg = DnsConfig::plain(
+        "127.0.0.1:0".parse()?,
+        switchyard_agent::dns::zone_name("cluster.local")?,
+    );
     let started = switchyard_agent::dns::start(
         cfg,
         applier.subscribe(),

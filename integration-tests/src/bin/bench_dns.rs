@@ -57,9 +57,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use switchyard_agent::dns::{Acl, DnsConfig};
+use switchyard_agent::dns::DnsConfig;
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
+use switchyard_integration_tests::bench::dnsperf_field as field;
 use switchyard_integration_tests::bench::{self, arg};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
@@ -380,14 +381,6 @@ fn dnsperf(
     Ok(std::fs::read_to_string(&out_path)?)
 }
 
-fn field(text: &str, label: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The unlimited run on `file`: queries per second and queries lost.
 fn unlimited(port: u16, file: &Path, seconds: u64) -> anyhow::Result<(f64, u64)> {
     let max = dnsperf(port, file, seconds, None, false)?;
@@ -485,17 +478,11 @@ fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let cfg = DnsConfig {
-        listen: "127.0.0.1:0".parse()?,
-        zone: switchyard_agent::dns::zone_name(ZONE)?,
-        ttl: 5,
         upstreams: vec![SocketAddr::from(([127, 0, 0, 1], upstream_port))],
-        no_upstream: None,
-        forward_zones: Vec::new(),
-        serve_stale: Duration::ZERO,
-        endpoint_pod_names: false,
-        acl: Acl::node_local(&[]),
-        max_inflight: 1024,
-        tcp_limits: Default::default(),
+        ..DnsConfig::plain(
+            "127.0.0.1:0".parse()?,
+            switchyard_agent::dns::zone_name(ZONE)?,
+        )
     };
     let stub = rt
         .block_on(async {

@@ -24,7 +24,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_agent::dns::{Acl, DnsConfig, DnsIndex};
+use switchyard_agent::dns::{DnsConfig, DnsIndex};
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_integration_tests::bench::{
@@ -159,19 +159,10 @@ fn with_service(base: &AgentState, st: ServiceState, version: &str) -> Arc<Agent
 }
 
 fn stub_config() -> anyhow::Result<DnsConfig> {
-    Ok(DnsConfig {
-        listen: "127.0.0.1:0".parse()?,
-        zone: switchyard_agent::dns::zone_name("cluster.local")?,
-        ttl: 5,
-        upstreams: vec![],
-        no_upstream: None,
-        forward_zones: Vec::new(),
-        serve_stale: Duration::ZERO,
-        endpoint_pod_names: false,
-        acl: Acl::node_local(&[]),
-        max_inflight: 1024,
-        tcp_limits: Default::default(),
-    })
+    Ok(DnsConfig::plain(
+        "127.0.0.1:0".parse()?,
+        switchyard_agent::dns::zone_name("cluster.local")?,
+    ))
 }
 
 /// One large headless Service (issue 30): the index built whole and after

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use switchyard_integration_tests::bench::{loadavg, process_cpu_seconds};
-use switchyard_integration_tests::netns::{Bins, Cluster, service_manifest, supported};
+use switchyard_integration_tests::bench::{dnsperf_field as field, loadavg, process_cpu_seconds};
+use switchyard_integration_tests::netns::{Bins, Cluster, KUBE_DNS, service_manifest, supported};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,43 +43,10 @@ struct Cli {
     repeat: usize,
 }
 
-const KUBE_DNS: &str = "apiVersion: v1
-kind: Service
-metadata: {namespace: kube-system, name: kube-dns}
-spec:
-  clusterIP: 10.96.0.53
-  ports:
-  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
-  - {name: dns-tcp, protocol: TCP, port: 53, targetPort: 53}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  namespace: kube-system
-  name: kube-dns-1
-  labels: {kubernetes.io/service-name: kube-dns}
-addressType: IPv4
-ports:
-- {name: dns, protocol: UDP, port: 53}
-- {name: dns-tcp, protocol: TCP, port: 53}
-endpoints:
-- addresses: [10.244.1.53]
-  nodeName: node-1
-  conditions: {ready: true}
-";
-
 fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
         .expect("this binary")
         .with_file_name(name)
-}
-
-fn field(text: &str, label: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn median(v: &mut [f64]) -> f64 {

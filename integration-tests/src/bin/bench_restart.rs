@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use switchyard_integration_tests::bench::loadavg;
-use switchyard_integration_tests::restart::{AgentProcess, QueryLoop, Tally, free_dns_port};
+use switchyard_integration_tests::restart::{
+    AgentProcess, QueryLoop, Tally, agent_args, free_dns_port,
+};
 use switchyard_integration_tests::*;
 
 const STEP: Duration = Duration::from_secs(60);
@@ -80,24 +82,13 @@ async fn main() -> anyhow::Result<()> {
     for mode in &cli.modes {
         let dns: SocketAddr = ([127, 0, 0, 1], free_dns_port()).into();
         let state = env.state(&format!("agent-{mode}"));
-        let mut args: Vec<String> = [
-            "--control-plane",
-            &format!("http://{}", cp.grpc_addr),
-            "--node-name",
+        let mut args = agent_args(
+            cp.grpc_addr,
             &format!("bench-{mode}"),
-            "--state-dir",
-            &state.display().to_string(),
-            "--admin-listen",
+            &state,
             "127.0.0.1:0",
-            "--dns-listen",
-            &dns.to_string(),
-            "--dns-upstream",
-            "127.0.0.1:1",
-            "--dataplane",
-            "none",
-        ]
-        .map(String::from)
-        .to_vec();
+            dns,
+        );
         if mode == "plain" {
             args.extend(["--handoff-wait".to_owned(), "0s".to_owned()]);
         }
