@@ -253,6 +253,7 @@ pub async fn start_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
+    let closers = listener::Closers::default();
     let service = SnapshotService::new(
         snapshot_rx.clone(),
         status.clone(),
@@ -262,9 +263,12 @@ pub async fn start_with(
         StreamLimits {
             max_streams: args.max_agent_streams,
             ack_timeout: args.ack_timeout,
+            max_hellos_waiting: args.max_hellos_waiting,
+            max_hellos_waiting_per_address: args.max_hellos_waiting_per_address,
         },
         shutdown.clone(),
-    );
+    )
+    .closing_connections(closers.clone());
     tasks.spawn(heap::run(
         service.churn(),
         metrics.clone(),
@@ -306,8 +310,14 @@ pub async fn start_with(
     let grpc_shutdown = shutdown.clone();
     match tls {
         Some(tls) => {
-            let (incoming, accepting) =
-                listener::tls(grpc, limits, tls, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) = listener::tls(
+                grpc,
+                limits,
+                tls,
+                closers,
+                metrics.clone(),
+                grpc_shutdown.clone(),
+            );
             tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router
@@ -320,8 +330,13 @@ pub async fn start_with(
         }
         None => {
             listener::warn_if_clear_text(grpc_addr);
-            let (incoming, accepting) =
-                listener::plain(grpc, limits, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) = listener::plain(
+                grpc,
+                limits,
+                closers,
+                metrics.clone(),
+                grpc_shutdown.clone(),
+            );
             tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router
