@@ -47,7 +47,9 @@ pub struct StatusDocument {
     pub updates: u64,
     /// Updates rejected (NACKed) since start.
     pub rejected: u64,
-    /// Why the persisted state was discarded at start-up, if it was.
+    /// What was wrong with the persisted state at start-up, if anything:
+    /// why it was discarded, or why an older state than the newest written
+    /// is served (the previous generation, or a rolled-back store).
     pub discarded_state: Option<String>,
     /// The DNS stub; null when `--dns-listen none`.
     pub dns: Option<DnsStatus>,
