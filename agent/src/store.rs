@@ -5,8 +5,8 @@
 //! ```text
 //!   state.sled  tree "resources":  name -> frame(v1::Resource)   one entry per resource
 //!               key  "meta":       frame(Meta)   version, count, generation, checksum
-//!               tree "previous":   name -> frame or "" (absent)  what the last update replaced,
-//!                                  "meta" -> the previous generation's meta
+//!               tree "previous":   G name -> frame or "" (absent)   what update G replaced,
+//!                                  G -> the meta of generation G - 1 (G: 8 bytes, big-endian)
 //!   state.generation               frame(Meta) of the newest generation written
 //! ```
 //!
@@ -381,9 +381,17 @@ impl Store {
     /// The previous generation: the newest with what the last update
     /// replaced put back.
     fn read_previous(&self, h: &Handle) -> Result<(AgentState, Meta), String> {
+        // The newest update kept (older ones may linger, unread, until the
+        // next save removes them).
+        let (last, _) = h
+            .previous
+            .last()
+            .map_err(|e| e.to_string())?
+            .ok_or("none kept")?;
+        let generation = last.get(..8).ok_or("none kept")?;
         let meta = h
             .previous
-            .get(META_KEY)
+            .get(generation)
             .map_err(|e| e.to_string())?
             .filter(|m| !m.is_empty())
             .ok_or("none kept")?;
@@ -394,12 +402,12 @@ impl Store {
             let (key, value) = entry.map_err(|e| e.to_string())?;
             frames.insert(String::from_utf8_lossy(&key).into_owned(), value.to_vec());
         }
-        for entry in h.previous.iter() {
+        for entry in h.previous.scan_prefix(generation) {
             let (key, value) = entry.map_err(|e| e.to_string())?;
-            if *key == *META_KEY {
+            if key.len() == 8 {
                 continue;
             }
-            let name = String::from_utf8_lossy(&key).into_owned();
+            let name = String::from_utf8_lossy(&key[8..]).into_owned();
             if value.is_empty() {
                 frames.remove(&name);
             } else {
@@ -497,17 +505,18 @@ impl Store {
                 .iter()
                 .map(|n| n.as_bytes().to_vec())
                 .collect();
+            let prefix = generation.to_be_bytes();
             let mut undo = Vec::with_capacity(touched.len() + 1);
             for name in &touched {
                 let old = h.resources.get(name.as_bytes()).map_err(db_err)?;
                 undo.push((
-                    name.as_bytes().to_vec(),
+                    [&prefix[..], name.as_bytes()].concat(),
                     old.map(|v| v.to_vec()).unwrap_or_default(),
                 ));
             }
             let old_meta = h.db.get(META_KEY).map_err(db_err)?;
             undo.push((
-                META_KEY.to_vec(),
+                prefix.to_vec(),
                 old_meta.map(|v| v.to_vec()).unwrap_or_default(),
             ));
             let sum = touched.iter().fold(sum, |sum, name| {
@@ -523,7 +532,6 @@ impl Store {
             });
             (written, removed, undo, sum)
         };
-        let replaced: Vec<sled::IVec> = h.previous.iter().keys().filter_map(Result::ok).collect();
         let meta = Meta {
             snapshot_version: state.version.clone(),
             resource_count: state.resources.len() as u64,
@@ -535,9 +543,6 @@ impl Store {
         let default_tree: &sled::Tree = &h.db;
         (&h.resources, default_tree, &h.previous)
             .transaction(|(resources, top, before)| {
-                for key in &replaced {
-                    before.remove(key)?;
-                }
                 for (name, value) in &undo {
                     before.insert(name.as_slice(), value.as_slice())?;
                 }
@@ -561,6 +566,15 @@ impl Store {
             .await
             .map_err(|e| self.broke(db_err(e)))?;
         self.set_last(generation, sum);
+        // What older updates replaced is read no more: removed off the
+        // ACK's path (it is as large as those updates were).
+        let previous = h.previous.clone();
+        let older = generation.to_be_bytes();
+        tokio::task::spawn_blocking(move || {
+            for key in previous.range(..older).keys().filter_map(Result::ok) {
+                let _ = previous.remove(key);
+            }
+        });
         if whole {
             tracing::info!(path = %self.path.display(), version = %state.version, resources = state.resources.len(), "the whole state written again");
             self.rewrite
