@@ -825,7 +825,12 @@ impl AgentStream {
             tokio::select! {
                 msg = inbound.message() => {
                     let msg = msg.map_err(|e| e.to_string())?.ok_or("agent closed the stream")?;
-                    self.on_message(svc, msg);
+                    if let Err(status) = self.on_message(svc, msg) {
+                        svc.metrics.refused_streams("hello");
+                        let why = status.message().to_owned();
+                        let _ = tx.try_send(Box::new(Err(status)));
+                        return Err(why);
+                    }
                 }
                 changed = snapshots.changed(), if !waiting_for_ack => {
                     changed.map_err(|_| "control plane shutting down".to_owned())?;
@@ -892,13 +897,14 @@ impl AgentStream {
         Some((delta, nonce))
     }
 
-    fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) {
+    /// Takes in an ACK or a NACK; anything else ends the stream.
+    fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) -> Result<(), Status> {
         match msg.kind {
             Some(agent_message::Kind::Ack(ack)) => {
                 let Some((nonce, snapshot)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce)
                 else {
                     tracing::debug!(node = %self.node, nonce = %ack.nonce, "ignoring ACK of a stale nonce");
-                    return;
+                    return Ok(());
                 };
                 tracing::debug!(node = %self.node, %nonce, version = %snapshot.version, "ACK");
                 // Count first: status watchers that wake on the ACK may read the counter.
@@ -914,7 +920,7 @@ impl AgentStream {
             Some(agent_message::Kind::Nack(nack)) => {
                 let Some((_, snapshot)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) else {
                     tracing::debug!(node = %self.node, nonce = %nack.nonce, "ignoring NACK of a stale nonce");
-                    return;
+                    return Ok(());
                 };
                 tracing::warn!(node = %self.node, version = %snapshot.version, error = %nack.error_detail, "agent rejected a snapshot; parked until the next change");
                 // The agent's text is bounded by the message size; /status keeps a line of it.
@@ -923,10 +929,21 @@ impl AgentStream {
                 svc.metrics.nacks.inc();
                 self.parked_on = Some(snapshot.version.clone());
             }
-            Some(agent_message::Kind::Hello(_)) | None => {
-                tracing::debug!(node = %self.node, "ignoring a repeated Hello");
+            // Decoded and ignored, a flood of these cost a core for nothing.
+            Some(agent_message::Kind::Hello(_)) => {
+                return Err(Status::invalid_argument(
+                    "a second Hello on a stream: after its Hello an agent sends only ACKs and \
+                     NACKs (protocol rule 1)",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "an agent message with no kind: after its Hello an agent sends only ACKs and \
+                     NACKs (protocol rule 1)",
+                ));
             }
         }
+        Ok(())
     }
 }
 

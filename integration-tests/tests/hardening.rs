@@ -511,6 +511,24 @@ fn prometheus_parse_refused(text: &str, reason: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_ends_the_stream() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    current_version(&cp).await;
+    let (_first, tx, mut inbound) = raw_stream(&cp, vec![hello("twice", "", vec![], false)])
+        .await
+        .expect("served");
+    tx.send(hello("twice", "", vec![], false))
+        .await
+        .expect("the stream takes it");
+    let end = within("the stream's end", inbound.message())
+        .await
+        .expect_err("ended");
+    assert_eq!(end.code(), tonic::Code::InvalidArgument, "{end:?}");
+    assert!(end.message().contains("a second Hello"), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_streams_are_bounded() {
     let env = web_env();
     let mut args = env.cp_args();
