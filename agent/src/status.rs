@@ -37,6 +37,8 @@ pub struct StatusDocument {
     pub origin: Origin,
     /// Whether a stream to the control plane is open.
     pub connected: bool,
+    /// The `--control-plane` URL the stream is (or was last) open to.
+    pub control_plane: Option<String>,
     /// Resources (Services) in force.
     pub resources: usize,
     /// The data plane in use.
@@ -145,6 +147,7 @@ impl Status {
                 version: None,
                 origin: Origin::None,
                 connected: false,
+                control_plane: None,
                 resources: 0,
                 dataplane,
                 last_error: None,

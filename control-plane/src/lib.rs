@@ -48,6 +48,14 @@ use source::{Source, SourceState};
 use status::Status;
 use switchyard_proto::v1::snapshot_discovery_server::SnapshotDiscoveryServer;
 
+/// HTTP/2 pings to each agent's connection: an agent that stops answering
+/// (gone, frozen, behind a blackhole) is noticed within the interval plus
+/// the timeout, 9 s, and its stream ends (`/status` shows it disconnected).
+/// (10 s + 20 s before.)
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(4);
+/// How long a ping may go unanswered.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// HTTP/2 streams one connection may open: an agent needs one, a health
 /// check another; a client opening more is held to this.
 const MAX_STREAMS_PER_CONNECTION: u32 = 8;
@@ -231,8 +239,8 @@ pub async fn start_with(
 
     // Streams per connection: an agent needs one, health checks another.
     let builder = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // What an agent may send before we read it. hyper's default is 1 MiB
         // a stream: a reconnect storm of agents whose Hellos wait for their
