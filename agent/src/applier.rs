@@ -184,28 +184,20 @@ impl Applier {
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("reading the persisted state failed: {e}");
+                // sled may panic on a damaged database: said, as any damage.
+                let why = format!("reading the persisted state failed: {e}");
+                tracing::error!("{why}");
+                self.status.update(|s| s.discarded_state = Some(why));
                 return;
             }
         };
         match loaded {
-            Ok(Loaded::State(state)) => {
-                let changes = ChangeSet {
-                    changed: state.resources.keys().cloned().collect(),
-                    removed: Vec::new(),
-                };
-                let state = Arc::new(state);
-                match self.program(state.clone(), changes, true).await {
-                    Ok(()) => {
-                        tracing::info!(version = %state.version, resources = state.resources.len(), "serving the persisted state");
-                        self.publish(state, Origin::Persisted);
-                    }
-                    Err(e) => {
-                        let e = e.nack_detail();
-                        tracing::error!("the persisted state could not be applied: {e}");
-                        self.status.update(|s| s.last_error = Some(e));
-                    }
-                }
+            Ok(Loaded::State(state)) => self.serve_persisted(state).await,
+            Ok(Loaded::Older { state, reason }) => {
+                // Served, and said: never as the newest state silently.
+                tracing::warn!(version = %state.version, "serving an older persisted state: {reason}");
+                self.status.update(|s| s.discarded_state = Some(reason));
+                self.serve_persisted(state).await;
             }
             Ok(Loaded::Empty) => {
                 tracing::info!("no persisted state; waiting for the control plane")
@@ -216,6 +208,26 @@ impl Applier {
             Err(e) => {
                 tracing::error!("reading the persisted state failed: {e}");
                 self.status.update(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Programs a persisted state and puts it in force.
+    async fn serve_persisted(&mut self, state: AgentState) {
+        let changes = ChangeSet {
+            changed: state.resources.keys().cloned().collect(),
+            removed: Vec::new(),
+        };
+        let state = Arc::new(state);
+        match self.program(state.clone(), changes, true).await {
+            Ok(()) => {
+                tracing::info!(version = %state.version, resources = state.resources.len(), "serving the persisted state");
+                self.publish(state, Origin::Persisted);
+            }
+            Err(e) => {
+                let e = e.nack_detail();
+                tracing::error!("the persisted state could not be applied: {e}");
+                self.status.update(|s| s.last_error = Some(e));
             }
         }
     }
@@ -318,7 +330,7 @@ impl Applier {
                 .record_update(&current, &next, &changes, update.changed_at_unix_nanos);
         }
         let t = Instant::now();
-        if let Err(e) = self.store.save(&next, update, &changes).await {
+        if let Err(e) = self.store.save(&current, &next, update, &changes).await {
             self.status.persist_failed(e.to_string());
             if !unchanged {
                 self.put_back(&current, &changes).await;

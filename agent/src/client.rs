@@ -11,6 +11,11 @@
 //!                                                          └─ stream ends ─▶ backoff ─▶ connect
 //! ```
 //!
+//! With several `--control-plane` URLs the agent streams from one at a
+//! time: a stream that fails (a reset, a refusal, or HTTP/2 pings left
+//! unanswered for [`KEEPALIVE_TIMEOUT`]) moves it to the next at once, and
+//! the backoff applies once every one has been tried.
+//!
 //! A retried update that finally applies is not ACKed late on the old
 //! stream: the control plane may already have sent the next update computed
 //! from the state we NACKed from. The agent reconnects instead, and its
@@ -108,9 +113,30 @@ pub enum ConnectorError {
     Tls(#[source] switchyard_proto::tls::TlsError),
 }
 
-/// How to reach the control plane.
+/// HTTP/2 pings on the stream's connection: a control plane that stops
+/// answering (gone, frozen, or behind a blackhole, where no reset ever
+/// comes) is noticed within the interval plus the timeout, 8 s, and the
+/// agent moves on to the next `--control-plane`. (10 s + 20 s before: a
+/// dead control plane went unnoticed for 30-36 s.)
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+/// How long a ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection may take, TCP, TLS and the HTTP/2 handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach the control planes (`--control-plane`, one or several):
+/// the agent streams from one at a time and moves to the next when its
+/// stream fails.
 #[derive(Debug, Clone)]
 pub struct Connector {
+    targets: Vec<Target>,
+}
+
+/// How to reach one control plane.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The URL as given.
+    url: String,
     endpoint: Endpoint,
     /// `host:port` to dial.
     address: String,
@@ -127,9 +153,27 @@ struct ClientTls {
 }
 
 impl Connector {
-    /// Checks the URL against the TLS flags and loads the TLS files.
+    /// Checks each URL against the TLS flags and loads the TLS files.
     pub fn from_args(args: &Args) -> Result<Self, ConnectorError> {
-        let url = args.control_plane.clone();
+        let targets = args
+            .control_plane
+            .iter()
+            .map(|url| Target::new(url, args))
+            .collect::<Result<Vec<_>, _>>()?;
+        if targets.is_empty() {
+            return Err(ConnectorError::Url {
+                url: String::new(),
+                why: "no URL given".into(),
+            });
+        }
+        Ok(Self { targets })
+    }
+}
+
+impl Target {
+    /// `url`, checked against the TLS flags of `args`.
+    fn new(url: &str, args: &Args) -> Result<Self, ConnectorError> {
+        let url = url.to_owned();
         let bad = |why: &str| ConnectorError::Url {
             url: url.clone(),
             why: why.to_owned(),
@@ -202,10 +246,11 @@ impl Connector {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| bad(&e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         Ok(Self {
+            url,
             endpoint,
             address,
             tls,
@@ -388,6 +433,31 @@ fn with_hint(text: String, security: Security) -> String {
     }
 }
 
+/// A stream that broke after the control plane answered it, said in
+/// words: TLS and clear text were fine then, so no hint about them. The
+/// only reason our side drops a connection under a live stream (h2 then
+/// says "stream closed because of a broken pipe") is a ping left unanswered: the control plane
+/// stopped answering (gone, frozen, or behind a blackhole).
+fn explain_broken(s: &tonic::Status, security: Security) -> String {
+    let cause = std::error::Error::source(s)
+        .map(|src| format!(" ({})", chain(src)))
+        .unwrap_or_default();
+    let text = format!("{:?}: {}{cause}", s.code(), s.message());
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("keep-alive timed out")
+        || lower.contains("stream closed because of a broken pipe")
+    {
+        return format!(
+            "{text}: the control plane did not answer an HTTP/2 ping within \
+             {KEEPALIVE_TIMEOUT:?} (it is gone, frozen or unreachable)"
+        );
+    }
+    if security == Security::Plain || !closed_early(&text) {
+        return text;
+    }
+    explain_status(s, security)
+}
+
 /// A refused or broken stream said in words.
 fn explain_status(s: &tonic::Status, security: Security) -> String {
     if let Some(r) = std::error::Error::source(s).and_then(find_rustls_error) {
@@ -439,6 +509,9 @@ pub struct NodeIdentity {
 }
 
 /// Runs until `shutdown`: one stream at a time, reconnecting with backoff.
+/// With several control planes, a stream that fails or ends moves the
+/// agent to the next one at once; the backoff applies once every one has
+/// been tried.
 pub async fn run(
     connector: Connector,
     who: NodeIdentity,
@@ -447,30 +520,53 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut announce_held = true;
+    let targets = &connector.targets;
+    let mut at = 0;
     loop {
+        let target = &targets[at];
         applier.metrics.connects.inc();
+        applier
+            .status
+            .update(|s| s.control_plane = Some(target.url.clone()));
         let result = tokio::select! {
-            r = session(&connector, &who, &mut applier, &mut backoff, &mut announce_held) => r,
+            r = session(target, &who, &mut applier, &mut backoff, &mut announce_held) => r,
             _ = shutdown.cancelled() => return,
         };
-        applier.status.update(|s| s.connected = false);
         applier.metrics.connected.set(0);
+        let failed_over = |at: &mut usize| {
+            *at = (*at + 1) % targets.len();
+            *at != 0
+        };
         let wait = match result {
             Ok(SessionEnd::Closed) => {
-                tracing::info!("control plane closed the stream; reconnecting");
-                backoff.next_wait()
+                applier.status.update(|s| s.connected = false);
+                tracing::info!(control_plane = %target.url, "control plane closed the stream; reconnecting");
+                if failed_over(&mut at) {
+                    Duration::ZERO
+                } else {
+                    backoff.next_wait()
+                }
             }
             Ok(SessionEnd::Resume) => {
+                applier.status.update(|s| s.connected = false);
                 tracing::info!("a retried update applied; reconnecting to announce it");
                 Duration::ZERO
             }
             Err(e) => {
-                tracing::warn!("stream to the control plane failed: {e}");
-                applier.status.update(|s| s.last_error = Some(e));
-                backoff.next_wait()
+                tracing::warn!(control_plane = %target.url, "stream to the control plane failed: {e}");
+                // One update: whoever sees the stream down sees why.
+                applier.status.update(|s| {
+                    s.connected = false;
+                    s.last_error = Some(e);
+                });
+                if failed_over(&mut at) {
+                    Duration::ZERO
+                } else {
+                    backoff.next_wait()
+                }
             }
         };
-        tracing::debug!(?wait, "reconnecting after backoff");
+        tracing::debug!(?wait, next = %targets[at].url, "reconnecting");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
@@ -495,14 +591,23 @@ struct Retry {
 }
 
 async fn session(
-    connector: &Connector,
+    connector: &Target,
     who: &NodeIdentity,
     applier: &mut Applier,
     backoff: &mut Backoff,
     announce_held: &mut bool,
 ) -> Result<SessionEnd, String> {
     let tls = connector.security();
-    let channel = connector.connect().await?;
+    // A control plane that accepts TCP but never speaks HTTP/2 (frozen)
+    // would hold the handshake for ever: pings start only after it.
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect())
+        .await
+        .map_err(|_| {
+            format!(
+                "connecting to {}: no HTTP/2 handshake within {CONNECT_TIMEOUT:?}",
+                connector.address
+            )
+        })??;
     let mut client = SnapshotDiscoveryClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(64 << 20);
@@ -541,7 +646,7 @@ async fn session(
     loop {
         let retry_at = retry.as_ref().map(|r| r.at);
         let part = tokio::select! {
-            part = inbound.message() => part.map_err(|s| explain_status(&s, tls))?,
+            part = inbound.message() => part.map_err(|s| explain_broken(&s, tls))?,
             () = sleep_until(retry_at), if retry_at.is_some() => {
                 let Some(mut r) = retry.take() else { continue };
                 match applier.apply_update(&r.update).await {

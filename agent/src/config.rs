@@ -52,11 +52,13 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// gRPC URL of the control plane: `http://HOST:PORT`, or
-    /// `https://HOST:PORT` with --tls-ca. `http://` with any TLS flag is
-    /// refused rather than used in clear text.
-    #[arg(long, default_value = "http://127.0.0.1:18000")]
-    pub control_plane: String,
+    /// gRPC URLs of the control planes, comma-separated or repeated:
+    /// `http://HOST:PORT`, or `https://HOST:PORT` with --tls-ca. The agent
+    /// streams from one at a time and moves to the next when its stream
+    /// fails (one that stops answering is noticed within 8 s). `http://`
+    /// with any TLS flag is refused rather than used in clear text.
+    #[arg(long, default_value = "http://127.0.0.1:18000", value_delimiter = ',')]
+    pub control_plane: Vec<String>,
 
     /// This node's name (defaults to the host name).
     #[arg(long)]

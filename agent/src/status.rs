@@ -37,6 +37,8 @@ pub struct StatusDocument {
     pub origin: Origin,
     /// Whether a stream to the control plane is open.
     pub connected: bool,
+    /// The `--control-plane` URL the stream is (or was last) open to.
+    pub control_plane: Option<String>,
     /// Resources (Services) in force.
     pub resources: usize,
     /// The data plane in use.
@@ -47,7 +49,9 @@ pub struct StatusDocument {
     pub updates: u64,
     /// Updates rejected (NACKed) since start.
     pub rejected: u64,
-    /// Why the persisted state was discarded at start-up, if it was.
+    /// What was wrong with the persisted state at start-up, if anything:
+    /// why it was discarded, or why an older state than the newest written
+    /// is served (the previous generation, or a rolled-back store).
     pub discarded_state: Option<String>,
     /// The DNS stub; null when `--dns-listen none`.
     pub dns: Option<DnsStatus>,
@@ -158,6 +162,7 @@ impl Status {
                 version: None,
                 origin: Origin::None,
                 connected: false,
+                control_plane: None,
                 resources: 0,
                 dataplane,
                 last_error: None,

@@ -1,31 +1,47 @@
 //! The last good state on disk, in sled.
 //!
-//! Layout of the database under `--state-dir`:
+//! Layout of the database under `--state-dir`, and the file beside it:
 //!
 //! ```text
-//!   tree "resources":  name -> frame(v1::Resource)      one entry per resource
-//!   key  "meta":       frame(Meta)                      snapshot version and count
+//!   state.sled  tree "resources":  name -> frame(v1::Resource)   one entry per resource
+//!               key  "meta":       frame(Meta)   version, count, generation, checksum
+//!               tree "previous":   G name -> frame or "" (absent)   what update G replaced,
+//!                                  G -> the meta of generation G - 1 (G: 8 bytes, big-endian)
+//!   state.generation               frame(Meta) of the newest generation written
 //! ```
 //!
 //! Every value is a frame: `b"SWYS"`, format version (u16 BE), payload
 //! length (u32 BE), CRC-32 of the payload (u32 BE), payload (protobuf). An
-//! update (its changed and removed resources and the new `meta`) is written
-//! in one sled transaction over both trees and flushed before the agent
-//! ACKs: a crash at any point leaves exactly the old or exactly the new
-//! state, never new resources labelled with the old version
-//! (`integration-tests/tests/crash.rs` kills a real agent around its saves
-//! to check it).
+//! update (its changed and removed resources, what they replaced, and the
+//! new `meta`) is written in one sled transaction over the three trees and
+//! flushed before the agent ACKs: a crash at any point leaves exactly the
+//! old or exactly the new state, never new resources labelled with the old
+//! version (`integration-tests/tests/crash.rs` kills a real agent around
+//! its saves to check it).
 //!
-//! Loading checks the magic, the format version, the length, the checksum,
-//! the resource count and each resource's validity. Anything wrong discards
-//! the whole store (the caller resyncs from the control plane); a database
-//! sled itself cannot open is moved aside, never a crash loop.
+//! Each save is a new generation. Its `meta` carries the generation and a
+//! checksum of the whole state (the wrapping sum of a SHA-256 digest of
+//! each resource's name and version, kept up to date by what each update
+//! changes). Loading checks the magic, the format version, the length and
+//! CRC of every frame, the resource count, the checksum and each
+//! resource's validity. When the newest generation fails a check, the
+//! previous one is made from it and the "previous" tree and checked the
+//! same way; if it passes it is served, and `/status` `discarded_state`
+//! says so. sled checks its own log too, and on damage it recovers the
+//! last consistent point, silently: an older generation, or nothing. So
+//! after each save the generation written also goes to `state.generation`,
+//! outside sled (written and renamed, not synced: it can only be older
+//! than sled's, never newer, unless sled lost what it had flushed), and a
+//! store older than that file is said to be rolled back. Nothing found is
+//! ever served as the newest state without saying so; a database sled
+//! cannot open is moved aside, never a crash loop.
 //!
 //! Once a write fails (a full disk: ENOSPC), sled keeps that error and
 //! fails every later operation, even after space comes back. So a failed
 //! write marks the store broken, and the next save closes the database,
 //! opens it again and writes the whole state, not just the change: the
-//! agent recovers on its first retry once the disk has room.
+//! agent recovers on its first retry once the disk has room. The same
+//! whole write follows a start that served a previous generation.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +59,9 @@ const HEADER_LEN: usize = 4 + 2 + 4 + 4;
 const MAX_FRAME: usize = 64 << 20;
 const META_KEY: &[u8] = b"meta";
 const RESOURCES_TREE: &[u8] = b"resources";
+const PREVIOUS_TREE: &[u8] = b"previous";
+/// The newest generation written, beside the database.
+const GENERATION_FILE: &str = "state.generation";
 
 /// The metadata frame's payload.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -53,6 +72,41 @@ struct Meta {
     resource_count: u64,
     #[prost(int64, tag = "3")]
     saved_at_unix_nanos: i64,
+    /// 1 for the first save, one more for each (0: written before
+    /// generations were kept; no checksum then).
+    #[prost(uint64, tag = "4")]
+    generation: u64,
+    /// The sum of [`digest`] over the state's resources.
+    #[prost(fixed64, tag = "5")]
+    checksum: u64,
+}
+
+impl Meta {
+    fn describe(&self) -> String {
+        format!(
+            "generation {} (version {}, {} resources)",
+            self.generation, self.snapshot_version, self.resource_count
+        )
+    }
+}
+
+/// One resource's part of a state's checksum: the first 8 bytes of
+/// SHA-256 over its name and version (stable across builds and hosts).
+fn digest(name: &str, version: &str) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(name.as_bytes());
+    h.update([0]);
+    h.update(version.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// The checksum of a whole state.
+fn checksum(state: &AgentState) -> u64 {
+    state.resources.iter().fold(0, |sum, (name, held)| {
+        sum.wrapping_add(digest(name, &held.version))
+    })
 }
 
 /// Why the store failed.
@@ -94,12 +148,21 @@ pub enum StoreError {
 /// What loading found.
 #[derive(Debug)]
 pub enum Loaded {
-    /// A complete state.
+    /// The newest state written, complete.
     State(AgentState),
     /// Nothing was stored yet.
     Empty,
     /// The store was unusable and has been cleared; the reason is given.
     Discarded(String),
+    /// An older state than the newest written, complete and checked: the
+    /// previous generation (the newest was damaged), or what sled
+    /// recovered after losing the newest. The reason says which.
+    Older {
+        /// The state.
+        state: AgentState,
+        /// What happened to the newer one.
+        reason: String,
+    },
 }
 
 /// The persisted last good state.
@@ -109,9 +172,13 @@ pub struct Store {
     /// The open database; `None` once a write failed, until the next use
     /// opens it again.
     handle: std::sync::Mutex<Option<Handle>>,
-    /// A write failed since the last one that succeeded: the next save
-    /// writes the whole state, not just its change.
+    /// A write failed since the last one that succeeded (or an older
+    /// generation was loaded): the next save writes the whole state, not
+    /// just its change.
     rewrite: std::sync::atomic::AtomicBool,
+    /// The newest generation written (from `meta`, or the generation file
+    /// when that is newer), and its checksum.
+    last: std::sync::Mutex<Option<(u64, u64)>>,
     failing_saves: std::sync::atomic::AtomicUsize,
 }
 
@@ -123,6 +190,7 @@ type Entry = (Vec<u8>, Vec<u8>);
 struct Handle {
     db: sled::Db,
     resources: sled::Tree,
+    previous: sled::Tree,
 }
 
 impl Store {
@@ -134,6 +202,7 @@ impl Store {
             path: path.clone(),
             handle: std::sync::Mutex::new(Some(handle)),
             rewrite: std::sync::atomic::AtomicBool::new(false),
+            last: std::sync::Mutex::new(None),
             failing_saves: std::sync::atomic::AtomicUsize::new(0),
         };
         match open_db(&path) {
@@ -183,12 +252,102 @@ impl Store {
         e
     }
 
-    /// Loads the last good state, discarding (and clearing) anything that
-    /// fails a check.
+    /// The generation file beside the database.
+    fn generation_file(&self) -> PathBuf {
+        self.path.with_file_name(GENERATION_FILE)
+    }
+
+    /// The newest generation the generation file says was written: `None`
+    /// without one (a first start, or an agent that kept none).
+    fn written(&self) -> Result<Option<Meta>, String> {
+        let bytes = match std::fs::read(self.generation_file()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let payload = unframe(&bytes)?;
+        Meta::decode(payload).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// Loads the last good state, checking it against its checksum and the
+    /// generation file. Anything damaged is said in the result's reason and
+    /// in the log; an unusable store is cleared.
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        match self.try_load() {
-            Ok(Some(state)) => Ok(Loaded::State(state)),
-            Ok(None) => Ok(Loaded::Empty),
+        let h = self.handle()?;
+        let written = self.written();
+        let (newest, previous) = match self.read(&h) {
+            Ok(found) => (Ok(found), None),
+            Err(damage) => {
+                let previous = self.read_previous(&h);
+                (Err(damage), Some(previous))
+            }
+        };
+        let outcome = match (newest, previous) {
+            (Ok(None), _) => match &written {
+                Ok(Some(w)) if w.generation > 0 && w.resource_count > 0 => Err(format!(
+                    "the store is empty, but {} was written: lost",
+                    w.describe()
+                )),
+                _ => Ok(Loaded::Empty),
+            },
+            (Ok(Some((state, meta))), _) => match &written {
+                Ok(Some(w)) if w.generation > meta.generation => {
+                    self.set_last(w.generation, meta.checksum);
+                    self.rewrite
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(Loaded::Older {
+                        reason: format!(
+                            "rolled back: the store holds {}, but {} was written (lost to damage); \
+                             serving the older one until the control plane resyncs",
+                            meta.describe(),
+                            w.describe()
+                        ),
+                        state,
+                    })
+                }
+                Err(e) => {
+                    self.set_last(meta.generation, meta.checksum);
+                    Ok(Loaded::Older {
+                        reason: format!(
+                            "{GENERATION_FILE} is damaged ({e}): {} loaded, but it cannot be \
+                             checked against the newest written",
+                            meta.describe()
+                        ),
+                        state,
+                    })
+                }
+                Ok(_) => {
+                    self.set_last(meta.generation, meta.checksum);
+                    Ok(Loaded::State(state))
+                }
+            },
+            (Err(damage), Some(Ok((state, meta)))) => {
+                let newest = match &written {
+                    Ok(Some(w)) => w.generation.max(meta.generation + 1),
+                    _ => meta.generation + 1,
+                };
+                self.set_last(newest, meta.checksum);
+                self.rewrite
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(Loaded::Older {
+                    reason: format!(
+                        "the newest generation is damaged ({damage}); serving the previous one, {}",
+                        meta.describe()
+                    ),
+                    state,
+                })
+            }
+            (Err(damage), Some(Err(previous))) => Err(format!(
+                "{damage}; the previous generation is unusable too: {previous}"
+            )),
+            (Err(damage), None) => Err(damage),
+        };
+        match outcome {
+            Ok(Loaded::Older { state, reason }) => {
+                tracing::error!(path = %self.path.display(), %reason, version = %state.version, "persisted state is older than the newest written");
+                Ok(Loaded::Older { state, reason })
+            }
+            Ok(loaded) => Ok(loaded),
             Err(reason) => {
                 tracing::error!(path = %self.path.display(), %reason, "discarding persisted state; a full resync follows");
                 self.clear()?;
@@ -197,53 +356,91 @@ impl Store {
         }
     }
 
-    fn try_load(&self) -> Result<Option<AgentState>, String> {
-        let h = self.handle().map_err(|e| e.to_string())?;
+    fn set_last(&self, generation: u64, checksum: u64) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, checksum));
+    }
+
+    /// The newest state in the store and its meta (`None`: nothing stored),
+    /// or why it fails a check.
+    fn read(&self, h: &Handle) -> Result<Option<(AgentState, Meta)>, String> {
         let Some(meta) = h.db.get(META_KEY).map_err(|e| e.to_string())? else {
             if h.resources.is_empty() {
                 return Ok(None);
             }
             return Err("resources present without metadata".into());
         };
-        let meta = Meta::decode(unframe(&meta).map_err(|e| format!("metadata: {e}"))?)
-            .map_err(|e| format!("metadata: {e}"))?;
-        let mut state = AgentState {
-            version: meta.snapshot_version.clone(),
-            ..AgentState::default()
-        };
-        let mut update = v1::SnapshotUpdate {
-            snapshot_version: meta.snapshot_version,
-            ..Default::default()
-        };
+        let meta = decode_meta(&meta)?;
+        let mut frames = Vec::new();
         for entry in h.resources.iter() {
             let (key, value) = entry.map_err(|e| e.to_string())?;
-            let name = String::from_utf8_lossy(&key).into_owned();
-            let payload = unframe(&value).map_err(|e| format!("resource {name}: {e}"))?;
-            let resource =
-                v1::Resource::decode(payload).map_err(|e| format!("resource {name}: {e}"))?;
-            if resource.name != name {
-                return Err(format!("resource {name}: stored under the wrong key"));
-            }
-            update.resources.push(resource);
+            frames.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
         }
-        if update.resources.len() as u64 != meta.resource_count {
-            return Err(format!(
-                "{} resources stored, metadata says {} (truncated write?)",
-                update.resources.len(),
-                meta.resource_count
-            ));
-        }
-        let (loaded, _) = state.apply(&update).map_err(|e| e.to_string())?;
-        state = loaded;
-        Ok(Some(state))
+        check(meta, frames).map(Some)
     }
 
-    /// Writes the change that led to `state` and flushes it to disk: the
-    /// changed and removed resources and `meta` in one transaction. After
-    /// a failed write, the database is opened again and the whole of
-    /// `state` written instead.
+    /// The previous generation: the newest with what the last update
+    /// replaced put back.
+    fn read_previous(&self, h: &Handle) -> Result<(AgentState, Meta), String> {
+        // The newest update kept (older ones may linger, unread, until the
+        // next save removes them).
+        let (last, _) = h
+            .previous
+            .last()
+            .map_err(|e| e.to_string())?
+            .ok_or("none kept")?;
+        let generation = last.get(..8).ok_or("none kept")?;
+        let meta = h
+            .previous
+            .get(generation)
+            .map_err(|e| e.to_string())?
+            .filter(|m| !m.is_empty())
+            .ok_or("none kept")?;
+        let meta = decode_meta(&meta)?;
+        let mut frames: std::collections::BTreeMap<String, Vec<u8>> =
+            std::collections::BTreeMap::new();
+        for entry in h.resources.iter() {
+            let (key, value) = entry.map_err(|e| e.to_string())?;
+            frames.insert(String::from_utf8_lossy(&key).into_owned(), value.to_vec());
+        }
+        for entry in h.previous.scan_prefix(generation) {
+            let (key, value) = entry.map_err(|e| e.to_string())?;
+            if key.len() == 8 {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&key[8..]).into_owned();
+            if value.is_empty() {
+                frames.remove(&name);
+            } else {
+                frames.insert(name, value.to_vec());
+            }
+        }
+        check(meta, frames.into_iter().collect())
+    }
+
+    /// The newest generation written and its checksum, from the last load
+    /// or save, else from the store.
+    fn last(&self, h: &Handle) -> (u64, u64) {
+        if let Some(last) = *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            return last;
+        }
+        let meta =
+            h.db.get(META_KEY)
+                .ok()
+                .flatten()
+                .and_then(|m| decode_meta(&m).ok());
+        let written = self.written().ok().flatten().map_or(0, |w| w.generation);
+        meta.map_or((written, 0), |m| (m.generation.max(written), m.checksum))
+    }
+
+    /// Writes the change from `previous` (the state stored now) to `state`
+    /// and flushes it to disk: the changed and removed resources, what they
+    /// replaced, and `meta`, in one transaction; then the generation file.
+    /// After a failed write (or a start that served an older generation),
+    /// the database is opened again and the whole of `state` written
+    /// instead.
     pub async fn save(
         &self,
+        previous: &AgentState,
         state: &AgentState,
         update: &v1::SnapshotUpdate,
         changes: &ChangeSet,
@@ -269,8 +466,12 @@ impl Store {
         }
         let whole = self.rewrite.load(std::sync::atomic::Ordering::SeqCst);
         let h = self.handle()?;
+        let (generation, sum) = self.last(&h);
+        let generation = generation + 1;
+        let touched: std::collections::BTreeSet<&String> =
+            changes.changed.iter().chain(&changes.removed).collect();
         // Frames are built once: sled may run the closure more than once.
-        let (written, removed): (Vec<Entry>, Vec<Vec<u8>>) = if whole {
+        let (written, removed, undo, sum): (Vec<Entry>, Vec<Vec<u8>>, Vec<Entry>, u64) = if whole {
             let written = state
                 .resources
                 .iter()
@@ -291,7 +492,8 @@ impl Store {
                 .filter(|k| !state.resources.contains_key(&*String::from_utf8_lossy(k)))
                 .map(|k| k.to_vec())
                 .collect();
-            (written, removed)
+            // What the store held is in doubt: no previous generation.
+            (written, removed, Vec::new(), checksum(state))
         } else {
             let written = update
                 .resources
@@ -303,26 +505,54 @@ impl Store {
                 .iter()
                 .map(|n| n.as_bytes().to_vec())
                 .collect();
-            (written, removed)
-        };
-        let meta = frame(
-            &Meta {
-                snapshot_version: state.version.clone(),
-                resource_count: state.resources.len() as u64,
-                saved_at_unix_nanos: now_nanos(),
+            let prefix = generation.to_be_bytes();
+            let mut undo = Vec::with_capacity(touched.len() + 1);
+            for name in &touched {
+                let old = h.resources.get(name.as_bytes()).map_err(db_err)?;
+                undo.push((
+                    [&prefix[..], name.as_bytes()].concat(),
+                    old.map(|v| v.to_vec()).unwrap_or_default(),
+                ));
             }
-            .encode_to_vec(),
-        );
+            let old_meta = h.db.get(META_KEY).map_err(db_err)?;
+            undo.push((
+                prefix.to_vec(),
+                old_meta.map(|v| v.to_vec()).unwrap_or_default(),
+            ));
+            let sum = touched.iter().fold(sum, |sum, name| {
+                let out = previous
+                    .resources
+                    .get(*name)
+                    .map_or(0, |held| digest(name, &held.version));
+                let into = state
+                    .resources
+                    .get(*name)
+                    .map_or(0, |held| digest(name, &held.version));
+                sum.wrapping_sub(out).wrapping_add(into)
+            });
+            (written, removed, undo, sum)
+        };
+        let meta = Meta {
+            snapshot_version: state.version.clone(),
+            resource_count: state.resources.len() as u64,
+            saved_at_unix_nanos: now_nanos(),
+            generation,
+            checksum: sum,
+        };
+        let meta_frame = frame(&meta.encode_to_vec());
         let default_tree: &sled::Tree = &h.db;
-        (&h.resources, default_tree)
-            .transaction(|(resources, top)| {
+        (&h.resources, default_tree, &h.previous)
+            .transaction(|(resources, top, before)| {
+                for (name, value) in &undo {
+                    before.insert(name.as_slice(), value.as_slice())?;
+                }
                 for (name, value) in &written {
                     resources.insert(name.as_slice(), value.as_slice())?;
                 }
                 for name in &removed {
                     resources.remove(name.as_slice())?;
                 }
-                top.insert(META_KEY, meta.as_slice())?;
+                top.insert(META_KEY, meta_frame.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -335,12 +565,34 @@ impl Store {
         h.db.flush_async()
             .await
             .map_err(|e| self.broke(db_err(e)))?;
+        self.set_last(generation, sum);
+        // What older updates replaced is read no more: removed off the
+        // ACK's path (it is as large as those updates were).
+        let previous = h.previous.clone();
+        let older = generation.to_be_bytes();
+        tokio::task::spawn_blocking(move || {
+            for key in previous.range(..older).keys().filter_map(Result::ok) {
+                let _ = previous.remove(key);
+            }
+        });
         if whole {
-            tracing::info!(path = %self.path.display(), version = %state.version, resources = state.resources.len(), "the whole state written again after a failed write");
+            tracing::info!(path = %self.path.display(), version = %state.version, resources = state.resources.len(), "the whole state written again");
             self.rewrite
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
+        self.write_generation(&meta_frame);
         Ok(())
+    }
+
+    /// Records the generation just flushed beside the database (write and
+    /// rename; not synced: after a crash it can only be older than sled's).
+    fn write_generation(&self, meta_frame: &[u8]) {
+        let file = self.generation_file();
+        let tmp = file.with_extension("generation.tmp");
+        if let Err(e) = std::fs::write(&tmp, meta_frame).and_then(|()| std::fs::rename(&tmp, &file))
+        {
+            tracing::warn!(file = %file.display(), "recording the generation written: {e}");
+        }
     }
 
     /// Makes the next `n` saves fail as a full disk would, before writing
@@ -358,8 +610,11 @@ impl Store {
         };
         let h = self.handle()?;
         h.resources.clear().map_err(db_err)?;
+        h.previous.clear().map_err(db_err)?;
         h.db.remove(META_KEY).map_err(db_err)?;
         h.db.flush().map_err(db_err)?;
+        let _ = std::fs::remove_file(self.generation_file());
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 }
@@ -385,7 +640,56 @@ fn open_db(path: &Path) -> Result<Handle, String> {
         }
     };
     let resources = db.open_tree(RESOURCES_TREE).map_err(|e| e.to_string())?;
-    Ok(Handle { db, resources })
+    let previous = db.open_tree(PREVIOUS_TREE).map_err(|e| e.to_string())?;
+    Ok(Handle {
+        db,
+        resources,
+        previous,
+    })
+}
+
+fn decode_meta(bytes: &[u8]) -> Result<Meta, String> {
+    Meta::decode(unframe(bytes).map_err(|e| format!("metadata: {e}"))?)
+        .map_err(|e| format!("metadata: {e}"))
+}
+
+/// The state `frames` (name, frame) make, checked against `meta`: every
+/// frame, the count, the checksum (when `meta` has one) and the content.
+fn check(meta: Meta, frames: Vec<(String, Vec<u8>)>) -> Result<(AgentState, Meta), String> {
+    let mut update = v1::SnapshotUpdate {
+        snapshot_version: meta.snapshot_version.clone(),
+        ..Default::default()
+    };
+    let mut sum = 0u64;
+    for (name, value) in frames {
+        let payload = unframe(&value).map_err(|e| format!("resource {name}: {e}"))?;
+        let resource =
+            v1::Resource::decode(payload).map_err(|e| format!("resource {name}: {e}"))?;
+        if resource.name != name {
+            return Err(format!("resource {name}: stored under the wrong key"));
+        }
+        sum = sum.wrapping_add(digest(&resource.name, &resource.version));
+        update.resources.push(resource);
+    }
+    if update.resources.len() as u64 != meta.resource_count {
+        return Err(format!(
+            "{} resources stored, metadata says {} (truncated write?)",
+            update.resources.len(),
+            meta.resource_count
+        ));
+    }
+    if meta.generation > 0 && sum != meta.checksum {
+        return Err(format!(
+            "checksum mismatch: the resources stored are not those of {}",
+            meta.describe()
+        ));
+    }
+    let state = AgentState {
+        version: meta.snapshot_version.clone(),
+        ..AgentState::default()
+    };
+    let (state, _) = state.apply(&update).map_err(|e| e.to_string())?;
+    Ok((state, meta))
 }
 
 /// sled reports a held file lock as an I/O error.
@@ -468,7 +772,10 @@ mod tests {
         assert!(discarded.is_none());
         let u = update("v1", &["a", "b"]);
         let (state, changes) = AgentState::default().apply(&u).expect("valid");
-        store.save(&state, &u, &changes).await.expect("save");
+        store
+            .save(&AgentState::default(), &state, &u, &changes)
+            .await
+            .expect("save");
         store
     }
 
@@ -484,7 +791,7 @@ mod tests {
         let mut u = update("v2", &[]);
         u.removed_resources = vec!["default/ns/a".into()];
         let (next, changes) = s.apply(&u).expect("valid");
-        store.save(&next, &u, &changes).await.expect("save");
+        store.save(&s, &next, &u, &changes).await.expect("save");
         drop(store);
         let (store, _) = Store::open(dir.path()).expect("reopen");
         let Loaded::State(s) = store.load().expect("load") else {
@@ -524,6 +831,264 @@ mod tests {
             Loaded::Discarded(why) => assert!(why.contains("format version 7"), "{why}"),
             other => panic!("expected a discard, got {other:?}"),
         }
+    }
+
+    /// Twelve generations of a 30-resource state: each update changes
+    /// three resources and replaces one. Returns the states, oldest first.
+    async fn history(dir: &Path) -> Vec<AgentState> {
+        let (store, _) = Store::open(dir).expect("open");
+        let mut states = Vec::new();
+        let mut current = AgentState::default();
+        for g in 1..=12u32 {
+            let names: Vec<String> = if g == 1 {
+                (0..30).map(|i| format!("r{i}")).collect()
+            } else {
+                (0..3).map(|k| format!("r{}", (g * 7 + k) % 30)).collect()
+            };
+            let mut u = v1::SnapshotUpdate {
+                snapshot_version: format!("v{g}"),
+                nonce: "1".into(),
+                resources: names
+                    .iter()
+                    .map(|n| crate::state::test_resource(n, format!("g{g}-{n}")))
+                    .collect(),
+                ..Default::default()
+            };
+            if g > 1 {
+                let gone = format!("x{}", g - 1);
+                if current
+                    .resources
+                    .contains_key(&format!("default/ns/{gone}"))
+                {
+                    u.removed_resources.push(format!("default/ns/{gone}"));
+                }
+                u.resources.push(crate::state::test_resource(
+                    &format!("x{g}"),
+                    format!("g{g}"),
+                ));
+            }
+            let (next, changes) = current.apply(&u).expect("valid");
+            store
+                .save(&current, &next, &u, &changes)
+                .await
+                .expect("save");
+            states.push(next.clone());
+            current = next;
+        }
+        states
+    }
+
+    fn versions(s: &AgentState) -> Vec<(String, String)> {
+        s.resources
+            .iter()
+            .map(|(n, h)| (n.clone(), h.version.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_newest_generation_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = history(dir.path()).await;
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let Loaded::State(s) = store.load().expect("load") else {
+            panic!("the newest state")
+        };
+        assert_eq!(versions(&s), versions(&states[11]));
+        // A byte of a resource the last update wrote goes bad.
+        let h = store.handle().expect("open");
+        let mut bad = h
+            .resources
+            .get(b"default/ns/x12")
+            .expect("get")
+            .expect("x12")
+            .to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        h.resources.insert(b"default/ns/x12", bad).expect("insert");
+        let Loaded::Older { state, reason } = store.load().expect("load") else {
+            panic!("the previous generation")
+        };
+        assert_eq!(versions(&state), versions(&states[10]));
+        assert_eq!(state.version, "v11");
+        assert!(
+            reason.contains("newest generation is damaged")
+                && reason.contains("resource default/ns/x12: checksum mismatch")
+                && reason.contains("generation 11 (version v11, 31 resources)"),
+            "{reason}"
+        );
+        // The next save writes the whole state over the damage.
+        let u = update("v13", &["y"]);
+        let (next, changes) = state.apply(&u).expect("valid");
+        store.save(&state, &next, &u, &changes).await.expect("save");
+        let Loaded::State(s) = store.load().expect("load") else {
+            panic!("the newest state")
+        };
+        assert_eq!(versions(&s), versions(&next));
+    }
+
+    #[tokio::test]
+    async fn one_resource_rolled_back_alone_fails_the_checksum() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        history(dir.path()).await;
+        let (store, _) = Store::open(dir.path()).expect("open");
+        // r0 as generation 1 wrote it: a valid frame, but not this state's.
+        let h = store.handle().expect("open");
+        let old = frame(&crate::state::test_resource("r0", "g1-r0".into()).encode_to_vec());
+        let now = h.resources.get(b"default/ns/r0").expect("get").expect("r0");
+        assert_ne!(&*now, old.as_slice(), "r0 changed since");
+        h.resources.insert(b"default/ns/r0", old).expect("insert");
+        match store.load().expect("load") {
+            Loaded::Discarded(why) => assert!(
+                why.contains(
+                    "checksum mismatch: the resources stored are not those of generation 12"
+                ),
+                "{why}"
+            ),
+            other => panic!("expected a discard, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_older_than_the_generation_written_is_said_to_be_rolled_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = history(dir.path()).await;
+        // The database as it was at generation 12, under a generation
+        // file that says 14 were written.
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let mut newer = states[11].clone();
+        for g in 13..=14 {
+            let u = update(&format!("v{g}"), &[&format!("z{g}")]);
+            let (next, changes) = newer.apply(&u).expect("valid");
+            store.save(&newer, &next, &u, &changes).await.expect("save");
+            newer = next;
+        }
+        let written = std::fs::read(dir.path().join(GENERATION_FILE)).expect("generation file");
+        drop(store);
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let h = store.handle().expect("open");
+        for g in 13..=14 {
+            h.resources
+                .remove(format!("default/ns/z{g}").as_bytes())
+                .expect("remove");
+        }
+        let meta12 = Meta {
+            snapshot_version: "v12".into(),
+            resource_count: states[11].resources.len() as u64,
+            saved_at_unix_nanos: 0,
+            generation: 12,
+            checksum: checksum(&states[11]),
+        };
+        h.db.insert(META_KEY, frame(&meta12.encode_to_vec()))
+            .expect("insert");
+        std::fs::write(dir.path().join(GENERATION_FILE), written).expect("write");
+        let Loaded::Older { state, reason } = store.load().expect("load") else {
+            panic!("an older state, said")
+        };
+        assert_eq!(versions(&state), versions(&states[11]));
+        assert!(
+            reason.contains("rolled back")
+                && reason.contains("generation 12 (version v12")
+                && reason.contains("generation 14 (version v14"),
+            "{reason}"
+        );
+    }
+
+    /// What a start on a damaged copy of `dir` finds: `Ok` with the loaded
+    /// state and whatever it said, or the discard reason.
+    fn start_on(dir: &Path) -> (Option<AgentState>, Option<String>) {
+        let (store, moved_aside) = match Store::open(dir) {
+            Ok(s) => s,
+            Err(e) => return (None, Some(e.to_string())),
+        };
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.load()));
+        match loaded {
+            Ok(Ok(Loaded::State(s))) => (Some(s), moved_aside),
+            Ok(Ok(Loaded::Older { state, reason })) => (Some(state), Some(reason)),
+            Ok(Ok(Loaded::Discarded(why))) => (None, Some(why)),
+            Ok(Ok(Loaded::Empty)) => (None, moved_aside),
+            Ok(Err(e)) => (None, Some(e.to_string())),
+            Err(_) => (None, Some("panicked".into())),
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read_dir") {
+            let e = e.expect("entry");
+            let target = to.join(e.file_name());
+            if e.file_type().expect("type").is_dir() {
+                copy_dir(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), target).expect("copy");
+            }
+        }
+    }
+
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read_dir") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_dir() {
+                files(&e.path(), out);
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+
+    /// One kind of damage to a file.
+    #[derive(Debug, Clone, Copy)]
+    enum Damage {
+        /// The byte at this offset flipped.
+        Flip(usize),
+        /// The file cut to this many bytes.
+        Cut(usize),
+    }
+
+    #[tokio::test]
+    async fn flipped_bytes_and_truncated_sled_files_are_always_said() {
+        let pristine = tempfile::tempdir().expect("tempdir");
+        let states = history(pristine.path()).await;
+        let newest = versions(&states[11]);
+        let mut sled_files = Vec::new();
+        files(&pristine.path().join("state.sled"), &mut sled_files);
+        let mut cases = 0;
+        let mut said = 0;
+        for file in &sled_files {
+            let rel = file.strip_prefix(pristine.path()).expect("inside");
+            let len = std::fs::metadata(file).expect("metadata").len();
+            if len == 0 {
+                continue;
+            }
+            let mut damages: Vec<Damage> = (0..24u64)
+                .map(|k| Damage::Flip((len * k / 24) as usize))
+                .collect();
+            damages.extend((0..4u64).map(|k| Damage::Cut((len * k / 4) as usize)));
+            damages.push(Damage::Cut(len as usize - 1));
+            for damage in damages {
+                let scratch = tempfile::tempdir().expect("tempdir");
+                copy_dir(pristine.path(), scratch.path());
+                let target = scratch.path().join(rel);
+                let mut bytes = std::fs::read(&target).expect("read");
+                match damage {
+                    Damage::Flip(at) => bytes[at] ^= 0x5a,
+                    Damage::Cut(keep) => bytes.truncate(keep),
+                }
+                std::fs::write(&target, bytes).expect("write");
+                cases += 1;
+                let (state, note) = start_on(scratch.path());
+                let case = format!("{} {damage:?}", rel.display());
+                match (state, note) {
+                    // Harmless damage: the newest state, complete.
+                    (Some(s), None) => {
+                        assert_eq!(versions(&s), newest, "{case}: an older state, unsaid")
+                    }
+                    (Some(_), Some(_)) | (None, Some(_)) => said += 1,
+                    (None, None) => panic!("{case}: started empty, unsaid"),
+                }
+            }
+        }
+        assert!(cases > 50, "{cases} cases");
+        eprintln!("{cases} kinds of damage, {said} said, the rest harmless");
     }
 
     #[test]

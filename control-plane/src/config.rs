@@ -297,10 +297,23 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     pub max_agent_streams: usize,
 
-    /// An update the agent neither ACKs nor NACKs within this ends its
-    /// stream; the agent reconnects and resumes.
+    /// An update the agent neither ACKs nor NACKs within this, counted from
+    /// its first part, ends its stream; the agent reconnects and resumes.
+    /// An update the agent does not even read (HTTP/2 flow control stalled)
+    /// also closes its connection.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub ack_timeout: Duration,
+
+    /// Streams waiting for their Hello to be read (a few are read at a
+    /// time, each first part within 1 s of its turn); more are refused
+    /// with RESOURCE_EXHAUSTED and the agent retries.
+    #[arg(long, default_value_t = 1024)]
+    pub max_hellos_waiting: usize,
+
+    /// Streams from one source address waiting for their Hello to be read;
+    /// more are refused with RESOURCE_EXHAUSTED. A node's agent needs one.
+    #[arg(long, default_value_t = 4)]
+    pub max_hellos_waiting_per_address: usize,
 
     /// `/status` forgets agents disconnected for longer than this (and keeps
     /// at most 10,000 disconnected ones).

@@ -48,6 +48,14 @@ use source::{Source, SourceState};
 use status::Status;
 use switchyard_proto::v1::snapshot_discovery_server::SnapshotDiscoveryServer;
 
+/// HTTP/2 pings to each agent's connection: an agent that stops answering
+/// (gone, frozen, behind a blackhole) is noticed within the interval plus
+/// the timeout, 9 s, and its stream ends (`/status` shows it disconnected).
+/// (10 s + 20 s before.)
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(4);
+/// How long a ping may go unanswered.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// HTTP/2 streams one connection may open: an agent needs one, a health
 /// check another; a client opening more is held to this.
 const MAX_STREAMS_PER_CONNECTION: u32 = 8;
@@ -236,8 +244,8 @@ pub async fn start_with(
 
     // Streams per connection: an agent needs one, health checks another.
     let builder = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // What an agent may send before we read it. hyper's default is 1 MiB
         // a stream: a reconnect storm of agents whose Hellos wait for their
@@ -258,6 +266,7 @@ pub async fn start_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
+    let closers = listener::Closers::default();
     let service = SnapshotService::new(
         snapshot_rx.clone(),
         status.clone(),
@@ -267,9 +276,12 @@ pub async fn start_with(
         StreamLimits {
             max_streams: args.max_agent_streams,
             ack_timeout: args.ack_timeout,
+            max_hellos_waiting: args.max_hellos_waiting,
+            max_hellos_waiting_per_address: args.max_hellos_waiting_per_address,
         },
         shutdown.clone(),
-    );
+    )
+    .closing_connections(closers.clone());
     tasks.spawn(heap::run(
         service.churn(),
         metrics.clone(),
@@ -311,8 +323,14 @@ pub async fn start_with(
     let grpc_shutdown = shutdown.clone();
     match tls {
         Some(tls) => {
-            let (incoming, accepting) =
-                listener::tls(grpc, limits, tls, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) = listener::tls(
+                grpc,
+                limits,
+                tls,
+                closers,
+                metrics.clone(),
+                grpc_shutdown.clone(),
+            );
             tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router
@@ -325,8 +343,13 @@ pub async fn start_with(
         }
         None => {
             listener::warn_if_clear_text(grpc_addr);
-            let (incoming, accepting) =
-                listener::plain(grpc, limits, metrics.clone(), grpc_shutdown.clone());
+            let (incoming, accepting) = listener::plain(
+                grpc,
+                limits,
+                closers,
+                metrics.clone(),
+                grpc_shutdown.clone(),
+            );
             tasks.spawn(accepting);
             tasks.spawn(async move {
                 if let Err(e) = router

@@ -9,7 +9,10 @@
 //! ```
 //!
 //! A connection holds its two permits (total, per address) until tonic drops
-//! it. The handshake is ours rather than tonic's so that each connection is
+//! it. Each connection can be closed from a stream it carries
+//! ([`Closers`]): a stream whose update does not drain (the client does not
+//! read) ends it, because HTTP/2 gives a server no other way to drop what a
+//! stalled stream holds. The handshake is ours rather than tonic's so that each connection is
 //! served with the certificate files as they are now (`switchyard_proto::tls`
 //! reloads them) and so that a refused handshake says why, on our side, in
 //! the log and in `switchyard_control_plane_tls_handshake_failures_total`.
@@ -55,10 +58,79 @@ impl Default for ConnectionLimits {
 }
 
 /// A connection with the permits it holds.
-#[derive(Debug)]
 pub struct Bounded<IO> {
     inner: IO,
     _permit: ConnectionPermit,
+    /// Ready once the connection is to be closed: reads and writes then fail.
+    closing: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _registered: Registered,
+}
+
+impl<IO: std::fmt::Debug> std::fmt::Debug for Bounded<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> Bounded<IO> {
+    fn new(inner: IO, permit: ConnectionPermit, peer: SocketAddr, closers: &Closers) -> Self {
+        let token = CancellationToken::new();
+        closers.lock().insert(peer, token.clone());
+        Self {
+            inner,
+            _permit: permit,
+            closing: Box::pin(token.cancelled_owned()),
+            _registered: Registered {
+                peer,
+                closers: closers.clone(),
+            },
+        }
+    }
+
+    /// Whether the connection was closed by [`Closers::close`] (and, if
+    /// not, wake this task when it is).
+    fn closed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.closing.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "closed by the control plane: a stream on it did not drain",
+    )
+}
+
+/// The open connections by peer address, each with the token that closes it.
+#[derive(Debug, Clone, Default)]
+pub struct Closers(Arc<Mutex<HashMap<SocketAddr, CancellationToken>>>);
+
+impl Closers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, CancellationToken>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the connection from `peer`, if it is open; returns whether it was.
+    pub fn close(&self, peer: SocketAddr) -> bool {
+        self.lock()
+            .get(&peer)
+            .map(CancellationToken::cancel)
+            .is_some()
+    }
+}
+
+/// Takes a connection out of [`Closers`] when it goes.
+struct Registered {
+    peer: SocketAddr,
+    closers: Closers,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.closers.lock().remove(&self.peer);
+    }
 }
 
 #[derive(Debug)]
@@ -89,6 +161,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -99,6 +174,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -115,6 +193,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -231,6 +312,7 @@ where
 pub fn plain(
     listener: TcpListener,
     limits: ConnectionLimits,
+    closers: Closers,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Incoming<Bounded<TcpStream>> {
@@ -238,13 +320,11 @@ pub fn plain(
         listener,
         Gate::new(limits, metrics),
         shutdown,
-        |tcp, _, permit, tx| async move {
-            let _ = tx
-                .send(Ok(Bounded {
-                    inner: tcp,
-                    _permit: permit,
-                }))
-                .await;
+        move |tcp, peer, permit, tx| {
+            let connection = Bounded::new(tcp, permit, peer, &closers);
+            async move {
+                let _ = tx.send(Ok(connection)).await;
+            }
         },
     )
 }
@@ -258,6 +338,7 @@ pub fn tls(
     listener: TcpListener,
     limits: ConnectionLimits,
     config: Arc<ReloadingServer>,
+    closers: Closers,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Incoming<TlsConnection> {
@@ -265,14 +346,12 @@ pub fn tls(
     accept_loop(listener, gate, shutdown, move |tcp, peer, permit, tx| {
         let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
         let metrics = metrics.clone();
+        let closers = closers.clone();
         async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     let _ = tx
-                        .send(Ok(Bounded {
-                            inner: stream,
-                            _permit: permit,
-                        }))
+                        .send(Ok(Bounded::new(stream, permit, peer, &closers)))
                         .await;
                 }
                 Ok(Err(e)) => {

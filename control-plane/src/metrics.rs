@@ -131,7 +131,7 @@ impl Metrics {
         );
         registry.register(
             "streams_refused",
-            "Agent streams refused or ended by a bound (reason: identity, cluster, hello, streams, ack_timeout)",
+            "Agent streams refused or ended by a bound (reason: identity, cluster, hello (also a second Hello), hello_queue, streams, ack_timeout, undrained)",
             m.streams_refused.clone(),
         );
         registry.register(

@@ -3,9 +3,12 @@
 //!
 //! ```text
 //!  call ─▶ mTLS identity (node, cluster) ─▶ stream slot (--max-agent-streams)
-//!       ─▶ wait for the first snapshot ─▶ Hello parts (a few at a time, bounded)
+//!       ─▶ wait for the first snapshot
+//!       ─▶ a place among the Hellos waiting (--max-hellos-waiting[-per-address]), else refused
+//!       ─▶ Hello parts (a few at a time; the first within 1 s of its turn, all within 10 s)
 //!       ─▶ cluster served? node known? ─▶ first delta from the announced versions
 //!       ─▶ stream task: delta from the ACKed snapshot, one update in flight, --ack-timeout
+//!          from its first part (an update the agent does not read closes its connection)
 //! ```
 //!
 //! Per stream the control plane keeps only an `Arc` of the snapshot the
@@ -35,9 +38,17 @@ use crate::snapshot::{Announcement, Delta, Snapshot, View};
 use crate::source::SourceState;
 use crate::status::{NodeFacts, Status as CpStatus, StreamHandle};
 
-/// How long an agent may take to send its Hello, once the control plane
-/// has a snapshot to answer it with.
+/// How long an agent may take to send its Hello, once its turn came.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an agent may take to send the first part of its Hello once its
+/// turn came: an agent sends it as it opens the stream, so it is normally
+/// waiting in the stream's window already. A stream that sends nothing
+/// holds a turn this long, not [`HELLO_TIMEOUT`].
+const HELLO_FIRST_PART: Duration = Duration::from_secs(1);
+
+/// How long a stream may wait for its turn to be read.
+const HELLO_QUEUE_WAIT: Duration = Duration::from_secs(30);
 
 /// Encoded resource bytes per message of an update (protocol rule 7): a
 /// part fills one HTTP/2 DATA frame. The gRPC encoder keeps a buffer as
@@ -85,9 +96,13 @@ const ANNOUNCED_FLOOR: usize = 1024;
 pub struct StreamLimits {
     /// Agent streams open at once, over all connections.
     pub max_streams: usize,
-    /// An update not answered within this ends the stream (the agent
-    /// reconnects and resumes).
+    /// An update not answered within this of its first part ends the
+    /// stream (the agent reconnects and resumes).
     pub ack_timeout: Duration,
+    /// Streams waiting for their Hello to be read, overall...
+    pub max_hellos_waiting: usize,
+    /// ...and from one source address.
+    pub max_hellos_waiting_per_address: usize,
 }
 
 impl Default for StreamLimits {
@@ -95,6 +110,71 @@ impl Default for StreamLimits {
         Self {
             max_streams: 10_000,
             ack_timeout: Duration::from_secs(120),
+            max_hellos_waiting: 1024,
+            max_hellos_waiting_per_address: 4,
+        }
+    }
+}
+
+/// The streams waiting for their Hello to be read, counted overall and per
+/// source address: a place is taken before the wait and given back after
+/// the Hello (or on refusal), so streams that never send one cannot queue
+/// without bound in front of agents that do.
+#[derive(Debug, Default)]
+struct HelloQueue {
+    waiting: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// A place among the Hellos waiting, given back on drop.
+#[derive(Debug)]
+struct HelloPlace<'a> {
+    queue: &'a HelloQueue,
+    address: Option<std::net::IpAddr>,
+}
+
+impl HelloQueue {
+    /// A place for a stream from `address`, or why there is none.
+    fn enter(
+        &self,
+        address: Option<std::net::IpAddr>,
+        limits: &StreamLimits,
+    ) -> Result<HelloPlace<'_>, String> {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0 >= limits.max_hellos_waiting {
+            return Err(format!(
+                "{} streams already wait for their Hello to be read (--max-hellos-waiting); retry",
+                w.0
+            ));
+        }
+        if let Some(ip) = address {
+            let n = w.1.entry(ip).or_insert(0);
+            if *n >= limits.max_hellos_waiting_per_address {
+                return Err(format!(
+                    "{n} streams from {ip} already wait for their Hello to be read \
+                     (--max-hellos-waiting-per-address); retry"
+                ));
+            }
+            *n += 1;
+        }
+        w.0 += 1;
+        Ok(HelloPlace {
+            queue: self,
+            address,
+        })
+    }
+}
+
+impl Drop for HelloPlace<'_> {
+    fn drop(&mut self) {
+        let mut w = self.queue.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        w.0 -= 1;
+        if let Some(ip) = self.address
+            && let Some(n) = w.1.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                w.1.remove(&ip);
+            }
         }
     }
 }
@@ -129,6 +209,9 @@ pub struct SnapshotService {
     limits: StreamLimits,
     streams: Arc<Semaphore>,
     hellos: Arc<Semaphore>,
+    hello_queue: Arc<HelloQueue>,
+    /// Closes the connection of a stream whose update does not drain.
+    closers: crate::listener::Closers,
     /// Stream events after which the heap is trimmed.
     churn: Arc<Churn>,
     shutdown: CancellationToken,
@@ -153,10 +236,19 @@ impl SnapshotService {
             served: Arc::new(served),
             streams: Arc::new(Semaphore::new(limits.max_streams)),
             hellos: Arc::new(Semaphore::new(HELLOS_AT_ONCE)),
+            hello_queue: Arc::default(),
+            closers: crate::listener::Closers::default(),
             limits,
             churn: Arc::new(Churn::default()),
             shutdown,
         }
+    }
+
+    /// Closes the connection of a stream whose update does not drain
+    /// through `closers` (those of the listener serving it).
+    pub fn closing_connections(mut self, closers: crate::listener::Closers) -> Self {
+        self.closers = closers;
+        self
     }
 
     /// Where the service's streams note their connects, first ACKs and ends
@@ -207,7 +299,20 @@ async fn read_hello(
     let mut hello: Option<v1::Hello> = None;
     let mut announced = Announcement::default();
     loop {
-        let msg = inbound.message().await.map_err(|s| {
+        let next = inbound.message();
+        let msg = if hello.is_none() {
+            tokio::time::timeout(HELLO_FIRST_PART, next)
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no Hello within {HELLO_FIRST_PART:?} of its turn (an agent sends it as it \
+                         opens the stream)"
+                    ))
+                })?
+        } else {
+            next.await
+        };
+        let msg = msg.map_err(|s| {
             if s.code() == Code::OutOfRange {
                 Status::resource_exhausted(format!(
                     "a Hello part is larger than {MAX_AGENT_MESSAGE_BYTES} bytes: send \
@@ -334,6 +439,7 @@ impl SnapshotDiscovery for SnapshotService {
                 )),
             )
         })?;
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         // Nothing is read before there is a snapshot to diff against: a
         // Hello waiting meanwhile stays in its HTTP/2 window, not in memory.
@@ -346,10 +452,23 @@ impl SnapshotDiscovery for SnapshotService {
             _ = self.shutdown.cancelled() => return Err(Status::unavailable("control plane shutting down")),
         };
         let (hello, announced) = {
-            let _turn = self
-                .hellos
-                .acquire()
+            let _place = self
+                .hello_queue
+                .enter(peer.map(|p| p.ip()), &self.limits)
+                .map_err(|why| {
+                    tracing::debug!(?peer, "refused a stream: {why}");
+                    self.refuse("hello_queue", Status::resource_exhausted(why))
+                })?;
+            let _turn = tokio::time::timeout(HELLO_QUEUE_WAIT, self.hellos.acquire())
                 .await
+                .map_err(|_| {
+                    self.refuse(
+                        "hello_queue",
+                        Status::unavailable(format!(
+                            "no turn to read the Hello within {HELLO_QUEUE_WAIT:?}; retry"
+                        )),
+                    )
+                })?
                 .map_err(|_| Status::unavailable("control plane shutting down"))?;
             // The bound needs the cluster, which only the Hello names: check
             // against the largest view, then the agent's own below.
@@ -494,6 +613,7 @@ impl SnapshotDiscovery for SnapshotService {
         let stream = AgentStream {
             node,
             sent_facts: None,
+            peer,
             view,
             baseline: Baseline::Announced { snapshot, pending },
             in_flight: None,
@@ -670,6 +790,8 @@ struct AgentStream {
     node: String,
     /// The Node facts the last update carried (`None` before the first).
     sent_facts: Option<NodeFacts>,
+    /// The connection it came on (closed if an update does not drain).
+    peer: Option<std::net::SocketAddr>,
     /// What the stream receives (an agent's cluster, or a relay's part).
     view: View,
     baseline: Baseline,
@@ -722,17 +844,22 @@ impl AgentStream {
                         snapshot.changed_at_unix_nanos,
                     );
                     let dns = facts.dns.as_deref().map(cluster_dns);
+                    // The deadline counts from the first part: an agent
+                    // that does not read stalls the sends (HTTP/2 flow
+                    // control) and must not hold its stream for ever.
+                    let deadline = tokio::time::Instant::now() + svc.limits.ack_timeout;
+                    ack_deadline = Some(deadline);
                     for mut part in parts {
                         part.node_zone.clone_from(&facts.zone);
                         part.node_draining.clone_from(&facts.draining);
                         part.cluster_dns.clone_from(&dns);
                         tokio::select! {
                             sent = tx.send(Box::new(Ok(part))) => sent.map_err(|_| "agent went away".to_owned())?,
+                            () = tokio::time::sleep_until(deadline) => return Err(self.undrained(svc)),
                             _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
                         }
                     }
                     self.sent_facts = Some(facts);
-                    ack_deadline = Some(tokio::time::Instant::now() + svc.limits.ack_timeout);
                     svc.status.pushed(&self.handle, count);
                     svc.metrics.pushes.inc();
                     svc.metrics.resources_sent.inc_by(count as u64);
@@ -742,7 +869,12 @@ impl AgentStream {
             tokio::select! {
                 msg = inbound.message() => {
                     let msg = msg.map_err(|e| e.to_string())?.ok_or("agent closed the stream")?;
-                    self.on_message(svc, msg);
+                    if let Err(status) = self.on_message(svc, msg) {
+                        svc.metrics.refused_streams("hello");
+                        let why = status.message().to_owned();
+                        let _ = tx.try_send(Box::new(Err(status)));
+                        return Err(why);
+                    }
                 }
                 changed = snapshots.changed(), if !waiting_for_ack => {
                     changed.map_err(|_| "control plane shutting down".to_owned())?;
@@ -763,6 +895,24 @@ impl AgentStream {
                 _ = svc.shutdown.cancelled() => return Err("control plane shutting down".into()),
             }
         }
+    }
+
+    /// Ends a stream whose update did not drain within the ACK timeout: the
+    /// agent does not read. Its connection is closed, since nothing else
+    /// frees what HTTP/2 holds for a stalled stream.
+    fn undrained(&self, svc: &SnapshotService) -> String {
+        svc.metrics.refused_streams("undrained");
+        let closed = self.peer.is_some_and(|p| svc.closers.close(p));
+        format!(
+            "the update was not read within {:?} of its first part (--ack-timeout): the agent does \
+             not read{}",
+            svc.limits.ack_timeout,
+            if closed {
+                "; its connection is closed"
+            } else {
+                ""
+            }
+        )
     }
 
     /// The difference that brings the agent to `current`, if it needs one,
@@ -815,13 +965,14 @@ impl AgentStream {
         (delta, nonce, snapshot)
     }
 
-    fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) {
+    /// Takes in an ACK or a NACK; anything else ends the stream.
+    fn on_message(&mut self, svc: &SnapshotService, msg: v1::AgentMessage) -> Result<(), Status> {
         match msg.kind {
             Some(agent_message::Kind::Ack(ack)) => {
                 let Some((nonce, snapshot)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce)
                 else {
                     tracing::debug!(node = %self.node, nonce = %ack.nonce, "ignoring ACK of a stale nonce");
-                    return;
+                    return Ok(());
                 };
                 tracing::debug!(node = %self.node, %nonce, version = %snapshot.version, "ACK");
                 // Count first: status watchers that wake on the ACK may read the counter.
@@ -837,7 +988,7 @@ impl AgentStream {
             Some(agent_message::Kind::Nack(nack)) => {
                 let Some((_, snapshot)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) else {
                     tracing::debug!(node = %self.node, nonce = %nack.nonce, "ignoring NACK of a stale nonce");
-                    return;
+                    return Ok(());
                 };
                 tracing::warn!(node = %self.node, version = %snapshot.version, error = %nack.error_detail, "agent rejected a snapshot; parked until the next change");
                 // The agent's text is bounded by the message size; /status keeps a line of it.
@@ -846,10 +997,21 @@ impl AgentStream {
                 svc.metrics.nacks.inc();
                 self.parked_on = Some(snapshot.version.clone());
             }
-            Some(agent_message::Kind::Hello(_)) | None => {
-                tracing::debug!(node = %self.node, "ignoring a repeated Hello");
+            // Decoded and ignored, a flood of these cost a core for nothing.
+            Some(agent_message::Kind::Hello(_)) => {
+                return Err(Status::invalid_argument(
+                    "a second Hello on a stream: after its Hello an agent sends only ACKs and \
+                     NACKs (protocol rule 1)",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "an agent message with no kind: after its Hello an agent sends only ACKs and \
+                     NACKs (protocol rule 1)",
+                ));
             }
         }
+        Ok(())
     }
 }
 

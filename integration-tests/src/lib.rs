@@ -154,6 +154,105 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Hostile clients of a control plane's gRPC port (tests and benches):
+/// streams that never send a Hello, and streams that send one and never
+/// read what comes back. Each runs in a task of its own; abort to end it.
+pub mod hostile {
+    use std::net::IpAddr;
+
+    use switchyard_proto::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
+    use switchyard_proto::v1::{self, agent_message};
+    use tokio::task::JoinHandle;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    /// Streams one HTTP/2 connection carries (the control plane's bound).
+    const PER_CONNECTION: usize = 8;
+
+    async fn channels(url: &str, from: IpAddr, streams: usize) -> Vec<tonic::transport::Channel> {
+        let mut out = Vec::new();
+        for _ in 0..streams.div_ceil(PER_CONNECTION) {
+            let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+                .expect("url")
+                .local_address(Some(from))
+                // A small window: the control plane's sends stall soon.
+                .initial_stream_window_size(1024)
+                .initial_connection_window_size(8 * 1024)
+                .connect()
+                .await
+                .expect("connect");
+            out.push(channel);
+        }
+        out
+    }
+
+    /// Streams that never send anything, and how the control plane ended
+    /// those it ended.
+    #[derive(Debug)]
+    pub struct Idle {
+        /// One task per stream.
+        pub tasks: Vec<JoinHandle<()>>,
+        /// The status of each stream the control plane ended, as it ends.
+        pub ended: tokio::sync::mpsc::UnboundedReceiver<tonic::Status>,
+    }
+
+    /// `n` streams from `from` that open and never send anything.
+    pub async fn idle_streams(url: &str, from: IpAddr, n: usize) -> Idle {
+        let channels = channels(url, from, n).await;
+        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+        let tasks = (0..n)
+            .map(|i| {
+                let mut client = SnapshotDiscoveryClient::new(channels[i / PER_CONNECTION].clone());
+                let ended_tx = ended_tx.clone();
+                tokio::spawn(async move {
+                    let (_tx, rx) = tokio::sync::mpsc::channel::<v1::AgentMessage>(1);
+                    if let Err(status) = client.stream_snapshots(ReceiverStream::new(rx)).await {
+                        let _ = ended_tx.send(status);
+                    }
+                    std::future::pending::<()>().await;
+                })
+            })
+            .collect();
+        Idle { tasks, ended }
+    }
+
+    /// `n` streams from `from` that send a Hello as node `<prefix>-<i>` and
+    /// then never read; returns once each was answered (or refused).
+    pub async fn unread_streams(
+        url: &str,
+        from: IpAddr,
+        n: usize,
+        prefix: &str,
+    ) -> Vec<JoinHandle<()>> {
+        let channels = channels(url, from, n).await;
+        let mut tasks = Vec::new();
+        let (answered_tx, mut answered) = tokio::sync::mpsc::channel::<()>(n.max(1));
+        for i in 0..n {
+            let mut client = SnapshotDiscoveryClient::new(channels[i / PER_CONNECTION].clone());
+            let node = format!("{prefix}-{i}");
+            let answered_tx = answered_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let hello = v1::AgentMessage {
+                    kind: Some(agent_message::Kind::Hello(v1::Hello {
+                        node_name: node,
+                        ..Default::default()
+                    })),
+                };
+                let _ = tx.send(hello).await;
+                let call = client.stream_snapshots(ReceiverStream::new(rx)).await;
+                let _ = answered_tx.send(()).await;
+                // Hold the stream and never read it.
+                let _held = (tx, call);
+                std::future::pending::<()>().await;
+            }));
+        }
+        for _ in 0..n {
+            let _ = answered.recv().await;
+        }
+        tasks
+    }
+}
+
 /// TLS material for a control plane.
 #[derive(Debug, Clone)]
 pub struct ServerTls {

@@ -1,6 +1,7 @@
 //! The DNS stub under abuse: one source opening thousands of TCP
 //! connections does not stop the agent from ACKing, nor other clients
-//! from resolving, and idle connections are closed.
+//! from resolving, and idle connections are closed; connections from
+//! sources the access list does not allow are closed at accept.
 
 use std::time::Duration;
 
@@ -126,5 +127,61 @@ async fn a_tcp_flood_from_one_source_starves_no_one_else() {
         .expect("answer");
     assert_eq!(&answer[..2], &7u16.to_be_bytes(), "our id");
     assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+    drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_sources_not_allowed_take_no_tcp_slot() {
+    let env = TestEnv::new();
+    env.write(
+        "web.yaml",
+        &service_yaml("shop", "web", 80, &["10.244.1.10"]),
+    );
+    let cp = start_cp(env.cp_args()).await;
+    let mut args = agent_args(
+        "node-a",
+        &format!("http://{}", cp.grpc_addr),
+        &env.state("a"),
+    );
+    args.dns_listen = DnsListen::Addr("127.0.0.1:0".parse().expect("addr"));
+    args.dns_upstreams = vec!["127.0.0.1:9".parse().expect("addr")];
+    // Only 127.0.0.1 may ask.
+    args.dns_allow = vec!["127.0.0.1/32".parse().expect("cidr")];
+    let (agent, _) = start_recording_agent(args).await;
+    let v1 = cp_status_until(&cp, "a first snapshot", |s| s.version.is_some())
+        .await
+        .version
+        .expect("version");
+    agent_at_version(&agent, &v1).await;
+    let dns = agent.dns_addr.expect("DNS listening");
+
+    // 20 addresses that may not ask open 20 connections each (400, over
+    // the 256 slots) and keep them.
+    let mut flood = Vec::new();
+    for host in 2..22u8 {
+        for _ in 0..20 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+                .expect("bind a loopback address");
+            flood.push(socket.connect(dns).await.expect("connect"));
+        }
+    }
+    // Every one of them is closed at accept: a read ends at once (EOF).
+    for s in &mut flood {
+        let mut b = [0u8; 1];
+        let n = within("a refused connection to be closed", s.read(&mut b)).await;
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    let m = get_text(agent.admin_addr, "/metrics").await.1;
+    assert!(
+        m.lines()
+            .any(|l| l == "switchyard_agent_dns_tcp_refused_total 400"),
+        "{m}"
+    );
+    // The allowed source still resolves over TCP.
+    let tcp = dig(dns, &["+tcp", "web.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(tcp.status, "NOERROR", "{}", tcp.raw);
+    assert_eq!(tcp.answers.len(), 1, "{}", tcp.raw);
     drop(flood);
 }

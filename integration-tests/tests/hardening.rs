@@ -403,6 +403,131 @@ async fn an_update_never_answered_ends_the_stream_after_the_deadline() {
     .await;
 }
 
+/// Manifests of `n` Services, so that a full state is tens of KiB.
+fn many_services_env(n: usize) -> TestEnv {
+    let env = TestEnv::new();
+    let body: Vec<String> = (0..n)
+        .map(|i| {
+            service_yaml(
+                "shop",
+                &format!("web-{i}"),
+                80,
+                &["10.244.1.10", "10.244.1.11"],
+            )
+        })
+        .collect();
+    env.write("many.yaml", &body.join("---\n"));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_is_not_read_ends_its_stream_and_frees_its_slot() {
+    let env = many_services_env(2000);
+    let mut args = env.cp_args();
+    args.ack_timeout = Duration::from_millis(500);
+    args.max_agent_streams = 1;
+    let cp = start_cp(args).await;
+    let v1 = current_version(&cp).await;
+    let from: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let _unread = hostile::unread_streams(&url(&cp), from, 1, "unread").await;
+    // Its sends stall on flow control: the deadline counts from the first
+    // part, so the stream ends and its connection is closed.
+    cp_status_until(&cp, "the unread stream to end", |s| {
+        s.agents
+            .iter()
+            .any(|a| a.node == "unread-0" && !a.connected)
+    })
+    .await;
+    assert!(
+        cp.metrics
+            .encode()
+            .contains(r#"switchyard_control_plane_streams_refused_total{reason="undrained"} 1"#),
+        "{}",
+        cp.metrics.encode()
+    );
+    // Its slot (--max-agent-streams 1) is free for an agent that reads.
+    let agent = start_agent(
+        agent_args("node-a", &url(&cp), &env.state("a")),
+        Box::new(switchyard_agent::dataplane::NoneDataPlane::default()),
+    )
+    .await;
+    agent_at_version(&agent, &v1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_never_say_hello_do_not_hold_off_an_agent() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    let v1 = current_version(&cp).await;
+    // 64 streams that never send a Hello, from another address: four may
+    // wait for a turn (each then has 1 s to start its Hello), the rest are
+    // refused at once. Before, all 64 queued for the 8 turns, 10 s each.
+    let from: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let mut idle = hostile::idle_streams(&url(&cp), from, 64).await;
+    for _ in 0..60 {
+        let refused = within(
+            "the idle streams beyond the bound to be refused",
+            idle.ended.recv(),
+        )
+        .await
+        .expect("idle stream tasks alive");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .contains("--max-hellos-waiting-per-address"),
+            "{refused:?}"
+        );
+    }
+    // An agent from its own address waits for none of them (within the
+    // harness's 20 s: before, it waited behind 64 x 10 s / 8).
+    let agent = start_agent(
+        agent_args("node-a", &url(&cp), &env.state("a")),
+        Box::new(switchyard_agent::dataplane::NoneDataPlane::default()),
+    )
+    .await;
+    agent_at_version(&agent, &v1).await;
+    // The four admitted had 1 s each from their turn to start a Hello.
+    for _ in 0..4 {
+        let ended = within("the admitted idle streams to be ended", idle.ended.recv())
+            .await
+            .expect("idle stream tasks alive");
+        assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    }
+    assert_eq!(prometheus_parse_refused(&cp.metrics.encode(), "hello"), 4.0);
+}
+
+/// `switchyard_control_plane_streams_refused_total{reason}` in a text exposition.
+fn prometheus_parse_refused(text: &str, reason: &str) -> f64 {
+    let key = format!(r#"switchyard_control_plane_streams_refused_total{{reason="{reason}"}} "#);
+    text.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_ends_the_stream() {
+    let env = web_env();
+    let cp = start_cp(env.cp_args()).await;
+    current_version(&cp).await;
+    let (_first, tx, mut inbound) = raw_stream(&cp, vec![hello("twice", "", vec![], false)])
+        .await
+        .expect("served");
+    tx.send(hello("twice", "", vec![], false))
+        .await
+        .expect("the stream takes it");
+    let end = within("the stream's end", inbound.message())
+        .await
+        .expect_err("ended");
+    assert_eq!(end.code(), tonic::Code::InvalidArgument, "{end:?}");
+    assert!(end.message().contains("a second Hello"), "{end:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_streams_are_bounded() {
     let env = web_env();

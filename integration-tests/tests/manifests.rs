@@ -359,7 +359,7 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
                         "{at}: mTLS on"
                     );
                     assert!(
-                        !parsed.control_plane.contains(".svc"),
+                        !parsed.control_plane.iter().any(|u| u.contains(".svc")),
                         "{at}: a fresh node cannot reach a Service before its agent programmed it"
                     );
                     assert!(

@@ -421,15 +421,42 @@ impl NodeCertificate {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| format!("unreadable client certificate: {e}"))?;
         let subject = cert.subject();
-        let cn = subject
+        // One identity per certificate: a subject with two Common Names is
+        // read as the last by Kubernetes (Go's crypto/x509 keeps the last
+        // of each attribute in `Subject.CommonName`) and as the first by
+        // other readers, so an approver and this control plane could
+        // disagree about who it is. Refused rather than guessed; so is an
+        // attribute that cannot be read as text.
+        let cns = subject
             .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or("the client certificate has no subject Common Name")?;
-        let orgs: Vec<&str> = subject
+            .map(|cn| cn.as_str())
+            .collect::<std::result::Result<Vec<&str>, _>>()
+            .map_err(|_| {
+                "the client certificate's subject has a Common Name that is not readable text: \
+                 who it names is ambiguous, so it is refused"
+                    .to_owned()
+            })?;
+        let cn = match cns.as_slice() {
+            [] => return Err("the client certificate has no subject Common Name".into()),
+            [one] => *one,
+            many => {
+                return Err(format!(
+                    "the client certificate's subject holds {} Common Names {many:?}: Kubernetes \
+                     (Go's crypto/x509) reads the last, other tools the first, so who it names is \
+                     ambiguous; a node certificate has exactly one CN={NODE_CN_PREFIX}NODE",
+                    many.len()
+                ));
+            }
+        };
+        let orgs = subject
             .iter_organization()
-            .filter_map(|o| o.as_str().ok())
-            .collect();
+            .map(|o| o.as_str())
+            .collect::<std::result::Result<Vec<&str>, _>>()
+            .map_err(|_| {
+                "the client certificate's subject has an Organization that is not readable text: \
+                 its groups are ambiguous, so it is refused"
+                    .to_owned()
+            })?;
         let node = cn
             .strip_prefix(NODE_CN_PREFIX)
             .filter(|n| !n.is_empty())
@@ -574,6 +601,56 @@ mod tests {
         )
         .expect_err("two clusters");
         assert!(two.contains("several clusters"), "{two}");
+    }
+
+    /// A node certificate whose subject also has `extra` (type, value).
+    fn cert_with(extra: (rcgen::DnType, rcgen::DnValue)) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        let dn = &mut params.distinguished_name;
+        dn.push(rcgen::DnType::CommonName, "system:node:node-a");
+        dn.push(rcgen::DnType::OrganizationName, NODES_ORGANIZATION);
+        dn.push(extra.0, extra.1);
+        params.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn a_subject_with_two_common_names_or_an_unreadable_one_is_refused() {
+        let nodes = vec![NODES_ORGANIZATION.to_owned()];
+        // CN=system:node:node-a, ..., CN=system:node:node-b: Kubernetes
+        // reads node-b; this was accepted as node-a.
+        let cn = rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]);
+        let two = NodeCertificate::parse(
+            &cert_with((cn.clone(), "system:node:node-b".into())),
+            &nodes,
+        )
+        .expect_err("two CNs");
+        assert!(
+            two.contains("2 Common Names")
+                && two.contains("node-a")
+                && two.contains("node-b")
+                && two.contains("reads the last"),
+            "{two}"
+        );
+        let unreadable = NodeCertificate::parse(
+            &cert_with((
+                cn,
+                rcgen::DnValue::BmpString("system:node:node-b".try_into().expect("bmp")),
+            )),
+            &nodes,
+        )
+        .expect_err("an unreadable CN");
+        assert!(unreadable.contains("not readable text"), "{unreadable}");
+        let o = rcgen::DnType::CustomDnType(vec![2, 5, 4, 10]);
+        let org = NodeCertificate::parse(
+            &cert_with((
+                o,
+                rcgen::DnValue::BmpString("system:masters".try_into().expect("bmp")),
+            )),
+            &nodes,
+        )
+        .expect_err("an unreadable organisation");
+        assert!(org.contains("Organization that is not readable"), "{org}");
     }
 
     #[test]

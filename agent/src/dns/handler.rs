@@ -12,7 +12,9 @@
 //! ```text
 //!  request ─▶ a response? ─▶ Drop            source not allowed ─▶ REFUSED
 //!          ─▶ not QUERY ─▶ NOTIMP   ≠1 question ─▶ FORMERR   EDNS version > 0 ─▶ BADVERS
+//!          ─▶ AXFR or IXFR ─▶ REFUSED
 //!          ─▶ cluster zone ─▶ SERVFAIL (no snapshot yet) | answer | NODATA+SOA | NXDOMAIN+SOA
+//!                             (ANY: one RRset of the name, RFC 8482)
 //!                             (pod names: the address the name spells)
 //!          ─▶ known reverse name (PTR) ─▶ answer
 //!          ─▶ anything else ─▶ Forward (to the upstreams)
@@ -110,6 +112,11 @@ pub fn decide<'i>(
     }
     let name = query.name();
     let asked = query.original();
+    // A stub holds no zone to transfer, and an upstream's is not for a
+    // pod to take: refused, whatever the name (forwarded before).
+    if matches!(asked.query_type, RecordType::AXFR | RecordType::IXFR) {
+        return Decision::Answer(Answer::empty(ResponseCode::Refused));
+    }
     if index.in_zone(name) {
         let answer = answer_zone(index, asked, name);
         if !matches!(asked.query_type, RecordType::CNAME | RecordType::ANY)
@@ -146,9 +153,6 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
         return Answer::empty(ResponseCode::ServFail);
     }
     if query.query_class != DNSClass::IN && query.query_class != DNSClass::ANY {
-        return Answer::empty(ResponseCode::Refused);
-    }
-    if matches!(query.query_type, RecordType::AXFR | RecordType::IXFR) {
         return Answer::empty(ResponseCode::Refused);
     }
     let mut answer = Answer {

@@ -1223,7 +1223,13 @@ impl DnsIndex {
             return Lookup::NoData;
         }
         if qtype == RecordType::ANY {
-            return Lookup::Records(node.records(), qtype);
+            // RFC 8482 section 4.1: one RRset, not all of them (ANY is the
+            // largest answer for the smallest question).
+            let first = node.records().iter().next().map(Record::record_type);
+            return match first {
+                Some(rtype) => Lookup::Records(node.of_type(rtype), qtype),
+                None => Lookup::NoData,
+            };
         }
         let records = node.of_type(qtype);
         if records.last().is_some() {

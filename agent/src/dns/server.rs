@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  UDP: udp::serve (one loop; a task only for a query that waits for an upstream) ─┐
-//!  TCP: accept ─ over --dns-max-tcp-connections (total, per source)? close          │
+//!  TCP: accept ─ source not allowed, or over --dns-max-tcp-connections (total, per source)? close
 //!        └▶ a task per connection: length-prefixed requests in turn, 10 s idle      │
 //!                                    ├───────────────────────────────────────────────┘
 //!                                    ├▶ StubHandler ─▶ IndexCell::current ─▶ decide
@@ -16,8 +16,9 @@
 //!
 //! hickory-server's own TCP listener has no connection limit: one pod
 //! opening thousands of connections would hold as many sockets and tasks.
-//! Ours admits at most [`TcpLimits::total`] connections, and
-//! [`TcpLimits::per_source`] from one address, closing the rest at accept,
+//! Ours closes at accept a connection from a source the access list does
+//! not allow, then admits at most [`TcpLimits::total`] connections, and
+//! [`TcpLimits::per_source`] from one allowed address, closing the rest,
 //! and closes a connection idle for [`TCP_IDLE`] or slower than that to send
 //! one request.
 
@@ -486,6 +487,13 @@ async fn serve_tcp(tcp: TcpListener, handler: Arc<StubHandler>, stop: Cancellati
             },
             _ = stop.cancelled() => return,
         };
+        // A source that may not query gets no slot: checked per query
+        // only, 400 connections from 20 such addresses held every slot.
+        if !handler.cfg.acl.allows(src.ip()) {
+            handler.metrics.dns.tcp_refused.inc();
+            handler.metrics.dns.refused_sources.inc();
+            continue;
+        }
         let Ok(slot) = total.clone().try_acquire_owned() else {
             handler.metrics.dns.tcp_refused.inc();
             continue;

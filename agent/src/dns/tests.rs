@@ -405,6 +405,27 @@ fn external_name_is_a_cname() {
 }
 
 #[test]
+fn any_gets_one_rrset_and_zone_transfers_are_refused() {
+    let idx = cluster();
+    // web.shop has A and AAAA: RFC 8482 answers ANY with one RRset.
+    let any = ask(&idx, "web.shop.svc.cluster.local.", RecordType::ANY);
+    assert_eq!(any.metadata.response_code, ResponseCode::NoError);
+    let types: std::collections::BTreeSet<RecordType> =
+        any.answers.iter().map(Record::record_type).collect();
+    assert_eq!(types.len(), 1, "{:?}", any.answers);
+    // Zone transfers: refused in the zone and outside it (never forwarded).
+    for name in ["cluster.local.", "example.com."] {
+        for qtype in [RecordType::AXFR, RecordType::IXFR] {
+            let q = query_bytes(name, qtype, None);
+            match decide_bytes(&idx, &Acl::node_local(&[]), &q, ip(LOCAL)) {
+                Decision::Answer(a) => assert_eq!(a.rcode, ResponseCode::Refused, "{name} {qtype}"),
+                other => panic!("{name} {qtype}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn dns_version_txt() {
     let idx = cluster();
     let t = ask(&idx, "dns-version.cluster.local.", RecordType::TXT);

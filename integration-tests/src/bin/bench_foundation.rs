@@ -297,6 +297,10 @@ fn cp_args(source: &str, state_dir: &Path) -> switchyard_control_plane::Args {
         // come from one address each.
         "--max-connections-per-address",
         "100000",
+        "--max-hellos-waiting",
+        "100000",
+        "--max-hellos-waiting-per-address",
+        "100000",
     ])
 }
 
