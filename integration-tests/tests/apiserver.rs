@@ -7,10 +7,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
     DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
 use kube::{Api, Client, Config};
 use serde_json::json;
-use switchyard_integration_tests::apiserver::{FakeApiServer, Kind};
+use switchyard_integration_tests::apiserver::{FakeApiServer, Kind, ServerConfig};
 use switchyard_integration_tests::{init_logging, within};
 
 async fn client(api: &FakeApiServer) -> Client {
@@ -245,4 +246,379 @@ async fn the_kube_watcher_streams_its_initial_list() {
         }
     }
     assert_eq!(applied, 3);
+}
+
+/// The MCS API's kinds as the kube client addresses them, in `version`.
+fn mcs(client: &Client, kind: &str, version: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("multicluster.x-k8s.io", version, kind);
+    Api::namespaced_with(client.clone(), "shop", &ApiResource::from_gvk(&gvk))
+}
+
+fn dynamic(kind: &str, name: &str, body: serde_json::Value) -> DynamicObject {
+    let mut obj = json!({
+        "apiVersion": "multicluster.x-k8s.io/v1beta1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "shop"},
+    });
+    if let (Some(o), Some(b)) = (obj.as_object_mut(), body.as_object()) {
+        o.extend(b.clone());
+    }
+    serde_json::from_value(obj).expect("dynamic object")
+}
+
+fn field<'a>(obj: &'a DynamicObject, pointer: &str) -> Option<&'a serde_json::Value> {
+    obj.data.pointer(pointer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcs_kinds_are_served_in_two_versions_with_a_status_subresource() {
+    init_logging();
+    let api = FakeApiServer::start_local().await.expect("start");
+    let c = client(&api).await;
+
+    // Discovery: both versions, v1beta1 preferred, status subresources listed.
+    let group: serde_json::Value = c
+        .request(
+            http::Request::get("/apis/multicluster.x-k8s.io")
+                .body(Vec::new())
+                .expect("request"),
+        )
+        .await
+        .expect("group discovery");
+    assert_eq!(
+        group["preferredVersion"]["version"], "v1beta1",
+        "group document: {group}"
+    );
+    let versions: Vec<&str> = group["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter_map(|v| v["version"].as_str())
+        .collect();
+    assert_eq!(versions, ["v1beta1", "v1alpha1"]);
+    let resources: serde_json::Value = c
+        .request(
+            http::Request::get("/apis/multicluster.x-k8s.io/v1alpha1")
+                .body(Vec::new())
+                .expect("request"),
+        )
+        .await
+        .expect("resource list");
+    let names: Vec<&str> = resources["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    for n in [
+        "serviceexports",
+        "serviceexports/status",
+        "serviceimports",
+        "serviceimports/status",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+
+    // Written in v1alpha1, read in v1beta1: the same object.
+    let old = mcs(&c, "ServiceExport", "v1alpha1");
+    let new = mcs(&c, "ServiceExport", "v1beta1");
+    let mut export = dynamic(
+        "ServiceExport",
+        "web",
+        json!({"status": {"conditions": [{"type": "Valid", "status": "True"}]}}),
+    );
+    export.types.as_mut().expect("types").api_version = "multicluster.x-k8s.io/v1alpha1".into();
+    let created = old
+        .create(&PostParams::default(), &export)
+        .await
+        .expect("create v1alpha1");
+    assert_eq!(
+        created.types.as_ref().map(|t| t.api_version.as_str()),
+        Some("multicluster.x-k8s.io/v1alpha1")
+    );
+    // A create sets no status: that is the status subresource's.
+    assert_eq!(field(&created, "/status"), None, "{created:?}");
+    let read = new.get("web").await.expect("get v1beta1");
+    assert_eq!(
+        read.types.as_ref().map(|t| t.api_version.as_str()),
+        Some("multicluster.x-k8s.io/v1beta1")
+    );
+    assert_eq!(read.metadata.uid, created.metadata.uid);
+
+    // The status subresource writes status only, without a new generation;
+    // the main resource cannot write status.
+    let valid = json!({"status": {"conditions": [{"type": "Valid", "status": "True", "reason": "Exported"}]},
+                       "metadata": {"labels": {"ignored": "yes"}}});
+    let after = new
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&valid))
+        .await
+        .expect("patch status");
+    assert_eq!(
+        field(&after, "/status/conditions/0/reason"),
+        Some(&json!("Exported"))
+    );
+    assert_eq!(after.metadata.labels, None, "a status write changed labels");
+    assert_eq!(after.metadata.generation, Some(1));
+    assert_ne!(
+        after.metadata.resource_version,
+        read.metadata.resource_version
+    );
+    let main = new
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"conditions": []}, "metadata": {"labels": {"a": "b"}}}),
+            ),
+        )
+        .await
+        .expect("patch main");
+    assert_eq!(
+        field(&main, "/status/conditions/0/type"),
+        Some(&json!("Valid")),
+        "a main-resource write changed status"
+    );
+    assert_eq!(
+        main.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("a"))
+            .map(String::as_str),
+        Some("b")
+    );
+    // The status of an object that does not exist: 404.
+    let err = new
+        .patch_status("nope", &PatchParams::default(), &Patch::Merge(&valid))
+        .await
+        .expect_err("no such object");
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 404));
+    // Watching in either version sees the object in that version.
+    let mut events = watcher(old.clone(), watcher::Config::default()).boxed();
+    loop {
+        match within("a v1alpha1 watch event", events.try_next())
+            .await
+            .expect("event")
+        {
+            Some(watcher::Event::InitApply(o)) => {
+                assert_eq!(
+                    o.types.as_ref().map(|t| t.api_version.as_str()),
+                    Some("multicluster.x-k8s.io/v1alpha1")
+                );
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the watch ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1alpha1_only_cluster_does_not_serve_v1beta1() {
+    init_logging();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = FakeApiServer::start(
+        listener,
+        ServerConfig {
+            mcs_v1beta1: false,
+            ..ServerConfig::default()
+        },
+    )
+    .expect("start");
+    let c = client(&api).await;
+    let err = mcs(&c, "ServiceExport", "v1beta1")
+        .list(&ListParams::default())
+        .await
+        .expect_err("v1beta1 is not served");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404),
+        "{err:?}"
+    );
+    mcs(&c, "ServiceExport", "v1alpha1")
+        .create(&PostParams::default(), &{
+            let mut e = dynamic("ServiceExport", "web", json!({}));
+            e.types.as_mut().expect("types").api_version = "multicluster.x-k8s.io/v1alpha1".into();
+            e
+        })
+        .await
+        .expect("v1alpha1 is");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_tracks_owners_and_refuses_conflicts() {
+    init_logging();
+    let api = FakeApiServer::start_local().await.expect("start");
+    let c = client(&api).await;
+    let imports = mcs(&c, "ServiceImport", "v1beta1");
+    let ours = PatchParams::apply("switchyard");
+    let import = |ips: &[&str], ports: serde_json::Value| {
+        dynamic(
+            "ServiceImport",
+            "web",
+            json!({"spec": {"type": "ClusterSetIP", "ips": ips, "ports": ports}}),
+        )
+    };
+
+    // Apply creates, and records the manager.
+    let created = imports
+        .patch(
+            "web",
+            &ours,
+            &Patch::Apply(import(
+                &["10.9.0.1"],
+                json!([{"port": 80, "protocol": "TCP"}]),
+            )),
+        )
+        .await
+        .expect("apply creates");
+    let managed = created
+        .metadata
+        .managed_fields
+        .clone()
+        .expect("managedFields");
+    assert_eq!(managed.len(), 1);
+    assert_eq!(managed[0].manager.as_deref(), Some("switchyard"));
+    assert_eq!(managed[0].operation.as_deref(), Some("Apply"));
+    assert_eq!(
+        managed[0].api_version.as_deref(),
+        Some("multicluster.x-k8s.io/v1beta1")
+    );
+
+    // The same apply again changes nothing: same resourceVersion.
+    let again = imports
+        .patch(
+            "web",
+            &ours,
+            &Patch::Apply(import(
+                &["10.9.0.1"],
+                json!([{"port": 80, "protocol": "TCP"}]),
+            )),
+        )
+        .await
+        .expect("apply again");
+    assert_eq!(
+        again.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    // Another manager setting the same value shares it; another value is
+    // a 409 naming the owner, unless forced.
+    let theirs = PatchParams::apply("someone-else");
+    let same = dynamic(
+        "ServiceImport",
+        "web",
+        json!({"spec": {"type": "ClusterSetIP"}}),
+    );
+    imports
+        .patch("web", &theirs, &Patch::Apply(&same))
+        .await
+        .expect("same value: no conflict");
+    let other = dynamic(
+        "ServiceImport",
+        "web",
+        json!({"spec": {"type": "Headless"}}),
+    );
+    let err = imports
+        .patch("web", &theirs, &Patch::Apply(&other))
+        .await
+        .expect_err("conflict");
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 409);
+            assert!(
+                s.message.contains("switchyard") && s.message.contains(".spec.type"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("expected a 409, got {other:?}"),
+    }
+    let forced = imports
+        .patch("web", &theirs.clone().force(), &Patch::Apply(&other))
+        .await
+        .expect("forced");
+    assert_eq!(field(&forced, "/spec/type"), Some(&json!("Headless")));
+    // switchyard lost .spec.type: its next apply of it conflicts.
+    let err = imports
+        .patch(
+            "web",
+            &ours,
+            &Patch::Apply(import(
+                &["10.9.0.1"],
+                json!([{"port": 80, "protocol": "TCP"}]),
+            )),
+        )
+        .await
+        .expect_err("switchyard no longer owns .spec.type");
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+
+    // A field the manager stops applying is removed when no one else owns
+    // it; fields it never owned stay.
+    let trimmed = imports
+        .patch(
+            "web",
+            &ours,
+            &Patch::Apply(dynamic(
+                "ServiceImport",
+                "web",
+                json!({"spec": {"ports": [{"port": 80, "protocol": "TCP"}]}}),
+            )),
+        )
+        .await
+        .expect("apply without ips");
+    assert_eq!(field(&trimmed, "/spec/ips"), None, "{:?}", trimmed.data);
+    assert_eq!(field(&trimmed, "/spec/type"), Some(&json!("Headless")));
+
+    // Status through the subresource, keyed by cluster: two managers own
+    // one entry each.
+    let cluster = |name: &str| {
+        dynamic(
+            "ServiceImport",
+            "web",
+            json!({"status": {"clusters": [{"cluster": name}]}}),
+        )
+    };
+    imports
+        .patch_status("web", &ours, &Patch::Apply(cluster("east")))
+        .await
+        .expect("status apply east");
+    let both = imports
+        .patch_status("web", &theirs, &Patch::Apply(cluster("west")))
+        .await
+        .expect("status apply west");
+    let clusters: Vec<&str> = field(&both, "/status/clusters")
+        .and_then(|c| c.as_array())
+        .expect("clusters")
+        .iter()
+        .filter_map(|c| c["cluster"].as_str())
+        .collect();
+    assert_eq!(clusters, ["east", "west"]);
+    let subresources: Vec<Option<String>> = both
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| m.subresource.clone())
+        .collect();
+    assert!(
+        subresources.contains(&Some("status".into())),
+        "{subresources:?}"
+    );
+    // A manager dropping its entry removes only that one.
+    let east_only = imports
+        .patch_status(
+            "web",
+            &theirs,
+            &Patch::Apply(dynamic("ServiceImport", "web", json!({}))),
+        )
+        .await
+        .expect("status apply nothing");
+    let clusters: Vec<&str> = field(&east_only, "/status/clusters")
+        .and_then(|c| c.as_array())
+        .expect("clusters")
+        .iter()
+        .filter_map(|c| c["cluster"].as_str())
+        .collect();
+    assert_eq!(clusters, ["east"]);
 }

@@ -31,6 +31,7 @@
 //! - no authentication, no admission, no OpenAPI documents (run kubectl
 //!   writes with `--validate=false`), no Table output (kubectl prints client-side).
 
+pub mod apply;
 pub mod patch;
 pub mod select;
 pub mod store;
@@ -62,9 +63,12 @@ pub use store::{ApiError, Kind, Store};
 pub struct ServerConfig {
     /// Interval of BOOKMARK events on watches that allow them.
     pub bookmark_interval: Duration,
-    /// Serve the MCS API's ServiceExports, as a cluster with the MCS CRDs
-    /// installed does (a 404 for them otherwise).
+    /// Serve the MCS API's ServiceExports and ServiceImports, as a cluster
+    /// with the MCS CRDs installed does (a 404 for them otherwise).
     pub mcs: bool,
+    /// Serve them in `v1beta1` too (the storage version, preferred), not
+    /// only in `v1alpha1` (a cluster with the CRDs of MCS API v0.1).
+    pub mcs_v1beta1: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +76,7 @@ impl Default for ServerConfig {
         Self {
             bookmark_interval: Duration::from_secs(1),
             mcs: true,
+            mcs_v1beta1: true,
         }
     }
 }
@@ -252,11 +257,16 @@ enum Target {
     Collection {
         kind: Kind,
         namespace: Option<String>,
+        /// The group/version asked for (objects are served in it).
+        version: String,
     },
     Item {
         kind: Kind,
         namespace: String,
         name: String,
+        version: String,
+        /// The `/status` subresource.
+        status: bool,
     },
 }
 
@@ -286,48 +296,128 @@ async fn handle(
         Err(e) => return error_response(&e),
     };
     let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    let manager = query
+        .get("fieldManager")
+        .cloned()
+        .unwrap_or_else(|| default_manager(&headers));
     match (target, method.clone()) {
         (Target::Discovery(doc), Method::GET) => json_response(200, &doc),
-        (Target::Collection { kind, namespace }, Method::GET) if watching => {
+        (
+            Target::Collection {
+                kind,
+                namespace,
+                version,
+            },
+            Method::GET,
+        ) if watching => {
             s.count(&format!("WATCH {}", kind.plural()));
-            watch_response(&s, kind, namespace, &query)
+            watch_response(&s, kind, namespace, version, &query)
         }
-        (Target::Collection { kind, namespace }, Method::GET) => {
+        (
+            Target::Collection {
+                kind,
+                namespace,
+                version,
+            },
+            Method::GET,
+        ) => {
             s.count(&format!("LIST {}", kind.plural()));
-            result(list(&s, kind, namespace.as_deref(), &query), 200)
+            result(list(&s, kind, namespace.as_deref(), &version, &query), 200)
         }
-        (Target::Collection { kind, namespace }, Method::POST) => {
+        (
+            Target::Collection {
+                kind,
+                namespace,
+                version,
+            },
+            Method::POST,
+        ) => {
             s.count(&format!("CREATE {}", kind.plural()));
-            result(create(&s, kind, namespace.as_deref(), &body), 201)
+            let created = create(&s, kind, namespace.as_deref(), &body, &manager, &version);
+            result(created.map(|o| render(&o, &version)), 201)
         }
         (
             Target::Item {
                 kind,
                 namespace,
                 name,
+                version,
+                status,
             },
             m,
         ) => {
             let key = (kind, namespace, name);
+            let scope = match (kind.has_status(), status) {
+                (false, _) => apply::Scope::All,
+                (true, false) => apply::Scope::Main,
+                (true, true) => apply::Scope::Status,
+            };
+            let write = Write {
+                key: &key,
+                scope,
+                manager: &manager,
+                version: &version,
+            };
             let r = match m {
                 Method::GET => s
                     .store
                     .get(&key)
                     .map(|o| (*o).clone())
                     .ok_or_else(|| not_found(&key)),
-                Method::PUT => put(&s, &key, &body),
-                Method::PATCH => patch(&s, &key, &headers, &body),
-                Method::DELETE => s.store.delete(&key).map(|o| (*o).clone()),
+                Method::PUT => put(&s, &write, &body),
+                Method::PATCH => patch(&s, &write, &headers, &query, &body),
+                Method::DELETE if !status => s.store.delete(&key).map(|o| (*o).clone()),
                 _ => Err(method_not_allowed(&method)),
             };
-            s.count(&format!("{m} {}", kind.plural()));
-            result(r, 200)
+            let sub = if status { "/status" } else { "" };
+            s.count(&format!("{m} {}{sub}", kind.plural()));
+            result(r.map(|o| render(&o, &version)), 200)
         }
         (_, m) => error_response(&method_not_allowed(&m)),
     }
 }
 
+/// One write to an object: which, through which part of the API, by whom.
+struct Write<'a> {
+    key: &'a store::ObjectKey,
+    scope: apply::Scope,
+    manager: &'a str,
+    version: &'a str,
+}
+
+/// The field manager of a write that names none, as the API server derives
+/// it from the client's user agent (`kubectl-client-side-apply`,
+/// `kube`, ...): the agent's first word.
+fn default_manager(headers: &HeaderMap) -> String {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split(['/', ' ']).next())
+        .filter(|m| !m.is_empty())
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
+/// `obj` as served in `version` (the MCS CRDs are served in two versions
+/// with no conversion: only `apiVersion` differs).
+fn render(obj: &Value, version: &str) -> Value {
+    let mut out = obj.clone();
+    if out.get("apiVersion").and_then(Value::as_str) != Some(version) && out.get("kind").is_some() {
+        out["apiVersion"] = json!(version);
+    }
+    out
+}
+
 impl Shared {
+    /// The MCS API versions served, the preferred one first.
+    fn mcs_versions(&self) -> Vec<&'static str> {
+        match (self.config.mcs, self.config.mcs_v1beta1) {
+            (false, _) => Vec::new(),
+            (true, true) => store::MCS_VERSIONS.to_vec(),
+            (true, false) => vec![store::MCS_VERSIONS[1]],
+        }
+    }
+
     fn take_fault(&self, method: &Method, path: &str) -> Option<ApiError> {
         let mut faults = lock(&self.faults);
         let i = faults.iter().position(|f| {
@@ -417,17 +507,22 @@ fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
             format!("the server could not find the requested resource ({path})"),
         )
     };
+    let mcs = s.mcs_versions();
     let (group_version, rest): (String, &[&str]) = match parts.as_slice() {
         ["version"] => return Ok(Target::Discovery(version())),
         ["api"] => return Ok(Target::Discovery(api_versions(s.addr))),
-        ["apis"] => return Ok(Target::Discovery(api_groups(s.config.mcs))),
+        ["apis"] => return Ok(Target::Discovery(api_groups(&mcs))),
         ["apis", "discovery.k8s.io"] => {
-            return Ok(Target::Discovery(group("discovery.k8s.io", "v1", true)));
+            return Ok(Target::Discovery(group(
+                "discovery.k8s.io",
+                &["discovery.k8s.io/v1"],
+                true,
+            )));
         }
-        ["apis", "multicluster.x-k8s.io"] if s.config.mcs => {
+        ["apis", "multicluster.x-k8s.io"] if !mcs.is_empty() => {
             return Ok(Target::Discovery(group(
                 "multicluster.x-k8s.io",
-                "v1alpha1",
+                &mcs,
                 true,
             )));
         }
@@ -435,10 +530,12 @@ fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
         ["apis", "discovery.k8s.io", "v1"] => {
             return Ok(Target::Discovery(resource_list("discovery.k8s.io/v1")));
         }
-        ["apis", "multicluster.x-k8s.io", "v1alpha1"] if s.config.mcs => {
-            return Ok(Target::Discovery(resource_list(
-                "multicluster.x-k8s.io/v1alpha1",
-            )));
+        ["apis", "multicluster.x-k8s.io", v]
+            if mcs.contains(&format!("multicluster.x-k8s.io/{v}").as_str()) =>
+        {
+            return Ok(Target::Discovery(resource_list(&format!(
+                "multicluster.x-k8s.io/{v}"
+            ))));
         }
         ["api", "v1", rest @ ..] => ("v1".into(), rest),
         ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
@@ -448,23 +545,31 @@ fn route(s: &Shared, path: &str) -> Result<Target, ApiError> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
         _ => (None, rest),
     };
-    let (plural, name) = match rest {
-        [plural] => (*plural, None),
-        [plural, name] => (*plural, Some((*name).to_owned())),
+    let (plural, name, status) = match rest {
+        [plural] => (*plural, None, false),
+        [plural, name] => (*plural, Some((*name).to_owned()), false),
+        [plural, name, "status"] => (*plural, Some((*name).to_owned()), true),
         _ => return Err(unknown()),
     };
     let kind = Kind::from_path(&group_version, plural)
-        .filter(|k| s.config.mcs || *k != Kind::ServiceExport)
+        .filter(|k| !k.mcs() || mcs.contains(&group_version.as_str()))
+        .filter(|k| !status || k.has_status())
         .ok_or_else(unknown)?;
     if kind.namespaced() != namespace.is_some() && (name.is_some() || !kind.namespaced()) {
         return Err(unknown());
     }
     Ok(match name {
-        None => Target::Collection { kind, namespace },
+        None => Target::Collection {
+            kind,
+            namespace,
+            version: group_version,
+        },
         Some(name) => Target::Item {
             kind,
             namespace: namespace.unwrap_or_default(),
             name,
+            version: group_version,
+            status,
         },
     })
 }
@@ -481,6 +586,7 @@ fn list(
     s: &Shared,
     kind: Kind,
     namespace: Option<&str>,
+    version: &str,
     query: &HashMap<String, String>,
 ) -> Result<Value, ApiError> {
     let (labels, fields) = selectors(query)?;
@@ -542,10 +648,10 @@ fn list(
         let name = last["metadata"]["name"].as_str().unwrap_or_default();
         metadata["continue"] = json!(hex::encode(format!("{rv}/{ns}/{name}")));
     }
-    let items: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+    let items: Vec<Value> = items.iter().map(|o| render(o, version)).collect();
     Ok(json!({
         "kind": format!("{}List", kind.kind()),
-        "apiVersion": kind.api_version(),
+        "apiVersion": version,
         "metadata": metadata,
         "items": items,
     }))
@@ -563,14 +669,21 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
 }
 
 fn check_type(kind: Kind, obj: &Value) -> Result<(), ApiError> {
-    for (field, want) in [("kind", kind.kind()), ("apiVersion", kind.api_version())] {
-        if let Some(got) = obj.get(field).and_then(Value::as_str)
-            && got != want
-        {
-            return Err(bad_request(format!(
-                "{field} {got:?} does not match {want:?}"
-            )));
-        }
+    if let Some(got) = obj.get("kind").and_then(Value::as_str)
+        && got != kind.kind()
+    {
+        return Err(bad_request(format!(
+            "kind {got:?} does not match {:?}",
+            kind.kind()
+        )));
+    }
+    if let Some(got) = obj.get("apiVersion").and_then(Value::as_str)
+        && !kind.versions().contains(&got)
+    {
+        return Err(bad_request(format!(
+            "apiVersion {got:?} does not match {:?}",
+            kind.api_version()
+        )));
     }
     Ok(())
 }
@@ -580,9 +693,23 @@ fn create(
     kind: Kind,
     namespace: Option<&str>,
     body: &Bytes,
+    manager: &str,
+    version: &str,
 ) -> Result<Value, ApiError> {
     let mut obj = parse_body(body)?;
     check_type(kind, &obj)?;
+    if kind.has_status()
+        && let Some(m) = obj.as_object_mut()
+    {
+        // The status subresource's: a create sets none.
+        m.remove("status");
+    }
+    let scope = if kind.has_status() {
+        apply::Scope::Main
+    } else {
+        apply::Scope::All
+    };
+    apply::record_update(None, &mut obj, manager, scope, version);
     if let Some(ns) = namespace {
         match obj.pointer("/metadata/namespace").and_then(Value::as_str) {
             Some(given) if !given.is_empty() && given != ns => {
@@ -606,30 +733,83 @@ fn check_key(key: &store::ObjectKey, obj: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn put(s: &Shared, key: &store::ObjectKey, body: &Bytes) -> Result<Value, ApiError> {
+fn put(s: &Shared, w: &Write<'_>, body: &Bytes) -> Result<Value, ApiError> {
+    let key = w.key;
     let mut obj = parse_body(body)?;
     check_type(key.0, &obj)?;
     if key.0.namespaced() && obj.pointer("/metadata/namespace").is_none() {
         obj["metadata"]["namespace"] = json!(key.1);
     }
     check_key(key, &obj)?;
+    let current = s.store.get(key).ok_or_else(|| not_found(key))?;
+    keep_other_part(&mut obj, &current, w.scope);
+    apply::record_update(Some(&current), &mut obj, w.manager, w.scope, w.version);
     s.store.update(key.0, obj).map(|o| (*o).clone())
+}
+
+/// A write through one part of a kind with a status subresource changes
+/// that part only: the main resource keeps the stored `status`, the
+/// `/status` subresource everything but it (and the field owners, which
+/// the write recorded).
+fn keep_other_part(obj: &mut Value, current: &Value, scope: apply::Scope) {
+    match scope {
+        apply::Scope::All => {}
+        apply::Scope::Main => match current.get("status") {
+            Some(st) => obj["status"] = st.clone(),
+            None => {
+                if let Some(m) = obj.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        },
+        apply::Scope::Status => {
+            let status = obj.get("status").cloned();
+            let rv = obj.pointer("/metadata/resourceVersion").cloned();
+            let managed = obj.pointer("/metadata/managedFields").cloned();
+            *obj = current.clone();
+            if let Some(m) = managed {
+                obj["metadata"]["managedFields"] = m;
+            }
+            match status {
+                Some(st) => obj["status"] = st,
+                None => {
+                    if let Some(m) = obj.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            match rv {
+                Some(rv) => obj["metadata"]["resourceVersion"] = rv,
+                None => {
+                    if let Some(m) = obj["metadata"].as_object_mut() {
+                        m.remove("resourceVersion");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn patch(
     s: &Shared,
-    key: &store::ObjectKey,
+    w: &Write<'_>,
     headers: &HeaderMap,
+    query: &HashMap<String, String>,
     body: &Bytes,
 ) -> Result<Value, ApiError> {
+    let key = w.key;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    let p = parse_body(body)?;
+    let content_type = content_type.split(';').next().unwrap_or_default().trim();
+    if content_type == "application/apply-patch+yaml" {
+        return server_side_apply(s, w, query, &p);
+    }
     let current = s.store.get(key).ok_or_else(|| not_found(key))?;
     let mut obj = (*current).clone();
-    let p = parse_body(body)?;
-    match content_type.split(';').next().unwrap_or_default().trim() {
+    match content_type {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
             patch::merge(&mut obj, &p);
         }
@@ -646,13 +826,83 @@ fn patch(
     }
     check_key(key, &obj)?;
     // A patch naming no resourceVersion applies to the latest object.
-    if p.pointer("/metadata/resourceVersion").is_none() {
-        obj["metadata"]["resourceVersion"] = Value::Null;
-        if let Some(m) = obj["metadata"].as_object_mut() {
-            m.remove("resourceVersion");
+    if p.pointer("/metadata/resourceVersion").is_none()
+        && let Some(m) = obj["metadata"].as_object_mut()
+    {
+        m.remove("resourceVersion");
+    }
+    keep_other_part(&mut obj, &current, w.scope);
+    apply::record_update(Some(&current), &mut obj, w.manager, w.scope, w.version);
+    s.store.update(key.0, obj).map(|o| (*o).clone())
+}
+
+/// Server-side apply (`application/apply-patch+yaml`): a `fieldManager`
+/// is required; fields another manager owns with another value are a 409
+/// unless `force=true`; an object that does not exist is created.
+fn server_side_apply(
+    s: &Shared,
+    w: &Write<'_>,
+    query: &HashMap<String, String>,
+    applied: &Value,
+) -> Result<Value, ApiError> {
+    let key = w.key;
+    if !query.contains_key("fieldManager") {
+        return Err(bad_request(
+            "PATCH with an apply patch requires a fieldManager parameter",
+        ));
+    }
+    check_type(key.0, applied)?;
+    let force = matches!(query.get("force").map(String::as_str), Some("true"));
+    let current = s.store.get(key);
+    if current.is_none() && w.scope == apply::Scope::Status {
+        return Err(not_found(key));
+    }
+    let mut obj = apply::apply(
+        current.as_deref(),
+        applied,
+        w.manager,
+        force,
+        w.scope,
+        w.version,
+    )
+    .map_err(|conflicts| {
+        let list: Vec<String> = conflicts
+            .iter()
+            .map(|c| format!("conflict with {:?}: {}", c.manager, c.field))
+            .collect();
+        ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Apply failed with {} conflict(s): {}",
+                list.len(),
+                list.join("; ")
+            ),
+        )
+    })?;
+    obj["metadata"]["name"] = json!(key.2);
+    if key.0.namespaced() {
+        obj["metadata"]["namespace"] = json!(key.1);
+    }
+    obj["kind"] = json!(key.0.kind());
+    obj["apiVersion"] = json!(key.0.api_version());
+    match current {
+        Some(current) => {
+            if let Some(m) = obj["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            keep_other_part(&mut obj, &current, w.scope);
+            s.store.update(key.0, obj).map(|o| (*o).clone())
+        }
+        None => {
+            if key.0.has_status()
+                && let Some(m) = obj.as_object_mut()
+            {
+                m.remove("status");
+            }
+            s.store.create(key.0, obj).map(|o| (*o).clone())
         }
     }
-    s.store.update(key.0, obj).map(|o| (*o).clone())
 }
 
 fn watch_line(event: &str, object: &Value) -> Bytes {
@@ -666,6 +916,7 @@ fn watch_response(
     s: &Arc<Shared>,
     kind: Kind,
     namespace: Option<String>,
+    version: String,
     query: &HashMap<String, String>,
 ) -> Response {
     let (labels, fields) = match selectors(query) {
@@ -726,7 +977,7 @@ fn watch_response(
             async move { !dropped && tx.send(Ok(line)).await.is_ok() }
         };
         for obj in std::mem::take(&mut sub.objects) {
-            if matches(&obj) && !send(watch_line("ADDED", &obj)).await {
+            if matches(&obj) && !send(watch_line("ADDED", &render(&obj, &version))).await {
                 return;
             }
         }
@@ -738,14 +989,14 @@ fn watch_response(
             }
             watch_line(
                 "BOOKMARK",
-                &json!({"kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": meta}),
+                &json!({"kind": kind.kind(), "apiVersion": version, "metadata": meta}),
             )
         };
         if send_initial && !send(bookmark(progress, true)).await {
             return;
         }
         for change in std::mem::take(&mut sub.replay) {
-            if let Some(line) = event_line(&change, &matches)
+            if let Some(line) = event_line(&change, &matches, &version)
                 && !send(line).await
             {
                 return;
@@ -768,7 +1019,7 @@ fn watch_response(
                         if change.rv <= progress { continue }
                         progress = change.rv;
                         if change.kind != kind { continue }
-                        if let Some(line) = event_line(&change, &matches) && !send(line).await {
+                        if let Some(line) = event_line(&change, &matches, &version) && !send(line).await {
                             return;
                         }
                     }
@@ -788,7 +1039,11 @@ fn watch_response(
 
 /// The watch line for one change as a filtered watch sees it: an object
 /// moving into the filter is ADDED, one moving out is DELETED.
-fn event_line(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Option<Bytes> {
+fn event_line(
+    change: &store::Change,
+    matches: &impl Fn(&Value) -> bool,
+    version: &str,
+) -> Option<Bytes> {
     let was = change.old.as_deref().is_some_and(matches);
     let is = matches(&change.new);
     let event = match change.event {
@@ -799,7 +1054,7 @@ fn event_line(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Opti
         store::EventType::Deleted if was => "DELETED",
         _ => return None,
     };
-    Some(watch_line(event, &change.new))
+    Some(watch_line(event, &render(&change.new, version)))
 }
 
 fn version() -> Value {
@@ -818,10 +1073,14 @@ fn api_versions(addr: SocketAddr) -> Value {
     })
 }
 
-/// An `APIGroup` document (with `kind`/`apiVersion` when it stands alone).
-fn group(name: &str, version: &str, alone: bool) -> Value {
-    let v = json!({"groupVersion": format!("{name}/{version}"), "version": version});
-    let mut g = json!({"name": name, "versions": [v], "preferredVersion": v});
+/// An `APIGroup` document (with `kind`/`apiVersion` when it stands alone):
+/// `versions` are group/versions, the preferred one first.
+fn group(name: &str, versions: &[&str], alone: bool) -> Value {
+    let v: Vec<Value> = versions
+        .iter()
+        .map(|gv| json!({"groupVersion": gv, "version": gv.rsplit('/').next().unwrap_or(gv)}))
+        .collect();
+    let mut g = json!({"name": name, "versions": v, "preferredVersion": v[0]});
     if alone {
         g["kind"] = json!("APIGroup");
         g["apiVersion"] = json!("v1");
@@ -829,10 +1088,10 @@ fn group(name: &str, version: &str, alone: bool) -> Value {
     g
 }
 
-fn api_groups(mcs: bool) -> Value {
-    let mut groups = vec![group("discovery.k8s.io", "v1", false)];
-    if mcs {
-        groups.push(group("multicluster.x-k8s.io", "v1alpha1", false));
+fn api_groups(mcs: &[&str]) -> Value {
+    let mut groups = vec![group("discovery.k8s.io", &["discovery.k8s.io/v1"], false)];
+    if !mcs.is_empty() {
+        groups.push(group("multicluster.x-k8s.io", mcs, false));
     }
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
@@ -841,25 +1100,33 @@ fn resource_list(group_version: &str) -> Value {
     let verbs = [
         "create", "delete", "get", "list", "patch", "update", "watch",
     ];
-    let resources: Vec<Value> = Kind::ALL
+    let mut resources: Vec<Value> = Vec::new();
+    for k in Kind::ALL
         .into_iter()
-        .filter(|k| k.api_version() == group_version)
-        .map(|k| {
-            let short: &[&str] = match k {
-                Kind::Service => &["svc"],
-                Kind::Node => &["no"],
-                Kind::EndpointSlice => &[],
-                Kind::ServiceExport => &["svcex"],
-                Kind::ConfigMap => &["cm"],
-            };
-            json!({
-                "name": k.plural(), "singularName": k.kind().to_lowercase(),
-                "namespaced": k.namespaced(), "kind": k.kind(), "verbs": verbs,
-                "shortNames": short,
-                "categories": if k == Kind::Service { json!(["all"]) } else { json!([]) },
-            })
-        })
-        .collect();
+        .filter(|k| k.versions().contains(&group_version))
+    {
+        let short: &[&str] = match k {
+            Kind::Service => &["svc"],
+            Kind::Node => &["no"],
+            Kind::EndpointSlice => &[],
+            Kind::ServiceExport => &["svcex"],
+            Kind::ConfigMap => &["cm"],
+            Kind::ServiceImport => &["svcim"],
+        };
+        resources.push(json!({
+            "name": k.plural(), "singularName": k.kind().to_lowercase(),
+            "namespaced": k.namespaced(), "kind": k.kind(), "verbs": verbs,
+            "shortNames": short,
+            "categories": if k == Kind::Service { json!(["all"]) } else { json!([]) },
+        }));
+        if k.has_status() {
+            resources.push(json!({
+                "name": format!("{}/status", k.plural()), "singularName": "",
+                "namespaced": k.namespaced(), "kind": k.kind(),
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }
 

@@ -31,17 +31,47 @@ pub enum Kind {
     ServiceExport,
     /// `v1 ConfigMap`, namespaced (the kube-dns ConfigMap).
     ConfigMap,
+    /// `multicluster.x-k8s.io ServiceImport` (the MCS API's CRD), namespaced.
+    ServiceImport,
 }
+
+/// The MCS API's versions, the storage (preferred) one first: its CRDs are
+/// served in both, with no conversion (the objects are the same).
+pub const MCS_VERSIONS: [&str; 2] = [
+    "multicluster.x-k8s.io/v1beta1",
+    "multicluster.x-k8s.io/v1alpha1",
+];
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::ServiceExport,
         Kind::ConfigMap,
+        Kind::ServiceImport,
     ];
+
+    /// Whether it is one of the MCS API's kinds.
+    pub fn mcs(self) -> bool {
+        matches!(self, Kind::ServiceExport | Kind::ServiceImport)
+    }
+
+    /// The group/versions it is served in, the storage one first.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::Service | Kind::Node | Kind::ConfigMap => &["v1"],
+            Kind::EndpointSlice => &["discovery.k8s.io/v1"],
+            Kind::ServiceExport | Kind::ServiceImport => &MCS_VERSIONS,
+        }
+    }
+
+    /// Whether `status` is written through a `/status` subresource only
+    /// (the MCS CRDs declare `subresources: {status: {}}`).
+    pub fn has_status(self) -> bool {
+        self.mcs()
+    }
 
     /// `kind` of one object.
     pub fn kind(self) -> &'static str {
@@ -51,16 +81,13 @@ impl Kind {
             Kind::Node => "Node",
             Kind::ServiceExport => "ServiceExport",
             Kind::ConfigMap => "ConfigMap",
+            Kind::ServiceImport => "ServiceImport",
         }
     }
 
-    /// `apiVersion` of the kind.
+    /// `apiVersion` of the kind as stored (its preferred version).
     pub fn api_version(self) -> &'static str {
-        match self {
-            Kind::Service | Kind::Node | Kind::ConfigMap => "v1",
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
-        }
+        self.versions()[0]
     }
 
     /// The plural resource name in URLs.
@@ -71,6 +98,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::ServiceExport => "serviceexports",
             Kind::ConfigMap => "configmaps",
+            Kind::ServiceImport => "serviceimports",
         }
     }
 
@@ -78,7 +106,7 @@ impl Kind {
     pub fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
         Kind::ALL
             .into_iter()
-            .find(|k| k.api_version() == group_version && k.plural() == plural)
+            .find(|k| k.versions().contains(&group_version) && k.plural() == plural)
     }
 
     /// Whether objects live in namespaces.
@@ -98,9 +126,11 @@ impl Kind {
             Kind::ConfigMap => serde_json::from_value::<core::ConfigMap>(obj.clone()).map(drop),
             // A CRD with a permissive schema (its spec is optional): only
             // the object metadata must have the right shape.
-            Kind::ServiceExport => serde_json::from_value::<
+            Kind::ServiceExport | Kind::ServiceImport => serde_json::from_value::<
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-            >(obj.get("metadata").cloned().unwrap_or_default())
+            >(
+                obj.get("metadata").cloned().unwrap_or_default(),
+            )
             .map(drop),
         };
         r.map_err(|e| e.to_string())
@@ -362,7 +392,8 @@ impl Store {
 
     /// Replaces an object. A resourceVersion in `obj` must match the stored
     /// one (409 otherwise); uid and creationTimestamp are kept; generation
-    /// moves when anything but metadata and status changed.
+    /// moves when anything but metadata and status changed; an update that
+    /// changes nothing keeps the resourceVersion and makes no event.
     pub fn update(&self, kind: Kind, mut obj: Value) -> Result<Arc<Value>, ApiError> {
         let key = key_of(kind, &obj)?;
         kind.check_shape(&obj)
@@ -397,7 +428,7 @@ impl Store {
         if kind.namespaced() {
             obj["metadata"]["namespace"] = json!(key.1);
         }
-        if without_meta(&obj) == without_meta(&old) && obj["metadata"] == old["metadata"] {
+        if obj == *old {
             // No-op updates keep the resourceVersion and make no event.
             return Ok(old);
         }
@@ -489,7 +520,7 @@ pub fn key_of(kind: Kind, obj: &Value) -> Result<ObjectKey, ApiError> {
 }
 
 /// Now as RFC 3339 (UTC, seconds).
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
