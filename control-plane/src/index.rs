@@ -1696,6 +1696,7 @@ mod tests {
         st.exports.push(crate::source::Export {
             key,
             created_unix: Some(created),
+            exported: Default::default(),
         });
         st
     }
@@ -1873,6 +1874,7 @@ mod tests {
         east.exports.push(crate::source::Export {
             key: ServiceKey::new("east", "ns", "ghost"),
             created_unix: Some(5),
+            exported: Default::default(),
         });
         // A second exported Service, whose import must not move.
         let other = exporting("west", "10.2.0.9", 10);
@@ -1890,6 +1892,7 @@ mod tests {
         west.exports.push(crate::source::Export {
             key,
             created_unix: Some(10),
+            exported: Default::default(),
         });
         let first = build_two(&mut idx, &east, &west, &[], 1);
         assert!(!first.patched);
@@ -1966,6 +1969,7 @@ mod tests {
             .map(|s| crate::source::Export {
                 key: s.key.clone(),
                 created_unix: Some(1),
+                exported: Default::default(),
             })
             .collect();
         let waiting = |b: &Build| -> Vec<String> {

@@ -544,16 +544,19 @@ mod tests {
             Export {
                 key: ServiceKey::new("east", "shop", "web"),
                 created_unix: Some(200),
+                exported: Default::default(),
             },
             Export {
                 key: ServiceKey::new("east", "shop", "gone"),
                 created_unix: Some(1),
+                exported: Default::default(),
             },
         ];
         let mut west = state(vec![svc("west", "web", None, None)]);
         west.exports = vec![Export {
             key: ServiceKey::new("west", "shop", "web"),
             created_unix: Some(100),
+            exported: Default::default(),
         }];
         let north = state(vec![svc("north", "web", None, None)]);
         let inputs = [

@@ -5,7 +5,7 @@
 //! `..data` links of a mounted ConfigMap are read once). A file holds
 //! Kubernetes-shaped documents separated by `---`, or a `List`; only
 //! `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and the MCS API's
-//! `multicluster.x-k8s.io/v1alpha1 ServiceExport` are used, other kinds
+//! `ServiceExport` (`multicluster.x-k8s.io/v1beta1` or `v1alpha1`) are used, other kinds
 //! are ignored. With [`FileSource::with_cluster_annotation`]
 //! (`--file-cluster-annotation`), the annotation `switchyard.io/cluster`
 //! moves one object to another cluster than the source's; without it the
@@ -721,7 +721,7 @@ fn near_miss(api_version: &str, kind: &str) -> Option<String> {
              (v1beta1 was removed in Kubernetes 1.25); ignored"
         )),
         (_, "ServiceExport") => Some(format!(
-            "{api_version} ServiceExport is not read: use apiVersion multicluster.x-k8s.io/v1alpha1; ignored"
+            "{api_version} ServiceExport is not read: use apiVersion multicluster.x-k8s.io/v1beta1 (or v1alpha1); ignored"
         )),
         (_, "Endpoints") => Some(
             "v1 Endpoints are not read: endpoints come from discovery.k8s.io/v1 EndpointSlices \
@@ -972,7 +972,10 @@ impl Parser<'_> {
                     Err(e) => out.errors.extend(self.invalid(place, e)),
                 }
             }
-            ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => match name {
+            (
+                "multicluster.x-k8s.io/v1alpha1" | "multicluster.x-k8s.io/v1beta1",
+                "ServiceExport",
+            ) => match name {
                 Some(n) if switchyard_model::is_dns_label(&n) => out.exports.push(Located {
                     at: place.to_string(),
                     value: Export {
@@ -982,6 +985,7 @@ impl Parser<'_> {
                             .and_then(Value::as_str)
                             .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
                             .map(|t| t.as_second()),
+                        exported: super::ExportedMeta::of(&obj),
                     },
                 }),
                 _ => out.errors.push(self.error(

@@ -244,10 +244,11 @@ enum Kind {
     Node = 2,
     Export = 3,
     Dns = 4,
+    Import = 5,
 }
 
 /// How many kinds are watched.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 impl Kind {
     /// The kind a request path lists or watches (`/api/v1/services`,
@@ -259,6 +260,7 @@ impl Kind {
             "nodes" => Some(Kind::Node),
             "serviceexports" => Some(Kind::Export),
             "configmaps" => Some(Kind::Dns),
+            "serviceimports" => Some(Kind::Import),
             _ => None,
         }
     }
@@ -270,20 +272,47 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Export => "serviceexports",
             Kind::Dns => "configmaps",
+            Kind::Import => "serviceimports",
         }
     }
 }
 
-/// The MCS API's ServiceExport (`multicluster.x-k8s.io/v1alpha1`), watched
-/// as a dynamic object: only its name, namespace and creation time matter.
-pub fn service_export_resource() -> ApiResource {
+/// The MCS API's group, and its versions in order of preference: v1beta1
+/// (MCS API v0.5) where the API server serves it, else v1alpha1.
+pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
+/// See [`MCS_GROUP`].
+pub const MCS_VERSIONS: [&str; 2] = ["v1beta1", "v1alpha1"];
+
+/// An MCS API kind (`ServiceExport`, `ServiceImport`) in `version`, for a
+/// dynamic client: the objects are read and written as JSON.
+pub fn mcs_resource(kind: &str, version: &str) -> ApiResource {
     ApiResource {
-        group: "multicluster.x-k8s.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "multicluster.x-k8s.io/v1alpha1".into(),
-        kind: "ServiceExport".into(),
-        plural: "serviceexports".into(),
+        group: MCS_GROUP.into(),
+        version: version.into(),
+        api_version: format!("{MCS_GROUP}/{version}"),
+        kind: kind.into(),
+        plural: format!("{}s", kind.to_lowercase()),
     }
+}
+
+/// The MCS version in which the API server serves `kind`, the preferred
+/// one first; `None` when it serves neither (the CRDs are not installed).
+pub async fn served_mcs_version(
+    client: &Client,
+    kind: &str,
+) -> Result<Option<&'static str>, kube::Error> {
+    for version in MCS_VERSIONS {
+        match client
+            .list_api_group_resources(&format!("{MCS_GROUP}/{version}"))
+            .await
+        {
+            Ok(list) if list.resources.iter().any(|r| r.kind == kind) => return Ok(Some(version)),
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// Whether a watch error says the resource is not served (a 404: the MCS
@@ -309,6 +338,7 @@ enum Object {
     Node(Box<core::Node>),
     Export(Box<DynamicObject>),
     Dns(Box<core::ConfigMap>),
+    Import(Box<DynamicObject>),
 }
 
 /// What a watcher stream told us.
@@ -357,6 +387,69 @@ where
             (kind, signal)
         })
         .boxed()
+}
+
+/// The signals of an MCS kind, in the version the API server serves (see
+/// [`served_mcs_version`]): found by discovery before the watch starts and
+/// again whenever the watch finds the kind gone (a 404: the CRDs were
+/// removed or upgraded). While neither version is served the stream says
+/// `NotServed` and looks again after a growing pause.
+fn mcs_signals(
+    kind: Kind,
+    client: Client,
+    namespace: Option<String>,
+    mcs_kind: &'static str,
+    wrap: fn(DynamicObject) -> Object,
+) -> Pin<Box<dyn Stream<Item = (Kind, Signal)> + Send>> {
+    const FIRST_PAUSE: Duration = Duration::from_millis(500);
+    enum Step {
+        Discover(Duration),
+        Watch(Pin<Box<dyn Stream<Item = (Kind, Signal)> + Send>>),
+    }
+    futures::stream::unfold(Step::Discover(Duration::ZERO), move |step| {
+        let client = client.clone();
+        let namespace = namespace.clone();
+        async move {
+            match step {
+                Step::Discover(pause) => {
+                    tokio::time::sleep(pause).await;
+                    let next_pause = (pause * 2).clamp(FIRST_PAUSE, Duration::from_secs(30));
+                    match served_mcs_version(&client, mcs_kind).await {
+                        Ok(Some(version)) => {
+                            tracing::debug!(kind = mcs_kind, version, "watching");
+                            let resource = mcs_resource(mcs_kind, version);
+                            let api: Api<DynamicObject> = match &namespace {
+                                Some(ns) => Api::namespaced_with(client, ns, &resource),
+                                None => Api::all_with(client, &resource),
+                            };
+                            let watch = signals(kind, api, watcher::Config::default(), wrap);
+                            Some((None, Step::Watch(watch)))
+                        }
+                        Ok(None) => {
+                            Some((Some((kind, Signal::NotServed)), Step::Discover(next_pause)))
+                        }
+                        Err(e) => Some((
+                            Some((
+                                kind,
+                                Signal::Failed(format!("discovery: {}", error_chain(&e))),
+                            )),
+                            Step::Discover(next_pause),
+                        )),
+                    }
+                }
+                Step::Watch(mut watch) => match watch.next().await {
+                    // The version watched is gone: find out what is served now.
+                    Some((k, Signal::NotServed)) => {
+                        Some((Some((k, Signal::NotServed)), Step::Discover(FIRST_PAUSE)))
+                    }
+                    Some(signal) => Some((Some(signal), Step::Watch(watch))),
+                    None => None,
+                },
+            }
+        }
+    })
+    .filter_map(futures::future::ready)
+    .boxed()
 }
 
 /// The error and its causes, each said once: kube, hyper and the OS often
@@ -417,11 +510,23 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     let (services, slices): (Api<core::Service>, Api<discovery::EndpointSlice>) =
         namespaced(client.clone());
     let nodes: Api<core::Node> = Api::all(client.clone());
-    let export_resource = service_export_resource();
-    let exports: Api<DynamicObject> = match &config.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &export_resource),
-        None => Api::all_with(client.clone(), &export_resource),
-    };
+    // Exports are not filtered by the label selector: a ServiceExport
+    // names its Service and carries no labels of it. Imports are read
+    // whole: those of other implementations are left alone, not ignored.
+    let exports = mcs_signals(
+        Kind::Export,
+        client.clone(),
+        config.namespace.clone(),
+        "ServiceExport",
+        |o| Object::Export(Box::new(o)),
+    );
+    let imports = mcs_signals(
+        Kind::Import,
+        client.clone(),
+        config.namespace.clone(),
+        "ServiceImport",
+        |o| Object::Import(Box::new(o)),
+    );
     let dns = config.dns_configmap.as_ref().map(|(ns, name)| {
         let api: Api<core::ConfigMap> = Api::namespaced(client, ns);
         let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -438,11 +543,8 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
         signals(Kind::Node, nodes, watcher::Config::default(), |o| {
             Object::Node(Box::new(o))
         }),
-        // Exports are not filtered by the label selector: a ServiceExport
-        // names its Service and carries no labels of it.
-        signals(Kind::Export, exports, watcher::Config::default(), |o| {
-            Object::Export(Box::new(o))
-        }),
+        exports,
+        imports,
         answered,
     ]);
     if let Some(dns) = dns {
@@ -561,6 +663,26 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     }
 }
 
+/// The label Switchyard puts on the ServiceImports it writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "switchyard");
+
+/// A ServiceImport as the record of its ClusterSet IPs.
+fn recorded_import(import: &DynamicObject) -> super::RecordedImport {
+    super::RecordedImport {
+        namespace: import.namespace().unwrap_or_default(),
+        name: import.name_any(),
+        ips: import
+            .data
+            .pointer("/spec/ips")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect(),
+        ours: import.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1),
+    }
+}
+
 /// Clears a kind's error once its watch answers again, and says so.
 /// Whether there was one.
 fn recovered(error: &mut Option<String>, source: &str, kind: Kind, url: &str) -> bool {
@@ -610,6 +732,9 @@ struct View {
     exports: BTreeMap<ObjectKey, Export>,
     export_list: Vec<Export>,
     exports_stale: bool,
+    imports: BTreeMap<ObjectKey, super::RecordedImport>,
+    import_list: Vec<super::RecordedImport>,
+    imports_stale: bool,
     /// The cluster's DNS settings, from the kube-dns ConfigMap.
     dns: Option<Arc<super::ClusterDns>>,
     /// The objects of each kind's relist in progress.
@@ -634,6 +759,9 @@ impl View {
             exports: BTreeMap::new(),
             export_list: Vec::new(),
             exports_stale: false,
+            imports: BTreeMap::new(),
+            import_list: Vec::new(),
+            imports_stale: false,
             dns: None,
             listing: Default::default(),
         }
@@ -668,6 +796,7 @@ impl View {
                 .map(|n| (String::new(), n.clone()))
                 .collect(),
             Kind::Export => self.exports.keys().cloned().collect(),
+            Kind::Import => self.imports.keys().cloned().collect(),
             // One object at most: a list without it removes it.
             Kind::Dns => vec![(String::new(), String::new())],
         };
@@ -772,10 +901,19 @@ impl View {
                         export.name_any(),
                     ),
                     created_unix: export.creation_timestamp().map(|t| t.0.as_second()),
+                    exported: super::ExportedMeta::of(&export.data),
                 };
                 if self.exports.get(&key) != Some(&new) {
                     self.exports.insert(key, new);
                     self.exports_stale = true;
+                }
+            }
+            Object::Import(import) => {
+                let key = object_key(&*import);
+                let new = recorded_import(&import);
+                if self.imports.get(&key) != Some(&new) {
+                    self.imports.insert(key, new);
+                    self.imports_stale = true;
                 }
             }
             Object::Dns(cm) => {
@@ -839,6 +977,9 @@ impl View {
             Kind::Export => {
                 self.exports_stale |= self.exports.remove(key).is_some();
             }
+            Kind::Import => {
+                self.imports_stale |= self.imports.remove(key).is_some();
+            }
             Kind::Dns => self.dns = None,
         }
         if self.failed.remove(&(kind as u8, key.clone())).is_some() {
@@ -862,6 +1003,9 @@ impl View {
             self.export_list = self.exports.values().cloned().collect();
             self.export_list.sort_by(|a, b| a.key.cmp(&b.key));
         }
+        if std::mem::take(&mut self.imports_stale) {
+            self.import_list = self.imports.values().cloned().collect();
+        }
         SourceState {
             synced: true,
             services: self.services.clone(),
@@ -869,6 +1013,7 @@ impl View {
             errors: self.errors.clone(),
             nodes: self.node_list.clone(),
             exports: self.export_list.clone(),
+            service_imports: self.import_list.clone(),
             dns: self.dns.clone(),
             ..SourceState::default()
         }
@@ -883,6 +1028,7 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::Export(_) => Kind::Export,
             Object::Dns(_) => Kind::Dns,
+            Object::Import(_) => Kind::Import,
         }
     }
 
@@ -892,7 +1038,7 @@ impl Object {
             Object::Service(o) => object_key(&**o),
             Object::Slice(o) => object_key(&**o),
             Object::Node(o) => (String::new(), o.name_any()),
-            Object::Export(o) => object_key(&**o),
+            Object::Export(o) | Object::Import(o) => object_key(&**o),
             // The one ConfigMap watched.
             Object::Dns(_) => (String::new(), String::new()),
         }
@@ -1011,13 +1157,25 @@ mod tests {
     /// A view that took `objects` as one list of each kind, from nothing.
     fn listed(objects: Vec<Object>) -> SourceState {
         let mut v = view();
-        for kind in [Kind::Service, Kind::Slice, Kind::Node, Kind::Export] {
+        for kind in [
+            Kind::Service,
+            Kind::Slice,
+            Kind::Node,
+            Kind::Export,
+            Kind::Import,
+        ] {
             v.start_list(kind);
         }
         for o in objects {
             v.listed(o);
         }
-        for kind in [Kind::Service, Kind::Slice, Kind::Node, Kind::Export] {
+        for kind in [
+            Kind::Service,
+            Kind::Slice,
+            Kind::Node,
+            Kind::Export,
+            Kind::Import,
+        ] {
             v.end_list(kind);
         }
         v.state()

@@ -22,6 +22,7 @@ pub mod relay;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -293,6 +294,9 @@ pub struct SourceState {
     /// The cluster's DNS settings (sources that read the kube-dns
     /// ConfigMap: kube), when it has some.
     pub dns: Option<Arc<ClusterDns>>,
+    /// The ServiceImports in the cluster's API server (sources that read
+    /// them: kube), by namespace and name.
+    pub service_imports: Vec<RecordedImport>,
     /// The clusterset's imports, ready-made: set (even empty) by a relay
     /// that follows a hub's clusterset, which then replaces the local merge.
     pub imports: Option<Vec<Arc<ServiceState>>>,
@@ -310,6 +314,56 @@ pub struct Export {
     /// The ServiceExport's `metadata.creationTimestamp`, Unix seconds, when
     /// the source knows it: the oldest export's properties win a conflict.
     pub created_unix: Option<i64>,
+    /// What the export asks the ServiceImport to carry.
+    pub exported: ExportedMeta,
+}
+
+/// A ServiceExport's `spec.exportedLabels` and `spec.exportedAnnotations`
+/// (MCS API v1beta1): put on the ServiceImport of every cluster, the
+/// oldest export's winning a conflict.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportedMeta {
+    /// `spec.exportedLabels`.
+    pub labels: BTreeMap<String, String>,
+    /// `spec.exportedAnnotations`.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ExportedMeta {
+    /// The exported labels and annotations of a ServiceExport object
+    /// (either MCS version: the fields are the same); values that are not
+    /// strings are left out.
+    pub fn of(export: &serde_json::Value) -> Self {
+        let map = |field: &str| -> BTreeMap<String, String> {
+            export
+                .pointer(&format!("/spec/{field}"))
+                .and_then(serde_json::Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        };
+        Self {
+            labels: map("exportedLabels"),
+            annotations: map("exportedAnnotations"),
+        }
+    }
+}
+
+/// A ServiceImport found in a cluster's API server: the record of the
+/// ClusterSet IPs given out, read back on start and honoured by every
+/// control plane (as a Service's `spec.clusterIP` is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedImport {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name (the imported Service's).
+    pub name: String,
+    /// `spec.ips`, the addresses that parse.
+    pub ips: Vec<IpAddr>,
+    /// Whether Switchyard manages it (its `app.kubernetes.io/managed-by`
+    /// label): only those are written, deleted and honoured.
+    pub ours: bool,
 }
 
 /// The cluster's DNS settings, from the kube-dns ConfigMap

@@ -147,6 +147,7 @@ impl Held {
                 out.exports.push(Export {
                     key: service.key.clone(),
                     created_unix: export.created_unix,
+                    exported: Default::default(),
                 });
             }
             let mut plain = service.clone();

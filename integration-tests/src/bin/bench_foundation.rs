@@ -664,6 +664,7 @@ fn time_index(
             .map(|s| Export {
                 key: s.key.clone(),
                 created_unix: Some(0),
+                exported: Default::default(),
             })
             .collect();
     }

@@ -222,6 +222,7 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
             out.exports.push(Export {
                 key: key.clone(),
                 created_unix: None,
+                exported: Default::default(),
             });
         }
         for family in [AddressType::IPv4, AddressType::IPv6] {
