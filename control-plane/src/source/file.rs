@@ -985,7 +985,7 @@ impl Parser<'_> {
                             .and_then(Value::as_str)
                             .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
                             .map(|t| t.as_second()),
-                        exported: super::ExportedMeta::of(&obj),
+                        exported: super::ExportedMeta::of(obj),
                     },
                 }),
                 _ => out.errors.push(self.error(
