@@ -6,9 +6,10 @@
 //! ```
 //!
 //! Each Service contributes parts: one made from the Service itself (its
-//! namespace's name, cluster IPs, named ports, ExternalName target) and,
-//! when headless, one per endpoint address (its A records, host name, PTR
-//! and an SRV per named port of its slice). Every record is counted by the
+//! namespace's name, cluster IPs, named ports, an SRV per port on its own
+//! name, ExternalName target) and, when headless, one per endpoint
+//! address (its A records, host name, PTR, an SRV per named port of its
+//! slice and one per port on the Service's name). Every record is counted by the
 //! parts that give it, and every name by its records, its marks (a
 //! namespace a Service is in, `svc`, `pod`) and the names just below it,
 //! so a name goes with the last thing that needs it, empty non-terminals
@@ -780,6 +781,9 @@ struct Group<'a> {
 struct GroupNames {
     /// SRV owner names (their place in the builder) with their ports.
     srvs: Vec<(usize, u16)>,
+    /// Every port of the group, once: the SRV records of the Service's own
+    /// name (one per port and endpoint).
+    ports: Vec<u16>,
     /// `<cluster-id>.<svc>...`, the parent of an import's host names.
     cluster: Option<Name>,
 }
@@ -790,17 +794,16 @@ struct Groups<'a>(Vec<Group<'a>>);
 
 impl<'a> Groups<'a> {
     fn id(&mut self, cluster: Option<&'a str>, ports: &'a [EndpointPort]) -> usize {
-        let named = || ports.iter().filter(|p| !p.name.is_empty());
         if let Some(i) = self.0.iter().position(|g| {
             g.cluster == cluster
-                && g.ports.len() == named().count()
-                && g.ports.iter().zip(named()).all(|(a, b)| *a == b)
+                && g.ports.len() == ports.len()
+                && g.ports.iter().zip(ports).all(|(a, b)| *a == b)
         }) {
             return i;
         }
         self.0.push(Group {
             cluster,
-            ports: named().collect(),
+            ports: ports.iter().collect(),
             names: None,
         });
         self.0.len() - 1
@@ -1033,6 +1036,15 @@ impl Builder {
                 self.add(&srv, RData::SRV(SRV::new(0, 100, p.port, base.clone())));
             }
         }
+        // SRV on the Service's own name: one per port (a port number of
+        // two protocols is one record), as CoreDNS answers and the MCS
+        // conformance suite queries.
+        let mut numbers: Vec<u16> = svc.ports.iter().map(|p| p.port).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        for port in numbers {
+            self.add(&base, RData::SRV(SRV::new(0, 100, port, base.clone())));
+        }
     }
 
     /// The endpoint parts of a headless `st` (or of `before`'s, counted
@@ -1069,15 +1081,28 @@ impl Builder {
                 let srvs = group
                     .ports
                     .iter()
+                    .filter(|p| !p.name.is_empty())
                     .filter_map(|p| {
                         srv_name(&base, &p.name, p.protocol.as_lowercase())
                             .map(|n| (self.slot(&n), p.port))
                     })
                     .collect();
                 let cluster = group.cluster.and_then(|c| base.prepend_label(c).ok());
-                group.names = Some(GroupNames { srvs, cluster });
+                let mut ports: Vec<u16> = group.ports.iter().map(|p| p.port).collect();
+                ports.sort_unstable();
+                ports.dedup();
+                group.names = Some(GroupNames {
+                    srvs,
+                    ports,
+                    cluster,
+                });
             }
-            let Some(GroupNames { srvs, cluster }) = &group.names else {
+            let Some(GroupNames {
+                srvs,
+                ports,
+                cluster,
+            }) = &group.names
+            else {
                 continue;
             };
             let label = match part.hostname {
@@ -1103,6 +1128,9 @@ impl Builder {
             }
             for (srv, port) in srvs.iter() {
                 self.add_in(*srv, RData::SRV(SRV::new(0, 100, *port, host.clone())));
+            }
+            for port in ports {
+                self.add_in(base_slot, RData::SRV(SRV::new(0, 100, *port, host.clone())));
             }
         }
         self.sign = sign;

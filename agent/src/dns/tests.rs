@@ -309,6 +309,16 @@ fn headless_service_answers_ready_endpoints_and_their_hostnames() {
         ]
     );
     assert_eq!(srv.additionals.len(), 2);
+    // SRV on the Service's own name: one per endpoint and port.
+    let mut got = rdata(&ask(&idx, "db.shop.svc.cluster.local.", RecordType::SRV));
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "0 100 8080 10-1-0-2.db.shop.svc.cluster.local.",
+            "0 100 8080 db-0.db.shop.svc.cluster.local."
+        ]
+    );
     // IPv6 endpoints: AAAA and the dashed address.
     let v6 = ask(
         &idx,
@@ -945,6 +955,19 @@ fn the_clusterset_zone_answers_imports_as_the_mcs_dns_specification_says() {
             "0 100 8080 db-0.east.db.shop.svc.clusterset.local.",
         ]
     );
+    // SRV on the bare names (what the MCS conformance suite queries): one
+    // record per port for the ClusterSet IP, one per endpoint for headless.
+    let web = ask(&idx, "web.shop.svc.clusterset.local.", RecordType::SRV);
+    assert_eq!(rdata(&web), ["0 100 80 web.shop.svc.clusterset.local."]);
+    let mut srvs = rdata(&ask(&idx, "db.shop.svc.clusterset.local.", RecordType::SRV));
+    srvs.sort();
+    assert_eq!(
+        srvs,
+        [
+            "0 100 8080 10-2-0-5.west.db.shop.svc.clusterset.local.",
+            "0 100 8080 db-0.east.db.shop.svc.clusterset.local.",
+        ]
+    );
     // `<cluster-id>.<svc>...` must not exist; unknown names are NXDOMAIN
     // with the clusterset zone's SOA; the apex answers its schema version.
     for missing in [
@@ -1311,9 +1334,10 @@ fn one_endpoint_change_to_a_large_headless_service_writes_what_changed() {
     let idx = DnsIndex::build(mk_state("v1", vec![big(None)]), &zone(), 5);
     let next = idx.next(mk_state("v2", vec![big(Some(7))]));
     assert_eq!(next.changed, Some(1));
-    // Out: the endpoint's A at the Service, its host name's A, its PTR and
-    // 50 SRV; in: the same for its new address.
-    assert_eq!(next.changed_records(), 2 * (3 + 50));
+    // Out: the endpoint's A at the Service, its host name's A, its PTR,
+    // 50 SRV under `_port._tcp` and 50 on the Service's name; in: the same
+    // for its new address.
+    assert_eq!(next.changed_records(), 2 * (3 + 50 + 50));
     // Too many for one message: read the name's records in the index.
     let srv = Name::from_ascii("_port-9._tcp.web.team-a.svc.cluster.local.").expect("name");
     let Lookup::Records(records, RecordType::SRV) = next.lookup(&srv.into(), RecordType::SRV)
