@@ -164,9 +164,17 @@ pub struct Args {
 
     /// Export every Service of every source to the clusterset, as if each
     /// had a ServiceExport (testbeds); otherwise only Services with a
-    /// ServiceExport (multicluster.x-k8s.io/v1alpha1) are exported.
+    /// ServiceExport (multicluster.x-k8s.io, v1beta1 or v1alpha1) are exported.
     #[arg(long)]
     pub export_all: bool,
+
+    /// Write the clusterset back into every cluster a `kube` source reads,
+    /// as an MCS API implementation does: a ServiceImport per import in the
+    /// Service's namespace, and the Valid, Ready and Conflict conditions on
+    /// each ServiceExport (server-side apply, field manager `switchyard`).
+    /// `false` leaves the API servers untouched (read-only RBAC).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub mcs_write: bool,
 
     /// Range for the ClusterSet IPs of imported (exported, merged) Services;
     /// stable across restarts.

@@ -1168,12 +1168,22 @@ fn as_inputs(states: &[(String, String, SourceState)]) -> Vec<Input<'_>> {
 pub async fn run(
     config: IndexConfig,
     sources: Vec<SourceFeed>,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    outputs: Outputs,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    run_with(config, sources, snapshots, status, metrics, shutdown, None).await;
+    run_with(config, sources, outputs, status, metrics, shutdown, None).await;
+}
+
+/// Where the index publishes what it builds.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Every snapshot whose content changed.
+    pub snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    /// What the member clusters' API servers should hold (made only while
+    /// someone writes it back: see [`crate::mcs`]).
+    pub clusterset: watch::Sender<Option<Arc<crate::mcs::Clusterset>>>,
 }
 
 /// Called on the build's thread as each build starts (tests hold a build there).
@@ -1182,13 +1192,18 @@ type BuildHook = Arc<dyn Fn() + Send + Sync>;
 async fn run_with(
     config: IndexConfig,
     sources: Vec<SourceFeed>,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    outputs: Outputs,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     hook: Option<BuildHook>,
 ) {
+    let Outputs {
+        snapshots,
+        clusterset,
+    } = outputs;
     let mut index = Index::new(&config);
+    let mut imports_decoded = crate::mcs::ImportCache::default();
     let mut health = ClusterHealth::default();
     // Each source's watch channel wakes one shared Notify: a burst of
     // changes leaves at most one stored permit, and no state is cloned until
@@ -1261,6 +1276,8 @@ async fn run_with(
             } else {
                 let metrics = metrics.clone();
                 let mut moved = index;
+                let mut cache = imports_decoded;
+                let write_back = clusterset.receiver_count() > 0;
                 let hook = hook.clone();
                 let built = tokio::task::spawn_blocking(move || {
                     if let Some(hook) = hook {
@@ -1272,12 +1289,30 @@ async fn run_with(
                     metrics
                         .snapshot_build_seconds
                         .observe(t.elapsed().as_secs_f64());
-                    (moved, build)
+                    let wanted = write_back.then(|| {
+                        crate::mcs::Clusterset::of(
+                            &moved.current,
+                            &build.issues,
+                            inputs.iter().flat_map(|i| &i.state.exports),
+                            &mut cache,
+                        )
+                    });
+                    (moved, cache, build, wanted)
                 })
                 .await;
                 match built {
-                    Ok((back, build)) => {
+                    Ok((back, cache, build, wanted)) => {
                         index = back;
+                        imports_decoded = cache;
+                        if let Some(wanted) = wanted {
+                            clusterset.send_if_modified(|c| {
+                                let changed = c.as_deref() != Some(&wanted);
+                                if changed {
+                                    *c = Some(Arc::new(wanted));
+                                }
+                                changed
+                            });
+                        }
                         Some(build)
                     }
                     Err(e) => {
@@ -1511,7 +1546,10 @@ mod tests {
                 cluster: "default".into(),
                 state: rx,
             }],
-            snap_tx,
+            Outputs {
+                snapshots: snap_tx,
+                clusterset: watch::Sender::new(None),
+            },
             Arc::new(Status::default()),
             Arc::new(Metrics::default()),
             shutdown.clone(),

@@ -22,6 +22,7 @@ pub mod index;
 pub mod ipam;
 pub mod k8s;
 pub mod listener;
+pub mod mcs;
 pub mod merge;
 pub mod metrics;
 pub mod server;
@@ -212,7 +213,14 @@ pub async fn start_with(
 
     let mut receivers = Vec::new();
     let mut served = Served::default();
-    for src in sources {
+    let clusterset = watch::Sender::new(None);
+    for mut src in sources {
+        if args.mcs_write {
+            src.attach_write_back(mcs::writer::WriteBack {
+                clusterset: clusterset.subscribe(),
+                status: status.clone(),
+            });
+        }
         let (tx, rx) = watch::channel(SourceState::default());
         let cluster = src.cluster();
         if src.knows_nodes() {
@@ -236,7 +244,10 @@ pub async fn start_with(
     tasks.spawn(index::run(
         index_config,
         receivers,
-        snapshot_tx,
+        index::Outputs {
+            snapshots: snapshot_tx,
+            clusterset,
+        },
         status.clone(),
         metrics.clone(),
         shutdown.clone(),

@@ -284,7 +284,7 @@ impl Snapshot {
     }
 
     /// The resources of one cluster's range (`cluster/…`).
-    fn range<'a>(
+    pub fn range<'a>(
         &'a self,
         cluster: &str,
     ) -> impl Iterator<Item = (&'a Arc<str>, &'a Arc<Resource>)> + 'a {

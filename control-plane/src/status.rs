@@ -184,6 +184,8 @@ struct Inner {
     nodes: HashMap<String, NodeFacts>,
     /// Cluster -> its DNS settings, from the sources that read them.
     cluster_dns: HashMap<String, Arc<crate::source::ClusterDns>>,
+    /// Cluster -> how writing the clusterset into it goes.
+    write_back: BTreeMap<String, WriteBackStatus>,
     retention: AgentRetention,
 }
 
@@ -242,6 +244,27 @@ pub struct StatusDocument {
     pub clusters: Vec<ClusterStatus>,
     /// Exports that conflict or cannot be used (KEP-1645 conditions).
     pub clusterset_issues: Vec<ClustersetIssue>,
+    /// How writing ServiceImports and ServiceExport conditions into each
+    /// cluster's API server goes, by cluster.
+    pub write_back: BTreeMap<String, WriteBackStatus>,
+}
+
+/// How writing the clusterset into one cluster's API server goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WriteBackStatus {
+    /// The MCS API version written (`multicluster.x-k8s.io/v1beta1`), or
+    /// none while the cluster serves neither.
+    pub api_version: Option<String>,
+    /// ServiceImports that match what the clusterset holds.
+    pub imports: usize,
+    /// ServiceExports whose conditions are written.
+    pub exports: usize,
+    /// Writes that succeeded since the control plane started.
+    pub writes: u64,
+    /// Objects whose last write failed, with why (retried with backoff).
+    pub failing: Vec<ObjectError>,
+    /// When everything last matched (Unix seconds), if ever.
+    pub in_sync_at_unix: Option<u64>,
 }
 
 /// What the control plane tells an agent about its own Node and cluster,
@@ -544,7 +567,15 @@ impl Status {
             services: s.services.values().cloned().collect(),
             clusters: s.clusters.clone(),
             clusterset_issues: s.clusterset_issues.clone(),
+            write_back: s.write_back.clone(),
         }
+    }
+
+    /// Records how writing the clusterset into `cluster` goes.
+    pub fn set_write_back(&self, cluster: &str, status: WriteBackStatus) {
+        self.change(|s| {
+            s.write_back.insert(cluster.to_owned(), status);
+        });
     }
 }
 

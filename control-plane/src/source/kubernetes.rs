@@ -113,18 +113,26 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub struct KubeSource {
     config: KubeSourceConfig,
+    write_back: Option<crate::mcs::writer::WriteBack>,
 }
 
 impl KubeSource {
     /// A source configured by `config`.
     pub fn new(config: KubeSourceConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            write_back: None,
+        }
     }
 }
 
 impl Source for KubeSource {
     fn knows_nodes(&self) -> bool {
         true
+    }
+
+    fn attach_write_back(&mut self, write_back: crate::mcs::writer::WriteBack) {
+        self.write_back = Some(write_back);
     }
 
     fn name(&self) -> String {
@@ -471,11 +479,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: CancellationToken) {
     let name = source.name();
     let config = source.config;
+    let mut write_back = source.write_back;
     let mut backoff = Duration::from_millis(500);
     let (answers_tx, answers) = mpsc::channel(16);
-    let (client, url) = loop {
+    let (client, url, writer_client) = loop {
         let built = match client_config(&config).await {
-            Ok((c, url)) => observed_client(c, answers_tx.clone()).map(|c| (c, url)),
+            Ok((c, url)) => {
+                // The writer's requests do not count as the watches' answers.
+                let writer = match &write_back {
+                    Some(_) => Client::try_from(c.clone()).map(Some).map_err(Error::from),
+                    None => Ok(None),
+                };
+                writer.and_then(|w| Ok((observed_client(c, answers_tx.clone())?, url, w)))
+            }
             Err(e) => Err(e),
         };
         match built {
@@ -495,6 +511,16 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             }
         }
     };
+
+    if let (Some(wb), Some(writer)) = (write_back.take(), writer_client) {
+        tokio::spawn(crate::mcs::writer::run(
+            config.cluster.clone(),
+            writer,
+            wb,
+            state.subscribe(),
+            shutdown.clone(),
+        ));
+    }
 
     let mut wc = watcher::Config::default();
     if let Some(sel) = &config.label_selector {
@@ -663,9 +689,6 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
     }
 }
 
-/// The label Switchyard puts on the ServiceImports it writes.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "switchyard");
-
 /// A ServiceImport as the record of its ClusterSet IPs.
 fn recorded_import(import: &DynamicObject) -> super::RecordedImport {
     super::RecordedImport {
@@ -679,7 +702,11 @@ fn recorded_import(import: &DynamicObject) -> super::RecordedImport {
             .flatten()
             .filter_map(|ip| ip.as_str()?.parse().ok())
             .collect(),
-        ours: import.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1),
+        ours: import
+            .labels()
+            .get(crate::mcs::MANAGED_BY.0)
+            .map(String::as_str)
+            == Some(crate::mcs::MANAGED_BY.1),
     }
 }
 

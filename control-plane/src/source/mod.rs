@@ -409,6 +409,10 @@ pub trait Source: Send + 'static {
         false
     }
 
+    /// Gives the source the clusterset to write back into its origin
+    /// (sources with an API server: kube); others ignore it.
+    fn attach_write_back(&mut self, _write_back: crate::mcs::writer::WriteBack) {}
+
     /// Runs the source. It must publish a state with `synced: true` once its
     /// first full read is done, and whole new states after every change.
     fn run(

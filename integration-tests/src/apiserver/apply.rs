@@ -203,6 +203,13 @@ pub fn remove(obj: &mut Value, path: &[Seg]) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
+    // The key field of a keyed entry: the entry goes.
+    if let (Seg::F(f), Some((Seg::K(key, _), _))) = (last, parents.split_last())
+        && f == key
+    {
+        remove(obj, parents);
+        return;
+    }
     let Some(parent) = get_mut(obj, parents) else {
         return;
     };
@@ -624,6 +631,34 @@ mod tests {
                 .keys()
                 .all(|p| p[0] != Seg::F("status".into()))
         );
+    }
+
+    #[test]
+    fn an_entry_that_holds_only_its_key_goes_when_no_longer_applied() {
+        let v = "multicluster.x-k8s.io/v1beta1";
+        let clusters = |names: &[&str]| {
+            let list: Vec<Value> = names.iter().map(|c| json!({ "cluster": c })).collect();
+            json!({"status": {"clusters": list}})
+        };
+        let a = apply(
+            None,
+            &clusters(&["east", "west"]),
+            "switchyard",
+            false,
+            Scope::Status,
+            v,
+        )
+        .expect("applied");
+        let b = apply(
+            Some(&a),
+            &clusters(&["west"]),
+            "switchyard",
+            false,
+            Scope::Status,
+            v,
+        )
+        .expect("applied");
+        assert_eq!(b["status"]["clusters"], json!([{"cluster": "west"}]));
     }
 
     #[test]

@@ -313,6 +313,18 @@ impl Store {
         (items, s.rv)
     }
 
+    /// Waits until `check` holds of the store, looking again after each
+    /// change (bounded by the caller: wrap it in `within`).
+    pub async fn until(&self, mut check: impl FnMut(&Store) -> bool) {
+        let mut events = self.events.subscribe();
+        while !check(self) {
+            match events.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
     /// Subscribes to changes; with `with_objects`, also returns the current
     /// objects of `kind`; with `replay_after`, the logged changes after that
     /// rv (410 if it is older than the compaction point).

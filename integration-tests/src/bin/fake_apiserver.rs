@@ -92,7 +92,7 @@ fn load(store: &Store, path: &PathBuf) -> anyhow::Result<()> {
             .unwrap_or_default();
         let Some(kind) = Kind::ALL
             .into_iter()
-            .find(|k| k.kind() == kind && k.api_version() == api_version)
+            .find(|k| k.kind() == kind && k.versions().contains(&api_version))
         else {
             tracing::info!(kind, api_version, "not served; skipped");
             continue;
