@@ -2,6 +2,7 @@
 //! with no field the type does not know; the RBAC is read-only; container
 //! arguments parse with the binaries' own command-line parsers.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -229,23 +230,55 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
             ("v1", "Service") => drop(parse::<Service>(&at, &doc)),
             ("policy/v1", "PodDisruptionBudget") => drop(parse::<PodDisruptionBudget>(&at, &doc)),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                // Exactly what the control plane does: reads, and the MCS
+                // API's writes (ServiceImports, ServiceExport conditions).
+                let needed: BTreeMap<(&str, &str), &[&str]> = BTreeMap::from([
+                    (("", "services"), &["list", "watch"][..]),
+                    (("", "nodes"), &["list", "watch"]),
+                    (("discovery.k8s.io", "endpointslices"), &["list", "watch"]),
+                    (
+                        ("multicluster.x-k8s.io", "serviceexports"),
+                        &["list", "watch"],
+                    ),
+                    (
+                        ("multicluster.x-k8s.io", "serviceexports/status"),
+                        &["patch"],
+                    ),
+                    (
+                        ("multicluster.x-k8s.io", "serviceimports"),
+                        &["get", "list", "watch", "create", "patch", "delete"],
+                    ),
+                    (
+                        ("multicluster.x-k8s.io", "serviceimports/status"),
+                        &["patch"],
+                    ),
+                ]);
                 let role: ClusterRole = parse(&at, &doc);
+                let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
                 for rule in role.rules.unwrap_or_default() {
-                    for verb in &rule.verbs {
-                        assert!(
-                            ["list", "watch"].contains(&verb.as_str()),
-                            "{at}: verb {verb} is more than read access"
-                        );
-                    }
-                    let resources = rule.resources.unwrap_or_default();
-                    assert!(!resources.iter().any(|r| r == "*"), "{at}: wildcard");
-                    for r in resources {
-                        assert!(
-                            ["services", "nodes", "endpointslices"].contains(&r.as_str()),
-                            "{at}: resource {r} is not needed"
-                        );
+                    for group in rule.api_groups.unwrap_or_default() {
+                        for r in rule.resources.clone().unwrap_or_default() {
+                            assert!(r != "*" && group != "*", "{at}: wildcard");
+                            granted
+                                .entry((group.clone(), r))
+                                .or_default()
+                                .extend(rule.verbs.iter().cloned());
+                        }
                     }
                 }
+                let needed: BTreeMap<(String, String), BTreeSet<String>> = needed
+                    .into_iter()
+                    .map(|((g, r), v)| {
+                        (
+                            (g.to_owned(), r.to_owned()),
+                            v.iter().map(|v| (*v).to_owned()).collect(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(
+                    granted, needed,
+                    "{at}: the ClusterRole grants more or less than needed"
+                );
             }
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 drop(parse::<ClusterRoleBinding>(&at, &doc))
@@ -462,4 +495,115 @@ fn unknown_fields_are_caught() {
     });
     let r = std::panic::catch_unwind(|| parse::<Service>("test", &doc));
     assert!(r.is_err(), "a misspelt field must fail");
+}
+
+/// The fleet example deploys as written: the hubs' Deployment parses and
+/// follows member control planes only, and the member patch applies to the
+/// control plane's Deployment, giving it a cluster, its API server and
+/// both hubs.
+#[test]
+fn the_fleet_example_deploys_as_written() {
+    let fleet = manifests_dir().join("fleet");
+    let text = std::fs::read_to_string(fleet.join("hub.yaml")).expect("hub.yaml");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+    let mut hubs = 0;
+    for (i, doc) in docs.iter().enumerate() {
+        let at = format!("fleet/hub.yaml#{}", i + 1);
+        match doc["kind"].as_str() {
+            Some("Deployment") => {
+                let d: Deployment = parse(&at, doc);
+                let spec = d.spec.expect("spec");
+                assert_eq!(spec.replicas, Some(2), "{at}: two hub replicas");
+                let pod = spec.template.spec.expect("pod spec");
+                assert_eq!(
+                    pod.automount_service_account_token,
+                    Some(false),
+                    "{at}: no API access"
+                );
+                for c in &pod.containers {
+                    let argv = args(c);
+                    let a = <switchyard_control_plane::Args as clap::Parser>::try_parse_from(&argv)
+                        .unwrap_or_else(|e| panic!("{at}: {argv:?}: {e}"));
+                    assert!(a.sources.len() >= 2, "{at}: one source per member");
+                    for s in &argv {
+                        if let Some(src) = s.strip_prefix("--source=") {
+                            assert!(
+                                src.starts_with("switchyard:https://"),
+                                "{at}: {src}: members only, over TLS"
+                            );
+                            assert!(
+                                !src.ends_with("=clusterset"),
+                                "{at}: {src}: a hub merges, it follows no hub"
+                            );
+                        }
+                    }
+                    assert!(
+                        a.tls_client_ca.is_some() && a.relay_tls_cert.is_some(),
+                        "{at}: mTLS both ways"
+                    );
+                    assert!(
+                        a.admin_listen.ip().is_loopback(),
+                        "{at}: /status off the network"
+                    );
+                    hubs += 1;
+                }
+            }
+            Some("Service") => drop(parse::<Service>(&at, doc)),
+            Some("PodDisruptionBudget") => drop(parse::<PodDisruptionBudget>(&at, doc)),
+            other => panic!("{at}: unexpected kind {other:?}"),
+        }
+    }
+    assert_eq!(hubs, 1, "one hub container");
+
+    let patch: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(fleet.join("member-control-plane.patch.yaml")).expect("patch"),
+    )
+    .expect("YAML");
+    let (at, mut base) = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "Deployment")
+        .expect("the control plane's Deployment");
+    switchyard_integration_tests::apiserver::patch::json_patch(&mut base, &patch)
+        .unwrap_or_else(|e| panic!("the member patch does not apply to {at}: {e}"));
+    let d: Deployment = parse(&at, &base);
+    let pod = d.spec.expect("spec").template.spec.expect("pod spec");
+    let c = &pod.containers[0];
+    let argv = args(c);
+    let a = <switchyard_control_plane::Args as clap::Parser>::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("patched {at}: {argv:?}: {e}"));
+    assert_ne!(
+        a.cluster,
+        switchyard_model::DEFAULT_CLUSTER,
+        "a member names its cluster"
+    );
+    let hubs: Vec<&String> = argv
+        .iter()
+        .filter(|s| s.starts_with("--source=switchyard:https://") && s.ends_with("=clusterset"))
+        .collect();
+    assert_eq!(hubs.len(), 2, "both hubs followed: {argv:?}");
+    assert!(
+        argv.iter().any(|s| s == "--source=kube"),
+        "its own API server"
+    );
+    assert!(a.mcs_write, "writes the clusterset back");
+    let mounted: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    for file in [&a.relay_tls_ca, &a.relay_tls_cert, &a.relay_tls_key] {
+        let file = file.as_ref().expect("relay TLS");
+        assert!(
+            mounted.iter().any(|m| file.starts_with(m)),
+            "{file:?} is mounted"
+        );
+    }
+    let volumes: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(volumes.contains(&"fleet"), "{volumes:?}");
 }
