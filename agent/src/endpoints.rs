@@ -39,7 +39,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use switchyard_model::{
-    AddressType, Endpoint, Protocol, ServicePort, ServiceState, ServiceType, TrafficPolicy,
+    AddressType, Endpoint, Locality, Protocol, ServicePort, ServiceState, ServiceType,
+    TrafficPolicy,
 };
 
 /// What of this node shapes the plan.
@@ -52,6 +53,8 @@ pub struct NodeView<'a> {
     /// The node's own addresses (loadBalancerSourceRanges that admit the
     /// node admit the LB IPs as sources too).
     pub addresses: &'a [IpAddr],
+    /// The node's cluster (an import's locality prefers its endpoints).
+    pub cluster: Option<&'a str>,
 }
 
 /// One endpoint of a port, resolved to the port it listens on.
@@ -265,6 +268,11 @@ pub fn plan<'a>(
             }
         });
     let derive = derives_hints(state);
+    // Only an import has endpoints of several clusters to choose from.
+    let locality = svc
+        .locality
+        .as_ref()
+        .filter(|_| svc.key.cluster == switchyard_model::CLUSTERSET);
     svc.ports
         .iter()
         .map(|port| {
@@ -295,7 +303,7 @@ pub fn plan<'a>(
                 .filter(|(b, _)| b.serving)
                 .map(|(b, _)| b.socket())
                 .collect();
-            categorize(&mut p, &all, node);
+            categorize(&mut p, &all, node, locality);
             p
         })
         .collect()
@@ -306,6 +314,8 @@ pub fn plan<'a>(
 struct Hints<'a> {
     zones: Vec<&'a str>,
     nodes: Vec<&'a str>,
+    /// The cluster of the endpoint's slice (imports).
+    cluster: Option<&'a str>,
 }
 
 /// Whether this Service's hints are derived here: it asks for a
@@ -330,6 +340,7 @@ fn hints_of(ep: &Endpoint, derive: Option<bool>) -> Hints<'_> {
         None => Hints {
             zones: ep.hint_zones.iter().map(String::as_str).collect(),
             nodes: ep.hint_nodes.iter().map(String::as_str).collect(),
+            cluster: None,
         },
         // The controller hints ready endpoints only.
         Some(_) if !ep.conditions.ready => Hints::default(),
@@ -341,6 +352,7 @@ fn hints_of(ep: &Endpoint, derive: Option<bool>) -> Hints<'_> {
                 .filter(|_| same_node)
                 .into_iter()
                 .collect(),
+            cluster: None,
         },
     }
 }
@@ -365,6 +377,8 @@ fn backends<'a>(
                 continue;
             }
             let c = ep.conditions;
+            let mut hints = hints_of(ep, derive);
+            hints.cluster = slice.cluster.as_deref();
             out.push((
                 Backend {
                     ip,
@@ -374,7 +388,7 @@ fn backends<'a>(
                     terminating: c.terminating,
                     local: ep.node_name.as_deref() == Some(node.name),
                 },
-                hints_of(ep, derive),
+                hints,
             ));
         }
     }
@@ -413,18 +427,27 @@ fn available(h: &Hints<'_>, topology: Topology, node: &NodeView<'_>) -> bool {
     }
 }
 
-/// kube-proxy's `CategorizeEndpoints`.
-fn categorize(p: &mut PortPlan<'_>, all: &[(Backend, Hints<'_>)], node: &NodeView<'_>) {
+/// kube-proxy's `CategorizeEndpoints`, and an import's cluster locality.
+fn categorize(
+    p: &mut PortPlan<'_>,
+    all: &[(Backend, Hints<'_>)],
+    node: &NodeView<'_>,
+    locality: Option<&Locality>,
+) {
     if all.is_empty() {
         return;
     }
     if p.uses_cluster_endpoints() {
         p.topology = topology(all, node);
-        p.cluster_endpoints = all
+        let ready: Vec<&(Backend, Hints<'_>)> = all
             .iter()
             .filter(|(b, h)| b.ready && available(h, p.topology, node))
-            .map(|(b, _)| *b)
             .collect();
+        let ready = match (locality, node.cluster) {
+            (Some(l), Some(own)) => by_locality(ready, l, own),
+            _ => ready,
+        };
+        p.cluster_endpoints = ready.into_iter().map(|(b, _)| *b).collect();
         if p.cluster_endpoints.is_empty() {
             // No ready endpoint anywhere (topology never empties the list).
             p.cluster_endpoints = all
@@ -454,6 +477,36 @@ fn categorize(p: &mut PortPlan<'_>, all: &[(Backend, Hints<'_>)], node: &NodeVie
     } else {
         local_ready
     };
+}
+
+/// The ready endpoints an import's client in cluster `own` uses: its own
+/// cluster's, and further tiers (each preferred cluster in order, then
+/// every other cluster together) while there are fewer than
+/// `min_local_endpoints`; a tier joins whole, and the ones before it stay.
+fn by_locality<'x, 'h>(
+    ready: Vec<&'x (Backend, Hints<'h>)>,
+    locality: &Locality,
+    own: &str,
+) -> Vec<&'x (Backend, Hints<'h>)> {
+    let rest = locality.preference.len() + 1;
+    let tier = |h: &Hints<'_>| match h.cluster {
+        Some(c) if c == own => 0,
+        Some(c) => locality
+            .preference
+            .iter()
+            .position(|p| p == c)
+            .map_or(rest, |i| i + 1),
+        None => rest,
+    };
+    let want = usize::try_from(locality.min_local_endpoints).unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    for t in 0..=rest {
+        if !out.is_empty() && out.len() >= want {
+            break;
+        }
+        out.extend(ready.iter().copied().filter(|(_, h)| tier(h) == t));
+    }
+    out
 }
 
 /// Ready endpoints of `state` on `node`, by distinct address: what its

@@ -127,6 +127,7 @@ pub fn node_config(args: &Args) -> iptables::NodeConfig {
         masquerade_mark: 1 << args.masquerade_bit,
         localhost_nodeports: args.iptables_localhost_nodeports,
         addresses: node_addresses(),
+        cluster: Some(args.cluster.clone()),
     }
 }
 

@@ -90,6 +90,7 @@ fn cfg() -> NodeConfig {
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
         addresses: Vec::new(),
+        cluster: None,
     }
 }
 

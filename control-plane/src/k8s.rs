@@ -231,6 +231,7 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
     out.publish_not_ready_addresses = spec.publish_not_ready_addresses.unwrap_or(false);
     out.external_name = non_empty(&spec.external_name).map(str::to_owned);
     out.traffic_distribution = non_empty(&spec.traffic_distribution).map(str::to_owned);
+    out.locality = locality(svc.metadata.annotations.as_ref(), &mut errs);
     out.not_proxied_by = svc.metadata.labels.as_ref().and_then(|labels| {
         NOT_PROXIED_LABELS
             .into_iter()
@@ -487,6 +488,47 @@ fn port_number(n: i32, field: String, errs: &mut Errors) -> Option<u16> {
 }
 
 /// A port Kubernetes leaves unset as 0 (`nodePort`, `healthCheckNodePort`).
+/// An exported Service's locality, from its annotations
+/// (`switchyard.io/min-local-endpoints`, `switchyard.io/cluster-preference`);
+/// `None` when it gives neither.
+fn locality(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    errs: &mut Errors,
+) -> Option<switchyard_model::Locality> {
+    use switchyard_model::{CLUSTER_PREFERENCE_ANNOTATION, MIN_LOCAL_ENDPOINTS_ANNOTATION};
+    let annotations = annotations?;
+    let min = annotations.get(MIN_LOCAL_ENDPOINTS_ANNOTATION);
+    let preference = annotations.get(CLUSTER_PREFERENCE_ANNOTATION);
+    if min.is_none() && preference.is_none() {
+        return None;
+    }
+    let mut out = switchyard_model::Locality::default();
+    if let Some(m) = min {
+        match m.trim().parse::<u32>() {
+            Ok(n) => out.min_local_endpoints = n,
+            Err(_) => errs.push(
+                format!("metadata.annotations[{MIN_LOCAL_ENDPOINTS_ANNOTATION}]"),
+                format!("{m:?} is not a number of endpoints"),
+            ),
+        }
+    }
+    for c in preference.into_iter().flat_map(|p| p.split(',')) {
+        let c = c.trim();
+        if c.is_empty() {
+            continue;
+        }
+        if switchyard_model::is_dns_label(c) {
+            out.preference.push(c.to_owned());
+        } else {
+            errs.push(
+                format!("metadata.annotations[{CLUSTER_PREFERENCE_ANNOTATION}]"),
+                format!("{c:?} is not a cluster id (a DNS label)"),
+            );
+        }
+    }
+    Some(out)
+}
+
 fn optional_port(n: Option<i32>, field: &str, errs: &mut Errors) -> Option<u16> {
     match n {
         None | Some(0) => None,
@@ -612,6 +654,44 @@ mod tests {
             "spec.clusterIP"
         );
         validate_unallocated(&s).expect("valid apart from its cluster IP");
+    }
+
+    #[test]
+    fn locality_annotations_convert_and_bad_ones_name_their_field() {
+        let annotated = |a: serde_json::Value| {
+            mk_service(json!({
+                "metadata": {"name": "web", "namespace": "shop", "annotations": a},
+                "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]},
+            }))
+        };
+        let s = service(
+            "east",
+            &annotated(json!({"switchyard.io/min-local-endpoints": "2",
+                              "switchyard.io/cluster-preference": "west, north"})),
+        )
+        .expect("converts");
+        assert_eq!(
+            s.locality,
+            Some(switchyard_model::Locality {
+                min_local_endpoints: 2,
+                preference: vec!["west".into(), "north".into()],
+            })
+        );
+        let plain = service("east", &annotated(json!({"other": "x"}))).expect("converts");
+        assert_eq!(plain.locality, None);
+        let e = service(
+            "east",
+            &annotated(json!({"switchyard.io/min-local-endpoints": "two",
+                              "switchyard.io/cluster-preference": "west,Not_A_Label"})),
+        )
+        .expect_err("invalid");
+        assert_eq!(
+            fields(&e),
+            [
+                "metadata.annotations[switchyard.io/min-local-endpoints]",
+                "metadata.annotations[switchyard.io/cluster-preference]",
+            ]
+        );
     }
 
     #[test]

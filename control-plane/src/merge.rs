@@ -301,6 +301,7 @@ pub fn import(
     service.headless = first.headless;
     service.session_affinity_timeout = first.session_affinity_timeout;
     service.publish_not_ready_addresses = first.publish_not_ready_addresses;
+    service.locality = Some(first.locality.clone().unwrap_or_default());
     service.internal_traffic_policy = TrafficPolicy::Cluster;
     service.external_traffic_policy = TrafficPolicy::Cluster;
     let mut slices = Vec::new();

@@ -235,6 +235,7 @@ pub fn cfg() -> NodeConfig {
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
         addresses: Vec::new(),
+        cluster: None,
     }
 }
 

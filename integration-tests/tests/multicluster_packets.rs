@@ -136,3 +136,113 @@ fn a_clusterset_ip_balances_over_every_exporting_cluster() {
     // The same import on a node of east.
     assert_eq!(dig(&c, 1, "web.shop.svc.clusterset.local"), clusterset_ip);
 }
+
+/// `shop/NAME` (port 80 to 8080) with the given endpoints on `node`,
+/// exported (v1beta1), needing `min_local` local endpoints.
+fn exported(name: &str, endpoints: &[&str], node: u8, min_local: u32) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [\"{e}\"]\n  nodeName: node-{node}\n  conditions:\n    ready: true\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  namespace: shop\n  name: {name}\n  annotations:\n    switchyard.io/min-local-endpoints: \"{min_local}\"\nspec:\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: shop\n  name: {name}-1\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n{eps}---\n\
+apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata:\n  namespace: shop\n  name: {name}\n---\n"
+    )
+}
+
+/// Cluster locality with real packets: node 1 is in east, node 2 in west.
+/// `web` has 2 ready endpoints in east and needs 2: a client in east
+/// reaches east's only. `api` has 1 in east and needs 2: the client also
+/// reaches west's (graded: east's stays in the set).
+#[test]
+fn an_import_prefers_the_clients_own_cluster_until_too_few_are_ready() {
+    if !supported() {
+        eprintln!("skipping: packet tests need root, iproute2 and iptables");
+        return;
+    }
+    let mut c = Cluster::new(bins(), 2);
+    let east_web_a = c.add_pod("east-web-a", 1, 2);
+    let east_web_b = c.add_pod("east-web-b", 1, 3);
+    let east_api = c.add_pod("east-api", 1, 4);
+    let west_web = c.add_pod("west-web", 2, 2);
+    let west_api = c.add_pod("west-api", 2, 3);
+    c.add_pod("client", 1, 9);
+
+    let mut kubeconfig = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    let mut contexts = String::from("contexts:\n");
+    let clusters = [
+        (
+            "east",
+            exported("web", &[&east_web_a, &east_web_b], 1, 2)
+                + &exported("api", &[&east_api], 1, 2),
+        ),
+        (
+            "west",
+            exported("web", &[&west_web], 2, 2) + &exported("api", &[&west_api], 2, 2),
+        ),
+    ];
+    for (i, (cluster, objects)) in clusters.iter().enumerate() {
+        let dir = c.dir.path().join(format!("api-{cluster}"));
+        std::fs::create_dir(&dir).expect("dir");
+        std::fs::write(dir.join("objects.yaml"), objects).expect("objects");
+        let listen = format!("10.99.0.1:{}", 7001 + i);
+        c.spawn_program(
+            "infra",
+            std::path::Path::new(env!("CARGO_BIN_EXE_fake_apiserver")),
+            &[
+                "--listen".into(),
+                listen.clone(),
+                "--load".into(),
+                dir.display().to_string(),
+            ],
+            &format!("api-{cluster}"),
+        );
+        kubeconfig.push_str(&format!(
+            "- name: {cluster}\n  cluster:\n    server: http://{listen}\n"
+        ));
+        contexts.push_str(&format!(
+            "- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: u\n"
+        ));
+    }
+    kubeconfig.push_str("users:\n- name: u\n  user: {}\n");
+    kubeconfig.push_str(&contexts);
+    let path = c.dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    let mut sources: Vec<String> = Vec::new();
+    for cluster in ["east", "west"] {
+        sources.extend(["--source".into(), format!("kube:{cluster}={cluster}")]);
+    }
+    sources.extend(["--kubeconfig".into(), path.display().to_string()]);
+    c.start_control_plane_with(&sources);
+    c.start_agent_with(1, &["--cluster", "east"]);
+    c.start_agent_with(2, &["--cluster", "west"]);
+
+    let mut ips = Vec::new();
+    for name in ["web", "api"] {
+        let mut ip = String::new();
+        c.wait_until(
+            &format!("{name}.shop.svc.clusterset.local at east's stub"),
+            || {
+                ip = dig(&c, 1, &format!("{name}.shop.svc.clusterset.local"));
+                ip.starts_with("10.11")
+            },
+        );
+        c.wait_rules(&format!("{name}'s ClusterSet IP in both nodes' rules"), &ip);
+        ips.push(ip);
+    }
+    assert_eq!(
+        backends(&c, &format!("{}:80", ips[0]), 40),
+        ["east-web-a", "east-web-b"].map(String::from).into(),
+        "web: two local endpoints, two needed"
+    );
+    assert_eq!(
+        backends(&c, &format!("{}:80", ips[1]), 40),
+        ["east-api", "west-api"].map(String::from).into(),
+        "api: one local endpoint, two needed"
+    );
+}

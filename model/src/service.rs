@@ -188,6 +188,42 @@ pub struct Service {
     /// Set when the Service is exported to the clusterset (it has a
     /// ServiceExport): carried so that fleet relays learn what is exported.
     pub export: Option<ServiceExport>,
+    /// How an import prefers the endpoints of the client's own cluster:
+    /// given on an exported Service by its annotations
+    /// ([`MIN_LOCAL_ENDPOINTS_ANNOTATION`], [`CLUSTER_PREFERENCE_ANNOTATION`]),
+    /// always set on an import (the oldest export's, else the default).
+    pub locality: Option<Locality>,
+}
+
+/// Annotation of an exported Service: how many ready endpoints of a
+/// client's own cluster an import needs before it stops using other
+/// clusters' (default 1).
+pub const MIN_LOCAL_ENDPOINTS_ANNOTATION: &str = "switchyard.io/min-local-endpoints";
+/// Annotation of an exported Service: the clusters an import spills to
+/// first, in order, comma-separated (the others after them, together).
+pub const CLUSTER_PREFERENCE_ANNOTATION: &str = "switchyard.io/cluster-preference";
+
+/// An import's cluster locality. A client reaches the ready endpoints of
+/// its own cluster; while fewer than `min_local_endpoints` are ready there,
+/// the endpoints of further clusters join them (graded: the local ones
+/// stay in the set), one tier at a time until there are enough: each
+/// cluster of `preference` in order, then every other cluster together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locality {
+    /// Ready endpoints of the client's own cluster that suffice (0: its
+    /// own cluster alone whenever it has any).
+    pub min_local_endpoints: u32,
+    /// Clusters to spill to first, in order.
+    pub preference: Vec<String>,
+}
+
+impl Default for Locality {
+    fn default() -> Self {
+        Self {
+            min_local_endpoints: 1,
+            preference: Vec::new(),
+        }
+    }
 }
 
 /// A Service's export to the clusterset (KEP-1645's ServiceExport).
@@ -229,6 +265,7 @@ impl Service {
             traffic_distribution: None,
             not_proxied_by: None,
             export: None,
+            locality: None,
         }
     }
 
@@ -381,6 +418,16 @@ impl Service {
                 "spec.trafficDistribution",
                 format!("{td:?} is not one of {}", TRAFFIC_DISTRIBUTIONS.join(", ")),
             );
+        }
+        if let Some(l) = &self.locality {
+            for (i, c) in l.preference.iter().enumerate() {
+                if !is_dns_label(c) {
+                    errs.push(
+                        format!("locality.preference[{i}]"),
+                        format!("{c:?} is not a cluster id (a DNS label)"),
+                    );
+                }
+            }
         }
         errs.finish()
     }

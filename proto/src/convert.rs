@@ -71,6 +71,10 @@ fn encode_service(s: &m::Service) -> v1::Service {
         export: s.export.map(|e| v1::ServiceExport {
             created_unix_seconds: e.created_unix,
         }),
+        locality: s.locality.as_ref().map(|l| v1::Locality {
+            min_local_endpoints: l.min_local_endpoints,
+            preference: l.preference.clone(),
+        }),
     }
 }
 
@@ -250,6 +254,10 @@ impl Decoder<'_> {
             not_proxied_by: non_empty(&s.not_proxied_by),
             export: s.export.map(|e| m::ServiceExport {
                 created_unix: e.created_unix_seconds,
+            }),
+            locality: s.locality.as_ref().map(|l| m::Locality {
+                min_local_endpoints: l.min_local_endpoints,
+                preference: l.preference.clone(),
             }),
         })
     }

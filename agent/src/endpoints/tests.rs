@@ -10,6 +10,7 @@ fn node() -> NodeView<'static> {
         name: "node-a",
         zone: Some("zone-a"),
         addresses: &ADDRS,
+        cluster: Some("east"),
     }
 }
 
@@ -284,4 +285,74 @@ fn unproxied_services_have_no_plan_and_frontends_cover_every_address() {
     s.service.not_proxied_by = Some("service.kubernetes.io/service-proxy-name".into());
     assert!(plan(&s, AddressType::IPv4, &node()).is_empty());
     assert!(udp_frontends(&s, AddressType::IPv4, &node()).is_empty());
+}
+
+/// `clusterset/shop/web` with the ready endpoints of each named cluster.
+fn import(locality: Option<Locality>, clusters: &[(&str, &[&str])]) -> ServiceState {
+    let mut s = svc(Vec::new());
+    s.service.key = ServiceKey::new(switchyard_model::CLUSTERSET, "shop", "web");
+    s.service.locality = locality;
+    let template = s.slices.remove(0);
+    for (cluster, ips) in clusters {
+        s.slices.push(EndpointSlice {
+            name: format!("{cluster}.w"),
+            endpoints: ips.iter().map(|ip| ep(ip, "elsewhere", "z")).collect(),
+            cluster: Some((*cluster).into()),
+            ..template.clone()
+        });
+    }
+    s
+}
+
+fn cluster_ips(s: &ServiceState) -> Vec<String> {
+    let mut v: Vec<String> = one(s)
+        .cluster_endpoints
+        .iter()
+        .map(|b| b.ip.to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn threshold(n: u32, preference: &[&str]) -> Option<Locality> {
+    Some(Locality {
+        min_local_endpoints: n,
+        preference: preference.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+#[test]
+fn an_import_uses_its_own_clusters_endpoints_while_there_are_enough() {
+    let clusters: &[(&str, &[&str])] = &[
+        ("east", &["10.1.0.1", "10.1.0.2"]),
+        ("west", &["10.2.0.1"]),
+        ("north", &["10.3.0.1"]),
+    ];
+    // This node is in east: 2 ready there, threshold 2: east only.
+    assert_eq!(
+        cluster_ips(&import(threshold(2, &[]), clusters)),
+        ["10.1.0.1", "10.1.0.2"]
+    );
+    // Threshold 3: every other cluster joins, east's stay (graded).
+    assert_eq!(
+        cluster_ips(&import(threshold(3, &[]), clusters)),
+        ["10.1.0.1", "10.1.0.2", "10.2.0.1", "10.3.0.1"]
+    );
+    // With a preference, north is the next tier and suffices.
+    assert_eq!(
+        cluster_ips(&import(threshold(3, &["north"]), clusters)),
+        ["10.1.0.1", "10.1.0.2", "10.3.0.1"]
+    );
+    // No local endpoint: the next tiers, whatever the threshold.
+    let remote: &[(&str, &[&str])] = &[("west", &["10.2.0.1"]), ("north", &["10.3.0.1"])];
+    assert_eq!(
+        cluster_ips(&import(threshold(0, &[]), remote)),
+        ["10.2.0.1", "10.3.0.1"]
+    );
+    // No locality (an older control plane): every cluster, as before.
+    assert_eq!(cluster_ips(&import(None, clusters)).len(), 4);
+    // A Service of the node's own cluster is never narrowed by cluster.
+    let mut own = import(threshold(5, &[]), clusters);
+    own.service.key = ServiceKey::new("east", "shop", "web");
+    assert_eq!(cluster_ips(&own).len(), 4);
 }

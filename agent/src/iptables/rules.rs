@@ -177,6 +177,8 @@ pub struct NodeConfig {
     /// This node's own addresses, as seen at start (loadBalancerSourceRanges
     /// that contain one admit the LB IPs as sources; node-port flows).
     pub addresses: Vec<IpAddr>,
+    /// This node's cluster (imports prefer its endpoints).
+    pub cluster: Option<String>,
 }
 
 impl NodeConfig {
@@ -186,6 +188,7 @@ impl NodeConfig {
             name: &self.node,
             zone: self.zone.as_deref(),
             addresses: &self.addresses,
+            cluster: self.cluster.as_deref(),
         }
     }
 

@@ -98,6 +98,7 @@ fn desired(s: &AgentState) -> Desired {
         name: "bench",
         zone: None,
         addresses: &[],
+        cluster: None,
     };
     let mut out = Desired::new();
     for held in s.resources.values() {
@@ -155,6 +156,7 @@ fn run(n: usize) -> serde_json::Value {
         masquerade_mark: 0x4000,
         localhost_nodeports: false,
         addresses: Vec::new(),
+        cluster: None,
     };
     let mut dp = IptablesDataPlane::with_runner(cfg, vec![Family::V4], Runner::in_netns(&ns.0));
     let before = state(n, 0);

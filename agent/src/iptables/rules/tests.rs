@@ -14,6 +14,7 @@ pub(crate) fn cfg() -> NodeConfig {
         masquerade_mark: 0x4000,
         localhost_nodeports: true,
         addresses: vec!["10.99.0.11".parse().expect("ip")],
+        cluster: None,
     }
 }
 
