@@ -156,6 +156,9 @@ apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata:\n  nam
 }
 
 /// Cluster locality with real packets: node 1 is in east, node 2 in west.
+/// Also MCS connectivity specs 23 and 24: an exported Service is reached
+/// through its clusterset name from a cluster, one that nobody exports is
+/// not.
 /// `web` has 2 ready endpoints in east and needs 2: a client in east
 /// reaches east's only. `api` has 1 in east and needs 2: the client also
 /// reaches west's (graded: east's stays in the set).
@@ -179,7 +182,8 @@ fn an_import_prefers_the_clients_own_cluster_until_too_few_are_ready() {
         (
             "east",
             exported("web", &[&east_web_a, &east_web_b], 1, 2)
-                + &exported("api", &[&east_api], 1, 2),
+                + &exported("api", &[&east_api], 1, 2)
+                + &objects(&east_api, 1, false).replace("name: web", "name: hidden"),
         ),
         (
             "west",
@@ -240,6 +244,12 @@ fn an_import_prefers_the_clients_own_cluster_until_too_few_are_ready() {
         ["east-web-a", "east-web-b"].map(String::from).into(),
         "web: two local endpoints, two needed"
     );
+    // MCS connectivity: a Service no cluster exports has no clusterset
+    // name anywhere (its cluster-local name works in east).
+    for node in [1, 2] {
+        assert_eq!(dig(&c, node, "hidden.shop.svc.clusterset.local"), "");
+    }
+    assert!(dig(&c, 1, "hidden.shop.svc.cluster.local").starts_with("10."));
     assert_eq!(
         backends(&c, &format!("{}:80", ips[1]), 40),
         ["east-api", "west-api"].map(String::from).into(),
