@@ -29,6 +29,44 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: sh
     y
 }
 
+/// One `fake_apiserver` per cluster in the infra namespace, loaded with
+/// its objects, and a control plane with a `kube:` source for each.
+fn start_control_plane(c: &mut Cluster, clusters: &[(&str, String)]) {
+    let mut kubeconfig = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    let mut contexts = String::from("contexts:\n");
+    let mut sources: Vec<String> = Vec::new();
+    for (i, (cluster, objects)) in clusters.iter().enumerate() {
+        let dir = c.dir.path().join(format!("api-{cluster}"));
+        std::fs::create_dir(&dir).expect("dir");
+        std::fs::write(dir.join("objects.yaml"), objects).expect("objects");
+        let listen = format!("10.99.0.1:{}", 7001 + i);
+        c.spawn_program(
+            "infra",
+            std::path::Path::new(env!("CARGO_BIN_EXE_fake_apiserver")),
+            &[
+                "--listen".into(),
+                listen.clone(),
+                "--load".into(),
+                dir.display().to_string(),
+            ],
+            &format!("api-{cluster}"),
+        );
+        kubeconfig.push_str(&format!(
+            "- name: {cluster}\n  cluster:\n    server: http://{listen}\n"
+        ));
+        contexts.push_str(&format!(
+            "- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: u\n"
+        ));
+        sources.extend(["--source".into(), format!("kube:{cluster}={cluster}")]);
+    }
+    kubeconfig.push_str("users:\n- name: u\n  user: {}\n");
+    kubeconfig.push_str(&contexts);
+    let path = c.dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig).expect("kubeconfig");
+    sources.extend(["--kubeconfig".into(), path.display().to_string()]);
+    c.start_control_plane_with(&sources);
+}
+
 /// `dig +short` of `name` at node `i`'s DNS stub.
 fn dig(c: &Cluster, i: u8, name: &str) -> String {
     c.sh(
@@ -60,49 +98,14 @@ fn a_clusterset_ip_balances_over_every_exporting_cluster() {
     let north = c.add_pod("north-web", 2, 2);
     c.add_pod("client", 2, 9);
 
-    let mut kubeconfig = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
-    let mut contexts = String::from("contexts:\n");
-    for (i, (cluster, endpoint, node, exported)) in [
-        ("east", &east, 1, true),
-        ("west", &west, 1, true),
-        ("north", &north, 2, false),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let dir = c.dir.path().join(format!("api-{cluster}"));
-        std::fs::create_dir(&dir).expect("dir");
-        std::fs::write(dir.join("objects.yaml"), objects(endpoint, node, exported))
-            .expect("objects");
-        let listen = format!("10.99.0.1:{}", 7001 + i);
-        c.spawn_program(
-            "infra",
-            std::path::Path::new(env!("CARGO_BIN_EXE_fake_apiserver")),
-            &[
-                "--listen".into(),
-                listen.clone(),
-                "--load".into(),
-                dir.display().to_string(),
-            ],
-            &format!("api-{cluster}"),
-        );
-        kubeconfig.push_str(&format!(
-            "- name: {cluster}\n  cluster:\n    server: http://{listen}\n"
-        ));
-        contexts.push_str(&format!(
-            "- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: u\n"
-        ));
-    }
-    kubeconfig.push_str("users:\n- name: u\n  user: {}\n");
-    kubeconfig.push_str(&contexts);
-    let path = c.dir.path().join("kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("kubeconfig");
-    let mut sources: Vec<String> = Vec::new();
-    for cluster in ["east", "west", "north"] {
-        sources.extend(["--source".into(), format!("kube:{cluster}={cluster}")]);
-    }
-    sources.extend(["--kubeconfig".into(), path.display().to_string()]);
-    c.start_control_plane_with(&sources);
+    start_control_plane(
+        &mut c,
+        &[
+            ("east", objects(&east, 1, true)),
+            ("west", objects(&west, 1, true)),
+            ("north", objects(&north, 2, false)),
+        ],
+    );
     c.start_agent_with(1, &["--cluster", "east"]);
     c.start_agent_with(2, &["--cluster", "north"]);
 
@@ -176,8 +179,6 @@ fn an_import_prefers_the_clients_own_cluster_until_too_few_are_ready() {
     let west_api = c.add_pod("west-api", 2, 3);
     c.add_pod("client", 1, 9);
 
-    let mut kubeconfig = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
-    let mut contexts = String::from("contexts:\n");
     let clusters = [
         (
             "east",
@@ -190,39 +191,7 @@ fn an_import_prefers_the_clients_own_cluster_until_too_few_are_ready() {
             exported("web", &[&west_web], 2, 2) + &exported("api", &[&west_api], 2, 2),
         ),
     ];
-    for (i, (cluster, objects)) in clusters.iter().enumerate() {
-        let dir = c.dir.path().join(format!("api-{cluster}"));
-        std::fs::create_dir(&dir).expect("dir");
-        std::fs::write(dir.join("objects.yaml"), objects).expect("objects");
-        let listen = format!("10.99.0.1:{}", 7001 + i);
-        c.spawn_program(
-            "infra",
-            std::path::Path::new(env!("CARGO_BIN_EXE_fake_apiserver")),
-            &[
-                "--listen".into(),
-                listen.clone(),
-                "--load".into(),
-                dir.display().to_string(),
-            ],
-            &format!("api-{cluster}"),
-        );
-        kubeconfig.push_str(&format!(
-            "- name: {cluster}\n  cluster:\n    server: http://{listen}\n"
-        ));
-        contexts.push_str(&format!(
-            "- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: u\n"
-        ));
-    }
-    kubeconfig.push_str("users:\n- name: u\n  user: {}\n");
-    kubeconfig.push_str(&contexts);
-    let path = c.dir.path().join("kubeconfig");
-    std::fs::write(&path, kubeconfig).expect("kubeconfig");
-    let mut sources: Vec<String> = Vec::new();
-    for cluster in ["east", "west"] {
-        sources.extend(["--source".into(), format!("kube:{cluster}={cluster}")]);
-    }
-    sources.extend(["--kubeconfig".into(), path.display().to_string()]);
-    c.start_control_plane_with(&sources);
+    start_control_plane(&mut c, &clusters);
     c.start_agent_with(1, &["--cluster", "east"]);
     c.start_agent_with(2, &["--cluster", "west"]);
 
