@@ -177,7 +177,8 @@ pub struct Args {
     pub mcs_write: bool,
 
     /// Range for the ClusterSet IPs of imported (exported, merged) Services;
-    /// stable across restarts.
+    /// repeatable, at most one per family (IPv4 and IPv6 for dual-stack
+    /// imports). An import keeps the address its ServiceImports record.
     #[arg(long = "clusterset-cidr", default_value = "10.112.0.0/12")]
     pub clusterset_cidrs: Vec<IpNet>,
 
@@ -224,7 +225,9 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
 
-    /// Range for cluster IPs of Services that set none.
+    /// Range for cluster IPs of Services that set none; repeatable, at most
+    /// one per family, the first being the family of single-stack Services
+    /// (as kube-apiserver's --service-cluster-ip-range).
     #[arg(long = "service-cidr", default_value = "10.96.0.0/12")]
     pub service_cidrs: Vec<IpNet>,
 
@@ -238,7 +241,9 @@ pub struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub max_delay: Duration,
 
-    /// Directory for state kept across restarts (allocated cluster IPs).
+    /// Directory for state kept across restarts. Allocated addresses are no
+    /// longer kept here: they are a function of the objects, the same on
+    /// every replica (see ARCHITECTURE.md, "Addresses").
     #[arg(long, default_value = "/var/lib/switchyard/control-plane")]
     pub state_dir: PathBuf,
 
@@ -329,6 +334,25 @@ pub struct Args {
     pub forget_agents_after: Duration,
 }
 
+impl Args {
+    /// Checks what no single flag can: at most one `--service-cidr` and one
+    /// `--clusterset-cidr` per family. Call it after parsing; the binary
+    /// exits with clap's usage error when it fails.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        let ranges = [
+            ("--service-cidr", &self.service_cidrs),
+            ("--clusterset-cidr", &self.clusterset_cidrs),
+        ];
+        for (flag, cidrs) in ranges {
+            if let Err(e) = crate::ipam::Ranges::new(flag, cidrs) {
+                return Err(Self::command().error(clap::error::ErrorKind::ArgumentConflict, e));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn parse_cluster_id(s: &str) -> Result<String, String> {
     check_cluster_id(s).map(|()| s.to_owned())
 }
@@ -414,5 +438,36 @@ mod tests {
             }]
         );
         assert_eq!(a.debounce, Duration::from_millis(100));
+        a.check().expect("the default ranges");
+    }
+
+    #[test]
+    fn one_range_per_family() {
+        let dual = Args::try_parse_from([
+            "cp",
+            "--service-cidr",
+            "10.96.0.0/12",
+            "--service-cidr",
+            "fd00:96::/108",
+            "--clusterset-cidr",
+            "fd00:112::/108",
+            "--clusterset-cidr",
+            "10.112.0.0/12",
+        ])
+        .expect("parses");
+        dual.check().expect("one of each family");
+        let twice = Args::try_parse_from([
+            "cp",
+            "--clusterset-cidr",
+            "10.112.0.0/12",
+            "--clusterset-cidr",
+            "10.128.0.0/12",
+        ])
+        .expect("parses");
+        let e = twice.check().expect_err("two IPv4 ranges").to_string();
+        assert!(
+            e.contains("--clusterset-cidr 10.112.0.0/12 and 10.128.0.0/12 are both IPv4"),
+            "{e}"
+        );
     }
 }

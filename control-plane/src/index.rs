@@ -1,9 +1,11 @@
 //! The index: merges every source's state into one snapshot.
 //!
 //! ```text
-//!  watch<SourceState> × N ──▶ (a build as soon as one changes) ──▶ merge (crate::merge) ─▶ allocate cluster IPs
+//!  watch<SourceState> × N ──▶ (a build as soon as one changes) ──▶ merge (crate::merge)
+//!        ─▶ allocate cluster IPs (crate::ipam: per family, a function of the Services wanting one)
 //!        ─▶ per Service: validate + encode (cached by input pointers)
-//!        ─▶ per export group: import (cached) ─▶ allocate ClusterSet IPs ─▶ validate + encode
+//!        ─▶ per export group: import (cached) ─▶ ClusterSet IPs per family (the ServiceImports'
+//!           record, else allocated as cluster IPs are) ─▶ validate + encode
 //!        ─▶ Snapshot::from_resources (version moves only with content or readiness)
 //!        ─▶ watch<Arc<Snapshot>>
 //! ```
@@ -27,31 +29,34 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use switchyard_model::{
-    CLUSTERSET, Service, ServiceExport, ServiceKey, ServiceState, ValidationError,
+    CLUSTERSET, IpFamily, Service, ServiceExport, ServiceKey, ServiceState, ValidationError,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterDown;
-use crate::ipam::{ClusterIpAllocator, IpamError};
+use crate::ipam::{self, IpamError, Ranges, RecordNote};
 use crate::merge::{self, ClustersetIssue, Exported, Input};
 use crate::metrics::Metrics;
 use crate::snapshot::{Contents, Names, Resource, Snapshot, VersionSource, make_resource};
-use crate::source::{ObjectError, SourceSlice, SourceState};
+use crate::source::{ExportedMeta, ObjectError, SourceSlice, SourceState};
 use crate::status::{ClusterStatus, ServiceSummary, SourceStatus, Status};
 
 /// How the index builds snapshots.
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
-    /// Ranges for cluster IPs of Services that name none, at most one per family.
+    /// Ranges for cluster IPs of Services that name none, at most one per
+    /// family (the first of each is used), the first the primary family.
     pub service_cidrs: Vec<IpNet>,
-    /// Ranges for the ClusterSet IPs of imports.
+    /// Ranges for the ClusterSet IPs of imports, at most one per family.
     pub clusterset_cidrs: Vec<IpNet>,
     /// Every Service counts as exported.
     pub export_all: bool,
     /// What happens to the exports of a cluster whose sources all fail.
     pub cluster_down: ClusterDown,
-    /// Where allocated cluster IPs are remembered; `None` keeps them in memory.
+    /// Not read any more: allocated addresses are a function of the objects
+    /// (`crate::ipam`), the same on every replica, and no longer kept in
+    /// files. Kept until the callers stop setting it.
     pub state_dir: Option<PathBuf>,
 }
 
@@ -69,25 +74,24 @@ impl IndexConfig {
     }
 }
 
-/// An allocator that remembers its last answer: while the same keys want
-/// addresses (only endpoints changed), a build costs one comparison per key.
+/// The cluster IPs of one family, with the last answer remembered: while
+/// the same keys want addresses and the same are taken (only endpoints or
+/// other fields changed), a build costs one comparison per key.
 #[derive(Debug)]
-struct StickyAllocator {
-    allocator: ClusterIpAllocator,
-    last: Vec<(ServiceKey, IpAddr)>,
+struct FamilyAllocator {
+    range: IpNet,
+    wanting: Vec<ServiceKey>,
+    taken: HashSet<IpAddr>,
+    answer: Vec<Result<IpAddr, IpamError>>,
 }
 
-impl StickyAllocator {
-    fn new(range: IpNet, state_dir: Option<&PathBuf>, prefix: &str) -> Self {
-        let file = state_dir.map(|d| {
-            d.join(format!(
-                "{prefix}-{}.json",
-                range.to_string().replace(['/', ':'], "_")
-            ))
-        });
+impl FamilyAllocator {
+    fn new(range: IpNet) -> Self {
         Self {
-            allocator: ClusterIpAllocator::new(range, file),
-            last: Vec::new(),
+            range,
+            wanting: Vec::new(),
+            taken: HashSet::new(),
+            answer: Vec::new(),
         }
     }
 
@@ -97,34 +101,72 @@ impl StickyAllocator {
         wanting: &[&ServiceKey],
         taken: &HashSet<IpAddr>,
     ) -> Vec<Result<IpAddr, IpamError>> {
-        let unchanged = self.last.len() == wanting.len()
-            && self
-                .last
-                .iter()
-                .zip(wanting)
-                .all(|((k, ip), w)| k == *w && !taken.contains(ip));
-        if unchanged {
-            return self.last.iter().map(|(_, ip)| Ok(*ip)).collect();
-        }
-        let results = self.allocator.assign(wanting, taken);
-        self.last = wanting
+        let taken: HashSet<IpAddr> = taken
             .iter()
-            .zip(&results)
-            .filter_map(|(k, r)| r.as_ref().ok().map(|ip| ((*k).clone(), *ip)))
+            .copied()
+            .filter(|ip| self.range.contains(ip))
             .collect();
-        if self.last.len() != wanting.len() {
-            // Ask the allocator again next time rather than trust a partial list.
-            self.last.clear();
+        let unchanged = self.wanting.len() == wanting.len()
+            && self.wanting.iter().zip(wanting).all(|(a, b)| a == *b)
+            && self.taken == taken;
+        if !unchanged {
+            self.answer = ipam::allocate(self.range, wanting, &taken);
+            self.wanting = wanting.iter().map(|k| (*k).clone()).collect();
+            self.taken = taken;
         }
-        results
+        self.answer.clone()
     }
 }
+
+/// What an import asks of the ClusterSet IP allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wants {
+    /// Nothing: it is headless.
+    Nothing,
+    /// An address of each family, primary first.
+    Ips(Vec<IpFamily>),
+    /// Addresses of families (those of its exports) no `--clusterset-cidr` serves.
+    NoRange(Vec<IpFamily>),
+}
+
+/// The families an import wants ClusterSet IPs of, and the addresses it
+/// was given (`None`: one could not be).
+type WantedIps = (Vec<IpFamily>, Option<Vec<IpAddr>>);
+
+/// Each import's ClusterSet IPs, or why it has none, by (namespace, name).
+type ClustersetIps = HashMap<(String, String), Result<Vec<IpAddr>, String>>;
+
+/// Clusterset issues by import (namespace, name).
+type IssuesByImport = BTreeMap<(String, String), Vec<ClustersetIssue>>;
+
+/// The ClusterSet IPs each cluster's ServiceImports record, by import
+/// (`clusterset/<namespace>/<name>`): (cluster, `spec.ips`), clusters in order.
+type Records = BTreeMap<ServiceKey, Vec<(String, Vec<IpAddr>)>>;
+
+/// What a ServiceImport carries beyond the import's Service, for the
+/// writer of ServiceImports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportMeta {
+    /// The oldest export's exported labels and annotations.
+    pub exported: ExportedMeta,
+    /// The exporting clusters whose Services make the import, oldest export
+    /// first (`status.clusters`).
+    pub clusters: Vec<String>,
+}
+
+/// [`ImportMeta`] of every import the snapshot holds (not those a relay
+/// takes from a hub), by (namespace, name), as a persistent map.
+pub type ImportMetas = imbl::OrdMap<(String, String), Arc<ImportMeta>>;
 
 /// The merging state carried between builds.
 #[derive(Debug)]
 pub struct Index {
-    cluster_ips: Option<StickyAllocator>,
-    clusterset_ips: Option<StickyAllocator>,
+    service_ranges: Ranges,
+    clusterset_ranges: Ranges,
+    cluster_ips: BTreeMap<IpFamily, FamilyAllocator>,
+    /// The ServiceImports' records, as the last full build found them (a
+    /// patch needs them unchanged).
+    records: Records,
     export_all: bool,
     versions: VersionSource,
     current: Arc<Snapshot>,
@@ -175,41 +217,49 @@ struct LastBuild {
 /// a patch rebuilds only those of the exported Services it touches.
 #[derive(Debug, Default)]
 struct LastImports {
-    /// The exporting Services of each (namespace, name), oldest export
-    /// first, as the merge ordered them.
-    groups: HashMap<(String, String), Vec<ServiceKey>>,
+    /// The exporting Services of each (namespace, name) with their
+    /// exported labels and annotations, oldest export first, as the merge
+    /// ordered them.
+    groups: HashMap<(String, String), Vec<(ServiceKey, ExportedMeta)>>,
     /// The merge's own issues (exports without a Service).
     merged: Vec<ClustersetIssue>,
     /// What [`merge::import`] found wrong, by import (only those with issues).
     found: BTreeMap<(String, String), Vec<ClustersetIssue>>,
     /// An import without a ClusterSet IP or invalid, by import (the same).
     failed: BTreeMap<(String, String), Vec<ClustersetIssue>>,
-    /// The imports that want a ClusterSet IP (with an allocator), and the
-    /// address they were given (`None`: none was left).
-    ips: BTreeMap<(String, String), Option<IpAddr>>,
+    /// Records that could not be kept as they are, by import (the same).
+    recorded: BTreeMap<(String, String), Vec<ClustersetIssue>>,
+    /// The imports that want ClusterSet IPs of families there are ranges
+    /// of: the families, and the addresses they were given (`None`: one
+    /// could not be).
+    ips: BTreeMap<(String, String), WantedIps>,
+    /// What the ServiceImport of each import in the snapshot carries.
+    metas: ImportMetas,
 }
 
 impl LastImports {
     /// Every clusterset issue in the order of a full build: the merge's,
     /// then each import's from [`merge::import`], then each import's
-    /// missing ClusterSet IP or validation errors, imports in name order.
+    /// missing ClusterSet IP or validation errors, then the records not
+    /// kept as they are, imports in name order.
     fn issues(&self) -> Vec<ClustersetIssue> {
         self.merged
             .iter()
             .chain(self.found.values().flatten())
             .chain(self.failed.values().flatten())
+            .chain(self.recorded.values().flatten())
             .cloned()
             .collect()
     }
 }
 
-/// A Service the merge admitted: from which source, with what address
+/// A Service the merge admitted: from which source, with what addresses
 /// allocated and whether it is exported.
 #[derive(Debug)]
 struct Admitted {
     source: usize,
     service: Arc<Service>,
-    ip: Option<IpAddr>,
+    ips: Vec<IpAddr>,
     export: Option<ServiceExport>,
 }
 
@@ -218,8 +268,8 @@ struct Admitted {
 struct Built {
     /// The Service as its source gave it (before IP allocation).
     service: Arc<Service>,
-    /// The address allocated to it, if it named none.
-    allocated: Option<IpAddr>,
+    /// The addresses allocated to it, if it named none.
+    allocated: Vec<IpAddr>,
     /// Its export to the clusterset, if exported.
     export: Option<ServiceExport>,
     /// Its slices, ordered by name.
@@ -237,7 +287,7 @@ impl Built {
     fn same_inputs(
         &self,
         service: &Arc<Service>,
-        allocated: Option<IpAddr>,
+        allocated: &[IpAddr],
         export: Option<ServiceExport>,
         slices: &[&Arc<SourceSlice>],
     ) -> bool {
@@ -253,27 +303,28 @@ impl Built {
     }
 }
 
-/// One import's inputs (the exporting clusters' resources, oldest export
-/// first) and what they produced.
+/// One import's inputs (the exporting clusters' resources with their
+/// exported labels and annotations, oldest export first) and what they
+/// produced.
 #[derive(Debug)]
 struct BuiltImport {
-    inputs: Vec<(String, Arc<Resource>)>,
-    /// The merged Service before its ClusterSet IP, and what disagreed.
-    plan: Option<ServiceState>,
+    inputs: Vec<(String, Arc<Resource>, ExportedMeta)>,
+    /// The merged import before its ClusterSet IPs, and what disagreed.
+    plan: Option<merge::Import>,
     issues: Vec<ClustersetIssue>,
-    /// The ClusterSet IP the result was made with, and the result.
-    result: Option<(Option<IpAddr>, Encoded)>,
+    /// The ClusterSet IPs the result was made with, and the result.
+    result: Option<(Vec<IpAddr>, Encoded)>,
     seen: u64,
 }
 
 impl BuiltImport {
-    fn same_inputs(&self, inputs: &[(&str, &Arc<Resource>)]) -> bool {
+    fn same_inputs(&self, inputs: &[(&str, &Arc<Resource>, &ExportedMeta)]) -> bool {
         self.inputs.len() == inputs.len()
             && self
                 .inputs
                 .iter()
                 .zip(inputs)
-                .all(|((c, r), (c2, r2))| c == c2 && Arc::ptr_eq(r, r2))
+                .all(|((c, r, m), (c2, r2, m2))| c == c2 && Arc::ptr_eq(r, r2) && m == *m2)
     }
 }
 
@@ -300,6 +351,8 @@ pub struct Build {
     pub services: Summaries,
     /// What did not agree between the exports of the clusterset.
     pub issues: Vec<ClustersetIssue>,
+    /// What the ServiceImport of each import carries beyond its resource.
+    pub imports: ImportMetas,
     /// Whether the build patched the last one (a change of endpoints alone).
     pub patched: bool,
 }
@@ -330,16 +383,17 @@ impl Serving {
 impl Index {
     /// A fresh index.
     pub fn new(config: &IndexConfig) -> Self {
-        let state_dir = config.state_dir.as_ref();
+        let service_ranges = Ranges::first_of_each("--service-cidr", &config.service_cidrs);
+        let clusterset_ranges =
+            Ranges::first_of_each("--clusterset-cidr", &config.clusterset_cidrs);
         Self {
-            cluster_ips: config
-                .service_cidrs
-                .first()
-                .map(|r| StickyAllocator::new(*r, state_dir, "cluster-ips")),
-            clusterset_ips: config
-                .clusterset_cidrs
-                .first()
-                .map(|r| StickyAllocator::new(*r, state_dir, "clusterset-ips")),
+            cluster_ips: service_ranges
+                .families()
+                .filter_map(|f| Some((f, FamilyAllocator::new(service_ranges.get(f)?))))
+                .collect(),
+            service_ranges,
+            clusterset_ranges,
+            records: Records::new(),
             export_all: config.export_all,
             versions: VersionSource::new(),
             current: Arc::new(Snapshot::empty(String::new())),
@@ -401,7 +455,8 @@ impl Index {
                 && before.imports.is_none()
                 && now.services.same(&before.services)
                 && now.errors == before.errors
-                && now.exports == before.exports;
+                && now.exports == before.exports
+                && now.service_imports == before.service_imports;
             if !same {
                 return None;
             }
@@ -487,11 +542,11 @@ impl Index {
     /// Rebuilds the imports `groups` after a patch rebuilt exporters of
     /// theirs, as [`Index::build_imports`] would: the exporters the last
     /// merge found, in its order; the same ClusterSet IPs; their issues in
-    /// place of the old ones. When an import comes or goes (or stops or
-    /// starts wanting an address), the allocator sees every import that
-    /// wants one, as in a full build. `None` when the result could differ
-    /// from a full build's (an import that had no ClusterSet IP left, an
-    /// allocation that would move another import).
+    /// place of the old ones. When an import comes or goes (or the families
+    /// it wants change), the allocation runs again for every import, as in
+    /// a full build. `None` when the result could differ from a full
+    /// build's (an import that had no ClusterSet IP left, an allocation
+    /// that would move another import).
     fn patch_imports(
         &mut self,
         groups: &BTreeSet<(String, String)>,
@@ -500,53 +555,69 @@ impl Index {
         resources: &mut crate::snapshot::Resources,
     ) -> Option<()> {
         let imports = &mut last.imports;
-        let mut plans: Vec<(&(String, String), bool)> = Vec::with_capacity(groups.len());
+        let mut plans: Vec<(&(String, String), Wants)> = Vec::with_capacity(groups.len());
         let mut moved = false;
         for key in groups {
             let exporters = imports.groups.get(key)?;
             let name: Arc<str> = Arc::from(ServiceKey::new(CLUSTERSET, &key.0, &key.1).to_string());
             resources.remove(&name);
             last.summaries.remove(&name);
+            imports.metas.remove(key);
             imports.found.remove(key);
             imports.failed.remove(key);
             let planned = self.plan_import(key, exporters, dropped, &mut imports.found);
-            let wants_ip = planned == Some(true) && self.clusterset_ips.is_some();
-            if wants_ip != imports.ips.contains_key(key) {
+            let families = match &planned {
+                Some(Wants::Ips(families)) => Some(families),
+                _ => None,
+            };
+            if families != imports.ips.get(key).map(|(f, _)| f) {
                 moved = true;
-                if wants_ip {
-                    imports.ips.insert(key.clone(), None);
-                } else {
-                    imports.ips.remove(key);
+                match families {
+                    Some(f) => {
+                        imports.ips.insert(key.clone(), (f.clone(), None));
+                    }
+                    None => {
+                        imports.ips.remove(key);
+                    }
                 }
             }
-            if planned.is_some() {
-                plans.push((key, wants_ip));
+            if let Some(wants) = planned {
+                plans.push((key, wants));
             }
         }
-        let mut ips: HashMap<(String, String), Result<IpAddr, IpamError>> = HashMap::new();
+        let mut ips = ClustersetIps::new();
         if moved {
-            let wanting: Vec<&(String, String)> = imports.ips.keys().collect();
-            let mut assigned = self.assign_clusterset_ips(&wanting);
-            for (key, ip) in &mut imports.ips {
+            let wanting: BTreeMap<(String, String), Vec<IpFamily>> = imports
+                .ips
+                .iter()
+                .map(|(k, (f, _))| (k.clone(), f.clone()))
+                .collect();
+            let (mut assigned, recorded) = self.assign_clusterset_ips(&wanting);
+            for (key, (_, ip)) in &mut imports.ips {
                 let r = assigned.remove(key)?;
                 if groups.contains(key) {
-                    *ip = r.as_ref().ok().copied();
+                    *ip = r.as_ref().ok().cloned();
                     ips.insert(key.clone(), r);
                 } else if *ip != r.ok() {
                     return None;
                 }
             }
+            imports.recorded = recorded;
         }
-        for (key, wants_ip) in plans {
-            let ip = match ips.remove(key) {
-                Some(r) => Some(r),
-                None if wants_ip => Some(Ok((*imports.ips.get(key)?)?)),
-                None => None,
+        for (key, wants) in plans {
+            let ip = match (ips.remove(key), wants) {
+                (Some(r), _) => Some(r),
+                (None, Wants::Ips(_)) => Some(Ok(imports.ips.get(key)?.1.clone()?)),
+                (None, Wants::NoRange(families)) => Some(Err(no_range(&families))),
+                (None, Wants::Nothing) => None,
             };
             if let Some(valid) = self.finish_import(key, ip, &mut imports.failed) {
                 resources.insert(valid.name.clone(), valid.resource.clone());
                 last.summaries
                     .insert(valid.name.clone(), valid.summary.clone());
+                if let Some(meta) = self.import_meta(key) {
+                    imports.metas.insert(key.clone(), meta);
+                }
             }
         }
         last.issues = imports.issues();
@@ -561,10 +632,15 @@ impl Index {
         slices: &[&Arc<SourceSlice>],
     ) -> &Encoded {
         let fresh = match self.cache.get(key) {
-            Some(b) if b.same_inputs(&admitted.service, admitted.ip, admitted.export, slices) => {
+            Some(b) if b.same_inputs(&admitted.service, &admitted.ips, admitted.export, slices) => {
                 None
             }
-            _ => Some(self.rebuild(&admitted.service, admitted.ip, admitted.export, slices)),
+            _ => Some(self.rebuild(
+                &admitted.service,
+                admitted.ips.clone(),
+                admitted.export,
+                slices,
+            )),
         };
         if let Some(fresh) = fresh {
             self.cache.insert(key.clone(), fresh);
@@ -610,7 +686,7 @@ impl Index {
             let this = Admitted {
                 source: *src,
                 service: Arc::clone(service),
-                ip: allocated.get(key).copied(),
+                ips: allocated.get(key).cloned().unwrap_or_default(),
                 export: exports.get(key).copied(),
             };
             match self.built(key, &this, &group) {
@@ -637,6 +713,7 @@ impl Index {
             merged: std::mem::take(&mut merged.issues),
             ..LastImports::default()
         };
+        self.records = records(inputs);
         // A relay following a hub's clusterset replaces the local merge: the
         // first one that follows its hub, else the first one.
         let relayed = inputs
@@ -716,6 +793,7 @@ impl Index {
             invalid: last.invalid(),
             services: last.summaries.clone(),
             issues: last.issues.clone(),
+            imports: last.imports.metas.clone(),
             patched,
         };
         self.last = Some(last);
@@ -727,7 +805,7 @@ impl Index {
     fn rebuild(
         &self,
         service: &Arc<Service>,
-        allocated: Option<IpAddr>,
+        allocated: Vec<IpAddr>,
         export: Option<ServiceExport>,
         slices: &[&Arc<SourceSlice>],
     ) -> Built {
@@ -735,7 +813,7 @@ impl Index {
             service: (**service).clone(),
             slices: slices.iter().map(|s| s.resolved(service)).collect(),
         };
-        state.service.cluster_ips.extend(allocated);
+        state.service.cluster_ips.extend(allocated.iter().copied());
         state.service.export = export;
         Built {
             service: Arc::clone(service),
@@ -800,8 +878,9 @@ impl Index {
 
     /// The clusterset's imports: one per exported namespace/name whose
     /// exporting clusters built valid Services, merged by
-    /// [`merge::import`], with a ClusterSet IP unless headless. Keeps in
-    /// `last` what a patch needs to rebuild one of them alone.
+    /// [`merge::import`], with a ClusterSet IP of each of its families
+    /// unless headless. Keeps in `last` what a patch needs to rebuild one
+    /// of them alone.
     fn build_imports(
         &mut self,
         merged: &merge::Merged<'_>,
@@ -811,55 +890,92 @@ impl Index {
         summaries: &mut BTreeMap<Arc<str>, Arc<ServiceSummary>>,
     ) {
         let build_id = self.build_id;
-        let mut plans: Vec<((String, String), bool)> = Vec::new();
+        let mut plans: Vec<((String, String), Wants)> = Vec::new();
         for ((namespace, name), exporters) in &merged.exports {
             let key = ((*namespace).to_owned(), (*name).to_owned());
-            let exporters: Vec<ServiceKey> = exporters.iter().map(|e| e.key.clone()).collect();
-            if let Some(wants_ip) =
+            let exporters: Vec<(ServiceKey, ExportedMeta)> = exporters
+                .iter()
+                .map(|e| (e.key.clone(), e.exported.clone()))
+                .collect();
+            if let Some(wants) =
                 self.plan_import(&key, &exporters, &serving.dropped, &mut last.found)
             {
-                plans.push((key.clone(), wants_ip));
+                plans.push((key.clone(), wants));
             }
             last.groups.insert(key, exporters);
         }
         self.imports.retain(|_, b| b.seen == build_id);
 
-        let wanting: Vec<&(String, String)> = plans
+        let wanting: BTreeMap<(String, String), Vec<IpFamily>> = plans
             .iter()
-            .filter(|(_, wants_ip)| *wants_ip)
-            .map(|(k, _)| k)
+            .filter_map(|(k, wants)| match wants {
+                Wants::Ips(families) => Some((k.clone(), families.clone())),
+                _ => None,
+            })
             .collect();
-        let mut ips = self.assign_clusterset_ips(&wanting);
-        for (key, _) in plans {
-            let ip = ips.remove(&key);
-            if let Some(r) = &ip {
-                last.ips.insert(key.clone(), r.as_ref().ok().copied());
-            }
+        let (mut ips, recorded) = self.assign_clusterset_ips(&wanting);
+        last.recorded = recorded;
+        let mut metas = BTreeMap::new();
+        for (key, wants) in plans {
+            let ip = match wants {
+                Wants::Ips(families) => {
+                    let r = ips.remove(&key).expect("assigned");
+                    last.ips
+                        .insert(key.clone(), (families, r.as_ref().ok().cloned()));
+                    Some(r)
+                }
+                Wants::NoRange(families) => Some(Err(no_range(&families))),
+                Wants::Nothing => None,
+            };
             if let Some(valid) = self.finish_import(&key, ip, &mut last.failed) {
                 resources.insert(valid.name.clone(), valid.resource.clone());
                 summaries.insert(valid.name.clone(), valid.summary.clone());
+                if let Some(meta) = self.import_meta(&key) {
+                    metas.insert(key, meta);
+                }
             }
+        }
+        let previous = self
+            .last
+            .as_ref()
+            .map(|l| l.imports.metas.clone())
+            .unwrap_or_default();
+        last.metas = derive(&previous, metas);
+    }
+
+    /// What the ServiceImport of import `key` carries, from its plan
+    /// (the last build's `Arc` while it is the same).
+    fn import_meta(&self, key: &(String, String)) -> Option<Arc<ImportMeta>> {
+        let plan = self.imports.get(key)?.plan.as_ref()?;
+        let meta = ImportMeta {
+            exported: plan.exported.clone(),
+            clusters: plan.clusters.clone(),
+        };
+        match self.last.as_ref().and_then(|l| l.imports.metas.get(key)) {
+            Some(old) if **old == meta => Some(Arc::clone(old)),
+            _ => Some(Arc::new(meta)),
         }
     }
 
     /// Merges import `key` from the valid resources of `exporters` (oldest
     /// export first), leaving out those of `dropped` clusters; the last
-    /// merge stands while those resources are the same. What the merge
-    /// found wrong goes in `found`. Returns whether the import wants a
-    /// ClusterSet IP (it is not headless), or `None` when nothing is
-    /// imported (no exporter valid, or none usable).
+    /// merge stands while those resources (and the exports' labels and
+    /// annotations) are the same. What the merge found wrong goes in
+    /// `found`. Returns what the import asks of the ClusterSet IP
+    /// allocation (the families of its exports there is a range of), or
+    /// `None` when nothing is imported (no exporter valid, or none usable).
     fn plan_import(
         &mut self,
         key: &(String, String),
-        exporters: &[ServiceKey],
+        exporters: &[(ServiceKey, ExportedMeta)],
         dropped: &BTreeSet<String>,
         found: &mut BTreeMap<(String, String), Vec<ClustersetIssue>>,
-    ) -> Option<bool> {
-        let inputs: Vec<(&str, &Arc<Resource>)> = exporters
+    ) -> Option<Wants> {
+        let inputs: Vec<(&str, &Arc<Resource>, &ExportedMeta)> = exporters
             .iter()
-            .filter(|k| !dropped.contains(&k.cluster))
-            .filter_map(|k| match self.cache.get(k).map(|b| &b.result) {
-                Some(Ok(valid)) => Some((k.cluster.as_str(), &valid.resource)),
+            .filter(|(k, _)| !dropped.contains(&k.cluster))
+            .filter_map(|(k, meta)| match self.cache.get(k).map(|b| &b.result) {
+                Some(Ok(valid)) => Some((k.cluster.as_str(), &valid.resource, meta)),
                 _ => None,
             })
             .collect();
@@ -872,17 +988,21 @@ impl Index {
             .get(key)
             .is_some_and(|b| b.same_inputs(&inputs));
         if !reuse {
-            let states: Vec<(&str, ServiceState)> = inputs
+            let states: Vec<(&str, ServiceState, &ExportedMeta)> = inputs
                 .iter()
-                .filter_map(|(cluster, r)| {
+                .filter_map(|(cluster, r, meta)| {
                     switchyard_proto::convert::decode_state_bytes(&r.name, &r.service_state)
                         .ok()
-                        .map(|s| (*cluster, s))
+                        .map(|s| (*cluster, s, *meta))
                 })
                 .collect();
             let exported: Vec<Exported<'_>> = states
                 .iter()
-                .map(|(cluster, state)| Exported { cluster, state })
+                .map(|(cluster, state, exported)| Exported {
+                    cluster,
+                    state,
+                    exported,
+                })
                 .collect();
             let (plan, issues) = merge::import(&key.0, &key.1, &exported);
             self.imports.insert(
@@ -890,7 +1010,7 @@ impl Index {
                 BuiltImport {
                     inputs: inputs
                         .iter()
-                        .map(|(c, r)| ((*c).to_owned(), Arc::clone(r)))
+                        .map(|(c, r, m)| ((*c).to_owned(), Arc::clone(r), (*m).clone()))
                         .collect(),
                     plan,
                     issues,
@@ -904,67 +1024,183 @@ impl Index {
         if !built.issues.is_empty() {
             found.insert(key.clone(), built.issues.clone());
         }
-        built.plan.as_ref().map(|p| !p.service.headless)
+        let plan = built.plan.as_ref()?;
+        if plan.state.service.headless {
+            return Some(Wants::Nothing);
+        }
+        let served: Vec<IpFamily> = plan
+            .families
+            .iter()
+            .copied()
+            .filter(|f| self.clusterset_ranges.get(*f).is_some())
+            .collect();
+        Some(if served.is_empty() {
+            Wants::NoRange(plan.families.clone())
+        } else {
+            Wants::Ips(served)
+        })
     }
 
-    /// ClusterSet IPs for the imports `wanting` one (in name order), as the
-    /// allocator gives them; empty without a clusterset range.
+    /// ClusterSet IPs for the imports `wanting` them, one per family given
+    /// (primary first): per family, the ServiceImports' record and then
+    /// [`ipam::allocate_recorded`]. Returns each import's addresses (or why
+    /// one could not be given), and the records not kept as they are.
     fn assign_clusterset_ips(
-        &mut self,
-        wanting: &[&(String, String)],
-    ) -> HashMap<(String, String), Result<IpAddr, IpamError>> {
-        let mut ips = HashMap::new();
-        if let Some(alloc) = &mut self.clusterset_ips {
-            let keys: Vec<ServiceKey> = wanting
+        &self,
+        wanting: &BTreeMap<(String, String), Vec<IpFamily>>,
+    ) -> (ClustersetIps, IssuesByImport) {
+        let keys: BTreeMap<&(String, String), ServiceKey> = wanting
+            .keys()
+            .map(|k| (k, ServiceKey::new(CLUSTERSET, &k.0, &k.1)))
+            .collect();
+        // (import, family) -> its address, or why it has none.
+        let mut given = HashMap::new();
+        let mut notes = Vec::new();
+        for family in self.clusterset_ranges.families() {
+            let Some(range) = self.clusterset_ranges.get(family) else {
+                continue;
+            };
+            let of_family: Vec<&(String, String)> = wanting
                 .iter()
-                .map(|(ns, n)| ServiceKey::new(CLUSTERSET, ns, n))
+                .filter(|(_, f)| f.contains(&family))
+                .map(|(k, _)| k)
                 .collect();
-            let keys: Vec<&ServiceKey> = keys.iter().collect();
-            for (key, r) in wanting.iter().zip(alloc.assign(&keys, &HashSet::new())) {
-                ips.insert((*key).clone(), r);
+            if of_family.is_empty() {
+                continue;
+            }
+            // Each cluster's first address of this family in the range.
+            let mut recorded: BTreeMap<&ServiceKey, Vec<ipam::Recorded<'_>>> = BTreeMap::new();
+            let mut reserved: HashSet<IpAddr> = HashSet::new();
+            for (key, records) in &self.records {
+                for (cluster, ips) in records {
+                    if let Some(ip) = ips
+                        .iter()
+                        .find(|ip| IpFamily::of(ip) == family && range.contains(*ip))
+                    {
+                        recorded
+                            .entry(key)
+                            .or_default()
+                            .push((cluster.as_str(), *ip));
+                        reserved.insert(*ip);
+                    }
+                }
+            }
+            let service_keys: Vec<&ServiceKey> = of_family.iter().map(|k| &keys[k]).collect();
+            let (answers, family_notes) =
+                ipam::allocate_recorded(range, &service_keys, &recorded, &reserved);
+            for (key, answer) in of_family.into_iter().zip(answers) {
+                given.insert((key, family), answer);
+            }
+            notes.extend(family_notes);
+        }
+        let mut out = HashMap::with_capacity(wanting.len());
+        for (key, families) in wanting {
+            let answer: Result<Vec<IpAddr>, String> = families
+                .iter()
+                .map(|f| match given.remove(&(key, *f)) {
+                    Some(r) => r.map_err(|e| e.to_string()),
+                    None => Err(format!("no --clusterset-cidr of {f}")),
+                })
+                .collect();
+            out.insert(key.clone(), answer);
+        }
+        let mut issues = IssuesByImport::new();
+        for note in notes {
+            let (key, lines) = match note {
+                RecordNote::Disagrees {
+                    key,
+                    kept,
+                    differing,
+                } => {
+                    let lines: Vec<(String, String)> = differing
+                        .into_iter()
+                        .map(|(cluster, ip)| {
+                            (
+                                cluster,
+                                format!(
+                                    "its ServiceImport records {ip}, other clusters' {kept}, which is used \
+                                     (recorded by the most clusters, then by the lowest cluster id)"
+                                ),
+                            )
+                        })
+                        .collect();
+                    (key, lines)
+                }
+                RecordNote::HeldByAnother {
+                    key,
+                    ip,
+                    holder,
+                    clusters,
+                } => {
+                    let lines = clusters
+                        .into_iter()
+                        .map(|cluster| {
+                            (
+                                cluster,
+                                format!(
+                                    "its ServiceImport records {ip}, which {}/{} keeps (recorded by \
+                                     more clusters, or the smaller name); this import gets another",
+                                    holder.namespace, holder.name
+                                ),
+                            )
+                        })
+                        .collect();
+                    (key, lines)
+                }
+            };
+            let entry = issues
+                .entry((key.namespace.clone(), key.name.clone()))
+                .or_default();
+            for (cluster, message) in lines {
+                entry.push(ClustersetIssue {
+                    service: format!("{}/{}", key.namespace, key.name),
+                    cluster,
+                    reason: merge::RECORD_MISMATCH,
+                    message,
+                });
             }
         }
-        ips
+        (out, issues)
     }
 
-    /// The resource of planned import `key` with its ClusterSet IP (`None`:
-    /// headless, or no clusterset range), encoded again only when the plan
-    /// or the address changed. Why it has none goes in `failed`.
+    /// The resource of planned import `key` with its ClusterSet IPs (`None`:
+    /// headless), encoded again only when the plan or the addresses
+    /// changed. Why it has none goes in `failed`.
     fn finish_import(
         &mut self,
         key: &(String, String),
-        ip: Option<Result<IpAddr, IpamError>>,
+        ips: Option<Result<Vec<IpAddr>, String>>,
         failed: &mut BTreeMap<(String, String), Vec<ClustersetIssue>>,
     ) -> Option<&Valid> {
         let service = format!("{}/{}", key.0, key.1);
-        let ip = match ip {
-            Some(Ok(ip)) => Some(ip),
-            Some(Err(e)) => {
+        let ips = match ips {
+            Some(Ok(ips)) => ips,
+            Some(Err(message)) => {
                 failed.insert(
                     key.clone(),
                     vec![ClustersetIssue {
                         service,
                         cluster: CLUSTERSET.to_owned(),
-                        reason: "NoClusterSetIP",
-                        message: e.to_string(),
+                        reason: merge::NO_CLUSTERSET_IP,
+                        message,
                     }],
                 );
                 return None;
             }
-            None => None,
+            None => Vec::new(),
         };
         let built = self.imports.get(key).expect("present");
         let fresh = match &built.result {
-            Some((made_with, _)) if *made_with == ip => None,
+            Some((made_with, _)) if *made_with == ips => None,
             _ => {
-                let mut state = built.plan.clone().expect("a plan");
-                state.service.cluster_ips = ip.into_iter().collect();
+                let mut state = built.plan.as_ref().expect("a plan").state.clone();
+                state.service.cluster_ips.clone_from(&ips);
                 Some(self.encode(&state))
             }
         };
         let built = self.imports.get_mut(key).expect("present");
         if let Some(result) = fresh {
-            built.result = Some((ip, result));
+            built.result = Some((ips, result));
         }
         match built.result.as_ref().map(|(_, r)| r) {
             Some(Ok(valid)) => Some(valid),
@@ -975,7 +1211,7 @@ impl Index {
                         .map(|e| ClustersetIssue {
                             service: service.clone(),
                             cluster: CLUSTERSET.to_owned(),
-                            reason: "Invalid",
+                            reason: merge::INVALID_IMPORT,
                             message: format!("{}: {}", e.field, e.message),
                         })
                         .collect(),
@@ -986,48 +1222,118 @@ impl Index {
         }
     }
 
-    /// Gives each proxied Service without an address one from the range of
-    /// the primary family (the merge already refused conflicting explicit
-    /// addresses). Returns the allocated addresses.
+    /// Gives each proxied Service without an address one of each family
+    /// its `spec.ipFamilies` and `spec.ipFamilyPolicy` ask for
+    /// ([`ipam::families_for`]), from that family's `--service-cidr` (the
+    /// merge already refused conflicting explicit addresses). A Service
+    /// that cannot have them is refused, naming the field. Returns the
+    /// allocated addresses, primary first.
     fn allocate_cluster_ips<'a>(
         &mut self,
         services: &mut BTreeMap<&'a ServiceKey, (usize, &'a Arc<Service>)>,
         inputs: &[Input<'_>],
         invalid: &mut Vec<ObjectError>,
-    ) -> HashMap<&'a ServiceKey, IpAddr> {
+    ) -> HashMap<&'a ServiceKey, Vec<IpAddr>> {
         let mut allocated = HashMap::new();
-        let Some(alloc) = &mut self.cluster_ips else {
-            return allocated;
-        };
-        let taken: HashSet<IpAddr> = services
-            .values()
-            .flat_map(|(_, s)| s.cluster_ips.iter().copied())
-            .collect();
-        let wanting: Vec<&ServiceKey> = services
-            .iter()
-            .filter(|(_, (_, s))| s.wants_cluster_ip() && s.cluster_ips.is_empty())
-            .map(|(k, _)| *k)
-            .collect();
-        let results = alloc.assign(&wanting, &taken);
-        for (key, result) in wanting.into_iter().zip(results) {
-            match result {
-                Ok(ip) => {
-                    allocated.insert(key, ip);
+        let mut wants: Vec<(&'a ServiceKey, Vec<IpFamily>)> = Vec::new();
+        let mut refused: Vec<(&'a ServiceKey, String, String)> = Vec::new();
+        for (key, (_, svc)) in services.iter() {
+            if !svc.wants_cluster_ip() || !svc.cluster_ips.is_empty() {
+                continue;
+            }
+            match ipam::families_for(svc, &self.service_ranges, "--service-cidr") {
+                Ok(families) => wants.push((*key, families)),
+                Err(e) => refused.push((*key, e.field, e.message)),
+            }
+        }
+        if !wants.is_empty() {
+            let taken: HashSet<IpAddr> = services
+                .values()
+                .flat_map(|(_, s)| s.cluster_ips.iter().copied())
+                .collect();
+            let mut given: HashMap<(&ServiceKey, IpFamily), Result<IpAddr, IpamError>> =
+                HashMap::new();
+            for (family, alloc) in &mut self.cluster_ips {
+                let keys: Vec<&ServiceKey> = wants
+                    .iter()
+                    .filter(|(_, f)| f.contains(family))
+                    .map(|(k, _)| *k)
+                    .collect();
+                if keys.is_empty() {
+                    continue;
                 }
-                Err(e) => {
-                    if let Some((src, svc)) = services.remove(key) {
-                        invalid.push(ObjectError {
-                            source: inputs[src].name.to_owned(),
-                            object: svc.object_name(),
-                            field: "spec.clusterIP".into(),
-                            message: e.to_string(),
-                        });
+                let answers = alloc.assign(&keys, &taken);
+                for (key, answer) in keys.into_iter().zip(answers) {
+                    given.insert((key, *family), answer);
+                }
+            }
+            for (key, families) in wants {
+                let mut ips = Vec::with_capacity(families.len());
+                for (i, family) in families.iter().enumerate() {
+                    match given.remove(&(key, *family)) {
+                        Some(Ok(ip)) => ips.push(ip),
+                        Some(Err(e)) => {
+                            let field = if i == 0 {
+                                "spec.clusterIP".to_owned()
+                            } else {
+                                format!("spec.clusterIPs[{i}]")
+                            };
+                            refused.push((key, field, e.to_string()));
+                            break;
+                        }
+                        None => unreachable!("every family asked for has an allocator"),
                     }
                 }
+                if ips.len() == families.len() {
+                    allocated.insert(key, ips);
+                }
+            }
+        }
+        for (key, field, message) in refused {
+            if let Some((src, svc)) = services.remove(key) {
+                invalid.push(ObjectError {
+                    source: inputs[src].name.to_owned(),
+                    object: svc.object_name(),
+                    field,
+                    message,
+                });
             }
         }
         allocated
     }
+}
+
+/// Why an import whose exports have `families` gets no ClusterSet IP.
+fn no_range(families: &[IpFamily]) -> String {
+    if families.is_empty() {
+        return "its exports have no cluster IP to take a family from".to_owned();
+    }
+    let families: Vec<String> = families.iter().map(ToString::to_string).collect();
+    format!(
+        "no --clusterset-cidr of {}, the families its exports have in common",
+        families.join(" or ")
+    )
+}
+
+/// The ClusterSet IPs recorded by the ServiceImports Switchyard manages
+/// (`RecordedImport::ours`) in each source's cluster, by import; a
+/// cluster's first source with a record of an import counts.
+fn records(inputs: &[Input<'_>]) -> Records {
+    let mut out = Records::new();
+    for input in inputs {
+        for r in input.state.service_imports.iter().filter(|r| r.ours) {
+            let list = out
+                .entry(ServiceKey::new(CLUSTERSET, &r.namespace, &r.name))
+                .or_default();
+            if !list.iter().any(|(c, _)| c == input.cluster) {
+                list.push((input.cluster.to_owned(), r.ips.clone()));
+            }
+        }
+    }
+    for list in out.values_mut() {
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    out
 }
 
 impl LastBuild {
@@ -1055,10 +1361,10 @@ fn object_error(source: &str, e: &ValidationError) -> ObjectError {
 /// `fresh` as a persistent map derived from `previous`: what did not change
 /// stays shared with it, so the next difference between the two costs only
 /// what changed.
-fn derive<V: Clone>(
-    previous: &imbl::OrdMap<Arc<str>, Arc<V>>,
-    fresh: BTreeMap<Arc<str>, Arc<V>>,
-) -> imbl::OrdMap<Arc<str>, Arc<V>> {
+fn derive<K: Ord + Clone, V>(
+    previous: &imbl::OrdMap<K, Arc<V>>,
+    fresh: BTreeMap<K, Arc<V>>,
+) -> imbl::OrdMap<K, Arc<V>> {
     let mut out = previous.clone();
     for name in previous.keys() {
         if !fresh.contains_key(name) {
@@ -1860,6 +2166,7 @@ mod tests {
             assert_eq!(**r, *snap.resources[name], "{name}");
         }
         assert_eq!(b.issues, fresh.issues);
+        assert_eq!(b.imports, fresh.imports);
         assert_eq!(b.invalid, fresh.invalid);
         assert_eq!(b.services, fresh.services);
         assert_eq!(snap.exported, fresh_snap.exported);
@@ -1934,8 +2241,19 @@ mod tests {
         });
         let first = build_two(&mut idx, &east, &west, &[], 1);
         assert!(!first.patched);
-        let reasons: Vec<&str> = first.issues.iter().map(|i| i.reason).collect();
-        assert_eq!(reasons, ["NoService", "SessionAffinityConflict"]);
+        let reasons: Vec<(&str, &str)> = first
+            .issues
+            .iter()
+            .map(|i| (i.cluster.as_str(), i.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("east", merge::NO_SERVICE),
+                ("west", merge::SESSION_AFFINITY_CONFLICT),
+                ("east", merge::SESSION_AFFINITY_CONFLICT)
+            ]
+        );
         let first = first.snapshot.expect("a first snapshot");
         let (ip, _) = import_of(&first, "s0");
         assert_eq!(ip.len(), 1);
@@ -1956,7 +2274,7 @@ mod tests {
                 ]
             )
         );
-        assert_eq!(b.issues.len(), 2, "{:?}", b.issues);
+        assert_eq!(b.issues.len(), 3, "{:?}", b.issues);
         assert!(Arc::ptr_eq(
             &snap.resources["clusterset/ns/s1"],
             &first.resources["clusterset/ns/s1"]
@@ -1981,19 +2299,27 @@ mod tests {
         let snap = b.snapshot.clone().expect("a change");
         assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
         let reasons: Vec<&str> = b.issues.iter().map(|i| i.reason).collect();
-        assert_eq!(reasons, ["NoService"]);
+        assert_eq!(reasons, [merge::NO_SERVICE]);
         set_endpoint(&mut east, "east", &["10.1.0.1"]);
         let b = build_two(&mut idx, &east, &west, &[], 5);
         let snap = b.snapshot.clone().expect("a change");
         assert_patched_as_fresh(&b, &snap, &east, &west, &[]);
         let reasons: Vec<&str> = b.issues.iter().map(|i| i.reason).collect();
-        assert_eq!(reasons, ["NoService", "SessionAffinityConflict"]);
+        assert_eq!(
+            reasons,
+            [
+                merge::NO_SERVICE,
+                merge::SESSION_AFFINITY_CONFLICT,
+                merge::SESSION_AFFINITY_CONFLICT
+            ]
+        );
     }
 
     /// With more imports than ClusterSet IPs, an import that leaves frees
     /// an address another one was waiting for: the patch cannot tell that
-    /// one's resource, so the full build runs; the one that comes back then
-    /// waits, patched, with the issue a full build reports.
+    /// one's resource, so the full build runs. Once the ServiceImports
+    /// record it, the one that comes back waits, patched, with the issue a
+    /// full build reports; without the record, the set of imports decides.
     #[test]
     fn an_import_waiting_for_a_clusterset_ip_takes_the_full_build() {
         let mut config = IndexConfig::in_memory("10.96.0.0/16".parse().expect("cidr"));
@@ -2013,7 +2339,7 @@ mod tests {
         let waiting = |b: &Build| -> Vec<String> {
             b.issues
                 .iter()
-                .filter(|i| i.reason == "NoClusterSetIP")
+                .filter(|i| i.reason == merge::NO_CLUSTERSET_IP)
                 .map(|i| i.service.clone())
                 .collect()
         };
@@ -2047,11 +2373,28 @@ mod tests {
                 .contains_key(format!("clusterset/ns/s{leaves}").as_str())
         );
 
-        state.slices.modify(&slice_key(leaves), |s| {
-            s.slice.endpoints[0].addresses =
-                vec![format!("10.244.0.{}", leaves + 1).parse().expect("ip")];
-        });
+        let back = |state: &mut SourceState| {
+            state.slices.modify(&slice_key(leaves), |s| {
+                s.slice.endpoints[0].addresses =
+                    vec![format!("10.244.0.{}", leaves + 1).parse().expect("ip")];
+            });
+        };
+        // Without a record: the same six imports, the same answer as the
+        // first build, whatever happened in between.
+        let mut unrecorded = state.clone();
+        back(&mut unrecorded);
+        let mut replica = Index::new(&config);
+        build(&mut replica, &[("t", &state)], 2);
+        let b = build(&mut replica, &[("t", &unrecorded)], 3);
+        assert_eq!(waiting(&b), [format!("ns/{waits}")]);
+
+        // The writer records the addresses in the ServiceImports.
+        state.service_imports = recorded(&snap);
         let b = build(&mut idx, &[("t", &state)], 3);
+        assert!(!b.patched, "the record changed: a full build");
+        assert!(b.snapshot.is_none(), "the record is what was served");
+        back(&mut state);
+        let b = build(&mut idx, &[("t", &state)], 4);
         assert!(b.patched, "the one that came back waits: patched");
         assert_eq!(waiting(&b), [format!("ns/s{leaves}")]);
         let snap = b.snapshot.expect("a change");
@@ -2075,6 +2418,340 @@ mod tests {
                 .count(),
             5
         );
+        // A replica that starts now reads the record and agrees.
+        let fresh = build(&mut Index::new(&config), &[("t", &state)], 4);
+        assert_eq!(
+            versions(&fresh.snapshot.expect("a first snapshot")),
+            versions(&snap)
+        );
+    }
+
+    /// The cluster IPs of every Service of `snap`, by name.
+    fn cluster_ips(snap: &Snapshot) -> BTreeMap<String, Vec<IpAddr>> {
+        snap.resources
+            .iter()
+            .map(|(n, r)| {
+                let state = switchyard_proto::convert::decode_state_bytes(n, &r.service_state)
+                    .expect("decodes");
+                (n.to_string(), state.service.cluster_ips)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cluster_ips_are_a_function_of_the_services_not_of_what_an_index_saw() {
+        let all = source(60);
+        let mut fewer = all.clone();
+        for i in 40..60 {
+            fewer
+                .services
+                .remove(&ServiceKey::new("default", "ns", format!("s{i}")));
+        }
+        let mut other = all.clone();
+        for i in (0..60).step_by(3) {
+            other
+                .services
+                .remove(&ServiceKey::new("default", "ns", format!("s{i}")));
+        }
+        // One index sees 40 Services, then 60, then every third one goes;
+        // another starts with the last set.
+        let mut seen = index();
+        let first = cluster_ips(
+            &build(&mut seen, &[("t", &fewer)], 1)
+                .snapshot
+                .expect("a snapshot"),
+        );
+        let grown = cluster_ips(
+            &build(&mut seen, &[("t", &all)], 2)
+                .snapshot
+                .expect("a change"),
+        );
+        let last = cluster_ips(
+            &build(&mut seen, &[("t", &other)], 3)
+                .snapshot
+                .expect("a change"),
+        );
+        let fresh = cluster_ips(
+            &build(&mut index(), &[("t", &other)], 3)
+                .snapshot
+                .expect("a snapshot"),
+        );
+        assert_eq!(last, fresh, "two replicas agree whatever they saw before");
+        // And here nobody moved while others came and went (no two of these
+        // names hash onto neighbouring addresses of the /16).
+        for (name, ips) in &first {
+            assert_eq!(grown.get(name), Some(ips), "{name}");
+            assert_eq!(ips.len(), 1);
+        }
+        for (name, ips) in &last {
+            assert_eq!(grown.get(name), Some(ips), "{name}");
+        }
+    }
+
+    /// `source(n)` with Service `s{i}` asking for `families` under `policy`.
+    fn asking(
+        state: &mut SourceState,
+        i: usize,
+        families: &[IpFamily],
+        policy: Option<switchyard_model::IpFamilyPolicy>,
+    ) {
+        state
+            .services
+            .modify(&ServiceKey::new("default", "ns", format!("s{i}")), |s| {
+                s.requested_ip_families = families.to_vec();
+                s.ip_family_policy = policy;
+            });
+    }
+
+    #[test]
+    fn each_service_gets_an_address_of_each_family_it_asks_for() {
+        use IpFamily::{V4, V6};
+        use switchyard_model::IpFamilyPolicy::{PreferDualStack, RequireDualStack, SingleStack};
+        let mut state = source(5);
+        asking(&mut state, 1, &[V6], Some(SingleStack));
+        asking(&mut state, 2, &[], Some(PreferDualStack));
+        asking(&mut state, 3, &[V6, V4], Some(RequireDualStack));
+        asking(&mut state, 4, &[V6], None);
+        let v4: IpNet = "10.96.0.0/16".parse().expect("cidr");
+        let v6: IpNet = "fd00:96::/112".parse().expect("cidr");
+        let mut config = IndexConfig::in_memory(v4);
+        config.service_cidrs = vec![v4, v6];
+        let b = build(&mut Index::new(&config), &[("t", &state)], 1);
+        assert!(b.invalid.is_empty(), "{:?}", b.invalid);
+        let ips = cluster_ips(&b.snapshot.expect("a snapshot"));
+        let families = |i: usize| -> Vec<IpFamily> {
+            let ips = &ips[&format!("default/ns/s{i}")];
+            for ip in ips {
+                assert!(v4.contains(ip) || v6.contains(ip), "{ip}");
+            }
+            ips.iter().map(IpFamily::of).collect()
+        };
+        assert_eq!(families(0), [V4], "the default: the first range's family");
+        assert_eq!(families(1), [V6]);
+        assert_eq!(families(2), [V4, V6]);
+        assert_eq!(families(3), [V6, V4]);
+        assert_eq!(families(4), [V6]);
+
+        // On an IPv4-only control plane: PreferDualStack is IPv4, the rest
+        // are refused with the field at fault.
+        let b = build(&mut index(), &[("t", &state)], 1);
+        let refused: Vec<(&str, &str)> = b
+            .invalid
+            .iter()
+            .map(|e| (e.object.as_str(), e.field.as_str()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("Service ns/s1", "spec.ipFamilies[0]"),
+                ("Service ns/s3", "spec.ipFamilies[0]"),
+                ("Service ns/s4", "spec.ipFamilies[0]"),
+            ]
+        );
+        assert!(
+            b.invalid[0]
+                .message
+                .contains("--service-cidr has no IPv6 range")
+        );
+        asking(&mut state, 3, &[V4, V6], Some(RequireDualStack));
+        let b = build(&mut index(), &[("t", &state)], 1);
+        assert!(
+            b.invalid
+                .iter()
+                .any(|e| e.object == "Service ns/s3" && e.field == "spec.ipFamilies[1]"),
+            "{:?}",
+            b.invalid
+        );
+        let ips = cluster_ips(&b.snapshot.expect("a snapshot"));
+        assert_eq!(
+            ips["default/ns/s2"].len(),
+            1,
+            "PreferDualStack on IPv4 only"
+        );
+    }
+
+    /// `exporting(..)` with the Service's cluster IPs set to `ips`.
+    fn exporting_with(cluster: &str, created: i64, ips: &[&str]) -> SourceState {
+        let mut st = exporting(cluster, "10.1.0.1", created);
+        st.services
+            .modify(&ServiceKey::new(cluster, "ns", "s0"), |s| {
+                s.cluster_ips = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+            });
+        st
+    }
+
+    #[test]
+    fn an_import_gets_a_clusterset_ip_of_each_family_its_exports_have() {
+        use IpFamily::{V4, V6};
+        let v4: IpNet = "10.112.0.0/16".parse().expect("cidr");
+        let v6: IpNet = "fd00:112::/112".parse().expect("cidr");
+        let mut dual = IndexConfig::in_memory("10.96.0.0/16".parse().expect("cidr"));
+        dual.clusterset_cidrs = vec![v4, v6];
+        type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [IpFamily]);
+        let cases: [Case<'_>; 4] = [
+            ("IPv6 only", &["fd00:96::5"], &["fd00:96::6"], &[V6]),
+            (
+                "dual-stack",
+                &["10.96.0.5", "fd00:96::5"],
+                &["10.96.0.6", "fd00:96::6"],
+                &[V4, V6],
+            ),
+            (
+                "IPv6 primary",
+                &["fd00:96::5", "10.96.0.5"],
+                &["10.96.0.6", "fd00:96::6"],
+                &[V6, V4],
+            ),
+            (
+                "narrowed",
+                &["10.96.0.5", "fd00:96::5"],
+                &["10.96.0.6"],
+                &[V4],
+            ),
+        ];
+        for (what, west_ips, east_ips, want) in cases {
+            let west = exporting_with("west", 10, west_ips);
+            let east = exporting_with("east", 20, east_ips);
+            let b = build_two(&mut Index::new(&dual), &east, &west, &[], 1);
+            assert!(b.issues.is_empty(), "{what}: {:?}", b.issues);
+            let (ips, _) = import_of(&b.snapshot.expect("a snapshot"), "s0");
+            let families: Vec<IpFamily> = ips.iter().map(IpFamily::of).collect();
+            assert_eq!(families, want, "{what}");
+            assert!(
+                ips.iter().all(|ip| v4.contains(ip) || v6.contains(ip)),
+                "{what}"
+            );
+        }
+        // An IPv6-only import on a control plane with an IPv4 clusterset
+        // range only: no ClusterSet IP, said.
+        let west = exporting_with("west", 10, &["fd00:96::5"]);
+        let east = exporting_with("east", 20, &["fd00:96::6"]);
+        let b = build_two(&mut index(), &east, &west, &[], 1);
+        let snap = b.snapshot.expect("a snapshot");
+        assert!(!snap.resources.contains_key("clusterset/ns/s0"));
+        assert_eq!(b.issues.len(), 1, "{:?}", b.issues);
+        assert_eq!(b.issues[0].reason, merge::NO_CLUSTERSET_IP);
+        assert!(
+            b.issues[0].message.contains("no --clusterset-cidr of IPv6"),
+            "{:?}",
+            b.issues
+        );
+    }
+
+    #[test]
+    fn the_serviceimports_record_is_kept_and_clusters_that_disagree_are_named() {
+        use crate::source::RecordedImport;
+        let record = |ips: &[&str], ours: bool| RecordedImport {
+            namespace: "ns".into(),
+            name: "s0".into(),
+            ips: ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
+            ours,
+        };
+        let mut east = exporting("east", "10.1.0.1", 20);
+        let mut west = exporting("west", "10.2.0.1", 10);
+        let bare = build_two(&mut index(), &east, &west, &[], 1);
+        let (allocated, _) = import_of(&bare.snapshot.expect("a snapshot"), "s0");
+        // Another manager's ServiceImport and an address outside the range
+        // are not the record.
+        east.service_imports = vec![record(&["10.112.0.77"], false)];
+        west.service_imports = vec![record(&["192.0.2.1"], true)];
+        let b = build_two(&mut index(), &east, &west, &[], 1);
+        assert_eq!(
+            import_of(&b.snapshot.expect("a snapshot"), "s0").0,
+            allocated
+        );
+        assert!(b.issues.is_empty(), "{:?}", b.issues);
+        // One cluster's record is kept.
+        west.service_imports = vec![record(&["10.112.0.9"], true)];
+        east.service_imports = Vec::new();
+        let b = build_two(&mut index(), &east, &west, &[], 1);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            import_of(&b.snapshot.expect("a snapshot"), "s0").0,
+            [ip("10.112.0.9")]
+        );
+        // Two clusters disagree: a tie goes to the lowest cluster id, and
+        // the other is named.
+        east.service_imports = vec![record(&["10.112.0.5"], true)];
+        let mut idx = index();
+        let b = build_two(&mut idx, &east, &west, &[], 1);
+        assert_eq!(
+            import_of(&b.snapshot.expect("a snapshot"), "s0").0,
+            [ip("10.112.0.5")]
+        );
+        let issues: Vec<(&str, &str)> = b
+            .issues
+            .iter()
+            .map(|i| (i.cluster.as_str(), i.reason))
+            .collect();
+        assert_eq!(issues, [("west", merge::RECORD_MISMATCH)]);
+        assert!(
+            b.issues[0].message.contains("records 10.112.0.9"),
+            "{:?}",
+            b.issues
+        );
+        // The writer rewrites west's: the issue goes, the address stays.
+        west.service_imports = vec![record(&["10.112.0.5"], true)];
+        let b = build_two(&mut idx, &east, &west, &[], 2);
+        assert!(b.issues.is_empty(), "{:?}", b.issues);
+        assert!(b.snapshot.is_none(), "nothing served changed");
+    }
+
+    #[test]
+    fn a_build_says_what_each_serviceimport_carries() {
+        let mut east = exporting("east", "10.1.0.1", 20);
+        let mut west = exporting("west", "10.2.0.1", 10);
+        west.exports[0]
+            .exported
+            .labels
+            .insert("tier".into(), "web".into());
+        east.exports[0]
+            .exported
+            .labels
+            .insert("tier".into(), "api".into());
+        east.exports[0]
+            .exported
+            .annotations
+            .insert("note".into(), "east".into());
+        let b = build_two(&mut index(), &east, &west, &[], 1);
+        let meta = &b.imports[&("ns".to_owned(), "s0".to_owned())];
+        assert_eq!(meta.clusters, ["west", "east"]);
+        assert_eq!(
+            meta.exported, west.exports[0].exported,
+            "the oldest export's"
+        );
+        let reasons: Vec<(&str, &str)> = b
+            .issues
+            .iter()
+            .map(|i| (i.cluster.as_str(), i.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("west", merge::LABELS_CONFLICT),
+                ("west", merge::ANNOTATIONS_CONFLICT),
+                ("east", merge::LABELS_CONFLICT),
+                ("east", merge::ANNOTATIONS_CONFLICT),
+            ]
+        );
+    }
+
+    /// The ServiceImports a writer would leave for the imports of `snap`.
+    fn recorded(snap: &Snapshot) -> Vec<crate::source::RecordedImport> {
+        snap.resources
+            .iter()
+            .filter(|(n, _)| n.starts_with("clusterset/"))
+            .map(|(n, r)| {
+                let state = switchyard_proto::convert::decode_state_bytes(n, &r.service_state)
+                    .expect("an import");
+                crate::source::RecordedImport {
+                    namespace: state.service.key.namespace,
+                    name: state.service.key.name,
+                    ips: state.service.cluster_ips,
+                    ours: true,
+                }
+            })
+            .collect()
     }
 
     #[test]

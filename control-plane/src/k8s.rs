@@ -21,8 +21,8 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use switchyard_model::{
     AddressType, DEFAULT_AFFINITY_TIMEOUT_SECONDS, Endpoint, EndpointConditions, EndpointPort,
-    EndpointSlice, NOT_PROXIED_LABELS, Protocol, Service, ServiceKey, ServicePort, ServiceType,
-    TargetPort, TrafficPolicy, ValidationError, ValidationErrors,
+    EndpointSlice, IpFamily, IpFamilyPolicy, NOT_PROXIED_LABELS, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy, ValidationError, ValidationErrors,
 };
 
 use crate::source::{SlicePorts, SourceSlice};
@@ -117,6 +117,7 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
     };
 
     convert_cluster_ips(spec, &mut out, &mut errs);
+    convert_ip_families(spec, &mut out, &mut errs);
 
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         if let Some(port) = convert_service_port(i, p, &mut errs) {
@@ -384,6 +385,72 @@ fn convert_cluster_ips(spec: &core::ServiceSpec, out: &mut Service, errs: &mut E
     }
 }
 
+/// `spec.ipFamilies` and `spec.ipFamilyPolicy`, checked as the API server
+/// checks them on its own (the families configured are the index's to
+/// check, when it allocates): known names, no family twice, one family for
+/// SingleStack, each family matching the cluster IP at its place. Two
+/// families and no policy mean RequireDualStack, as the API server
+/// defaults it. Ignored for ExternalName Services (the API server clears them).
+fn convert_ip_families(spec: &core::ServiceSpec, out: &mut Service, errs: &mut Errors) {
+    if out.service_type == ServiceType::ExternalName {
+        return;
+    }
+    let given = spec.ip_families.as_deref().unwrap_or_default();
+    if given.len() > 2 {
+        errs.push(
+            "spec.ipFamilies",
+            format!("at most two families (one of each); {} given", given.len()),
+        );
+    }
+    for (i, name) in given.iter().enumerate().take(2) {
+        let at = format!("spec.ipFamilies[{i}]");
+        match name.parse::<IpFamily>() {
+            Ok(f) if out.requested_ip_families.contains(&f) => {
+                errs.push(at, format!("{f} is given twice"))
+            }
+            Ok(f) => {
+                if let Some(ip) = out.cluster_ips.get(i)
+                    && IpFamily::of(ip) != f
+                {
+                    errs.push(
+                        at,
+                        format!(
+                            "{f} does not match spec.clusterIPs[{i}] {ip}, of {}",
+                            IpFamily::of(ip)
+                        ),
+                    );
+                }
+                out.requested_ip_families.push(f);
+            }
+            Err(e) => errs.push(at, e),
+        }
+    }
+    out.ip_family_policy = match non_empty(&spec.ip_family_policy) {
+        None if out.requested_ip_families.len() == 2 => Some(IpFamilyPolicy::RequireDualStack),
+        None => None,
+        Some(p) => match p.parse::<IpFamilyPolicy>() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errs.push("spec.ipFamilyPolicy", e);
+                None
+            }
+        },
+    };
+    if out.ip_family_policy == Some(IpFamilyPolicy::SingleStack) {
+        if out.requested_ip_families.len() > 1 {
+            errs.push(
+                "spec.ipFamilies",
+                "SingleStack allows one family; two are given",
+            );
+        } else if out.cluster_ips.len() > 1 {
+            errs.push(
+                "spec.ipFamilyPolicy",
+                "SingleStack allows one cluster IP; spec.clusterIPs has two",
+            );
+        }
+    }
+}
+
 fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> Option<ServicePort> {
     let at = format!("spec.ports[{i}]");
     let protocol = protocol(&p.protocol, format!("{at}.protocol"), errs);
@@ -594,6 +661,94 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn ip_families_and_policy_are_read_and_checked_as_the_api_server_does() {
+        use IpFamily::{V4, V6};
+        use IpFamilyPolicy::{PreferDualStack, RequireDualStack, SingleStack};
+        type Case<'a> = (
+            &'a str,
+            serde_json::Value,
+            Result<(&'a [IpFamily], Option<IpFamilyPolicy>), &'a [&'a str]>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            ("nothing asked", json!({}), Ok((&[], None))),
+            ("IPv6", json!({"ipFamilies": ["IPv6"]}), Ok((&[V6], None))),
+            (
+                "two families default to RequireDualStack",
+                json!({"ipFamilies": ["IPv6", "IPv4"]}),
+                Ok((&[V6, V4], Some(RequireDualStack))),
+            ),
+            (
+                "PreferDualStack",
+                json!({"ipFamilyPolicy": "PreferDualStack"}),
+                Ok((&[], Some(PreferDualStack))),
+            ),
+            (
+                "SingleStack",
+                json!({"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv4"]}),
+                Ok((&[V4], Some(SingleStack))),
+            ),
+            (
+                "matching cluster IPs",
+                json!({"clusterIPs": ["fd00::1", "10.96.0.1"], "ipFamilies": ["IPv6", "IPv4"]}),
+                Ok((&[V6, V4], Some(RequireDualStack))),
+            ),
+            (
+                "an unknown family",
+                json!({"ipFamilies": ["IPv5"]}),
+                Err(&["spec.ipFamilies[0]"]),
+            ),
+            (
+                "a family twice",
+                json!({"ipFamilies": ["IPv4", "IPv4"]}),
+                Err(&["spec.ipFamilies[1]"]),
+            ),
+            (
+                "three families",
+                json!({"ipFamilies": ["IPv4", "IPv6", "IPv4"]}),
+                Err(&["spec.ipFamilies"]),
+            ),
+            (
+                "an unknown policy",
+                json!({"ipFamilyPolicy": "Dual"}),
+                Err(&["spec.ipFamilyPolicy"]),
+            ),
+            (
+                "SingleStack with two families",
+                json!({"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv4", "IPv6"]}),
+                Err(&["spec.ipFamilies"]),
+            ),
+            (
+                "SingleStack with two cluster IPs",
+                json!({"ipFamilyPolicy": "SingleStack", "clusterIPs": ["10.96.0.1", "fd00::1"]}),
+                Err(&["spec.ipFamilyPolicy"]),
+            ),
+            (
+                "a family unlike its cluster IP",
+                json!({"clusterIP": "10.96.0.1", "ipFamilies": ["IPv6"]}),
+                Err(&["spec.ipFamilies[0]"]),
+            ),
+        ];
+        for (what, mut spec, want) in cases {
+            spec["ports"] = json!([{"port": 80}]);
+            let svc = mk_service(json!({"metadata": {"name": "web"}, "spec": spec}));
+            match (service("default", &svc), want) {
+                (Ok(s), Ok((families, policy))) => {
+                    assert_eq!(s.requested_ip_families, families, "{what}");
+                    assert_eq!(s.ip_family_policy, policy, "{what}");
+                }
+                (Err(e), Err(want)) => {
+                    assert_eq!(fields(&e), want, "{what}: {e:?}");
+                    assert!(
+                        e.0.iter().all(|e| e.object == "Service default/web"),
+                        "{what}"
+                    );
+                }
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = switchyard_control_plane::Args::parse();
+    if let Err(e) = args.check() {
+        e.exit();
+    }
     let shutdown = CancellationToken::new();
     let cp = switchyard_control_plane::start(args, shutdown.clone()).await?;
     wait_for_signal().await;

@@ -1,6 +1,7 @@
 //! How sources and clusters merge: the one home of every rule that decides
 //! what the snapshot holds when sources overlap, and of the clusterset
-//! (the Multi-Cluster Services API, KEP-1645).
+//! (the Multi-Cluster Services API, KEP-1645, as MCS API v0.5 / v1beta1
+//! defines it).
 //!
 //! ```text
 //!  sources, in --source order, each of one cluster
@@ -12,9 +13,46 @@
 //!    ─▶ exports by namespace/name, oldest first                  = Merged
 //!
 //!  the exporting clusters' validated Services ─▶ import() ─▶ the clusterset Service
-//!    (the oldest export's type, affinity and ports win; the ports of the
-//!     others are added when they do not collide; every cluster's endpoints)
+//!    + the families of its ClusterSet IPs + the labels and annotations its
+//!      ServiceImports carry + what disagreed (ClustersetIssue, one per export and reason)
 //! ```
+//!
+//! # The clusterset's rules
+//!
+//! The oldest export wins (`Exporter::age`: the ServiceExport's
+//! creationTimestamp, then the cluster id). Exports of ExternalName
+//! Services are not valid ([`INVALID_SERVICE_TYPE`]) and ServiceExports
+//! without a Service neither ([`NO_SERVICE`]): they are left out. Among the
+//! others, the import takes from the oldest its type (ClusterSetIP or
+//! Headless), session affinity and its timeout, `internalTrafficPolicy`,
+//! `trafficDistribution` (`PreferClose` and `PreferSameZone` count as one),
+//! `publishNotReadyAddresses` and exported labels and annotations; every
+//! export whose value differs raises the conflict of that property, and so
+//! does the oldest (the MCS conformance suite checks Conflict on every
+//! export that takes part): [`TYPE_CONFLICT`], [`SESSION_AFFINITY_CONFLICT`]
+//! (ClientIP against None), [`SESSION_AFFINITY_CONFIG_CONFLICT`] (both
+//! ClientIP, other timeouts), [`INTERNAL_TRAFFIC_POLICY_CONFLICT`],
+//! [`TRAFFIC_DISTRIBUTION_CONFLICT`], [`LABELS_CONFLICT`],
+//! [`ANNOTATIONS_CONFLICT`]. Exports in conflict still bring their
+//! endpoints.
+//!
+//! Ports are the union: they merge by name, then by protocol and number; a
+//! port whose name or number is already in the union with another meaning
+//! (or an unnamed port beside others) is left out, and its export's slices
+//! lose that port, so its endpoints do not answer a port that means
+//! something else. [`PORT_CONFLICT`] goes to the export whose port is left
+//! out and to the one whose port is used.
+//!
+//! IP families: the import gets a ClusterSet IP of each family every export
+//! has (the intersection, as Cilium does), in the oldest export's order; an
+//! IPv6-only export therefore gets an IPv6 ClusterSet IP only, a dual-stack
+//! one both. An export with no family in common with the older ones is left
+//! out of the reckoning (its endpoints stay, reachable by no ClusterSet IP
+//! of theirs) and raises [`IP_FAMILY_CONFLICT`], with the oldest. Narrowing
+//! (a dual-stack export beside an IPv4-only one: IPv4 only) is no conflict.
+//! The index then keeps the families it has a `--clusterset-cidr` of
+//! ([`NO_CLUSTERSET_IP`] when none is left) and gives the addresses
+//! (`crate::ipam`: the ServiceImports' record first).
 //!
 //! Everything here is pure: the index (`crate::index`) owns the state
 //! (caches, IP allocation) and calls these functions on every build.
@@ -25,11 +63,61 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use switchyard_model::{
-    CLUSTERSET, Protocol, Service, ServiceKey, ServicePort, ServiceState, ServiceType, TargetPort,
-    TrafficPolicy,
+    CLUSTERSET, IpFamily, Protocol, Service, ServiceKey, ServicePort, ServiceState, ServiceType,
+    TargetPort, TrafficPolicy,
 };
 
-use crate::source::{ObjectError, SourceSlice, SourceState};
+use crate::source::{ExportedMeta, ObjectError, SourceSlice, SourceState};
+
+/// A ServiceExport without a Service of its name in its cluster (Valid=False).
+pub const NO_SERVICE: &str = "NoService";
+/// An exported ExternalName Service (Valid=False).
+pub const INVALID_SERVICE_TYPE: &str = "InvalidServiceType";
+/// Ports that collide by name or by protocol and number.
+pub const PORT_CONFLICT: &str = "PortConflict";
+/// ClusterSetIP against Headless.
+pub const TYPE_CONFLICT: &str = "TypeConflict";
+/// Session affinity ClientIP against None.
+pub const SESSION_AFFINITY_CONFLICT: &str = "SessionAffinityConflict";
+/// Both ClientIP, with different timeouts.
+pub const SESSION_AFFINITY_CONFIG_CONFLICT: &str = "SessionAffinityConfigConflict";
+/// Different `internalTrafficPolicy`.
+pub const INTERNAL_TRAFFIC_POLICY_CONFLICT: &str = "InternalTrafficPolicyConflict";
+/// Different `trafficDistribution`.
+pub const TRAFFIC_DISTRIBUTION_CONFLICT: &str = "TrafficDistributionConflict";
+/// No IP family in common with the older exports.
+pub const IP_FAMILY_CONFLICT: &str = "IPFamilyConflict";
+/// Different `spec.exportedLabels`.
+pub const LABELS_CONFLICT: &str = "LabelsConflict";
+/// Different `spec.exportedAnnotations`.
+pub const ANNOTATIONS_CONFLICT: &str = "AnnotationsConflict";
+
+/// Every conflict reason (ServiceExport condition Conflict=True), in the
+/// order an export's issues are listed.
+pub const CONFLICT_REASONS: [&str; 9] = [
+    TYPE_CONFLICT,
+    PORT_CONFLICT,
+    SESSION_AFFINITY_CONFLICT,
+    SESSION_AFFINITY_CONFIG_CONFLICT,
+    INTERNAL_TRAFFIC_POLICY_CONFLICT,
+    TRAFFIC_DISTRIBUTION_CONFLICT,
+    IP_FAMILY_CONFLICT,
+    LABELS_CONFLICT,
+    ANNOTATIONS_CONFLICT,
+];
+
+/// The import has no ClusterSet IP (none left in a range, or no
+/// `--clusterset-cidr` of its families); its issue names cluster
+/// [`CLUSTERSET`], not an export. Not a ServiceExport condition.
+pub const NO_CLUSTERSET_IP: &str = "NoClusterSetIP";
+/// The merged import fails validation; cluster [`CLUSTERSET`]. Not a
+/// ServiceExport condition.
+pub const INVALID_IMPORT: &str = "Invalid";
+/// A cluster's ServiceImport records another ClusterSet IP than the one
+/// used (clusters disagree, or two imports record one address); its issue
+/// names that cluster. Gone once the record is rewritten. Not a
+/// ServiceExport condition.
+pub const RECORD_MISMATCH: &str = "ClusterSetIPRecordMismatch";
 
 /// One source's state, with its name and cluster.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +137,16 @@ pub struct Exporter<'a> {
     pub key: &'a ServiceKey,
     /// When its ServiceExport was created (Unix seconds), if known.
     pub created_unix: Option<i64>,
+    /// Its ServiceExport's exported labels and annotations (none with
+    /// `--export-all` and no ServiceExport).
+    pub exported: &'a ExportedMeta,
 }
+
+/// The exported labels and annotations of an export without a ServiceExport.
+static NO_META: ExportedMeta = ExportedMeta {
+    labels: BTreeMap::new(),
+    annotations: BTreeMap::new(),
+};
 
 impl Exporter<'_> {
     /// Oldest first; exports of unknown age after those of known age, then
@@ -70,7 +167,7 @@ pub struct Merged<'a> {
     pub exports: BTreeMap<(&'a str, &'a str), Vec<Exporter<'a>>>,
     /// Objects refused, with the reason.
     pub errors: Vec<ObjectError>,
-    /// Exports that have no Service to export.
+    /// Exports that have no Service to export ([`NO_SERVICE`]).
     pub issues: Vec<ClustersetIssue>,
 }
 
@@ -82,8 +179,13 @@ pub struct ClustersetIssue {
     pub service: String,
     /// The exporting cluster the issue is about.
     pub cluster: String,
-    /// `NoService`, `InvalidServiceType`, `TypeConflict`, `PortConflict`,
-    /// `SessionAffinityConflict`.
+    /// One of this module's reason constants: [`NO_SERVICE`] and
+    /// [`INVALID_SERVICE_TYPE`] (the export is not valid), the
+    /// [`CONFLICT_REASONS`] (one issue per export and reason; several
+    /// reasons of one export make one Conflict condition, joined by
+    /// commas), and, naming cluster [`CLUSTERSET`] or the recording
+    /// cluster, [`NO_CLUSTERSET_IP`], [`INVALID_IMPORT`] and
+    /// [`RECORD_MISMATCH`], which are `/status` only.
     pub reason: &'static str,
     /// What happened, naming the export whose properties are used.
     pub message: String,
@@ -179,12 +281,16 @@ pub fn merge<'a>(inputs: &[Input<'a>], export_all: bool) -> Merged<'a> {
         group.sort_by(|a, b| a.slice.name.cmp(&b.slice.name));
     }
 
-    let mut exported: BTreeMap<&ServiceKey, Option<i64>> = BTreeMap::new();
+    // Two sources of one cluster may both export a Service: the oldest
+    // age counts, and the first source's labels and annotations.
+    let mut exported: BTreeMap<&ServiceKey, (Option<i64>, &ExportedMeta)> = BTreeMap::new();
     for (i, input) in inputs.iter().enumerate() {
         for e in &input.state.exports {
             match out.services.get_key_value(&e.key) {
                 Some((key, _)) => {
-                    let age = exported.entry(*key).or_insert(e.created_unix);
+                    let (age, _) = exported
+                        .entry(*key)
+                        .or_insert((e.created_unix, &e.exported));
                     if let Some(c) = e.created_unix {
                         *age = Some(age.map_or(c, |a| a.min(c)));
                     }
@@ -192,7 +298,7 @@ pub fn merge<'a>(inputs: &[Input<'a>], export_all: bool) -> Merged<'a> {
                 None => out.issues.push(ClustersetIssue {
                     service: format!("{}/{}", e.key.namespace, e.key.name),
                     cluster: e.key.cluster.clone(),
-                    reason: "NoService",
+                    reason: NO_SERVICE,
                     message: format!(
                         "exported by {} but cluster {} has no such Service",
                         inputs[i].name, e.key.cluster
@@ -203,16 +309,20 @@ pub fn merge<'a>(inputs: &[Input<'a>], export_all: bool) -> Merged<'a> {
         if export_all {
             for (key, (src, _)) in &out.services {
                 if *src == i {
-                    exported.entry(*key).or_insert(None);
+                    exported.entry(*key).or_insert((None, &NO_META));
                 }
             }
         }
     }
-    for (key, created_unix) in exported {
+    for (key, (created_unix, exported)) in exported {
         out.exports
             .entry((key.namespace.as_str(), key.name.as_str()))
             .or_default()
-            .push(Exporter { key, created_unix });
+            .push(Exporter {
+                key,
+                created_unix,
+                exported,
+            });
     }
     for group in out.exports.values_mut() {
         group.sort_by(|a, b| a.age().cmp(&b.age()));
@@ -260,24 +370,81 @@ pub struct Exported<'a> {
     pub cluster: &'a str,
     /// Its Service with its endpoints.
     pub state: &'a ServiceState,
+    /// Its ServiceExport's `exportedLabels` and `exportedAnnotations`.
+    pub exported: &'a ExportedMeta,
 }
 
-/// The clusterset Service (`clusterset/<namespace>/<name>`) of the exports
-/// of one namespace/name, oldest first, without its ClusterSet IP (the
-/// index allocates it), and what did not agree. `None` when no export is
-/// usable.
+/// The clusterset's import of one namespace/name, as [`import`] merges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    /// The clusterset Service (`clusterset/<namespace>/<name>`) with every
+    /// exporting cluster's endpoints, without its ClusterSet IPs (the index
+    /// allocates them).
+    pub state: ServiceState,
+    /// The families it gets a ClusterSet IP of, primary first (the oldest
+    /// export's order); empty when headless. Before the index keeps only
+    /// those it has a `--clusterset-cidr` of.
+    pub families: Vec<IpFamily>,
+    /// The oldest export's exported labels and annotations, which the
+    /// ServiceImports carry.
+    pub exported: ExportedMeta,
+    /// The clusters whose exports make it, oldest export first (a
+    /// ServiceImport's `status.clusters`).
+    pub clusters: Vec<String>,
+}
+
+/// The families of a Service's cluster IPs, in their order.
+fn families_of(svc: &Service) -> Vec<IpFamily> {
+    let mut out: Vec<IpFamily> = Vec::with_capacity(2);
+    for ip in &svc.cluster_ips {
+        let f = IpFamily::of(ip);
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// `spec.trafficDistribution` for comparison: Kubernetes 1.33 made
+/// `PreferClose` the older name of `PreferSameZone`.
+fn distribution(td: &Option<String>) -> Option<&str> {
+    match td.as_deref() {
+        Some("PreferClose") => Some("PreferSameZone"),
+        other => other,
+    }
+}
+
+/// What disagrees within one import: messages by (exporter, reason), both
+/// as positions (exporters oldest first, reasons in [`CONFLICT_REASONS`]).
+#[derive(Default)]
+struct Conflicts(BTreeMap<(usize, usize), Vec<String>>);
+
+impl Conflicts {
+    fn add(&mut self, exporter: usize, reason: &'static str, message: String) {
+        let at = CONFLICT_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("a conflict reason");
+        self.0.entry((exporter, at)).or_default().push(message);
+    }
+}
+
+/// The clusterset's import of `namespace/name` from its exports, oldest
+/// first (see the module docs for every rule), and what did not agree:
+/// one issue per export and reason. `None` when no export is usable.
 pub fn import(
     namespace: &str,
     name: &str,
     exporters: &[Exported<'_>],
-) -> (Option<ServiceState>, Vec<ClustersetIssue>) {
-    let mut issues = Vec::new();
+) -> (Option<Import>, Vec<ClustersetIssue>) {
+    let service_name = format!("{namespace}/{name}");
     let issue = |cluster: &str, reason: &'static str, message: String| ClustersetIssue {
-        service: format!("{namespace}/{name}"),
+        service: service_name.clone(),
         cluster: cluster.to_owned(),
         reason,
         message,
     };
+    let mut issues = Vec::new();
     let usable: Vec<&Exported<'_>> = exporters
         .iter()
         .filter(|e| {
@@ -285,7 +452,7 @@ pub fn import(
             if external {
                 issues.push(issue(
                     e.cluster,
-                    "InvalidServiceType",
+                    INVALID_SERVICE_TYPE,
                     "an ExternalName Service cannot be exported".into(),
                 ));
             }
@@ -302,47 +469,154 @@ pub fn import(
     service.session_affinity_timeout = first.session_affinity_timeout;
     service.publish_not_ready_addresses = first.publish_not_ready_addresses;
     service.locality = Some(first.locality.clone().unwrap_or_default());
-    service.internal_traffic_policy = TrafficPolicy::Cluster;
+    service.internal_traffic_policy = first.internal_traffic_policy;
+    service.traffic_distribution = first.traffic_distribution.clone();
     service.external_traffic_policy = TrafficPolicy::Cluster;
+    let mut families = if first.headless {
+        Vec::new()
+    } else {
+        families_of(first)
+    };
+    let mut conflicts = Conflicts::default();
+    // The export each port of the union comes from.
+    let mut owners: Vec<usize> = Vec::new();
     let mut slices = Vec::new();
-    for e in &usable {
+    for (i, e) in usable.iter().enumerate() {
         let svc = &e.state.service;
-        if svc.key.cluster != first.key.cluster {
+        if i > 0 {
+            let mut disagree = |reason: &'static str, what: &str, ours: String, theirs: String| {
+                conflicts.add(
+                    i,
+                    reason,
+                    format!(
+                        "Conflicting {what}: this export has {theirs}; using {ours} from the oldest export, in {:?}",
+                        oldest.cluster
+                    ),
+                );
+                conflicts.add(
+                    0,
+                    reason,
+                    format!(
+                        "Conflicting {what}: the export in {:?} has {theirs}; using this one's, {ours} (the oldest export)",
+                        e.cluster
+                    ),
+                );
+            };
             if svc.headless != first.headless {
-                issues.push(issue(
-                    e.cluster,
-                    "TypeConflict",
-                    format!(
-                        "Conflicting type. Using {:?} from the oldest export in {:?}",
-                        kind(first),
-                        first.key.cluster
-                    ),
-                ));
+                disagree(TYPE_CONFLICT, "type", kind(first).into(), kind(svc).into());
             }
-            if svc.session_affinity_timeout != first.session_affinity_timeout {
-                issues.push(issue(
-                    e.cluster,
-                    "SessionAffinityConflict",
-                    format!(
-                        "Conflicting session affinity. Using the oldest export's, in {:?}",
-                        first.key.cluster
-                    ),
-                ));
+            let affinity = |t: Option<u32>| if t.is_some() { "ClientIP" } else { "None" };
+            match (first.session_affinity_timeout, svc.session_affinity_timeout) {
+                (a, b) if a.is_some() != b.is_some() => disagree(
+                    SESSION_AFFINITY_CONFLICT,
+                    "session affinity",
+                    affinity(a).into(),
+                    affinity(b).into(),
+                ),
+                (Some(a), Some(b)) if a != b => disagree(
+                    SESSION_AFFINITY_CONFIG_CONFLICT,
+                    "session affinity config",
+                    format!("timeoutSeconds {a}"),
+                    format!("timeoutSeconds {b}"),
+                ),
+                _ => {}
+            }
+            if svc.internal_traffic_policy != first.internal_traffic_policy {
+                disagree(
+                    INTERNAL_TRAFFIC_POLICY_CONFLICT,
+                    "internal traffic policy",
+                    format!("{:?}", first.internal_traffic_policy),
+                    format!("{:?}", svc.internal_traffic_policy),
+                );
+            }
+            if distribution(&svc.traffic_distribution) != distribution(&first.traffic_distribution)
+            {
+                let show = |td: &Option<String>| td.clone().unwrap_or_else(|| "none".into());
+                disagree(
+                    TRAFFIC_DISTRIBUTION_CONFLICT,
+                    "traffic distribution",
+                    show(&first.traffic_distribution),
+                    show(&svc.traffic_distribution),
+                );
+            }
+            if e.exported.labels != oldest.exported.labels {
+                disagree(
+                    LABELS_CONFLICT,
+                    "exported labels",
+                    format!("{:?}", oldest.exported.labels),
+                    format!("{:?}", e.exported.labels),
+                );
+            }
+            if e.exported.annotations != oldest.exported.annotations {
+                disagree(
+                    ANNOTATIONS_CONFLICT,
+                    "exported annotations",
+                    format!("{:?}", oldest.exported.annotations),
+                    format!("{:?}", e.exported.annotations),
+                );
+            }
+            // The families common to every export so far; an export that
+            // has none of them is left out of the reckoning.
+            if !service.headless && !svc.headless && !svc.cluster_ips.is_empty() {
+                let theirs = families_of(svc);
+                let common: Vec<IpFamily> = families
+                    .iter()
+                    .copied()
+                    .filter(|f| theirs.contains(f))
+                    .collect();
+                if common.is_empty() {
+                    let show = |f: &[IpFamily]| {
+                        f.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    disagree(
+                        IP_FAMILY_CONFLICT,
+                        "IP families",
+                        show(&families),
+                        show(&theirs),
+                    );
+                } else {
+                    families = common;
+                }
             }
         }
+        // Ports that collide are left out, and so are this export's
+        // endpoints for them: they would answer a port of another meaning.
+        let mut refused: Vec<(&str, Protocol)> = Vec::new();
         for p in &svc.ports {
-            if let Some(why) = merge_port(&mut service.ports, p) {
-                issues.push(issue(
-                    e.cluster,
-                    "PortConflict",
-                    format!("{why}; the port of the older export is used"),
-                ));
+            match merge_port(&mut service.ports, p) {
+                PortMerge::Added => owners.push(i),
+                PortMerge::Same => {}
+                PortMerge::Collides { why, with } => {
+                    refused.push((&p.name, p.protocol));
+                    let owner = owners[with];
+                    conflicts.add(
+                        i,
+                        PORT_CONFLICT,
+                        format!(
+                            "{why} from the export in {:?}; that one is used, and this export's endpoints do not serve this one",
+                            usable[owner].cluster
+                        ),
+                    );
+                    if owner != i {
+                        conflicts.add(
+                            owner,
+                            PORT_CONFLICT,
+                            format!("{why} of the export in {:?}; this one's is used", e.cluster),
+                        );
+                    }
+                }
             }
         }
         for s in &e.state.slices {
             let mut slice = s.clone();
             slice.name = format!("{}.{}", e.cluster, s.name);
             slice.cluster = Some(e.cluster.to_owned());
+            slice
+                .ports
+                .retain(|p| !refused.contains(&(p.name.as_str(), p.protocol)));
             for ep in &mut slice.endpoints {
                 // Hints are for the zones of the endpoint's own cluster.
                 ep.hint_zones.clear();
@@ -351,7 +625,20 @@ pub fn import(
             slices.push(slice);
         }
     }
-    (Some(ServiceState { service, slices }), issues)
+    for ((exporter, reason), messages) in conflicts.0 {
+        issues.push(issue(
+            usable[exporter].cluster,
+            CONFLICT_REASONS[reason],
+            messages.join("; "),
+        ));
+    }
+    let import = Import {
+        state: ServiceState { service, slices },
+        families,
+        exported: oldest.exported.clone(),
+        clusters: usable.iter().map(|e| e.cluster.to_owned()).collect(),
+    };
+    (Some(import), issues)
 }
 
 fn kind(svc: &Service) -> &'static str {
@@ -362,10 +649,20 @@ fn kind(svc: &Service) -> &'static str {
     }
 }
 
+/// What became of a port offered to the union.
+enum PortMerge {
+    /// It joined the union.
+    Added,
+    /// The union has it already (same name, number and protocol).
+    Same,
+    /// It collides with the union's port at index `with`, and why.
+    Collides { why: String, with: usize },
+}
+
 /// Adds `p` to the union of ports unless it collides (KEP-1645: ports merge
 /// by name, then by protocol and number; no name and no protocol/number
-/// pair may appear twice). Returns why it was left out.
-fn merge_port(ports: &mut Vec<ServicePort>, p: &ServicePort) -> Option<String> {
+/// pair may appear twice).
+fn merge_port(ports: &mut Vec<ServicePort>, p: &ServicePort) -> PortMerge {
     let show = |q: &ServicePort| {
         let name = if q.name.is_empty() {
             "(unnamed)"
@@ -374,25 +671,39 @@ fn merge_port(ports: &mut Vec<ServicePort>, p: &ServicePort) -> Option<String> {
         };
         format!("{name} {}/{}", q.port, q.protocol)
     };
-    if let Some(same_name) = ports.iter().find(|q| q.name == p.name) {
-        return (same_name.port != p.port || same_name.protocol != p.protocol)
-            .then(|| format!("port {} collides with {} by name", show(p), show(same_name)));
+    if let Some(with) = ports.iter().position(|q| q.name == p.name) {
+        let same = &ports[with];
+        if same.port == p.port && same.protocol == p.protocol {
+            return PortMerge::Same;
+        }
+        return PortMerge::Collides {
+            why: format!("port {} collides by name with {}", show(p), show(same)),
+            with,
+        };
     }
-    if let Some(same_number) = ports
+    if let Some(with) = ports
         .iter()
-        .find(|q| q.port == p.port && q.protocol == p.protocol)
+        .position(|q| q.port == p.port && q.protocol == p.protocol)
     {
-        return Some(format!(
-            "port {} collides with {} by number",
-            show(p),
-            show(same_number)
-        ));
+        return PortMerge::Collides {
+            why: format!(
+                "port {} collides by number with {}",
+                show(p),
+                show(&ports[with])
+            ),
+            with,
+        };
     }
     if !ports.is_empty() && (p.name.is_empty() || ports.iter().any(|q| q.name.is_empty())) {
-        return Some(format!(
-            "port {} cannot be added: with several ports every port needs a name",
-            show(p)
-        ));
+        let with = ports.iter().position(|q| q.name.is_empty()).unwrap_or(0);
+        return PortMerge::Collides {
+            why: format!(
+                "port {} and {} cannot both be served: with several ports every port needs a name",
+                show(p),
+                show(&ports[with])
+            ),
+            with,
+        };
     }
     ports.push(ServicePort {
         name: p.name.clone(),
@@ -402,7 +713,7 @@ fn merge_port(ports: &mut Vec<ServicePort>, p: &ServicePort) -> Option<String> {
         target_port: TargetPort::Number(p.port),
         node_port: None,
     });
-    None
+    PortMerge::Added
 }
 
 #[cfg(test)]
@@ -584,7 +895,7 @@ mod tests {
             .collect();
         assert_eq!(web, ["west", "east"], "north does not export");
         assert_eq!(m.issues.len(), 1);
-        assert_eq!(m.issues[0].reason, "NoService");
+        assert_eq!(m.issues[0].reason, NO_SERVICE);
         let all = merge(&inputs, true);
         let web: Vec<&str> = all.exports[&("shop", "web")]
             .iter()
@@ -593,6 +904,8 @@ mod tests {
         assert_eq!(web, ["west", "east", "north"], "unknown age sorts last");
     }
 
+    /// A Service `web` of `cluster` with `ports` (name, port; the slice
+    /// serves each on port + 1000) and one endpoint at `ip`.
     fn exported(cluster: &str, ports: &[(&str, u16)], headless: bool, ip: &str) -> ServiceState {
         let mut s = (*svc(cluster, "web", Some("10.96.0.1"), None)).clone();
         s.ports = ports
@@ -618,79 +931,133 @@ mod tests {
                     hint_zones: vec!["z1".into()],
                     ..Endpoint::default()
                 }],
+                ports: ports
+                    .iter()
+                    .map(|(n, p)| switchyard_model::EndpointPort {
+                        name: (*n).into(),
+                        protocol: Protocol::Tcp,
+                        port: p + 1000,
+                    })
+                    .collect(),
                 ..EndpointSlice::default()
             }],
         }
     }
 
+    static NONE: ExportedMeta = ExportedMeta {
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
+
+    /// The exports of `states` (cluster, state), oldest first, without
+    /// exported labels or annotations.
+    fn exports<'a>(states: &'a [(&'a str, ServiceState)]) -> Vec<Exported<'a>> {
+        states
+            .iter()
+            .map(|(cluster, state)| Exported {
+                cluster,
+                state,
+                exported: &NONE,
+            })
+            .collect()
+    }
+
+    fn reasons(issues: &[ClustersetIssue]) -> Vec<(&str, &str)> {
+        issues
+            .iter()
+            .map(|i| (i.cluster.as_str(), i.reason))
+            .collect()
+    }
+
     #[test]
     fn an_import_merges_endpoints_and_the_oldest_export_wins_conflicts() {
-        let west = exported("west", &[("http", 80), ("admin", 9000)], false, "10.2.0.1");
-        let east = exported(
-            "east",
-            &[("http", 8080), ("metrics", 9100)],
-            true,
-            "10.1.0.1",
-        );
-        let (import, issues) = import(
-            "shop",
-            "web",
-            &[
-                Exported {
-                    cluster: "west",
-                    state: &west,
-                },
-                Exported {
-                    cluster: "east",
-                    state: &east,
-                },
-            ],
-        );
+        let states = [
+            (
+                "west",
+                exported("west", &[("http", 80), ("admin", 9000)], false, "10.2.0.1"),
+            ),
+            (
+                "east",
+                exported(
+                    "east",
+                    &[("http", 8080), ("metrics", 9100)],
+                    true,
+                    "10.1.0.1",
+                ),
+            ),
+        ];
+        let (import, issues) = import("shop", "web", &exports(&states));
         let import = import.expect("an import");
         assert_eq!(
-            import.service.key,
+            import.state.service.key,
             ServiceKey::new(CLUSTERSET, "shop", "web")
         );
         assert!(
-            !import.service.headless,
+            !import.state.service.headless,
             "the oldest (west) is not headless"
         );
+        assert_eq!(import.clusters, ["west", "east"]);
         let ports: Vec<(&str, u16)> = import
+            .state
             .service
             .ports
             .iter()
             .map(|p| (p.name.as_str(), p.port))
             .collect();
         assert_eq!(ports, [("http", 80), ("admin", 9000), ("metrics", 9100)]);
-        let reasons: Vec<(&str, &str)> = issues
-            .iter()
-            .map(|i| (i.cluster.as_str(), i.reason))
-            .collect();
+        // Both exports that take part in each conflict are told.
         assert_eq!(
-            reasons,
-            [("east", "TypeConflict"), ("east", "PortConflict")]
+            reasons(&issues),
+            [
+                ("west", TYPE_CONFLICT),
+                ("west", PORT_CONFLICT),
+                ("east", TYPE_CONFLICT),
+                ("east", PORT_CONFLICT),
+            ]
+        );
+        assert!(
+            issues[3].message.contains(
+                "port http 8080/TCP collides by name with http 80/TCP from the export in \"west\""
+            ),
+            "{}",
+            issues[3].message
         );
         assert!(
             issues[1]
                 .message
-                .contains("http 8080/TCP collides with http 80/TCP")
+                .contains("of the export in \"east\"; this one's is used")
         );
-        let slices: Vec<(&str, Option<&str>)> = import
+        assert!(
+            issues[0]
+                .message
+                .contains("the export in \"east\" has Headless")
+        );
+        let slices: Vec<(&str, Option<&str>, Vec<&str>)> = import
+            .state
             .slices
             .iter()
-            .map(|s| (s.name.as_str(), s.cluster.as_deref()))
+            .map(|s| {
+                let ports = s.ports.iter().map(|p| p.name.as_str()).collect();
+                (s.name.as_str(), s.cluster.as_deref(), ports)
+            })
             .collect();
+        // East's endpoints no longer serve "http": the import's http is
+        // west's port 80, which east's 8080 does not mean.
         assert_eq!(
             slices,
-            [("west.web-1", Some("west")), ("east.web-1", Some("east"))]
+            [
+                ("west.web-1", Some("west"), vec!["http", "admin"]),
+                ("east.web-1", Some("east"), vec!["metrics"]),
+            ]
         );
         assert!(
             import
+                .state
                 .slices
                 .iter()
                 .all(|s| s.endpoints[0].hint_zones.is_empty())
         );
-        let mut allocated = import.clone();
+        let mut allocated = import.state.clone();
         allocated.service.cluster_ips = vec!["10.112.0.5".parse().expect("ip")];
         allocated
             .validate()
@@ -698,19 +1065,265 @@ mod tests {
     }
 
     #[test]
+    fn a_port_collision_by_number_or_without_a_name_is_a_conflict_too() {
+        let states = [
+            ("west", exported("west", &[("http", 80)], false, "10.2.0.1")),
+            (
+                "east",
+                exported("east", &[("web", 80), ("tls", 443)], false, "10.1.0.1"),
+            ),
+            ("north", exported("north", &[("", 8443)], false, "10.3.0.1")),
+        ];
+        let (import, issues) = import("shop", "web", &exports(&states));
+        let import = import.expect("an import");
+        let ports: Vec<(&str, u16)> = import
+            .state
+            .service
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
+        assert_eq!(ports, [("http", 80), ("tls", 443)]);
+        assert_eq!(
+            reasons(&issues),
+            [
+                ("west", PORT_CONFLICT),
+                ("east", PORT_CONFLICT),
+                ("north", PORT_CONFLICT),
+            ]
+        );
+        assert!(
+            issues[1].message.contains("collides by number"),
+            "{}",
+            issues[1].message
+        );
+        assert!(
+            issues[2].message.contains("every port needs a name"),
+            "{}",
+            issues[2].message
+        );
+    }
+
+    /// One property of the newer export (east) or of its ServiceExport changed.
+    type Change = fn(&mut Service, &mut ExportedMeta);
+
+    #[test]
+    fn each_property_of_the_oldest_export_wins_and_both_exports_hear_of_a_conflict() {
+        fn label(m: &mut ExportedMeta) {
+            m.labels.insert("tier".into(), "front".into());
+        }
+        let cases: [(&str, Change, Change, Option<&str>); 13] = [
+            ("the same", |_, _| {}, |_, _| {}, None),
+            (
+                "headless",
+                |_, _| {},
+                |s, _| {
+                    s.headless = true;
+                    s.cluster_ips.clear();
+                },
+                Some(TYPE_CONFLICT),
+            ),
+            (
+                "ClientIP against None",
+                |_, _| {},
+                |s, _| s.session_affinity_timeout = Some(60),
+                Some(SESSION_AFFINITY_CONFLICT),
+            ),
+            (
+                "other timeouts",
+                |s, _| s.session_affinity_timeout = Some(60),
+                |s, _| s.session_affinity_timeout = Some(120),
+                Some(SESSION_AFFINITY_CONFIG_CONFLICT),
+            ),
+            (
+                "same timeouts",
+                |s, _| s.session_affinity_timeout = Some(60),
+                |s, _| s.session_affinity_timeout = Some(60),
+                None,
+            ),
+            (
+                "internal traffic policy",
+                |s, _| s.internal_traffic_policy = TrafficPolicy::Local,
+                |_, _| {},
+                Some(INTERNAL_TRAFFIC_POLICY_CONFLICT),
+            ),
+            (
+                "both Local",
+                |s, _| s.internal_traffic_policy = TrafficPolicy::Local,
+                |s, _| s.internal_traffic_policy = TrafficPolicy::Local,
+                None,
+            ),
+            (
+                "traffic distribution",
+                |s, _| s.traffic_distribution = Some("PreferClose".into()),
+                |_, _| {},
+                Some(TRAFFIC_DISTRIBUTION_CONFLICT),
+            ),
+            (
+                "PreferClose is PreferSameZone",
+                |s, _| s.traffic_distribution = Some("PreferClose".into()),
+                |s, _| s.traffic_distribution = Some("PreferSameZone".into()),
+                None,
+            ),
+            (
+                "no family in common",
+                |_, _| {},
+                |s, _| s.cluster_ips = vec!["fd00::1".parse().expect("ip")],
+                Some(IP_FAMILY_CONFLICT),
+            ),
+            ("labels", |_, m| label(m), |_, _| {}, Some(LABELS_CONFLICT)),
+            (
+                "annotations",
+                |_, _| {},
+                |_, m| {
+                    m.annotations.insert("note".into(), "x".into());
+                },
+                Some(ANNOTATIONS_CONFLICT),
+            ),
+            ("the same labels", |_, m| label(m), |_, m| label(m), None),
+        ];
+        for (what, oldest_change, newer_change, conflict) in cases {
+            let mut west = exported("west", &[("http", 80)], false, "10.2.0.1");
+            let mut east = exported("east", &[("http", 80)], false, "10.1.0.1");
+            let (mut west_meta, mut east_meta) = (ExportedMeta::default(), ExportedMeta::default());
+            oldest_change(&mut west.service, &mut west_meta);
+            newer_change(&mut east.service, &mut east_meta);
+            let (import, issues) = import(
+                "shop",
+                "web",
+                &[
+                    Exported {
+                        cluster: "west",
+                        state: &west,
+                        exported: &west_meta,
+                    },
+                    Exported {
+                        cluster: "east",
+                        state: &east,
+                        exported: &east_meta,
+                    },
+                ],
+            );
+            let import = import.expect(what);
+            match conflict {
+                Some(reason) => {
+                    assert_eq!(
+                        reasons(&issues),
+                        [("west", reason), ("east", reason)],
+                        "{what}"
+                    )
+                }
+                None => assert!(issues.is_empty(), "{what}: {issues:?}"),
+            }
+            // The oldest export's properties, whatever the other's.
+            let (got, want) = (&import.state.service, &west.service);
+            assert_eq!(got.headless, want.headless, "{what}");
+            assert_eq!(
+                got.session_affinity_timeout, want.session_affinity_timeout,
+                "{what}"
+            );
+            assert_eq!(
+                got.internal_traffic_policy, want.internal_traffic_policy,
+                "{what}"
+            );
+            assert_eq!(
+                got.traffic_distribution, want.traffic_distribution,
+                "{what}"
+            );
+            assert_eq!(import.exported, west_meta, "{what}");
+            assert_eq!(import.families, [IpFamily::V4], "{what}");
+            assert_eq!(import.state.slices.len(), 2, "{what}: both bring endpoints");
+        }
+    }
+
+    #[test]
+    fn a_conflict_leaves_out_the_exports_that_agree() {
+        let west = exported("west", &[("http", 80)], false, "10.2.0.1");
+        let mut north = exported("north", &[("http", 80)], false, "10.3.0.1");
+        let mut east = exported("east", &[("http", 80)], false, "10.1.0.1");
+        east.service.session_affinity_timeout = Some(30);
+        north.service.traffic_distribution = west.service.traffic_distribution.clone();
+        let states = [("west", west), ("north", north), ("east", east)];
+        let (_, issues) = import("shop", "web", &exports(&states));
+        assert_eq!(
+            reasons(&issues),
+            [
+                ("west", SESSION_AFFINITY_CONFLICT),
+                ("east", SESSION_AFFINITY_CONFLICT)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_import_has_the_families_every_export_has() {
+        use IpFamily::{V4, V6};
+        let with_ips = |cluster: &str, ips: &[&str]| {
+            let mut s = exported(cluster, &[("http", 80)], false, "10.2.0.1");
+            s.service.cluster_ips = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+            s
+        };
+        type Case<'a> = (&'a str, &'a [&'a [&'a str]], &'a [IpFamily], bool);
+        let cases: [Case<'_>; 6] = [
+            ("IPv6 only", &[&["fd00::1"]], &[V6], false),
+            (
+                "dual-stack",
+                &[&["10.96.0.1", "fd00::1"], &["10.96.0.2", "fd00::2"]],
+                &[V4, V6],
+                false,
+            ),
+            (
+                "IPv6 primary first",
+                &[&["fd00::1", "10.96.0.1"], &["10.96.0.2", "fd00::2"]],
+                &[V6, V4],
+                false,
+            ),
+            (
+                "narrowed, no conflict",
+                &[&["10.96.0.1", "fd00::1"], &["10.96.0.2"]],
+                &[V4],
+                false,
+            ),
+            (
+                "none in common",
+                &[&["10.96.0.1"], &["fd00::2"]],
+                &[V4],
+                true,
+            ),
+            (
+                "the odd one left out",
+                &[&["fd00::1", "10.96.0.1"], &["10.96.0.2"], &["fd00::3"]],
+                &[V4],
+                true,
+            ),
+        ];
+        for (what, exporters, families, conflict) in cases {
+            let clusters = ["west", "east", "north"];
+            let states: Vec<(&str, ServiceState)> = exporters
+                .iter()
+                .zip(clusters)
+                .map(|(ips, c)| (c, with_ips(c, ips)))
+                .collect();
+            let (import, issues) = import("shop", "web", &exports(&states));
+            assert_eq!(import.expect(what).families, families, "{what}");
+            assert_eq!(
+                issues.iter().any(|i| i.reason == IP_FAMILY_CONFLICT),
+                conflict,
+                "{what}: {issues:?}"
+            );
+        }
+        let headless = [("west", exported("west", &[("http", 80)], true, "10.2.0.1"))];
+        let (import, _) = import("shop", "web", &exports(&headless));
+        assert!(import.expect("headless").families.is_empty());
+    }
+
+    #[test]
     fn external_names_cannot_be_exported() {
         let mut ext = exported("east", &[], false, "10.1.0.1");
         ext.service.service_type = ServiceType::ExternalName;
-        let (import, issues) = import(
-            "shop",
-            "web",
-            &[Exported {
-                cluster: "east",
-                state: &ext,
-            }],
-        );
+        let states = [("east", ext)];
+        let (import, issues) = import("shop", "web", &exports(&states));
         assert!(import.is_none());
-        assert_eq!(issues[0].reason, "InvalidServiceType");
+        assert_eq!(reasons(&issues), [("east", INVALID_SERVICE_TYPE)]);
     }
 
     #[test]

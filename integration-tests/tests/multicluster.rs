@@ -1,7 +1,12 @@
 //! A fleet of three clusters behind one control plane: three API-server
 //! stand-ins (east, west, north) through the unmodified kube client, one
 //! `--source kube:CONTEXT=CLUSTER` each, agents of north and east with
-//! their DNS stubs, queried with dig.
+//! their DNS stubs, queried with dig. Also several control planes over the
+//! same stand-ins, which must give the same addresses, and dual-stack
+//! imports.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde_json::{Value, json};
 use switchyard_agent::config::DnsListen;
@@ -122,6 +127,12 @@ impl Fleet {
     }
 
     async fn control_plane(&self) -> ControlPlane {
+        self.control_plane_with("cp", &[]).await
+    }
+
+    /// A control plane over every stand-in, with its own state directory
+    /// `state` and `extra` arguments.
+    async fn control_plane_with(&self, state: &str, extra: &[&str]) -> ControlPlane {
         let mut argv: Vec<String> = vec!["switchyard-control-plane".into()];
         for c in CLUSTERS {
             argv.extend(["--source".into(), format!("kube:{c}={c}")]);
@@ -130,11 +141,14 @@ impl Fleet {
             "--kubeconfig".into(),
             self.dir.path().join("kubeconfig").display().to_string(),
             "--state-dir".into(),
-            self.dir.path().join("cp").display().to_string(),
+            self.dir.path().join(state).display().to_string(),
             "--debounce".into(),
             "20ms".into(),
         ]);
-        start_cp(<switchyard_control_plane::Args as clap::Parser>::parse_from(argv)).await
+        argv.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args = <switchyard_control_plane::Args as clap::Parser>::parse_from(argv);
+        args.check().expect("one range per family");
+        start_cp(args).await
     }
 
     async fn agent(&self, cluster: &str, cp: &ControlPlane) -> switchyard_agent::Agent {
@@ -276,10 +290,18 @@ async fn exported_services_merge_into_the_clusterset() {
             .any(|i| i.reason == "PortConflict")
     })
     .await;
-    let issue = &doc.clusterset_issues[0];
+    // Both exports that take part hear of it, the oldest too.
+    let issues: Vec<(&str, &str, &str)> = doc
+        .clusterset_issues
+        .iter()
+        .map(|i| (i.service.as_str(), i.cluster.as_str(), i.reason))
+        .collect();
     assert_eq!(
-        (issue.service.as_str(), issue.cluster.as_str()),
-        ("shop/web", "west")
+        issues,
+        [
+            ("shop/web", "east", "PortConflict"),
+            ("shop/web", "west", "PortConflict")
+        ]
     );
     let held = north.state.borrow().clone();
     let ports: Vec<u16> = held.resources[&format!("{CLUSTERSET}/shop/web")]
@@ -292,7 +314,7 @@ async fn exported_services_merge_into_the_clusterset() {
     assert_eq!(ports, [80], "the oldest export's port");
     let metrics = get_text(cp.admin_addr, "/metrics").await.1;
     assert!(
-        metrics.contains("switchyard_control_plane_clusterset_conflicts 1"),
+        metrics.contains("switchyard_control_plane_clusterset_conflicts 2"),
         "{metrics}"
     );
 
@@ -543,4 +565,287 @@ async fn cluster_control_planes_under_a_hub_see_what_one_control_plane_sees() {
             ("west".into(), "10.2.0.1".into())
         ]
     );
+}
+
+/// A ServiceImport as Switchyard's writer leaves it, recording `ips`
+/// (`ours`: with its managed-by label).
+fn recorded_import(name: &str, ips: &[&str], ours: bool) -> Value {
+    let labels = if ours {
+        json!({"app.kubernetes.io/managed-by": "switchyard"})
+    } else {
+        json!({"app.kubernetes.io/managed-by": "someone-else"})
+    };
+    json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+           "metadata": {"namespace": "shop", "name": name, "labels": labels},
+           "spec": {"type": "ClusterSetIP", "ips": ips,
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
+}
+
+/// The cluster IPs of every Service in a control plane's latest snapshot
+/// (imports and the file source's Services), by resource name.
+fn addresses(cp: &ControlPlane) -> BTreeMap<String, Vec<IpAddr>> {
+    let Some(snap) = cp.snapshots.borrow().clone() else {
+        return BTreeMap::new();
+    };
+    snap.resources
+        .iter()
+        .filter(|(name, _)| name.starts_with("clusterset/") || name.starts_with("files/"))
+        .map(|(name, r)| {
+            let state = switchyard_proto::convert::decode_state_bytes(name, &r.service_state)
+                .expect("decodes");
+            (name.to_string(), state.service.cluster_ips)
+        })
+        .collect()
+}
+
+async fn wait_addresses(
+    cp: &ControlPlane,
+    what: &str,
+    ok: impl Fn(&BTreeMap<String, Vec<IpAddr>>) -> bool,
+) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut rx = cp.snapshots.clone();
+    within(what, async {
+        loop {
+            let now = addresses(cp);
+            if ok(&now) {
+                return now;
+            }
+            rx.changed().await.expect("control plane running");
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_give_the_same_addresses_whenever_they_start() {
+    let fleet = Fleet::new().await;
+    for i in 0..8 {
+        let name = format!("svc-{i}");
+        for (c, ip) in [
+            ("east", format!("10.1.0.{i}")),
+            ("west", format!("10.2.0.{i}")),
+        ] {
+            let store = fleet.store(c);
+            store
+                .create(Kind::Service, service(&name, &[("http", 80)]))
+                .expect("svc");
+            store
+                .create(Kind::EndpointSlice, slice(&name, &[&ip]))
+                .expect("slice");
+            if c == "east" || i % 2 == 0 {
+                store
+                    .create(Kind::ServiceExport, export(&name))
+                    .expect("export");
+            }
+        }
+    }
+    // The record: east's and west's ServiceImports of svc-3 name an
+    // address the allocation would not pick. Another manager's
+    // ServiceImport of svc-4 is no record.
+    for c in ["east", "west"] {
+        fleet
+            .store(c)
+            .create(
+                Kind::ServiceImport,
+                recorded_import("svc-3", &["10.112.7.7"], true),
+            )
+            .expect("import");
+    }
+    fleet
+        .store("east")
+        .create(
+            Kind::ServiceImport,
+            recorded_import("svc-4", &["10.112.8.8"], false),
+        )
+        .expect("import");
+    // A file source with Services that name no cluster IP, one dual-stack.
+    let files = fleet.dir.path().join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    std::fs::write(
+        files.join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\n\
+         spec: {ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: default}\n\
+         spec: {ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}\n",
+    )
+    .expect("write");
+    let file_source = format!("file:{}=files", files.display());
+    let extra = [
+        "--source",
+        file_source.as_str(),
+        "--service-cidr",
+        "10.96.0.0/12",
+        "--service-cidr",
+        "fd00:96::/108",
+    ];
+    let complete = |want: usize| {
+        move |a: &BTreeMap<String, Vec<IpAddr>>| {
+            a.keys().filter(|n| n.starts_with("clusterset/")).count() == want
+                && a.get("clusterset/shop/svc-3").map(Vec::as_slice)
+                    == Some(&["10.112.7.7".parse::<IpAddr>().expect("ip")][..])
+                && a.contains_key("files/default/b")
+        }
+    };
+
+    // Two replicas started together, each with its own (empty) state.
+    let (one, two) = tokio::join!(
+        fleet.control_plane_with("one", &extra),
+        fleet.control_plane_with("two", &extra)
+    );
+    let first = wait_addresses(&one, "replica one's imports", complete(8)).await;
+    wait_addresses(&two, "replica two to agree", |a| *a == first).await;
+    assert_eq!(
+        first["files/default/b"].len(),
+        2,
+        "PreferDualStack: {first:?}"
+    );
+    assert!(first["files/default/b"][1].is_ipv6());
+    assert_ne!(
+        first["clusterset/shop/svc-4"],
+        ["10.112.8.8".parse::<IpAddr>().expect("ip")],
+        "another manager's ServiceImport is no record"
+    );
+
+    // Imports come and go: both follow, and the others keep their addresses.
+    for c in ["east", "west"] {
+        fleet
+            .store(c)
+            .delete(&(Kind::ServiceExport, "shop".into(), "svc-1".into()))
+            .ok();
+    }
+    fleet
+        .store("west")
+        .create(Kind::Service, service("svc-8", &[("http", 80)]))
+        .expect("svc");
+    fleet
+        .store("west")
+        .create(Kind::EndpointSlice, slice("svc-8", &["10.2.0.8"]))
+        .expect("slice");
+    fleet
+        .store("west")
+        .create(Kind::ServiceExport, export("svc-8"))
+        .expect("export");
+    let moved = |a: &BTreeMap<String, Vec<IpAddr>>| {
+        complete(8)(a)
+            && a.contains_key("clusterset/shop/svc-8")
+            && !a.contains_key("clusterset/shop/svc-1")
+    };
+    let second = wait_addresses(&one, "replica one to follow", moved).await;
+    wait_addresses(&two, "replica two to follow", |a| *a == second).await;
+    for (name, ips) in &first {
+        if name != "clusterset/shop/svc-1" {
+            assert_eq!(second.get(name), Some(ips), "{name} kept its address");
+        }
+    }
+
+    // A third replica starting now, after all that, agrees too.
+    let three = fleet.control_plane_with("three", &extra).await;
+    wait_addresses(&three, "a replica started later to agree", |a| *a == second).await;
+}
+
+fn slice_of(service: &str, family: &str, ips: &[&str]) -> Value {
+    let mut v = slice(service, ips);
+    v["metadata"]["name"] = json!(format!("{service}-{}", family.to_lowercase()));
+    v["addressType"] = json!(family);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_only_and_a_dual_stack_export_get_clusterset_ips_of_their_families() {
+    let fleet = Fleet::new().await;
+    for (c, n) in [("east", 1), ("west", 2)] {
+        let store = fleet.store(c);
+        let mut six = service("six", &[("http", 80)]);
+        six["spec"]["clusterIPs"] = json!([format!("fd00:96::{n}")]);
+        six["spec"]["ipFamilies"] = json!(["IPv6"]);
+        let mut dual = service("dual", &[("http", 80)]);
+        dual["spec"]["clusterIPs"] = json!([format!("10.96.0.{n}"), format!("fd00:96::d{n}")]);
+        dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        dual["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+        dual["spec"]["trafficDistribution"] = json!("PreferClose");
+        dual["spec"]["internalTrafficPolicy"] = json!("Local");
+        store.create(Kind::Service, six).expect("svc");
+        store.create(Kind::Service, dual).expect("svc");
+        store
+            .create(
+                Kind::EndpointSlice,
+                slice_of("six", "IPv6", &[&format!("fd00:{n}::1")]),
+            )
+            .expect("slice");
+        store
+            .create(
+                Kind::EndpointSlice,
+                slice_of("dual", "IPv4", &[&format!("10.{n}.0.1")]),
+            )
+            .expect("slice");
+        store
+            .create(
+                Kind::EndpointSlice,
+                slice_of("dual", "IPv6", &[&format!("fd00:{n}::2")]),
+            )
+            .expect("slice");
+        for name in ["six", "dual"] {
+            store
+                .create(Kind::ServiceExport, export(name))
+                .expect("export");
+        }
+    }
+    let cp = fleet
+        .control_plane_with(
+            "cp",
+            &[
+                "--clusterset-cidr",
+                "10.112.0.0/12",
+                "--clusterset-cidr",
+                "fd00:112::/108",
+            ],
+        )
+        .await;
+    let v4: ipnet::IpNet = "10.112.0.0/12".parse().expect("cidr");
+    let v6: ipnet::IpNet = "fd00:112::/108".parse().expect("cidr");
+    let got = wait_addresses(&cp, "both imports", |a| {
+        a.contains_key("clusterset/shop/six") && a.contains_key("clusterset/shop/dual")
+    })
+    .await;
+    let six = &got["clusterset/shop/six"];
+    assert!(six.len() == 1 && v6.contains(&six[0]), "IPv6 only: {six:?}");
+    let dual = &got["clusterset/shop/dual"];
+    assert!(
+        dual.len() == 2 && v4.contains(&dual[0]) && v6.contains(&dual[1]),
+        "dual-stack, the exports' order: {dual:?}"
+    );
+    assert!(cp.status.document().clusterset_issues.is_empty());
+
+    // A node of north holds them with the exports' traffic settings and
+    // answers A and AAAA accordingly.
+    let north = fleet.agent("north", &cp).await;
+    wait_import(
+        &north,
+        "dual",
+        &[
+            ("east", "10.1.0.1"),
+            ("east", "fd00:1::2"),
+            ("west", "10.2.0.1"),
+            ("west", "fd00:2::2"),
+        ],
+    )
+    .await;
+    let held = north.state.borrow().clone();
+    let service = &held.resources[&format!("{CLUSTERSET}/shop/dual")]
+        .state
+        .service;
+    assert_eq!(service.traffic_distribution.as_deref(), Some("PreferClose"));
+    assert_eq!(
+        service.internal_traffic_policy,
+        switchyard_model::TrafficPolicy::Local
+    );
+    let dns = north.dns_addr.expect("DNS");
+    let d = dig(dns, &["six.shop.svc.clusterset.local", "AAAA"]).await;
+    assert_eq!(d.data(), [six[0].to_string()], "{}", d.raw);
+    let d = dig(dns, &["six.shop.svc.clusterset.local", "A"]).await;
+    assert!(d.data().is_empty(), "{}", d.raw);
+    let d = dig(dns, &["dual.shop.svc.clusterset.local", "A"]).await;
+    assert_eq!(d.data(), [dual[0].to_string()], "{}", d.raw);
+    let d = dig(dns, &["dual.shop.svc.clusterset.local", "AAAA"]).await;
+    assert_eq!(d.data(), [dual[1].to_string()], "{}", d.raw);
 }

@@ -23,10 +23,10 @@ mod service;
 pub use endpoints::{AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 pub use error::{ValidationError, ValidationErrors};
 pub use service::{
-    CLUSTER_PREFERENCE_ANNOTATION, IpFamilies, Locality, MIN_LOCAL_ENDPOINTS_ANNOTATION,
-    NOT_PROXIED_LABELS, Protocol, Service, ServiceExport, ServiceKey, ServicePort, ServiceState,
-    ServiceType, TargetPort, TrafficPolicy, affinity_timeout_or_default, is_dns_label,
-    is_dns_subdomain, is_port_name,
+    CLUSTER_PREFERENCE_ANNOTATION, IpFamilies, IpFamily, IpFamilyPolicy, Locality,
+    MIN_LOCAL_ENDPOINTS_ANNOTATION, NOT_PROXIED_LABELS, Protocol, Service, ServiceExport,
+    ServiceKey, ServicePort, ServiceState, ServiceType, TargetPort, TrafficPolicy,
+    affinity_timeout_or_default, is_dns_label, is_dns_subdomain, is_port_name,
 };
 
 /// The cluster id used when a deployment does not name one.

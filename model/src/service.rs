@@ -147,6 +147,94 @@ pub struct IpFamilies {
     pub v6: bool,
 }
 
+/// An IP family (`spec.ipFamilies[]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    /// `IPv4`.
+    V4,
+    /// `IPv6`.
+    V6,
+}
+
+impl IpFamily {
+    /// Both families, IPv4 first.
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    /// The family of `ip`.
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    /// The other family.
+    pub fn other(self) -> Self {
+        match self {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+impl FromStr for IpFamily {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "IPv4" => Ok(IpFamily::V4),
+            "IPv6" => Ok(IpFamily::V6),
+            _ => Err(format!("{s:?} is not IPv4 or IPv6")),
+        }
+    }
+}
+
+/// `spec.ipFamilyPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamilyPolicy {
+    /// One family (the default).
+    SingleStack,
+    /// Both families where both are configured, else one.
+    PreferDualStack,
+    /// Both families, or the Service is refused.
+    RequireDualStack,
+}
+
+impl fmt::Display for IpFamilyPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        })
+    }
+}
+
+impl FromStr for IpFamilyPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "SingleStack" => Ok(IpFamilyPolicy::SingleStack),
+            "PreferDualStack" => Ok(IpFamilyPolicy::PreferDualStack),
+            "RequireDualStack" => Ok(IpFamilyPolicy::RequireDualStack),
+            _ => Err(format!(
+                "{s:?} is not SingleStack, PreferDualStack or RequireDualStack"
+            )),
+        }
+    }
+}
+
 /// A Service as the proxy and the DNS stub need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -188,6 +276,13 @@ pub struct Service {
     /// Set when the Service is exported to the clusterset (it has a
     /// ServiceExport): carried so that fleet relays learn what is exported.
     pub export: Option<ServiceExport>,
+    /// `spec.ipFamilies` as the source gave it, primary first: the families
+    /// a Service without cluster IPs gets addresses of. Only the control
+    /// plane reads it (it allocates them into `cluster_ips`); it is not
+    /// sent to agents.
+    pub requested_ip_families: Vec<IpFamily>,
+    /// `spec.ipFamilyPolicy` as the source gave it (the same: control plane only).
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     /// How an import prefers the endpoints of the client's own cluster:
     /// given on an exported Service by its annotations
     /// ([`MIN_LOCAL_ENDPOINTS_ANNOTATION`], [`CLUSTER_PREFERENCE_ANNOTATION`]),
@@ -266,6 +361,8 @@ impl Service {
             not_proxied_by: None,
             export: None,
             locality: None,
+            requested_ip_families: Vec::new(),
+            ip_family_policy: None,
         }
     }
 

@@ -259,6 +259,9 @@ impl Decoder<'_> {
                 min_local_endpoints: l.min_local_endpoints,
                 preference: l.preference.clone(),
             }),
+            // Requests the control plane turned into `cluster_ips`: not sent.
+            requested_ip_families: Vec::new(),
+            ip_family_policy: None,
         })
     }
 

@@ -1106,6 +1106,50 @@ mod tests {
     }
 
     #[test]
+    fn ip_families_and_policy_reach_the_model_and_bad_ones_name_their_field() {
+        let yaml = "\
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: shop}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd, namespace: shop}
+spec:
+  ipFamilies: [IPv7]
+  ports: [{port: 80}]
+";
+        let state =
+            parse_file("default", Path::new("/etc/sy/a.yaml"), yaml.as_bytes()).expect("a file");
+        let dual = state
+            .services
+            .get(&ServiceKey::new("default", "shop", "dual"))
+            .expect("read");
+        assert_eq!(
+            dual.requested_ip_families,
+            [
+                switchyard_model::IpFamily::V6,
+                switchyard_model::IpFamily::V4
+            ]
+        );
+        assert_eq!(
+            dual.ip_family_policy,
+            Some(switchyard_model::IpFamilyPolicy::RequireDualStack)
+        );
+        assert!(dual.cluster_ips.is_empty(), "the index allocates");
+        let fields: Vec<(&str, &str)> = state
+            .errors
+            .iter()
+            .map(|e| (e.object.as_str(), e.field.as_str()))
+            .collect();
+        assert_eq!(fields, [("Service shop/odd", "spec.ipFamilies[0]")]);
+    }
+
+    #[test]
     fn type_errors_read_as_expected_and_got() {
         let e = serde_json::from_value::<i32>(serde_json::json!("80")).expect_err("string");
         assert_eq!(type_error_message(&e), "expected an integer, got \"80\"");

@@ -12,6 +12,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = switchyard_control_plane::Args::parse();
+    if let Err(e) = args.check() {
+        e.exit();
+    }
     let shutdown = CancellationToken::new();
     let cp = switchyard_control_plane::start(args, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
