@@ -386,7 +386,10 @@ fn backends<'a>(
                     ready: c.ready,
                     serving: c.serving,
                     terminating: c.terminating,
-                    local: ep.node_name.as_deref() == Some(node.name),
+                    // Node names are unique only within a cluster: an
+                    // import's endpoint is local only in its own cluster.
+                    local: ep.node_name.as_deref() == Some(node.name)
+                        && (slice.cluster.is_none() || slice.cluster.as_deref() == node.cluster),
                 },
                 hints,
             ));

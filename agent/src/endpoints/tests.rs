@@ -356,3 +356,24 @@ fn an_import_uses_its_own_clusters_endpoints_while_there_are_enough() {
     own.service.key = ServiceKey::new("east", "shop", "web");
     assert_eq!(cluster_ips(&own).len(), 4);
 }
+
+#[test]
+fn an_imports_endpoint_is_local_only_in_the_nodes_own_cluster() {
+    // Node names are unique within a cluster only: west has a node-a too.
+    let mut s = import(None, &[("east", &["10.1.0.1"]), ("west", &["10.2.0.1"])]);
+    s.service.internal_traffic_policy = TrafficPolicy::Local;
+    for slice in &mut s.slices {
+        for e in &mut slice.endpoints {
+            e.node_name = Some("node-a".into());
+        }
+    }
+    let p = one(&s);
+    assert!(p.uses_local_endpoints());
+    assert_eq!(ips(&p.local_endpoints), ["10.1.0.1"]);
+    // A node that is not in east has no local endpoint at all.
+    let mut west_only = s.clone();
+    west_only
+        .slices
+        .retain(|sl| sl.cluster.as_deref() == Some("west"));
+    assert!(one(&west_only).local_endpoints.is_empty());
+}
