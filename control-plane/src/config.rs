@@ -241,9 +241,10 @@ pub struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub max_delay: Duration,
 
-    /// Directory for state kept across restarts. Allocated addresses are no
-    /// longer kept here: they are a function of the objects, the same on
-    /// every replica (see ARCHITECTURE.md, "Addresses").
+    /// Not used: allocated addresses are a function of the objects (and the
+    /// ServiceImport record), the same on every replica, and no longer kept
+    /// in files (see ARCHITECTURE.md, "Addresses"). Accepted so existing
+    /// manifests and scripts still start.
     #[arg(long, default_value = "/var/lib/switchyard/control-plane")]
     pub state_dir: PathBuf,
 

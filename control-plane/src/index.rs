@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,10 +53,6 @@ pub struct IndexConfig {
     pub export_all: bool,
     /// What happens to the exports of a cluster whose sources all fail.
     pub cluster_down: ClusterDown,
-    /// Not read any more: allocated addresses are a function of the objects
-    /// (`crate::ipam`), the same on every replica, and no longer kept in
-    /// files. Kept until the callers stop setting it.
-    pub state_dir: Option<PathBuf>,
 }
 
 impl IndexConfig {
@@ -69,7 +64,6 @@ impl IndexConfig {
             clusterset_cidrs: vec!["10.112.0.0/12".parse().expect("a CIDR")],
             export_all: false,
             cluster_down: ClusterDown::Keep,
-            state_dir: None,
         }
     }
 }
@@ -1633,7 +1627,7 @@ async fn run_with(
                     build
                         .issues
                         .iter()
-                        .filter(|i| i.reason.ends_with("Conflict"))
+                        .filter(|i| merge::CONFLICT_REASONS.contains(&i.reason))
                         .count() as i64,
                 );
                 for e in &build.invalid {

@@ -188,6 +188,9 @@ pub async fn start_with(
     sources: Vec<Box<dyn Source>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ControlPlane> {
+    // main checks too (for clap's exit code); embedders get the same error.
+    args.check()
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let status = Arc::new(Status::with_retention(status::AgentRetention {
@@ -239,7 +242,6 @@ pub async fn start_with(
         clusterset_cidrs: args.clusterset_cidrs.clone(),
         export_all: args.export_all,
         cluster_down: args.cluster_down,
-        state_dir: Some(args.state_dir.clone()),
     };
     tasks.spawn(index::run(
         index_config,

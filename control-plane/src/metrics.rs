@@ -38,7 +38,8 @@ pub struct Metrics {
     pub nacks: Counter,
     /// Clusters whose sources all fail.
     pub clusters_down: Gauge,
-    /// Exports whose properties conflict with an older export's.
+    /// Conflicts among exports: one per export and conflicting property
+    /// (every export of a conflict counts, the oldest included).
     pub clusterset_conflicts: Gauge,
     /// Agent streams refused or ended by a bound, by reason.
     pub streams_refused: Family<Vec<(String, String)>, Counter>,
@@ -126,7 +127,7 @@ impl Metrics {
         );
         registry.register(
             "clusterset_conflicts",
-            "Exports whose properties conflict with an older export of the same Service",
+            "Export conflicts: one per ServiceExport and conflicting property, every export of the Service counted (the oldest included)",
             m.clusterset_conflicts.clone(),
         );
         registry.register(

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use switchyard_model::{CLUSTERSET, ServiceKey, ServiceState, TrafficPolicy};
 use switchyard_proto::convert::decode_state_bytes;
 
-use crate::merge::ClustersetIssue;
+use crate::merge::{self, ClustersetIssue};
 use crate::snapshot::{Resource, Snapshot};
 use crate::source::{Export, ExportedMeta};
 
@@ -83,7 +83,7 @@ pub struct Condition {
 pub struct ExportConditions(pub [Condition; 3]);
 
 /// Reasons that make `Valid` false (the export cannot be used at all).
-const INVALID: [&str; 2] = ["NoService", "InvalidServiceType"];
+const INVALID: [&str; 2] = [merge::NO_SERVICE, merge::INVALID_SERVICE_TYPE];
 
 impl Clusterset {
     /// What the clusters should hold after a build that made `snapshot`
@@ -267,7 +267,7 @@ fn conditions(issues: &[&ClustersetIssue], imported: bool) -> ExportConditions {
         (None, false) => {
             let why: Vec<&str> = issues
                 .iter()
-                .filter(|i| !i.reason.ends_with("Conflict"))
+                .filter(|i| !merge::CONFLICT_REASONS.contains(&i.reason))
                 .map(|i| i.message.as_str())
                 .collect();
             let message = if why.is_empty() {
@@ -280,7 +280,7 @@ fn conditions(issues: &[&ClustersetIssue], imported: bool) -> ExportConditions {
     };
     let conflicts: Vec<&&ClustersetIssue> = issues
         .iter()
-        .filter(|i| i.reason.ends_with("Conflict"))
+        .filter(|i| merge::CONFLICT_REASONS.contains(&i.reason))
         .collect();
     let conflict = if conflicts.is_empty() {
         cond(

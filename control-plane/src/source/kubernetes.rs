@@ -668,9 +668,16 @@ async fn run(source: KubeSource, state: watch::Sender<SourceState>, shutdown: Ca
             let all: Vec<&str> = errors.iter().flatten().map(String::as_str).collect();
             (!all.is_empty()).then(|| all.join("; "))
         };
-        // Exports only add to the clusterset: the source is synced once
-        // Services, slices and Nodes are listed.
-        let synced = listed[..3].iter().all(|l| *l);
+        // The source is synced once Services, slices and Nodes are listed,
+        // and the MCS kinds are listed, not served, or failing: exports and
+        // the ServiceImport record (the ClusterSet IPs every replica
+        // honours) are in the first state published, so a replica that
+        // starts never publishes an address it takes back a moment later;
+        // an MCS API that cannot be read holds nothing else back.
+        let mcs_done = [Kind::Export, Kind::Import]
+            .iter()
+            .all(|k| listed[*k as usize] || errors[*k as usize].is_some());
+        let synced = listed[..3].iter().all(|l| *l) && mcs_done;
         // Publish objects only when every kind holds a complete list: never
         // a partial initial list, never in the middle of a relist.
         let relisting_optional = (3..KINDS).any(|k| listed[k] && listing[k]);
