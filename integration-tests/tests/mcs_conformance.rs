@@ -642,3 +642,166 @@ async fn headless_clusterset_names_resolve_to_the_endpoints() {
     let d = dig(dns, &[&format!("hello-1.east.{name}"), "A"]).await;
     assert_eq!(d.data(), ["10.1.0.2"], "{}", d.raw);
 }
+
+/// The reasons of `cluster`'s Conflict condition once it is True.
+async fn conflict_reasons(set: &Clusterset, cluster: &str) -> Vec<String> {
+    let c = set.condition(cluster, "Conflict", "True").await;
+    let mut reasons: Vec<String> = c["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    reasons.sort();
+    assert!(
+        c["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{cluster}: a Conflict condition explains itself: {c}"
+    );
+    reasons
+}
+
+/// Spec 3: exports whose exported labels differ conflict. The oldest
+/// export's labels are imported, and both exports say LabelsConflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_with_different_labels_conflict() {
+    let set = Clusterset::two().await;
+    let _cp = set.control_plane().await;
+    set.deploy("east", json!({}), &["10.1.0.1"]);
+    set.export("east", json!({"exportedLabels": {"tier": "gold"}}));
+    set.import_until("west", "east's label", |i| {
+        i["metadata"]["labels"]["tier"] == "gold"
+    })
+    .await;
+    set.deploy("west", json!({}), &["10.2.0.1"]);
+    set.export("west", json!({"exportedLabels": {"tier": "silver"}}));
+    for c in ["east", "west"] {
+        assert_eq!(conflict_reasons(&set, c).await, ["LabelsConflict"], "{c}");
+    }
+    let import = set
+        .import_until("west", "both clusters exporting", |i| {
+            i.pointer("/status/clusters")
+                == Some(&json!([{"cluster": "east"}, {"cluster": "west"}]))
+        })
+        .await;
+    assert_eq!(import["metadata"]["labels"]["tier"], "gold", "{import}");
+    // Conflicts do not make an export invalid: both stay Valid and Ready.
+    for c in ["east", "west"] {
+        set.condition(c, "Valid", "True").await;
+        set.condition(c, "Ready", "True").await;
+    }
+}
+
+/// Spec 8: the import's ports are the union of the exports' ports, and
+/// spec 9: a port that means something else in each export conflicts,
+/// on both exports; the oldest export's port is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_are_the_union_and_a_port_collision_conflicts() {
+    let set = Clusterset::two().await;
+    let _cp = set.control_plane().await;
+    set.deploy(
+        "east",
+        json!({"ports": [{"name": "http", "port": 42, "protocol": "TCP", "targetPort": 8080}]}),
+        &["10.1.0.1"],
+    );
+    set.export("east", json!({}));
+    set.deploy(
+        "west",
+        json!({"ports": [{"name": "http", "port": 42, "protocol": "TCP", "targetPort": 8080},
+                         {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": 9090}]}),
+        &["10.2.0.1"],
+    );
+    set.export("west", json!({}));
+    let import = set
+        .import_until("east", "the union of the ports", |i| ports(i).len() == 2)
+        .await;
+    assert_eq!(
+        ports(&import),
+        [
+            ("http".into(), 42, "TCP".into()),
+            ("metrics".into(), 9090, "TCP".into())
+        ]
+    );
+    for c in ["east", "west"] {
+        assert_eq!(
+            set.condition(c, "Conflict", "False").await["reason"],
+            "NoConflicts",
+            "{c}"
+        );
+    }
+    // West's http moves to another number: the name now means two ports.
+    let store = set.store("west");
+    let mut svc = (*store
+        .get(&(Kind::Service, NS.into(), "hello".into()))
+        .expect("service"))
+    .clone();
+    svc["spec"]["ports"][0]["port"] = json!(4242);
+    store.update(Kind::Service, svc).expect("port change");
+    for c in ["east", "west"] {
+        assert_eq!(conflict_reasons(&set, c).await, ["PortConflict"], "{c}");
+    }
+    let import = set.import("west").await;
+    assert!(
+        ports(&import).contains(&("http".into(), 42, "TCP".into())),
+        "the oldest export's http is used: {import}"
+    );
+    assert!(
+        !ports(&import).iter().any(|p| p.1 == 4242),
+        "the colliding port is left out: {import}"
+    );
+}
+
+/// Spec 13: a headless export beside a ClusterSetIP one conflicts on both;
+/// the oldest export's type is imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_export_beside_a_clusterset_ip_one_conflicts() {
+    let set = Clusterset::two().await;
+    let _cp = set.control_plane().await;
+    set.deploy("east", json!({}), &["10.1.0.1"]);
+    set.export("east", json!({}));
+    set.import("west").await;
+    set.deploy("west", json!({"clusterIP": "None"}), &["10.2.0.1"]);
+    set.export("west", json!({}));
+    for c in ["east", "west"] {
+        assert_eq!(conflict_reasons(&set, c).await, ["TypeConflict"], "{c}");
+    }
+    let import = set.import("west").await;
+    assert_eq!(import["spec"]["type"], "ClusterSetIP", "{import}");
+    assert_eq!(ips(&import).len(), 1, "{import}");
+}
+
+/// v1beta1: `internalTrafficPolicy` and `trafficDistribution` follow the
+/// export onto the ServiceImport; an export that differs conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_policies_follow_the_export() {
+    let set = Clusterset::two().await;
+    let _cp = set.control_plane().await;
+    set.deploy(
+        "east",
+        json!({"internalTrafficPolicy": "Local", "trafficDistribution": "PreferClose"}),
+        &["10.1.0.1"],
+    );
+    set.export("east", json!({}));
+    let import = set
+        .import_until("west", "the export's traffic policies", |i| {
+            i["spec"]["internalTrafficPolicy"] == "Local"
+        })
+        .await;
+    assert_eq!(
+        import["spec"]["trafficDistribution"], "PreferClose",
+        "{import}"
+    );
+    set.deploy("west", json!({}), &["10.2.0.1"]);
+    set.export("west", json!({}));
+    for c in ["east", "west"] {
+        assert_eq!(
+            conflict_reasons(&set, c).await,
+            [
+                "InternalTrafficPolicyConflict",
+                "TrafficDistributionConflict"
+            ],
+            "{c}"
+        );
+    }
+    let import = set.import("east").await;
+    assert_eq!(import["spec"]["internalTrafficPolicy"], "Local", "{import}");
+}
