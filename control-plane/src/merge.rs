@@ -41,7 +41,9 @@
 //! (or an unnamed port beside others) is left out, and its export's slices
 //! lose that port, so its endpoints do not answer a port that means
 //! something else. [`PORT_CONFLICT`] goes to the export whose port is left
-//! out and to the one whose port is used.
+//! out and to the one whose port is used; and, as the MCS conformance
+//! suite expects, to every export when the exports do not all offer the
+//! same ports (the union is still served).
 //!
 //! IP families: the import gets a ClusterSet IP of each family every export
 //! has (the intersection, as Cilium does), in the oldest export's order; an
@@ -625,6 +627,37 @@ pub fn import(
             slices.push(slice);
         }
     }
+    // Exports that do not offer the same ports all conflict, though none
+    // collides: the union is served (the MCS conformance suite's "union
+    // of the constituent service ports and raise a conflict").
+    fn port_set(s: &Service) -> Vec<(&str, u16, Protocol)> {
+        let mut set: Vec<(&str, u16, Protocol)> = s
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.protocol))
+            .collect();
+        set.sort_unstable();
+        set
+    }
+    let oldest_set = port_set(first);
+    if usable
+        .iter()
+        .any(|e| port_set(&e.state.service) != oldest_set)
+    {
+        let union: Vec<String> = service.ports.iter().map(show_port).collect();
+        for (i, e) in usable.iter().enumerate() {
+            let own: Vec<String> = e.state.service.ports.iter().map(show_port).collect();
+            conflicts.add(
+                i,
+                PORT_CONFLICT,
+                format!(
+                    "the exports do not offer the same ports: this one has {}; the union is served: {}",
+                    own.join(", "),
+                    union.join(", ")
+                ),
+            );
+        }
+    }
     for ((exporter, reason), messages) in conflicts.0 {
         issues.push(issue(
             usable[exporter].cluster,
@@ -649,6 +682,16 @@ fn kind(svc: &Service) -> &'static str {
     }
 }
 
+/// `name port/protocol`, as conflict messages show a port.
+fn show_port(q: &ServicePort) -> String {
+    let name = if q.name.is_empty() {
+        "(unnamed)"
+    } else {
+        &q.name
+    };
+    format!("{name} {}/{}", q.port, q.protocol)
+}
+
 /// What became of a port offered to the union.
 enum PortMerge {
     /// It joined the union.
@@ -663,14 +706,7 @@ enum PortMerge {
 /// by name, then by protocol and number; no name and no protocol/number
 /// pair may appear twice).
 fn merge_port(ports: &mut Vec<ServicePort>, p: &ServicePort) -> PortMerge {
-    let show = |q: &ServicePort| {
-        let name = if q.name.is_empty() {
-            "(unnamed)"
-        } else {
-            &q.name
-        };
-        format!("{name} {}/{}", q.port, q.protocol)
-    };
+    let show = show_port;
     if let Some(with) = ports.iter().position(|q| q.name == p.name) {
         let same = &ports[with];
         if same.port == p.port && same.protocol == p.protocol {

@@ -293,7 +293,7 @@ async fn an_import_exists_in_every_cluster_while_some_cluster_exports() {
     }
 }
 
-/// Specs 5, 6 and 7: session affinity and its config, an IP, and the
+/// Specs 5, 8 and 9: session affinity and its config, an IP, and the
 /// ports of the export; and what v1beta1 adds: the ClusterSet IP's
 /// family, `ipFamilies`, the Valid/Ready/Conflict conditions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +357,7 @@ async fn a_clusterset_ip_import_follows_its_export() {
     assert_eq!(doc.write_back["west"].exports, 0);
 }
 
-/// Specs 10 and 11: a Headless import in every cluster, without IPs,
+/// Specs 12 and 13: a Headless import in every cluster, without IPs,
 /// deleted on unexport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headless_import_has_no_ip() {
@@ -381,7 +381,7 @@ async fn a_headless_import_has_no_ip() {
     }
 }
 
-/// Spec 12: exporting an ExternalName Service sets Valid=False and
+/// Spec 14: exporting an ExternalName Service sets Valid=False and
 /// imports nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_name_export_is_not_valid() {
@@ -660,22 +660,32 @@ async fn conflict_reasons(set: &Clusterset, cluster: &str) -> Vec<String> {
     reasons
 }
 
-/// Spec 3: exports whose exported labels differ conflict. The oldest
-/// export's labels are imported, and both exports say LabelsConflict.
+/// Spec 3: exports whose exported labels and annotations differ conflict.
+/// The oldest export's are imported, and both exports say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_with_different_labels_conflict() {
     let set = Clusterset::two().await;
     let _cp = set.control_plane().await;
     set.deploy("east", json!({}), &["10.1.0.1"]);
-    set.export("east", json!({"exportedLabels": {"tier": "gold"}}));
+    set.export(
+        "east",
+        json!({"exportedLabels": {"tier": "gold"}, "exportedAnnotations": {"note": "a"}}),
+    );
     set.import_until("west", "east's label", |i| {
         i["metadata"]["labels"]["tier"] == "gold"
     })
     .await;
     set.deploy("west", json!({}), &["10.2.0.1"]);
-    set.export("west", json!({"exportedLabels": {"tier": "silver"}}));
+    set.export(
+        "west",
+        json!({"exportedLabels": {"tier": "silver"}, "exportedAnnotations": {"note": "b"}}),
+    );
     for c in ["east", "west"] {
-        assert_eq!(conflict_reasons(&set, c).await, ["LabelsConflict"], "{c}");
+        assert_eq!(
+            conflict_reasons(&set, c).await,
+            ["AnnotationsConflict", "LabelsConflict"],
+            "{c}"
+        );
     }
     let import = set
         .import_until("west", "both clusters exporting", |i| {
@@ -684,6 +694,7 @@ async fn exports_with_different_labels_conflict() {
         })
         .await;
     assert_eq!(import["metadata"]["labels"]["tier"], "gold", "{import}");
+    assert_eq!(import["metadata"]["annotations"]["note"], "a", "{import}");
     // Conflicts do not make an export invalid: both stay Valid and Ready.
     for c in ["east", "west"] {
         set.condition(c, "Valid", "True").await;
@@ -691,66 +702,70 @@ async fn exports_with_different_labels_conflict() {
     }
 }
 
-/// Spec 8: the import's ports are the union of the exports' ports, and
-/// spec 9: a port that means something else in each export conflicts,
-/// on both exports; the oldest export's port is used.
+/// Spec 10: the import's ports are the union of the exports' ports, and
+/// both exports say PortConflict since their ports differ; spec 11: a port
+/// that means something else in each export conflicts, on both exports,
+/// and the oldest export's port is used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ports_are_the_union_and_a_port_collision_conflicts() {
     let set = Clusterset::two().await;
     let _cp = set.control_plane().await;
+    // The suite's ports: hello has tcp and udp 42, the second cluster's
+    // hello tcp 42 and stcp 142 (SCTP).
     set.deploy(
         "east",
-        json!({"ports": [{"name": "http", "port": 42, "protocol": "TCP", "targetPort": 8080}]}),
+        json!({"ports": [{"name": "tcp", "port": 42, "protocol": "TCP", "targetPort": 42},
+                         {"name": "udp", "port": 42, "protocol": "UDP", "targetPort": 42}]}),
         &["10.1.0.1"],
     );
     set.export("east", json!({}));
     set.deploy(
         "west",
-        json!({"ports": [{"name": "http", "port": 42, "protocol": "TCP", "targetPort": 8080},
-                         {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": 9090}]}),
+        json!({"ports": [{"name": "tcp", "port": 42, "protocol": "TCP", "targetPort": 42},
+                         {"name": "stcp", "port": 142, "protocol": "SCTP", "targetPort": 142}]}),
         &["10.2.0.1"],
     );
     set.export("west", json!({}));
     let import = set
-        .import_until("east", "the union of the ports", |i| ports(i).len() == 2)
+        .import_until("east", "the union of the ports", |i| ports(i).len() == 3)
         .await;
     assert_eq!(
         ports(&import),
         [
-            ("http".into(), 42, "TCP".into()),
-            ("metrics".into(), 9090, "TCP".into())
+            ("stcp".into(), 142, "SCTP".into()),
+            ("tcp".into(), 42, "TCP".into()),
+            ("udp".into(), 42, "UDP".into())
         ]
     );
+    // Exports that do not offer the same ports conflict, though the union
+    // is served.
     for c in ["east", "west"] {
-        assert_eq!(
-            set.condition(c, "Conflict", "False").await["reason"],
-            "NoConflicts",
-            "{c}"
-        );
+        assert_eq!(conflict_reasons(&set, c).await, ["PortConflict"], "{c}");
     }
-    // West's http moves to another number: the name now means two ports.
+    // West's tcp moves to 43 (the suite's conflicting ports): the name now
+    // means two ports.
     let store = set.store("west");
     let mut svc = (*store
         .get(&(Kind::Service, NS.into(), "hello".into()))
         .expect("service"))
     .clone();
-    svc["spec"]["ports"][0]["port"] = json!(4242);
+    svc["spec"]["ports"][0]["port"] = json!(43);
     store.update(Kind::Service, svc).expect("port change");
     for c in ["east", "west"] {
         assert_eq!(conflict_reasons(&set, c).await, ["PortConflict"], "{c}");
     }
     let import = set.import("west").await;
     assert!(
-        ports(&import).contains(&("http".into(), 42, "TCP".into())),
-        "the oldest export's http is used: {import}"
+        ports(&import).contains(&("tcp".into(), 42, "TCP".into())),
+        "the oldest export's tcp is used: {import}"
     );
     assert!(
-        !ports(&import).iter().any(|p| p.1 == 4242),
+        !ports(&import).iter().any(|p| p.1 == 43),
         "the colliding port is left out: {import}"
     );
 }
 
-/// Spec 13: a headless export beside a ClusterSetIP one conflicts on both;
+/// Spec 15: a headless export beside a ClusterSetIP one conflicts on both;
 /// the oldest export's type is imported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headless_export_beside_a_clusterset_ip_one_conflicts() {
@@ -769,8 +784,8 @@ async fn a_headless_export_beside_a_clusterset_ip_one_conflicts() {
     assert_eq!(ips(&import).len(), 1, "{import}");
 }
 
-/// v1beta1: `internalTrafficPolicy` and `trafficDistribution` follow the
-/// export onto the ServiceImport; an export that differs conflicts.
+/// Specs 6 and 7: `internalTrafficPolicy` and `trafficDistribution` follow
+/// the export onto the ServiceImport; an export that differs conflicts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_policies_follow_the_export() {
     let set = Clusterset::two().await;
