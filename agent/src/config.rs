@@ -228,7 +228,8 @@ pub struct Args {
     pub dns_ttl: Duration,
 
     /// Sources allowed to query (repeatable). Default: this node's own
-    /// addresses and the --cluster-cidr ranges; everyone else is REFUSED.
+    /// addresses, loopback and the --cluster-cidr ranges; everyone else is
+    /// REFUSED.
     #[arg(long = "dns-allow")]
     pub dns_allow: Vec<IpNet>,
 

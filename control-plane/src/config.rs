@@ -148,9 +148,11 @@ pub struct Args {
     /// A source of Services and EndpointSlices; repeatable. `file:PATH` reads
     /// Kubernetes-shaped YAML (a file or a directory) and reloads on change;
     /// `kube` / `kube:CONTEXT` watches an API server; `docker` /
-    /// `docker:HOST` follows the labelled containers of a Docker engine.
-    /// `SOURCE=CLUSTER` puts its objects in cluster CLUSTER (default:
-    /// --cluster), so one control plane serves several clusters.
+    /// `docker:HOST` follows the labelled containers of a Docker engine;
+    /// `switchyard:URL=CLUSTER` follows another control plane (its exports
+    /// of CLUSTER, or with `=clusterset` its imports). `SOURCE=CLUSTER`
+    /// puts its objects in cluster CLUSTER (default: --cluster), so one
+    /// control plane serves several clusters.
     #[arg(
         long = "source",
         value_name = "SOURCE[=CLUSTER]",
@@ -183,7 +185,8 @@ pub struct Args {
     pub clusterset_cidrs: Vec<IpNet>,
 
     /// The name this control plane gives in its Hellos to the control
-    /// planes it follows as `switchyard:` sources (default: the host name).
+    /// planes it follows as `switchyard:` sources (default:
+    /// `relay-<host name>`).
     #[arg(long, value_name = "NAME")]
     pub relay_name: Option<String>,
 

@@ -5,7 +5,7 @@
 //! one control plane reading both through the unmodified kube client and
 //! writing the clusterset back, and an agent per cluster whose DNS stub is
 //! queried with dig. Each test names the conformance specs it covers; the
-//! README lists them with their result.
+//! list in docs/mcs-conformance.md gives each one's result.
 //!
 //! As in the suite, "the first cluster" (east) exports first, so its
 //! export is the oldest (exports of the same second fall back to the
