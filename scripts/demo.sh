@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked -p switchyard-control-plane -p switchyard-agent
-bin=target/release
+# Where cargo put them: CARGO_TARGET_DIR and .cargo/config.toml are honoured.
+bin="$(scripts/target-dir.sh)/release"
 state=.switchyard
 mkdir -p "$state"
 

@@ -13,6 +13,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/../fuzz"
+# Where cargo afl puts the targets (CARGO_TARGET_DIR is honoured).
+target="$(../scripts/target-dir.sh)"
 seconds="${1:-600}"
 shift || true
 targets=("$@")
@@ -22,12 +24,12 @@ export AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
 nice -n 10 cargo afl build --release
 
 for t in "${targets[@]}"; do
-  out="target/afl/$t"
+  out="$target/afl/$t"
   rm -rf "$out"
   mkdir -p "$out"
   echo "== $t: ${seconds}s"
   # -V: stop after the given seconds; -m none: Rust binaries need more than the default.
-  nice -n 10 cargo afl fuzz -V "$seconds" -m none -i "corpus/$t" -o "$out" "target/release/$t" \
+  nice -n 10 cargo afl fuzz -V "$seconds" -m none -i "corpus/$t" -o "$out" "$target/release/$t" \
     > "$out/fuzz.log" 2>&1 || true
   stats="$out/default/fuzzer_stats"
   if [ -f "$stats" ]; then
@@ -43,7 +45,7 @@ for t in "${targets[@]}"; do
   # afl-cmin cannot run the target, the queue entries that found new
   # coverage (`+cov`). Seeds are in the corpus already.
   min="$out/cmin"
-  if ! nice -n 10 cargo afl cmin -m none -i "$out/default/queue" -o "$min" -- "target/release/$t" > "$out/cmin.log" 2>&1; then
+  if ! nice -n 10 cargo afl cmin -m none -i "$out/default/queue" -o "$min" -- "$target/release/$t" > "$out/cmin.log" 2>&1; then
     mkdir -p "$min"
     for f in "$out"/default/queue/id:*+cov*; do
       [ -e "$f" ] && cp "$f" "$min/"

@@ -103,8 +103,11 @@ build_binaries() {
 # The image: the base plus the host-built binaries (COPY only, unless the
 # base lacks the node's tools, as debian:bookworm-slim does).
 build_image() {
-  local dir="target/testbed-image" out
-  out="target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
+  local target dir out
+  # Where cargo put the binaries: CARGO_TARGET_DIR and .cargo/config.toml are honoured.
+  target=$(scripts/target-dir.sh)
+  dir="$target/testbed-image"
+  out="$target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
   rm -rf "$dir" && mkdir -p "$dir/bin"
   cp testbed/Dockerfile "$dir/"
   cp "$out/switchyard-control-plane" "$out/switchyard-agent" "$out/switchyard-testbed-web" \

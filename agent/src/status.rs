@@ -605,10 +605,20 @@ impl Default for KubeProxyMetrics {
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             restore_failures: Counter::default(),
-            healthz: CodeFamily::default(),
-            livez: CodeFamily::default(),
+            healthz: answered(),
+            livez: answered(),
         }
     }
+}
+
+/// A family of answers by code with kube-proxy's two codes (200, 503)
+/// exported at 0 from the start, so a dashboard's rate() has a series.
+fn answered() -> CodeFamily {
+    let family = CodeFamily::default();
+    for code in ["200", "503"] {
+        drop(family.get_or_create(&vec![("code".to_owned(), code.to_owned())]));
+    }
+    family
 }
 
 impl KubeProxyMetrics {
@@ -788,7 +798,14 @@ impl Default for DnsMetrics {
             forward_seconds: forward_buckets(),
             names: Gauge::default(),
             acks_before_index: Counter::default(),
-            programming_seconds: ProgrammingFamily::new_with_constructor(programming_buckets),
+            programming_seconds: {
+                // Both kinds exported from the start (empty histograms).
+                let family = ProgrammingFamily::new_with_constructor(programming_buckets);
+                for kind in ["cluster_ip", "headless"] {
+                    drop(family.get_or_create(&vec![("service_kind".to_owned(), kind.to_owned())]));
+                }
+                family
+            },
         }
     }
 }

@@ -104,6 +104,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 /// the content type always says which.
 async fn metrics_text(State(s): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    s.metrics.observe_status(&s.status);
     let (content_type, body) = s.metrics.encode_for(accept);
     ([(header::CONTENT_TYPE, content_type)], body)
 }

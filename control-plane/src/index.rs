@@ -1505,6 +1505,7 @@ async fn run_with(
     let mut index = Index::new(&config);
     let mut imports_decoded = crate::mcs::ImportCache::default();
     let mut health = ClusterHealth::default();
+    let mut signals = crate::signals::SourceSignals::default();
     // Each source's watch channel wakes one shared Notify: a burst of
     // changes leaves at most one stored permit, and no state is cloned until
     // the index actually rebuilds.
@@ -1536,20 +1537,20 @@ async fn run_with(
                 .map(|f| (f.name.clone(), f.cluster.clone(), f.state.borrow().clone()))
                 .collect();
             let inputs = as_inputs(&states);
-            status.set_sources(
-                inputs
-                    .iter()
-                    .map(|i| SourceStatus {
-                        name: i.name.to_owned(),
-                        cluster: i.cluster.to_owned(),
-                        synced: i.state.synced,
-                        last_error: i.state.last_error.clone(),
-                        nodes: i.state.nodes.clone(),
-                        warnings: i.state.warnings.clone(),
-                        dns: i.state.dns.clone(),
-                    })
-                    .collect(),
-            );
+            let sources: Vec<SourceStatus> = inputs
+                .iter()
+                .map(|i| SourceStatus {
+                    name: i.name.to_owned(),
+                    cluster: i.cluster.to_owned(),
+                    synced: i.state.synced,
+                    last_error: i.state.last_error.clone(),
+                    nodes: i.state.nodes.clone(),
+                    warnings: i.state.warnings.clone(),
+                    dns: i.state.dns.clone(),
+                })
+                .collect();
+            signals.observe(&sources, &metrics);
+            status.set_sources(sources);
             let clusters = health.observe(&inputs, config.cluster_down);
             let all_synced = inputs.iter().all(|i| i.state.synced);
             drop(inputs);
@@ -1630,12 +1631,9 @@ async fn run_with(
                         .filter(|i| merge::CONFLICT_REASONS.contains(&i.reason))
                         .count() as i64,
                 );
-                for e in &build.invalid {
-                    tracing::warn!(source = %e.source, object = %e.object, field = %e.field, "skipped: {}", e.message);
-                }
-                for i in &build.issues {
-                    tracing::warn!(service = %i.service, cluster = %i.cluster, reason = i.reason, "clusterset: {}", i.message);
-                }
+                // Logged once per cause, not on every rebuild.
+                signals.skipped(&build.invalid);
+                signals.clusterset_issues(&build.issues);
                 match build.snapshot {
                     Some(snapshot) => {
                         tracing::info!(version = %snapshot.version, resources = snapshot.resources.len(), "snapshot built");

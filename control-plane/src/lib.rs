@@ -26,6 +26,7 @@ pub mod mcs;
 pub mod merge;
 pub mod metrics;
 pub mod server;
+pub mod signals;
 pub mod snapshot;
 pub mod source;
 pub mod status;

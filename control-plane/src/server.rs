@@ -603,7 +603,9 @@ impl SnapshotDiscovery for SnapshotService {
         let pending = Arc::new(snapshot.delta_from_announcement(&announced, &view));
         drop(announced);
         let node = hello.node_name;
-        let handle = self.status.connected(&node, &cluster, &hello.zone);
+        let handle = self
+            .status
+            .connected_from(&node, &cluster, &hello.zone, peer.map(|p| p.ip()));
         self.metrics.agents_connected.inc();
         // The Hello is freed.
         self.churn.note();

@@ -2,7 +2,9 @@
 //! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -37,8 +39,35 @@ pub struct AgentStatus {
     /// Seconds since the Unix epoch when its last stream ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnected_at_unix: Option<u64>,
+    /// While connected and not at the current snapshot: seconds since the
+    /// version it runs stopped being current (or since it connected, when
+    /// it has ACKed none or one from before this control plane started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind_seconds: Option<u64>,
+    /// Other streams open now under the same node name: two agents given
+    /// one `--node-name` (their updates and ACKs are not shown here), or,
+    /// for a few seconds, a restarted agent's old stream not yet ended.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_streams: usize,
     #[serde(skip)]
     stream_id: u64,
+    #[serde(skip)]
+    connected_at: Option<Instant>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The agents' state as metrics show it (`crate::metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentSignals {
+    /// Connected agents not at the current snapshot.
+    pub behind: usize,
+    /// How long the agent furthest behind has been so (0 when none is).
+    pub behind_seconds: f64,
+    /// Node names with more than one stream open.
+    pub duplicate_node_names: usize,
 }
 
 /// How long `/status` remembers agents that left.
@@ -187,9 +216,36 @@ struct Inner {
     /// Cluster -> how writing the clusterset into it goes.
     write_back: BTreeMap<String, WriteBackStatus>,
     retention: AgentRetention,
+    /// Version -> when it stopped being current, for the versions agents
+    /// still hold.
+    superseded: HashMap<String, Instant>,
+    /// Node name -> the streams open under it (stream id, peer address).
+    open_streams: HashMap<String, Vec<(u64, Option<IpAddr>)>>,
+    /// Node names already warned about: streams from two addresses.
+    warned_duplicates: std::collections::HashSet<String>,
 }
 
 impl Inner {
+    /// Since when `agent` has been behind the current snapshot, if it is
+    /// connected and behind.
+    fn behind_since(&self, agent: &AgentStatus) -> Option<Instant> {
+        let current = self.version.as_ref()?;
+        if !agent.connected || agent.acked_version.as_ref() == Some(current) {
+            return None;
+        }
+        let superseded = agent
+            .acked_version
+            .as_ref()
+            .and_then(|v| self.superseded.get(v));
+        superseded.copied().or(agent.connected_at)
+    }
+
+    /// Streams open under `node` besides the one `/status` shows.
+    fn other_streams(&self, agent: &AgentStatus) -> usize {
+        let open = self.open_streams.get(&agent.node).map_or(0, Vec::len);
+        open.saturating_sub(usize::from(agent.connected))
+    }
+
     /// Forgets agents gone longer than the retention, and the longest gone
     /// beyond its count.
     fn prune(&mut self) {
@@ -345,6 +401,20 @@ impl Status {
         issues: Vec<ClustersetIssue>,
     ) {
         self.change(|s| {
+            if let Some(previous) = s.version.take()
+                && previous != version
+            {
+                s.superseded.insert(previous, Instant::now());
+            }
+            // Only versions some agent still holds are worth a time.
+            let held: std::collections::HashSet<&String> = s
+                .agents
+                .values()
+                .filter_map(|a| a.acked_version.as_ref())
+                .collect();
+            let mut superseded = std::mem::take(&mut s.superseded);
+            superseded.retain(|v, _| held.contains(v));
+            s.superseded = superseded;
             s.version = Some(version.to_owned());
             s.resources = resources;
             s.invalid_objects = invalid;
@@ -431,7 +501,57 @@ impl Status {
 
     /// A stream for `node` opened.
     pub fn connected(&self, node: &str, cluster: &str, zone: &str) -> StreamHandle {
-        self.change(|s| Self::connect_locked(s, node, cluster, zone))
+        self.connected_from(node, cluster, zone, None)
+    }
+
+    /// A stream for `node` opened from `peer`. A second stream under the
+    /// same name from another address is logged at WARN (once, until the
+    /// name is held from one address again): two agents share a node
+    /// name, and `/status` can show only one of them.
+    pub fn connected_from(
+        &self,
+        node: &str,
+        cluster: &str,
+        zone: &str,
+        peer: Option<IpAddr>,
+    ) -> StreamHandle {
+        let (handle, others, warn) = self.change(|s| {
+            let others: Vec<Option<IpAddr>> = s
+                .open_streams
+                .get(node)
+                .into_iter()
+                .flatten()
+                .map(|(_, p)| *p)
+                .collect();
+            let handle = Self::connect_locked(s, node, cluster, zone);
+            s.open_streams
+                .entry(node.to_owned())
+                .or_default()
+                .push((handle.id, peer));
+            let elsewhere = others.iter().any(|p| *p != peer);
+            let warn = elsewhere && s.warned_duplicates.insert(node.to_owned());
+            (handle, others, warn)
+        });
+        let address =
+            |p: &Option<IpAddr>| p.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        if warn {
+            let addresses: Vec<String> = others.iter().chain([&peer]).map(address).collect();
+            tracing::warn!(
+                %node,
+                addresses = %addresses.join(", "),
+                "two agents are connected with the same node name: /status shows only the \
+                 latest (its other_streams counts the rest); give each agent its own --node-name"
+            );
+        } else if !others.is_empty() && others.iter().all(|p| *p == peer) {
+            // From the same address: as a rule a restarted agent whose old
+            // stream has not ended yet.
+            tracing::info!(
+                %node,
+                address = %address(&peer),
+                "agent connected again while its previous stream is still open (a restart?)"
+            );
+        }
+        handle
     }
 
     fn connect_locked(s: &mut Inner, node: &str, cluster: &str, zone: &str) -> StreamHandle {
@@ -452,7 +572,10 @@ impl Status {
                 resources_sent: 0,
                 refused: None,
                 disconnected_at_unix: None,
+                behind_seconds: None,
+                other_streams: 0,
                 stream_id: id,
+                connected_at: Some(Instant::now()),
             },
         );
         s.prune();
@@ -503,7 +626,38 @@ impl Status {
             a.connected = false;
             a.disconnected_at_unix = Some(unix_now());
         });
-        self.change(Inner::prune);
+        self.change(|s| {
+            if let Some(open) = s.open_streams.get_mut(&h.node) {
+                open.retain(|(id, _)| *id != h.id);
+                let one_address = open.windows(2).all(|w| w[0].1 == w[1].1);
+                if open.is_empty() {
+                    s.open_streams.remove(&h.node);
+                }
+                if one_address {
+                    s.warned_duplicates.remove(&h.node);
+                }
+            }
+            s.prune();
+        });
+    }
+
+    /// What an operator alerts on about the agents, now.
+    pub fn agent_signals(&self) -> AgentSignals {
+        let s = self.lock();
+        let now = Instant::now();
+        let behind: Vec<Instant> = s
+            .agents
+            .values()
+            .filter_map(|a| s.behind_since(a))
+            .collect();
+        AgentSignals {
+            behind: behind.len(),
+            behind_seconds: behind
+                .iter()
+                .map(|t| now.saturating_duration_since(*t).as_secs_f64())
+                .fold(0.0, f64::max),
+            duplicate_node_names: s.open_streams.values().filter(|o| o.len() > 1).count(),
+        }
     }
 
     /// A stream of `node` was refused for `why` (shown until it connects).
@@ -528,7 +682,10 @@ impl Status {
                     resources_sent: 0,
                     refused: Some(why.to_owned()),
                     disconnected_at_unix: Some(unix_now()),
+                    behind_seconds: None,
+                    other_streams: 0,
                     stream_id: 0,
+                    connected_at: None,
                 },
             );
             s.prune();
@@ -555,6 +712,8 @@ impl Status {
                 .values()
                 .map(|a| {
                     let mut a = a.clone();
+                    a.behind_seconds = s.behind_since(&a).map(|t| t.elapsed().as_secs());
+                    a.other_streams = s.other_streams(&a);
                     // An agent that announced no zone is told its Node's.
                     if a.zone.is_empty()
                         && let Some(facts) = s.nodes.get(&a.node)

@@ -622,3 +622,105 @@ async fn server_side_apply_tracks_owners_and_refuses_conflicts() {
         .collect();
     assert_eq!(clusters, ["east"]);
 }
+
+/// Two stand-in programs started with different `--context` names write
+/// kubeconfigs that merge as `KUBECONFIG=east:west` does (kube-rs reads
+/// that variable file by file and merges them this way): each context of
+/// the merged file reaches its own server, and the first file's context
+/// stays the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stand_ins_named_apart_have_kubeconfigs_that_merge() {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use tokio::io::AsyncBufReadExt;
+
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut programs = Vec::new();
+    let mut files = Vec::new();
+    for context in ["east", "west"] {
+        // A Service named after the context tells the servers apart.
+        let manifest = dir.path().join(format!("{context}.yaml"));
+        std::fs::write(
+            &manifest,
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web-{context}, namespace: shop}}\n\
+                 spec: {{ports: [{{port: 80}}]}}\n"
+            ),
+        )
+        .expect("manifest");
+        let kubeconfig = dir.path().join(format!("{context}.kubeconfig"));
+        let mut program = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake_apiserver"))
+            .args(["--listen", "127.0.0.1:0", "--context", context])
+            .arg("--kubeconfig-out")
+            .arg(&kubeconfig)
+            .arg("--load")
+            .arg(&manifest)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("fake_apiserver starts");
+        // It logs that it listens once the kubeconfig is written.
+        let mut lines = tokio::io::BufReader::new(program.stdout.take().expect("stdout")).lines();
+        within(&format!("the {context} stand-in to listen"), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if line.contains("API server stand-in listening") {
+                    return;
+                }
+            }
+            panic!("the {context} stand-in exited before it listened");
+        })
+        .await;
+        programs.push((program, lines));
+        files.push(kubeconfig);
+    }
+
+    let text = std::fs::read_to_string(&files[1]).expect("west kubeconfig");
+    let west = Kubeconfig::read_from(&files[1]).expect("west parses");
+    assert_eq!(west.current_context.as_deref(), Some("west"), "{text}");
+    for names in [
+        west.clusters
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        west.auth_infos.iter().map(|u| u.name.as_str()).collect(),
+        west.contexts.iter().map(|c| c.name.as_str()).collect(),
+    ] {
+        assert_eq!(
+            names,
+            ["west"],
+            "every entry is named after --context: {text}"
+        );
+    }
+
+    let merged = Kubeconfig::read_from(&files[0])
+        .expect("east parses")
+        .merge(west)
+        .expect("the two merge");
+    assert_eq!(merged.current_context.as_deref(), Some("east"));
+    for context in ["east", "west"] {
+        let options = KubeConfigOptions {
+            context: Some(context.to_owned()),
+            ..KubeConfigOptions::default()
+        };
+        let config = Config::from_custom_kubeconfig(merged.clone(), &options)
+            .await
+            .unwrap_or_else(|e| panic!("context {context} of the merged kubeconfig: {e}"));
+        let services: Api<Service> = Api::all(Client::try_from(config).expect("client"));
+        let names: Vec<String> = within(&format!("listing Services through {context}"), async {
+            services.list(&ListParams::default()).await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("listing Services through context {context}: {e}"))
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+        assert_eq!(
+            names,
+            [format!("web-{context}")],
+            "context {context} reaches its own stand-in"
+        );
+    }
+    drop(programs);
+}

@@ -581,8 +581,10 @@ async fn connections_and_streams_are_bounded() {
     .await;
     assert_eq!(n, 0);
     let m = cp.metrics.encode();
+    // Exported at 0 from the start: counted, not merely present.
     assert!(
-        m.contains("connections_refused_total{reason=\"per_address\"}"),
+        m.contains("connections_refused_total{reason=\"per_address\"} ")
+            && !m.contains("connections_refused_total{reason=\"per_address\"} 0\n"),
         "{m}"
     );
 }

@@ -153,8 +153,10 @@ async fn node_certificates_must_be_in_kubernetes_form_and_fix_the_cluster() {
         "{e}"
     );
     let m = cp.metrics.encode();
+    // Exported at 0 from the start: counted, not merely present.
     assert!(
-        m.contains("streams_refused_total{reason=\"identity\"} "),
+        m.contains("streams_refused_total{reason=\"identity\"} ")
+            && !m.contains("streams_refused_total{reason=\"identity\"} 0\n"),
         "{m}"
     );
 }

@@ -219,16 +219,39 @@ impl FakeApiServer {
     /// Writes a kubeconfig whose one context (`standin`, also current)
     /// points at this server over plain HTTP.
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, kubeconfig(&self.url()))
+        self.write_kubeconfig_named(path, DEFAULT_CONTEXT)
+    }
+
+    /// Writes a kubeconfig whose cluster, user and context (also current)
+    /// are all named `context`, so that the kubeconfigs of stand-ins with
+    /// different names merge (`KUBECONFIG=a:b`) without a clash.
+    /// The file appears whole (written aside, then renamed), so whoever
+    /// waits for it never reads half of it.
+    pub fn write_kubeconfig_named(&self, path: &Path, context: &str) -> std::io::Result<()> {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".tmp");
+        std::fs::write(&aside, kubeconfig_named(&self.url(), context))?;
+        std::fs::rename(&aside, path)
     }
 }
 
+/// The name of a stand-in's kubeconfig entries unless told another.
+pub const DEFAULT_CONTEXT: &str = "standin";
+
 /// A kubeconfig with one context `standin` (current) for `server`.
 pub fn kubeconfig(server: &str) -> String {
+    kubeconfig_named(server, DEFAULT_CONTEXT)
+}
+
+/// A kubeconfig for `server` whose one cluster, user and context (also
+/// current) are named `name`. kubectl and kube-rs merge the files of
+/// `KUBECONFIG` entry by entry, the first file's entry of a name winning:
+/// entries named alike would make the second server unreachable.
+pub fn kubeconfig_named(server: &str, name: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {server}\n\
-users:\n- name: standin\n  user: {{}}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
-current-context: standin\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\n\
+users:\n- name: {name}\n  user: {{}}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\n\
+current-context: {name}\n"
     )
 }
 

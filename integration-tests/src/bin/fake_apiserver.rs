@@ -2,9 +2,18 @@
 //! control plane against it by hand:
 //!
 //! ```sh
-//! cargo run -p switchyard-integration-tests --bin fake_apiserver -- \
+//! cargo run --release -p switchyard-integration-tests --bin fake_apiserver -- \
 //!     --listen 127.0.0.1:8001 --kubeconfig-out /tmp/standin.kubeconfig --load examples
 //! KUBECONFIG=/tmp/standin.kubeconfig kubectl get svc -A
+//! ```
+//!
+//! Two of them make a local two-cluster fleet: give each its own
+//! `--context` and the kubeconfigs merge.
+//!
+//! ```sh
+//! fake_apiserver --listen 127.0.0.1:8001 --context east --kubeconfig-out /tmp/east.kubeconfig &
+//! fake_apiserver --listen 127.0.0.1:8002 --context west --kubeconfig-out /tmp/west.kubeconfig &
+//! KUBECONFIG=/tmp/east.kubeconfig:/tmp/west.kubeconfig kubectl --context west get svc -A
 //! ```
 
 use std::path::PathBuf;
@@ -24,6 +33,11 @@ struct Args {
     /// Write a kubeconfig for this server here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
+    /// The name of that kubeconfig's cluster, user and context (its current
+    /// one): stand-ins with different names have kubeconfigs that merge
+    /// (`KUBECONFIG=a:b`).
+    #[arg(long, default_value = switchyard_integration_tests::apiserver::DEFAULT_CONTEXT)]
+    context: String,
     /// YAML manifests (a file or a directory) to create at start.
     #[arg(long)]
     load: Vec<PathBuf>,
@@ -57,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let server = FakeApiServer::start_with(listener, store, config)?;
     if let Some(out) = &args.kubeconfig_out {
         server
-            .write_kubeconfig(out)
+            .write_kubeconfig_named(out, &args.context)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     tracing::info!(url = %server.url(), "API server stand-in listening");
