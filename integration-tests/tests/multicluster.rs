@@ -522,12 +522,19 @@ async fn cluster_control_planes_under_a_hub_see_what_one_control_plane_sees() {
     let hub = control_plane_on(hub_listener, hub_argv).await;
 
     let mut rx = direct.snapshots.clone();
-    within(
-        "the direct control plane's two imports",
-        rx.wait_for(|s| s.as_ref().is_some_and(|s| s.complete())),
-    )
-    .await
-    .expect("running");
+    within("the direct control plane's two imports", async {
+        loop {
+            let complete = rx
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|s| s.complete());
+            if complete && imports_of(&direct).len() == 2 {
+                return;
+            }
+            rx.changed().await.expect("running");
+        }
+    })
+    .await;
     let reference = imports_of(&direct);
     assert_eq!(reference.len(), 2, "{reference:?}");
     for (c, cp) in CLUSTERS.iter().zip(&per_cluster) {
