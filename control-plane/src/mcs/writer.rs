@@ -235,19 +235,22 @@ impl Writer {
             Write::Delete { .. } => true,
         });
 
-        let client = self.client.clone();
-        let results: Vec<(Write, Result<(), Failure>)> =
-            futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
-                futures::stream::iter(writes.into_iter().map(|w| {
-                    let client = client.clone();
-                    async move {
-                        let r = apply(&client, version, &w).await;
-                        (w, r)
-                    }
-                })),
-                CONCURRENCY,
-            ))
-            .await;
+        // A ServiceImport's status goes after its main resource: applied to
+        // an import that does not exist yet, it would be a 404.
+        let (statuses, first): (Vec<Write>, Vec<Write>) = writes
+            .into_iter()
+            .partition(|w| matches!(w, Write::ImportStatus { .. }));
+        let mut results = send_all(&self.client, version, first).await;
+        let created_failed: std::collections::HashSet<String> = results
+            .iter()
+            .filter(|(w, r)| r.is_err() && matches!(w, Write::Import { .. }))
+            .map(|(w, _)| w.object())
+            .collect();
+        let statuses = statuses
+            .into_iter()
+            .filter(|w| !created_failed.contains(&w.object()))
+            .collect();
+        results.extend(send_all(&self.client, version, statuses).await);
         let mut gone = false;
         for (w, r) in results {
             match r {
@@ -492,6 +495,22 @@ impl From<kube::Error> for Failure {
     fn from(e: kube::Error) -> Self {
         Failure::Api(e)
     }
+}
+
+/// Sends `writes`, [`CONCURRENCY`] at a time, each with its result.
+async fn send_all(
+    client: &Client,
+    version: &str,
+    writes: Vec<Write>,
+) -> Vec<(Write, Result<(), Failure>)> {
+    futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+        futures::stream::iter(writes.into_iter().map(|w| async move {
+            let r = apply(client, version, &w).await;
+            (w, r)
+        })),
+        CONCURRENCY,
+    ))
+    .await
 }
 
 /// Sends one write.
