@@ -166,7 +166,8 @@ impl Drop for Netns {
 pub fn service(i: usize, generation: u32) -> ServiceState {
     let mut s = Service::new(ServiceKey::new("default", "bench", format!("svc-{i}")));
     s.cluster_ips = vec![
-        format!("10.96.{}.{}", i / 250, i % 250 + 1)
+        // 10.96.0.0/12 holds 16 x 62,500 of them.
+        format!("10.{}.{}.{}", 96 + i / 62_500, (i / 250) % 250, i % 250 + 1)
             .parse()
             .expect("ip"),
     ];

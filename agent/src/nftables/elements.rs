@@ -6,8 +6,9 @@
 //! ```text
 //!  ServiceState ─▶ endpoints::plan ─▶ per port: frontends ─▶ set elements (cluster_ips, no_endpoints, ...)
 //!                                               endpoints ─▶ map elements (ip_main_slots { FE . offset(N) + slot : endpoint })
-//!  Programmed: (set, key) ─▶ { owner ─▶ data }   in force: the first owner's data
-//!  partial(changed) ─▶ per touched key: before/after in force ─▶ "delete element" + "add element" (one batch)
+//!  Programmed: hash(set, key) ─▶ owner id(s)   in force: the first owner's (by name) data
+//!  partial(old, new, changed) ─▶ the changed Services' elements in old and new ─▶ per touched key:
+//!      before/after in force ─▶ Batch (deletes, then adds) ─▶ netlink messages (one batch) or nft text
 //! ```
 //!
 //! Two Services may contribute the same element (the hairpin pair of an
@@ -16,11 +17,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::hash::BuildHasher as _;
 use std::net::{IpAddr, SocketAddr};
 
 use switchyard_model::{Protocol, ServiceState, affinity_timeout_or_default};
 
 use super::layout::{self, Balance, Words};
+use super::netlink::{Encoder, NetlinkError, Op};
 use crate::conntrack::{Desired, Frontend};
 use crate::endpoints::{self, Backend, PortPlan};
 use crate::iptables::{Family, NodeConfig};
@@ -234,7 +237,7 @@ pub fn service_elements(state: &ServiceState, family: Family, cfg: &NodeConfig) 
 #[derive(Debug, Default)]
 pub struct Batch {
     deletes: BTreeMap<String, Vec<String>>,
-    adds: BTreeMap<String, Vec<String>>,
+    adds: BTreeMap<String, Vec<(String, String)>>,
     /// Element operations in this batch.
     pub operations: usize,
 }
@@ -249,75 +252,110 @@ impl Batch {
     }
 
     fn add(&mut self, set: &str, key: &str, data: &str) {
-        let e = if data.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{key} : {data}")
-        };
-        self.adds.entry(set.to_owned()).or_default().push(e);
+        self.adds
+            .entry(set.to_owned())
+            .or_default()
+            .push((key.to_owned(), data.to_owned()));
         self.operations += 1;
     }
 
     /// The `delete element` / `add element` lines for table `table`.
     pub fn write(&self, out: &mut String, table: &str) {
-        for (verb, sets) in [("delete", &self.deletes), ("add", &self.adds)] {
-            for (set, items) in sets {
-                // Long lines are fine for nft; chunks keep each one readable in errors.
-                for chunk in items.chunks(2048) {
-                    let _ = writeln!(
-                        out,
-                        "{verb} element {table} {set} {{ {} }}",
-                        chunk.join(", ")
-                    );
-                }
+        for (set, items) in &self.deletes {
+            for chunk in items.chunks(2048) {
+                let _ = writeln!(
+                    out,
+                    "delete element {table} {set} {{ {} }}",
+                    chunk.join(", ")
+                );
             }
         }
+        for (set, items) in &self.adds {
+            // Long lines are fine for nft; chunks keep each one readable in errors.
+            for chunk in items.chunks(2048) {
+                let items: Vec<String> = chunk.iter().map(|(k, d)| element_text(k, d)).collect();
+                let _ = writeln!(out, "add element {table} {set} {{ {} }}", items.join(", "));
+            }
+        }
+    }
+
+    /// The same operations as netlink messages, into one batch.
+    pub fn encode(&self, enc: &mut Encoder) -> Result<(), NetlinkError> {
+        for (set, items) in &self.deletes {
+            for key in items {
+                enc.push(Op::Delete, set, key, "")?;
+            }
+        }
+        for (set, items) in &self.adds {
+            for (key, data) in items {
+                enc.push(Op::Add, set, key, data)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
         self.operations == 0
     }
-}
 
-/// The Services that contribute one element, each with its data, by
-/// name; the first one's data is in force. Almost every element has one
-/// owner: a sorted vector costs 48 bytes per owner where a `BTreeMap` node
-/// cost about 500, which at 10,000 Services (220,000 elements) was most
-/// of the record's memory.
-#[derive(Debug, Clone, Default)]
-struct Owners(Vec<(String, String)>);
-
-impl Owners {
-    fn insert(&mut self, owner: &str, data: &str) {
-        match self.0.binary_search_by(|(o, _)| o.as_str().cmp(owner)) {
-            Ok(i) => data.clone_into(&mut self.0[i].1),
-            Err(i) => self.0.insert(i, (owner.to_owned(), data.to_owned())),
-        }
+    /// Adds an element to add.
+    pub fn add_element(&mut self, set: &str, key: &str, data: &str) {
+        self.add(set, key, data);
     }
 
-    fn remove(&mut self, owner: &str) {
-        if let Ok(i) = self.0.binary_search_by(|(o, _)| o.as_str().cmp(owner)) {
-            self.0.remove(i);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn in_force(&self) -> Option<&String> {
-        self.0.first().map(|(_, d)| d)
+    /// Whether it touches a set whose elements go through text only.
+    pub fn has_ranged(&self) -> bool {
+        self.deletes
+            .keys()
+            .chain(self.adds.keys())
+            .any(|s| super::netlink::ranged(s))
     }
 }
 
-/// Everything we programmed in one family.
+/// `KEY` or `KEY : DATA`, as `add element` takes it.
+pub fn element_text(key: &str, data: &str) -> String {
+    if data.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{key} : {data}")
+    }
+}
+
+/// What the record keeps of one Service: no elements (they are computed
+/// again from the state when it changes), only what the clean-ups and
+/// `/status` ask about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRecord {
+    id: u32,
+    /// The affinity timeout (seconds) of its ports, if sticky.
+    pub affinity: Option<u32>,
+    /// Sticky in the Service but balanced per connection here.
+    pub affinity_unsupported: bool,
+    /// Its UDP frontends with the endpoints serving them.
+    udp: Vec<(Frontend, BTreeSet<SocketAddr>)>,
+}
+
+/// Everything we programmed in one family, compactly: each element in
+/// force is a 64-bit hash of its set and key with the id of the Service
+/// that owns it (16 bytes; elements as strings with owners by name cost
+/// some 500 bytes each, 1.1 GiB at 100,000 Services x 10 endpoints). A
+/// Service's elements are computed again from the state when it changes,
+/// so the record never holds them. Two elements whose hashes collide would
+/// be taken for one: at 2.3 million elements the odds are about 1 in 7
+/// million per record.
 #[derive(Debug, Clone)]
 pub struct Programmed {
     family: Family,
-    /// (set, key) ─▶ owner ─▶ data.
-    owners: HashMap<(String, String), Owners>,
-    services: HashMap<String, ServiceElements>,
+    hasher: foldhash::quality::RandomState,
+    /// Element ─▶ its one owner (almost every element).
+    single: foldhash::HashMap<u64, u32>,
+    /// Element ─▶ its owners, when more than one Service contributes it.
+    shared: foldhash::HashMap<u64, Vec<u32>>,
+    services: HashMap<String, ServiceRecord>,
+    /// Service id ─▶ name (empty when free).
+    names: Vec<String>,
+    free: Vec<u32>,
     /// How many of `services` have UDP frontends (stale-flow clean-up
     /// walks every Service only when one has: that walk was 3.5% of the
     /// CPU of an endpoint change at 10,000 TCP Services).
@@ -326,13 +364,43 @@ pub struct Programmed {
     timeouts: BTreeSet<u32>,
 }
 
+/// The affinity timeouts the Services of `state` use in `family`: what
+/// the skeleton declares sets and rules for.
+pub fn timeouts(state: &AgentState, family: Family) -> BTreeSet<u32> {
+    if family != Family::V4 {
+        return BTreeSet::new();
+    }
+    state
+        .resources
+        .values()
+        .filter_map(|h| h.state.service.session_affinity_timeout)
+        .map(|t| affinity_timeout_or_default(Some(t)))
+        .collect()
+}
+
+/// The transaction that replaces our table in `family` by its skeleton:
+/// sets, maps, chains and rules, and the node's CIDR sets (libnftables).
+pub fn skeleton(family: Family, cfg: &NodeConfig, timeouts: &BTreeSet<u32>) -> String {
+    let table = Words::of(family).table();
+    let mut text = format!("add table {table}\ndelete table {table}\n");
+    text.push_str(&layout::table(family, cfg, timeouts));
+    let mut batch = Batch::default();
+    config_elements(&mut batch, family, cfg);
+    batch.write(&mut text, &table);
+    text
+}
+
 impl Programmed {
     /// Nothing programmed yet.
     pub fn new(family: Family) -> Self {
         Self {
             family,
-            owners: HashMap::new(),
+            hasher: foldhash::quality::RandomState::default(),
+            single: foldhash::HashMap::default(),
+            shared: foldhash::HashMap::default(),
             services: HashMap::new(),
+            names: Vec::new(),
+            free: Vec::new(),
             udp_services: 0,
             timeouts: BTreeSet::new(),
         }
@@ -345,7 +413,7 @@ impl Programmed {
 
     /// Elements in force.
     pub fn element_count(&self) -> usize {
-        self.owners.len()
+        self.single.len() + self.shared.len()
     }
 
     /// Affinity timeouts whose sets and rules exist.
@@ -353,118 +421,248 @@ impl Programmed {
         &self.timeouts
     }
 
-    /// A fresh record of `state` and the one transaction that puts it in
-    /// force over whatever our table held: the table replaced whole (the
-    /// packets of the instant see the old table or the new one), because
-    /// nft 1.0.6 cannot add rules that refer to a map it reads back (see
-    /// [`layout`]). The clients the affinity maps remembered are written
-    /// back by the data plane ([`super::NftablesDataPlane`]) in the same
-    /// transaction.
-    pub fn full(state: &AgentState, cfg: &NodeConfig, family: Family) -> (Self, String) {
+    /// A fresh record of `state`; every element in force goes to `sink`
+    /// (set, key, data), each once, in the Services' name order (of two
+    /// Services giving one map key different data, the first one's is in
+    /// force). What goes before it is [`skeleton`] with [`timeouts`].
+    pub fn full<E>(
+        state: &AgentState,
+        cfg: &NodeConfig,
+        family: Family,
+        mut sink: impl FnMut(&str, &str, &str) -> Result<(), E>,
+    ) -> Result<Self, E> {
         let mut me = Self::new(family);
+        me.single.reserve(state.resources.len() * 8);
         for (name, held) in &state.resources {
             let e = service_elements(&held.state, family, cfg);
-            me.record(name, &e);
-            me.udp_services += usize::from(!e.udp.is_empty());
-            me.services.insert(name.clone(), e);
-        }
-        me.timeouts = me.services.values().filter_map(|s| s.affinity).collect();
-        let w = Words::of(family);
-        let table = w.table();
-        let mut text = format!("add table {table}\ndelete table {table}\n");
-        text.push_str(&layout::table(family, cfg, &me.timeouts));
-        let mut batch = Batch::default();
-        for ((set, key), owners) in &me.owners {
-            if let Some(data) = owners.in_force() {
-                batch.add(set, key, data);
+            let id = me.intern(name, &e);
+            for el in &e.elements {
+                if me.own(&el.set, &el.key, id) {
+                    sink(&el.set, &el.key, &el.data)?;
+                }
             }
         }
-        config_elements(&mut batch, family, cfg);
-        batch.write(&mut text, &table);
+        me.timeouts = timeouts(state, family);
+        Ok(me)
+    }
+
+    /// [`Programmed::full`] as one libnftables text (skeleton and every
+    /// element): what `nft -f` takes, for tests and the benchmarks' floor.
+    pub fn full_text(state: &AgentState, cfg: &NodeConfig, family: Family) -> (Self, String) {
+        let mut batch = Batch::default();
+        let me = Self::full(state, cfg, family, |s, k, d| {
+            batch.add(s, k, d);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|e| match e {});
+        let mut text = skeleton(family, cfg, &me.timeouts);
+        batch.write(&mut text, &Words::of(family).table());
         (me, text)
     }
 
-    fn record(&mut self, name: &str, e: &ServiceElements) {
-        for el in &e.elements {
-            self.owners
-                .entry((el.set.clone(), el.key.clone()))
-                .or_default()
-                .insert(name, &el.data);
+    fn hash(&self, set: &str, key: &str) -> u64 {
+        self.hasher.hash_one((set, key))
+    }
+
+    /// Records Service `name` (a new id, or its old one) with what it holds.
+    fn intern(&mut self, name: &str, e: &ServiceElements) -> u32 {
+        let id = match self.services.get(name) {
+            Some(r) => r.id,
+            None => match self.free.pop() {
+                Some(id) => {
+                    name.clone_into(&mut self.names[id as usize]);
+                    id
+                }
+                None => {
+                    self.names.push(name.to_owned());
+                    u32::try_from(self.names.len() - 1).expect("under 4 billion Services")
+                }
+            },
+        };
+        let record = ServiceRecord {
+            id,
+            affinity: e.affinity,
+            affinity_unsupported: e.affinity_unsupported,
+            udp: e.udp.clone(),
+        };
+        self.udp_services += usize::from(!record.udp.is_empty());
+        if let Some(old) = self.services.insert(name.to_owned(), record) {
+            self.udp_services -= usize::from(!old.udp.is_empty());
+        }
+        id
+    }
+
+    fn forget(&mut self, name: &str) {
+        if let Some(old) = self.services.remove(name) {
+            self.udp_services -= usize::from(!old.udp.is_empty());
+            self.names[old.id as usize].clear();
+            self.free.push(old.id);
         }
     }
 
-    /// Moves the record to `state` for the Services in `changes`, and
-    /// returns the one transaction that does the same in the kernel:
-    /// element operations only. `None` when an affinity timeout no Service
-    /// used before appears: its rules need a full sync.
+    /// Adds `id` to the element's owners; whether the element is new.
+    fn own(&mut self, set: &str, key: &str, id: u32) -> bool {
+        let h = self.hash(set, key);
+        if let Some(owners) = self.shared.get_mut(&h) {
+            if let Err(i) = owners.binary_search(&id) {
+                owners.insert(i, id);
+            }
+            return false;
+        }
+        match self.single.get(&h) {
+            None => {
+                self.single.insert(h, id);
+                true
+            }
+            Some(&o) if o == id => false,
+            Some(&o) => {
+                self.single.remove(&h);
+                let mut v = vec![o, id];
+                v.sort_unstable();
+                self.shared.insert(h, v);
+                false
+            }
+        }
+    }
+
+    /// Removes `id` from the element's owners.
+    fn disown(&mut self, set: &str, key: &str, id: u32) {
+        let h = self.hash(set, key);
+        if self.single.get(&h) == Some(&id) {
+            self.single.remove(&h);
+            return;
+        }
+        if let Some(owners) = self.shared.get_mut(&h) {
+            if let Ok(i) = owners.binary_search(&id) {
+                owners.remove(i);
+            }
+            if owners.len() == 1 {
+                let last = owners[0];
+                self.shared.remove(&h);
+                self.single.insert(h, last);
+            }
+        }
+    }
+
+    /// The Service whose data is in force for an element (the first by
+    /// name), if any owns it.
+    fn first_owner(&self, set: &str, key: &str) -> Option<&str> {
+        let h = self.hash(set, key);
+        if let Some(&o) = self.single.get(&h) {
+            return Some(&self.names[o as usize]);
+        }
+        self.shared
+            .get(&h)?
+            .iter()
+            .map(|&o| self.names[o as usize].as_str())
+            .min()
+    }
+
+    /// Moves the record from `old` to `state` for the Services in
+    /// `changes`, and returns the element operations that do the same in
+    /// the kernel. `None` when an affinity timeout no Service used before
+    /// appears: its rules need a full sync.
     pub fn partial(
         &mut self,
+        old: &AgentState,
         state: &AgentState,
         changes: &ChangeSet,
         cfg: &NodeConfig,
-    ) -> Option<String> {
+    ) -> Option<Batch> {
         let family = self.family;
-        let mut before: HashMap<(String, String), Option<String>> = HashMap::new();
         let names: BTreeSet<&String> = changes.changed.iter().chain(&changes.removed).collect();
+        // Each changed Service's elements before and after.
+        let mut cache: HashMap<(String, bool), ServiceElements> = HashMap::new();
+        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
         let mut new_timeout = false;
-        for name in names {
-            let old = self.services.remove(name).unwrap_or_default();
-            self.udp_services -= usize::from(!old.udp.is_empty());
-            for el in &old.elements {
-                let k = (el.set.clone(), el.key.clone());
-                let in_force = self.in_force(&k);
-                before.entry(k.clone()).or_insert(in_force);
-                if let Some(o) = self.owners.get_mut(&k) {
-                    o.remove(name);
-                    if o.is_empty() {
-                        self.owners.remove(&k);
-                    }
+        for &name in &names {
+            for (st, after) in [(old, false), (state, true)] {
+                let Some(held) = st.resources.get(name) else {
+                    continue;
+                };
+                let e = service_elements(&held.state, family, cfg);
+                touched.extend(e.elements.iter().map(|el| (el.set.clone(), el.key.clone())));
+                if after && e.affinity.is_some_and(|t| !self.timeouts.contains(&t)) {
+                    new_timeout = true;
+                }
+                cache.insert((name.clone(), after), e);
+            }
+        }
+        let before: Vec<Option<String>> = touched
+            .iter()
+            .map(|(s, k)| self.in_force(s, k, old, false, &mut cache, cfg))
+            .collect();
+        for &name in &names {
+            let id = self.services.get(name.as_str()).map(|r| r.id);
+            if let (Some(id), Some(e)) = (id, cache.get(&(name.clone(), false))) {
+                let els: Vec<(String, String)> = e
+                    .elements
+                    .iter()
+                    .map(|el| (el.set.clone(), el.key.clone()))
+                    .collect();
+                for (s, k) in els {
+                    self.disown(&s, &k, id);
                 }
             }
-            let Some(held) = state.resources.get(name) else {
-                continue;
-            };
-            let new = service_elements(&held.state, family, cfg);
-            for el in &new.elements {
-                let k = (el.set.clone(), el.key.clone());
-                let in_force = self.in_force(&k);
-                before.entry(k).or_insert(in_force);
+            match cache.get(&(name.clone(), true)) {
+                Some(e) => {
+                    let e = e.clone();
+                    let id = self.intern(name, &e);
+                    for el in &e.elements {
+                        self.own(&el.set, &el.key, id);
+                    }
+                }
+                None => self.forget(name),
             }
-            self.record(name, &new);
-            self.udp_services += usize::from(!new.udp.is_empty());
-            if let Some(t) = new.affinity
-                && self.timeouts.insert(t)
-            {
-                new_timeout = true;
-            }
-            self.services.insert(name.clone(), new);
         }
         if new_timeout {
+            self.timeouts = timeouts(state, family);
             return None;
         }
-        let table = Words::of(family).table();
-        let mut text = String::new();
         let mut batch = Batch::default();
-        let mut keys: Vec<_> = before.into_iter().collect();
-        keys.sort();
-        for (k, was) in keys {
-            let now = self.in_force(&k);
+        for ((set, key), was) in touched.iter().zip(before) {
+            let now = self.in_force(set, key, state, true, &mut cache, cfg);
             match (was, now) {
-                (None, Some(d)) => batch.add(&k.0, &k.1, &d),
-                (Some(_), None) => batch.delete(&k.0, &k.1),
+                (None, Some(d)) => batch.add(set, key, &d),
+                (Some(_), None) => batch.delete(set, key),
                 (Some(a), Some(b)) if a != b => {
-                    batch.delete(&k.0, &k.1);
-                    batch.add(&k.0, &k.1, &b);
+                    batch.delete(set, key);
+                    batch.add(set, key, &b);
                 }
                 _ => {}
             }
         }
-        batch.write(&mut text, &table);
-        Some(text)
+        Some(batch)
     }
 
-    fn in_force(&self, k: &(String, String)) -> Option<String> {
-        self.owners.get(k).and_then(|o| o.in_force().cloned())
+    /// The data in force for an element in `st` (empty for a set
+    /// element), `None` when no Service owns it. A Service's elements are
+    /// computed once per state and kept in `cache`.
+    fn in_force(
+        &self,
+        set: &str,
+        key: &str,
+        st: &AgentState,
+        after: bool,
+        cache: &mut HashMap<(String, bool), ServiceElements>,
+        cfg: &NodeConfig,
+    ) -> Option<String> {
+        let owner = self.first_owner(set, key)?.to_owned();
+        let slot = (owner, after);
+        if !cache.contains_key(&slot) {
+            let e = st
+                .resources
+                .get(&slot.0)
+                .map(|h| service_elements(&h.state, self.family, cfg))
+                .unwrap_or_default();
+            cache.insert(slot.clone(), e);
+        }
+        cache[&slot]
+            .elements
+            .iter()
+            .find(|el| el.set == set && el.key == key)
+            .map(|el| el.data.clone())
+            .or(Some(String::new()))
     }
 
     /// Every UDP frontend programmed, with the endpoints serving it: what
@@ -480,13 +678,16 @@ impl Programmed {
         out
     }
 
-    /// What every Service holds.
-    pub fn services(&self) -> impl Iterator<Item = &ServiceElements> {
-        self.services.values()
+    /// The names of the sticky Services.
+    pub fn sticky_services(&self) -> impl Iterator<Item = &str> {
+        self.services
+            .iter()
+            .filter(|(_, r)| r.affinity.is_some())
+            .map(|(n, _)| n.as_str())
     }
 
-    /// What one Service holds, for `/status?service=`.
-    pub fn service(&self, name: &str) -> Option<&ServiceElements> {
+    /// What the record keeps of one Service.
+    pub fn service(&self, name: &str) -> Option<&ServiceRecord> {
         self.services.get(name)
     }
 }

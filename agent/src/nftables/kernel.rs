@@ -1,20 +1,27 @@
 //! The one way the nftables data plane reaches the kernel: a libnftables
-//! context kept open ([`switchyard_libnftables::Nft`]), in the agent's own
-//! network namespace or, for tests and benchmarks, in a named one.
+//! context kept open ([`switchyard_libnftables::Nft`]) for the skeleton
+//! and listings, and a netlink socket of our own for element batches
+//! ([`super::netlink`]), in the agent's own network namespace or, for
+//! tests and benchmarks, in a named one.
 //!
 //! ```text
-//!  host:  run(text) ─▶ Nft::run (this thread)
+//!  host:  run(text) ─▶ Nft::run (this thread)      send(batch) ─▶ ElementSocket (this thread)
 //!  netns: run(text) ─▶ channel ─▶ worker thread (entered the namespace with setns(2) once) ─▶ Nft::run ─▶ reply
+//!         send(batch) ─▶ ElementSocket (opened by the worker, so in the namespace; used from this thread)
 //! ```
 //!
 //! The worker exists because libnftables opens its netlink socket in the
 //! namespace of the thread that first uses it; a thread of its own that
 //! never leaves the namespace keeps every socket it may reopen there too.
+//! Our own socket belongs to the namespace it was created in, wherever it
+//! is used from.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
 
 use switchyard_libnftables::{Error as NftError, Nft};
+
+use super::netlink::{ElementSocket, NetlinkError, Sealed};
 
 /// Why the kernel could not be reached or refused a batch.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +38,9 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    /// An element batch could not be sent or was refused.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// The worker thread of a namespace ended.
     #[error("the nftables worker thread of {0} ended")]
     Worker(String),
@@ -38,9 +48,16 @@ pub enum KernelError {
 
 type Job = (String, u32, mpsc::Sender<Result<String, NftError>>);
 
-/// A libnftables context in a network namespace.
+/// A libnftables context and an element socket in a network namespace.
 #[derive(Debug)]
-pub enum Kernel {
+pub struct Kernel {
+    nft: Libnft,
+    elements: ElementSocket,
+}
+
+/// Where libnftables runs.
+#[derive(Debug)]
+enum Libnft {
     /// In the agent's own namespace.
     Host(Nft),
     /// In a named namespace, through its worker thread.
@@ -55,7 +72,10 @@ pub enum Kernel {
 impl Kernel {
     /// A context in the agent's own network namespace.
     pub fn host() -> Result<Self, KernelError> {
-        Ok(Self::Host(Nft::open()?))
+        Ok(Self {
+            nft: Libnft::Host(Nft::open()?),
+            elements: ElementSocket::open()?,
+        })
     }
 
     /// A context in the named network namespace (`ip netns` names).
@@ -78,10 +98,10 @@ impl Kernel {
                     path,
                     source: e.into(),
                 })
-                .and_then(|()| Nft::open().map_err(KernelError::from));
+                .and_then(|()| Ok((Nft::open()?, ElementSocket::open()?)));
                 let mut nft = match opened {
-                    Ok(n) => {
-                        let _ = ready_tx.send(Ok(()));
+                    Ok((n, socket)) => {
+                        let _ = ready_tx.send(Ok(socket));
                         n
                     }
                     Err(e) => {
@@ -98,12 +118,15 @@ impl Kernel {
                 path: PathBuf::from(name),
                 source,
             })?;
-        ready_rx
+        let elements = ready_rx
             .recv()
             .map_err(|_| KernelError::Worker(name.to_owned()))??;
-        Ok(Self::Netns {
-            name: name.to_owned(),
-            jobs,
+        Ok(Self {
+            nft: Libnft::Netns {
+                name: name.to_owned(),
+                jobs,
+            },
+            elements,
         })
     }
 
@@ -114,17 +137,22 @@ impl Kernel {
 
     /// Runs `text` with output flags (`switchyard_libnftables::OUTPUT_JSON`).
     pub fn run_with(&mut self, text: &str, flags: u32) -> Result<String, KernelError> {
-        match self {
-            Self::Host(nft) => {
+        match &mut self.nft {
+            Libnft::Host(nft) => {
                 nft.set_output_flags(flags);
                 Ok(nft.run(text)?)
             }
-            Self::Netns { name, jobs } => {
+            Libnft::Netns { name, jobs } => {
                 let (tx, rx) = mpsc::channel();
                 jobs.send((text.to_owned(), flags, tx))
                     .map_err(|_| KernelError::Worker(name.clone()))?;
                 Ok(rx.recv().map_err(|_| KernelError::Worker(name.clone()))??)
             }
         }
+    }
+
+    /// Sends one element batch: one transaction.
+    pub fn send(&mut self, batch: &Sealed) -> Result<(), KernelError> {
+        Ok(self.elements.send(batch)?)
     }
 }

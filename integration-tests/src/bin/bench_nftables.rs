@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use switchyard_agent::dataplane::{Change, DataPlane};
 use switchyard_agent::iptables::{Family, IptablesDataPlane, Runner};
 use switchyard_agent::nftables::NftablesDataPlane;
+use switchyard_agent::nftables::elements::Programmed;
 use switchyard_agent::state::{AgentState, ChangeSet};
 use switchyard_integration_tests::bench::{
     Netns, cfg, insert, loadavg, ms, percentile, proc_status_kib, service,
@@ -38,12 +39,22 @@ struct Row {
     plane: &'static str,
     services: usize,
     full: Duration,
+    /// nftables: `nft -f` of the same skeleton and elements into a fresh
+    /// namespace, in the same run (the kernel's floor through text).
+    floor: Option<Duration>,
     one: f64,
+    /// nftables: time in `sendmsg` of the one-endpoint batch (median).
+    one_kernel: Option<f64>,
     count: f64,
     tenth: Duration,
 }
 
-fn apply(dp: &mut dyn DataPlane, state: &AgentState, changes: &ChangeSet, full: bool) -> Duration {
+fn apply<D: DataPlane + ?Sized>(
+    dp: &mut D,
+    state: &AgentState,
+    changes: &ChangeSet,
+    full: bool,
+) -> Duration {
     let t = Instant::now();
     dp.apply(&Change {
         state,
@@ -77,19 +88,74 @@ fn data_plane(plane: &str, ns: &Netns) -> Box<dyn DataPlane> {
     }
 }
 
+/// `nft -f` of the whole table (skeleton and elements) as text, into a
+/// fresh namespace: wall time of the nft process.
+fn nft_floor(state: &AgentState) -> Duration {
+    use std::io::Write;
+    let ns = Netns::new("floor");
+    let (_, text) = Programmed::full_text(state, &cfg(), Family::V4);
+    let path = std::env::temp_dir().join(format!("swy-floor-{}.nft", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .expect("writing the floor's nft file");
+    drop(text);
+    let t = Instant::now();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "-f"])
+        .arg(&path)
+        .output()
+        .expect("running nft -f");
+    let took = t.elapsed();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
 fn measure(plane: &'static str, n: usize, rounds: u32) -> Row {
     let ns = Netns::new(plane);
-    let mut dp = data_plane(plane, &ns);
     let mut state = AgentState::default();
     let names: Vec<String> = (0..n).map(|i| insert(&mut state, service(i, 0))).collect();
+    if plane == "nftables" {
+        let floor = nft_floor(&state);
+        let mut dp = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
+        let full = apply(&mut dp, &state, &changed(names), true);
+        let mut row = changes(&mut dp, &mut state, plane, n, rounds, |dp| {
+            Some(ms(dp.last_send()))
+        });
+        row.full = full;
+        row.floor = Some(floor);
+        return row;
+    }
+    let mut dp = data_plane(plane, &ns);
     let full = apply(dp.as_mut(), &state, &changed(names), true);
+    let mut row = changes(dp.as_mut(), &mut state, plane, n, rounds, |_| None);
+    row.full = full;
+    row
+}
+
+/// The changes after a full sync; `kernel` reads the kernel's time of the
+/// last one, where the plane knows it.
+fn changes<D: DataPlane + ?Sized>(
+    dp: &mut D,
+    state: &mut AgentState,
+    plane: &'static str,
+    n: usize,
+    rounds: u32,
+    kernel: impl Fn(&D) -> Option<f64>,
+) -> Row {
+    let mut kernel_one = Vec::new();
 
     // One endpoint changed, each round on another Service.
     let mut one = Vec::new();
     for round in 1..=rounds {
         let i = (round as usize * 7919) % n;
-        let name = insert(&mut state, service(i, round));
-        one.push(ms(apply(dp.as_mut(), &state, &changed(vec![name]), false)));
+        let name = insert(state, service(i, round));
+        one.push(ms(apply(dp, state, &changed(vec![name]), false)));
+        kernel_one.extend(kernel(dp));
     }
     // The endpoint count: 10 -> 9 -> 10 on one Service.
     let mut count = Vec::new();
@@ -98,19 +164,21 @@ fn measure(plane: &'static str, n: usize, rounds: u32) -> Row {
         if round % 2 == 0 {
             s.slices[0].endpoints.pop();
         }
-        let name = insert(&mut state, s);
-        count.push(ms(apply(dp.as_mut(), &state, &changed(vec![name]), false)));
+        let name = insert(state, s);
+        count.push(ms(apply(dp, state, &changed(vec![name]), false)));
     }
     // A tenth of the Services, one endpoint each, in one update.
     let tenth: Vec<String> = (0..n / 10)
-        .map(|k| insert(&mut state, service(k * 10, 200)))
+        .map(|k| insert(state, service(k * 10, 200)))
         .collect();
-    let tenth = apply(dp.as_mut(), &state, &changed(tenth), false);
+    let tenth = apply(dp, state, &changed(tenth), false);
     Row {
         plane,
         services: n,
-        full,
+        full: Duration::ZERO,
+        floor: None,
         one: median(one),
+        one_kernel: (!kernel_one.is_empty()).then(|| median(kernel_one)),
         count: median(count),
         tenth,
     }
@@ -383,16 +451,19 @@ fn apply_section(sizes: &[usize]) {
         rows.push(measure("iptables", n, 7));
     }
     println!(
-        "| data plane | services x 10 endpoints | full sync | one endpoint changed (median) | endpoint count changed (median) | a tenth of the Services changed in one update |"
+        "| data plane | services x 10 endpoints | full sync | `nft -f` of the same table (floor, same run) | one endpoint changed (median) | of which in sendmsg (median) | endpoint count changed (median) | a tenth of the Services changed in one update |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s | {:.2} ms | {:.2} ms | {:.0} ms |",
+            "| {} | {} | {:.2} s | {} | {:.2} ms | {} | {:.2} ms | {:.0} ms |",
             r.plane,
             r.services,
             r.full.as_secs_f64(),
+            or_dash(r.floor.map(|f| format!("{:.2} s", f.as_secs_f64()))),
             r.one,
+            or_dash(r.one_kernel.map(|k| format!("{k:.3} ms"))),
             r.count,
             ms(r.tenth),
         );

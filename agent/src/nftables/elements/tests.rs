@@ -28,6 +28,15 @@ fn sets(e: &ServiceElements) -> BTreeSet<&str> {
     e.elements.iter().map(|e| e.set.as_str()).collect()
 }
 
+/// A partial sync's operations as nft text.
+fn text(b: Option<Batch>) -> Option<String> {
+    b.map(|b| {
+        let mut t = String::new();
+        b.write(&mut t, "ip switchyard");
+        t
+    })
+}
+
 fn changed(name: &str) -> ChangeSet {
     ChangeSet {
         changed: vec![name.into()],
@@ -108,7 +117,7 @@ fn external_local_short_circuits_to_cluster_endpoints_and_drops_outside() {
 fn partial_is_element_operations_and_a_count_change_moves_classes() {
     let cfg = cfg();
     let before = state(vec![tcp(&["10.244.2.2", "10.244.2.3"])]);
-    let (mut p, full) = Programmed::full(&before, &cfg, Family::V4);
+    let (mut p, full) = Programmed::full_text(&before, &cfg, Family::V4);
     assert!(
         full.starts_with("add table ip switchyard\ndelete table ip switchyard\n"),
         "{full}"
@@ -120,9 +129,8 @@ fn partial_is_element_operations_and_a_count_change_moves_classes() {
 
     // One endpoint swapped: one map element replaced, one hairpin pair each way.
     let swapped = state(vec![tcp(&["10.244.2.2", "10.244.2.4"])]);
-    let text = p
-        .partial(&swapped, &changed("default/shop/s0"), &cfg)
-        .expect("elements");
+    let text =
+        text(p.partial(&before, &swapped, &changed("default/shop/s0"), &cfg)).expect("elements");
     assert_eq!(
         text,
         "delete element ip switchyard hairpin { 10.244.2.3 . 10.244.2.3 }\n\
@@ -135,8 +143,7 @@ fn partial_is_element_operations_and_a_count_change_moves_classes() {
     // Three endpoints: the class-2 elements go, class-3 ones come (slots
     // 3..6, after classes 1 and 2), in the same map.
     let three = state(vec![tcp(&["10.244.2.2", "10.244.2.4", "10.244.2.5"])]);
-    let text = p
-        .partial(&three, &changed("default/shop/s0"), &cfg)
+    let text = self::text(p.partial(&swapped, &three, &changed("default/shop/s0"), &cfg))
         .expect("elements");
     assert!(text.contains("delete element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 1, 10.96.0.10 . tcp . 80 . 2 }"), "{text}");
     assert!(text.contains("add element ip switchyard ip_main_slots { 10.96.0.10 . tcp . 80 . 3 : 10.244.2.2 . 8080, 10.96.0.10 . tcp . 80 . 4 : 10.244.2.4 . 8080, 10.96.0.10 . tcp . 80 . 5 : 10.244.2.5 . 8080 }"), "{text}");
@@ -146,13 +153,13 @@ fn partial_is_element_operations_and_a_count_change_moves_classes() {
         changed: Vec::new(),
         removed: vec!["default/shop/s0".into()],
     };
-    let text = p
-        .partial(&AgentState::default(), &removed, &cfg)
-        .expect("elements");
+    let text =
+        self::text(p.partial(&three, &AgentState::default(), &removed, &cfg)).expect("elements");
     assert!(!text.contains("add "), "{text}");
     assert_eq!(p.element_count(), 0);
+    let empty = AgentState::default();
     assert_eq!(
-        p.partial(&AgentState::default(), &changed("default/shop/s0"), &cfg),
+        self::text(p.partial(&empty, &empty, &changed("default/shop/s0"), &cfg)),
         Some(String::new())
     );
 }
@@ -164,23 +171,26 @@ fn shared_elements_go_with_their_last_owner_and_new_timeouts_add_rules() {
     let mut other = tcp(&["10.244.2.2"]);
     other.service.cluster_ips = vec!["10.96.0.11".parse().expect("ip")];
     let both = state(vec![tcp(&["10.244.2.2"]), other.clone()]);
-    let (mut p, _) = Programmed::full(&both, &cfg, Family::V4);
+    let (mut p, _) = Programmed::full_text(&both, &cfg, Family::V4);
     let mut one = both.clone();
     one.resources.remove("default/shop/s0");
     let removed = ChangeSet {
         changed: Vec::new(),
         removed: vec!["default/shop/s0".into()],
     };
-    let text = p.partial(&one, &removed, &cfg).expect("elements");
+    let text = text(p.partial(&both, &one, &removed, &cfg)).expect("elements");
     assert!(!text.contains("hairpin"), "still s1's: {text}");
 
     // The first Service with a 60 s affinity needs its rules: a full sync.
     let mut sticky = other;
     sticky.service.session_affinity_timeout = Some(60);
     let both = state(vec![tcp(&["10.244.2.2"]), sticky]);
-    assert_eq!(p.partial(&both, &changed("default/shop/s1"), &cfg), None);
+    assert!(
+        p.partial(&one, &both, &changed("default/shop/s1"), &cfg)
+            .is_none()
+    );
     assert_eq!(p.timeouts(), &BTreeSet::from([60]));
-    let (p, full) = Programmed::full(&both, &cfg, Family::V4);
+    let (p, full) = Programmed::full_text(&both, &cfg, Family::V4);
     assert!(full.contains("set affinity_60 {"), "{full}");
     assert!(
         full.contains("add element ip switchyard affinity_60 { 10.96.0.11 . tcp . 80 }"),
@@ -199,9 +209,8 @@ fn shared_elements_go_with_their_last_owner_and_new_timeouts_add_rules() {
             state: Arc::new(third),
         },
     );
-    let text = p
-        .partial(&all, &changed("default/shop/s2"), &cfg)
-        .expect("elements");
+    let text =
+        self::text(p.partial(&both, &all, &changed("default/shop/s2"), &cfg)).expect("elements");
     assert!(!text.contains("rule"), "{text}");
 }
 
@@ -211,7 +220,7 @@ fn udp_frontends_follow_the_udp_services_and_ipv6_affinity_is_flagged() {
     let eps = vec![ep("10.244.2.2", "node-b")];
     let udp = svc(Protocol::Udp, vec![slice("d", Protocol::Udp, 5353, eps)]);
     let st = state(vec![tcp(&["10.244.2.3"]), udp]);
-    let (mut p, _) = Programmed::full(&st, &cfg, Family::V4);
+    let (mut p, _) = Programmed::full_text(&st, &cfg, Family::V4);
     assert_eq!(p.udp_frontends().len(), 1, "the UDP Service's cluster IP");
     // The UDP Service goes: nothing left to keep.
     let mut tcp_only = st.clone();
@@ -220,7 +229,7 @@ fn udp_frontends_follow_the_udp_services_and_ipv6_affinity_is_flagged() {
         changed: Vec::new(),
         removed: vec!["default/shop/s1".into()],
     };
-    p.partial(&tcp_only, &removed, &cfg).expect("elements");
+    p.partial(&st, &tcp_only, &removed, &cfg).expect("elements");
     assert!(p.udp_frontends().is_empty());
 
     // Sticky in IPv4, and flagged (not programmed) in IPv6.
