@@ -748,6 +748,66 @@ async fn control_planes_give_the_same_addresses_whenever_they_start() {
     // A third replica starting now, after all that, agrees too.
     let three = fleet.control_plane_with("three", &extra).await;
     wait_addresses(&three, "a replica started later to agree", |a| *a == second).await;
+
+    // An agent of west follows replica one, and two once one dies: the
+    // ClusterSet IPs it holds do not move, and what two alone sends
+    // after the failover (a new import) comes in beside them.
+    let mut args = agent_args(
+        "west-node",
+        &format!("http://{}", one.grpc_addr),
+        &fleet.dir.path().join("agent-failover"),
+    );
+    args.control_plane.push(format!("http://{}", two.grpc_addr));
+    args.cluster = "west".into();
+    args.dns_listen = DnsListen::None;
+    let agent = start_agent(args, Box::new(HistoryDataPlane::default())).await;
+    let held = |agent: &switchyard_agent::Agent| -> BTreeMap<String, Vec<IpAddr>> {
+        agent
+            .state
+            .borrow()
+            .resources
+            .iter()
+            .filter(|(name, _)| name.starts_with("clusterset/"))
+            .map(|(name, r)| (name.clone(), r.state.service.cluster_ips.clone()))
+            .collect()
+    };
+    let imports: BTreeMap<String, Vec<IpAddr>> = second
+        .iter()
+        .filter(|(name, _)| name.starts_with("clusterset/"))
+        .map(|(n, ips)| (n.clone(), ips.clone()))
+        .collect();
+    let mut rx = agent.state.clone();
+    within("the agent to hold replica one's imports", async {
+        while held(&agent) != imports {
+            rx.changed().await.expect("agent running");
+        }
+    })
+    .await;
+    one.kill().await;
+    for (kind, object) in [
+        (Kind::Service, service("svc-9", &[("http", 80)])),
+        (Kind::EndpointSlice, slice("svc-9", &["10.2.0.9"])),
+        (Kind::ServiceExport, export("svc-9")),
+    ] {
+        fleet.store("west").create(kind, object).expect("svc-9");
+    }
+    let after = within("the agent to get svc-9 from replica two", async {
+        loop {
+            let now = held(&agent);
+            if now.contains_key("clusterset/shop/svc-9") {
+                return now;
+            }
+            rx.changed().await.expect("agent running");
+        }
+    })
+    .await;
+    for (name, ips) in &imports {
+        assert_eq!(
+            after.get(name),
+            Some(ips),
+            "{name} kept its address across the failover"
+        );
+    }
 }
 
 fn slice_of(service: &str, family: &str, ips: &[&str]) -> Value {
