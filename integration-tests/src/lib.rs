@@ -91,6 +91,21 @@ impl TestEnv {
     pub fn cp_args(&self) -> switchyard_control_plane::Args {
         cp_args(&self.manifests(), &self.state("cp"), None)
     }
+
+    /// Control-plane arguments with these `--source` flags instead.
+    pub fn cp_args_with_sources(&self, sources: &[String]) -> switchyard_control_plane::Args {
+        let mut argv: Vec<String> = vec!["switchyard-control-plane".into()];
+        for s in sources {
+            argv.extend(["--source".into(), s.clone()]);
+        }
+        argv.extend([
+            "--state-dir".into(),
+            self.state("cp").display().to_string(),
+            "--debounce".into(),
+            "20ms".into(),
+        ]);
+        <switchyard_control_plane::Args as clap::Parser>::parse_from(argv)
+    }
 }
 
 impl Default for TestEnv {

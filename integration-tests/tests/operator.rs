@@ -4,21 +4,6 @@
 
 use switchyard_integration_tests::*;
 
-/// Control-plane arguments with several `--source` flags.
-fn cp_args_with_sources(env: &TestEnv, sources: &[String]) -> switchyard_control_plane::Args {
-    let mut argv: Vec<String> = vec!["switchyard-control-plane".into()];
-    for s in sources {
-        argv.extend(["--source".into(), s.clone()]);
-    }
-    argv.extend([
-        "--state-dir".into(),
-        env.state("cp").display().to_string(),
-        "--debounce".into(),
-        "20ms".into(),
-    ]);
-    <switchyard_control_plane::Args as clap::Parser>::parse_from(argv)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_nothing() {
     let env = TestEnv::new();
@@ -31,13 +16,10 @@ async fn a_mistyped_file_source_keeps_the_control_plane_not_ready_and_publishes_
         "apiVersion: v1\nkind: Servce\nmetadata: {name: x}\n",
     );
     let typo = env.dir.path().join("manifsts");
-    let cp = start_cp(cp_args_with_sources(
-        &env,
-        &[
-            format!("file:{}", env.manifests().display()),
-            format!("file:{}", typo.display()),
-        ],
-    ))
+    let cp = start_cp(env.cp_args_with_sources(&[
+        format!("file:{}", env.manifests().display()),
+        format!("file:{}", typo.display()),
+    ]))
     .await;
     let (agent, recorded) = start_recording_agent(agent_args(
         "node-a",

@@ -11,21 +11,6 @@ use switchyard_proto::v1::{self, agent_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Control-plane arguments with several `--source` flags.
-fn cp_args_with_sources(env: &TestEnv, sources: &[String]) -> switchyard_control_plane::Args {
-    let mut argv: Vec<String> = vec!["switchyard-control-plane".into()];
-    for s in sources {
-        argv.extend(["--source".into(), s.clone()]);
-    }
-    argv.extend([
-        "--state-dir".into(),
-        env.state("cp").display().to_string(),
-        "--debounce".into(),
-        "20ms".into(),
-    ]);
-    <switchyard_control_plane::Args as clap::Parser>::parse_from(argv)
-}
-
 /// The value of the one sample of `metric` whose labels include every
 /// `labels` pair, from the control plane's `/metrics`.
 async fn sample(cp: &ControlPlane, metric: &str, labels: &[(&str, &str)]) -> f64 {
@@ -68,7 +53,7 @@ async fn a_failing_source_shows_in_its_metrics_until_it_recovers() {
     let typo = env.dir.path().join("manifsts");
     let good = format!("file:{}", env.manifests().display());
     let missing = format!("file:{}", typo.display());
-    let cp = start_cp(cp_args_with_sources(&env, &[good.clone(), missing.clone()])).await;
+    let cp = start_cp(env.cp_args_with_sources(&[good.clone(), missing.clone()])).await;
     cp_status_until(&cp, "the missing path reported", |s| {
         s.sources.len() == 2 && s.sources[1].last_error.is_some() && s.sources[0].synced
     })
