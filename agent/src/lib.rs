@@ -117,8 +117,8 @@ pub fn dataplane_from_args(args: &Args) -> Box<dyn DataPlane> {
 }
 
 /// The settings of this node that shape its rules.
-pub fn node_config(args: &Args) -> iptables::NodeConfig {
-    iptables::NodeConfig {
+pub fn node_config(args: &Args) -> dataplane::NodeConfig {
+    dataplane::NodeConfig {
         node: args.node(),
         zone: args.zone.clone(),
         cluster_cidrs: args.cluster_cidrs.clone(),
@@ -235,7 +235,7 @@ pub async fn run_until_signal(args: Args) -> anyhow::Result<()> {
 /// `switchyard-agent cleanup`: our chains and rules, then what the DNS stub
 /// put on the node.
 fn cleanup(args: &Args) -> anyhow::Result<()> {
-    iptables::cleanup(&iptables::Runner::host())?;
+    iptables::cleanup(&dataplane::Runner::host())?;
     // Without libnftables nothing of the nftables data plane can exist.
     match nftables::kernel::Kernel::host() {
         Ok(mut kernel) => {

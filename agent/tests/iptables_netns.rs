@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use switchyard_agent::dataplane::{Change, DataPlane};
-use switchyard_agent::iptables::{Family, IptablesDataPlane, NodeConfig, Runner, cleanup};
+use switchyard_agent::dataplane::{Change, DataPlane, Family, NodeConfig, Runner};
+use switchyard_agent::iptables::{IptablesDataPlane, cleanup};
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,

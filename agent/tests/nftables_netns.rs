@@ -8,8 +8,7 @@
 use std::sync::Arc;
 
 use switchyard_agent::applier::{Applier, ApplyFailure};
-use switchyard_agent::dataplane::{Change, DataPlane};
-use switchyard_agent::iptables::{Family, NodeConfig};
+use switchyard_agent::dataplane::{Change, DataPlane, Family, NodeConfig};
 use switchyard_agent::nftables::NftablesDataPlane;
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
 use switchyard_agent::status::{Metrics, Status};

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_agent::iptables::NodeConfig;
+use switchyard_agent::dataplane::NodeConfig;
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,

@@ -8,8 +8,7 @@
 use std::process::Command;
 
 use serde_json::Value;
-use switchyard_agent::dataplane::{Change, DataPlane};
-use switchyard_agent::iptables::Family;
+use switchyard_agent::dataplane::{Change, DataPlane, Family};
 use switchyard_agent::nftables::NftablesDataPlane;
 use switchyard_agent::nftables::elements::Programmed;
 use switchyard_agent::state::{AgentState, ChangeSet};

@@ -11,10 +11,12 @@
 //!
 //! Modules: [`rules`] (rule text from the backend-neutral
 //! [`crate::endpoints`] plans, pure), [`sync`] (what is programmed and the
-//! transactions that change it, pure), [`runner`] (every command line).
+//! transactions that change it, pure), [`runner`] (every command line,
+//! added to the shared [`Runner`]).
 //! After every successful sync, full or partial, [`crate::conntrack`]
 //! deletes the UDP flows whose endpoint no longer serves them. Rules stay
-//! in the kernel when the agent exits; [`cleanup`] removes them.
+//! in the kernel when the agent exits; [`cleanup`] removes them (and
+//! [`crate::dataplane::cleanup`] when the nftables plane starts).
 
 pub mod rules;
 pub mod runner;
@@ -23,13 +25,14 @@ pub mod sync;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::config::DataPlaneKind;
 use crate::conntrack::Conntrack;
-use crate::dataplane::{ApplyError, Change, DataPlane, Transactional};
+use crate::dataplane::runner::RunError;
+use crate::dataplane::{ApplyError, Change, DataPlane, Family, NodeConfig, Runner, Transactional};
 use crate::state::AgentState;
 use crate::status::Metrics;
 
-pub use rules::{Family, NodeConfig, Table};
-pub use runner::Runner;
+pub use rules::Table;
 use sync::FamilyTables;
 
 /// How many chains one `iptables-restore --noflush` input may name before a
@@ -57,7 +60,7 @@ pub struct IptablesDataPlane {
     runner: Runner,
     conntrack: Conntrack,
     /// Whether the nftables data plane's tables were removed (once per start).
-    nftables_removed: bool,
+    others_removed: bool,
 }
 
 impl IptablesDataPlane {
@@ -82,35 +85,7 @@ impl IptablesDataPlane {
             metrics: None,
             conntrack: runner.conntrack(),
             runner,
-            nftables_removed: false,
-        }
-    }
-
-    /// Starting in this mode removes the nftables data plane's tables, as
-    /// kube-proxy removes the other mode's rules (the nftables plane does
-    /// the same with ours). Without libnftables none of ours can exist.
-    fn remove_nftables_tables(&mut self) {
-        if self.nftables_removed {
-            return;
-        }
-        let kernel = match self.runner.netns() {
-            None => crate::nftables::kernel::Kernel::host(),
-            Some(ns) => crate::nftables::kernel::Kernel::in_netns(ns),
-        };
-        match kernel {
-            Ok(mut kernel) => match crate::nftables::cleanup(&mut kernel) {
-                Ok(tables) => {
-                    if tables > 0 {
-                        tracing::info!(tables, "removed the nftables data plane's tables");
-                    }
-                    self.nftables_removed = true;
-                }
-                Err(e) => tracing::warn!("removing the nftables data plane's tables: {e}"),
-            },
-            Err(e) => {
-                tracing::debug!("no nftables tables to remove: {e}");
-                self.nftables_removed = true;
-            }
+            others_removed: false,
         }
     }
 
@@ -133,7 +108,7 @@ impl IptablesDataPlane {
         }
     }
 
-    fn failed(&self, e: runner::RunError) -> ApplyError {
+    fn failed(&self, e: RunError) -> ApplyError {
         if let Some(m) = &self.metrics {
             m.iptables_restore_failures.inc();
             m.kubeproxy.restore_failures.inc();
@@ -144,12 +119,12 @@ impl IptablesDataPlane {
 
 impl Transactional for IptablesDataPlane {
     const NAME: &'static str = "iptables";
+    const KIND: DataPlaneKind = DataPlaneKind::Iptables;
 
     /// Rewrites everything we own from `state`, deleting leftovers.
     fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
         let t = Instant::now();
         self.needs_full = true;
-        self.remove_nftables_tables();
         let mut next = Vec::new();
         for &family in &self.families {
             let existing = self.runner.existing(family).map_err(ApplyError::from)?;
@@ -221,6 +196,14 @@ impl Transactional for IptablesDataPlane {
 
     fn record(&mut self) -> (&mut bool, &mut Option<AgentState>) {
         (&mut self.needs_full, &mut self.last_good)
+    }
+
+    fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    fn others_removed(&mut self) -> &mut bool {
+        &mut self.others_removed
     }
 }
 
@@ -304,7 +287,7 @@ impl DataPlane for IptablesDataPlane {
 
 /// `switchyard-agent cleanup`: removes every chain and rule of ours, in
 /// each family whose tools work: our jumps first, then our chains.
-pub fn cleanup(runner: &Runner) -> Result<(), runner::RunError> {
+pub fn cleanup(runner: &Runner) -> Result<(), RunError> {
     for family in Family::ALL {
         if family == Family::V6 && !runner.available(family) {
             continue;

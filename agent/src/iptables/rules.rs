@@ -27,9 +27,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use switchyard_model::{AddressType, Protocol, Service, ServiceState, affinity_timeout_or_default};
+use switchyard_model::{Protocol, Service, ServiceState, affinity_timeout_or_default};
 
-use crate::endpoints::{self, Backend, Frontend, NodeView, PortPlan};
+use crate::dataplane::{Family, NodeConfig};
+use crate::endpoints::{self, Backend, Frontend, PortPlan};
 
 /// Every chain we own starts with this.
 pub const PREFIX: &str = "SWY-";
@@ -47,52 +48,6 @@ pub const OFF_CLUSTER: &str = "SWY-OFF-CLUSTER";
 pub const FORWARD: &str = "SWY-FORWARD";
 /// Holds one rule; if it is gone, someone flushed our rules.
 pub const CANARY: &str = "SWY-CANARY";
-
-/// An address family: which tool (`iptables` or `ip6tables`) programs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// IPv4, `iptables`.
-    V4,
-    /// IPv6, `ip6tables`.
-    V6,
-}
-
-impl Family {
-    /// Both families, IPv4 first.
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// Whether `ip` belongs to this family.
-    pub fn has(self, ip: &IpAddr) -> bool {
-        ip.is_ipv4() == (self == Family::V4)
-    }
-
-    /// Whether `net` belongs to this family.
-    pub fn has_net(self, net: &IpNet) -> bool {
-        matches!(net, IpNet::V4(_)) == (self == Family::V4)
-    }
-
-    fn host(self, ip: &IpAddr) -> String {
-        match self {
-            Family::V4 => format!("{ip}/32"),
-            Family::V6 => format!("{ip}/128"),
-        }
-    }
-
-    fn socket(self, ip: &IpAddr, port: u16) -> String {
-        match self {
-            Family::V4 => format!("{ip}:{port}"),
-            Family::V6 => format!("[{ip}]:{port}"),
-        }
-    }
-
-    /// The EndpointSlice address type of this family.
-    pub fn address_type(self) -> AddressType {
-        match self {
-            Family::V4 => AddressType::IPv4,
-            Family::V6 => AddressType::IPv6,
-        }
-    }
-}
 
 /// The two tables we program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,65 +106,6 @@ pub fn bucket_jump(family: Family, table: Table, bucket: u8) -> String {
         Family::V6 => format!("::{bucket:x}/::ff"),
     };
     format!("-d {m} -j {}", Slot::Bucket(bucket).chain(table))
-}
-
-/// This node's settings that shape the rules.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// This node's name (for traffic policy Local).
-    pub node: String,
-    /// This node's zone (for topology-aware routing).
-    pub zone: Option<String>,
-    /// Pod CIDRs: sources inside are "in the cluster".
-    pub cluster_cidrs: Vec<IpNet>,
-    /// Node addresses that accept NodePorts (empty: every local address).
-    pub nodeport_addresses: Vec<IpNet>,
-    /// The Service IP ranges (`--service-cidr`): traffic to an address in
-    /// them that no Service holds is dropped, as kube-proxy's nftables mode
-    /// does with the ServiceCIDRs.
-    pub service_cidrs: Vec<IpNet>,
-    /// The masquerade mark bit (`1 << --masquerade-bit`).
-    pub masquerade_mark: u32,
-    /// Whether IPv4 node ports answer on 127.0.0.1 too, as kube-proxy's
-    /// `--iptables-localhost-nodeports` (when `nodeport_addresses` admits
-    /// loopback).
-    pub localhost_nodeports: bool,
-    /// This node's own addresses, as seen at start (loadBalancerSourceRanges
-    /// that contain one admit the LB IPs as sources; node-port flows).
-    pub addresses: Vec<IpAddr>,
-    /// This node's cluster (imports prefer its endpoints).
-    pub cluster: Option<String>,
-}
-
-impl NodeConfig {
-    /// What the backend-neutral endpoint plan needs of this node.
-    pub fn view(&self) -> NodeView<'_> {
-        NodeView {
-            name: &self.node,
-            zone: self.zone.as_deref(),
-            addresses: &self.addresses,
-            cluster: self.cluster.as_deref(),
-        }
-    }
-
-    fn cidrs(&self, family: Family) -> impl Iterator<Item = &IpNet> {
-        self.cluster_cidrs.iter().filter(move |c| family.has_net(c))
-    }
-
-    /// Whether node ports are served on the IPv4 loopback address: asked
-    /// for, and loopback is a node-port address. This needs
-    /// `net.ipv4.conf.all.route_localnet=1` (the data plane sets it) and a
-    /// rule that drops loopback-addressed traffic from elsewhere
-    /// (CVE-2020-8558), which [`services_tail`] adds.
-    pub fn localhost_node_ports(&self) -> bool {
-        let loopback = IpAddr::from([127, 0, 0, 1]);
-        self.localhost_nodeports
-            && (self.nodeport_addresses.is_empty()
-                || self
-                    .nodeport_addresses
-                    .iter()
-                    .any(|n| n.contains(&loopback)))
-    }
 }
 
 /// A chain we own, with its complete content.

@@ -13,12 +13,10 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use crate::conntrack::{Desired, Frontend};
+use crate::dataplane::{Family, NodeConfig};
 use crate::state::{AgentState, ChangeSet};
 
-use super::rules::{
-    self, BUILTIN_JUMPS, Family, NodeConfig, OwnedChain, PREFIX, SERVICES, ServiceRules, Slot,
-    Table,
-};
+use super::rules::{self, BUILTIN_JUMPS, OwnedChain, PREFIX, SERVICES, ServiceRules, Slot, Table};
 
 /// What of ours the kernel holds in one family: our chains, and our jumps
 /// from the built-in chains.

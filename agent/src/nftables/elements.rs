@@ -25,8 +25,8 @@ use switchyard_model::{Protocol, ServiceState, affinity_timeout_or_default};
 use super::layout::{self, Balance, Words};
 use super::netlink::{Encoder, NetlinkError, Op};
 use crate::conntrack::{Desired, Frontend};
+use crate::dataplane::{Family, NodeConfig};
 use crate::endpoints::{self, Backend, PortPlan};
-use crate::iptables::{Family, NodeConfig};
 use crate::state::{AgentState, ChangeSet};
 
 /// One element: its set or map, its key and (maps only) its data.

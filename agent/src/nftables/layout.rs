@@ -37,7 +37,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use crate::iptables::{Family, NodeConfig};
+use crate::dataplane::{Family, NodeConfig};
 
 /// Our table's name, in the `ip` and the `ip6` family.
 pub const TABLE: &str = "switchyard";
@@ -520,7 +520,7 @@ mod tests {
         }
         let t = table(
             Family::V4,
-            &crate::iptables::rules::tests::cfg(),
+            &crate::dataplane::fixtures::cfg(),
             &BTreeSet::new(),
         );
         assert_eq!(t.matches("map ip_main_slots").count(), 1, "{t}");

@@ -38,9 +38,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::config::DataPlaneKind;
 use crate::conntrack::Conntrack;
-use crate::dataplane::{ApplyError, Change, DataPlane, Transactional};
-use crate::iptables::{Family, NodeConfig, Runner};
+use crate::dataplane::{ApplyError, Change, DataPlane, Family, NodeConfig, Runner, Transactional};
 use crate::state::{AgentState, ChangeSet};
 use crate::status::Metrics;
 use elements::{Batch, Programmed};
@@ -70,7 +70,7 @@ pub struct NftablesDataPlane {
     tables: Vec<Programmed>,
     needs_full: bool,
     /// Whether the iptables data plane's rules were removed (once per start).
-    iptables_removed: bool,
+    others_removed: bool,
     /// Whether the missing IPv6 session affinity was logged (once per start).
     v6_affinity_logged: bool,
     last_good: Option<AgentState>,
@@ -123,7 +123,7 @@ impl NftablesDataPlane {
             kernel: None,
             tables: Vec::new(),
             needs_full: true,
-            iptables_removed: false,
+            others_removed: false,
             v6_affinity_logged: false,
             last_good: None,
             metrics: None,
@@ -453,20 +453,13 @@ fn remembered_frontend(key: &str) -> &str {
 
 impl Transactional for NftablesDataPlane {
     const NAME: &'static str = "nftables";
+    const KIND: DataPlaneKind = DataPlaneKind::Nftables;
 
     /// Rewrites our tables from `state` in one transaction.
     fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
         let t = Instant::now();
         self.sent = std::time::Duration::ZERO;
         self.needs_full = true;
-        if !self.iptables_removed {
-            // Starting in this mode removes the other mode's rules (a large
-            // iptables-nft table would slow every commit of ours).
-            match crate::iptables::cleanup(&self.runner) {
-                Ok(()) => self.iptables_removed = true,
-                Err(e) => tracing::warn!("removing the iptables data plane's rules: {e}"),
-            }
-        }
         if self.families.contains(&Family::V4)
             && self.cfg.localhost_node_ports()
             && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
@@ -567,14 +560,14 @@ impl Transactional for NftablesDataPlane {
         self.sent = std::time::Duration::ZERO;
         let sticky_before = self.sticky(change.changes);
         let Some(old) = self.last_good.clone() else {
-            return self.full_sync(change.state);
+            return self.full(change.state);
         };
         let mut batches: Vec<(Family, Batch)> = Vec::new();
         for table in &mut self.tables {
             match table.partial(&old, change.state, change.changes, &self.cfg) {
                 Some(b) => batches.push((table.family(), b)),
                 // A new affinity timeout: its rules come with a full sync.
-                None => return self.full_sync(change.state),
+                None => return self.full(change.state),
             }
         }
         if PARTIAL_AS_TEXT || batches.iter().any(|(_, b)| b.has_ranged()) {
@@ -617,6 +610,14 @@ impl Transactional for NftablesDataPlane {
 
     fn record(&mut self) -> (&mut bool, &mut Option<AgentState>) {
         (&mut self.needs_full, &mut self.last_good)
+    }
+
+    fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    fn others_removed(&mut self) -> &mut bool {
+        &mut self.others_removed
     }
 }
 

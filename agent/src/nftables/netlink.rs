@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
-use crate::iptables::Family;
+use crate::dataplane::Family;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;

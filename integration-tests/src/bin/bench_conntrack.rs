@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard_agent::conntrack::{Conntrack, Desired};
-use switchyard_agent::dataplane::{Change, DataPlane};
+use switchyard_agent::dataplane::{Change, DataPlane, Family, NodeConfig, Runner};
 use switchyard_agent::endpoints::{self, NodeView};
-use switchyard_agent::iptables::{Family, IptablesDataPlane, NodeConfig, Runner};
+use switchyard_agent::iptables::IptablesDataPlane;
 use switchyard_agent::state::{AgentState, ChangeSet, HeldResource};
 use switchyard_integration_tests::bench::{Netns, loadavg, ms};
 use switchyard_model::{

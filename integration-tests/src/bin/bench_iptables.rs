@@ -20,11 +20,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard_agent::dataplane::{Change, DataPlane};
+use switchyard_agent::dataplane::{Change, DataPlane, Family, Runner};
 use switchyard_agent::iptables::sync::{Existing, FamilyTables};
-use switchyard_agent::iptables::{
-    CHAINS_PER_RESTORE, Family, IptablesDataPlane, Runner, Table, cleanup, rules,
-};
+use switchyard_agent::iptables::{CHAINS_PER_RESTORE, IptablesDataPlane, Table, cleanup, rules};
 use switchyard_agent::state::{AgentState, ChangeSet};
 use switchyard_integration_tests::bench::{Netns, cfg, insert, service};
 

@@ -21,8 +21,8 @@
 
 use std::time::{Duration, Instant};
 
-use switchyard_agent::dataplane::{Change, DataPlane};
-use switchyard_agent::iptables::{Family, IptablesDataPlane, Runner};
+use switchyard_agent::dataplane::{Change, DataPlane, Family, Runner};
+use switchyard_agent::iptables::IptablesDataPlane;
 use switchyard_agent::nftables::NftablesDataPlane;
 use switchyard_agent::nftables::elements::Programmed;
 use switchyard_agent::state::{AgentState, ChangeSet};

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::iptables::rules::tests::{cfg, ep, slice, svc};
+use crate::dataplane::fixtures::{cfg, ep, slice, svc};
 use crate::state::HeldResource;
 use switchyard_model::{Protocol, ServiceKey, ServiceState};
 
