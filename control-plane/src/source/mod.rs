@@ -13,6 +13,17 @@
 //!   docker           ──┼─ watch<SourceState> ─▶ index ─▶ watch<Arc<Snapshot>> ─▶ streams
 //!   switchyard:URL   ──┘  (another control plane: a cluster's exports, or a hub's imports)
 //! ```
+//!
+//! Each source has a cluster id (`Source::cluster`: `--source SPEC=CLUSTER`,
+//! else `--cluster`); the clusters of the sources are the clusters the
+//! control plane serves. Objects from an API server always get their
+//! source's cluster; only `file:` sources may move an object to another
+//! cluster with the `switchyard.io/cluster` annotation, and only with
+//! `--file-cluster-annotation`. Besides its objects, a state carries the
+//! source's `errors` (objects that do not convert: skipped, reported, the
+//! rest flows), `warnings` (the object is still used: unknown fields,
+//! kinds and API versions that are not read; shown per source in
+//! `/status`), `last_error` and `synced`.
 
 pub mod debounce;
 pub mod docker;
