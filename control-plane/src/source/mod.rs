@@ -24,6 +24,15 @@
 //! rest flows), `warnings` (the object is still used: unknown fields,
 //! kinds and API versions that are not read; shown per source in
 //! `/status`), `last_error` and `synced`.
+//!
+//! Sources keep their Services and slices in persistent maps ([`Objects`],
+//! `imbl::OrdMap` keyed by Service key and by (Service key, slice name))
+//! and derive each state they publish from the one before: the kube source
+//! changes its maps per event; the file, Docker and relay sources, which
+//! rebuild their objects, go through [`share_unchanged`]. So an unchanged
+//! map is the very same map and a changed one shares everything else with
+//! its predecessor, which lets the index diff them in the size of the
+//! change.
 
 pub mod debounce;
 pub mod docker;
