@@ -20,6 +20,9 @@
 //!
 //! # Full syncs
 //!
+//! (Timings here are from `docs/benchmarks-history.md`, "iptables data
+//! plane"; the current ones are in BENCHMARKS.md.)
+//!
 //! A full sync (start-up, after a failure, after a missing canary) first
 //! learns which `SWY-` chains and built-in jumps exist: `nft list chains
 //! ip` (or `ip6`) for the chain names and `iptables -S` of the built-in
