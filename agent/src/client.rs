@@ -13,7 +13,7 @@
 //!
 //! With several `--control-plane` URLs the agent streams from one at a
 //! time: a stream that fails (a reset, a refusal, or HTTP/2 pings left
-//! unanswered for [`KEEPALIVE_TIMEOUT`]) moves it to the next at once, and
+//! unanswered for `KEEPALIVE_TIMEOUT`) moves it to the next at once, and
 //! the backoff applies once every one has been tried.
 //!
 //! A retried update that finally applies is not ACKed late on the old
