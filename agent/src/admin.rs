@@ -9,6 +9,16 @@
 //!  /metrics   OpenMetrics or Prometheus text, as Accept asks
 //!  /status    JSON; ?service=NS/NAME: one Service as held and as programmed
 //! ```
+//!
+//! `/status?service=NS/NAME` shows the held `ServiceState` and
+//! `DataPlane::describe` (iptables recomputes the Service's rules from the
+//! last good state, since rules are a pure function of it; `none` returns
+//! its record). The data plane's lock is only tried, so a long sync is
+//! reported rather than waited for. `--metrics-listen` serves `/metrics`
+//! (and kube-proxy's `/proxyMode`) alone on a second listener; `/status`
+//! stays on `--admin-listen`. Both kube-proxy ports (this one and
+//! `--healthz-bind-address`) are bound once free when kube-proxy still
+//! holds them, so a node can run both while it migrates.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -13,6 +13,26 @@
 //! NACK. Data-plane and persistence failures are local and often passing (a
 //! held xtables lock, a full disk): [`ApplyFailure::is_transient`] tells the
 //! stream client to retry them (`crate::client`).
+//!
+//! The state in force is a `watch<Arc<AgentState>>`, which the DNS stub
+//! and the health-check servers follow; after publishing, the applier waits
+//! (at most 10 s) for the DNS index of that state before it ACKs (see
+//! `crate::dns`). Failures are [`ApplyFailure`] (`Decode`, `DataPlane`,
+//! `Task`, `Persist`; the data plane's own `ApplyError` is `Command` or
+//! `Refused`), rendered into the NACK text in one place (`nack_detail`:
+//! each cause once). After any data-plane failure the next call is a full
+//! sync.
+//!
+//! Node facts: every `SnapshotUpdate` carries `node_zone` and
+//! `node_draining`, what the control plane knows of this agent's Node (its
+//! `topology.kubernetes.io/zone`, and why it is leaving). A change of those
+//! alone comes as an update without resources at the version the agent
+//! ACKed, which the applier takes in without persisting or rebuilding
+//! anything. Without `--zone` the applier adopts the zone, calls
+//! `DataPlane::set_zone` and programs in full; an empty zone changes
+//! nothing. The zone is learnt again after each restart (the persisted
+//! state is first programmed without it, which only widens endpoint
+//! choice).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

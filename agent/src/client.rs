@@ -13,13 +13,32 @@
 //!
 //! With several `--control-plane` URLs the agent streams from one at a
 //! time: a stream that fails (a reset, a refusal, or HTTP/2 pings left
-//! unanswered for [`KEEPALIVE_TIMEOUT`]) moves it to the next at once, and
+//! unanswered for `KEEPALIVE_TIMEOUT`) moves it to the next at once, and
 //! the backoff applies once every one has been tried.
 //!
 //! A retried update that finally applies is not ACKed late on the old
 //! stream: the control plane may already have sent the next update computed
 //! from the state we NACKed from. The agent reconnects instead, and its
 //! Hello announces exactly what it holds (protocol rule 6).
+//!
+//! Figures: the Hello goes in parts of 1 KiB; reconnect backoff is 200 ms
+//! doubling to 10 s ([`Backoff`]), the retry of a transient NACK 0.5 s
+//! doubling to 30 s, and a new update supersedes the retry. HTTP/2 pings
+//! every 3 s, each answered within 5 s, tell a control plane that stopped
+//! answering within 8 s (the control plane pings agents every 4 s within
+//! 5 s); a connection that has not finished its HTTP/2 handshake in 10 s
+//! is given up (a frozen control plane accepts TCP and never answers). A
+//! stream that broke after it was answered is not blamed on TLS or clear
+//! text: when our side dropped it (an unanswered ping), `last_error` says
+//! the control plane did not answer a ping within 5 s. `/status`
+//! `control_plane` names the URL in use. Refused with `RESOURCE_EXHAUSTED`
+//! for announcing too much, the agent announces nothing next time and takes
+//! the first update as the complete state (protocol rule 10). A URL must
+//! name `http://` or `https://`, and `http://` with any TLS flag is
+//! refused. The connector is TCP and the rustls handshake with the
+//! `ClientConfig` in force (`switchyard_proto::tls`), under tonic's
+//! `connect_with_connector`; failures are explained from the rustls error
+//! or, once tonic has made it a status, from the TLS alert in its text.
 
 use std::sync::Arc;
 use std::time::Duration;

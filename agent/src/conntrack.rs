@@ -7,6 +7,12 @@
 //!  netlink dump of the family's conntrack table ─▶ UDP entries ─▶ stale(entries, desired) ─▶ netlink delete, per entry
 //! ```
 //!
+//! A frontend is a cluster, external or LB IP and port, or a node port on
+//! a node address (or translated); the dump and deletes use
+//! `netlink-packet-netfilter` over `netlink-sys`, one request per entry.
+//! `bench_conntrack` measures them against the `conntrack` processes they
+//! replace (BENCHMARKS.md, "Stale UDP flows").
+//!
 //! Why: a UDP "connection" is a conntrack entry that lives as long as
 //! datagrams keep coming, and it keeps the endpoint it was translated to.
 //! When that endpoint goes, the flow blackholes until the entry is gone

@@ -1,8 +1,8 @@
 //! What a node does with one Service port, whatever the data plane: where
 //! its traffic arrives (frontends), which endpoints serve it under each
 //! traffic policy, and the topology that narrowed them. The iptables data
-//! plane turns a [`PortPlan`] into rule text; a second data plane would
-//! turn the same plan into its own syntax.
+//! plane turns a [`PortPlan`] into rule text, the nftables data plane into
+//! set and map elements.
 //!
 //! ```text
 //!  ServiceState + NodeView ─▶ plan(family) ─▶ [PortPlan] one per port with an address of the family
@@ -33,6 +33,15 @@
 //! and the Service asks for a distribution, the hints are derived here the
 //! way that controller derives them; a Service whose slices carry hints is
 //! taken as it is.
+//!
+//! - Imports (`clusterset/…`) add cluster locality: the ready endpoints of
+//!   the node's own cluster, and further tiers of clusters while there are
+//!   fewer than the import's `Locality` threshold (`by_locality`); both data
+//!   planes program that plan.
+//! - Services labelled `service.kubernetes.io/service-proxy-name` or
+//!   `service.kubernetes.io/headless` (`Service.not_proxied_by`, set by the
+//!   control plane's conversion) have no plan; LB ingress IPs with `ipMode:
+//!   Proxy` never reach the model.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};

@@ -27,6 +27,18 @@
 //!
 //! The socket file is the owner's only (mode 0600 in the state directory),
 //! and a peer of another user is refused (`SO_PEERCRED`).
+//!
+//! Every listening socket an agent serves is also kept, duplicated, in a
+//! [`Registry`]. The predecessor's work is two cancellation scopes: asked to
+//! take over, it cancels `following` (the stream, the rules' upkeep, the
+//! health-check node ports), so its applier and store go, then sends the
+//! sockets; told SERVING, it cancels `serving` (its listeners). The
+//! successor serves on the very sockets it got (`dns::Sockets`,
+//! `serve_kube_proxy_port`; the cluster DNS Service's addresses once its
+//! own takeover of them has run once). One that handed over exits at
+//! SIGTERM without handing the cluster DNS Service's addresses back (its
+//! successor serves them); one whose successor died mid-way exits with an
+//! error, to start afresh.
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;

@@ -10,14 +10,21 @@
 //!                                                           └── stream breaks ◀── updates: apply, persist, ACK/NACK
 //! ```
 //!
+//! Start-up order: take over from an agent running on the same state
+//! directory, if one answers on `handoff.sock` ([`handoff`]), open the
+//! store, load and apply the persisted state (`origin: persisted`), start
+//! admin HTTP, then connect. So a node comes up with its rules while the
+//! control plane is down.
+//!
 //! Modules: [`state`] (what is held and how an update changes it),
 //! [`store`] (sled persistence with checked frames), [`dataplane`] (the
-//! trait and `none`), [`endpoints`] (endpoint selection, traffic policy
-//! and topology, shared by data planes), [`conntrack`] (stale UDP flows),
-//! [`healthcheck`] and [`proxyhealth`] (kube-proxy's health servers),
-//! [`iptables`], [`applier`] (the apply pipeline), [`client`] (the stream
-//! and its backoff), [`dns`] (the node-local DNS stub), [`status`] and
-//! [`admin`].
+//! trait, what every plane shares, and `none`), [`endpoints`] (endpoint
+//! selection, traffic policy and topology, shared by data planes),
+//! [`iptables`] and [`nftables`] (the kernel planes), [`conntrack`] (stale
+//! UDP flows), [`healthcheck`] and [`proxyhealth`] (kube-proxy's health
+//! servers), [`applier`] (the apply pipeline), [`client`] (the stream and
+//! its backoff), [`handoff`] (restarts without a gap), [`dns`] (the
+//! node-local DNS stub), [`status`] and [`admin`].
 
 pub mod admin;
 pub mod applier;

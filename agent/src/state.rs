@@ -1,5 +1,12 @@
 //! The agent's view of the world: every resource it holds, at one snapshot
 //! version, and how an update turns one state into the next.
+//!
+//! An [`AgentState`] is a version and `name -> {version, Arc<ServiceState>}`
+//! in a persistent B-tree (`imbl::OrdMap`): the next state shares every node
+//! an update did not touch, so making it, and diffing it against the last
+//! one as the DNS index does, cost what changed. `AgentState::apply`
+//! decodes and validates every resource of an update first and changes
+//! nothing if any is bad.
 
 use std::sync::Arc;
 

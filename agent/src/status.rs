@@ -1,4 +1,24 @@
 //! The agent's status (`/status`) and metrics (`/metrics`).
+//!
+//! ```text
+//!  applier: change handed to the data plane ─▶ sync queued ┐
+//!           data plane returned Ok ─────────▶ sync done    ├─▶ SyncHealth ─▶ /healthz, /readyz,
+//!  maintenance: canary check passed ────────▶ sync done    ┘                 kube-proxy's /healthz, /livez,
+//!  store: save failed / next save succeeded ▶ persist_error                  healthCheckNodePort servers
+//! ```
+//!
+//! Health follows kube-proxy's `ProxierHealthServer`: `/healthz` is 503
+//! while a change has been queued for more than twice
+//! `--iptables-sync-period`, and while the state cannot be persisted
+//! (`sync.persist_error`: since when and why, e.g. ENOSPC); `/readyz` is
+//! 200 after the first successful sync.
+//!
+//! Metrics are `switchyard_agent_*` and kube-proxy's names
+//! (`KubeProxyMetrics`), fed by the iptables data plane (sync durations,
+//! restore failures) and by the applier (`Metrics::record_update`: Service
+//! and endpoint changes, network programming latency from each slice's
+//! trigger time, else the control plane's change, ignoring changes older
+//! than the agent).
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -42,6 +42,30 @@
 //! opens it again and writes the whole state, not just the change: the
 //! agent recovers on its first retry once the disk has room. The same
 //! whole write follows a start that served a previous generation.
+//!
+//! Details that matter: the payload length is bounded at 64 MiB; loading
+//! also checks that each resource is stored under its own name and the
+//! resource count against `meta` (a torn write). The `previous` entries of
+//! older updates are removed after each save, off the ACK's path. What
+//! `discarded_state` says: "the newest generation is damaged (...); serving
+//! the previous one, generation N (version V, R resources)"; "rolled back:
+//! the store holds generation N (...), but generation M (...) was
+//! written"; an empty store where a generation was written is discarded
+//! with "lost" in the reason; any other failure discards the whole state
+//! and the agent resyncs in full (a database sled cannot open goes to
+//! `state.sled.corrupt-<unix seconds>`). The retry after a failed write is
+//! the client's retry of the NACKed update (0.5 s on, doubling).
+//!
+//! Tested: `tests/crash.rs` SIGKILLs a real `sy_agent` 16 times around
+//! saves that change every resource and checks each time that the store
+//! holds exactly a snapshot the control plane published; the unit test
+//! `tests::flipped_bytes_and_truncated_sled_files_are_always_said` flips
+//! bytes at 24 places and cuts each of sled's files at five lengths: in
+//! every case the agent serves the newest state or says what it found (58
+//! cases here, 55 said, 3 harmless; the flipped byte that made agents
+//! start empty, or serve 15 of 100 Services stale, without a word, is why
+//! `state.generation` exists); `tests/hardening.rs` fills a 16 MiB tmpfs
+//! under a running agent, then frees it.
 
 use std::path::{Path, PathBuf};
 

@@ -15,7 +15,8 @@
 //! is the sources' debounce ([`Burst`]): a steady trickle of reconnects
 //! trims at most every [`TRIM_MAX_DELAY`], and a fleet that stays
 //! connected never trims. Changes pushed to synced agents are not churn:
-//! their parts are small and reused.
+//! their parts are small and reused. Each trim is counted and timed
+//! (`heap_trims`, `heap_trim_seconds`).
 
 use std::sync::Arc;
 use std::time::Duration;

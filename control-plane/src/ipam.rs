@@ -39,6 +39,22 @@
 //! Service's `spec.clusterIP` is); an import whose record names an address
 //! of a family in the range keeps it, whatever comes and goes, so (a) and
 //! (b) only apply to an import's first build, before its record is written.
+//! The record comes from the kube sources (`SourceState::service_imports`;
+//! only ServiceImports with Switchyard's managed-by label count). When
+//! clusters' records differ, the address recorded by the most clusters
+//! wins, ties to the lowest cluster id, and each other cluster is named in
+//! a `ClusterSetIPRecordMismatch` issue; when two imports record one
+//! address, the one recorded by more clusters (then the smaller name) keeps
+//! it. Every recorded address is reserved, so a fresh allocation never
+//! takes one a cluster may still resolve to another import. An import gets
+//! one ClusterSet IP per family of its exports that a `--clusterset-cidr`
+//! serves (`NoClusterSetIP` when none).
+//!
+//! ```text
+//!  per family: wanting keys + taken ─▶ allocate (rounds from hash starts) ─▶ addresses   (cluster IPs)
+//!  per family: records (per import, per cluster) ─▶ majority, lowest cluster ─▶ one import per address
+//!              ─▶ kept; the rest: allocate avoiding every record ─▶ ClusterSet IPs
+//! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;

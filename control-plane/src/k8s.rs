@@ -34,7 +34,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const DEFAULT_NAMESPACE: &str = "default";
 
 /// The cluster's DNS settings in a kube-dns ConfigMap: `stubDomains` (a
-/// JSON object, zone -> [server]) and `upstreamNameservers` (a JSON list),
+/// JSON object, `zone -> [server]`) and `upstreamNameservers` (a JSON list),
 /// servers as `IP` or `IP:PORT`, as kube-dns and NodeLocal DNSCache read
 /// them. What does not parse is left out and said (field, message); the
 /// rest is used.

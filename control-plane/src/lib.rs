@@ -13,7 +13,9 @@
 //! ```
 //!
 //! [`start`] binds the listeners and spawns everything; `main.rs` only parses
-//! arguments and waits for a signal.
+//! arguments and waits for a signal. Beside the snapshot service the gRPC
+//! listener serves `grpc.health.v1` (SERVING once a snapshot of every
+//! source's synced state exists, as `/readyz`) and reflection.
 
 pub mod admin;
 pub mod config;

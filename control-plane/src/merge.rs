@@ -36,6 +36,12 @@
 //! [`ANNOTATIONS_CONFLICT`]. Exports in conflict still bring their
 //! endpoints.
 //!
+//! The import is the clusterset Service `clusterset/<ns>/<name>`; its
+//! slices are every exporting cluster's, each tagged with its cluster and
+//! stripped of topology hints (a zone or node of one cluster means nothing
+//! in another). An explicit cluster IP and a node port are per cluster:
+//! health-check node ports count too, as they share the range.
+//!
 //! Ports are the union: they merge by name, then by protocol and number; a
 //! port whose name or number is already in the union with another meaning
 //! (or an unnamed port beside others) is left out, and its export's slices
@@ -55,6 +61,19 @@
 //! The index then keeps the families it has a `--clusterset-cidr` of
 //! ([`NO_CLUSTERSET_IP`] when none is left) and gives the addresses
 //! (`crate::ipam`: the ServiceImports' record first).
+//!
+//! ```text
+//!  sources ─▶ merge ─▶ per key: Service + slices ─▶ validate/encode (cached)
+//!                  └─▶ exports by ns/name ─▶ exporters' resources ─▶ import (cached)
+//!                                                  ─▶ ClusterSet IPs ─▶ validate/encode
+//!  snapshot ranges:  east/… │ north/… │ clusterset/…   an agent of C gets C/… + clusterset/…
+//! ```
+//!
+//! Where an import is used is decided on each node: an import carries a
+//! `Locality` (the oldest export's `switchyard.io/min-local-endpoints` and
+//! `switchyard.io/cluster-preference` annotations, else a threshold of 1),
+//! which the agent's endpoint plan turns into tiers of clusters
+//! (`agent/src/endpoints.rs`).
 //!
 //! Everything here is pure: the index (`crate::index`) owns the state
 //! (caches, IP allocation) and calls these functions on every build.

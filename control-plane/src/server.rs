@@ -19,6 +19,65 @@
 //! announces in its Hello is turned into a difference from the current
 //! snapshot at once and dropped, so a reconnect storm costs what differs,
 //! not what the agents hold.
+//!
+//! # Updates
+//!
+//! A stream sends at most one update at a time; while one is in flight,
+//! newer snapshots simply replace each other in the watch channel, so the
+//! next update is the difference to the latest. After a NACK nothing is
+//! sent until the snapshot changes. An update larger than
+//! [`MAX_PART_BYTES`] (15 KiB of encoded resources, so that a part fills
+//! one 16 KiB HTTP/2 DATA frame) goes out as several messages with one
+//! nonce, made one at a time as the stream's channel takes them. The
+//! reason is memory: tonic's encoder keeps a buffer as large as the
+//! largest message it encoded for the life of the stream, so a 3 MB full
+//! state in one message would cost every connected agent 3 MB for as long
+//! as it stays (`switchyard_proto::codec`). Parts fill frames because a
+//! full sync's cost is mostly per frame: one `writev` on the control plane,
+//! one `recv` and a wake-up on the agent (perf, 1 Dec 2026).
+//!
+//! An update not answered within `--ack-timeout` of its first part ends
+//! the stream (`DEADLINE_EXCEEDED`); the agent resumes on a new one. The
+//! deadline counts from the first part because an agent that never reads
+//! stalls the sends themselves (HTTP/2 flow control): counted from the last
+//! part, as before, it never started, and such streams held their slots and
+//! memory for ever (504 of them survived a 15 s timeout). A stream whose
+//! update has not drained by then also has its connection closed
+//! (`crate::listener::Closers`), counted as
+//! `streams_refused_total{reason="undrained"}`.
+//!
+//! # Admission, in order
+//!
+//! ```text
+//!  accept ─ --max-connections / --max-connections-per-address ─ TLS handshake (10 s; config in force)
+//!    ─▶ node certificate (mTLS): O=system:nodes|--tls-client-organization, CN=system:node:NAME,
+//!       URI SAN spiffe://…/cluster/C  (else UNAUTHENTICATED); exactly one CN, and every CN and O
+//!       readable text: Kubernetes (Go's crypto/x509) reads the last of several CNs, other tools
+//!       the first, so such a certificate is refused rather than read one way
+//!    ─▶ stream slot (--max-agent-streams, else RESOURCE_EXHAUSTED) ─▶ wait for the first snapshot
+//!    ─▶ a place among the Hellos waiting: --max-hellos-waiting (1,024) overall and
+//!       --max-hellos-waiting-per-address (4)                      (else RESOURCE_EXHAUSTED, hello_queue)
+//!    ─▶ a turn (8 at a time, within 30 s) ─▶ Hello parts: the first within 1 s of the turn, all
+//!       within 10 s, ≤ 1 MiB a message, bounded fields and count,
+//!       each part taken in against the snapshot (Snapshot::take_in) as it arrives
+//!    ─▶ certificate node = Hello node, certificate cluster = Hello cluster   (else PERMISSION_DENIED)
+//!    ─▶ SnapshotService::serves_cluster (the sources' clusters)              (else NOT_FOUND, /status refused)
+//!    ─▶ with a kube source: the node is one of its Nodes (SourceState::nodes) (else PERMISSION_DENIED)
+//!    ─▶ first delta from the announcement (delta_from_announcement); the announcement is dropped
+//! ```
+//!
+//! Nothing is read from a stream before a snapshot exists, so during a
+//! control-plane restart the Hellos of reconnecting agents wait in their
+//! HTTP/2 windows (16 KiB: what each waiting agent costs), not in memory.
+//! Until the first ACK the stream keeps only `Baseline::Announced {
+//! snapshot, pending }` (the first delta, whose resources are the
+//! snapshot's shared `Arc`s); a later update after a NACK is that delta
+//! rebased onto the newer snapshot (`rebase`, which may resend a resource
+//! but never misses one). A turn is held while the Hello is read, so a
+//! stream that sends nothing holds one for 1 s, and no source address may
+//! have more than 4 streams waiting: 64 streams that never sent a Hello
+//! used to hold the 8 turns 10 s each, in an unbounded queue, in front of
+//! every agent (a fresh agent's sync went from 0.11 s to 75 s).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -12,6 +12,24 @@
 //! changing a few resources of the previous one shares the rest of its
 //! structure, and the difference between the two costs what changed, not
 //! the size of the fleet.
+//!
+//! ```text
+//!  Snapshot { version "<epoch>-<sequence>", changed_at, ready clusters, exported names,
+//!             resources: OrdMap "cluster/namespace/name" ─▶ Arc<Resource> }
+//!  Resource { name, version = hex of the first 8 bytes of SHA-256(payload), payload: Bytes }
+//!                                                        (the encoded ServiceState, like xDS's Any)
+//!  agent of C:  C/…  +  clusterset/… (once every source synced)
+//!  delta(view, base) = the maps' diff in the view's ranges (shared subtrees skipped), cached on the newer
+//! ```
+//!
+//! A payload is encoded once, when its Service changes, and every stream
+//! sends those same `Bytes`. When readiness or the exported set differs
+//! between the two snapshots, the delta is a merge walk of both ranges
+//! rather than the maps' diff. An agent that reconnects is diffed once
+//! against the name -> version map it announced ([`Announcement`]), after
+//! which its stream tracks it by snapshot again. Snapshot versions carry no
+//! order between processes; resource versions are what make resumption
+//! work.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

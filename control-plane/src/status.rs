@@ -1,5 +1,12 @@
 //! What the control plane knows about itself and its agents, shared by the
 //! index, the gRPC streams and the admin endpoint (`/status`, `/readyz`).
+//!
+//! Among it, each Node's facts ([`NodeFacts`]: its
+//! `topology.kubernetes.io/zone` and why it is leaving, from the sources'
+//! nodes), which every `SnapshotUpdate` carries as `node_zone` and
+//! `node_draining`. When they change while an agent is up to date, its
+//! stream sends an update without resources at the version the agent
+//! ACKed (`AgentStream::facts_update` in `crate::server`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -11,6 +11,16 @@
 //!   changes nothing, and what it keeps re-encodes to the same resource.
 //! - [`manifest_loader`]: a YAML manifest file as the `file:` source reads
 //!   it: objects or a reason, and every object it keeps is valid.
+//!
+//! `scripts/fuzz.sh SECONDS` runs each target (AFL++ through cargo-afl, on
+//! stable Rust) for a bounded time and saves what adds coverage, and any
+//! crash, in `fuzz/corpus/<target>/`. First runs (1 Dec 2026, 4 minutes
+//! per target, one core each): `dns_handler` 2.25 M executions,
+//! `update_decoder` 4.25 M, `manifest_loader` 0.53 M; no crash or hang;
+//! the queue entries that found new coverage (599, 373 and 751 inputs,
+//! 0.8 MB) are the saved corpus. (`afl-cmin` reported "no instrumentation
+//! output" for these targets, so the script falls back to the `+cov`
+//! entries.)
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

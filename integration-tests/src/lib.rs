@@ -4,7 +4,8 @@
 //!
 //! Everything waits on events (watch channels of the control plane's status
 //! and of each agent's state) with a bounded deadline and a message saying
-//! what did not happen; nothing sleeps to synchronise.
+//! what did not happen ([`WAIT`]); nothing sleeps to synchronise.
+//! Certificates are made with rcgen (`certs.rs`).
 
 pub mod apiserver;
 pub mod bench;

@@ -11,7 +11,12 @@
 //! Pods are routed, not bridged (a /32 per pod, proxy ARP on the node side,
 //! as Calico does; for IPv6 a /128 per pod and a default route to fe80::1,
 //! which the node's end of the veth holds), so every pod packet crosses its
-//! node's iptables or ip6tables. Every
+//! node's iptables or ip6tables (duplicate address detection is off, so
+//! no address is tentative). The processes are `sy_agent`,
+//! `sy_control_plane` and `sy_echo`, binaries of this package that call
+//! the same library entry points as `switchyard-agent` and
+//! `switchyard-control-plane`, so this works with `cargo test -p
+//! switchyard-integration-tests` as well as with `--workspace`. Every
 //! namespace and process belongs to the [`Cluster`]; dropping it (also on a
 //! panic) kills the processes and deletes the namespaces. Nothing is
 //! configured in the namespace the test runs in.

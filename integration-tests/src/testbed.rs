@@ -7,6 +7,21 @@
 //! networks and volumes. The image must exist: `scripts/test.sh` builds it
 //! with `scripts/testbed.sh build` before the tests run, because a test
 //! cannot run cargo while cargo holds the build directory.
+//!
+//! ```text
+//!  testbed/Dockerfile: host-built binaries on a Debian base (debootstrap + docker import: no registry)
+//!   control-plane (file + docker sources, engine socket read-only, fixed address)
+//!   node1..node3  (testbed/switchyard-node: pod resolv.conf naming the stub, agent with iptables,
+//!                  Docker's embedded DNS as upstream)
+//!   web           (switchyard-testbed-web, testbed/web/: answers with its host name)
+//!   client        (node1's network namespace and resolv.conf)
+//! ```
+//!
+//! One image runs every service; the control plane's fixed address means
+//! nodes need neither DNS nor rules to reach it. Docker's own nat rules for
+//! its embedded DNS (`DOCKER_OUTPUT`) sit in each node's nat table beside
+//! ours; the agent only adds its jumps and `SWY-` chains, so both keep
+//! working.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

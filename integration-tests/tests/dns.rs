@@ -1,5 +1,11 @@
 //! The DNS stub end to end: a control plane reading real YAML, an agent
 //! serving DNS on a real socket, `dig` as the client, a fake upstream.
+//! Covered: records, pod names, negatives, forwarding to the fake
+//! upstream, resolve-after-ACK, truncation and TCP, refused sources,
+//! malformed packets, and the link-local default inside a network
+//! namespace the test creates: NOTRACK rules once across two starts, a
+//! resolv.conf naming only the stub reported and answered SERVFAIL at once,
+//! `cleanup` removing rules and address.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;

@@ -1,7 +1,8 @@
 //! The DNS stub under abuse: one source opening thousands of TCP
 //! connections does not stop the agent from ACKing, nor other clients
 //! from resolving, and idle connections are closed; connections from
-//! sources the access list does not allow are closed at accept.
+//! sources the access list does not allow are closed at accept (5,000 TCP
+//! connections from one source; 400 from 20 sources not allowed).
 
 use std::time::Duration;
 

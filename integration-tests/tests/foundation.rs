@@ -1,5 +1,8 @@
 //! The foundation end to end: a control plane reading real YAML files,
-//! agents on real gRPC streams, state in real sled directories.
+//! agents on real gRPC streams, state in real sled directories. Covered:
+//! convergence, a file change, invalid objects, NACK without resend,
+//! control-plane death, agent restart from disk, resume with differences
+//! only, corrupt state, and mTLS identity.
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,13 @@
 //! identities that are refused with a reason, TLS failures that say what
 //! is wrong on both sides, certificates rotated under running streams,
 //! updates that fail for a local reason retried until they apply, and a
-//! full disk said and recovered from.
+//! full disk said and recovered from. Covered: Hello bounds (fields,
+//! counts, sizes, a flood of names), unknown clusters refused and shown,
+//! transient NACKs retried to convergence, the ACK deadline, an update
+//! never read (its stream ended, its slot freed), 64 streams that never
+//! say Hello beside an agent, a second Hello, connection and stream bounds,
+//! agent retention, and a full disk (a 16 MiB tmpfs filled under a running
+//! agent, then freed).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

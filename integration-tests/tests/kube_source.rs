@@ -1,6 +1,11 @@
 //! The `kube` source against the API server stand-in: the control plane
 //! talks to it through the unmodified kube client, configured only by a
-//! kubeconfig pointing at `http://127.0.0.1:PORT`.
+//! kubeconfig pointing at `http://127.0.0.1:PORT`. Covered: a paged
+//! initial list, create/update/delete, a 410 after compaction with no flap,
+//! a dropped watch resumed without relist, the stand-in restarted, 5,000
+//! Services in one namespace, an invalid object skipped and reported,
+//! namespace and label filters, an event storm coalesced, and readiness
+//! waiting for the API server.
 
 use serde_json::{Value, json};
 use switchyard_control_plane::ControlPlane;

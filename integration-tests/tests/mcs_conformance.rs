@@ -5,7 +5,11 @@
 //! one control plane reading both through the unmodified kube client and
 //! writing the clusterset back, and an agent per cluster whose DNS stub is
 //! queried with dig. Each test names the conformance specs it covers; the
-//! list in docs/mcs-conformance.md gives each one's result.
+//! list in docs/mcs-conformance.md gives each one's result. Covered:
+//! ServiceImports in every cluster while some cluster exports, their spec
+//! following the export, headless and ExternalName exports, exported
+//! labels, another implementation's import left alone, a v1alpha1-only
+//! cluster, and the DNS specs with dig.
 //!
 //! As in the suite, "the first cluster" (east) exports first, so its
 //! export is the oldest (exports of the same second fall back to the

@@ -3,7 +3,16 @@
 //! `--source kube:CONTEXT=CLUSTER` each, agents of north and east with
 //! their DNS stubs, queried with dig. Also several control planes over the
 //! same stand-ins, which must give the same addresses, and dual-stack
-//! imports.
+//! imports. Covered: exports merge into imports that north's and east's
+//! agents hold and answer with dig; north's own name stays its own;
+//! unexport; a port conflict won by the oldest export (reported on both
+//! exports); three control planes (two started together, one later) giving
+//! the same ClusterSet and cluster IPs and honouring a recorded
+//! ServiceImport; IPv6-only and dual-stack imports answered with AAAA and
+//! A; an API server stopped (shown down, endpoints kept); an API server
+//! down at start holding back only the clusterset; a hub with a control
+//! plane per cluster holding the same imports as one control plane
+//! watching all three, and keeping them when the hub dies.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -2,7 +2,9 @@
 //! `fake_apiserver` program) in the infra namespace of a cluster of network
 //! namespaces, a control plane following them as clusters east, west and
 //! north, the agent of node 1 in east and of node 2 in north (iptables data
-//! plane and DNS stub). Skipped (with a message) when not root.
+//! plane and DNS stub). Real TCP from a pod of north to the ClusterSet IP
+//! reaches exactly east's and west's endpoints. Skipped (with a message)
+//! when not root.
 
 use std::collections::BTreeSet;
 

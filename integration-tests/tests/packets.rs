@@ -3,6 +3,27 @@
 //! namespaces (see `switchyard_integration_tests::netns`): the real agent
 //! and control plane processes, real TCP and UDP between pod namespaces.
 //! Skipped (with a message) when not root.
+//!
+//! The scenarios: the Service features (ClusterIP spread, UDP, affinity,
+//! refusal, NodePort, externalTrafficPolicy Local, health check); endpoint
+//! changes (UDP flow moves, flush restored, restart under a client loop,
+//! NOTRACK rules once after a restart, cleanup of rules, NOTRACK rules and
+//! the DNS address); topology hints, loadBalancerSourceRanges and localhost
+//! node ports; dual stack (IPv6 cluster IP, node port with masquerade,
+//! endpoint removal, refusal); externalTrafficPolicy Local on a node
+//! without local endpoints (pods and the node reach the LB IP and node
+//! port, outside traffic dropped, also with internalTrafficPolicy Local)
+//! and health checks with only terminating local endpoints; spoofed LB-IP
+//! sources against loadBalancerSourceRanges; proxy labels toggled and
+//! `ipMode: Proxy`; UDP flows across a terminating endpoint, a deletion
+//! while the agent is down, a flow sent while no rule existed (restart
+//! from disk) and a flow of a Service scaled to zero (refused, not sent to
+//! the deleted pod); Service ranges and `--nodeport-addresses primary`;
+//! transparent DNS on the cluster DNS IP; session affinity expiry; an
+//! endpoint count crossing an nftables class boundary. SCTP has rules but
+//! no packet test: this kernel has no SCTP (`socket(..., IPPROTO_SCTP)`
+//! fails). Nothing is programmed in the namespace the tests run in (the
+//! in-process harness's agents use `--dataplane none`).
 
 use std::time::Duration;
 

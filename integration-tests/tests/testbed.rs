@@ -4,7 +4,11 @@
 //! the image first); skipped with a message otherwise.
 //!
 //! One test, in steps, because the steps share one testbed and build on
-//! each other (the control plane stays down while node2 restarts).
+//! each other (the control plane stays down while node2 restarts): every
+//! replica reached by name, short name and cluster IP, scaling 3 -> 5 ->
+//! 2, a container with bad labels, the control plane killed under a
+//! request loop, a node restarted from its volume while the control plane
+//! is down, and the return of the control plane.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,7 @@
 //! TLS end to end: node certificates in Kubernetes' form, the cluster a
 //! certificate fixes, certificates and keys reloaded under running streams,
-//! and handshake failures named on both sides.
+//! and handshake failures named on both sides; with a `kube` source,
+//! Nodes that must exist and cluster annotations that move nothing.
 
 use std::path::{Path, PathBuf};
 

@@ -16,6 +16,13 @@
 //! Each socket still has a random source port (the kernel's choice) and
 //! each query a random id; an answer is taken only from the upstream the
 //! socket is connected to, with the id and question of a query waiting.
+//! An ICMP error on a socket fails its waiting queries over to the next
+//! upstream at once; when none answers the query gets SERVFAIL (at once
+//! when there is no upstream). The default upstreams are `--resolv-conf`'s
+//! nameservers without the stub itself (`super::resolv_conf_upstreams`);
+//! when none is left (a resolv.conf naming only the stub, NodeLocal
+//! DNSCache's usual set-up) the agent logs an error at start and `/status`
+//! shows `dns.upstream_warning`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;

@@ -19,6 +19,16 @@
 //!          ─▶ known reverse name (PTR) ─▶ answer
 //!          ─▶ anything else ─▶ Forward (to the upstreams)
 //! ```
+//!
+//! AXFR and IXFR are refused for any name: the stub has no zone to
+//! transfer, and outside names were forwarded upstream. ANY answers one
+//! RRset of the name (RFC 8482 section 4.1), not all of them. Reverse names
+//! we do not know are forwarded (CoreDNS's `fallthrough` for reverse
+//! zones). An `Answer` holds rcode, AA and the records as slices of the
+//! index, copied only when the question's case is not the index's lower
+//! case (so answers keep the case asked), and the SOA by reference.
+//! ExternalName targets outside the zone are resolved upstream and
+//! returned after the CNAME.
 
 use std::borrow::Cow;
 use std::net::IpAddr;

@@ -27,6 +27,35 @@
 //! insecure` mode) are not stored: the name is the address, so a miss under
 //! `pod.<zone>` is answered from the name itself.
 //! An index is immutable: a new snapshot makes a new one.
+//!
+//! Records of the cluster zone: `<svc>.<ns>.svc.<zone>` A/AAAA (cluster IPs;
+//! for headless, ready endpoints, or all with `publishNotReadyAddresses`),
+//! `<host>.<svc>...` per headless endpoint (hostname or dashed IP), SRV
+//! `_<port>._<proto>.<svc>...` for named ports, PTR (in-addr.arpa and
+//! nibble ip6.arpa), ExternalName CNAME, `dns-version` TXT
+//! [`SCHEMA_VERSION`], apex SOA and NS. The SOA serial is the second of the
+//! zone's last change, as CoreDNS's `kubernetes` gives it, and always ahead
+//! of the index before when the zone's names changed, patched or rebuilt.
+//! Pod names: IPv4 dashed, IPv6 as `fd00--1...`, any namespace, no pod
+//! check; `<ns>.pod.<zone>` and `pod.<zone>` are NODATA.
+//!
+//! The same maps hold the `clusterset.local` zone (the MCS DNS
+//! specification fixes that name), built from the `clusterset/…` imports:
+//! `<svc>.<ns>.svc.clusterset.local` with the ClusterSet IP (PTR too) or,
+//! headless, the ready endpoints of every cluster, each also at
+//! `<hostname>.<cluster-id>.<svc>...` (the `<cluster-id>.<svc>...` level
+//! itself is absent, as the specification requires), SRV for named ports,
+//! `dns-version` TXT [`CLUSTERSET_SCHEMA_VERSION`] and its own SOA.
+//!
+//! Sizes: 1,024 shards per map; a name's records in chunks of up to 64 of
+//! one type behind `Arc`s, so a write copies its shard's table and the one
+//! or two chunks it changes; a record is found among its name's by a hash
+//! of its data (foldhash, seeded per process). A change of more than a
+//! quarter of the Services builds whole. The large headless case above
+//! (2,000 endpoints, 50 named ports) copies about 100 chunks; the earlier
+//! index rebuilt all 100,000 SRV records and de-duplicated them with
+//! `Vec::contains`, quadratic in one name's records (times: BENCHMARKS.md,
+//! "Large headless Service in the DNS index").
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;

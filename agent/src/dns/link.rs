@@ -3,6 +3,9 @@
 //! conntrack (as NodeLocal DNSCache does, against the conntrack races of
 //! kubernetes#56903). Every `ip` command line is made here; the NOTRACK
 //! rules go through the `iptables` crate, one idempotent rule at a time.
+//! Used for a link-local `--dns-listen` when the agent has CAP_NET_ADMIN:
+//! six rules (PREROUTING dport, OUTPUT sport and dport, for UDP and TCP);
+//! without the dummy driver the address goes on `lo`.
 //!
 //! ```text
 //!  start:   ip link add nodelocaldns (or lo) + ip addr replace ─▶ raw -S PREROUTING/OUTPUT ─▶ append what is missing,

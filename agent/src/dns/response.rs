@@ -8,7 +8,8 @@
 //!
 //! hickory-server's encoder enforces the size limit: over UDP an answer
 //! larger than the response's EDNS payload size (512 without EDNS) keeps
-//! the records that fit and gets TC. We advertise the client's own size
+//! the records that fit and gets TC (RFC 2181 section 9 allows that). We
+//! advertise the client's own size
 //! capped at [`EDNS_PAYLOAD`], so that limit is the smaller of the two.
 
 use std::net::{IpAddr, SocketAddr};

@@ -19,8 +19,17 @@
 //! Ours closes at accept a connection from a source the access list does
 //! not allow, then admits at most [`TcpLimits::total`] connections, and
 //! [`TcpLimits::per_source`] from one allowed address, closing the rest,
-//! and closes a connection idle for [`TCP_IDLE`] or slower than that to send
-//! one request.
+//! and closes a connection idle for `TCP_IDLE` or slower than that to send
+//! one request (defaults: `--dns-max-tcp-connections` 256,
+//! `--dns-max-tcp-per-source` 16). The access list used to be checked per
+//! query only, so 400 connections from 20 addresses it does not allow held
+//! every slot and allowed clients' TCP queries failed
+//! (`tests/dns_abuse.rs`).
+//!
+//! All of it runs on a current-thread runtime on a thread of its own
+//! (15-25% faster than multi-thread on one core, measured by the
+//! calibration prototypes). `StubHandler` counts the rcode, truncation and
+//! refused sources of what was sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

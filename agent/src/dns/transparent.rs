@@ -20,6 +20,15 @@
 //! stub forwards to the endpoints' addresses directly, never to the
 //! Service's IP, so its own queries are not captured again (NodeLocal
 //! DNSCache needs a second Service, `kube-dns-upstream`, for that).
+//!
+//! The sockets bound on a taken address go to the DNS thread
+//! (`Control::listen`, served like `--dns-listen` until their token is
+//! cancelled); the endpoints replace the default route of
+//! `forward::Routes` (`Control::set_service_endpoints`; with no ready
+//! endpoint, the configured upstreams). `Agent::shutdown` hands
+//! the addresses back before anything else stops. A start after a SIGKILL
+//! reconciles the NOTRACK rules to exactly what it wants
+//! (`link::notrack`), so a mode switched off leaves nothing behind.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

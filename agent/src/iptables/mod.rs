@@ -17,6 +17,86 @@
 //! deletes the UDP flows whose endpoint no longer serves them. Rules stay
 //! in the kernel when the agent exits; [`cleanup`] removes them (and
 //! [`crate::dataplane::cleanup`] when the nftables plane starts).
+//!
+//! # Full syncs
+//!
+//! (Timings here are from `docs/benchmarks-history.md`, "iptables data
+//! plane"; the current ones are in BENCHMARKS.md.)
+//!
+//! A full sync (start-up, after a failure, after a missing canary) first
+//! learns which `SWY-` chains and built-in jumps exist: `nft list chains
+//! ip` (or `ip6`) for the chain names and `iptables -S` of the built-in
+//! chains we jump from. It never lists every rule: `iptables-save` of a
+//! 10,000-Service table ran for 80 s and then crashed here (iptables 1.8.9
+//! inserts each chain it reads into a sorted list). Without `nft`, or with
+//! the legacy backend, it falls back to `iptables-save`. It then writes a
+//! sequence of `--noflush` transactions per family: the static chains and
+//! the Services' own chains in pieces, then the dispatch chains and
+//! built-in jumps in one transaction, then the deletion of `SWY-` chains
+//! no longer wanted, referrers before the chains they jump to.
+//!
+//! Chains are named after their content, so over rules whose canaries are
+//! in place (an agent restart) a full sync skips every chain that exists
+//! and writes only the static and dispatch chains: 2.5 s instead of 36 s at
+//! 10,000 Services. After a flush (canary gone) it writes everything; the
+//! canaries are written in the dispatch transaction, after every Service
+//! chain, so a full sync interrupted before then is not trusted by the
+//! next one.
+//!
+//! The pieces exist because iptables-nft's `--noflush` cost grows with the
+//! square of the chains one transaction names: 10,000 Services in one
+//! transaction did not finish in 25 minutes, in pieces they take about
+//! 10 s. The piece size weighs that against a kernel cost: each nat commit
+//! that adds a rule makes nf_tables revalidate every rule reachable from
+//! the built-in chains (250 ms at 10,000 Services). While none of our jumps
+//! from built-in chains exist (a first full sync) that costs nothing and
+//! pieces are [`CHAINS_PER_RESTORE`] (500); once they exist,
+//! [`CHAINS_PER_RESTORE_HOOKED`] (1,500: a storm of 1,000 changed Services
+//! at 10,000 took 3.15 s in one transaction, 2.66 s in pieces of 4,000,
+//! 1.8-1.9 s in pieces of 1,000-1,500). Every prefix of the sequence is
+//! consistent (the unit test
+//! `batched_full_syncs_keep_every_step_consistent` replays it on a model of
+//! the kernel). Nothing is flushed first, so traffic keeps flowing through
+//! the old rules until the new ones replace them; that is also why a
+//! restarted agent drops no connection.
+//!
+//! # Partial syncs and failures
+//!
+//! A partial sync writes, per family, the changed Services' chains whose
+//! names are new (an endpoint removed rewrites the balancing chain, not the
+//! other endpoints' chains), deletes their chains that are gone, rewrites
+//! the buckets (and `SWY-NODEPORTS`) their rules were or are in, inserts a
+//! bucket jump when a bucket is used for the first time, and deletes the
+//! jump (`-D` on `SWY-SERVICES`, at most 256 rules long) and the chain when
+//! a bucket empties. It is one transaction (one revalidation) unless it
+//! names more than 1,500 chains; then it is split like a full sync. If the
+//! kernel refuses a transaction, that transaction changed nothing
+//! (iptables-restore is all or nothing per transaction; a full sync may
+//! have applied earlier pieces): the error, with the offending line,
+//! becomes the NACK, and the plane immediately runs a full sync of the last
+//! good state, because its record had already moved
+//! (`crate::dataplane::Transactional`, shared with nftables).
+//!
+//! The only rules outside our chains are the seven jumps from built-in
+//! chains, inserted with `-I ... 1` in the full-sync transaction when
+//! `iptables -S` of that chain does not show them, so never twice. They
+//! and the canaries stay in the restore transactions rather than going
+//! through the `iptables` crate (which the DNS stub uses for its single,
+//! idempotent NOTRACK rules): the jumps must land in the same transaction
+//! as the dispatch chains they name, and the crate runs the `iptables`
+//! binary itself, so it cannot reach the namespace a test's or the
+//! benchmark's runner works in (`ip netns exec`).
+//!
+//! # Upkeep
+//!
+//! Every `--iptables-sync-period` a task takes the data plane lock and runs
+//! `DataPlane::maintain`: `iptables -t nat -S SWY-CANARY` and the same in
+//! filter (per family); a missing canary rule means someone flushed us, and
+//! the last good state is synced in full. `switchyard-agent cleanup`
+//! removes our jumps from built-in chains (deleted by their exact listed
+//! text) first, then every `SWY-` chain, in pieces like a full sync, then
+//! the DNS stub's NOTRACK rules, its interface and its address
+//! (`crate::dns::link`).
 
 pub mod rules;
 pub mod runner;

@@ -8,18 +8,66 @@
 //! The layout follows kube-proxy's iptables mode with our own prefix:
 //!
 //! ```text
-//! nat   PREROUTING, OUTPUT ─▶ SWY-SERVICES ─┬─▶ SWY-SB-<last byte of dst> ─▶ SWY-SVC/SVL/EXT/FW-<hash> ─▶ SWY-SEP-<hash> (DNAT)
-//!                                          └─▶ (dst LOCAL) SWY-NODEPORTS ─▶ SWY-EXT-<hash>
-//! nat   POSTROUTING ─▶ SWY-POSTROUTING (MASQUERADE what SWY-MARK-MASQ marked)
-//! filter INPUT, FORWARD, OUTPUT (ctstate NEW) ─▶ SWY-SERVICES ─┬─▶ SWY-FB-<last byte of dst> (REJECT/DROP)
-//!                                                            └─▶ (dst LOCAL) SWY-NODEPORTS
-//! filter FORWARD ─▶ SWY-FORWARD
+//! nat    PREROUTING, OUTPUT ─▶ SWY-SERVICES ─┬─▶ SWY-SB-<XX> ─▶ SWY-SVC-<h> | SWY-SVL-<h> | SWY-EXT-<h> | SWY-FW-<h> ─▶ SWY-SEP-<h> (DNAT)
+//!                                            └─▶ (dst LOCAL, --nodeport-addresses) SWY-NODEPORTS ─▶ SWY-EXT-<h>
+//! nat    POSTROUTING ─▶ SWY-POSTROUTING (MASQUERADE --random-fully what SWY-MARK-MASQ marked)
+//! filter INPUT, FORWARD, OUTPUT (ctstate NEW) ─▶ SWY-SERVICES ─┬─▶ SWY-FB-<XX> (REJECT no endpoints (TCP: tcp-reset), DROP no local endpoints, LB firewall DROP)
+//!                                                              └─▶ (dst LOCAL) SWY-NODEPORTS (the same for node ports; healthCheckNodePort ACCEPT)
+//! filter FORWARD ─▶ SWY-FORWARD (INVALID drop, marked and established accept)
+//! nat, filter: SWY-CANARY (one rule)
 //! ```
 //!
-//! The one departure from kube-proxy is the second dispatch level: a
-//! Service's dispatch rules live in the bucket chain of its destination
-//! address's last byte, so a change rewrites one bucket of a few dozen rules
-//! instead of the whole dispatch chain (see ARCHITECTURE.md).
+//! `<XX>` is the last byte of the destination address, `<h>` 16 base32
+//! characters of SHA-256 over the chain's stable name and its rules (see
+//! `rename`): one name always holds the same rules.
+//!
+//! The one departure from kube-proxy is the second dispatch level.
+//! kube-proxy rewrites `KUBE-SERVICES` whole on every sync, O(services).
+//! We measured the two ways to avoid it on top of a 20,000-rule dispatch
+//! chain: deleting one rule by spec (`-D CHAIN spec` in a `--noflush`
+//! restore) took 0.44 s, because iptables-nft fetches and compares the
+//! whole chain; rewriting a 40-rule chain took 0.02 s. So a Service's
+//! dispatch rules live in a bucket chain chosen by the last byte of the
+//! destination address (`-d 0.0.0.XX/0.0.0.255`, `::XX/::ff` for IPv6; 256
+//! buckets per table), and `SWY-SERVICES` holds one jump per non-empty
+//! bucket plus the NodePort jump. A packet (only the first of a connection
+//! reaches nat) crosses at most 256 bucket jumps and then its bucket,
+//! instead of every Service. `SWY-NODEPORTS` is rewritten whole when a
+//! node-port rule changes; it is bounded by the node-port range, not by the
+//! number of Services.
+//!
+//! What the rules do with a [`crate::endpoints::PortPlan`]:
+//! - The external chain `SWY-EXT-` exists whenever the port has endpoints
+//!   anywhere: with `externalTrafficPolicy: Local`, pod sources (the
+//!   cluster CIDRs) and the node itself (`--src-type LOCAL`, masqueraded)
+//!   go to the Cluster endpoints, the rest to the local ones; a node with
+//!   none drops only outside traffic (the filter rule matches what is
+//!   still addressed to the frontend).
+//! - With `loadBalancerSourceRanges`, `SWY-FW-` admits the ranges, and the
+//!   LB IPs as sources only when a range holds one of this node's
+//!   addresses (kube-proxy's `allowFromNode`; the addresses are read at
+//!   start).
+//! - Service ranges as kube-proxy's nftables mode treats them: the filter
+//!   table sees packets after nat translated them, so what is still
+//!   addressed to a cluster IP is for a port its Service does not have;
+//!   each proxied Service's bucket ends with a REJECT for its cluster IP,
+//!   and `SWY-SERVICES` drops what is addressed to `--service-cidr` after
+//!   the buckets (an address no Service holds). A partial sync rewrites a
+//!   shared chain only when the changed Service's rules in it changed, so
+//!   an endpoint change still touches no filter chain.
+//! - Localhost node ports (kube-proxy's `--iptables-localhost-nodeports`,
+//!   on by default when loopback is a node-port address): the `LOCAL`
+//!   destination match already sends 127.0.0.1 to `SWY-NODEPORTS`; a full
+//!   sync sets `net.ipv4.conf.all.route_localnet=1` so the DNATed packet
+//!   may leave, and the filter `SWY-SERVICES` tail (before its node-port
+//!   jump) holds kube-proxy's guard against other hosts reaching
+//!   127.0.0.0/8 (CVE-2020-8558). When they are off, and always for IPv6,
+//!   the node-port jump excludes loopback (`! -d 127.0.0.0/8`, `! -d
+//!   ::1/128`), so a process on the node's loopback is not shadowed.
+//!   Turning them off does not reset `route_localnet`.
+//! - `--nodeport-addresses primary` is resolved once at start to the
+//!   source address of each family's default route. Session affinity uses
+//!   `-m recent`, whose list names keep the stable names.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;

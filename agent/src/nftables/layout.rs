@@ -25,7 +25,10 @@
 //! rules try each class in turn (`numgen random mod N offset O`, a miss
 //! falls through to the next). Up to [`EXACT_CLASSES`] endpoints the class
 //! is N itself (an exact spread); beyond, the endpoints are laid over a
-//! larger number of slots (see [`slots`]).
+//! larger number of slots (see [`slots`]): 1,024 or 4,096, so no share
+//! differs from another by more than one slot in eight. A count that
+//! changes class replaces its elements by the other class's in the same
+//! transaction.
 //!
 //! One map per group, not one per class and group: before every element
 //! command libnftables 1.0.6 fetches and parses every set of the ruleset

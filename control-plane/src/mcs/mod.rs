@@ -15,6 +15,20 @@
 //! clusterset issues and every source's exports. Two control planes given
 //! the same inputs want the same objects, so replicas writing with the
 //! same field manager never undo each other.
+//!
+//! The clusterset reaches the writers through a second watch channel of the
+//! index (`index::Outputs::clusterset`, made only while a writer listens),
+//! and each kube source spawns one writer (`--mcs-write`, default on) with
+//! a client of its own: not the watches', whose answers clear watch errors.
+//! The ServiceImport of each import comes from the snapshot's
+//! `clusterset/` range (decoded once per changed resource by
+//! [`ImportCache`]), its `status.clusters` and the oldest export's exported
+//! labels and annotations from the sources' exports. Each export's three
+//! conditions come from the build's clusterset issues: `NoService` and
+//! `InvalidServiceType` make `Valid` false, reasons ending in `Conflict`
+//! make `Conflict` true (joined by commas), and `Ready` is `Exported` once
+//! the import exists. How it goes is shown per cluster in `/status`
+//! `write_back`.
 
 pub mod writer;
 

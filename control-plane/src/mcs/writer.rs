@@ -15,7 +15,8 @@
 //! watch channels, and a slow or failing API server only delays its pass.
 //! It never takes over what another manager owns: applies are not forced
 //! (a 409 is reported and retried), a ServiceImport without our
-//! `app.kubernetes.io/managed-by` label is left alone and reported, and only
+//! `app.kubernetes.io/managed-by` label is left alone and reported (a GET
+//! checks before our first write of each), and only
 //! ours are deleted. A condition keeps its `lastTransitionTime` while its
 //! status stays (learned from the API server when the writer starts).
 

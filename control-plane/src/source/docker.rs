@@ -22,7 +22,21 @@
 //! ends (`--debounce`, see [`super::debounce`]); a session that ends
 //! publishes what it had pending first.
 //!
-//! What labels mean is in [`containers`].
+//! `--source docker` / `docker:HOST` follows one engine through bollard: a
+//! session connects and negotiates the API version first. The first state
+//! is published after the first list, so a control plane whose engine
+//! cannot be reached stays not ready; a stream or request that fails keeps
+//! the last state, sets `last_error` and retries (200 ms doubling to 10 s).
+//! Each state is assembled whole and then shares the `Arc`s of what did
+//! not change with the one before (`share_unchanged`), so the index diffs
+//! it like a kube source's.
+//!
+//! What labels mean is in [`containers`]; a bad label is an `ObjectError`
+//! naming the container and the label. Slices from containers carry no
+//! port numbers of their own (`SlicePorts::FromServiceTargets`): the index
+//! fills them from the owning Service's numeric `targetPort`s when it
+//! groups slices by Service, so a Service declared in a YAML file can take
+//! its endpoints from containers.
 
 pub mod containers;
 

@@ -1,34 +1,71 @@
-//! The `kube` source: Services, EndpointSlices, Nodes and ServiceExports
-//! from a Kubernetes API server, through kube-rs watchers.
+//! The `kube` source: Services, EndpointSlices, Nodes, ServiceExports,
+//! ServiceImports and the kube-dns ConfigMap from a Kubernetes API server,
+//! through kube-rs watchers.
 //!
 //! ```text
-//!  Api<Service>       ─ watcher ─ backoff ─┐                each event converted at once (cached
-//!  Api<EndpointSlice> ─ watcher ─ backoff ─┼─ signals ─▶ View: by resourceVersion) into persistent ─▶ coalesce ─▶ watch<SourceState>
-//!  Api<Node>          ─ watcher ─ backoff ─┤            maps, changed in one place per event        (pointer copies)
-//!  Api<ServiceExport> ─ watcher ─ backoff ─┘
+//!  watcher ─ backoff ─▶ Init | InitApply(obj) | InitDone | Apply(obj) | Delete(obj) | Failed
+//!                           │ each event, at once: convert (cached by resourceVersion) and change
+//!                           ▼ the persistent Service and slice maps in one place (a relist: at InitDone)
+//!    coalesce (source/debounce.rs): quiet for --debounce, at most --max-delay ─▶ any kind relisting? hold
+//!                           ▼
+//!    state: pointer copies of the maps (+ errors, Nodes, exports, remade only when they changed) ─▶ send_if_modified
 //! ```
 //!
-//! Each watcher lists (paged) and then watches with bookmarks; after a
-//! 410 Gone, a restart or a dropped watch it relists. A relist (`Init` ..
-//! `InitApply` .. `InitDone`) is applied atomically: its objects are
-//! gathered and replace the kind's at `InitDone`, and what the list no
-//! longer holds is deleted. This source additionally publishes nothing
-//! while any kind is relisting, so a relist becomes exactly one new state
-//! and no agent sees a Service vanish and come back. The state is `synced`
-//! once Services, slices and Nodes have been listed.
+//! What is watched. `--source kube` / `kube:CONTEXT` builds a client from
+//! `--kubeconfig`, a named context, or inference (`$KUBECONFIG`,
+//! `~/.kube/config`, in-cluster). Services and discovery/v1 EndpointSlices
+//! of all namespaces or `--kube-namespace`, optionally filtered by
+//! `--kube-label-selector`; Nodes cluster-wide (published as `nodes` with
+//! their `topology.kubernetes.io/zone`, shown in `/status`); ServiceExports
+//! (with their `exportedLabels`/`exportedAnnotations`) and ServiceImports
+//! (the record of ClusterSet IPs, `service_imports`) when the MCS CRDs are
+//! served, in `v1beta1` where it is served, else `v1alpha1`, found by
+//! discovery and again whenever the watched version answers 404
+//! (`mcs_signals`); the kube-dns ConfigMap (`--kube-dns-configmap`, by a
+//! field selector on its name), whose `stubDomains` and
+//! `upstreamNameservers` become the source's `dns` and reach the cluster's
+//! agents as `SnapshotUpdate.cluster_dns`, sent like the Node facts (a 403
+//! or 404 there only means no such settings).
 //!
-//! Every other event changes the maps the source publishes in one place:
-//! the published Services and slices are persistent maps (`Objects`), so a
-//! publication is a pointer copy, shares everything unchanged with the one
-//! before it, and costs what changed, not the size of the cluster. The
-//! index then sees the change by diffing the maps (an endpoint change is
-//! patched into the last snapshot). An object that converts to what it was
-//! (a status we do not read changed) keeps its `Arc` and changes nothing.
+//! Each watcher runs with `default_backoff()` and bookmarks, lists in pages
+//! of 500, then watches from the list's resourceVersion; a dropped watch
+//! resumes from the last one seen; a 410 Gone (compaction), an API server
+//! restart that lost its watch cache, or a restart of our own process
+//! relists. A relist (`Init` .. `InitApply` .. `InitDone`) is applied
+//! atomically: its objects are gathered and replace the kind's at
+//! `InitDone`, and what the list no longer holds is deleted. This source
+//! additionally publishes nothing while any kind is relisting, so a relist
+//! becomes exactly one new state: a Service present before and after is
+//! present in every state an agent sees (tested by recording every state a
+//! data plane applied). Kinds relist independently: after a relist a
+//! Service may move before its slices do, which delays a change but
+//! removes nothing. The state is `synced` once Services, slices and Nodes
+//! have been listed, so the index (and `/readyz`) wait for every initial
+//! list.
 //!
-//! Bursts of events coalesce: a state is published once the stream has been
-//! quiet for the debounce window (capped at four windows). Objects that do
-//! not convert are skipped and reported, the rest keep flowing. FQDN
-//! EndpointSlices are ignored, as kube-proxy ignores them.
+//! Work per event is the event's: the source keeps no store of API
+//! objects, only their conversions. Every event changes the maps the
+//! source publishes in one place: the published Services and slices are
+//! persistent maps (`Objects`), so a publication is a pointer copy, shares
+//! everything unchanged with the one before it, and costs what changed, not
+//! the size of the cluster. The index then sees the change by diffing the
+//! maps (an endpoint change is patched into the last snapshot). An object
+//! that converts to what it was (a status we do not read changed) keeps its
+//! `Arc` and changes nothing. A state costs O(objects) to assemble only on
+//! a relist, and bursts of events coalesce here (quiet for `--debounce`,
+//! at most `--max-delay`, [`super::debounce`]), the only wait on the way to
+//! the agents.
+//!
+//! Objects that do not convert are skipped and reported in `errors` (hence
+//! `/status` `invalid_objects` and the
+//! `switchyard_control_plane_invalid_objects` metric); the rest keep
+//! flowing. FQDN EndpointSlices are ignored (`k8s::endpoint_slice`), as
+//! kube-proxy ignores them; slices of one Service are merged by the index.
+//! Watch failures are logged and shown as the source's `last_error`, which
+//! names the API server's URL once. It clears, with a `watch recovered` log
+//! line, as soon as the API server answers a list or watch of that kind
+//! again, which `AnswerObserver` (a tower layer on the client) reports:
+//! a resumed watch brings no event until something changes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;

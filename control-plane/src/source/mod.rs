@@ -13,6 +13,26 @@
 //!   docker           ──┼─ watch<SourceState> ─▶ index ─▶ watch<Arc<Snapshot>> ─▶ streams
 //!   switchyard:URL   ──┘  (another control plane: a cluster's exports, or a hub's imports)
 //! ```
+//!
+//! Each source has a cluster id (`Source::cluster`: `--source SPEC=CLUSTER`,
+//! else `--cluster`); the clusters of the sources are the clusters the
+//! control plane serves. Objects from an API server always get their
+//! source's cluster; only `file:` sources may move an object to another
+//! cluster with the `switchyard.io/cluster` annotation, and only with
+//! `--file-cluster-annotation`. Besides its objects, a state carries the
+//! source's `errors` (objects that do not convert: skipped, reported, the
+//! rest flows), `warnings` (the object is still used: unknown fields,
+//! kinds and API versions that are not read; shown per source in
+//! `/status`), `last_error` and `synced`.
+//!
+//! Sources keep their Services and slices in persistent maps ([`Objects`],
+//! `imbl::OrdMap` keyed by Service key and by (Service key, slice name))
+//! and derive each state they publish from the one before: the kube source
+//! changes its maps per event; the file, Docker and relay sources, which
+//! rebuild their objects, go through [`share_unchanged`]. So an unchanged
+//! map is the very same map and a changed one shares everything else with
+//! its predecessor, which lets the index diff them in the size of the
+//! change.
 
 pub mod debounce;
 pub mod docker;

@@ -16,6 +16,19 @@
 //! state stays. Versions held are announced on reconnect, so a restart of
 //! either side resends only what differs. While the other side is
 //! unreachable the last state is kept and shown as `last_error`.
+//!
+//! The serving side answers with a `snapshot::View`: `Agent(C)` (C's range
+//! and the clusterset's, what an agent gets), `Exports(C)` (C's range, only
+//! the resources the snapshot lists as exported; a resource carries its
+//! export and the export's age in `Service.export`, so the hub's merge sees
+//! what a single control plane would) or `Clusterset` (the imports only);
+//! deltas are cached per view and base version. Here the parts are
+//! assembled with `switchyard_proto::parts`. `Exports(C)` becomes Services,
+//! slices (ports as given) and exports of cluster C for the hub's merge;
+//! `Clusterset` becomes `SourceState::imports`, which replace the local
+//! clusterset merge (the first relay following its hub is used) and are
+//! validated and encoded as they are, so a cluster's agents get the hub's
+//! ClusterSet IPs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -1,13 +1,21 @@
 //! A Kubernetes API server stand-in, faithful at the protocol level for
-//! Services, EndpointSlices (discovery.k8s.io/v1) and Nodes, so that the
-//! unmodified kube client (and kubectl) can list, watch and write them.
+//! Services, EndpointSlices (discovery.k8s.io/v1), Nodes, the kube-dns
+//! ConfigMap and the MCS API's ServiceExports and ServiceImports (served in
+//! `v1beta1` and `v1alpha1` without conversion, or `v1alpha1` only, each
+//! with a `/status` subresource whose writes touch status only and a main
+//! resource whose writes never do), so that the unmodified kube client (and
+//! kubectl) can list, watch and write them. No kube-apiserver runs on the
+//! machines the tests run on; `tests/apiserver.rs` checks these semantics
+//! through the kube client itself, and the `fake_apiserver` binary runs it
+//! by hand (`--load` manifests, `--kubeconfig-out`).
 //!
 //! ```text
 //!  kube watcher / kubectl ──HTTP/1.1──▶ axum fallback ─▶ route(path) ─┬─ discovery documents
 //!                                                                     ├─ list (selectors, limit/continue)
 //!                                                                     ├─ get/create/put/patch/delete ─▶ Store
 //!                                                                     └─ watch: NDJSON stream ◀─ Store broadcast
-//!  test hooks: compact(), drop_watches(), fail_next(..), restart on the same port with the same Store
+//!  test hooks: compact(), drop_watches(), fail_next(Fault), request counters,
+//!             stop() returning the Store so a new server on the same port serves the same objects (a restart)
 //! ```
 //!
 //! What it implements (and what it does not):
@@ -24,7 +32,11 @@
 //!   annotated `k8s.io/initial-events-end`; the stream closes at
 //!   `timeoutSeconds`; a watcher that falls too far behind is disconnected;
 //! - PATCH: merge patch and JSON patch; a strategic merge patch is applied
-//!   as a merge patch (lists replaced whole); server-side apply is a 415;
+//!   as a merge patch (lists replaced whole); server-side apply as
+//!   [`apply`] describes (`metadata.managedFields` recorded on every write,
+//!   a 409 naming the owner when an apply changes another manager's field
+//!   unless forced, fields a manager stops applying removed);
+//! - errors are `Status` objects;
 //! - objects are checked against the k8s-openapi types only, not against the
 //!   API's validation rules, so tests can store objects a real API server
 //!   would reject;

@@ -13,7 +13,7 @@
 //!
 //! For each query class and server it runs dnsperf twice: unlimited (QPS),
 //! then at a fixed offered load with per-query output (p99 latency, and
-//! server CPU per query from /proc/<pid>/stat). With `--repeat N` the
+//! server CPU per query from `/proc/<pid>/stat`). With `--repeat N` the
 //! fixed-load run is made N times per server, alternating between the two
 //! servers, and the table gives each server's median with the range: on
 //! this noisy machine one pair of runs cannot tell a few per cent apart.
