@@ -12,6 +12,11 @@
 //! Each Service's result is cached with the pointers of its inputs, so an
 //! unchanged Service costs one comparison; the patch rebuilds through the
 //! same cache ([`Index::built`]) and ends the same way ([`Index::finish`]).
+//! The cached result includes the Service's `/status` line, so an
+//! unchanged Service costs `/status` nothing either. Each new resource is
+//! compared with the previous snapshot's and the old `Arc` reused when
+//! equal: unchanged resources are never copied, and the version moves only
+//! when content does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;

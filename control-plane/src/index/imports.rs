@@ -11,6 +11,10 @@
 //! (`relayed_imports`). [`LastImports`] keeps what a patch needs to rebuild
 //! the imports of the Services it touches alone; [`ImportMeta`] is what the
 //! writer of ServiceImports (`crate::mcs`) needs beyond the resource.
+//!
+//! An import is cached by the pointers of its inputs' resources and the
+//! exports' labels and annotations, so it is decoded and merged again only
+//! when one of them changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;

@@ -11,6 +11,26 @@
 //! were: [`LastBuild`] keeps them, and what the merge decided, for the next
 //! build to compare with. Where a patch could differ from what a full
 //! build makes, the full build (`full`) runs instead.
+//!
+//! Sources keep their Services and slices in persistent maps
+//! (`source::Objects`) and derive each state from the one before, so an
+//! unchanged map is the very same map and a changed one shares the rest
+//! with its predecessor. When every source's Services, exports and errors
+//! are those of the last build, no relay brings imports, the same clusters
+//! are served and the ServiceImports' record is the same, the patch diffs
+//! each source's slice map with the one it last built from, rebuilds the
+//! Services whose slices changed and replaces them in the last snapshot's
+//! resource map. Their imports, when exported, are rebuilt as the full
+//! build makes them: from the exporting clusters the last merge found
+//! (oldest export first), their valid resources unless a dropped
+//! cluster's, with the ClusterSet IP they had, their issues replacing the
+//! old ones; an import whose exporters all turned invalid leaves the
+//! snapshot and comes back later. When an import comes or goes the
+//! ClusterSet IP allocator sees every import, as in a full build; if that
+//! would move another import's address (one was waiting for an address),
+//! or a patched import had none, the full build runs. So does anything
+//! else: a Service or an export changed, or more than [`PATCH_LIMIT`]
+//! Services at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

@@ -14,6 +14,20 @@
 //! (`crate::source::debounce`, the one debounce on a change's path); the
 //! index builds as soon as one publishes, and whatever is published while a
 //! build runs makes one more build right after it.
+//!
+//! Every source's channel wakes one shared `Notify`, so a burst leaves one
+//! wake-up and no state is cloned until a build starts; then each source's
+//! state is copied out of its channel (a reference count per object) and
+//! the build runs on the blocking pool, so a source publishing meanwhile
+//! never waits for a build and no runtime thread is held by one. Each
+//! source belongs to one cluster (`--source SPEC=CLUSTER`, else
+//! `--cluster`). The snapshot carries the set of ready clusters
+//! (`Snapshot::ready`): a change of readiness alone is a new version, and a
+//! stream sends nothing to an agent whose cluster is not ready yet.
+//! `/readyz` and gRPC health turn SERVING once every source has synced.
+//! `--cluster-down drop-after=D` leaves out the exports of a cluster whose
+//! sources have all failed for D (a timer wakes the index, `ClusterHealth`);
+//! `keep`, the default, keeps the last known endpoints.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
