@@ -98,6 +98,20 @@ fn backends(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// How many full resyncs node `i`'s agent made after finding its rules
+/// gone (the canary chain, or our nftables table), from its `/metrics`.
+fn repairs(c: &Cluster, plane: Plane, i: u8) -> u64 {
+    let name = match plane {
+        Plane::Iptables => "switchyard_agent_iptables_canary_resyncs_total",
+        Plane::Nftables => "switchyard_agent_nftables_table_resyncs_total",
+    };
+    let (code, body) = c.http(&format!("n{i}"), "127.0.0.1:9902", "/metrics");
+    assert_eq!(code, 200, "node {i}'s agent /metrics: {body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("node {i}'s agent exports no {name}"))
+}
+
 fn failures(v: &Value) -> u64 {
     v["refused"].as_u64().unwrap_or(0)
         + v["timeout"].as_u64().unwrap_or(0)
@@ -296,10 +310,14 @@ fn endpoint_changes_flush_restart_and_cleanup(plane: Plane) {
     let r = c.echo("client", &["tcp", "10.96.0.10:80", "100"]);
     assert_eq!(count(&r, "replies", "b1"), 100, "{r}");
 
-    // Someone flushes our rules by hand: the canary notices, rules come back.
+    // Someone flushes our rules by hand: the canary notices, rules come
+    // back. (Checking that the rules are gone first would race the repair:
+    // the agent looks every 300 ms here and repairs within milliseconds.)
+    let repaired = repairs(&c, plane, 2);
     c.flush_rules(2);
-    assert!(!c.hooked(2));
-    c.wait_until("rules restored after the flush", || c.hooked(2));
+    c.wait_until("the flush noticed and the rules restored", || {
+        repairs(&c, plane, 2) > repaired && c.hooked(2)
+    });
     let r = c.echo("client", &["tcp", "10.96.0.10:80", "20"]);
     assert_eq!(count(&r, "replies", "b1"), 20, "{r}");
 
