@@ -5,10 +5,11 @@
 //! kernel never revalidates the table for it.
 //!
 //! ```text
-//!  Change ─▶ full? ──yes──▶ elements::skeleton (table replaced: rules, sets, CIDRs, kept affinity) ─▶ libnftables (one transaction)
-//!             │                 then Programmed::full (every element, both families) ─▶ netlink batches of 1 MiB
-//!             │no
-//!             └──────────▶ Programmed::partial (changed Services: element deletes, adds) ─▶ one netlink batch
+//!  Change ─▶ full, no table yet? ──▶ elements::skeleton (rules, sets, CIDRs) ─▶ libnftables (one transaction)
+//!             │                        then Programmed::full (every element) ─▶ netlink batches of 1 MiB
+//!             ├ full, over our table ─▶ Programmed::full_text (table replaced whole, kept affinity) ─▶ libnftables (one transaction)
+//!             └ partial ─────────────▶ Programmed::partial (changed Services: element deletes, adds) ─▶ one netlink batch
+//!                                         (fw_allow's interval elements: the whole change as text instead)
 //!                             ─▶ stale UDP flows (netlink), stale affinity entries
 //!                          error (and NACK) ─▶ full sync of the last good state
 //! ```
@@ -82,13 +83,6 @@ use kernel::{Kernel, KernelError};
 use layout::{Balance, Words};
 use netlink::{Encoder, Sealed};
 
-/// Partial syncs through libnftables text, as before issue 28: through
-/// netlink, an endpoint removed (2 -> 1 endpoints, a class move) was still
-/// balanced to in the packet test `endpoint_changes_flush_restart_and_cleanup`
-/// after a resync had replaced the table by text; not found why before the
-/// deadline, so the netlink path is off for partial syncs.
-const PARTIAL_AS_TEXT: bool = true;
-
 /// A full sync's elements go in batches of about this size: from an empty
 /// table nothing needs them in one transaction, and the buffer stays small
 /// (2.3 million elements are some 120 MiB of messages).
@@ -114,6 +108,9 @@ pub struct NftablesDataPlane {
     sent: std::time::Duration,
     runner: Runner,
     conntrack: Conntrack,
+    /// Partial syncs through libnftables text instead of our netlink
+    /// batches: the path before issue 28, kept as the benchmark's anchor.
+    partial_as_text: bool,
 }
 
 impl From<KernelError> for ApplyError {
@@ -159,12 +156,20 @@ impl NftablesDataPlane {
             needs_full: true,
             others_removed: false,
             v6_affinity_logged: false,
+            partial_as_text: false,
             last_good: None,
             metrics: None,
             sent: std::time::Duration::ZERO,
             conntrack: runner.conntrack(),
             runner,
         }
+    }
+
+    /// Sends partial syncs through libnftables text (one `nft -f`-style
+    /// transaction) instead of netlink element batches: what the data plane
+    /// did before issue 28, for benchmarks to measure beside the default.
+    pub fn set_partial_as_text(&mut self, on: bool) {
+        self.partial_as_text = on;
     }
 
     /// Time the last sync spent in `sendmsg` of element batches (with
@@ -604,7 +609,7 @@ impl Transactional for NftablesDataPlane {
                 None => return self.full(change.state),
             }
         }
-        if PARTIAL_AS_TEXT || batches.iter().any(|(_, b)| b.has_ranged()) {
+        if self.partial_as_text || batches.iter().any(|(_, b)| b.has_ranged()) {
             // fw_allow's interval elements go through text (see
             // `netlink::ranged`): the whole change with them, one transaction.
             let mut text = String::new();

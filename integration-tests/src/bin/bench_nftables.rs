@@ -3,7 +3,9 @@
 //! For each size (Services x 10 endpoints), per data plane:
 //! - `apply`: full sync into the fresh namespace; one endpoint changed
 //!   (from `apply` called to the commit returned, median of many: 101 for
-//!   nftables, 7 for iptables); the endpoint count of one Service changed
+//!   nftables, 7 for iptables), for nftables also with its partial syncs
+//!   through libnftables text (the path before netlink batches, the
+//!   anchor); the endpoint count of one Service changed
 //!   (10 -> 9 -> 10, median); a tenth of the Services changed in one update
 //!   (one endpoint each);
 //! - `memory`: the resident size of a process holding the state and the
@@ -115,13 +117,18 @@ fn nft_floor(state: &AgentState) -> Duration {
     took
 }
 
+/// The nftables plane with its partial syncs through libnftables text, as
+/// before they went through our netlink batches: the anchor for a change.
+const NFT_TEXT: &str = "nftables, partial syncs as text (anchor)";
+
 fn measure(plane: &'static str, n: usize, rounds: u32) -> Row {
     let ns = Netns::new(plane);
     let mut state = AgentState::default();
     let names: Vec<String> = (0..n).map(|i| insert(&mut state, service(i, 0))).collect();
-    if plane == "nftables" {
+    if plane.starts_with("nftables") {
         let floor = nft_floor(&state);
         let mut dp = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0);
+        dp.set_partial_as_text(plane == NFT_TEXT);
         let full = apply(&mut dp, &state, &changed(names), true);
         let mut row = changes(&mut dp, &mut state, plane, n, rounds, |dp| {
             Some(ms(dp.last_send()))
@@ -448,6 +455,7 @@ fn apply_section(sizes: &[usize]) {
     let mut rows = Vec::new();
     for &n in sizes {
         rows.push(measure("nftables", n, 101));
+        rows.push(measure(NFT_TEXT, n, 101));
         rows.push(measure("iptables", n, 7));
     }
     println!(
