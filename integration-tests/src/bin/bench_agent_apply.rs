@@ -1,25 +1,30 @@
 //! `bench_agent_apply`: what one update costs an agent, from the update
 //! message to the ACK (decode, `none` data plane, sled write + flush, DNS
 //! index caught up, status), at 1,000 and 10,000 Services x 10 endpoints in
-//! the same run. Each size first takes its whole state in one update (the
+//! the same run (or `--sizes N,M`). With `--nftables` (root) the data plane
+//! is the nftables one, in a network namespace the bench makes, instead of
+//! `none`. Each size first takes its whole state in one update (the
 //! anchor), then 50 updates of one endpoint change each, to other Services.
 //! The decode step (`AgentState::apply`: the new state, its one decoded
 //! Service) is timed on its own too.
 //!
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_agent_apply
-//! target/release/bench_agent_apply [--changes 50]
+//! target/release/bench_agent_apply [--changes 50] [--sizes 1000,10000] [--nftables]
 //! ```
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard_agent::applier::Applier;
-use switchyard_agent::dataplane::NoneDataPlane;
+use switchyard_agent::dataplane::{DataPlane, Family, NoneDataPlane};
 use switchyard_agent::dns::DnsConfig;
+use switchyard_agent::nftables::NftablesDataPlane;
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_agent::store::Store;
-use switchyard_integration_tests::bench::{arg, loadavg, summary, ten_endpoint_service};
+use switchyard_integration_tests::bench::{
+    Netns, arg, cfg, loadavg, summary, ten_endpoint_service,
+};
 use switchyard_proto::v1;
 use tokio_util::sync::CancellationToken;
 
@@ -43,17 +48,20 @@ fn update(version: String, resources: Vec<v1::Resource>) -> v1::SnapshotUpdate {
 }
 
 /// One size: (whole state ms, per-change ms, decode-only ms).
-async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value> {
+async fn run(services: usize, changes: u32, nftables: bool) -> anyhow::Result<serde_json::Value> {
     let dir = tempfile::tempdir()?;
     let (store, _) = Store::open(dir.path())?;
-    let status = Arc::new(Status::new("bench".into(), "default".into(), None, "none"));
+    // With --nftables, the real data plane in a namespace of its own
+    // (dropped, so deleted, when this size is done).
+    let netns = nftables.then(|| Netns::new("apply"));
+    let dataplane: Box<dyn DataPlane> = match &netns {
+        Some(ns) => Box::new(NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &ns.0)),
+        None => Box::new(NoneDataPlane::default()),
+    };
+    let plane = dataplane.name();
+    let status = Arc::new(Status::new("bench".into(), "default".into(), None, plane));
     let metrics = Arc::new(Metrics::new());
-    let mut applier = Applier::new(
-        store,
-        Box::new(NoneDataPlane::default()),
-        status.clone(),
-        metrics.clone(),
-    );
+    let mut applier = Applier::new(store, dataplane, status.clone(), metrics.clone());
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let cfg = DnsConfig::plain(
@@ -97,6 +105,7 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
     while tasks.join_next().await.is_some() {}
     Ok(serde_json::json!({
         "services": services,
+        "plane": plane,
         "whole_state_ms": (whole_ms * 10.0).round() / 10.0,
         "one_change_ms": summary(&mut per_change),
         "decode_only_ms": summary(&mut decode),
@@ -106,22 +115,38 @@ async fn run(services: usize, changes: u32) -> anyhow::Result<serde_json::Value>
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let changes = arg("--changes", 50) as u32;
+    let args: Vec<String> = std::env::args().collect();
+    let nftables = args.iter().any(|a| a == "--nftables");
+    let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes") {
+        Some(i) => args
+            .get(i + 1)
+            .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default(),
+        None => vec![1_000, 10_000],
+    };
     let load_before = loadavg();
     let mut rows = Vec::new();
-    for services in [1_000, 10_000] {
-        rows.push(run(services, changes).await?);
+    for services in sizes {
+        rows.push(run(services, changes, nftables).await?);
     }
     println!("load {load_before} -> {}", loadavg());
     println!(
-        "| Services x 10 endpoints | whole state in one update | one endpoint change, update to ACK: p50 / p99 / max | of which decode (new AgentState): p50 / p99 |"
+        "| data plane | Services x 10 endpoints | whole state in one update | one endpoint change, update to ACK: p50 / p99 / max | of which decode (new AgentState): p50 / p99 |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for r in &rows {
         let c = &r["one_change_ms"];
         let d = &r["decode_only_ms"];
         println!(
-            "| {} | {} ms | {} / {} / {} ms | {} / {} ms |",
-            r["services"], r["whole_state_ms"], c["p50"], c["p99"], c["max"], d["p50"], d["p99"]
+            "| {} | {} | {} ms | {} / {} / {} ms | {} / {} ms |",
+            r["plane"].as_str().unwrap_or("?"),
+            r["services"],
+            r["whole_state_ms"],
+            c["p50"],
+            c["p99"],
+            c["max"],
+            d["p50"],
+            d["p99"]
         );
     }
     Ok(())
