@@ -441,10 +441,10 @@ struct Change {
 
 /// The keys whose definitions changed at a reload, and whether one of
 /// them is or was defined more than once.
-#[derive(Default)]
 struct Affected {
-    services: HashSet<ServiceKey>,
-    slices: HashSet<(String, String, String)>,
+    /// None: every key (a first load, or files that changed places).
+    services: Option<HashSet<ServiceKey>>,
+    slices: Option<HashSet<(String, String, String)>>,
     /// Files whose duplicate errors must be made again.
     recheck: HashSet<u64>,
 }
@@ -751,11 +751,15 @@ impl Loader {
             item: u32::try_from(item).unwrap_or(u32::MAX),
         };
         // What left its place: parts dropped, and parts reused elsewhere.
+        let mut taken = vec![false; change.old.len()];
+        for q in change.reused.iter().flatten() {
+            taken[*q] = true;
+        }
         let mut gone: Vec<(usize, &Part)> = change
             .old
             .iter()
             .enumerate()
-            .filter(|(q, _)| !change.reused.contains(&Some(*q)))
+            .filter(|(q, _)| !taken[*q])
             .collect();
         gone.extend(
             change
@@ -812,8 +816,7 @@ impl Loader {
 
     /// The part a definition is in.
     fn part(&self, d: Def) -> Option<&Part> {
-        let path = self.ids.get(&d.file)?;
-        self.files.get(path)?.parts.get(d.part as usize)
+        part_of(&self.files, &self.ids, d)
     }
 
     /// Merges the files in path order: the first definition of an object
@@ -832,7 +835,13 @@ impl Loader {
             .map(|f| f.id)
             .collect();
         let rank: HashMap<u64, usize> = order.iter().enumerate().map(|(r, id)| (*id, r)).collect();
-        let mut affected = Affected::default();
+        // Before any file, every key is new: none is recorded one by one.
+        let every = self.order.is_empty();
+        let mut affected = Affected {
+            services: (!every).then(HashSet::new),
+            slices: (!every).then(HashSet::new),
+            recheck: HashSet::new(),
+        };
         for change in changes {
             affected.recheck.insert(change.file);
             self.apply(change, &mut affected);
@@ -843,41 +852,40 @@ impl Loader {
         let kept_then = self.order.iter().filter(|id| rank.contains_key(id));
         let kept_now = order.iter().filter(|id| before.contains(id));
         if !kept_then.eq(kept_now) {
-            affected.services.extend(self.service_defs.keys().cloned());
-            affected.slices.extend(self.slice_defs.keys().cloned());
+            affected.services = None;
+            affected.slices = None;
             affected.recheck.extend(order.iter().copied());
         }
         self.order = order;
         let mut services = self.last.services.clone();
         let mut slices = self.last.slices.clone();
-        for key in &affected.services {
-            let Some(defs) = self.service_defs.get(key) else {
-                continue;
-            };
-            let won = winner(&defs.defs, &rank).and_then(|d| {
-                Some(Arc::clone(
-                    &self.part(d)?.objects.services.get(d.item as usize)?.value,
-                ))
-            });
-            let defs = self.service_defs.get_mut(key).expect("looked up");
-            if settle(defs, won, &mut services) {
-                self.service_defs.remove(key);
-            }
-        }
-        for key in &affected.slices {
-            let Some(defs) = self.slice_defs.get(key) else {
-                continue;
-            };
-            let won = winner(&defs.defs, &rank).and_then(|d| {
-                Some(Arc::clone(
-                    &self.part(d)?.objects.slices.get(d.item as usize)?.value,
-                ))
-            });
-            let defs = self.slice_defs.get_mut(key).expect("looked up");
-            if settle(defs, won, &mut slices) {
-                self.slice_defs.remove(key);
-            }
-        }
+        let (files_now, ids) = (&self.files, &self.ids);
+        settle_keys(
+            &mut self.service_defs,
+            affected.services.as_ref(),
+            &rank,
+            |d| {
+                let l = part_of(files_now, ids, d)?
+                    .objects
+                    .services
+                    .get(d.item as usize)?;
+                Some(Arc::clone(&l.value))
+            },
+            &mut services,
+        );
+        settle_keys(
+            &mut self.slice_defs,
+            affected.slices.as_ref(),
+            &rank,
+            |d| {
+                let l = part_of(files_now, ids, d)?
+                    .objects
+                    .slices
+                    .get(d.item as usize)?;
+                Some(Arc::clone(&l.value))
+            },
+            &mut slices,
+        );
         for id in &affected.recheck {
             let Some(path) = self.ids.get(id) else {
                 continue;
@@ -980,6 +988,41 @@ impl Loader {
     }
 }
 
+/// The part a definition is in.
+fn part_of<'a>(
+    files: &'a HashMap<PathBuf, LoadedFile>,
+    ids: &HashMap<u64, PathBuf>,
+    d: Def,
+) -> Option<&'a Part> {
+    files.get(ids.get(&d.file)?)?.parts.get(d.part as usize)
+}
+
+/// Settles the objects of `keys` (every one when None): see [`settle`].
+fn settle_keys<K: Eq + std::hash::Hash, T: super::Keyed + PartialEq>(
+    defs: &mut HashMap<K, Defs<T>>,
+    keys: Option<&HashSet<K>>,
+    rank: &HashMap<u64, usize>,
+    value: impl Fn(Def) -> Option<Arc<T>>,
+    map: &mut super::Objects<T>,
+) {
+    let Some(keys) = keys else {
+        defs.retain(|_, d| {
+            let won = winner(&d.defs, rank).and_then(&value);
+            !settle(d, won, map)
+        });
+        return;
+    };
+    for key in keys {
+        let Some(d) = defs.get_mut(key) else {
+            continue;
+        };
+        let won = winner(&d.defs, rank).and_then(&value);
+        if settle(d, won, map) {
+            defs.remove(key);
+        }
+    }
+}
+
 /// The first of `defs` in path order, then document order.
 fn winner(defs: &[Def], rank: &HashMap<u64, usize>) -> Option<Def> {
     defs.iter()
@@ -998,7 +1041,7 @@ fn unset<K: Clone + Eq + std::hash::Hash, T>(
     defs: &mut HashMap<K, Defs<T>>,
     key: &K,
     def: Def,
-    affected: &mut HashSet<K>,
+    affected: &mut Option<HashSet<K>>,
     recheck: &mut HashSet<u64>,
 ) {
     if let Some(d) = defs.get_mut(key) {
@@ -1007,7 +1050,9 @@ fn unset<K: Clone + Eq + std::hash::Hash, T>(
         }
         d.defs.retain(|x| *x != def);
     }
-    affected.insert(key.clone());
+    if let Some(affected) = affected {
+        affected.insert(key.clone());
+    }
 }
 
 /// Adds `def` to the definitions of `key`.
@@ -1015,15 +1060,20 @@ fn set<K: Clone + Eq + std::hash::Hash, T>(
     defs: &mut HashMap<K, Defs<T>>,
     key: &K,
     def: Def,
-    affected: &mut HashSet<K>,
+    affected: &mut Option<HashSet<K>>,
     recheck: &mut HashSet<u64>,
 ) {
-    let d = defs.entry(key.clone()).or_default();
+    let d = match defs.get_mut(key) {
+        Some(d) => d,
+        None => defs.entry(key.clone()).or_default(),
+    };
     d.defs.push(def);
     if d.defs.len() > 1 {
         recheck.extend(d.defs.iter().map(|d| d.file));
     }
-    affected.insert(key.clone());
+    if let Some(affected) = affected {
+        affected.insert(key.clone());
+    }
 }
 
 /// Puts the winning definition `won` of one object into `map` in place of
@@ -1584,7 +1634,7 @@ impl Parser<'_> {
             ("v1", "Service") => {
                 let object = name
                     .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
-                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj.clone()) {
+                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj) {
                     Ok(svc) => svc,
                     Err(e) => {
                         return out.errors.push(self.unparsable(place, object, &located, e));
@@ -1609,14 +1659,13 @@ impl Parser<'_> {
                     };
                     slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
                 });
-                let slice = match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(
-                    obj.clone(),
-                ) {
-                    Ok(slice) => slice,
-                    Err(e) => {
-                        return out.errors.push(self.unparsable(place, object, &located, e));
-                    }
-                };
+                let slice =
+                    match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(obj) {
+                        Ok(slice) => slice,
+                        Err(e) => {
+                            return out.errors.push(self.unparsable(place, object, &located, e));
+                        }
+                    };
                 self.unknown_fields(place, object.as_deref(), obj, &slice, &located, out);
                 match k8s::endpoint_slice(cluster, &slice) {
                     Ok(Some(s)) => out.slices.push(Located {

@@ -36,6 +36,7 @@ use switchyard_control_plane::source::debounce::Debounce;
 use switchyard_control_plane::source::file::{FileSource, Reloader};
 use switchyard_control_plane::source::{Source, SourceState};
 use switchyard_integration_tests::bench::{ms, percentile, proc_status_kib};
+use switchyard_model::ServiceKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -238,8 +239,13 @@ fn split_export(n: usize, e: usize) -> String {
     out
 }
 
-/// Loads `dir` with the real file source; returns the time until synced.
-async fn load(dir: &Path, services: usize) -> anyhow::Result<(Duration, SourceState)> {
+/// Loads `dir` with the real file source; returns the time until synced,
+/// the state, and the resident size and heap in use (MiB) right then, the
+/// source still running.
+async fn load_measured(
+    dir: &Path,
+    services: usize,
+) -> anyhow::Result<(Duration, SourceState, f64, Option<f64>)> {
     let source = Box::new(FileSource::new(
         vec![dir.to_path_buf()],
         "default".into(),
@@ -257,8 +263,16 @@ async fn load(dir: &Path, services: usize) -> anyhow::Result<(Duration, SourceSt
     .context("loading timed out")??
     .clone();
     let elapsed = t.elapsed();
+    let rss = proc_status_kib("self", "VmRSS") as f64 / 1024.0;
+    let heap = switchyard_heap::usage().map(|u| u.in_use as f64 / 1_048_576.0);
     shutdown.cancel();
     task.await?;
+    Ok((elapsed, state, rss, heap))
+}
+
+/// Loads `dir` with the real file source; returns the time until synced.
+async fn load(dir: &Path, services: usize) -> anyhow::Result<(Duration, SourceState)> {
+    let (elapsed, state, _, _) = load_measured(dir, services).await?;
     Ok((elapsed, state))
 }
 
@@ -350,7 +364,7 @@ fn p50_p99(mut v: Vec<f64>) -> Value {
 }
 
 async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
-    let (elapsed, state) = load(dir, services).await?;
+    let (elapsed, state, rss, heap) = load_measured(dir, services).await?;
     if state.services.len() != services {
         bail!(
             "{} Services loaded; errors: {:?}",
@@ -361,6 +375,7 @@ async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"load_ms": ms(elapsed).round(), "peak_mib": peak_mib().round(),
+            "rss_when_synced_mib": rss.round(), "heap_in_use_when_synced_mib": heap.map(f64::round),
             "services": state.services.len(), "slices": state.slices.len(),
             "errors": state.errors.len(), "warnings": state.warnings.len()})
     );
@@ -439,28 +454,27 @@ fn child_edit(
         let t = Instant::now();
         let state = reloader.reload();
         reload.push(ms(t.elapsed()));
-        let ns = if small {
-            "small".to_owned()
-        } else {
-            let k: usize = key.trim_start_matches("svc-").parse()?;
-            format!("ns-{}", k % 100)
-        };
-        let slice = state
-            .slices
-            .iter()
-            .find(|s| s.service.namespace == ns && s.service.name == key)
-            .context("the edited slice")?
-            .clone();
         let changed = switchyard_control_plane::source::publish(&tx, "bench", state);
         published.push(ms(t.elapsed()));
-        if !changed
-            || !slice
-                .slice
-                .endpoints
-                .iter()
-                .any(|ep| !ep.addresses.is_empty())
-        {
-            bail!("edit {e}: nothing published");
+        let (ns, expected) = if small {
+            (
+                "small".to_owned(),
+                format!("10.250.{}.{}", e / 250, e % 250 + 1),
+            )
+        } else {
+            let k: usize = key.trim_start_matches("svc-").parse()?;
+            (
+                format!("ns-{}", k % 100),
+                endpoint_ips(k, endpoints, e)[0].clone(),
+            )
+        };
+        let got = tx
+            .borrow()
+            .slices
+            .get(&(ServiceKey::new("default", &ns, &key), format!("{key}-1")))
+            .and_then(|s| s.slice.endpoints.first()?.addresses.first().copied());
+        if !changed || got.map(|a| a.to_string()) != Some(expected) {
+            bail!("edit {e}: not published ({got:?})");
         }
     }
     let s = tx.borrow();
