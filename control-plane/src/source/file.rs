@@ -842,8 +842,9 @@ impl Loader {
             slices: (!every).then(HashSet::new),
             recheck: HashSet::new(),
         };
+        // A file's duplicates change only with a key defined more than once
+        // (before or after), which `set` and `unset` record.
         for change in changes {
-            affected.recheck.insert(change.file);
             self.apply(change, &mut affected);
         }
         // Files that changed places among themselves (those of a PATH gone
@@ -1501,6 +1502,13 @@ impl Parser<'_> {
         if let Some(doc) = doc {
             self.document(&format!("{shown}#{}", before + 1), doc, &mut part.objects);
         }
+        // Kept until the document changes: no room for more.
+        let o = &mut part.objects;
+        o.services.shrink_to_fit();
+        o.slices.shrink_to_fit();
+        o.exports.shrink_to_fit();
+        o.errors.shrink_to_fit();
+        o.warnings.shrink_to_fit();
         Some(part)
     }
 

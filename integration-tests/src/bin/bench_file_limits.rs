@@ -365,6 +365,9 @@ fn p50_p99(mut v: Vec<f64>) -> Value {
 
 async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
     let (elapsed, state, rss, heap) = load_measured(dir, services).await?;
+    // The source stopped: what is left is the state it published (the
+    // objects any source would hold), beside the runtime.
+    let state_alone = switchyard_heap::usage().map(|u| (u.in_use as f64 / 1_048_576.0).round());
     if state.services.len() != services {
         bail!(
             "{} Services loaded; errors: {:?}",
@@ -376,6 +379,7 @@ async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
         "{}",
         json!({"load_ms": ms(elapsed).round(), "peak_mib": peak_mib().round(),
             "rss_when_synced_mib": rss.round(), "heap_in_use_when_synced_mib": heap.map(f64::round),
+            "heap_in_use_state_alone_mib": state_alone,
             "services": state.services.len(), "slices": state.slices.len(),
             "errors": state.errors.len(), "warnings": state.warnings.len()})
     );
