@@ -14,11 +14,29 @@
 //!
 //! ```text
 //!   notify callback ─ relevant? ─▶ mpsc(1) ─▶ debounce ─▶ reload (blocking pool)
-//!                                                          │ list files, hash each,
+//!                                                          │ list files; read those whose
+//!                                                          │ metadata changed; cut each at
+//!                                                          │ `---`, hash each document,
 //!                                                          │ re-parse changed ones
+//!                                                          ▼
+//!                                 merge from the last state: only the objects
+//!                                 whose definitions changed are weighed again
 //!                                                          ▼
 //!                                 watch<SourceState> ◀─ publish if different
 //! ```
+//!
+//! An edit costs what it changed. A file is cut into its documents
+//! textually (a `---` at the start of a line always starts one in YAML) and
+//! each is parsed on its own, so an edit re-parses only the documents whose
+//! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
+//! directive, a `...` marker, anchors and aliases, a document that is not
+//! valid alone, totals near the limits) is parsed whole as one part, as
+//! before, so its limits and error messages are the same. Every object's
+//! definitions are indexed by file and document, so a change weighs again
+//! only the objects it touched, and says duplicates again only for the
+//! files that share one of them. A file whose size, timestamps and inode
+//! are as when it was last read, and were already older than that read by
+//! `RACY` (2 s), is not read again.
 //!
 //! Failures stay local. A document that does not convert is skipped and
 //! reported (as `Service ns/name`, or `PATH#N` for the N-th non-empty
@@ -317,6 +335,9 @@ struct LoadedFile {
     parts: Vec<Part>,
     /// The kinds the file holds that are not read, said once per file.
     kinds: Option<ObjectError>,
+    /// Whether any part has errors, warnings or exports: a file with none
+    /// is not walked part by part at every reload.
+    noted: bool,
     /// Why the current content could not be used, if it could not.
     unreadable: Option<String>,
     /// The Services, then the slices, defined again after a first definition.
@@ -331,6 +352,7 @@ impl LoadedFile {
             seen: None,
             parts: Vec::new(),
             kinds: None,
+            noted: false,
             unreadable: None,
             duplicates: (Vec::new(), Vec::new()),
         }
@@ -694,22 +716,26 @@ impl Loader {
                 return None;
             }
         };
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let content = Content::of(&bytes);
         let entry = self.entry(path);
         entry.seen = stat.map(|s| (s, read_at));
-        if entry.digest == digest {
+        if entry.digest == content.digest {
             return None;
         }
-        entry.digest = digest;
+        entry.digest = content.digest;
         let parser = Parser {
             source: &self.source,
             cluster: &self.cluster,
             cluster_annotation: self.cluster_annotation,
         };
         let entry = self.files.get_mut(path)?;
-        match parser.parts(path, &bytes, &mut entry.parts) {
+        match parser.parts(path, content, &mut entry.parts) {
             Ok((parts, reused)) => {
                 entry.kinds = parser.kinds(path, &parts);
+                entry.noted = parts.iter().any(|p| {
+                    let o = &p.objects;
+                    !(o.errors.is_empty() && o.warnings.is_empty() && o.exports.is_empty())
+                });
                 entry.unreadable = None;
                 let old = std::mem::replace(&mut entry.parts, parts);
                 Some(Change {
@@ -906,7 +932,8 @@ impl Loader {
             if let Some(message) = &file.unreadable {
                 errors.push(self.error(path.display().to_string(), "", message.clone()));
             }
-            for part in &file.parts {
+            let noted: &[Part] = if file.noted { &file.parts } else { &[] };
+            for part in noted {
                 errors.extend(part.objects.errors.iter().cloned());
                 warnings.extend(part.objects.warnings.iter().cloned());
                 for e in &part.objects.exports {
@@ -1277,7 +1304,7 @@ pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceStat
         cluster,
         cluster_annotation: false,
     }
-    .parts(path, bytes, &mut [])?;
+    .parts(path, Content::of(bytes), &mut [])?;
     let objects = parts.into_iter().map(|p| p.objects);
     let mut state = SourceState {
         synced: true,
@@ -1336,6 +1363,46 @@ impl Cost {
     }
 }
 
+/// A file's bytes as the parser takes them: its text, the documents it
+/// splits into with their digests, and the digest of the whole.
+struct Content<'a> {
+    text: Result<&'a str, String>,
+    pieces: Option<Vec<(&'a str, [u8; 32])>>,
+    digest: [u8; 32],
+}
+
+impl<'a> Content<'a> {
+    fn of(bytes: &'a [u8]) -> Self {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"));
+        let pieces: Option<Vec<(&str, [u8; 32])>> = text
+            .as_ref()
+            .ok()
+            .and_then(|t| split_documents(t))
+            .map(|pieces| {
+                pieces
+                    .into_iter()
+                    .map(|p| (p, Sha256::digest(p.as_bytes()).into()))
+                    .collect()
+            });
+        // The pieces make up the text, so their digests in turn stand for it.
+        let digest = match &pieces {
+            Some(pieces) => {
+                let mut whole = Sha256::new();
+                for (_, d) in pieces {
+                    whole.update(d);
+                }
+                whole.finalize().into()
+            }
+            None => Sha256::digest(bytes).into(),
+        };
+        Self {
+            text,
+            pieces,
+            digest,
+        }
+    }
+}
+
 /// A part of a file's new content: one of its old parts, or a new one.
 enum Planned {
     Reuse(usize),
@@ -1347,8 +1414,9 @@ enum Planned {
 /// line inside any scalar or collection, so each piece is one document
 /// (or none: comments, or nothing before the first `---`). None when a
 /// line starts with a directive (`%`) or the end marker `...`, which tie
-/// documents together in ways this does not follow: the stream is then
-/// parsed whole.
+/// documents together in ways this does not follow, or when there are
+/// more pieces than a file may have documents: the stream is then parsed
+/// whole (which says so).
 fn split_documents(text: &str) -> Option<Vec<&str>> {
     let bytes = text.as_bytes();
     let mut starts = vec![0];
@@ -1362,6 +1430,9 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
             && line.starts_with(b"---")
             && matches!(line.get(3), None | Some(b' ' | b'\t' | b'\r' | b'\n'))
         {
+            if starts.len() > MAX_DOCUMENTS {
+                return None;
+            }
             starts.push(at);
         }
     }
@@ -1430,11 +1501,12 @@ impl Parser<'_> {
     fn parts(
         &self,
         path: &Path,
-        bytes: &[u8],
+        content: Content<'_>,
         old: &mut [Part],
     ) -> Result<(Vec<Part>, Vec<Option<usize>>), String> {
-        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-        if let Some(plan) = self.split(path, text, old) {
+        let text = content.text?;
+        let plan = content.pieces.and_then(|p| self.split(path, &p, old));
+        if let Some(plan) = plan {
             return Ok(plan
                 .into_iter()
                 .map(|p| match p {
@@ -1449,19 +1521,19 @@ impl Parser<'_> {
 
     /// The parts of a file that splits into documents each valid on its
     /// own, within the file's limits together; None otherwise.
-    fn split(&self, path: &Path, text: &str, old: &[Part]) -> Option<Vec<Planned>> {
-        let pieces = split_documents(text)?;
-        if pieces.len() > MAX_DOCUMENTS + 1 {
-            return None;
-        }
+    fn split(
+        &self,
+        path: &Path,
+        pieces: &[(&str, [u8; 32])],
+        old: &[Part],
+    ) -> Option<Vec<Planned>> {
         let shown = path.display().to_string();
         let mut plan = Vec::with_capacity(pieces.len());
         let mut before = 0;
         let mut total = Cost::default();
         // Old parts are in document order, as are the pieces.
         let mut next = 0;
-        for piece in pieces {
-            let digest: [u8; 32] = Sha256::digest(piece.as_bytes()).into();
+        for &(piece, digest) in pieces {
             while old.get(next).is_some_and(|p| p.before < before) {
                 next += 1;
             }
@@ -2053,6 +2125,24 @@ mod tests {
                 .services
                 .get(&ServiceKey::new("default", "x", "two"))
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn the_document_limit_holds_for_a_file_read_a_document_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "---\na: 1\n".repeat(MAX_DOCUMENTS + 1);
+        std::fs::write(dir.path().join("a.yaml"), &text).expect("write");
+        let state = loader(dir.path()).reload();
+        let whole = parse_documents(&text, budget()).expect_err("over the limit");
+        assert!(whole.contains("documents; the limit is"), "{whole}");
+        assert_eq!(
+            state
+                .errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+            [whole.as_str()]
         );
     }
 
