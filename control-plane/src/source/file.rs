@@ -14,11 +14,29 @@
 //!
 //! ```text
 //!   notify callback ─ relevant? ─▶ mpsc(1) ─▶ debounce ─▶ reload (blocking pool)
-//!                                                          │ list files, hash each,
+//!                                                          │ list files; read those whose
+//!                                                          │ metadata changed; cut each at
+//!                                                          │ `---`, hash each document,
 //!                                                          │ re-parse changed ones
+//!                                                          ▼
+//!                                 merge from the last state: only the objects
+//!                                 whose definitions changed are weighed again
 //!                                                          ▼
 //!                                 watch<SourceState> ◀─ publish if different
 //! ```
+//!
+//! An edit costs what it changed. A file is cut into its documents
+//! textually (a `---` at the start of a line always starts one in YAML) and
+//! each is parsed on its own, so an edit re-parses only the documents whose
+//! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
+//! directive, a `...` marker, anchors and aliases, a document that is not
+//! valid alone, totals near the limits) is parsed whole as one part, as
+//! before, so its limits and error messages are the same. Every object's
+//! definitions are indexed by file and document, so a change weighs again
+//! only the objects it touched, and says duplicates again only for the
+//! files that share one of them. A file whose size, timestamps and inode
+//! are as when it was last read, and were already older than that read by
+//! `RACY` (2 s), is not read again.
 //!
 //! Failures stay local. A document that does not convert is skipped and
 //! reported (as `Service ns/name`, or `PATH#N` for the N-th non-empty
@@ -32,6 +50,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -136,18 +155,14 @@ async fn run(source: FileSource, state: watch::Sender<SourceState>, shutdown: Ca
             (None, Some(format!("cannot watch for changes: {e}")))
         }
     };
-    let mut loader = Loader {
-        source: name.clone(),
+    let mut loader = Loader::new(
+        name.clone(),
         paths,
-        cluster: source.cluster,
-        cluster_annotation: source.cluster_annotation,
-        files: HashMap::new(),
+        source.cluster,
+        source.cluster_annotation,
         watcher,
-        watched: BTreeMap::new(),
         watcher_error,
-        complete_once: false,
-        last: SourceState::default(),
-    };
+    );
 
     loop {
         let reloaded = tokio::task::spawn_blocking(move || {
@@ -195,6 +210,33 @@ async fn next_change(
             _ = burst.ended() => return true,
             Some(()) = events.recv() => burst.change(debounce, Instant::now()),
         }
+    }
+}
+
+/// The reload a `file:` source runs after every change, without a watcher
+/// or a debounce: for benches that time one reload alone (the source
+/// itself runs [`FileSource`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Reloader(Loader);
+
+impl Reloader {
+    /// A reloader of `paths` for cluster `cluster`, named as a `file:` source.
+    pub fn new(paths: Vec<PathBuf>, cluster: String) -> Self {
+        let source = FileSource::new(paths, cluster, Debounce::NONE);
+        Self(Loader::new(
+            source.name(),
+            source.paths,
+            source.cluster,
+            false,
+            None,
+            None,
+        ))
+    }
+
+    /// Reads what changed and returns the whole new state.
+    pub fn reload(&mut self) -> SourceState {
+        self.0.reload()
     }
 }
 
@@ -246,6 +288,16 @@ struct Loader {
     cluster: String,
     cluster_annotation: bool,
     files: HashMap<PathBuf, LoadedFile>,
+    /// The path of each file by its id.
+    ids: HashMap<u64, PathBuf>,
+    next_id: u64,
+    /// The files in path order at the last reload, by id.
+    order: Vec<u64>,
+    /// Every definition of each Service, across files.
+    service_defs: HashMap<ServiceKey, Defs<SourceService>>,
+    /// Every definition of each slice (cluster, namespace and name: two
+    /// Services' slices of one name are one object to Kubernetes too).
+    slice_defs: HashMap<(String, String, String), Defs<SourceSlice>>,
     watcher: Option<RecommendedWatcher>,
     /// Watched directories, with whether the watch is recursive.
     watched: BTreeMap<PathBuf, bool>,
@@ -271,15 +323,43 @@ impl fmt::Debug for Loader {
 /// One manifest file as last read.
 #[derive(Debug)]
 struct LoadedFile {
+    /// Names the file in [`Def`]s.
+    id: u64,
     /// SHA-256 of the content last read, parsable or not.
     digest: [u8; 32],
-    /// What the last parsable content held.
-    objects: FileObjects,
+    /// The file's metadata when its content was last read, and when that
+    /// was: while it stays the same, the content is not read again.
+    seen: Option<(Stat, SystemTime)>,
+    /// What the last parsable content held, a part per document (or one
+    /// for the whole file, when it does not split).
+    parts: Vec<Part>,
+    /// The kinds the file holds that are not read, said once per file.
+    kinds: Option<ObjectError>,
+    /// Whether any part has errors, warnings or exports: a file with none
+    /// is not walked part by part at every reload.
+    noted: bool,
     /// Why the current content could not be used, if it could not.
     unreadable: Option<String>,
+    /// The Services, then the slices, defined again after a first definition.
+    duplicates: (Vec<ObjectError>, Vec<ObjectError>),
 }
 
-/// The objects and per-object errors of one file, in document order.
+impl LoadedFile {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            digest: [0; 32],
+            seen: None,
+            parts: Vec::new(),
+            kinds: None,
+            noted: false,
+            unreadable: None,
+            duplicates: (Vec::new(), Vec::new()),
+        }
+    }
+}
+
+/// The objects and per-object errors of one document (or file), in order.
 #[derive(Debug, Default)]
 struct FileObjects {
     services: Vec<Located<Arc<SourceService>>>,
@@ -287,6 +367,8 @@ struct FileObjects {
     exports: Vec<Located<Export>>,
     errors: Vec<ObjectError>,
     warnings: Vec<ObjectError>,
+    /// Kinds Switchyard does not read, counted (said once per file).
+    other_kinds: BTreeMap<String, usize>,
 }
 
 /// An object with the document it came from (`PATH#N`).
@@ -296,8 +378,138 @@ struct Located<T> {
     value: T,
 }
 
+/// What `stat` says of a file's content: the same after a write only if
+/// the write came within the file system's timestamp granularity, which
+/// [`Loader::read_file`] allows for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stat {
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+impl Stat {
+    #[cfg(unix)]
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            len: m.len(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+            inode: (m.dev(), m.ino()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &Path) -> Option<Self> {
+        None
+    }
+
+    /// Whether both timestamps are older than `read` by more than any
+    /// granularity: a later write then shows in them.
+    fn settled(&self, read: SystemTime) -> bool {
+        let Some(margin) = read.checked_sub(RACY) else {
+            return false;
+        };
+        [self.modified, self.changed].iter().all(|&(s, ns)| {
+            u64::try_from(s).is_ok_and(|s| {
+                SystemTime::UNIX_EPOCH
+                    + std::time::Duration::new(s, ns.clamp(0, 999_999_999) as u32)
+                    < margin
+            })
+        })
+    }
+}
+
+/// How much older than its last read a file's timestamps must be for its
+/// metadata to stand for its content (as git's "racily clean" entries): a
+/// write within the same timestamp tick as the read is not missed.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where a definition sits: its file, document part and index there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Def {
+    file: u64,
+    part: u32,
+    item: u32,
+}
+
+/// Every definition of one object, and what the state holds for it.
+#[derive(Debug)]
+struct Defs<T> {
+    defs: Vec<Def>,
+    published: Option<Arc<T>>,
+}
+
+impl<T> Default for Defs<T> {
+    fn default() -> Self {
+        Self {
+            defs: Vec::new(),
+            published: None,
+        }
+    }
+}
+
+/// How one file's parts changed at a reload.
+struct Change {
+    file: u64,
+    /// The parts it had, with those it still has taken out.
+    old: Vec<Part>,
+    /// For each part it has now (none when it is gone), where it was.
+    reused: Vec<Option<usize>>,
+}
+
+/// The keys whose definitions changed at a reload, and whether one of
+/// them is or was defined more than once.
+struct Affected {
+    /// None: every key (a first load, or files that changed places).
+    services: Option<HashSet<ServiceKey>>,
+    slices: Option<HashSet<(String, String, String)>>,
+    /// Files whose duplicate errors must be made again.
+    recheck: HashSet<u64>,
+}
+
+fn slice_def_key(s: &SourceSlice) -> (String, String, String) {
+    (
+        s.service.cluster.clone(),
+        s.service.namespace.clone(),
+        s.slice.name.clone(),
+    )
+}
+
 impl Loader {
-    /// Brings the watches up to date, reads every file and returns the whole new state.
+    fn new(
+        source: String,
+        paths: Vec<PathBuf>,
+        cluster: String,
+        cluster_annotation: bool,
+        watcher: Option<RecommendedWatcher>,
+        watcher_error: Option<String>,
+    ) -> Self {
+        Self {
+            source,
+            paths,
+            cluster,
+            cluster_annotation,
+            files: HashMap::new(),
+            ids: HashMap::new(),
+            next_id: 0,
+            order: Vec::new(),
+            service_defs: HashMap::new(),
+            slice_defs: HashMap::new(),
+            watcher,
+            watched: BTreeMap::new(),
+            watcher_error,
+            complete_once: false,
+            last: SourceState::default(),
+        }
+    }
+
+    /// Brings the watches up to date, reads the files that changed and
+    /// returns the whole new state, made from the last one where only
+    /// what changed is done again.
     ///
     /// A PATH that does not exist is never read as "no objects": before
     /// every PATH has existed once the state is not synced; after that, a
@@ -309,8 +521,9 @@ impl Loader {
         // Watch before reading, so that a file written in between is not missed.
         self.update_watches(&mut errors);
         let (mut files, missing) = self.list_files(&mut errors);
+        let mut changes = Vec::new();
         for path in &files {
-            self.read_file(path);
+            changes.extend(self.read_file(path));
         }
         // Files of a missing PATH stay as they were last read.
         let read: HashSet<PathBuf> = files.iter().cloned().collect();
@@ -323,9 +536,24 @@ impl Loader {
         kept.sort();
         files.extend(kept);
         let listed: HashSet<&PathBuf> = files.iter().collect();
-        self.files.retain(|p, _| listed.contains(p));
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listed.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(file) = self.files.remove(&path) {
+                self.ids.remove(&file.id);
+                changes.push(Change {
+                    file: file.id,
+                    old: file.parts,
+                    reused: Vec::new(),
+                });
+            }
+        }
         self.complete_once |= missing.is_empty();
-        let mut state = self.assemble(&files, errors);
+        let mut state = self.assemble(&files, changes, errors);
         state.synced = self.complete_once;
         if !missing.is_empty() {
             let paths: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
@@ -339,9 +567,6 @@ impl Loader {
                 paths.join(", ")
             ));
         }
-        // Derived from the last state, the maps share what did not change,
-        // and the index patches in a change of endpoints.
-        super::share_unchanged(&self.last, &mut state);
         self.last = state.clone();
         state
     }
@@ -359,7 +584,6 @@ impl Loader {
             message: message.into(),
         }
     }
-
     fn update_watches(&mut self, errors: &mut Vec<ObjectError>) {
         if let Some(message) = &self.watcher_error {
             errors.push(self.error("", "", message.clone()));
@@ -465,72 +689,242 @@ impl Loader {
         }
     }
 
-    /// Reads one file and re-parses it if its content changed.
-    fn read_file(&mut self, path: &Path) {
+    /// Reads one file unless its metadata says it is as last read, and
+    /// re-parses what changed in it (the documents whose text or number
+    /// changed). Says which parts were replaced, when some were.
+    fn read_file(&mut self, path: &Path) -> Option<Change> {
+        let read_at = SystemTime::now();
+        let stat = Stat::of(path);
+        if let (Some(file), Some(stat)) = (self.files.get(path), &stat)
+            && file
+                .seen
+                .as_ref()
+                .is_some_and(|(seen, at)| seen == stat && seen.settled(*at))
+        {
+            return None;
+        }
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             // Removed since it was listed: the next event will tell.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
-                let entry = self
-                    .files
-                    .entry(path.to_path_buf())
-                    .or_insert_with(|| LoadedFile {
-                        digest: [0; 32],
-                        objects: FileObjects::default(),
-                        unreadable: None,
-                    });
+                let entry = self.entry(path);
                 // Forget the digest so that the content is parsed once readable again.
                 entry.digest = [0; 32];
+                entry.seen = None;
                 entry.unreadable = Some(format!("cannot read: {e}"));
-                return;
+                return None;
             }
         };
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        if self.files.get(path).is_some_and(|f| f.digest == digest) {
-            return;
+        let content = Content::of(&bytes);
+        let entry = self.entry(path);
+        entry.seen = stat.map(|s| (s, read_at));
+        if entry.digest == content.digest {
+            return None;
         }
-        let parsed = Parser {
+        entry.digest = content.digest;
+        let parser = Parser {
             source: &self.source,
             cluster: &self.cluster,
             cluster_annotation: self.cluster_annotation,
-        }
-        .file(path, &bytes);
-        match parsed {
-            Ok(objects) => {
-                self.files.insert(
-                    path.to_path_buf(),
-                    LoadedFile {
-                        digest,
-                        objects,
-                        unreadable: None,
-                    },
-                );
+        };
+        let entry = self.files.get_mut(path)?;
+        match parser.parts(path, content, &mut entry.parts) {
+            Ok((parts, reused)) => {
+                entry.kinds = parser.kinds(path, &parts);
+                entry.noted = parts.iter().any(|p| {
+                    let o = &p.objects;
+                    !(o.errors.is_empty() && o.warnings.is_empty() && o.exports.is_empty())
+                });
+                entry.unreadable = None;
+                let old = std::mem::replace(&mut entry.parts, parts);
+                Some(Change {
+                    file: entry.id,
+                    old,
+                    reused,
+                })
             }
             Err(message) => {
                 tracing::warn!(path = %path.display(), %message, "keeping the previous content of a broken file");
-                let entry = self
-                    .files
-                    .entry(path.to_path_buf())
-                    .or_insert_with(|| LoadedFile {
-                        digest,
-                        objects: FileObjects::default(),
-                        unreadable: None,
-                    });
-                entry.digest = digest;
                 entry.unreadable = Some(message);
+                None
             }
         }
     }
 
-    /// Merges the files in path order: the first definition of an object wins.
-    fn assemble(&self, files: &[PathBuf], mut errors: Vec<ObjectError>) -> SourceState {
+    /// The file at `path`, known from now on.
+    fn entry(&mut self, path: &Path) -> &mut LoadedFile {
+        if !self.files.contains_key(path) {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.ids.insert(id, path.to_path_buf());
+            self.files.insert(path.to_path_buf(), LoadedFile::new(id));
+        }
+        self.files.get_mut(path).expect("just inserted")
+    }
+
+    /// Records where the objects of a changed file went: definitions of
+    /// parts no longer there (or moved) out, of new (or moved) parts in.
+    fn apply(&mut self, change: Change, affected: &mut Affected) {
+        let f = change.file;
+        let now: &[Part] = match self.ids.get(&f).and_then(|p| self.files.get(p)) {
+            Some(file) => &file.parts,
+            None => &[],
+        };
+        let place = |part: usize, item: usize| Def {
+            file: f,
+            part: u32::try_from(part).unwrap_or(u32::MAX),
+            item: u32::try_from(item).unwrap_or(u32::MAX),
+        };
+        // What left its place: parts dropped, and parts reused elsewhere.
+        let mut taken = vec![false; change.old.len()];
+        for q in change.reused.iter().flatten() {
+            taken[*q] = true;
+        }
+        let mut gone: Vec<(usize, &Part)> = change
+            .old
+            .iter()
+            .enumerate()
+            .filter(|(q, _)| !taken[*q])
+            .collect();
+        gone.extend(
+            change
+                .reused
+                .iter()
+                .zip(now)
+                .enumerate()
+                .filter_map(|(p, (r, part))| r.filter(|q| *q != p).map(|q| (q, part))),
+        );
+        for (q, part) in gone {
+            for (i, s) in part.objects.services.iter().enumerate() {
+                unset(
+                    &mut self.service_defs,
+                    &s.value.key,
+                    place(q, i),
+                    &mut affected.services,
+                    &mut affected.recheck,
+                );
+            }
+            for (i, s) in part.objects.slices.iter().enumerate() {
+                unset(
+                    &mut self.slice_defs,
+                    &slice_def_key(&s.value),
+                    place(q, i),
+                    &mut affected.slices,
+                    &mut affected.recheck,
+                );
+            }
+        }
+        for (p, part) in now.iter().enumerate() {
+            if change.reused.get(p) == Some(&Some(p)) {
+                continue;
+            }
+            for (i, s) in part.objects.services.iter().enumerate() {
+                set(
+                    &mut self.service_defs,
+                    &s.value.key,
+                    place(p, i),
+                    &mut affected.services,
+                    &mut affected.recheck,
+                );
+            }
+            for (i, s) in part.objects.slices.iter().enumerate() {
+                set(
+                    &mut self.slice_defs,
+                    &slice_def_key(&s.value),
+                    place(p, i),
+                    &mut affected.slices,
+                    &mut affected.recheck,
+                );
+            }
+        }
+    }
+
+    /// The part a definition is in.
+    fn part(&self, d: Def) -> Option<&Part> {
+        part_of(&self.files, &self.ids, d)
+    }
+
+    /// Merges the files in path order: the first definition of an object
+    /// wins. Made from the last state: only the objects whose definitions
+    /// changed are weighed again, and only the files holding one of them
+    /// have their duplicates said again.
+    fn assemble(
+        &mut self,
+        files: &[PathBuf],
+        changes: Vec<Change>,
+        mut errors: Vec<ObjectError>,
+    ) -> SourceState {
+        let order: Vec<u64> = files
+            .iter()
+            .filter_map(|p| self.files.get(p))
+            .map(|f| f.id)
+            .collect();
+        let rank: HashMap<u64, usize> = order.iter().enumerate().map(|(r, id)| (*id, r)).collect();
+        // Before any file, every key is new: none is recorded one by one.
+        let every = self.order.is_empty();
+        let mut affected = Affected {
+            services: (!every).then(HashSet::new),
+            slices: (!every).then(HashSet::new),
+            recheck: HashSet::new(),
+        };
+        // A file's duplicates change only with a key defined more than once
+        // (before or after), which `set` and `unset` record.
+        for change in changes {
+            self.apply(change, &mut affected);
+        }
+        // Files that changed places among themselves (those of a PATH gone
+        // missing move to the end) may change every winner.
+        let before: HashSet<u64> = self.order.iter().copied().collect();
+        let kept_then = self.order.iter().filter(|id| rank.contains_key(id));
+        let kept_now = order.iter().filter(|id| before.contains(id));
+        if !kept_then.eq(kept_now) {
+            affected.services = None;
+            affected.slices = None;
+            affected.recheck.extend(order.iter().copied());
+        }
+        self.order = order;
+        let mut services = self.last.services.clone();
+        let mut slices = self.last.slices.clone();
+        let (files_now, ids) = (&self.files, &self.ids);
+        settle_keys(
+            &mut self.service_defs,
+            affected.services.as_ref(),
+            &rank,
+            |d| {
+                let l = part_of(files_now, ids, d)?
+                    .objects
+                    .services
+                    .get(d.item as usize)?;
+                Some(Arc::clone(&l.value))
+            },
+            &mut services,
+        );
+        settle_keys(
+            &mut self.slice_defs,
+            affected.slices.as_ref(),
+            &rank,
+            |d| {
+                let l = part_of(files_now, ids, d)?
+                    .objects
+                    .slices
+                    .get(d.item as usize)?;
+                Some(Arc::clone(&l.value))
+            },
+            &mut slices,
+        );
+        for id in &affected.recheck {
+            let Some(path) = self.ids.get(id) else {
+                continue;
+            };
+            let duplicates = self.duplicates(&self.files[path], &rank);
+            if let Some(file) = self.files.get_mut(&self.ids[id].clone()) {
+                file.duplicates = duplicates;
+            }
+        }
         let mut warnings = Vec::new();
-        let mut services = super::Objects::default();
-        let mut slices = super::Objects::default();
-        let mut first_service: HashMap<&ServiceKey, &str> = HashMap::new();
-        let mut first_slice: HashMap<(&str, &str, &str), &str> = HashMap::new();
-        let mut exports: Vec<Export> = Vec::new();
+        let mut exports = Vec::new();
+        let mut exported = HashSet::new();
         for path in files {
             let Some(file) = self.files.get(path) else {
                 continue;
@@ -538,44 +932,19 @@ impl Loader {
             if let Some(message) = &file.unreadable {
                 errors.push(self.error(path.display().to_string(), "", message.clone()));
             }
-            errors.extend(file.objects.errors.iter().cloned());
-            warnings.extend(file.objects.warnings.iter().cloned());
-            for s in &file.objects.services {
-                match first_service.get(&s.value.key) {
-                    None => {
-                        first_service.insert(&s.value.key, &s.at);
-                        services.push(s.value.clone());
+            let noted: &[Part] = if file.noted { &file.parts } else { &[] };
+            for part in noted {
+                errors.extend(part.objects.errors.iter().cloned());
+                warnings.extend(part.objects.warnings.iter().cloned());
+                for e in &part.objects.exports {
+                    if exported.insert(&e.value.key) {
+                        exports.push(e.value.clone());
                     }
-                    Some(first) => errors.push(self.error(
-                        s.value.object_name(),
-                        "",
-                        format!("defined again in {}; the one in {first} is used", s.at),
-                    )),
                 }
             }
-            for e in &file.objects.exports {
-                if !exports.iter().any(|x| x.key == e.value.key) {
-                    exports.push(e.value.clone());
-                }
-            }
-            for s in &file.objects.slices {
-                let key = (
-                    s.value.service.cluster.as_str(),
-                    s.value.service.namespace.as_str(),
-                    s.value.slice.name.as_str(),
-                );
-                match first_slice.get(&key) {
-                    None => {
-                        first_slice.insert(key, &s.at);
-                        slices.push(s.value.clone());
-                    }
-                    Some(first) => errors.push(self.error(
-                        s.value.slice.object_name(&s.value.service),
-                        "",
-                        format!("defined again in {}; the one in {first} is used", s.at),
-                    )),
-                }
-            }
+            errors.extend(file.duplicates.0.iter().cloned());
+            errors.extend(file.duplicates.1.iter().cloned());
+            warnings.extend(file.kinds.iter().cloned());
         }
         SourceState {
             synced: true,
@@ -587,6 +956,179 @@ impl Loader {
             ..SourceState::default()
         }
     }
+
+    /// The errors for the objects of `file` that another definition won
+    /// over (a file before it, or a document before them): its Services',
+    /// then its slices'.
+    fn duplicates(
+        &self,
+        file: &LoadedFile,
+        rank: &HashMap<u64, usize>,
+    ) -> (Vec<ObjectError>, Vec<ObjectError>) {
+        let here = |part: usize, item: usize| Def {
+            file: file.id,
+            part: u32::try_from(part).unwrap_or(u32::MAX),
+            item: u32::try_from(item).unwrap_or(u32::MAX),
+        };
+        let again = |at: &str, first: Option<&str>| {
+            format!(
+                "defined again in {at}; the one in {} is used",
+                first.unwrap_or_default()
+            )
+        };
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for (p, part) in file.parts.iter().enumerate() {
+            for (i, s) in part.objects.services.iter().enumerate() {
+                let won = self
+                    .service_defs
+                    .get(&s.value.key)
+                    .and_then(|d| winner(&d.defs, rank));
+                if let Some(w) = won.filter(|w| *w != here(p, i)) {
+                    let first = self
+                        .part(w)
+                        .and_then(|part| part.objects.services.get(w.item as usize))
+                        .map(|s| s.at.as_str());
+                    services.push(self.error(s.value.object_name(), "", again(&s.at, first)));
+                }
+            }
+        }
+        for (p, part) in file.parts.iter().enumerate() {
+            for (i, s) in part.objects.slices.iter().enumerate() {
+                let won = self
+                    .slice_defs
+                    .get(&slice_def_key(&s.value))
+                    .and_then(|d| winner(&d.defs, rank));
+                if let Some(w) = won.filter(|w| *w != here(p, i)) {
+                    let first = self
+                        .part(w)
+                        .and_then(|part| part.objects.slices.get(w.item as usize))
+                        .map(|s| s.at.as_str());
+                    slices.push(self.error(
+                        s.value.slice.object_name(&s.value.service),
+                        "",
+                        again(&s.at, first),
+                    ));
+                }
+            }
+        }
+        (services, slices)
+    }
+}
+
+/// The part a definition is in.
+fn part_of<'a>(
+    files: &'a HashMap<PathBuf, LoadedFile>,
+    ids: &HashMap<u64, PathBuf>,
+    d: Def,
+) -> Option<&'a Part> {
+    files.get(ids.get(&d.file)?)?.parts.get(d.part as usize)
+}
+
+/// Settles the objects of `keys` (every one when None): see [`settle`].
+fn settle_keys<K: Eq + std::hash::Hash, T: super::Keyed + PartialEq>(
+    defs: &mut HashMap<K, Defs<T>>,
+    keys: Option<&HashSet<K>>,
+    rank: &HashMap<u64, usize>,
+    value: impl Fn(Def) -> Option<Arc<T>>,
+    map: &mut super::Objects<T>,
+) {
+    let Some(keys) = keys else {
+        defs.retain(|_, d| {
+            let won = winner(&d.defs, rank).and_then(&value);
+            !settle(d, won, map)
+        });
+        return;
+    };
+    for key in keys {
+        let Some(d) = defs.get_mut(key) else {
+            continue;
+        };
+        let won = winner(&d.defs, rank).and_then(&value);
+        if settle(d, won, map) {
+            defs.remove(key);
+        }
+    }
+}
+
+/// The first of `defs` in path order, then document order.
+fn winner(defs: &[Def], rank: &HashMap<u64, usize>) -> Option<Def> {
+    defs.iter()
+        .min_by_key(|d| {
+            (
+                rank.get(&d.file).copied().unwrap_or(usize::MAX),
+                d.part,
+                d.item,
+            )
+        })
+        .copied()
+}
+
+/// Takes `def` out of the definitions of `key`.
+fn unset<K: Clone + Eq + std::hash::Hash, T>(
+    defs: &mut HashMap<K, Defs<T>>,
+    key: &K,
+    def: Def,
+    affected: &mut Option<HashSet<K>>,
+    recheck: &mut HashSet<u64>,
+) {
+    if let Some(d) = defs.get_mut(key) {
+        if d.defs.len() > 1 {
+            recheck.extend(d.defs.iter().map(|d| d.file));
+        }
+        d.defs.retain(|x| *x != def);
+    }
+    if let Some(affected) = affected {
+        affected.insert(key.clone());
+    }
+}
+
+/// Adds `def` to the definitions of `key`.
+fn set<K: Clone + Eq + std::hash::Hash, T>(
+    defs: &mut HashMap<K, Defs<T>>,
+    key: &K,
+    def: Def,
+    affected: &mut Option<HashSet<K>>,
+    recheck: &mut HashSet<u64>,
+) {
+    let d = match defs.get_mut(key) {
+        Some(d) => d,
+        None => defs.entry(key.clone()).or_default(),
+    };
+    d.defs.push(def);
+    if d.defs.len() > 1 {
+        recheck.extend(d.defs.iter().map(|d| d.file));
+    }
+    if let Some(affected) = affected {
+        affected.insert(key.clone());
+    }
+}
+
+/// Puts the winning definition `won` of one object into `map` in place of
+/// what was published for it; an equal object keeps the published `Arc`
+/// (the index tells changes by pointer). Whether no definition is left.
+fn settle<T: super::Keyed + PartialEq>(
+    defs: &mut Defs<T>,
+    won: Option<Arc<T>>,
+    map: &mut super::Objects<T>,
+) -> bool {
+    if let Some(old) = &defs.published
+        && won.as_ref().is_none_or(|w| w.key() != old.key())
+    {
+        map.remove(&old.key());
+    }
+    let Some(won) = won else {
+        return true;
+    };
+    let kept = match map.get(&won.key()) {
+        Some(current) if Arc::ptr_eq(current, &won) || **current == *won => Arc::clone(current),
+        _ => {
+            map.push(Arc::clone(&won));
+            won
+        }
+    };
+    defs.published = Some(kept);
+    false
 }
 
 /// Most documents one file may hold (`---` separated). A `kubectl get -o
@@ -757,19 +1299,174 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// One manifest file's objects as the `file:` source reads them, or why
 /// it is not read at all (the fuzz target `manifest_loader` and tests).
 pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceState, String> {
-    let objects = Parser {
+    let (parts, _) = Parser {
         source: "file",
         cluster,
         cluster_annotation: false,
     }
-    .file(path, bytes)?;
-    Ok(SourceState {
+    .parts(path, Content::of(bytes), &mut [])?;
+    let objects = parts.into_iter().map(|p| p.objects);
+    let mut state = SourceState {
         synced: true,
-        services: objects.services.into_iter().map(|l| l.value).collect(),
-        slices: objects.slices.into_iter().map(|l| l.value).collect(),
-        errors: objects.errors,
         ..SourceState::default()
-    })
+    };
+    for o in objects {
+        state
+            .services
+            .extend(o.services.into_iter().map(|l| l.value));
+        state.slices.extend(o.slices.into_iter().map(|l| l.value));
+        state.errors.extend(o.errors);
+    }
+    Ok(state)
+}
+
+/// One document of a file as parsed, or the whole file when it does not
+/// split into documents.
+#[derive(Debug, Default)]
+struct Part {
+    /// SHA-256 of the document's text; none for a whole file.
+    digest: Option<[u8; 32]>,
+    /// The documents before it in the file (its own is `PATH#before+1`).
+    before: usize,
+    /// The documents it holds (an empty one is not numbered).
+    documents: usize,
+    /// What it counted against the file's loader limits.
+    cost: Cost,
+    objects: FileObjects,
+}
+
+/// A document's count against the limits the YAML loader enforces per file.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cost {
+    documents: usize,
+    nodes: usize,
+    events: usize,
+    scalar_bytes: usize,
+}
+
+impl Cost {
+    fn add(&mut self, other: Self) {
+        self.documents += other.documents;
+        self.nodes += other.nodes;
+        self.events += other.events;
+        self.scalar_bytes += other.scalar_bytes;
+    }
+
+    /// Whether a whole file of this cost is surely within [`budget`] (the
+    /// events of pieces parsed apart count one stream each, more than the
+    /// file's one).
+    fn within_limits(&self) -> bool {
+        self.documents <= MAX_DOCUMENTS
+            && self.nodes <= MAX_NODES
+            && self.events <= 2 * MAX_NODES
+            && self.scalar_bytes <= MAX_SCALAR_BYTES
+    }
+}
+
+/// A file's bytes as the parser takes them: its text, the documents it
+/// splits into with their digests, and the digest of the whole.
+struct Content<'a> {
+    text: Result<&'a str, String>,
+    pieces: Option<Vec<(&'a str, [u8; 32])>>,
+    digest: [u8; 32],
+}
+
+impl<'a> Content<'a> {
+    fn of(bytes: &'a [u8]) -> Self {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"));
+        let pieces: Option<Vec<(&str, [u8; 32])>> = text
+            .as_ref()
+            .ok()
+            .and_then(|t| split_documents(t))
+            .map(|pieces| {
+                pieces
+                    .into_iter()
+                    .map(|p| (p, Sha256::digest(p.as_bytes()).into()))
+                    .collect()
+            });
+        // The pieces make up the text, so their digests in turn stand for it.
+        let digest = match &pieces {
+            Some(pieces) => {
+                let mut whole = Sha256::new();
+                for (_, d) in pieces {
+                    whole.update(d);
+                }
+                whole.finalize().into()
+            }
+            None => Sha256::digest(bytes).into(),
+        };
+        Self {
+            text,
+            pieces,
+            digest,
+        }
+    }
+}
+
+/// A part of a file's new content: one of its old parts, or a new one.
+enum Planned {
+    Reuse(usize),
+    New(Box<Part>),
+}
+
+/// A YAML stream cut before every `---` at the start of a line that is
+/// followed by a space, a tab or the end of the line: YAML forbids such a
+/// line inside any scalar or collection, so each piece is one document
+/// (or none: comments, or nothing before the first `---`). None when a
+/// line starts with a directive (`%`) or the end marker `...`, which tie
+/// documents together in ways this does not follow, or when there are
+/// more pieces than a file may have documents: the stream is then parsed
+/// whole (which says so).
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let bytes = text.as_bytes();
+    let mut starts = vec![0];
+    let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1));
+    for at in line_starts {
+        let line = &bytes[at..];
+        if line.starts_with(b"%") || line.starts_with(b"...") {
+            return None;
+        }
+        if at > 0
+            && line.starts_with(b"---")
+            && matches!(line.get(3), None | Some(b' ' | b'\t' | b'\r' | b'\n'))
+        {
+            if starts.len() > MAX_DOCUMENTS {
+                return None;
+            }
+            starts.push(at);
+        }
+    }
+    starts.push(text.len());
+    Some(starts.windows(2).map(|w| &text[w[0]..w[1]]).collect())
+}
+
+/// The document of one piece of [`split_documents`] (none when empty)
+/// and its cost, or None when it is not one valid document on its own or
+/// uses anchors, aliases or merge keys (whose limits count across the
+/// file): the file is then parsed whole, which says what is wrong.
+fn parse_piece(text: &str) -> Option<(Option<Value>, Cost)> {
+    let report = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let sink = std::rc::Rc::clone(&report);
+    let options = serde_saphyr::options! { with_snippet: false, budget: Some(budget()) }
+        .with_budget_report(move |r| *sink.borrow_mut() = Some(r));
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options).ok()?;
+    let r: serde_saphyr::budget::BudgetReport = report.borrow_mut().take()?;
+    if r.breached.is_some()
+        || r.aliases > 0
+        || r.anchors > 0
+        || r.merge_keys > 0
+        || r.recorded_anchor_events > 0
+        || docs.len() > 1
+    {
+        return None;
+    }
+    let cost = Cost {
+        documents: r.documents,
+        nodes: r.nodes,
+        events: r.events,
+        scalar_bytes: r.total_scalar_bytes,
+    };
+    Some((docs.into_iter().next(), cost))
 }
 
 /// Turns one file's bytes into objects.
@@ -796,56 +1493,151 @@ impl fmt::Display for Place<'_> {
 }
 
 impl Parser<'_> {
-    /// The objects of a file, or why it is not YAML at all.
-    fn file(&self, path: &Path, bytes: &[u8]) -> Result<FileObjects, String> {
-        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-        let docs = parse_documents(text, budget())?;
-        let mut out = FileObjects::default();
-        let mut other_kinds: BTreeMap<String, usize> = BTreeMap::new();
-        for (n, doc) in docs.into_iter().enumerate() {
-            let at = format!("{}#{}", path.display(), n + 1);
-            self.document(&at, doc, &mut out, &mut other_kinds);
-        }
-        if !other_kinds.is_empty() {
-            // Kinds Kubernetes has but Switchyard does not read (an export
-            // holds Deployments, ConfigMaps...): one line per file, not one
-            // per object.
-            let kinds: Vec<String> = other_kinds
-                .iter()
-                .map(|(k, n)| {
-                    if *n == 1 {
-                        k.clone()
-                    } else {
-                        format!("{k} x{n}")
-                    }
+    /// The parts of a file, or why it is not YAML at all: a part per
+    /// document when the file splits into them (reusing the parts of `old`
+    /// whose text and number did not change, taken out of it), else one for
+    /// the whole file; with each, the index it had in `old` when reused.
+    /// Nothing is taken out of `old` unless the file is read.
+    fn parts(
+        &self,
+        path: &Path,
+        content: Content<'_>,
+        old: &mut [Part],
+    ) -> Result<(Vec<Part>, Vec<Option<usize>>), String> {
+        let text = content.text?;
+        let plan = content.pieces.and_then(|p| self.split(path, &p, old));
+        if let Some(plan) = plan {
+            return Ok(plan
+                .into_iter()
+                .map(|p| match p {
+                    Planned::Reuse(q) => (std::mem::take(&mut old[q]), Some(q)),
+                    Planned::New(part) => (*part, None),
                 })
-                .collect();
-            out.warnings.push(self.error(
-                &path.display().to_string(),
-                String::new(),
-                format!(
-                    "ignored (only v1 Service and discovery.k8s.io/v1 EndpointSlice are read): {}",
-                    kinds.join(", ")
-                ),
-            ));
+                .unzip());
         }
-        Ok(out)
+        let part = self.whole(path, text)?;
+        Ok((vec![part], vec![None]))
     }
 
-    fn document(
+    /// The parts of a file that splits into documents each valid on its
+    /// own, within the file's limits together; None otherwise.
+    fn split(
         &self,
-        at: &str,
-        doc: Value,
-        out: &mut FileObjects,
-        other_kinds: &mut BTreeMap<String, usize>,
-    ) {
+        path: &Path,
+        pieces: &[(&str, [u8; 32])],
+        old: &[Part],
+    ) -> Option<Vec<Planned>> {
+        let shown = path.display().to_string();
+        let mut plan = Vec::with_capacity(pieces.len());
+        let mut before = 0;
+        let mut total = Cost::default();
+        // Old parts are in document order, as are the pieces.
+        let mut next = 0;
+        for &(piece, digest) in pieces {
+            while old.get(next).is_some_and(|p| p.before < before) {
+                next += 1;
+            }
+            let reused = old[next.min(old.len())..]
+                .iter()
+                .take_while(|p| p.before == before)
+                .position(|p| p.digest == Some(digest))
+                .map(|k| next + k);
+            let (documents, cost) = match reused {
+                Some(q) => {
+                    next = q + 1;
+                    plan.push(Planned::Reuse(q));
+                    (old[q].documents, old[q].cost)
+                }
+                None => {
+                    let part = self.piece(&shown, piece, digest, before)?;
+                    let counted = (part.documents, part.cost);
+                    plan.push(Planned::New(Box::new(part)));
+                    counted
+                }
+            };
+            before += documents;
+            total.add(cost);
+        }
+        total.within_limits().then_some(plan)
+    }
+
+    /// One piece of a split file, parsed.
+    fn piece(&self, shown: &str, text: &str, digest: [u8; 32], before: usize) -> Option<Part> {
+        let (doc, cost) = parse_piece(text)?;
+        let mut part = Part {
+            digest: Some(digest),
+            before,
+            documents: usize::from(doc.is_some()),
+            cost,
+            objects: FileObjects::default(),
+        };
+        if let Some(doc) = doc {
+            self.document(&format!("{shown}#{}", before + 1), doc, &mut part.objects);
+        }
+        // Kept until the document changes: no room for more.
+        let o = &mut part.objects;
+        o.services.shrink_to_fit();
+        o.slices.shrink_to_fit();
+        o.exports.shrink_to_fit();
+        o.errors.shrink_to_fit();
+        o.warnings.shrink_to_fit();
+        Some(part)
+    }
+
+    /// A whole file as one part, or why it is not YAML at all.
+    fn whole(&self, path: &Path, text: &str) -> Result<Part, String> {
+        let docs = parse_documents(text, budget())?;
+        let mut part = Part {
+            documents: docs.len(),
+            ..Part::default()
+        };
+        for (n, doc) in docs.into_iter().enumerate() {
+            let at = format!("{}#{}", path.display(), n + 1);
+            self.document(&at, doc, &mut part.objects);
+        }
+        Ok(part)
+    }
+
+    /// Kinds Kubernetes has but Switchyard does not read (an export holds
+    /// Deployments, ConfigMaps...): one line per file, not one per object.
+    fn kinds(&self, path: &Path, parts: &[Part]) -> Option<ObjectError> {
+        let mut other_kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for part in parts {
+            for (kind, n) in &part.objects.other_kinds {
+                *other_kinds.entry(kind).or_default() += n;
+            }
+        }
+        if other_kinds.is_empty() {
+            return None;
+        }
+        let kinds: Vec<String> = other_kinds
+            .iter()
+            .map(|(k, n)| {
+                if *n == 1 {
+                    (*k).to_owned()
+                } else {
+                    format!("{k} x{n}")
+                }
+            })
+            .collect();
+        Some(self.error(
+            &path.display().to_string(),
+            String::new(),
+            format!(
+                "ignored (only v1 Service and discovery.k8s.io/v1 EndpointSlice are read): {}",
+                kinds.join(", ")
+            ),
+        ))
+    }
+
+    fn document(&self, at: &str, doc: Value, out: &mut FileObjects) {
         let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
         let Some(items) = doc.get("items").and_then(Value::as_array) else {
-            self.object(&Place { at, item: None }, &doc, None, out, other_kinds);
+            self.object(&Place { at, item: None }, &doc, None, out);
             return;
         };
         if kind != "List" && !kind.ends_with("List") {
-            self.object(&Place { at, item: None }, &doc, None, out, other_kinds);
+            self.object(&Place { at, item: None }, &doc, None, out);
             return;
         }
         // Items of a typed list (`ServiceList`) from the API carry no apiVersion or kind.
@@ -860,13 +1652,7 @@ impl Parser<'_> {
                 (api_version, k)
             });
         for (i, item) in items.iter().enumerate() {
-            self.object(
-                &Place { at, item: Some(i) },
-                item,
-                defaults,
-                out,
-                other_kinds,
-            );
+            self.object(&Place { at, item: Some(i) }, item, defaults, out);
         }
     }
 
@@ -876,7 +1662,6 @@ impl Parser<'_> {
         obj: &Value,
         defaults: Option<(&str, &str)>,
         out: &mut FileObjects,
-        other_kinds: &mut BTreeMap<String, usize>,
     ) {
         let located = |field: &str| match place.item {
             Some(i) if field.is_empty() => format!("items[{i}]"),
@@ -929,7 +1714,7 @@ impl Parser<'_> {
             ("v1", "Service") => {
                 let object = name
                     .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
-                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj.clone()) {
+                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj) {
                     Ok(svc) => svc,
                     Err(e) => {
                         return out.errors.push(self.unparsable(place, object, &located, e));
@@ -954,14 +1739,13 @@ impl Parser<'_> {
                     };
                     slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
                 });
-                let slice = match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(
-                    obj.clone(),
-                ) {
-                    Ok(slice) => slice,
-                    Err(e) => {
-                        return out.errors.push(self.unparsable(place, object, &located, e));
-                    }
-                };
+                let slice =
+                    match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(obj) {
+                        Ok(slice) => slice,
+                        Err(e) => {
+                            return out.errors.push(self.unparsable(place, object, &located, e));
+                        }
+                    };
                 self.unknown_fields(place, object.as_deref(), obj, &slice, &located, out);
                 match k8s::endpoint_slice(cluster, &slice) {
                     Ok(Some(s)) => out.slices.push(Located {
@@ -1007,7 +1791,7 @@ impl Parser<'_> {
                     message,
                 )),
                 None => {
-                    *other_kinds
+                    *out.other_kinds
                         .entry(format!("{api_version} {kind}"))
                         .or_default() += 1;
                 }
@@ -1083,6 +1867,323 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loader over `dir` as the source runs one (no watcher).
+    fn loader(dir: &Path) -> Loader {
+        Loader::new(
+            "file:test".into(),
+            vec![dir.to_path_buf()],
+            "default".into(),
+            false,
+            None,
+            None,
+        )
+    }
+
+    fn svc(ns: &str, name: &str, port: u16) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: {ns}, name: {name}}}\nspec:\n  ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    fn slice(ns: &str, name: &str, service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: {ns}\n  name: {name}\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nendpoints:\n- addresses: [\"{ip}\"]\n"
+        )
+    }
+
+    fn docs(parts: &[String]) -> String {
+        parts
+            .iter()
+            .map(|p| format!("---\n{}\n", p.trim_end()))
+            .collect()
+    }
+
+    #[test]
+    fn every_edit_gives_the_state_a_fresh_load_gives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        let mut base: Vec<String> = (0..6)
+            .flat_map(|i| {
+                [
+                    svc("shop", &format!("s{i}"), 80),
+                    slice(
+                        "shop",
+                        &format!("s{i}-1"),
+                        &format!("s{i}"),
+                        &format!("10.0.0.{}", i + 1),
+                    ),
+                ]
+            })
+            .collect();
+        base.push(
+            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {namespace: shop, name: s1}\n".into(),
+        );
+        base.push("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n".into());
+        let mut steps: Vec<(&str, String, String)> = Vec::new();
+        let edited = |f: &dyn Fn(&mut Vec<String>)| {
+            let mut d = base.clone();
+            f(&mut d);
+            docs(&d)
+        };
+        let small = svc("shop", "other", 81);
+        steps.push(("first load", docs(&base), small.clone()));
+        steps.push((
+            "one endpoint changed",
+            edited(&|d| d[3] = slice("shop", "s1-1", "s1", "10.9.9.9")),
+            small.clone(),
+        ));
+        steps.push((
+            "a port made invalid",
+            edited(&|d| d[2] = svc("shop", "s1", 0)),
+            small.clone(),
+        ));
+        steps.push((
+            "valid again",
+            edited(&|d| d[2] = svc("shop", "s1", 8080)),
+            small.clone(),
+        ));
+        steps.push((
+            "a document that is no object",
+            edited(&|d| d[4] = "just text".into()),
+            small.clone(),
+        ));
+        steps.push((
+            "defined twice in one file",
+            edited(&|d| d[6] = svc("shop", "s0", 90)),
+            small.clone(),
+        ));
+        steps.push((
+            "a document inserted first",
+            edited(&|d| d.insert(0, svc("shop", "new", 1))),
+            small.clone(),
+        ));
+        steps.push((
+            "an empty document inserted",
+            edited(&|d| d.insert(1, "# nothing".into())),
+            small.clone(),
+        ));
+        steps.push((
+            "the first document removed",
+            edited(&|d| {
+                d.remove(0);
+            }),
+            small.clone(),
+        ));
+        steps.push((
+            "the later file defines s2 again",
+            docs(&base),
+            format!("{small}---\n{}", svc("shop", "s2", 99)),
+        ));
+        steps.push((
+            "and its slice",
+            docs(&base),
+            docs(&[small.clone(), slice("shop", "s2-1", "other", "10.7.7.7")]),
+        ));
+        steps.push((
+            "the first file drops s2",
+            edited(&|d| {
+                d.drain(4..6);
+            }),
+            docs(&[
+                small.clone(),
+                svc("shop", "s2", 99),
+                slice("shop", "s2-1", "other", "10.7.7.7"),
+            ]),
+        ));
+        steps.push((
+            "and takes it back",
+            docs(&base),
+            docs(&[small.clone(), svc("shop", "s2", 99)]),
+        ));
+        steps.push((
+            "broken YAML keeps the last content",
+            format!("{}---\na: [1\n", docs(&base)),
+            small.clone(),
+        ));
+        steps.push(("fixed", edited(&|d| d.swap(0, 2)), small.clone()));
+        steps.push((
+            "a List",
+            edited(&|d| {
+                d[0] = format!(
+                    "apiVersion: v1\nkind: List\nitems:\n- {}",
+                    svc("shop", "l", 1).replace('\n', "\n  ")
+                )
+            }),
+            small.clone(),
+        ));
+        steps.push((
+            "the same bytes again",
+            edited(&|d| {
+                d[0] = format!(
+                    "apiVersion: v1\nkind: List\nitems:\n- {}",
+                    svc("shop", "l", 1).replace('\n', "\n  ")
+                )
+            }),
+            small.clone(),
+        ));
+        steps.push((
+            "anchors",
+            format!("{}---\nx: &a 1\ny: *a\n", docs(&base)),
+            small.clone(),
+        ));
+        steps.push(("back", docs(&base), small.clone()));
+        let mut incremental = loader(dir.path());
+        let mut before = SourceState::default();
+        for (what, text_a, text_b) in steps {
+            std::fs::write(&a, text_a).expect("write");
+            std::fs::write(&b, text_b).expect("write");
+            let got = incremental.reload();
+            if what.starts_with("broken") {
+                // A fresh load has nothing to keep: the last state, and why.
+                assert_eq!(got.services, before.services, "{what}");
+                assert_eq!(got.slices, before.slices, "{what}");
+                assert!(
+                    got.errors
+                        .iter()
+                        .any(|e| e.message.starts_with("not valid YAML")),
+                    "{what}: {:?}",
+                    got.errors
+                );
+                before = got;
+                continue;
+            }
+            let fresh = loader(dir.path()).reload();
+            assert_eq!(got.errors, fresh.errors, "{what}");
+            assert_eq!(got.warnings, fresh.warnings, "{what}");
+            assert_eq!(got.exports, fresh.exports, "{what}");
+            assert_eq!(got.services, fresh.services, "{what}");
+            assert_eq!(got.slices, fresh.slices, "{what}");
+            assert_eq!(got, fresh, "{what}");
+            // What did not change keeps its Arc (the index diffs by pointer).
+            for s in got.services.iter() {
+                if let Some(old) = before.services.get(&s.key).filter(|old| ***old == **s) {
+                    assert!(Arc::ptr_eq(s, old), "{what}: {:?}", s.key);
+                }
+            }
+            for s in got.slices.iter() {
+                let key = (s.service.clone(), s.slice.name.clone());
+                if let Some(old) = before.slices.get(&key).filter(|old| ***old == **s) {
+                    assert!(Arc::ptr_eq(s, old), "{what}: {key:?}");
+                }
+            }
+            before = got;
+        }
+        std::fs::remove_file(&a).expect("rm");
+        assert_eq!(
+            incremental.reload(),
+            loader(dir.path()).reload(),
+            "a file removed"
+        );
+    }
+
+    #[test]
+    fn unchanged_documents_keep_their_objects_and_only_the_edited_one_is_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.yaml");
+        let text = |port: u16| {
+            docs(&[
+                svc("x", "one", 80),
+                svc("x", "two", port),
+                svc("x", "three", 80),
+            ])
+        };
+        std::fs::write(&a, text(80)).expect("write");
+        let mut l = loader(dir.path());
+        let first = l.reload();
+        std::fs::write(&a, text(81)).expect("write");
+        let second = l.reload();
+        let changed: Vec<_> = first
+            .services
+            .changed_keys(&second.services)
+            .map(|k| k.name.clone())
+            .collect();
+        assert_eq!(changed, ["two"]);
+        let file = &l.files[&a];
+        assert_eq!(file.parts.len(), 3, "a part per document");
+        assert!(file.parts.iter().all(|p| p.digest.is_some()));
+    }
+
+    #[test]
+    fn a_write_after_the_timestamps_settled_is_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.yaml");
+        std::fs::write(&a, svc("x", "one", 80)).expect("write");
+        let mut l = loader(dir.path());
+        l.reload();
+        std::thread::sleep(RACY + std::time::Duration::from_millis(100));
+        assert_eq!(
+            l.reload().services.len(),
+            1,
+            "read again: it was read too soon after its write"
+        );
+        // The same length, so only the timestamps and inode tell.
+        std::fs::write(&a, svc("x", "two", 80)).expect("write");
+        let state = l.reload();
+        assert!(
+            state
+                .services
+                .get(&ServiceKey::new("default", "x", "two"))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn the_document_limit_holds_for_a_file_read_a_document_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "---\na: 1\n".repeat(MAX_DOCUMENTS + 1);
+        std::fs::write(dir.path().join("a.yaml"), &text).expect("write");
+        let state = loader(dir.path()).reload();
+        let whole = parse_documents(&text, budget()).expect_err("over the limit");
+        assert!(whole.contains("documents; the limit is"), "{whole}");
+        assert_eq!(
+            state
+                .errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+            [whole.as_str()]
+        );
+    }
+
+    #[test]
+    fn a_stream_splits_only_where_its_documents_start() {
+        let cases = [
+            "a: 1\n---\nb: 2\n",
+            "--- |\n  foo\n---\nbar\n",
+            "--- |\nfoo\n---\nbar\n",
+            "--- >\nfoo\n--- \nbar\n",
+            "foo\n---\nbar\n",
+            "a: \"x\n---\ny\"\n",
+            "a: 'x\n---\ny'\n",
+            "[1,\n---\n2]\n",
+            "{a: 1,\n---\n}\n",
+            "a: 1\n---a: 2\n",
+            "---\n---\na: 1\n",
+            "# c\n---\n\n---\na: 1\n--- \nb: 2\n---\tc\n---\r\nd: 4\r\n",
+            "key: |\n  line\n---\nz: 1\n",
+            "a: 1\r---\rb: 2\r",
+            "---a\n---b\n",
+            "\u{feff}a: 1\n---\nb: 2\n",
+            "a: &x 1\n---\nb: *x\n",
+            "%YAML 1.2\n---\na: 1\n",
+            "a: 1\n...\n---\nb: 2\n",
+            "--- !!str\n---\n~\n---\nnull\n",
+        ];
+        for text in cases {
+            let whole = parse_documents(text, budget());
+            let split = split_documents(text).and_then(|pieces| {
+                pieces
+                    .into_iter()
+                    .map(parse_piece)
+                    .collect::<Option<Vec<_>>>()
+            });
+            if let Some(pieces) = split {
+                let docs: Vec<Value> = pieces.into_iter().filter_map(|(d, _)| d).collect();
+                assert_eq!(Ok(docs), whole, "{text:?}");
+            }
+        }
+    }
 
     #[test]
     fn a_limit_is_reported_as_a_limit() {

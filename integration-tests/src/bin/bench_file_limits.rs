@@ -9,16 +9,34 @@
 //! ```
 //!
 //! Both shapes: one `List` document, and one document per object (`---`).
+//!
+//! `bench_file_limits scale` measures issue 28's `file:` figures instead,
+//! each load in a child process of its own (so that its peak RSS is its own):
+//!
+//! ```text
+//!  N Services x E endpoints, one port (the compact manifests of the tests),
+//!  one file, `---` per object (YAML) or one `List` (JSON)
+//!    ├─▶ load: FileSource until synced; time and peak RSS
+//!    ├─▶ parse floor: serde-saphyr alone on the same bytes (into serde_json::Value,
+//!    │   and into IgnoredAny), serde_json alone on the JSON
+//!    └─▶ edits: one document of a 5,000-Service file, or a small file beside a
+//!        100,000-Service one: Reloader::reload (reload start to SourceState
+//!        returned), and that plus publishing into a watch channel; p50/p99
+//! ```
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 use switchyard_control_plane::source::debounce::Debounce;
-use switchyard_control_plane::source::file::FileSource;
+use switchyard_control_plane::source::file::{FileSource, Reloader};
 use switchyard_control_plane::source::{Source, SourceState};
-use switchyard_integration_tests::bench::proc_status_kib;
+use switchyard_integration_tests::bench::{ms, percentile, proc_status_kib};
+use switchyard_model::ServiceKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +52,51 @@ struct Cli {
     /// Endpoints per slice.
     #[arg(long, default_value_t = 3)]
     endpoints: usize,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Issue 28's figures: load, parse floor and edit cost (see the module docs).
+    Scale {
+        /// Services of the files loaded (comma-separated sizes).
+        #[arg(long, default_value = "10000,100000", value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// Endpoints per slice.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Services of the file one document of which is edited.
+        #[arg(long, default_value_t = 5_000)]
+        edited: usize,
+        /// Services of the file beside which a small file is edited.
+        #[arg(long, default_value_t = 100_000)]
+        beside: usize,
+        /// Edits per case.
+        #[arg(long, default_value_t = 20)]
+        edits: usize,
+        /// Skip the JSON loads.
+        #[arg(long)]
+        no_json: bool,
+    },
+    /// Child: loads DIR with the file source; prints a JSON line.
+    #[command(hide = true)]
+    Load { dir: PathBuf, services: usize },
+    /// Child: parses FILE with the parser alone; prints a JSON line.
+    #[command(hide = true)]
+    Parse { file: PathBuf },
+    /// Child: edits FILE in DIR (Service `edit-svc` of its own when
+    /// `small`, else Service `svc-K` of a `services`-Service file); prints a JSON line.
+    #[command(hide = true)]
+    Edit {
+        dir: PathBuf,
+        file: PathBuf,
+        services: usize,
+        endpoints: usize,
+        edits: usize,
+        #[arg(long)]
+        small: bool,
+    },
 }
 
 /// One Service and its slice as `kubectl get -o yaml` prints them, at `indent`.
@@ -176,8 +239,13 @@ fn split_export(n: usize, e: usize) -> String {
     out
 }
 
-/// Loads `dir` with the real file source; returns the time until synced.
-async fn load(dir: &std::path::Path, services: usize) -> anyhow::Result<(Duration, SourceState)> {
+/// Loads `dir` with the real file source; returns the time until synced,
+/// the state, and the resident size and heap in use (MiB) right then, the
+/// source still running.
+async fn load_measured(
+    dir: &Path,
+    services: usize,
+) -> anyhow::Result<(Duration, SourceState, f64, Option<f64>)> {
     let source = Box::new(FileSource::new(
         vec![dir.to_path_buf()],
         "default".into(),
@@ -195,14 +263,337 @@ async fn load(dir: &std::path::Path, services: usize) -> anyhow::Result<(Duratio
     .context("loading timed out")??
     .clone();
     let elapsed = t.elapsed();
+    let rss = proc_status_kib("self", "VmRSS") as f64 / 1024.0;
+    let heap = switchyard_heap::usage().map(|u| u.in_use as f64 / 1_048_576.0);
     shutdown.cancel();
     task.await?;
+    Ok((elapsed, state, rss, heap))
+}
+
+/// Loads `dir` with the real file source; returns the time until synced.
+async fn load(dir: &Path, services: usize) -> anyhow::Result<(Duration, SourceState)> {
+    let (elapsed, state, _, _) = load_measured(dir, services).await?;
     Ok((elapsed, state))
+}
+
+/// The endpoint addresses of Service `i` (edit generation `generation`).
+fn endpoint_ips(i: usize, endpoints: usize, generation: usize) -> Vec<String> {
+    (0..endpoints)
+        .map(|j| {
+            let n = i * endpoints + j + generation * 7;
+            format!("10.{}.{}.{}", 128 + n / 65_536 % 64, n / 256 % 256, n % 256)
+        })
+        .collect()
+}
+
+/// Service `i` and its slice as YAML documents (`---` between them).
+fn compact_yaml(i: usize, endpoints: usize, generation: usize) -> String {
+    let ips = endpoint_ips(i, endpoints, generation);
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    switchyard_integration_tests::service_yaml(
+        &format!("ns-{}", i % 100),
+        &format!("svc-{i}"),
+        80,
+        &ips,
+    )
+}
+
+/// `services` Services, `---` per object; Service `edit` at `generation`.
+fn compact_file(services: usize, endpoints: usize, edit: Option<(usize, usize)>) -> String {
+    let mut out = String::new();
+    for i in 0..services {
+        let generation = match edit {
+            Some((k, g)) if k == i => g,
+            _ => 0,
+        };
+        out.push_str("---\n");
+        out.push_str(&compact_yaml(i, endpoints, generation));
+    }
+    out
+}
+
+/// The same objects as one JSON `List`.
+fn compact_json(services: usize, endpoints: usize) -> String {
+    let mut items = Vec::with_capacity(2 * services);
+    for i in 0..services {
+        let (ns, name) = (format!("ns-{}", i % 100), format!("svc-{i}"));
+        items.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        }));
+        let eps: Vec<Value> = endpoint_ips(i, endpoints, 0)
+            .into_iter()
+            .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+            .collect();
+        items.push(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": ns, "name": format!("{name}-1"),
+                "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": eps,
+        }));
+    }
+    serde_json::to_string_pretty(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+        .expect("serialises")
+}
+
+/// Runs this binary with `args`; its last stdout line, as JSON.
+fn child(args: &[String]) -> anyhow::Result<Value> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", out.status);
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let line = text.lines().last().context("no output")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn peak_mib() -> f64 {
+    proc_status_kib("self", "VmHWM") as f64 / 1024.0
+}
+
+fn p50_p99(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    let r = |x: f64| (x * 100.0).round() / 100.0;
+    json!({"p50": r(percentile(&v, 50.0)), "p99": r(percentile(&v, 99.0)), "n": v.len()})
+}
+
+async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
+    let (elapsed, state, rss, heap) = load_measured(dir, services).await?;
+    // The source stopped: what is left is the state it published (the
+    // objects any source would hold), beside the runtime.
+    let state_alone = switchyard_heap::usage().map(|u| (u.in_use as f64 / 1_048_576.0).round());
+    if state.services.len() != services {
+        bail!(
+            "{} Services loaded; errors: {:?}",
+            state.services.len(),
+            state.errors.first()
+        );
+    }
+    println!(
+        "{}",
+        json!({"load_ms": ms(elapsed).round(), "peak_mib": peak_mib().round(),
+            "rss_when_synced_mib": rss.round(), "heap_in_use_when_synced_mib": heap.map(f64::round),
+            "heap_in_use_state_alone_mib": state_alone,
+            "services": state.services.len(), "slices": state.slices.len(),
+            "errors": state.errors.len(), "warnings": state.warnings.len()})
+    );
+    Ok(())
+}
+
+fn child_parse(file: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file)?;
+    let text = std::str::from_utf8(&bytes)?;
+    let mut unlimited = serde_saphyr::Budget::default();
+    unlimited.max_documents = usize::MAX;
+    unlimited.max_nodes = usize::MAX;
+    unlimited.max_events = usize::MAX;
+    unlimited.max_total_scalar_bytes = usize::MAX;
+    let options =
+        || serde_saphyr::options! { with_snippet: false, budget: Some(unlimited.clone()) };
+    let t = Instant::now();
+    let ignored: Vec<serde::de::IgnoredAny> =
+        serde_saphyr::from_multiple_with_options(text, options())?;
+    let ignored_ms = ms(t.elapsed());
+    let t = Instant::now();
+    let values: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options())?;
+    let value_ms = ms(t.elapsed());
+    let mut out = json!({"bytes": bytes.len(), "documents": ignored.len().max(values.len()),
+        "saphyr_ignored_ms": ignored_ms.round(), "saphyr_value_ms": value_ms.round()});
+    drop(values);
+    if file.extension().is_some_and(|e| e == "json") {
+        let t = Instant::now();
+        let v: Value = serde_json::from_slice(&bytes)?;
+        out["serde_json_value_ms"] = json!(ms(t.elapsed()).round());
+        drop(v);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+fn child_edit(
+    dir: &Path,
+    file: &Path,
+    services: usize,
+    endpoints: usize,
+    edits: usize,
+    small: bool,
+) -> anyhow::Result<()> {
+    let mut reloader = Reloader::new(vec![dir.to_path_buf()], "default".into());
+    let (tx, _rx) = watch::channel(SourceState::default());
+    let t = Instant::now();
+    let first = reloader.reload();
+    let first_ms = ms(t.elapsed());
+    switchyard_control_plane::source::publish(&tx, "bench", first);
+    // Unmeasured: a reload with nothing changed (a file written less than
+    // a moment before it was read may be read again once).
+    let t = Instant::now();
+    let idle = reloader.reload();
+    let idle_ms = ms(t.elapsed());
+    switchyard_control_plane::source::publish(&tx, "bench", idle);
+    let (mut reload, mut published) = (Vec::new(), Vec::new());
+    for e in 1..=edits {
+        let (key, text) = if small {
+            let text = switchyard_integration_tests::service_yaml(
+                "small",
+                "edit-svc",
+                80,
+                &[&format!("10.250.{}.{}", e / 250, e % 250 + 1)],
+            );
+            ("edit-svc".to_owned(), text)
+        } else {
+            let k = (e * 7_919) % services;
+            (
+                format!("svc-{k}"),
+                compact_file(services, endpoints, Some((k, e))),
+            )
+        };
+        std::fs::write(file, &text)?;
+        drop(text);
+        let t = Instant::now();
+        let state = reloader.reload();
+        reload.push(ms(t.elapsed()));
+        let changed = switchyard_control_plane::source::publish(&tx, "bench", state);
+        published.push(ms(t.elapsed()));
+        let (ns, expected) = if small {
+            (
+                "small".to_owned(),
+                format!("10.250.{}.{}", e / 250, e % 250 + 1),
+            )
+        } else {
+            let k: usize = key.trim_start_matches("svc-").parse()?;
+            (
+                format!("ns-{}", k % 100),
+                endpoint_ips(k, endpoints, e)[0].clone(),
+            )
+        };
+        let got = tx
+            .borrow()
+            .slices
+            .get(&(ServiceKey::new("default", &ns, &key), format!("{key}-1")))
+            .and_then(|s| s.slice.endpoints.first()?.addresses.first().copied());
+        if !changed || got.map(|a| a.to_string()) != Some(expected) {
+            bail!("edit {e}: not published ({got:?})");
+        }
+    }
+    let s = tx.borrow();
+    println!(
+        "{}",
+        json!({"first_load_ms": first_ms.round(), "idle_reload_ms": (idle_ms * 100.0).round() / 100.0,
+            "reload_ms": p50_p99(reload), "reload_and_publish_ms": p50_p99(published),
+            "services": s.services.len(), "errors": s.errors.len(), "peak_mib": peak_mib().round()})
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_lines)]
+async fn scale(
+    sizes: &[usize],
+    endpoints: usize,
+    edited: usize,
+    beside: usize,
+    edits: usize,
+    no_json: bool,
+) -> anyhow::Result<()> {
+    let base = tempfile::tempdir()?;
+    let s = |x: &dyn std::fmt::Display| x.to_string();
+    println!(
+        "## file source at scale: {endpoints} endpoints per slice, one port; load {}\n",
+        switchyard_integration_tests::bench::loadavg()
+    );
+    for &n in sizes {
+        let dir = base.path().join(format!("yaml-{n}"));
+        std::fs::create_dir(&dir)?;
+        let file = dir.join("services.yaml");
+        std::fs::write(&file, compact_file(n, endpoints, None))?;
+        let load = child(&[s(&"load"), s(&dir.display()), s(&n)])?;
+        println!("load, YAML `---` per object, {n} Services: {load}");
+        let parse = child(&[s(&"parse"), s(&file.display())])?;
+        println!("parse floor, same YAML bytes: {parse}");
+        std::fs::remove_dir_all(&dir)?;
+        if !no_json {
+            let dir = base.path().join(format!("json-{n}"));
+            std::fs::create_dir(&dir)?;
+            let file = dir.join("services.json");
+            std::fs::write(&file, compact_json(n, endpoints))?;
+            let load = child(&[s(&"load"), s(&dir.display()), s(&n)])?;
+            println!("load, JSON List, {n} Services: {load}");
+            let parse = child(&[s(&"parse"), s(&file.display())])?;
+            println!("parse floor, same JSON bytes: {parse}");
+            std::fs::remove_dir_all(&dir)?;
+        }
+    }
+    let dir = base.path().join("edited");
+    std::fs::create_dir(&dir)?;
+    let file = dir.join("services.yaml");
+    std::fs::write(&file, compact_file(edited, endpoints, None))?;
+    let edit = child(&[
+        s(&"edit"),
+        s(&dir.display()),
+        s(&file.display()),
+        s(&edited),
+        s(&endpoints),
+        s(&edits),
+    ])?;
+    println!("edit one document of a {edited}-Service file: {edit}");
+    std::fs::remove_dir_all(&dir)?;
+    let dir = base.path().join("beside");
+    std::fs::create_dir(&dir)?;
+    std::fs::write(
+        dir.join("a-services.yaml"),
+        compact_file(beside, endpoints, None),
+    )?;
+    let file = dir.join("b-small.yaml");
+    std::fs::write(
+        &file,
+        switchyard_integration_tests::service_yaml("small", "edit-svc", 80, &["10.250.0.1"]),
+    )?;
+    let edit = child(&[
+        s(&"edit"),
+        s(&dir.display()),
+        s(&file.display()),
+        s(&1),
+        s(&1),
+        s(&edits),
+        s(&"--small"),
+    ])?;
+    println!("edit a small file beside a {beside}-Service file: {edit}");
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    match cli.command {
+        None => {}
+        Some(Command::Scale {
+            sizes,
+            endpoints,
+            edited,
+            beside,
+            edits,
+            no_json,
+        }) => {
+            return scale(&sizes, endpoints, edited, beside, edits, no_json).await;
+        }
+        Some(Command::Load { dir, services }) => return child_load(&dir, services).await,
+        Some(Command::Parse { file }) => return child_parse(&file),
+        Some(Command::Edit {
+            dir,
+            file,
+            services,
+            endpoints,
+            edits,
+            small,
+        }) => {
+            return child_edit(&dir, &file, services, endpoints, edits, small);
+        }
+    }
     println!(
         "## file source limits: {} Services, {} endpoints per slice\n",
         cli.services, cli.endpoints
