@@ -43,6 +43,21 @@
 //! document when it has no usable name); a file that is not valid YAML keeps
 //! serving what it held before and is reported as a whole; when two files
 //! define the same object, the first one in path order wins.
+//!
+//! A PATH that does not exist is not synced until it appears (so the index
+//! publishes nothing and `/readyz` stays 503); one that disappears after
+//! the first read keeps the files it held; either way the source's
+//! `last_error` names it. Documents are converted through `crate::k8s`
+//! (shared with the kube source) into k8s-openapi types with
+//! `serde_path_to_error`, so a type error names its field
+//! (`spec.ports[0].port`); the object is then serialized back and compared
+//! with the input, and every field the type dropped is an unknown field.
+//! Unknown fields, and kinds and API versions that are not read, are
+//! `warnings` of the source (shown per source in `/status`), not errors:
+//! the object is still used. The YAML loader's limits ([`MAX_DOCUMENTS`],
+//! [`MAX_NODES`], [`MAX_SCALAR_BYTES`]) are sized for a 50,000-Service
+//! export (`bench_file_limits`), and a breach is reported as the limit it
+//! is.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
