@@ -451,6 +451,34 @@ struct Def {
     item: u32,
 }
 
+impl Def {
+    fn new(file: u64, part: usize, item: usize) -> Self {
+        Self {
+            file,
+            part: u32::try_from(part).unwrap_or(u32::MAX),
+            item: u32::try_from(item).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// A kind of object the loader indexes by definition: where a part holds
+/// the objects of the kind.
+trait Defined: super::Keyed + PartialEq + Sized {
+    fn in_part(objects: &FileObjects) -> &[Located<Arc<Self>>];
+}
+
+impl Defined for SourceService {
+    fn in_part(objects: &FileObjects) -> &[Located<Arc<Self>>] {
+        &objects.services
+    }
+}
+
+impl Defined for SourceSlice {
+    fn in_part(objects: &FileObjects) -> &[Located<Arc<Self>>] {
+        &objects.slices
+    }
+}
+
 /// Every definition of one object, and what the state holds for it.
 #[derive(Debug)]
 struct Defs<T> {
@@ -786,11 +814,7 @@ impl Loader {
             Some(file) => &file.parts,
             None => &[],
         };
-        let place = |part: usize, item: usize| Def {
-            file: f,
-            part: u32::try_from(part).unwrap_or(u32::MAX),
-            item: u32::try_from(item).unwrap_or(u32::MAX),
-        };
+        let place = |part: usize, item: usize| Def::new(f, part, item);
         // What left its place: parts dropped, and parts reused elsewhere.
         let mut taken = vec![false; change.old.len()];
         for q in change.reused.iter().flatten() {
@@ -855,11 +879,6 @@ impl Loader {
         }
     }
 
-    /// The part a definition is in.
-    fn part(&self, d: Def) -> Option<&Part> {
-        part_of(&self.files, &self.ids, d)
-    }
-
     /// Merges the files in path order: the first definition of an object
     /// wins. Made from the last state: only the objects whose definitions
     /// changed are weighed again, and only the files holding one of them
@@ -901,31 +920,19 @@ impl Loader {
         self.order = order;
         let mut services = self.last.services.clone();
         let mut slices = self.last.slices.clone();
-        let (files_now, ids) = (&self.files, &self.ids);
+        let at = (&self.files, &self.ids);
         settle_keys(
             &mut self.service_defs,
             affected.services.as_ref(),
+            at,
             &rank,
-            |d| {
-                let l = part_of(files_now, ids, d)?
-                    .objects
-                    .services
-                    .get(d.item as usize)?;
-                Some(Arc::clone(&l.value))
-            },
             &mut services,
         );
         settle_keys(
             &mut self.slice_defs,
             affected.slices.as_ref(),
+            at,
             &rank,
-            |d| {
-                let l = part_of(files_now, ids, d)?
-                    .objects
-                    .slices
-                    .get(d.item as usize)?;
-                Some(Arc::clone(&l.value))
-            },
             &mut slices,
         );
         for id in &affected.recheck {
@@ -980,11 +987,7 @@ impl Loader {
         file: &LoadedFile,
         rank: &HashMap<u64, usize>,
     ) -> (Vec<ObjectError>, Vec<ObjectError>) {
-        let here = |part: usize, item: usize| Def {
-            file: file.id,
-            part: u32::try_from(part).unwrap_or(u32::MAX),
-            item: u32::try_from(item).unwrap_or(u32::MAX),
-        };
+        let here = |part: usize, item: usize| Def::new(file.id, part, item);
         let again = |at: &str, first: Option<&str>| {
             format!(
                 "defined again in {at}; the one in {} is used",
@@ -1000,10 +1003,8 @@ impl Loader {
                     .get(&s.value.key)
                     .and_then(|d| winner(&d.defs, rank));
                 if let Some(w) = won.filter(|w| *w != here(p, i)) {
-                    let first = self
-                        .part(w)
-                        .and_then(|part| part.objects.services.get(w.item as usize))
-                        .map(|s| s.at.as_str());
+                    let first =
+                        defined::<SourceService>(&self.files, &self.ids, w).map(|s| s.at.as_str());
                     services.push(self.error(s.value.object_name(), "", again(&s.at, first)));
                 }
             }
@@ -1015,10 +1016,8 @@ impl Loader {
                     .get(&slice_def_key(&s.value))
                     .and_then(|d| winner(&d.defs, rank));
                 if let Some(w) = won.filter(|w| *w != here(p, i)) {
-                    let first = self
-                        .part(w)
-                        .and_then(|part| part.objects.slices.get(w.item as usize))
-                        .map(|s| s.at.as_str());
+                    let first =
+                        defined::<SourceSlice>(&self.files, &self.ids, w).map(|s| s.at.as_str());
                     slices.push(self.error(
                         s.value.slice.object_name(&s.value.service),
                         "",
@@ -1031,23 +1030,26 @@ impl Loader {
     }
 }
 
-/// The part a definition is in.
-fn part_of<'a>(
+/// The object a definition points at.
+fn defined<'a, T: Defined>(
     files: &'a HashMap<PathBuf, LoadedFile>,
     ids: &HashMap<u64, PathBuf>,
     d: Def,
-) -> Option<&'a Part> {
-    files.get(ids.get(&d.file)?)?.parts.get(d.part as usize)
+) -> Option<&'a Located<Arc<T>>> {
+    let part = files.get(ids.get(&d.file)?)?.parts.get(d.part as usize)?;
+    T::in_part(&part.objects).get(d.item as usize)
 }
 
 /// Settles the objects of `keys` (every one when None): see [`settle`].
-fn settle_keys<K: Eq + std::hash::Hash, T: super::Keyed + PartialEq>(
+/// `at` is where the definitions are (the files, by id).
+fn settle_keys<K: Eq + std::hash::Hash, T: Defined>(
     defs: &mut HashMap<K, Defs<T>>,
     keys: Option<&HashSet<K>>,
+    (files, ids): (&HashMap<PathBuf, LoadedFile>, &HashMap<u64, PathBuf>),
     rank: &HashMap<u64, usize>,
-    value: impl Fn(Def) -> Option<Arc<T>>,
     map: &mut super::Objects<T>,
 ) {
+    let value = |d| defined::<T>(files, ids, d).map(|l| Arc::clone(&l.value));
     let Some(keys) = keys else {
         defs.retain(|_, d| {
             let won = winner(&d.defs, rank).and_then(&value);

@@ -28,8 +28,9 @@
 //! Sources keep their Services and slices in persistent maps ([`Objects`],
 //! `imbl::OrdMap` keyed by Service key and by (Service key, slice name))
 //! and derive each state they publish from the one before: the kube source
-//! changes its maps per event; the file, Docker and relay sources, which
-//! rebuild their objects, go through [`share_unchanged`]. So an unchanged
+//! changes its maps per event and the file source per edited document;
+//! the Docker and relay sources, which rebuild their objects, go through
+//! [`share_unchanged`]. So an unchanged
 //! map is the very same map and a changed one shares everything else with
 //! its predecessor, which lets the index diff them in the size of the
 //! change.
