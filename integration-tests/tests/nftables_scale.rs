@@ -2,7 +2,8 @@
 //! Services, against the kernel itself: what the agent programs (skeleton
 //! through libnftables, elements through our own netlink batches) must
 //! list exactly as `nft -f` of the same elements as text does, after a
-//! full sync, after changes, and after a restart from the same state.
+//! full sync, after changes, and after a restart from the same state (the
+//! table kept, by its marker) or from another (rewritten).
 //! Skipped (with a message) when not root.
 
 use std::process::Command;
@@ -157,9 +158,47 @@ fn thousands_of_services_list_as_nft_would_program_them_and_survive_a_restart() 
     drop(dp);
     let mut restarted = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &agent.0);
     let all: Vec<String> = state.resources.keys().cloned().collect();
-    apply(&mut restarted, &state, all, true);
+    apply(&mut restarted, &state, all.clone(), true);
+    assert!(
+        restarted.kept_table(),
+        "a restart over the table the same state made must keep it (its marker matches)"
+    );
     assert!(
         listing(&agent.0) == before,
         "the rules after a restart differ from those before it"
     );
+    // A change the agent never saw (made while it was down): the marker
+    // differs, the table is rewritten to the state.
+    drop(restarted);
+    insert(&mut state, service(7, 5));
+    let mut restarted = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &agent.0);
+    apply(&mut restarted, &state, all.clone(), true);
+    assert!(
+        !restarted.kept_table(),
+        "a start over another state's table kept it"
+    );
+    assert_same(
+        &agent,
+        &text,
+        &state,
+        "after a restart with a state changed meanwhile",
+    );
+    // A table without its marker (a sync cut short, an older build), or
+    // without its rules (`nft flush chain`): rewritten too.
+    for (what, damage) in [
+        ("the marker gone", "flush set ip switchyard programmed"),
+        ("the rules gone", "flush chain ip switchyard nat_prerouting"),
+    ] {
+        drop(restarted);
+        nft(&agent.0, &["-f", "-"], Some(damage));
+        restarted = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], &agent.0);
+        apply(&mut restarted, &state, all.clone(), true);
+        assert!(!restarted.kept_table(), "a start kept a table with {what}");
+        assert_same(
+            &agent,
+            &text,
+            &state,
+            &format!("after a restart with {what}"),
+        );
+    }
 }

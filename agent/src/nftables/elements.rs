@@ -362,6 +362,35 @@ pub struct Programmed {
     udp_services: usize,
     /// Affinity timeouts whose sets and rules exist.
     timeouts: BTreeSet<u32>,
+    /// The digest of the skeleton this record was built on.
+    base: u128,
+    /// The sum of [`element_digest`] over every element in force.
+    elements_digest: u128,
+}
+
+/// Seeds of the two 64-bit halves of [`element_digest`]: fixed, so another
+/// process of the same build computes the same digest.
+const DIGEST_SEEDS: [u64; 2] = [0x5377_6974_6368_7961, 0x7264_2064_6967_6573];
+
+/// A 128-bit hash of one element, the same in every process of this
+/// build (fixed seeds; another build may differ, which only costs a full
+/// sync).
+fn element_digest(set: &str, key: &str, data: &str) -> u128 {
+    let [a, b] = DIGEST_SEEDS
+        .map(|s| foldhash::quality::FixedState::with_seed(s).hash_one((set, key, data)));
+    (u128::from(a) << 64) | u128::from(b)
+}
+
+/// The digest of a table's skeleton text, with the agent's version (a new
+/// version may write the same elements differently).
+fn skeleton_digest(text: &str) -> u128 {
+    element_digest(env!("CARGO_PKG_VERSION"), text, "")
+}
+
+/// The marker element of [`layout::DIGEST_SET`] for a digest: the digest
+/// as the set's one IPv6 address.
+pub fn digest_key(digest: u128) -> String {
+    std::net::Ipv6Addr::from(digest).to_string()
 }
 
 /// The affinity timeouts the Services of `state` use in `family`: what
@@ -403,7 +432,31 @@ impl Programmed {
             free: Vec::new(),
             udp_services: 0,
             timeouts: BTreeSet::new(),
+            base: 0,
+            elements_digest: 0,
         }
+    }
+
+    /// What the table holds when the kernel has exactly this record: the
+    /// skeleton's digest plus the sum of every element's (an order-free
+    /// sum, so a change moves it by its own elements only). Written to the
+    /// kernel as [`layout::DIGEST_SET`]'s one element, in the same
+    /// transaction as every sync; an agent starting over a table whose
+    /// marker equals what its persisted state makes keeps the table.
+    pub fn digest(&self) -> u128 {
+        self.base.wrapping_add(self.elements_digest)
+    }
+
+    fn count_in(&mut self, set: &str, key: &str, data: &str) {
+        self.elements_digest = self
+            .elements_digest
+            .wrapping_add(element_digest(set, key, data));
+    }
+
+    fn count_out(&mut self, set: &str, key: &str, data: &str) {
+        self.elements_digest = self
+            .elements_digest
+            .wrapping_sub(element_digest(set, key, data));
     }
 
     /// The family.
@@ -438,11 +491,13 @@ impl Programmed {
             let id = me.intern(name, &e);
             for el in &e.elements {
                 if me.own(&el.set, &el.key, id) {
+                    me.count_in(&el.set, &el.key, &el.data);
                     sink(&el.set, &el.key, &el.data)?;
                 }
             }
         }
         me.timeouts = timeouts(state, family);
+        me.base = skeleton_digest(&skeleton(family, cfg, &me.timeouts));
         Ok(me)
     }
 
@@ -455,6 +510,7 @@ impl Programmed {
             Ok::<(), std::convert::Infallible>(())
         })
         .unwrap_or_else(|e| match e {});
+        batch.add(layout::DIGEST_SET, &digest_key(me.digest()), "");
         let mut text = skeleton(family, cfg, &me.timeouts);
         batch.write(&mut text, &Words::of(family).table());
         (me, text)
@@ -571,6 +627,7 @@ impl Programmed {
     ) -> Option<Batch> {
         let family = self.family;
         let names: BTreeSet<&String> = changes.changed.iter().chain(&changes.removed).collect();
+        let digest_before = self.digest();
         // Each changed Service's elements before and after.
         let mut cache: HashMap<(String, bool), ServiceElements> = HashMap::new();
         let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
@@ -623,14 +680,28 @@ impl Programmed {
         for ((set, key), was) in touched.iter().zip(before) {
             let now = self.in_force(set, key, state, true, &mut cache, cfg);
             match (was, now) {
-                (None, Some(d)) => batch.add(set, key, &d),
-                (Some(_), None) => batch.delete(set, key),
+                (None, Some(d)) => {
+                    self.count_in(set, key, &d);
+                    batch.add(set, key, &d);
+                }
+                (Some(a), None) => {
+                    self.count_out(set, key, &a);
+                    batch.delete(set, key);
+                }
                 (Some(a), Some(b)) if a != b => {
+                    self.count_out(set, key, &a);
+                    self.count_in(set, key, &b);
                     batch.delete(set, key);
                     batch.add(set, key, &b);
                 }
                 _ => {}
             }
+        }
+        // The marker moves in the same transaction as the elements.
+        let digest = self.digest();
+        if digest != digest_before {
+            batch.delete(layout::DIGEST_SET, &digest_key(digest_before));
+            batch.add(layout::DIGEST_SET, &digest_key(digest), "");
         }
         Some(batch)
     }

@@ -1,6 +1,7 @@
 //! The one way the nftables data plane reaches the kernel: a libnftables
 //! context kept open ([`switchyard_libnftables::Nft`]) for the skeleton
-//! and listings, and a netlink socket of our own for element batches
+//! and the listings of one set or map, and a netlink socket of our own for
+//! element batches and for whether our table and its hook are there
 //! ([`super::netlink`]), in the agent's own network namespace or, for
 //! tests and benchmarks, in a named one.
 //!
@@ -22,6 +23,7 @@ use std::sync::mpsc;
 use switchyard_libnftables::{Error as NftError, Nft};
 
 use super::netlink::{ElementSocket, NetlinkError, Sealed};
+use crate::dataplane::Family;
 
 /// Why the kernel could not be reached or refused a batch.
 #[derive(Debug, thiserror::Error)]
@@ -154,5 +156,22 @@ impl Kernel {
     /// Sends one element batch: one transaction.
     pub fn send(&mut self, batch: &Sealed) -> Result<(), KernelError> {
         Ok(self.elements.send(batch)?)
+    }
+
+    /// Whether table `table` exists in `family` (netlink: libnftables
+    /// would fetch every element of every set to say).
+    pub fn table_exists(&mut self, family: Family, table: &str) -> Result<bool, KernelError> {
+        Ok(self.elements.table_exists(family, table)?)
+    }
+
+    /// Whether a rule of `chain` in `table` jumps to `target` (netlink).
+    pub fn jumps_to(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+        target: &str,
+    ) -> Result<bool, KernelError> {
+        Ok(self.elements.jumps_to(family, table, chain, target)?)
     }
 }

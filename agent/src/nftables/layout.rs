@@ -151,6 +151,11 @@ pub const SETS: [(&str, &str); 18] = [
     ("service_cidrs", "A"),
 ];
 
+/// The set whose one element marks what the table holds: a digest of its
+/// skeleton and elements, as an IPv6 address (128 bits), written in the
+/// same transaction as every sync (`elements::Programmed::digest`).
+pub const DIGEST_SET: &str = "programmed";
+
 /// Whether a set of [`SETS`] holds ranges.
 fn interval(set: &str) -> bool {
     matches!(
@@ -253,6 +258,7 @@ pub fn table(family: Family, cfg: &NodeConfig, timeouts: &BTreeSet<u32>) -> Stri
         };
         let _ = writeln!(t, "set {name} {{ type {};{flags} }}", w.ty(ty));
     }
+    let _ = writeln!(t, "set {DIGEST_SET} {{ type ipv6_addr; }}");
     let slot_key = |node_port: bool| {
         if node_port {
             "meta l4proto . th dport . numgen random mod 2".to_owned()

@@ -6,9 +6,10 @@
 //!
 //! ```text
 //!  Change ─▶ full, no table yet? ──▶ elements::skeleton (rules, sets, CIDRs) ─▶ libnftables (one transaction)
-//!             │                        then Programmed::full (every element) ─▶ netlink batches of 1 MiB
-//!             ├ full, over our table ─▶ Programmed::full_text (table replaced whole, kept affinity) ─▶ libnftables (one transaction)
-//!             └ partial ─────────────▶ Programmed::partial (changed Services: element deletes, adds) ─▶ one netlink batch
+//!             │                        then Programmed::full (every element) ─▶ netlink batches of 1 MiB, then the marker
+//!             ├ full, a start over our table whose marker is the state's digest ─▶ kept as it is (nothing written)
+//!             ├ full, over our table ─▶ Programmed::full_text (table replaced whole, kept affinity, marker) ─▶ libnftables (one transaction)
+//!             └ partial ─────────────▶ Programmed::partial (changed Services: element deletes, adds, the marker moved) ─▶ one netlink batch
 //!                                         (fw_allow's interval elements: the whole change as text instead)
 //!                             ─▶ stale UDP flows (netlink), stale affinity entries
 //!                          error (and NACK) ─▶ full sync of the last good state
@@ -21,25 +22,46 @@
 //! Endpoint selection, policy and topology come from [`crate::endpoints`],
 //! as for iptables; after every sync [`crate::conntrack`] deletes the UDP
 //! flows whose endpoint no longer serves them. The table stays when the
-//! agent exits. A full sync replaces the skeleton in one transaction and
-//! then adds the elements in batches: between the two, the table's
-//! frontends are empty (a restart at 10,000 Services: well under a
-//! second; BENCHMARKS.md "Scale (issue 28)"), where the text path used to
-//! do it all in one transaction at 2 KiB of libnftables memory per
-//! element. A start also removes the iptables data plane's rules, as
-//! kube-proxy does when it changes mode (a large iptables-nft table would
-//! stay on every commit's path), and the iptables plane's first sync
-//! removes these tables. [`cleanup`] removes both tables.
+//! agent exits. From no table, a full sync writes the skeleton in one
+//! transaction and then the elements in batches (nothing in force to keep
+//! consistent with). Over our table (a resync, a start with another
+//! state) it replaces everything in one libnftables transaction, so that
+//! packets see the old table or the new one, at some 2 KiB of libnftables
+//! memory per element.
+//!
+//! A restart keeps the table when it holds what the persisted state makes.
+//! Each table has a one-element set, `programmed`, whose element is a
+//! 128-bit digest of the skeleton and of every element in force
+//! ([`elements::Programmed::digest`]: a sum of per-element hashes, so a
+//! partial sync moves it by its own elements, in its own transaction). The
+//! first full sync of a start computes the record of the persisted state
+//! without writing anything and, when the table is intact and its marker
+//! equals that record's digest, keeps the table: at 100,000 Services that
+//! is the record's computation instead of a libnftables transaction of 2.3
+//! million elements (BENCHMARKS.md, "Scale (issue 28)"). Any difference (a
+//! change the agent never saw, another build, a cut-short sync that wrote
+//! no marker) rewrites the table as before. Like a running agent, a start
+//! does not see elements deleted by hand (`nft delete element`) that
+//! leave the marker as it was.
+//!
+//! A start also removes the iptables data plane's rules, as kube-proxy
+//! does when it changes mode (a large iptables-nft table would stay on
+//! every commit's path), and the iptables plane's first sync removes
+//! these tables. [`cleanup`] removes both tables.
 //!
 //! Why elements and never rules: on this kernel a commit that adds a rule
 //! or a jump element makes nf_tables revalidate every chain reachable from
 //! the base chains (about 220 ms at 10,000 Services in kube-proxy's
 //! layout); element adds and deletes do not.
 //!
-//! `maintain` checks that both tables are listed (`nft flush ruleset`
-//! removes them) and that each one's nat prerouting chain holds its jump
-//! (`nft flush table` removes the rules and keeps the sets), and restores
-//! them with a full sync; a refused transaction leaves the kernel as it
+//! `maintain` checks that both tables exist (`nft flush ruleset` removes
+//! them) and that each one's nat prerouting chain holds its jump (`nft
+//! flush table` removes the rules and keeps the sets), and restores them
+//! with a full sync. It asks through our netlink socket ([`netlink`]: one
+//! `GETTABLE`, one `GETRULE` dump of that chain): libnftables' `list
+//! tables` and `list chain` fetch every element of every set first, which
+//! at 100,000 Services took longer than the 30 s between two checks, with
+//! the data plane locked; a refused transaction leaves the kernel as it
 //! was and is followed by a full sync of the last good state, as for
 //! iptables.
 //!
@@ -111,6 +133,14 @@ pub struct NftablesDataPlane {
     /// Partial syncs through libnftables text instead of our netlink
     /// batches: the path before issue 28, kept as the benchmark's anchor.
     partial_as_text: bool,
+    /// Whether this start's first full sync has run (only it may keep a
+    /// table it finds).
+    start_checked: bool,
+    /// Whether a start may keep a table whose marker matches (off: the
+    /// benchmarks' anchor, a restart that rewrites everything).
+    keep_on_start: bool,
+    /// Whether the last full sync kept the table in force.
+    table_kept: bool,
 }
 
 impl From<KernelError> for ApplyError {
@@ -157,6 +187,9 @@ impl NftablesDataPlane {
             others_removed: false,
             v6_affinity_logged: false,
             partial_as_text: false,
+            start_checked: false,
+            keep_on_start: true,
+            table_kept: false,
             last_good: None,
             metrics: None,
             sent: std::time::Duration::ZERO,
@@ -170,6 +203,19 @@ impl NftablesDataPlane {
     /// did before issue 28, for benchmarks to measure beside the default.
     pub fn set_partial_as_text(&mut self, on: bool) {
         self.partial_as_text = on;
+    }
+
+    /// Whether a start may keep the table it finds when its marker says it
+    /// holds what the persisted state makes (on by default; off, a restart
+    /// rewrites the table whole, the benchmark's anchor).
+    pub fn set_keep_on_start(&mut self, on: bool) {
+        self.keep_on_start = on;
+    }
+
+    /// Whether the last full sync kept the table in force instead of
+    /// writing it (a restart over the same state).
+    pub fn kept_table(&self) -> bool {
+        self.table_kept
     }
 
     /// Time the last sync spent in `sendmsg` of element batches (with
@@ -327,14 +373,10 @@ impl NftablesDataPlane {
 
     /// Whether one of our tables is in the kernel (a restart, a resync).
     fn table_exists(&mut self) -> bool {
-        let Ok(listing) = self.kernel().and_then(|k| k.run("list tables")) else {
-            return false;
-        };
-        self.families.iter().any(|f| {
-            let table = Words::of(*f).table();
-            listing
-                .lines()
-                .any(|l| l.trim() == format!("table {table}"))
+        self.families.clone().into_iter().any(|f| {
+            self.kernel()
+                .and_then(|k| k.table_exists(f, layout::TABLE))
+                .unwrap_or(false)
         })
     }
 
@@ -343,30 +385,17 @@ impl NftablesDataPlane {
     /// sets and maps stay, so the elements alone do not tell). The canary
     /// is the jump from each table's nat prerouting hook.
     fn intact(&mut self) -> Result<bool, ApplyError> {
-        let listing = self.kernel()?.run("list tables")?;
         for family in self.families.clone() {
-            let table = Words::of(family).table();
-            if !listing
-                .lines()
-                .any(|l| l.trim() == format!("table {table}"))
+            // A chain deleted by hand has no rule to list: not intact either.
+            let k = self.kernel()?;
+            if !k.table_exists(family, layout::TABLE)?
+                || !k.jumps_to(family, layout::TABLE, "nat_prerouting", "services")?
             {
-                return Ok(false);
-            }
-            // A chain deleted by hand is not listed at all: not intact either.
-            let chain = self
-                .kernel()?
-                .run(&format!("list chain {table} nat_prerouting"));
-            if !chain.is_ok_and(|c| hooked(&c)) {
                 return Ok(false);
             }
         }
         Ok(true)
     }
-}
-
-/// Whether a listing of `nat_prerouting` holds its one rule.
-fn hooked(chain: &str) -> bool {
-    chain.lines().any(|l| l.trim() == "jump services")
 }
 
 /// The elements of `remembered` to write back into the new table of
@@ -490,27 +519,21 @@ fn remembered_frontend(key: &str) -> &str {
     key.split_once(" . ").map_or("", |(_, fe)| fe)
 }
 
-impl Transactional for NftablesDataPlane {
-    const NAME: &'static str = "nftables";
-    const KIND: DataPlaneKind = DataPlaneKind::Nftables;
-
-    /// Rewrites our tables from `state` in one transaction.
-    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
-        let t = Instant::now();
-        self.sent = std::time::Duration::ZERO;
-        self.needs_full = true;
-        if self.families.contains(&Family::V4)
-            && self.cfg.localhost_node_ports()
-            && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
-        {
-            tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
-        }
+impl NftablesDataPlane {
+    /// Writes our tables from `state`: over a table in force (`replacing`)
+    /// in one libnftables transaction, from none as the skeleton then
+    /// element batches; then the marker. The new records, and how many
+    /// affinity entries were written back.
+    fn write_tables(
+        &mut self,
+        state: &AgentState,
+        replacing: bool,
+    ) -> Result<(Vec<Programmed>, usize), ApplyError> {
         // Over a table already in force (a restart, a resync), everything
         // goes in one libnftables transaction: packets of the instant see
         // the old table or the new one. From no table, the skeleton first,
         // then the elements through netlink in batches (nothing to keep
         // consistent with, and none of libnftables' ~2 KiB per element).
-        let replacing = self.table_exists();
         // The clients the affinity maps remembered go back in with what is
         // left of their time, where their frontend still balances to that
         // endpoint (kube-proxy's `recent` lists survive its syncs and
@@ -572,7 +595,105 @@ impl Transactional for NftablesDataPlane {
                 }
                 next.push(programmed);
             }
+            // The marker last: a table cut short by an error has none, so
+            // the next start does not keep it.
+            let mut enc = Encoder::new(Family::V4, layout::TABLE);
+            for p in &next {
+                enc.set_family(p.family());
+                enc.push(
+                    netlink::Op::Add,
+                    layout::DIGEST_SET,
+                    &elements::digest_key(p.digest()),
+                    "",
+                )
+                .map_err(|e| ApplyError::from(KernelError::from(e)))?;
+            }
+            self.send(&enc.finish())?;
         }
+        Ok((next, kept))
+    }
+
+    /// The records of `state` when the kernel's tables already hold exactly
+    /// what they make: each table's marker equals the record's digest and
+    /// its rules are there ([`Self::intact`]). Elements changed by hand
+    /// leave the marker as it was and are not seen (as during a run).
+    fn keep(&mut self, state: &AgentState) -> Option<Vec<Programmed>> {
+        if !self.intact().unwrap_or(false) {
+            return None;
+        }
+        let mut next = Vec::new();
+        for family in self.families.clone() {
+            let p = Programmed::full(state, &self.cfg, family, |_, _, _| {
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .unwrap_or_else(|e| match e {});
+            let marker = self.marker(&Words::of(family).table());
+            if marker != Some(p.digest()) {
+                tracing::info!(
+                    family = ?family,
+                    "the nftables table in force is not what the persisted state makes: replacing it"
+                );
+                return None;
+            }
+            next.push(p);
+        }
+        Some(next)
+    }
+
+    /// The digest the marker set of `table` holds, if it holds exactly one.
+    fn marker(&mut self, table: &str) -> Option<u128> {
+        let listing = self
+            .kernel()
+            .ok()?
+            .run_with(
+                &format!("list set {table} {}", layout::DIGEST_SET),
+                switchyard_libnftables::OUTPUT_JSON,
+            )
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&listing).ok()?;
+        let set = v["nftables"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o.get("set"))?;
+        match set.get("elem")?.as_array()?.as_slice() {
+            [one] => one
+                .as_str()?
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(u128::from),
+            _ => None,
+        }
+    }
+}
+
+impl Transactional for NftablesDataPlane {
+    const NAME: &'static str = "nftables";
+    const KIND: DataPlaneKind = DataPlaneKind::Nftables;
+
+    /// Rewrites our tables from `state` in one transaction.
+    fn full_sync(&mut self, state: &AgentState) -> Result<(), ApplyError> {
+        let t = Instant::now();
+        self.sent = std::time::Duration::ZERO;
+        self.needs_full = true;
+        if self.families.contains(&Family::V4)
+            && self.cfg.localhost_node_ports()
+            && let Err(e) = self.runner.sysctl("net.ipv4.conf.all.route_localnet", "1")
+        {
+            tracing::warn!("node ports on 127.0.0.1 will not work: {e}");
+        }
+        let replacing = self.table_exists();
+        // The first full sync of a start, over a table whose marker says
+        // it holds what `state` makes: kept as it is (a restart).
+        let first = !std::mem::replace(&mut self.start_checked, true);
+        let kept = match replacing && first && self.keep_on_start {
+            true => self.keep(state),
+            false => None,
+        };
+        self.table_kept = kept.is_some();
+        let (next, affinity_kept) = match kept {
+            Some(next) => (next, 0),
+            None => self.write_tables(state, replacing)?,
+        };
         self.tables = next;
         self.needs_full = false;
         if let Some(m) = &self.metrics {
@@ -584,7 +705,8 @@ impl Transactional for NftablesDataPlane {
         tracing::info!(
             resources = state.resources.len(),
             elements = self.element_count(),
-            affinity_kept = kept,
+            affinity_kept,
+            table_kept = self.table_kept,
             elapsed = ?t.elapsed(),
             "nftables full sync"
         );
@@ -720,20 +842,15 @@ impl DataPlane for NftablesDataPlane {
     }
 }
 
-/// The commands that remove our tables, where they exist.
-pub fn cleanup_text(existing: &str) -> String {
-    Family::ALL
-        .iter()
-        .map(|f| Words::of(*f).table())
-        .filter(|t| existing.lines().any(|l| l.trim() == format!("table {t}")))
-        .map(|t| format!("delete table {t}\n"))
-        .collect()
-}
-
 /// `switchyard-agent cleanup`, and the iptables data plane's start:
 /// removes our nftables tables (both families) in one transaction.
 pub fn cleanup(kernel: &mut Kernel) -> Result<usize, KernelError> {
-    let text = cleanup_text(&kernel.run("list tables")?);
+    let mut text = String::new();
+    for family in Family::ALL {
+        if kernel.table_exists(family, layout::TABLE)? {
+            let _ = writeln!(text, "delete table {}", Words::of(family).table());
+        }
+    }
     if !text.is_empty() {
         kernel.run(&text)?;
     }
@@ -766,19 +883,5 @@ mod tests {
             "10.244.2.9 . 10.96.0.12 . tcp . 80 timeout 60s expires 59s : 10.244.1.2 . 8080"
         );
         assert!(map_entries("not json").is_empty());
-    }
-
-    #[test]
-    fn a_flushed_nat_chain_is_not_hooked() {
-        let listed = "table ip switchyard {\n\tchain nat_prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}\n}\n";
-        assert!(hooked(listed));
-        assert!(!hooked(&listed.replace("\t\tjump services\n", "")));
-    }
-
-    #[test]
-    fn cleanup_removes_only_our_tables() {
-        let listing = "table ip nat\ntable ip switchyard\ntable ip6 filter\n";
-        assert_eq!(cleanup_text(listing), "delete table ip switchyard\n");
-        assert_eq!(cleanup_text("table inet other\n"), "");
     }
 }

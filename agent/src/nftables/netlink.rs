@@ -21,6 +21,13 @@
 //! chains, rules, set declarations and the node's CIDR sets) stays on
 //! libnftables text: it is small and the same on every sync.
 //!
+//! Two questions go through the same socket rather than libnftables,
+//! whose listing commands (even `list tables`) fetch every element of
+//! every set first (44 s for `nft list tables` beside a set of a million
+//! elements, measured here): whether our table exists (`GETTABLE`), and
+//! whether a chain's rules jump to a given chain (`GETRULE`, dumped for
+//! that one chain).
+//!
 //! A batch is one transaction: the kernel applies all of it or none and
 //! answers before `sendmsg` returns. Only the last message asks for an
 //! acknowledgement; a refused message is answered with its error anyway
@@ -37,12 +44,30 @@ use crate::dataplane::Family;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 0x2;
+const NLMSG_DONE: u16 = 0x3;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+/// `NFT_JUMP`, a verdict code (negative, in network order on the wire).
+const NFT_JUMP: i32 = -3;
 const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -539,6 +564,148 @@ impl ElementSocket {
     }
 }
 
+/// The attributes of a netlink message's payload (or of a nested
+/// attribute's): (type without its flags, payload).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+fn attribute(buf: &[u8], ty: u16) -> Option<&[u8]> {
+    attributes(buf).find(|(t, _)| *t == ty).map(|(_, p)| p)
+}
+
+/// Whether a rule (its attributes) holds `jump CHAIN`.
+fn rule_jumps_to(rule: &[u8], chain: &str) -> bool {
+    let Some(exprs) = attribute(rule, NFTA_RULE_EXPRESSIONS) else {
+        return false;
+    };
+    attributes(exprs).any(|(_, expr)| {
+        let verdict = (attribute(expr, NFTA_EXPR_NAME) == Some(b"immediate\0".as_slice()))
+            .then(|| attribute(expr, NFTA_EXPR_DATA))
+            .flatten()
+            .and_then(|d| attribute(d, NFTA_IMMEDIATE_DATA))
+            .and_then(|d| attribute(d, NFTA_DATA_VERDICT));
+        verdict.is_some_and(|v| {
+            let code = attribute(v, NFTA_VERDICT_CODE)
+                .and_then(|c| <[u8; 4]>::try_from(c).ok())
+                .map(i32::from_be_bytes);
+            let target =
+                attribute(v, NFTA_VERDICT_CHAIN).map(|c| c.strip_suffix(b"\0").unwrap_or(c));
+            code == Some(NFT_JUMP) && target == Some(chain.as_bytes())
+        })
+    })
+}
+
+impl ElementSocket {
+    /// Sends one request and collects the payloads (after `nfgenmsg`) of
+    /// the answers of type `answer` until the end of the dump or the
+    /// acknowledgement; an errno answer is `Err` (ENOENT: no such object).
+    fn query(&mut self, request: &[u8], answer: u16) -> Result<Vec<Vec<u8>>, std::io::Error> {
+        self.socket.send(request, 0)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let mut b = &mut buf[..];
+            // The kernel answers a GET inside sendmsg and writes further
+            // parts of a dump inside each recvmsg: nothing is left to wait for.
+            let n = match self.socket.recv(&mut b, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(std::io::Error::other("the kernel's answer ended early"));
+                }
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                if len < 16 || at + len > n {
+                    break;
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if len >= 20 => {
+                        let errno =
+                            i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
+                        return match errno {
+                            0 => Ok(out),
+                            e => Err(std::io::Error::from_raw_os_error(-e)),
+                        };
+                    }
+                    t if t == answer && len >= 20 => out.push(buf[at + 20..at + len].to_vec()),
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// Whether table `table` exists in `family`.
+    pub fn table_exists(&mut self, family: Family, table: &str) -> Result<bool> {
+        let mut req = Vec::new();
+        let at = header(
+            &mut req,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            1,
+            nfproto(family),
+            0,
+        );
+        attr_str(&mut req, NFTA_TABLE_NAME, table);
+        finish(&mut req, at);
+        match self.query(&req, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE) {
+            Ok(tables) => Ok(!tables.is_empty()),
+            Err(e) if e.raw_os_error() == Some(libc_enoent()) => Ok(false),
+            Err(e) => Err(io("GETTABLE")(e)),
+        }
+    }
+
+    /// Whether a rule of chain `chain` of `table` in `family` jumps to
+    /// `target` (no when the table or the chain is not there).
+    pub fn jumps_to(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+        target: &str,
+    ) -> Result<bool> {
+        let mut req = Vec::new();
+        let at = header(
+            &mut req,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            nfproto(family),
+            0,
+        );
+        attr_str(&mut req, NFTA_RULE_TABLE, table);
+        attr_str(&mut req, NFTA_RULE_CHAIN, chain);
+        finish(&mut req, at);
+        match self.query(&req, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE) {
+            Ok(rules) => Ok(rules.iter().any(|r| rule_jumps_to(r, target))),
+            Err(e) if e.raw_os_error() == Some(libc_enoent()) => Ok(false),
+            Err(e) => Err(io("GETRULE")(e)),
+        }
+    }
+}
+
+/// `ENOENT`: the object asked for does not exist.
+fn libc_enoent() -> i32 {
+    rustix::io::Errno::NOENT.raw_os_error()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,6 +735,56 @@ mod tests {
         assert_eq!(&k[12..], &[10, 0, 0, 0]);
         assert_eq!(&e[12..], &[10, 255, 255, 255]);
         assert_eq!(&k[..12], &e[..12]);
+    }
+
+    /// A rule's attributes as the kernel dumps it: one expression,
+    /// `immediate` with a verdict.
+    fn rule(expr_name: &str, code: i32, chain: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        attr_str(&mut b, NFTA_RULE_TABLE, "switchyard");
+        attr_str(&mut b, NFTA_RULE_CHAIN, "nat_prerouting");
+        let exprs = nest_start(&mut b, NFTA_RULE_EXPRESSIONS);
+        let elem = nest_start(&mut b, NFTA_LIST_ELEM);
+        attr_str(&mut b, NFTA_EXPR_NAME, expr_name);
+        let data = nest_start(&mut b, NFTA_EXPR_DATA);
+        attr(&mut b, 1, &0u32.to_be_bytes()); // NFTA_IMMEDIATE_DREG
+        let imm = nest_start(&mut b, NFTA_IMMEDIATE_DATA);
+        let verdict = nest_start(&mut b, NFTA_DATA_VERDICT);
+        attr(&mut b, NFTA_VERDICT_CODE, &code.to_be_bytes());
+        attr_str(&mut b, NFTA_VERDICT_CHAIN, chain);
+        for at in [verdict, imm, data, elem, exprs] {
+            nest_end(&mut b, at);
+        }
+        b
+    }
+
+    #[test]
+    fn a_jump_is_read_from_a_dumped_rule() {
+        assert!(rule_jumps_to(
+            &rule("immediate", NFT_JUMP, "services"),
+            "services"
+        ));
+        assert!(!rule_jumps_to(
+            &rule("immediate", NFT_JUMP, "servicesx"),
+            "services"
+        ));
+        // goto (-4) is not a jump; a lookup is no verdict at all.
+        assert!(!rule_jumps_to(
+            &rule("immediate", -4, "services"),
+            "services"
+        ));
+        assert!(!rule_jumps_to(
+            &rule("lookup", NFT_JUMP, "services"),
+            "services"
+        ));
+        // No expressions, or a cut-short buffer: no jump, no panic.
+        let mut b = Vec::new();
+        attr_str(&mut b, NFTA_RULE_TABLE, "switchyard");
+        assert!(!rule_jumps_to(&b, "services"));
+        let whole = rule("immediate", NFT_JUMP, "services");
+        for cut in 0..whole.len() {
+            let _ = rule_jumps_to(&whole[..cut], "services");
+        }
     }
 
     #[test]

@@ -6,13 +6,21 @@
 //! writing it out and the first changes wait for it. With `--nftables` (root) the data plane
 //! is the nftables one, in a network namespace the bench makes, instead of
 //! `none`. Each size first takes its whole state in one update (the
-//! anchor), then 50 updates of one endpoint change each, to other Services.
+//! anchor; what a new node does with its first download, whose size on
+//! the wire is printed), then 50 updates of one endpoint change each, to other Services.
 //! The decode step (`AgentState::apply`: the new state, its one decoded
-//! Service) is timed on its own too.
+//! Service) is timed on its own too. With `--restart` (and `--nftables`),
+//! the agent then stops and starts again from its sled directory
+//! (`Applier::restore`: the store read, the persisted state put in force)
+//! three times: keeping the table in force (its marker matches), then
+//! rewriting it as a start did before (the anchor), then keeping it again;
+//! each with its time and the process's peak RSS during it; and the
+//! periodic check of the table (`DataPlane::maintain`) beside `nft list
+//! tables` in the same namespace.
 //!
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_agent_apply
-//! target/release/bench_agent_apply [--changes 50] [--settle 0] [--sizes 1000,10000] [--nftables]
+//! target/release/bench_agent_apply [--changes 50] [--settle 0] [--sizes 1000,10000] [--nftables [--restart]]
 //! ```
 
 use std::sync::Arc;
@@ -25,7 +33,7 @@ use switchyard_agent::nftables::NftablesDataPlane;
 use switchyard_agent::status::{Metrics, Status};
 use switchyard_agent::store::Store;
 use switchyard_integration_tests::bench::{
-    Netns, arg, cfg, loadavg, summary, ten_endpoint_service,
+    Netns, arg, cfg, loadavg, proc_status_kib, reset_peak_rss, summary, ten_endpoint_service,
 };
 use switchyard_proto::v1;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +63,7 @@ async fn run(
     changes: u32,
     settle: u32,
     nftables: bool,
+    restart: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = tempfile::tempdir()?;
     let (store, _) = Store::open(dir.path())?;
@@ -86,6 +95,8 @@ async fn run(
     applier.ack_after_dns(started.built);
 
     let whole = update("v0".into(), (0..services).map(|i| resource(i, 0)).collect());
+    // What a new node downloads: the whole state as one message on the wire.
+    let whole_bytes = prost::Message::encoded_len(&whole);
     let t = Instant::now();
     applier
         .apply_update(&whole)
@@ -121,12 +132,109 @@ async fn run(
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
+    drop(applier);
+    let mut restarts = Vec::new();
+    if let (true, Some(ns)) = (restart, &netns) {
+        for keep in [true, false, true] {
+            restarts.push(restart_from_disk(dir.path(), &ns.0, keep, services).await?);
+        }
+    }
+    let upkeep = match (restart, &netns) {
+        (true, Some(ns)) => upkeep(dir.path(), &ns.0)?,
+        _ => serde_json::Value::Null,
+    };
     Ok(serde_json::json!({
         "services": services,
         "plane": plane,
         "whole_state_ms": (whole_ms * 10.0).round() / 10.0,
+        "whole_state_mib": (whole_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "one_change_ms": summary(&mut per_change),
         "decode_only_ms": summary(&mut decode),
+        "restarts": restarts,
+        "upkeep": upkeep,
+    }))
+}
+
+/// What the periodic check of the table costs (`DataPlane::maintain`:
+/// is our table there, does its nat hook jump to it), median of 5, beside
+/// `nft list tables` in the same namespace (what the check ran before,
+/// once per table and again for the chain).
+fn upkeep(dir: &std::path::Path, ns: &str) -> anyhow::Result<serde_json::Value> {
+    let state = match Store::open(dir)?.0.load()? {
+        switchyard_agent::store::Loaded::State(s) => s,
+        other => anyhow::bail!("the store holds no state to check: {other:?}"),
+    };
+    let mut plane = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], ns);
+    let all = switchyard_agent::state::ChangeSet {
+        changed: state.resources.keys().cloned().collect(),
+        removed: Vec::new(),
+    };
+    plane
+        .apply(&switchyard_agent::dataplane::Change {
+            state: &state,
+            changes: &all,
+            full: true,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut checks = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        plane.maintain().map_err(|e| anyhow::anyhow!("{e}"))?;
+        checks.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let t = Instant::now();
+    let listed = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "tables"])
+        .output()?;
+    anyhow::ensure!(listed.status.success(), "nft list tables failed");
+    Ok(serde_json::json!({
+        "maintain_ms": summary(&mut checks),
+        "nft_list_tables_ms": (t.elapsed().as_secs_f64() * 1e3).round(),
+    }))
+}
+
+/// An agent start from the sled directory `dir` over the nftables table
+/// the last one left in namespace `ns`: the time `Applier::restore` takes
+/// (open, read, put in force) and the peak RSS meanwhile. `keep`: whether
+/// the start may keep a table whose marker matches.
+async fn restart_from_disk(
+    dir: &std::path::Path,
+    ns: &str,
+    keep: bool,
+    services: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let before_kib = proc_status_kib("self", "VmRSS");
+    reset_peak_rss();
+    let t = Instant::now();
+    let (store, _) = Store::open(dir)?;
+    let mut plane = NftablesDataPlane::in_netns(cfg(), vec![Family::V4], ns);
+    plane.set_keep_on_start(keep);
+    let status = Arc::new(Status::new(
+        "bench".into(),
+        "default".into(),
+        None,
+        "nftables",
+    ));
+    let mut applier = Applier::new(
+        store,
+        Box::new(plane),
+        status.clone(),
+        Arc::new(Metrics::new()),
+    );
+    applier.restore().await;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let held = applier.state().resources.len();
+    anyhow::ensure!(
+        held == services,
+        "the restart serves {held} Services of {services}: {:?}",
+        status.document().last_error
+    );
+    let peak_kib = proc_status_kib("self", "VmHWM");
+    drop(applier);
+    Ok(serde_json::json!({
+        "keep": keep,
+        "ms": ms.round(),
+        "peak_above_mib": (peak_kib.saturating_sub(before_kib) as f64 / 1024.0).round(),
     }))
 }
 
@@ -136,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
     let settle = arg("--settle", 0) as u32;
     let args: Vec<String> = std::env::args().collect();
     let nftables = args.iter().any(|a| a == "--nftables");
+    let restart = nftables && args.iter().any(|a| a == "--restart");
     let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes") {
         Some(i) => args
             .get(i + 1)
@@ -146,27 +255,63 @@ async fn main() -> anyhow::Result<()> {
     let load_before = loadavg();
     let mut rows = Vec::new();
     for services in sizes {
-        rows.push(run(services, changes, settle, nftables).await?);
+        rows.push(run(services, changes, settle, nftables, restart).await?);
     }
     println!("load {load_before} -> {}", loadavg());
     println!(
-        "| data plane | Services x 10 endpoints | whole state in one update | one endpoint change, update to ACK: p50 / p99 / max | of which decode (new AgentState): p50 / p99 |"
+        "| data plane | Services x 10 endpoints | whole state in one update (its size) | one endpoint change, update to ACK: p50 / p99 / max | of which decode (new AgentState): p50 / p99 |"
     );
     println!("|---|---|---|---|---|");
     for r in &rows {
         let c = &r["one_change_ms"];
         let d = &r["decode_only_ms"];
         println!(
-            "| {} | {} | {} ms | {} / {} / {} ms | {} / {} ms |",
+            "| {} | {} | {} ms ({} MiB) | {} / {} / {} ms | {} / {} ms |",
             r["plane"].as_str().unwrap_or("?"),
             r["services"],
             r["whole_state_ms"],
+            r["whole_state_mib"],
             c["p50"],
             c["p99"],
             c["max"],
             d["p50"],
             d["p99"]
         );
+    }
+    if restart {
+        println!();
+        println!(
+            "| Services x 10 endpoints | restart from sled over the table in force | time to the persisted state in force | peak RSS above the process before it |"
+        );
+        println!("|---|---|---|---|");
+        for r in &rows {
+            for x in r["restarts"].as_array().into_iter().flatten() {
+                let how = if x["keep"] == true {
+                    "table kept (marker matches)"
+                } else {
+                    "table rewritten (anchor: the start before)"
+                };
+                println!(
+                    "| {} | {how} | {} ms | {} MiB |",
+                    r["services"], x["ms"], x["peak_above_mib"]
+                );
+            }
+        }
+        println!();
+        println!(
+            "| Services x 10 endpoints | periodic check of the table (maintain), p50 / max of 5 | `nft list tables` in the same namespace (the check before: it, then `nft list chain`) |"
+        );
+        println!("|---|---|---|");
+        for r in &rows {
+            let u = &r["upkeep"];
+            println!(
+                "| {} | {} / {} ms | {} ms |",
+                r["services"],
+                u["maintain_ms"]["p50"],
+                u["maintain_ms"]["max"],
+                u["nft_list_tables_ms"]
+            );
+        }
     }
     Ok(())
 }

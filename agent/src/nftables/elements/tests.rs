@@ -28,13 +28,21 @@ fn sets(e: &ServiceElements) -> BTreeSet<&str> {
     e.elements.iter().map(|e| e.set.as_str()).collect()
 }
 
-/// A partial sync's operations as nft text.
+/// A partial sync's operations as nft text, without the marker's (see
+/// `the_marker_moves_with_every_change_as_a_fresh_record_would`).
 fn text(b: Option<Batch>) -> Option<String> {
     b.map(|b| {
         let mut t = String::new();
         b.write(&mut t, "ip switchyard");
-        t
+        t.lines()
+            .filter(|l| !l.contains(layout::DIGEST_SET))
+            .map(|l| format!("{l}\n"))
+            .collect()
     })
+}
+
+fn digest_of(st: &AgentState, cfg: &NodeConfig) -> u128 {
+    Programmed::full_text(st, cfg, Family::V4).0.digest()
 }
 
 fn changed(name: &str) -> ChangeSet {
@@ -243,4 +251,69 @@ fn udp_frontends_follow_the_udp_services_and_ipv6_affinity_is_flagged() {
     let v6 = service_elements(&sticky, Family::V6, &cfg);
     assert!(!v6.elements.is_empty(), "an IPv6 frontend: {v6:?}");
     assert_eq!((v6.affinity, v6.affinity_unsupported), (None, true));
+}
+
+#[test]
+fn the_marker_moves_with_every_change_as_a_fresh_record_would() {
+    let cfg = cfg();
+    let mut other = tcp(&["10.244.2.2"]);
+    other.service.cluster_ips = vec!["10.96.0.11".parse().expect("ip")];
+    let steps = [
+        state(vec![tcp(&["10.244.2.2", "10.244.2.3"]), other.clone()]),
+        // An endpoint swapped, then a class move.
+        state(vec![tcp(&["10.244.2.2", "10.244.2.4"]), other.clone()]),
+        state(vec![
+            tcp(&["10.244.2.2", "10.244.2.4", "10.244.2.5"]),
+            other.clone(),
+        ]),
+        // Back to one endpoint shared with s1 (their hairpin pair is shared).
+        state(vec![tcp(&["10.244.2.2"]), other.clone()]),
+    ];
+    let (mut p, full) = Programmed::full_text(&steps[0], &cfg, Family::V4);
+    let marker = |d: u128| format!("ip switchyard programmed {{ {} }}", digest_key(d));
+    assert!(
+        full.contains(&format!("add element {}", marker(p.digest()))),
+        "{full}"
+    );
+    for w in steps.windows(2) {
+        let was = p.digest();
+        let batch = p
+            .partial(&w[0], &w[1], &changed("default/shop/s0"), &cfg)
+            .expect("elements");
+        assert_eq!(
+            p.digest(),
+            digest_of(&w[1], &cfg),
+            "the record after a change and a fresh one"
+        );
+        assert_ne!(p.digest(), was);
+        let mut t = String::new();
+        batch.write(&mut t, "ip switchyard");
+        assert!(
+            t.contains(&format!("delete element {}", marker(was))),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("add element {}", marker(p.digest()))),
+            "{t}"
+        );
+    }
+    // s0 gone: its shared hairpin pair stays with s1, the rest goes.
+    let mut last = steps[3].clone();
+    last.resources.remove("default/shop/s0");
+    let removed = ChangeSet {
+        changed: Vec::new(),
+        removed: vec!["default/shop/s0".into()],
+    };
+    p.partial(&steps[3], &last, &removed, &cfg)
+        .expect("elements");
+    assert_eq!(p.digest(), digest_of(&last, &cfg));
+    // Nothing changed: no marker operations.
+    let same = p
+        .partial(&last, &last, &changed("default/shop/s1"), &cfg)
+        .expect("elements");
+    assert!(same.is_empty(), "{same:?}");
+    // The same elements on another skeleton (another node setting) differ.
+    let mut other_cfg = cfg.clone();
+    other_cfg.masquerade_mark ^= 1;
+    assert_ne!(digest_of(&last, &other_cfg), digest_of(&last, &cfg));
 }
