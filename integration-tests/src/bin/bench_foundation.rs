@@ -39,8 +39,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-/// Longest wait for any single event before the bench gives up.
-const DEADLINE: Duration = Duration::from_secs(300);
+/// Longest wait for any single event before the bench gives up, in
+/// seconds (`--deadline`; 100,000 Services to 1,000 streams takes longer
+/// than the default).
+static DEADLINE_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(300);
+
+fn deadline() -> Duration {
+    Duration::from_secs(DEADLINE_SECS.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 /// Services per YAML file.
 const SERVICES_PER_FILE: usize = 100;
@@ -66,6 +72,10 @@ struct Cli {
     /// Fresh agents timed to the full state.
     #[arg(long, default_value_t = 3)]
     agent_runs: usize,
+    /// Longest wait for any single event, in seconds (passed on to the
+    /// roles this run spawns).
+    #[arg(long, default_value_t = 300, global = true)]
+    deadline: u64,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -110,6 +120,7 @@ enum Role {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    DEADLINE_SECS.store(cli.deadline, std::sync::atomic::Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -326,7 +337,7 @@ async fn until(
     mut done: impl FnMut() -> bool,
 ) -> anyhow::Result<u32> {
     let mut rx = cp.status.subscribe();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let give_up = tokio::time::Instant::now() + deadline();
     loop {
         rx.borrow_and_update();
         if done() {
@@ -339,7 +350,7 @@ async fn until(
                     return Ok(1);
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => bail!("timed out after {DEADLINE:?} waiting for {what}"),
+            _ = tokio::time::sleep_until(give_up) => bail!("timed out after {:?} waiting for {what}", deadline()),
         }
     }
 }
@@ -350,12 +361,12 @@ async fn until(
 /// for the status lock with the streams it measures, about 25 ms per
 /// change (3 Dec 2026; bare tonic is observed the same way).
 async fn until_counted(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let give_up = tokio::time::Instant::now() + deadline();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !done() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        if tokio::time::Instant::now() > give_up {
+            bail!("timed out after {:?} waiting for {what}", deadline());
         }
         tick.tick().await;
     }
@@ -985,6 +996,7 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
 /// the JSON it prints.
 async fn run_role(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--deadline", &deadline().as_secs().to_string()])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -1145,7 +1157,7 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
         .await?;
         let started = t.elapsed();
         let mut rx = agent.state.clone();
-        tokio::time::timeout(DEADLINE, rx.wait_for(|st| st.version == version))
+        tokio::time::timeout(deadline(), rx.wait_for(|st| st.version == version))
             .await
             .context("agent never reached the control plane's version")??;
         let took = t.elapsed();
