@@ -61,6 +61,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -1243,28 +1244,46 @@ fn type_error_message(e: &serde_json::Error) -> String {
 /// Paths (`spec.clusterIp`, `spec.ports[0].portz`) present in `original`
 /// but gone from `roundtrip`, the same object after a pass through its
 /// Kubernetes type: the fields that type does not know. Nulls do not count.
-fn dropped_fields(original: &Value, roundtrip: &Value, path: &str, out: &mut Vec<String>) {
+/// `path` is where `original` sits (empty at the top), grown and cut back
+/// in place: a path is only copied out for a field that is reported.
+fn dropped_fields(original: &Value, roundtrip: &Value, path: &mut String, out: &mut Vec<String>) {
     match (original, roundtrip) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let at = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let len = path.len();
+                if len > 0 {
+                    path.push('.');
+                }
+                path.push_str(k);
                 match b.get(k) {
-                    Some(w) => dropped_fields(v, w, &at, out),
-                    None if !v.is_null() => out.push(at),
+                    Some(w) => dropped_fields(v, w, path, out),
+                    None if !v.is_null() => out.push(path.clone()),
                     None => {}
                 }
+                path.truncate(len);
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                dropped_fields(v, w, &format!("{path}[{i}]"), out);
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                dropped_fields(v, w, path, out);
+                path.truncate(len);
             }
         }
         _ => {}
+    }
+}
+
+/// `obj` as a `T`, or the field at fault: deserialized plainly first, and
+/// again through `serde_path_to_error` only when that fails (tracking the
+/// path of every field costs a string per key, the same error either way).
+fn typed<T: serde::de::DeserializeOwned>(
+    obj: &Value,
+) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+    match T::deserialize(obj) {
+        Ok(t) => Ok(t),
+        Err(_) => serde_path_to_error::deserialize(obj),
     }
 }
 
@@ -1731,7 +1750,7 @@ impl Parser<'_> {
             ("v1", "Service") => {
                 let object = name
                     .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
-                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj) {
+                let svc = match typed::<core::Service>(obj) {
                     Ok(svc) => svc,
                     Err(e) => {
                         return out.errors.push(self.unparsable(place, object, &located, e));
@@ -1757,7 +1776,7 @@ impl Parser<'_> {
                     slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
                 });
                 let slice =
-                    match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(obj) {
+                    match typed::<discovery::EndpointSlice>(obj) {
                         Ok(slice) => slice,
                         Err(e) => {
                             return out.errors.push(self.unparsable(place, object, &located, e));
@@ -1832,7 +1851,7 @@ impl Parser<'_> {
             return;
         };
         let mut unknown = Vec::new();
-        dropped_fields(obj, &back, "", &mut unknown);
+        dropped_fields(obj, &back, &mut String::new(), &mut unknown);
         for field in unknown {
             let w = match object {
                 Some(object) => self.error(
