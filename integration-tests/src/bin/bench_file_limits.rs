@@ -498,7 +498,11 @@ fn child_edit(
     Ok(())
 }
 
-#[allow(clippy::too_many_lines, clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
+#[allow(
+    clippy::too_many_lines,
+    clippy::too_many_arguments,
+    clippy::fn_params_excessive_bools
+)]
 async fn scale(
     sizes: &[usize],
     endpoints: usize,
