@@ -1,9 +1,11 @@
-//! The `file:PATH` source: Services and EndpointSlices from YAML manifests.
+//! The `file:PATH` source: Services and EndpointSlices from YAML and JSON
+//! manifests.
 //!
 //! Each PATH is a manifest file or a directory searched recursively for
 //! `*.yaml`, `*.yml` and `*.json` files (hidden entries skipped, so the
 //! `..data` links of a mounted ConfigMap are read once). A file holds
-//! Kubernetes-shaped documents separated by `---`, or a `List`; only
+//! Kubernetes-shaped documents separated by `---`, or a `List` (a
+//! `*.json` file: one JSON value, or several one after another); only
 //! `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and the MCS API's
 //! `ServiceExport` (`multicluster.x-k8s.io/v1beta1` or `v1alpha1`) are used, other kinds
 //! are ignored. With [`FileSource::with_cluster_annotation`]
@@ -31,7 +33,14 @@
 //! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
 //! directive, a `...` marker, anchors and aliases, a document that is not
 //! valid alone, totals near the limits) is parsed whole as one part, as
-//! before, so its limits and error messages are the same. Every object's
+//! before, so its limits and error messages are the same. A `*.json` file
+//! is read whole by `serde_json` (its parse alone is about ten times
+//! faster than the YAML parser's on the same objects, `bench_file_limits
+//! scale`), counted against the same
+//! limits as it is read; one that is not JSON but is YAML (JSON documents
+//! between `---` lines, a trailing comma, a comment) is read as YAML, as
+//! before; one that is neither is reported with JSON's error (`not valid
+//! JSON: expected value at line 4 column 1`). Every object's
 //! definitions are indexed by file and document, so a change weighs again
 //! only the objects it touched, and says duplicates again only for the
 //! files that share one of them. A file whose size, timestamps and inode
@@ -40,7 +49,7 @@
 //!
 //! Failures stay local. A document that does not convert is skipped and
 //! reported (as `Service ns/name`, or `PATH#N` for the N-th non-empty
-//! document when it has no usable name); a file that is not valid YAML keeps
+//! document when it has no usable name); a file that is not valid YAML (or JSON) keeps
 //! serving what it held before and is reported as a whole; when two files
 //! define the same object, the first one in path order wins.
 //!
@@ -54,13 +63,15 @@
 //! with the input, and every field the type dropped is an unknown field.
 //! Unknown fields, and kinds and API versions that are not read, are
 //! `warnings` of the source (shown per source in `/status`), not errors:
-//! the object is still used. The YAML loader's limits ([`MAX_DOCUMENTS`],
-//! [`MAX_NODES`], [`MAX_SCALAR_BYTES`]) are sized for a 50,000-Service
-//! export (`bench_file_limits`), and a breach is reported as the limit it
-//! is.
+//! the object is still used. The loader's limits ([`MAX_DOCUMENTS`],
+//! [`MAX_NODES`], [`MAX_SCALAR_BYTES`]; the same for YAML and JSON, with
+//! `serde_json`'s nesting limit of 128 on top) are sized for a
+//! 50,000-Service export (`bench_file_limits`), and a breach is reported
+//! as the limit it is.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -293,6 +304,13 @@ fn is_manifest(path: &Path) -> bool {
             .iter()
             .any(|m| m.eq_ignore_ascii_case(e))
     })
+}
+
+/// Whether `path` is read as JSON (`*.json`, any case).
+fn is_json(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
 /// Everything the source knows between reloads. Lives on the blocking pool
@@ -759,7 +777,7 @@ impl Loader {
                 return None;
             }
         };
-        let content = Content::of(&bytes);
+        let content = Content::of(path, &bytes);
         let entry = self.entry(path);
         entry.seen = stat.map(|s| (s, read_at));
         if entry.digest == content.digest {
@@ -1210,9 +1228,221 @@ fn limit_message(
         ),
         other => return format!("a YAML loader limit was reached ({other:?}); split the file"),
     };
+    over_limit(&what, &limit)
+}
+
+/// What a `*.json` file may hold: the YAML loader's limits, counted the
+/// same way (every value and every key is a node, the text of keys and
+/// strings counts as scalar bytes, each top-level value is a document).
+/// `serde_json`'s nesting limit (128) stays on.
+#[derive(Debug, Clone, Copy)]
+struct JsonLimits {
+    documents: usize,
+    nodes: usize,
+    scalar_bytes: usize,
+}
+
+const JSON_LIMITS: JsonLimits = JsonLimits {
+    documents: MAX_DOCUMENTS,
+    nodes: MAX_NODES,
+    scalar_bytes: MAX_SCALAR_BYTES,
+};
+
+/// Why a `*.json` file was not read.
+#[derive(Debug, PartialEq)]
+enum JsonError {
+    /// Not JSON: `serde_json`'s message, with line and column.
+    Syntax(String),
+    /// A limit the file broke, said as YAML's are.
+    Limit(String),
+}
+
+/// The values of a JSON file (one, or several separated by whitespace),
+/// built as [`Value`]s while counted against `limits`.
+fn parse_json(text: &str, limits: JsonLimits) -> Result<Vec<Value>, JsonError> {
+    use serde::de::DeserializeSeed;
+    let counter = JsonCounter {
+        limits,
+        nodes: std::cell::Cell::new(0),
+        scalar_bytes: std::cell::Cell::new(0),
+        breach: std::cell::Cell::new(None),
+    };
+    let mut docs = Vec::new();
+    if text
+        .trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n'])
+        .is_empty()
+    {
+        return Ok(docs);
+    }
+    let mut de = serde_json::Deserializer::from_str(text.trim_start_matches('\u{feff}'));
+    loop {
+        if docs.len() == limits.documents {
+            return Err(JsonError::Limit(over_limit(
+                &format!("{} documents", limits.documents),
+                &limits.documents.to_string(),
+            )));
+        }
+        match JsonNode(&counter).deserialize(&mut de) {
+            Ok(v) => docs.push(v),
+            Err(e) => {
+                return Err(match counter.breach.take() {
+                    Some(message) => JsonError::Limit(message),
+                    None => JsonError::Syntax(format!("not valid JSON: {e}")),
+                });
+            }
+        }
+        if de.end().is_ok() {
+            return Ok(docs);
+        }
+    }
+}
+
+/// A limit the file broke, with what to do (the words of YAML's).
+fn over_limit(what: &str, limit: &str) -> String {
     format!(
         "the file has more than {what}; the limit is {limit} per file; split it into several files"
     )
+}
+
+/// Counts a JSON file's nodes and text as it is read.
+struct JsonCounter {
+    limits: JsonLimits,
+    nodes: std::cell::Cell<usize>,
+    scalar_bytes: std::cell::Cell<usize>,
+    /// The message of the limit broken, once one is.
+    breach: std::cell::Cell<Option<String>>,
+}
+
+impl JsonCounter {
+    /// One more node, with `bytes` of text; an error once over a limit.
+    fn count<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let nodes = self.nodes.get() + 1;
+        let scalar_bytes = self.scalar_bytes.get() + bytes;
+        self.nodes.set(nodes);
+        self.scalar_bytes.set(scalar_bytes);
+        let l = self.limits;
+        let message = if nodes > l.nodes {
+            over_limit(&format!("{} JSON nodes", l.nodes), &l.nodes.to_string())
+        } else if scalar_bytes > l.scalar_bytes {
+            over_limit(
+                &format!("{} bytes of text", l.scalar_bytes),
+                &format!("{} bytes", l.scalar_bytes),
+            )
+        } else {
+            return Ok(());
+        };
+        self.breach.set(Some(message.clone()));
+        Err(E::custom(message))
+    }
+}
+
+/// One JSON value, counted: a [`Value`] as `serde_json` builds it.
+struct JsonNode<'c>(&'c JsonCounter);
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonNode<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// One key of a JSON object, counted.
+struct JsonKey<'c>(&'c JsonCounter);
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonKey<'_> {
+    type Value = String;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for JsonKey<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        self.0.count(v.len())?;
+        Ok(v.to_owned())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        self.0.count(v.len())?;
+        Ok(v)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonNode<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.0.count(0)?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.0.count(0)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.0.count(0)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.0.count(0)?;
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.0.count(v.len())?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.0.count(v.len())?;
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.0.count(0)?;
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.count(0)?;
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(JsonNode(self.0))? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.count(0)?;
+        let mut object = serde_json::Map::new();
+        while let Some(k) = map.next_key_seed(JsonKey(self.0))? {
+            // Refused, as the YAML parser refuses them (serde_json's own
+            // `Value` would keep the last).
+            if object.contains_key(&k) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {k:?}"
+                )));
+            }
+            let v = map.next_value_seed(JsonNode(self.0))?;
+            object.insert(k, v);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// serde's "invalid type: string \"80\", expected i32" as an operator
@@ -1243,28 +1473,46 @@ fn type_error_message(e: &serde_json::Error) -> String {
 /// Paths (`spec.clusterIp`, `spec.ports[0].portz`) present in `original`
 /// but gone from `roundtrip`, the same object after a pass through its
 /// Kubernetes type: the fields that type does not know. Nulls do not count.
-fn dropped_fields(original: &Value, roundtrip: &Value, path: &str, out: &mut Vec<String>) {
+/// `path` is where `original` sits (empty at the top), grown and cut back
+/// in place: a path is only copied out for a field that is reported.
+fn dropped_fields(original: &Value, roundtrip: &Value, path: &mut String, out: &mut Vec<String>) {
     match (original, roundtrip) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let at = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let len = path.len();
+                if len > 0 {
+                    path.push('.');
+                }
+                path.push_str(k);
                 match b.get(k) {
-                    Some(w) => dropped_fields(v, w, &at, out),
-                    None if !v.is_null() => out.push(at),
+                    Some(w) => dropped_fields(v, w, path, out),
+                    None if !v.is_null() => out.push(path.clone()),
                     None => {}
                 }
+                path.truncate(len);
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                dropped_fields(v, w, &format!("{path}[{i}]"), out);
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                dropped_fields(v, w, path, out);
+                path.truncate(len);
             }
         }
         _ => {}
+    }
+}
+
+/// `obj` as a `T`, or the field at fault: deserialized plainly first, and
+/// again through `serde_path_to_error` only when that fails (tracking the
+/// path of every field costs a string per key, the same error either way).
+fn typed<T: serde::de::DeserializeOwned>(
+    obj: &Value,
+) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+    match T::deserialize(obj) {
+        Ok(t) => Ok(t),
+        Err(_) => serde_path_to_error::deserialize(obj),
     }
 }
 
@@ -1321,7 +1569,7 @@ pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceStat
         cluster,
         cluster_annotation: false,
     }
-    .parts(path, Content::of(bytes), &mut [])?;
+    .parts(path, Content::of(path, bytes), &mut [])?;
     let objects = parts.into_iter().map(|p| p.objects);
     let mut state = SourceState {
         synced: true,
@@ -1384,16 +1632,20 @@ impl Cost {
 /// splits into with their digests, and the digest of the whole.
 struct Content<'a> {
     text: Result<&'a str, String>,
+    /// Whether the file is named `*.json`: read by `serde_json`, whole.
+    json: bool,
     pieces: Option<Vec<(&'a str, [u8; 32])>>,
     digest: [u8; 32],
 }
 
 impl<'a> Content<'a> {
-    fn of(bytes: &'a [u8]) -> Self {
+    fn of(path: &Path, bytes: &'a [u8]) -> Self {
+        let json = is_json(path);
         let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"));
         let pieces: Option<Vec<(&str, [u8; 32])>> = text
             .as_ref()
             .ok()
+            .filter(|_| !json)
             .and_then(|t| split_documents(t))
             .map(|pieces| {
                 pieces
@@ -1414,6 +1666,7 @@ impl<'a> Content<'a> {
         };
         Self {
             text,
+            json,
             pieces,
             digest,
         }
@@ -1522,6 +1775,10 @@ impl Parser<'_> {
         old: &mut [Part],
     ) -> Result<(Vec<Part>, Vec<Option<usize>>), String> {
         let text = content.text?;
+        if content.json {
+            let part = self.json(path, text)?;
+            return Ok((vec![part], vec![None]));
+        }
         let plan = content.pieces.and_then(|p| self.split(path, &p, old));
         if let Some(plan) = plan {
             return Ok(plan
@@ -1604,6 +1861,24 @@ impl Parser<'_> {
     /// A whole file as one part, or why it is not YAML at all.
     fn whole(&self, path: &Path, text: &str) -> Result<Part, String> {
         let docs = parse_documents(text, budget())?;
+        Ok(self.part_of(path, docs))
+    }
+
+    /// A `*.json` file as one part, read by `serde_json` within
+    /// [`JSON_LIMITS`]. A file that is not JSON but is YAML (documents
+    /// between `---` lines, a trailing comma, a comment) is read as YAML,
+    /// as every manifest was before; when it is neither, the error is
+    /// JSON's (with its line and column).
+    fn json(&self, path: &Path, text: &str) -> Result<Part, String> {
+        match parse_json(text, JSON_LIMITS) {
+            Ok(docs) => Ok(self.part_of(path, docs)),
+            Err(JsonError::Limit(message)) => Err(message),
+            Err(JsonError::Syntax(message)) => self.whole(path, text).map_err(|_| message),
+        }
+    }
+
+    /// The objects of a file's documents, as one part.
+    fn part_of(&self, path: &Path, docs: Vec<Value>) -> Part {
         let mut part = Part {
             documents: docs.len(),
             ..Part::default()
@@ -1612,7 +1887,7 @@ impl Parser<'_> {
             let at = format!("{}#{}", path.display(), n + 1);
             self.document(&at, doc, &mut part.objects);
         }
-        Ok(part)
+        part
     }
 
     /// Kinds Kubernetes has but Switchyard does not read (an export holds
@@ -1647,16 +1922,19 @@ impl Parser<'_> {
         ))
     }
 
-    fn document(&self, at: &str, doc: Value, out: &mut FileObjects) {
+    fn document(&self, at: &str, mut doc: Value, out: &mut FileObjects) {
         let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-        let Some(items) = doc.get("items").and_then(Value::as_array) else {
-            self.object(&Place { at, item: None }, &doc, None, out);
-            return;
-        };
-        if kind != "List" && !kind.ends_with("List") {
+        let list = kind == "List" || kind.ends_with("List");
+        if !list || !doc.get("items").is_some_and(Value::is_array) {
             self.object(&Place { at, item: None }, &doc, None, out);
             return;
         }
+        // Each item is dropped once converted (a large List's values would
+        // otherwise all stay until the last item is).
+        let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
+            return;
+        };
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
         // Items of a typed list (`ServiceList`) from the API carry no apiVersion or kind.
         let defaults = kind
             .strip_suffix("List")
@@ -1668,8 +1946,8 @@ impl Parser<'_> {
                     .unwrap_or_default();
                 (api_version, k)
             });
-        for (i, item) in items.iter().enumerate() {
-            self.object(&Place { at, item: Some(i) }, item, defaults, out);
+        for (i, item) in items.into_iter().enumerate() {
+            self.object(&Place { at, item: Some(i) }, &item, defaults, out);
         }
     }
 
@@ -1731,7 +2009,7 @@ impl Parser<'_> {
             ("v1", "Service") => {
                 let object = name
                     .map(|n| Service::new(ServiceKey::new(cluster, &namespace, n)).object_name());
-                let svc = match serde_path_to_error::deserialize::<_, core::Service>(obj) {
+                let svc = match typed::<core::Service>(obj) {
                     Ok(svc) => svc,
                     Err(e) => {
                         return out.errors.push(self.unparsable(place, object, &located, e));
@@ -1756,13 +2034,12 @@ impl Parser<'_> {
                     };
                     slice.object_name(&ServiceKey::new(cluster, &namespace, ""))
                 });
-                let slice =
-                    match serde_path_to_error::deserialize::<_, discovery::EndpointSlice>(obj) {
-                        Ok(slice) => slice,
-                        Err(e) => {
-                            return out.errors.push(self.unparsable(place, object, &located, e));
-                        }
-                    };
+                let slice = match typed::<discovery::EndpointSlice>(obj) {
+                    Ok(slice) => slice,
+                    Err(e) => {
+                        return out.errors.push(self.unparsable(place, object, &located, e));
+                    }
+                };
                 self.unknown_fields(place, object.as_deref(), obj, &slice, &located, out);
                 match k8s::endpoint_slice(cluster, &slice) {
                     Ok(Some(s)) => out.slices.push(Located {
@@ -1832,7 +2109,7 @@ impl Parser<'_> {
             return;
         };
         let mut unknown = Vec::new();
-        dropped_fields(obj, &back, "", &mut unknown);
+        dropped_fields(obj, &back, &mut String::new(), &mut unknown);
         for field in unknown {
             let w = match object {
                 Some(object) => self.error(
@@ -2265,6 +2542,141 @@ spec:
             .map(|e| (e.object.as_str(), e.field.as_str()))
             .collect();
         assert_eq!(fields, [("Service shop/odd", "spec.ipFamilies[0]")]);
+    }
+
+    /// `text` as the only file of a fresh directory, named `name`, loaded.
+    fn load_one(name: &str, text: &str) -> (SourceState, PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        (loader(dir.path()).reload(), path, dir)
+    }
+
+    /// Errors and warnings without their source or place (the file's path
+    /// and the document number differ between a YAML stream and a List).
+    fn said(errors: &[ObjectError]) -> Vec<(String, String, String)> {
+        errors
+            .iter()
+            .map(|e| {
+                let message = e.message.split(" (in ").next().unwrap_or_default();
+                (e.object.clone(), e.field.clone(), message.to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_json_file_loads_the_state_its_yaml_twin_does() {
+        let objects = [
+            svc("shop", "web", 80),
+            slice("shop", "web-1", "web", "10.0.0.1"),
+            // A field no Service has: a warning either way.
+            format!("{}  portz: 1\n", svc("shop", "typo", 81)),
+            // A type error: named by its field either way.
+            svc("shop", "bad", 80).replace("port: 80", "port: \"x\""),
+        ];
+        let values: Vec<Value> = objects
+            .iter()
+            .map(|o| serde_saphyr::from_str::<Value>(o).expect("yaml"))
+            .collect();
+        let (yaml, _, _y) = load_one("a.yaml", &docs(&objects));
+        assert_eq!(yaml.services.len(), 2, "{:?}", yaml.errors);
+        assert_eq!(yaml.slices.len(), 1);
+        assert_eq!(said(&yaml.warnings).len(), 1);
+        assert_eq!(said(&yaml.errors).len(), 1);
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values});
+        let single = serde_json::to_string_pretty(&values[0]).expect("json");
+        let stream: String = values.iter().map(|v| format!("{v}\n")).collect();
+        let dashes: String = values.iter().map(|v| format!("---\n{v}\n")).collect();
+        for (what, text) in [
+            ("a List", serde_json::to_string_pretty(&list).expect("json")),
+            ("values one after another", stream),
+            ("values between --- lines (read as YAML)", dashes),
+        ] {
+            let (json, path, _j) = load_one("a.json", &text);
+            assert_eq!(json.services, yaml.services, "{what}");
+            assert_eq!(json.slices, yaml.slices, "{what}");
+            assert_eq!(said(&json.errors), said(&yaml.errors), "{what}");
+            assert_eq!(said(&json.warnings), said(&yaml.warnings), "{what}");
+            let shown = path.display().to_string();
+            assert!(
+                json.warnings.iter().all(|w| w.message.contains(&shown)),
+                "{what}: {:?}",
+                json.warnings
+            );
+        }
+        let (one, _, _o) = load_one("one.JSON", &single);
+        assert_eq!(one.services.len(), 1);
+        assert!(one.errors.is_empty(), "{:?}", one.errors);
+        let (empty, _, _e) = load_one("empty.json", " \n");
+        assert!(empty.errors.is_empty() && empty.services.is_empty());
+    }
+
+    #[test]
+    fn a_json_syntax_error_names_the_file_and_where() {
+        let text = "{\"apiVersion\": \"v1\",\n \"kind\": \"Service\",\n \"metadata\": {\"name\": \"a\"}}\n}\n";
+        let (state, path, _d) = load_one("a.json", text);
+        let [e] = state.errors.as_slice() else {
+            panic!("{:?}", state.errors);
+        };
+        assert_eq!(e.object, path.display().to_string());
+        assert_eq!(
+            e.message,
+            "not valid JSON: expected value at line 4 column 1"
+        );
+        // Not JSON, nor YAML: still JSON's error.
+        let (state, _, _d) = load_one("b.json", "{\"a\": [1, 2}\n");
+        assert!(
+            state.errors[0].message.starts_with("not valid JSON: ")
+                && state.errors[0].message.contains("line 1 column"),
+            "{:?}",
+            state.errors
+        );
+        // A key twice: refused, as YAML refuses it.
+        assert!(parse_documents("kind: a\nkind: b\n", budget()).is_err());
+        let (state, _, _d) = load_one("c.json", "{\"kind\": \"Service\",\n \"kind\": \"List\"}\n");
+        assert_eq!(
+            said(&state.errors)[0].2,
+            "not valid JSON: duplicate key \"kind\" at line 2 column 7"
+        );
+        // Nested deeper than serde_json allows: refused, not overflowed.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(
+            matches!(parse_json(&deep, JSON_LIMITS), Err(JsonError::Syntax(m)) if m.contains("recursion limit"))
+        );
+    }
+
+    #[test]
+    fn a_json_file_over_a_limit_says_the_limit() {
+        let (state, path, _d) = load_one("a.json", &"1\n".repeat(MAX_DOCUMENTS + 1));
+        assert_eq!(
+            said(&state.errors),
+            [(
+                path.display().to_string(),
+                String::new(),
+                format!(
+                    "the file has more than {MAX_DOCUMENTS} documents; the limit is {MAX_DOCUMENTS} per file; split it into several files"
+                )
+            )]
+        );
+        let small = |nodes, scalar_bytes| JsonLimits {
+            documents: 3,
+            nodes,
+            scalar_bytes,
+        };
+        let text = r#"{"items": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}"#;
+        assert_eq!(
+            parse_json(text, small(10, 1000)),
+            Err(JsonError::Limit(
+                "the file has more than 10 JSON nodes; the limit is 10 per file; split it into several files".into()
+            ))
+        );
+        assert_eq!(parse_json(text, small(14, 1000)).map(|d| d.len()), Ok(1));
+        assert!(
+            matches!(parse_json(r#"{"a": "0123456789"}"#, small(10, 10)), Err(JsonError::Limit(m)) if m.contains("more than 10 bytes of text; the limit is 10 bytes"))
+        );
+        assert!(
+            matches!(parse_json("1 2 3 4", small(10, 10)), Err(JsonError::Limit(m)) if m.contains("more than 3 documents"))
+        );
     }
 
     #[test]

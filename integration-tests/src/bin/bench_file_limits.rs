@@ -15,7 +15,8 @@
 //!
 //! ```text
 //!  N Services x E endpoints, one port (the compact manifests of the tests),
-//!  one file, `---` per object (YAML) or one `List` (JSON)
+//!  one file, `---` per object (YAML) or one `List` (JSON); `--no-parse`
+//!  skips the parse floors, `--no-edits` the edits
 //!    ├─▶ load: FileSource until synced; time and peak RSS
 //!    ├─▶ parse floor: serde-saphyr alone on the same bytes (into serde_json::Value,
 //!    │   and into IgnoredAny), serde_json alone on the JSON
@@ -78,6 +79,12 @@ enum Command {
         /// Skip the JSON loads.
         #[arg(long)]
         no_json: bool,
+        /// Skip the parse floors (the parsers alone on the same bytes).
+        #[arg(long)]
+        no_parse: bool,
+        /// Skip the edits: the loads (and their parse floors) only.
+        #[arg(long)]
+        no_edits: bool,
     },
     /// Child: loads DIR with the file source; prints a JSON line.
     #[command(hide = true)]
@@ -491,7 +498,11 @@ fn child_edit(
     Ok(())
 }
 
-#[allow(clippy::too_many_lines)]
+#[allow(
+    clippy::too_many_lines,
+    clippy::too_many_arguments,
+    clippy::fn_params_excessive_bools
+)]
 async fn scale(
     sizes: &[usize],
     endpoints: usize,
@@ -499,6 +510,8 @@ async fn scale(
     beside: usize,
     edits: usize,
     no_json: bool,
+    no_parse: bool,
+    no_edits: bool,
 ) -> anyhow::Result<()> {
     let base = tempfile::tempdir()?;
     let s = |x: &dyn std::fmt::Display| x.to_string();
@@ -513,8 +526,10 @@ async fn scale(
         std::fs::write(&file, compact_file(n, endpoints, None))?;
         let load = child(&[s(&"load"), s(&dir.display()), s(&n)])?;
         println!("load, YAML `---` per object, {n} Services: {load}");
-        let parse = child(&[s(&"parse"), s(&file.display())])?;
-        println!("parse floor, same YAML bytes: {parse}");
+        if !no_parse {
+            let parse = child(&[s(&"parse"), s(&file.display())])?;
+            println!("parse floor, same YAML bytes: {parse}");
+        }
         std::fs::remove_dir_all(&dir)?;
         if !no_json {
             let dir = base.path().join(format!("json-{n}"));
@@ -523,10 +538,15 @@ async fn scale(
             std::fs::write(&file, compact_json(n, endpoints))?;
             let load = child(&[s(&"load"), s(&dir.display()), s(&n)])?;
             println!("load, JSON List, {n} Services: {load}");
-            let parse = child(&[s(&"parse"), s(&file.display())])?;
-            println!("parse floor, same JSON bytes: {parse}");
+            if !no_parse {
+                let parse = child(&[s(&"parse"), s(&file.display())])?;
+                println!("parse floor, same JSON bytes: {parse}");
+            }
             std::fs::remove_dir_all(&dir)?;
         }
+    }
+    if no_edits {
+        return Ok(());
     }
     let dir = base.path().join("edited");
     std::fs::create_dir(&dir)?;
@@ -578,8 +598,13 @@ async fn main() -> anyhow::Result<()> {
             beside,
             edits,
             no_json,
+            no_parse,
+            no_edits,
         }) => {
-            return scale(&sizes, endpoints, edited, beside, edits, no_json).await;
+            return scale(
+                &sizes, endpoints, edited, beside, edits, no_json, no_parse, no_edits,
+            )
+            .await;
         }
         Some(Command::Load { dir, services }) => return child_load(&dir, services).await,
         Some(Command::Parse { file }) => return child_parse(&file),
