@@ -654,17 +654,12 @@ impl ElementSocket {
 
     /// Whether table `table` exists in `family`.
     pub fn table_exists(&mut self, family: Family, table: &str) -> Result<bool> {
-        let mut req = Vec::new();
-        let at = header(
-            &mut req,
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-            NLM_F_REQUEST | NLM_F_ACK,
-            1,
-            nfproto(family),
-            0,
+        let req = request(
+            NFT_MSG_GETTABLE,
+            NLM_F_ACK,
+            family,
+            &[(NFTA_TABLE_NAME, table)],
         );
-        attr_str(&mut req, NFTA_TABLE_NAME, table);
-        finish(&mut req, at);
         match self.query(&req, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE) {
             Ok(tables) => Ok(!tables.is_empty()),
             Err(e) if e.raw_os_error() == Some(libc_enoent()) => Ok(false),
@@ -681,24 +676,36 @@ impl ElementSocket {
         chain: &str,
         target: &str,
     ) -> Result<bool> {
-        let mut req = Vec::new();
-        let at = header(
-            &mut req,
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            1,
-            nfproto(family),
-            0,
+        let req = request(
+            NFT_MSG_GETRULE,
+            NLM_F_DUMP,
+            family,
+            &[(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
         );
-        attr_str(&mut req, NFTA_RULE_TABLE, table);
-        attr_str(&mut req, NFTA_RULE_CHAIN, chain);
-        finish(&mut req, at);
         match self.query(&req, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE) {
             Ok(rules) => Ok(rules.iter().any(|r| rule_jumps_to(r, target))),
             Err(e) if e.raw_os_error() == Some(libc_enoent()) => Ok(false),
             Err(e) => Err(io("GETRULE")(e)),
         }
     }
+}
+
+/// One nf_tables request (a GET, not in a batch) with string attributes.
+fn request(msg: u16, flags: u16, family: Family, attrs: &[(u16, &str)]) -> Vec<u8> {
+    let mut req = Vec::new();
+    let at = header(
+        &mut req,
+        (NFNL_SUBSYS_NFTABLES << 8) | msg,
+        NLM_F_REQUEST | flags,
+        1,
+        nfproto(family),
+        0,
+    );
+    for (ty, value) in attrs {
+        attr_str(&mut req, *ty, value);
+    }
+    finish(&mut req, at);
+    req
 }
 
 /// `ENOENT`: the object asked for does not exist.
