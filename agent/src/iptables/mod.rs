@@ -65,7 +65,7 @@
 //! full sync grows with the square of the table (100,000 Services: 658 s
 //! in 2,175 pieces of 500). So pieces are [`CHAINS_PER_RESTORE`] (500) up
 //! to 25,000 chains in the table and the square root of ten times the
-//! chains in the table beyond (`sync::piece_limit`: 323 s in 612 pieces at
+//! chains in the table beyond (`sync::piece_limit`: 323-330 s in 612 pieces at
 //! 100,000 Services); once our jumps exist,
 //! [`CHAINS_PER_RESTORE_HOOKED`] (1,500: a storm of 1,000 changed Services
 //! at 10,000 took 3.15 s in one transaction, 2.66 s in pieces of 4,000,

@@ -257,7 +257,7 @@ impl<'a, E> Batches<'a, E> {
 /// piece of sqrt(c/q x chains), c/q about 10, balances the two: 1,050
 /// chains at 110,000 chains in the table (10,000 Services), 3,300 at 1.1
 /// million (100,000). At 100,000 Services this took the full sync from
-/// 658 s (2,175 pieces of 500) to 323 s (612 pieces); the constant was not
+/// 658 s (2,175 pieces of 500) to 323-330 s (612 pieces); the constant was not
 /// swept.
 fn piece_limit(base: usize, in_table: usize) -> usize {
     if in_table < GROW_FROM {
