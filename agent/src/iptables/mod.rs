@@ -46,11 +46,27 @@
 //! The pieces exist because iptables-nft's `--noflush` cost grows with the
 //! square of the chains one transaction names: 10,000 Services in one
 //! transaction did not finish in 25 minutes, in pieces they take about
-//! 10 s. The piece size weighs that against a kernel cost: each nat commit
+//! 10 s. (iptables 1.8.9 records each chain name a `--noflush` line names,
+//! its own chain and its jump target, in a list sorted by name, walking it
+//! from the smallest name for each insertion; a name smaller than all
+//! before it costs nothing. So the dispatch transaction, whose rules name
+//! every Service chain as a jump target, writes its rules in descending
+//! order of their targets: in random order it alone took 3-5 s at 10,000
+//! Services and 17 s at 20,000; see `FamilyTables::slot_entries`.) A plain
+//! (flushing) `iptables-restore` is no linear floor either: one
+//! transaction of 50,000, 100,000 and 200,000 one-rule chains took 3.4,
+//! 13.6 and 53.9 s here. The piece size weighs that against a kernel cost: each nat commit
 //! that adds a rule makes nf_tables revalidate every rule reachable from
-//! the built-in chains (250 ms at 10,000 Services). While none of our jumps
-//! from built-in chains exist (a first full sync) that costs nothing and
-//! pieces are [`CHAINS_PER_RESTORE`] (500); once they exist,
+//! the built-in chains (250 ms at 10,000 Services, 3.5 s at 100,000). While
+//! none of our jumps from built-in chains exist (a first full sync) that
+//! validation costs nothing, but every commit still walks every chain of
+//! the table in the kernel (`nft_table_validate`, `nf_tables_commit`: 82%
+//! of iptables-restore's CPU at 500,000 chains), so with fixed pieces a
+//! full sync grows with the square of the table (100,000 Services: 658 s
+//! in 2,175 pieces of 500). So pieces are [`CHAINS_PER_RESTORE`] (500) up
+//! to 25,000 chains in the table and the square root of ten times the
+//! chains in the table beyond (`sync::piece_limit`: 323-330 s in 612 pieces at
+//! 100,000 Services); once our jumps exist,
 //! [`CHAINS_PER_RESTORE_HOOKED`] (1,500: a storm of 1,000 changed Services
 //! at 10,000 took 3.15 s in one transaction, 2.66 s in pieces of 4,000,
 //! 1.8-1.9 s in pieces of 1,000-1,500). Every prefix of the sequence is
@@ -120,9 +136,12 @@ use sync::FamilyTables;
 /// userspace cost per transaction grows with the square of the chains it
 /// names (1,000 Services in one transaction: 5 s), and every nat commit
 /// makes the kernel revalidate all rules reachable from the built-in chains
-/// (250 ms at 10,000 Services, a few ms while nothing of ours is hooked).
-/// So pieces are small while our chains are not hooked (a first full sync)
-/// and larger once they are (BENCHMARKS.md, "iptables data plane").
+/// (250 ms at 10,000 Services, a few ms while nothing of ours is hooked),
+/// and every commit walks every chain of the table in the kernel (about
+/// 0.4 µs a chain, hooked or not). So pieces are small while our chains
+/// are not hooked (a first full sync) and the table is small, grow with the
+/// table beyond 25,000 chains, and are larger once our chains are hooked
+/// (BENCHMARKS.md, "iptables data plane").
 pub const CHAINS_PER_RESTORE: usize = 500;
 
 /// The piece size once our chains are hooked into the built-in chains.

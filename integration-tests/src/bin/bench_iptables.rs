@@ -16,8 +16,22 @@
 //! - `cleanup`.
 //!
 //! Run as root: `cargo run --release -p switchyard-integration-tests --bin bench_iptables -- 1000 10000`.
+//!
+//! Words among the sizes narrow or change what runs:
+//! - `full`: only the full sync and the plain restore beside it (and its
+//!   peak RSS), no restart, partial syncs, storm or cleanup;
+//! - `partial`: the full sync, then the partial syncs and the floor (no
+//!   restart, storm, flat chain or plain restore);
+//! - `trace`: prints each restore of the full sync (chains, lines, time)
+//!   to stderr;
+//! - `noplain`: no plain restore (at 100,000 Services it would take more
+//!   than the full sync: iptables-nft's chain lookups are quadratic in one
+//!   transaction);
+//! - `pieces=N`: the full sync writes pieces of N chains instead of the
+//!   plane's own size (through the same `FamilyTables::full`).
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_agent::dataplane::{Change, DataPlane, Family, Runner};
@@ -45,18 +59,33 @@ struct Row {
     restores: usize,
     full: Duration,
     plain: Duration,
+    plain_rss_mib: f64,
     one_noflush: Option<Duration>,
-    restart: Duration,
-    partial: Duration,
-    floor: Duration,
+    restart: Option<Duration>,
+    partial: Option<Duration>,
+    floor: Option<Duration>,
     storm_services: usize,
-    storm: Duration,
-    flat: Duration,
+    storm: Option<Duration>,
+    flat: Option<Duration>,
     state_mib: f64,
     rss_mib: f64,
     peak_mib: f64,
-    cleanup: Duration,
+    cleanup: Option<Duration>,
 }
+
+/// What runs (the words among the sizes).
+#[derive(Clone, Copy, Default)]
+struct Mode {
+    full_only: bool,
+    partial_only: bool,
+    no_plain: bool,
+    pieces: Option<usize>,
+}
+
+/// Whether `trace` was given: each restore of the full sync is printed.
+static TRACE: AtomicBool = AtomicBool::new(false);
+/// Restores run by the traced full sync so far.
+static TRACED: AtomicUsize = AtomicUsize::new(0);
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -90,23 +119,61 @@ fn one_transaction(restores: &[String]) -> String {
         .collect()
 }
 
-/// Restores `text` in a fresh namespace with `args`, timed.
-fn timed_restore(text: &str, args: &[&str]) -> Duration {
+/// Restores `text` in a fresh namespace with `args`, timed, with the
+/// restore's peak RSS in MiB (from `/usr/bin/time`, 0 without it).
+fn timed_restore(text: &str, args: &[&str]) -> (Duration, f64) {
     let file = std::env::temp_dir().join(format!("swy-bench-{}.rules", std::process::id()));
     std::fs::write(&file, text).expect("writing rules");
     let ns = Netns::new("plain");
+    let timer = std::path::Path::new("/usr/bin/time").exists();
+    let mut cmd = if timer {
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "%M", "ip"]);
+        c
+    } else {
+        Command::new("ip")
+    };
     let t = Instant::now();
-    let ok = Command::new("ip")
+    let out = cmd
         .args(["netns", "exec", &ns.0, "iptables-restore", "-w", "5"])
         .args(args)
         .stdin(std::fs::File::open(&file).expect("rules file"))
         .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+        .stderr(Stdio::piped())
+        .output()
+        .expect("running iptables-restore");
     let took = t.elapsed();
-    assert!(ok, "iptables-restore {args:?} failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "iptables-restore {args:?} failed: {stderr}"
+    );
     let _ = std::fs::remove_file(&file);
-    took
+    let kib: u64 = stderr
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    (took, mib(kib))
+}
+
+/// One restore of a traced full sync, timed and printed to stderr.
+fn traced(
+    runner: &Runner,
+    text: &str,
+) -> Result<(), switchyard_agent::dataplane::runner::RunError> {
+    let t = Instant::now();
+    let r = runner.restore(Family::V4, text);
+    if TRACE.load(Ordering::Relaxed) {
+        let i = TRACED.fetch_add(1, Ordering::Relaxed);
+        eprintln!(
+            "restore {i}: {} chains, {} lines, {:.1} ms",
+            text.lines().filter(|l| l.starts_with(':')).count(),
+            text.lines().count(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    r
 }
 
 /// Applies `changes` as a partial sync, timed.
@@ -121,7 +188,7 @@ fn timed_partial(dp: &mut IptablesDataPlane, state: &AgentState, changes: &Chang
     t.elapsed()
 }
 
-fn measure(n: usize) -> Row {
+fn measure(n: usize, mode: Mode) -> Row {
     // The agent's side first, so the baselines' buffers do not sit in the
     // allocator when memory is read.
     let rss0 = status_kib("VmRSS:");
@@ -138,32 +205,62 @@ fn measure(n: usize) -> Row {
     let ns = Netns::new("dp");
     let runner = Runner::in_netns(&ns.0);
     let mut dp = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
+    TRACED.store(0, Ordering::Relaxed);
     let t = Instant::now();
-    dp.apply(&Change {
-        state: &state,
-        changes: &all,
-        full: true,
-    })
-    .expect("full sync");
+    match mode.pieces {
+        // The plane's own full sync.
+        None if !TRACE.load(Ordering::Relaxed) => dp
+            .apply(&Change {
+                state: &state,
+                changes: &all,
+                full: true,
+            })
+            .expect("full sync"),
+        // The same steps, each restore timed, with the plane's piece size
+        // or the one given.
+        pieces => {
+            let existing = runner.existing(Family::V4).expect("existing");
+            let limit = pieces.unwrap_or(if existing.jumps.is_empty() {
+                CHAINS_PER_RESTORE
+            } else {
+                switchyard_agent::iptables::CHAINS_PER_RESTORE_HOOKED
+            });
+            FamilyTables::full(&state, &cfg(), &existing, Family::V4, limit, &mut |text| {
+                traced(&runner, &text)
+            })
+            .expect("full sync");
+            // The plane's record, over the rules just written (skips them).
+            if !mode.full_only {
+                dp.apply(&Change {
+                    state: &state,
+                    changes: &all,
+                    full: true,
+                })
+                .expect("full sync over the rules written");
+            }
+        }
+    }
     let full = t.elapsed();
     let rss_mib = mib(status_kib("VmRSS:").saturating_sub(rss0));
     let peak_mib = mib(status_kib("VmHWM:").saturating_sub(rss0));
 
+    let rest = !(mode.full_only || mode.partial_only);
     // An agent restart: a new data plane rewrites what is there.
-    let mut again = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
-    let t = Instant::now();
-    again
-        .apply(&Change {
-            state: &state,
-            changes: &all,
-            full: true,
-        })
-        .expect("full sync over existing rules");
-    let restart = t.elapsed();
-    drop(again);
+    let restart = rest.then(|| {
+        let mut again = IptablesDataPlane::with_runner(cfg(), vec![Family::V4], runner.clone());
+        let t = Instant::now();
+        again
+            .apply(&Change {
+                state: &state,
+                changes: &all,
+                full: true,
+            })
+            .expect("full sync over existing rules");
+        t.elapsed()
+    });
 
     let mut partials = Vec::new();
-    for round in 1..=7u32 {
+    for round in (1..=7u32).filter(|_| !mode.full_only) {
         let i = (round as usize * 7919) % n;
         let mut next = state.clone();
         let name = insert(&mut next, service(i, round));
@@ -176,23 +273,27 @@ fn measure(n: usize) -> Row {
     }
     partials.sort();
     // A storm: a tenth of the Services change in one update.
-    let mut next = state.clone();
-    let changed: Vec<String> = (0..n)
-        .step_by(10)
-        .map(|i| insert(&mut next, service(i, 50)))
-        .collect();
-    let storm_services = changed.len();
-    let changes = ChangeSet {
-        changed,
-        removed: Vec::new(),
-    };
-    let storm = timed_partial(&mut dp, &next, &changes);
-    state = next;
+    let mut storm_services = 0;
+    let storm = rest.then(|| {
+        let mut next = state.clone();
+        let changed: Vec<String> = (0..n)
+            .step_by(10)
+            .map(|i| insert(&mut next, service(i, 50)))
+            .collect();
+        storm_services = changed.len();
+        let changes = ChangeSet {
+            changed,
+            removed: Vec::new(),
+        };
+        let storm = timed_partial(&mut dp, &next, &changes);
+        state = next;
+        storm
+    });
     // The floor: the smallest transaction that adds a rule to this nat
     // table. The kernel revalidates every rule reachable from the built-in
     // chains at each such commit, so this grows with the table.
     let mut floors = Vec::new();
-    for round in 0..7 {
+    for round in (0..7).filter(|_| !mode.full_only) {
         let t = Instant::now();
         runner
             .restore(
@@ -205,6 +306,7 @@ fn measure(n: usize) -> Row {
         floors.push(t.elapsed());
     }
     floors.sort();
+    drop(dp);
     // kube-proxy's way for the same change: its partial sync rewrites the
     // whole dispatch chain, one rule per Service, in the same transaction.
     let mut flat = String::from("*nat\n:SWY-BENCH-FLAT - [0:0]\n");
@@ -217,7 +319,7 @@ fn measure(n: usize) -> Row {
     }
     flat.push_str("COMMIT\n");
     let mut flats = Vec::new();
-    for _ in 0..3 {
+    for _ in (0..3).filter(|_| rest) {
         let t = Instant::now();
         runner
             .restore(Family::V4, &flat)
@@ -225,9 +327,12 @@ fn measure(n: usize) -> Row {
         flats.push(t.elapsed());
     }
     flats.sort();
-    let t = Instant::now();
-    cleanup(&runner).expect("cleanup");
-    let cleanup = t.elapsed();
+    drop(flat);
+    let cleanup = rest.then(|| {
+        let t = Instant::now();
+        cleanup(&runner).expect("cleanup");
+        t.elapsed()
+    });
     drop(ns);
 
     // The baselines: the same rules as one text, into fresh namespaces.
@@ -235,22 +340,28 @@ fn measure(n: usize) -> Row {
         |limit| FamilyTables::full_texts(&state, &cfg(), &Existing::default(), Family::V4, limit).1;
     let text = one_transaction(&full_text(usize::MAX));
     let lines = text.lines().count();
-    let restores = full_text(CHAINS_PER_RESTORE).len();
-    let plain = timed_restore(&text, &[]);
-    let one_noflush = (n <= 2_000).then(|| timed_restore(&text, &["--noflush"]));
+    let restores = full_text(mode.pieces.unwrap_or(CHAINS_PER_RESTORE)).len();
+    let (plain, plain_rss_mib) = if mode.partial_only || mode.no_plain {
+        (Duration::ZERO, 0.0)
+    } else {
+        timed_restore(&text, &[])
+    };
+    let one_noflush = (n <= 2_000 && rest).then(|| timed_restore(&text, &["--noflush"]).0);
+    let mid = |v: &[Duration]| v.get(v.len() / 2).copied();
     Row {
         services: n,
         lines,
         restores,
         full,
         plain,
+        plain_rss_mib,
         one_noflush,
         restart,
-        partial: partials[partials.len() / 2],
-        floor: floors[floors.len() / 2],
+        partial: mid(&partials),
+        floor: mid(&floors),
         storm_services,
         storm,
-        flat: flats[flats.len() / 2],
+        flat: mid(&flats),
         state_mib,
         rss_mib,
         peak_mib,
@@ -259,6 +370,20 @@ fn measure(n: usize) -> Row {
 }
 
 fn main() {
+    let mut mode = Mode::default();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "full" => mode.full_only = true,
+            "partial" => mode.partial_only = true,
+            "noplain" => mode.no_plain = true,
+            "trace" => TRACE.store(true, Ordering::Relaxed),
+            _ => {
+                if let Some(n) = a.strip_prefix("pieces=") {
+                    mode.pieces = Some(n.parse().expect("pieces=N"));
+                }
+            }
+        }
+    }
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -268,34 +393,42 @@ fn main() {
     } else {
         sizes
     };
-    let rows: Vec<Row> = sizes.into_iter().map(measure).collect();
+    let rows: Vec<Row> = sizes.into_iter().map(|n| measure(n, mode)).collect();
+    let secs = |d: Option<Duration>| {
+        d.map_or("not run".to_owned(), |d| {
+            format!("{:.2} s", d.as_secs_f64())
+        })
+    };
+    let ms = |d: Option<Duration>| {
+        d.map_or("not run".to_owned(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        })
+    };
     println!(
-        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | rewriting a flat dispatch chain, kube-proxy's way (median of 3) | a tenth of the Services changed in one update | agent RSS: state / after full sync / peak | cleanup |"
+        "| services x 10 endpoints | rule lines | full sync (restores) | plain iptables-restore, one transaction (its peak RSS) | ratio | one --noflush transaction | full sync over existing rules (restart) | one endpoint changed (median of 7) | smallest nat transaction on that table (median of 7) | rewriting a flat dispatch chain, kube-proxy's way (median of 3) | a tenth of the Services changed in one update | agent RSS: state / after full sync / peak | cleanup |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} s ({}) | {:.2} s | {:.2} | {} | {:.2} s | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} s ({}) | {:.0} / {:.0} / {:.0} MiB | {:.2} s |",
+            "| {} | {} | {:.2} s ({}) | {:.2} s ({:.0} MiB) | {:.2} | {} | {} | {} | {} | {} | {} ({}) | {:.0} / {:.0} / {:.0} MiB | {} |",
             r.services,
             r.lines,
             r.full.as_secs_f64(),
             r.restores,
             r.plain.as_secs_f64(),
+            r.plain_rss_mib,
             r.full.as_secs_f64() / r.plain.as_secs_f64(),
-            r.one_noflush.map_or("not run".to_owned(), |d| format!(
-                "{:.2} s",
-                d.as_secs_f64()
-            )),
-            r.restart.as_secs_f64(),
-            r.partial.as_secs_f64() * 1e3,
-            r.floor.as_secs_f64() * 1e3,
-            r.flat.as_secs_f64() * 1e3,
-            r.storm.as_secs_f64(),
+            secs(r.one_noflush),
+            secs(r.restart),
+            ms(r.partial),
+            ms(r.floor),
+            ms(r.flat),
+            secs(r.storm),
             r.storm_services,
             r.state_mib,
             r.rss_mib,
             r.peak_mib,
-            r.cleanup.as_secs_f64(),
+            secs(r.cleanup),
         );
     }
 }

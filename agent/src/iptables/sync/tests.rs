@@ -527,3 +527,36 @@ fn an_interrupted_full_sync_is_not_trusted_later() {
     }
     assert_eq!(kernel.ours(), good);
 }
+
+#[test]
+fn pieces_grow_with_the_table() {
+    assert_eq!(piece_limit(5, 1_000), 5, "small tables keep the given size");
+    assert_eq!(piece_limit(500, 0), 500);
+    assert_eq!(piece_limit(500, 24_999), 500);
+    assert_eq!(piece_limit(500, 110_000), 1_048);
+    assert_eq!(piece_limit(500, 1_100_000), 3_316);
+    assert_eq!(
+        piece_limit(5_000, 1_100_000),
+        5_000,
+        "never below the given size"
+    );
+}
+
+#[test]
+fn dispatch_rules_name_their_targets_in_descending_order() {
+    // iptables-nft inserts each name into a list sorted by name, walking
+    // from the smallest: descending targets cost nothing each.
+    let (_, restores) =
+        FamilyTables::full_texts(&many(40, 2, 0), &cfg(), &Existing::default(), Family::V4, 5);
+    let dispatch = restores
+        .iter()
+        .find(|r| r.contains("-A SWY-SB-"))
+        .expect("a dispatch transaction");
+    let targets: Vec<&str> = dispatch
+        .lines()
+        .filter(|l| l.starts_with("-A SWY-SB-"))
+        .filter_map(jump_target)
+        .collect();
+    assert!(targets.len() >= 40, "{targets:?}");
+    assert!(targets.windows(2).all(|w| w[0] >= w[1]), "{targets:?}");
+}
