@@ -57,7 +57,8 @@
 //!    ─▶ stream slot (--max-agent-streams, else RESOURCE_EXHAUSTED) ─▶ wait for the first snapshot
 //!    ─▶ a place among the Hellos waiting: --max-hellos-waiting (1,024) overall and
 //!       --max-hellos-waiting-per-address (4)                      (else RESOURCE_EXHAUSTED, hello_queue)
-//!    ─▶ a turn (8 at a time, within 30 s) ─▶ Hello parts: the first within 1 s of the turn, all
+//!    ─▶ a turn (8 at a time; waits while turns are given, sent away after 30 s without one)
+//!    ─▶ Hello parts: the first within 1 s of the turn, all
 //!       within 10 s, ≤ 1 MiB a message, bounded fields and count,
 //!       each part taken in against the snapshot (Snapshot::take_in) as it arrives
 //!    ─▶ certificate node = Hello node, certificate cluster = Hello cluster   (else PERMISSION_DENIED)
@@ -106,8 +107,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// holds a turn this long, not [`HELLO_TIMEOUT`].
 const HELLO_FIRST_PART: Duration = Duration::from_secs(1);
 
-/// How long a stream may wait for its turn to be read.
-const HELLO_QUEUE_WAIT: Duration = Duration::from_secs(30);
+/// How long the Hello queue may go without giving anyone a turn before the
+/// streams waiting in it are sent away: a stream waits for as long as the
+/// queue moves. A turn ends within [`HELLO_FIRST_PART`] or
+/// [`HELLO_TIMEOUT`], so only a control plane that has stopped reading
+/// Hellos goes this long without one. (A fixed 30 s for each stream's wait,
+/// before, sent most of 1,000 new agents of 100,000 Services away, each to
+/// come back for its full state: they never all synced.)
+const HELLO_QUEUE_STALL: Duration = Duration::from_secs(30);
 
 /// Encoded resource bytes per message of an update (protocol rule 7): a
 /// part fills one HTTP/2 DATA frame. The gRPC encoder keeps a buffer as
@@ -178,10 +185,24 @@ impl Default for StreamLimits {
 /// The streams waiting for their Hello to be read, counted overall and per
 /// source address: a place is taken before the wait and given back after
 /// the Hello (or on refusal), so streams that never send one cannot queue
-/// without bound in front of agents that do.
-#[derive(Debug, Default)]
+/// without bound in front of agents that do. Hellos are read
+/// [`HELLOS_AT_ONCE`] at a time, in turns.
+#[derive(Debug)]
 struct HelloQueue {
     waiting: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+    turns: Semaphore,
+    /// When a turn was last given (or the queue made).
+    last_turn: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for HelloQueue {
+    fn default() -> Self {
+        Self {
+            waiting: std::sync::Mutex::default(),
+            turns: Semaphore::new(HELLOS_AT_ONCE),
+            last_turn: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
 }
 
 /// A place among the Hellos waiting, given back on drop.
@@ -220,6 +241,34 @@ impl HelloQueue {
             queue: self,
             address,
         })
+    }
+
+    /// A turn to read a Hello, once one is free: however long that takes
+    /// while others get theirs, or why the stream is sent away (the queue
+    /// gave no turn for [`HELLO_QUEUE_STALL`]).
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
+        loop {
+            let stalled_at = *self.lock_last_turn() + HELLO_QUEUE_STALL;
+            tokio::select! {
+                turn = self.turns.acquire() => {
+                    let turn = turn.map_err(|_| "control plane shutting down".to_owned())?;
+                    *self.lock_last_turn() = tokio::time::Instant::now();
+                    return Ok(turn);
+                }
+                () = tokio::time::sleep_until(stalled_at) => {
+                    // Someone else may have had a turn meanwhile.
+                    if *self.lock_last_turn() + HELLO_QUEUE_STALL <= tokio::time::Instant::now() {
+                        return Err(format!(
+                            "no Hello has been given a turn to be read for {HELLO_QUEUE_STALL:?}; retry"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock_last_turn(&self) -> std::sync::MutexGuard<'_, tokio::time::Instant> {
+        self.last_turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -267,7 +316,6 @@ pub struct SnapshotService {
     served: Arc<Served>,
     limits: StreamLimits,
     streams: Arc<Semaphore>,
-    hellos: Arc<Semaphore>,
     hello_queue: Arc<HelloQueue>,
     /// Closes the connection of a stream whose update does not drain.
     closers: crate::listener::Closers,
@@ -294,7 +342,6 @@ impl SnapshotService {
             identity,
             served: Arc::new(served),
             streams: Arc::new(Semaphore::new(limits.max_streams)),
-            hellos: Arc::new(Semaphore::new(HELLOS_AT_ONCE)),
             hello_queue: Arc::default(),
             closers: crate::listener::Closers::default(),
             limits,
@@ -518,17 +565,12 @@ impl SnapshotDiscovery for SnapshotService {
                     tracing::debug!(?peer, "refused a stream: {why}");
                     self.refuse("hello_queue", Status::resource_exhausted(why))
                 })?;
-            let _turn = tokio::time::timeout(HELLO_QUEUE_WAIT, self.hellos.acquire())
-                .await
-                .map_err(|_| {
-                    self.refuse(
-                        "hello_queue",
-                        Status::unavailable(format!(
-                            "no turn to read the Hello within {HELLO_QUEUE_WAIT:?}; retry"
-                        )),
-                    )
-                })?
-                .map_err(|_| Status::unavailable("control plane shutting down"))?;
+            let _turn = tokio::select! {
+                turn = self.hello_queue.turn() => turn.map_err(|why| {
+                    self.refuse("hello_queue", Status::unavailable(why))
+                })?,
+                _ = self.shutdown.cancelled() => return Err(Status::unavailable("control plane shutting down")),
+            };
             // The bound needs the cluster, which only the Hello names: check
             // against the largest view, then the agent's own below.
             let largest = self
@@ -659,7 +701,11 @@ impl SnapshotDiscovery for SnapshotService {
             ));
         }
         // The announcement becomes a difference now and is dropped.
-        let pending = Arc::new(snapshot.delta_from_announcement(&announced, &view));
+        let pending = if held == 0 {
+            snapshot.full(&view)
+        } else {
+            Arc::new(snapshot.delta_from_announcement(&announced, &view))
+        };
         drop(announced);
         let node = hello.node_name;
         let handle = self
@@ -1086,6 +1132,58 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_waits_for_its_turn_while_others_get_theirs() {
+        let queue = Arc::new(HelloQueue::default());
+        let mut held = Vec::new();
+        for _ in 0..HELLOS_AT_ONCE {
+            held.push(queue.turn().await.expect("a free turn"));
+        }
+        // Three streams queue before the one watched; each keeps its turn.
+        let (got, mut turns_given) = mpsc::unbounded_channel();
+        for _ in 0..3 {
+            let (queue, got) = (queue.clone(), got.clone());
+            tokio::spawn(async move {
+                let _turn = queue.turn().await.expect("a turn");
+                got.send(()).expect("the test waits");
+                std::future::pending::<()>().await;
+            });
+        }
+        tokio::task::yield_now().await;
+        let watched = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.turn().await.map(drop) })
+        };
+        // A turn every 20 s: the watched stream waits 60 s, twice the stall bound.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            held.pop();
+            turns_given
+                .recv()
+                .await
+                .expect("a stream ahead got its turn");
+            assert!(!watched.is_finished(), "sent away while the queue moved");
+        }
+        held.pop();
+        watched
+            .await
+            .expect("the task ran")
+            .expect("the turn after those ahead");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_that_gives_no_turn_sends_its_streams_away() {
+        let queue = Arc::new(HelloQueue::default());
+        let mut held = Vec::new();
+        for _ in 0..HELLOS_AT_ONCE {
+            held.push(queue.turn().await.expect("a free turn"));
+        }
+        let started = tokio::time::Instant::now();
+        let why = queue.turn().await.expect_err("no turn is ever given back");
+        assert_eq!(started.elapsed(), HELLO_QUEUE_STALL);
+        assert!(why.contains("no Hello has been given a turn"), "{why}");
+    }
 
     fn resource(name: &str, size: usize) -> Arc<v1::Resource> {
         Arc::new(v1::Resource {
