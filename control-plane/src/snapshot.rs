@@ -436,12 +436,7 @@ impl Snapshot {
         if entries.peek().is_none() {
             return;
         }
-        let by_name = self.by_name.get_or_init(|| {
-            self.resources
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        });
+        let by_name = self.by_name();
         for (name, version) in entries {
             announced.entries += 1;
             match by_name.get_key_value(name.as_str()) {
@@ -469,25 +464,36 @@ impl Snapshot {
         let in_range = |n: &str, c: &str| {
             n.len() > c.len() && n.starts_with(c) && n.as_bytes()[c.len()] == b'/'
         };
-        let mut removed: Vec<Arc<str>> = announced
-            .current
-            .iter()
-            .chain(&announced.other)
-            .filter(|n| match ranges.iter().find(|(c, _)| in_range(n, c)) {
-                // A range not served yet (the clusterset before every
-                // source synced) keeps what the agent holds.
-                Some((c, _)) if !self.serves(c) => false,
-                Some((_, true)) => !self.exported.contains(&***n),
-                Some((_, false)) => !self.resources.contains_key(&***n),
-                // Another cluster's resource: not the agent's.
-                None => true,
-            })
+        // Whether the agent must drop `n`; `current`: it is held at this
+        // snapshot's version, so the snapshot has it.
+        let gone = |n: &str, current: bool| match ranges.iter().find(|(c, _)| in_range(n, c)) {
+            // A range not served yet (the clusterset before every
+            // source synced) keeps what the agent holds.
+            Some((c, _)) if !self.serves(c) => false,
+            Some((_, true)) => !self.exported.contains(n),
+            Some((_, false)) => !current && !self.by_name().contains_key(n),
+            // Another cluster's resource: not the agent's.
+            None => true,
+        };
+        let mut removed: Vec<Arc<str>> = (announced.current.iter())
+            .filter(|n| gone(n, true))
+            .chain(announced.other.iter().filter(|n| gone(n, false)))
             .cloned()
             .collect();
         removed.sort();
         removed.dedup();
         delta.removed = removed;
         delta
+    }
+
+    /// Every resource by name, hashed (made on first use).
+    fn by_name(&self) -> &foldhash::HashMap<Arc<str>, Arc<Resource>> {
+        self.by_name.get_or_init(|| {
+            self.resources
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
     }
 
     /// The whole of `view`, as a delta from nothing; made once per snapshot
