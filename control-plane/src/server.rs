@@ -397,11 +397,11 @@ impl SnapshotService {
 /// by part (the Hello returned holds none of them) and counted against
 /// `limit` as they come, so an announcement of millions of names is cut
 /// off at the limit.
-async fn read_hello(
+async fn read_hello<'s>(
     inbound: &mut Streaming<v1::AgentMessage>,
-    snapshot: &Snapshot,
+    snapshot: &'s Snapshot,
     limit: usize,
-) -> Result<(v1::Hello, Announcement), Status> {
+) -> Result<(v1::Hello, Announcement<'s>), Status> {
     let mut hello: Option<v1::Hello> = None;
     let mut announced = Announcement::default();
     loop {
