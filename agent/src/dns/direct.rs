@@ -56,7 +56,12 @@ pub(super) fn answer(index: &DnsIndex, query: &[u8], out: &mut Vec<u8>) -> bool 
     let Ok(name) = Name::read(&mut BinDecoder::new(name_bytes)) else {
         return false;
     };
-    let name = LowerName::new(&name);
+    // Lower case already (`Plain::read`): no copy to lower it.
+    let name = {
+        let mut lower = LowerName::from(Name::root());
+        *lower = name;
+        lower
+    };
     if !index.in_zone(&name) {
         return false;
     }

@@ -257,7 +257,7 @@ impl StubHandler {
                 truncated: false,
                 valid: Valid::Index,
             };
-            encoded.put(&index, bytes, entry);
+            encoded.put_spare(&index, bytes, entry);
             return Reply::Now;
         }
         let Ok(request) = Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) else {

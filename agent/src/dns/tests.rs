@@ -1569,6 +1569,37 @@ fn an_encoded_answer_is_sent_with_the_id_of_the_query_it_answers() {
 }
 
 #[test]
+fn a_spare_answer_is_kept_only_where_it_evicts_nothing() {
+    use super::encoded::{Encoded, EncodedAnswers, Valid};
+
+    let index = Arc::new(cluster());
+    let mut encoded = EncodedAnswers::new(2, 1 << 20);
+    let entry = |q: &[u8]| Encoded {
+        bytes: handle_bytes(&index, &Acl::node_local(&[]), q, ip(LOCAL), Transport::Udp)
+            .expect("answer")
+            .into(),
+        rcode: 0,
+        truncated: false,
+        valid: Valid::Index,
+    };
+    let q: Vec<Vec<u8>> = ["web", "db", "v6"]
+        .iter()
+        .map(|s| query_bytes(&format!("{s}.shop.svc.cluster.local."), RecordType::A, None))
+        .collect();
+    for q in &q {
+        encoded.put_spare(&index, q, entry(q));
+    }
+    let mut out = Vec::new();
+    let now = std::time::Instant::now;
+    let mut kept = |q: &[u8]| encoded.answer(&index, q, 0, now, &mut out).is_some();
+    assert!(kept(&q[0]) && kept(&q[1]) && !kept(&q[2]));
+    // An answer of the general path makes room.
+    encoded.put(&index, &q[2], entry(&q[2]));
+    assert_eq!(encoded.len(), 2);
+    assert!(encoded.answer(&index, &q[2], 0, now, &mut out).is_some());
+}
+
+#[test]
 fn udp_answers_are_those_of_the_uncached_path_and_keep_the_id_and_case_asked() {
     let (handler, cell, _tx) = udp_handler(mk_state(
         "s1",
