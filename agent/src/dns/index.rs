@@ -336,7 +336,7 @@ const SHARDS: usize = 1024;
 /// A map from names, in shards shared between successive indexes: a write
 /// copies its shard only if an older index still holds it. Names hash with
 /// foldhash, seeded once per process (the shard of a name is the same in
-/// every index): each query hashed its name twice with SipHash, 4-5% of
+/// every index): each query hashed its name twice with SipHash, about 4% of
 /// the stub's CPU at 100,000 Services (perf, docs/benchmarks-history.md
 /// "DNS hit path at 100,000 Services (target 6)").
 #[derive(Debug, Clone)]
