@@ -58,8 +58,7 @@
 //! "Large headless Service in the DNS index").
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -327,7 +326,6 @@ fn fast_state() -> FastState {
 
 /// The hash a record's data is found by.
 fn fast_hash(data: &RData) -> u64 {
-    use std::hash::BuildHasher;
     fast_state().hash_one(data)
 }
 
@@ -336,26 +334,33 @@ fn fast_hash(data: &RData) -> u64 {
 const SHARDS: usize = 1024;
 
 /// A map from names, in shards shared between successive indexes: a write
-/// copies its shard only if an older index still holds it.
+/// copies its shard only if an older index still holds it. Names hash with
+/// foldhash, seeded once per process (the shard of a name is the same in
+/// every index): each query hashed its name twice with SipHash, about 4% of
+/// the stub's CPU at 100,000 Services (perf, docs/benchmarks-history.md
+/// "DNS hit path at 100,000 Services (target 6)").
 #[derive(Debug, Clone)]
 pub(crate) struct Names<V> {
-    shards: Vec<Arc<HashMap<LowerName, V>>>,
+    shards: Vec<Arc<HashMap<LowerName, V, FastState>>>,
     len: usize,
 }
 
 impl<V: Clone> Names<V> {
     fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Arc::new(HashMap::with_hasher(fast_state())))
+                .collect(),
             len: 0,
         }
     }
 
     fn shard(name: &LowerName) -> usize {
-        // SipHash with fixed keys: the same shard for a name in every index.
-        let mut h = DefaultHasher::new();
-        name.hash(&mut h);
-        (h.finish() % SHARDS as u64) as usize
+        // A seed of its own: with the maps' own, the names of a shard would
+        // share the bits their map places and tags them by.
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let state = FastState::with_seed(*SEED.get_or_init(rand::random));
+        (state.hash_one(name) % SHARDS as u64) as usize
     }
 
     pub(crate) fn get(&self, name: &LowerName) -> Option<&V> {

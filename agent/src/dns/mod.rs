@@ -5,6 +5,7 @@
 //!  Applier ──watch<Arc<AgentState>>──▶ IndexCell ──(build on change)──▶ Arc<DnsIndex>
 //!                                          │ one index per query: answers switch atomically
 //!   UDP loop ─▶ encoded answer of this index? ─▶ client
+//!      ├─▶ plain A/AAAA question answered from its bytes (direct.rs) ─▶ client
 //!      └──────┐
 //!   TCP front ┴▶ hickory-server Request ─▶ StubHandler ─▶ handler::decide(index, acl, request)
 //!                                            ├▶ Answer ─▶ MessageResponseBuilder ─▶ client
@@ -18,7 +19,9 @@
 //! parsed request to records borrowed from the index, and the response is
 //! built and encoded by hickory-server's `MessageResponseBuilder`
 //! (`response.rs`). Over UDP the encoded answer is kept for the next
-//! identical query (`encoded.rs`). `hickory-proto` is the wire format.
+//! identical query (`encoded.rs`), and a plain address question is read,
+//! looked up and answered without hickory's parser and encoder, to the
+//! same bytes (`direct.rs`). `hickory-proto` is the wire format.
 //!
 //! No query waits for an index build: [`IndexCell::current`] is the index
 //! in force, and a task off the serving thread builds the next one when the
@@ -48,6 +51,7 @@
 pub mod acl;
 pub mod cache;
 mod clock;
+mod direct;
 mod encoded;
 pub mod forward;
 pub mod handler;

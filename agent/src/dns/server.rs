@@ -50,7 +50,7 @@ use super::cache::{AnswerCache, Cached};
 use super::encoded::{Encoded, EncodedAnswers, Relayed, Valid};
 use super::handler::{Decision, Forward, decide};
 use super::response::Transport;
-use super::{DnsConfig, IndexCell, forward, response};
+use super::{DnsConfig, IndexCell, direct, forward, response};
 use crate::status::Metrics;
 
 /// A TCP client that sends nothing for this long is disconnected.
@@ -212,7 +212,8 @@ impl StubHandler {
     }
 
     /// Answers the datagram `bytes` from `src` into `out` when no upstream
-    /// needs asking: from `encoded` when it holds the answer, else through
+    /// needs asking: from `encoded` when it holds the answer, else written
+    /// directly for a plain address question (`direct.rs`), else through
     /// hickory-server's parser, [`decide`] and its encoder (and then keeps
     /// the encoding). As hickory-server's `Server`: nothing for fewer bytes
     /// than a header, FORMERR for a message that does not parse.
@@ -245,6 +246,18 @@ impl StubHandler {
             if hit.truncated {
                 d.truncated.inc();
             }
+            return Reply::Now;
+        }
+        if allowed && direct::answer(&index, bytes, out) {
+            let rcode = u16::from(ResponseCode::NoError);
+            self.metrics.dns.count_response(rcode);
+            let entry = Encoded {
+                bytes: out.as_slice().into(),
+                rcode,
+                truncated: false,
+                valid: Valid::Index,
+            };
+            encoded.put_spare(&index, bytes, entry);
             return Reply::Now;
         }
         let Ok(request) = Request::from_bytes(bytes.to_vec(), src, Protocol::Udp) else {

@@ -733,7 +733,100 @@ fn random_and_mutated_packets_never_crash() {
                 assert!(t == Transport::Tcp || out.len() <= 1232);
             }
         }
+        let mut direct = Vec::new();
+        if super::direct::answer(&idx, &packet, &mut direct) {
+            let general = handle_bytes(&idx, &acl, &packet, ip(LOCAL), Transport::Udp);
+            assert_eq!(Some(direct), general, "{packet:?}");
+        }
     }
+}
+
+/// What `direct.rs` writes for a question, when it answers it.
+fn direct(index: &DnsIndex, query: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    super::direct::answer(index, query, &mut out).then_some(out)
+}
+
+#[test]
+fn direct_answers_are_hickorys_bytes() {
+    let idx = cluster();
+    let acl = Acl::node_local(&[]);
+    let mut names: Vec<String> = idx.names.iter().map(|(n, _)| n.to_string()).collect();
+    names.extend(
+        [
+            "Web.shop.svc.cluster.local.",
+            "nope.shop.svc.cluster.local.",
+            "10-244-1-2.shop.pod.cluster.local.",
+            "10.0.96.10.in-addr.arpa.",
+            "example.com.",
+        ]
+        .map(String::from),
+    );
+    let qtypes = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::TXT,
+        RecordType::ANY,
+        RecordType::CNAME,
+    ];
+    // Header bytes 2 and 3 as sent: RD, none, CD, AD, AA and RA, TC.
+    let flags = [
+        (0x01, 0),
+        (0, 0),
+        (0x01, 0x10),
+        (0x01, 0x20),
+        (0x05, 0x80),
+        (0x03, 0),
+    ];
+    let mut answered = 0;
+    for name in &names {
+        for qtype in qtypes {
+            for edns in [None, Some(0), Some(512), Some(1232), Some(4096)] {
+                for (b2, b3) in flags {
+                    let mut q = query_bytes(name, qtype, edns);
+                    (q[0], q[1], q[2], q[3]) = (0x12, 0x34, b2, b3);
+                    let Some(out) = direct(&idx, &q) else {
+                        continue;
+                    };
+                    let general = handle_bytes(&idx, &acl, &q, ip(LOCAL), Transport::Udp);
+                    assert_eq!(Some(out), general, "{name} {qtype} {edns:?} {b2} {b3}");
+                    answered += 1;
+                }
+            }
+        }
+    }
+    assert!(answered > 100, "{answered}");
+    let plain = |name, qtype, edns| direct(&idx, &query_bytes(name, qtype, edns)).is_some();
+    assert!(plain("web.shop.svc.cluster.local.", RecordType::A, None));
+    assert!(plain(
+        "web.shop.svc.cluster.local.",
+        RecordType::AAAA,
+        Some(1232)
+    ));
+    assert!(plain("db.shop.svc.cluster.local.", RecordType::A, None));
+    assert!(plain("v6.shop.svc.cluster.local.", RecordType::AAAA, None));
+    // Mixed case, CNAMEs, pods, other types, negative answers, and answers
+    // hickory truncates (60 addresses in 512 bytes) take the general path.
+    assert!(!plain("Web.shop.svc.cluster.local.", RecordType::A, None));
+    assert!(!plain("alias.shop.svc.cluster.local.", RecordType::A, None));
+    assert!(!plain(
+        "10-244-1-2.shop.pod.cluster.local.",
+        RecordType::A,
+        None
+    ));
+    assert!(!plain(
+        "_http._tcp.db.shop.svc.cluster.local.",
+        RecordType::SRV,
+        None
+    ));
+    assert!(!plain("web.shop.svc.cluster.local.", RecordType::TXT, None));
+    assert!(!plain("nope.shop.svc.cluster.local.", RecordType::A, None));
+    assert!(!plain("big.shop.svc.cluster.local.", RecordType::A, None));
+    // Without a snapshot: SERVFAIL, the general path's.
+    let empty = DnsIndex::build(mk_state("", vec![]), &zone(), 5);
+    let q = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
+    assert!(direct(&empty, &q).is_none());
 }
 
 #[test]
@@ -1473,6 +1566,37 @@ fn an_encoded_answer_is_sent_with_the_id_of_the_query_it_answers() {
     let other = Arc::new(cluster());
     assert!(encoded.answer(&other, &again, 0, now, &mut out).is_none());
     assert_eq!(encoded.len(), 0);
+}
+
+#[test]
+fn a_spare_answer_is_kept_only_where_it_evicts_nothing() {
+    use super::encoded::{Encoded, EncodedAnswers, Valid};
+
+    let index = Arc::new(cluster());
+    let mut encoded = EncodedAnswers::new(2, 1 << 20);
+    let entry = |q: &[u8]| Encoded {
+        bytes: handle_bytes(&index, &Acl::node_local(&[]), q, ip(LOCAL), Transport::Udp)
+            .expect("answer")
+            .into(),
+        rcode: 0,
+        truncated: false,
+        valid: Valid::Index,
+    };
+    let q: Vec<Vec<u8>> = ["web", "db", "v6"]
+        .iter()
+        .map(|s| query_bytes(&format!("{s}.shop.svc.cluster.local."), RecordType::A, None))
+        .collect();
+    for q in &q {
+        encoded.put_spare(&index, q, entry(q));
+    }
+    let mut out = Vec::new();
+    let now = std::time::Instant::now;
+    let mut kept = |q: &[u8]| encoded.answer(&index, q, 0, now, &mut out).is_some();
+    assert!(kept(&q[0]) && kept(&q[1]) && !kept(&q[2]));
+    // An answer of the general path makes room.
+    encoded.put(&index, &q[2], entry(&q[2]));
+    assert_eq!(encoded.len(), 2);
+    assert!(encoded.answer(&index, &q[2], 0, now, &mut out).is_some());
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  readable ─▶ recv (up to BATCH in a row) ─▶ allowed source? ─▶ encoded answer of this index? ─▶ send
+//!                                                  └▶ plain A/AAAA question (direct.rs) ─▶ keep ─▶ send
 //!                                                  └▶ Request::from_bytes ─▶ decide ─▶ answer ─▶ encode ─▶ keep ─▶ send
 //!                                                                                 └▶ forward: cached? encode ─▶ send
 //!                                                                                             else send upstream; a task: answer ─▶ send
