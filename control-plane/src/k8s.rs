@@ -158,7 +158,7 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
     };
 
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        if let Some(ip) = parse_ip(ip, format!("spec.externalIPs[{i}]"), &mut errs) {
+        if let Some(ip) = parse_ip(ip, || format!("spec.externalIPs[{i}]"), &mut errs) {
             out.external_ips.push(ip);
         }
     }
@@ -177,7 +177,7 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
         if let Some(ip) = non_empty(&ing.ip)
             && let Some(ip) = parse_ip(
                 ip,
-                format!("status.loadBalancer.ingress[{i}].ip"),
+                || format!("status.loadBalancer.ingress[{i}].ip"),
                 &mut errs,
             )
         {
@@ -310,9 +310,9 @@ pub fn endpoint_slice(
     }
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(number) = p.port else { continue };
-        let at = format!("ports[{i}]");
-        let protocol = protocol(&p.protocol, format!("{at}.protocol"), &mut errs);
-        let Some(port) = port_number(number, format!("{at}.port"), &mut errs) else {
+        let at = |field: &str| format!("ports[{i}].{field}");
+        let protocol = protocol(&p.protocol, || at("protocol"), &mut errs);
+        let Some(port) = port_number(number, || at("port"), &mut errs) else {
             continue;
         };
         out.ports.push(EndpointPort {
@@ -372,11 +372,11 @@ fn convert_cluster_ips(spec: &core::ServiceSpec, out: &mut Service, errs: &mut E
     }
     if !many.is_empty() {
         for (i, ip) in many.iter().enumerate() {
-            if let Some(ip) = parse_ip(ip, format!("spec.clusterIPs[{i}]"), errs) {
+            if let Some(ip) = parse_ip(ip, || format!("spec.clusterIPs[{i}]"), errs) {
                 out.cluster_ips.push(ip);
             }
         }
-    } else if let Some(ip) = single.and_then(|ip| parse_ip(ip, "spec.clusterIP".into(), errs)) {
+    } else if let Some(ip) = single.and_then(|ip| parse_ip(ip, || "spec.clusterIP".into(), errs)) {
         out.cluster_ips.push(ip);
     }
     if out.service_type == ServiceType::ExternalName && !out.cluster_ips.is_empty() {
@@ -452,16 +452,17 @@ fn convert_ip_families(spec: &core::ServiceSpec, out: &mut Service, errs: &mut E
 }
 
 fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> Option<ServicePort> {
-    let at = format!("spec.ports[{i}]");
-    let protocol = protocol(&p.protocol, format!("{at}.protocol"), errs);
-    let node_port = optional_port(p.node_port, &format!("{at}.nodePort"), errs);
-    let port = port_number(p.port, format!("{at}.port"), errs)?;
+    // Field paths are made only for an error: most objects have none.
+    let at = |field: &str| format!("spec.ports[{i}].{field}");
+    let protocol = protocol(&p.protocol, || at("protocol"), errs);
+    let node_port = optional_port(p.node_port, &at("nodePort"), errs);
+    let port = port_number(p.port, || at("port"), errs)?;
     // The API server defaults a missing, zero or empty targetPort to the port.
     let target_port = match &p.target_port {
         None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
         Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
         Some(IntOrString::Int(n)) => {
-            TargetPort::Number(port_number(*n, format!("{at}.targetPort"), errs)?)
+            TargetPort::Number(port_number(*n, || at("targetPort"), errs)?)
         }
         Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
     };
@@ -475,12 +476,11 @@ fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> O
 }
 
 fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> Endpoint {
-    let at = format!("endpoints[{i}]");
     let addresses = e
         .addresses
         .iter()
         .enumerate()
-        .filter_map(|(j, a)| parse_ip(a, format!("{at}.addresses[{j}]"), errs))
+        .filter_map(|(j, a)| parse_ip(a, || format!("endpoints[{i}].addresses[{j}]"), errs))
         .collect();
     let conditions = e
         .conditions
@@ -532,23 +532,23 @@ fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().filter(|s| !s.is_empty())
 }
 
-fn protocol(p: &Option<String>, field: String, errs: &mut Errors) -> Protocol {
+fn protocol(p: &Option<String>, field: impl FnOnce() -> String, errs: &mut Errors) -> Protocol {
     match non_empty(p) {
         None | Some("TCP") => Protocol::Tcp,
         Some("UDP") => Protocol::Udp,
         Some("SCTP") => Protocol::Sctp,
         Some(other) => {
-            errs.push(field, format!("{other:?} is not TCP, UDP or SCTP"));
+            errs.push(field(), format!("{other:?} is not TCP, UDP or SCTP"));
             Protocol::Tcp
         }
     }
 }
 
-fn port_number(n: i32, field: String, errs: &mut Errors) -> Option<u16> {
+fn port_number(n: i32, field: impl FnOnce() -> String, errs: &mut Errors) -> Option<u16> {
     match u16::try_from(n) {
         Ok(p) if p != 0 => Some(p),
         _ => {
-            errs.push(field, format!("{n} is not between 1 and 65535"));
+            errs.push(field(), format!("{n} is not between 1 and 65535"));
             None
         }
     }
@@ -599,15 +599,15 @@ fn locality(
 fn optional_port(n: Option<i32>, field: &str, errs: &mut Errors) -> Option<u16> {
     match n {
         None | Some(0) => None,
-        Some(n) => port_number(n, field.to_owned(), errs),
+        Some(n) => port_number(n, || field.to_owned(), errs),
     }
 }
 
-fn parse_ip(s: &str, field: String, errs: &mut Errors) -> Option<IpAddr> {
+fn parse_ip(s: &str, field: impl FnOnce() -> String, errs: &mut Errors) -> Option<IpAddr> {
     match s.parse() {
         Ok(ip) => Some(ip),
         Err(_) => {
-            errs.push(field, format!("{s:?} is not an IP address"));
+            errs.push(field(), format!("{s:?} is not an IP address"));
             None
         }
     }

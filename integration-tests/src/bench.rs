@@ -46,6 +46,26 @@ pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) of a process so far, in seconds, from
+/// `/proc/PID/stat`; `pid` may be `self`. 0 when unreadable.
+pub fn proc_cpu_seconds(pid: &str) -> f64 {
+    // USER_HZ, which Linux fixes at 100 for /proc on every architecture
+    // we run on.
+    const TICKS: f64 = 100.0;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which may hold spaces: state is
+            // field 3, utime and stime fields 14 and 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / TICKS)
+        })
+        .unwrap_or(0.0)
+}
+
 /// A free loopback port, as `127.0.0.1:PORT` (bound, then released, for a
 /// child process to bind).
 pub async fn reserve_port() -> std::io::Result<String> {

@@ -125,10 +125,10 @@ impl EndpointSlice {
             errs.push("cluster", format!("{c:?} is not a cluster id"));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
-            let at = format!("endpoints[{i}]");
+            // Field paths are made only for an error: most slices have none.
             if e.addresses.is_empty() {
                 errs.push(
-                    format!("{at}.addresses"),
+                    format!("endpoints[{i}].addresses"),
                     "at least one address is required",
                 );
             }
@@ -139,19 +139,22 @@ impl EndpointSlice {
                 };
                 if !family_ok {
                     errs.push(
-                        format!("{at}.addresses[{j}]"),
+                        format!("endpoints[{i}].addresses[{j}]"),
                         format!("{a} does not match addressType {:?}", self.address_type),
                     );
                 }
                 if a.is_unspecified() || a.is_multicast() {
-                    errs.push(format!("{at}.addresses[{j}]"), format!("{a} is not usable"));
+                    errs.push(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a} is not usable"),
+                    );
                 }
             }
             if let Some(h) = &e.hostname
                 && !is_dns_label(h)
             {
                 errs.push(
-                    format!("{at}.hostname"),
+                    format!("endpoints[{i}].hostname"),
                     format!("{h:?} is not a DNS label"),
                 );
             }

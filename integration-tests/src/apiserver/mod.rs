@@ -11,10 +11,10 @@
 //!
 //! ```text
 //!  kube watcher / kubectl ──HTTP/1.1──▶ axum fallback ─▶ route(path) ─┬─ discovery documents
-//!                                                                     ├─ list (selectors, limit/continue)
+//!                                                                     ├─ list (selectors, limit/continue; a page walks only its own objects)
 //!                                                                     ├─ get/create/put/patch/delete ─▶ Store
 //!                                                                     └─ watch: NDJSON stream ◀─ Store broadcast
-//!  test hooks: compact(), drop_watches(), fail_next(Fault), request counters,
+//!  test hooks: compact(), drop_watches(), fail_next(Fault), request counters, served() (pages and watches, timed),
 //!             stop() returning the Store so a new server on the same port serves the same objects (a restart)
 //! ```
 //!
@@ -122,6 +122,25 @@ struct Shared {
     /// Requests served, by `VERB plural` (`LIST services`, `WATCH nodes`,
     /// `GONE services` for a 410 sent on a watch), for tests that count.
     requests: Mutex<HashMap<String, u64>>,
+    /// Every list page and watch served, in order, for benches that tell
+    /// the stand-in's time from its client's.
+    served: Mutex<Vec<Served>>,
+}
+
+/// One list page or watch request the stand-in answered.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// `LIST services`, `WATCH endpointslices`.
+    pub request: String,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// How long the stand-in took to make the answer (a list page: select
+    /// and serialize; a watch: set it up).
+    pub took: Duration,
+    /// Objects in a list page.
+    pub items: usize,
+    /// Bytes of a list page's body.
+    pub bytes: usize,
 }
 
 /// A running stand-in.
@@ -160,6 +179,7 @@ impl FakeApiServer {
             stopping: shutdown.clone(),
             faults: Mutex::default(),
             requests: Mutex::default(),
+            served: Mutex::default(),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let stop = shutdown.clone();
@@ -217,6 +237,11 @@ impl FakeApiServer {
     /// `GONE services`: 410s sent on watches, ...).
     pub fn requests(&self, key: &str) -> u64 {
         lock(&self.shared.requests).get(key).copied().unwrap_or(0)
+    }
+
+    /// Every list page and watch request answered so far, in order.
+    pub fn served(&self) -> Vec<Served> {
+        lock(&self.shared.served).clone()
     }
 
     /// Stops like a crashing server: every watch ends, the listener closes.
@@ -345,8 +370,12 @@ async fn handle(
             },
             Method::GET,
         ) if watching => {
-            s.count(&format!("WATCH {}", kind.plural()));
-            watch_response(&s, kind, namespace, version, &query)
+            let request = format!("WATCH {}", kind.plural());
+            s.count(&request);
+            let at = std::time::Instant::now();
+            let response = watch_response(&s, kind, namespace, version, &query);
+            s.served(request, at, 0, 0);
+            response
         }
         (
             Target::Collection {
@@ -356,8 +385,22 @@ async fn handle(
             },
             Method::GET,
         ) => {
-            s.count(&format!("LIST {}", kind.plural()));
-            result(list(&s, kind, namespace.as_deref(), &version, &query), 200)
+            let request = format!("LIST {}", kind.plural());
+            s.count(&request);
+            let at = std::time::Instant::now();
+            match list(&s, kind, namespace.as_deref(), &version, &query) {
+                Ok(page) => {
+                    let body = page.to_json();
+                    s.served(request, at, page.items.len(), body.len());
+                    (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                        .into_response()
+                }
+                Err(e) => error_response(&e),
+            }
         }
         (
             Target::Collection {
@@ -468,6 +511,16 @@ impl Shared {
 
     fn count(&self, key: &str) {
         *lock(&self.requests).entry(key.to_owned()).or_default() += 1;
+    }
+
+    fn served(&self, request: String, at: std::time::Instant, items: usize, bytes: usize) {
+        lock(&self.served).push(Served {
+            request,
+            at,
+            took: at.elapsed(),
+            items,
+            bytes,
+        });
     }
 }
 
@@ -623,7 +676,7 @@ fn list(
     namespace: Option<&str>,
     version: &str,
     query: &HashMap<String, String>,
-) -> Result<Value, ApiError> {
+) -> Result<ListPage, ApiError> {
     let (labels, fields) = selectors(query)?;
     let limit: usize = match query.get("limit").map(String::as_str) {
         None | Some("" | "0") => usize::MAX,
@@ -659,37 +712,69 @@ fn list(
             "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
         ));
     }
-    let (all, now) = s.store.list(
+    let page = s.store.list_page(
         kind,
         namespace,
         token.as_ref().map(|(_, ns, n)| (ns.as_str(), n.as_str())),
+        limit,
+        |obj| labels.matches_labels(obj) && fields.matches_fields(obj),
     );
-    let rv = token.as_ref().map_or(now, |t| t.0);
-    let mut items = Vec::new();
-    let mut more = false;
-    for obj in all {
-        if !(labels.matches_labels(&obj) && fields.matches_fields(&obj)) {
-            continue;
-        }
-        if items.len() == limit {
-            more = true;
-            break;
-        }
-        items.push(obj);
-    }
+    let rv = token.as_ref().map_or(page.rv, |t| t.0);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if more && let Some(last) = items.last() {
+    if page.more
+        && let Some(last) = page.items.last()
+    {
         let ns = last["metadata"]["namespace"].as_str().unwrap_or_default();
         let name = last["metadata"]["name"].as_str().unwrap_or_default();
         metadata["continue"] = json!(hex::encode(format!("{rv}/{ns}/{name}")));
     }
-    let items: Vec<Value> = items.iter().map(|o| render(o, version)).collect();
-    Ok(json!({
-        "kind": format!("{}List", kind.kind()),
-        "apiVersion": version,
-        "metadata": metadata,
-        "items": items,
-    }))
+    Ok(ListPage {
+        kind,
+        version: version.to_owned(),
+        metadata,
+        items: page.items,
+    })
+}
+
+/// A list page to send.
+struct ListPage {
+    kind: Kind,
+    version: String,
+    metadata: Value,
+    items: Vec<Arc<Value>>,
+}
+
+impl ListPage {
+    /// The `…List` object, serialized: each object straight from the store
+    /// (no copy unless it is served in another version than it is stored
+    /// in), as the API server writes its list from its watch cache.
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.items.len() * 1024);
+        let head = json!({
+            "kind": format!("{}List", self.kind.kind()),
+            "apiVersion": self.version,
+            "metadata": self.metadata,
+        });
+        // `{"kind":…,"metadata":{…}}` without its closing brace, then the items.
+        let head = head.to_string();
+        out.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+        out.extend_from_slice(b",\"items\":[");
+        for (i, obj) in self.items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let served_as_stored =
+                obj.get("apiVersion").and_then(Value::as_str) == Some(self.version.as_str());
+            // Writing to a Vec cannot fail, nor can serializing a Value.
+            let _ = if served_as_stored {
+                serde_json::to_writer(&mut out, &**obj)
+            } else {
+                serde_json::to_writer(&mut out, &render(obj, &self.version))
+            };
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {

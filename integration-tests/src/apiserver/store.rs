@@ -12,6 +12,7 @@
 //! after the state it started from, exactly once.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -227,6 +228,17 @@ pub struct Store {
     log_capacity: usize,
 }
 
+/// One page of a list.
+#[derive(Debug)]
+pub struct Page {
+    /// The objects, in key order.
+    pub items: Vec<Arc<Value>>,
+    /// Whether more objects follow the page.
+    pub more: bool,
+    /// The store's rv when listing.
+    pub rv: u64,
+}
+
 /// What a watch starts from: the state at `rv` and every later change.
 #[derive(Debug)]
 pub struct Subscription {
@@ -296,21 +308,47 @@ impl Store {
         namespace: Option<&str>,
         after: Option<(&str, &str)>,
     ) -> (Vec<Arc<Value>>, u64) {
+        let page = self.list_page(kind, namespace, after, usize::MAX, |_| true);
+        (page.items, page.rv)
+    }
+
+    /// Up to `limit` objects of `kind` (in `namespace` if given) that `keep`
+    /// accepts, with keys after `after`, in key order. The walk stops at the
+    /// first accepted object past the page, as the API server's does: a page
+    /// costs its own size (and what `keep` skips), not what follows it.
+    pub fn list_page(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Page {
         let s = self.lock();
-        let start = (
-            kind,
-            after.map_or(String::new(), |a| a.0.to_owned()),
-            after.map_or(String::new(), |a| a.1.to_owned()),
-        );
-        let items = s
+        let start = match after {
+            Some((ns, name)) => Bound::Excluded((kind, ns.to_owned(), name.to_owned())),
+            None => Bound::Included((kind, String::new(), String::new())),
+        };
+        let mut items = Vec::new();
+        let mut more = false;
+        let candidates = s
             .objects
-            .range(start.clone()..)
+            .range((start, Bound::Unbounded))
             .take_while(|(k, _)| k.0 == kind)
-            .filter(|(k, _)| after.is_none() || **k != start)
             .filter(|(k, _)| namespace.is_none_or(|ns| k.1 == ns))
-            .map(|(_, v)| v.clone())
-            .collect();
-        (items, s.rv)
+            .filter(|(_, v)| keep(v));
+        for (_, v) in candidates {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(v.clone());
+        }
+        Page {
+            items,
+            more,
+            rv: s.rv,
+        }
     }
 
     /// Waits until `check` holds of the store, looking again after each

@@ -9,14 +9,21 @@
 //!
 //! 1. Initial sync: spawn the control plane, time until `/readyz` is 200
 //!    (the first snapshot exists; polled every 5 ms), read its peak and
-//!    current resident memory.
+//!    current resident memory. Where the time went: the CPU of the
+//!    stand-in (this process) and of the control plane, and from the
+//!    stand-in's log of list pages and watches, per kind, the time the
+//!    stand-in took to answer the pages, the rest of the list (the client
+//!    receiving and decoding each page before it asks for the next, and
+//!    the source handling its objects), and the time from the last watch
+//!    started (every list done) to ready.
 //! 2. Event storm: 1,000 EndpointSlice changes (one per Service) spread
 //!    over one second; count the snapshot versions the control plane
 //!    published and the versions an agent applied, and time until the last
 //!    agent holds the last change (agents follow their state watch).
 //!
 //! The control plane runs in its own process so that its memory is its
-//! own; the stand-in and the agents share the other core.
+//! own; the stand-in and the agents share the other core. `--agents 0`
+//! measures the initial sync only.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -26,7 +33,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
 use switchyard_agent::dataplane::{NoneDataPlane, Recorded};
-use switchyard_integration_tests::apiserver::{FakeApiServer, Kind, ServerConfig, Store};
+use switchyard_integration_tests::apiserver::{FakeApiServer, Kind, Served, ServerConfig, Store};
+use switchyard_integration_tests::bench::proc_cpu_seconds;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +52,7 @@ struct Cli {
     /// Nodes.
     #[arg(long, default_value_t = 100)]
     nodes: usize,
-    /// Agents (in this process).
+    /// Agents (in this process); 0: the initial sync only, no storms.
     #[arg(long, default_value_t = 5)]
     agents: usize,
     /// Endpoint changes per storm.
@@ -163,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         .join("switchyard-control-plane");
     let grpc = reserve_port().await?;
     let admin = reserve_port().await?;
+    let cpu_standin = proc_cpu_seconds("self");
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&cp_bin)
         .args([
@@ -206,9 +215,40 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let sync_time = started.elapsed();
+    let ready_at = Instant::now();
     let hwm_sync = proc_status_kib(pid, "VmHWM");
     let rss_sync = proc_status_kib(pid, "VmRSS");
+    let cpu_standin = proc_cpu_seconds("self") - cpu_standin;
+    let cpu_cp = proc_cpu_seconds(&pid.to_string());
     eprintln!("ready after {sync_time:?}, VmHWM {hwm_sync} KiB, VmRSS {rss_sync} KiB");
+
+    // The initial sync's rows now: a later phase that fails keeps them.
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| initial sync: {} Services + {} EndpointSlices ({} endpoints each) + {} Nodes, spawn until `/readyz` 200 | {:.2} s |",
+        cli.services,
+        cli.services,
+        cli.endpoints,
+        cli.nodes,
+        sync_time.as_secs_f64()
+    );
+    println!(
+        "| control-plane memory at ready: peak (VmHWM) / resident (VmRSS) | {} / {} MiB |",
+        hwm_sync / 1024,
+        rss_sync / 1024
+    );
+    println!(
+        "| CPU from spawn to ready: stand-in (this process) / control plane | {cpu_standin:.2} / {cpu_cp:.2} s |"
+    );
+    for row in sync_breakdown(&api.served(), started, ready_at) {
+        println!("{row}");
+    }
+
+    if cli.agents == 0 {
+        child.kill().await.ok();
+        return Ok(());
+    }
 
     // Agents in this process.
     let mut agents = Vec::new();
@@ -308,21 +348,6 @@ async fn main() -> anyhow::Result<()> {
     let hwm_end = proc_status_kib(pid, "VmHWM");
     let rss_end = proc_status_kib(pid, "VmRSS");
 
-    println!("| measurement | value |");
-    println!("|---|---|");
-    println!(
-        "| initial sync: {} Services + {} EndpointSlices ({} endpoints each) + {} Nodes, spawn until `/readyz` 200 | {:.2} s |",
-        cli.services,
-        cli.services,
-        cli.endpoints,
-        cli.nodes,
-        sync_time.as_secs_f64()
-    );
-    println!(
-        "| control-plane memory at ready: peak (VmHWM) / resident (VmRSS) | {} / {} MiB |",
-        hwm_sync / 1024,
-        rss_sync / 1024
-    );
     println!(
         "| {} agents hold all {} Services, after ready | {:.2} s |",
         cli.agents,
@@ -357,6 +382,54 @@ async fn main() -> anyhow::Result<()> {
     );
     child.kill().await.ok();
     Ok(())
+}
+
+/// Table rows saying where the initial sync's time went, from the
+/// stand-in's log: per kind listed, the pages, the stand-in's time to
+/// answer them and the rest of the list (the client's: transfer, decode,
+/// the source's handling of each page before it asks for the next); then
+/// spawn until the first list, and the last list's end until ready.
+fn sync_breakdown(served: &[Served], started: Instant, ready: Instant) -> Vec<String> {
+    let secs = |d: Duration| d.as_secs_f64();
+    let mut rows = Vec::new();
+    let mut first_list: Option<Instant> = None;
+    let mut lists_done: Option<Instant> = None;
+    for kind in ["services", "endpointslices", "nodes"] {
+        let pages: Vec<&Served> = served
+            .iter()
+            .filter(|s| s.at < ready && s.request == format!("LIST {kind}"))
+            .collect();
+        let (Some(first), Some(last)) = (pages.first(), pages.last()) else {
+            continue;
+        };
+        // The watch that follows the list: the client has handled its last page.
+        let watch = served
+            .iter()
+            .find(|s| s.at >= last.at && s.request == format!("WATCH {kind}"))
+            .map_or(ready, |w| w.at);
+        let standin: Duration = pages.iter().map(|p| p.took).sum();
+        let whole = watch.saturating_duration_since(first.at);
+        let items: usize = pages.iter().map(|p| p.items).sum();
+        let bytes: usize = pages.iter().map(|p| p.bytes).sum();
+        first_list = Some(first_list.map_or(first.at, |f| f.min(first.at)));
+        lists_done = Some(lists_done.map_or(watch, |d| d.max(watch)));
+        rows.push(format!(
+            "| list of {kind}: {} pages, {items} objects, {:.0} MiB: first page until the watch starts (the stand-in answering / the rest) | {:.2} s ({:.2} / {:.2} s) |",
+            pages.len(),
+            bytes as f64 / (1024.0 * 1024.0),
+            secs(whole),
+            secs(standin),
+            secs(whole.saturating_sub(standin)),
+        ));
+    }
+    if let (Some(first), Some(done)) = (first_list, lists_done) {
+        rows.push(format!(
+            "| spawn until the first list request / every list done until ready | {:.2} / {:.2} s |",
+            secs(first.saturating_duration_since(started)),
+            secs(ready.saturating_duration_since(done)),
+        ));
+    }
+    rows
 }
 
 async fn reserve_port() -> anyhow::Result<String> {
