@@ -331,7 +331,12 @@ fn stale_udp_flows_are_cleared_after_partial_and_full_syncs() {
     for i in 0..10 {
         ns.sh(&format!("bash -c 'echo x > /dev/udp/10.96.0.{}/53'", i + 1));
     }
-    assert_eq!(ns.sh("conntrack -L -p udp 2>/dev/null").lines().count(), 10);
+    let flows = ns.sh("conntrack -L -p udp 2>/dev/null");
+    assert_eq!(
+        flows.lines().count(),
+        10,
+        "one UDP flow per Service (is the conntrack tool installed? .ci/run installs it): {flows}"
+    );
 
     // Five Services move every endpoint in one update: their flows go
     // (through netlink, inside this namespace), the others stay.

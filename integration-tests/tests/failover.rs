@@ -57,11 +57,25 @@ impl Drop for CpProcess {
 }
 
 /// A port free on 127.0.0.1 now.
+/// A free port that no other test of this file was given. The kernel may
+/// hand a port just let go to the next bind to port 0, so two tests that
+/// start together could get the same one: the second control plane then
+/// fails to bind, its agent streams from the other test's control plane,
+/// and that test killing it resets the stream (seen once in 7 Dec's suite:
+/// "connection reset" where a ping timeout was expected).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn env() -> TestEnv {
