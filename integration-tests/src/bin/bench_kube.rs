@@ -75,7 +75,11 @@ struct Cli {
 fn slice(i: usize, generation: usize, endpoints: usize) -> Value {
     let eps: Vec<Value> = (0..endpoints)
         .map(|e| {
-            let n = i * endpoints + e + generation * 7;
+            // Each generation moves every address past the slice's own
+            // (by 7 for up to 7 endpoints, as always): by 7 with 10
+            // endpoints, the first new address was one the slice had, and
+            // the storm was seen as held before anything moved.
+            let n = i * endpoints + e + generation * endpoints.max(7);
             json!({"addresses": [format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255)],
                    "conditions": {"ready": true}, "nodeName": format!("node-{}", n % 100)})
         })
@@ -94,7 +98,10 @@ fn service(i: usize) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": format!("ns-{}", i % 20), "name": format!("svc-{i}")},
-        "spec": {"clusterIP": format!("10.96.{}.{}", (i >> 8) & 255, i & 255),
+        // From 10.96.0.1 on, through 10.96.0.0/12: wrapping at 65,536 (as
+        // before) gave a third of 100,000 Services another's IP, and only
+        // one Service per ClusterIP is served.
+        "spec": {"clusterIP": std::net::Ipv4Addr::from(0x0a60_0001 + i as u32).to_string(),
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
     })
 }
