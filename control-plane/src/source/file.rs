@@ -34,10 +34,11 @@
 //! directive, a `...` marker, anchors and aliases, a document that is not
 //! valid alone, totals near the limits) is parsed whole as one part, as
 //! before, so its limits and error messages are the same. A `*.json` file
-//! is read whole by `serde_json` (its parse alone is about ten times
+//! is read by `serde_json` (its parse alone is about ten times
 //! faster than the YAML parser's on the same objects, `bench_file_limits
 //! scale`), counted against the same
-//! limits as it is read; one that is not JSON but is YAML (JSON documents
+//! limits as it is read, and the items of a `List` are converted as they
+//! are read rather than after the whole file is one value; one that is not JSON but is YAML (JSON documents
 //! between `---` lines, a trailing comma, a comment) is read as YAML, as
 //! before; one that is neither is reported with JSON's error (`not valid
 //! JSON: expected value at line 4 column 1`). Every object's
@@ -402,6 +403,30 @@ struct FileObjects {
     warnings: Vec<ObjectError>,
     /// Kinds Switchyard does not read, counted (said once per file).
     other_kinds: BTreeMap<String, usize>,
+}
+
+impl FileObjects {
+    /// `other`'s objects after these.
+    fn append(&mut self, mut other: FileObjects) {
+        self.services.append(&mut other.services);
+        self.slices.append(&mut other.slices);
+        self.exports.append(&mut other.exports);
+        self.errors.append(&mut other.errors);
+        self.warnings.append(&mut other.warnings);
+        for (kind, n) in other.other_kinds {
+            *self.other_kinds.entry(kind).or_default() += n;
+        }
+    }
+}
+
+/// What one JSON document's items made as they were read.
+#[derive(Debug, Default)]
+struct Streamed {
+    objects: FileObjects,
+    /// Items converted.
+    taken: usize,
+    /// The first item kept for the end of the document, if any was.
+    first_kept: Option<usize>,
 }
 
 /// An object with the document it came from (`PATH#N`).
@@ -1259,7 +1284,27 @@ enum JsonError {
 
 /// The values of a JSON file (one, or several separated by whitespace),
 /// built as [`Value`]s while counted against `limits`.
+#[cfg(test)]
 fn parse_json(text: &str, limits: JsonLimits) -> Result<Vec<Value>, JsonError> {
+    parse_json_items(text, limits, &mut |_, _, _, item| Some(item))
+}
+
+/// What takes the items of a top-level JSON object as they are read:
+/// `(document, the object's keys read so far, item index, item)`; it
+/// returns the item to keep it in the document, or `None` when it has
+/// taken it.
+type ItemSink<'a> =
+    dyn FnMut(usize, &serde_json::Map<String, Value>, usize, Value) -> Option<Value> + 'a;
+
+/// [`parse_json`], with each item of a top-level object's `items` array
+/// handed to `sink` as soon as it is read: a `List` of 100,000 Services
+/// need not exist whole as one [`Value`] (2.4 GiB) before its first item
+/// is converted.
+fn parse_json_items(
+    text: &str,
+    limits: JsonLimits,
+    sink: &mut ItemSink<'_>,
+) -> Result<Vec<Value>, JsonError> {
     use serde::de::DeserializeSeed;
     let counter = JsonCounter {
         limits,
@@ -1282,7 +1327,12 @@ fn parse_json(text: &str, limits: JsonLimits) -> Result<Vec<Value>, JsonError> {
                 &limits.documents.to_string(),
             )));
         }
-        match JsonNode(&counter).deserialize(&mut de) {
+        let top = JsonTop {
+            counter: &counter,
+            document: docs.len(),
+            sink: &mut *sink,
+        };
+        match top.deserialize(&mut de) {
             Ok(v) => docs.push(v),
             Err(e) => {
                 return Err(match counter.breach.take() {
@@ -1333,6 +1383,156 @@ impl JsonCounter {
         };
         self.breach.set(Some(message.clone()));
         Err(E::custom(message))
+    }
+}
+
+/// A top-level JSON value, counted, whose `items` (when it is an object
+/// and they are an array) go to the sink one by one.
+struct JsonTop<'c, 's, 'a> {
+    counter: &'c JsonCounter,
+    document: usize,
+    sink: &'s mut ItemSink<'a>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonTop<'_, '_, '_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonTop<'_, '_, '_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        JsonNode(self.counter).visit_bool(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_i64(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_u64(v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_f64(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        JsonNode(self.counter).visit_str(v)
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        JsonNode(self.counter).visit_string(v)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        JsonNode(self.counter).visit_unit()
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        JsonNode(self.counter).visit_seq(seq)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.counter.count(0)?;
+        let mut object = serde_json::Map::new();
+        while let Some(k) = map.next_key_seed(JsonKey(self.counter))? {
+            if object.contains_key(&k) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {k:?}"
+                )));
+            }
+            let v = if k == "items" {
+                map.next_value_seed(JsonItems {
+                    counter: self.counter,
+                    document: self.document,
+                    head: &object,
+                    sink: &mut *self.sink,
+                })?
+            } else {
+                map.next_value_seed(JsonNode(self.counter))?
+            };
+            object.insert(k, v);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// The `items` of a top-level object: an array's elements go to the sink
+/// as they are read (those it gives back stay); anything else is a value.
+struct JsonItems<'c, 'h, 's, 'a> {
+    counter: &'c JsonCounter,
+    document: usize,
+    head: &'h serde_json::Map<String, Value>,
+    sink: &'s mut ItemSink<'a>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonItems<'_, '_, '_, '_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonItems<'_, '_, '_, '_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        JsonNode(self.counter).visit_bool(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_i64(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_u64(v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        JsonNode(self.counter).visit_f64(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        JsonNode(self.counter).visit_str(v)
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        JsonNode(self.counter).visit_string(v)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        JsonNode(self.counter).visit_unit()
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        JsonNode(self.counter).visit_map(map)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.counter.count(0)?;
+        let mut kept = Vec::new();
+        let mut i = 0;
+        while let Some(item) = seq.next_element_seed(JsonNode(self.counter))? {
+            if let Some(item) = (self.sink)(self.document, self.head, i, item) {
+                kept.push(item);
+            }
+            i += 1;
+        }
+        Ok(Value::Array(kept))
     }
 }
 
@@ -1885,12 +2085,77 @@ impl Parser<'_> {
     /// between `---` lines, a trailing comma, a comment) is read as YAML,
     /// as every manifest was before; when it is neither, the error is
     /// JSON's (with its line and column).
+    ///
+    /// The items of a `List` are converted as they are read, each dropped
+    /// once converted, when the item names its own kind (as `kubectl get
+    /// -o json` writes them, `items` before the list's `kind`) or the list's
+    /// kind came first (as the API server writes a `ServiceList`); from the
+    /// first item that can be neither, the rest wait for the end of the
+    /// document, in order. A document that turns out not to be a list drops
+    /// what its items made and is one object, as before.
     fn json(&self, path: &Path, text: &str) -> Result<Part, String> {
-        match parse_json(text, JSON_LIMITS) {
-            Ok(docs) => Ok(self.part_of(path, docs)),
+        let mut streamed: Vec<Streamed> = Vec::new();
+        let mut sink = |document: usize, head: &serde_json::Map<String, Value>, i, item: Value| {
+            if streamed.len() <= document {
+                streamed.resize_with(document + 1, Streamed::default);
+            }
+            let s = &mut streamed[document];
+            if s.first_kept.is_some() {
+                return Some(item);
+            }
+            let head_kind = head.get("kind").and_then(Value::as_str);
+            let list = head_kind.filter(|k| k.ends_with("List"));
+            let own = ["apiVersion", "kind"]
+                .iter()
+                .all(|f| item.get(f).is_some_and(Value::is_string));
+            if (head_kind.is_some() && list.is_none()) || !(own || list.is_some()) {
+                s.first_kept = Some(i);
+                return Some(item);
+            }
+            let defaults = list
+                .and_then(|k| k.strip_suffix("List"))
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    let api_version = head.get("apiVersion").and_then(Value::as_str);
+                    (api_version.unwrap_or_default(), k)
+                });
+            let at = format!("{}#{}", path.display(), document + 1);
+            let place = Place {
+                at: &at,
+                item: Some(i),
+            };
+            self.object(&place, &item, defaults, &mut s.objects);
+            s.taken += 1;
+            None
+        };
+        match parse_json_items(text, JSON_LIMITS, &mut sink) {
+            Ok(docs) => Ok(self.part_of_streamed(path, docs, streamed)),
             Err(JsonError::Limit(message)) => Err(message),
             Err(JsonError::Syntax(message)) => self.whole(path, text).map_err(|_| message),
         }
+    }
+
+    /// [`Self::part_of`] for a JSON file whose lists' items were (partly)
+    /// converted as they were read.
+    fn part_of_streamed(&self, path: &Path, docs: Vec<Value>, mut streamed: Vec<Streamed>) -> Part {
+        let mut part = Part {
+            documents: docs.len(),
+            ..Part::default()
+        };
+        for (n, doc) in docs.into_iter().enumerate() {
+            let at = format!("{}#{}", path.display(), n + 1);
+            let s = streamed.get_mut(n).map(std::mem::take).unwrap_or_default();
+            let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+            if s.taken > 0 && kind.ends_with("List") {
+                part.objects.append(s.objects);
+                self.list_items(&at, doc, s.first_kept.unwrap_or(0), &mut part.objects);
+            } else {
+                // Nothing taken, or not a list after all: what its items
+                // made is dropped and the document is read as before.
+                self.document(&at, doc, &mut part.objects);
+            }
+        }
+        part
     }
 
     /// The objects of a file's documents, as one part.
@@ -1964,6 +2229,32 @@ impl Parser<'_> {
             });
         for (i, item) in items.into_iter().enumerate() {
             self.object(&Place { at, item: Some(i) }, &item, defaults, out);
+        }
+    }
+
+    /// The items of list `doc` left after those converted as they were
+    /// read: the first of them is item `first` of the list.
+    fn list_items(&self, at: &str, doc: Value, first: usize, out: &mut FileObjects) {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let defaults = kind
+            .strip_suffix("List")
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                let api_version = doc
+                    .get("apiVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                (api_version, k)
+            });
+        let Some(Value::Array(items)) = doc.get("items") else {
+            return;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let place = Place {
+                at,
+                item: Some(first + i),
+            };
+            self.object(&place, item, defaults, out);
         }
     }
 
@@ -2650,6 +2941,72 @@ spec:
         assert!(one.errors.is_empty(), "{:?}", one.errors);
         let (empty, _, _e) = load_one("empty.json", " \n");
         assert!(empty.errors.is_empty() && empty.services.is_empty());
+    }
+
+    #[test]
+    fn a_json_lists_items_are_read_in_any_key_order() {
+        let svc = |name: &str, kind: bool| {
+            let head = if kind {
+                r#""apiVersion": "v1", "kind": "Service", "#
+            } else {
+                ""
+            };
+            format!(
+                r#"{{{head}"metadata": {{"name": "{name}", "namespace": "shop"}}, "spec": {{"ports": [{{"port": 80}}]}}}}"#
+            )
+        };
+        let names = |s: &SourceState| -> Vec<String> {
+            let mut n: Vec<String> = s.services.iter().map(|s| s.key.to_string()).collect();
+            n.sort();
+            n
+        };
+        // As the API server writes a typed list: its kind first, items without theirs.
+        let typed = format!(
+            r#"{{"kind": "ServiceList", "apiVersion": "v1", "items": [{}, {}]}}"#,
+            svc("a", false),
+            svc("b", false)
+        );
+        // The list's kind after its items: those without a kind wait for it,
+        // and so does every item after the first of them (in order).
+        let late = format!(
+            r#"{{"apiVersion": "v1", "items": [{}, {}, {}], "kind": "ServiceList"}}"#,
+            svc("a", true),
+            svc("b", false),
+            svc("c", true).replace("\"port\": 80", "\"port\": \"x\"")
+        );
+        for (what, text) in [("typed", &typed), ("kind last", &late)] {
+            let (state, _, _d) = load_one("l.json", text);
+            assert_eq!(
+                names(&state),
+                ["default/shop/a", "default/shop/b"],
+                "{what}: {:?}",
+                state.errors
+            );
+        }
+        // The bad item is named by its place in the list.
+        let (state, _, _d) = load_one("l.json", &late);
+        let [e] = state.errors.as_slice() else {
+            panic!("one error: {:?}", state.errors)
+        };
+        assert_eq!(
+            (e.object.as_str(), e.field.as_str()),
+            ("Service shop/c", "spec.ports[0].port"),
+            "{e:?}"
+        );
+        assert!(e.message.contains("#1 items[2]"), "{e:?}");
+        // Not a list after all: what its items made is dropped, and its
+        // `items` is an unknown field of the Service it is.
+        let not_a_list = format!(
+            r#"{{"apiVersion": "v1", "items": [{}], "kind": "Service", "metadata": {{"name": "x", "namespace": "shop"}}, "spec": {{"ports": [{{"port": 80}}]}}}}"#,
+            svc("inner", true)
+        );
+        let (state, _, _d) = load_one("l.json", &not_a_list);
+        assert_eq!(names(&state), ["default/shop/x"], "{:?}", state.errors);
+        assert!(
+            state.warnings.iter().any(|w| w.field == "items"),
+            "{:?}",
+            state.warnings
+        );
     }
 
     #[test]
