@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit and integration tests,
+# Runs the whole test suite: formatting, lints, API docs, unit and integration tests,
 # and the docker-compose testbed with real containers. This is the command
 # .ci/run calls; it needs only a Rust toolchain (no system protoc) plus the
 # system packages .ci/run installs, and a Docker engine for the testbed.
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The API docs build without a broken link or a stray bracket.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # The testbed test needs the image; a test cannot build it (cargo holds the
 # build directory while tests run), so it is built here.
 if docker info >/dev/null 2>&1; then

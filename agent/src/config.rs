@@ -201,7 +201,7 @@ pub struct Args {
 
     /// Names in ZONE go to these servers instead (repeatable; stub
     /// domains, as the kube-dns ConfigMap's `stubDomains` and CoreDNS's
-    /// `forward ZONE`): ZONE=IP[:PORT][,IP[:PORT]...]. The longest zone
+    /// `forward ZONE`): `ZONE=IP[:PORT][,IP[:PORT]...]`. The longest zone
     /// that holds a name wins.
     #[arg(long = "dns-forward", value_name = "ZONE=ADDR[,ADDR]", value_parser = parse_forward)]
     pub dns_forward: Vec<(String, Vec<SocketAddr>)>,
