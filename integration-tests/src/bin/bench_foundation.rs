@@ -51,8 +51,13 @@ fn deadline() -> Duration {
 /// Services per YAML file.
 const SERVICES_PER_FILE: usize = 100;
 
-/// Client streams that take their first full state at the same time.
-const SYNCING: usize = 32;
+/// Client streams that take their first full state at the same time
+/// (`--syncing`; 0: all of them).
+static SYNCING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(32);
+
+fn syncing() -> usize {
+    SYNCING.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "bench_foundation", about = "Snapshot protocol benchmarks")]
@@ -76,6 +81,11 @@ struct Cli {
     /// roles this run spawns).
     #[arg(long, default_value_t = 300, global = true)]
     deadline: u64,
+    /// Fleet streams that take their full state at the same time; 0: every
+    /// stream at once, as a control-plane restart with empty agents (passed
+    /// on to the fleet).
+    #[arg(long, default_value_t = 32, global = true)]
+    syncing: usize,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -121,6 +131,7 @@ enum Role {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     DEADLINE_SECS.store(cli.deadline, std::sync::atomic::Ordering::Relaxed);
+    SYNCING.store(cli.syncing, std::sync::atomic::Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -448,6 +459,7 @@ async fn fanout(cli: &Cli, streams: usize) -> anyhow::Result<serde_json::Value> 
     let url = format!("http://{}", cp.grpc_addr);
     let exe = std::env::current_exe()?;
     let mut fleet = tokio::process::Command::new(exe)
+        .args(["--syncing", &syncing().to_string()])
         .args(["clients", "--url", &url, "--count", &streams.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -964,10 +976,10 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
     // keepalive timeout to answer a PING and be cut off (seen with 1,000
     // streams); real agents each decode on their own node.
     // A storm connects everyone at once: their updates are empty.
-    let connecting = Arc::new(tokio::sync::Semaphore::new(if announce {
+    let connecting = Arc::new(tokio::sync::Semaphore::new(if announce || syncing() == 0 {
         count.max(1)
     } else {
-        SYNCING
+        syncing()
     }));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..count {
@@ -1012,6 +1024,7 @@ async fn clients(url: String, count: usize, announce: bool) -> anyhow::Result<()
 async fn run_role(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = tokio::process::Command::new(std::env::current_exe()?)
         .args(["--deadline", &deadline().as_secs().to_string()])
+        .args(["--syncing", &syncing().to_string()])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -1277,7 +1290,7 @@ async fn run_all(cli: &Cli) -> anyhow::Result<()> {
             &limit,
         ));
         rows.push(row(
-            format!("Fan-out: all {n} streams connected and ACKed the full state (at most {SYNCING} syncing at once)"),
+            format!("Fan-out: all {n} streams connected and ACKed the full state (at most {} syncing at once)", syncing()),
             format!(
                 "{:.0} ms{}",
                 f("initial_all_acked_ms"),
