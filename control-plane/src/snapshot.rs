@@ -135,8 +135,8 @@ pub struct Announcement<'s> {
     /// Names held at the snapshot's version: the snapshot's own, by
     /// [`address`].
     current: foldhash::HashMap<usize, &'s Arc<str>>,
-    /// The version of the snapshot it was taken in against.
-    against: Option<String>,
+    /// The snapshot it was taken in against.
+    against: Option<&'s Snapshot>,
     /// Names held at another version, or that the snapshot does not have.
     other: Vec<Arc<str>>,
     /// Entries announced, repeats included.
@@ -450,16 +450,11 @@ impl Snapshot {
         if entries.peek().is_none() {
             return;
         }
+        let against = *announced.against.get_or_insert(self);
         debug_assert!(
-            announced
-                .against
-                .as_ref()
-                .is_none_or(|v| *v == self.version),
+            std::ptr::eq(against, self),
             "an announcement is taken in against one snapshot"
         );
-        announced
-            .against
-            .get_or_insert_with(|| self.version.clone());
         let by_name = self.by_name();
         for (name, version) in entries {
             announced.entries += 1;
@@ -477,10 +472,7 @@ impl Snapshot {
     /// version, and every name it holds that the view does not have.
     pub fn delta_from_announcement(&self, announced: &Announcement, view: &View) -> Delta {
         debug_assert!(
-            announced
-                .against
-                .as_ref()
-                .is_none_or(|v| *v == self.version),
+            announced.against.is_none_or(|a| std::ptr::eq(a, self)),
             "an announcement is used with the snapshot it was taken in against"
         );
         let mut delta = Delta::default();

@@ -1386,6 +1386,44 @@ impl JsonCounter {
     }
 }
 
+/// The visitor methods of a counted JSON value that are the same for
+/// every seed here: a scalar is a [`Value`], counted as [`JsonNode`] counts it.
+macro_rules! json_scalars_as_values {
+    () => {
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+            JsonNode(self.counter).visit_bool(v)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+            JsonNode(self.counter).visit_i64(v)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+            JsonNode(self.counter).visit_u64(v)
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+            JsonNode(self.counter).visit_f64(v)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+            JsonNode(self.counter).visit_str(v)
+        }
+
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+            JsonNode(self.counter).visit_string(v)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+            JsonNode(self.counter).visit_unit()
+        }
+    };
+}
+
 /// A top-level JSON value, counted, whose `items` (when it is an object
 /// and they are an array) go to the sink one by one.
 struct JsonTop<'c, 's, 'a> {
@@ -1405,64 +1443,30 @@ impl<'de> serde::de::DeserializeSeed<'de> for JsonTop<'_, '_, '_> {
 impl<'de> serde::de::Visitor<'de> for JsonTop<'_, '_, '_> {
     type Value = Value;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
-        JsonNode(self.counter).visit_bool(v)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_i64(v)
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_u64(v)
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_f64(v)
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
-        JsonNode(self.counter).visit_str(v)
-    }
-
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
-        JsonNode(self.counter).visit_string(v)
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        JsonNode(self.counter).visit_unit()
-    }
+    json_scalars_as_values!();
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
         JsonNode(self.counter).visit_seq(seq)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        self.counter.count(0)?;
-        let mut object = serde_json::Map::new();
-        while let Some(k) = map.next_key_seed(JsonKey(self.counter))? {
-            if object.contains_key(&k) {
-                return Err(serde::de::Error::custom(format_args!(
-                    "duplicate key {k:?}"
-                )));
-            }
-            let v = if k == "items" {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        let JsonTop {
+            counter,
+            document,
+            sink,
+        } = self;
+        read_object(counter, map, |key, head, map| {
+            if key == "items" {
                 map.next_value_seed(JsonItems {
-                    counter: self.counter,
-                    document: self.document,
-                    head: &object,
-                    sink: &mut *self.sink,
-                })?
+                    counter,
+                    document,
+                    head,
+                    sink: &mut *sink,
+                })
             } else {
-                map.next_value_seed(JsonNode(self.counter))?
-            };
-            object.insert(k, v);
-        }
-        Ok(Value::Object(object))
+                map.next_value_seed(JsonNode(counter))
+            }
+        })
     }
 }
 
@@ -1486,37 +1490,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for JsonItems<'_, '_, '_, '_> {
 impl<'de> serde::de::Visitor<'de> for JsonItems<'_, '_, '_, '_> {
     type Value = Value;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
-        JsonNode(self.counter).visit_bool(v)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_i64(v)
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_u64(v)
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
-        JsonNode(self.counter).visit_f64(v)
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
-        JsonNode(self.counter).visit_str(v)
-    }
-
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
-        JsonNode(self.counter).visit_string(v)
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        JsonNode(self.counter).visit_unit()
-    }
+    json_scalars_as_values!();
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
         JsonNode(self.counter).visit_map(map)
@@ -1627,22 +1601,35 @@ impl<'de> serde::de::Visitor<'de> for JsonNode<'_> {
         Ok(Value::Array(items))
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        self.0.count(0)?;
-        let mut object = serde_json::Map::new();
-        while let Some(k) = map.next_key_seed(JsonKey(self.0))? {
-            // Refused, as the YAML parser refuses them (serde_json's own
-            // `Value` would keep the last).
-            if object.contains_key(&k) {
-                return Err(serde::de::Error::custom(format_args!(
-                    "duplicate key {k:?}"
-                )));
-            }
-            let v = map.next_value_seed(JsonNode(self.0))?;
-            object.insert(k, v);
-        }
-        Ok(Value::Object(object))
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        let counter = self.0;
+        read_object(counter, map, |_, _, map| {
+            map.next_value_seed(JsonNode(counter))
+        })
     }
+}
+
+/// A JSON object, counted, each value read by `value` (given its key, the
+/// keys and values read before it, and the map).
+fn read_object<'de, A: serde::de::MapAccess<'de>>(
+    counter: &JsonCounter,
+    mut map: A,
+    mut value: impl FnMut(&str, &serde_json::Map<String, Value>, &mut A) -> Result<Value, A::Error>,
+) -> Result<Value, A::Error> {
+    counter.count(0)?;
+    let mut object = serde_json::Map::new();
+    while let Some(k) = map.next_key_seed(JsonKey(counter))? {
+        // Refused, as the YAML parser refuses them (serde_json's own
+        // `Value` would keep the last).
+        if object.contains_key(&k) {
+            return Err(serde::de::Error::custom(format_args!(
+                "duplicate key {k:?}"
+            )));
+        }
+        let v = value(&k, &object, &mut map)?;
+        object.insert(k, v);
+    }
+    Ok(Value::Object(object))
 }
 
 /// serde's "invalid type: string \"80\", expected i32" as an operator
