@@ -239,6 +239,7 @@ pub fn service(cluster: &str, svc: &core::Service) -> Result<Service, Validation
             .find(|l| labels.contains_key(*l))
             .map(str::to_owned)
     });
+    out.shrink_to_fit();
 
     errs.finish(out)
 }
@@ -305,6 +306,10 @@ pub fn endpoint_slice(
         }
     };
 
+    // Exact capacities: a slice's endpoints are most of a large state, and
+    // a vector grown by pushes holds up to twice what it keeps (16
+    // endpoints' room for 10).
+    out.endpoints = Vec::with_capacity(slice.endpoints.len());
     for (i, e) in slice.endpoints.iter().enumerate() {
         out.endpoints.push(convert_endpoint(i, e, &mut errs));
     }
@@ -324,6 +329,7 @@ pub fn endpoint_slice(
 
     out.trigger_time_unix_nanos = trigger_time(&slice.metadata);
 
+    out.shrink_to_fit();
     let out = errs.finish(out)?;
     out.validate(&service)?;
     Ok(Some(SourceSlice {
@@ -476,12 +482,14 @@ fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> O
 }
 
 fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> Endpoint {
-    let addresses = e
-        .addresses
-        .iter()
-        .enumerate()
-        .filter_map(|(j, a)| parse_ip(a, || format!("endpoints[{i}].addresses[{j}]"), errs))
-        .collect();
+    let mut addresses = Vec::with_capacity(e.addresses.len());
+    for (j, a) in e.addresses.iter().enumerate() {
+        addresses.extend(parse_ip(
+            a,
+            || format!("endpoints[{i}].addresses[{j}]"),
+            errs,
+        ));
+    }
     let conditions = e
         .conditions
         .as_ref()
@@ -661,6 +669,37 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn converted_objects_keep_no_room_beyond_what_they_hold() {
+        // Most of a large state is endpoints: a vector grown by pushes
+        // would hold 16 for 10, and room for 4 addresses beside each one.
+        let endpoints: Vec<_> = (0..10)
+            .map(|i| json!({"addresses": [format!("10.0.0.{i}")], "hints": {"forZones": [{"name": "a"}]}}))
+            .collect();
+        let slice = mk_slice(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080}],
+        }));
+        let slice = endpoint_slice("c", &slice)
+            .expect("valid")
+            .expect("IPv4")
+            .slice;
+        assert_eq!(slice.endpoints.len(), 10);
+        assert_eq!(slice.endpoints.capacity(), 10);
+        assert_eq!(slice.ports.capacity(), 1);
+        for e in &slice.endpoints {
+            assert_eq!((e.addresses.capacity(), e.hint_zones.capacity()), (1, 1));
+        }
+        let svc = mk_service(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80}]},
+        }));
+        let svc = service("c", &svc).expect("valid");
+        assert_eq!((svc.cluster_ips.capacity(), svc.ports.capacity()), (1, 1));
     }
 
     #[test]

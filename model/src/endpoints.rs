@@ -102,6 +102,21 @@ impl EndpointSlice {
         object_name("EndpointSlice", &key)
     }
 
+    /// Gives back the room its vectors grew beyond what they hold.
+    /// Conversions build slices by pushing, which leaves up to twice the
+    /// room they use (16 endpoints' worth for 10, 4 addresses' for one):
+    /// the endpoints are most of a large state, so every conversion that
+    /// keeps a slice calls this.
+    pub fn shrink_to_fit(&mut self) {
+        self.endpoints.shrink_to_fit();
+        for e in &mut self.endpoints {
+            e.addresses.shrink_to_fit();
+            e.hint_zones.shrink_to_fit();
+            e.hint_nodes.shrink_to_fit();
+        }
+        self.ports.shrink_to_fit();
+    }
+
     /// The port endpoints of this slice use for the Service port `name`/`protocol`.
     pub fn port_for(&self, name: &str, protocol: Protocol) -> Option<u16> {
         self.ports

@@ -366,6 +366,17 @@ impl Service {
         }
     }
 
+    /// Gives back the room its vectors grew beyond what they hold (see
+    /// [`EndpointSlice::shrink_to_fit`](crate::EndpointSlice::shrink_to_fit)).
+    pub fn shrink_to_fit(&mut self) {
+        self.cluster_ips.shrink_to_fit();
+        self.ports.shrink_to_fit();
+        self.external_ips.shrink_to_fit();
+        self.load_balancer_ips.shrink_to_fit();
+        self.load_balancer_source_ranges.shrink_to_fit();
+        self.requested_ip_families.shrink_to_fit();
+    }
+
     /// How errors name this object: `Service namespace/name` (with the cluster
     /// when it is not the default one).
     pub fn object_name(&self) -> String {
@@ -575,6 +586,16 @@ impl ServiceState {
     /// Puts the slices in canonical (name) order so equal content compares and hashes equal.
     pub fn normalize(&mut self) {
         self.slices.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    /// Gives back the room every vector in it grew beyond what it holds
+    /// (see [`EndpointSlice::shrink_to_fit`](crate::EndpointSlice::shrink_to_fit)).
+    pub fn shrink_to_fit(&mut self) {
+        self.service.shrink_to_fit();
+        self.slices.shrink_to_fit();
+        self.slices
+            .iter_mut()
+            .for_each(EndpointSlice::shrink_to_fit);
     }
 }
 

@@ -187,6 +187,7 @@ pub fn decode_state(
             .collect::<Result<_, _>>()?,
     };
     out.normalize();
+    out.shrink_to_fit();
     out.validate().map_err(|source| DecodeError::Invalid {
         resource: resource.to_owned(),
         source,
@@ -466,6 +467,15 @@ mod tests {
         let wire = encode_state(&state);
         let back = decode_state("east/shop/web", &wire).expect("decodes");
         assert_eq!(back, state);
+        // Decoded by collecting: no room kept beyond what is held.
+        let s = &back.slices[0];
+        assert_eq!(s.endpoints.capacity(), s.endpoints.len());
+        assert!(
+            s.endpoints
+                .iter()
+                .all(|e| e.addresses.capacity() == e.addresses.len())
+        );
+        assert_eq!(back.service.ports.capacity(), back.service.ports.len());
     }
 
     #[test]
