@@ -789,8 +789,13 @@ impl Loader {
         {
             return None;
         }
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
+        let read = if is_json(path) {
+            self.parser().json_file(path)
+        } else {
+            std::fs::read(path).map(|bytes| Fetched::Bytes(bytes, None))
+        };
+        let read = match read {
+            Ok(read) => read,
             // Removed since it was listed: the next event will tell.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
@@ -802,22 +807,36 @@ impl Loader {
                 return None;
             }
         };
-        let content = Content::of(path, &bytes);
-        let entry = self.entry(path);
-        entry.seen = stat.map(|s| (s, read_at));
-        if entry.digest == content.digest {
-            return None;
-        }
-        entry.digest = content.digest;
-        let parser = Parser {
-            source: &self.source,
-            cluster: &self.cluster,
-            cluster_annotation: self.cluster_annotation,
+        let parsed = match read {
+            Fetched::Bytes(bytes, not_json) => {
+                let mut content = Content::of(path, &bytes);
+                content.not_json = not_json;
+                if !self.note_digest(path, stat, read_at, content.digest) {
+                    return None;
+                }
+                let parser = Parser {
+                    source: &self.source,
+                    cluster: &self.cluster,
+                    cluster_annotation: self.cluster_annotation,
+                };
+                let entry = self.files.get_mut(path)?;
+                parser.parts(path, content, &mut entry.parts)
+            }
+            Fetched::Json(digest, part) => {
+                if !self.note_digest(path, stat, read_at, digest) {
+                    return None;
+                }
+                part.map(|part| (vec![*part], vec![None]))
+            }
         };
+        let kinds = parsed
+            .as_ref()
+            .ok()
+            .and_then(|(parts, _)| self.parser().kinds(path, parts));
         let entry = self.files.get_mut(path)?;
-        match parser.parts(path, content, &mut entry.parts) {
+        match parsed {
             Ok((parts, reused)) => {
-                entry.kinds = parser.kinds(path, &parts);
+                entry.kinds = kinds;
                 entry.noted = parts.iter().any(|p| {
                     let o = &p.objects;
                     !(o.errors.is_empty() && o.warnings.is_empty() && o.exports.is_empty())
@@ -836,6 +855,32 @@ impl Loader {
                 None
             }
         }
+    }
+
+    fn parser(&self) -> Parser<'_> {
+        Parser {
+            source: &self.source,
+            cluster: &self.cluster,
+            cluster_annotation: self.cluster_annotation,
+        }
+    }
+
+    /// Notes that the file at `path` was read with `stat` at `read_at` and
+    /// holds `digest`; whether that is new (its content is to be used).
+    fn note_digest(
+        &mut self,
+        path: &Path,
+        stat: Option<Stat>,
+        read_at: SystemTime,
+        digest: [u8; 32],
+    ) -> bool {
+        let entry = self.entry(path);
+        entry.seen = stat.map(|s| (s, read_at));
+        if entry.digest == digest {
+            return false;
+        }
+        entry.digest = digest;
+        true
     }
 
     /// The file at `path`, known from now on.
@@ -1286,7 +1331,20 @@ enum JsonError {
 /// built as [`Value`]s while counted against `limits`.
 #[cfg(test)]
 fn parse_json(text: &str, limits: JsonLimits) -> Result<Vec<Value>, JsonError> {
-    parse_json_items(text, limits, &mut |_, _, _, item| Some(item))
+    if json_is_blank(text) {
+        return Ok(Vec::new());
+    }
+    parse_json_items(
+        serde_json::Deserializer::from_str(text.trim_start_matches('\u{feff}')),
+        limits,
+        &mut |_, _, _, item| Some(item),
+    )
+}
+
+/// Whether a JSON text holds nothing but byte-order marks and blanks.
+fn json_is_blank(text: &str) -> bool {
+    text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n'])
+        .is_empty()
 }
 
 /// What takes the items of a top-level JSON object as they are read:
@@ -1300,8 +1358,10 @@ type ItemSink<'a> =
 /// handed to `sink` as soon as it is read: a `List` of 100,000 Services
 /// need not exist whole as one [`Value`] (2.4 GiB) before its first item
 /// is converted.
-fn parse_json_items(
-    text: &str,
+/// The input is a text or a reader (`de`), at least one value, past any
+/// byte-order mark.
+fn parse_json_items<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
     limits: JsonLimits,
     sink: &mut ItemSink<'_>,
 ) -> Result<Vec<Value>, JsonError> {
@@ -1313,13 +1373,6 @@ fn parse_json_items(
         breach: std::cell::Cell::new(None),
     };
     let mut docs = Vec::new();
-    if text
-        .trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n'])
-        .is_empty()
-    {
-        return Ok(docs);
-    }
-    let mut de = serde_json::Deserializer::from_str(text.trim_start_matches('\u{feff}'));
     loop {
         if docs.len() == limits.documents {
             return Err(JsonError::Limit(over_limit(
@@ -1788,6 +1841,30 @@ pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceStat
     Ok(state)
 }
 
+/// A file as [`Loader::read_file`] has it.
+enum Fetched {
+    /// Its bytes, to be parsed; with `serde_json`'s error when it was
+    /// already read as JSON and is not.
+    Bytes(Vec<u8>, Option<String>),
+    /// A `*.json` file parsed as it was read: its digest, and its one part
+    /// or why it is not used.
+    Json([u8; 32], Result<Box<Part>, String>),
+}
+
+/// A reader that hashes what it reads.
+struct Hashing<'h, R> {
+    inner: R,
+    hasher: &'h mut Sha256,
+}
+
+impl<R: io::Read> io::Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// One document of a file as parsed, or the whole file when it does not
 /// split into documents.
 #[derive(Debug, Default)]
@@ -1837,6 +1914,9 @@ struct Content<'a> {
     text: Result<&'a str, String>,
     /// Whether the file is named `*.json`: read by `serde_json`, whole.
     json: bool,
+    /// `serde_json`'s error when the file was already read as JSON and is
+    /// not: it is then read as YAML only, with this message if not that either.
+    not_json: Option<String>,
     pieces: Option<Vec<(&'a str, [u8; 32])>>,
     digest: [u8; 32],
 }
@@ -1870,6 +1950,7 @@ impl<'a> Content<'a> {
         Self {
             text,
             json,
+            not_json: None,
             pieces,
             digest,
         }
@@ -1979,7 +2060,10 @@ impl Parser<'_> {
     ) -> Result<(Vec<Part>, Vec<Option<usize>>), String> {
         let text = content.text?;
         if content.json {
-            let part = self.json(path, text)?;
+            let part = match content.not_json {
+                Some(message) => self.whole(path, text).map_err(|_| message)?,
+                None => self.json(path, text)?,
+            };
             return Ok((vec![part], vec![None]));
         }
         let plan = content.pieces.and_then(|p| self.split(path, &p, old));
@@ -2081,6 +2165,64 @@ impl Parser<'_> {
     /// document, in order. A document that turns out not to be a list drops
     /// what its items made and is one object, as before.
     fn json(&self, path: &Path, text: &str) -> Result<Part, String> {
+        if json_is_blank(text) {
+            return Ok(Part::default());
+        }
+        let de = serde_json::Deserializer::from_str(text.trim_start_matches('\u{feff}'));
+        match self.json_items(path, de) {
+            Ok(part) => Ok(part),
+            Err(JsonError::Limit(message)) => Err(message),
+            Err(JsonError::Syntax(message)) => self.whole(path, text).map_err(|_| message),
+        }
+    }
+
+    /// A `*.json` file read from disk as it is parsed, so that an export of
+    /// hundreds of megabytes is never held whole beside what it converts to
+    /// (the text of 100,000 Services as a `List` is 224 MB, more than the
+    /// objects it makes). Hashed as it is read. A file that starts with
+    /// nothing but blanks (empty, or all but empty) or is not JSON is read
+    /// whole and goes the way of [`Self::json`]'s text.
+    fn json_file(&self, path: &Path) -> io::Result<Fetched> {
+        use io::BufRead as _;
+        const BOM: &[u8] = "\u{feff}".as_bytes();
+        let mut hasher = Sha256::new();
+        let hashing = Hashing {
+            inner: std::fs::File::open(path)?,
+            hasher: &mut hasher,
+        };
+        // Given by value: `serde_json` reads a byte at a time, which
+        // `BufReader` serves from its buffer only when it is not behind a
+        // reference (a tenth of the load's time otherwise).
+        let mut reader = io::BufReader::with_capacity(1 << 16, hashing);
+        while reader.fill_buf()?.starts_with(BOM) {
+            reader.consume(BOM.len());
+        }
+        let buffer = reader.fill_buf()?;
+        if buffer.iter().all(|b| b" \t\r\n".contains(b)) {
+            return Ok(Fetched::Bytes(std::fs::read(path)?, None));
+        }
+        // Once parsed whole, the reader has read the file to its end and
+        // the hash has seen all of it; a file not read to its end (an
+        // error) is hashed again, whole.
+        let parsed = self.json_items(path, serde_json::Deserializer::from_reader(reader));
+        Ok(match parsed {
+            Ok(part) => Fetched::Json(hasher.finalize().into(), Ok(Box::new(part))),
+            Err(JsonError::Limit(message)) => {
+                let whole = Sha256::digest(std::fs::read(path)?).into();
+                Fetched::Json(whole, Err(message))
+            }
+            Err(JsonError::Syntax(message)) => Fetched::Bytes(std::fs::read(path)?, Some(message)),
+        })
+    }
+
+    /// The documents of a JSON input, past any byte-order mark, into one
+    /// part: the items of a `List` converted as they are read (see
+    /// [`Self::json`]).
+    fn json_items<'de, R: serde_json::de::Read<'de>>(
+        &self,
+        path: &Path,
+        de: serde_json::Deserializer<R>,
+    ) -> Result<Part, JsonError> {
         let mut streamed: Vec<Streamed> = Vec::new();
         let mut sink = |document: usize, head: &serde_json::Map<String, Value>, i, item: Value| {
             if streamed.len() <= document {
@@ -2115,11 +2257,8 @@ impl Parser<'_> {
             s.taken += 1;
             None
         };
-        match parse_json_items(text, JSON_LIMITS, &mut sink) {
-            Ok(docs) => Ok(self.part_of_streamed(path, docs, streamed)),
-            Err(JsonError::Limit(message)) => Err(message),
-            Err(JsonError::Syntax(message)) => self.whole(path, text).map_err(|_| message),
-        }
+        let docs = parse_json_items(de, JSON_LIMITS, &mut sink)?;
+        Ok(self.part_of_streamed(path, docs, streamed))
     }
 
     /// [`Self::part_of`] for a JSON file whose lists' items were (partly)
@@ -2906,8 +3045,19 @@ spec:
         let single = serde_json::to_string_pretty(&values[0]).expect("json");
         let stream: String = values.iter().map(|v| format!("{v}\n")).collect();
         let dashes: String = values.iter().map(|v| format!("---\n{v}\n")).collect();
+        let pretty = serde_json::to_string_pretty(&list).expect("json");
         for (what, text) in [
-            ("a List", serde_json::to_string_pretty(&list).expect("json")),
+            ("a List", pretty.clone()),
+            // Files are read as a stream, past byte-order marks; one that
+            // starts with more blanks than a read holds is read whole.
+            (
+                "a List after byte-order marks",
+                format!("\u{feff}\u{feff}{pretty}"),
+            ),
+            (
+                "a List after 70,000 blanks",
+                format!("{}\n{pretty}", " ".repeat(70_000)),
+            ),
             ("values one after another", stream),
             ("values between --- lines (read as YAML)", dashes),
         ] {
@@ -2928,6 +3078,17 @@ spec:
         assert!(one.errors.is_empty(), "{:?}", one.errors);
         let (empty, _, _e) = load_one("empty.json", " \n");
         assert!(empty.errors.is_empty() && empty.services.is_empty());
+        // Bytes that are not UTF-8 in a string: said as such, as in YAML.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = single.into_bytes();
+        let at = bytes.iter().position(|b| *b == b'w').expect("a name");
+        bytes[at] = 0xff;
+        std::fs::write(dir.path().join("bad.json"), &bytes).expect("write");
+        let bad = loader(dir.path()).reload();
+        let [e] = bad.errors.as_slice() else {
+            panic!("{:?}", bad.errors);
+        };
+        assert!(e.message.starts_with("not UTF-8"), "{e:?}");
     }
 
     #[test]
@@ -3021,7 +3182,9 @@ spec:
         let (state, _, _d) = load_one("c.json", "{\"kind\": \"Service\",\n \"kind\": \"List\"}\n");
         assert_eq!(
             said(&state.errors)[0].2,
-            "not valid JSON: duplicate key \"kind\" at line 2 column 7"
+            // (read from the file as a stream, serde_json's column is one
+            // past the key's closing quote)
+            "not valid JSON: duplicate key \"kind\" at line 2 column 8"
         );
         // Nested deeper than serde_json allows: refused, not overflowed.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

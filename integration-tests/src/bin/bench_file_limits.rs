@@ -382,13 +382,20 @@ async fn child_load(dir: &Path, services: usize) -> anyhow::Result<()> {
             state.errors.first()
         );
     }
+    let (services_n, slices_n) = (state.services.len(), state.slices.len());
+    let (errors, warnings) = (state.errors.len(), state.warnings.len());
+    // What the slices alone hold: the state's heap with and without them.
+    let SourceState { slices, .. } = state;
+    drop(slices);
+    let without_slices = switchyard_heap::usage().map(|u| (u.in_use as f64 / 1_048_576.0).round());
+    let slices_mib = state_alone.zip(without_slices).map(|(a, b)| a - b);
     println!(
         "{}",
         json!({"load_ms": ms(elapsed).round(), "peak_mib": peak_mib().round(),
             "rss_when_synced_mib": rss.round(), "heap_in_use_when_synced_mib": heap.map(f64::round),
-            "heap_in_use_state_alone_mib": state_alone,
-            "services": state.services.len(), "slices": state.slices.len(),
-            "errors": state.errors.len(), "warnings": state.warnings.len()})
+            "heap_in_use_state_alone_mib": state_alone, "heap_in_use_slices_mib": slices_mib,
+            "services": services_n, "slices": slices_n,
+            "errors": errors, "warnings": warnings})
     );
     Ok(())
 }
