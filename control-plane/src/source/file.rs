@@ -36,7 +36,8 @@
 //! before, so its limits and error messages are the same. A `*.json` file
 //! is read by `serde_json` (its parse alone is about ten times
 //! faster than the YAML parser's on the same objects, `bench_file_limits
-//! scale`), counted against the same
+//! scale`), streamed from disk rather than held whole (hashed as it
+//! is read), counted against the same
 //! limits as it is read, and the items of a `List` are converted as they
 //! are read rather than after the whole file is one value; one that is not JSON but is YAML (JSON documents
 //! between `---` lines, a trailing comma, a comment) is read as YAML, as
@@ -1912,7 +1913,9 @@ impl Cost {
 /// splits into with their digests, and the digest of the whole.
 struct Content<'a> {
     text: Result<&'a str, String>,
-    /// Whether the file is named `*.json`: read by `serde_json`, whole.
+    /// Whether the file is named `*.json`: read by `serde_json` (from this
+    /// text when the loader did not stream it from disk, see
+    /// [`Parser::json_file`]).
     json: bool,
     /// `serde_json`'s error when the file was already read as JSON and is
     /// not: it is then read as YAML only, with this message if not that either.
