@@ -347,8 +347,8 @@ fn derives_hints(state: &ServiceState) -> Option<bool> {
 fn hints_of(ep: &Endpoint, derive: Option<bool>) -> Hints<'_> {
     match derive {
         None => Hints {
-            zones: ep.hint_zones.iter().map(String::as_str).collect(),
-            nodes: ep.hint_nodes.iter().map(String::as_str).collect(),
+            zones: ep.hint_zones.iter().map(AsRef::as_ref).collect(),
+            nodes: ep.hint_nodes.iter().map(AsRef::as_ref).collect(),
             cluster: None,
         },
         // The controller hints ready endpoints only.

@@ -640,8 +640,8 @@ pub fn import(
                 .retain(|p| !refused.contains(&(p.name.as_str(), p.protocol)));
             for ep in &mut slice.endpoints {
                 // Hints are for the zones of the endpoint's own cluster.
-                ep.hint_zones.clear();
-                ep.hint_nodes.clear();
+                ep.hint_zones = Box::default();
+                ep.hint_nodes = Box::default();
             }
             slices.push(slice);
         }
@@ -983,7 +983,7 @@ mod tests {
                 name: "web-1".into(),
                 endpoints: vec![Endpoint {
                     addresses: vec![ip.parse().expect("ip")],
-                    hint_zones: vec!["z1".into()],
+                    hint_zones: ["z1".into()].into(),
                     ..Endpoint::default()
                 }],
                 ports: ports

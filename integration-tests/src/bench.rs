@@ -210,7 +210,7 @@ pub fn service(i: usize, generation: u32) -> ServiceState {
             };
             Endpoint {
                 addresses: vec![ip.parse().expect("ip")],
-                node_name: Some(format!("node-{}", e % 5)),
+                node_name: Some(format!("node-{}", e % 5).into()),
                 ..Endpoint::default()
             }
         })

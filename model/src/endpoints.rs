@@ -47,18 +47,18 @@ pub struct Endpoint {
     /// Ready / serving / terminating.
     pub conditions: EndpointConditions,
     /// `hostname`, used by headless-Service DNS records.
-    pub hostname: Option<String>,
+    pub hostname: Option<Box<str>>,
     /// The Pod its `targetRef` names (kind Pod), for DNS names of headless
     /// endpoints without a hostname (CoreDNS's `endpoint_pod_names`).
-    pub pod_name: Option<String>,
+    pub pod_name: Option<Box<str>>,
     /// `nodeName`, for traffic policy Local.
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
     /// `zone`, for topology-aware routing.
-    pub zone: Option<String>,
+    pub zone: Option<Box<str>>,
     /// `hints.forZones[].name`.
-    pub hint_zones: Vec<String>,
+    pub hint_zones: Box<[Box<str>]>,
     /// `hints.forNodes[].name`.
-    pub hint_nodes: Vec<String>,
+    pub hint_nodes: Box<[Box<str>]>,
 }
 
 /// One entry of a slice's `ports`: the number the endpoints of this slice
@@ -111,8 +111,6 @@ impl EndpointSlice {
         self.endpoints.shrink_to_fit();
         for e in &mut self.endpoints {
             e.addresses.shrink_to_fit();
-            e.hint_zones.shrink_to_fit();
-            e.hint_nodes.shrink_to_fit();
         }
         self.ports.shrink_to_fit();
     }

@@ -109,12 +109,12 @@ fn encode_slice(s: &m::EndpointSlice) -> v1::EndpointSlice {
                 ready: e.conditions.ready,
                 serving: e.conditions.serving,
                 terminating: e.conditions.terminating,
-                hostname: e.hostname.clone().unwrap_or_default(),
-                target_pod: e.pod_name.clone().unwrap_or_default(),
-                node_name: e.node_name.clone().unwrap_or_default(),
-                zone: e.zone.clone().unwrap_or_default(),
-                hint_zones: e.hint_zones.clone(),
-                hint_nodes: e.hint_nodes.clone(),
+                hostname: e.hostname.as_deref().unwrap_or_default().to_owned(),
+                target_pod: e.pod_name.as_deref().unwrap_or_default().to_owned(),
+                node_name: e.node_name.as_deref().unwrap_or_default().to_owned(),
+                zone: e.zone.as_deref().unwrap_or_default().to_owned(),
+                hint_zones: strings(&e.hint_zones),
+                hint_nodes: strings(&e.hint_nodes),
             })
             .collect(),
         ports: s
@@ -308,12 +308,12 @@ impl Decoder<'_> {
                         serving: e.serving,
                         terminating: e.terminating,
                     },
-                    hostname: non_empty(&e.hostname),
-                    pod_name: non_empty(&e.target_pod),
-                    node_name: non_empty(&e.node_name),
-                    zone: non_empty(&e.zone),
-                    hint_zones: e.hint_zones.clone(),
-                    hint_nodes: e.hint_nodes.clone(),
+                    hostname: non_empty(&e.hostname).map(Into::into),
+                    pod_name: non_empty(&e.target_pod).map(Into::into),
+                    node_name: non_empty(&e.node_name).map(Into::into),
+                    zone: non_empty(&e.zone).map(Into::into),
+                    hint_zones: e.hint_zones.iter().map(|z| z.as_str().into()).collect(),
+                    hint_nodes: e.hint_nodes.iter().map(|n| n.as_str().into()).collect(),
                 })
             })
             .collect::<Result<_, DecodeError>>()?;
@@ -447,8 +447,8 @@ mod tests {
                     pod_name: Some("web-0".into()),
                     node_name: Some("n1".into()),
                     zone: Some("z1".into()),
-                    hint_zones: vec!["z1".into()],
-                    hint_nodes: vec![],
+                    hint_zones: ["z1".into()].into(),
+                    hint_nodes: Box::default(),
                 }],
                 ports: vec![m::EndpointPort {
                     name: "http".into(),

@@ -53,7 +53,7 @@ fn endpoint(addr: &str, hostname: Option<&str>, ready: bool) -> Endpoint {
             ready,
             ..EndpointConditions::default()
         },
-        hostname: hostname.map(String::from),
+        hostname: hostname.map(Box::from),
         ..Endpoint::default()
     }
 }

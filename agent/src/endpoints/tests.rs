@@ -33,12 +33,12 @@ fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
 }
 
 fn zones(mut e: Endpoint, z: &[&str]) -> Endpoint {
-    e.hint_zones = z.iter().map(|s| s.to_string()).collect();
+    e.hint_zones = z.iter().map(|s| Box::from(*s)).collect();
     e
 }
 
 fn nodes(mut e: Endpoint, n: &[&str]) -> Endpoint {
-    e.hint_nodes = n.iter().map(|s| s.to_string()).collect();
+    e.hint_nodes = n.iter().map(|s| Box::from(*s)).collect();
     e
 }
 
@@ -239,7 +239,7 @@ fn traffic_distribution_derives_hints_when_none_are_given() {
     assert_eq!(ips(&p.cluster_endpoints), ["10.244.1.1"]);
     // Hints given by the EndpointSlice controller are taken as they are.
     let mut s = with("PreferSameNode");
-    s.slices[0].endpoints[2].hint_zones = vec!["zone-b".into()];
+    s.slices[0].endpoints[2].hint_zones = ["zone-b".into()].into();
     assert_eq!(one(&s).topology, Topology::Any, "others lack hints");
 }
 

@@ -241,7 +241,7 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
                 endpoints.push(Endpoint {
                     addresses: vec![address],
                     conditions: c.conditions(),
-                    hostname: wanted.hostname.clone(),
+                    hostname: wanted.hostname.as_deref().map(Box::from),
                     ..Endpoint::default()
                 });
             }
