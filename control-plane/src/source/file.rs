@@ -29,7 +29,8 @@
 //!
 //! An edit costs what it changed. A file is cut into its documents
 //! textually (a `---` at the start of a line always starts one in YAML) and
-//! each is parsed on its own, so an edit re-parses only the documents whose
+//! each is parsed on its own (those of a large file a batch at a time on
+//! every core, then converted in order), so an edit re-parses only the documents whose
 //! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
 //! directive, a `...` marker, anchors and aliases, a document that is not
 //! valid alone, totals near the limits) is parsed whole as one part, as
