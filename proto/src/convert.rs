@@ -220,7 +220,7 @@ impl Decoder<'_> {
             key: m::ServiceKey::new(&s.cluster, &s.namespace, &s.name),
             service_type,
             headless: s.headless,
-            cluster_ips: self.ips("service.cluster_ips", &s.cluster_ips)?,
+            cluster_ips: self.ips(|| "service.cluster_ips".into(), &s.cluster_ips)?,
             ports: s
                 .ports
                 .iter()
@@ -228,8 +228,9 @@ impl Decoder<'_> {
                 .map(|(i, p)| self.port(i, p))
                 .collect::<Result<_, _>>()?,
             session_affinity_timeout: s.session_affinity_timeout_seconds,
-            external_ips: self.ips("service.external_ips", &s.external_ips)?,
-            load_balancer_ips: self.ips("service.load_balancer_ips", &s.load_balancer_ips)?,
+            external_ips: self.ips(|| "service.external_ips".into(), &s.external_ips)?,
+            load_balancer_ips: self
+                .ips(|| "service.load_balancer_ips".into(), &s.load_balancer_ips)?,
             load_balancer_source_ranges: s
                 .load_balancer_source_ranges
                 .iter()
@@ -302,7 +303,8 @@ impl Decoder<'_> {
             .enumerate()
             .map(|(j, e)| {
                 Ok(m::Endpoint {
-                    addresses: self.ips(&format!("{at}.endpoints[{j}].addresses"), &e.addresses)?,
+                    addresses: self
+                        .ips(|| format!("{at}.endpoints[{j}].addresses"), &e.addresses)?,
                     conditions: m::EndpointConditions {
                         ready: e.ready,
                         serving: e.serving,
@@ -340,19 +342,24 @@ impl Decoder<'_> {
         })
     }
 
-    fn ips(&self, field: &str, items: &[String]) -> Result<Vec<IpAddr>, DecodeError> {
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.parse().map_err(|_| {
-                    self.err(
-                        format!("{field}[{i}]"),
-                        format!("{s:?} is not an IP address"),
-                    )
-                })
-            })
-            .collect()
+    /// The addresses of `items`, parsed; `field` names them in an error
+    /// (made only then: a full state decodes a million endpoints).
+    fn ips(
+        &self,
+        field: impl Fn() -> String,
+        items: &[String],
+    ) -> Result<Vec<IpAddr>, DecodeError> {
+        let mut ips = Vec::with_capacity(items.len());
+        for (i, s) in items.iter().enumerate() {
+            let ip = s.parse().map_err(|_| {
+                self.err(
+                    format!("{}[{i}]", field()),
+                    format!("{s:?} is not an IP address"),
+                )
+            })?;
+            ips.push(ip);
+        }
+        Ok(ips)
     }
 
     fn port_number(&self, field: &str, n: u32) -> Result<u16, DecodeError> {
