@@ -110,8 +110,9 @@ impl EndpointSlice {
     /// Gives back the room its vectors grew beyond what they hold.
     /// Conversions build slices by pushing, which leaves up to twice the
     /// room they use (16 endpoints' worth for 10, 4 addresses' for one):
-    /// the endpoints are most of a large state, so every conversion that
-    /// keeps a slice calls this.
+    /// the endpoints are most of a large state, so the conversions of
+    /// large states (an API server's or a file's objects, the agent's
+    /// decoding) call this.
     pub fn shrink_to_fit(&mut self) {
         self.endpoints.shrink_to_fit();
         for e in &mut self.endpoints {

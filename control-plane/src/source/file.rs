@@ -30,7 +30,7 @@
 //! An edit costs what it changed. A file is cut into its documents
 //! textually (a `---` at the start of a line always starts one in YAML) and
 //! each is parsed on its own (those of a large file a batch at a time on
-//! every core, then converted in order), so an edit re-parses only the documents whose
+//! up to 4 cores, then converted in order), so an edit re-parses only the documents whose
 //! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
 //! directive, a `...` marker, anchors and aliases, a document that is not
 //! valid alone, totals near the limits) is parsed whole as one part, as
@@ -48,7 +48,8 @@
 //! only the objects it touched, and says duplicates again only for the
 //! files that share one of them. A file whose size, timestamps and inode
 //! are as when it was last read, and were already older than that read by
-//! `RACY` (2 s), is not read again.
+//! `RACY` (2 s), is not read again; a `*.json` file read before is hashed
+//! first and parsed only when its bytes changed.
 //!
 //! Failures stay local. A document that does not convert is skipped and
 //! reported (as `Service ns/name`, or `PATH#N` for the N-th non-empty
@@ -802,7 +803,7 @@ impl Loader {
             }
             self.parser().json_file(path)
         } else {
-            std::fs::read(path).map(|bytes| Fetched::Bytes(bytes, None))
+            std::fs::read(path).map(Fetched::Bytes)
         };
         let read = match read {
             Ok(read) => read,
@@ -818,12 +819,12 @@ impl Loader {
             }
         };
         let parsed = match read {
-            Fetched::Bytes(bytes, not_json) => {
-                let mut content = Content::of(path, &bytes);
-                content.not_json = not_json;
+            Fetched::Bytes(bytes) => {
+                let content = Content::of(path, &bytes);
                 if !self.note_digest(path, stat, read_at, content.digest) {
                     return None;
                 }
+                // Not `self.parser()`: the parts are borrowed from `self.files`.
                 let parser = Parser {
                     source: &self.source,
                     cluster: &self.cluster,
@@ -1854,9 +1855,8 @@ pub fn parse_file(cluster: &str, path: &Path, bytes: &[u8]) -> Result<SourceStat
 
 /// A file as [`Loader::read_file`] has it.
 enum Fetched {
-    /// Its bytes, to be parsed; with `serde_json`'s error when it was
-    /// already read as JSON and is not.
-    Bytes(Vec<u8>, Option<String>),
+    /// Its bytes, to be parsed.
+    Bytes(Vec<u8>),
     /// A `*.json` file parsed as it was read: its digest, and its one part
     /// or why it is not used.
     Json([u8; 32], Result<Box<Part>, String>),
@@ -1864,18 +1864,13 @@ enum Fetched {
 
 /// The SHA-256 of a file's bytes, read a piece at a time.
 fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
-    use io::Read as _;
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 16];
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => return Ok(hasher.finalize().into()),
-            Ok(n) => hasher.update(&buffer[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let mut file = Hashing {
+        inner: std::fs::File::open(path)?,
+        hasher: &mut hasher,
+    };
+    io::copy(&mut file, &mut io::sink())?;
+    Ok(hasher.finalize().into())
 }
 
 /// A reader that hashes what it reads.
@@ -1943,9 +1938,6 @@ struct Content<'a> {
     /// text when the loader did not stream it from disk, see
     /// [`Parser::json_file`]).
     json: bool,
-    /// `serde_json`'s error when the file was already read as JSON and is
-    /// not: it is then read as YAML only, with this message if not that either.
-    not_json: Option<String>,
     pieces: Option<Vec<(&'a str, [u8; 32])>>,
     digest: [u8; 32],
 }
@@ -1979,7 +1971,6 @@ impl<'a> Content<'a> {
         Self {
             text,
             json,
-            not_json: None,
             pieces,
             digest,
         }
@@ -2034,7 +2025,9 @@ type ParsedPiece = Option<(Option<Value>, Cost)>;
 /// loader's thread then converts them in order. Only pieces that no old
 /// part has the digest of are parsed ahead (the others are reused, or
 /// parsed in their turn when their place moved), so an edit of a few
-/// documents parses them in turn, on no other thread. (A pipeline, with
+/// documents parses them in turn, on no other thread; so does a document
+/// inserted near the top of a large file, which moves every later one
+/// (none is reused, each is parsed in turn: slower than a fresh load). (A pipeline, with
 /// the conversion of one batch beside the parse of the next, was slower
 /// on 2 cores: 11.5-12.3 s against 9.0-9.7 s, in turn.)
 struct Ahead<'p> {
@@ -2047,9 +2040,11 @@ struct Ahead<'p> {
 }
 
 impl<'p> Ahead<'p> {
-    /// Pieces per batch: a few hundred kilobytes of text, a few megabytes
-    /// of parsed values at most.
+    /// Pieces per batch, and text: what a batch holds parsed at once is
+    /// bounded by both (a file's limits are counted only as its pieces
+    /// are taken, in order).
     const BATCH: usize = 1024;
+    const BATCH_BYTES: usize = 1 << 20;
     /// Fewer pieces of a batch to parse than this are parsed in turn.
     const MIN: usize = 64;
 
@@ -2066,11 +2061,16 @@ impl<'p> Ahead<'p> {
     /// made first when `i` is past the last one).
     fn take(&mut self, i: usize) -> Option<ParsedPiece> {
         if i >= self.until {
-            let end = (i + Self::BATCH).min(self.pieces.len());
-            let todo: Vec<(usize, &str)> = (i..end)
-                .filter(|j| !self.old.contains(&self.pieces[*j].1))
-                .map(|j| (j, self.pieces[j].0))
-                .collect();
+            let (mut end, mut bytes) = (i, 0);
+            let mut todo: Vec<(usize, &str)> = Vec::new();
+            while end < self.pieces.len() && todo.len() < Self::BATCH && bytes < Self::BATCH_BYTES {
+                let (text, digest) = self.pieces[end];
+                if !self.old.contains(&digest) {
+                    todo.push((end, text));
+                    bytes += text.len();
+                }
+                end += 1;
+            }
             self.until = end;
             if todo.len() >= Self::MIN {
                 self.parsed.extend(parse_pieces(&todo));
@@ -2181,10 +2181,7 @@ impl Parser<'_> {
     ) -> Result<(Vec<Part>, Vec<Option<usize>>), String> {
         let text = content.text?;
         if content.json {
-            let part = match content.not_json {
-                Some(message) => self.whole(path, text).map_err(|_| message)?,
-                None => self.json(path, text)?,
-            };
+            let part = self.json(path, text)?;
             return Ok((vec![part], vec![None]));
         }
         let plan = content.pieces.and_then(|p| self.split(path, &p, old));
@@ -2305,17 +2302,24 @@ impl Parser<'_> {
     }
 
     /// A `*.json` file read from disk as it is parsed, so that an export of
-    /// hundreds of megabytes is never held whole beside what it converts to
+    /// hundreds of megabytes is not held whole beside what it converts to
     /// (the text of 100,000 Services as a `List` is 224 MB, more than the
-    /// objects it makes). Hashed as it is read. A file that starts with
+    /// objects it makes), and hashed as it is read. A file that starts with
     /// nothing but blanks (empty, or all but empty) or is not JSON is read
-    /// whole and goes the way of [`Self::json`]'s text.
+    /// whole, from the same open file, and goes the way of [`Self::json`].
     fn json_file(&self, path: &Path) -> io::Result<Fetched> {
-        use io::BufRead as _;
+        use io::{BufRead as _, Read as _, Seek as _};
         const BOM: &[u8] = "\u{feff}".as_bytes();
+        let file = std::fs::File::open(path)?;
+        let whole = |mut file: &std::fs::File| -> io::Result<Fetched> {
+            file.seek(io::SeekFrom::Start(0))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok(Fetched::Bytes(bytes))
+        };
         let mut hasher = Sha256::new();
         let hashing = Hashing {
-            inner: std::fs::File::open(path)?,
+            inner: &file,
             hasher: &mut hasher,
         };
         // Given by value: `serde_json` reads a byte at a time, which
@@ -2325,21 +2329,24 @@ impl Parser<'_> {
         while reader.fill_buf()?.starts_with(BOM) {
             reader.consume(BOM.len());
         }
-        let buffer = reader.fill_buf()?;
-        if buffer.iter().all(|b| b" \t\r\n".contains(b)) {
-            return Ok(Fetched::Bytes(std::fs::read(path)?, None));
+        if reader.fill_buf()?.iter().all(|b| b" \t\r\n".contains(b)) {
+            drop(reader);
+            return whole(&file);
         }
-        // Once parsed whole, the reader has read the file to its end and
-        // the hash has seen all of it; a file not read to its end (an
-        // error) is hashed again, whole.
         let parsed = self.json_items(path, serde_json::Deserializer::from_reader(reader));
         Ok(match parsed {
+            // Parsed whole: the reader read to the end and hashed all of it.
             Ok(part) => Fetched::Json(hasher.finalize().into(), Ok(Box::new(part))),
+            // Stopped short: the rest is hashed from where it stopped.
             Err(JsonError::Limit(message)) => {
-                let whole = Sha256::digest(std::fs::read(path)?).into();
-                Fetched::Json(whole, Err(message))
+                let mut rest = Hashing {
+                    inner: &file,
+                    hasher: &mut hasher,
+                };
+                io::copy(&mut rest, &mut io::sink())?;
+                Fetched::Json(hasher.finalize().into(), Err(message))
             }
-            Err(JsonError::Syntax(message)) => Fetched::Bytes(std::fs::read(path)?, Some(message)),
+            Err(JsonError::Syntax(_)) => whole(&file)?,
         })
     }
 
@@ -2797,8 +2804,8 @@ mod tests {
         documents.push("x: &a 1\ny: *a\n".into());
         let (whole, _, _w) = load_one("a.yaml", &docs(&documents));
         assert_eq!(whole.services, state.services);
-        // ... or first, with more parsed ahead than the threads may hold:
-        // they stop when the loader stops taking.
+        // ... or first, in a batch parsed ahead: what was parsed of the
+        // rest is dropped.
         let mut many: Vec<String> = (0..1500)
             .map(|i| svc("shop", &format!("m{i}"), 80))
             .collect();
@@ -3250,6 +3257,50 @@ spec:
     }
 
     #[test]
+    fn a_json_file_is_used_again_only_when_its_bytes_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.json");
+        let list = |port: u16| {
+            let item: Value = serde_saphyr::from_str(&svc("shop", "web", port)).expect("yaml");
+            serde_json::to_string_pretty(
+                &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [item]}),
+            )
+            .expect("json")
+        };
+        let port = |s: &SourceState| s.services.iter().next().map(|s| s.ports[0].port);
+        let mut loader = loader(dir.path());
+        std::fs::write(&path, list(80)).expect("write");
+        let first = loader.reload();
+        assert_eq!(port(&first), Some(80));
+        // The same bytes again: the same objects.
+        std::fs::write(&path, list(80)).expect("write");
+        let again = loader.reload();
+        let (a, b) = (first.services.iter().next(), again.services.iter().next());
+        assert!(Arc::ptr_eq(a.expect("one"), b.expect("one")));
+        std::fs::write(&path, list(81)).expect("write");
+        assert_eq!(port(&loader.reload()), Some(81));
+        // Broken: the last content stays, and why is said.
+        let text = list(82);
+        std::fs::write(&path, &text[..text.len() / 2]).expect("write");
+        let broken = loader.reload();
+        assert_eq!(port(&broken), Some(81));
+        assert!(
+            broken
+                .errors
+                .iter()
+                .any(|e| e.message.starts_with("not valid JSON")),
+            "{:?}",
+            broken.errors
+        );
+        std::fs::write(&path, list(82)).expect("write");
+        let fixed = loader.reload();
+        assert_eq!((port(&fixed), fixed.errors.len()), (Some(82), 0));
+        // YAML in a `.json` file: read as YAML.
+        std::fs::write(&path, docs(&[svc("shop", "web", 83)])).expect("write");
+        assert_eq!(port(&loader.reload()), Some(83));
+    }
+
+    #[test]
     fn a_json_lists_items_are_read_in_any_key_order() {
         let svc = |name: &str, kind: bool| {
             let head = if kind {
@@ -3340,9 +3391,7 @@ spec:
         let (state, _, _d) = load_one("c.json", "{\"kind\": \"Service\",\n \"kind\": \"List\"}\n");
         assert_eq!(
             said(&state.errors)[0].2,
-            // (read from the file as a stream, serde_json's column is one
-            // past the key's closing quote)
-            "not valid JSON: duplicate key \"kind\" at line 2 column 8"
+            "not valid JSON: duplicate key \"kind\" at line 2 column 7"
         );
         // Nested deeper than serde_json allows: refused, not overflowed.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
