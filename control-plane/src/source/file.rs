@@ -29,8 +29,8 @@
 //!
 //! An edit costs what it changed. A file is cut into its documents
 //! textually (a `---` at the start of a line always starts one in YAML) and
-//! each is parsed on its own (those of a large file a batch at a time on
-//! up to 4 cores, then converted in order), so an edit re-parses only the documents whose
+//! each is parsed on its own (those of a large file on up to 4 cores,
+//! ahead of their conversion in order), so an edit re-parses only the documents whose
 //! text or number (`PATH#N`) changed; a file that does not cut cleanly (a
 //! directive, a `...` marker, anchors and aliases, a document that is not
 //! valid alone, totals near the limits) is parsed whole as one part, as
@@ -2018,101 +2018,162 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
 /// it is not valid alone ([`parse_piece`]).
 type ParsedPiece = Option<(Option<Value>, Cost)>;
 
-/// Pieces of a split file parsed ahead of their turn, a batch at a time,
-/// on as many threads as the machine has cores (at most 4): the YAML
-/// parser is most of a large file's load (about 10 of 13 s for 100,000
-/// Services and their slices), and each piece parses on its own. The
-/// loader's thread then converts them in order. Only pieces that no old
-/// part has the digest of are parsed ahead (the others are reused, or
-/// parsed in their turn when their place moved), so an edit of a few
-/// documents parses them in turn, on no other thread; so does a document
-/// inserted near the top of a large file, which moves every later one
-/// (none is reused, each is parsed in turn: slower than a fresh load). (A pipeline, with
-/// the conversion of one batch beside the parse of the next, was slower
-/// on 2 cores: 11.5-12.3 s against 9.0-9.7 s, in turn.)
+/// Pieces of a split file parsed ahead of their turn by helper threads
+/// (one per core but the loader's, at most 3) while the loader's thread
+/// converts them in order; when the piece it needs is not parsed yet, the
+/// loader's thread parses the next one nobody took rather than wait. The
+/// YAML parser is most of a large file's load (about 10 of 13 s for
+/// 100,000 Services and their slices), and each piece parses on its own.
+/// Nothing is parsed more than [`Self::WINDOW`] pieces ahead of the
+/// conversion. Only pieces that no old part has the digest of are parsed
+/// ahead (the others are reused, or parsed in their turn when their place
+/// moved), so an edit of a few documents parses them in turn, on no other
+/// thread; so does a document inserted near the top of a large file,
+/// which moves every later one (none is reused, each is parsed in turn:
+/// slower than a fresh load).
 struct Ahead<'p> {
     pieces: &'p [(&'p str, [u8; 32])],
-    /// The digests of the old parts: pieces that may be reused.
-    old: HashSet<[u8; 32]>,
-    /// The first piece not yet looked at for a batch.
-    until: usize,
-    parsed: HashMap<usize, ParsedPiece>,
+    /// The pieces to parse ahead, in order.
+    todo: Vec<usize>,
+    /// The next entry of `todo` nobody took.
+    claimed: std::sync::atomic::AtomicUsize,
+    progress: std::sync::Mutex<Progress>,
+    changed: std::sync::Condvar,
+}
+
+/// Where the parses ahead stand.
+#[derive(Default)]
+struct Progress {
+    /// Parses done, by entry of `todo`.
+    done: HashMap<usize, ParsedPiece>,
+    /// Entries of `todo` the loader asked for.
+    taken: usize,
+    /// Set when the loader is done: helpers stop.
+    stop: bool,
 }
 
 impl<'p> Ahead<'p> {
-    /// Pieces per batch, and text: what a batch holds parsed at once is
-    /// bounded by both (a file's limits are counted only as its pieces
-    /// are taken, in order).
-    const BATCH: usize = 1024;
-    const BATCH_BYTES: usize = 1 << 20;
-    /// Fewer pieces of a batch to parse than this are parsed in turn.
+    /// Fewer pieces to parse than this are parsed in turn.
     const MIN: usize = 64;
+    /// How far parses may run ahead of the conversion.
+    const WINDOW: usize = 1024;
 
     fn new(pieces: &'p [(&'p str, [u8; 32])], old: &[Part]) -> Self {
+        let old: HashSet<[u8; 32]> = old.iter().filter_map(|p| p.digest).collect();
         Self {
             pieces,
-            old: old.iter().filter_map(|p| p.digest).collect(),
-            until: 0,
-            parsed: HashMap::new(),
+            todo: (0..pieces.len())
+                .filter(|i| !old.contains(&pieces[*i].1))
+                .collect(),
+            claimed: Default::default(),
+            progress: Default::default(),
+            changed: Default::default(),
         }
     }
 
-    /// Piece `i`'s parse when it was made ahead (the batch from `i` is
-    /// made first when `i` is past the last one).
-    fn take(&mut self, i: usize) -> Option<ParsedPiece> {
-        if i >= self.until {
-            let (mut end, mut bytes) = (i, 0);
-            let mut todo: Vec<(usize, &str)> = Vec::new();
-            while end < self.pieces.len() && todo.len() < Self::BATCH && bytes < Self::BATCH_BYTES {
-                let (text, digest) = self.pieces[end];
-                if !self.old.contains(&digest) {
-                    todo.push((end, text));
-                    bytes += text.len();
-                }
-                end += 1;
+    /// The helpers there should be: none for a few pieces.
+    fn helpers(&self) -> usize {
+        if self.todo.len() < Self::MIN {
+            return 0;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) - 1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the next entry of `todo` to parse, when there is one within
+    /// the window of the loader's progress `taken`.
+    fn claim(&self, taken: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let c = self.claimed.load(Ordering::Acquire);
+        let free = c < self.todo.len() && c < taken + Self::WINDOW;
+        (free
+            && self
+                .claimed
+                .compare_exchange(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then_some(c)
+    }
+
+    /// Parses entry `c` of `todo`. A parse that panics is taken for a
+    /// piece not valid alone: the loader then parses the file whole on its
+    /// own thread (and meets the panic there) rather than wait for ever.
+    fn parse(&self, c: usize) -> ParsedPiece {
+        let text = self.pieces[self.todo[c]].0;
+        std::panic::catch_unwind(|| parse_piece(text)).unwrap_or(None)
+    }
+
+    /// A helper: parses the pieces nobody took, in order, until none is
+    /// left or the loader is done.
+    fn help(&self) {
+        use std::sync::atomic::Ordering;
+        let mut progress = self.lock();
+        loop {
+            if progress.stop || self.claimed.load(Ordering::Acquire) >= self.todo.len() {
+                return;
             }
-            self.until = end;
-            if todo.len() >= Self::MIN {
-                self.parsed.extend(parse_pieces(&todo));
+            let Some(c) = self.claim(progress.taken) else {
+                // Too far ahead (or raced): wait for the loader.
+                progress = self
+                    .changed
+                    .wait(progress)
+                    .unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            drop(progress);
+            let parsed = self.parse(c);
+            progress = self.lock();
+            progress.done.insert(c, parsed);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Piece `i`'s parse, when it is one to parse ahead. Pieces are asked
+    /// for in order.
+    fn take(&self, i: usize) -> Option<ParsedPiece> {
+        let mut progress = self.lock();
+        let k = progress.taken;
+        if self.todo.get(k) != Some(&i) {
+            return None;
+        }
+        progress.taken += 1;
+        self.changed.notify_all();
+        loop {
+            if let Some(parsed) = progress.done.remove(&k) {
+                return Some(parsed);
+            }
+            match self.claim(k + 1) {
+                Some(c) => {
+                    drop(progress);
+                    let parsed = self.parse(c);
+                    if c == k {
+                        return Some(parsed);
+                    }
+                    progress = self.lock();
+                    progress.done.insert(c, parsed);
+                }
+                // Piece k is being parsed by a helper.
+                None => {
+                    progress = self
+                        .changed
+                        .wait(progress)
+                        .unwrap_or_else(|e| e.into_inner())
+                }
             }
         }
-        self.parsed.remove(&i)
     }
 }
 
-/// [`parse_piece`] of each piece, on as many threads as the machine has
-/// cores (at most 4), each taking a run of pieces; this one among them.
-fn parse_pieces(pieces: &[(usize, &str)]) -> Vec<(usize, ParsedPiece)> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let run = |chunk: &[(usize, &str)]| -> Vec<(usize, ParsedPiece)> {
-        chunk
-            .iter()
-            .map(|&(i, text)| (i, parse_piece(text)))
-            .collect()
-    };
-    let mut chunks = pieces.chunks(pieces.len().div_ceil(threads).max(1));
-    let Some(first) = chunks.next() else {
-        return Vec::new();
-    };
-    std::thread::scope(|scope| {
-        let others: Vec<_> = chunks
-            .map(|c| {
-                std::thread::Builder::new()
-                    .name("file-parse".into())
-                    .spawn_scoped(scope, move || run(c))
-            })
-            .collect();
-        let mut out = run(first);
-        for other in others {
-            // A thread that could not start: its pieces are parsed in turn.
-            match other.map(|h| h.join()) {
-                Ok(Ok(parsed)) => out.extend(parsed),
-                Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                Err(_) => {}
-            }
-        }
-        out
-    })
+/// Tells an [`Ahead`]'s helpers to stop when dropped.
+struct Stop<'a, 'p>(&'a Ahead<'p>);
+
+impl Drop for Stop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.lock().stop = true;
+        self.0.changed.notify_all();
+    }
 }
 
 /// The document of one piece of [`split_documents`] (none when empty)
@@ -2206,7 +2267,28 @@ impl Parser<'_> {
         pieces: &[(&str, [u8; 32])],
         old: &[Part],
     ) -> Option<Vec<Planned>> {
-        let mut ahead = Ahead::new(pieces, old);
+        let ahead = Ahead::new(pieces, old);
+        std::thread::scope(|scope| {
+            for _ in 0..ahead.helpers() {
+                // A helper that could not start: the loader parses more.
+                let _ = std::thread::Builder::new()
+                    .name("file-parse".into())
+                    .spawn_scoped(scope, || ahead.help());
+            }
+            // Helpers stop when the plan is made, or given up, or panicked.
+            let _stop = Stop(&ahead);
+            self.plan(path, pieces, old, &ahead)
+        })
+    }
+
+    /// [`Self::split`]'s plan, with pieces parsed by `ahead`.
+    fn plan(
+        &self,
+        path: &Path,
+        pieces: &[(&str, [u8; 32])],
+        old: &[Part],
+        ahead: &Ahead<'_>,
+    ) -> Option<Vec<Planned>> {
         let shown = path.display().to_string();
         let mut plan = Vec::with_capacity(pieces.len());
         let mut before = 0;
