@@ -1460,6 +1460,19 @@ impl JsonCounter {
     }
 }
 
+/// A seed that reads any JSON value with its own visitor (`self`).
+macro_rules! seed_of_any {
+    ($seed:ty) => {
+        impl<'de> serde::de::DeserializeSeed<'de> for $seed {
+            type Value = Value;
+
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+    };
+}
+
 /// The visitor methods of a counted JSON value that are the same for
 /// every seed here: a scalar is a [`Value`], counted as [`JsonNode`] counts it.
 macro_rules! json_scalars_as_values {
@@ -1506,13 +1519,7 @@ struct JsonTop<'c, 's, 'a> {
     sink: &'s mut ItemSink<'a>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for JsonTop<'_, '_, '_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
+seed_of_any!(JsonTop<'_, '_, '_>);
 
 impl<'de> serde::de::Visitor<'de> for JsonTop<'_, '_, '_> {
     type Value = Value;
@@ -1553,13 +1560,7 @@ struct JsonItems<'c, 'h, 's, 'a> {
     sink: &'s mut ItemSink<'a>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for JsonItems<'_, '_, '_, '_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
+seed_of_any!(JsonItems<'_, '_, '_, '_>);
 
 impl<'de> serde::de::Visitor<'de> for JsonItems<'_, '_, '_, '_> {
     type Value = Value;
@@ -1587,13 +1588,7 @@ impl<'de> serde::de::Visitor<'de> for JsonItems<'_, '_, '_, '_> {
 /// One JSON value, counted: a [`Value`] as `serde_json` builds it.
 struct JsonNode<'c>(&'c JsonCounter);
 
-impl<'de> serde::de::DeserializeSeed<'de> for JsonNode<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
+seed_of_any!(JsonNode<'_>);
 
 /// One key of a JSON object, counted.
 struct JsonKey<'c>(&'c JsonCounter);
@@ -2021,6 +2016,16 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
     }
     starts.push(text.len());
     Some(starts.windows(2).map(|w| &text[w[0]..w[1]]).collect())
+}
+
+/// What the items of a typed list (`ServiceList`, as the API server
+/// writes it) carry no field for: the list's apiVersion, and its kind
+/// without `List`.
+fn item_defaults(list: &serde_json::Map<String, Value>) -> Option<(&str, &str)> {
+    let kind = list.get("kind").and_then(Value::as_str)?;
+    let kind = kind.strip_suffix("List").filter(|k| !k.is_empty())?;
+    let api_version = list.get("apiVersion").and_then(Value::as_str);
+    Some((api_version.unwrap_or_default(), kind))
 }
 
 /// A piece's parse: its document (none when empty) and cost, or None when
@@ -2467,13 +2472,7 @@ impl Parser<'_> {
                 s.first_kept = Some(i);
                 return Some(item);
             }
-            let defaults = list
-                .and_then(|k| k.strip_suffix("List"))
-                .filter(|k| !k.is_empty())
-                .map(|k| {
-                    let api_version = head.get("apiVersion").and_then(Value::as_str);
-                    (api_version.unwrap_or_default(), k)
-                });
+            let defaults = item_defaults(head);
             let at = format!("{}#{}", path.display(), document + 1);
             let place = Place {
                 at: &at,
@@ -2555,58 +2554,31 @@ impl Parser<'_> {
         ))
     }
 
-    fn document(&self, at: &str, mut doc: Value, out: &mut FileObjects) {
+    fn document(&self, at: &str, doc: Value, out: &mut FileObjects) {
         let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-        let list = kind == "List" || kind.ends_with("List");
+        let list = kind.ends_with("List");
         if !list || !doc.get("items").is_some_and(Value::is_array) {
             self.object(&Place { at, item: None }, &doc, None, out);
             return;
         }
-        // Each item is dropped once converted (a large List's values would
-        // otherwise all stay until the last item is).
+        self.list_items(at, doc, 0, out);
+    }
+
+    /// The items of list `doc` (those not converted as they were read: the
+    /// first of them is item `first` of the list), each dropped once
+    /// converted (a large List's values would otherwise all stay until the
+    /// last item is).
+    fn list_items(&self, at: &str, mut doc: Value, first: usize, out: &mut FileObjects) {
         let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
             return;
         };
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-        // Items of a typed list (`ServiceList`) from the API carry no apiVersion or kind.
-        let defaults = kind
-            .strip_suffix("List")
-            .filter(|k| !k.is_empty())
-            .map(|k| {
-                let api_version = doc
-                    .get("apiVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                (api_version, k)
-            });
+        let defaults = doc.as_object().and_then(item_defaults);
         for (i, item) in items.into_iter().enumerate() {
-            self.object(&Place { at, item: Some(i) }, &item, defaults, out);
-        }
-    }
-
-    /// The items of list `doc` left after those converted as they were
-    /// read: the first of them is item `first` of the list.
-    fn list_items(&self, at: &str, doc: Value, first: usize, out: &mut FileObjects) {
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-        let defaults = kind
-            .strip_suffix("List")
-            .filter(|k| !k.is_empty())
-            .map(|k| {
-                let api_version = doc
-                    .get("apiVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                (api_version, k)
-            });
-        let Some(Value::Array(items)) = doc.get("items") else {
-            return;
-        };
-        for (i, item) in items.iter().enumerate() {
             let place = Place {
                 at,
                 item: Some(first + i),
             };
-            self.object(&place, item, defaults, out);
+            self.object(&place, &item, defaults, out);
         }
     }
 
