@@ -221,9 +221,9 @@ pub fn service_view(state: &switchyard_model::ServiceState) -> serde_json::Value
                 "ready": e.conditions.ready,
                 "serving": e.conditions.serving,
                 "terminating": e.conditions.terminating,
-                "node": e.node_name,
-                "zone": e.zone,
-                "hints": e.hint_zones,
+                "node": e.node_name.as_deref(),
+                "zone": e.zone.as_deref(),
+                "hints": e.hint_zones().iter().map(AsRef::as_ref).collect::<Vec<&str>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

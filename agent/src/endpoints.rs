@@ -340,15 +340,15 @@ fn derives_hints(state: &ServiceState) -> Option<bool> {
         .slices
         .iter()
         .flat_map(|s| &s.endpoints)
-        .any(|e| !e.hint_zones.is_empty() || !e.hint_nodes.is_empty());
+        .any(|e| !e.hint_zones().is_empty() || !e.hint_nodes().is_empty());
     (!hinted).then_some(same_node)
 }
 
 fn hints_of(ep: &Endpoint, derive: Option<bool>) -> Hints<'_> {
     match derive {
         None => Hints {
-            zones: ep.hint_zones.iter().map(AsRef::as_ref).collect(),
-            nodes: ep.hint_nodes.iter().map(AsRef::as_ref).collect(),
+            zones: ep.hint_zones().iter().map(AsRef::as_ref).collect(),
+            nodes: ep.hint_nodes().iter().map(AsRef::as_ref).collect(),
             cluster: None,
         },
         // The controller hints ready endpoints only.

@@ -963,7 +963,7 @@ mod tests {
                 .map(|(name, t)| EndpointSlice {
                     name: (*name).into(),
                     endpoints: vec![Endpoint {
-                        addresses: vec!["10.244.0.1".parse().expect("ip")],
+                        addresses: vec!["10.244.0.1".parse().expect("ip")].into(),
                         ..Endpoint::default()
                     }],
                     trigger_time_unix_nanos: *t,

@@ -35,7 +35,7 @@ fn service(name: &str, ip: &str, eps: &[&str]) -> ServiceState {
             endpoints: eps
                 .iter()
                 .map(|ip| Endpoint {
-                    addresses: vec![ip.parse().expect("ip")],
+                    addresses: vec![ip.parse().expect("ip")].into(),
                     ..Endpoint::default()
                 })
                 .collect(),

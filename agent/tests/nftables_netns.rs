@@ -64,7 +64,7 @@ fn service(name: &str, ip: &str, eps: &[&str], affinity: Option<u32>) -> Service
             endpoints: eps
                 .iter()
                 .map(|ip| Endpoint {
-                    addresses: vec![ip.parse().expect("ip")],
+                    addresses: vec![ip.parse().expect("ip")].into(),
                     ..Endpoint::default()
                 })
                 .collect(),

@@ -640,8 +640,7 @@ pub fn import(
                 .retain(|p| !refused.contains(&(p.name.as_str(), p.protocol)));
             for ep in &mut slice.endpoints {
                 // Hints are for the zones of the endpoint's own cluster.
-                ep.hint_zones = Box::default();
-                ep.hint_nodes = Box::default();
+                ep.set_hints(Box::default(), Box::default());
             }
             slices.push(slice);
         }
@@ -981,10 +980,13 @@ mod tests {
             service: s,
             slices: vec![EndpointSlice {
                 name: "web-1".into(),
-                endpoints: vec![Endpoint {
-                    addresses: vec![ip.parse().expect("ip")],
-                    hint_zones: ["z1".into()].into(),
-                    ..Endpoint::default()
+                endpoints: vec![{
+                    let mut e = Endpoint {
+                        addresses: vec![ip.parse().expect("ip")].into(),
+                        ..Endpoint::default()
+                    };
+                    e.set_hints(["z1".into()].into(), Box::default());
+                    e
                 }],
                 ports: ports
                     .iter()
@@ -1110,7 +1112,7 @@ mod tests {
                 .state
                 .slices
                 .iter()
-                .all(|s| s.endpoints[0].hint_zones.is_empty())
+                .all(|s| s.endpoints[0].hint_zones().is_empty())
         );
         let mut allocated = import.state.clone();
         allocated.service.cluster_ips = vec!["10.112.0.5".parse().expect("ip")];

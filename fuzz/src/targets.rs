@@ -51,7 +51,7 @@ fn state() -> Arc<AgentState> {
                 address_type: AddressType::IPv4,
                 endpoints: (0..50)
                     .map(|i| Endpoint {
-                        addresses: vec![IpAddr::from([10, 1, 0, i])],
+                        addresses: vec![IpAddr::from([10, 1, 0, i])].into(),
                         ..Endpoint::default()
                     })
                     .collect(),

@@ -1,7 +1,7 @@
 //! Helpers the bench binaries share: percentiles, process memory and load,
 //! command-line numbers, synthetic Services.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use switchyard_agent::dataplane::NodeConfig;
 use switchyard_agent::state::{AgentState, HeldResource};
 use switchyard_model::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServiceKey, ServicePort,
-    ServiceState, TargetPort,
+    ServiceState, TargetPort, shared_name,
 };
 
 /// The `p`-th percentile (nearest rank) of ascending `sorted`; NaN when empty.
@@ -209,8 +209,9 @@ pub fn service(i: usize, generation: u32) -> ServiceState {
                 format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
             };
             Endpoint {
-                addresses: vec![ip.parse().expect("ip")],
-                node_name: Some(format!("node-{}", e % 5).into()),
+                addresses: vec![ip.parse().expect("ip")].into(),
+                // Shared, as the agent's decoding and the sources share them.
+                node_name: Some(shared_name(&format!("node-{}", e % 5))),
                 ..Endpoint::default()
             }
         })
@@ -292,9 +293,10 @@ pub fn ten_endpoint_service(i: usize, generation: u32) -> ServiceState {
         address_type: AddressType::IPv4,
         endpoints: (0..10)
             .map(|e| Endpoint {
-                addresses: vec![
-                    Ipv4Addr::from(0x0af4_0000 + (i as u32) * 16 + e + generation).into(),
-                ],
+                addresses: IpAddr::from(Ipv4Addr::from(
+                    0x0af4_0000 + (i as u32) * 16 + e + generation,
+                ))
+                .into(),
                 ..Endpoint::default()
             })
             .collect(),
@@ -347,7 +349,7 @@ pub fn big_headless_service(endpoints: usize, ports: usize, moved: Option<usize>
             endpoints: chunk
                 .iter()
                 .map(|&e| Endpoint {
-                    addresses: vec![address(e).into()],
+                    addresses: vec![address(e).into()].into(),
                     ..Endpoint::default()
                 })
                 .collect(),

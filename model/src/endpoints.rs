@@ -1,6 +1,8 @@
 //! Endpoint slices: where a Service's traffic may go.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use crate::Protocol;
 use crate::error::{Collector, ValidationErrors};
@@ -39,31 +41,226 @@ impl Default for EndpointConditions {
     }
 }
 
+/// An endpoint's addresses, all of one family. Kubernetes gives every
+/// endpoint one address (the API allows up to 100; kube-proxy uses the
+/// first), so one address is held inline: a million endpoints need no
+/// heap block for it (a `Vec` of one took a 32-byte block each). Reads go
+/// through the slice ([`std::ops::Deref`]); build one from a `Vec`, an
+/// iterator or a single address.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Addresses(AddressesRepr);
+
+/// `One` exactly when there is one address, so derived equality is exact.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum AddressesRepr {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl Addresses {
+    /// Adds `ip` at the end.
+    pub fn push(&mut self, ip: IpAddr) {
+        let mut v = self.to_vec();
+        v.push(ip);
+        *self = v.into();
+    }
+
+    /// Removes every address.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Self(AddressesRepr::Many(Box::default()))
+    }
+}
+
+impl std::ops::Deref for Addresses {
+    type Target = [IpAddr];
+
+    fn deref(&self) -> &[IpAddr] {
+        match &self.0 {
+            AddressesRepr::One(ip) => std::slice::from_ref(ip),
+            AddressesRepr::Many(ips) => ips,
+        }
+    }
+}
+
+impl std::fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl From<IpAddr> for Addresses {
+    fn from(ip: IpAddr) -> Self {
+        Self(AddressesRepr::One(ip))
+    }
+}
+
+impl From<Vec<IpAddr>> for Addresses {
+    fn from(v: Vec<IpAddr>) -> Self {
+        match v[..] {
+            [ip] => Self(AddressesRepr::One(ip)),
+            _ => Self(AddressesRepr::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+impl FromIterator<IpAddr> for Addresses {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        let mut it = iter.into_iter();
+        let Some(first) = it.next() else {
+            return Self::default();
+        };
+        match it.next() {
+            None => Self(AddressesRepr::One(first)),
+            Some(second) => {
+                let mut v = vec![first, second];
+                v.extend(it);
+                v.into()
+            }
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Addresses {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// `name` as an `Arc<str>` shared with every other holder of the same
+/// name, for the names many endpoints repeat (their node, their zone,
+/// their hints): 100,000 Services of 10 endpoints name a few hundred nodes
+/// a million times. Conversions of large states (the agent's decoding,
+/// the kube and file sources) call this; an `Arc` made any other way
+/// works the same, only unshared.
+///
+/// The table of names is process-wide. When it has doubled since it was
+/// last swept, the names no one holds any more are dropped from it, so
+/// it stays within twice the names in use, plus 1,024.
+pub fn shared_name(name: &str) -> Arc<str> {
+    static NAMES: Mutex<Option<SharedNames>> = Mutex::new(None);
+    let mut guard = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let names = guard.get_or_insert_with(|| SharedNames {
+        set: HashSet::new(),
+        sweep_at: SharedNames::MIN_SWEEP,
+    });
+    if let Some(a) = names.set.get(name) {
+        return Arc::clone(a);
+    }
+    if names.set.len() >= names.sweep_at {
+        names.set.retain(|a| Arc::strong_count(a) > 1);
+        names.sweep_at = (names.set.len() * 2).max(SharedNames::MIN_SWEEP);
+    }
+    let a: Arc<str> = Arc::from(name);
+    names.set.insert(Arc::clone(&a));
+    a
+}
+
+/// The table behind [`shared_name`].
+struct SharedNames {
+    set: HashSet<Arc<str>>,
+    /// Its size at which names no one holds are swept out.
+    sweep_at: usize,
+}
+
+impl SharedNames {
+    const MIN_SWEEP: usize = 1_024;
+}
+
 /// One backend, as an EndpointSlice carries it.
 ///
 /// A large state is mostly endpoints (a million for 100,000 Services of 10),
-/// so the optional names are boxed strings and the hints boxed slices:
-/// 16 bytes each and no spare room, 128 bytes an endpoint (176 as
-/// `String`s and `Vec`s).
+/// so they are compact: the one address inline ([`Addresses`]), the names
+/// it shares with other endpoints (node, zone, hints) [`shared_name`]s,
+/// its Pod's name a boxed string, and what few endpoints have (a
+/// hostname, hints) in one box apart ([`EndpointExtra`]). That is 88
+/// bytes an endpoint and no spare room; a node name costs nothing more, a
+/// Pod name its own block. (As `String`s and `Vec`s it was 176 bytes,
+/// plus a block for the address and one for each name.)
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Endpoint {
     /// Its addresses, all of the slice's family (proxies use the first).
-    pub addresses: Vec<IpAddr>,
+    pub addresses: Addresses,
     /// Ready / serving / terminating.
     pub conditions: EndpointConditions,
-    /// `hostname`, used by headless-Service DNS records.
-    pub hostname: Option<Box<str>>,
     /// The Pod its `targetRef` names (kind Pod), for DNS names of headless
     /// endpoints without a hostname (CoreDNS's `endpoint_pod_names`).
     pub pod_name: Option<Box<str>>,
-    /// `nodeName`, for traffic policy Local.
-    pub node_name: Option<Box<str>>,
-    /// `zone`, for topology-aware routing.
-    pub zone: Option<Box<str>>,
+    /// `nodeName`, for traffic policy Local ([`shared_name`]).
+    pub node_name: Option<Arc<str>>,
+    /// `zone`, for topology-aware routing ([`shared_name`]).
+    pub zone: Option<Arc<str>>,
+    /// Its hostname and hints; `None` when it has neither. Read and set
+    /// through [`Endpoint::hostname`], [`Endpoint::set_hostname`],
+    /// [`Endpoint::hint_zones`] and the like, which keep it `None` then
+    /// (so that equal endpoints compare equal).
+    pub extra: Option<Box<EndpointExtra>>,
+}
+
+/// What few endpoints have, boxed apart from [`Endpoint`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointExtra {
+    /// `hostname`, used by headless-Service DNS records.
+    pub hostname: Option<Box<str>>,
+    /// `hints.forZones[].name` ([`shared_name`]).
+    pub hint_zones: Box<[Arc<str>]>,
+    /// `hints.forNodes[].name` ([`shared_name`]).
+    pub hint_nodes: Box<[Arc<str>]>,
+}
+
+impl Endpoint {
+    /// `hostname`, used by headless-Service DNS records.
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref()?.hostname.as_deref()
+    }
+
     /// `hints.forZones[].name`.
-    pub hint_zones: Box<[Box<str>]>,
+    pub fn hint_zones(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |x| &x.hint_zones)
+    }
+
     /// `hints.forNodes[].name`.
-    pub hint_nodes: Box<[Box<str>]>,
+    pub fn hint_nodes(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |x| &x.hint_nodes)
+    }
+
+    /// Sets the hostname (`None` removes it).
+    pub fn set_hostname(&mut self, hostname: Option<Box<str>>) {
+        self.change_extra(|x| x.hostname = hostname);
+    }
+
+    /// Sets the hints (empty removes them).
+    pub fn set_hints(&mut self, zones: Box<[Arc<str>]>, nodes: Box<[Arc<str>]>) {
+        self.change_extra(|x| {
+            x.hint_zones = zones;
+            x.hint_nodes = nodes;
+        });
+    }
+
+    /// The endpoint with this hostname, for building one in a literal.
+    #[must_use]
+    pub fn with_hostname(mut self, hostname: &str) -> Self {
+        self.set_hostname(Some(hostname.into()));
+        self
+    }
+
+    fn change_extra(&mut self, change: impl FnOnce(&mut EndpointExtra)) {
+        let extra = self.extra.get_or_insert_default();
+        change(extra);
+        if **extra == EndpointExtra::default() {
+            self.extra = None;
+        }
+    }
 }
 
 /// One entry of a slice's `ports`: the number the endpoints of this slice
@@ -109,15 +306,12 @@ impl EndpointSlice {
 
     /// Gives back the room its vectors grew beyond what they hold.
     /// Conversions build slices by pushing, which leaves up to twice the
-    /// room they use (16 endpoints' worth for 10, 4 addresses' for one):
+    /// room they use (16 endpoints' worth for 10):
     /// the endpoints are most of a large state, so the conversions of
     /// large states (an API server's or a file's objects, the agent's
     /// decoding) call this.
     pub fn shrink_to_fit(&mut self) {
         self.endpoints.shrink_to_fit();
-        for e in &mut self.endpoints {
-            e.addresses.shrink_to_fit();
-        }
         self.ports.shrink_to_fit();
     }
 
@@ -169,7 +363,7 @@ impl EndpointSlice {
                     );
                 }
             }
-            if let Some(h) = &e.hostname
+            if let Some(h) = e.hostname()
                 && !is_dns_label(h)
             {
                 errs.push(
@@ -204,12 +398,14 @@ mod tests {
         EndpointSlice {
             name: "web-abc12".into(),
             address_type: AddressType::IPv4,
-            endpoints: vec![Endpoint {
-                addresses: vec!["10.244.1.5".parse().expect("ip")],
-                hostname: Some("web-0".into()),
-                node_name: Some("node-a".into()),
-                ..Endpoint::default()
-            }],
+            endpoints: vec![
+                Endpoint {
+                    addresses: vec!["10.244.1.5".parse().expect("ip")].into(),
+                    node_name: Some("node-a".into()),
+                    ..Endpoint::default()
+                }
+                .with_hostname("web-0"),
+            ],
             ports: vec![EndpointPort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -238,5 +434,71 @@ mod tests {
         let e = s.validate(&key).expect_err("mixed family");
         assert_eq!(e.first().object, "EndpointSlice shop/web-abc12");
         assert_eq!(e.first().field, "endpoints[0].addresses[1]");
+    }
+
+    #[test]
+    fn an_endpoint_is_compact() {
+        // A million of them at 100,000 Services: every byte is a MB.
+        assert_eq!(size_of::<Endpoint>(), 88);
+        assert_eq!(size_of::<Addresses>(), 24);
+    }
+
+    #[test]
+    fn addresses_hold_one_inline_and_read_as_a_slice() {
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let one = Addresses::from(vec![a]);
+        assert!(matches!(one.0, AddressesRepr::One(_)));
+        assert_eq!(one, Addresses::from(a));
+        assert_eq!(one, [a].into_iter().collect::<Addresses>());
+        assert_eq!(&*one, [a]);
+        let mut two = one.clone();
+        two.push(b);
+        assert_eq!(&*two, [a, b]);
+        assert_eq!(two, [a, b].into_iter().collect::<Addresses>());
+        assert_ne!(two, one);
+        assert_eq!(format!("{two:?}"), "[10.0.0.1, 10.0.0.2]");
+        two.clear();
+        assert!(two.is_empty());
+        assert_eq!(two, Addresses::default());
+        assert_eq!(Vec::<IpAddr>::new().into_iter().collect::<Addresses>(), two);
+    }
+
+    #[test]
+    fn shared_names_are_one_allocation() {
+        let a = shared_name("node-shared-test");
+        let b = shared_name(&String::from("node-shared-test"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "node-shared-test");
+        assert!(!Arc::ptr_eq(&a, &shared_name("node-other-test")));
+    }
+
+    #[test]
+    fn names_no_one_holds_are_swept() {
+        // More distinct names than the first sweep point, none of them
+        // held: the table sweeps them instead of growing without end.
+        for i in 0..3 * SharedNames::MIN_SWEEP {
+            drop(shared_name(&format!("gone-{i}")));
+        }
+        let held = shared_name("held-across-sweeps");
+        for i in 0..3 * SharedNames::MIN_SWEEP {
+            drop(shared_name(&format!("gone-again-{i}")));
+        }
+        assert!(Arc::ptr_eq(&held, &shared_name("held-across-sweeps")));
+        assert!(Arc::strong_count(&held) >= 2, "the table still holds it");
+    }
+
+    #[test]
+    fn extras_are_none_when_empty() {
+        let mut e = Endpoint::default().with_hostname("web-0");
+        assert_eq!(e.hostname(), Some("web-0"));
+        e.set_hints(["zone-a".into()].into(), Box::default());
+        assert_eq!(e.hint_zones(), [Arc::from("zone-a")]);
+        assert!(e.hint_nodes().is_empty());
+        e.set_hostname(None);
+        assert!(e.extra.is_some(), "the hints are still there");
+        e.set_hints(Box::default(), Box::default());
+        assert_eq!(e.extra, None);
+        assert_eq!(e, Endpoint::default());
     }
 }

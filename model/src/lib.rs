@@ -20,7 +20,9 @@ mod endpoints;
 mod error;
 mod service;
 
-pub use endpoints::{AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+pub use endpoints::{
+    AddressType, Addresses, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, shared_name,
+};
 pub use error::{ValidationError, ValidationErrors};
 pub use service::{
     CLUSTER_PREFERENCE_ANNOTATION, IpFamilies, IpFamily, IpFamilyPolicy, Locality,

@@ -25,7 +25,7 @@ pub(crate) fn cfg() -> NodeConfig {
 
 pub(crate) fn ep(ip: &str, node: &str) -> Endpoint {
     Endpoint {
-        addresses: vec![ip.parse().expect("ip")],
+        addresses: vec![ip.parse().expect("ip")].into(),
         node_name: Some(node.into()),
         ..Endpoint::default()
     }

@@ -883,7 +883,7 @@ fn endpoint_parts<'a>(
                     .filter(|p| pod_names && switchyard_model::is_dns_label(p));
                 let part = EndpointPart {
                     group,
-                    hostname: ep.hostname.as_deref().or(pod),
+                    hostname: ep.hostname().or(pod),
                     ip: *ip,
                 };
                 *parts.entry(part).or_default() += sign;

@@ -47,15 +47,16 @@ fn mk_service(ns: &str, name: &str, ips: &[&str]) -> ServiceState {
 }
 
 fn endpoint(addr: &str, hostname: Option<&str>, ready: bool) -> Endpoint {
-    Endpoint {
-        addresses: vec![ip(addr)],
+    let mut e = Endpoint {
+        addresses: vec![ip(addr)].into(),
         conditions: EndpointConditions {
             ready,
             ..EndpointConditions::default()
         },
-        hostname: hostname.map(Box::from),
         ..Endpoint::default()
-    }
+    };
+    e.set_hostname(hostname.map(Box::from));
+    e
 }
 
 fn mk_headless(ns: &str, name: &str, endpoints: Vec<Endpoint>) -> ServiceState {

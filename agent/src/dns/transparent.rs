@@ -319,7 +319,7 @@ mod tests {
             endpoints: ready
                 .iter()
                 .map(|(ip, ready)| Endpoint {
-                    addresses: vec![ip.parse().expect("ip")],
+                    addresses: vec![ip.parse().expect("ip")].into(),
                     conditions: EndpointConditions {
                         ready: *ready,
                         serving: *ready,

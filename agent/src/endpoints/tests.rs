@@ -1,4 +1,5 @@
 use super::*;
+use std::sync::Arc;
 use switchyard_model::{
     EndpointConditions, EndpointPort, EndpointSlice, Service, ServiceKey, TargetPort,
 };
@@ -16,7 +17,7 @@ fn node() -> NodeView<'static> {
 
 fn ep(ip: &str, node: &str, zone: &str) -> Endpoint {
     Endpoint {
-        addresses: vec![ip.parse().expect("ip")],
+        addresses: vec![ip.parse().expect("ip")].into(),
         node_name: Some(node.into()),
         zone: Some(zone.into()),
         ..Endpoint::default()
@@ -33,12 +34,14 @@ fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
 }
 
 fn zones(mut e: Endpoint, z: &[&str]) -> Endpoint {
-    e.hint_zones = z.iter().map(|s| Box::from(*s)).collect();
+    let nodes = e.hint_nodes().into();
+    e.set_hints(z.iter().map(|s| Arc::from(*s)).collect(), nodes);
     e
 }
 
 fn nodes(mut e: Endpoint, n: &[&str]) -> Endpoint {
-    e.hint_nodes = n.iter().map(|s| Box::from(*s)).collect();
+    let zones = e.hint_zones().into();
+    e.set_hints(zones, n.iter().map(|s| Arc::from(*s)).collect());
     e
 }
 
@@ -239,7 +242,7 @@ fn traffic_distribution_derives_hints_when_none_are_given() {
     assert_eq!(ips(&p.cluster_endpoints), ["10.244.1.1"]);
     // Hints given by the EndpointSlice controller are taken as they are.
     let mut s = with("PreferSameNode");
-    s.slices[0].endpoints[2].hint_zones = ["zone-b".into()].into();
+    s.slices[0].endpoints[2].set_hints(["zone-b".into()].into(), Box::default());
     assert_eq!(one(&s).topology, Topology::Any, "others lack hints");
 }
 

@@ -39,7 +39,7 @@ fn source(n: usize) -> SourceState {
             slice: EndpointSlice {
                 name: format!("s{i}-1"),
                 endpoints: vec![Endpoint {
-                    addresses: vec![format!("10.244.0.{}", i + 1).parse().expect("ip")],
+                    addresses: vec![format!("10.244.0.{}", i + 1).parse().expect("ip")].into(),
                     ..Endpoint::default()
                 }],
                 ..EndpointSlice::default()
@@ -76,7 +76,7 @@ fn an_endpoint_change_is_patched_in_as_a_full_build_would_make_it() {
 
     // An endpoint moves: patched, and the same as a fresh index makes it.
     state.slices.modify(&slice_key(7), |s| {
-        s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")];
+        s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")].into();
     });
     let b = build(&mut idx, &[("t", &state)], 2);
     assert!(b.patched, "an endpoint change is patched in");
@@ -109,7 +109,7 @@ fn an_endpoint_change_is_patched_in_as_a_full_build_would_make_it() {
     let delta = third.delta_from(&second, &View::Agent("default".into()));
     assert_eq!(delta.removed, vec![Arc::<str>::from("default/ns/s3")]);
     state.slices.modify(&slice_key(3), |s| {
-        s.slice.endpoints[0].addresses = vec!["10.244.0.4".parse().expect("ip")];
+        s.slice.endpoints[0].addresses = vec!["10.244.0.4".parse().expect("ip")].into();
     });
     let b = build(&mut idx, &[("t", &state)], 4);
     assert!(b.patched && b.invalid.is_empty() && b.services.len() == 50);
@@ -200,7 +200,7 @@ async fn a_build_holds_no_source_lock_and_no_runtime_thread() {
         .expect("index alive");
     tx.send_modify(|s| {
         s.slices.modify(&slice_key(1), |s| {
-            s.slice.endpoints[0].addresses = vec!["10.244.7.7".parse().expect("ip")];
+            s.slice.endpoints[0].addresses = vec!["10.244.7.7".parse().expect("ip")].into();
         });
     });
     // This one-thread runtime goes on while the build waits in the hook.
@@ -212,7 +212,7 @@ async fn a_build_holds_no_source_lock_and_no_runtime_thread() {
     let publisher = std::thread::spawn(move || {
         tx.send_modify(|s| {
             s.slices.modify(&slice_key(2), |s| {
-                s.slice.endpoints[0].addresses = vec!["10.244.8.8".parse().expect("ip")];
+                s.slice.endpoints[0].addresses = vec!["10.244.8.8".parse().expect("ip")].into();
             });
         });
         tx
@@ -290,7 +290,7 @@ fn a_rebuild_touches_only_what_changed() {
     );
 
     state.slices.modify(&slice_key(7), |s| {
-        s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")];
+        s.slice.endpoints[0].addresses = vec!["10.244.9.9".parse().expect("ip")].into();
     });
     let second = build(&mut idx, &[("t", &state)], 3)
         .snapshot
@@ -324,7 +324,7 @@ fn slices_of_another_source_take_the_services_target_ports() {
             slice: EndpointSlice {
                 name: "s0-docker-ipv4".into(),
                 endpoints: vec![Endpoint {
-                    addresses: vec!["172.30.0.5".parse().expect("ip")],
+                    addresses: vec!["172.30.0.5".parse().expect("ip")].into(),
                     ..Endpoint::default()
                 }],
                 ..EndpointSlice::default()
@@ -364,7 +364,7 @@ fn exporting(cluster: &str, endpoint: &str, created: i64) -> SourceState {
     let mut slice = (**st.slices.first().expect("a slice")).clone();
     svc.key = key.clone();
     slice.service = key.clone();
-    slice.slice.endpoints[0].addresses = vec![endpoint.parse().expect("ip")];
+    slice.slice.endpoints[0].addresses = vec![endpoint.parse().expect("ip")].into();
     st.services = [Arc::new(svc)].into_iter().collect();
     st.slices = [Arc::new(slice)].into_iter().collect();
     st.exports.push(crate::source::Export {
@@ -511,7 +511,7 @@ fn import_of(snap: &Snapshot, service: &str) -> (Vec<IpAddr>, Vec<(String, Vec<I
         .slices
         .iter()
         .map(|s| {
-            let addresses = s.endpoints.iter().flat_map(|e| e.addresses.clone());
+            let addresses = s.endpoints.iter().flat_map(|e| e.addresses.iter().copied());
             (s.cluster.clone().unwrap_or_default(), addresses.collect())
         })
         .collect();
@@ -701,7 +701,7 @@ fn an_import_waiting_for_a_clusterset_ip_takes_the_full_build() {
     let back = |state: &mut SourceState| {
         state.slices.modify(&slice_key(leaves), |s| {
             s.slice.endpoints[0].addresses =
-                vec![format!("10.244.0.{}", leaves + 1).parse().expect("ip")];
+                vec![format!("10.244.0.{}", leaves + 1).parse().expect("ip")].into();
         });
     };
     // Without a record: the same six imports, the same answer as the

@@ -54,7 +54,8 @@ fn service(i: usize, generation: usize) -> ServiceState {
                 )
                 .parse()
                 .expect("ip"),
-            ],
+            ]
+            .into(),
             ..Endpoint::default()
         })
         .collect();

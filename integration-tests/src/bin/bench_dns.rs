@@ -99,7 +99,7 @@ fn build_state(services: usize, endpoints: usize) -> Arc<AgentState> {
             address_type: AddressType::IPv4,
             endpoints: (0..endpoints)
                 .map(|k| Endpoint {
-                    addresses: vec![IpAddr::V4(Ipv4Addr::from(base + k as u32))],
+                    addresses: vec![IpAddr::V4(Ipv4Addr::from(base + k as u32))].into(),
                     ..Endpoint::default()
                 })
                 .collect(),

@@ -204,7 +204,7 @@ fn source_state(services: usize, endpoints: usize) -> SourceState {
                 name: format!("{}-1", service_name(i)),
                 endpoints: (0..endpoints)
                     .map(|j| Endpoint {
-                        addresses: vec![endpoint_ip(i * endpoints + j)],
+                        addresses: vec![endpoint_ip(i * endpoints + j)].into(),
                         ..Endpoint::default()
                     })
                     .collect(),
@@ -236,7 +236,7 @@ fn mutate(state: &mut SourceState, c: usize) {
     let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0));
     state.slices.modify(&key, |s| {
         if let Some(ep) = s.slice.endpoints.first_mut() {
-            ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())];
+            ep.addresses = vec![std::net::IpAddr::V4((base + 1 + c as u32).into())].into();
         }
     });
 }

@@ -251,7 +251,7 @@ fn echo_service() -> ServiceState {
             name: "echo-1".into(),
             address_type: AddressType::IPv4,
             endpoints: vec![Endpoint {
-                addresses: vec!["10.244.2.2".parse().expect("ip")],
+                addresses: vec!["10.244.2.2".parse().expect("ip")].into(),
                 node_name: Some("node-1".into()),
                 ..Endpoint::default()
             }],

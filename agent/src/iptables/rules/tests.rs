@@ -197,10 +197,10 @@ fn terminating_endpoints_serve_when_none_is_ready() {
 #[test]
 fn zone_hints_and_prefer_close() {
     let mut a = ep("10.244.1.2", "node-b");
-    a.hint_zones = ["zone-a".into()].into();
+    a.set_hints(["zone-a".into()].into(), Box::default());
     a.zone = Some("zone-a".into());
     let mut b = ep("10.244.2.2", "node-c");
-    b.hint_zones = ["zone-b".into()].into();
+    b.set_hints(["zone-b".into()].into(), Box::default());
     b.zone = Some("zone-b".into());
     let s = svc(
         Protocol::Tcp,
@@ -227,7 +227,7 @@ fn zone_hints_and_prefer_close() {
         3
     );
     // No hints, but trafficDistribution PreferClose and an endpoint in our zone.
-    a.hint_zones = Box::default();
+    a.set_hints(Box::default(), Box::default());
     let mut s = svc(
         Protocol::Tcp,
         vec![slice("w", Protocol::Tcp, 8080, vec![a, c])],

@@ -247,7 +247,7 @@ fn udp_frontends_follow_the_udp_services_and_ipv6_affinity_is_flagged() {
     assert_eq!((v4.affinity, v4.affinity_unsupported), (Some(60), false));
     sticky.service.cluster_ips = vec!["fd00:96::12".parse().expect("ip")];
     sticky.slices[0].address_type = switchyard_model::AddressType::IPv6;
-    sticky.slices[0].endpoints[0].addresses = vec!["fd00:244:2::3".parse().expect("ip")];
+    sticky.slices[0].endpoints[0].addresses = vec!["fd00:244:2::3".parse().expect("ip")].into();
     let v6 = service_elements(&sticky, Family::V6, &cfg);
     assert!(!v6.elements.is_empty(), "an IPv6 frontend: {v6:?}");
     assert_eq!((v6.affinity, v6.affinity_unsupported), (None, true));

@@ -238,12 +238,13 @@ pub fn assemble(containers: &[Container], cluster: &str, source: &str) -> Assemb
                         continue;
                     }
                 };
-                endpoints.push(Endpoint {
-                    addresses: vec![address],
+                let mut endpoint = Endpoint {
+                    addresses: address.into(),
                     conditions: c.conditions(),
-                    hostname: wanted.hostname.as_deref().map(Box::from),
                     ..Endpoint::default()
-                });
+                };
+                endpoint.set_hostname(wanted.hostname.as_deref().map(Box::from));
+                endpoints.push(endpoint);
             }
             if endpoints.is_empty() {
                 continue;
