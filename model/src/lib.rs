@@ -21,7 +21,8 @@ mod error;
 mod service;
 
 pub use endpoints::{
-    AddressType, Addresses, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, shared_name,
+    AddressType, Addresses, Endpoint, EndpointConditions, EndpointExtra, EndpointPort,
+    EndpointSlice, shared_name,
 };
 pub use error::{ValidationError, ValidationErrors};
 pub use service::{

@@ -24,6 +24,7 @@ use switchyard_model::{Protocol, ServiceState, affinity_timeout_or_default};
 
 use super::layout::{self, Balance, Words};
 use super::netlink::{Encoder, NetlinkError, Op};
+use super::owners::{ByHash, ElementHash, Owners};
 use crate::conntrack::{Desired, Frontend};
 use crate::dataplane::{Family, NodeConfig};
 use crate::endpoints::{self, Backend, PortPlan};
@@ -336,53 +337,11 @@ pub struct ServiceRecord {
     udp: Vec<(Frontend, BTreeSet<SocketAddr>)>,
 }
 
-/// An element's 64-bit hash as a map key aligned to 4 bytes: with its
-/// owner's id, a map entry takes 12 bytes (a `u64` key made it 16, and
-/// the map of 2.3 million elements at 100,000 Services 71 MB, not 54).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ElementHash([u32; 2]);
-
-impl ElementHash {
-    fn new(h: u64) -> Self {
-        Self([h as u32, (h >> 32) as u32])
-    }
-}
-
-impl std::hash::Hash for ElementHash {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32));
-    }
-}
-
-/// The hasher of [`ElementHash`] keys, which are hashes already: their
-/// own value.
-#[derive(Debug, Clone, Copy, Default)]
-struct Passthrough(u64);
-
-impl std::hash::Hasher for Passthrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Elements by their hash.
-type ByHash<V> = HashMap<ElementHash, V, std::hash::BuildHasherDefault<Passthrough>>;
-
 /// Everything we programmed in one family, compactly: each element in
 /// force is a 64-bit hash of its set and key with the id of the Service
-/// that owns it (12 bytes, [`ElementHash`]; elements as strings with
-/// owners by name cost some 500 bytes each, 1.1 GiB at 100,000 Services x
-/// 10 endpoints). A
+/// that owns it (12 bytes in a sorted array, [`Owners`]; elements as
+/// strings with owners by name cost some 500 bytes each, 1.1 GiB at
+/// 100,000 Services x 10 endpoints). A
 /// Service's elements are computed again from the state when it changes,
 /// so the record never holds them. Two elements whose hashes collide would
 /// be taken for one: at 2.3 million elements the odds are about 1 in 7
@@ -392,7 +351,7 @@ pub struct Programmed {
     family: Family,
     hasher: foldhash::quality::RandomState,
     /// Element ─▶ its one owner (almost every element).
-    single: ByHash<u32>,
+    single: Owners,
     /// Element ─▶ its owners, when more than one Service contributes it.
     shared: ByHash<Vec<u32>>,
     services: HashMap<String, ServiceRecord>,
@@ -468,7 +427,7 @@ impl Programmed {
         Self {
             family,
             hasher: foldhash::quality::RandomState::default(),
-            single: ByHash::default(),
+            single: Owners::default(),
             shared: ByHash::default(),
             services: HashMap::new(),
             names: Vec::new(),
@@ -528,7 +487,6 @@ impl Programmed {
         mut sink: impl FnMut(&str, &str, &str) -> Result<(), E>,
     ) -> Result<Self, E> {
         let mut me = Self::new(family);
-        me.single.reserve(state.resources.len() * 8);
         for (name, held) in &state.resources {
             let e = service_elements(&held.state, family, cfg);
             let id = me.intern(name, &e);
@@ -608,14 +566,14 @@ impl Programmed {
             }
             return false;
         }
-        match self.single.get(&h) {
+        match self.single.get(h) {
             None => {
                 self.single.insert(h, id);
                 true
             }
-            Some(&o) if o == id => false,
-            Some(&o) => {
-                self.single.remove(&h);
+            Some(o) if o == id => false,
+            Some(o) => {
+                self.single.remove(h);
                 let mut v = vec![o, id];
                 v.sort_unstable();
                 self.shared.insert(h, v);
@@ -627,8 +585,8 @@ impl Programmed {
     /// Removes `id` from the element's owners.
     fn disown(&mut self, set: &str, key: &str, id: u32) {
         let h = self.hash(set, key);
-        if self.single.get(&h) == Some(&id) {
-            self.single.remove(&h);
+        if self.single.get(h) == Some(id) {
+            self.single.remove(h);
             return;
         }
         if let Some(owners) = self.shared.get_mut(&h) {
@@ -647,7 +605,7 @@ impl Programmed {
     /// name), if any owns it.
     fn first_owner(&self, set: &str, key: &str) -> Option<&str> {
         let h = self.hash(set, key);
-        if let Some(&o) = self.single.get(&h) {
+        if let Some(o) = self.single.get(h) {
             return Some(&self.names[o as usize]);
         }
         self.shared

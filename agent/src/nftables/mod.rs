@@ -17,8 +17,9 @@
 //!
 //! Modules: [`layout`] (the fixed rule set, pure), [`elements`] (a
 //! Service as elements, the compact record of what is programmed and the
-//! diffs, pure), [`netlink`] (elements as nf_tables messages, and the
-//! socket), [`kernel`] (the libnftables context and that socket).
+//! diffs, pure; its largest part is [`owners`]), [`netlink`] (elements
+//! as nf_tables messages, and the socket), [`kernel`] (the libnftables
+//! context and that socket).
 //! Endpoint selection, policy and topology come from [`crate::endpoints`],
 //! as for iptables; after every sync [`crate::conntrack`] deletes the UDP
 //! flows whose endpoint no longer serves them. The table stays when the
@@ -89,6 +90,7 @@ pub mod elements;
 pub mod kernel;
 pub mod layout;
 pub mod netlink;
+pub mod owners;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
