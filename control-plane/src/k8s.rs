@@ -483,14 +483,13 @@ fn convert_service_port(i: usize, p: &core::ServicePort, errs: &mut Errors) -> O
 }
 
 fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> Endpoint {
-    let mut addresses = Vec::with_capacity(e.addresses.len());
-    for (j, a) in e.addresses.iter().enumerate() {
-        addresses.extend(parse_ip(
-            a,
-            || format!("endpoints[{i}].addresses[{j}]"),
-            errs,
-        ));
-    }
+    // Collected into the inline form: no heap block for the one address.
+    let addresses = e
+        .addresses
+        .iter()
+        .enumerate()
+        .filter_map(|(j, a)| parse_ip(a, || format!("endpoints[{i}].addresses[{j}]"), errs))
+        .collect();
     let conditions = e
         .conditions
         .as_ref()
@@ -504,7 +503,7 @@ fn convert_endpoint(i: usize, e: &discovery::Endpoint, errs: &mut Errors) -> End
         });
     let hints = e.hints.as_ref();
     let mut endpoint = Endpoint {
-        addresses: addresses.into(),
+        addresses,
         conditions,
         pod_name: e
             .target_ref

@@ -1112,7 +1112,7 @@ mod tests {
                 .state
                 .slices
                 .iter()
-                .all(|s| s.endpoints[0].hint_zones().is_empty())
+                .all(|s| s.endpoints[0].extra.is_none())
         );
         let mut allocated = import.state.clone();
         allocated.service.cluster_ips = vec!["10.112.0.5".parse().expect("ip")];

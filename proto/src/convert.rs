@@ -304,8 +304,7 @@ impl Decoder<'_> {
             .map(|(j, e)| {
                 let mut endpoint = m::Endpoint {
                     addresses: self
-                        .ips(|| format!("{at}.endpoints[{j}].addresses"), &e.addresses)?
-                        .into(),
+                        .ips(|| format!("{at}.endpoints[{j}].addresses"), &e.addresses)?,
                     conditions: m::EndpointConditions {
                         ready: e.ready,
                         serving: e.serving,
@@ -347,24 +346,27 @@ impl Decoder<'_> {
         })
     }
 
-    /// The addresses of `items`, parsed; `field` names them in an error
-    /// (made only then: a full state decodes a million endpoints).
-    fn ips(
+    /// The addresses of `items`, parsed, collected into a `Vec` (which the
+    /// state's `shrink_to_fit` trims) or an endpoint's inline
+    /// [`m::Addresses`]; `field` names them in an error (made only then: a
+    /// full state decodes a million endpoints).
+    fn ips<C: FromIterator<IpAddr>>(
         &self,
         field: impl Fn() -> String,
         items: &[String],
-    ) -> Result<Vec<IpAddr>, DecodeError> {
-        let mut ips = Vec::with_capacity(items.len());
-        for (i, s) in items.iter().enumerate() {
-            let ip = s.parse().map_err(|_| {
-                self.err(
-                    format!("{}[{i}]", field()),
-                    format!("{s:?} is not an IP address"),
-                )
-            })?;
-            ips.push(ip);
-        }
-        Ok(ips)
+    ) -> Result<C, DecodeError> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse().map_err(|_| {
+                    self.err(
+                        format!("{}[{i}]", field()),
+                        format!("{s:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn port_number(&self, field: &str, n: u32) -> Result<u16, DecodeError> {
@@ -448,23 +450,29 @@ mod tests {
             slices: vec![m::EndpointSlice {
                 name: "web-1".into(),
                 address_type: m::AddressType::IPv4,
-                endpoints: vec![{
-                    let mut e = m::Endpoint {
-                        addresses: vec!["10.244.0.5".parse().expect("ip")].into(),
-                        conditions: m::EndpointConditions {
-                            ready: false,
-                            serving: true,
-                            terminating: true,
-                        },
-                        pod_name: Some("web-0".into()),
-                        node_name: Some("n1".into()),
-                        zone: Some("z1".into()),
-                        extra: None,
-                    }
-                    .with_hostname("web-0");
-                    e.set_hints(["z1".into()].into(), Box::default());
-                    e
-                }],
+                endpoints: vec![
+                    {
+                        let mut e = m::Endpoint {
+                            addresses: vec!["10.244.0.5".parse().expect("ip")].into(),
+                            conditions: m::EndpointConditions {
+                                ready: false,
+                                serving: true,
+                                terminating: true,
+                            },
+                            pod_name: Some("web-0".into()),
+                            node_name: Some("n1".into()),
+                            zone: Some("z1".into()),
+                            extra: None,
+                        }
+                        .with_hostname("web-0");
+                        e.set_hints(["z1".into()].into(), ["n1".into()].into());
+                        e
+                    },
+                    m::Endpoint {
+                        addresses: vec!["10.244.0.6".parse().expect("ip")].into(),
+                        ..m::Endpoint::default()
+                    },
+                ],
                 ports: vec![m::EndpointPort {
                     name: "http".into(),
                     protocol: m::Protocol::Tcp,
@@ -482,6 +490,11 @@ mod tests {
         let wire = encode_state(&state);
         let back = decode_state("east/shop/web", &wire).expect("decodes");
         assert_eq!(back, state);
+        assert!(back.slices[0].endpoints[0].extra.is_some());
+        assert_eq!(
+            back.slices[0].endpoints[1].extra, None,
+            "nothing boxed for nothing"
+        );
         // Decoded by collecting: no room kept beyond what is held.
         let s = &back.slices[0];
         assert_eq!(s.endpoints.capacity(), s.endpoints.len());

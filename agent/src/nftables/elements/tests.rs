@@ -317,3 +317,61 @@ fn the_marker_moves_with_every_change_as_a_fresh_record_would() {
     other_cfg.masquerade_mark ^= 1;
     assert_ne!(digest_of(&last, &other_cfg), digest_of(&last, &cfg));
 }
+
+#[test]
+fn a_large_record_moves_as_a_fresh_one_would() {
+    // Some 7,000 elements: enough for the record's sorted array and its
+    // merges (the tests above stay within its small map). Services i and
+    // i + 250 share endpoint addresses, so some elements have two owners.
+    let make = |i: usize, generation: usize| {
+        let eps: Vec<String> = (0..10)
+            .map(|e| format!("10.244.{}.{}", i % 250, e + 1 + generation * 20))
+            .collect();
+        let mut s = tcp(&eps.iter().map(String::as_str).collect::<Vec<_>>());
+        s.service.cluster_ips = vec![
+            format!("10.96.{}.{}", i / 250, i % 250 + 1)
+                .parse()
+                .expect("ip"),
+        ];
+        s
+    };
+    let cfg = cfg();
+    let mut st = state((0..300).map(|i| make(i, 0)).collect());
+    let (mut p, _) = Programmed::full_text(&st, &cfg, Family::V4);
+    assert!(p.element_count() > 5_000, "{}", p.element_count());
+    let mut apply = |st: &mut AgentState, name: String, to: Option<ServiceState>| {
+        let old = st.clone();
+        let change = match to {
+            Some(s) => {
+                st.resources.insert(
+                    name.clone(),
+                    HeldResource {
+                        version: "v2".into(),
+                        state: Arc::new(s),
+                    },
+                );
+                changed(&name)
+            }
+            None => {
+                st.resources.remove(&name);
+                ChangeSet {
+                    changed: Vec::new(),
+                    removed: vec![name],
+                }
+            }
+        };
+        p.partial(&old, st, &change, &cfg).expect("no new timeout");
+    };
+    // Every third Service's endpoints move (new elements past an eighth
+    // of the array: a merge), then every seventh Service leaves (marks
+    // past a quarter: another).
+    for i in (0..300).step_by(3) {
+        apply(&mut st, format!("default/shop/s{i}"), Some(make(i, 1)));
+    }
+    for i in (1..300).step_by(7) {
+        apply(&mut st, format!("default/shop/s{i}"), None);
+    }
+    let fresh = Programmed::full_text(&st, &cfg, Family::V4).0;
+    assert_eq!(p.element_count(), fresh.element_count());
+    assert_eq!(p.digest(), fresh.digest());
+}
