@@ -566,11 +566,8 @@ impl Programmed {
             }
             return false;
         }
-        match self.single.get(h) {
-            None => {
-                self.single.insert(h, id);
-                true
-            }
+        match self.single.get_or_insert(h, id) {
+            None => true,
             Some(o) if o == id => false,
             Some(o) => {
                 self.single.remove(h);

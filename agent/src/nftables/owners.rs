@@ -17,6 +17,7 @@
 //! ```text
 //!  get(h):    added[h] ─▶ or sorted[starts[h >> 48] .. starts[(h >> 48) + 1]] by binary search
 //!  insert(h): in sorted? set in place : added[h] = owner ─▶ merge when added > sorted / 8 + 1,024
+//!             (get_or_insert: the same, leaving an owner it finds)
 //!  remove(h): added.remove(h) or mark sorted[i] FREE ─▶ merge when marks > sorted / 4 + 1,024
 //! ```
 
@@ -131,13 +132,40 @@ impl Owners {
     /// Sets the owner of `h`.
     pub fn insert(&mut self, h: ElementHash, owner: u32) {
         debug_assert_ne!(owner, FREE, "an owner id");
-        if let Some(i) = self.find(h) {
-            if self.sorted[i].1 == FREE {
-                self.freed -= 1;
+        match self.find(h) {
+            Some(i) => {
+                if self.sorted[i].1 == FREE {
+                    self.freed -= 1;
+                }
+                self.sorted[i].1 = owner;
             }
-            self.sorted[i].1 = owner;
-            return;
+            None => self.add(h, owner),
         }
+    }
+
+    /// The owner of `h`, or, when it has none, `owner` becomes it (and
+    /// `None`): one lookup where `get` then `insert` took two.
+    pub fn get_or_insert(&mut self, h: ElementHash, owner: u32) -> Option<u32> {
+        debug_assert_ne!(owner, FREE, "an owner id");
+        if let Some(&o) = self.added.get(&h) {
+            return Some(o);
+        }
+        match self.find(h) {
+            Some(i) if self.sorted[i].1 != FREE => Some(self.sorted[i].1),
+            Some(i) => {
+                self.sorted[i].1 = owner;
+                self.freed -= 1;
+                None
+            }
+            None => {
+                self.add(h, owner);
+                None
+            }
+        }
+    }
+
+    /// Puts `h`, which `sorted` lacks, in `added`.
+    fn add(&mut self, h: ElementHash, owner: u32) {
         self.added.insert(h, owner);
         if self.added.len() > self.sorted.len() / 8 + 1_024 {
             self.merge();
@@ -229,15 +257,22 @@ mod tests {
             assert_eq!(o.remove(h(i)), m.remove(&i), "remove {i}");
         }
         assert_eq!(o.remove(h(0)), None, "twice");
+        // What `get_or_insert` finds is left as it is; what it does not
+        // find (removed from the array, or never there) it inserts.
+        assert_eq!(o.get_or_insert(h(1), 8), m.get(&1).copied());
+        assert_eq!(o.get_or_insert(h(0), 8), None);
+        assert_eq!(o.get_or_insert(h(40_000), 8), None);
+        m.insert(0, 8);
+        m.insert(40_000, 8);
         for i in (0..25_000u64).step_by(5) {
             o.insert(h(i), 9);
             m.insert(i, 9);
         }
-        for i in 0..30_000u64 {
+        for i in (0..30_000u64).chain([40_000]) {
             assert_eq!(o.get(h(i)), m.get(&i).copied(), "get {i}");
         }
         assert_eq!(o.len(), m.len());
-        for i in 0..30_000u64 {
+        for i in (0..30_000u64).chain([40_000]) {
             assert_eq!(o.remove(h(i)), m.remove(&i), "remove all {i}");
         }
         assert!(o.is_empty());
