@@ -22,19 +22,19 @@
 //! Services (target 6)").
 //!
 //! The written answer: the query's ID, QR, AA, RD and CD as asked, RA,
-//! NOERROR; the question as asked (lower case only, so that the index's
-//! records need no copy in the case asked); each record with its owner
+//! NOERROR; the question as asked (lower case only, so that the asked name
+//! is the index's and its bytes are the owner's); each record with its owner
 //! (the first in full, the others a pointer to it, as hickory writes
 //! them), TTL and address; and, when asked with EDNS, an OPT record with
 //! our payload size ([`EDNS_PAYLOAD`] at most). An answer over the size limit
 //! (512 bytes, or the EDNS payload size) is left to hickory's encoder, which
 //! truncates it.
 
-use hickory_proto::rr::{DNSClass, LowerName, Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
 use super::handler::EDNS_PAYLOAD;
-use super::index::{DnsIndex, Lookup};
+use super::index::{Data, DnsIndex, Lookup};
 
 /// Bytes of a DNS header.
 const HEADER: usize = 12;
@@ -98,16 +98,16 @@ pub(super) fn answer(index: &DnsIndex, query: &[u8], out: &mut Vec<u8>) -> bool 
             out.extend_from_slice(&first.to_be_bytes());
         }
         out.extend_from_slice(&u16::from(rtype).to_be_bytes());
-        out.extend_from_slice(&u16::from(r.dns_class).to_be_bytes());
-        out.extend_from_slice(&r.ttl.to_be_bytes());
-        match &r.data {
-            RData::A(a) => {
+        out.extend_from_slice(&u16::from(DNSClass::IN).to_be_bytes());
+        out.extend_from_slice(&index.ttl().to_be_bytes());
+        match r {
+            Data::A(a) => {
                 out.extend_from_slice(&4u16.to_be_bytes());
-                out.extend_from_slice(&a.0.octets());
+                out.extend_from_slice(&a.octets());
             }
-            RData::AAAA(a) => {
+            Data::Aaaa(a) => {
                 out.extend_from_slice(&16u16.to_be_bytes());
-                out.extend_from_slice(&a.0.octets());
+                out.extend_from_slice(&a.octets());
             }
             _ => return false,
         }

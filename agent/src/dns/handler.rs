@@ -2,9 +2,8 @@
 //!
 //! [`decide`] is a pure function of the index, the access list, the request
 //! hickory-server parsed and its source (no I/O, no clock). It returns a
-//! [`Decision`]: the records to answer with (borrowed from the index
-//! whenever the question's case allows), a question for the upstreams, or
-//! nothing. Building and sending the response is the adapter's job
+//! [`Decision`]: the records to answer with, a question for the
+//! upstreams, or nothing. Building and sending the response is the adapter's job
 //! (`response.rs`); so is anything hickory-server does before a request
 //! reaches a handler (dropping messages shorter than a header or that are
 //! responses, FORMERR for messages it cannot parse).
@@ -24,13 +23,12 @@
 //! transfer, and outside names were forwarded upstream. ANY answers one
 //! RRset of the name (RFC 8482 section 4.1), not all of them. Reverse names
 //! we do not know are forwarded (CoreDNS's `fallthrough` for reverse
-//! zones). An `Answer` holds rcode, AA and the records as slices of the
-//! index, copied only when the question's case is not the index's lower
-//! case (so answers keep the case asked), and the SOA by reference.
+//! zones). An `Answer` holds rcode, AA, the records made from the index's
+//! data, owned by the name as asked (answers keep the case asked), and the
+//! SOA by reference.
 //! ExternalName targets outside the zone are resolved upstream and
 //! returned after the CNAME.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 
 use hickory_proto::op::{MessageType, OpCode, Query, ResponseCode};
@@ -38,7 +36,7 @@ use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_server::zone_handler::MessageRequest;
 
 use super::acl::Acl;
-use super::index::{DnsIndex, Lookup, Records};
+use super::index::{DnsIndex, Lookup};
 
 /// The UDP payload size we advertise and cap EDNS answers at (DNS flag day 2020).
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -53,16 +51,15 @@ pub struct Answer<'i> {
     pub authoritative: bool,
     /// Refused because of the source address (for metrics).
     pub refused_source: bool,
-    /// Answer section: the name's records, borrowed from the index unless
-    /// the question's case differs from the index's lower case (answers
-    /// keep the case asked).
-    pub answers: Cow<'i, [Record]>,
+    /// Answer section: the name's records, owned by the name as asked
+    /// (answers keep the case asked).
+    pub answers: Vec<Record>,
     /// Answer section, continued: the records of an in-zone CNAME target.
-    pub chased: Cow<'i, [Record]>,
+    pub chased: Vec<Record>,
     /// The zone's SOA in the authority section (negative answers).
     pub soa: Option<&'i Record>,
     /// Additional section (addresses of SRV targets).
-    pub additionals: Vec<&'i Record>,
+    pub additionals: Vec<Record>,
 }
 
 impl Answer<'_> {
@@ -148,7 +145,7 @@ pub fn decide<'i>(
     {
         return Decision::Answer(Answer {
             authoritative: true,
-            answers: owned_by(records, &asked.name),
+            answers: records.to_records(&asked.name, index.ttl()),
             ..Answer::empty(ResponseCode::NoError)
         });
     }
@@ -171,7 +168,7 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
     };
     match index.lookup(name, query.query_type) {
         Lookup::Records(records, rtype) => {
-            answer.answers = owned_by(records, &query.name);
+            answer.answers = records.to_records(&query.name, index.ttl());
             if rtype == RecordType::CNAME && query.query_type != RecordType::CNAME {
                 follow_cname(index, &mut answer, query.query_type);
             }
@@ -181,7 +178,7 @@ fn answer_zone<'i>(index: &'i DnsIndex, query: &Query, name: &LowerName) -> Answ
         }
         Lookup::Synthesized(mut record) => {
             record.name = query.name.clone();
-            answer.answers = Cow::Owned(vec![*record]);
+            answer.answers = vec![*record];
         }
         Lookup::NoData => answer.soa = Some(index.soa_for(name)),
         Lookup::NxDomain => {
@@ -203,9 +200,11 @@ fn follow_cname<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>, qtype: RecordT
         return;
     }
     match index.lookup(&target, qtype) {
-        Lookup::Records(records, rtype) if rtype == qtype => answer.chased = borrowed(records),
+        Lookup::Records(records, rtype) if rtype == qtype => {
+            answer.chased = records.to_records(&Name::from(&target), index.ttl());
+        }
         Lookup::Synthesized(record) if record.record_type() == qtype => {
-            answer.answers.to_mut().push(*record);
+            answer.answers.push(*record);
         }
         Lookup::NxDomain => {
             answer.rcode = ResponseCode::NXDomain;
@@ -224,51 +223,21 @@ fn follow_outside(index: &DnsIndex, answer: &Answer<'_>) -> Option<(Record, Name
     (!index.in_zone(&LowerName::new(&target.0))).then(|| (last.clone(), target.0.clone()))
 }
 
-fn add_targets<'i>(index: &'i DnsIndex, answer: &mut Answer<'i>) {
+fn add_targets(index: &DnsIndex, answer: &mut Answer<'_>) {
     let mut extra = Vec::new();
-    for r in answer.answers.iter() {
-        if let RData::SRV(srv) = &r.data
-            && let Some(node) = index.node(&LowerName::new(&srv.target))
-        {
-            extra.extend(
-                node.records()
-                    .iter()
-                    .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA)),
-            );
+    for r in &answer.answers {
+        if let RData::SRV(srv) = &r.data {
+            let target = LowerName::new(&srv.target);
+            if let Some(node) = index.node(&target) {
+                let owner = Name::from(target);
+                extra.extend(
+                    node.records()
+                        .iter()
+                        .filter(|d| matches!(d.record_type(), RecordType::A | RecordType::AAAA))
+                        .map(|d| d.record(&owner, index.ttl())),
+                );
+            }
         }
     }
     answer.additionals = extra;
-}
-
-/// `records` as one slice: borrowed when they are in one chunk of the
-/// index (nearly always), else copied.
-fn borrowed(records: Records<'_>) -> Cow<'_, [Record]> {
-    match records.as_slice() {
-        Some(slice) => Cow::Borrowed(slice),
-        None => Cow::Owned(records.iter().cloned().collect()),
-    }
-}
-
-/// `records` owned by `name` as asked: borrowed when the case is the
-/// index's and they are in one chunk (no copy, no allocation), copied with
-/// the asked name otherwise.
-fn owned_by<'i>(records: Records<'i>, name: &Name) -> Cow<'i, [Record]> {
-    if let Some(slice) = records.as_slice()
-        && slice.iter().all(|r| same_bytes(&r.name, name))
-    {
-        return Cow::Borrowed(slice);
-    }
-    records
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r.name = name.clone();
-            r
-        })
-        .collect()
-}
-
-/// Case-sensitive name equality (`Name`'s `==` ignores case).
-fn same_bytes(a: &Name, b: &Name) -> bool {
-    a.num_labels() == b.num_labels() && a.iter().zip(b.iter()).all(|(x, y)| x == y)
 }

@@ -16,7 +16,7 @@
 //! TCP front (`server.rs`) run on a current-thread runtime on a thread of
 //! its own; hickory-server parses each request (`Request`), our
 //! `RequestHandler` runs the core (`handler.rs`), a pure function from the
-//! parsed request to records borrowed from the index, and the response is
+//! parsed request to records made from the index's data, and the response is
 //! built and encoded by hickory-server's `MessageResponseBuilder`
 //! (`response.rs`). Over UDP the encoded answer is kept for the next
 //! identical query (`encoded.rs`), and a plain address question is read,

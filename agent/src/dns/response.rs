@@ -59,7 +59,7 @@ pub(crate) async fn answer<R: ResponseHandler>(
         answer.authoritative,
         answer.answers.iter().chain(answer.chased.iter()),
         answer.soa.into_iter(),
-        answer.additionals.iter().copied(),
+        answer.additionals.iter(),
         handle,
     )
     .await

@@ -1,12 +1,11 @@
 //! The handler fed with messages, no sockets (as hickory-dns's own catalog tests do).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use rand::{Rng, SeedableRng};
 use switchyard_model::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
@@ -859,31 +858,79 @@ fn resolv_conf_upstreams_skip_ourselves() {
 }
 
 #[test]
+fn the_index_holds_record_data_compactly_and_gives_it_back_unchanged() {
+    use super::index::Data;
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SRV, TXT};
+    assert!(size_of::<Data>() <= 88, "{} bytes", size_of::<Data>());
+    let target = Name::from_ascii("web.shop.svc.cluster.local.").expect("name");
+    let all = [
+        RData::A(A("10.1.2.3".parse().expect("v4"))),
+        RData::AAAA(AAAA("fd00::1".parse().expect("v6"))),
+        RData::SRV(SRV::new(1, 2, 80, target.clone())),
+        RData::PTR(PTR(target.clone())),
+        RData::CNAME(CNAME(target.clone())),
+        RData::TXT(TXT::new(vec!["1.1.0".into()])),
+    ];
+    for (i, data) in all.iter().enumerate() {
+        let held = Data::new(data.clone());
+        assert_eq!(held.rdata(), *data);
+        assert_eq!(held.record_type(), data.record_type());
+        for (j, other) in all.iter().enumerate() {
+            assert_eq!(held.is(other), i == j, "{data} against {other}");
+        }
+    }
+    // Names compare as DNS compares them, as `RData`'s equality does.
+    let upper = Name::from_ascii("WEB.shop.svc.cluster.local.").expect("name");
+    assert!(Data::new(RData::PTR(PTR(target))).is(&RData::PTR(PTR(upper))));
+    assert!(
+        !Data::new(RData::SRV(SRV::new(1, 2, 80, Name::root()))).is(&RData::SRV(SRV::new(
+            1,
+            2,
+            81,
+            Name::root()
+        )))
+    );
+}
+
+#[test]
 fn records_have_the_configured_ttl() {
     let idx = cluster();
-    let all: Vec<&Record> = idx
-        .names
-        .values()
-        .flat_map(|n| n.records().iter())
-        .collect();
-    assert!(all.iter().all(|r| r.ttl == 5));
+    let acl = Acl::node_local(&[]);
+    let mut answered = 0;
+    // Every record of every name, as a query for its name and type gets it.
+    for (name, node) in idx.names.iter().chain(idx.reverse.iter()) {
+        let mut types: Vec<RecordType> = node.records().iter().map(|d| d.record_type()).collect();
+        types.dedup();
+        for t in types.into_iter().filter(|t| *t != RecordType::SOA) {
+            let q = query_bytes(&name.to_string(), t, None);
+            let Decision::Answer(a) = decide_bytes(&idx, &acl, &q, ip(LOCAL)) else {
+                panic!("{name} {t}: expected an answer");
+            };
+            assert!(!a.answers.is_empty(), "{name} {t}: no records");
+            for r in a.answers.iter().chain(&a.additionals) {
+                assert_eq!(r.ttl, 5, "{name} {t}: {r}");
+                assert_eq!(r.dns_class, DNSClass::IN, "{name} {t}: {r}");
+            }
+            answered += a.answers.len();
+        }
+    }
+    assert!(answered > 60, "only {answered} records answered");
     assert!(matches!(idx.soa().data, RData::SOA(ref s) if s.minimum == 5));
 }
 
 #[test]
-fn answers_in_the_index_case_are_borrowed_not_copied() {
+fn answers_are_owned_by_the_name_as_asked() {
     let idx = cluster();
     let acl = Acl::node_local(&[]);
-    let lower = query_bytes("web.shop.svc.cluster.local.", RecordType::A, None);
-    let Decision::Answer(a) = decide_bytes(&idx, &acl, &lower, ip(LOCAL)) else {
-        panic!("expected an answer");
-    };
-    assert!(matches!(a.answers, Cow::Borrowed([_])));
-    let mixed = query_bytes("Web.shop.svc.cluster.local.", RecordType::A, None);
-    let Decision::Answer(a) = decide_bytes(&idx, &acl, &mixed, ip(LOCAL)) else {
-        panic!("expected an answer");
-    };
-    assert!(matches!(&a.answers, Cow::Owned(v) if v.len() == 1));
+    for asked in ["web.shop.svc.cluster.local.", "Web.SHOP.svc.cluster.local."] {
+        let q = query_bytes(asked, RecordType::A, None);
+        let Decision::Answer(a) = decide_bytes(&idx, &acl, &q, ip(LOCAL)) else {
+            panic!("{asked}: expected an answer");
+        };
+        assert_eq!(a.answers.len(), 1, "{asked}");
+        // `Name`'s equality ignores case: compare the text.
+        assert_eq!(a.answers[0].name.to_string(), asked);
+    }
     // A negative answer carries the index's SOA itself.
     let nx = query_bytes("nope.shop.svc.cluster.local.", RecordType::A, None);
     let Decision::Answer(a) = decide_bytes(&idx, &acl, &nx, ip(LOCAL)) else {
@@ -1086,11 +1133,11 @@ fn the_clusterset_zone_answers_imports_as_the_mcs_dns_specification_says() {
 /// Every name with its records as text, SOAs left out (their serial is the
 /// build's second), records sorted: two indexes that answer alike are equal.
 fn canonical(idx: &DnsIndex) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>) {
-    let text = |records: super::index::Records<'_>| {
+    let text = |owner: &LowerName, records: super::index::Records<'_>| {
         let mut v: Vec<String> = records
             .iter()
             .filter(|r| r.record_type() != RecordType::SOA)
-            .map(|r| format!("{} {}", r.name, r.data))
+            .map(|r| format!("{owner} {}", r.rdata()))
             .collect();
         v.sort();
         v
@@ -1098,12 +1145,12 @@ fn canonical(idx: &DnsIndex) -> (BTreeMap<String, Vec<String>>, BTreeMap<String,
     let names = idx
         .names
         .iter()
-        .map(|(k, n)| (k.to_string(), text(n.records())))
+        .map(|(k, n)| (k.to_string(), text(k, n.records())))
         .collect();
     let reverse = idx
         .reverse
         .iter()
-        .map(|(k, r)| (k.to_string(), text(r.records())))
+        .map(|(k, r)| (k.to_string(), text(k, r.records())))
         .collect();
     (names, reverse)
 }
@@ -1439,7 +1486,7 @@ fn one_endpoint_change_to_a_large_headless_service_writes_what_changed() {
         panic!("SRV records")
     };
     assert!(records.as_slice().is_none(), "in several chunks");
-    let targets: Vec<String> = records.iter().map(|r| r.data.to_string()).collect();
+    let targets: Vec<String> = records.iter().map(|r| r.rdata().to_string()).collect();
     assert_eq!(targets.len(), 2000);
     assert!(
         targets.iter().any(|t| t.contains("10-143-66-64.web")),
