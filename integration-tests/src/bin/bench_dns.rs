@@ -7,7 +7,7 @@
 //! ```text
 //! cargo build --release -p switchyard-integration-tests --bin bench_dns
 //! taskset -c 0 target/release/bench_dns [--services 10000] [--seconds 5] [--load 20000]
-//!     [--classes hit,nxdomain,nodata,forwarded,uncached] [--uncached-names 400000]
+//!     [--classes hit,srv,nxdomain,nodata,forwarded,uncached] [--uncached-names 400000]
 //!     [--uncached-load 10000] [--repeat 1] [--upstream-cpu 1]
 //! ```
 //!
@@ -31,6 +31,9 @@
 //! Other names go to a second unbound (the "upstream", on CPU 1) answering
 //! every `*.example.org` name from one `redirect` local-data record, TTL
 //! 60 s, so it never recurses:
+//! - `srv`: `_http._tcp.<svc>...` SRV, a hit answered through hickory's
+//!   parser and encoder (the plain address path takes A and AAAA only),
+//!   with the target's A in the additional section.
 //! - `forwarded`: `--services` names `host-<rep>-<i>.example.org`, in
 //!   the same scrambled order as the other classes, for both runs of a
 //!   repetition and both servers, and new names in each repetition. The
@@ -536,13 +539,23 @@ fn main() -> anyhow::Result<()> {
     // Query files: every service name in a scrambled order.
     let order: Vec<usize> = (0..services).map(|k| k * 7919 % services).collect();
     // (label, --classes key, query line; None: never-repeated names).
-    let classes: [(&str, &str, Option<QueryLine>); 5] = [
+    let classes: [(&str, &str, Option<QueryLine>); 6] = [
         (
             "hit (A)",
             "hit",
             Some(Box::new(|_, i| {
                 let (s, n) = name(i);
                 format!("{s}.{n}.svc.{ZONE} A")
+            })),
+        ),
+        (
+            // Through hickory's parser and encoder (not a plain address
+            // question): the SRV record and its target's A, made per answer.
+            "hit (SRV)",
+            "srv",
+            Some(Box::new(|_, i| {
+                let (s, n) = name(i);
+                format!("_http._tcp.{s}.{n}.svc.{ZONE} SRV")
             })),
         ),
         (

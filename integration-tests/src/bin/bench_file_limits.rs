@@ -19,7 +19,9 @@
 //!  skips the parse floors, `--no-edits` the edits
 //!    ├─▶ load: FileSource until synced; time and peak RSS
 //!    ├─▶ parse floor: serde-saphyr alone on the same bytes (into serde_json::Value,
-//!    │   and into IgnoredAny), serde_json alone on the JSON
+//!    │   and into IgnoredAny), serde_json alone on the JSON; for YAML also its
+//!    │   event parser alone (granit-parser), and serde-saphyr one document at a
+//!    │   time as the loader parses (both on one core)
 //!    └─▶ edits: one document of a 5,000-Service file, or a small file beside a
 //!        100,000-Service one: Reloader::reload (reload start to SourceState
 //!        returned), and that plus publishing into a watch channel; p50/p99
@@ -420,6 +422,29 @@ fn child_parse(file: &Path) -> anyhow::Result<()> {
     let mut out = json!({"bytes": bytes.len(), "documents": ignored.len().max(values.len()),
         "saphyr_ignored_ms": ignored_ms.round(), "saphyr_value_ms": value_ms.round()});
     drop(values);
+    if file.extension().is_some_and(|e| e == "yaml") {
+        // The floor of any loader built on serde-saphyr: its event parser
+        // alone over the whole stream, on one core, making nothing.
+        let t = Instant::now();
+        let mut parser = granit_parser::Parser::new_from_str(text);
+        let mut events = 0u64;
+        while let Some(event) = parser.next_event() {
+            event.map_err(|e| anyhow::anyhow!("{e}"))?;
+            events += 1;
+        }
+        out["scanner_events"] = json!(events);
+        out["scanner_ms"] = json!(ms(t.elapsed()).round());
+        // What the loader does on each core: one document at a time into
+        // a `Value`, here all of them on this one.
+        let t = Instant::now();
+        let mut documents = 0usize;
+        for piece in text.split("---\n").filter(|p| !p.is_empty()) {
+            let v: Value = serde_saphyr::from_str_with_options(piece, options())?;
+            documents += usize::from(!v.is_null());
+        }
+        out["saphyr_per_document_value_ms"] = json!(ms(t.elapsed()).round());
+        out["per_document_documents"] = json!(documents);
+    }
     if file.extension().is_some_and(|e| e == "json") {
         let t = Instant::now();
         let v: Value = serde_json::from_slice(&bytes)?;
