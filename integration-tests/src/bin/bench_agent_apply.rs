@@ -9,7 +9,13 @@
 //! anchor; what a new node does with its first download, whose size on
 //! the wire is printed), then 50 updates of one endpoint change each, to other Services.
 //! The decode step (`AgentState::apply`: the new state, its one decoded
-//! Service) is timed on its own too. With `--restart` (and `--nftables`),
+//! Service) is timed on its own too. After the changes the process's RSS
+//! is what a whole agent holds (its state, the data plane's record, sled,
+//! the DNS stub's index, the runtime), printed with the heap's use and
+//! free space (glibc's `mallinfo2`) and the RSS after a `malloc_trim` by
+//! the bench (the restarts below start from the trimmed process); run one
+//! size (`--sizes 100000`) for it, since a size before leaves memory
+//! behind. With `--restart` (and `--nftables`),
 //! the agent then stops and starts again from its sled directory
 //! (`Applier::restore`: the store read, the persisted state put in force)
 //! three times: keeping the table in force (its marker matches), then
@@ -94,6 +100,7 @@ async fn run(
     )?;
     applier.ack_after_dns(started.built);
 
+    let rss_start = proc_status_kib("self", "VmRSS");
     let whole = update("v0".into(), (0..services).map(|i| resource(i, 0)).collect());
     // What a new node downloads: the whole state as one message on the wire.
     let whole_bytes = prost::Message::encoded_len(&whole);
@@ -103,6 +110,8 @@ async fn run(
         .await
         .map_err(|e| anyhow::anyhow!(e.nack_detail()))?;
     let whole_ms = t.elapsed().as_secs_f64() * 1e3;
+    // Received, applied and dropped, as an agent does with it.
+    drop(whole);
 
     // Changes that are applied but not timed: right after a large whole
     // state, sled is still writing it out in the background and the first
@@ -130,6 +139,12 @@ async fn run(
             .map_err(|e| anyhow::anyhow!(e.nack_detail()))?;
         per_change.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    // What an agent holds then: the state, the data plane's record, sled's
+    // cache, the DNS index (the ACK waited for it), the runtime.
+    let rss_end = proc_status_kib("self", "VmRSS");
+    let heap = switchyard_heap::usage();
+    switchyard_heap::trim();
+    let rss_trimmed = proc_status_kib("self", "VmRSS");
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     drop(applier);
@@ -150,6 +165,11 @@ async fn run(
         "whole_state_mib": (whole_bytes as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "one_change_ms": summary(&mut per_change),
         "decode_only_ms": summary(&mut decode),
+        "rss_start_mib": (rss_start as f64 / 1024.0).round(),
+        "rss_mib": (rss_end as f64 / 1024.0).round(),
+        "heap_in_use_mib": heap.map(|h| h.in_use >> 20),
+        "heap_free_mib": heap.map(|h| h.free >> 20),
+        "rss_trimmed_mib": (rss_trimmed as f64 / 1024.0).round(),
         "restarts": restarts,
         "upkeep": upkeep,
     }))
@@ -276,6 +296,23 @@ async fn main() -> anyhow::Result<()> {
             c["max"],
             d["p50"],
             d["p99"]
+        );
+    }
+    println!();
+    println!(
+        "| data plane | Services x 10 endpoints | RSS of this process after the whole state and the changes (the agent's state, data plane, sled, DNS stub) | heap in use; free in the heap | RSS after a malloc_trim by the bench | before the whole state |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} MiB | {} MiB; {} MiB | {} MiB | {} MiB |",
+            r["plane"].as_str().unwrap_or("?"),
+            r["services"],
+            r["rss_mib"],
+            r["heap_in_use_mib"],
+            r["heap_free_mib"],
+            r["rss_trimmed_mib"],
+            r["rss_start_mib"]
         );
     }
     if restart {
