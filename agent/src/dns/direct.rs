@@ -22,8 +22,8 @@
 //! Services (target 6)").
 //!
 //! The written answer: the query's ID, QR, AA, RD and CD as asked, RA,
-//! NOERROR; the question as asked (lower case only, so that the asked name
-//! is the index's and its bytes are the owner's); each record with its owner
+//! NOERROR; the question as asked (lower case only, so that the name is
+//! looked up without lowering a copy of it); each record with its owner
 //! (the first in full, the others a pointer to it, as hickory writes
 //! them), TTL and address; and, when asked with EDNS, an OPT record with
 //! our payload size ([`EDNS_PAYLOAD`] at most). An answer over the size limit

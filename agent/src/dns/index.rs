@@ -1376,12 +1376,12 @@ impl DnsIndex {
         self.zone.zone_of(name) || self.clusterset_zone.zone_of(name)
     }
 
-    /// The SOA of the zone `name` is in (the cluster zone's otherwise).
     /// The TTL of every record of the index.
     pub(crate) fn ttl(&self) -> u32 {
         self.ttl
     }
 
+    /// The SOA of the zone `name` is in (the cluster zone's otherwise).
     pub(crate) fn soa_for(&self, name: &LowerName) -> &Record {
         if self.clusterset_zone.zone_of(name) {
             &self.clusterset_soa

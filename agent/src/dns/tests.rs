@@ -236,6 +236,29 @@ fn srv_for_named_ports_with_target_addresses() {
     assert_eq!(rdata(&srv), ["0 100 80 web.shop.svc.cluster.local."]);
     let extra: Vec<_> = srv.additionals.iter().map(|r| r.data.to_string()).collect();
     assert_eq!(extra, ["10.96.0.10", "fd00::10"]);
+    // The additional addresses are owned by the SRV target, whatever the
+    // case of the question; the SRV by the name as asked.
+    let mixed = ask(
+        &idx,
+        "_HTTP._tcp.Web.shop.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(
+        mixed.answers[0].name.to_string(),
+        "_HTTP._tcp.Web.shop.svc.cluster.local."
+    );
+    let owners: Vec<_> = mixed
+        .additionals
+        .iter()
+        .map(|r| (r.name.to_string(), r.ttl))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("web.shop.svc.cluster.local.".to_owned(), 5),
+            ("web.shop.svc.cluster.local.".to_owned(), 5)
+        ]
+    );
     let m = ask(
         &idx,
         "_metrics._tcp.web.shop.svc.cluster.local.",
@@ -409,9 +432,22 @@ fn external_name_is_a_cname() {
         }
         other => panic!("expected a forward, got {other:?}"),
     }
-    // A target inside the zone is followed here.
-    let alias = ask(&idx, "alias.shop.svc.cluster.local.", RecordType::A);
+    // A target inside the zone is followed here: the CNAME is owned by the
+    // name as asked, the target's records by the target.
+    let alias = ask(&idx, "Alias.shop.svc.cluster.local.", RecordType::A);
     assert_eq!(rdata(&alias), ["web.shop.svc.cluster.local.", "10.96.0.10"]);
+    let owners: Vec<_> = alias
+        .answers
+        .iter()
+        .map(|r| (r.name.to_string(), r.ttl))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("Alias.shop.svc.cluster.local.".to_owned(), 5),
+            ("web.shop.svc.cluster.local.".to_owned(), 5)
+        ]
+    );
 }
 
 #[test]
@@ -907,7 +943,7 @@ fn records_have_the_configured_ttl() {
                 panic!("{name} {t}: expected an answer");
             };
             assert!(!a.answers.is_empty(), "{name} {t}: no records");
-            for r in a.answers.iter().chain(&a.additionals) {
+            for r in a.answers.iter().chain(&a.chased).chain(&a.additionals) {
                 assert_eq!(r.ttl, 5, "{name} {t}: {r}");
                 assert_eq!(r.dns_class, DNSClass::IN, "{name} {t}: {r}");
             }

@@ -28,12 +28,15 @@
 //! for a CPU). `--upstream-cpu 0` puts the upstream with the servers
 //! instead of with dnsperf. The stub is this process
 //! (its DNS thread; the rest of the process idles while dnsperf runs).
+//! The `srv` class asks `_http._tcp.<svc>...` SRV: the stub answers it
+//! with the target's A in the additional section, through hickory's
+//! parser and encoder (the plain address path takes A and AAAA only) once
+//! there are more names than its encoded answers hold (16,384: above
+//! that many Services); below, repeats come from those answers. unbound
+//! answers it from local-data, whose additional section may differ.
 //! Other names go to a second unbound (the "upstream", on CPU 1) answering
 //! every `*.example.org` name from one `redirect` local-data record, TTL
 //! 60 s, so it never recurses:
-//! - `srv`: `_http._tcp.<svc>...` SRV, a hit answered through hickory's
-//!   parser and encoder (the plain address path takes A and AAAA only),
-//!   with the target's A in the additional section.
 //! - `forwarded`: `--services` names `host-<rep>-<i>.example.org`, in
 //!   the same scrambled order as the other classes, for both runs of a
 //!   repetition and both servers, and new names in each repetition. The

@@ -434,8 +434,9 @@ fn child_parse(file: &Path) -> anyhow::Result<()> {
         }
         out["scanner_events"] = json!(events);
         out["scanner_ms"] = json!(ms(t.elapsed()).round());
-        // What the loader does on each core: one document at a time into
-        // a `Value`, here all of them on this one.
+        // Close to what the loader does on each core: one document at a
+        // time into a `Value` (without its budget report), here all of
+        // them on this one.
         let t = Instant::now();
         let mut documents = 0usize;
         for piece in text.split("---\n").filter(|p| !p.is_empty()) {
