@@ -195,6 +195,14 @@ fn rdata(m: &Message) -> Vec<String> {
     m.answers.iter().map(|r| r.data.to_string()).collect()
 }
 
+/// The owner (as text, in its case) and TTL of each of `records`.
+fn owners(records: &[Record]) -> Vec<(String, u32)> {
+    records
+        .iter()
+        .map(|r| (r.name.to_string(), r.ttl))
+        .collect()
+}
+
 fn assert_negative(m: &Message, rcode: ResponseCode) {
     assert_eq!(m.metadata.response_code, rcode);
     assert!(m.answers.is_empty(), "{:?}", m.answers);
@@ -247,13 +255,8 @@ fn srv_for_named_ports_with_target_addresses() {
         mixed.answers[0].name.to_string(),
         "_HTTP._tcp.Web.shop.svc.cluster.local."
     );
-    let owners: Vec<_> = mixed
-        .additionals
-        .iter()
-        .map(|r| (r.name.to_string(), r.ttl))
-        .collect();
     assert_eq!(
-        owners,
+        owners(&mixed.additionals),
         [
             ("web.shop.svc.cluster.local.".to_owned(), 5),
             ("web.shop.svc.cluster.local.".to_owned(), 5)
@@ -436,13 +439,8 @@ fn external_name_is_a_cname() {
     // name as asked, the target's records by the target.
     let alias = ask(&idx, "Alias.shop.svc.cluster.local.", RecordType::A);
     assert_eq!(rdata(&alias), ["web.shop.svc.cluster.local.", "10.96.0.10"]);
-    let owners: Vec<_> = alias
-        .answers
-        .iter()
-        .map(|r| (r.name.to_string(), r.ttl))
-        .collect();
     assert_eq!(
-        owners,
+        owners(&alias.answers),
         [
             ("Alias.shop.svc.cluster.local.".to_owned(), 5),
             ("web.shop.svc.cluster.local.".to_owned(), 5)
