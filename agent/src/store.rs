@@ -18,7 +18,12 @@
 //! flushed before the agent ACKs: a crash at any point leaves exactly the
 //! old or exactly the new state, never new resources labelled with the old
 //! version (`integration-tests/tests/crash.rs` kills a real agent around
-//! its saves to check it).
+//! its saves to check it). A first state over an empty store is the one
+//! exception: its resources go in batches and its `meta` last, since one
+//! transaction of 100,000 resources keeps every tree node it replaces
+//! until it ends (the agent's peak at 100,000 Services was 913 MiB, 572
+//! MiB so); cut short, it is resources without `meta`, discarded as such,
+//! and there was nothing older to lose.
 //!
 //! Each save is a new generation. Its `meta` carries the generation and a
 //! checksum of the whole state (the wrapping sum of a SHA-256 digest of
@@ -224,26 +229,37 @@ const LARGE_WRITE: usize = 1_000;
 /// updates to be freed, and glibc kept the pages after that: the agent
 /// stayed at 1.6 GiB RSS with 0.5 GiB in use (`bench_agent_apply`). Each
 /// `flush` here advances the epoch and frees 8 more bags; once there are
-/// none left it costs next to nothing. Then, if that freed much, a
-/// `malloc_trim`, which walks the whole heap under its locks (a quarter of
-/// a second at 100,000 Services): this runs off the ACK's path, after
-/// large writes only.
-fn release_replaced(entries: usize) {
+/// none left it costs next to nothing. Then a `malloc_trim`, if that
+/// freed 32 MiB or the save was a first state (whose batches freed theirs
+/// as they went). It walks the whole heap under its locks (a quarter of a
+/// second at 100,000 Services): this runs off the ACK's path, after large
+/// writes only.
+fn release_replaced(entries: usize, first: bool) {
     let started = std::time::Instant::now();
     let before = switchyard_heap::usage();
-    // 32 objects per entry; a write of 100,000 entries needed between 1
-    // and 5 (200 passes freed part of it, 1,000 all).
-    for _ in 0..entries.div_ceil(16).max(64) {
-        crossbeam_epoch::pin().flush();
-    }
+    drain(entries);
     let after = switchyard_heap::usage();
     let freed = match (before, after) {
         (Some(b), Some(a)) => b.in_use.saturating_sub(a.in_use),
         _ => 0,
     };
-    let released = freed >= TRIM_AFTER && switchyard_heap::trim();
+    let released = (first || freed >= TRIM_AFTER) && switchyard_heap::trim();
     tracing::debug!(entries, freed, released, took = ?started.elapsed(), "freed what a large write replaced");
 }
+
+/// Runs crossbeam-epoch's collector until what `entries` writes replaced
+/// is freed (unless a thread still holds a pin from before them).
+fn drain(entries: usize) {
+    // 32 objects per entry; a write of 100,000 entries needed between 1
+    // and 5 (200 passes freed part of it, 1,000 all).
+    for _ in 0..entries.div_ceil(16).max(64) {
+        crossbeam_epoch::pin().flush();
+    }
+}
+
+/// Resources per batch of a first state (tests: two, so that their
+/// states of a few resources take several).
+const FIRST_BATCH: usize = if cfg!(test) { 2 } else { 4_096 };
 
 /// Bytes freed by [`release_replaced`] above which the heap is trimmed.
 const TRIM_AFTER: u64 = 32 << 20;
@@ -433,7 +449,9 @@ impl Store {
             if h.resources.is_empty() {
                 return Ok(None);
             }
-            return Err("resources present without metadata".into());
+            return Err(
+                "resources present without metadata (a first state cut short, or damage)".into(),
+            );
         };
         let meta = decode_meta(&meta)?;
         let mut frames = Vec::new();
@@ -537,7 +555,13 @@ impl Store {
         let touched: std::collections::BTreeSet<&String> =
             changes.changed.iter().chain(&changes.removed).collect();
         // Frames are built once: sled may run the closure more than once.
-        let (written, removed, undo, sum): (Vec<Entry>, Vec<Vec<u8>>, Vec<Entry>, u64) = if whole {
+        let (mut written, removed, undo, sum, first): (
+            Vec<Entry>,
+            Vec<Vec<u8>>,
+            Vec<Entry>,
+            u64,
+            bool,
+        ) = if whole {
             let written = state
                 .resources
                 .iter()
@@ -559,7 +583,7 @@ impl Store {
                 .map(|k| k.to_vec())
                 .collect();
             // What the store held is in doubt: no previous generation.
-            (written, removed, Vec::new(), checksum(state))
+            (written, removed, Vec::new(), checksum(state), false)
         } else {
             let written = update
                 .resources
@@ -573,6 +597,7 @@ impl Store {
                 .collect();
             let prefix = generation.to_be_bytes();
             let old_meta = h.db.get(META_KEY).map_err(db_err)?;
+            let first = old_meta.is_none();
             // Over an empty store (a new node's first state) the previous
             // generation is nothing, and nothing is read back from it: no
             // entry per resource (at 100,000 Services, as many inserts
@@ -604,8 +629,28 @@ impl Store {
                     .map_or(0, |held| digest(name, &held.version));
                 sum.wrapping_sub(out).wrapping_add(into)
             });
-            (written, removed, undo, sum)
+            (written, removed, undo, sum, first)
         };
+        let entries = written.len() + removed.len() + undo.len();
+        if first {
+            // Over an empty store nothing stored can be mixed up: the
+            // resources go in batches, each followed by freeing what it
+            // replaced (one transaction of 100,000 holds its pin, and every
+            // node it replaces, to its end: 0.55 GiB), and the meta last,
+            // in the transaction below. sled recovers a prefix of its log,
+            // so a crash before the meta leaves resources without it, read
+            // as a first state cut short: discarded, with nothing older lost.
+            for batch in std::mem::take(&mut written).chunks(FIRST_BATCH) {
+                let mut b = sled::Batch::default();
+                for (name, value) in batch {
+                    b.insert(name.as_slice(), value.as_slice());
+                }
+                h.resources
+                    .apply_batch(b)
+                    .map_err(|e| self.broke(db_err(e)))?;
+                drain(batch.len());
+            }
+        }
         let meta = Meta {
             snapshot_version: state.version.clone(),
             resource_count: state.resources.len() as u64,
@@ -645,15 +690,14 @@ impl Store {
         // save, what sled replaced is freed there too.
         let previous = h.previous.clone();
         let older = generation.to_be_bytes();
-        let written = written.len() + removed.len() + undo.len();
         tokio::task::spawn_blocking(move || {
-            let mut entries = written;
+            let mut entries = entries;
             for key in previous.range(..older).keys().filter_map(Result::ok) {
                 let _ = previous.remove(key);
                 entries += 1;
             }
             if entries >= LARGE_WRITE {
-                release_replaced(entries);
+                release_replaced(entries, first);
             }
         });
         if whole {
@@ -904,6 +948,29 @@ mod tests {
             Loaded::Discarded(why) => assert!(why.contains("unusable too: none kept"), "{why}"),
             other => panic!("expected a discard, got {other:?}"),
         }
+        // A first state of five resources goes in three batches, then its
+        // meta; cut short before the meta, it is discarded, and said.
+        let u = update("v1", &["a", "b", "c", "d", "e"]);
+        let (s, changes) = AgentState::default().apply(&u).expect("valid");
+        store
+            .save(&AgentState::default(), &s, &u, &changes)
+            .await
+            .expect("save");
+        let Loaded::State(loaded) = store.load().expect("load") else {
+            panic!("state expected")
+        };
+        assert_eq!(versions(&loaded), versions(&s));
+        h.db.remove(META_KEY).expect("remove");
+        match store.load().expect("load") {
+            Loaded::Discarded(why) => {
+                assert!(
+                    why.contains("without metadata (a first state cut short"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a discard, got {other:?}"),
+        }
+        assert!(matches!(store.load().expect("load"), Loaded::Empty));
 
         // The next state over a stored one keeps what it replaced, each
         // resource's and the meta before it.

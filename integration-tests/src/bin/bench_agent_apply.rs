@@ -9,7 +9,8 @@
 //! anchor; what a new node does with its first download, whose size on
 //! the wire is printed), then 50 updates of one endpoint change each, to other Services.
 //! The decode step (`AgentState::apply`: the new state, its one decoded
-//! Service) is timed on its own too. After the changes the process's RSS
+//! Service) is timed on its own too. The process's peak RSS is taken from
+//! the whole state on (`VmHWM`, reset before it). After the changes the process's RSS
 //! is what a whole agent holds (its state, the data plane's record, sled,
 //! the DNS stub's index, the runtime), printed with the heap's use and
 //! free space (glibc's `mallinfo2`) and the RSS after a `malloc_trim` by
@@ -101,6 +102,7 @@ async fn run(
     applier.ack_after_dns(started.built);
 
     let rss_start = proc_status_kib("self", "VmRSS");
+    reset_peak_rss();
     let whole = update("v0".into(), (0..services).map(|i| resource(i, 0)).collect());
     // What a new node downloads: the whole state as one message on the wire.
     let whole_bytes = prost::Message::encoded_len(&whole);
@@ -142,6 +144,7 @@ async fn run(
     // What an agent holds then: the state, the data plane's record, sled's
     // cache, the DNS index (the ACK waited for it), the runtime.
     let rss_end = proc_status_kib("self", "VmRSS");
+    let rss_peak = proc_status_kib("self", "VmHWM");
     let heap = switchyard_heap::usage();
     switchyard_heap::trim();
     let rss_trimmed = proc_status_kib("self", "VmRSS");
@@ -167,6 +170,7 @@ async fn run(
         "decode_only_ms": summary(&mut decode),
         "rss_start_mib": (rss_start as f64 / 1024.0).round(),
         "rss_mib": (rss_end as f64 / 1024.0).round(),
+        "rss_peak_mib": (rss_peak as f64 / 1024.0).round(),
         "heap_in_use_mib": heap.map(|h| h.in_use >> 20),
         "heap_free_mib": heap.map(|h| h.free >> 20),
         "rss_trimmed_mib": (rss_trimmed as f64 / 1024.0).round(),
@@ -300,15 +304,16 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| data plane | Services x 10 endpoints | RSS of this process after the whole state and the changes (the agent's state, data plane, sled, DNS stub) | heap in use; free in the heap | RSS after a malloc_trim by the bench | before the whole state |"
+        "| data plane | Services x 10 endpoints | RSS of this process after the whole state and the changes (the agent's state, data plane, sled, DNS stub) | peak RSS from the whole state on | heap in use; free in the heap | RSS after a malloc_trim by the bench | before the whole state |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} MiB | {} MiB; {} MiB | {} MiB | {} MiB |",
+            "| {} | {} | {} MiB | {} MiB | {} MiB; {} MiB | {} MiB | {} MiB |",
             r["plane"].as_str().unwrap_or("?"),
             r["services"],
             r["rss_mib"],
+            r["rss_peak_mib"],
             r["heap_in_use_mib"],
             r["heap_free_mib"],
             r["rss_trimmed_mib"],
