@@ -2,8 +2,8 @@
 //! message to the ACK (decode, `none` data plane, sled write + flush, DNS
 //! index caught up, status), at 1,000 and 10,000 Services x 10 endpoints in
 //! the same run (or `--sizes N,M`). `--settle N` applies N changes before
-//! the timed ones: right after a large whole state the store is still
-//! writing it out and the first changes wait for it. With `--nftables` (root) the data plane
+//! the timed ones (before the store freed what sled replaced at once, the
+//! first changes after a large whole state paid for freeing it). With `--nftables` (root) the data plane
 //! is the nftables one, in a network namespace the bench makes, instead of
 //! `none`. Each size first takes its whole state in one update (the
 //! anchor; what a new node does with its first download, whose size on
@@ -116,8 +116,9 @@ async fn run(
     drop(whole);
 
     // Changes that are applied but not timed: right after a large whole
-    // state, sled is still writing it out in the background and the first
-    // changes wait for it (at 100,000 Services, tens of ms for some 50).
+    // state the store frees what sled replaced, on a blocking thread (the
+    // first changes paid for it, tens of ms each for some 50 at 100,000
+    // Services, before it was freed at once).
     for generation in 1..=settle {
         let i = (generation as usize * 7919) % services;
         let one = update(format!("s{generation}"), vec![resource(i, generation)]);
