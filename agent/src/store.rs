@@ -18,12 +18,15 @@
 //! flushed before the agent ACKs: a crash at any point leaves exactly the
 //! old or exactly the new state, never new resources labelled with the old
 //! version (`integration-tests/tests/crash.rs` kills a real agent around
-//! its saves to check it). A first state over an empty store is the one
+//! its saves to check it). A first state (no `meta` stored) is the one
 //! exception: its resources go in batches and its `meta` last, since one
 //! transaction of 100,000 resources keeps every tree node it replaces
 //! until it ends (the agent's peak at 100,000 Services was 913 MiB, 572
-//! MiB so); cut short, it is resources without `meta`, discarded as such,
-//! and there was nothing older to lose.
+//! MiB so). Cut short, it is resources alone, with no generation file
+//! beside them: the next start clears them and starts empty (nothing was
+//! ACKed, nothing older is lost); the unit test
+//! `tests::a_first_state_goes_in_batches_and_keeps_no_previous_generation`
+//! cuts it short on purpose, since `crash.rs` kills only later saves.
 //!
 //! Each save is a new generation. Its `meta` carries the generation and a
 //! checksum of the whole state (the wrapping sum of a SHA-256 digest of
@@ -212,10 +215,13 @@ pub struct Store {
     /// when that is newer), and its checksum.
     last: std::sync::Mutex<Option<(u64, u64)>>,
     failing_saves: std::sync::atomic::AtomicUsize,
+    /// Tests: a first state stops, as a crash would, after this many batches.
+    #[cfg(test)]
+    cut_after_batches: std::sync::atomic::AtomicUsize,
 }
 
-/// Saves that write (or clean up) at least this many entries are followed
-/// by [`release_replaced`].
+/// Saves that write, or clean up, at least this many entries are
+/// followed by [`release_replaced`].
 const LARGE_WRITE: usize = 1_000;
 
 /// Frees at once what sled's last writes replaced, and gives the pages
@@ -227,35 +233,46 @@ const LARGE_WRITE: usize = 1_000;
 /// So the nodes that one large transaction replaced (a new node's first
 /// state at 100,000 Services: 0.55 GiB) waited for the next few dozen
 /// updates to be freed, and glibc kept the pages after that: the agent
-/// stayed at 1.6 GiB RSS with 0.5 GiB in use (`bench_agent_apply`). Each
-/// `flush` here advances the epoch and frees 8 more bags; once there are
-/// none left it costs next to nothing. Then a `malloc_trim`, if that
-/// freed 32 MiB or the save was a first state (whose batches freed theirs
-/// as they went). It walks the whole heap under its locks (a quarter of a
-/// second at 100,000 Services): this runs off the ACK's path, after large
-/// writes only.
+/// stayed at 1.6 GiB RSS with 0.5 GiB in use (`bench_agent_apply`). Then
+/// a `malloc_trim`, after a first state (whose batches freed theirs as
+/// they went) or when the drain freed 32 MiB. Both run on a blocking
+/// thread, after large writes only, but they hold each malloc arena's
+/// lock while they walk it (the trim a quarter of a second at 100,000
+/// Services), so an update that allocates meanwhile waits.
 fn release_replaced(entries: usize, first: bool) {
     let started = std::time::Instant::now();
-    let before = switchyard_heap::usage();
-    drain(entries);
-    let after = switchyard_heap::usage();
-    let freed = match (before, after) {
-        (Some(b), Some(a)) => b.in_use.saturating_sub(a.in_use),
-        _ => 0,
+    let freed = if first {
+        drain(entries);
+        None
+    } else {
+        let before = switchyard_heap::usage();
+        drain(entries);
+        before
+            .zip(switchyard_heap::usage())
+            .map(|(b, a)| b.in_use.saturating_sub(a.in_use))
     };
-    let released = (first || freed >= TRIM_AFTER) && switchyard_heap::trim();
-    tracing::debug!(entries, freed, released, took = ?started.elapsed(), "freed what a large write replaced");
+    let released = (first || freed >= Some(TRIM_AFTER)) && switchyard_heap::trim();
+    tracing::debug!(entries, ?freed, released, took = ?started.elapsed(), "freed what a large write replaced");
 }
 
-/// Runs crossbeam-epoch's collector until what `entries` writes replaced
-/// is freed (unless a thread still holds a pin from before them).
+/// Runs crossbeam-epoch's collector a pass per 16 entries written: each
+/// pass advances the epoch, unless a thread is still pinned in an older
+/// one, and frees up to 8 bags of 64 objects, so room for 32 objects per
+/// entry. A write of 100,000 entries replaced between 1 and 5 per entry
+/// (200 passes freed part of it, 1,000 all of it). Passes past the last
+/// bag cost next to nothing; with a thread pinned from before the write,
+/// they free nothing, and the collector gets to it later by itself.
 fn drain(entries: usize) {
-    // 32 objects per entry; a write of 100,000 entries needed between 1
-    // and 5 (200 passes freed part of it, 1,000 all).
     for _ in 0..entries.div_ceil(16).max(64) {
         crossbeam_epoch::pin().flush();
     }
 }
+
+/// sled's page cache. The store is read whole only at a start and written
+/// a few resources at a time; sled's default (1 GiB) kept every page of a
+/// 100,000-Service state resident: a whole agent held 529 MiB with it, 498
+/// with 8 MiB (4 MiB: 495; `bench_agent_apply`, in turn).
+const CACHE_CAPACITY: u64 = 8 << 20;
 
 /// Resources per batch of a first state (tests: two, so that their
 /// states of a few resources take several).
@@ -286,6 +303,8 @@ impl Store {
             rewrite: std::sync::atomic::AtomicBool::new(false),
             last: std::sync::Mutex::new(None),
             failing_saves: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            cut_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
         match open_db(&path) {
             Ok(handle) => Ok((store(handle), None)),
@@ -357,6 +376,11 @@ impl Store {
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let h = self.handle()?;
         let written = self.written();
+        if matches!(written, Ok(None)) && self.cut_short(&h) {
+            tracing::info!(path = %self.path.display(), "a first state was cut short before its meta (never ACKed); cleared, a full sync follows");
+            self.clear()?;
+            return Ok(Loaded::Empty);
+        }
         let (newest, previous) = match self.read(&h) {
             Ok(found) => (Ok(found), None),
             Err(damage) => {
@@ -438,6 +462,13 @@ impl Store {
         }
     }
 
+    /// Whether the store holds resources and nothing else: a first state
+    /// whose batches were written but not its `meta` (a crash, a full
+    /// disk). With no generation file beside it, nothing was ever ACKed.
+    fn cut_short(&self, h: &Handle) -> bool {
+        matches!(h.db.get(META_KEY), Ok(None)) && !h.resources.is_empty() && h.previous.is_empty()
+    }
+
     fn set_last(&self, generation: u64, checksum: u64) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, checksum));
     }
@@ -449,9 +480,7 @@ impl Store {
             if h.resources.is_empty() {
                 return Ok(None);
             }
-            return Err(
-                "resources present without metadata (a first state cut short, or damage)".into(),
-            );
+            return Err("resources present without metadata".into());
         };
         let meta = decode_meta(&meta)?;
         let mut frames = Vec::new();
@@ -521,7 +550,8 @@ impl Store {
     /// replaced, and `meta`, in one transaction; then the generation file.
     /// After a failed write (or a start that served an older generation),
     /// the database is opened again and the whole of `state` written
-    /// instead.
+    /// instead. Over a store with no `meta` (a first state), the whole of
+    /// `state` goes in batches and `meta` last.
     pub async fn save(
         &self,
         previous: &AgentState,
@@ -554,102 +584,90 @@ impl Store {
         let generation = generation + 1;
         let touched: std::collections::BTreeSet<&String> =
             changes.changed.iter().chain(&changes.removed).collect();
+        // Nothing stored to keep: a new node's first state, a store cleared
+        // or cut short. `state` is written whole, in batches (below).
+        let first = h.db.get(META_KEY).map_err(db_err)?.is_none();
         // Frames are built once: sled may run the closure more than once.
-        let (mut written, removed, undo, sum, first): (
-            Vec<Entry>,
-            Vec<Vec<u8>>,
-            Vec<Entry>,
-            u64,
-            bool,
-        ) = if whole {
-            let written = state
-                .resources
-                .iter()
-                .map(|(name, held)| {
-                    let r = v1::Resource {
-                        name: name.clone(),
-                        version: held.version.clone(),
-                        service_state: switchyard_proto::convert::encode_state_bytes(&held.state),
-                    };
-                    (name.as_bytes().to_vec(), frame(&r.encode_to_vec()))
-                })
-                .collect();
-            let removed = h
-                .resources
-                .iter()
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| !state.resources.contains_key(&*String::from_utf8_lossy(k)))
-                .map(|k| k.to_vec())
-                .collect();
-            // What the store held is in doubt: no previous generation.
-            (written, removed, Vec::new(), checksum(state), false)
-        } else {
-            let written = update
-                .resources
-                .iter()
-                .map(|r| (r.name.as_bytes().to_vec(), frame(&r.encode_to_vec())))
-                .collect();
-            let removed = changes
-                .removed
-                .iter()
-                .map(|n| n.as_bytes().to_vec())
-                .collect();
-            let prefix = generation.to_be_bytes();
-            let old_meta = h.db.get(META_KEY).map_err(db_err)?;
-            let first = old_meta.is_none();
-            // Over an empty store (a new node's first state) the previous
-            // generation is nothing, and nothing is read back from it: no
-            // entry per resource (at 100,000 Services, as many inserts
-            // again as the state itself).
-            let mut undo = Vec::with_capacity(if old_meta.is_some() {
-                touched.len() + 1
+        let (mut written, mut removed, undo, sum): (Vec<Entry>, Vec<Vec<u8>>, Vec<Entry>, u64) =
+            if whole || first {
+                let written = state
+                    .resources
+                    .iter()
+                    .map(|(name, held)| {
+                        let r = v1::Resource {
+                            name: name.clone(),
+                            version: held.version.clone(),
+                            service_state: switchyard_proto::convert::encode_state_bytes(
+                                &held.state,
+                            ),
+                        };
+                        (name.as_bytes().to_vec(), frame(&r.encode_to_vec()))
+                    })
+                    .collect();
+                let removed = h
+                    .resources
+                    .iter()
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| !state.resources.contains_key(&*String::from_utf8_lossy(k)))
+                    .map(|k| k.to_vec())
+                    .collect();
+                // What the store held is in doubt, or nothing: no previous
+                // generation (nothing would be read back from an empty one).
+                (written, removed, Vec::new(), checksum(state))
             } else {
-                1
-            });
-            for name in touched.iter().filter(|_| old_meta.is_some()) {
-                let old = h.resources.get(name.as_bytes()).map_err(db_err)?;
+                let written = update
+                    .resources
+                    .iter()
+                    .map(|r| (r.name.as_bytes().to_vec(), frame(&r.encode_to_vec())))
+                    .collect();
+                let removed = changes
+                    .removed
+                    .iter()
+                    .map(|n| n.as_bytes().to_vec())
+                    .collect();
+                let prefix = generation.to_be_bytes();
+                let mut undo = Vec::with_capacity(touched.len() + 1);
+                for name in &touched {
+                    let old = h.resources.get(name.as_bytes()).map_err(db_err)?;
+                    undo.push((
+                        [&prefix[..], name.as_bytes()].concat(),
+                        old.map(|v| v.to_vec()).unwrap_or_default(),
+                    ));
+                }
+                let old_meta = h.db.get(META_KEY).map_err(db_err)?;
                 undo.push((
-                    [&prefix[..], name.as_bytes()].concat(),
-                    old.map(|v| v.to_vec()).unwrap_or_default(),
+                    prefix.to_vec(),
+                    old_meta.map(|v| v.to_vec()).unwrap_or_default(),
                 ));
-            }
-            undo.push((
-                prefix.to_vec(),
-                old_meta.map(|v| v.to_vec()).unwrap_or_default(),
-            ));
-            let sum = touched.iter().fold(sum, |sum, name| {
-                let out = previous
-                    .resources
-                    .get(*name)
-                    .map_or(0, |held| digest(name, &held.version));
-                let into = state
-                    .resources
-                    .get(*name)
-                    .map_or(0, |held| digest(name, &held.version));
-                sum.wrapping_sub(out).wrapping_add(into)
-            });
-            (written, removed, undo, sum, first)
-        };
+                let sum = touched.iter().fold(sum, |sum, name| {
+                    let out = previous
+                        .resources
+                        .get(*name)
+                        .map_or(0, |held| digest(name, &held.version));
+                    let into = state
+                        .resources
+                        .get(*name)
+                        .map_or(0, |held| digest(name, &held.version));
+                    sum.wrapping_sub(out).wrapping_add(into)
+                });
+                (written, removed, undo, sum)
+            };
         let entries = written.len() + removed.len() + undo.len();
         if first {
-            // Over an empty store nothing stored can be mixed up: the
-            // resources go in batches, each followed by freeing what it
-            // replaced (one transaction of 100,000 holds its pin, and every
-            // node it replaces, to its end: 0.55 GiB), and the meta last,
-            // in the transaction below. sled recovers a prefix of its log,
-            // so a crash before the meta leaves resources without it, read
-            // as a first state cut short: discarded, with nothing older lost.
-            for batch in std::mem::take(&mut written).chunks(FIRST_BATCH) {
-                let mut b = sled::Batch::default();
-                for (name, value) in batch {
-                    b.insert(name.as_slice(), value.as_slice());
-                }
-                h.resources
-                    .apply_batch(b)
-                    .map_err(|e| self.broke(db_err(e)))?;
-                drain(batch.len());
-            }
+            // With no meta stored nothing can be mixed up: the resources go
+            // in batches, each followed by freeing what it replaced (one
+            // transaction of 100,000 holds its pin, and every node it
+            // replaces, to its end: 0.55 GiB), and the meta last, in the
+            // transaction below. sled recovers a prefix of its log, so a
+            // crash before the meta leaves resources without one: a first
+            // state cut short, which the next load clears.
+            self.write_in_batches(
+                &h,
+                std::mem::take(&mut removed),
+                std::mem::take(&mut written),
+            )
+            .map_err(|e| self.broke(e))?;
         }
         let meta = Meta {
             snapshot_version: state.version.clone(),
@@ -691,13 +709,13 @@ impl Store {
         let previous = h.previous.clone();
         let older = generation.to_be_bytes();
         tokio::task::spawn_blocking(move || {
-            let mut entries = entries;
+            let mut cleaned = 0;
             for key in previous.range(..older).keys().filter_map(Result::ok) {
                 let _ = previous.remove(key);
-                entries += 1;
+                cleaned += 1;
             }
-            if entries >= LARGE_WRITE {
-                release_replaced(entries, first);
+            if entries.max(cleaned) >= LARGE_WRITE {
+                release_replaced(entries + cleaned, first);
             }
         });
         if whole {
@@ -706,6 +724,51 @@ impl Store {
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
         self.write_generation(&meta_frame);
+        Ok(())
+    }
+
+    /// Removes `removed` and writes `written` in batches of
+    /// [`FIRST_BATCH`], freeing what each replaced before the next.
+    fn write_in_batches(
+        &self,
+        h: &Handle,
+        removed: Vec<Vec<u8>>,
+        written: Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        let db_err = |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        };
+        let removes = removed.chunks(FIRST_BATCH).map(|batch| {
+            let mut b = sled::Batch::default();
+            for name in batch {
+                b.remove(name.as_slice());
+            }
+            (b, batch.len())
+        });
+        let inserts = written.chunks(FIRST_BATCH).map(|batch| {
+            let mut b = sled::Batch::default();
+            for (name, value) in batch {
+                b.insert(name.as_slice(), value.as_slice());
+            }
+            (b, batch.len())
+        });
+        for (done, (batch, len)) in removes.chain(inserts).enumerate() {
+            #[cfg(test)]
+            if self
+                .cut_after_batches
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == done
+            {
+                return Err(StoreError::Injected {
+                    path: self.path.clone(),
+                });
+            }
+            #[cfg(not(test))]
+            let _ = done;
+            h.resources.apply_batch(batch).map_err(db_err)?;
+            drain(len);
+        }
         Ok(())
     }
 
@@ -752,7 +815,12 @@ fn open_db(path: &Path) -> Result<Handle, String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let db = loop {
         // sled may panic on some kinds of damaged files; treat that as corrupt too.
-        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_CAPACITY)
+                .open()
+        });
         match opened {
             Ok(Ok(db)) => break db,
             Ok(Err(sled::Error::Io(e)))
@@ -926,76 +994,111 @@ mod tests {
         assert_eq!(s.resources.keys().collect::<Vec<_>>(), ["default/ns/b"]);
     }
 
-    #[tokio::test]
-    async fn a_first_state_keeps_no_previous_entries_per_resource() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = saved(dir.path()).await;
+    /// What the newest update kept in `previous`: (name, whether it was
+    /// absent before), the generation's own entry (the meta before it)
+    /// first, with an empty name.
+    fn newest_kept(store: &Store) -> Vec<(Vec<u8>, bool)> {
         let h = store.handle().expect("open");
-        let kept = |g: u64| -> Vec<(Vec<u8>, Vec<u8>)> {
-            h.previous
-                .scan_prefix(g.to_be_bytes())
-                .map(|e| e.expect("read"))
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect()
+        let Some((last, _)) = h.previous.last().expect("read") else {
+            return Vec::new();
         };
-        // Over an empty store: only the (empty) meta of generation 0.
-        assert_eq!(kept(1), [(1u64.to_be_bytes().to_vec(), Vec::new())]);
-        // A damaged first generation has nothing older to fall back to.
-        h.resources
-            .insert(b"default/ns/a", b"bad".to_vec())
-            .expect("insert");
-        match store.load().expect("load") {
-            Loaded::Discarded(why) => assert!(why.contains("unusable too: none kept"), "{why}"),
-            other => panic!("expected a discard, got {other:?}"),
-        }
-        // A first state of five resources goes in three batches, then its
-        // meta; cut short before the meta, it is discarded, and said.
-        let u = update("v1", &["a", "b", "c", "d", "e"]);
-        let (s, changes) = AgentState::default().apply(&u).expect("valid");
+        h.previous
+            .scan_prefix(&last[..8])
+            .map(|e| e.expect("read"))
+            .map(|(k, v)| (k[8..].to_vec(), v.is_empty()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_first_state_goes_in_batches_and_keeps_no_previous_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        // Five resources: three batches of two in tests, then the meta.
+        let five = update("v1", &["a", "b", "c", "d", "e"]);
+        let (s, changes) = AgentState::default().apply(&five).expect("valid");
         store
-            .save(&AgentState::default(), &s, &u, &changes)
+            .save(&AgentState::default(), &s, &five, &changes)
             .await
             .expect("save");
         let Loaded::State(loaded) = store.load().expect("load") else {
             panic!("state expected")
         };
         assert_eq!(versions(&loaded), versions(&s));
-        h.db.remove(META_KEY).expect("remove");
+        // Over an empty store there is no previous generation to keep.
+        assert_eq!(newest_kept(&store), []);
+        // A damaged first generation has nothing older to fall back to.
+        store
+            .handle()
+            .expect("open")
+            .resources
+            .insert(b"default/ns/a", b"bad".to_vec())
+            .expect("insert");
         match store.load().expect("load") {
-            Loaded::Discarded(why) => {
-                assert!(
-                    why.contains("without metadata (a first state cut short"),
-                    "{why}"
-                )
-            }
+            Loaded::Discarded(why) => assert!(why.contains("unusable too: none kept"), "{why}"),
             other => panic!("expected a discard, got {other:?}"),
         }
-        assert!(matches!(store.load().expect("load"), Loaded::Empty));
 
-        // The next state over a stored one keeps what it replaced, each
-        // resource's and the meta before it.
-        let u = update("v1", &["a", "b"]);
-        let (s, changes) = AgentState::default().apply(&u).expect("valid");
+        // Cut short after two batches (a crash, a full disk): four
+        // resources and no meta. The retry writes the whole state, less
+        // what is no longer in it.
         store
-            .save(&AgentState::default(), &s, &u, &changes)
+            .cut_after_batches
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        let err = store
+            .save(&AgentState::default(), &s, &five, &changes)
+            .await
+            .expect_err("cut short");
+        assert!(matches!(err, StoreError::Injected { .. }), "{err}");
+        let h = store.handle().expect("open");
+        assert_eq!(h.resources.len(), 4);
+        assert!(h.db.get(META_KEY).expect("read").is_none());
+        drop(h);
+        store
+            .cut_after_batches
+            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        let three = update("v2", &["a", "c", "f"]);
+        let (t, changes) = AgentState::default().apply(&three).expect("valid");
+        store
+            .save(&AgentState::default(), &t, &three, &changes)
             .await
             .expect("save");
-        let u = update("v2", &["a", "c"]);
+        let Loaded::State(loaded) = store.load().expect("load") else {
+            panic!("state expected")
+        };
+        assert_eq!(versions(&loaded), versions(&t));
+
+        // Cut short again, then the agent stops: the next start finds
+        // resources and no meta, and starts empty (nothing was ACKed).
+        store.clear().expect("clear");
+        store
+            .cut_after_batches
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = store
+            .save(&AgentState::default(), &s, &five, &changes)
+            .await
+            .expect_err("cut short");
+        drop(store);
+        let (store, _) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.handle().expect("open").resources.len(), 2);
+        assert!(matches!(store.load().expect("load"), Loaded::Empty));
+        assert!(store.handle().expect("open").resources.is_empty());
+
+        // An update over a stored state keeps what it replaced: each
+        // resource's (or its absence) and the meta before it.
+        let (s, changes) = AgentState::default().apply(&five).expect("valid");
+        store
+            .save(&AgentState::default(), &s, &five, &changes)
+            .await
+            .expect("save");
+        let u = update("v2", &["a", "x"]);
         let (next, changes) = s.apply(&u).expect("valid");
         store.save(&s, &next, &u, &changes).await.expect("save");
-        let h = store.handle().expect("open");
-        let kept: Vec<(Vec<u8>, bool)> = h
-            .previous
-            .scan_prefix(2u64.to_be_bytes())
-            .map(|e| e.expect("read"))
-            .map(|(k, v)| (k[8..].to_vec(), v.is_empty()))
-            .collect();
         assert_eq!(
-            kept,
+            newest_kept(&store),
             [
                 (Vec::new(), false),
                 (b"default/ns/a".to_vec(), false),
-                (b"default/ns/c".to_vec(), true),
+                (b"default/ns/x".to_vec(), true),
             ]
         );
     }
