@@ -1009,21 +1009,26 @@ mod tests {
             .collect()
     }
 
+    /// Saves `u` over `from` (the state stored) and checks that the new
+    /// state loads back exactly.
+    async fn save_checked(store: &Store, from: &AgentState, u: &v1::SnapshotUpdate) -> AgentState {
+        let (s, changes) = from.apply(u).expect("valid");
+        store.save(from, &s, u, &changes).await.expect("save");
+        let Loaded::State(loaded) = store.load().expect("load") else {
+            panic!("state expected")
+        };
+        assert_eq!(versions(&loaded), versions(&s));
+        s
+    }
+
     #[tokio::test]
     async fn a_first_state_goes_in_batches_and_keeps_no_previous_generation() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open");
         // Five resources: three batches of two in tests, then the meta.
         let five = update("v1", &["a", "b", "c", "d", "e"]);
-        let (s, changes) = AgentState::default().apply(&five).expect("valid");
-        store
-            .save(&AgentState::default(), &s, &five, &changes)
-            .await
-            .expect("save");
-        let Loaded::State(loaded) = store.load().expect("load") else {
-            panic!("state expected")
-        };
-        assert_eq!(versions(&loaded), versions(&s));
+        let s = save_checked(&store, &AgentState::default(), &five).await;
+        let changes = AgentState::default().apply(&five).expect("valid").1;
         // Over an empty store there is no previous generation to keep.
         assert_eq!(newest_kept(&store), []);
         // A damaged first generation has nothing older to fall back to.
@@ -1041,42 +1046,35 @@ mod tests {
         // Cut short after two batches (a crash, a full disk): four
         // resources and no meta. The retry writes the whole state, less
         // what is no longer in it.
-        store
-            .cut_after_batches
-            .store(2, std::sync::atomic::Ordering::SeqCst);
-        let err = store
-            .save(&AgentState::default(), &s, &five, &changes)
-            .await
-            .expect_err("cut short");
-        assert!(matches!(err, StoreError::Injected { .. }), "{err}");
+        let cut_short = async |store: &Store, batches| {
+            store
+                .cut_after_batches
+                .store(batches, std::sync::atomic::Ordering::SeqCst);
+            let err = store
+                .save(&AgentState::default(), &s, &five, &changes)
+                .await
+                .expect_err("cut short");
+            assert!(matches!(err, StoreError::Injected { .. }), "{err}");
+            store
+                .cut_after_batches
+                .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        };
+        cut_short(&store, 2).await;
         let h = store.handle().expect("open");
         assert_eq!(h.resources.len(), 4);
         assert!(h.db.get(META_KEY).expect("read").is_none());
         drop(h);
-        store
-            .cut_after_batches
-            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
-        let three = update("v2", &["a", "c", "f"]);
-        let (t, changes) = AgentState::default().apply(&three).expect("valid");
-        store
-            .save(&AgentState::default(), &t, &three, &changes)
-            .await
-            .expect("save");
-        let Loaded::State(loaded) = store.load().expect("load") else {
-            panic!("state expected")
-        };
-        assert_eq!(versions(&loaded), versions(&t));
+        save_checked(
+            &store,
+            &AgentState::default(),
+            &update("v2", &["a", "c", "f"]),
+        )
+        .await;
 
         // Cut short again, then the agent stops: the next start finds
         // resources and no meta, and starts empty (nothing was ACKed).
         store.clear().expect("clear");
-        store
-            .cut_after_batches
-            .store(1, std::sync::atomic::Ordering::SeqCst);
-        let _ = store
-            .save(&AgentState::default(), &s, &five, &changes)
-            .await
-            .expect_err("cut short");
+        cut_short(&store, 1).await;
         drop(store);
         let (store, _) = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.handle().expect("open").resources.len(), 2);
@@ -1085,11 +1083,7 @@ mod tests {
 
         // An update over a stored state keeps what it replaced: each
         // resource's (or its absence) and the meta before it.
-        let (s, changes) = AgentState::default().apply(&five).expect("valid");
-        store
-            .save(&AgentState::default(), &s, &five, &changes)
-            .await
-            .expect("save");
+        let s = save_checked(&store, &AgentState::default(), &five).await;
         let u = update("v2", &["a", "x"]);
         let (next, changes) = s.apply(&u).expect("valid");
         store.save(&s, &next, &u, &changes).await.expect("save");
@@ -1219,13 +1213,7 @@ mod tests {
             "{reason}"
         );
         // The next save writes the whole state over the damage.
-        let u = update("v13", &["y"]);
-        let (next, changes) = state.apply(&u).expect("valid");
-        store.save(&state, &next, &u, &changes).await.expect("save");
-        let Loaded::State(s) = store.load().expect("load") else {
-            panic!("the newest state")
-        };
-        assert_eq!(versions(&s), versions(&next));
+        save_checked(&store, &state, &update("v13", &["y"])).await;
     }
 
     #[tokio::test]
