@@ -7,7 +7,7 @@
 //!               key  "meta":       frame(Meta)   version, count, generation, checksum
 //!               tree "previous":   G name -> frame or "" (absent)   what update G replaced,
 //!                                  G -> the meta of generation G - 1 (G: 8 bytes, big-endian;
-//!                                  "" over an empty store, then no G name entries)
+//!                                  nothing for a first state: there is no generation before)
 //!   state.generation               frame(Meta) of the newest generation written
 //! ```
 //!
@@ -24,9 +24,10 @@
 //! until it ends (the agent's peak at 100,000 Services was 913 MiB, 572
 //! MiB so). Cut short, it is resources alone, with no generation file
 //! beside them: the next start clears them and starts empty (nothing was
-//! ACKed, nothing older is lost); the unit test
+//! ACKed, nothing older is lost). `crash.rs` kills new nodes during their
+//! first state too; the unit test
 //! `tests::a_first_state_goes_in_batches_and_keeps_no_previous_generation`
-//! cuts it short on purpose, since `crash.rs` kills only later saves.
+//! cuts one short between its batches on purpose.
 //!
 //! Each save is a new generation. Its `meta` carries the generation and a
 //! checksum of the whole state (the wrapping sum of a SHA-256 digest of
@@ -56,8 +57,9 @@
 //! also checks that each resource is stored under its own name and the
 //! resource count against `meta` (a torn write). The `previous` entries of
 //! older updates are removed after each save, off the ACK's path, and
-//! after a save of 1,000 entries or more, what sled replaced is freed
-//! there at once (its collector would take dozens of updates). What
+//! after a save that wrote or removed 1,000 entries or more, what sled
+//! replaced is freed there at once (its collector would take dozens of
+//! updates). What
 //! `discarded_state` says: "the newest generation is damaged (...); serving
 //! the previous one, generation N (version V, R resources)"; "rolled back:
 //! the store holds generation N (...), but generation M (...) was
