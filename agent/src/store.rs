@@ -217,8 +217,8 @@ pub struct Store {
     /// when that is newer), and its checksum.
     last: std::sync::Mutex<Option<(u64, u64)>>,
     failing_saves: std::sync::atomic::AtomicUsize,
-    /// Tests: a first state stops, as a crash would, after this many batches.
-    #[cfg(test)]
+    /// A test hook: a first state stops, as a crash would, after this
+    /// many batches (never, `usize::MAX`, unless a test sets it).
     cut_after_batches: std::sync::atomic::AtomicUsize,
 }
 
@@ -305,7 +305,6 @@ impl Store {
             rewrite: std::sync::atomic::AtomicBool::new(false),
             last: std::sync::Mutex::new(None),
             failing_saves: std::sync::atomic::AtomicUsize::new(0),
-            #[cfg(test)]
             cut_after_batches: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
         match open_db(&path) {
@@ -588,7 +587,8 @@ impl Store {
             changes.changed.iter().chain(&changes.removed).collect();
         // Nothing stored to keep: a new node's first state, a store cleared
         // or cut short. `state` is written whole, in batches (below).
-        let first = h.db.get(META_KEY).map_err(db_err)?.is_none();
+        let old_meta = h.db.get(META_KEY).map_err(db_err)?;
+        let first = old_meta.is_none();
         // Frames are built once: sled may run the closure more than once.
         let (mut written, mut removed, undo, sum): (Vec<Entry>, Vec<Vec<u8>>, Vec<Entry>, u64) =
             if whole || first {
@@ -637,7 +637,6 @@ impl Store {
                         old.map(|v| v.to_vec()).unwrap_or_default(),
                     ));
                 }
-                let old_meta = h.db.get(META_KEY).map_err(db_err)?;
                 undo.push((
                     prefix.to_vec(),
                     old_meta.map(|v| v.to_vec()).unwrap_or_default(),
@@ -756,7 +755,6 @@ impl Store {
             (b, batch.len())
         });
         for (done, (batch, len)) in removes.chain(inserts).enumerate() {
-            #[cfg(test)]
             if self
                 .cut_after_batches
                 .load(std::sync::atomic::Ordering::SeqCst)
@@ -766,8 +764,6 @@ impl Store {
                     path: self.path.clone(),
                 });
             }
-            #[cfg(not(test))]
-            let _ = done;
             h.resources.apply_batch(batch).map_err(db_err)?;
             drain(len);
         }

@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use switchyard_agent::state::AgentState;
 use switchyard_agent::store::{Loaded, Store};
 use switchyard_integration_tests::*;
 
@@ -91,8 +92,7 @@ async fn a_killed_agent_leaves_exactly_the_old_or_the_new_state() {
     let cp = start_cp(env.cp_args()).await;
     let url = format!("http://{}", cp.grpc_addr);
 
-    // Every snapshot the control plane publishes: version -> name -> resource version.
-    let published: Arc<Mutex<BTreeMap<String, BTreeMap<String, String>>>> = Arc::default();
+    let published: Arc<Published> = Arc::default();
     {
         let published = published.clone();
         let mut rx = cp.snapshots.clone();
@@ -150,36 +150,9 @@ async fn a_killed_agent_leaves_exactly_the_old_or_the_new_state() {
         // From just after the write to a bit past the usual ACK.
         let delay = window.mul_f64(0.3 + 1.2 * round as f64 / ROUNDS as f64);
         tokio::time::sleep(delay).await;
-        agent.kill().expect("SIGKILL");
-        agent.wait().expect("reaped");
-
-        let (store, moved_aside) = Store::open(&state).expect("the store opens");
-        assert!(
-            moved_aside.is_none(),
-            "round {round}: the database was damaged"
-        );
-        let loaded = match store.load().expect("load") {
-            Loaded::State(s) => s,
-            other => panic!("round {round}: expected a whole state, found {other:?}"),
-        };
-        drop(store);
-        let stored: BTreeMap<String, String> = loaded
-            .resources
-            .iter()
-            .map(|(n, r)| (n.clone(), r.version.clone()))
-            .collect();
-        let published = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let expected = published.get(&loaded.version).unwrap_or_else(|| {
-            panic!(
-                "round {round}: stored version {} was never published",
-                loaded.version
-            )
-        });
-        assert_eq!(
-            &stored, expected,
-            "round {round}: the stored resources are not exactly snapshot {}",
-            loaded.version
-        );
+        let what = format!("round {round}");
+        let loaded = kill_and_load(&mut agent, &state, &what, false).expect("a whole state");
+        assert_published(&published, &loaded, &what);
         if loaded.version == last_acked {
             old += 1;
         } else {
@@ -217,36 +190,59 @@ async fn a_killed_agent_leaves_exactly_the_old_or_the_new_state() {
         let mut agent = spawn_agent(&url, &state);
         let delay = first_window.mul_f64(0.05 + 0.4 * round as f64 / FIRST_ROUNDS as f64);
         tokio::time::sleep(delay).await;
-        agent.kill().expect("SIGKILL");
-        agent.wait().expect("reaped");
-        let (store, moved_aside) = Store::open(&state).expect("the store opens");
-        assert!(
-            moved_aside.is_none(),
-            "first state, round {round}: the database was damaged"
-        );
-        match store.load().expect("load") {
-            Loaded::Empty => empty += 1,
-            Loaded::State(s) => {
-                let stored: BTreeMap<String, String> = s
-                    .resources
-                    .iter()
-                    .map(|(n, r)| (n.clone(), r.version.clone()))
-                    .collect();
-                let published = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                assert_eq!(
-                    Some(&stored),
-                    published.get(&s.version),
-                    "first state, round {round}: the stored resources are not exactly snapshot {}",
-                    s.version
-                );
+        let what = format!("first state, round {round}");
+        match kill_and_load(&mut agent, &state, &what, true) {
+            None => empty += 1,
+            Some(loaded) => {
+                assert_published(&published, &loaded, &what);
                 whole += 1;
             }
-            other => panic!(
-                "first state, round {round}: expected nothing or a whole state, found {other:?}"
-            ),
         }
     }
     eprintln!("kills during a first state that left nothing: {empty}, the whole state: {whole}");
+}
+
+/// Every snapshot the control plane published: version -> name -> resource version.
+type Published = Mutex<BTreeMap<String, BTreeMap<String, String>>>;
+
+/// Kills `agent` and loads what it left in `state`: `None` for nothing
+/// stored (only when `empty_ok`); any other outcome fails `what`.
+fn kill_and_load(
+    agent: &mut Child,
+    state: &std::path::Path,
+    what: &str,
+    empty_ok: bool,
+) -> Option<AgentState> {
+    agent.kill().expect("SIGKILL");
+    agent.wait().expect("reaped");
+    let (store, moved_aside) = Store::open(state).expect("the store opens");
+    assert!(moved_aside.is_none(), "{what}: the database was damaged");
+    match store.load().expect("load") {
+        Loaded::State(s) => Some(s),
+        Loaded::Empty if empty_ok => None,
+        other => panic!("{what}: expected a whole state, found {other:?}"),
+    }
+}
+
+/// Asserts that `loaded` is exactly a snapshot the control plane published.
+fn assert_published(published: &Published, loaded: &AgentState, what: &str) {
+    let stored: BTreeMap<String, String> = loaded
+        .resources
+        .iter()
+        .map(|(n, r)| (n.clone(), r.version.clone()))
+        .collect();
+    let published = published.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = published.get(&loaded.version).unwrap_or_else(|| {
+        panic!(
+            "{what}: stored version {} was never published",
+            loaded.version
+        )
+    });
+    assert_eq!(
+        &stored, expected,
+        "{what}: the stored resources are not exactly snapshot {}",
+        loaded.version
+    );
 }
 
 /// Kills of a new node during its first state.
